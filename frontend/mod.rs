@@ -1,0 +1,1 @@
+//! Configs, checkpoints, datasets, the CLI and the training loops.

@@ -1,0 +1,503 @@
+//! The op set: every operation the SD U-Net, ControlNet, VAE and CLIP text encoder need,
+//! plus the backward ops autodiff emits and the fused optimizer update.
+//!
+//! Each op knows its output shapes (`infer`), so a graph is shape-checked as it is built.
+
+use super::dtype::DType;
+use super::shape::Shape;
+use crate::error::{Error, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum UnaryOp {
+    Neg,
+    Exp,
+    Log,
+    Sqrt,
+    Square,
+    Recip,
+    Silu,
+    GeluErf,
+    GeluTanh,
+    /// x * sigmoid(1.702 x), CLIP's activation.
+    QuickGelu,
+    Relu,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+/// Floats stored by their bits so ops can be hashed and compared (CSE needs both).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct F64Bits(pub u64);
+impl F64Bits {
+    pub fn new(x: f64) -> Self {
+        F64Bits(x.to_bits())
+    }
+    pub fn get(self) -> f64 {
+        f64::from_bits(self.0)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// A tensor filled with one value.
+    Fill { value: F64Bits, shape: Shape, dtype: DType },
+    Unary(UnaryOp),
+    /// (x, dy) -> dx for a unary op.
+    UnaryBackward(UnaryOp),
+    /// Broadcasting elementwise op.
+    Binary(BinaryOp),
+    /// y = alpha * x + beta.
+    Affine { alpha: F64Bits, beta: F64Bits },
+    Cast { to: DType },
+    /// [..., M, K] x [..., K, N] -> [..., M, N] (operands transposed first when flagged).
+    /// The batch dimensions must match, or the right operand may be rank 2 (shared by every batch).
+    MatMul { trans_a: bool, trans_b: bool },
+    /// x [N, C, H, W], w [O, C, kh, kw], optional bias [O] -> [N, O, Ho, Wo].
+    Conv2d { stride: usize, padding: usize },
+    /// (dy, w) -> dx, where x was [N, C, h, w].
+    Conv2dBackwardInput { stride: usize, padding: usize, h: usize, w: usize },
+    /// (x, dy) -> dw, the kernel being kh x kw.
+    Conv2dBackwardWeight { stride: usize, padding: usize, kh: usize, kw: usize },
+    /// x [N, C, ...], gamma [C], beta [C].
+    GroupNorm { groups: usize, eps: F64Bits },
+    /// (x, gamma, dy) -> (dx, dgamma, dbeta).
+    GroupNormBackward { groups: usize, eps: F64Bits },
+    /// Over the last axis: x [..., D], gamma [D], beta [D].
+    LayerNorm { eps: F64Bits },
+    /// (x, gamma, dy) -> (dx, dgamma, dbeta).
+    LayerNormBackward { eps: F64Bits },
+    /// Over the last axis.
+    Softmax,
+    /// (y, dy) -> dx.
+    SoftmaxBackward,
+    /// Scaled dot-product attention: q [B, H, Lq, D], k [B, H, Lk, D], v [B, H, Lk, Dv] -> [B, H, Lq, Dv].
+    Attention { scale: F64Bits, causal: bool },
+    /// (q, k, v, dout) -> (dq, dk, dv).
+    AttentionBackward { scale: F64Bits, causal: bool },
+    /// Nearest-neighbour 2x upsampling of the last two axes.
+    Upsample2x,
+    /// The adjoint: sums each 2x2 block.
+    Upsample2xBackward,
+    Concat { axis: usize },
+    Slice { axis: usize, start: usize, end: usize },
+    /// The adjoint of slice: places dy at [start, start+len) of a zero tensor of `full` along `axis`.
+    SliceBackward { axis: usize, start: usize, full: usize },
+    Reshape { shape: Shape },
+    Permute { perm: Vec<usize> },
+    /// (table [V, D], ids [...] of i32/i64) -> [..., D].
+    Embedding,
+    /// (ids, dy) -> dtable [vocab, D].
+    EmbeddingBackward { vocab: usize },
+    /// The LDM sinusoidal timestep embedding: t [B] -> [B, dim], cos half first.
+    TimestepEmbedding { dim: usize, max_period: F64Bits },
+    /// Sum over axes, keeping them as size 1 when `keepdim`.
+    ReduceSum { axes: Vec<usize>, keepdim: bool },
+    /// Sum a broadcast gradient back down to `shape` (the adjoint of broadcasting).
+    SumTo { shape: Shape },
+    BroadcastTo { shape: Shape },
+    /// mean((a - b)^2) -> scalar.
+    MseLoss,
+    /// (a, b, dloss) -> da.
+    MseLossBackward,
+    /// The AdamW update, in place: (param, grad, m, v, hyper [lr, 1/(1-beta1^t), 1/(1-beta2^t)]).
+    /// Writes param, m and v; produces no value.
+    AdamW { beta1: F64Bits, beta2: F64Bits, eps: F64Bits, weight_decay: F64Bits },
+}
+
+fn check_float(op: &str, d: DType) -> Result<()> {
+    if d.is_float() {
+        Ok(())
+    } else {
+        Err(Error::shape(op, format!("needs a float input, got {d}")))
+    }
+}
+
+fn conv_out(size: usize, k: usize, stride: usize, padding: usize) -> Option<usize> {
+    (size + 2 * padding).checked_sub(k).map(|v| v / stride + 1)
+}
+
+impl Op {
+    /// A short lower-case name, used in dumps and kernel names.
+    pub fn name(&self) -> String {
+        match self {
+            Op::Fill { .. } => "fill".into(),
+            Op::Unary(u) => format!("{u:?}").to_lowercase(),
+            Op::UnaryBackward(u) => format!("{u:?}_backward").to_lowercase(),
+            Op::Binary(b) => format!("{b:?}").to_lowercase(),
+            Op::Affine { .. } => "affine".into(),
+            Op::Cast { .. } => "cast".into(),
+            Op::MatMul { .. } => "matmul".into(),
+            Op::Conv2d { .. } => "conv2d".into(),
+            Op::Conv2dBackwardInput { .. } => "conv2d_backward_input".into(),
+            Op::Conv2dBackwardWeight { .. } => "conv2d_backward_weight".into(),
+            Op::GroupNorm { .. } => "groupnorm".into(),
+            Op::GroupNormBackward { .. } => "groupnorm_backward".into(),
+            Op::LayerNorm { .. } => "layernorm".into(),
+            Op::LayerNormBackward { .. } => "layernorm_backward".into(),
+            Op::Softmax => "softmax".into(),
+            Op::SoftmaxBackward => "softmax_backward".into(),
+            Op::Attention { .. } => "attention".into(),
+            Op::AttentionBackward { .. } => "attention_backward".into(),
+            Op::Upsample2x => "upsample2x".into(),
+            Op::Upsample2xBackward => "upsample2x_backward".into(),
+            Op::Concat { .. } => "concat".into(),
+            Op::Slice { .. } => "slice".into(),
+            Op::SliceBackward { .. } => "slice_backward".into(),
+            Op::Reshape { .. } => "reshape".into(),
+            Op::Permute { .. } => "permute".into(),
+            Op::Embedding => "embedding".into(),
+            Op::EmbeddingBackward { .. } => "embedding_backward".into(),
+            Op::TimestepEmbedding { .. } => "timestep_embedding".into(),
+            Op::ReduceSum { .. } => "sum".into(),
+            Op::SumTo { .. } => "sum_to".into(),
+            Op::BroadcastTo { .. } => "broadcast_to".into(),
+            Op::MseLoss => "mse_loss".into(),
+            Op::MseLossBackward => "mse_loss_backward".into(),
+            Op::AdamW { .. } => "adamw".into(),
+        }
+    }
+
+    /// Attributes worth printing in a dump.
+    pub fn attrs(&self) -> String {
+        match self {
+            Op::Fill { value, shape, dtype } => format!("value={} {shape} {dtype}", value.get()),
+            Op::Affine { alpha, beta } => format!("alpha={} beta={}", alpha.get(), beta.get()),
+            Op::Cast { to } => format!("to={to}"),
+            Op::MatMul { trans_a, trans_b } => format!("trans_a={trans_a} trans_b={trans_b}"),
+            Op::Conv2d { stride, padding } => format!("stride={stride} padding={padding}"),
+            Op::Conv2dBackwardInput { stride, padding, .. } | Op::Conv2dBackwardWeight { stride, padding, .. } => {
+                format!("stride={stride} padding={padding}")
+            }
+            Op::GroupNorm { groups, eps } | Op::GroupNormBackward { groups, eps } => {
+                format!("groups={groups} eps={}", eps.get())
+            }
+            Op::LayerNorm { eps } | Op::LayerNormBackward { eps } => format!("eps={}", eps.get()),
+            Op::Attention { scale, causal } | Op::AttentionBackward { scale, causal } => {
+                format!("scale={:.6} causal={causal}", scale.get())
+            }
+            Op::Concat { axis } => format!("axis={axis}"),
+            Op::Slice { axis, start, end } => format!("axis={axis} {start}..{end}"),
+            Op::SliceBackward { axis, start, full } => format!("axis={axis} start={start} full={full}"),
+            Op::Reshape { shape } => format!("{shape}"),
+            Op::Permute { perm } => format!("{perm:?}"),
+            Op::TimestepEmbedding { dim, max_period } => format!("dim={dim} max_period={}", max_period.get()),
+            Op::ReduceSum { axes, keepdim } => format!("axes={axes:?} keepdim={keepdim}"),
+            Op::SumTo { shape } | Op::BroadcastTo { shape } => format!("{shape}"),
+            Op::AdamW { beta1, beta2, eps, weight_decay } => format!(
+                "beta1={} beta2={} eps={} wd={}",
+                beta1.get(),
+                beta2.get(),
+                eps.get(),
+                weight_decay.get()
+            ),
+            _ => String::new(),
+        }
+    }
+
+    /// True for ops that write their inputs in place (they are kept by dead-code elimination).
+    pub fn has_side_effects(&self) -> bool {
+        matches!(self, Op::AdamW { .. })
+    }
+
+    /// True for ops whose output is a view of the input's bytes (same element order).
+    pub fn is_view(&self) -> bool {
+        matches!(self, Op::Reshape { .. })
+    }
+
+    /// Output shapes and dtypes from input shapes and dtypes; the one place an op's inputs are validated.
+    pub fn infer(&self, ins: &[(&Shape, DType)]) -> Result<Vec<(Shape, DType)>> {
+        let n = self.name();
+        let arity = |k: usize| -> Result<()> {
+            if ins.len() == k {
+                Ok(())
+            } else {
+                Err(Error::shape(&n, format!("expects {k} inputs, got {}", ins.len())))
+            }
+        };
+        let same = |a: &Shape, b: &Shape, what: &str| -> Result<()> {
+            if a == b {
+                Ok(())
+            } else {
+                Err(Error::shape(&n, format!("{what}: {a} vs {b}")))
+            }
+        };
+        match self {
+            Op::Fill { shape, dtype, .. } => {
+                arity(0)?;
+                Ok(vec![(shape.clone(), *dtype)])
+            }
+            Op::Unary(_) | Op::Affine { .. } | Op::Softmax => {
+                arity(1)?;
+                check_float(&n, ins[0].1)?;
+                if matches!(self, Op::Softmax) && ins[0].0.rank() == 0 {
+                    return Err(Error::shape(&n, "needs rank >= 1"));
+                }
+                Ok(vec![(ins[0].0.clone(), ins[0].1)])
+            }
+            Op::UnaryBackward(_) | Op::SoftmaxBackward => {
+                arity(2)?;
+                same(ins[0].0, ins[1].0, "x and dy differ")?;
+                Ok(vec![(ins[0].0.clone(), ins[1].1)])
+            }
+            Op::Binary(_) => {
+                arity(2)?;
+                if ins[0].1 != ins[1].1 {
+                    return Err(Error::shape(&n, format!("dtypes differ: {} vs {}", ins[0].1, ins[1].1)));
+                }
+                Ok(vec![(Shape::broadcast(ins[0].0, ins[1].0, &n)?, ins[0].1)])
+            }
+            Op::Cast { to } => {
+                arity(1)?;
+                Ok(vec![(ins[0].0.clone(), *to)])
+            }
+            Op::MatMul { trans_a, trans_b } => {
+                arity(2)?;
+                let (a, b) = (ins[0].0, ins[1].0);
+                if a.rank() < 2 || b.rank() < 2 {
+                    return Err(Error::shape(&n, format!("operands need rank >= 2, got {a} and {b}")));
+                }
+                let (ra, rb) = (a.rank(), b.rank());
+                let (m, ka) = if *trans_a { (a.0[ra - 1], a.0[ra - 2]) } else { (a.0[ra - 2], a.0[ra - 1]) };
+                let (kb, nn) = if *trans_b { (b.0[rb - 1], b.0[rb - 2]) } else { (b.0[rb - 2], b.0[rb - 1]) };
+                if ka != kb {
+                    return Err(Error::shape(&n, format!("inner dimensions differ: {a} x {b}")));
+                }
+                if rb != 2 && a.0[..ra - 2] != b.0[..rb - 2] {
+                    return Err(Error::shape(&n, format!("batch dimensions differ: {a} x {b}")));
+                }
+                let mut out = a.0[..ra - 2].to_vec();
+                out.extend([m, nn]);
+                Ok(vec![(Shape(out), ins[0].1)])
+            }
+            Op::Conv2d { stride, padding } => {
+                if ins.len() != 2 && ins.len() != 3 {
+                    return Err(Error::shape(&n, "expects x, w and an optional bias"));
+                }
+                let (x, w) = (ins[0].0, ins[1].0);
+                if x.rank() != 4 || w.rank() != 4 || x.0[1] != w.0[1] {
+                    return Err(Error::shape(&n, format!("x {x} and w {w} do not fit (NCHW, OCkk)")));
+                }
+                if ins.len() == 3 && ins[2].0.0 != vec![w.0[0]] {
+                    return Err(Error::shape(&n, format!("bias {} must be [{}]", ins[2].0, w.0[0])));
+                }
+                let ho = conv_out(x.0[2], w.0[2], *stride, *padding);
+                let wo = conv_out(x.0[3], w.0[3], *stride, *padding);
+                match (ho, wo) {
+                    (Some(ho), Some(wo)) if *stride > 0 => Ok(vec![(Shape(vec![x.0[0], w.0[0], ho, wo]), ins[0].1)]),
+                    _ => Err(Error::shape(&n, format!("kernel {w} larger than padded input {x}"))),
+                }
+            }
+            Op::Conv2dBackwardInput { h, w, .. } => {
+                arity(2)?;
+                let (dy, wt) = (ins[0].0, ins[1].0);
+                Ok(vec![(Shape(vec![dy.0[0], wt.0[1], *h, *w]), ins[0].1)])
+            }
+            Op::Conv2dBackwardWeight { kh, kw, .. } => {
+                arity(2)?;
+                let (x, dy) = (ins[0].0, ins[1].0);
+                Ok(vec![(Shape(vec![dy.0[1], x.0[1], *kh, *kw]), ins[0].1)])
+            }
+            Op::GroupNorm { groups, .. } => {
+                arity(3)?;
+                let x = ins[0].0;
+                if x.rank() < 2 || x.0[1] % groups != 0 {
+                    return Err(Error::shape(&n, format!("{x}: channels must divide into {groups} groups")));
+                }
+                same(ins[1].0, &Shape(vec![x.0[1]]), "gamma must be [C]")?;
+                same(ins[2].0, &Shape(vec![x.0[1]]), "beta must be [C]")?;
+                Ok(vec![(x.clone(), ins[0].1)])
+            }
+            Op::LayerNorm { .. } => {
+                arity(3)?;
+                let x = ins[0].0;
+                let d = *x.0.last().ok_or_else(|| Error::shape(&n, "needs rank >= 1"))?;
+                same(ins[1].0, &Shape(vec![d]), "gamma must be [D]")?;
+                same(ins[2].0, &Shape(vec![d]), "beta must be [D]")?;
+                Ok(vec![(x.clone(), ins[0].1)])
+            }
+            Op::GroupNormBackward { .. } | Op::LayerNormBackward { .. } => {
+                arity(3)?;
+                same(ins[0].0, ins[2].0, "x and dy differ")?;
+                Ok(vec![(ins[0].0.clone(), ins[2].1), (ins[1].0.clone(), ins[2].1), (ins[1].0.clone(), ins[2].1)])
+            }
+            Op::Attention { .. } => {
+                arity(3)?;
+                let (q, k, v) = (ins[0].0, ins[1].0, ins[2].0);
+                if q.rank() != 4 || k.rank() != 4 || v.rank() != 4 {
+                    return Err(Error::shape(&n, "q, k and v must be [B, H, L, D]"));
+                }
+                if q.0[..2] != k.0[..2] || k.0[..3] != v.0[..3] || q.0[3] != k.0[3] {
+                    return Err(Error::shape(&n, format!("q {q}, k {k}, v {v} do not fit")));
+                }
+                Ok(vec![(Shape(vec![q.0[0], q.0[1], q.0[2], v.0[3]]), ins[0].1)])
+            }
+            Op::AttentionBackward { .. } => {
+                arity(4)?;
+                Ok(vec![(ins[0].0.clone(), ins[3].1), (ins[1].0.clone(), ins[3].1), (ins[2].0.clone(), ins[3].1)])
+            }
+            Op::Upsample2x => {
+                arity(1)?;
+                let x = ins[0].0;
+                if x.rank() < 2 {
+                    return Err(Error::shape(&n, "needs rank >= 2"));
+                }
+                let mut d = x.0.clone();
+                let r = d.len();
+                d[r - 1] *= 2;
+                d[r - 2] *= 2;
+                Ok(vec![(Shape(d), ins[0].1)])
+            }
+            Op::Upsample2xBackward => {
+                arity(1)?;
+                let x = ins[0].0;
+                let r = x.rank();
+                if r < 2 || x.0[r - 1] % 2 != 0 || x.0[r - 2] % 2 != 0 {
+                    return Err(Error::shape(&n, format!("{x}: last two axes must be even")));
+                }
+                let mut d = x.0.clone();
+                d[r - 1] /= 2;
+                d[r - 2] /= 2;
+                Ok(vec![(Shape(d), ins[0].1)])
+            }
+            Op::Concat { axis } => {
+                if ins.is_empty() {
+                    return Err(Error::shape(&n, "needs at least one input"));
+                }
+                let first = ins[0].0;
+                if *axis >= first.rank() {
+                    return Err(Error::shape(&n, format!("axis {axis} out of range for {first}")));
+                }
+                let mut d = first.0.clone();
+                d[*axis] = 0;
+                for (s, t) in ins {
+                    let mut e = s.0.clone();
+                    if e.len() != d.len() || *t != ins[0].1 {
+                        return Err(Error::shape(&n, format!("{s} {t} does not fit {first} {}", ins[0].1)));
+                    }
+                    d[*axis] += e[*axis];
+                    e[*axis] = 0;
+                    let mut f = first.0.clone();
+                    f[*axis] = 0;
+                    if e != f {
+                        return Err(Error::shape(&n, format!("{s} does not fit {first} off axis {axis}")));
+                    }
+                }
+                Ok(vec![(Shape(d), ins[0].1)])
+            }
+            Op::Slice { axis, start, end } => {
+                arity(1)?;
+                let x = ins[0].0;
+                if *axis >= x.rank() || start >= end || *end > x.0[*axis] {
+                    return Err(Error::shape(&n, format!("{start}..{end} on axis {axis} of {x}")));
+                }
+                let mut d = x.0.clone();
+                d[*axis] = end - start;
+                Ok(vec![(Shape(d), ins[0].1)])
+            }
+            Op::SliceBackward { axis, full, start } => {
+                arity(1)?;
+                let mut d = ins[0].0 .0.clone();
+                if *axis >= d.len() || start + d[*axis] > *full {
+                    return Err(Error::shape(&n, "slice does not fit"));
+                }
+                d[*axis] = *full;
+                Ok(vec![(Shape(d), ins[0].1)])
+            }
+            Op::Reshape { shape } => {
+                arity(1)?;
+                if shape.numel() != ins[0].0.numel() {
+                    return Err(Error::shape(&n, format!("{} to {shape} changes the element count", ins[0].0)));
+                }
+                Ok(vec![(shape.clone(), ins[0].1)])
+            }
+            Op::Permute { perm } => {
+                arity(1)?;
+                let x = ins[0].0;
+                let mut seen = vec![false; x.rank()];
+                if perm.len() != x.rank() || perm.iter().any(|&p| p >= x.rank() || std::mem::replace(&mut seen[p], true)) {
+                    return Err(Error::shape(&n, format!("{perm:?} is not a permutation of {x}")));
+                }
+                Ok(vec![(Shape(perm.iter().map(|&p| x.0[p]).collect()), ins[0].1)])
+            }
+            Op::Embedding => {
+                arity(2)?;
+                let (t, ids) = (ins[0].0, ins[1]);
+                if t.rank() != 2 || ids.1.is_float() {
+                    return Err(Error::shape(&n, "table must be [V, D] and ids integers"));
+                }
+                let mut d = ids.0 .0.clone();
+                d.push(t.0[1]);
+                Ok(vec![(Shape(d), ins[0].1)])
+            }
+            Op::EmbeddingBackward { vocab } => {
+                arity(2)?;
+                let dy = ins[1].0;
+                Ok(vec![(Shape(vec![*vocab, *dy.0.last().unwrap_or(&0)]), ins[1].1)])
+            }
+            Op::TimestepEmbedding { dim, .. } => {
+                arity(1)?;
+                if ins[0].0.rank() != 1 || dim % 2 != 0 {
+                    return Err(Error::shape(&n, "t must be [B] and dim even"));
+                }
+                Ok(vec![(Shape(vec![ins[0].0 .0[0], *dim]), DType::F32)])
+            }
+            Op::ReduceSum { axes, keepdim } => {
+                arity(1)?;
+                let x = ins[0].0;
+                if axes.iter().any(|&a| a >= x.rank()) {
+                    return Err(Error::shape(&n, format!("axes {axes:?} out of range for {x}")));
+                }
+                let d = x
+                    .0
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, &s)| match (axes.contains(&i), keepdim) {
+                        (false, _) => Some(s),
+                        (true, true) => Some(1),
+                        (true, false) => None,
+                    })
+                    .collect();
+                Ok(vec![(Shape(d), ins[0].1)])
+            }
+            Op::SumTo { shape } => {
+                arity(1)?;
+                if Shape::broadcast(shape, ins[0].0, &n)? != *ins[0].0 {
+                    return Err(Error::shape(&n, format!("{} does not broadcast from {shape}", ins[0].0)));
+                }
+                Ok(vec![(shape.clone(), ins[0].1)])
+            }
+            Op::BroadcastTo { shape } => {
+                arity(1)?;
+                if Shape::broadcast(shape, ins[0].0, &n)? != *shape {
+                    return Err(Error::shape(&n, format!("{} does not broadcast to {shape}", ins[0].0)));
+                }
+                Ok(vec![(shape.clone(), ins[0].1)])
+            }
+            Op::MseLoss => {
+                arity(2)?;
+                same(ins[0].0, ins[1].0, "prediction and target differ")?;
+                Ok(vec![(Shape::scalar(), ins[0].1)])
+            }
+            Op::MseLossBackward => {
+                arity(3)?;
+                same(ins[0].0, ins[1].0, "prediction and target differ")?;
+                Ok(vec![(ins[0].0.clone(), ins[0].1)])
+            }
+            Op::AdamW { .. } => {
+                arity(5)?;
+                let p = ins[0].0;
+                for (i, what) in [(1, "grad"), (2, "m"), (3, "v")] {
+                    same(p, ins[i].0, what)?;
+                }
+                same(ins[4].0, &Shape(vec![3]), "hyper must be [3]")?;
+                Ok(vec![])
+            }
+        }
+    }
+}

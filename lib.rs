@@ -1,0 +1,13 @@
+//! zeroconv: a ControlNet training engine that compiles the whole training step
+//! (forward, backward, optimizer update) into one planned graph and replays it.
+//!
+//! Layers, each using only those above it in this list (see `../shared/DESIGN.md`):
+//! `graph` (IR, autodiff, passes) → `kernels` (CUDA sources) → `engine` (backends) → `frontend`.
+
+pub mod error;
+pub mod graph;
+pub mod kernels;
+pub mod engine;
+pub mod frontend;
+
+pub use error::{Error, Result};
