@@ -4,10 +4,10 @@
 //! Layers, each using only those above it in this list (see `../shared/DESIGN.md`):
 //! `graph` (IR, autodiff, passes) → `kernels` (CUDA sources) → `engine` (backends) → `frontend`.
 
+pub mod engine;
 pub mod error;
+pub mod frontend;
 pub mod graph;
 pub mod kernels;
-pub mod engine;
-pub mod frontend;
 
 pub use error::{Error, Result};

@@ -215,12 +215,26 @@ impl Graph {
             None => Ok(y),
         }
     }
-    pub fn conv2d(&mut self, x: ValueId, w: ValueId, b: Option<ValueId>, stride: usize, padding: usize) -> Result<ValueId> {
+    pub fn conv2d(
+        &mut self,
+        x: ValueId,
+        w: ValueId,
+        b: Option<ValueId>,
+        stride: usize,
+        padding: usize,
+    ) -> Result<ValueId> {
         let mut ins = vec![x, w];
         ins.extend(b);
         self.op1(Op::Conv2d { stride, padding }, &ins)
     }
-    pub fn group_norm(&mut self, x: ValueId, gamma: ValueId, beta: ValueId, groups: usize, eps: f64) -> Result<ValueId> {
+    pub fn group_norm(
+        &mut self,
+        x: ValueId,
+        gamma: ValueId,
+        beta: ValueId,
+        groups: usize,
+        eps: f64,
+    ) -> Result<ValueId> {
         self.op1(Op::GroupNorm { groups, eps: F64Bits::new(eps) }, &[x, gamma, beta])
     }
     pub fn layer_norm(&mut self, x: ValueId, gamma: ValueId, beta: ValueId, eps: f64) -> Result<ValueId> {
@@ -321,7 +335,11 @@ impl Graph {
         for (i, n) in self.nodes.iter().enumerate() {
             for &v in &n.inputs {
                 if !defined[v] {
-                    return Err(Error::msg(format!("node {i} ({}) reads {} before it is produced", n.op.name(), self.values[v].name)));
+                    return Err(Error::msg(format!(
+                        "node {i} ({}) reads {} before it is produced",
+                        n.op.name(),
+                        self.values[v].name
+                    )));
                 }
             }
             for (k, &o) in n.outputs.iter().enumerate() {

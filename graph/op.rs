@@ -46,68 +46,140 @@ impl F64Bits {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Op {
     /// A tensor filled with one value.
-    Fill { value: F64Bits, shape: Shape, dtype: DType },
+    Fill {
+        value: F64Bits,
+        shape: Shape,
+        dtype: DType,
+    },
     Unary(UnaryOp),
     /// (x, dy) -> dx for a unary op.
     UnaryBackward(UnaryOp),
     /// Broadcasting elementwise op.
     Binary(BinaryOp),
     /// y = alpha * x + beta.
-    Affine { alpha: F64Bits, beta: F64Bits },
-    Cast { to: DType },
+    Affine {
+        alpha: F64Bits,
+        beta: F64Bits,
+    },
+    Cast {
+        to: DType,
+    },
     /// [..., M, K] x [..., K, N] -> [..., M, N] (operands transposed first when flagged).
     /// The batch dimensions must match, or the right operand may be rank 2 (shared by every batch).
-    MatMul { trans_a: bool, trans_b: bool },
+    MatMul {
+        trans_a: bool,
+        trans_b: bool,
+    },
     /// x [N, C, H, W], w [O, C, kh, kw], optional bias [O] -> [N, O, Ho, Wo].
-    Conv2d { stride: usize, padding: usize },
+    Conv2d {
+        stride: usize,
+        padding: usize,
+    },
     /// (dy, w) -> dx, where x was [N, C, h, w].
-    Conv2dBackwardInput { stride: usize, padding: usize, h: usize, w: usize },
+    Conv2dBackwardInput {
+        stride: usize,
+        padding: usize,
+        h: usize,
+        w: usize,
+    },
     /// (x, dy) -> dw, the kernel being kh x kw.
-    Conv2dBackwardWeight { stride: usize, padding: usize, kh: usize, kw: usize },
+    Conv2dBackwardWeight {
+        stride: usize,
+        padding: usize,
+        kh: usize,
+        kw: usize,
+    },
     /// x [N, C, ...], gamma [C], beta [C].
-    GroupNorm { groups: usize, eps: F64Bits },
+    GroupNorm {
+        groups: usize,
+        eps: F64Bits,
+    },
     /// (x, gamma, dy) -> (dx, dgamma, dbeta).
-    GroupNormBackward { groups: usize, eps: F64Bits },
+    GroupNormBackward {
+        groups: usize,
+        eps: F64Bits,
+    },
     /// Over the last axis: x [..., D], gamma [D], beta [D].
-    LayerNorm { eps: F64Bits },
+    LayerNorm {
+        eps: F64Bits,
+    },
     /// (x, gamma, dy) -> (dx, dgamma, dbeta).
-    LayerNormBackward { eps: F64Bits },
+    LayerNormBackward {
+        eps: F64Bits,
+    },
     /// Over the last axis.
     Softmax,
     /// (y, dy) -> dx.
     SoftmaxBackward,
     /// Scaled dot-product attention: q [B, H, Lq, D], k [B, H, Lk, D], v [B, H, Lk, Dv] -> [B, H, Lq, Dv].
-    Attention { scale: F64Bits, causal: bool },
+    Attention {
+        scale: F64Bits,
+        causal: bool,
+    },
     /// (q, k, v, dout) -> (dq, dk, dv).
-    AttentionBackward { scale: F64Bits, causal: bool },
+    AttentionBackward {
+        scale: F64Bits,
+        causal: bool,
+    },
     /// Nearest-neighbour 2x upsampling of the last two axes.
     Upsample2x,
     /// The adjoint: sums each 2x2 block.
     Upsample2xBackward,
-    Concat { axis: usize },
-    Slice { axis: usize, start: usize, end: usize },
+    Concat {
+        axis: usize,
+    },
+    Slice {
+        axis: usize,
+        start: usize,
+        end: usize,
+    },
     /// The adjoint of slice: places dy at [start, start+len) of a zero tensor of `full` along `axis`.
-    SliceBackward { axis: usize, start: usize, full: usize },
-    Reshape { shape: Shape },
-    Permute { perm: Vec<usize> },
+    SliceBackward {
+        axis: usize,
+        start: usize,
+        full: usize,
+    },
+    Reshape {
+        shape: Shape,
+    },
+    Permute {
+        perm: Vec<usize>,
+    },
     /// (table [V, D], ids [...] of i32/i64) -> [..., D].
     Embedding,
     /// (ids, dy) -> dtable [vocab, D].
-    EmbeddingBackward { vocab: usize },
+    EmbeddingBackward {
+        vocab: usize,
+    },
     /// The LDM sinusoidal timestep embedding: t [B] -> [B, dim], cos half first.
-    TimestepEmbedding { dim: usize, max_period: F64Bits },
+    TimestepEmbedding {
+        dim: usize,
+        max_period: F64Bits,
+    },
     /// Sum over axes, keeping them as size 1 when `keepdim`.
-    ReduceSum { axes: Vec<usize>, keepdim: bool },
+    ReduceSum {
+        axes: Vec<usize>,
+        keepdim: bool,
+    },
     /// Sum a broadcast gradient back down to `shape` (the adjoint of broadcasting).
-    SumTo { shape: Shape },
-    BroadcastTo { shape: Shape },
+    SumTo {
+        shape: Shape,
+    },
+    BroadcastTo {
+        shape: Shape,
+    },
     /// mean((a - b)^2) -> scalar.
     MseLoss,
     /// (a, b, dloss) -> da.
     MseLossBackward,
     /// The AdamW update, in place: (param, grad, m, v, hyper [lr, 1/(1-beta1^t), 1/(1-beta2^t)]).
     /// Writes param, m and v; produces no value.
-    AdamW { beta1: F64Bits, beta2: F64Bits, eps: F64Bits, weight_decay: F64Bits },
+    AdamW {
+        beta1: F64Bits,
+        beta2: F64Bits,
+        eps: F64Bits,
+        weight_decay: F64Bits,
+    },
 }
 
 fn check_float(op: &str, d: DType) -> Result<()> {
@@ -189,13 +261,9 @@ impl Op {
             Op::TimestepEmbedding { dim, max_period } => format!("dim={dim} max_period={}", max_period.get()),
             Op::ReduceSum { axes, keepdim } => format!("axes={axes:?} keepdim={keepdim}"),
             Op::SumTo { shape } | Op::BroadcastTo { shape } => format!("{shape}"),
-            Op::AdamW { beta1, beta2, eps, weight_decay } => format!(
-                "beta1={} beta2={} eps={} wd={}",
-                beta1.get(),
-                beta2.get(),
-                eps.get(),
-                weight_decay.get()
-            ),
+            Op::AdamW { beta1, beta2, eps, weight_decay } => {
+                format!("beta1={} beta2={} eps={} wd={}", beta1.get(), beta2.get(), eps.get(), weight_decay.get())
+            }
             _ => String::new(),
         }
     }
@@ -283,7 +351,7 @@ impl Op {
                 if x.rank() != 4 || w.rank() != 4 || x.0[1] != w.0[1] {
                     return Err(Error::shape(&n, format!("x {x} and w {w} do not fit (NCHW, OCkk)")));
                 }
-                if ins.len() == 3 && ins[2].0.0 != vec![w.0[0]] {
+                if ins.len() == 3 && ins[2].0 .0 != vec![w.0[0]] {
                     return Err(Error::shape(&n, format!("bias {} must be [{}]", ins[2].0, w.0[0])));
                 }
                 let ho = conv_out(x.0[2], w.0[2], *stride, *padding);
@@ -420,7 +488,9 @@ impl Op {
                 arity(1)?;
                 let x = ins[0].0;
                 let mut seen = vec![false; x.rank()];
-                if perm.len() != x.rank() || perm.iter().any(|&p| p >= x.rank() || std::mem::replace(&mut seen[p], true)) {
+                if perm.len() != x.rank()
+                    || perm.iter().any(|&p| p >= x.rank() || std::mem::replace(&mut seen[p], true))
+                {
                     return Err(Error::shape(&n, format!("{perm:?} is not a permutation of {x}")));
                 }
                 Ok(vec![(Shape(perm.iter().map(|&p| x.0[p]).collect()), ins[0].1)])
@@ -453,16 +523,15 @@ impl Op {
                 if axes.iter().any(|&a| a >= x.rank()) {
                     return Err(Error::shape(&n, format!("axes {axes:?} out of range for {x}")));
                 }
-                let d = x
-                    .0
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, &s)| match (axes.contains(&i), keepdim) {
-                        (false, _) => Some(s),
-                        (true, true) => Some(1),
-                        (true, false) => None,
-                    })
-                    .collect();
+                let d =
+                    x.0.iter()
+                        .enumerate()
+                        .filter_map(|(i, &s)| match (axes.contains(&i), keepdim) {
+                            (false, _) => Some(s),
+                            (true, true) => Some(1),
+                            (true, false) => None,
+                        })
+                        .collect();
                 Ok(vec![(Shape(d), ins[0].1)])
             }
             Op::SumTo { shape } => {

@@ -53,15 +53,7 @@ impl Shape {
     pub fn broadcast_strides(&self, target: &Shape) -> Vec<usize> {
         let own = self.strides();
         let off = target.rank() - self.rank();
-        (0..target.rank())
-            .map(|i| {
-                if i < off || self.0[i - off] == 1 {
-                    0
-                } else {
-                    own[i - off]
-                }
-            })
-            .collect()
+        (0..target.rank()).map(|i| if i < off || self.0[i - off] == 1 { 0 } else { own[i - off] }).collect()
     }
 }
 
