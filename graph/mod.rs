@@ -10,3 +10,6 @@ pub use dtype::DType;
 pub use ir::{Graph, Node, NodeId, Phase, Value, ValueId, ValueKind};
 pub use op::{BinaryOp, F64Bits, Op, UnaryOp};
 pub use shape::Shape;
+pub mod autodiff;
+pub mod optim;
+pub mod passes;

@@ -65,7 +65,7 @@ pub enum Op {
         to: DType,
     },
     /// [..., M, K] x [..., K, N] -> [..., M, N] (operands transposed first when flagged).
-    /// The batch dimensions must match, or the right operand may be rank 2 (shared by every batch).
+    /// The batch dimensions must match, or one operand may be rank 2 (shared by every batch).
     MatMul {
         trans_a: bool,
         trans_b: bool,
@@ -336,10 +336,11 @@ impl Op {
                 if ka != kb {
                     return Err(Error::shape(&n, format!("inner dimensions differ: {a} x {b}")));
                 }
-                if rb != 2 && a.0[..ra - 2] != b.0[..rb - 2] {
+                // Either operand may be rank 2 and shared by every batch of the other.
+                if ra != 2 && rb != 2 && a.0[..ra - 2] != b.0[..rb - 2] {
                     return Err(Error::shape(&n, format!("batch dimensions differ: {a} x {b}")));
                 }
-                let mut out = a.0[..ra - 2].to_vec();
+                let mut out = if ra >= rb { a.0[..ra - 2].to_vec() } else { b.0[..rb - 2].to_vec() };
                 out.extend([m, nn]);
                 Ok(vec![(Shape(out), ins[0].1)])
             }

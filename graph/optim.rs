@@ -1,0 +1,56 @@
+//! The optimizer update as part of the compiled step: AdamW with decoupled weight decay,
+//! fp32 master weights and fp32 moments, one in-place node per parameter.
+
+use super::dtype::DType;
+use super::ir::{Graph, Phase, ValueId};
+use super::op::{F64Bits, Op};
+use crate::error::{Error, Result};
+
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    /// PyTorch's `torch.optim.AdamW` defaults.
+    fn default() -> Self {
+        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
+    }
+}
+
+/// The name of the per-step input holding `[lr, 1/(1-beta1^t), 1/(1-beta2^t)]`.
+pub const HYPER_INPUT: &str = "adamw.hyper";
+
+/// The host-side values of the hyper input for step `t` (1-based).
+pub fn adamw_hyper(cfg: &AdamWConfig, lr: f64, t: u64) -> [f64; 3] {
+    let t = t.max(1) as i32;
+    [lr, 1.0 / (1.0 - cfg.beta1.powi(t)), 1.0 / (1.0 - cfg.beta2.powi(t))]
+}
+
+/// Appends one AdamW node per (parameter, gradient) pair, creating the `m` and `v` state
+/// buffers (named `<param>.adam_m` / `.adam_v`). Returns the hyper input.
+pub fn append_adamw(g: &mut Graph, pairs: &[(ValueId, ValueId)], cfg: &AdamWConfig) -> Result<ValueId> {
+    let hyper = g.input(HYPER_INPUT, [3], DType::F32);
+    g.set_phase(Phase::Update);
+    let op = Op::AdamW {
+        beta1: F64Bits::new(cfg.beta1),
+        beta2: F64Bits::new(cfg.beta2),
+        eps: F64Bits::new(cfg.eps),
+        weight_decay: F64Bits::new(cfg.weight_decay),
+    };
+    for &(p, grad) in pairs {
+        let pv = g.value(p).clone();
+        if !matches!(pv.dtype, DType::F32 | DType::F64) {
+            return Err(Error::msg(format!("AdamW keeps fp32 master weights; parameter {} is {}", pv.name, pv.dtype)));
+        }
+        let grad = g.cast(grad, pv.dtype)?;
+        let m = g.state(&format!("{}.adam_m", pv.name), pv.shape.clone(), pv.dtype);
+        let v = g.state(&format!("{}.adam_v", pv.name), pv.shape.clone(), pv.dtype);
+        g.add_node(op.clone(), &[p, grad, m, v, hyper])?;
+    }
+    g.set_phase(Phase::Forward);
+    Ok(hyper)
+}

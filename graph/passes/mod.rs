@@ -1,0 +1,64 @@
+//! Graph passes. Each is a pure function from a graph to a graph (plus a map from old value ids
+//! to new ones); none touches a device.
+
+pub mod checkpoint;
+pub mod cse;
+pub mod dce;
+pub mod dump;
+pub mod memplan;
+pub mod rewrite;
+
+pub use memplan::{plan_memory, Location, MemoryPlan};
+pub use rewrite::ValueMap;
+
+use super::ir::{Graph, ValueId};
+use crate::error::Result;
+
+/// Options for `optimize`.
+#[derive(Clone, Debug, Default)]
+pub struct PassOptions {
+    /// Recompute the activations of nodes marked `checkpoint` in the backward.
+    pub checkpointing: bool,
+    /// Record a text dump before and after each pass.
+    pub dumps: bool,
+}
+
+/// The result of running the pass pipeline.
+pub struct Optimized {
+    pub graph: Graph,
+    /// Old value id → new value id (None where the value was removed).
+    pub map: ValueMap,
+    /// (pass name, dump after it), the first being the input graph.
+    pub dumps: Vec<(String, String)>,
+}
+
+/// Runs CSE, DCE and (optionally) checkpointing, in that order: CSE must come first, or it
+/// would merge recomputed activations back into the forward ones.
+pub fn optimize(g: &Graph, opts: &PassOptions) -> Result<Optimized> {
+    let mut dumps = Vec::new();
+    if opts.dumps {
+        dumps.push(("input".to_string(), dump::dump(g)));
+    }
+    let mut graph = g.clone();
+    let mut map = ValueMap::identity(g.values.len());
+    type Pass = fn(&Graph) -> Result<(Graph, ValueMap)>;
+    let mut passes: Vec<(&str, Pass)> = vec![("cse", cse::cse), ("dce", dce::dce)];
+    if opts.checkpointing {
+        passes.push(("checkpoint", checkpoint::checkpoint));
+    }
+    for (name, pass) in passes {
+        let (next, m) = pass(&graph)?;
+        next.validate()?;
+        map = map.then(&m);
+        graph = next;
+        if opts.dumps {
+            dumps.push((name.to_string(), dump::dump(&graph)));
+        }
+    }
+    Ok(Optimized { graph, map, dumps })
+}
+
+/// Maps a list of value ids through `map`, failing if one was removed.
+pub fn remap_all(map: &ValueMap, vs: &[ValueId]) -> Option<Vec<ValueId>> {
+    vs.iter().map(|&v| map.get(v)).collect()
+}
