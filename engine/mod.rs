@@ -1,1 +1,8 @@
-//! Backends that execute a compiled graph.
+//! Backends that execute a compiled graph behind one interface (`Backend`, `Program`).
+
+pub mod backend;
+pub mod cpu;
+pub mod tensor;
+
+pub use backend::{Backend, Program};
+pub use tensor::HostTensor;

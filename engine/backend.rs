@@ -1,0 +1,38 @@
+//! The interface every backend implements. It is shaped for asynchronous devices: a compiled
+//! program owns its device buffers, data moves by explicit host↔device copies, and `launch`
+//! only enqueues a step; `synchronize` waits for it. The CPU backend runs synchronously behind
+//! the same calls.
+
+use super::tensor::HostTensor;
+use crate::error::Result;
+use crate::graph::passes::MemoryPlan;
+use crate::graph::{Graph, ValueId};
+
+pub trait Backend {
+    type Program: Program;
+    fn name(&self) -> &'static str;
+    /// Plans memory and prepares every kernel of `graph`; allocates all device memory once.
+    fn compile(&self, graph: Graph) -> Result<Self::Program>;
+}
+
+pub trait Program {
+    fn graph(&self) -> &Graph;
+    fn plan(&self) -> &MemoryPlan;
+    /// Host → device copy into a source value (parameter, input or optimizer state).
+    fn upload(&mut self, v: ValueId, t: &HostTensor) -> Result<()>;
+    /// Device → host copy of any value that is still held (sources, graph outputs).
+    fn download(&mut self, v: ValueId) -> Result<HostTensor>;
+    /// Enqueues one execution of the whole graph.
+    fn launch(&mut self) -> Result<()>;
+    /// Waits until every enqueued step has finished.
+    fn synchronize(&mut self) -> Result<()>;
+
+    /// Uploads by source name.
+    fn upload_named(&mut self, name: &str, t: &HostTensor) -> Result<()> {
+        let v = self
+            .graph()
+            .find(name)
+            .ok_or_else(|| crate::Error::Binding { name: name.into(), msg: "no such input or parameter".into() })?;
+        self.upload(v, t)
+    }
+}

@@ -1,0 +1,305 @@
+//! Pointwise kernels, broadcasting, reductions to a shape, the MSE loss and the AdamW update.
+
+use super::float::Float;
+use super::par::{par_chunks, par_rows};
+use crate::graph::{BinaryOp, Shape, UnaryOp};
+
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+const INV_SQRT_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
+const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+
+#[inline]
+fn sigmoid<T: Float>(x: T) -> T {
+    T::ONE / (T::ONE + (-x).exp())
+}
+
+#[inline]
+pub fn unary_value<T: Float>(u: UnaryOp, x: T) -> T {
+    let half = T::from_f64(0.5);
+    match u {
+        UnaryOp::Neg => -x,
+        UnaryOp::Exp => x.exp(),
+        UnaryOp::Log => x.ln(),
+        UnaryOp::Sqrt => x.sqrt(),
+        UnaryOp::Square => x * x,
+        UnaryOp::Recip => T::ONE / x,
+        UnaryOp::Silu => x * sigmoid(x),
+        UnaryOp::GeluErf => half * x * (T::ONE + (x * T::from_f64(INV_SQRT_2)).erf()),
+        UnaryOp::GeluTanh => {
+            let u = T::from_f64(SQRT_2_OVER_PI) * (x + T::from_f64(0.044715) * x * x * x);
+            half * x * (T::ONE + u.tanh())
+        }
+        UnaryOp::QuickGelu => x * sigmoid(T::from_f64(1.702) * x),
+        UnaryOp::Relu => {
+            if x > T::ZERO {
+                x
+            } else {
+                T::ZERO
+            }
+        }
+    }
+}
+
+/// d(unary(x))/dx.
+#[inline]
+pub fn unary_derivative<T: Float>(u: UnaryOp, x: T) -> T {
+    let half = T::from_f64(0.5);
+    match u {
+        UnaryOp::Neg => -T::ONE,
+        UnaryOp::Exp => x.exp(),
+        UnaryOp::Log => T::ONE / x,
+        UnaryOp::Sqrt => half / x.sqrt(),
+        UnaryOp::Square => x + x,
+        UnaryOp::Recip => -T::ONE / (x * x),
+        UnaryOp::Silu => {
+            let s = sigmoid(x);
+            s * (T::ONE + x * (T::ONE - s))
+        }
+        UnaryOp::GeluErf => {
+            let cdf = half * (T::ONE + (x * T::from_f64(INV_SQRT_2)).erf());
+            cdf + x * T::from_f64(INV_SQRT_2PI) * (-half * x * x).exp()
+        }
+        UnaryOp::GeluTanh => {
+            let c = T::from_f64(0.044715);
+            let k = T::from_f64(SQRT_2_OVER_PI);
+            let t = (k * (x + c * x * x * x)).tanh();
+            half * (T::ONE + t) + half * x * (T::ONE - t * t) * k * (T::ONE + T::from_f64(3.0) * c * x * x)
+        }
+        UnaryOp::QuickGelu => {
+            let a = T::from_f64(1.702);
+            let s = sigmoid(a * x);
+            s + a * x * s * (T::ONE - s)
+        }
+        UnaryOp::Relu => {
+            if x > T::ZERO {
+                T::ONE
+            } else {
+                T::ZERO
+            }
+        }
+    }
+}
+
+pub fn unary<T: Float>(u: UnaryOp, x: &[T], y: &mut [T]) {
+    par_chunks(y, |start, out| {
+        for (o, &v) in out.iter_mut().zip(&x[start..]) {
+            *o = unary_value(u, v);
+        }
+    });
+}
+
+pub fn unary_backward<T: Float>(u: UnaryOp, x: &[T], dy: &[T], dx: &mut [T]) {
+    par_chunks(dx, |start, out| {
+        for ((o, &v), &d) in out.iter_mut().zip(&x[start..]).zip(&dy[start..]) {
+            *o = d * unary_derivative(u, v);
+        }
+    });
+}
+
+pub fn affine<T: Float>(x: &[T], alpha: f64, beta: f64, y: &mut [T]) {
+    let (a, b) = (T::from_f64(alpha), T::from_f64(beta));
+    par_chunks(y, |start, out| {
+        for (o, &v) in out.iter_mut().zip(&x[start..]) {
+            *o = v * a + b;
+        }
+    });
+}
+
+pub fn fill<T: Float>(value: f64, y: &mut [T]) {
+    let v = T::from_f64(value);
+    par_chunks(y, |_, out| out.fill(v));
+}
+
+#[inline]
+fn apply<T: Float>(b: BinaryOp, x: T, y: T) -> T {
+    match b {
+        BinaryOp::Add => x + y,
+        BinaryOp::Sub => x - y,
+        BinaryOp::Mul => x * y,
+        BinaryOp::Div => x / y,
+    }
+}
+
+/// The offsets, in `shape`'s own layout, of the start of output row `row` (rows run along the
+/// last axis of `out`), given `shape`'s broadcast strides.
+#[inline]
+fn row_offset(out: &[usize], strides: &[usize], row: usize) -> usize {
+    let mut rem = row;
+    let mut off = 0;
+    for ax in (0..out.len().saturating_sub(1)).rev() {
+        let i = rem % out[ax];
+        rem /= out[ax];
+        off += i * strides[ax];
+    }
+    off
+}
+
+/// Broadcasting binary op. Rows along the last output axis are processed with a stride of 0
+/// or 1 for each operand, so bias and scale broadcasts stay vectorisable.
+pub fn binary<T: Float>(b: BinaryOp, x: &[T], xs: &Shape, y: &[T], ys: &Shape, out: &mut [T], os: &Shape) {
+    if xs == os && ys == os {
+        par_chunks(out, |start, o| {
+            for ((r, &p), &q) in o.iter_mut().zip(&x[start..]).zip(&y[start..]) {
+                *r = apply(b, p, q);
+            }
+        });
+        return;
+    }
+    if ys.numel() == 1 && xs == os {
+        let q = y[0];
+        par_chunks(out, |start, o| {
+            for (r, &p) in o.iter_mut().zip(&x[start..]) {
+                *r = apply(b, p, q);
+            }
+        });
+        return;
+    }
+    let od = os.dims();
+    let (sx, sy) = (xs.broadcast_strides(os), ys.broadcast_strides(os));
+    let last = od.last().copied().unwrap_or(1).max(1);
+    let (lx, ly) = (sx.last().copied().unwrap_or(0), sy.last().copied().unwrap_or(0));
+    par_rows(out, last, |row, o| {
+        let (bx, by) = (row_offset(od, &sx, row), row_offset(od, &sy, row));
+        match (lx, ly) {
+            (1, 1) => {
+                for ((r, &p), &q) in o.iter_mut().zip(&x[bx..bx + last]).zip(&y[by..by + last]) {
+                    *r = apply(b, p, q);
+                }
+            }
+            (1, 0) => {
+                let q = y[by];
+                for (r, &p) in o.iter_mut().zip(&x[bx..bx + last]) {
+                    *r = apply(b, p, q);
+                }
+            }
+            (0, 1) => {
+                let p = x[bx];
+                for (r, &q) in o.iter_mut().zip(&y[by..by + last]) {
+                    *r = apply(b, p, q);
+                }
+            }
+            _ => {
+                for (j, r) in o.iter_mut().enumerate() {
+                    *r = apply(b, x[bx + j * lx], y[by + j * ly]);
+                }
+            }
+        }
+    });
+}
+
+pub fn broadcast_to<T: Float>(x: &[T], xs: &Shape, out: &mut [T], os: &Shape) {
+    let od = os.dims();
+    let sx = xs.broadcast_strides(os);
+    let last = od.last().copied().unwrap_or(1).max(1);
+    let lx = sx.last().copied().unwrap_or(0);
+    par_rows(out, last, |row, o| {
+        let bx = row_offset(od, &sx, row);
+        if lx == 1 {
+            o.copy_from_slice(&x[bx..bx + last]);
+        } else {
+            o.fill(x[bx]);
+        }
+    });
+}
+
+/// Sums `x` (shape `xs`) down to `out` (shape `os`, which broadcasts to `xs`; leading axes may
+/// be missing). Each output element sums its own preimage, so threads never share a write and
+/// the result does not depend on the thread count.
+pub fn sum_to<T: Float>(x: &[T], xs: &Shape, out: &mut [T], os: &Shape) {
+    let xd = xs.dims();
+    let pad = xd.len() - os.rank();
+    let od: Vec<usize> = std::iter::repeat_n(1, pad).chain(os.dims().iter().copied()).collect();
+    let xst = xs.strides();
+    let kept: Vec<(usize, usize)> = (0..xd.len()).filter(|&a| od[a] != 1 || xd[a] == 1).map(|a| (xd[a], xst[a])).collect();
+    let reduced: Vec<(usize, usize)> =
+        (0..xd.len()).filter(|&a| od[a] == 1 && xd[a] != 1).map(|a| (xd[a], xst[a])).collect();
+    let count: usize = reduced.iter().map(|r| r.0).product();
+    par_chunks(out, |start, o| {
+        let mut idx = vec![0usize; reduced.len()];
+        for (j, r) in o.iter_mut().enumerate() {
+            let mut rem = start + j;
+            let mut base = 0;
+            for &(size, stride) in kept.iter().rev() {
+                base += (rem % size) * stride;
+                rem /= size;
+            }
+            idx.iter_mut().for_each(|i| *i = 0);
+            let mut acc = T::ZERO;
+            let mut off = base;
+            for _ in 0..count {
+                acc += x[off];
+                // Odometer increment over the reduced axes, innermost first.
+                for a in (0..reduced.len()).rev() {
+                    idx[a] += 1;
+                    off += reduced[a].1;
+                    if idx[a] < reduced[a].0 {
+                        break;
+                    }
+                    off -= reduced[a].0 * reduced[a].1;
+                    idx[a] = 0;
+                }
+            }
+            *r = acc;
+        }
+    });
+}
+
+pub fn mse_loss<T: Float>(a: &[T], b: &[T]) -> T {
+    let n = a.len().max(1);
+    let partial: f64 = super::par::par_sum(a.len(), |lo, hi| {
+        let mut s = T::ZERO;
+        for i in lo..hi {
+            let d = a[i] - b[i];
+            s += d * d;
+        }
+        s.to_f64()
+    });
+    T::from_f64(partial / n as f64)
+}
+
+pub fn mse_loss_backward<T: Float>(a: &[T], b: &[T], dloss: T, da: &mut [T]) {
+    let k = dloss * T::from_f64(2.0 / a.len().max(1) as f64);
+    par_chunks(da, |start, o| {
+        for ((r, &p), &q) in o.iter_mut().zip(&a[start..]).zip(&b[start..]) {
+            *r = (p - q) * k;
+        }
+    });
+}
+
+/// AdamW exactly as `torch.optim.AdamW` (non-amsgrad, non-fused): decoupled weight decay first,
+/// then the bias-corrected step. `hyper` = [lr, 1/(1-beta1^t), 1/(1-beta2^t)].
+#[allow(clippy::too_many_arguments)]
+pub fn adamw<T: Float>(
+    p: &mut [T],
+    g: &[T],
+    m: &mut [T],
+    v: &mut [T],
+    hyper: [f64; 3],
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    wd: f64,
+) {
+    let [lr, bc1, bc2] = hyper;
+    let (b1, b2) = (T::from_f64(beta1), T::from_f64(beta2));
+    let (ob1, ob2) = (T::from_f64(1.0 - beta1), T::from_f64(1.0 - beta2));
+    let decay = T::from_f64(1.0 - lr * wd);
+    let step = T::from_f64(lr * bc1);
+    let sqrt_bc2 = T::from_f64(bc2.sqrt());
+    let eps = T::from_f64(eps);
+    let n = p.len();
+    let chunk = super::par::chunk_len(n);
+    use rayon::prelude::*;
+    p.par_chunks_mut(chunk).zip(m.par_chunks_mut(chunk)).zip(v.par_chunks_mut(chunk)).enumerate().for_each(
+        |(ci, ((pc, mc), vc))| {
+            let gc = &g[ci * chunk..];
+            for i in 0..pc.len() {
+                let gi = gc[i];
+                mc[i] = b1 * mc[i] + ob1 * gi;
+                vc[i] = b2 * vc[i] + ob2 * gi * gi;
+                let denom = vc[i].sqrt() * sqrt_bc2 + eps;
+                pc[i] = pc[i] * decay - step * mc[i] / denom;
+            }
+        },
+    );
+}

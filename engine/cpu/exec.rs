@@ -1,0 +1,569 @@
+//! The CPU backend: runs a planned graph out of one arena, with no allocation of tensor memory
+//! per step. Every node computes in f32 (f64 when the graph uses f64); half-precision values are
+//! staged through f32 scratch that the memory planner reserves for the node.
+
+use super::conv::{self, ConvGeom};
+use super::elementwise as ew;
+use super::float::Float;
+use super::layout::{self, Ids};
+use super::linalg::{self, AttnGeom};
+use super::norm;
+use crate::engine::backend::{Backend, Program};
+use crate::engine::tensor::HostTensor;
+use crate::error::{Error, Result};
+use crate::graph::passes::{plan_memory, Location, MemoryPlan};
+use crate::graph::{DType, Graph, Node, Op, Shape, ValueId};
+use half::{bf16, f16};
+use smallvec::SmallVec;
+
+pub struct CpuBackend {
+    threads: usize,
+}
+
+impl CpuBackend {
+    pub fn new(threads: usize) -> Self {
+        CpuBackend { threads: threads.max(1) }
+    }
+    /// One thread per core.
+    pub fn default_threads() -> usize {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    }
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        CpuBackend::new(Self::default_threads())
+    }
+}
+
+/// How a node is run: its compute type and where its staged (half → f32) copies live.
+#[derive(Clone, Debug)]
+struct NodeExec {
+    compute: DType,
+    /// Where the kernel's own scratch starts (elements of the compute type): before it, the
+    /// f32 copies of half-precision inputs then outputs, in order.
+    kernel_scratch: usize,
+    kernel_scratch_len: usize,
+}
+
+pub struct CpuProgram {
+    graph: Graph,
+    plan: MemoryPlan,
+    execs: Vec<NodeExec>,
+    threads: usize,
+    pool: rayon::ThreadPool,
+    // The buffers are owned here and only ever accessed through the raw pointers below, which
+    // were taken from `as_mut_ptr` once; nothing else borrows them.
+    _arena: Vec<u64>,
+    arena_ptr: *mut u8,
+    _sources: Vec<Vec<u64>>,
+    source_ptr: Vec<*mut u8>,
+}
+
+// SAFETY: the program exclusively owns every buffer its raw pointers point into; moving it to
+// another thread moves that ownership, and all access goes through `&mut self` methods.
+unsafe impl Send for CpuProgram {}
+// SAFETY: a shared `&CpuProgram` is only used inside `launch` (which holds `&mut self`), where
+// nodes run one after another and each node's parallel kernel writes disjoint planned bytes.
+unsafe impl Sync for CpuProgram {}
+
+fn float_compute(g: &Graph, node: &Node) -> DType {
+    let any_f64 = node.inputs.iter().chain(&node.outputs).any(|&v| g.dtype(v) == DType::F64);
+    if any_f64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// Ops with their own handling of dtypes (no staging).
+fn is_special(op: &Op) -> bool {
+    matches!(op, Op::Reshape { .. } | Op::Cast { .. } | Op::TimestepEmbedding { .. } | Op::AdamW { .. })
+}
+
+fn conv_geom(x: &Shape, w: &Shape, y: &Shape, stride: usize, pad: usize) -> ConvGeom {
+    let (xd, wd, yd) = (x.dims(), w.dims(), y.dims());
+    ConvGeom { n: xd[0], c: xd[1], h: xd[2], w: xd[3], o: wd[0], kh: wd[2], kw: wd[3], stride, pad, ho: yd[2], wo: yd[3] }
+}
+
+/// Scratch elements (of the compute type) the kernel itself needs.
+fn kernel_scratch_len(g: &Graph, node: &Node, threads: usize) -> usize {
+    let s = |i: usize| g.shape(node.inputs[i]);
+    let o = |i: usize| g.shape(node.outputs[i]);
+    match &node.op {
+        Op::Conv2d { stride, padding } => conv::forward_scratch_len(&conv_geom(s(0), s(1), o(0), *stride, *padding)),
+        Op::Conv2dBackwardInput { stride, padding, .. } => {
+            conv::backward_input_scratch_len(&conv_geom(o(0), s(1), s(0), *stride, *padding))
+        }
+        Op::Conv2dBackwardWeight { stride, padding, .. } => {
+            conv::backward_weight_scratch_len(&conv_geom(s(0), o(0), s(1), *stride, *padding))
+        }
+        Op::GroupNormBackward { .. } => s(0).dims()[0] * s(0).dims()[1] * 2,
+        Op::LayerNormBackward { .. } => {
+            let d = *s(0).dims().last().unwrap_or(&1);
+            norm::layer_norm_blocks(s(0).numel() / d.max(1)) * 2 * d
+        }
+        Op::Attention { scale, causal } | Op::AttentionBackward { scale, causal } => {
+            let geom = AttnGeom::from_shapes(s(0), s(1), s(2), scale.get(), *causal);
+            linalg::attention_scratch_len(&geom, threads)
+        }
+        _ => 0,
+    }
+}
+
+fn node_exec(g: &Graph, node: &Node, threads: usize) -> NodeExec {
+    let compute = float_compute(g, node);
+    let staging = if is_special(&node.op) {
+        0
+    } else {
+        node.inputs.iter().chain(&node.outputs).filter(|&&v| g.dtype(v).is_half()).map(|&v| g.shape(v).numel()).sum()
+    };
+    NodeExec { compute, kernel_scratch: staging, kernel_scratch_len: kernel_scratch_len(g, node, threads) }
+}
+
+impl Backend for CpuBackend {
+    type Program = CpuProgram;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn compile(&self, graph: Graph) -> Result<CpuProgram> {
+        graph.validate()?;
+        let execs: Vec<NodeExec> = graph.nodes.iter().map(|n| node_exec(&graph, n, self.threads)).collect();
+        let plan = plan_memory(&graph, &|i| {
+            let e = &execs[i];
+            (e.kernel_scratch + e.kernel_scratch_len) * e.compute.size()
+        })?;
+        let mut arena = vec![0u64; plan.arena_bytes.div_ceil(8)];
+        let arena_ptr = arena.as_mut_ptr() as *mut u8;
+        let mut sources = Vec::new();
+        let mut source_ptr = vec![std::ptr::null_mut(); graph.values.len()];
+        for (v, val) in graph.values.iter().enumerate() {
+            if val.kind.is_source() {
+                let mut buf = vec![0u64; val.bytes().div_ceil(8).max(1)];
+                source_ptr[v] = buf.as_mut_ptr() as *mut u8;
+                sources.push(buf);
+            }
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(self.threads)
+            .thread_name(|i| format!("zeroconv-cpu-{i}"))
+            .build()
+            .map_err(|e| Error::msg(format!("cannot start the CPU thread pool: {e}")))?;
+        Ok(CpuProgram {
+            graph,
+            plan,
+            execs,
+            threads: self.threads,
+            pool,
+            _arena: arena,
+            arena_ptr,
+            _sources: sources,
+            source_ptr,
+        })
+    }
+}
+
+impl CpuProgram {
+    fn ptr(&self, v: ValueId) -> Result<*mut u8> {
+        match self.plan.locations[v] {
+            // SAFETY: the planner placed the value inside the arena (verified by `MemoryPlan::verify`).
+            Some(Location::Arena(off)) => Ok(unsafe { self.arena_ptr.add(off) }),
+            Some(Location::Source(s)) => Ok(self.source_ptr[s]),
+            None => Err(Error::msg(format!("value {} is not held by this program", self.graph.values[v].name))),
+        }
+    }
+
+    /// A typed view of value `v`'s bytes.
+    ///
+    /// SAFETY (for callers): no `&mut` view of overlapping bytes may be alive. The memory plan
+    /// guarantees that values live at the same node never overlap, and a node's inputs and
+    /// outputs are live together.
+    unsafe fn view<'a, T>(&self, v: ValueId) -> Result<&'a [T]> {
+        let n = self.graph.shape(v).numel();
+        Ok(std::slice::from_raw_parts(self.ptr(v)? as *const T, n))
+    }
+
+    /// SAFETY: as `view`, and this must be the only view of these bytes.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn view_mut<'a, T>(&self, v: ValueId) -> Result<&'a mut [T]> {
+        let n = self.graph.shape(v).numel();
+        Ok(std::slice::from_raw_parts_mut(self.ptr(v)? as *mut T, n))
+    }
+
+    /// The node's scratch, as elements of T.
+    ///
+    /// SAFETY: scratch is planned live only during its node, disjoint from everything else then.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn scratch<'a, T>(&self, i: usize) -> &'a mut [T] {
+        match self.plan.scratch[i] {
+            Some((off, bytes)) => {
+                std::slice::from_raw_parts_mut(self.arena_ptr.add(off) as *mut T, bytes / std::mem::size_of::<T>())
+            }
+            None => &mut [],
+        }
+    }
+
+    fn read_f64(&self, v: ValueId) -> Result<Vec<f64>> {
+        let n = self.graph.shape(v).numel();
+        let p = self.ptr(v)?;
+        // SAFETY: reads `n` elements of the value's own dtype from its planned bytes.
+        let bytes = unsafe { std::slice::from_raw_parts(p, n * self.graph.dtype(v).size()) };
+        Ok(HostTensor { shape: self.graph.shape(v).clone(), dtype: self.graph.dtype(v), bytes: bytes.to_vec() }.to_f64())
+    }
+
+    fn run_node(&self, i: usize) -> Result<()> {
+        let node = &self.graph.nodes[i];
+        match &node.op {
+            Op::Reshape { .. } => return Ok(()), // a view: planned to share its input's bytes
+            Op::Cast { .. } => return self.run_cast(node),
+            Op::TimestepEmbedding { dim, max_period } => {
+                let t = self.read_f64(node.inputs[0])?;
+                // SAFETY: the output is f32 (checked by shape inference) and the only view.
+                let out = unsafe { self.view_mut::<f32>(node.outputs[0])? };
+                layout::timestep_embedding(&t, *dim, max_period.get(), out);
+                return Ok(());
+            }
+            Op::AdamW { beta1, beta2, eps, weight_decay } => {
+                let h = self.read_f64(node.inputs[4])?;
+                let hyper = [h[0], h[1], h[2]];
+                let (b1, b2, e, wd) = (beta1.get(), beta2.get(), eps.get(), weight_decay.get());
+                // SAFETY: param, grad, m and v are distinct values (params/state are separate
+                // source buffers, grad is in the arena), so the four views do not alias.
+                unsafe {
+                    match self.graph.dtype(node.inputs[0]) {
+                        DType::F32 => ew::adamw(
+                            self.view_mut::<f32>(node.inputs[0])?,
+                            self.view::<f32>(node.inputs[1])?,
+                            self.view_mut::<f32>(node.inputs[2])?,
+                            self.view_mut::<f32>(node.inputs[3])?,
+                            hyper,
+                            b1,
+                            b2,
+                            e,
+                            wd,
+                        ),
+                        _ => ew::adamw(
+                            self.view_mut::<f64>(node.inputs[0])?,
+                            self.view::<f64>(node.inputs[1])?,
+                            self.view_mut::<f64>(node.inputs[2])?,
+                            self.view_mut::<f64>(node.inputs[3])?,
+                            hyper,
+                            b1,
+                            b2,
+                            e,
+                            wd,
+                        ),
+                    }
+                }
+                return Ok(());
+            }
+            _ => {}
+        }
+        match self.execs[i].compute {
+            DType::F64 => self.run_generic::<f64>(i),
+            _ => self.run_generic::<f32>(i),
+        }
+    }
+
+    fn run_cast(&self, node: &Node) -> Result<()> {
+        let (x, y) = (node.inputs[0], node.outputs[0]);
+        let (from, to) = (self.graph.dtype(x), self.graph.dtype(y));
+        // SAFETY: input and output are distinct planned values of the declared dtypes.
+        unsafe {
+            match (from, to) {
+                (DType::F32, DType::BF16) => convert(self.view::<f32>(x)?, self.view_mut::<bf16>(y)?, bf16::from_f32),
+                (DType::F32, DType::F16) => convert(self.view::<f32>(x)?, self.view_mut::<f16>(y)?, f16::from_f32),
+                (DType::BF16, DType::F32) => convert(self.view::<bf16>(x)?, self.view_mut::<f32>(y)?, bf16::to_f32),
+                (DType::F16, DType::F32) => convert(self.view::<f16>(x)?, self.view_mut::<f32>(y)?, f16::to_f32),
+                (DType::F32, DType::F64) => convert(self.view::<f32>(x)?, self.view_mut::<f64>(y)?, |v| v as f64),
+                (DType::F64, DType::F32) => convert(self.view::<f64>(x)?, self.view_mut::<f32>(y)?, |v| v as f32),
+                _ => {
+                    // Rare combinations (ints, half to half) go through f64.
+                    let vals = self.read_f64(x)?;
+                    let t = HostTensor::from_f64(self.graph.shape(y).clone(), to, &vals)?;
+                    let out = self.view_mut::<u8>(y)?;
+                    // `view_mut::<u8>` spans numel bytes; the value spans numel * size.
+                    let out = std::slice::from_raw_parts_mut(out.as_mut_ptr(), t.bytes.len());
+                    out.copy_from_slice(&t.bytes);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn run_generic<T: Float + Staged>(&self, i: usize) -> Result<()> {
+        let node = &self.graph.nodes[i];
+        let e = &self.execs[i];
+        // SAFETY: the node's scratch is disjoint from its inputs and outputs (planned), and the
+        // staged regions and the kernel scratch are disjoint sub-slices of it.
+        let scratch: &mut [T] = unsafe { self.scratch::<T>(i) };
+        let (staging, kscratch) = scratch.split_at_mut(e.kernel_scratch.min(scratch.len()));
+        let mut staging: &mut [T] = staging;
+        let mut ins: SmallVec<[&[T]; 6]> = SmallVec::new();
+        let mut staged_in: SmallVec<[&[T]; 4]> = SmallVec::new();
+        let mut ids = None;
+        // Staged inputs come first in the staging area, in input order.
+        for &v in &node.inputs {
+            let dt = self.graph.dtype(v);
+            if dt.is_half() {
+                let n = self.graph.shape(v).numel();
+                let (dst, rest) = std::mem::take(&mut staging).split_at_mut(n);
+                staging = rest;
+                // SAFETY: reading the input's own planned bytes as its dtype.
+                unsafe { T::stage_in(dt, self.ptr(v)?, dst) };
+                staged_in.push(&*dst);
+            }
+        }
+        let mut staged_iter = staged_in.into_iter();
+        for &v in &node.inputs {
+            let dt = self.graph.dtype(v);
+            if dt.is_half() {
+                ins.push(staged_iter.next().expect("staged above"));
+            } else if dt.is_float() {
+                // SAFETY: see `view`.
+                ins.push(unsafe { self.view::<T>(v)? });
+            } else {
+                // SAFETY: integer ids, read as their own type.
+                ids = Some(unsafe {
+                    match dt {
+                        DType::I32 => Ids::I32(self.view::<i32>(v)?),
+                        _ => Ids::I64(self.view::<i64>(v)?),
+                    }
+                });
+                ins.push(&[]);
+            }
+        }
+        let mut outs: SmallVec<[&mut [T]; 3]> = SmallVec::new();
+        let mut staged_outs: SmallVec<[(usize, DType, *mut u8); 3]> = SmallVec::new();
+        for (k, &v) in node.outputs.iter().enumerate() {
+            let dt = self.graph.dtype(v);
+            if dt.is_half() {
+                let n = self.graph.shape(v).numel();
+                let (dst, rest) = std::mem::take(&mut staging).split_at_mut(n);
+                staging = rest;
+                staged_outs.push((k, dt, self.ptr(v)?));
+                outs.push(dst);
+            } else {
+                // SAFETY: see `view_mut`; outputs of one node are distinct planned values.
+                outs.push(unsafe { self.view_mut::<T>(v)? });
+            }
+        }
+        self.kernel(node, &ins, &mut outs, &mut kscratch[..e.kernel_scratch_len], ids)?;
+        for (k, dt, p) in staged_outs {
+            // SAFETY: writing the output's own planned bytes as its dtype.
+            unsafe { T::stage_out(dt, &outs[k], p) };
+        }
+        Ok(())
+    }
+
+    fn kernel<T: Float>(
+        &self,
+        node: &Node,
+        ins: &[&[T]],
+        outs: &mut [&mut [T]],
+        scratch: &mut [T],
+        ids: Option<Ids>,
+    ) -> Result<()> {
+        let g = &self.graph;
+        let s = |i: usize| g.shape(node.inputs[i]);
+        let os = |i: usize| g.shape(node.outputs[i]);
+        match &node.op {
+            Op::Fill { value, .. } => ew::fill(value.get(), outs[0]),
+            Op::Unary(u) => ew::unary(*u, ins[0], outs[0]),
+            Op::UnaryBackward(u) => ew::unary_backward(*u, ins[0], ins[1], outs[0]),
+            Op::Binary(b) => ew::binary(*b, ins[0], s(0), ins[1], s(1), outs[0], os(0)),
+            Op::Affine { alpha, beta } => ew::affine(ins[0], alpha.get(), beta.get(), outs[0]),
+            Op::MatMul { trans_a, trans_b } => {
+                linalg::batched_matmul(ins[0], s(0), *trans_a, ins[1], s(1), *trans_b, outs[0], os(0), self.threads)
+            }
+            Op::Conv2d { stride, padding } => {
+                let geom = conv_geom(s(0), s(1), os(0), *stride, *padding);
+                conv::forward(&geom, ins[0], ins[1], ins.get(2).copied(), outs[0], scratch);
+            }
+            Op::Conv2dBackwardInput { stride, padding, .. } => {
+                let geom = conv_geom(os(0), s(1), s(0), *stride, *padding);
+                conv::backward_input(&geom, ins[0], ins[1], outs[0], scratch);
+            }
+            Op::Conv2dBackwardWeight { stride, padding, .. } => {
+                let geom = conv_geom(s(0), os(0), s(1), *stride, *padding);
+                conv::backward_weight(&geom, ins[0], ins[1], outs[0], scratch);
+            }
+            Op::GroupNorm { groups, eps } => {
+                let d = s(0).dims();
+                let sp = s(0).numel() / (d[0] * d[1]).max(1);
+                norm::group_norm(ins[0], ins[1], ins[2], outs[0], d[0], d[1], sp, *groups, eps.get());
+            }
+            Op::GroupNormBackward { groups, eps } => {
+                let d = s(0).dims();
+                let sp = s(0).numel() / (d[0] * d[1]).max(1);
+                let [dx, dg, db] = outs else { unreachable!("three outputs by shape inference") };
+                norm::group_norm_backward(ins[0], ins[1], ins[2], dx, dg, db, scratch, d[0], d[1], sp, *groups, eps.get());
+            }
+            Op::LayerNorm { eps } => {
+                let d = *s(0).dims().last().unwrap_or(&1);
+                norm::layer_norm(ins[0], ins[1], ins[2], outs[0], d, eps.get());
+            }
+            Op::LayerNormBackward { eps } => {
+                let d = *s(0).dims().last().unwrap_or(&1);
+                let [dx, dg, db] = outs else { unreachable!("three outputs by shape inference") };
+                norm::layer_norm_backward(ins[0], ins[1], ins[2], dx, dg, db, scratch, d, eps.get());
+            }
+            Op::Softmax => norm::softmax_rows(ins[0], outs[0], *s(0).dims().last().unwrap_or(&1)),
+            Op::SoftmaxBackward => norm::softmax_backward(ins[0], ins[1], outs[0], *s(0).dims().last().unwrap_or(&1)),
+            Op::Attention { scale, causal } => {
+                let geom = AttnGeom::from_shapes(s(0), s(1), s(2), scale.get(), *causal);
+                linalg::attention(&geom, ins[0], ins[1], ins[2], outs[0], scratch, self.threads);
+            }
+            Op::AttentionBackward { scale, causal } => {
+                let geom = AttnGeom::from_shapes(s(0), s(1), s(2), scale.get(), *causal);
+                let [dq, dk, dv] = outs else { unreachable!("three outputs by shape inference") };
+                linalg::attention_backward(&geom, ins[0], ins[1], ins[2], ins[3], dq, dk, dv, scratch, self.threads);
+            }
+            Op::Upsample2x => layout::upsample2x(ins[0], *s(0).dims().last().unwrap_or(&1), outs[0]),
+            Op::Upsample2xBackward => {
+                let d = os(0).dims();
+                layout::upsample2x_backward(ins[0], d[d.len() - 2], d[d.len() - 1], outs[0]);
+            }
+            Op::Concat { axis } => {
+                let parts: SmallVec<[(&[T], &Shape); 6]> = ins.iter().enumerate().map(|(k, x)| (*x, s(k))).collect();
+                layout::concat(&parts, *axis, outs[0], os(0));
+            }
+            Op::Slice { axis, start, .. } => layout::slice(ins[0], s(0), *axis, *start, outs[0], os(0)),
+            Op::SliceBackward { axis, start, .. } => layout::slice_backward(ins[0], s(0), *axis, *start, outs[0], os(0)),
+            Op::Permute { perm } => layout::permute(ins[0], s(0), perm, outs[0], os(0)),
+            Op::Embedding => {
+                let ids = ids.ok_or_else(|| Error::msg("embedding: ids missing"))?;
+                let (vocab, d) = (s(0).dims()[0], s(0).dims()[1]);
+                if let Some((at, id)) = ids.first_out_of_range(vocab) {
+                    return Err(Error::msg(format!("embedding: id {id} at position {at} is outside the table of {vocab} rows")));
+                }
+                layout::embedding(ins[0], d, &ids, outs[0]);
+            }
+            Op::EmbeddingBackward { vocab } => {
+                let ids = ids.ok_or_else(|| Error::msg("embedding backward: ids missing"))?;
+                if let Some((at, id)) = ids.first_out_of_range(*vocab) {
+                    return Err(Error::msg(format!("embedding: id {id} at position {at} is outside the table of {vocab} rows")));
+                }
+                layout::embedding_backward(&ids, ins[1], *os(0).dims().last().unwrap_or(&1), outs[0]);
+            }
+            Op::ReduceSum { .. } => {
+                // keepdim or not, the output's elements are laid out as the kept shape.
+                let kept = kept_shape(s(0), os(0), &node.op);
+                ew::sum_to(ins[0], s(0), outs[0], &kept);
+            }
+            Op::SumTo { .. } => ew::sum_to(ins[0], s(0), outs[0], os(0)),
+            Op::BroadcastTo { .. } => ew::broadcast_to(ins[0], s(0), outs[0], os(0)),
+            Op::MseLoss => outs[0][0] = ew::mse_loss(ins[0], ins[1]),
+            Op::MseLossBackward => ew::mse_loss_backward(ins[0], ins[1], ins[2][0], outs[0]),
+            Op::Reshape { .. } | Op::Cast { .. } | Op::TimestepEmbedding { .. } | Op::AdamW { .. } => {
+                unreachable!("handled in run_node")
+            }
+        }
+        Ok(())
+    }
+}
+
+fn kept_shape(x: &Shape, _out: &Shape, op: &Op) -> Shape {
+    match op {
+        Op::ReduceSum { axes, .. } => {
+            Shape(x.dims().iter().enumerate().map(|(i, &d)| if axes.contains(&i) { 1 } else { d }).collect())
+        }
+        _ => x.clone(),
+    }
+}
+
+fn convert<A: Copy + Sync, B: Send>(x: &[A], y: &mut [B], f: impl Fn(A) -> B + Sync) {
+    super::par::par_chunks(y, |start, o| {
+        for (r, &v) in o.iter_mut().zip(&x[start..]) {
+            *r = f(v);
+        }
+    });
+}
+
+/// Moving half-precision values into and out of the compute type.
+pub trait Staged: Sized {
+    /// SAFETY: `src` must point at `dst.len()` elements of `dt`.
+    unsafe fn stage_in(dt: DType, src: *const u8, dst: &mut [Self]);
+    /// SAFETY: `dst` must point at `src.len()` writable elements of `dt`.
+    unsafe fn stage_out(dt: DType, src: &[Self], dst: *mut u8);
+}
+
+impl Staged for f32 {
+    unsafe fn stage_in(dt: DType, src: *const u8, dst: &mut [f32]) {
+        match dt {
+            DType::BF16 => convert(std::slice::from_raw_parts(src as *const bf16, dst.len()), dst, bf16::to_f32),
+            _ => convert(std::slice::from_raw_parts(src as *const f16, dst.len()), dst, f16::to_f32),
+        }
+    }
+    unsafe fn stage_out(dt: DType, src: &[f32], dst: *mut u8) {
+        match dt {
+            DType::BF16 => convert(src, std::slice::from_raw_parts_mut(dst as *mut bf16, src.len()), bf16::from_f32),
+            _ => convert(src, std::slice::from_raw_parts_mut(dst as *mut f16, src.len()), f16::from_f32),
+        }
+    }
+}
+
+impl Staged for f64 {
+    unsafe fn stage_in(dt: DType, src: *const u8, dst: &mut [f64]) {
+        match dt {
+            DType::BF16 => convert(std::slice::from_raw_parts(src as *const bf16, dst.len()), dst, bf16::to_f64),
+            _ => convert(std::slice::from_raw_parts(src as *const f16, dst.len()), dst, f16::to_f64),
+        }
+    }
+    unsafe fn stage_out(dt: DType, src: &[f64], dst: *mut u8) {
+        match dt {
+            DType::BF16 => convert(src, std::slice::from_raw_parts_mut(dst as *mut bf16, src.len()), bf16::from_f64),
+            _ => convert(src, std::slice::from_raw_parts_mut(dst as *mut f16, src.len()), f16::from_f64),
+        }
+    }
+}
+
+impl Program for CpuProgram {
+    fn graph(&self) -> &Graph {
+        &self.graph
+    }
+    fn plan(&self) -> &MemoryPlan {
+        &self.plan
+    }
+
+    fn upload(&mut self, v: ValueId, t: &HostTensor) -> Result<()> {
+        let val = &self.graph.values[v];
+        if !val.kind.is_source() {
+            return Err(Error::Binding { name: val.name.clone(), msg: "only inputs, parameters and state can be written".into() });
+        }
+        if t.shape != val.shape || t.dtype != val.dtype {
+            return Err(Error::Binding {
+                name: val.name.clone(),
+                msg: format!("expected {} {}, got {} {}", val.shape, val.dtype, t.shape, t.dtype),
+            });
+        }
+        // SAFETY: the source buffer holds at least `val.bytes()` bytes and `&mut self` excludes
+        // any concurrent step.
+        unsafe { std::ptr::copy_nonoverlapping(t.bytes.as_ptr(), self.source_ptr[v], t.bytes.len()) };
+        Ok(())
+    }
+
+    fn download(&mut self, v: ValueId) -> Result<HostTensor> {
+        let val = &self.graph.values[v];
+        let p = self.ptr(v)?;
+        // SAFETY: the value's bytes are planned (or a source buffer) and no step is running.
+        let bytes = unsafe { std::slice::from_raw_parts(p, val.bytes()) }.to_vec();
+        Ok(HostTensor { shape: val.shape.clone(), dtype: val.dtype, bytes })
+    }
+
+    fn launch(&mut self) -> Result<()> {
+        let this = &*self;
+        this.pool.install(|| {
+            for i in 0..this.graph.nodes.len() {
+                this.run_node(i).map_err(|e| Error::msg(format!("node {i} ({}): {e}", this.graph.nodes[i].op.name())))?;
+            }
+            Ok(())
+        })
+    }
+
+    fn synchronize(&mut self) -> Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,148 @@
+//! Data movement: concat, slice and its adjoint, permute, nearest 2x upsampling and its adjoint,
+//! embedding lookup and its adjoint, the sinusoidal timestep embedding.
+
+use super::float::Float;
+use super::par::{par_chunks, par_rows};
+use crate::graph::Shape;
+
+/// (outer, size along axis, inner) for a contiguous shape split at `axis`.
+fn split(s: &Shape, axis: usize) -> (usize, usize, usize) {
+    let d = s.dims();
+    (d[..axis].iter().product(), d[axis], d[axis + 1..].iter().product())
+}
+
+pub fn concat<T: Float>(ins: &[(&[T], &Shape)], axis: usize, out: &mut [T], os: &Shape) {
+    let (outer, total, inner) = split(os, axis);
+    let row = total * inner;
+    par_rows(out, row, |o, orow| {
+        let mut at = 0;
+        for (x, xs) in ins {
+            let len = xs.dims()[axis] * inner;
+            orow[at..at + len].copy_from_slice(&x[o * len..(o + 1) * len]);
+            at += len;
+        }
+    });
+    debug_assert_eq!(out.len(), outer * row);
+}
+
+pub fn slice<T: Float>(x: &[T], xs: &Shape, axis: usize, start: usize, out: &mut [T], os: &Shape) {
+    let (_, full, inner) = split(xs, axis);
+    let len = os.dims()[axis] * inner;
+    par_rows(out, len, |o, orow| {
+        let base = o * full * inner + start * inner;
+        orow.copy_from_slice(&x[base..base + len]);
+    });
+}
+
+pub fn slice_backward<T: Float>(dy: &[T], ds: &Shape, axis: usize, start: usize, out: &mut [T], os: &Shape) {
+    let (_, full, inner) = split(os, axis);
+    let len = ds.dims()[axis] * inner;
+    par_rows(out, full * inner, |o, orow| {
+        orow.fill(T::ZERO);
+        orow[start * inner..start * inner + len].copy_from_slice(&dy[o * len..(o + 1) * len]);
+    });
+}
+
+pub fn permute<T: Float>(x: &[T], xs: &Shape, perm: &[usize], out: &mut [T], os: &Shape) {
+    let xst = xs.strides();
+    // Stride in x of each output axis.
+    let st: Vec<usize> = perm.iter().map(|&p| xst[p]).collect();
+    let od = os.dims();
+    let last = od.last().copied().unwrap_or(1).max(1);
+    let ls = st.last().copied().unwrap_or(1);
+    par_rows(out, last, |row, orow| {
+        let mut rem = row;
+        let mut base = 0;
+        for ax in (0..od.len().saturating_sub(1)).rev() {
+            base += (rem % od[ax]) * st[ax];
+            rem /= od[ax];
+        }
+        for (j, o) in orow.iter_mut().enumerate() {
+            *o = x[base + j * ls];
+        }
+    });
+}
+
+/// x [..., H, W] → [..., 2H, 2W].
+pub fn upsample2x<T: Float>(x: &[T], w: usize, out: &mut [T]) {
+    let w2 = 2 * w;
+    par_rows(out, w2, |r, orow| {
+        // Output row r of a plane reads input row r/2 (planes stack, so r/2 indexes all rows).
+        let src = &x[(r / 2) * w..][..w];
+        for (j, o) in orow.iter_mut().enumerate() {
+            *o = src[j / 2];
+        }
+    });
+}
+
+/// dy [..., 2H, 2W] → [..., H, W], each output summing its 2x2 block.
+pub fn upsample2x_backward<T: Float>(dy: &[T], h: usize, w: usize, out: &mut [T]) {
+    let w2 = 2 * w;
+    par_rows(out, w, |r, orow| {
+        let (plane, i) = (r / h, r % h);
+        let top = &dy[(plane * 2 * h + 2 * i) * w2..][..w2];
+        let bot = &dy[(plane * 2 * h + 2 * i + 1) * w2..][..w2];
+        for (j, o) in orow.iter_mut().enumerate() {
+            *o = top[2 * j] + top[2 * j + 1] + bot[2 * j] + bot[2 * j + 1];
+        }
+    });
+}
+
+/// Reads integer ids whatever their storage.
+pub enum Ids<'a> {
+    I32(&'a [i32]),
+    I64(&'a [i64]),
+}
+
+impl Ids<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Ids::I32(v) => v.len(),
+            Ids::I64(v) => v.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn get(&self, i: usize) -> i64 {
+        match self {
+            Ids::I32(v) => v[i] as i64,
+            Ids::I64(v) => v[i],
+        }
+    }
+    /// The first id outside 0..vocab, if any.
+    pub fn first_out_of_range(&self, vocab: usize) -> Option<(usize, i64)> {
+        (0..self.len()).map(|i| (i, self.get(i))).find(|&(_, id)| id < 0 || id as usize >= vocab)
+    }
+}
+
+pub fn embedding<T: Float>(table: &[T], d: usize, ids: &Ids, out: &mut [T]) {
+    par_rows(out, d, |i, orow| {
+        let id = ids.get(i) as usize;
+        orow.copy_from_slice(&table[id * d..(id + 1) * d]);
+    });
+}
+
+pub fn embedding_backward<T: Float>(ids: &Ids, dy: &[T], d: usize, out: &mut [T]) {
+    out.fill(T::ZERO);
+    for i in 0..ids.len() {
+        let id = ids.get(i) as usize;
+        for (o, &g) in out[id * d..(id + 1) * d].iter_mut().zip(&dy[i * d..(i + 1) * d]) {
+            *o += g;
+        }
+    }
+}
+
+/// The LDM `timestep_embedding`: [cos(t·f_k), sin(t·f_k)] with f_k = max_period^(-k/half).
+pub fn timestep_embedding(t: &[f64], dim: usize, max_period: f64, out: &mut [f32]) {
+    let half = dim / 2;
+    par_chunks(out, |start, o| {
+        for (j, v) in o.iter_mut().enumerate() {
+            let idx = start + j;
+            let (b, k) = (idx / dim, idx % dim);
+            let f = (-(max_period.ln()) * (k % half) as f64 / half as f64).exp();
+            let arg = t[b] * f;
+            *v = if k < half { arg.cos() } else { arg.sin() } as f32;
+        }
+    });
+}

@@ -1,0 +1,176 @@
+//! Batched matrix products and scaled-dot-product attention on top of the GEMM kernel.
+
+use super::float::Float;
+use super::gemm::matmul;
+use super::norm::softmax_in_place;
+use crate::graph::Shape;
+use rayon::prelude::*;
+
+/// Query rows processed together by attention: bounds its scratch to `ATTN_BLOCK × Lk` per thread.
+pub const ATTN_BLOCK: usize = 64;
+
+/// [..., M, K] x [..., K, N] with transpose flags; either operand may be rank 2 (shared).
+#[allow(clippy::too_many_arguments)]
+pub fn batched_matmul<T: Float>(
+    a: &[T],
+    sa: &Shape,
+    ta: bool,
+    b: &[T],
+    sb: &Shape,
+    tb: bool,
+    out: &mut [T],
+    so: &Shape,
+    threads: usize,
+) {
+    let (ra, rb, ro) = (sa.rank(), sb.rank(), so.rank());
+    let (m, n) = (so.dims()[ro - 2], so.dims()[ro - 1]);
+    let k = if ta { sa.dims()[ra - 2] } else { sa.dims()[ra - 1] };
+    let batch = so.numel() / (m * n).max(1);
+    let lda = sa.dims()[ra - 1];
+    let ldb = sb.dims()[rb - 1];
+    let a_step = if ra == 2 { 0 } else { m * k };
+    let b_step = if rb == 2 { 0 } else { k * n };
+    if batch == 1 || (b_step == 0 && !ta) {
+        // A shared B: the batch folds into the rows of one large product.
+        matmul(m * batch, n, k, a, lda, ta, b, ldb, tb, out, n, false, threads);
+        return;
+    }
+    let small = m * n * k < 96 * 96 * 96;
+    if small && batch >= threads {
+        out.par_chunks_mut(m * n).enumerate().for_each(|(i, c)| {
+            matmul(m, n, k, &a[i * a_step..], lda, ta, &b[i * b_step..], ldb, tb, c, n, false, 1);
+        });
+    } else {
+        for (i, c) in out.chunks_mut(m * n).enumerate() {
+            matmul(m, n, k, &a[i * a_step..], lda, ta, &b[i * b_step..], ldb, tb, c, n, false, threads);
+        }
+    }
+}
+
+/// Attention geometry: q [B·H, Lq, D], k [B·H, Lk, D], v [B·H, Lk, Dv].
+#[derive(Clone, Copy, Debug)]
+pub struct AttnGeom {
+    pub bh: usize,
+    pub lq: usize,
+    pub lk: usize,
+    pub d: usize,
+    pub dv: usize,
+    pub scale: f64,
+    pub causal: bool,
+}
+
+impl AttnGeom {
+    pub fn from_shapes(q: &Shape, k: &Shape, v: &Shape, scale: f64, causal: bool) -> Self {
+        let (qd, kd, vd) = (q.dims(), k.dims(), v.dims());
+        AttnGeom { bh: qd[0] * qd[1], lq: qd[2], lk: kd[2], d: qd[3], dv: vd[3], scale, causal }
+    }
+    fn block(&self) -> usize {
+        ATTN_BLOCK.min(self.lq).max(1)
+    }
+    /// Scratch elements per worker slot (forward needs the first half).
+    pub fn slot_len(&self) -> usize {
+        2 * self.block() * self.lk
+    }
+}
+
+pub fn attention_scratch_len(g: &AttnGeom, slots: usize) -> usize {
+    g.slot_len() * slots
+}
+
+/// Scores of query rows [r0, r0+rows) against all keys, as probabilities, into `p`.
+fn probabilities<T: Float>(g: &AttnGeom, q: &[T], k: &[T], r0: usize, rows: usize, p: &mut [T]) {
+    matmul(rows, g.lk, g.d, &q[r0 * g.d..], g.d, false, k, g.d, true, p, g.lk, false, 1);
+    let scale = T::from_f64(g.scale);
+    for (i, row) in p.chunks_mut(g.lk).take(rows).enumerate() {
+        let visible = if g.causal { (r0 + i + 1).min(g.lk) } else { g.lk };
+        row[..visible].iter_mut().for_each(|v| *v *= scale);
+        let (live, masked) = row.split_at_mut(visible);
+        softmax_in_place(live);
+        masked.fill(T::ZERO);
+    }
+}
+
+/// Splits the B·H problems into one contiguous group per slot.
+fn groups(bh: usize, slots: usize) -> usize {
+    bh.div_ceil(slots.max(1)).max(1)
+}
+
+pub fn attention<T: Float>(g: &AttnGeom, q: &[T], k: &[T], v: &[T], out: &mut [T], scratch: &mut [T], slots: usize) {
+    let per = groups(g.bh, slots);
+    let blk = g.block();
+    out.par_chunks_mut(per * g.lq * g.dv).zip(scratch.par_chunks_mut(g.slot_len())).enumerate().for_each(
+        |(gi, (og, sc))| {
+            for (j, o) in og.chunks_mut(g.lq * g.dv).enumerate() {
+                let i = gi * per + j;
+                let (qi, ki, vi) = (&q[i * g.lq * g.d..], &k[i * g.lk * g.d..], &v[i * g.lk * g.dv..]);
+                let mut r0 = 0;
+                while r0 < g.lq {
+                    let rows = blk.min(g.lq - r0);
+                    let p = &mut sc[..rows * g.lk];
+                    probabilities(g, qi, ki, r0, rows, p);
+                    matmul(rows, g.dv, g.lk, p, g.lk, false, vi, g.dv, false, &mut o[r0 * g.dv..], g.dv, false, 1);
+                    r0 += rows;
+                }
+            }
+        },
+    );
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward<T: Float>(
+    g: &AttnGeom,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    dout: &[T],
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+    scratch: &mut [T],
+    slots: usize,
+) {
+    let per = groups(g.bh, slots);
+    let blk = g.block();
+    let scale = T::from_f64(g.scale);
+    dq.par_chunks_mut(per * g.lq * g.d)
+        .zip(dk.par_chunks_mut(per * g.lk * g.d))
+        .zip(dv.par_chunks_mut(per * g.lk * g.dv))
+        .zip(scratch.par_chunks_mut(g.slot_len()))
+        .enumerate()
+        .for_each(|(gi, (((dqg, dkg), dvg), sc))| {
+            let n_here = dqg.len() / (g.lq * g.d);
+            for j in 0..n_here {
+                let i = gi * per + j;
+                let (qi, ki, vi) = (&q[i * g.lq * g.d..], &k[i * g.lk * g.d..], &v[i * g.lk * g.dv..]);
+                let doi = &dout[i * g.lq * g.dv..];
+                let dqi = &mut dqg[j * g.lq * g.d..(j + 1) * g.lq * g.d];
+                let dki = &mut dkg[j * g.lk * g.d..(j + 1) * g.lk * g.d];
+                let dvi = &mut dvg[j * g.lk * g.dv..(j + 1) * g.lk * g.dv];
+                dki.fill(T::ZERO);
+                dvi.fill(T::ZERO);
+                let mut r0 = 0;
+                while r0 < g.lq {
+                    let rows = blk.min(g.lq - r0);
+                    let (p, dp) = sc.split_at_mut(blk * g.lk);
+                    let (p, dp) = (&mut p[..rows * g.lk], &mut dp[..rows * g.lk]);
+                    probabilities(g, qi, ki, r0, rows, p);
+                    let dob = &doi[r0 * g.dv..];
+                    // dV += Pᵀ·dO
+                    matmul(g.lk, g.dv, rows, p, g.lk, true, dob, g.dv, false, dvi, g.dv, true, 1);
+                    // dP = dO·Vᵀ
+                    matmul(rows, g.lk, g.dv, dob, g.dv, false, vi, g.dv, true, dp, g.lk, false, 1);
+                    // dS = P ∘ (dP − rowsum(dP ∘ P)) · scale
+                    for (pr, dr) in p.chunks(g.lk).zip(dp.chunks_mut(g.lk)) {
+                        let dot: T = pr.iter().zip(dr.iter()).map(|(&a, &b)| a * b).sum();
+                        for (d, &pv) in dr.iter_mut().zip(pr) {
+                            *d = pv * (*d - dot) * scale;
+                        }
+                    }
+                    // dQ = dS·K ; dK += dSᵀ·Q
+                    matmul(rows, g.d, g.lk, dp, g.lk, false, ki, g.d, false, &mut dqi[r0 * g.d..], g.d, false, 1);
+                    matmul(g.lk, g.d, rows, dp, g.lk, true, &qi[r0 * g.d..], g.d, false, dki, g.d, true, 1);
+                    r0 += rows;
+                }
+            }
+        });
+}

@@ -1,0 +1,14 @@
+//! The CPU backend: the reference every other backend is checked against, and the embedded
+//! default that runs anywhere.
+
+pub mod conv;
+pub mod elementwise;
+pub mod exec;
+pub mod float;
+pub mod gemm;
+pub mod layout;
+pub mod linalg;
+pub mod norm;
+pub mod par;
+
+pub use exec::{CpuBackend, CpuProgram};

@@ -1,0 +1,200 @@
+//! GroupNorm, LayerNorm and softmax, forward and backward. Statistics are computed in two passes
+//! (mean, then the variance of the centred values) for accuracy.
+
+use super::float::Float;
+use rayon::prelude::*;
+
+fn mean_rstd<T: Float>(x: &[T], eps: f64) -> (T, T) {
+    let n = T::from_f64(x.len() as f64);
+    let mean = x.iter().copied().sum::<T>() / n;
+    let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<T>() / n;
+    (mean, T::ONE / (var + T::from_f64(eps)).sqrt())
+}
+
+/// x [N, C, S] (S = product of the spatial dims). Each (n, group) is a contiguous block.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm<T: Float>(x: &[T], gamma: &[T], beta: &[T], y: &mut [T], n: usize, c: usize, s: usize, groups: usize, eps: f64) {
+    let cg = c / groups;
+    let block = cg * s;
+    y.par_chunks_mut(block).enumerate().take(n * groups).for_each(|(i, yb)| {
+        let xb = &x[i * block..(i + 1) * block];
+        let (mean, rstd) = mean_rstd(xb, eps);
+        let g0 = (i % groups) * cg;
+        for ch in 0..cg {
+            let scale = rstd * gamma[g0 + ch];
+            let shift = beta[g0 + ch] - mean * scale;
+            for (o, &v) in yb[ch * s..(ch + 1) * s].iter_mut().zip(&xb[ch * s..(ch + 1) * s]) {
+                *o = v * scale + shift;
+            }
+        }
+    });
+}
+
+/// Returns dx; writes per-(n, channel) partial dgamma/dbeta into `partial` ([N, C, 2]) and
+/// reduces them over N, so no two threads write the same element.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_backward<T: Float>(
+    x: &[T],
+    gamma: &[T],
+    dy: &[T],
+    dx: &mut [T],
+    dgamma: &mut [T],
+    dbeta: &mut [T],
+    partial: &mut [T],
+    n: usize,
+    c: usize,
+    s: usize,
+    groups: usize,
+    eps: f64,
+) {
+    let cg = c / groups;
+    let block = cg * s;
+    let count = T::from_f64(block as f64);
+    dx.par_chunks_mut(block).zip(partial.par_chunks_mut(cg * 2)).enumerate().take(n * groups).for_each(
+        |(i, (dxb, pb))| {
+            let xb = &x[i * block..(i + 1) * block];
+            let db = &dy[i * block..(i + 1) * block];
+            let (mean, rstd) = mean_rstd(xb, eps);
+            let g0 = (i % groups) * cg;
+            // sum(dxhat) and sum(dxhat * xhat) over the group.
+            let (mut s1, mut s2) = (T::ZERO, T::ZERO);
+            for ch in 0..cg {
+                let (mut dg, mut dbt) = (T::ZERO, T::ZERO);
+                for (&xv, &d) in xb[ch * s..(ch + 1) * s].iter().zip(&db[ch * s..(ch + 1) * s]) {
+                    let xh = (xv - mean) * rstd;
+                    dg += d * xh;
+                    dbt += d;
+                }
+                pb[ch * 2] = dg;
+                pb[ch * 2 + 1] = dbt;
+                s1 += dbt * gamma[g0 + ch];
+                s2 += dg * gamma[g0 + ch];
+            }
+            let (m1, m2) = (s1 / count, s2 / count);
+            for ch in 0..cg {
+                let gm = gamma[g0 + ch];
+                for ((o, &xv), &d) in
+                    dxb[ch * s..(ch + 1) * s].iter_mut().zip(&xb[ch * s..(ch + 1) * s]).zip(&db[ch * s..(ch + 1) * s])
+                {
+                    let xh = (xv - mean) * rstd;
+                    *o = rstd * (d * gm - m1 - xh * m2);
+                }
+            }
+        },
+    );
+    for ch in 0..c {
+        let (mut dg, mut dbt) = (T::ZERO, T::ZERO);
+        for b in 0..n {
+            dg += partial[(b * c + ch) * 2];
+            dbt += partial[(b * c + ch) * 2 + 1];
+        }
+        dgamma[ch] = dg;
+        dbeta[ch] = dbt;
+    }
+}
+
+pub fn layer_norm<T: Float>(x: &[T], gamma: &[T], beta: &[T], y: &mut [T], d: usize, eps: f64) {
+    super::par::par_rows(y, d, |r, yr| {
+        let xr = &x[r * d..(r + 1) * d];
+        let (mean, rstd) = mean_rstd(xr, eps);
+        for (j, o) in yr.iter_mut().enumerate() {
+            *o = (xr[j] - mean) * rstd * gamma[j] + beta[j];
+        }
+    });
+}
+
+/// Rows are split into `blocks` fixed groups; each writes its partial dgamma/dbeta into its own
+/// slot of `partial` ([blocks, 2, D]) before they are summed.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm_backward<T: Float>(
+    x: &[T],
+    gamma: &[T],
+    dy: &[T],
+    dx: &mut [T],
+    dgamma: &mut [T],
+    dbeta: &mut [T],
+    partial: &mut [T],
+    d: usize,
+    eps: f64,
+) {
+    let rows = x.len() / d.max(1);
+    let blocks = layer_norm_blocks(rows);
+    let rows_per = rows.div_ceil(blocks).max(1);
+    let count = T::from_f64(d as f64);
+    dx.par_chunks_mut(rows_per * d).zip(partial.par_chunks_mut(2 * d)).enumerate().for_each(|(b, (dxb, pb))| {
+        pb.fill(T::ZERO);
+        let (pg, pbt) = pb.split_at_mut(d);
+        for (k, dxr) in dxb.chunks_mut(d).enumerate() {
+            let r = b * rows_per + k;
+            let xr = &x[r * d..(r + 1) * d];
+            let dr = &dy[r * d..(r + 1) * d];
+            let (mean, rstd) = mean_rstd(xr, eps);
+            let (mut s1, mut s2) = (T::ZERO, T::ZERO);
+            for j in 0..d {
+                let xh = (xr[j] - mean) * rstd;
+                let dxh = dr[j] * gamma[j];
+                s1 += dxh;
+                s2 += dxh * xh;
+                pg[j] += dr[j] * xh;
+                pbt[j] += dr[j];
+            }
+            let (m1, m2) = (s1 / count, s2 / count);
+            for j in 0..d {
+                let xh = (xr[j] - mean) * rstd;
+                dxr[j] = rstd * (dr[j] * gamma[j] - m1 - xh * m2);
+            }
+        }
+    });
+    let used = rows.div_ceil(rows_per);
+    for j in 0..d {
+        let (mut g, mut b) = (T::ZERO, T::ZERO);
+        for k in 0..used {
+            g += partial[k * 2 * d + j];
+            b += partial[k * 2 * d + d + j];
+        }
+        dgamma[j] = g;
+        dbeta[j] = b;
+    }
+}
+
+/// How many partial-sum blocks LayerNorm's backward uses for `rows` rows (fixed, so results do
+/// not depend on the thread count).
+pub fn layer_norm_blocks(rows: usize) -> usize {
+    rows.clamp(1, 16)
+}
+
+pub fn softmax_rows<T: Float>(x: &[T], y: &mut [T], d: usize) {
+    super::par::par_rows(y, d, |r, yr| softmax_row(&x[r * d..(r + 1) * d], yr));
+}
+
+#[inline]
+pub fn softmax_row<T: Float>(x: &[T], y: &mut [T]) {
+    y.copy_from_slice(x);
+    softmax_in_place(y);
+}
+
+/// Softmax of one row, in place, subtracting the maximum first so exp cannot overflow.
+#[inline]
+pub fn softmax_in_place<T: Float>(y: &mut [T]) {
+    let mut m = y[0];
+    for &v in y.iter() {
+        m = m.max(v);
+    }
+    let mut sum = T::ZERO;
+    for v in y.iter_mut() {
+        *v = (*v - m).exp();
+        sum += *v;
+    }
+    let inv = T::ONE / sum;
+    y.iter_mut().for_each(|v| *v *= inv);
+}
+
+pub fn softmax_backward<T: Float>(y: &[T], dy: &[T], dx: &mut [T], d: usize) {
+    super::par::par_rows(dx, d, |r, dxr| {
+        let (yr, dr) = (&y[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
+        let dot: T = yr.iter().zip(dr).map(|(&a, &b)| a * b).sum();
+        for j in 0..d {
+            dxr[j] = yr[j] * (dr[j] - dot);
+        }
+    });
+}
