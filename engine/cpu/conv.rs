@@ -44,7 +44,8 @@ pub fn forward<T: Float>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>, y: 
                         for i in 0..g.kh {
                             for j in 0..g.kw {
                                 if let Some((yy, xx)) = g.at(oh, ow, i, j) {
-                                    s += x[((b * g.c + c) * g.h + yy) * g.w + xx] * w[((o * g.c + c) * g.kh + i) * g.kw + j];
+                                    s += x[((b * g.c + c) * g.h + yy) * g.w + xx]
+                                        * w[((o * g.c + c) * g.kh + i) * g.kw + j];
                                 }
                             }
                         }
@@ -67,7 +68,8 @@ pub fn backward_input<T: Float>(g: &ConvGeom, dy: &[T], w: &[T], dx: &mut [T], _
                         for i in 0..g.kh {
                             for j in 0..g.kw {
                                 if let Some((yy, xx)) = g.at(oh, ow, i, j) {
-                                    dx[((b * g.c + c) * g.h + yy) * g.w + xx] += d * w[((o * g.c + c) * g.kh + i) * g.kw + j];
+                                    dx[((b * g.c + c) * g.h + yy) * g.w + xx] +=
+                                        d * w[((o * g.c + c) * g.kh + i) * g.kw + j];
                                 }
                             }
                         }
@@ -89,7 +91,8 @@ pub fn backward_weight<T: Float>(g: &ConvGeom, x: &[T], dy: &[T], dw: &mut [T], 
                         for i in 0..g.kh {
                             for j in 0..g.kw {
                                 if let Some((yy, xx)) = g.at(oh, ow, i, j) {
-                                    dw[((o * g.c + c) * g.kh + i) * g.kw + j] += d * x[((b * g.c + c) * g.h + yy) * g.w + xx];
+                                    dw[((o * g.c + c) * g.kh + i) * g.kw + j] +=
+                                        d * x[((b * g.c + c) * g.h + yy) * g.w + xx];
                                 }
                             }
                         }

@@ -210,7 +210,8 @@ pub fn sum_to<T: Float>(x: &[T], xs: &Shape, out: &mut [T], os: &Shape) {
     let pad = xd.len() - os.rank();
     let od: Vec<usize> = std::iter::repeat_n(1, pad).chain(os.dims().iter().copied()).collect();
     let xst = xs.strides();
-    let kept: Vec<(usize, usize)> = (0..xd.len()).filter(|&a| od[a] != 1 || xd[a] == 1).map(|a| (xd[a], xst[a])).collect();
+    let kept: Vec<(usize, usize)> =
+        (0..xd.len()).filter(|&a| od[a] != 1 || xd[a] == 1).map(|a| (xd[a], xst[a])).collect();
     let reduced: Vec<(usize, usize)> =
         (0..xd.len()).filter(|&a| od[a] == 1 && xd[a] != 1).map(|a| (xd[a], xst[a])).collect();
     let count: usize = reduced.iter().map(|r| r.0).product();

@@ -83,7 +83,19 @@ fn is_special(op: &Op) -> bool {
 
 fn conv_geom(x: &Shape, w: &Shape, y: &Shape, stride: usize, pad: usize) -> ConvGeom {
     let (xd, wd, yd) = (x.dims(), w.dims(), y.dims());
-    ConvGeom { n: xd[0], c: xd[1], h: xd[2], w: xd[3], o: wd[0], kh: wd[2], kw: wd[3], stride, pad, ho: yd[2], wo: yd[3] }
+    ConvGeom {
+        n: xd[0],
+        c: xd[1],
+        h: xd[2],
+        w: xd[3],
+        o: wd[0],
+        kh: wd[2],
+        kw: wd[3],
+        stride,
+        pad,
+        ho: yd[2],
+        wo: yd[3],
+    }
 }
 
 /// Scratch elements (of the compute type) the kernel itself needs.
@@ -210,7 +222,8 @@ impl CpuProgram {
         let p = self.ptr(v)?;
         // SAFETY: reads `n` elements of the value's own dtype from its planned bytes.
         let bytes = unsafe { std::slice::from_raw_parts(p, n * self.graph.dtype(v).size()) };
-        Ok(HostTensor { shape: self.graph.shape(v).clone(), dtype: self.graph.dtype(v), bytes: bytes.to_vec() }.to_f64())
+        Ok(HostTensor { shape: self.graph.shape(v).clone(), dtype: self.graph.dtype(v), bytes: bytes.to_vec() }
+            .to_f64())
     }
 
     fn run_node(&self, i: usize) -> Result<()> {
@@ -399,7 +412,20 @@ impl CpuProgram {
                 let d = s(0).dims();
                 let sp = s(0).numel() / (d[0] * d[1]).max(1);
                 let [dx, dg, db] = outs else { unreachable!("three outputs by shape inference") };
-                norm::group_norm_backward(ins[0], ins[1], ins[2], dx, dg, db, scratch, d[0], d[1], sp, *groups, eps.get());
+                norm::group_norm_backward(
+                    ins[0],
+                    ins[1],
+                    ins[2],
+                    dx,
+                    dg,
+                    db,
+                    scratch,
+                    d[0],
+                    d[1],
+                    sp,
+                    *groups,
+                    eps.get(),
+                );
             }
             Op::LayerNorm { eps } => {
                 let d = *s(0).dims().last().unwrap_or(&1);
@@ -431,20 +457,26 @@ impl CpuProgram {
                 layout::concat(&parts, *axis, outs[0], os(0));
             }
             Op::Slice { axis, start, .. } => layout::slice(ins[0], s(0), *axis, *start, outs[0], os(0)),
-            Op::SliceBackward { axis, start, .. } => layout::slice_backward(ins[0], s(0), *axis, *start, outs[0], os(0)),
+            Op::SliceBackward { axis, start, .. } => {
+                layout::slice_backward(ins[0], s(0), *axis, *start, outs[0], os(0))
+            }
             Op::Permute { perm } => layout::permute(ins[0], s(0), perm, outs[0], os(0)),
             Op::Embedding => {
                 let ids = ids.ok_or_else(|| Error::msg("embedding: ids missing"))?;
                 let (vocab, d) = (s(0).dims()[0], s(0).dims()[1]);
                 if let Some((at, id)) = ids.first_out_of_range(vocab) {
-                    return Err(Error::msg(format!("embedding: id {id} at position {at} is outside the table of {vocab} rows")));
+                    return Err(Error::msg(format!(
+                        "embedding: id {id} at position {at} is outside the table of {vocab} rows"
+                    )));
                 }
                 layout::embedding(ins[0], d, &ids, outs[0]);
             }
             Op::EmbeddingBackward { vocab } => {
                 let ids = ids.ok_or_else(|| Error::msg("embedding backward: ids missing"))?;
                 if let Some((at, id)) = ids.first_out_of_range(*vocab) {
-                    return Err(Error::msg(format!("embedding: id {id} at position {at} is outside the table of {vocab} rows")));
+                    return Err(Error::msg(format!(
+                        "embedding: id {id} at position {at} is outside the table of {vocab} rows"
+                    )));
                 }
                 layout::embedding_backward(&ids, ins[1], *os(0).dims().last().unwrap_or(&1), outs[0]);
             }
@@ -531,7 +563,10 @@ impl Program for CpuProgram {
     fn upload(&mut self, v: ValueId, t: &HostTensor) -> Result<()> {
         let val = &self.graph.values[v];
         if !val.kind.is_source() {
-            return Err(Error::Binding { name: val.name.clone(), msg: "only inputs, parameters and state can be written".into() });
+            return Err(Error::Binding {
+                name: val.name.clone(),
+                msg: "only inputs, parameters and state can be written".into(),
+            });
         }
         if t.shape != val.shape || t.dtype != val.dtype {
             return Err(Error::Binding {
@@ -557,7 +592,8 @@ impl Program for CpuProgram {
         let this = &*self;
         this.pool.install(|| {
             for i in 0..this.graph.nodes.len() {
-                this.run_node(i).map_err(|e| Error::msg(format!("node {i} ({}): {e}", this.graph.nodes[i].op.name())))?;
+                this.run_node(i)
+                    .map_err(|e| Error::msg(format!("node {i} ({}): {e}", this.graph.nodes[i].op.name())))?;
             }
             Ok(())
         })

@@ -13,7 +13,17 @@ fn mean_rstd<T: Float>(x: &[T], eps: f64) -> (T, T) {
 
 /// x [N, C, S] (S = product of the spatial dims). Each (n, group) is a contiguous block.
 #[allow(clippy::too_many_arguments)]
-pub fn group_norm<T: Float>(x: &[T], gamma: &[T], beta: &[T], y: &mut [T], n: usize, c: usize, s: usize, groups: usize, eps: f64) {
+pub fn group_norm<T: Float>(
+    x: &[T],
+    gamma: &[T],
+    beta: &[T],
+    y: &mut [T],
+    n: usize,
+    c: usize,
+    s: usize,
+    groups: usize,
+    eps: f64,
+) {
     let cg = c / groups;
     let block = cg * s;
     y.par_chunks_mut(block).enumerate().take(n * groups).for_each(|(i, yb)| {
