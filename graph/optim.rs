@@ -54,3 +54,12 @@ pub fn append_adamw(g: &mut Graph, pairs: &[(ValueId, ValueId)], cfg: &AdamWConf
     g.set_phase(Phase::Forward);
     Ok(hyper)
 }
+
+/// Differentiates `loss` with respect to every trainable parameter and appends their AdamW
+/// update: the whole training step in one graph. Returns the hyper input.
+pub fn append_training_step(g: &mut Graph, loss: ValueId, cfg: &AdamWConfig) -> Result<ValueId> {
+    let params = g.trainable_params();
+    let grads = super::autodiff::backward(g, loss, &params)?;
+    let pairs: Vec<(ValueId, ValueId)> = params.iter().filter_map(|p| grads.get(p).map(|&d| (*p, d))).collect();
+    append_adamw(g, &pairs, cfg)
+}

@@ -1,0 +1,119 @@
+//! A small conv + GroupNorm + attention net with residual connections, the shape of a U-Net
+//! block, for autodiff, planner, checkpointing and training tests.
+#![allow(dead_code)]
+
+use super::Rng;
+use zeroconv::engine::HostTensor;
+use zeroconv::graph::{DType, Graph, Shape, ValueId};
+use zeroconv::Result;
+
+pub struct NetSpec {
+    pub batch: usize,
+    pub in_ch: usize,
+    pub ch: usize,
+    pub hw: usize,
+    pub blocks: usize,
+    /// Wrap each block's interior in a checkpoint scope.
+    pub checkpoint: bool,
+    pub dtype: DType,
+}
+
+pub struct Net {
+    pub g: Graph,
+    pub x: ValueId,
+    pub target: ValueId,
+    pub out: ValueId,
+    pub loss: ValueId,
+    pub params: Vec<ValueId>,
+}
+
+fn p(g: &mut Graph, name: &str, shape: &[usize], dtype: DType, params: &mut Vec<ValueId>) -> ValueId {
+    let v = g.param(name, Shape::new(shape), dtype, true);
+    params.push(v);
+    v
+}
+
+/// Builds the net on `g` from input `x` [B, in_ch, hw, hw]; returns the output [B, in_ch, hw, hw].
+pub fn build_body(g: &mut Graph, x: ValueId, s: &NetSpec, params: &mut Vec<ValueId>) -> Result<ValueId> {
+    let dt = s.dtype;
+    let w0 = p(g, "conv_in.weight", &[s.ch, s.in_ch, 3, 3], dt, params);
+    let b0 = p(g, "conv_in.bias", &[s.ch], dt, params);
+    let mut h = g.conv2d(x, w0, Some(b0), 1, 1)?;
+    for i in 0..s.blocks {
+        let gn_w = p(g, &format!("block{i}.norm.weight"), &[s.ch], dt, params);
+        let gn_b = p(g, &format!("block{i}.norm.bias"), &[s.ch], dt, params);
+        let cw = p(g, &format!("block{i}.conv.weight"), &[s.ch, s.ch, 3, 3], dt, params);
+        let cb = p(g, &format!("block{i}.conv.bias"), &[s.ch], dt, params);
+        let body = |g: &mut Graph| -> Result<ValueId> {
+            let n = g.group_norm(h, gn_w, gn_b, 2, 1e-5)?;
+            let a = g.silu(n)?;
+            g.conv2d(a, cw, Some(cb), 1, 1)
+        };
+        let r = if s.checkpoint { g.checkpoint_scope(body)? } else { body(g)? };
+        h = g.add(h, r)?;
+    }
+    // One attention block over the spatial positions, one head.
+    let l = s.hw * s.hw;
+    let an_w = p(g, "attn.norm.weight", &[s.ch], dt, params);
+    let an_b = p(g, "attn.norm.bias", &[s.ch], dt, params);
+    let wq = p(g, "attn.q.weight", &[s.ch, s.ch], dt, params);
+    let wk = p(g, "attn.k.weight", &[s.ch, s.ch], dt, params);
+    let wv = p(g, "attn.v.weight", &[s.ch, s.ch], dt, params);
+    let wo = p(g, "attn.out.weight", &[s.ch, s.ch], dt, params);
+    let bo = p(g, "attn.out.bias", &[s.ch], dt, params);
+    let attn = |g: &mut Graph| -> Result<ValueId> {
+        let n = g.group_norm(h, an_w, an_b, 2, 1e-5)?;
+        let seq = g.reshape(n, [s.batch, s.ch, l])?;
+        let seq = g.permute(seq, &[0, 2, 1])?;
+        let q = g.linear(seq, wq, None)?;
+        let k = g.linear(seq, wk, None)?;
+        let v = g.linear(seq, wv, None)?;
+        let (q, k, v) = (
+            g.reshape(q, [s.batch, 1, l, s.ch])?,
+            g.reshape(k, [s.batch, 1, l, s.ch])?,
+            g.reshape(v, [s.batch, 1, l, s.ch])?,
+        );
+        let a = g.attention(q, k, v, 1.0 / (s.ch as f64).sqrt(), false)?;
+        let a = g.reshape(a, [s.batch, l, s.ch])?;
+        let o = g.linear(a, wo, Some(bo))?;
+        let o = g.permute(o, &[0, 2, 1])?;
+        g.reshape(o, [s.batch, s.ch, s.hw, s.hw])
+    };
+    let a = if s.checkpoint { g.checkpoint_scope(attn)? } else { attn(g)? };
+    h = g.add(h, a)?;
+    let wf = p(g, "conv_out.weight", &[s.in_ch, s.ch, 1, 1], dt, params);
+    let bf = p(g, "conv_out.bias", &[s.in_ch], dt, params);
+    let h = g.silu(h)?;
+    g.conv2d(h, wf, Some(bf), 1, 0)
+}
+
+pub fn build(s: &NetSpec) -> Net {
+    let mut g = Graph::new();
+    let x = g.input("x", [s.batch, s.in_ch, s.hw, s.hw], s.dtype);
+    let target = g.input("target", [s.batch, s.in_ch, s.hw, s.hw], s.dtype);
+    let mut params = Vec::new();
+    let out = build_body(&mut g, x, s, &mut params).expect("net builds");
+    let loss = g.mse_loss(out, target).expect("loss");
+    Net { g, x, target, out, loss, params }
+}
+
+/// Deterministic initial values: weights scaled by 1/sqrt(fan-in), norms at 1 ± noise.
+pub fn init_values(g: &Graph, params: &[ValueId], seed: u64) -> Vec<(ValueId, HostTensor)> {
+    let mut rng = Rng::new(seed);
+    params
+        .iter()
+        .map(|&v| {
+            let val = g.value(v);
+            let n = val.shape.numel();
+            let data: Vec<f64> = if val.name.contains("norm.weight") {
+                (0..n).map(|_| 1.0 + 0.1 * rng.uniform()).collect()
+            } else if val.shape.rank() >= 2 {
+                let fan_in: usize = val.shape.dims()[1..].iter().product();
+                (0..n).map(|_| rng.uniform() / (fan_in as f64).sqrt()).collect()
+            } else {
+                (0..n).map(|_| 0.1 * rng.uniform()).collect()
+            };
+            (v, HostTensor::from_f64(val.shape.clone(), val.dtype, &data).unwrap())
+        })
+        .collect()
+}
