@@ -9,5 +9,6 @@ pub mod error;
 pub mod frontend;
 pub mod graph;
 pub mod kernels;
+pub mod models;
 
 pub use error::{Error, Result};

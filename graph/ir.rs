@@ -121,10 +121,19 @@ impl Graph {
 
     /// Runs `f` with every node it adds marked for recomputation in the backward pass.
     pub fn checkpoint_scope<T>(&mut self, f: impl FnOnce(&mut Graph) -> Result<T>) -> Result<T> {
-        let saved = std::mem::replace(&mut self.checkpointing, true);
+        let saved = self.set_checkpointing(true);
         let r = f(self);
-        self.checkpointing = saved;
+        self.set_checkpointing(saved);
         r
+    }
+
+    /// Marks (or stops marking) new nodes for recomputation; returns the previous setting.
+    pub fn set_checkpointing(&mut self, on: bool) -> bool {
+        std::mem::replace(&mut self.checkpointing, on)
+    }
+
+    pub fn checkpointing(&self) -> bool {
+        self.checkpointing
     }
 
     /// Appends a node after checking its inputs; returns its outputs.
