@@ -242,8 +242,8 @@ fn vjp(g: &mut Graph, n: NodeId, dys: &[Option<ValueId>], wanted: &[bool]) -> Re
             let d = dy.expect("concat has one output");
             let mut start = 0;
             let mut r = Vec::new();
-            for i in 0..ins.len() {
-                let len = g.shape(ins[i]).0[*axis];
+            for (i, &x) in ins.iter().enumerate() {
+                let len = g.shape(x).0[*axis];
                 r.push(if need(i) { Some(g.slice(d, *axis, start, start + len)?) } else { None });
                 start += len;
             }

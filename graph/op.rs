@@ -375,7 +375,7 @@ impl Op {
             Op::GroupNorm { groups, .. } => {
                 arity(3)?;
                 let x = ins[0].0;
-                if x.rank() < 2 || x.0[1] % groups != 0 {
+                if x.rank() < 2 || !x.0[1].is_multiple_of(*groups) {
                     return Err(Error::shape(&n, format!("{x}: channels must divide into {groups} groups")));
                 }
                 same(ins[1].0, &Shape(vec![x.0[1]]), "gamma must be [C]")?;
@@ -426,7 +426,7 @@ impl Op {
                 arity(1)?;
                 let x = ins[0].0;
                 let r = x.rank();
-                if r < 2 || x.0[r - 1] % 2 != 0 || x.0[r - 2] % 2 != 0 {
+                if r < 2 || !x.0[r - 1].is_multiple_of(2) || !x.0[r - 2].is_multiple_of(2) {
                     return Err(Error::shape(&n, format!("{x}: last two axes must be even")));
                 }
                 let mut d = x.0.clone();

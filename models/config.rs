@@ -100,7 +100,7 @@ impl UNetConfig {
         }
         for (level, m) in self.channel_mult.iter().enumerate() {
             let ch = m * self.model_channels;
-            if ch % 32 != 0 {
+            if !ch.is_multiple_of(32) {
                 return bad(
                     "model_channels",
                     format!("level {level} has {ch} channels, not a multiple of GroupNorm's 32 groups"),
@@ -110,7 +110,7 @@ impl UNetConfig {
                 self.heads(ch)?;
             }
         }
-        if self.model_channels % 2 != 0 {
+        if !self.model_channels.is_multiple_of(2) {
             return bad("model_channels", "must be even (sinusoidal timestep embedding)".into());
         }
         Ok(())

@@ -5,6 +5,7 @@
 pub mod builder;
 pub mod clip;
 pub mod config;
+pub mod control_ldm;
 pub mod controlnet;
 pub mod counts;
 pub mod layers;

@@ -131,6 +131,7 @@ impl ModelBuilder {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     /// CrossAttention: q from x, k and v from `ctx` (or x for self-attention), then to_out.0.
     fn cross_attention(
         &mut self,
@@ -152,6 +153,7 @@ impl ModelBuilder {
         self.linear(&format!("{p}.to_out.0"), o, inner, dim, true)
     }
 
+    #[allow(clippy::too_many_arguments)]
     /// BasicTransformerBlock: self-attention, cross-attention, GEGLU feed-forward, pre-norm.
     fn transformer_block(
         &mut self,

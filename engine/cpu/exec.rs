@@ -366,7 +366,7 @@ impl CpuProgram {
         self.kernel(node, &ins, &mut outs, &mut kscratch[..e.kernel_scratch_len], ids)?;
         for (k, dt, p) in staged_outs {
             // SAFETY: writing the output's own planned bytes as its dtype.
-            unsafe { T::stage_out(dt, &outs[k], p) };
+            unsafe { T::stage_out(dt, outs[k], p) };
         }
         Ok(())
     }
@@ -516,9 +516,11 @@ fn convert<A: Copy + Sync, B: Send>(x: &[A], y: &mut [B], f: impl Fn(A) -> B + S
 
 /// Moving half-precision values into and out of the compute type.
 pub trait Staged: Sized {
-    /// SAFETY: `src` must point at `dst.len()` elements of `dt`.
+    /// # Safety
+    /// `src` must point at `dst.len()` elements of `dt`.
     unsafe fn stage_in(dt: DType, src: *const u8, dst: &mut [Self]);
-    /// SAFETY: `dst` must point at `src.len()` writable elements of `dt`.
+    /// # Safety
+    /// `dst` must point at `src.len()` writable elements of `dt`.
     unsafe fn stage_out(dt: DType, src: &[Self], dst: *mut u8);
 }
 

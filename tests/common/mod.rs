@@ -178,7 +178,7 @@ pub fn grad_check(name: &str, build: &Build<'_>, args: &[Arg], vals: &[T64], tol
         p.upload(v, &t).unwrap();
     }
     p.upload(r, &HostTensor::from_f64(yshape, DType::F64, &rv).unwrap()).unwrap();
-    let mut eval = |p: &mut zeroconv::engine::cpu::CpuProgram| {
+    let eval = |p: &mut zeroconv::engine::cpu::CpuProgram| {
         p.launch().unwrap();
         p.download(loss).unwrap().to_f64()[0]
     };

@@ -1,6 +1,6 @@
 //! Naive f64 implementations of every op: loops that follow the definitions, written without
 //! looking at the engine's kernels, so the two are independent.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::needless_range_loop)]
 
 use super::T64;
 
