@@ -28,7 +28,8 @@ struct Target {
     sm: &'static str,
 }
 
-const TARGETS: [Target; 2] = [Target { compute: "compute_80", sm: "sm_80" }, Target { compute: "compute_90", sm: "sm_90" }];
+const TARGETS: [Target; 2] =
+    [Target { compute: "compute_80", sm: "sm_80" }, Target { compute: "compute_90", sm: "sm_90" }];
 
 /// Bump when the way outputs are produced changes, so cached outputs from an older build.rs are not reused.
 const CACHE_SCHEMA: u32 = 1;
@@ -56,7 +57,8 @@ fn main() {
     let nvrtc = find_nvrtc();
     let ptxas = find_ptxas();
     if require {
-        let missing: Vec<&str> = [nvrtc.as_ref().err(), ptxas.as_ref().err()].into_iter().flatten().map(String::as_str).collect();
+        let missing: Vec<&str> =
+            [nvrtc.as_ref().err(), ptxas.as_ref().err()].into_iter().flatten().map(String::as_str).collect();
         if !missing.is_empty() {
             fail(&format!("ZEROCONV_REQUIRE_KERNELS=1 but {}; {SETUP_HINT}", missing.join("; and ")));
         }
@@ -68,9 +70,8 @@ fn main() {
     let jobs: Vec<(&PathBuf, &Target)> = sources.iter().flat_map(|s| TARGETS.iter().map(move |t| (s, t))).collect();
     let workers = thread::available_parallelism().map_or(2, |n| n.get()).min(jobs.len().max(1));
     let results: Vec<Result<Output, String>> = thread::scope(|scope| {
-        let chunks: Vec<Vec<(usize, &(&PathBuf, &Target))>> = (0..workers)
-            .map(|w| jobs.iter().enumerate().filter(|(i, _)| i % workers == w).collect())
-            .collect();
+        let chunks: Vec<Vec<(usize, &(&PathBuf, &Target))>> =
+            (0..workers).map(|w| jobs.iter().enumerate().filter(|(i, _)| i % workers == w).collect()).collect();
         let handles: Vec<_> = chunks
             .into_iter()
             .map(|chunk| {
@@ -83,7 +84,9 @@ fn main() {
                     ptxas: ptxas_ok,
                     ptxas_missing: ptxas.as_ref().err().map(String::as_str),
                 };
-                scope.spawn(move || chunk.into_iter().map(|(i, (src, t))| (i, build_one(&ctx, src, t))).collect::<Vec<_>>())
+                scope.spawn(move || {
+                    chunk.into_iter().map(|(i, (src, t))| (i, build_one(&ctx, src, t))).collect::<Vec<_>>()
+                })
             })
             .collect();
         let mut all: Vec<(usize, Result<Output, String>)> =
@@ -94,7 +97,15 @@ fn main() {
     let outputs: Vec<Output> = results.into_iter().map(|r| r.unwrap_or_else(|e| fail(&e))).collect();
 
     report_warnings(&outputs, nvrtc.as_ref().err(), ptxas.as_ref().err());
-    let generated = generate_rust(&sources, &headers, &outputs, &out_dir, nvrtc.is_ok(), ptxas.is_ok(), &status_note(&nvrtc, &ptxas));
+    let generated = generate_rust(
+        &sources,
+        &headers,
+        &outputs,
+        &out_dir,
+        nvrtc.is_ok(),
+        ptxas.is_ok(),
+        &status_note(&nvrtc, &ptxas),
+    );
     write(&out_dir.join("kernels_generated.rs"), generated.as_bytes());
 }
 
@@ -113,7 +124,7 @@ fn find_nvrtc() -> Result<Nvrtc, String> {
         None => {
             // Bare names go through the dynamic loader's search (LD_LIBRARY_PATH, ld.so.cache).
             let mut c = vec![PathBuf::from("libnvrtc.so.12"), PathBuf::from("libnvrtc.so")];
-            let roots = ["CUDA_HOME", "CUDA_PATH"].iter().filter_map(|v| env::var_os(v)).map(PathBuf::from);
+            let roots = ["CUDA_HOME", "CUDA_PATH"].iter().filter_map(env::var_os).map(PathBuf::from);
             for root in roots.chain([PathBuf::from("/usr/local/cuda")]) {
                 c.push(root.join("lib64/libnvrtc.so.12"));
                 c.push(root.join("lib/libnvrtc.so.12"));
@@ -188,8 +199,9 @@ fn find_ptxas() -> Result<Ptxas, String> {
     let candidates: Vec<PathBuf> = match env::var_os("ZEROCONV_PTXAS") {
         Some(path) => vec![PathBuf::from(path)],
         None => {
-            let on_path = env::var_os("PATH").map(|p| env::split_paths(&p).map(|d| d.join("ptxas")).collect::<Vec<_>>());
-            let roots = ["CUDA_HOME", "CUDA_PATH"].iter().filter_map(|v| env::var_os(v)).map(PathBuf::from);
+            let on_path =
+                env::var_os("PATH").map(|p| env::split_paths(&p).map(|d| d.join("ptxas")).collect::<Vec<_>>());
+            let roots = ["CUDA_HOME", "CUDA_PATH"].iter().filter_map(env::var_os).map(PathBuf::from);
             on_path
                 .unwrap_or_default()
                 .into_iter()
@@ -204,7 +216,8 @@ fn find_ptxas() -> Result<Ptxas, String> {
         return match Command::new(path).arg("--version").output() {
             Ok(out) if out.status.success() => {
                 let text = String::from_utf8_lossy(&out.stdout);
-                let version = text.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("unknown version").trim().to_string();
+                let version =
+                    text.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("unknown version").trim().to_string();
                 Ok(Ptxas { path: path.clone(), version })
             }
             Ok(out) => Err(format!("{} --version failed: {}", path.display(), String::from_utf8_lossy(&out.stderr))),
@@ -339,7 +352,9 @@ fn assemble(ptxas: &Ptxas, ptx: &Path, cubin: &Path, sm: &str, module: &str) -> 
 
 fn report_warnings(outputs: &[Output], nvrtc_missing: Option<&String>, ptxas_missing: Option<&String>) {
     if let Some(reason) = nvrtc_missing.or(ptxas_missing) {
-        println!("cargo:warning=CUDA kernels not built: {reason}. The crate works without them (CPU backend); {SETUP_HINT}.");
+        println!(
+            "cargo:warning=CUDA kernels not built: {reason}. The crate works without them (CPU backend); {SETUP_HINT}."
+        );
         if nvrtc_missing.is_some() {
             return;
         }
