@@ -41,7 +41,16 @@ fn main() {
     // The whole folder, so an added or removed .cu is noticed; unchanged modules are served from the cache below,
     // so edits to the Rust files in kernels/ only cost a cache check.
     println!("cargo:rerun-if-changed=kernels");
-    for var in ["ZEROCONV_NVRTC_LIB", "ZEROCONV_PTXAS", "ZEROCONV_REQUIRE_KERNELS", "CUDA_HOME", "CUDA_PATH"] {
+    // LD_LIBRARY_PATH decides where a bare `libnvrtc.so.12` is found. PATH (searched for ptxas) is left out on
+    // purpose: it differs between shells and editors often enough to cause rebuild ping-pong; set ZEROCONV_PTXAS.
+    for var in [
+        "ZEROCONV_NVRTC_LIB",
+        "ZEROCONV_PTXAS",
+        "ZEROCONV_REQUIRE_KERNELS",
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "LD_LIBRARY_PATH",
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
 

@@ -78,3 +78,52 @@ pub fn format_table(kernels: &[KernelResources]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The shape of ptxas 12.8 output, including a called device function's own properties block, which must not
+    // be attributed to the entry being compiled.
+    const SAMPLE: &str = "\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'big_kernel' for 'sm_90'
+ptxas info    : Function properties for helper
+    16 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads
+ptxas info    : Function properties for big_kernel
+    8 bytes stack frame, 12 bytes spill stores, 20 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 4224 bytes smem
+ptxas info    : Compile time = 1.234 ms
+ptxas info    : Compiling entry function 'small_kernel' for 'sm_90'
+ptxas info    : Function properties for small_kernel
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 11 registers, used 0 barriers
+";
+
+    #[test]
+    fn parses_registers_spills_and_shared_memory_per_entry() {
+        let kernels = parse(SAMPLE);
+        assert_eq!(kernels.len(), 2);
+        let big = &kernels[0];
+        assert_eq!((big.name.as_str(), big.arch.as_str()), ("big_kernel", "sm_90"));
+        assert_eq!((big.registers, big.stack_bytes, big.shared_bytes), (255, 8, 4224));
+        assert_eq!((big.spill_store_bytes, big.spill_load_bytes), (12, 20));
+        assert!(big.spills());
+        let small = &kernels[1];
+        assert_eq!((small.name.as_str(), small.registers, small.shared_bytes), ("small_kernel", 11, 0));
+        assert!(!small.spills());
+    }
+
+    #[test]
+    fn text_without_entries_gives_nothing() {
+        assert!(parse("").is_empty());
+        assert!(parse("kernels were not compiled: NVRTC not found").is_empty());
+    }
+
+    #[test]
+    fn table_has_a_row_per_kernel() {
+        let table = format_table(&parse(SAMPLE));
+        assert_eq!(table.lines().count(), 3);
+        assert!(table.lines().nth(1).is_some_and(|l| l.starts_with("big_kernel") && l.contains("255")));
+    }
+}

@@ -5,6 +5,7 @@
 //   softmax_bwd_<T>(const T* y, const T* dy, T* dx, u64 rows, u64 D)   dx = y * (dy - sum(dy * y))
 // One warp owns one row at a time, so reductions are warp shuffles with no block barrier.
 // Launch: blockDim = (32, k) with k <= 32, any grid. y may alias x, dx may alias dy.
+// A row that is entirely -inf gives NaN, as in PyTorch; masking that needs otherwise belongs to attention.
 #include "common.cuh"
 
 __device__ __forceinline__ u64 warp_row_start() { return (u64)blockIdx.x * blockDim.y + threadIdx.y; }
