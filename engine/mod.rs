@@ -2,6 +2,7 @@
 
 pub mod backend;
 pub mod cpu;
+pub mod cuda;
 pub mod tensor;
 
 pub use backend::{Backend, Program};
