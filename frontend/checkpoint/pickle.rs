@@ -44,7 +44,8 @@ impl StorageDType {
             n if n.starts_with("Float8") => Some(1),
             _ => None,
         };
-        let name = name.strip_suffix("Storage").unwrap_or(name).to_string();
+        // Named as torch names the dtype (torch.bool, torch.uint8 is "Byte" here, lower-cased).
+        let name = name.strip_suffix("Storage").unwrap_or(name).to_ascii_lowercase();
         StorageDType::Unsupported { name, elem_size }
     }
 }

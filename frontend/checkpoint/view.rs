@@ -98,7 +98,7 @@ pub(crate) fn byte_len(shape: &[usize], dtype: DType) -> Option<usize> {
 
 /// A byte count the way a person reads it: "812 B", "12.5 KiB", "1.2 MiB", "8.0 GiB".
 pub(crate) fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
     if n < 1024 {
         return format!("{n} B");
     }
