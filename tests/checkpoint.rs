@@ -88,7 +88,8 @@ fn assert_matches_expected(ckpt: &Checkpoint, want: &Value) {
         assert!(f32s.iter().zip(&got).all(|(a, b)| *a == *b as f32), "{key} as f32");
     }
     let skipped: BTreeSet<&str> = ckpt.skipped().keys().map(String::as_str).collect();
-    let want_skipped: BTreeSet<&str> = want["skipped"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let want_skipped: BTreeSet<&str> =
+        want["skipped"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     assert_eq!(skipped, want_skipped);
     if let Some(meta) = want.get("metadata").and_then(Value::as_object) {
         for (k, v) in meta {
@@ -182,7 +183,10 @@ fn nemo_archive_exposes_config_and_maps_keys_to_ldm_names() {
             "{name}"
         );
         // Renaming moves names only: the values are those stored under the NeMo names.
-        assert_eq!(ldm.to_f32("betas").unwrap(), originals["model.betas"].iter().map(|&x| x as f32).collect::<Vec<_>>());
+        assert_eq!(
+            ldm.to_f32("betas").unwrap(),
+            originals["model.betas"].iter().map(|&x| x as f32).collect::<Vec<_>>()
+        );
         let conv = ldm.get("model.diffusion_model.input_blocks.1.0.in_layers.2.weight").unwrap().to_f64();
         assert_eq!(conv, originals["model.model.diffusion_model.input_blocks.1.0.in_layers.1.weight"]);
     }
@@ -201,7 +205,10 @@ fn missing_and_unreadable_keys_are_explained() {
     let unet = ckpt.prefixed("model.").prefixed("diffusion_model.");
     let keys: Vec<&str> = unet.keys().collect();
     assert_eq!(keys, ["input_blocks.0.0.bias", "input_blocks.0.0.weight"]);
-    assert_eq!(unet.get("input_blocks.0.0.bias").unwrap().to_f32(), ckpt.to_f32("model.diffusion_model.input_blocks.0.0.bias").unwrap());
+    assert_eq!(
+        unet.get("input_blocks.0.0.bias").unwrap().to_f32(),
+        ckpt.to_f32("model.diffusion_model.input_blocks.0.0.bias").unwrap()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -232,7 +239,10 @@ fn truncated_safetensors_says_truncated() {
 #[test]
 fn bad_json_header_is_reported() {
     let dir = Scratch::new("json");
-    let p = dir.write("bad.safetensors", &safetensors_file(r#"{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]"#, 8));
+    let p = dir.write(
+        "bad.safetensors",
+        &safetensors_file(r#"{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]"#, 8),
+    );
     let err = open_err(&p);
     assert!(err.contains("not valid JSON"), "{err}");
 }
@@ -243,7 +253,10 @@ fn header_offsets_past_the_end_are_reported() {
     let header = r#"{"big":{"dtype":"F32","shape":[1024,1024,2048],"data_offsets":[0,8589934592]}}"#;
     let p = dir.write("short.safetensors", &safetensors_file(header, 1_258_291));
     let err = open_err(&p);
-    assert!(err.contains("describes 8.0 GiB of tensor data") && err.contains("only 1.2 MiB") && err.contains("truncated?"), "{err}");
+    assert!(
+        err.contains("describes 8.0 GiB of tensor data") && err.contains("only 1.2 MiB") && err.contains("truncated?"),
+        "{err}"
+    );
     let header = r#"{"a":{"dtype":"F16","shape":[4],"data_offsets":[0,6]}}"#;
     let err = open_err(&dir.write("mis.safetensors", &safetensors_file(header, 8)));
     assert!(err.contains("tensor 'a'") && err.contains("needs 8 bytes"), "{err}");
@@ -404,9 +417,11 @@ fn interrupted_write_never_replaces_the_good_file_nor_leaves_litter() {
 
     let bigger: Vec<(String, HostTensor)> = vec![("w".into(), HostTensor::zeros(vec![1 << 16], DType::F32))];
     for fail_at in [0, 7, 100, 40_000] {
-        let err = write_atomically(&path, |w| write_safetensors_to(&mut FailAfter { inner: w, left: fail_at }, &bigger, None))
-            .unwrap_err()
-            .to_string();
+        let err = write_atomically(&path, |w| {
+            write_safetensors_to(&mut FailAfter { inner: w, left: fail_at }, &bigger, None)
+        })
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("injected failure") && err.contains("unchanged"), "{err}");
         assert_eq!(fs::read(&path).unwrap(), good, "failing at byte {fail_at} touched the target");
         assert_eq!(dir.files(), BTreeSet::from(["model.safetensors".to_string()]), "temporary file left behind");

@@ -64,7 +64,10 @@ pub fn check_keys(expected: &[(String, Vec<usize>)], ckpt: &Checkpoint, prefix: 
         push_section(&mut report, "mis-shaped", misshaped.len(), misshaped.iter().take(SHOWN).cloned());
     }
     if view.keys().next().is_none() && !prefix.is_empty() {
-        report.push_str(&format!("\n  no key starts with '{prefix}'; the checkpoint's keys start with: {}", top_prefixes(ckpt)));
+        report.push_str(&format!(
+            "\n  no key starts with '{prefix}'; the checkpoint's keys start with: {}",
+            top_prefixes(ckpt)
+        ));
     }
     Err(Error::file(ckpt.path(), report))
 }

@@ -43,7 +43,9 @@ pub enum Format {
     /// torch.save's zip format (`.ckpt`, `.pth`, `.pt`), including Lightning checkpoints.
     TorchZip,
     /// A NeMo archive; `compressed` when its tar was gzipped (its weights then live in memory, not in the mapping).
-    Nemo { compressed: bool },
+    Nemo {
+        compressed: bool,
+    },
 }
 
 /// Where a tensor's bytes are in the checkpoint's source.
@@ -263,7 +265,10 @@ impl Checkpoint {
         for (key, entry) in std::mem::take(&mut self.tensors) {
             let new = rename(&key);
             if let Some(first) = origin.insert(new.clone(), key.clone()) {
-                return Err(Error::file(&self.path, format!("renaming keys maps both '{first}' and '{key}' to '{new}'")));
+                return Err(Error::file(
+                    &self.path,
+                    format!("renaming keys maps both '{first}' and '{key}' to '{new}'"),
+                ));
             }
             renamed.insert(new, entry);
         }
@@ -286,7 +291,8 @@ impl Checkpoint {
         if let Some(why) = self.skipped.get(key) {
             return Error::file(&self.path, format!("'{key}' cannot be read: {why}"));
         }
-        let hint = check::nearest(key, self.keys()).map(|k| format!(" (nearest present key: '{k}')")).unwrap_or_default();
+        let hint =
+            check::nearest(key, self.keys()).map(|k| format!(" (nearest present key: '{k}')")).unwrap_or_default();
         Error::file(&self.path, format!("no tensor '{key}' in the checkpoint{hint}"))
     }
 }

@@ -142,7 +142,14 @@ pub(crate) fn read(bytes: &[u8], path: &Path) -> Result<NemoArchive> {
         )),
         0 => {
             names.truncate(10);
-            Err(Error::file(path, format!("no model_weights.ckpt in the .nemo archive (it holds: {})", names.join(", "))))
+            // A complete tar ends with two zero blocks; without them the archive was cut short.
+            let ends_cleanly =
+                is_gzip(bytes) || bytes.len() >= 1024 && bytes[bytes.len() - 1024..].iter().all(|&b| b == 0);
+            let hint = if ends_cleanly { "" } else { "; the archive lacks tar's end marker: truncated?" };
+            Err(Error::file(
+                path,
+                format!("no model_weights.ckpt in the .nemo archive (it holds: {}){hint}", names.join(", ")),
+            ))
         }
         n => {
             let shards: Vec<&str> = weights.iter().take(4).map(|(name, _)| name.as_str()).collect();
@@ -160,7 +167,8 @@ pub(crate) fn read(bytes: &[u8], path: &Path) -> Result<NemoArchive> {
 /// Whether NeMo keys carry the Megatron wrapper's extra `model.` (true for every MegatronLatentDiffusion /
 /// MegatronControlNet checkpoint; false for a raw LDM state dict that happens to sit in a `.nemo`).
 pub fn is_megatron_wrapped<'a>(keys: impl IntoIterator<Item = &'a str>) -> bool {
-    const WRAPPED: [&str; 4] = ["model.model.", "model.control_model.", "model.first_stage_model.", "model.cond_stage_model."];
+    const WRAPPED: [&str; 4] =
+        ["model.model.", "model.control_model.", "model.first_stage_model.", "model.cond_stage_model."];
     keys.into_iter().map(drop_orig_mod).any(|k| WRAPPED.iter().any(|p| k.starts_with(p)))
 }
 
@@ -190,14 +198,32 @@ mod tests {
     #[test]
     fn maps_nemo_keys_to_ldm_names() {
         let cases = [
-            ("model.model.diffusion_model.input_blocks.1.0.in_layers.1.weight", "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"),
-            ("model.model.diffusion_model.input_blocks.1.0.in_layers.0.bias", "model.diffusion_model.input_blocks.1.0.in_layers.0.bias"),
-            ("model.model.diffusion_model.output_blocks.11.0.out_layers.2.weight", "model.diffusion_model.output_blocks.11.0.out_layers.3.weight"),
+            (
+                "model.model.diffusion_model.input_blocks.1.0.in_layers.1.weight",
+                "model.diffusion_model.input_blocks.1.0.in_layers.2.weight",
+            ),
+            (
+                "model.model.diffusion_model.input_blocks.1.0.in_layers.0.bias",
+                "model.diffusion_model.input_blocks.1.0.in_layers.0.bias",
+            ),
+            (
+                "model.model.diffusion_model.output_blocks.11.0.out_layers.2.weight",
+                "model.diffusion_model.output_blocks.11.0.out_layers.3.weight",
+            ),
             ("model.model._orig_mod.diffusion_model.out.2.weight", "model.diffusion_model.out.2.weight"),
-            ("model.model.diffusion_model._orig_mod.input_blocks.10.0.in_layers.1.bias", "model.diffusion_model.input_blocks.10.0.in_layers.2.bias"),
-            ("model.control_model.middle_block.0.in_layers.1.weight", "control_model.middle_block.0.in_layers.2.weight"),
+            (
+                "model.model.diffusion_model._orig_mod.input_blocks.10.0.in_layers.1.bias",
+                "model.diffusion_model.input_blocks.10.0.in_layers.2.bias",
+            ),
+            (
+                "model.control_model.middle_block.0.in_layers.1.weight",
+                "control_model.middle_block.0.in_layers.2.weight",
+            ),
             ("model.control_model.zero_convs.0.0.weight", "control_model.zero_convs.0.0.weight"),
-            ("model.first_stage_model.encoder.down.0.block.0.conv1.weight", "first_stage_model.encoder.down.0.block.0.conv1.weight"),
+            (
+                "model.first_stage_model.encoder.down.0.block.0.conv1.weight",
+                "first_stage_model.encoder.down.0.block.0.conv1.weight",
+            ),
             ("model.betas", "betas"),
         ];
         for (nemo, ldm) in cases {

@@ -19,7 +19,10 @@ use std::rc::Rc;
 pub(crate) enum StorageDType {
     Supported(DType),
     /// A storage zeroconv cannot compute in (bool, uint8, complex, float8): its tensors are skipped, not fatal.
-    Unsupported { name: String, elem_size: Option<usize> },
+    Unsupported {
+        name: String,
+        elem_size: Option<usize>,
+    },
 }
 
 impl StorageDType {
@@ -150,7 +153,8 @@ impl<'a> Vm<'a> {
     fn run(mut self) -> Result<Value, String> {
         loop {
             let at = self.pos;
-            let op = self.u8().map_err(|_| format!("the pickle ends at byte {at} without a STOP opcode: truncated?"))?;
+            let op =
+                self.u8().map_err(|_| format!("the pickle ends at byte {at} without a STOP opcode: truncated?"))?;
             let done = self.step(op).map_err(|e| format!("opcode 0x{op:02x} at byte {at}: {e}"))?;
             if let Some(v) = done {
                 return Ok(v);
@@ -494,9 +498,13 @@ fn long_from_bytes(b: &[u8]) -> Value {
 fn set_items(target: &Value, items: Vec<Value>) -> Result<(), String> {
     let Value::Dict(dict) = target else {
         // SETITEMS on an opaque object (a custom mapping class): the items are not needed.
-        return if matches!(target, Value::Object(_)) { Ok(()) } else { Err(format!("SETITEMS on {}", target.describe())) };
+        return if matches!(target, Value::Object(_)) {
+            Ok(())
+        } else {
+            Err(format!("SETITEMS on {}", target.describe()))
+        };
     };
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         return Err("SETITEMS with an odd number of items".into());
     }
     let mut dict = dict.borrow_mut();
@@ -678,8 +686,8 @@ mod tests {
         assert!(unpickle(&[]).unwrap_err().contains("without a STOP"));
         assert!(unpickle(&[b'X', 0xff, 0xff, 0xff, 0x7f]).unwrap_err().contains("truncated?"));
         assert!(unpickle(&[b'h', 9, b'.']).unwrap_err().contains("memo slot 9"));
-        assert!(unpickle(&[b'.']).unwrap_err().contains("stack underflow"));
-        assert!(unpickle(&[b'(', b'.']).unwrap_err().contains("stack underflow"));
+        assert!(unpickle(b".").unwrap_err().contains("stack underflow"));
+        assert!(unpickle(b"(.").unwrap_err().contains("stack underflow"));
         assert!(unpickle(&[0xff]).unwrap_err().contains("unknown"));
         assert!(unpickle(&[b'K', 0, b'K', 1, b'K', 2, b's', b'.']).unwrap_err().contains("SETITEMS on an int"));
     }

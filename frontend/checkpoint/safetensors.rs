@@ -15,7 +15,9 @@ const MAX_HEADER_LEN: u64 = 100_000_000;
 
 /// True when the bytes start like a safetensors file: a plausible header length followed by a JSON object.
 pub(crate) fn looks_like(bytes: &[u8]) -> bool {
-    bytes.len() >= 9 && u64::from_le_bytes(bytes[..8].try_into().unwrap_or([0xff; 8])) <= MAX_HEADER_LEN && bytes[8] == b'{'
+    bytes.len() >= 9
+        && u64::from_le_bytes(bytes[..8].try_into().unwrap_or([0xff; 8])) <= MAX_HEADER_LEN
+        && bytes[8] == b'{'
 }
 
 /// The element type named in a header, with its size in bytes where zeroconv knows it.
@@ -197,7 +199,10 @@ mod tests {
         let e = err(&file(r#"[1,2]"#, &[]));
         assert!(e.contains("not a JSON object"), "{e}");
         let e = err(&file(r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, &[0; 8]));
-        assert!(e.contains("describes 16 B of tensor data") && e.contains("only 8 B") && e.contains("truncated?"), "{e}");
+        assert!(
+            e.contains("describes 16 B of tensor data") && e.contains("only 8 B") && e.contains("truncated?"),
+            "{e}"
+        );
         let e = err(&[1, 2, 3]);
         assert!(e.contains("only 3 bytes"), "{e}");
     }

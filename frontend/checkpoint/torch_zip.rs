@@ -55,7 +55,10 @@ pub(crate) fn parse(bytes: &[u8], base: usize, path: &Path) -> Result<Index> {
             names.truncate(8);
             Error::file(
                 path,
-                format!("a zip archive without <archive>/data.pkl, so not a torch.save checkpoint (it holds: {})", names.join(", ")),
+                format!(
+                    "a zip archive without <archive>/data.pkl, so not a torch.save checkpoint (it holds: {})",
+                    names.join(", ")
+                ),
             )
         })?;
     let prefix = pkl_name.strip_suffix("data.pkl").unwrap_or_default().to_string();
@@ -75,7 +78,10 @@ pub(crate) fn parse(bytes: &[u8], base: usize, path: &Path) -> Result<Index> {
         if order != b"little" {
             return Err(Error::file(
                 path,
-                format!("saved on a {} machine; only little-endian checkpoints are supported", String::from_utf8_lossy(order)),
+                format!(
+                    "saved on a {} machine; only little-endian checkpoints are supported",
+                    String::from_utf8_lossy(order)
+                ),
             ));
         }
     }
@@ -137,7 +143,10 @@ pub(crate) fn parse(bytes: &[u8], base: usize, path: &Path) -> Result<Index> {
 
 fn read_records(bytes: &[u8], path: &Path) -> Result<HashMap<String, Record>> {
     let damaged = |e: zip::result::ZipError| {
-        Error::file(path, format!("the zip archive is damaged or truncated ({e}); re-download or re-save the checkpoint"))
+        Error::file(
+            path,
+            format!("the zip archive is damaged or truncated ({e}); re-download or re-save the checkpoint"),
+        )
     };
     let mut archive = zip::ZipArchive::new(Cursor::new(bytes)).map_err(damaged)?;
     let mut records = HashMap::with_capacity(archive.len());
@@ -145,7 +154,7 @@ fn read_records(bytes: &[u8], path: &Path) -> Result<HashMap<String, Record>> {
         let file = archive.by_index_raw(i).map_err(damaged)?;
         let name = file.name().map_err(damaged)?.into_owned();
         let start = file.data_start().ok_or_else(|| Error::file(path, format!("zip record {name}: no data offset")))?;
-        let end = start.checked_add(file.compressed_size()).unwrap_or(u64::MAX);
+        let end = start.saturating_add(file.compressed_size());
         if end > bytes.len() as u64 {
             return Err(Error::file(
                 path,
@@ -190,7 +199,8 @@ fn dict_items(v: &Value) -> Vec<(Value, Value)> {
 /// The value of a string key (the last one set wins, as in Python); values are cheap `Rc` clones.
 fn dict_get(dict: &Value, key: &str) -> Option<Value> {
     let Value::Dict(d) = dict else { return None };
-    let found = d.borrow().iter().rev().find(|(k, _)| matches!(k, Value::Str(s) if &**s == key)).map(|(_, v)| v.clone());
+    let found =
+        d.borrow().iter().rev().find(|(k, _)| matches!(k, Value::Str(s) if &**s == key)).map(|(_, v)| v.clone());
     found
 }
 
@@ -215,9 +225,13 @@ fn tensor_entry(
         return Ok(Some(TensorEntry { dtype, shape, data: DataRef::Contiguous(0..0) }));
     }
     let record_name = format!("{prefix}data/{}", t.storage.key);
-    let rec = records.get(&record_name).ok_or_else(|| format!("its storage record {record_name} is missing from the archive"))?;
+    let rec = records
+        .get(&record_name)
+        .ok_or_else(|| format!("its storage record {record_name} is missing from the archive"))?;
     if let Some(method) = &rec.compressed {
-        return Err(format!("its storage record {record_name} is compressed ({method}); re-save the checkpoint with torch"));
+        return Err(format!(
+            "its storage record {record_name} is compressed ({method}); re-save the checkpoint with torch"
+        ));
     }
     let elem = dtype.size();
     let storage_len = rec.range.len();
@@ -230,7 +244,10 @@ fn tensor_entry(
         ));
     }
     // The last element the view touches must lie inside the storage.
-    let last = shape.iter().zip(&strides).try_fold(offset, |acc, (&d, &s)| (d - 1).checked_mul(s).and_then(|x| acc.checked_add(x)));
+    let last = shape
+        .iter()
+        .zip(&strides)
+        .try_fold(offset, |acc, (&d, &s)| (d - 1).checked_mul(s).and_then(|x| acc.checked_add(x)));
     let last = last.ok_or("its strides overflow")?;
     if last >= declared / elem {
         return Err(format!(

@@ -66,7 +66,8 @@ pub fn write_safetensors_to<N: AsRef<str>, T: AsTensorView>(
     tensors: &[(N, T)],
     metadata: Option<&BTreeMap<String, String>>,
 ) -> Result<()> {
-    let mut views: Vec<(&str, TensorView<'_>)> = tensors.iter().map(|(n, t)| (n.as_ref(), t.as_tensor_view())).collect();
+    let mut views: Vec<(&str, TensorView<'_>)> =
+        tensors.iter().map(|(n, t)| (n.as_ref(), t.as_tensor_view())).collect();
     let mut seen = BTreeSet::new();
     for (name, view) in &views {
         if *name == "__metadata__" {
@@ -130,10 +131,8 @@ impl Drop for TempFile {
 /// If `write` fails (or panics) the temporary file is removed and `path` is untouched. Renaming also means a
 /// reader that has the old file mapped keeps seeing the old bytes.
 pub fn write_atomically(path: &Path, write: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
-    let file_name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| Error::file(path, "the path does not name a file"))?;
+    let file_name =
+        path.file_name().and_then(|n| n.to_str()).ok_or_else(|| Error::file(path, "the path does not name a file"))?;
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
