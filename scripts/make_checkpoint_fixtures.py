@@ -2,7 +2,7 @@
 """Writes the checkpoint fixtures of tests/checkpoint.rs with real PyTorch and safetensors.
 
 The fixtures are tiny (a few KB each) and committed, so the Rust tests need no Python. Re-run this script only to
-regenerate them (the output is deterministic up to torch's zip record names):
+regenerate them (the output is deterministic except for the random serialization id torch puts in each zip):
 
     pip install --target .tools/py torch safetensors numpy      # .tools/ is git-ignored
     PYTHONPATH=.tools/py python3 scripts/make_checkpoint_fixtures.py
@@ -140,9 +140,10 @@ def torch_bytes(obj, **kwargs):
     return buf.getvalue()
 
 
-def write_nemo(path, weights, gz):
+def write_nemo(path, weights, gz, members=("./model_weights.ckpt",)):
     with tarfile.open(path, "w:gz" if gz else "w:") as tar:
-        for name, data in [("./model_config.yaml", NEMO_CONFIG.encode()), ("./model_weights.ckpt", weights)]:
+        files = [("./model_config.yaml", NEMO_CONFIG.encode())] + [(m, weights) for m in members]
+        for name, data in files:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             info.mtime = 0
@@ -190,6 +191,19 @@ def main():
     write_nemo(os.path.join(OUT, "tiny_gz.nemo"), weights, gz=True)
     for name in ["tiny.nemo", "tiny_gz.nemo"]:
         expected[name] = {"tensors": describe(nemo_sd), "skipped": [], "config": NEMO_CONFIG}
+
+    # The same state dict pickled with protocol 4 (FRAME, MEMOIZE, STACK_GLOBAL, SHORT_BINUNICODE opcodes).
+    with open(os.path.join(OUT, "tiny_proto4.ckpt"), "wb") as f:
+        f.write(torch_bytes(sd, pickle_protocol=4))
+    expected["tiny_proto4.ckpt"] = expected["tiny.ckpt"]
+
+    # Weights nested under a key the reader does not guess: it must say what it found instead.
+    with open(os.path.join(OUT, "nested.pth"), "wb") as f:
+        f.write(torch_bytes({"model": {"w": torch.ones(2)}, "epoch": 1}))
+
+    # A tensor-parallel .nemo: one weights file per rank, which must be refused with a clear message.
+    write_nemo(os.path.join(OUT, "sharded.nemo"), torch_bytes({"w": torch.ones(1)}), gz=False,
+               members=("./mp_rank_00/model_weights.ckpt", "./mp_rank_01/model_weights.ckpt"))
 
     # The pre-1.6 format (a pickle followed by raw storages), which the reader must recognise and refuse clearly.
     with open(os.path.join(OUT, "legacy.pt"), "wb") as f:

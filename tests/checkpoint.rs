@@ -101,7 +101,7 @@ fn assert_matches_expected(ckpt: &Checkpoint, want: &Value) {
 #[test]
 fn reads_every_fixture_pytorch_wrote() {
     let expected = expected();
-    for name in ["tiny.ckpt", "tiny.safetensors", "lightning.ckpt", "tiny.nemo", "tiny_gz.nemo"] {
+    for name in ["tiny.ckpt", "tiny_proto4.ckpt", "tiny.safetensors", "lightning.ckpt", "tiny.nemo", "tiny_gz.nemo"] {
         let ckpt = Checkpoint::open(&fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_matches_expected(&ckpt, &expected[name]);
     }
@@ -309,6 +309,14 @@ fn non_zip_files_named_like_torch_checkpoints_are_refused_clearly() {
     assert!(err.contains("not a .nemo archive"), "{err}");
     let err = open_err(&dir.path("does-not-exist.ckpt"));
     assert!(err.contains("cannot open"), "{err}");
+}
+
+#[test]
+fn checkpoints_whose_layout_is_not_a_state_dict_say_what_they_hold() {
+    let err = open_err(&fixture("nested.pth"));
+    assert!(err.contains("no tensor zeroconv can read") && err.contains("model (a dict is not a tensor)"), "{err}");
+    let err = open_err(&fixture("sharded.nemo"));
+    assert!(err.contains("2 weight shards") && err.contains("mp_rank_00/model_weights.ckpt"), "{err}");
 }
 
 #[test]

@@ -109,12 +109,11 @@ pub(crate) fn parse(bytes: &[u8], base: usize, path: &Path) -> Result<Index> {
         };
         match &value {
             Value::Tensor(t) => match tensor_entry(t, &prefix, &records, base, bytes.len()) {
-                Ok(Some(entry)) => {
+                Ok(Loaded::Tensor(entry)) => {
                     index.tensors.insert(key, entry);
                 }
-                Ok(None) => {
-                    let StorageDType::Unsupported { name, .. } = &t.storage.dtype else { unreachable!() };
-                    index.skipped.insert(key, format!("dtype {name} is not supported by zeroconv"));
+                Ok(Loaded::Unsupported(dtype)) => {
+                    index.skipped.insert(key, format!("dtype {dtype} is not supported by zeroconv"));
                 }
                 Err(e) => return Err(Error::file(path, format!("tensor '{key}': {e}"))),
             },
@@ -204,17 +203,24 @@ fn dict_get(dict: &Value, key: &str) -> Option<Value> {
     found
 }
 
-/// Validates a tensor against its storage record; `Ok(None)` for a dtype zeroconv does not compute in.
+/// What a state-dict tensor turns out to be.
+enum Loaded {
+    Tensor(TensorEntry),
+    /// A dtype zeroconv does not compute in (bool, uint8, ...), by name.
+    Unsupported(String),
+}
+
+/// Validates a tensor against its storage record.
 fn tensor_entry(
     t: &TensorRef,
     prefix: &str,
     records: &HashMap<String, Record>,
     base: usize,
     zip_len: usize,
-) -> std::result::Result<Option<TensorEntry>, String> {
+) -> std::result::Result<Loaded, String> {
     let dtype = match &t.storage.dtype {
         StorageDType::Supported(d) => *d,
-        StorageDType::Unsupported { .. } => return Ok(None),
+        StorageDType::Unsupported { name, .. } => return Ok(Loaded::Unsupported(name.clone())),
     };
     let to_usize = |v: u64| usize::try_from(v).map_err(|_| format!("{v} does not fit in memory"));
     let shape: Vec<usize> = t.shape.iter().map(|&d| to_usize(d)).collect::<std::result::Result<_, _>>()?;
@@ -222,7 +228,7 @@ fn tensor_entry(
     let offset = to_usize(t.offset)?;
     let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or("its shape overflows")?;
     if numel == 0 {
-        return Ok(Some(TensorEntry { dtype, shape, data: DataRef::Contiguous(0..0) }));
+        return Ok(Loaded::Tensor(TensorEntry { dtype, shape, data: DataRef::Contiguous(0..0) }));
     }
     let record_name = format!("{prefix}data/{}", t.storage.key);
     let rec = records
@@ -259,9 +265,9 @@ fn tensor_entry(
     let storage = base + rec.range.start..base + rec.range.start + declared;
     if is_contiguous(&shape, &strides) {
         let start = storage.start + offset * elem;
-        Ok(Some(TensorEntry { dtype, shape, data: DataRef::Contiguous(start..start + numel * elem) }))
+        Ok(Loaded::Tensor(TensorEntry { dtype, shape, data: DataRef::Contiguous(start..start + numel * elem) }))
     } else {
-        Ok(Some(TensorEntry { dtype, shape, data: DataRef::Strided { storage, offset, strides } }))
+        Ok(Loaded::Tensor(TensorEntry { dtype, shape, data: DataRef::Strided { storage, offset, strides } }))
     }
 }
 
