@@ -108,6 +108,13 @@ fn reads_every_fixture_pytorch_wrote() {
 }
 
 #[test]
+fn checkpoints_can_be_shared_between_loader_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Checkpoint>();
+    assert_send_sync::<TensorView<'static>>();
+}
+
+#[test]
 fn formats_are_recognised_by_content() {
     let format = |name: &str| Checkpoint::open(&fixture(name)).unwrap().format();
     assert_eq!(format("tiny.ckpt"), Format::TorchZip);

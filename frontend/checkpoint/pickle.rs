@@ -536,6 +536,13 @@ fn tuple_items(args: &Value) -> Result<&[Value], String> {
 
 /// REDUCE / NEWOBJ: calls the few functions a state dict needs; everything else becomes an opaque object.
 fn call(callable: &Value, args: Value) -> Result<Value, String> {
+    call_nested(callable, args, 0)
+}
+
+/// Tensor subclasses wrap a rebuild call in another; a crafted pickle could nest them until the stack overflows.
+const MAX_REBUILD_NESTING: usize = 8;
+
+fn call_nested(callable: &Value, args: Value, depth: usize) -> Result<Value, String> {
     let Value::Global(global) = callable else {
         return Ok(Value::Object(format!("<result of calling {}>", callable.describe()).into()));
     };
@@ -548,7 +555,8 @@ fn call(callable: &Value, args: Value) -> Result<Value, String> {
         }
         // A tensor subclass: (rebuild function, subclass, its args, state).
         ("torch._tensor", "_rebuild_from_type_v2" | "_rebuild_from_type") => match tuple_items(&args)? {
-            [func, _class, inner, ..] => call(func, inner.clone()),
+            [_, _, _, ..] if depth >= MAX_REBUILD_NESTING => Err(format!("{name} nested too deeply")),
+            [func, _class, inner, ..] => call_nested(func, inner.clone(), depth + 1),
             _ => Err(format!("{name} with too few arguments")),
         },
         ("collections", "OrderedDict") | ("builtins" | "__builtin__", "dict") => {
