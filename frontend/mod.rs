@@ -1,1 +1,2 @@
 //! Configs, checkpoints, datasets, the CLI and the training loops.
+pub mod checkpoint;
