@@ -1,0 +1,139 @@
+//! The parity tool's core: run one model part on given weights and inputs and return every
+//! tensor a PyTorch user would compare (`zeroconv forward`).
+
+use super::checkpoint::Checkpoint;
+use super::weights::load_params;
+use crate::engine::cpu::CpuBackend;
+use crate::engine::{Backend, HostTensor, Program};
+use crate::error::{Error, Result};
+use crate::graph::autodiff::backward;
+use crate::graph::passes::{self, PassOptions};
+use crate::graph::{DType, Graph, ValueId};
+use crate::models::control_ldm::{self, Batch, ControlLdmConfig};
+use crate::models::{clip, vae, ClipConfig, ModelBuilder, VaeConfig, CLIP_PREFIX, CONTROL_PREFIX, UNET_PREFIX, VAE_PREFIX};
+
+/// Reads input `name` with the expected rank, naming the file and the tensor on error.
+fn input<'a>(inputs: &'a Checkpoint, name: &str, rank: usize) -> Result<(Vec<usize>, HostTensor)> {
+    let t = inputs.tensor(name).map_err(|_| {
+        Error::file(inputs.path(), format!("has no tensor '{name}' (it has: {})", inputs.keys().collect::<Vec<_>>().join(", ")))
+    })?;
+    if t.shape.len() != rank {
+        return Err(Error::file(inputs.path(), format!("'{name}' must have rank {rank}, has shape {:?}", t.shape)));
+    }
+    Ok((t.shape.clone(), t.to_host()))
+}
+
+/// Compiles `g` with outputs `outs`, loads the weights under `prefixes`, uploads `feeds`, runs
+/// one step and downloads `outs` under their names.
+fn run_graph(
+    mut g: Graph,
+    specs: &[crate::models::ParamSpec],
+    ckpt: &Checkpoint,
+    prefixes: &[&str],
+    feeds: &[(ValueId, HostTensor)],
+    outs: &[(String, ValueId)],
+) -> Result<Vec<(String, HostTensor)>> {
+    g.outputs = outs.iter().map(|(_, v)| *v).collect();
+    let opt = passes::optimize(&g, &PassOptions::default())?;
+    let mut prog = CpuBackend::default().compile(opt.graph)?;
+    load_params(&mut prog, &opt.map, specs, ckpt, prefixes)?;
+    for (v, t) in feeds {
+        let Some(nv) = opt.map.get(*v) else { continue };
+        let dtype = prog.graph().dtype(nv);
+        let t = if t.dtype == dtype { t.clone() } else { HostTensor::from_f64(t.shape.clone(), dtype, &t.to_f64())? };
+        prog.upload(nv, &t)?;
+    }
+    prog.launch()?;
+    prog.synchronize()?;
+    outs.iter()
+        .map(|(name, v)| {
+            let nv = opt.map.get(*v).ok_or_else(|| Error::msg(format!("output {name} was optimised away")))?;
+            Ok((name.clone(), prog.download(nv)?))
+        })
+        .collect()
+}
+
+/// ControlNet + locked U-Net: `eps`, `control.{i}`, and with `grad` also `loss` and
+/// `grad.<key>` for every ControlNet parameter.
+pub fn control_ldm(cfg: &ControlLdmConfig, ckpt: &Checkpoint, inputs: &Checkpoint, grad: bool, compute: DType) -> Result<Vec<(String, HostTensor)>> {
+    let (xs, x) = input(inputs, "x", 4)?;
+    let (ts, t) = input(inputs, "t", 1)?;
+    let (cs, c) = input(inputs, "context", 3)?;
+    let (hs, h) = input(inputs, "hint", 4)?;
+    let shape = Batch { batch: xs[0], latent_h: xs[2], latent_w: xs[3], context_len: cs[1] };
+    let expect = |what: &str, got: &[usize], want: Vec<usize>| -> Result<()> {
+        if got == want.as_slice() {
+            Ok(())
+        } else {
+            Err(Error::file(inputs.path(), format!("'{what}' has shape {got:?}; with x {xs:?} it must be {want:?}")))
+        }
+    };
+    expect("x", &xs, vec![shape.batch, cfg.unet.in_channels, shape.latent_h, shape.latent_w])?;
+    expect("t", &ts, vec![shape.batch])?;
+    expect("context", &cs, vec![shape.batch, shape.context_len, cfg.unet.context_dim])?;
+    expect("hint", &hs, vec![shape.batch, cfg.control.hint_channels, 8 * shape.latent_h, 8 * shape.latent_w])?;
+    let t = HostTensor::from_f64(t.shape.clone(), DType::I64, &t.to_f64())?;
+    let mut m = control_ldm::build(cfg, shape, DType::F32, compute, grad)?;
+    let mut feeds = vec![(m.x, x), (m.t, t), (m.context, c), (m.hint, h)];
+    let mut outs: Vec<(String, ValueId)> = vec![("eps".into(), m.eps)];
+    outs.extend(m.control.iter().enumerate().map(|(i, &v)| (format!("control.{i}"), v)));
+    if grad {
+        let (tgs, target) = input(inputs, "target", 4)?;
+        expect("target", &tgs, vec![shape.batch, cfg.unet.out_channels, shape.latent_h, shape.latent_w])?;
+        let loss = m.loss.expect("built with a loss");
+        feeds.push((m.target.expect("built with a target"), target));
+        let params: Vec<(String, ValueId)> = m
+            .b
+            .params
+            .iter()
+            .filter(|p| p.key.starts_with(CONTROL_PREFIX))
+            .map(|p| (p.key.clone(), p.value))
+            .collect();
+        let wrt: Vec<ValueId> = params.iter().map(|p| p.1).collect();
+        let grads = backward(&mut m.b.g, loss, &wrt)?;
+        outs.push(("loss".into(), loss));
+        for (key, v) in params {
+            match grads.get(&v) {
+                Some(&d) => outs.push((format!("grad.{key}"), d)),
+                None => return Err(Error::msg(format!("the loss does not depend on {key}"))),
+            }
+        }
+    }
+    run_graph(m.b.g, &m.b.params, ckpt, &[UNET_PREFIX, CONTROL_PREFIX], &feeds, &outs)
+}
+
+/// The VAE: `image` → `mean`, `logvar` (when present) and `z` → `decoded` (when present).
+pub fn vae_parts(cfg: &VaeConfig, ckpt: &Checkpoint, inputs: &Checkpoint) -> Result<Vec<(String, HostTensor)>> {
+    let mut b = ModelBuilder::new(DType::F32);
+    let mut feeds = Vec::new();
+    let mut outs = Vec::new();
+    if inputs.contains("image") {
+        let (s, img) = input(inputs, "image", 4)?;
+        let x = b.g.input("image", s, DType::F32);
+        let (mean, logvar) = vae::vae_encode(&mut b, VAE_PREFIX, cfg, x)?;
+        feeds.push((x, img));
+        outs.push(("mean".to_string(), mean));
+        outs.push(("logvar".to_string(), logvar));
+    }
+    if inputs.contains("z") {
+        let (s, z) = input(inputs, "z", 4)?;
+        let zv = b.g.input("z", s, DType::F32);
+        let d = vae::vae_decode(&mut b, VAE_PREFIX, cfg, zv)?;
+        feeds.push((zv, z));
+        outs.push(("decoded".to_string(), d));
+    }
+    if outs.is_empty() {
+        return Err(Error::file(inputs.path(), "holds neither 'image' (to encode) nor 'z' (to decode)"));
+    }
+    run_graph(b.g, &b.params, ckpt, &[VAE_PREFIX], &feeds, &outs)
+}
+
+/// The CLIP text encoder: `ids` [B, L] → `hidden` [B, L, D].
+pub fn text(cfg: &ClipConfig, ckpt: &Checkpoint, inputs: &Checkpoint) -> Result<Vec<(String, HostTensor)>> {
+    let (s, ids) = input(inputs, "ids", 2)?;
+    let mut b = ModelBuilder::new(DType::F32);
+    let iv = b.g.input("ids", s, DType::I64);
+    let ids = HostTensor::from_f64(ids.shape.clone(), DType::I64, &ids.to_f64())?;
+    let h = clip::clip_text(&mut b, CLIP_PREFIX, cfg, iv)?;
+    run_graph(b.g, &b.params, ckpt, &[CLIP_PREFIX], &[(iv, ids)], &[("hidden".to_string(), h)])
+}
