@@ -35,15 +35,31 @@ pub struct ModelBuilder {
     pub trainable: bool,
     /// When set, activations of blocks are recomputed in the backward (`use_checkpoint`).
     pub checkpoint_blocks: bool,
+    /// Key → index in `params`, so building a model twice (gradient accumulation unrolls the
+    /// step per micro-batch) shares one set of parameters.
+    by_key: std::collections::HashMap<String, usize>,
 }
 
 impl ModelBuilder {
     pub fn new(param_dtype: DType) -> Self {
-        ModelBuilder { g: Graph::new(), params: Vec::new(), param_dtype, trainable: false, checkpoint_blocks: false }
+        ModelBuilder {
+            g: Graph::new(),
+            params: Vec::new(),
+            param_dtype,
+            trainable: false,
+            checkpoint_blocks: false,
+            by_key: Default::default(),
+        }
     }
 
+    /// The parameter under `key`: created on first use, shared afterwards.
     pub fn param(&mut self, key: &str, shape: impl Into<Shape>, init: Init) -> ValueId {
         let shape = shape.into();
+        if let Some(&i) = self.by_key.get(key) {
+            assert_eq!(self.params[i].shape, shape, "model bug: {key} built with two shapes");
+            return self.params[i].value;
+        }
+        self.by_key.insert(key.to_string(), self.params.len());
         let value = self.g.param(key, shape.clone(), self.param_dtype, self.trainable);
         self.params.push(ParamSpec { key: key.to_string(), shape, trainable: self.trainable, init, value });
         value
