@@ -1,1 +1,4 @@
 //! Configs, checkpoints, datasets, the CLI and the training loops.
+
+pub mod config;
+pub mod tokenizer;
