@@ -75,12 +75,13 @@ impl DeError {
 /// The candidate closest to `word` by edit distance, if it is close enough to be a likely typo.
 pub fn nearest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
     let lower = word.to_lowercase();
+    // Ties go to the candidate of the most similar length (`adamx`: `adamw` before `adam`), then to the first.
     candidates
         .iter()
-        .map(|c| (strsim::damerau_levenshtein(&lower, &c.to_lowercase()), *c))
-        .min()
-        .filter(|(d, c)| *d <= 2 || *d * 3 <= word.len().max(c.len()))
-        .map(|(_, c)| c)
+        .map(|c| (strsim::damerau_levenshtein(&lower, &c.to_lowercase()), c.len().abs_diff(word.len()), *c))
+        .min_by_key(|&(d, len_diff, _)| (d, len_diff))
+        .filter(|(d, _, c)| *d <= 2 || *d * 3 <= word.len().max(c.len()))
+        .map(|(_, _, c)| c)
 }
 
 impl fmt::Display for DeError {

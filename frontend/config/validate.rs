@@ -203,7 +203,7 @@ fn check_control_mirrors_unet(config: &Config) -> Check {
     for ((key, u), (_, c)) in unet.iter().zip(control.iter()) {
         require(u == c, &format!("model.control_stage_config.{key}"), || {
             format!(
-                "is {c}, but model.unet_config.{key} is {u}: the ControlNet starts as a copy of the U-Net's \
+                "{c} differs from model.unet_config.{key} ({u}): the ControlNet starts as a copy of the U-Net's \
                  encoder, so the two must match"
             )
         })?;

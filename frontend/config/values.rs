@@ -32,7 +32,11 @@ impl Precision {
                  use {}-mixed",
                 name.trim_end_matches("-true")
             )),
-            _ => Err(format!("unknown precision `{name}`; expected {}", Precision::EXPECTED)),
+            _ => {
+                let names = ["32", "16", "16-mixed", "bf16", "bf16-mixed"];
+                let hint = super::de::nearest(name, &names).map(|n| format!(" (did you mean {n}?)")).unwrap_or_default();
+                Err(format!("unknown precision `{name}`{hint}; expected {}", Precision::EXPECTED))
+            }
         }
     }
 
