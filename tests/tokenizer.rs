@@ -63,7 +63,8 @@ fn tokens_and_ids_match_transformers() {
     let tok = from_vocab(TokenizerOptions::default());
     for case in cases(&f) {
         let text = case["text"].as_str().unwrap();
-        let expected_tokens: Vec<&str> = case["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+        let expected_tokens: Vec<&str> =
+            case["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
         assert_eq!(tok.tokenize(text), expected_tokens, "tokens of {text:?}");
         let got = tok.encode(text);
         assert_eq!(got.len(), 77);
@@ -80,7 +81,9 @@ fn truncation_keeps_eos_last() {
         let got = tok.encode(text);
         assert_eq!(got, ids(&case["ids_max_length_16"]), "ids of {text:?} at max_length 16");
         let unpadded = tok.encode_unpadded(text);
-        assert!(unpadded.len() <= 16 && unpadded.first() == Some(&tok.bos_id()) && unpadded.last() == Some(&tok.eos_id()));
+        assert!(
+            unpadded.len() <= 16 && unpadded.first() == Some(&tok.bos_id()) && unpadded.last() == Some(&tok.eos_id())
+        );
     }
 }
 
@@ -97,8 +100,9 @@ fn pad_token_is_configurable_like_sd2() {
 #[test]
 fn tokenizer_json_and_directory_load_the_same_tokenizer() {
     let f = fixture();
-    let from_json = ClipTokenizer::from_tokenizer_json(&fixture_dir().join("tokenizer.json"), TokenizerOptions::default())
-        .expect("tokenizer.json");
+    let from_json =
+        ClipTokenizer::from_tokenizer_json(&fixture_dir().join("tokenizer.json"), TokenizerOptions::default())
+            .expect("tokenizer.json");
     let from_dir = ClipTokenizer::from_path(&fixture_dir(), TokenizerOptions::default()).expect("directory");
     for case in cases(&f) {
         let text = case["text"].as_str().unwrap();

@@ -261,11 +261,7 @@ impl<'de> de::Deserializer<'de> for NodeDeserializer<'_> {
         self.deserialize_unit(visitor)
     }
 
-    fn deserialize_newtype_struct<V: Visitor<'de>>(
-        self,
-        _name: &'static str,
-        visitor: V,
-    ) -> Result<V::Value, DeError> {
+    fn deserialize_newtype_struct<V: Visitor<'de>>(self, _name: &'static str, visitor: V) -> Result<V::Value, DeError> {
         visitor.visit_newtype_struct(self)
     }
 
@@ -343,7 +339,9 @@ impl<'de, 'a, I: Iterator<Item = (usize, &'a Node)>> de::SeqAccess<'de> for SeqA
     fn next_element_seed<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<Option<T::Value>, DeError> {
         match self.items.next() {
             None => Ok(None),
-            Some((i, node)) => seed.deserialize(NodeDeserializer { node, path: format!("{}[{i}]", self.path) }).map(Some),
+            Some((i, node)) => {
+                seed.deserialize(NodeDeserializer { node, path: format!("{}[{i}]", self.path) }).map(Some)
+            }
         }
     }
 }
@@ -403,7 +401,11 @@ impl<'de> de::VariantAccess<'de> for UnitVariant<'_> {
     fn tuple_variant<V: Visitor<'de>>(self, _len: usize, _visitor: V) -> Result<V::Value, DeError> {
         Err(DeError::other(format!("`{}` needs values, which a plain name cannot give", self.name)))
     }
-    fn struct_variant<V: Visitor<'de>>(self, _fields: &'static [&'static str], _visitor: V) -> Result<V::Value, DeError> {
+    fn struct_variant<V: Visitor<'de>>(
+        self,
+        _fields: &'static [&'static str],
+        _visitor: V,
+    ) -> Result<V::Value, DeError> {
         Err(DeError::other(format!("`{}` needs a section, which a plain name cannot give", self.name)))
     }
 }

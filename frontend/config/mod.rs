@@ -175,9 +175,9 @@ impl Config {
     /// This run's directory: explicit_log_dir, or exp_dir/name (exp_dir defaults to ./zeroconv_experiments).
     pub fn run_dir(&self) -> PathBuf {
         let e = &self.exp_manager;
-        e.explicit_log_dir.clone().unwrap_or_else(|| {
-            e.exp_dir.clone().unwrap_or_else(|| PathBuf::from("zeroconv_experiments")).join(&e.name)
-        })
+        e.explicit_log_dir
+            .clone()
+            .unwrap_or_else(|| e.exp_dir.clone().unwrap_or_else(|| PathBuf::from("zeroconv_experiments")).join(&e.name))
     }
 }
 

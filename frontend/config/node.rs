@@ -35,7 +35,10 @@ pub struct Node {
 pub enum Value {
     /// A scalar as written. `quoted` is true for quoted and block scalars (and `!!str`): those are strings,
     /// whatever their text looks like.
-    Scalar { text: String, quoted: bool },
+    Scalar {
+        text: String,
+        quoted: bool,
+    },
     Seq(Vec<Node>),
     /// Entries in file order; keys are unique (the YAML reader rejects duplicates).
     Map(Vec<Entry>),

@@ -182,9 +182,11 @@ fn check_unet(arch: &Arch<'_>, at: &str) -> Check {
         .chain(widths.last().copied()) // the middle block always has attention
         .collect();
     match (arch.num_head_channels, arch.num_heads) {
-        (Some(c), _) => require(c > 0 && attention_widths.iter().all(|w| w % c == 0), &key("num_head_channels"), || {
-            format!("{c} must divide every attention width {attention_widths:?}")
-        })?,
+        (Some(c), _) => {
+            require(c > 0 && attention_widths.iter().all(|w| w % c == 0), &key("num_head_channels"), || {
+                format!("{c} must divide every attention width {attention_widths:?}")
+            })?
+        }
         (None, Some(h)) => require(h > 0 && attention_widths.iter().all(|w| w % h == 0), &key("num_heads"), || {
             format!("{h} heads must divide every attention width {attention_widths:?}")
         })?,
@@ -239,7 +241,7 @@ fn check_text_encoder(config: &Config) -> Check {
         format!("{} is more than max_position_embeddings ({})", t.max_length, t.max_position_embeddings)
     })?;
     require(
-        t.num_attention_heads > 0 && t.hidden_size % t.num_attention_heads == 0,
+        t.num_attention_heads > 0 && t.hidden_size.is_multiple_of(t.num_attention_heads),
         &format!("{at}.num_attention_heads"),
         || format!("{} heads must divide hidden_size {}", t.num_attention_heads, t.hidden_size),
     )?;
@@ -278,7 +280,9 @@ fn check_sched(s: &SchedConfig) -> Check {
             format!("give {what}_steps or {what}_ratio, not both")
         })?;
         if let Some(r) = ratio {
-            require((0.0..=1.0).contains(&r), &format!("{at}.{what}_ratio"), || format!("must be in [0, 1], found {r}"))?;
+            require((0.0..=1.0).contains(&r), &format!("{at}.{what}_ratio"), || {
+                format!("must be in [0, 1], found {r}")
+            })?;
         }
     }
     require(s.min_lr >= 0.0, &format!("{at}.min_lr"), || format!("must be >= 0, found {}", s.min_lr))

@@ -34,7 +34,8 @@ impl Precision {
             )),
             _ => {
                 let names = ["32", "16", "16-mixed", "bf16", "bf16-mixed"];
-                let hint = super::de::nearest(name, &names).map(|n| format!(" (did you mean {n}?)")).unwrap_or_default();
+                let hint =
+                    super::de::nearest(name, &names).map(|n| format!(" (did you mean {n}?)")).unwrap_or_default();
                 Err(format!("unknown precision `{name}`{hint}; expected {}", Precision::EXPECTED))
             }
         }

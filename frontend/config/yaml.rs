@@ -33,7 +33,8 @@ fn parse(text: &str, source: &Arc<str>, root_is_map: bool) -> Result<Node> {
         })?;
         builder.on_event(event, span)?;
     }
-    let empty = || if root_is_map { Value::Map(Vec::new()) } else { Value::Scalar { text: String::new(), quoted: false } };
+    let empty =
+        || if root_is_map { Value::Map(Vec::new()) } else { Value::Scalar { text: String::new(), quoted: false } };
     let origin = builder.origin_at(None);
     Ok(builder.root.unwrap_or_else(|| Node::new(empty(), origin)))
 }
@@ -178,7 +179,11 @@ fn apply_merge_keys(entries: &mut Vec<Entry>, merges: Vec<Node>) -> Result<()> {
                     }
                 }
                 _ => {
-                    return Err(Error::msg(format!("{}: `<<` merges a mapping, found {}", source.origin, source.kind())))
+                    return Err(Error::msg(format!(
+                        "{}: `<<` merges a mapping, found {}",
+                        source.origin,
+                        source.kind()
+                    )))
                 }
             }
         }

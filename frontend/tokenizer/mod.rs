@@ -33,7 +33,8 @@ pub const BOS_TOKEN: &str = "<|startoftext|>";
 pub const EOS_TOKEN: &str = "<|endoftext|>";
 
 /// CLIP's pre-tokenizer: special tokens, English contractions, letter runs, single digits, other symbol runs.
-const SPLIT_PATTERN: &str = r"(?i)<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const SPLIT_PATTERN: &str =
+    r"(?i)<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenizerOptions {
@@ -75,10 +76,13 @@ impl ClipTokenizer {
         }
         let id_of = |token: &str, role: &str| {
             vocab.get(token).copied().ok_or_else(|| {
-                Error::msg(format!("the tokenizer's vocabulary has no {role} token {token:?}; is this a CLIP tokenizer?"))
+                Error::msg(format!(
+                    "the tokenizer's vocabulary has no {role} token {token:?}; is this a CLIP tokenizer?"
+                ))
             })
         };
-        let (bos_id, eos_id, pad_id) = (id_of(BOS_TOKEN, "BOS")?, id_of(EOS_TOKEN, "EOS")?, id_of(&options.pad_token, "pad")?);
+        let (bos_id, eos_id, pad_id) =
+            (id_of(BOS_TOKEN, "BOS")?, id_of(EOS_TOKEN, "EOS")?, id_of(&options.pad_token, "pad")?);
         let mut special = vec![(BOS_TOKEN.to_string(), bos_id), (EOS_TOKEN.to_string(), eos_id)];
         if !special.iter().any(|(t, _)| *t == options.pad_token) {
             special.push((options.pad_token.clone(), pad_id));
@@ -135,8 +139,7 @@ impl ClipTokenizer {
     /// The tokenizer `model.cond_stage_config` names: its `tokenizer` path, else `version` when that is a
     /// local directory. (zeroconv does not download: a Hugging Face model name must be downloaded first.)
     pub fn from_config(config: &TextEncoderConfig) -> Result<Self> {
-        let options =
-            TokenizerOptions { max_length: config.max_length as usize, pad_token: config.pad_token.clone() };
+        let options = TokenizerOptions { max_length: config.max_length as usize, pad_token: config.pad_token.clone() };
         let path = match &config.tokenizer {
             Some(path) => path.clone(),
             None if Path::new(&config.version).is_dir() => PathBuf::from(&config.version),
