@@ -409,3 +409,19 @@ impl<'de> de::VariantAccess<'de> for UnitVariant<'_> {
         Err(DeError::other(format!("`{}` needs a section, which a plain name cannot give", self.name)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::nearest;
+
+    #[test]
+    fn suggests_only_likely_typos() {
+        let keys = ["model_channels", "num_res_blocks", "channel_mult", "num_heads"];
+        assert_eq!(nearest("model_chanels", &keys), Some("model_channels"));
+        assert_eq!(nearest("chanel_mult", &keys), Some("channel_mult"));
+        assert_eq!(nearest("num_haeds", &keys), Some("num_heads"));
+        assert_eq!(nearest("Model_Channels", &keys), Some("model_channels"));
+        assert_eq!(nearest("learning_rate", &keys), None);
+        assert_eq!(nearest("adamx", &["adamw", "adam", "fused_adam"]), Some("adamw"));
+    }
+}

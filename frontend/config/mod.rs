@@ -52,7 +52,7 @@ use node::{join_path, Node, Origin, Value};
 
 /// The tiny configuration, compiled in: `zeroconv train` with no config file trains it.
 pub const TINY_YAML: &str = include_str!("../../configs/tiny.yaml");
-const TINY_SOURCE: &str = "configs/tiny.yaml (built in)";
+const TINY_SOURCE: &str = "built-in configs/tiny.yaml";
 
 /// What loading found besides the config itself.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -275,3 +275,29 @@ fn unwrap_in(node: &mut Node, path: &str, merged: &mut HashSet<String>) -> Resul
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_match_exact_paths_and_wildcards() {
+        assert_eq!(ignored_rule("model.parameterization").map(|r| r.accepts), Some(Accepts::Only(&["eps"])));
+        assert!(ignored_rule("model.unet_config._target_").is_some());
+        assert!(ignored_rule("model.first_stage_config.lossconfig.target").is_some());
+        assert!(ignored_rule("model.unet_config.model_channels").is_none());
+        assert!(ignored_rule("trainer.parameterization").is_none());
+        let under_trainer = ignored_names_under("trainer");
+        assert!(under_trainer.contains(&"logger") && !under_trainer.contains(&"parameterization"));
+        assert!(ignored_names_under("").contains(&"hydra"));
+    }
+
+    #[test]
+    fn every_rule_is_unique_and_explained() {
+        let mut paths: Vec<&str> = IGNORED_KEYS.iter().map(|k| k.path).collect();
+        paths.sort();
+        paths.dedup();
+        assert_eq!(paths.len(), IGNORED_KEYS.len());
+        assert!(IGNORED_KEYS.iter().all(|k| !k.why.is_empty()));
+    }
+}

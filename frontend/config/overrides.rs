@@ -97,11 +97,8 @@ fn parse_value(text: &str, origin: &Origin) -> std::result::Result<Node, String>
         ));
     }
     let source: Arc<str> = Arc::from("value");
-    let mut node = yaml::parse_value(text, &source).map_err(|e| {
-        let msg = e.to_string();
-        let msg = msg.strip_prefix("value:").map_or(msg.as_str(), |m| m.trim_start_matches(|c: char| c != ' '));
-        format!("invalid value `{text}`:{msg} (quote it if it is a string: '{text}')")
-    })?;
+    let mut node = yaml::parse_value(text, &source)
+        .map_err(|msg| format!("invalid value `{text}`: {msg} (quote it if it is a string: '{text}')"))?;
     set_origin(&mut node, origin);
     Ok(node)
 }
@@ -218,5 +215,35 @@ fn section_mut<'a>(node: &'a mut Node, path: &str, text: &str, create: bool) -> 
             let what = if path.is_empty() { "the config root" } else { path };
             Err(fail(text, format!("{what} is {kind}, not a section")))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_hydra_forms() {
+        let set = parse("model.unet_config.model_channels=64").unwrap();
+        assert_eq!((set.op, set.path.join("/")), (Op::Set, "model/unet_config/model_channels".to_string()));
+        assert_eq!(set.value.unwrap().describe(), "64");
+        assert_eq!(parse("+a.b=1").unwrap().op, Op::Add);
+        assert_eq!(parse("++a.b=1").unwrap().op, Op::ForceSet);
+        let delete = parse("~a.b").unwrap();
+        assert!(delete.op == Op::Delete && delete.value.is_none());
+        assert_eq!(parse("a=[x.tar, 'y z']").unwrap().value.unwrap().describe(), "[x.tar, \"y z\"]");
+        assert_eq!(parse("a=").unwrap().value.unwrap().describe(), "\"\"");
+        assert_eq!(parse("a='1,2'").unwrap().value.unwrap().describe(), "\"1,2\"");
+        assert!(parse("a=1,2").is_err());
+        assert!(parse("a").is_err());
+    }
+
+    #[test]
+    fn merged_params_segments_are_skipped() {
+        let unwrapped: HashSet<String> = ["model.control_stage_config".to_string()].into();
+        let path: Vec<String> = "model.control_stage_config.params.x".split('.').map(str::to_string).collect();
+        assert_eq!(without_merged_params(&path, &unwrapped).join("."), "model.control_stage_config.x");
+        let other: Vec<String> = "model.unet_config.params.x".split('.').map(str::to_string).collect();
+        assert_eq!(without_merged_params(&other, &unwrapped).join("."), "model.unet_config.params.x");
     }
 }

@@ -10,17 +10,34 @@ use std::sync::Arc;
 use saphyr_parser::{Event, Parser, ScalarStyle, Span};
 
 use super::node::{Entry, Node, Origin, Value};
-use crate::error::{Error, Result};
+use crate::error::Error;
+
+/// A problem in the YAML text and where it is.
+#[derive(Debug)]
+struct YamlError {
+    origin: Origin,
+    msg: String,
+}
+
+type Result<T> = std::result::Result<T, YamlError>;
+
+fn fail<T>(origin: &Origin, msg: impl Into<String>) -> Result<T> {
+    Err(YamlError { origin: origin.clone(), msg: msg.into() })
+}
 
 /// Parses one YAML document holding a config: a mapping (an empty document gives an empty map). `source`
 /// names it in errors.
-pub fn parse_document(text: &str, source: &Arc<str>) -> Result<Node> {
-    parse(text, source, true)
+pub fn parse_document(text: &str, source: &Arc<str>) -> crate::error::Result<Node> {
+    parse(text, source, true).map_err(|e| Error::msg(format!("{}: {}", e.origin, e.msg)))
 }
 
-/// Parses one YAML value of any kind (an override's right-hand side). Empty text is null.
-pub fn parse_value(text: &str, source: &Arc<str>) -> Result<Node> {
-    parse(text, source, false)
+/// Parses one YAML value of any kind (an override's right-hand side). Empty text is null. The error names the
+/// character where the value stops making sense.
+pub fn parse_value(text: &str, source: &Arc<str>) -> std::result::Result<Node, String> {
+    parse(text, source, false).map_err(|e| match e.origin {
+        Origin::File { col, .. } => format!("{} (at character {col})", e.msg),
+        Origin::Override(_) => e.msg,
+    })
 }
 
 fn parse(text: &str, source: &Arc<str>, root_is_map: bool) -> Result<Node> {
@@ -29,7 +46,7 @@ fn parse(text: &str, source: &Arc<str>, root_is_map: bool) -> Result<Node> {
     for event in Parser::new_from_str(text) {
         let (event, span) = event.map_err(|e| {
             let origin = Origin::File { source: source.clone(), line: e.marker().line(), col: e.marker().col() + 1 };
-            Error::msg(format!("{origin}: invalid YAML: {}", e.info()))
+            YamlError { origin, msg: format!("invalid YAML: {}", e.info()) }
         })?;
         builder.on_event(event, span)?;
     }
@@ -64,12 +81,12 @@ impl Builder {
         match event {
             Event::StreamStart | Event::StreamEnd | Event::DocumentEnd | Event::Nothing => Ok(()),
             Event::DocumentStart(_) => match self.root {
-                Some(_) => Err(Error::msg(format!("{origin}: a config file holds one YAML document, found a second"))),
+                Some(_) => fail(&origin, "a config file holds one YAML document, found a second"),
                 None => Ok(()),
             },
             Event::Alias(id) => match self.anchors.get(&id) {
                 Some(node) => self.complete(node.clone()),
-                None => Err(Error::msg(format!("{origin}: alias to an unknown anchor"))),
+                None => fail(&origin, "alias to an unknown anchor"),
             },
             Event::Scalar(text, style, anchor, tag) => {
                 let is_str_tag = tag.as_ref().is_some_and(|t| t.is_yaml_core_schema() && t.suffix == "str");
@@ -92,7 +109,7 @@ impl Builder {
                     self.remember(anchor, &node);
                     self.complete(node)
                 }
-                _ => Err(Error::msg(format!("{origin}: unbalanced YAML sequence"))),
+                _ => fail(&origin, "unbalanced YAML sequence"),
             },
             Event::MappingEnd => match self.stack.pop() {
                 Some(Frame::Map { mut entries, merges, origin, anchor, .. }) => {
@@ -101,7 +118,7 @@ impl Builder {
                     self.remember(anchor, &node);
                     self.complete(node)
                 }
-                _ => Err(Error::msg(format!("{origin}: unbalanced YAML mapping"))),
+                _ => fail(&origin, "unbalanced YAML mapping"),
             },
         }
     }
@@ -121,11 +138,9 @@ impl Builder {
             }
             None => {
                 if !matches!(node.value, Value::Map(_)) && !node.is_null() {
-                    return Err(Error::msg(format!(
-                        "{}: a config file must be a mapping of sections (like `model:`), found {}",
-                        node.origin,
-                        node.kind()
-                    )));
+                    let msg =
+                        format!("a config file must be a mapping of sections (like `model:`), found {}", node.kind());
+                    return fail(&node.origin, msg);
                 }
                 let origin = node.origin.clone();
                 self.root = Some(if node.is_null() { Node::empty_map(origin) } else { node });
@@ -141,7 +156,7 @@ impl Builder {
                         *key = Some((text, node.origin));
                         Ok(())
                     }
-                    _ => Err(Error::msg(format!("{}: a key must be a plain name, found {}", node.origin, node.kind()))),
+                    _ => fail(&node.origin, format!("a key must be a plain name, found {}", node.kind())),
                 },
                 Some((k, _)) if k == "<<" => {
                     merges.push(node);
@@ -149,10 +164,7 @@ impl Builder {
                 }
                 Some((k, key_origin)) => {
                     if let Some(first) = entries.iter().find(|e| e.key == k) {
-                        return Err(Error::msg(format!(
-                            "{key_origin}: duplicate key `{k}` (first given at {})",
-                            first.key_origin
-                        )));
+                        return fail(&key_origin, format!("duplicate key `{k}` (first given at {})", first.key_origin));
                     }
                     entries.push(Entry { key: k, key_origin, value: node });
                     Ok(())
@@ -178,13 +190,7 @@ fn apply_merge_keys(entries: &mut Vec<Entry>, merges: Vec<Node>) -> Result<()> {
                         }
                     }
                 }
-                _ => {
-                    return Err(Error::msg(format!(
-                        "{}: `<<` merges a mapping, found {}",
-                        source.origin,
-                        source.kind()
-                    )))
-                }
+                _ => return fail(&source.origin, format!("`<<` merges a mapping, found {}", source.kind())),
             }
         }
     }
@@ -195,7 +201,7 @@ fn apply_merge_keys(entries: &mut Vec<Entry>, merges: Vec<Node>) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn parse(text: &str) -> Result<Node> {
+    fn parse(text: &str) -> crate::error::Result<Node> {
         parse_document(text, &Arc::from("t.yaml"))
     }
 
@@ -236,5 +242,7 @@ mod tests {
         assert!(err.contains("must be a mapping"), "{err}");
         let err = parse("a: 1\n---\nb: 2\n").unwrap_err().to_string();
         assert!(err.contains("one YAML document"), "{err}");
+        let err = parse_value("[a, b", &Arc::from("value")).unwrap_err();
+        assert!(err.starts_with("invalid YAML:") && err.contains("(at character"), "{err}");
     }
 }
