@@ -5,7 +5,7 @@
 //! longer string is replaced by the target's text. Resolvers (`${oc.env:HOME}`) are not supported. A failed
 //! interpolation becomes an [`Value::Invalid`] node, an error only where zeroconv reads that key.
 
-use super::node::{Node, Value};
+use super::node::{Entry, Node, Value};
 
 /// The tree with every interpolation replaced by its target's value.
 pub fn resolve(root: &Node) -> Node {
@@ -26,10 +26,10 @@ fn resolve_node(node: &Node, root: &Node, path: &mut Vec<String>, stack: &mut Ve
         Value::Map(entries) => Value::Map(
             entries
                 .iter()
-                .map(|e| {
-                    let mut e2 = e.clone();
-                    e2.value = with_segment(path, e.key.clone(), |p| resolve_node(&e.value, root, p, stack));
-                    e2
+                .map(|e| Entry {
+                    key: e.key.clone(),
+                    key_origin: e.key_origin.clone(),
+                    value: with_segment(path, e.key.clone(), |p| resolve_node(&e.value, root, p, stack)),
                 })
                 .collect(),
         ),
@@ -127,11 +127,10 @@ fn target(reference: &str, root: &Node, path: &[String], stack: &mut Vec<Vec<Str
         Vec::new()
     } else {
         // `.x` is a sibling: it starts from the node's container; each further dot goes one level up.
-        let up = dots;
-        if up > path.len() {
+        if dots > path.len() {
             return Err(format!("interpolation `{shown}` goes above the config root"));
         }
-        path[..path.len() - up].to_vec()
+        path[..path.len() - dots].to_vec()
     };
     let rest = &reference[dots..];
     if rest.is_empty() {
@@ -150,8 +149,7 @@ fn target(reference: &str, root: &Node, path: &[String], stack: &mut Vec<Vec<Str
         .lookup(&target_path)
         .ok_or_else(|| format!("interpolation `{shown}`: {} is not in the config", target_path.join(".")))?;
     stack.push(path.to_vec());
-    let mut target_path_owned = target_path;
-    let resolved = resolve_node(node, root, &mut target_path_owned, stack);
+    let resolved = resolve_node(node, root, &mut target_path, stack);
     stack.pop();
     match &resolved.value {
         Value::Invalid(msg) => Err(msg.clone()),

@@ -76,19 +76,8 @@ impl Node {
         }
     }
 
-    pub fn entries_mut(&mut self) -> Option<&mut Vec<Entry>> {
-        match &mut self.value {
-            Value::Map(entries) => Some(entries),
-            _ => None,
-        }
-    }
-
     pub fn get(&self, key: &str) -> Option<&Node> {
         self.entries()?.iter().find(|e| e.key == key).map(|e| &e.value)
-    }
-
-    pub fn get_mut(&mut self, key: &str) -> Option<&mut Node> {
-        self.entries_mut()?.iter_mut().find(|e| e.key == key).map(|e| &mut e.value)
     }
 
     /// The node at a dotted path; a numeric segment indexes a list.
