@@ -1,5 +1,8 @@
 //! Configs, checkpoints, datasets, the CLI and the training loops.
+
 pub mod checkpoint;
+pub mod config;
 pub mod forward;
 pub mod rng;
+pub mod tokenizer;
 pub mod weights;

@@ -1,0 +1,163 @@
+//! The CLIP tokenizer against ids produced by transformers' CLIPTokenizer (scripts/make_tokenizer_fixture.py)
+//! on the small vocabulary in tests/fixtures/tokenizer/.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use zeroconv::frontend::config::TextEncoderConfig;
+use zeroconv::frontend::tokenizer::{ClipTokenizer, TokenizerOptions};
+
+fn fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer")
+}
+
+fn fixture() -> Value {
+    let text = fs::read_to_string(fixture_dir().join("expected.json")).expect("fixture expected.json");
+    serde_json::from_str(&text).expect("fixture is JSON")
+}
+
+fn ids(value: &Value) -> Vec<u32> {
+    value.as_array().expect("an id list").iter().map(|v| v.as_u64().expect("an id") as u32).collect()
+}
+
+fn options(max_length: usize, pad_token: &str) -> TokenizerOptions {
+    TokenizerOptions { max_length, pad_token: pad_token.to_string() }
+}
+
+fn from_vocab(opts: TokenizerOptions) -> ClipTokenizer {
+    let dir = fixture_dir();
+    ClipTokenizer::from_vocab_and_merges(&dir.join("vocab.json"), &dir.join("merges.txt"), opts).expect("tokenizer")
+}
+
+fn cases(fixture: &Value) -> &Vec<Value> {
+    fixture["cases"].as_array().expect("cases")
+}
+
+#[test]
+fn fixture_covers_what_it_should() {
+    let f = fixture();
+    let cases = cases(&f);
+    assert!(cases.len() >= 20);
+    let longest = cases.iter().map(|c| c["tokens"].as_array().unwrap().len()).max().unwrap();
+    assert!(longest > 75, "a caption longer than 77 tokens with BOS and EOS (longest: {longest})");
+    // Captions where transformers' fast tokenizer gives other ids: matching them shows the slow behaviour.
+    assert!(cases.iter().any(|c| c["fast_tokenizer_agrees"] == Value::Bool(false)));
+}
+
+#[test]
+fn special_ids_match_transformers() {
+    let f = fixture();
+    let tok = from_vocab(TokenizerOptions::default());
+    assert_eq!(u64::from(tok.bos_id()), f["bos_id"].as_u64().unwrap());
+    assert_eq!(u64::from(tok.eos_id()), f["eos_id"].as_u64().unwrap());
+    assert_eq!(u64::from(tok.pad_id()), f["pad_id"].as_u64().unwrap());
+    assert_eq!(tok.vocab_size() as u64, f["vocab_size"].as_u64().unwrap());
+    let bang = from_vocab(options(77, "!"));
+    assert_eq!(u64::from(bang.pad_id()), f["pad_bang_id"].as_u64().unwrap());
+}
+
+#[test]
+fn tokens_and_ids_match_transformers() {
+    let f = fixture();
+    let tok = from_vocab(TokenizerOptions::default());
+    for case in cases(&f) {
+        let text = case["text"].as_str().unwrap();
+        let expected_tokens: Vec<&str> =
+            case["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+        assert_eq!(tok.tokenize(text), expected_tokens, "tokens of {text:?}");
+        let got = tok.encode(text);
+        assert_eq!(got.len(), 77);
+        assert_eq!(got, ids(&case["ids"]), "ids of {text:?}");
+    }
+}
+
+#[test]
+fn truncation_keeps_eos_last() {
+    let f = fixture();
+    let tok = from_vocab(options(16, "<|endoftext|>"));
+    for case in cases(&f) {
+        let text = case["text"].as_str().unwrap();
+        let got = tok.encode(text);
+        assert_eq!(got, ids(&case["ids_max_length_16"]), "ids of {text:?} at max_length 16");
+        let unpadded = tok.encode_unpadded(text);
+        assert!(
+            unpadded.len() <= 16 && unpadded.first() == Some(&tok.bos_id()) && unpadded.last() == Some(&tok.eos_id())
+        );
+    }
+}
+
+#[test]
+fn pad_token_is_configurable_like_sd2() {
+    let f = fixture();
+    let tok = from_vocab(options(77, "!"));
+    for case in cases(&f) {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(tok.encode(text), ids(&case["ids_pad_bang"]), "ids of {text:?} with pad_token \"!\"");
+    }
+}
+
+#[test]
+fn tokenizer_json_and_directory_load_the_same_tokenizer() {
+    let f = fixture();
+    let from_json =
+        ClipTokenizer::from_tokenizer_json(&fixture_dir().join("tokenizer.json"), TokenizerOptions::default())
+            .expect("tokenizer.json");
+    let from_dir = ClipTokenizer::from_path(&fixture_dir(), TokenizerOptions::default()).expect("directory");
+    for case in cases(&f) {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(from_json.encode(text), ids(&case["ids"]), "tokenizer.json ids of {text:?}");
+        assert_eq!(from_dir.encode(text), ids(&case["ids"]), "directory ids of {text:?}");
+    }
+}
+
+#[test]
+fn from_config_uses_the_tokenizer_key() {
+    let config = TextEncoderConfig { tokenizer: Some(fixture_dir()), max_length: 16, ..TextEncoderConfig::default() };
+    let tok = ClipTokenizer::from_config(&config).expect("tokenizer from config");
+    assert_eq!(tok.max_length(), 16);
+    let err = ClipTokenizer::from_config(&TextEncoderConfig::default()).err().expect("no local files").to_string();
+    assert!(err.contains("model.cond_stage_config.tokenizer"), "{err}");
+}
+
+#[test]
+fn batch_and_decode() {
+    let tok = from_vocab(TokenizerOptions::default());
+    let batch = tok.encode_batch(&["a photo of a cat", "two dogs"]);
+    assert_eq!(batch.len(), 2 * 77);
+    assert_eq!(&batch[..77], tok.encode("a photo of a cat").as_slice());
+    assert_eq!(tok.decode(&tok.encode("A photo of a cat, high quality!")), "a photo of a cat , high quality !");
+    assert_eq!(tok.decode(&tok.encode("Café naïve")), "café naïve");
+}
+
+#[test]
+fn bad_files_give_clear_errors() {
+    let dir = std::env::temp_dir().join(format!("zeroconv-tokenizer-test-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let vocab = fixture_dir().join("vocab.json");
+
+    let merges = dir.join("merges.txt");
+    fs::write(&merges, "#version: 0.2\na b\nthree parts here\n").unwrap();
+    let err = ClipTokenizer::from_vocab_and_merges(&vocab, &merges, TokenizerOptions::default()).err().unwrap();
+    assert!(err.to_string().contains("line 3: expected two symbols"), "{err}");
+
+    let bad_vocab = dir.join("vocab.json");
+    fs::write(&bad_vocab, "[1, 2]").unwrap();
+    let err = ClipTokenizer::from_vocab_and_merges(&bad_vocab, &merges, TokenizerOptions::default()).err().unwrap();
+    assert!(err.to_string().contains("not a vocab.json"), "{err}");
+
+    let json = dir.join("tokenizer.json");
+    fs::write(&json, r#"{"model": {"type": "WordPiece", "vocab": {}, "merges": []}}"#).unwrap();
+    let err = ClipTokenizer::from_tokenizer_json(&json, TokenizerOptions::default()).err().unwrap();
+    assert!(err.to_string().contains("not a CLIP tokenizer"), "{err}");
+
+    let missing = ClipTokenizer::from_path(&dir.join("nowhere"), TokenizerOptions::default()).err().unwrap();
+    assert!(missing.to_string().contains("no tokenizer here"), "{missing}");
+
+    let dir_merges = fixture_dir().join("merges.txt");
+    let err = ClipTokenizer::from_vocab_and_merges(&vocab, &dir_merges, options(77, "<pad>")).err().unwrap();
+    assert!(err.to_string().contains("no pad token \"<pad>\""), "{err}");
+    let err = ClipTokenizer::from_vocab_and_merges(&vocab, &dir_merges, options(1, "!")).err().unwrap();
+    assert!(err.to_string().contains("at least 2"), "{err}");
+    fs::remove_dir_all(&dir).ok();
+}
