@@ -10,12 +10,17 @@ use crate::graph::autodiff::backward;
 use crate::graph::passes::{self, PassOptions};
 use crate::graph::{DType, Graph, ValueId};
 use crate::models::control_ldm::{self, Batch, ControlLdmConfig};
-use crate::models::{clip, vae, ClipConfig, ModelBuilder, VaeConfig, CLIP_PREFIX, CONTROL_PREFIX, UNET_PREFIX, VAE_PREFIX};
+use crate::models::{
+    clip, vae, ClipConfig, ModelBuilder, VaeConfig, CLIP_PREFIX, CONTROL_PREFIX, UNET_PREFIX, VAE_PREFIX,
+};
 
 /// Reads input `name` with the expected rank, naming the file and the tensor on error.
 fn input<'a>(inputs: &'a Checkpoint, name: &str, rank: usize) -> Result<(Vec<usize>, HostTensor)> {
     let t = inputs.tensor(name).map_err(|_| {
-        Error::file(inputs.path(), format!("has no tensor '{name}' (it has: {})", inputs.keys().collect::<Vec<_>>().join(", ")))
+        Error::file(
+            inputs.path(),
+            format!("has no tensor '{name}' (it has: {})", inputs.keys().collect::<Vec<_>>().join(", ")),
+        )
     })?;
     if t.shape.len() != rank {
         return Err(Error::file(inputs.path(), format!("'{name}' must have rank {rank}, has shape {:?}", t.shape)));
@@ -55,7 +60,13 @@ fn run_graph(
 
 /// ControlNet + locked U-Net: `eps`, `control.{i}`, and with `grad` also `loss` and
 /// `grad.<key>` for every ControlNet parameter.
-pub fn control_ldm(cfg: &ControlLdmConfig, ckpt: &Checkpoint, inputs: &Checkpoint, grad: bool, compute: DType) -> Result<Vec<(String, HostTensor)>> {
+pub fn control_ldm(
+    cfg: &ControlLdmConfig,
+    ckpt: &Checkpoint,
+    inputs: &Checkpoint,
+    grad: bool,
+    compute: DType,
+) -> Result<Vec<(String, HostTensor)>> {
     let (xs, x) = input(inputs, "x", 4)?;
     let (ts, t) = input(inputs, "t", 1)?;
     let (cs, c) = input(inputs, "context", 3)?;
@@ -82,13 +93,8 @@ pub fn control_ldm(cfg: &ControlLdmConfig, ckpt: &Checkpoint, inputs: &Checkpoin
         expect("target", &tgs, vec![shape.batch, cfg.unet.out_channels, shape.latent_h, shape.latent_w])?;
         let loss = m.loss.expect("built with a loss");
         feeds.push((m.target.expect("built with a target"), target));
-        let params: Vec<(String, ValueId)> = m
-            .b
-            .params
-            .iter()
-            .filter(|p| p.key.starts_with(CONTROL_PREFIX))
-            .map(|p| (p.key.clone(), p.value))
-            .collect();
+        let params: Vec<(String, ValueId)> =
+            m.b.params.iter().filter(|p| p.key.starts_with(CONTROL_PREFIX)).map(|p| (p.key.clone(), p.value)).collect();
         let wrt: Vec<ValueId> = params.iter().map(|p| p.1).collect();
         let grads = backward(&mut m.b.g, loss, &wrt)?;
         outs.push(("loss".into(), loss));

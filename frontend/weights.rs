@@ -10,10 +10,7 @@ use crate::models::{Init, ParamSpec};
 
 /// The (key relative to `prefix`, shape) pairs of the parameters under `prefix`.
 pub fn expected_under(specs: &[ParamSpec], prefix: &str) -> Vec<(String, Vec<usize>)> {
-    specs
-        .iter()
-        .filter_map(|p| p.key.strip_prefix(prefix).map(|k| (k.to_string(), p.shape.dims().to_vec())))
-        .collect()
+    specs.iter().filter_map(|p| p.key.strip_prefix(prefix).map(|k| (k.to_string(), p.shape.dims().to_vec()))).collect()
 }
 
 /// Checks, then uploads every parameter whose key starts with one of `prefixes` from `ckpt`.
@@ -53,7 +50,12 @@ pub fn init_value(spec: &ParamSpec, rng: &mut super::rng::Rng) -> Vec<f64> {
 }
 
 /// Downloads every parameter under `prefix` as (key, tensor), for export.
-pub fn collect_params<P: Program>(prog: &mut P, map: &ValueMap, specs: &[ParamSpec], prefix: &str) -> Result<Vec<(String, HostTensor)>> {
+pub fn collect_params<P: Program>(
+    prog: &mut P,
+    map: &ValueMap,
+    specs: &[ParamSpec],
+    prefix: &str,
+) -> Result<Vec<(String, HostTensor)>> {
     specs
         .iter()
         .filter(|s| s.key.starts_with(prefix))

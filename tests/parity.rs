@@ -2,17 +2,85 @@
 //! configurations: see tests/fixtures/parity/README.md for how the fixtures were made.
 
 use std::path::PathBuf;
-use zeroconv::frontend::checkpoint::Checkpoint;
+use zeroconv::engine::HostTensor;
+use zeroconv::frontend::checkpoint::{write_safetensors, Checkpoint};
 use zeroconv::frontend::forward;
 use zeroconv::graph::DType;
 use zeroconv::models::control_ldm::ControlLdmConfig;
-use zeroconv::models::{ClipConfig, ControlNetConfig, UNetConfig};
+use zeroconv::models::counts::{clip_params, controlnet_params, unet_params, vae_params};
+use zeroconv::models::{ClipConfig, ControlNetConfig, ParamSpec, UNetConfig, VaeConfig};
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity")
+}
 
 fn fixture(name: &str) -> Checkpoint {
-    let dir = std::env::var("ZEROCONV_PARITY_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity"));
-    Checkpoint::open(&dir.join(name)).unwrap_or_else(|e| panic!("{e}"))
+    Checkpoint::open(&dir().join(name)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The fixture's weight generator (README "The weight generator"): FNV-1a of the key seeds a
+/// SplitMix64 stream, one draw per element.
+fn generated(key: &str, shape: &[usize]) -> Vec<f64> {
+    let mut state = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+    let mut draw = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let n: usize = shape.iter().product();
+    let fan_in: usize = shape[1..].iter().product();
+    (0..n)
+        .map(|_| {
+            let s = 2.0 * ((draw() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)) - 1.0;
+            let v = if key.ends_with(".bias") {
+                0.1 * s
+            } else if shape.len() == 1 {
+                1.0 + 0.1 * s
+            } else {
+                s / (fan_in as f64).sqrt()
+            };
+            v as f32 as f64
+        })
+        .collect()
+}
+
+/// Checks that the model's parameters are exactly the fixture's key list (names and shapes, in
+/// order), then writes the generated weights to a temporary safetensors file and opens it.
+fn weights(name: &str, specs: &[ParamSpec]) -> Checkpoint {
+    let text = std::fs::read_to_string(dir().join(format!("{name}.keys.json"))).unwrap();
+    let list: Vec<(String, Vec<usize>)> = serde_json::from_str(&text).unwrap();
+    let ours: Vec<(String, Vec<usize>)> = specs.iter().map(|p| (p.key.clone(), p.shape.dims().to_vec())).collect();
+    assert_eq!(ours, list, "{name}: the model's parameters differ from the fixture's key list");
+    let tensors: Vec<(String, HostTensor)> = list
+        .iter()
+        .map(|(k, s)| (k.clone(), HostTensor::from_f64(s.clone(), DType::F32, &generated(k, s)).unwrap()))
+        .collect();
+    let path = std::env::temp_dir().join(format!("zeroconv-parity-{name}-{}.safetensors", std::process::id()));
+    write_safetensors(&path, &tensors, None).unwrap();
+    let ckpt = Checkpoint::open(&path).unwrap();
+    let _ = std::fs::remove_file(&path); // the mapping stays valid after unlinking
+    ckpt
+}
+
+#[test]
+fn weight_generator_matches_the_fixture_contract() {
+    let w = generated("model.diffusion_model.input_blocks.0.0.weight", &[32, 4, 3, 3]);
+    assert_eq!(
+        &w[..3].iter().map(|&v| (v as f32).to_bits()).collect::<Vec<_>>(),
+        &[0x3d5e1f07, 0xbe2632b8, 0x3d10193d]
+    );
+    let b = generated("model.diffusion_model.input_blocks.0.0.bias", &[32]);
+    assert_eq!(
+        &b[..3].iter().map(|&v| (v as f32).to_bits()).collect::<Vec<_>>(),
+        &[0x3dad0d05, 0x3cba2c80, 0x3d8a227d]
+    );
+    let g = generated("model.diffusion_model.out.0.weight", &[32]);
+    assert_eq!(
+        &g[..3].iter().map(|&v| (v as f32).to_bits()).collect::<Vec<_>>(),
+        &[0x3f6ecc20, 0x3f84fd9f, 0x3f7ef750]
+    );
 }
 
 /// ‖got − want‖₂ / ‖want‖₂.
@@ -58,7 +126,9 @@ fn check_control_ldm(name: &str, unet: UNetConfig) {
         strength: 1.0,
         guess_mode: false,
     };
-    let weights = fixture(&format!("{name}.weights.safetensors"));
+    let mut specs = unet_params(&cfg.unet).unwrap();
+    specs.extend(controlnet_params(&cfg.control).unwrap());
+    let weights = weights(name, &specs);
     let inputs = fixture(&format!("{name}.inputs.safetensors"));
     let expected = fixture(&format!("{name}.expected.safetensors"));
     let outs = forward::control_ldm(&cfg, &weights, &inputs, true, DType::F32).unwrap();
@@ -114,8 +184,30 @@ fn clip_text_encoder_matches_transformers() {
         num_heads: 4,
         layer_norm_eps: 1e-5,
     };
-    let outs = forward::text(&cfg, &fixture("clip_tiny.weights.safetensors"), &fixture("clip_tiny.inputs.safetensors")).unwrap();
+    let w = weights("clip_tiny", &clip_params(&cfg).unwrap());
+    let outs = forward::text(&cfg, &w, &fixture("clip_tiny.inputs.safetensors")).unwrap();
     let want = fixture("clip_tiny.expected.safetensors").tensor("hidden").unwrap().to_f64();
     let err = rel_l2(&outs[0].1.to_f64(), &want);
     assert!(err < 1e-4, "clip hidden: relative L2 error {err:.2e}");
+}
+
+#[test]
+fn vae_matches_diffusers() {
+    let cfg = VaeConfig {
+        ch: 32,
+        ch_mult: vec![1, 2],
+        num_res_blocks: 1,
+        resolution: 32,
+        attn_resolutions: vec![],
+        ..Default::default()
+    };
+    let w = weights("vae_tiny", &vae_params(&cfg).unwrap());
+    let outs = forward::vae_parts(&cfg, &w, &fixture("vae_tiny.inputs.safetensors")).unwrap();
+    let expected = fixture("vae_tiny.expected.safetensors");
+    assert_eq!(outs.len(), 3);
+    for (name, got) in &outs {
+        let want = expected.tensor(name).unwrap().to_f64();
+        let err = rel_l2(&got.to_f64(), &want);
+        assert!(err < 1e-4, "vae {name}: relative L2 error {err:.2e}");
+    }
 }
