@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod forward;
+pub mod model_config;
 pub mod rng;
 pub mod tokenizer;
 pub mod weights;

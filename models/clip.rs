@@ -3,7 +3,7 @@
 //! layers with quick-GELU MLPs, and the final layer norm, whose output is the U-Net's context.
 
 use super::builder::{Init, ModelBuilder};
-use super::config::ClipConfig;
+use super::config::{ClipConfig, ClipOutput};
 use crate::error::{Error, Result};
 use crate::graph::{UnaryOp, ValueId};
 
@@ -26,7 +26,15 @@ pub fn clip_text(b: &mut ModelBuilder, prefix: &str, cfg: &ClipConfig, ids: Valu
     let pos = b.g.slice(pos, 0, 0, l)?;
     let mut x = b.g.add(x, pos)?;
     let heads = cfg.num_heads;
-    for i in 0..cfg.num_layers {
+    let layers = match cfg.output {
+        ClipOutput::Last => cfg.num_layers,
+        ClipOutput::Penultimate => cfg.num_layers.saturating_sub(1),
+        ClipOutput::Hidden(i) if i < cfg.num_layers => i + 1,
+        ClipOutput::Hidden(i) => {
+            return Err(Error::msg(format!("text encoder: layer {i} requested, it has {}", cfg.num_layers)))
+        }
+    };
+    for i in 0..layers {
         let p = format!("{prefix}.encoder.layers.{i}");
         x = b.block(|b| {
             let h = b.layer_norm(&format!("{p}.layer_norm1"), x, d, cfg.layer_norm_eps)?;
@@ -43,5 +51,8 @@ pub fn clip_text(b: &mut ModelBuilder, prefix: &str, cfg: &ClipConfig, ids: Valu
             b.g.add(x, h)
         })?;
     }
-    b.layer_norm(&format!("{prefix}.final_layer_norm"), x, d, cfg.layer_norm_eps)
+    match cfg.output {
+        ClipOutput::Hidden(_) => Ok(x),
+        _ => b.layer_norm(&format!("{prefix}.final_layer_norm"), x, d, cfg.layer_norm_eps),
+    }
 }

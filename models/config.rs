@@ -174,6 +174,20 @@ pub struct ClipConfig {
     pub num_layers: usize,
     pub num_heads: usize,
     pub layer_norm_eps: f64,
+    /// Which hidden state conditions the U-Net.
+    pub output: ClipOutput,
+}
+
+/// The text encoder output the U-Net reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClipOutput {
+    /// The final layer norm of the last layer's output (SD 1.x's FrozenCLIPEmbedder, layer "last").
+    Last,
+    /// The final layer norm of the second-to-last layer's output (SD 2.x's FrozenOpenCLIPEmbedder,
+    /// layer "penultimate", which applies `ln_final` after stopping one block early).
+    Penultimate,
+    /// The raw output of layer `i` (0-based), no final norm (FrozenCLIPEmbedder, layer "hidden").
+    Hidden(usize),
 }
 
 impl Default for ClipConfig {
@@ -186,6 +200,7 @@ impl Default for ClipConfig {
             num_layers: 12,
             num_heads: 12,
             layer_norm_eps: 1e-5,
+            output: ClipOutput::Last,
         }
     }
 }

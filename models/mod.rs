@@ -14,7 +14,7 @@ pub mod unet;
 pub mod vae;
 
 pub use builder::{Init, ModelBuilder, ParamSpec};
-pub use config::{ClipConfig, ControlNetConfig, UNetConfig, VaeConfig};
+pub use config::{ClipConfig, ClipOutput, ControlNetConfig, UNetConfig, VaeConfig};
 
 /// Checkpoint key prefixes of the original `ControlLDM` / `LatentDiffusion`.
 pub const UNET_PREFIX: &str = "model.diffusion_model";

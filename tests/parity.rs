@@ -183,6 +183,7 @@ fn clip_text_encoder_matches_transformers() {
         num_layers: 2,
         num_heads: 4,
         layer_norm_eps: 1e-5,
+        output: zeroconv::models::ClipOutput::Last,
     };
     let w = weights("clip_tiny", &clip_params(&cfg).unwrap());
     let outs = forward::text(&cfg, &w, &fixture("clip_tiny.inputs.safetensors")).unwrap();

@@ -1,0 +1,114 @@
+//! From the config file's sections to the models' hyper-parameters.
+
+use super::config::{self as schema, ClipLayer, Config};
+use crate::error::{Error, Result};
+use crate::models::control_ldm::ControlLdmConfig;
+use crate::models::{ClipConfig, ClipOutput, ControlNetConfig, UNetConfig, VaeConfig};
+
+fn heads(v: Option<u32>) -> i64 {
+    v.map_or(-1, |h| h as i64)
+}
+
+pub fn unet(c: &schema::UNetConfig) -> UNetConfig {
+    UNetConfig {
+        image_size: c.image_size as usize,
+        in_channels: c.in_channels as usize,
+        out_channels: c.out_channels as usize,
+        model_channels: c.model_channels as usize,
+        attention_resolutions: c.attention_resolutions.iter().map(|&v| v as usize).collect(),
+        num_res_blocks: vec![c.num_res_blocks as usize; c.channel_mult.len()],
+        channel_mult: c.channel_mult.iter().map(|&v| v as usize).collect(),
+        num_heads: heads(c.num_heads),
+        num_head_channels: heads(c.num_head_channels),
+        use_spatial_transformer: c.use_spatial_transformer,
+        transformer_depth: c.transformer_depth as usize,
+        context_dim: c.context_dim as usize,
+        use_linear_in_transformer: c.use_linear_in_transformer,
+        legacy: c.legacy,
+        use_checkpoint: c.use_checkpoint,
+        use_flash_attention: c.use_flash_attention,
+    }
+}
+
+pub fn controlnet(c: &schema::ControlNetConfig, out_channels: usize) -> ControlNetConfig {
+    ControlNetConfig {
+        unet: UNetConfig {
+            image_size: c.image_size as usize,
+            in_channels: c.in_channels as usize,
+            out_channels,
+            model_channels: c.model_channels as usize,
+            attention_resolutions: c.attention_resolutions.iter().map(|&v| v as usize).collect(),
+            num_res_blocks: vec![c.num_res_blocks as usize; c.channel_mult.len()],
+            channel_mult: c.channel_mult.iter().map(|&v| v as usize).collect(),
+            num_heads: heads(c.num_heads),
+            num_head_channels: heads(c.num_head_channels),
+            use_spatial_transformer: c.use_spatial_transformer,
+            transformer_depth: c.transformer_depth as usize,
+            context_dim: c.context_dim as usize,
+            use_linear_in_transformer: c.use_linear_in_transformer,
+            legacy: c.legacy,
+            use_checkpoint: c.use_checkpoint,
+            use_flash_attention: c.use_flash_attention,
+        },
+        hint_channels: c.hint_channels as usize,
+    }
+}
+
+pub fn vae(c: &schema::AutoencoderConfig, scale_factor: f64) -> VaeConfig {
+    let d = &c.ddconfig;
+    VaeConfig {
+        embed_dim: c.embed_dim as usize,
+        double_z: d.double_z,
+        z_channels: d.z_channels as usize,
+        resolution: d.resolution as usize,
+        in_channels: d.in_channels as usize,
+        out_ch: d.out_ch as usize,
+        ch: d.ch as usize,
+        ch_mult: d.ch_mult.iter().map(|&v| v as usize).collect(),
+        num_res_blocks: d.num_res_blocks as usize,
+        attn_resolutions: d.attn_resolutions.iter().map(|&v| v as usize).collect(),
+        scale_factor,
+    }
+}
+
+pub fn clip(c: &schema::TextEncoderConfig) -> Result<ClipConfig> {
+    let layers = c.num_hidden_layers as usize;
+    let output = match c.layer {
+        ClipLayer::Last => ClipOutput::Last,
+        ClipLayer::Penultimate => ClipOutput::Penultimate,
+        ClipLayer::Hidden => {
+            let idx = c.layer_idx.ok_or_else(|| {
+                Error::msg("model.cond_stage_config.layer_idx: required when layer is 'hidden'".to_string())
+            })?;
+            // Negative indices count from the end of hidden_states (which starts with the embeddings).
+            let i = if idx < 0 { layers as i64 + 1 + idx as i64 } else { idx as i64 };
+            if i < 1 || i as usize > layers {
+                return Err(Error::msg(format!("model.cond_stage_config.layer_idx: {idx} is outside 1..={layers}")));
+            }
+            ClipOutput::Hidden(i as usize - 1)
+        }
+    };
+    Ok(ClipConfig {
+        vocab_size: c.vocab_size as usize,
+        max_position_embeddings: c.max_position_embeddings as usize,
+        hidden_size: c.hidden_size as usize,
+        intermediate_size: c.intermediate_size as usize,
+        num_layers: layers,
+        num_heads: c.num_attention_heads as usize,
+        layer_norm_eps: 1e-5,
+        output,
+    })
+}
+
+pub fn control_ldm(cfg: &Config) -> ControlLdmConfig {
+    let m = &cfg.model;
+    let unet = unet(&m.unet_config);
+    ControlLdmConfig {
+        control: controlnet(&m.control_stage_config, unet.out_channels),
+        unet,
+        only_mid_control: m.only_mid_control,
+        sd_locked: m.sd_locked,
+        strength: m.strength,
+        guess_mode: m.guess_mode,
+    }
+}
