@@ -2,6 +2,7 @@
 //! Nothing here touches a device, a file or a config format.
 
 pub mod dtype;
+pub mod fusion;
 pub mod ir;
 pub mod op;
 pub mod shape;

@@ -4,6 +4,7 @@
 //! Each op knows its output shapes (`infer`), so a graph is shape-checked as it is built.
 
 use super::dtype::DType;
+use super::fusion::kernel::{FusedKernel, MultiAdamW};
 use super::shape::Shape;
 use crate::error::{Error, Result};
 
@@ -180,6 +181,10 @@ pub enum Op {
         eps: F64Bits,
         weight_decay: F64Bits,
     },
+    /// A fused group of pointwise ops (optionally after a normalisation), made by the fusion pass.
+    Fused(Box<FusedKernel>),
+    /// Several AdamW updates in one kernel, made by the fusion pass.
+    MultiAdamW(Box<MultiAdamW>),
 }
 
 fn check_float(op: &str, d: DType) -> Result<()> {
@@ -232,6 +237,8 @@ impl Op {
             Op::MseLoss => "mse_loss".into(),
             Op::MseLossBackward => "mse_loss_backward".into(),
             Op::AdamW { .. } => "adamw".into(),
+            Op::Fused(k) => k.name.clone(),
+            Op::MultiAdamW(k) => k.name.clone(),
         }
     }
 
@@ -264,13 +271,15 @@ impl Op {
             Op::AdamW { beta1, beta2, eps, weight_decay } => {
                 format!("beta1={} beta2={} eps={} wd={}", beta1.get(), beta2.get(), eps.get(), weight_decay.get())
             }
+            Op::Fused(k) => format!("[{}]", k.ops.join(" ")),
+            Op::MultiAdamW(k) => format!("tensors={}", k.tensors),
             _ => String::new(),
         }
     }
 
     /// True for ops that write their inputs in place (they are kept by dead-code elimination).
     pub fn has_side_effects(&self) -> bool {
-        matches!(self, Op::AdamW { .. })
+        matches!(self, Op::AdamW { .. } | Op::MultiAdamW(_))
     }
 
     /// True for ops whose output is a view of the input's bytes (same element order).
@@ -558,6 +567,19 @@ impl Op {
                 arity(3)?;
                 same(ins[0].0, ins[1].0, "prediction and target differ")?;
                 Ok(vec![(ins[0].0.clone(), ins[0].1)])
+            }
+            Op::Fused(k) => {
+                if ins.len() != k.input_shapes.len() {
+                    return Err(Error::shape(
+                        &n,
+                        format!("expects {} inputs, got {}", k.input_shapes.len(), ins.len()),
+                    ));
+                }
+                Ok(k.outputs.iter().map(|&(_, d)| (k.shape.clone(), d)).collect())
+            }
+            Op::MultiAdamW(k) => {
+                arity(4 * k.tensors + 1)?;
+                Ok(vec![])
             }
             Op::AdamW { .. } => {
                 arity(5)?;

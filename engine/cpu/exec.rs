@@ -78,7 +78,10 @@ fn float_compute(g: &Graph, node: &Node) -> DType {
 
 /// Ops with their own handling of dtypes (no staging).
 fn is_special(op: &Op) -> bool {
-    matches!(op, Op::Reshape { .. } | Op::Cast { .. } | Op::TimestepEmbedding { .. } | Op::AdamW { .. })
+    matches!(
+        op,
+        Op::Reshape { .. } | Op::Cast { .. } | Op::TimestepEmbedding { .. } | Op::AdamW { .. } | Op::MultiAdamW(_)
+    )
 }
 
 fn conv_geom(x: &Shape, w: &Shape, y: &Shape, stride: usize, pad: usize) -> ConvGeom {
@@ -119,6 +122,7 @@ fn kernel_scratch_len(g: &Graph, node: &Node, threads: usize) -> usize {
             let geom = AttnGeom::from_shapes(s(0), s(1), s(2), scale.get(), *causal);
             linalg::attention_scratch_len(&geom, threads)
         }
+        Op::Fused(k) => super::fused::scratch_len(k, threads),
         _ => 0,
     }
 }
@@ -239,36 +243,14 @@ impl CpuProgram {
                 return Ok(());
             }
             Op::AdamW { beta1, beta2, eps, weight_decay } => {
-                let h = self.read_f64(node.inputs[4])?;
-                let hyper = [h[0], h[1], h[2]];
-                let (b1, b2, e, wd) = (beta1.get(), beta2.get(), eps.get(), weight_decay.get());
-                // SAFETY: param, grad, m and v are distinct values (params/state are separate
-                // source buffers, grad is in the arena), so the four views do not alias.
-                unsafe {
-                    match self.graph.dtype(node.inputs[0]) {
-                        DType::F32 => ew::adamw(
-                            self.view_mut::<f32>(node.inputs[0])?,
-                            self.view::<f32>(node.inputs[1])?,
-                            self.view_mut::<f32>(node.inputs[2])?,
-                            self.view_mut::<f32>(node.inputs[3])?,
-                            hyper,
-                            b1,
-                            b2,
-                            e,
-                            wd,
-                        ),
-                        _ => ew::adamw(
-                            self.view_mut::<f64>(node.inputs[0])?,
-                            self.view::<f64>(node.inputs[1])?,
-                            self.view_mut::<f64>(node.inputs[2])?,
-                            self.view_mut::<f64>(node.inputs[3])?,
-                            hyper,
-                            b1,
-                            b2,
-                            e,
-                            wd,
-                        ),
-                    }
+                let hp = (beta1.get(), beta2.get(), eps.get(), weight_decay.get());
+                return self.run_adamw(&node.inputs[..4], node.inputs[4], hp);
+            }
+            Op::MultiAdamW(k) => {
+                let hp = (k.beta1.get(), k.beta2.get(), k.eps.get(), k.weight_decay.get());
+                let hyper = node.inputs[4 * k.tensors];
+                for t in 0..k.tensors {
+                    self.run_adamw(&node.inputs[4 * t..4 * t + 4], hyper, hp)?;
                 }
                 return Ok(());
             }
@@ -278,6 +260,41 @@ impl CpuProgram {
             DType::F64 => self.run_generic::<f64>(i),
             _ => self.run_generic::<f32>(i),
         }
+    }
+
+    /// One AdamW update of (param, grad, m, v) with hyper-parameters read from `hyper`.
+    fn run_adamw(&self, pgmv: &[ValueId], hyper: ValueId, (b1, b2, e, wd): (f64, f64, f64, f64)) -> Result<()> {
+        let h = self.read_f64(hyper)?;
+        let hyper = [h[0], h[1], h[2]];
+        // SAFETY: param, grad, m and v are distinct values (params/state are separate source
+        // buffers, grad is in the arena), so the four views do not alias.
+        unsafe {
+            match self.graph.dtype(pgmv[0]) {
+                DType::F32 => ew::adamw(
+                    self.view_mut::<f32>(pgmv[0])?,
+                    self.view::<f32>(pgmv[1])?,
+                    self.view_mut::<f32>(pgmv[2])?,
+                    self.view_mut::<f32>(pgmv[3])?,
+                    hyper,
+                    b1,
+                    b2,
+                    e,
+                    wd,
+                ),
+                _ => ew::adamw(
+                    self.view_mut::<f64>(pgmv[0])?,
+                    self.view::<f64>(pgmv[1])?,
+                    self.view_mut::<f64>(pgmv[2])?,
+                    self.view_mut::<f64>(pgmv[3])?,
+                    hyper,
+                    b1,
+                    b2,
+                    e,
+                    wd,
+                ),
+            }
+        }
+        Ok(())
     }
 
     fn run_cast(&self, node: &Node) -> Result<()> {
@@ -489,7 +506,12 @@ impl CpuProgram {
             Op::BroadcastTo { .. } => ew::broadcast_to(ins[0], s(0), outs[0], os(0)),
             Op::MseLoss => outs[0][0] = ew::mse_loss(ins[0], ins[1]),
             Op::MseLossBackward => ew::mse_loss_backward(ins[0], ins[1], ins[2][0], outs[0]),
-            Op::Reshape { .. } | Op::Cast { .. } | Op::TimestepEmbedding { .. } | Op::AdamW { .. } => {
+            Op::Fused(k) => super::fused::run(k, ins, outs, scratch, self.threads),
+            Op::Reshape { .. }
+            | Op::Cast { .. }
+            | Op::TimestepEmbedding { .. }
+            | Op::AdamW { .. }
+            | Op::MultiAdamW(_) => {
                 unreachable!("handled in run_node")
             }
         }

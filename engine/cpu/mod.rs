@@ -5,6 +5,7 @@ pub mod conv;
 pub mod elementwise;
 pub mod exec;
 pub mod float;
+pub mod fused;
 pub mod gemm;
 pub mod layout;
 pub mod linalg;

@@ -21,6 +21,8 @@ pub struct PassOptions {
     pub checkpointing: bool,
     /// Record a text dump before and after each pass.
     pub dumps: bool,
+    /// Fuse pointwise chains, normalisation epilogues and the AdamW updates (`model.inductor`).
+    pub fusion: bool,
 }
 
 /// The result of running the pass pipeline.
@@ -30,10 +32,13 @@ pub struct Optimized {
     pub map: ValueMap,
     /// (pass name, dump after it), the first being the input graph.
     pub dumps: Vec<(String, String)>,
+    /// What the fusion pass decided (empty when fusion is off).
+    pub fusion: Option<crate::graph::fusion::FusionReport>,
 }
 
-/// Runs CSE, DCE and (optionally) checkpointing, in that order: CSE must come first, or it
-/// would merge recomputed activations back into the forward ones.
+/// Runs CSE, DCE, (optionally) checkpointing and (optionally) fusion, in that order: CSE must
+/// come before checkpointing, or it would merge recomputed activations back into the forward
+/// ones, and fusion comes last so it sees the recomputation too.
 pub fn optimize(g: &Graph, opts: &PassOptions) -> Result<Optimized> {
     let mut dumps = Vec::new();
     if opts.dumps {
@@ -55,7 +60,18 @@ pub fn optimize(g: &Graph, opts: &PassOptions) -> Result<Optimized> {
             dumps.push((name.to_string(), dump::dump(&graph)));
         }
     }
-    Ok(Optimized { graph, map, dumps })
+    let mut fusion = None;
+    if opts.fusion {
+        let (next, m, report) = crate::graph::fusion::fuse(&graph)?;
+        next.validate()?;
+        map = map.then(&m);
+        graph = next;
+        if opts.dumps {
+            dumps.push(("fusion".to_string(), dump::dump(&graph)));
+        }
+        fusion = Some(report);
+    }
+    Ok(Optimized { graph, map, dumps, fusion })
 }
 
 /// Maps a list of value ids through `map`, failing if one was removed.

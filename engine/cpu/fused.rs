@@ -1,0 +1,224 @@
+//! Fused kernels on the CPU: the group's register program runs over cache-sized blocks of the
+//! iteration space, one instruction at a time over the whole block (so each step is a tight,
+//! vectorisable loop), in parallel over contiguous ranges. Anchored groups first compute the
+//! GroupNorm/LayerNorm statistics of each normalisation unit, then run the epilogue as the
+//! normalised values are produced.
+
+use super::elementwise::{unary_derivative, unary_value};
+use super::float::Float;
+use crate::graph::fusion::{Anchor, FusedKernel, Instr};
+use crate::graph::{BinaryOp, DType, Shape};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// Elements per block: registers × BLOCK values stay in L1/L2.
+pub const BLOCK: usize = 256;
+
+pub fn scratch_len(k: &FusedKernel, slots: usize) -> usize {
+    k.registers().max(1) * BLOCK * slots.max(1)
+}
+
+/// How an input is read for a range of output elements.
+enum Loader {
+    Same,
+    Scalar,
+    Broadcast { dims: Vec<usize>, strides: Vec<usize> },
+}
+
+impl Loader {
+    fn new(input: &Shape, out: &Shape) -> Self {
+        if input == out {
+            Loader::Same
+        } else if input.numel() == 1 {
+            Loader::Scalar
+        } else {
+            Loader::Broadcast { dims: out.dims().to_vec(), strides: input.broadcast_strides(out) }
+        }
+    }
+
+    fn load<T: Float>(&self, src: &[T], start: usize, dst: &mut [T]) {
+        match self {
+            Loader::Same => dst.copy_from_slice(&src[start..start + dst.len()]),
+            Loader::Scalar => dst.fill(src[0]),
+            Loader::Broadcast { dims, strides } => {
+                // Odometer over the output index, starting at `start`.
+                let r = dims.len();
+                let mut idx = vec![0usize; r];
+                let mut rem = start;
+                let mut off = 0;
+                for a in (0..r).rev() {
+                    idx[a] = rem % dims[a];
+                    rem /= dims[a];
+                    off += idx[a] * strides[a];
+                }
+                for d in dst.iter_mut() {
+                    *d = src[off];
+                    for a in (0..r).rev() {
+                        idx[a] += 1;
+                        off += strides[a];
+                        if idx[a] < dims[a] {
+                            break;
+                        }
+                        off -= dims[a] * strides[a];
+                        idx[a] = 0;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Rounds `v` to `dt`'s precision, keeping it in the compute type.
+#[inline]
+fn round<T: Float>(v: T, dt: DType) -> T {
+    match dt {
+        DType::BF16 => T::from_f64(bf16::from_f64(v.to_f64()).to_f64()),
+        DType::F16 => T::from_f64(f16::from_f64(v.to_f64()).to_f64()),
+        DType::F32 => T::from_f64(v.to_f64() as f32 as f64),
+        _ => v,
+    }
+}
+
+/// The normalisation of an anchored group: per unit (a GroupNorm group or a LayerNorm row),
+/// mean and 1/std; and the per-element scale and shift.
+struct Norm<'a, T> {
+    unit: usize,
+    /// Elements sharing one gamma/beta entry (GroupNorm: spatial size; LayerNorm: 1).
+    inner: usize,
+    /// gamma/beta period (GroupNorm: C; LayerNorm: D).
+    period: usize,
+    gamma: &'a [T],
+    beta: &'a [T],
+    eps: f64,
+}
+
+impl<T: Float> Norm<'_, T> {
+    fn stats(&self, x: &[T]) -> (T, T) {
+        let n = T::from_f64(x.len() as f64);
+        let mean = x.iter().copied().sum::<T>() / n;
+        let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<T>() / n;
+        (mean, T::ONE / (var + T::from_f64(self.eps)).sqrt())
+    }
+}
+
+/// Runs `k` with inputs `ins` (each of its `input_shapes`) into `outs` (each of `k.shape`).
+pub fn run<T: Float>(k: &FusedKernel, ins: &[&[T]], outs: &mut [&mut [T]], scratch: &mut [T], slots: usize) {
+    let total = k.shape.numel();
+    let loaders: Vec<Loader> = k.input_shapes.iter().map(|s| Loader::new(s, &k.shape)).collect();
+    let norm = match &k.anchor {
+        Anchor::None => None,
+        Anchor::GroupNorm { groups, eps } => {
+            let d = k.shape.dims();
+            let (c, s) = (d[1], k.shape.numel() / (d[0] * d[1]).max(1));
+            Some(Norm { unit: c / groups * s, inner: s, period: c, gamma: ins[1], beta: ins[2], eps: eps.get() })
+        }
+        Anchor::LayerNorm { eps } => {
+            let dd = *k.shape.dims().last().unwrap_or(&1);
+            Some(Norm { unit: dd, inner: 1, period: dd, gamma: ins[1], beta: ins[2], eps: eps.get() })
+        }
+    };
+    // Contiguous ranges, one per slot, aligned to normalisation units (or blocks).
+    let align = norm.as_ref().map_or(BLOCK, |n| n.unit.max(1));
+    let units = total.div_ceil(align);
+    let per_slot = units.div_ceil(slots.max(1)).max(1) * align;
+    let nslots = total.div_ceil(per_slot.max(1));
+    let regs = k.registers().max(1);
+    // Split every output at the slot boundaries.
+    let mut parts: Vec<Vec<&mut [T]>> = (0..nslots).map(|_| Vec::with_capacity(outs.len())).collect();
+    for o in outs.iter_mut() {
+        let mut rest: &mut [T] = o;
+        for p in parts.iter_mut() {
+            let take = per_slot.min(rest.len());
+            let (a, b) = std::mem::take(&mut rest).split_at_mut(take);
+            p.push(a);
+            rest = b;
+        }
+    }
+    parts.into_par_iter().zip(scratch.par_chunks_mut(regs * BLOCK)).enumerate().for_each(
+        |(si, (mut mine, regs_buf))| {
+            let start = si * per_slot;
+            let end = (start + per_slot).min(total);
+            match &norm {
+                None => run_range(k, &loaders, ins, &mut mine, regs_buf, start, start, end, None),
+                Some(nm) => {
+                    let mut u = start;
+                    while u < end {
+                        let (mean, rstd) = nm.stats(&ins[0][u..u + nm.unit]);
+                        run_range(k, &loaders, ins, &mut mine, regs_buf, start, u, u + nm.unit, Some((nm, mean, rstd)));
+                        u += nm.unit;
+                    }
+                }
+            }
+        },
+    );
+}
+
+/// Evaluates elements [from, to) of the iteration space; `base` is where `outs` start.
+#[allow(clippy::too_many_arguments)]
+fn run_range<T: Float>(
+    k: &FusedKernel,
+    loaders: &[Loader],
+    ins: &[&[T]],
+    outs: &mut [&mut [T]],
+    regs: &mut [T],
+    base: usize,
+    from: usize,
+    to: usize,
+    norm: Option<(&Norm<'_, T>, T, T)>,
+) {
+    let mut e0 = from;
+    while e0 < to {
+        let len = BLOCK.min(to - e0);
+        for (r, ins_r) in k.body.iter().enumerate() {
+            let (before, after) = regs.split_at_mut(r * BLOCK);
+            let dst = &mut after[..len];
+            let src = |a: usize| &before[a * BLOCK..a * BLOCK + len];
+            match *ins_r {
+                Instr::Load(i) => loaders[i].load(ins[i], e0, dst),
+                Instr::Anchor => {
+                    let (nm, mean, rstd) = norm.expect("anchored group");
+                    for (j, d) in dst.iter_mut().enumerate() {
+                        let e = e0 + j;
+                        let c = (e / nm.inner) % nm.period;
+                        *d = (ins[0][e] - mean) * rstd * nm.gamma[c] + nm.beta[c];
+                    }
+                }
+                Instr::Const(c) => dst.fill(T::from_f64(c.get())),
+                Instr::Unary(u, a) => {
+                    for (d, &x) in dst.iter_mut().zip(src(a)) {
+                        *d = unary_value(u, x);
+                    }
+                }
+                Instr::UnaryBackward(u, x, dy) => {
+                    for ((d, &xv), &g) in dst.iter_mut().zip(src(x)).zip(src(dy)) {
+                        *d = g * unary_derivative(u, xv);
+                    }
+                }
+                Instr::Binary(b, a, c) => {
+                    let (xa, xc) = (src(a), src(c));
+                    match b {
+                        BinaryOp::Add => dst.iter_mut().zip(xa).zip(xc).for_each(|((d, &p), &q)| *d = p + q),
+                        BinaryOp::Sub => dst.iter_mut().zip(xa).zip(xc).for_each(|((d, &p), &q)| *d = p - q),
+                        BinaryOp::Mul => dst.iter_mut().zip(xa).zip(xc).for_each(|((d, &p), &q)| *d = p * q),
+                        BinaryOp::Div => dst.iter_mut().zip(xa).zip(xc).for_each(|((d, &p), &q)| *d = p / q),
+                    }
+                }
+                Instr::Affine(a, alpha, beta) => {
+                    let (al, be) = (T::from_f64(alpha.get()), T::from_f64(beta.get()));
+                    for (d, &x) in dst.iter_mut().zip(src(a)) {
+                        *d = x * al + be;
+                    }
+                }
+                Instr::Round(a, dt) => {
+                    for (d, &x) in dst.iter_mut().zip(src(a)) {
+                        *d = round(x, dt);
+                    }
+                }
+            }
+        }
+        for (o, &(r, _)) in outs.iter_mut().zip(&k.outputs) {
+            o[e0 - base..e0 - base + len].copy_from_slice(&regs[r * BLOCK..r * BLOCK + len]);
+        }
+        e0 += len;
+    }
+}
