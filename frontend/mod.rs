@@ -5,5 +5,6 @@ pub mod config;
 pub mod forward;
 pub mod model_config;
 pub mod rng;
+pub mod step;
 pub mod tokenizer;
 pub mod weights;

@@ -58,8 +58,50 @@ pub fn append_adamw(g: &mut Graph, pairs: &[(ValueId, ValueId)], cfg: &AdamWConf
 /// Differentiates `loss` with respect to every trainable parameter and appends their AdamW
 /// update: the whole training step in one graph. Returns the hyper input.
 pub fn append_training_step(g: &mut Graph, loss: ValueId, cfg: &AdamWConfig) -> Result<ValueId> {
+    append_training_step_clipped(g, loss, cfg, None)
+}
+
+/// As `append_training_step`, clipping the gradients to a global L2 norm of at most `clip` first
+/// (`torch.nn.utils.clip_grad_norm_`: g ← g · min(1, clip / (‖g‖ + 1e-6))).
+pub fn append_training_step_clipped(g: &mut Graph, loss: ValueId, cfg: &AdamWConfig, clip: Option<f64>) -> Result<ValueId> {
     let params = g.trainable_params();
     let grads = super::autodiff::backward(g, loss, &params)?;
-    let pairs: Vec<(ValueId, ValueId)> = params.iter().filter_map(|p| grads.get(p).map(|&d| (*p, d))).collect();
+    let mut pairs: Vec<(ValueId, ValueId)> = params.iter().filter_map(|p| grads.get(p).map(|&d| (*p, d))).collect();
+    if let Some(max_norm) = clip {
+        g.set_phase(Phase::Backward);
+        pairs = clip_grad_norm(g, &pairs, max_norm)?;
+        g.set_phase(Phase::Forward);
+    }
     append_adamw(g, &pairs, cfg)
+}
+
+/// Scales every gradient by min(1, max_norm / (‖all gradients‖₂ + 1e-6)), in the graph.
+pub fn clip_grad_norm(g: &mut Graph, pairs: &[(ValueId, ValueId)], max_norm: f64) -> Result<Vec<(ValueId, ValueId)>> {
+    let mut total: Option<ValueId> = None;
+    for &(_, d) in pairs {
+        let d32 = g.cast(d, DType::F32)?;
+        let sq = g.unary(super::op::UnaryOp::Square, d32)?;
+        let axes: Vec<usize> = (0..g.shape(sq).rank()).collect();
+        let s = if axes.is_empty() { sq } else { g.sum(sq, &axes, false)? };
+        total = Some(match total {
+            Some(t) => g.add(t, s)?,
+            None => s,
+        });
+    }
+    let Some(total) = total else { return Ok(pairs.to_vec()) };
+    let norm = g.unary(super::op::UnaryOp::Sqrt, total)?;
+    let denom = g.affine(norm, 1.0, 1e-6)?;
+    let ratio = g.unary(super::op::UnaryOp::Recip, denom)?;
+    let ratio = g.scale(ratio, max_norm)?;
+    // min(1, r) = 1 - relu(1 - r)
+    let one_minus = g.affine(ratio, -1.0, 1.0)?;
+    let relu = g.unary(super::op::UnaryOp::Relu, one_minus)?;
+    let factor = g.affine(relu, -1.0, 1.0)?;
+    pairs
+        .iter()
+        .map(|&(p, d)| {
+            let f = g.cast(factor, g.dtype(d))?;
+            Ok((p, g.mul(d, f)?))
+        })
+        .collect()
 }

@@ -1,0 +1,63 @@
+//! The compiled training step of a config: ControlNet + locked U-Net + loss + backward + AdamW
+//! (with gradient clipping) as one graph, optimised by the passes the config asks for.
+
+use super::config::{Config, Precision};
+use super::model_config;
+use crate::error::Result;
+use crate::graph::optim::{append_training_step_clipped, AdamWConfig};
+use crate::graph::passes::{self, Optimized, PassOptions};
+use crate::graph::{DType, Graph, ValueId};
+use crate::models::control_ldm::{self, Batch};
+use crate::models::ParamSpec;
+
+/// The activation dtype a precision setting means (parameters and optimizer state stay f32).
+pub fn compute_dtype(p: Precision) -> DType {
+    match p {
+        Precision::F32 => DType::F32,
+        Precision::Bf16Mixed => DType::BF16,
+        Precision::F16Mixed => DType::F16,
+    }
+}
+
+pub fn adamw_config(cfg: &Config) -> AdamWConfig {
+    let o = &cfg.model.optim;
+    AdamWConfig { beta1: o.betas[0], beta2: o.betas[1], eps: o.eps, weight_decay: o.weight_decay }
+}
+
+/// A training step before optimisation.
+pub struct StepGraph {
+    pub graph: Graph,
+    pub params: Vec<ParamSpec>,
+    pub loss: ValueId,
+    pub hyper: ValueId,
+    pub batch: Batch,
+}
+
+/// The step on latent-space inputs (`x`, `t`, `context`, `hint`, `target`), as `bench train`
+/// times it: no VAE or text encoder.
+pub fn latent_step(cfg: &Config, micro_batch: usize) -> Result<StepGraph> {
+    let m = &cfg.model;
+    let size = m.unet_config.image_size as usize;
+    let batch = Batch { batch: micro_batch, latent_h: size, latent_w: size, context_len: 77 };
+    let ldm = model_config::control_ldm(cfg);
+    let compute = compute_dtype(cfg.trainer.precision);
+    let mut built = control_ldm::build(&ldm, batch, DType::F32, compute, true)?;
+    let loss = built.loss.expect("built with a loss");
+    built.b.g.outputs.push(loss);
+    let hyper = append_training_step_clipped(&mut built.b.g, loss, &adamw_config(cfg), cfg.trainer.gradient_clip_val)?;
+    Ok(StepGraph { graph: built.b.g, params: built.b.params, loss, hyper, batch })
+}
+
+/// The passes the config asks for: checkpointing when `use_checkpoint`, fusion when `inductor`.
+pub fn pass_options(cfg: &Config, dumps: bool) -> PassOptions {
+    let m = &cfg.model;
+    PassOptions {
+        checkpointing: m.unet_config.use_checkpoint || m.control_stage_config.use_checkpoint,
+        dumps,
+        fusion: m.inductor,
+    }
+}
+
+pub fn optimize(cfg: &Config, step: &StepGraph, dumps: bool) -> Result<Optimized> {
+    passes::optimize(&step.graph, &pass_options(cfg, dumps))
+}
