@@ -3,10 +3,13 @@
 //! Which member feeds which field is configurable by extension. A sample that lacks a field, whose image does not
 //! decode, or whose caption is not UTF-8 is *bad*: the reason is returned as text and the loader skips it.
 
-use image::RgbImage;
+use std::io::Cursor;
+
+use image::{ColorType, ImageDecoder, ImageFormat, RgbImage};
 use serde::{Deserialize, Serialize};
 
 use super::group::RawSample;
+use super::pool;
 
 /// Which member extensions feed which field; the first extension present in a sample wins.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,9 +61,30 @@ pub fn decode_sample(raw: &RawSample, fields: &Fields) -> Result<DecodedSample, 
     let (control_ext, control_bytes) = find(raw, &fields.control, "control map")?;
     let caption = caption(raw, fields)?;
     let image = decode_rgb(image_bytes).map_err(|e| format!("image '{}.{image_ext}' does not decode: {e}", raw.key))?;
-    let control =
-        decode_rgb(control_bytes).map_err(|e| format!("control map '{}.{control_ext}' does not decode: {e}", raw.key))?;
+    let control = match decode_rgb(control_bytes) {
+        Ok(control) => control,
+        Err(e) => {
+            recycle_image(image);
+            return Err(format!("control map '{}.{control_ext}' does not decode: {e}", raw.key));
+        }
+    };
+    if let Err(e) = check_alignment(&image, &control) {
+        recycle_image(image);
+        recycle_image(control);
+        return Err(e);
+    }
     Ok(DecodedSample { key: raw.key.clone(), image, control, caption })
+}
+
+/// A control map with another aspect ratio than its image would be cropped differently and no longer line up.
+/// (A different resolution with the same shape is fine: both are resized to the output size.)
+fn check_alignment(image: &RgbImage, control: &RgbImage) -> Result<(), String> {
+    let (iw, ih) = (image.width() as f64, image.height() as f64);
+    let (cw, ch) = (control.width() as f64, control.height() as f64);
+    if ((iw * ch) / (ih * cw) - 1.0).abs() > 0.01 {
+        return Err(format!("control map is {cw}x{ch} but the image is {iw}x{ih}: aspect ratios differ"));
+    }
+    Ok(())
 }
 
 fn find<'a>(raw: &'a RawSample, exts: &'a [String], what: &str) -> Result<(&'a str, &'a [u8]), String> {
@@ -80,8 +104,8 @@ fn describe_exts(exts: &[&str]) -> String {
 fn caption(raw: &RawSample, fields: &Fields) -> Result<String, String> {
     if let Some(ext) = fields.caption.iter().find(|ext| raw.member(ext).is_some()) {
         let bytes = raw.member(ext).unwrap_or_default();
-        let text = std::str::from_utf8(bytes)
-            .map_err(|e| format!("caption '{}.{ext}' is not UTF-8 text: {e}", raw.key))?;
+        let text =
+            std::str::from_utf8(bytes).map_err(|e| format!("caption '{}.{ext}' is not UTF-8 text: {e}", raw.key))?;
         return Ok(text.trim().to_string());
     }
     if let Some(bytes) = raw.member("json") {
@@ -100,20 +124,54 @@ fn caption(raw: &RawSample, fields: &Fields) -> Result<String, String> {
 }
 
 /// Decodes JPEG, PNG or WebP (recognised by content, not extension) to 8-bit RGB: grey is replicated, alpha is
-/// dropped, 16-bit is scaled down.
+/// dropped, 16-bit is scaled down. The pixels live in a pooled buffer: hand it back with [`recycle_image`].
 pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, String> {
     let format = image::guess_format(bytes).map_err(|_| "unrecognised image format".to_string())?;
-    if !matches!(format, image::ImageFormat::Jpeg | image::ImageFormat::Png | image::ImageFormat::WebP) {
+    if !matches!(format, ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP) {
         return Err(format!("unsupported image format {format:?}"));
     }
-    let image = image::load_from_memory_with_format(bytes, format).map_err(|e| e.to_string())?;
-    Ok(image.into_rgb8())
+    // The decoder API lets the pixels go straight into a reused buffer (see `pool`); the default size limits apply.
+    let decoder =
+        image::ImageReader::with_format(Cursor::new(bytes), format).into_decoder().map_err(|e| e.to_string())?;
+    let (width, height) = decoder.dimensions();
+    let color = decoder.color_type();
+    let channels = match color {
+        ColorType::Rgb8 => 3,
+        ColorType::L8 => 1,
+        ColorType::La8 => 2,
+        ColorType::Rgba8 => 4,
+        // Rare in datasets (16-bit PNG, float): take the general path.
+        _ => {
+            return image::load_from_memory_with_format(bytes, format).map(|i| i.into_rgb8()).map_err(|e| e.to_string())
+        }
+    };
+    let pixels = width as usize * height as usize;
+    let mut raw = pool::take_bytes(pixels * channels);
+    raw.resize(pixels * channels, 0);
+    decoder.read_image(&mut raw).map_err(|e| e.to_string())?;
+    let rgb = if channels == 3 {
+        raw
+    } else {
+        let mut rgb = pool::take_bytes(pixels * 3);
+        match channels {
+            1 => rgb.extend(raw.iter().flat_map(|&v| [v, v, v])),
+            2 => rgb.extend(raw.chunks_exact(2).flat_map(|p| [p[0], p[0], p[0]])),
+            _ => rgb.extend(raw.chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]])),
+        }
+        pool::give_bytes(raw);
+        rgb
+    };
+    RgbImage::from_raw(width, height, rgb).ok_or_else(|| "decoder returned too few pixels".to_string())
+}
+
+/// Returns a decoded image's pixel buffer to the pool.
+pub fn recycle_image(image: RgbImage) {
+    pool::give_bytes(image.into_raw());
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Cursor;
 
     fn encode(img: &RgbImage, format: image::ImageFormat) -> Vec<u8> {
         let mut out = Cursor::new(Vec::new());
@@ -137,9 +195,9 @@ mod tests {
         let img = RgbImage::from_pixel(6, 4, image::Rgb([10, 20, 30]));
         let gray = image::GrayImage::from_pixel(6, 4, image::Luma([200]));
         let mut png = Cursor::new(Vec::new());
-        gray.write_to(&mut png, image::ImageFormat::Png).unwrap();
+        gray.write_to(&mut png, ImageFormat::Png).unwrap();
         let sample = raw(vec![
-            ("jpeg", encode(&img, image::ImageFormat::Jpeg)),
+            ("jpeg", encode(&img, ImageFormat::Jpeg)),
             ("png", png.into_inner()),
             ("txt", b" a cat \n".to_vec()),
         ]);
@@ -158,7 +216,7 @@ mod tests {
             .unwrap();
         let sample = raw(vec![
             ("webp", webp.into_inner()),
-            ("png", encode(&img, image::ImageFormat::Png)),
+            ("png", encode(&img, ImageFormat::Png)),
             ("json", br#"{"prompt": "red"}"#.to_vec()),
         ]);
         let d = decode_sample(&sample, &Fields::default()).unwrap();
@@ -169,15 +227,21 @@ mod tests {
     #[test]
     fn bad_samples_give_reasons() {
         let img = RgbImage::from_pixel(4, 4, image::Rgb([0, 0, 0]));
-        let png = encode(&img, image::ImageFormat::Png);
+        let png = encode(&img, ImageFormat::Png);
         let missing = decode_sample(&raw(vec![("png", png.clone()), ("txt", b"x".to_vec())]), &Fields::default());
         let err = missing.unwrap_err();
         assert!(err.contains("no image member") && err.contains(".png, .txt, .cls"), "{err}");
-        let garbage = raw(vec![("jpg", b"\xff\xd8\xff\xe0garbage".to_vec()), ("png", png.clone()), ("txt", b"x".to_vec())]);
+        let garbage =
+            raw(vec![("jpg", b"\xff\xd8\xff\xe0garbage".to_vec()), ("png", png.clone()), ("txt", b"x".to_vec())]);
         let err = decode_sample(&garbage, &Fields::default()).unwrap_err();
         assert!(err.contains("image 'k.jpg' does not decode"), "{err}");
-        let bad_text = raw(vec![("jpg", encode(&img, image::ImageFormat::Jpeg)), ("png", png), ("txt", vec![0xff, 0xfe])]);
+        let jpg = encode(&img, ImageFormat::Jpeg);
+        let bad_text = raw(vec![("jpg", jpg.clone()), ("png", png), ("txt", vec![0xff, 0xfe])]);
         let err = decode_sample(&bad_text, &Fields::default()).unwrap_err();
         assert!(err.contains("caption 'k.txt' is not UTF-8"), "{err}");
+        let wide = encode(&RgbImage::new(8, 4), ImageFormat::Png);
+        let misaligned = raw(vec![("jpg", jpg), ("png", wide), ("txt", b"x".to_vec())]);
+        let err = decode_sample(&misaligned, &Fields::default()).unwrap_err();
+        assert!(err.contains("aspect ratios differ"), "{err}");
     }
 }

@@ -108,9 +108,7 @@ impl<R: Read> SampleReader<R> {
         };
         let keep = (self.keep)(&ext);
         let data = if keep { Some(self.tar.read_data(entry)?) } else { None };
-        let Some(cur) = self.current.as_mut() else {
-            unreachable!("current sample set above")
-        };
+        let Some(cur) = self.current.as_mut() else { unreachable!("current sample set above") };
         if cur.members.iter().any(|(e, _)| *e == ext) || cur.other_exts.contains(&ext) {
             if cur.problem.is_none() {
                 cur.problem = Some(format!("duplicate member '{path}'"));

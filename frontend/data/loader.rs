@@ -21,8 +21,9 @@ use std::thread::JoinHandle;
 
 use serde::{Deserialize, Serialize};
 
-use super::decode::{decode_sample, Fields};
+use super::decode::{decode_sample, recycle_image, Fields};
 use super::group::{RawSample, SampleReader, ShardItem};
+use super::pool;
 use super::rng::{Fnv, Rng};
 use super::shards::resolve_shards;
 use super::shuffle::ShuffleBuffer;
@@ -177,6 +178,14 @@ pub struct Sample {
     pub index: u64,
 }
 
+impl Sample {
+    /// Hands the pixel buffers back for reuse by later samples (optional; saves page faults, see `pool`).
+    pub fn recycle(self) {
+        pool::give_floats(self.image.data);
+        pool::give_floats(self.control.data);
+    }
+}
+
 /// Samples stacked for a training step (NCHW).
 #[derive(Debug, Clone)]
 pub struct Batch {
@@ -286,9 +295,12 @@ impl Loader {
             Rng::derive(cfg.seed, &[RNG_SHARDS, epoch]).shuffle(&mut order);
         }
         match cfg.split {
-            SplitMode::Shards => {
-                order.into_iter().enumerate().filter(|(i, _)| i % cfg.partitions() == cfg.partition()).map(|(_, s)| s).collect()
-            }
+            SplitMode::Shards => order
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| i % cfg.partitions() == cfg.partition())
+                .map(|(_, s)| s)
+                .collect(),
             SplitMode::Samples => order,
         }
     }
@@ -342,8 +354,8 @@ impl Iterator for EpochReader {
                     Some(ShardItem::Sample(raw)) => {
                         let index = self.raw_index;
                         self.raw_index += 1;
-                        let mine = cfg.split == SplitMode::Shards
-                            || index % cfg.partitions() as u64 == cfg.partition() as u64;
+                        let mine =
+                            cfg.split == SplitMode::Shards || index % cfg.partitions() as u64 == cfg.partition() as u64;
                         if mine {
                             return Some(Item::Sample(raw));
                         }
@@ -375,14 +387,10 @@ impl Iterator for EpochReader {
 /// Decode, check, resize, crop, flip and normalise one sample.
 fn prepare(cfg: &LoaderConfig, raw: &RawSample, flip: bool) -> std::result::Result<(Chw, Chw, String), String> {
     let decoded = decode_sample(raw, &cfg.fields)?;
-    let (iw, ih) = (decoded.image.width() as f64, decoded.image.height() as f64);
-    let (cw, ch) = (decoded.control.width() as f64, decoded.control.height() as f64);
-    // A map with another aspect ratio would be cropped differently from its image and no longer line up.
-    if ((iw / ih) / (cw / ch) - 1.0).abs() > 0.01 {
-        return Err(format!("control map is {cw}x{ch} but the image is {iw}x{ih}: aspect ratios differ"));
-    }
     let image = resize_crop(&decoded.image, cfg.width, cfg.height, cfg.image_filter, flip, Normalize::SIGNED);
     let control = resize_crop(&decoded.control, cfg.width, cfg.height, cfg.control_filter, flip, Normalize::UNIT);
+    recycle_image(decoded.image);
+    recycle_image(decoded.control);
     Ok((image, control, decoded.caption))
 }
 
@@ -441,12 +449,10 @@ impl SampleStream {
             ));
         }
         let cfg = &inner.config;
-        let threads = if cfg.threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        } else {
-            cfg.threads
-        };
-        let window = Arc::new(Window { stop: AtomicBool::new(false), delivered: Mutex::new(0), changed: Condvar::new() });
+        let threads =
+            if cfg.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { cfg.threads };
+        let window =
+            Arc::new(Window { stop: AtomicBool::new(false), delivered: Mutex::new(0), changed: Condvar::new() });
         let (work_tx, work_rx) = mpsc::channel::<Work>();
         let (done_tx, done_rx) = mpsc::channel();
         let work_rx = Arc::new(Mutex::new(work_rx));
@@ -500,7 +506,7 @@ impl SampleStream {
         let mut batch: Option<Batch> = None;
         while batch.as_ref().map_or(0, Batch::len) < size {
             match self.next() {
-                Some(Ok(sample)) => {
+                Some(Ok(mut sample)) => {
                     let b = batch.get_or_insert_with(|| Batch {
                         keys: Vec::with_capacity(size),
                         captions: Vec::with_capacity(size),
@@ -509,10 +515,11 @@ impl SampleStream {
                         height: sample.image.height,
                         width: sample.image.width,
                     });
-                    b.keys.push(sample.key);
-                    b.captions.push(sample.caption);
+                    b.keys.push(std::mem::take(&mut sample.key));
+                    b.captions.push(std::mem::take(&mut sample.caption));
                     b.images.extend_from_slice(&sample.image.data);
                     b.controls.extend_from_slice(&sample.control.data);
+                    sample.recycle();
                 }
                 Some(Err(e)) => return Some(Err(e)),
                 None => break,
@@ -631,7 +638,13 @@ impl Drop for SampleStream {
 }
 
 /// The reader thread: produces every epoch's items in order, skipping the ones a resumed state already consumed.
-fn read_items(inner: &Arc<Inner>, window: &Window, start: LoaderState, end_epoch: Option<u64>, work: &mpsc::Sender<Work>) {
+fn read_items(
+    inner: &Arc<Inner>,
+    window: &Window,
+    start: LoaderState,
+    end_epoch: Option<u64>,
+    work: &mpsc::Sender<Work>,
+) {
     let loader = Loader { inner: inner.clone() };
     let limit = inner.config.prefetch as u64;
     let mut sent = 0u64;
@@ -685,7 +698,8 @@ fn decode_worker(inner: &Inner, work: &Mutex<mpsc::Receiver<Work>>, done: &mpsc:
             Work::Item { epoch, seq, item: Item::ShardError(msg) } => ((epoch, seq), Done::ShardError(msg)),
             Work::Item { epoch, seq, item: Item::Sample(raw) } => {
                 let flip = cfg.flip_prob > 0.0
-                    && Rng::derive(cfg.seed, &[RNG_FLIP, epoch, cfg.partition() as u64, seq]).unit_f64() < cfg.flip_prob;
+                    && Rng::derive(cfg.seed, &[RNG_FLIP, epoch, cfg.partition() as u64, seq]).unit_f64()
+                        < cfg.flip_prob;
                 let outcome = catch_unwind(AssertUnwindSafe(|| prepare(cfg, &raw, flip)));
                 let result = match outcome {
                     Ok(Ok((image, control, caption))) => Done::Good(Box::new(Sample {

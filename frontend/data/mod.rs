@@ -16,12 +16,37 @@ pub mod decode;
 pub mod group;
 pub mod loader;
 pub mod make;
+pub mod pool;
 pub mod rng;
 pub mod shards;
 pub mod shuffle;
 pub mod tar;
 pub mod transform;
 
+pub use bench::{run_bench, BenchArgs};
+pub use check::{run_check, CheckArgs};
 pub use decode::Fields;
 pub use loader::{Batch, Loader, LoaderConfig, LoaderState, LoaderStats, Sample, SampleStream, SplitMode};
+pub use make::{run_make, MakeArgs};
 pub use transform::Filter;
+
+/// The `zeroconv dataset` subcommands, ready to nest in the CLI:
+/// `Dataset { #[command(subcommand)] command: DatasetCommand }`, then `data::run(&command)`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum DatasetCommand {
+    /// Scan shards: samples, bad samples with reasons, damaged shards, image sizes.
+    Check(CheckArgs),
+    /// Write shards from a folder of image / control map / caption triples (or fill50k's prompt.json).
+    Make(MakeArgs),
+    /// Measure decode + resize + crop throughput on generated shards.
+    Bench(BenchArgs),
+}
+
+/// Runs one `zeroconv dataset` subcommand.
+pub fn run(command: &DatasetCommand) -> crate::Result<()> {
+    match command {
+        DatasetCommand::Check(args) => run_check(args),
+        DatasetCommand::Make(args) => run_make(args),
+        DatasetCommand::Bench(args) => run_bench(args),
+    }
+}

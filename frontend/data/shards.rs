@@ -62,27 +62,40 @@ fn expand_group(body: &str) -> std::result::Result<Vec<String>, String> {
 /// A directory contributes its `*.tar` files (not recursive) sorted by name; a pattern contributes its expansion.
 /// A path that does not exist is an error naming it, as is a directory with no shards or an empty selection.
 pub fn resolve_shards(specs: &[String]) -> Result<Vec<PathBuf>> {
-    let mut shards = Vec::new();
-    for spec in specs {
-        for path in expand_braces(spec)? {
-            let path = PathBuf::from(path);
-            if path.is_dir() {
-                let found = tar_files_in(&path)?;
-                if found.is_empty() {
-                    return Err(Error::file(&path, "directory holds no .tar shards"));
-                }
-                shards.extend(found);
-            } else if path.is_file() {
-                shards.push(path);
-            } else {
-                return Err(Error::file(&path, "shard not found"));
-            }
-        }
+    let (shards, mut problems) = resolve_shards_lenient(specs)?;
+    if !problems.is_empty() {
+        return Err(problems.swap_remove(0));
     }
     if shards.is_empty() {
         return Err(Error::msg("no shards given"));
     }
     Ok(shards)
+}
+
+/// Like [`resolve_shards`], but missing paths and empty directories are collected instead of stopping the
+/// expansion (for `dataset check`, which reports them all). Malformed patterns are still an error.
+pub fn resolve_shards_lenient(specs: &[String]) -> Result<(Vec<PathBuf>, Vec<Error>)> {
+    let mut shards = Vec::new();
+    let mut problems = Vec::new();
+    for spec in specs {
+        for path in expand_braces(spec)? {
+            let path = PathBuf::from(path);
+            if path.is_dir() {
+                match tar_files_in(&path) {
+                    Ok(found) if found.is_empty() => {
+                        problems.push(Error::file(&path, "directory holds no .tar shards"));
+                    }
+                    Ok(found) => shards.extend(found),
+                    Err(e) => problems.push(e),
+                }
+            } else if path.is_file() {
+                shards.push(path);
+            } else {
+                problems.push(Error::file(&path, "shard not found"));
+            }
+        }
+    }
+    Ok((shards, problems))
 }
 
 fn tar_files_in(dir: &Path) -> Result<Vec<PathBuf>> {

@@ -17,7 +17,14 @@ pub struct ShuffleBuffer<I: Iterator> {
 impl<I: Iterator> ShuffleBuffer<I> {
     /// A capacity of 0 or 1 keeps the input order.
     pub fn new(input: I, capacity: usize, rng: Rng, urgent: fn(&I::Item) -> bool) -> Self {
-        ShuffleBuffer { input, buffer: Vec::with_capacity(capacity.min(1 << 16)), capacity, rng, input_done: false, urgent }
+        ShuffleBuffer {
+            input,
+            buffer: Vec::with_capacity(capacity.min(1 << 16)),
+            capacity,
+            rng,
+            input_done: false,
+            urgent,
+        }
     }
 }
 

@@ -84,7 +84,12 @@ pub struct Geometry {
 pub fn cover_geometry(src_w: u32, src_h: u32, width: u32, height: u32) -> Geometry {
     let (sw, sh, w, h) = (src_w as u64, src_h as u64, width as u64, height as u64);
     let (rw, rh) = if sw * h <= sh * w { (w, (sh * w / sw).max(h)) } else { ((sw * h / sh).max(w), h) };
-    Geometry { resized_width: rw as u32, resized_height: rh as u32, left: ((rw - w) / 2) as u32, top: ((rh - h) / 2) as u32 }
+    Geometry {
+        resized_width: rw as u32,
+        resized_height: rh as u32,
+        left: ((rw - w) / 2) as u32,
+        top: ((rh - h) / 2) as u32,
+    }
 }
 
 /// Output value = `pixel * scale + bias`, with `pixel` in [0, 255].
@@ -114,7 +119,8 @@ pub struct Chw {
 pub fn resize_crop(src: &RgbImage, width: u32, height: u32, filter: Filter, flip: bool, norm: Normalize) -> Chw {
     let geo = cover_geometry(src.width(), src.height(), width, height);
     let (w, h) = (width as usize, height as usize);
-    let mut data = vec![0f32; 3 * w * h];
+    let mut data = super::pool::take_floats(3 * w * h);
+    data.resize(3 * w * h, 0.0);
     if filter == Filter::Nearest {
         nearest(src, &geo, w, h, flip, norm, &mut data);
     } else {
@@ -171,33 +177,65 @@ impl Taps {
     }
 }
 
+thread_local! {
+    /// Per-thread scratch for the horizontally filtered rows, reused across samples: allocating (and page-faulting)
+    /// a few MB per image costs as much as the filtering itself.
+    static SCRATCH: std::cell::RefCell<(Vec<[f32; 3]>, Vec<[f32; 3]>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
 #[allow(clippy::too_many_arguments)]
-fn convolve(src: &RgbImage, cols: &Taps, rows: &Taps, w: usize, h: usize, flip: bool, norm: Normalize, out: &mut [f32]) {
+fn convolve(
+    src: &RgbImage,
+    cols: &Taps,
+    rows: &Taps,
+    w: usize,
+    h: usize,
+    flip: bool,
+    norm: Normalize,
+    out: &mut [f32],
+) {
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        let (line, horizontal) = &mut *scratch;
+        convolve_with(src, cols, rows, w, h, flip, norm, out, line, horizontal);
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+fn convolve_with(
+    src: &RgbImage,
+    cols: &Taps,
+    rows: &Taps,
+    w: usize,
+    h: usize,
+    flip: bool,
+    norm: Normalize,
+    out: &mut [f32],
+    line: &mut Vec<[f32; 3]>,
+    horizontal: &mut Vec<[f32; 3]>,
+) {
     let src_w = src.width() as usize;
     let raw = src.as_raw();
     // Only source rows some output row touches need the horizontal pass.
     let row_lo = rows.start.iter().copied().min().unwrap_or(0);
     let row_hi = rows.start.iter().map(|s| s + rows.len).max().unwrap_or(0);
-    let mut horizontal = vec![0f32; (row_hi - row_lo) * w * 3];
-    let mut line = vec![0f32; src_w * 3];
+    horizontal.clear();
+    horizontal.resize((row_hi - row_lo) * w, [0.0; 3]);
+    line.clear();
+    line.resize(src_w, [0.0; 3]);
     for y in row_lo..row_hi {
-        for (dst, &b) in line.iter_mut().zip(&raw[y * src_w * 3..(y + 1) * src_w * 3]) {
-            *dst = b as f32;
+        for (dst, px) in line.iter_mut().zip(raw[y * src_w * 3..(y + 1) * src_w * 3].chunks_exact(3)) {
+            *dst = [px[0] as f32, px[1] as f32, px[2] as f32];
         }
-        let dst_row = &mut horizontal[(y - row_lo) * w * 3..(y - row_lo + 1) * w * 3];
-        for x in 0..w {
-            let base = cols.start[x] * 3;
-            let taps = &cols.weights[x * cols.len..(x + 1) * cols.len];
-            let px = &line[base..base + cols.len * 3];
-            let (mut r, mut g, mut b) = (0f32, 0f32, 0f32);
-            for (k, &wt) in taps.iter().enumerate() {
-                r += wt * px[3 * k];
-                g += wt * px[3 * k + 1];
-                b += wt * px[3 * k + 2];
-            }
-            dst_row[3 * x] = r;
-            dst_row[3 * x + 1] = g;
-            dst_row[3 * x + 2] = b;
+        let dst_row = &mut horizontal[(y - row_lo) * w..(y - row_lo + 1) * w];
+        // A fixed tap count lets the compiler unroll the inner loop; these cover enlarging and shrinking by up to ~2x.
+        match cols.len {
+            4 => filter_row::<4>(line, cols, dst_row),
+            5 => filter_row::<5>(line, cols, dst_row),
+            6 => filter_row::<6>(line, cols, dst_row),
+            7 => filter_row::<7>(line, cols, dst_row),
+            9 => filter_row::<9>(line, cols, dst_row),
+            _ => filter_row_any(line, cols, dst_row),
         }
     }
     let plane = w * h;
@@ -207,18 +245,49 @@ fn convolve(src: &RgbImage, cols: &Taps, rows: &Taps, w: usize, h: usize, flip: 
         let taps = &rows.weights[y * rows.len..(y + 1) * rows.len];
         let first = rows.start[y] - row_lo;
         for (k, &wt) in taps.iter().enumerate() {
-            let src_row = &horizontal[(first + k) * w * 3..(first + k + 1) * w * 3];
+            let src_row = horizontal[(first + k) * w..(first + k + 1) * w].as_flattened();
             for (a, &v) in acc.iter_mut().zip(src_row) {
                 *a += wt * v;
             }
         }
-        for x in 0..w {
-            let dx = if flip { w - 1 - x } else { x };
-            for c in 0..3 {
-                let v = acc[3 * x + c].clamp(0.0, 255.0);
-                out[c * plane + y * w + dx] = v * norm.scale + norm.bias;
+        for c in 0..3 {
+            let dst = &mut out[c * plane + y * w..c * plane + (y + 1) * w];
+            let values = acc.iter().skip(c).step_by(3).map(|v| v.clamp(0.0, 255.0) * norm.scale + norm.bias);
+            if flip {
+                dst.iter_mut().rev().zip(values).for_each(|(d, v)| *d = v);
+            } else {
+                dst.iter_mut().zip(values).for_each(|(d, v)| *d = v);
             }
         }
+    }
+}
+
+fn filter_row<const N: usize>(line: &[[f32; 3]], cols: &Taps, dst: &mut [[f32; 3]]) {
+    for ((out, &start), weights) in dst.iter_mut().zip(&cols.start).zip(cols.weights.chunks_exact(N)) {
+        let (Ok(px), Ok(weights)) =
+            (<&[[f32; 3]; N]>::try_from(&line[start..start + N]), <&[f32; N]>::try_from(weights))
+        else {
+            continue; // lengths are N by construction
+        };
+        let mut acc = [0f32; 3];
+        for k in 0..N {
+            acc[0] += weights[k] * px[k][0];
+            acc[1] += weights[k] * px[k][1];
+            acc[2] += weights[k] * px[k][2];
+        }
+        *out = acc;
+    }
+}
+
+fn filter_row_any(line: &[[f32; 3]], cols: &Taps, dst: &mut [[f32; 3]]) {
+    for ((out, &start), weights) in dst.iter_mut().zip(&cols.start).zip(cols.weights.chunks_exact(cols.len)) {
+        let mut acc = [0f32; 3];
+        for (px, &wt) in line[start..start + cols.len].iter().zip(weights) {
+            acc[0] += wt * px[0];
+            acc[1] += wt * px[1];
+            acc[2] += wt * px[2];
+        }
+        *out = acc;
     }
 }
 
@@ -293,11 +362,23 @@ mod tests {
 
     #[test]
     fn geometry_matches_shortest_side_resize_and_centre_crop() {
-        assert_eq!(cover_geometry(640, 480, 512, 512), Geometry { resized_width: 682, resized_height: 512, left: 85, top: 0 });
-        assert_eq!(cover_geometry(480, 640, 512, 512), Geometry { resized_width: 512, resized_height: 682, left: 0, top: 85 });
-        assert_eq!(cover_geometry(100, 100, 50, 50), Geometry { resized_width: 50, resized_height: 50, left: 0, top: 0 });
+        assert_eq!(
+            cover_geometry(640, 480, 512, 512),
+            Geometry { resized_width: 682, resized_height: 512, left: 85, top: 0 }
+        );
+        assert_eq!(
+            cover_geometry(480, 640, 512, 512),
+            Geometry { resized_width: 512, resized_height: 682, left: 0, top: 85 }
+        );
+        assert_eq!(
+            cover_geometry(100, 100, 50, 50),
+            Geometry { resized_width: 50, resized_height: 50, left: 0, top: 0 }
+        );
         // Non-square target: cover 64x32 from 100x100 → 64x64, crop rows 16..48.
-        assert_eq!(cover_geometry(100, 100, 64, 32), Geometry { resized_width: 64, resized_height: 64, left: 0, top: 16 });
+        assert_eq!(
+            cover_geometry(100, 100, 64, 32),
+            Geometry { resized_width: 64, resized_height: 64, left: 0, top: 16 }
+        );
     }
 
     #[test]
