@@ -117,7 +117,7 @@ pub fn synthetic_pair(seed: u64, width: u32, height: u32) -> (RgbImage, RgbImage
         })
         .collect();
     let palette = [[128u8, 64, 128], [70, 70, 70], [107, 142, 35], [0, 0, 142], [220, 20, 60], [0, 0, 0]];
-    let phase = rng.unit_f64() * 6.28;
+    let phase = rng.unit_f64() * std::f64::consts::TAU;
     let mut noise = Rng::derive(seed, &[0x0015e]);
     let mut map = RgbImage::new(width, height);
     let image = RgbImage::from_fn(width, height, |x, y| {

@@ -163,7 +163,7 @@ fn scan_shard(path: &PathBuf, fields: &Fields) -> ShardScan {
         name.clone(),
         Arc::new(move |e: &str| want.wants(e)),
     );
-    while let Some(item) = reader.next() {
+    for item in reader.by_ref() {
         match item {
             ShardItem::Sample(raw) => match decode_sample(&raw, fields) {
                 Ok(decoded) => {

@@ -477,7 +477,8 @@ impl SampleStream {
             epoch: from.epoch,
             seq: from.consumed,
             end_epoch,
-            good_this_epoch: 0,
+            // Resumed mid-epoch: the part already consumed is not seen again, so do not call the epoch empty.
+            good_this_epoch: from.consumed,
             pending: BTreeMap::new(),
             results: Some(done_rx),
             window,

@@ -50,3 +50,30 @@ pub fn run(command: &DatasetCommand) -> crate::Result<()> {
         DatasetCommand::Bench(args) => run_bench(args),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        command: DatasetCommand,
+    }
+
+    #[test]
+    fn cli_definitions_are_valid_and_parse() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["zeroconv", "check", "a.tar", "d/s-{0..3}.tar", "--json", "--strict"]).unwrap();
+        let DatasetCommand::Check(args) = cli.command else { panic!("not check") };
+        assert_eq!(args.paths, ["a.tar", "d/s-{0..3}.tar"]);
+        assert!(args.json && args.strict);
+        assert_eq!(args.fields(), Fields::default());
+        let cli = Cli::try_parse_from(["zeroconv", "make", "in", "-o", "out/%06d.tar", "--maxcount", "50"]).unwrap();
+        assert!(matches!(cli.command, DatasetCommand::Make(MakeArgs { maxcount: 50, .. })));
+        let cli = Cli::try_parse_from(["zeroconv", "bench", "--shards", "2"]).unwrap();
+        assert!(matches!(cli.command, DatasetCommand::Bench(BenchArgs { shards: 2, resolution: 512, .. })));
+        assert!(Cli::try_parse_from(["zeroconv", "check"]).is_err(), "check needs a path");
+    }
+}

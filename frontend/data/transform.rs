@@ -177,10 +177,13 @@ impl Taps {
     }
 }
 
+/// Reused per-thread rows: one source row as `f32` pixels, and the horizontally filtered rows.
+type RowScratch = (Vec<[f32; 3]>, Vec<[f32; 3]>);
+
 thread_local! {
-    /// Per-thread scratch for the horizontally filtered rows, reused across samples: allocating (and page-faulting)
-    /// a few MB per image costs as much as the filtering itself.
-    static SCRATCH: std::cell::RefCell<(Vec<[f32; 3]>, Vec<[f32; 3]>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    /// Per-thread scratch for the horizontal pass, reused across samples: allocating (and page-faulting) a few MB
+    /// per image costs as much as the filtering itself.
+    static SCRATCH: std::cell::RefCell<RowScratch> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 #[allow(clippy::too_many_arguments)]
