@@ -86,29 +86,30 @@ impl<R: Read> SampleReader<R> {
         self.tar.offset()
     }
 
+    /// Adds one member to the sample in progress; returns the previous sample when this member starts a new one.
     fn add_member(&mut self, entry: &TarEntry) -> Result<Option<RawSample>, TarError> {
         let path = entry.path.as_str();
         let Some((key, ext)) = split_key(path) else {
             return Ok(None);
         };
         let ext = ext.to_lowercase();
-        let finished = match &self.current {
-            Some(cur) if cur.key == key => None,
-            _ => {
-                let next = RawSample {
+        // Read first: if the data is cut off, the sample in progress stays whole and is reported before the damage.
+        let data = if (self.keep)(&ext) { Some(self.tar.read_data(entry)?) } else { None };
+        let mut finished = None;
+        let cur = match &mut self.current {
+            Some(cur) if cur.key == key => cur,
+            slot => {
+                finished = slot.take();
+                slot.insert(RawSample {
                     shard: self.shard.clone(),
                     key: key.to_string(),
                     offset: entry.header_offset,
                     members: Vec::new(),
                     other_exts: Vec::new(),
                     problem: None,
-                };
-                self.current.replace(next)
+                })
             }
         };
-        let keep = (self.keep)(&ext);
-        let data = if keep { Some(self.tar.read_data(entry)?) } else { None };
-        let Some(cur) = self.current.as_mut() else { unreachable!("current sample set above") };
         if cur.members.iter().any(|(e, _)| *e == ext) || cur.other_exts.contains(&ext) {
             if cur.problem.is_none() {
                 cur.problem = Some(format!("duplicate member '{path}'"));
@@ -128,7 +129,8 @@ impl<R: Read> Iterator for SampleReader<R> {
     fn next(&mut self) -> Option<ShardItem> {
         loop {
             if self.done {
-                // The sample in progress when the shard ended (cleanly or not) comes before the error.
+                // The sample in progress when the shard ended (cleanly or not) comes before the error. A sample cut
+                // off inside its first member was never started (`add_member` reads before grouping).
                 if let Some(sample) = self.current.take() {
                     return Some(ShardItem::Sample(sample));
                 }
@@ -233,5 +235,10 @@ mod tests {
         assert!(matches!(&items[0], ShardItem::Sample(s) if s.key == "a" && s.members.len() == 2));
         assert!(matches!(&items[1], ShardItem::Sample(s) if s.key == "b" && s.members.len() == 1));
         assert!(matches!(&items[2], ShardItem::Damaged(e) if e.offset == cut as u64));
+        // Cut inside b.jpg's data: b has no member at all, so only the damage is reported.
+        let items = samples(&bytes[..2560 + 512 + 100]);
+        assert_eq!(items.len(), 2);
+        assert!(matches!(&items[0], ShardItem::Sample(s) if s.key == "a"));
+        assert!(matches!(&items[1], ShardItem::Damaged(e) if e.msg.contains("'b.jpg'")));
     }
 }

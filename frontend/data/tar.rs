@@ -96,6 +96,10 @@ impl<R: Read> TarReader<R> {
             }
             if got < BLOCK {
                 self.finished = true;
+                if header_offset == 0 {
+                    let msg = format!("not a tar archive (only {got} bytes, less than one tar header)");
+                    return Err(self.error_at(0, msg));
+                }
                 return Err(self.error_at(
                     header_offset + got as u64,
                     format!("truncated inside the header that starts at byte {header_offset}"),
@@ -158,9 +162,10 @@ impl<R: Read> TarReader<R> {
                         other => EntryKind::Other(other),
                     };
                     let path = pax_path.take().or(long_name.take()).unwrap_or(header.path);
-                    // Only regular files (and the odd directory with data) carry data blocks; links never do.
+                    // Links, devices, directories and FIFOs have no data blocks whatever their size field says
+                    // (as Python's tarfile reads them); regular files and unknown types do.
                     let data_size = match kind {
-                        EntryKind::Other(b'1' | b'2' | b'3' | b'4' | b'6') => 0,
+                        EntryKind::Directory | EntryKind::Other(b'1' | b'2' | b'3' | b'4' | b'6') => 0,
                         _ => size,
                     };
                     self.pending_data = data_size;
@@ -553,6 +558,7 @@ mod tests {
         gz.resize(1024, 1);
         assert!(read_all(&gz).1.unwrap().msg.contains("gzip"));
         assert!(read_all(&[]).1.unwrap().msg.contains("empty"));
+        assert!(read_all(b"garbage\n").1.unwrap().msg.contains("not a tar archive (only 8 bytes"));
     }
 
     #[test]
