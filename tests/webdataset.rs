@@ -504,3 +504,53 @@ fn make_from_fill50k_layout_skips_unreadable_inputs() {
     assert!(err.contains("sample '2'"), "{err}");
     assert!(!out.join("strict-0.tar").exists(), "a failed make leaves no shard behind");
 }
+
+#[test]
+fn our_writer_is_read_back_by_the_tar_crate() {
+    let long = format!("{}/{}.jpg", "x".repeat(130), "y".repeat(90)); // prefix + name
+    let longer = format!("{}.txt", "z".repeat(300)); // needs a pax path record
+    let members: Vec<(String, Vec<u8>)> = vec![
+        ("a.txt".into(), b"hello".to_vec()),
+        (long, vec![1; 1000]),
+        (longer, Vec::new()),
+        ("e.bin".into(), vec![9; 512]),
+    ];
+    let mut w = TarWriter::new(Vec::new());
+    for (path, data) in &members {
+        w.append(path, data).unwrap();
+    }
+    let bytes = w.finish().unwrap();
+    let mut archive = tar::Archive::new(&bytes[..]);
+    let mut read = Vec::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().display().to_string();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut data).unwrap();
+        read.push((path, data));
+    }
+    assert_eq!(read, members);
+}
+
+#[test]
+fn make_respects_maxsize() {
+    let dir = scratch("make-maxsize");
+    let input = dir.join("input");
+    for sub in ["images", "controls", "captions"] {
+        std::fs::create_dir_all(input.join(sub)).unwrap();
+    }
+    for n in 0..4 {
+        let img = picture(n);
+        std::fs::write(input.join(format!("images/{n}.jpg")), encode(&img, ImageFormat::Jpeg)).unwrap();
+        std::fs::write(input.join(format!("controls/{n}.png")), encode(&img, ImageFormat::Png)).unwrap();
+        std::fs::write(input.join(format!("captions/{n}.txt")), "c").unwrap();
+    }
+    let out = dir.join("out");
+    let mut args = make_args(&input, out.join("s-%d.tar").display().to_string(), 100);
+    args.maxsize = Some(1); // every sample exceeds it: one sample per shard
+    let report = make_shards(&args, false).unwrap();
+    assert_eq!(report.shards.len(), 4);
+    for shard in &report.shards {
+        assert_eq!(check(&[shard]).samples, 1);
+    }
+}
