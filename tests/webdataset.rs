@@ -347,6 +347,13 @@ fn resuming_from_a_saved_state_continues_bit_exactly() {
         }
         assert_eq!(rest.len(), 30 - stop);
     }
+    let saved = loader.initial_state().to_json();
+    assert!(
+        saved.contains("\"epoch\":0") && saved.contains("\"consumed\":0") && saved.contains("\"version\":1"),
+        "{saved}"
+    );
+    let future = LoaderState { version: 99, ..loader.initial_state() };
+    assert!(loader.stream(&future).err().unwrap().to_string().contains("version 99"));
     let other = Loader::new(shards, LoaderConfig { seed: 12, ..config }).unwrap();
     let err = other.stream(&loader.initial_state()).err().unwrap().to_string();
     assert!(err.contains("loader state was saved with other shards"), "{err}");

@@ -138,12 +138,18 @@ impl LoaderConfig {
     }
 }
 
+/// Bumped whenever the sample order for a given seed changes (RNG derivation, shuffle or split rules), so a state
+/// saved by other code is refused instead of resuming somewhere else.
+pub const STATE_VERSION: u32 = 1;
+
 /// A position in the data stream, enough to resume bit-exactly.
 ///
 /// There is no generator state to save: every random stream is derived from `seed`, the epoch, the partition and
 /// a sequence number, so (`epoch`, `consumed`) pins the shard order, the shuffle-buffer draws and the flips.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoaderState {
+    /// [`STATE_VERSION`] of the code that saved it: the RNG derivation and item order it describes.
+    pub version: u32,
     pub epoch: u64,
     /// Items of this epoch already handed out, bad samples and shard errors included.
     pub consumed: u64,
@@ -283,7 +289,13 @@ impl Loader {
 
     /// The position before the first sample of epoch 0.
     pub fn initial_state(&self) -> LoaderState {
-        LoaderState { epoch: 0, consumed: 0, seed: self.inner.config.seed, fingerprint: self.inner.fingerprint }
+        LoaderState {
+            version: STATE_VERSION,
+            epoch: 0,
+            consumed: 0,
+            seed: self.inner.config.seed,
+            fingerprint: self.inner.fingerprint,
+        }
     }
 
     /// Indices (into [`Loader::shards`]) of the shards this partition reads in `epoch`, in reading order.
@@ -443,6 +455,12 @@ pub struct SampleStream {
 
 impl SampleStream {
     fn start(inner: Arc<Inner>, from: &LoaderState, end_epoch: Option<u64>) -> Result<SampleStream> {
+        if from.version != STATE_VERSION {
+            return Err(Error::msg(format!(
+                "loader state has version {}, this build resumes version {STATE_VERSION} only",
+                from.version
+            )));
+        }
         if from.fingerprint != inner.fingerprint || from.seed != inner.config.seed {
             return Err(Error::msg(
                 "loader state was saved with other shards or other order settings (seed, shuffle, split, fields)",
@@ -491,6 +509,7 @@ impl SampleStream {
     /// Where the next call to `next` continues from; save it to resume later.
     pub fn state(&self) -> LoaderState {
         LoaderState {
+            version: STATE_VERSION,
             epoch: self.epoch,
             consumed: self.seq,
             seed: self.inner.config.seed,
