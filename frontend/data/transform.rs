@@ -119,8 +119,8 @@ pub struct Chw {
 pub fn resize_crop(src: &RgbImage, width: u32, height: u32, filter: Filter, flip: bool, norm: Normalize) -> Chw {
     let geo = cover_geometry(src.width(), src.height(), width, height);
     let (w, h) = (width as usize, height as usize);
+    // Filled strictly in order with `extend`, so the (pooled) buffer is never zeroed first.
     let mut data = super::pool::take_floats(3 * w * h);
-    data.resize(3 * w * h, 0.0);
     if filter == Filter::Nearest {
         nearest(src, &geo, w, h, flip, norm, &mut data);
     } else {
@@ -128,6 +128,7 @@ pub fn resize_crop(src: &RgbImage, width: u32, height: u32, filter: Filter, flip
         let rows = Taps::new(filter, src.height() as usize, geo.resized_height as usize, geo.top as usize, h);
         convolve(src, &cols, &rows, w, h, flip, norm, &mut data);
     }
+    debug_assert_eq!(data.len(), 3 * w * h);
     Chw { height: h, width: w, data }
 }
 
@@ -146,14 +147,19 @@ impl Taps {
         // Shrinking stretches the filter over more source pixels (antialiasing); enlarging keeps it as is.
         let stretch = scale.max(1.0);
         let support = filter.support() * stretch;
-        let len = ((support.ceil() as usize) * 2 + 1).min(in_size);
+        let window = |out: usize| {
+            let center = (out as f64 + 0.5) * scale;
+            let lo = ((center - support + 0.5).floor().max(0.0) as usize).min(in_size - 1);
+            let hi = ((center + support + 0.5).floor() as usize).clamp(lo + 1, in_size);
+            (center, lo, hi)
+        };
+        // The widest window actually needed (4 taps for bicubic when enlarging), not a bound: every tap is work.
+        let len = (offset..offset + count).map(|out| window(out).2 - window(out).1).max().unwrap_or(1);
         let mut start = Vec::with_capacity(count);
         let mut weights = vec![0f32; count * len];
         let mut row = vec![0f64; len];
         for (i, out) in (offset..offset + count).enumerate() {
-            let center = (out as f64 + 0.5) * scale;
-            let lo = ((center - support + 0.5).floor().max(0.0) as usize).min(in_size - 1);
-            let hi = ((center + support + 0.5).floor() as usize).clamp(lo + 1, in_size);
+            let (center, lo, hi) = window(out);
             // Shift the window left near the right edge so that `first + len` stays inside the source.
             let first = lo.min(in_size - len);
             row.fill(0.0);
@@ -177,8 +183,8 @@ impl Taps {
     }
 }
 
-/// Reused per-thread rows: one source row as `f32` pixels, and the horizontally filtered rows.
-type RowScratch = (Vec<[f32; 3]>, Vec<[f32; 3]>);
+/// Reused per-thread buffers: one source row as `f32` pixels, and the horizontally filtered rows as three planes.
+type RowScratch = (Vec<[f32; 3]>, Vec<f32>);
 
 thread_local! {
     /// Per-thread scratch for the horizontal pass, reused across samples: allocating (and page-faulting) a few MB
@@ -186,6 +192,8 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<RowScratch> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
+/// Separable convolution: a horizontal pass over the source rows the crop needs (into three planes), then a
+/// vertical pass per plane that writes each output row once, in output order.
 #[allow(clippy::too_many_arguments)]
 fn convolve(
     src: &RgbImage,
@@ -195,78 +203,78 @@ fn convolve(
     h: usize,
     flip: bool,
     norm: Normalize,
-    out: &mut [f32],
+    out: &mut Vec<f32>,
 ) {
     SCRATCH.with(|scratch| {
         let mut scratch = scratch.borrow_mut();
-        let (line, horizontal) = &mut *scratch;
-        convolve_with(src, cols, rows, w, h, flip, norm, out, line, horizontal);
+        let (line, planes) = &mut *scratch;
+        let row_lo = rows.start.iter().copied().min().unwrap_or(0);
+        let row_hi = rows.start.iter().map(|s| s + rows.len).max().unwrap_or(0);
+        let plane_len = (row_hi - row_lo) * w;
+        horizontal_pass(src, cols, row_lo..row_hi, w, line, planes);
+        let mut row = vec![0f32; w];
+        for plane in planes.chunks_exact(plane_len) {
+            for y in 0..h {
+                let taps = &rows.weights[y * rows.len..(y + 1) * rows.len];
+                let first = rows.start[y] - row_lo;
+                let window = &plane[first * w..(first + rows.len) * w];
+                // A fixed tap count lets the compiler keep every tap's sum in registers.
+                match rows.len {
+                    4 => blend_rows::<4>(window, taps, &mut row),
+                    5 => blend_rows::<5>(window, taps, &mut row),
+                    6 => blend_rows::<6>(window, taps, &mut row),
+                    7 => blend_rows::<7>(window, taps, &mut row),
+                    9 => blend_rows::<9>(window, taps, &mut row),
+                    _ => blend_rows_any(window, taps, &mut row),
+                }
+                let values = row.iter().map(|v| v.clamp(0.0, 255.0) * norm.scale + norm.bias);
+                if flip {
+                    out.extend(values.rev());
+                } else {
+                    out.extend(values);
+                }
+            }
+        }
     });
 }
 
-#[allow(clippy::too_many_arguments)]
-fn convolve_with(
+/// Filters source rows `rows` horizontally into three planes of `w` columns each (R, then G, then B).
+fn horizontal_pass(
     src: &RgbImage,
     cols: &Taps,
-    rows: &Taps,
+    rows: std::ops::Range<usize>,
     w: usize,
-    h: usize,
-    flip: bool,
-    norm: Normalize,
-    out: &mut [f32],
     line: &mut Vec<[f32; 3]>,
-    horizontal: &mut Vec<[f32; 3]>,
+    planes: &mut Vec<f32>,
 ) {
     let src_w = src.width() as usize;
     let raw = src.as_raw();
-    // Only source rows some output row touches need the horizontal pass.
-    let row_lo = rows.start.iter().copied().min().unwrap_or(0);
-    let row_hi = rows.start.iter().map(|s| s + rows.len).max().unwrap_or(0);
-    horizontal.clear();
-    horizontal.resize((row_hi - row_lo) * w, [0.0; 3]);
+    let plane_len = rows.len() * w;
+    planes.clear();
+    planes.resize(3 * plane_len, 0.0);
     line.clear();
     line.resize(src_w, [0.0; 3]);
-    for y in row_lo..row_hi {
+    let (red, rest) = planes.split_at_mut(plane_len);
+    let (green, blue) = rest.split_at_mut(plane_len);
+    for (i, y) in rows.enumerate() {
         for (dst, px) in line.iter_mut().zip(raw[y * src_w * 3..(y + 1) * src_w * 3].chunks_exact(3)) {
             *dst = [px[0] as f32, px[1] as f32, px[2] as f32];
         }
-        let dst_row = &mut horizontal[(y - row_lo) * w..(y - row_lo + 1) * w];
-        // A fixed tap count lets the compiler unroll the inner loop; these cover enlarging and shrinking by up to ~2x.
+        let out = [&mut red[i * w..(i + 1) * w], &mut green[i * w..(i + 1) * w], &mut blue[i * w..(i + 1) * w]];
         match cols.len {
-            4 => filter_row::<4>(line, cols, dst_row),
-            5 => filter_row::<5>(line, cols, dst_row),
-            6 => filter_row::<6>(line, cols, dst_row),
-            7 => filter_row::<7>(line, cols, dst_row),
-            9 => filter_row::<9>(line, cols, dst_row),
-            _ => filter_row_any(line, cols, dst_row),
-        }
-    }
-    let plane = w * h;
-    let mut acc = vec![0f32; w * 3];
-    for y in 0..h {
-        acc.fill(0.0);
-        let taps = &rows.weights[y * rows.len..(y + 1) * rows.len];
-        let first = rows.start[y] - row_lo;
-        for (k, &wt) in taps.iter().enumerate() {
-            let src_row = horizontal[(first + k) * w..(first + k + 1) * w].as_flattened();
-            for (a, &v) in acc.iter_mut().zip(src_row) {
-                *a += wt * v;
-            }
-        }
-        for c in 0..3 {
-            let dst = &mut out[c * plane + y * w..c * plane + (y + 1) * w];
-            let values = acc.iter().skip(c).step_by(3).map(|v| v.clamp(0.0, 255.0) * norm.scale + norm.bias);
-            if flip {
-                dst.iter_mut().rev().zip(values).for_each(|(d, v)| *d = v);
-            } else {
-                dst.iter_mut().zip(values).for_each(|(d, v)| *d = v);
-            }
+            4 => filter_row::<4>(line, cols, out),
+            5 => filter_row::<5>(line, cols, out),
+            6 => filter_row::<6>(line, cols, out),
+            7 => filter_row::<7>(line, cols, out),
+            9 => filter_row::<9>(line, cols, out),
+            _ => filter_row_any(line, cols, out),
         }
     }
 }
 
-fn filter_row<const N: usize>(line: &[[f32; 3]], cols: &Taps, dst: &mut [[f32; 3]]) {
-    for ((out, &start), weights) in dst.iter_mut().zip(&cols.start).zip(cols.weights.chunks_exact(N)) {
+fn filter_row<const N: usize>(line: &[[f32; 3]], cols: &Taps, [red, green, blue]: [&mut [f32]; 3]) {
+    let outputs = red.iter_mut().zip(green.iter_mut()).zip(blue.iter_mut());
+    for ((((r, g), b), &start), weights) in outputs.zip(&cols.start).zip(cols.weights.chunks_exact(N)) {
         let (Ok(px), Ok(weights)) =
             (<&[[f32; 3]; N]>::try_from(&line[start..start + N]), <&[f32; N]>::try_from(weights))
         else {
@@ -278,40 +286,65 @@ fn filter_row<const N: usize>(line: &[[f32; 3]], cols: &Taps, dst: &mut [[f32; 3
             acc[1] += weights[k] * px[k][1];
             acc[2] += weights[k] * px[k][2];
         }
-        *out = acc;
+        (*r, *g, *b) = (acc[0], acc[1], acc[2]);
     }
 }
 
-fn filter_row_any(line: &[[f32; 3]], cols: &Taps, dst: &mut [[f32; 3]]) {
-    for ((out, &start), weights) in dst.iter_mut().zip(&cols.start).zip(cols.weights.chunks_exact(cols.len)) {
+fn filter_row_any(line: &[[f32; 3]], cols: &Taps, [red, green, blue]: [&mut [f32]; 3]) {
+    let outputs = red.iter_mut().zip(green.iter_mut()).zip(blue.iter_mut());
+    for ((((r, g), b), &start), weights) in outputs.zip(&cols.start).zip(cols.weights.chunks_exact(cols.len)) {
         let mut acc = [0f32; 3];
         for (px, &wt) in line[start..start + cols.len].iter().zip(weights) {
             acc[0] += wt * px[0];
             acc[1] += wt * px[1];
             acc[2] += wt * px[2];
         }
-        *out = acc;
+        (*r, *g, *b) = (acc[0], acc[1], acc[2]);
+    }
+}
+
+/// `row[x] = sum_k taps[k] * window[k * width + x]`: the vertical pass for one output row, all taps of a pixel
+/// summed in registers, one store per pixel.
+fn blend_rows<const N: usize>(window: &[f32], taps: &[f32], row: &mut [f32]) {
+    let width = row.len();
+    let Ok(taps) = <&[f32; N]>::try_from(taps) else { return blend_rows_any(window, taps, row) };
+    let lines: [&[f32]; N] = std::array::from_fn(|k| &window[k * width..(k + 1) * width]);
+    for (x, out) in row.iter_mut().enumerate() {
+        let mut sum = 0f32;
+        for k in 0..N {
+            sum += taps[k] * lines[k][x];
+        }
+        *out = sum;
+    }
+}
+
+fn blend_rows_any(window: &[f32], taps: &[f32], row: &mut [f32]) {
+    let width = row.len();
+    row.fill(0.0);
+    for (k, &wt) in taps.iter().enumerate() {
+        for (out, &v) in row.iter_mut().zip(&window[k * width..(k + 1) * width]) {
+            *out += wt * v;
+        }
     }
 }
 
 /// Nearest-neighbour sampling, as Pillow's NEAREST: source index `floor((i + 0.5) * scale)`.
-fn nearest(src: &RgbImage, geo: &Geometry, w: usize, h: usize, flip: bool, norm: Normalize, out: &mut [f32]) {
+fn nearest(src: &RgbImage, geo: &Geometry, w: usize, h: usize, flip: bool, norm: Normalize, out: &mut Vec<f32>) {
     let (src_w, src_h) = (src.width() as usize, src.height() as usize);
     let pick = |i: usize, offset: u32, in_size: usize, out_size: u32| {
         let scale = in_size as f64 / out_size as f64;
         (((i + offset as usize) as f64 + 0.5) * scale).floor().min((in_size - 1) as f64) as usize
     };
-    let xs: Vec<usize> = (0..w).map(|x| pick(x, geo.left, src_w, geo.resized_width)).collect();
+    let mut xs: Vec<usize> = (0..w).map(|x| pick(x, geo.left, src_w, geo.resized_width)).collect();
+    if flip {
+        xs.reverse();
+    }
+    let ys: Vec<usize> = (0..h).map(|y| pick(y, geo.top, src_h, geo.resized_height)).collect();
     let raw = src.as_raw();
-    let plane = w * h;
-    for y in 0..h {
-        let sy = pick(y, geo.top, src_h, geo.resized_height);
-        let row = &raw[sy * src_w * 3..(sy + 1) * src_w * 3];
-        for (x, &sx) in xs.iter().enumerate() {
-            let dx = if flip { w - 1 - x } else { x };
-            for c in 0..3 {
-                out[c * plane + y * w + dx] = row[sx * 3 + c] as f32 * norm.scale + norm.bias;
-            }
+    for c in 0..3 {
+        for &sy in &ys {
+            let row = &raw[sy * src_w * 3..(sy + 1) * src_w * 3];
+            out.extend(xs.iter().map(|&sx| row[sx * 3 + c] as f32 * norm.scale + norm.bias));
         }
     }
 }
