@@ -123,6 +123,9 @@ fn caption(raw: &RawSample, fields: &Fields) -> Result<String, String> {
     ))
 }
 
+/// Largest decoded image accepted (the `image` crate's default allocation limit).
+const MAX_DECODED_BYTES: usize = 512 << 20;
+
 /// Decodes JPEG, PNG or WebP (recognised by content, not extension) to 8-bit RGB: grey is replicated, alpha is
 /// dropped, 16-bit is scaled down. The pixels live in a pooled buffer: hand it back with [`recycle_image`].
 pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, String> {
@@ -145,7 +148,17 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, String> {
             return image::load_from_memory_with_format(bytes, format).map(|i| i.into_rgb8()).map_err(|e| e.to_string())
         }
     };
+    if width == 0 || height == 0 {
+        return Err(format!("image is {width}x{height}"));
+    }
     let pixels = width as usize * height as usize;
+    // The header alone decides the allocation, so refuse absurd sizes before trusting it.
+    if pixels * channels > MAX_DECODED_BYTES {
+        return Err(format!(
+            "image is {width}x{height}, larger than the {} MiB decoding limit",
+            MAX_DECODED_BYTES >> 20
+        ));
+    }
     let mut raw = pool::take_bytes(pixels * channels);
     raw.resize(pixels * channels, 0);
     decoder.read_image(&mut raw).map_err(|e| e.to_string())?;
@@ -222,6 +235,36 @@ mod tests {
         let d = decode_sample(&sample, &Fields::default()).unwrap();
         assert_eq!(d.caption, "red");
         assert_eq!(d.image.get_pixel(0, 0).0, [1, 2, 3]);
+    }
+
+    #[test]
+    fn absurd_header_sizes_are_refused_before_allocating() {
+        // A valid PNG claiming 100000 x 100000 RGB pixels, with no image data behind it.
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut header = Vec::new();
+        header.extend_from_slice(&100_000u32.to_be_bytes());
+        header.extend_from_slice(&100_000u32.to_be_bytes());
+        header.extend_from_slice(&[8, 2, 0, 0, 0]);
+        for (kind, data) in [(b"IHDR", header), (b"IDAT", Vec::new()), (b"IEND", Vec::new())] {
+            let mut body = kind.to_vec();
+            body.extend_from_slice(&data);
+            png.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            png.extend_from_slice(&body);
+            png.extend_from_slice(&crc32(&body).to_be_bytes());
+        }
+        let err = decode_rgb(&png).unwrap_err();
+        assert!(err.contains("image is 100000x100000, larger than the 512 MiB decoding limit"), "{err}");
+    }
+
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= b as u32;
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            }
+        }
+        !crc
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! - [`shards`]: shard paths, brace patterns and directories.
 //! - [`group`]: members → samples.
 //! - [`decode`]: samples → RGB images and caption; [`transform`]: resize, crop, flip, CHW `f32`.
-//! - [`loader`]: the deterministic, resumable, multi-threaded loader.
+//! - [`loader`]: the deterministic, resumable, multi-threaded loader, built on [`shuffle`] (the shuffle buffer),
+//!   [`rng`] (seed-derived random streams) and [`pool`] (recycled pixel buffers).
 //! - [`check`], [`make`], [`bench`]: the `zeroconv dataset ...` commands.
 
 pub mod bench;

@@ -442,6 +442,19 @@ mod tests {
     }
 
     #[test]
+    fn degenerate_sources_do_not_break_the_taps() {
+        for (w, h) in [(1, 1), (1, 7), (7, 1), (2, 3)] {
+            let src = RgbImage::from_pixel(w, h, image::Rgb([9, 99, 199]));
+            for filter in [Filter::Nearest, Filter::Bilinear, Filter::Bicubic, Filter::Lanczos3] {
+                let out = resize_crop(&src, 5, 4, filter, true, Normalize { scale: 1.0, bias: 0.0 });
+                assert_eq!(out.data.len(), 3 * 5 * 4);
+                assert!(out.data[..20].iter().all(|v| (v - 9.0).abs() < 1e-3), "{w}x{h} {filter:?}");
+                assert!(out.data[40..].iter().all(|v| (v - 199.0).abs() < 1e-3), "{w}x{h} {filter:?}");
+            }
+        }
+    }
+
+    #[test]
     fn nearest_keeps_labels_and_flip_mirrors() {
         let src = RgbImage::from_fn(8, 4, |x, _| image::Rgb([x as u8 * 10, 0, 0]));
         let out = resize_crop(&src, 8, 8, Filter::Nearest, false, Normalize { scale: 1.0, bias: 0.0 });
