@@ -9,7 +9,7 @@
 //! - [`decode`]: samples → RGB images and caption; [`transform`]: resize, crop, flip, CHW `f32`.
 //! - [`loader`]: the deterministic, resumable, multi-threaded loader, built on [`shuffle`] (the shuffle buffer),
 //!   [`rng`] (seed-derived random streams) and [`pool`] (recycled pixel buffers).
-//! - [`check`], [`make`], [`bench`]: the `zeroconv dataset ...` commands.
+//! - [`check`], [`make`], [`bench`](mod@bench): the `zeroconv dataset ...` commands.
 
 pub mod bench;
 pub mod check;
