@@ -347,6 +347,21 @@ fn resuming_from_a_saved_state_continues_bit_exactly() {
         }
         assert_eq!(rest.len(), 30 - stop);
     }
+    // The same shards in another folder: the state still applies.
+    let moved = scratch("resume-moved");
+    let moved_shards: Vec<PathBuf> = shards
+        .iter()
+        .map(|p| {
+            let to = moved.join(p.file_name().unwrap());
+            std::fs::copy(p, &to).unwrap();
+            to
+        })
+        .collect();
+    let relocated = Loader::new(moved_shards, config.clone()).unwrap();
+    let mut stream = relocated.stream(&LoaderState { consumed: 3, ..loader.initial_state() }).unwrap();
+    assert_eq!(stream.next().unwrap().unwrap().key, straight[3].key);
+    drop(stream);
+
     let saved = loader.initial_state().to_json();
     assert!(
         saved.contains("\"epoch\":0") && saved.contains("\"consumed\":0") && saved.contains("\"version\":1"),

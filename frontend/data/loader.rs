@@ -272,8 +272,9 @@ impl Loader {
                 hash.bytes(ext.as_bytes());
             }
         }
-        for name in &names {
-            hash.bytes(name.as_bytes());
+        // File names, not full paths: a dataset moved to another folder (or named by a relative path) resumes fine.
+        for path in &shards {
+            hash.bytes(path.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
         }
         let fingerprint = hash.finish();
         Ok(Loader { inner: Arc::new(Inner { shards, names, config, fingerprint }) })
