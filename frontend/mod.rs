@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod forward;
 pub mod model_config;
 pub mod rng;
