@@ -27,6 +27,11 @@ pub trait Program {
     /// Waits until every enqueued step has finished.
     fn synchronize(&mut self) -> Result<()>;
 
+    /// Starts (or stops) timing every kernel; `echo` prints one line per kernel as it runs.
+    fn set_profiling(&mut self, on: bool, echo: bool);
+    /// The timings gathered since profiling started.
+    fn profile(&self) -> Option<&crate::engine::profile::Profile>;
+
     /// Uploads by source name.
     fn upload_named(&mut self, name: &str, t: &HostTensor) -> Result<()> {
         let v = self

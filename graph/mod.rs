@@ -12,5 +12,6 @@ pub use ir::{Graph, Node, NodeId, Phase, Value, ValueId, ValueKind};
 pub use op::{BinaryOp, F64Bits, Op, UnaryOp};
 pub use shape::Shape;
 pub mod autodiff;
+pub mod cost;
 pub mod optim;
 pub mod passes;

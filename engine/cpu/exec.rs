@@ -58,6 +58,7 @@ pub struct CpuProgram {
     arena_ptr: *mut u8,
     _sources: Vec<Vec<u64>>,
     source_ptr: Vec<*mut u8>,
+    profile: Option<crate::engine::profile::Profile>,
 }
 
 // SAFETY: the program exclusively owns every buffer its raw pointers point into; moving it to
@@ -177,6 +178,14 @@ impl Backend for CpuBackend {
             arena_ptr,
             _sources: sources,
             source_ptr,
+            profile: None,
+        })
+        .map(|mut p| {
+            let level = crate::engine::profile::Profile::debug_level_from_env();
+            if level >= 2 {
+                p.set_profiling(true, true);
+            }
+            p
         })
     }
 }
@@ -613,14 +622,32 @@ impl Program for CpuProgram {
     }
 
     fn launch(&mut self) -> Result<()> {
+        let mut profile = self.profile.take();
         let this = &*self;
-        this.pool.install(|| {
+        let r = this.pool.install(|| {
             for i in 0..this.graph.nodes.len() {
+                let start = std::time::Instant::now();
                 this.run_node(i)
                     .map_err(|e| Error::msg(format!("node {i} ({}): {e}", this.graph.nodes[i].op.name())))?;
+                if let Some(p) = profile.as_mut() {
+                    p.record(i, start, start.elapsed());
+                }
             }
             Ok(())
-        })
+        });
+        if let Some(p) = profile.as_mut() {
+            p.end_step();
+        }
+        self.profile = profile;
+        r
+    }
+
+    fn set_profiling(&mut self, on: bool, echo: bool) {
+        self.profile = on.then(|| crate::engine::profile::Profile::new(&self.graph, echo));
+    }
+
+    fn profile(&self) -> Option<&crate::engine::profile::Profile> {
+        self.profile.as_ref()
     }
 
     fn synchronize(&mut self) -> Result<()> {
