@@ -1,3 +1,64 @@
-fn main() {
-    println!("zeroconv");
+//! The `zeroconv` command line. Each subcommand's options live next to its implementation in
+//! `frontend/` (a `clap::Args` struct); this file only routes.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+use zeroconv::frontend::cli::{bench_train, forward, inspect, kernels, profile};
+use zeroconv::frontend::data::{self, DatasetCommand};
+use zeroconv::Result;
+
+#[derive(Debug, Parser)]
+#[command(name = "zeroconv", version, about = "Train ControlNets with the whole training step compiled as one graph")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print each component's parameter count and memory for a config (nothing runs).
+    Inspect(inspect::InspectArgs),
+    /// The parity tool: run a model part on given weights and inputs, write its outputs (and gradients).
+    Forward(forward::ForwardArgs),
+    /// WebDataset shards: check, make, bench.
+    Dataset {
+        #[command(subcommand)]
+        command: DatasetCommand,
+    },
+    /// Measure the training step and kernels on this machine.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Time every kernel of the training step: a table, a Chrome trace and IR dumps.
+    Profile(profile::ProfileArgs),
+    /// CUDA kernels: ptxas reports, generated fused kernels.
+    #[command(subcommand)]
+    Kernels(kernels::KernelsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Time the compiled training step on random inputs: samples/s and peak memory.
+    Train(bench_train::BenchTrainArgs),
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let mut stdout = std::io::stdout();
+    match cli.command {
+        Command::Inspect(args) => inspect::run(&args, &mut stdout),
+        Command::Forward(args) => forward::run(&args),
+        Command::Dataset { command } => data::run(&command),
+        Command::Bench(BenchCommand::Train(args)) => bench_train::run(&args, &mut stdout),
+        Command::Profile(args) => profile::run(&args, &mut stdout),
+        Command::Kernels(cmd) => kernels::run(&cmd, &mut stdout),
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("zeroconv: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! Configs, checkpoints, datasets, the CLI and the training loops.
 
 pub mod checkpoint;
+pub mod cli;
 pub mod config;
 pub mod data;
 pub mod forward;

@@ -65,3 +65,17 @@ pub fn collect_params<P: Program>(
         })
         .collect()
 }
+
+/// Uploads a fresh initialisation of every parameter (PyTorch's default initialisers; zero
+/// convolutions start at zero), and zeroes are already in optimizer state. For benchmarks and
+/// training from scratch.
+pub fn init_params<P: Program>(prog: &mut P, map: &ValueMap, specs: &[ParamSpec], seed: u64) -> Result<()> {
+    let mut rng = super::rng::Rng::new(seed);
+    for spec in specs {
+        let Some(v) = map.get(spec.value) else { continue };
+        let data = init_value(spec, &mut rng);
+        let dtype = prog.graph().dtype(v);
+        prog.upload(v, &HostTensor::from_f64(spec.shape.clone(), dtype, &data)?)?;
+    }
+    Ok(())
+}

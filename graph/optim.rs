@@ -63,7 +63,12 @@ pub fn append_training_step(g: &mut Graph, loss: ValueId, cfg: &AdamWConfig) -> 
 
 /// As `append_training_step`, clipping the gradients to a global L2 norm of at most `clip` first
 /// (`torch.nn.utils.clip_grad_norm_`: g ← g · min(1, clip / (‖g‖ + 1e-6))).
-pub fn append_training_step_clipped(g: &mut Graph, loss: ValueId, cfg: &AdamWConfig, clip: Option<f64>) -> Result<ValueId> {
+pub fn append_training_step_clipped(
+    g: &mut Graph,
+    loss: ValueId,
+    cfg: &AdamWConfig,
+    clip: Option<f64>,
+) -> Result<ValueId> {
     let params = g.trainable_params();
     let grads = super::autodiff::backward(g, loss, &params)?;
     let mut pairs: Vec<(ValueId, ValueId)> = params.iter().filter_map(|p| grads.get(p).map(|&d| (*p, d))).collect();

@@ -116,11 +116,19 @@ fn input_kind(k: &FusedKernel, i: usize) -> InputKind {
 /// Generates the function for `k`, whose inputs are stored as `in_dtypes`.
 pub fn generate(k: &FusedKernel, in_dtypes: &[DType]) -> Result<Generated> {
     if in_dtypes.len() != k.input_shapes.len() {
-        return Err(Error::msg(format!("{}: {} input dtypes for {} inputs", k.name, in_dtypes.len(), k.input_shapes.len())));
+        return Err(Error::msg(format!(
+            "{}: {} input dtypes for {} inputs",
+            k.name,
+            in_dtypes.len(),
+            k.input_shapes.len()
+        )));
     }
     let kinds: Vec<InputKind> = (0..in_dtypes.len()).map(|i| input_kind(k, i)).collect();
     if k.shape.rank() > MAX_RANK {
-        return Err(Error::Unsupported { backend: "cuda", msg: format!("{}: rank {} > {MAX_RANK}", k.name, k.shape.rank()) });
+        return Err(Error::Unsupported {
+            backend: "cuda",
+            msg: format!("{}: rank {} > {MAX_RANK}", k.name, k.shape.rank()),
+        });
     }
     let anchored = k.anchor != Anchor::None;
     let mut params = Vec::new();
@@ -151,7 +159,10 @@ pub fn generate(k: &FusedKernel, in_dtypes: &[DType]) -> Result<Generated> {
     for (r, ins) in k.body.iter().enumerate() {
         let e = match ins {
             Instr::Load(i) => load(*i),
-            Instr::Anchor => "(to_f32(in0[i]) - mean) * rstd * to_f32(in1[(i / inner) % period]) + to_f32(in2[(i / inner) % period])".into(),
+            Instr::Anchor => {
+                "(to_f32(in0[i]) - mean) * rstd * to_f32(in1[(i / inner) % period]) + to_f32(in2[(i / inner) % period])"
+                    .into()
+            }
             Instr::Const(c) => lit(c.get()),
             Instr::Unary(u, a) => format!("{}::fwd(r{a})", op_struct(*u)),
             Instr::UnaryBackward(u, x, dy) => format!("{}::bwd(r{x}, r{dy})", op_struct(*u)),

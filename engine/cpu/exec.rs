@@ -30,6 +30,17 @@ impl CpuBackend {
     }
 }
 
+impl CpuBackend {
+    /// The memory plan `compile` would make for `graph`, without allocating it.
+    pub fn plan(&self, graph: &Graph) -> Result<MemoryPlan> {
+        let execs: Vec<NodeExec> = graph.nodes.iter().map(|n| node_exec(graph, n, self.threads)).collect();
+        plan_memory(graph, &|i| {
+            let e = &execs[i];
+            (e.kernel_scratch + e.kernel_scratch_len) * e.compute.size()
+        })
+    }
+}
+
 impl Default for CpuBackend {
     fn default() -> Self {
         CpuBackend::new(Self::default_threads())
@@ -148,10 +159,7 @@ impl Backend for CpuBackend {
     fn compile(&self, graph: Graph) -> Result<CpuProgram> {
         graph.validate()?;
         let execs: Vec<NodeExec> = graph.nodes.iter().map(|n| node_exec(&graph, n, self.threads)).collect();
-        let plan = plan_memory(&graph, &|i| {
-            let e = &execs[i];
-            (e.kernel_scratch + e.kernel_scratch_len) * e.compute.size()
-        })?;
+        let plan = self.plan(&graph)?;
         let mut arena = vec![0u64; plan.arena_bytes.div_ceil(8)];
         let arena_ptr = arena.as_mut_ptr() as *mut u8;
         let mut sources = Vec::new();

@@ -1,0 +1,125 @@
+//! `zeroconv bench train`: times the compiled training step on random inputs after a warm-up
+//! and prints samples/s and peak memory; the last line is the figure, ending in `samples/s`.
+
+use super::{human_bytes, peak_rss_bytes, ConfigArgs};
+use crate::engine::cpu::{CpuBackend, CpuProgram};
+use crate::engine::{Backend, HostTensor, Program};
+use crate::error::Result;
+use crate::frontend::rng::Rng;
+use crate::frontend::step::{self, StepGraph};
+use crate::frontend::weights::init_params;
+use crate::graph::optim::adamw_hyper;
+use crate::graph::passes::Optimized;
+use crate::graph::DType;
+use std::io::Write;
+use std::time::Instant;
+
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Example:\n  zeroconv bench train --config ../shared/bench/bench_small.yaml")]
+pub struct BenchTrainArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Timed steps.
+    #[arg(long, default_value_t = 10)]
+    pub steps: u64,
+    /// Untimed steps first (caches, page faults, thread pool).
+    #[arg(long, default_value_t = 2)]
+    pub warmup: u64,
+    /// CPU threads (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// A compiled training step with random weights and random inputs, ready to launch.
+pub struct ReadyStep {
+    pub step: StepGraph,
+    pub opt: Optimized,
+    pub prog: CpuProgram,
+    pub compile_secs: f64,
+}
+
+/// Builds, optimises and compiles the latent-space training step of a config, then fills the
+/// parameters and inputs with random values.
+pub fn prepare(cfg: &crate::frontend::config::Config, threads: Option<usize>) -> Result<ReadyStep> {
+    let t0 = Instant::now();
+    let st = step::latent_step(cfg, cfg.model.micro_batch_size as usize)?;
+    let opt = step::optimize(cfg, &st, false)?;
+    let backend = threads.map_or_else(CpuBackend::default, CpuBackend::new);
+    let mut prog = backend.compile(opt.graph.clone())?;
+    let compile_secs = t0.elapsed().as_secs_f64();
+    init_params(&mut prog, &opt.map, &st.params, 1)?;
+    let mut rng = Rng::new(2);
+    for name in ["x", "context", "hint", "target"] {
+        let Some(v) = prog.graph().find(name) else { continue };
+        let val = prog.graph().value(v).clone();
+        let data: Vec<f64> =
+            (0..val.shape.numel()).map(|_| if name == "hint" { rng.uniform() } else { rng.normal() }).collect();
+        prog.upload(v, &HostTensor::from_f64(val.shape.clone(), val.dtype, &data)?)?;
+    }
+    if let Some(t) = prog.graph().find("t") {
+        let n = prog.graph().shape(t).numel();
+        let ts: Vec<f64> = (0..n).map(|_| rng.below(1000) as f64).collect();
+        prog.upload(t, &HostTensor::from_f64([n], DType::I64, &ts)?)?;
+    }
+    Ok(ReadyStep { step: st, opt, prog, compile_secs })
+}
+
+/// Uploads step `t`'s optimizer hyper-parameters and runs one step.
+pub fn run_step(r: &mut ReadyStep, cfg: &crate::frontend::config::Config, t: u64) -> Result<()> {
+    let h = adamw_hyper(&step::adamw_config(cfg), cfg.model.optim.lr, t);
+    let hyper = r.opt.map.get(r.step.hyper).expect("the hyper input is kept");
+    r.prog.upload(hyper, &HostTensor::from_f64([3], DType::F32, &h)?)?;
+    r.prog.launch()?;
+    r.prog.synchronize()
+}
+
+pub fn run(args: &BenchTrainArgs, out: &mut dyn Write) -> Result<()> {
+    let cfg = args.config.load()?;
+    let mut r = prepare(&cfg, args.threads)?;
+    let w =
+        |out: &mut dyn Write, s: String| writeln!(out, "{s}").map_err(|e| crate::Error::msg(format!("stdout: {e}")));
+    let kernels = r.prog.graph().nodes.iter().filter(|n| !n.op.is_view()).count();
+    let trainable: usize = r.step.params.iter().filter(|p| p.trainable).map(|p| p.shape.numel()).sum();
+    w(
+        out,
+        format!(
+            "config: batch {}, {}x{} latents, precision {:?}, fusion {}, checkpointing {}",
+            r.step.batch.batch,
+            r.step.batch.latent_h,
+            r.step.batch.latent_w,
+            cfg.trainer.precision,
+            cfg.model.inductor,
+            step::pass_options(&cfg, false).checkpointing
+        ),
+    )?;
+    w(out, format!("compiled: {kernels} kernels, {trainable} trainable parameters, in {:.2} s", r.compile_secs))?;
+    w(out, format!("memory plan: {}", r.prog.plan().summary()))?;
+    let mut t = 1;
+    for _ in 0..args.warmup {
+        run_step(&mut r, &cfg, t)?;
+        t += 1;
+    }
+    let loss_id = r.opt.map.get(r.step.loss).expect("loss is an output");
+    let mut times = Vec::new();
+    for _ in 0..args.steps.max(1) {
+        let s = Instant::now();
+        run_step(&mut r, &cfg, t)?;
+        times.push(s.elapsed().as_secs_f64());
+        t += 1;
+    }
+    let loss = r.prog.download(loss_id)?.to_f64()[0];
+    let mean = times.iter().sum::<f64>() / times.len() as f64;
+    let best = times.iter().cloned().fold(f64::INFINITY, f64::min);
+    let batch = r.step.batch.batch as f64;
+    w(out, format!("step: mean {:.4} s, best {:.4} s over {} steps (loss {loss:.5})", mean, best, times.len()))?;
+    let planned = (r.prog.plan().arena_bytes + r.prog.plan().source_bytes) as f64;
+    w(
+        out,
+        format!(
+            "peak memory: planned {} (arena + parameters + optimizer state), process peak RSS {}",
+            human_bytes(planned),
+            peak_rss_bytes().map_or("unknown".to_string(), |b| human_bytes(b as f64))
+        ),
+    )?;
+    w(out, format!("{:.2} samples/s", batch / mean))
+}

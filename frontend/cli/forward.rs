@@ -1,0 +1,102 @@
+//! `zeroconv forward`: the parity tool. Runs one model part on given weights and inputs and
+//! writes every tensor a PyTorch user compares (see README "Parity with PyTorch").
+
+use super::ConfigArgs;
+use crate::error::{Error, Result};
+use crate::frontend::checkpoint::{write_safetensors, Checkpoint};
+use crate::frontend::{forward, model_config};
+use crate::graph::DType;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// ControlNet + locked U-Net: eps, control.{i}; with --grad also loss and grad.<key>.
+    Control,
+    /// VAE encoder: `image` [B,3,H,W] in [-1,1] → `mean`, `logvar`.
+    VaeEncode,
+    /// VAE decoder: `z` [B,4,h,w] → `decoded`.
+    VaeDecode,
+    /// CLIP text encoder: `ids` [B,L] int64 → `hidden`.
+    Text,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    Fp32,
+    Bf16,
+}
+
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Example:\n  zeroconv forward --config configs/controlnet_sd15.yaml --ckpt weights.safetensors \\\n      --inputs in.safetensors --out out.safetensors --grad"
+)]
+pub struct ForwardArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Weights under the original keys (model.diffusion_model.*, control_model.*, first_stage_model.*,
+    /// cond_stage_model.transformer.*): .safetensors, .ckpt/.pth or .nemo.
+    #[arg(long, value_name = "FILE")]
+    pub ckpt: PathBuf,
+    /// Inputs (safetensors): x [B,4,h,w], t [B] int64, context [B,L,D], hint [B,3,8h,8w] in [0,1], and with
+    /// --grad target [B,4,h,w]; or image / z / ids for the other parts.
+    #[arg(long, value_name = "FILE")]
+    pub inputs: PathBuf,
+    /// Where to write the outputs (safetensors, written atomically).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Also compute loss = mean((eps - target)^2) and its gradient for every ControlNet parameter.
+    #[arg(long)]
+    pub grad: bool,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: Device,
+    #[arg(long, value_enum, default_value = "fp32")]
+    pub precision: Precision,
+    #[arg(long, value_enum, default_value = "control")]
+    pub part: Part,
+}
+
+pub fn run(args: &ForwardArgs) -> Result<()> {
+    if args.device == Device::Cuda {
+        crate::engine::cuda::probe()?;
+        return Err(Error::Unsupported {
+            backend: "cuda",
+            msg: "executing graphs on the GPU is not implemented yet; use --device cpu".into(),
+        });
+    }
+    let cfg = args.config.load()?;
+    let ckpt = Checkpoint::open(&args.ckpt)?.into_ldm_keys()?;
+    let inputs = Checkpoint::open(&args.inputs)?;
+    let compute = match args.precision {
+        Precision::Fp32 => DType::F32,
+        Precision::Bf16 => DType::BF16,
+    };
+    if args.part != Part::Control && (args.grad || compute != DType::F32) {
+        return Err(Error::msg("--grad and --precision bf16 apply to --part control only"));
+    }
+    let m = &cfg.model;
+    let outs = match args.part {
+        Part::Control => forward::control_ldm(&model_config::control_ldm(&cfg), &ckpt, &inputs, args.grad, compute)?,
+        Part::VaeEncode | Part::VaeDecode => {
+            let need = if args.part == Part::VaeEncode { "image" } else { "z" };
+            if !inputs.contains(need) {
+                return Err(Error::file(&args.inputs, format!("has no tensor '{need}' for --part {:?}", args.part)));
+            }
+            let all = forward::vae_parts(&model_config::vae(&m.first_stage_config, m.scale_factor), &ckpt, &inputs)?;
+            let keep: &[&str] = if args.part == Part::VaeEncode { &["mean", "logvar"] } else { &["decoded"] };
+            all.into_iter().filter(|(k, _)| keep.contains(&k.as_str())).collect()
+        }
+        Part::Text => forward::text(&model_config::clip(&m.cond_stage_config)?, &ckpt, &inputs)?,
+    };
+    let mut meta = BTreeMap::new();
+    meta.insert("producer".to_string(), format!("zeroconv {} forward", env!("CARGO_PKG_VERSION")));
+    write_safetensors(&args.out, &outs, Some(&meta))?;
+    eprintln!("wrote {} tensors to {}", outs.len(), args.out.display());
+    Ok(())
+}

@@ -1,0 +1,100 @@
+//! `zeroconv inspect`: each component's parameter count and memory, without running anything.
+
+use super::{human_bytes, ConfigArgs};
+use crate::engine::cpu::CpuBackend;
+use crate::error::Result;
+use crate::frontend::{model_config, step};
+use crate::models::counts::{clip_params, controlnet_params, total, unet_params, vae_params};
+use std::io::Write;
+
+#[derive(Debug, clap::Args)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Also build and plan the training step at model.micro_batch_size and print its planned peak
+    /// memory (takes a few seconds for SD 1.5).
+    #[arg(long)]
+    pub plan: bool,
+    /// Print every parameter key with its shape.
+    #[arg(long)]
+    pub keys: bool,
+}
+
+pub fn run(args: &InspectArgs, out: &mut dyn Write) -> Result<()> {
+    let cfg = args.config.load()?;
+    let m = &cfg.model;
+    let ldm = model_config::control_ldm(&cfg);
+    let parts = [
+        ("U-Net (model.diffusion_model)", unet_params(&ldm.unet)?),
+        ("ControlNet (control_model)", controlnet_params(&ldm.control)?),
+        ("VAE (first_stage_model)", vae_params(&model_config::vae(&m.first_stage_config, m.scale_factor))?),
+        ("CLIP text encoder (cond_stage_model)", clip_params(&model_config::clip(&m.cond_stage_config)?)?),
+    ];
+    let w =
+        |out: &mut dyn Write, s: String| writeln!(out, "{s}").map_err(|e| crate::Error::msg(format!("stdout: {e}")));
+    w(out, format!("{:<40} {:>15} {:>12}", "component", "parameters", "fp32 memory"))?;
+    let mut sum = 0;
+    for (name, ps) in &parts {
+        let n = total(ps);
+        sum += n;
+        w(out, format!("{:<40} {:>15} {:>12}", name, group_digits(n), human_bytes(4.0 * n as f64)))?;
+    }
+    w(out, format!("{:<40} {:>15} {:>12}", "total", group_digits(sum), human_bytes(4.0 * sum as f64)))?;
+    let trainable = total(&parts[1].1)
+        + if m.sd_locked {
+            0
+        } else {
+            parts[0]
+                .1
+                .iter()
+                .filter(|p| p.key.contains(".output_blocks.") || p.key.contains(".out."))
+                .map(|p| p.shape.numel())
+                .sum()
+        };
+    w(
+        out,
+        format!(
+            "trainable: {} parameters (sd_locked={}); AdamW moments {}",
+            group_digits(trainable),
+            m.sd_locked,
+            human_bytes(8.0 * trainable as f64)
+        ),
+    )?;
+    if args.keys {
+        for (_, ps) in &parts {
+            for p in ps {
+                w(out, format!("{} {}", p.key, p.shape))?;
+            }
+        }
+    }
+    if args.plan {
+        let st = step::latent_step(&cfg, m.micro_batch_size as usize)?;
+        let opt = step::optimize(&cfg, &st, false)?;
+        let plan = CpuBackend::default().plan(&opt.graph)?;
+        w(
+            out,
+            format!(
+                "training step (batch {}, {}x{} latents, precision {:?}): {} kernels; {}",
+                st.batch.batch,
+                st.batch.latent_h,
+                st.batch.latent_w,
+                cfg.trainer.precision,
+                opt.graph.nodes.iter().filter(|n| !n.op.is_view()).count(),
+                plan.summary()
+            ),
+        )?;
+    }
+    Ok(())
+}
+
+pub fn group_digits(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}

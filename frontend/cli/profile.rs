@@ -1,0 +1,134 @@
+//! `zeroconv profile`: runs training steps with every kernel timed; prints a table per kernel
+//! (name, the ops fused into it, launches, time, share of the step, bytes moved, achieved
+//! GB/s or GFLOP/s), writes a Chrome trace and, with --dump-ir, the IR before and after each pass.
+
+use super::bench_train::{prepare, run_step};
+use super::{human_bytes, ConfigArgs};
+use crate::engine::Program;
+use crate::error::{Error, Result};
+use crate::frontend::step;
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Example:\n  zeroconv profile --config ../shared/bench/bench_small.yaml --steps 3 --dump-ir ir/\n\
+  Open the trace (profile_trace.json) in https://ui.perfetto.dev or chrome://tracing."
+)]
+pub struct ProfileArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Profiled steps (after one warm-up step).
+    #[arg(long, default_value_t = 3)]
+    pub steps: u64,
+    /// Where to write the Chrome trace JSON.
+    #[arg(long, value_name = "FILE", default_value = "profile_trace.json")]
+    pub trace: PathBuf,
+    /// Write the IR before and after each pass (and the fusion decisions) into this folder.
+    #[arg(long, value_name = "DIR")]
+    pub dump_ir: Option<PathBuf>,
+    /// Rows of the table (slowest kernels first; 0 = all).
+    #[arg(long, default_value_t = 40)]
+    pub top: usize,
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+fn io(path: &std::path::Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |e| Error::file(path, e.to_string())
+}
+
+pub fn run(args: &ProfileArgs, out: &mut dyn Write) -> Result<()> {
+    let cfg = args.config.load()?;
+    if let Some(dir) = &args.dump_ir {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let st = step::latent_step(&cfg, cfg.model.micro_batch_size as usize)?;
+        let opt = step::optimize(&cfg, &st, true)?;
+        for (i, (pass, text)) in opt.dumps.iter().enumerate() {
+            let p = dir.join(format!("{i:02}_{pass}.ir"));
+            std::fs::write(&p, text).map_err(io(&p))?;
+        }
+        if let Some(report) = &opt.fusion {
+            let p = dir.join("fusion.log");
+            std::fs::write(&p, report.log.join("\n") + "\n").map_err(io(&p))?;
+        }
+        eprintln!("IR dumps written to {}", dir.display());
+    }
+    let mut r = prepare(&cfg, args.threads)?;
+    run_step(&mut r, &cfg, 1)?;
+    r.prog.set_profiling(true, false);
+    for t in 0..args.steps.max(1) {
+        run_step(&mut r, &cfg, 2 + t)?;
+    }
+    let prof = r.prog.profile().expect("profiling is on");
+    let steps = prof.steps.max(1) as f64;
+    let total = prof.total().as_secs_f64();
+    let w =
+        |out: &mut dyn Write, s: String| writeln!(out, "{s}").map_err(|e| crate::Error::msg(format!("stdout: {e}")));
+    w(
+        out,
+        format!(
+            "{} steps, {:.4} s per step in kernels, {} kernels per step",
+            prof.steps,
+            total / steps,
+            prof.kernels.iter().filter(|k| k.launches > 0).count()
+        ),
+    )?;
+    w(
+        out,
+        format!(
+            "{:<38} {:<30} {:>5} {:>10} {:>7} {:>10} {:>10} {:>10}",
+            "kernel", "ops", "runs", "total ms", "share", "bytes/run", "GB/s", "GFLOP/s"
+        ),
+    )?;
+    let ranked = prof.ranked();
+    let rows = if args.top == 0 { ranked.len() } else { args.top.min(ranked.len()) };
+    for k in &ranked[..rows] {
+        let secs = k.total.as_secs_f64();
+        let per = secs / k.launches as f64;
+        let mut ops = k.ops.join(" ");
+        if ops.len() > 30 {
+            ops.truncate(27);
+            ops.push_str("...");
+        }
+        w(
+            out,
+            format!(
+                "{:<38} {:<30} {:>5} {:>10.3} {:>6.1}% {:>10} {:>10.2} {:>10.2}",
+                k.name,
+                ops,
+                k.launches,
+                secs * 1e3,
+                100.0 * secs / total.max(1e-12),
+                human_bytes(k.cost.bytes),
+                k.cost.bytes / per.max(1e-12) / 1e9,
+                k.cost.flops / per.max(1e-12) / 1e9
+            ),
+        )?;
+    }
+    if rows < ranked.len() {
+        let rest: f64 = ranked[rows..].iter().map(|k| k.total.as_secs_f64()).sum();
+        w(
+            out,
+            format!("... {} more kernels, {:.1}% of the time", ranked.len() - rows, 100.0 * rest / total.max(1e-12)),
+        )?;
+    }
+    // Time by op kind, the quick answer to "where does the time go".
+    let mut by_kind: std::collections::BTreeMap<String, f64> = Default::default();
+    for k in &ranked {
+        let kind = if k.name.starts_with("fused_") {
+            "fused (pointwise/norm epilogues/AdamW)".to_string()
+        } else {
+            k.ops[0].clone()
+        };
+        *by_kind.entry(kind).or_default() += k.total.as_secs_f64();
+    }
+    let mut kinds: Vec<(String, f64)> = by_kind.into_iter().collect();
+    kinds.sort_by(|a, b| b.1.total_cmp(&a.1));
+    w(out, "time by kind:".to_string())?;
+    for (kind, t) in kinds {
+        w(out, format!("  {kind:<40} {:>8.1} ms/step {:>6.1}%", t / steps * 1e3, 100.0 * t / total.max(1e-12)))?;
+    }
+    std::fs::write(&args.trace, prof.chrome_trace()).map_err(io(&args.trace))?;
+    w(out, format!("trace: {}", args.trace.display()))
+}
