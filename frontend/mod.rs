@@ -8,5 +8,6 @@ pub mod forward;
 pub mod model_config;
 pub mod rng;
 pub mod step;
+pub mod synthetic;
 pub mod tokenizer;
 pub mod weights;

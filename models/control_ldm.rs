@@ -52,6 +52,19 @@ pub fn build(
     compute: DType,
     with_loss: bool,
 ) -> Result<ControlLdmGraph> {
+    build_gated(cfg, shape, param_dtype, compute, with_loss, false)
+}
+
+/// As `build`; with `gated`, an input `control_gate` [B,1,1,1] multiplies every residual per
+/// sample (0 turns the control off for that sample: guess mode's unconditional half).
+pub fn build_gated(
+    cfg: &ControlLdmConfig,
+    shape: Batch,
+    param_dtype: DType,
+    compute: DType,
+    with_loss: bool,
+    gated: bool,
+) -> Result<ControlLdmGraph> {
     let mut b = ModelBuilder::new(param_dtype);
     b.checkpoint_blocks = cfg.unet.use_checkpoint || cfg.control.unet.use_checkpoint;
     let Batch { batch: n, latent_h: h, latent_w: w, context_len: l } = shape;
@@ -63,7 +76,12 @@ pub fn build(
     let hc = b.g.cast(hint, compute)?;
     let control = b.with_trainable(true, |b| controlnet::controlnet(b, CONTROL_PREFIX, &cfg.control, xc, hc, t, cc))?;
     let scales = controlnet::control_scales(control.len(), cfg.strength, cfg.guess_mode);
-    let scaled = controlnet::apply_scales(&mut b, &control, &scales)?;
+    let mut scaled = controlnet::apply_scales(&mut b, &control, &scales)?;
+    if gated {
+        let gate = b.g.input("control_gate", [n, 1, 1, 1], param_dtype);
+        let gate = b.g.cast(gate, compute)?;
+        scaled = scaled.iter().map(|&c| b.g.mul(c, gate)).collect::<Result<_>>()?;
+    }
     let eps = b.with_trainable(false, |b| {
         unet::controlled_unet(b, UNET_PREFIX, &cfg.unet, xc, t, cc, Some(&scaled), cfg.only_mid_control, !cfg.sd_locked)
     })?;

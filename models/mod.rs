@@ -10,6 +10,7 @@ pub mod controlnet;
 pub mod counts;
 pub mod layers;
 pub mod schedule;
+pub mod train_step;
 pub mod unet;
 pub mod vae;
 

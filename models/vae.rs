@@ -131,3 +131,24 @@ pub fn vae_decode(b: &mut ModelBuilder, prefix: &str, cfg: &VaeConfig, z: ValueI
     h = b.g.silu(h)?;
     b.conv(&format!("{p}.conv_out"), h, block_in, cfg.out_ch, 3, 1, 1, false)
 }
+
+/// The weightless first stage of the built-in demo: latents are the image averaged over
+/// `factor` x `factor` blocks.
+pub fn pixel_encode(b: &mut ModelBuilder, x: ValueId, factor: usize) -> Result<ValueId> {
+    let d = b.g.shape(x).dims().to_vec();
+    let (n, c, h, w) = (d[0], d[1], d[2] / factor, d[3] / factor);
+    let blocks = b.g.reshape(x, [n, c, h, factor, w, factor])?;
+    let s = b.g.sum(blocks, &[3, 5], false)?;
+    b.g.scale(s, 1.0 / (factor * factor) as f64)
+}
+
+/// Its decoder: nearest upsampling by `factor` (a power of two).
+pub fn pixel_decode(b: &mut ModelBuilder, z: ValueId, factor: usize) -> Result<ValueId> {
+    let mut h = z;
+    let mut f = factor;
+    while f > 1 {
+        h = b.g.upsample2x(h)?;
+        f /= 2;
+    }
+    Ok(h)
+}

@@ -156,6 +156,9 @@ pub struct ModelConfig {
     pub strength: f64,
     /// Sampling: ControlNet "guess mode" (control on the conditional branch only, scaled per level).
     pub guess_mode: bool,
+    /// zeroconv: before training the ControlNet, train the U-Net itself (all of it) for this many steps. For
+    /// setups with no pretrained U-Net, such as the built-in demo; 0 (the default) skips it.
+    pub base_pretrain_steps: u64,
     pub unet_config: UNetConfig,
     pub control_stage_config: ControlNetConfig,
     pub first_stage_config: AutoencoderConfig,
@@ -186,6 +189,7 @@ impl Default for ModelConfig {
             restore_from_path: None,
             strength: 1.0,
             guess_mode: false,
+            base_pretrain_steps: 0,
             unet_config: UNetConfig::default(),
             control_stage_config: ControlNetConfig::default(),
             first_stage_config: AutoencoderConfig::default(),
@@ -315,10 +319,22 @@ impl Default for ControlNetConfig {
     }
 }
 
+/// What turns images into latents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FirstStageKind {
+    #[default]
+    AutoencoderKl,
+    Pixel,
+}
+
 /// The frozen KL autoencoder (LDM's `AutoencoderKL`). Defaults: the SD VAE.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AutoencoderConfig {
+    /// zeroconv: `autoencoder_kl` (SD's VAE, the default) or `pixel`: no weights, latents are the image averaged
+    /// over 8x8 blocks (decoded by nearest upsampling); for the built-in demo, which has no pretrained VAE.
+    pub kind: FirstStageKind,
     pub from_pretrained: Option<PathBuf>,
     #[serde(rename = "from_NeMo")]
     pub from_nemo: bool,
@@ -329,7 +345,13 @@ pub struct AutoencoderConfig {
 
 impl Default for AutoencoderConfig {
     fn default() -> Self {
-        AutoencoderConfig { from_pretrained: None, from_nemo: false, embed_dim: 4, ddconfig: DdConfig::default() }
+        AutoencoderConfig {
+            kind: FirstStageKind::AutoencoderKl,
+            from_pretrained: None,
+            from_nemo: false,
+            embed_dim: 4,
+            ddconfig: DdConfig::default(),
+        }
     }
 }
 
