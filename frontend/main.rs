@@ -3,7 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
-use zeroconv::frontend::cli::{bench_train, forward, inspect, kernels, profile};
+use zeroconv::frontend::cli::{bench_train, forward, inspect, kernels, profile, sample, train};
 use zeroconv::frontend::data::{self, DatasetCommand};
 use zeroconv::Result;
 
@@ -16,6 +16,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Train a ControlNet (with no config: the built-in demo on synthetic shapes).
+    Train(train::TrainArgs),
+    /// Generate images that follow a control map.
+    Sample(sample::SampleArgs),
     /// Print each component's parameter count and memory for a config (nothing runs).
     Inspect(inspect::InspectArgs),
     /// The parity tool: run a model part on given weights and inputs, write its outputs (and gradients).
@@ -44,6 +48,8 @@ enum BenchCommand {
 fn run(cli: Cli) -> Result<()> {
     let mut stdout = std::io::stdout();
     match cli.command {
+        Command::Train(args) => train::run(&args),
+        Command::Sample(args) => sample::run(&args),
         Command::Inspect(args) => inspect::run(&args, &mut stdout),
         Command::Forward(args) => forward::run(&args),
         Command::Dataset { command } => data::run(&command),

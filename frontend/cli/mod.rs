@@ -6,6 +6,8 @@ pub mod forward;
 pub mod inspect;
 pub mod kernels;
 pub mod profile;
+pub mod sample;
+pub mod train;
 
 use super::config::{load_config, Config};
 use crate::error::Result;

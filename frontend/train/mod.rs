@@ -1,0 +1,478 @@
+//! The training loop: the ControlNet (optionally after pretraining a base U-Net) trained as one
+//! compiled graph per step, with atomic checkpoints that resume bit for bit, `metrics.jsonl`, a
+//! progress line, validation grids, the exported ControlNet and, for the synthetic dataset, the
+//! control-fidelity figure.
+
+pub mod data;
+pub mod state;
+
+use super::checkpoint::{write_safetensors, Checkpoint};
+use super::cli::{human_bytes, peak_rss_bytes};
+use super::config::{Config, FirstStageKind, ValCheckInterval};
+use super::rng::Rng;
+use super::sample::{sample, write_grid, SampleSettings};
+use super::synthetic;
+use super::tokenizer::ClipTokenizer;
+use super::weights_store::WeightStore;
+use super::{model_config, step};
+use crate::engine::cpu::{CpuBackend, CpuProgram};
+use crate::engine::{Backend, HostTensor, Program};
+use crate::error::{Error, Result};
+use crate::graph::optim::{adamw_hyper, append_training_step_clipped};
+use crate::graph::passes::ValueMap;
+use crate::graph::{DType, ValueId};
+use crate::models::schedule::Schedule;
+use crate::models::train_step::{latent_channels, micro_step, FirstStage, Phase, StepInputs, StepModels};
+use crate::models::{ModelBuilder, ParamSpec};
+use data::DataSource;
+use state::TrainState;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    pub out_dir: PathBuf,
+    /// Continue from the newest checkpoint in `out_dir/checkpoints`.
+    pub resume: bool,
+    pub threads: Option<usize>,
+    /// Bad samples are errors instead of skipped.
+    pub strict: bool,
+    /// Draw a progress line on stderr.
+    pub progress: bool,
+    /// Sample validation grids and, for the synthetic data, the control-fidelity figure.
+    pub evaluate: bool,
+    /// Tests only: make the next checkpoint write fail after this many bytes.
+    pub fail_checkpoint_after: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct TrainReport {
+    /// (phase, step, loss) of every optimizer step run in this call.
+    pub losses: Vec<(String, u64, f64)>,
+    /// Mean IoU of generated shapes with the hint's regions: (with the hint, with the hint blanked).
+    pub fidelity: Option<(f64, f64)>,
+    pub exported: Option<PathBuf>,
+}
+
+/// The model configs of a run.
+pub fn step_models(cfg: &Config) -> Result<StepModels> {
+    let m = &cfg.model;
+    let first_stage = match m.first_stage_config.kind {
+        FirstStageKind::Pixel => FirstStage::Pixel,
+        FirstStageKind::AutoencoderKl => FirstStage::Kl(model_config::vae(&m.first_stage_config, m.scale_factor)),
+    };
+    let mut clip = model_config::clip(&m.cond_stage_config)?;
+    if m.cond_stage_config.version == synthetic::BUILTIN_VOCAB {
+        clip.vocab_size = clip.vocab_size.max(synthetic::builtin_vocab_size()?);
+    }
+    let models = StepModels { ldm: model_config::control_ldm(cfg), first_stage, clip, scale_factor: m.scale_factor };
+    let c = latent_channels(&models);
+    if models.ldm.unet.in_channels != c {
+        return Err(Error::msg(format!(
+            "model.unet_config.in_channels is {} but the first stage makes {c}-channel latents",
+            models.ldm.unet.in_channels
+        )));
+    }
+    if models.clip.hidden_size != models.ldm.unet.context_dim {
+        return Err(Error::msg(format!(
+            "model.cond_stage_config.hidden_size ({}) must equal model.unet_config.context_dim ({})",
+            models.clip.hidden_size, models.ldm.unet.context_dim
+        )));
+    }
+    Ok(models)
+}
+
+pub fn tokenizer(cfg: &Config) -> Result<ClipTokenizer> {
+    let c = &cfg.model.cond_stage_config;
+    if c.version == synthetic::BUILTIN_VOCAB {
+        synthetic::builtin_tokenizer(c.max_length as usize)
+    } else {
+        ClipTokenizer::from_config(c)
+    }
+}
+
+/// Fills the store from the config's pretrained files (U-Net, VAE, text encoder, ControlNet).
+pub fn load_pretrained(cfg: &Config, store: &mut WeightStore, specs: &[ParamSpec]) -> Result<()> {
+    let m = &cfg.model;
+    let files = [
+        m.unet_config.from_pretrained.clone(),
+        m.first_stage_config.from_pretrained.clone(),
+        m.cond_stage_config.from_pretrained.clone(),
+        m.control_stage_config.from_pretrained_unet.clone(),
+    ];
+    for path in files.into_iter().flatten() {
+        let ckpt = Checkpoint::open(&path)?.into_ldm_keys()?;
+        let n = store.load_matching(&ckpt, specs)?;
+        if n == 0 {
+            return Err(Error::file(&path, "holds none of the model's keys (model.diffusion_model.*, first_stage_model.*, ...)"));
+        }
+    }
+    Ok(())
+}
+
+/// A compiled training step for one phase.
+struct StepProgram {
+    prog: CpuProgram,
+    map: ValueMap,
+    specs: Vec<ParamSpec>,
+    inputs: Vec<StepInputs>,
+    loss: ValueId,
+    hyper: ValueId,
+}
+
+fn build_step(cfg: &Config, models: &StepModels, phase: Phase, size: usize, threads: Option<usize>) -> Result<StepProgram> {
+    let micro = cfg.model.micro_batch_size as usize;
+    let accum = cfg.grad_accumulation().max(1) as usize;
+    let compute = step::compute_dtype(cfg.trainer.precision);
+    let mut b = ModelBuilder::new(DType::F32);
+    b.checkpoint_blocks = cfg.model.unet_config.use_checkpoint || cfg.model.control_stage_config.use_checkpoint;
+    let mut inputs = Vec::new();
+    let mut total: Option<ValueId> = None;
+    for k in 0..accum {
+        let tag = if accum > 1 { format!(".{k}") } else { String::new() };
+        let out = micro_step(&mut b, models, phase, micro, size, compute, &tag)?;
+        inputs.push(out.inputs);
+        total = Some(match total {
+            Some(t) => b.g.add(t, out.loss)?,
+            None => out.loss,
+        });
+    }
+    let loss = b.g.scale(total.expect("at least one micro-batch"), 1.0 / accum as f64)?;
+    b.g.outputs.push(loss);
+    let hyper = append_training_step_clipped(&mut b.g, loss, &step::adamw_config(cfg), cfg.trainer.gradient_clip_val)?;
+    let opt = crate::graph::passes::optimize(&b.g, &step::pass_options(cfg, false))?;
+    let backend = threads.map_or_else(CpuBackend::default, CpuBackend::new);
+    let prog = backend.compile(opt.graph)?;
+    Ok(StepProgram { prog, loss: opt.map.get(loss).expect("output"), hyper: opt.map.get(hyper).expect("kept"), map: opt.map, specs: b.params, inputs })
+}
+
+/// Everything a run carries across phases.
+struct Run<'a> {
+    cfg: &'a Config,
+    opts: &'a TrainOptions,
+    models: StepModels,
+    tok: ClipTokenizer,
+    store: WeightStore,
+    data: DataSource,
+    rng: Rng,
+    sched: Schedule,
+    metrics: std::fs::File,
+    report: TrainReport,
+}
+
+impl Run<'_> {
+    fn upload(&self, p: &mut StepProgram, v: ValueId, shape: Vec<usize>, dtype: DType, data: &[f64]) -> Result<()> {
+        if let Some(nv) = p.map.get(v) {
+            p.prog.upload(nv, &HostTensor::from_f64(shape, dtype, data)?)?;
+        }
+        Ok(())
+    }
+
+    /// Draws a micro-batch and its noise into the program's inputs for micro-batch `k`.
+    fn feed(&mut self, p: &mut StepProgram, k: usize) -> Result<()> {
+        let n = self.cfg.model.micro_batch_size as usize;
+        let size = self.data.size();
+        let batch = self.data.next_batch(n)?;
+        let inp = p.inputs[k];
+        let hint_c = self.models.ldm.control.hint_channels;
+        let f = self.models.first_stage.factor();
+        let (c, lat) = (latent_channels(&self.models), size / f);
+        let img: Vec<f64> = batch.images.iter().map(|&v| v as f64).collect();
+        self.upload(p, inp.image, vec![n, 3, size, size], DType::F32, &img)?;
+        let hint: Vec<f64> = batch.hints.iter().map(|&v| v as f64).collect();
+        if hint.len() != n * hint_c * size * size {
+            return Err(Error::msg(format!("hints have {} channels here, the ControlNet takes {hint_c}", hint.len() / (n * size * size))));
+        }
+        self.upload(p, inp.hint, vec![n, hint_c, size, size], DType::F32, &hint)?;
+        let l = self.models.clip.max_position_embeddings;
+        let ids: Vec<f64> = batch.captions.iter().flat_map(|c| self.tok.encode(c)).map(|i| i as f64).collect();
+        if ids.len() != n * l {
+            return Err(Error::msg(format!(
+                "model.cond_stage_config.max_length must equal max_position_embeddings ({l})"
+            )));
+        }
+        self.upload(p, inp.ids, vec![n, l], DType::I64, &ids)?;
+        let steps = self.sched.len() as u64;
+        let ts: Vec<u64> = (0..n).map(|_| self.rng.below(steps)).collect();
+        let (sa, s1a): (Vec<f64>, Vec<f64>) = ts.iter().map(|&t| self.sched.q_coeffs(t as usize)).unzip();
+        let tsf: Vec<f64> = ts.iter().map(|&t| t as f64).collect();
+        self.upload(p, inp.t, vec![n], DType::I64, &tsf)?;
+        self.upload(p, inp.sqrt_alpha, vec![n, 1, 1, 1], DType::F32, &sa)?;
+        self.upload(p, inp.sqrt_one_minus_alpha, vec![n, 1, 1, 1], DType::F32, &s1a)?;
+        let noise: Vec<f64> = (0..n * c * lat * lat).map(|_| self.rng.normal()).collect();
+        self.upload(p, inp.noise, vec![n, c, lat, lat], DType::F32, &noise)?;
+        if let Some(pn) = inp.posterior_noise {
+            let e: Vec<f64> = (0..n * c * lat * lat).map(|_| self.rng.normal()).collect();
+            self.upload(p, pn, vec![n, c, lat, lat], DType::F32, &e)?;
+        }
+        let drop = self.cfg.model.text_embedding_dropout_rate;
+        let keep: Vec<f64> = (0..n).map(|_| if self.rng.uniform() < drop { 0.0 } else { 1.0 }).collect();
+        self.upload(p, inp.keep_text, vec![n, 1, 1], DType::F32, &keep)
+    }
+
+    fn lr(&self, step: u64) -> f64 {
+        let o = &self.cfg.model.optim;
+        let max = self.cfg.trainer.max_steps.unwrap_or(1) as f64;
+        let warm = o.sched.as_ref().and_then(|s| s.warmup_steps.map(|w| w as f64).or(s.warmup_ratio.map(|r| r * max))).unwrap_or(0.0);
+        if warm > 0.0 {
+            o.lr * ((step + 1) as f64 / warm).min(1.0)
+        } else {
+            o.lr
+        }
+    }
+
+    fn checkpoint(&mut self, p: &mut StepProgram, phase: &str, step: u64) -> Result<PathBuf> {
+        let dir = self.opts.out_dir.join("checkpoints");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::file(&dir, e.to_string()))?;
+        let tensors = state::gather(&mut p.prog, &p.map, &p.specs)?;
+        let st = TrainState { step, phase: phase.to_string(), rng: self.rng.state(), data: self.data.state_json() };
+        let path = state::path_for(&dir, step_id(phase, step));
+        state::save(&path, &tensors, &st, self.opts.fail_checkpoint_after)?;
+        // Keep the newest `save_top_k` (the ControlNet's own output comes from the last one).
+        let keep = self.cfg.exp_manager.checkpoint_callback_params.save_top_k.unwrap_or(3).max(1) as usize;
+        let all = state::list(&dir);
+        if all.len() > keep {
+            for (_, old) in &all[..all.len() - keep] {
+                let _ = std::fs::remove_file(old);
+            }
+        }
+        Ok(path)
+    }
+
+    fn log(&mut self, phase: &str, step: u64, loss: f64, lr: f64, sps: f64, planned: usize) -> Result<()> {
+        let line = format!(
+            "{{\"phase\":\"{phase}\",\"step\":{step},\"loss\":{loss},\"lr\":{lr},\"samples_per_s\":{sps:.3},\"peak_memory_bytes\":{},\"planned_memory_bytes\":{planned}}}\n",
+            peak_rss_bytes().unwrap_or(0)
+        );
+        self.metrics.write_all(line.as_bytes()).map_err(|e| Error::msg(format!("metrics.jsonl: {e}")))
+    }
+
+    /// Runs `phase` from `start` (steps done) to `total` steps.
+    fn run_phase(&mut self, phase: Phase, start: u64, total: u64, resume_from: Option<&Checkpoint>) -> Result<()> {
+        let name = if phase == Phase::Base { "base" } else { "control" };
+        let size = self.data.size();
+        let t0 = Instant::now();
+        let mut p = build_step(self.cfg, &self.models, phase, size, self.opts.threads)?;
+        if phase == Phase::Control {
+            self.store.copy_unet_into_control(&p.specs);
+        }
+        self.store.init_missing(&p.specs, self.cfg.model.seed)?;
+        self.store.upload(&mut p.prog, &p.map, &p.specs)?;
+        if let Some(ck) = resume_from {
+            state::restore(&mut p.prog, &p.map, &p.specs, ck)?;
+        }
+        let planned = p.prog.plan().arena_bytes + p.prog.plan().source_bytes;
+        let trainable: usize = p.specs.iter().filter(|s| s.trainable).map(|s| s.shape.numel()).sum();
+        eprintln!(
+            "{name}: {} trainable parameters, {} kernels, {} planned, compiled in {:.1} s",
+            trainable,
+            p.prog.graph().nodes.iter().filter(|n| !n.op.is_view()).count(),
+            human_bytes(planned as f64),
+            t0.elapsed().as_secs_f64()
+        );
+        let accum = p.inputs.len();
+        let per_step = accum * self.cfg.model.micro_batch_size as usize;
+        let log_every = self.cfg.trainer.log_every_n_steps.max(1);
+        let ckpt_every = self.cfg.exp_manager.checkpoint_callback_params.every_n_train_steps;
+        let val_every = match self.cfg.trainer.val_check_interval {
+            Some(ValCheckInterval::Steps(s)) if s > 0 => Some(s),
+            _ => None,
+        };
+        let adam = step::adamw_config(self.cfg);
+        let started = Instant::now();
+        let mut window = (Instant::now(), 0usize);
+        for s in start..total {
+            for k in 0..accum {
+                self.feed(&mut p, k)?;
+            }
+            let lr = self.lr(s);
+            p.prog.upload(p.hyper, &HostTensor::from_f64([3], DType::F32, &adamw_hyper(&adam, lr, s + 1))?)?;
+            p.prog.launch()?;
+            let loss = p.prog.download(p.loss)?.to_f64()[0];
+            if !loss.is_finite() {
+                return Err(Error::msg(format!(
+                    "{name} step {}: the loss is {loss}; rerun with ZEROCONV_DEBUG=2 to see each kernel, or lower model.optim.lr",
+                    s + 1
+                )));
+            }
+            self.report.losses.push((name.to_string(), s + 1, loss));
+            window.1 += per_step;
+            let done = s + 1;
+            if done % log_every == 0 || done == total || done == start + 1 {
+                let sps = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
+                self.log(name, done, loss, lr, sps, planned)?;
+                window = (Instant::now(), 0);
+            }
+            if self.opts.progress {
+                let el = started.elapsed().as_secs_f64();
+                let rate = (done - start) as f64 / el.max(1e-9);
+                let eta = (total - done) as f64 / rate.max(1e-9);
+                eprint!(
+                    "\r{name} step {done}/{total} loss {loss:.4} {:.1} samples/s ETA {:02}:{:02}   ",
+                    rate * per_step as f64,
+                    (eta / 60.0) as u64,
+                    (eta % 60.0) as u64
+                );
+                if done == total {
+                    eprintln!();
+                }
+            }
+            if ckpt_every.is_some_and(|e| e > 0 && done % e == 0) || done == total {
+                self.checkpoint(&mut p, name, done)?;
+            }
+            if self.opts.evaluate && phase == Phase::Control && val_every.is_some_and(|v| done % v == 0) && done != total {
+                self.store.download_trainable(&mut p.prog, &p.map, &p.specs)?;
+                self.validation_grid(done)?;
+            }
+        }
+        self.store.download_trainable(&mut p.prog, &p.map, &p.specs)?;
+        Ok(())
+    }
+
+    fn validation_set(&self, n: usize) -> Result<(Vec<f32>, Vec<String>)> {
+        self.data.validation_samples(n, self.cfg.data_seed())
+    }
+
+    fn sample_settings(&self) -> SampleSettings {
+        SampleSettings { steps: 50, cfg_scale: 1.0, seed: 7, threads: self.opts.threads, ..Default::default() }
+    }
+
+    /// Control map beside generated samples (DDIM, 50 steps), as `val_step_NNNN.png`.
+    fn validation_grid(&self, step: u64) -> Result<PathBuf> {
+        let size = self.data.size();
+        let (hints, caps) = self.validation_set(4)?;
+        let imgs = sample(&self.models, &self.store, &self.tok, &hints, &caps, size, &self.sample_settings())?;
+        let path = self.opts.out_dir.join(format!("val_step_{step:06}.png"));
+        write_grid(&path, &[(&hints, true), (&imgs, false)], caps.len(), size)?;
+        Ok(path)
+    }
+
+    /// Mean IoU of generated shapes with the hint regions, with the hint and with it blanked.
+    fn fidelity(&self) -> Result<(f64, f64, PathBuf)> {
+        let size = self.data.size();
+        let n = 8;
+        let (hints, caps) = self.validation_set(n)?;
+        let s = self.sample_settings();
+        let with = sample(&self.models, &self.store, &self.tok, &hints, &caps, size, &s)?;
+        let blank = vec![0.0f32; hints.len()];
+        let without = sample(&self.models, &self.store, &self.tok, &blank, &caps, size, &s)?;
+        let plane = 3 * size * size;
+        let score = |imgs: &[f32]| -> f64 {
+            (0..n)
+                .map(|i| {
+                    let hm = synthetic::hint_mask(&hints[i * plane..(i + 1) * plane], size);
+                    let im = synthetic::image_mask(&imgs[i * plane..(i + 1) * plane], size);
+                    synthetic::iou(&im, &hm)
+                })
+                .sum::<f64>()
+                / n as f64
+        };
+        let path = self.opts.out_dir.join("samples.png");
+        write_grid(&path, &[(&hints, true), (&with, false), (&without, false)], n, size)?;
+        Ok((score(&with), score(&without), path))
+    }
+}
+
+/// Checkpoint file ids: base steps and control steps do not collide.
+fn step_id(phase: &str, step: u64) -> u64 {
+    if phase == "base" {
+        step
+    } else {
+        10_000_000 + step
+    }
+}
+
+pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
+    let models = step_models(cfg)?;
+    let tok = tokenizer(cfg)?;
+    let mut data = DataSource::from_config(cfg, opts.strict)?;
+    let out = &opts.out_dir;
+    std::fs::create_dir_all(out).map_err(|e| Error::file(out, format!("cannot create the output directory: {e}")))?;
+    let mut rng = Rng::new(cfg.model.seed);
+    let mut store = WeightStore::default();
+    // Resume: the newest checkpoint.
+    let latest = if opts.resume {
+        let all = state::list(&out.join("checkpoints"));
+        match all.last() {
+            Some((_, p)) => Some(state::load(p)?),
+            None => return Err(Error::file(out.join("checkpoints"), "--resume: no checkpoint here to resume from")),
+        }
+    } else {
+        None
+    };
+    if let Some((_, st)) = &latest {
+        rng = Rng::from_state(st.rng);
+        data.restore(&st.data)?;
+        eprintln!("resuming the {} phase after step {}", st.phase, st.step);
+    }
+    let metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(opts.resume)
+        .truncate(!opts.resume)
+        .open(out.join("metrics.jsonl"))
+        .map_err(|e| Error::file(out.join("metrics.jsonl"), e.to_string()))?;
+    let sched = Schedule::scaled_linear(cfg.model.linear_start, cfg.model.linear_end, cfg.model.timesteps as usize);
+    let mut run = Run { cfg, opts, models, tok, store: WeightStore::default(), data, rng, sched, metrics, report: TrainReport::default() };
+    // Pretrained weights (all specs of both phases are known after building; load by key).
+    let all_specs = {
+        let mut b = ModelBuilder::new(DType::F32);
+        micro_step(&mut b, &run.models, Phase::Control, 1, run.data.size(), DType::F32, "")?;
+        b.params
+    };
+    load_pretrained(cfg, &mut store, &all_specs)?;
+    run.store = store;
+    let base_steps = cfg.model.base_pretrain_steps;
+    let max_steps = cfg.trainer.max_steps.unwrap_or(1000);
+    let base_file = out.join("base_unet.safetensors");
+    let resumed_phase = latest.as_ref().map(|(_, st)| st.phase.clone());
+    // Phase 1: the base U-Net, when asked for and not already done.
+    if base_steps > 0 && resumed_phase.as_deref() != Some("control") {
+        let (start, ck) = match &latest {
+            Some((ck, st)) if st.phase == "base" => (st.step, Some(ck)),
+            _ => (0, None),
+        };
+        run.run_phase(Phase::Base, start, base_steps, ck)?;
+        write_safetensors(&base_file, &run.store.under("model.diffusion_model."), None)?;
+    } else if base_steps > 0 {
+        let ck = Checkpoint::open(&base_file)?;
+        let n = run.store.load_matching(&ck, &all_specs)?;
+        if n == 0 {
+            return Err(Error::file(&base_file, "holds no U-Net weights"));
+        }
+    }
+    // Phase 2: the ControlNet.
+    let (start, ck) = match &latest {
+        Some((ck, st)) if st.phase == "control" => (st.step, Some(ck)),
+        _ => (0, None),
+    };
+    run.run_phase(Phase::Control, start, max_steps, ck)?;
+    // Export the ControlNet in the original layout (plus the U-Net decoder when it trained).
+    let mut export = run.store.under("control_model.");
+    if !cfg.model.sd_locked {
+        export.extend(
+            run.store.under("model.diffusion_model.").into_iter().filter(|(k, _)| k.contains(".output_blocks.") || k.contains(".out.")),
+        );
+    }
+    let export_path = out.join("controlnet.safetensors");
+    write_safetensors(&export_path, &export, None)?;
+    run.report.exported = Some(export_path);
+    if opts.evaluate && matches!(run.data, DataSource::Synthetic { .. }) {
+        let (with, without, grid) = run.fidelity()?;
+        eprintln!(
+            "control fidelity (mean IoU of generated shapes with the hint's regions, 8 held-out hints): with the hint {with:.3}, \
+             hint blanked {without:.3}; grid: {}",
+            grid.display()
+        );
+        let json = format!("{{\"iou_with_hint\":{with},\"iou_hint_blanked\":{without},\"samples\":8}}\n");
+        std::fs::write(out.join("fidelity.json"), json).map_err(|e| Error::file(out.join("fidelity.json"), e.to_string()))?;
+        run.report.fidelity = Some((with, without));
+    }
+    Ok(run.report)
+}
+
+/// Where a run writes: `--out`, else the config's exp_manager folder.
+pub fn out_dir(cfg: &Config, out: Option<&Path>) -> PathBuf {
+    out.map(Path::to_path_buf).unwrap_or_else(|| cfg.run_dir())
+}

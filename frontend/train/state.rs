@@ -1,0 +1,113 @@
+//! Training checkpoints: the trainable parameters under their original keys, the AdamW moments,
+//! and the step, RNG state and data position, in one safetensors file written atomically (temp
+//! file, fsync, rename), so an interrupted write never replaces a good checkpoint.
+
+use crate::engine::{HostTensor, Program};
+use crate::error::{Error, Result};
+use crate::frontend::checkpoint::{write_atomically, write_safetensors_to, Checkpoint};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const STATE_KEY: &str = "zeroconv.train_state";
+pub const M_PREFIX: &str = "optimizer.adam_m.";
+pub const V_PREFIX: &str = "optimizer.adam_v.";
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainState {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// "base" or "control".
+    pub phase: String,
+    pub rng: [u64; 4],
+    pub data: String,
+}
+
+/// Fails after `budget` bytes: simulates a crash midway through a checkpoint write (tests).
+struct Budget<'a> {
+    inner: &'a mut dyn Write,
+    budget: u64,
+}
+
+impl Write for Budget<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.len() as u64 > self.budget {
+            return Err(std::io::Error::other("simulated failure midway through the write"));
+        }
+        self.budget -= buf.len() as u64;
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes `tensors` and `state` to `path` atomically. `fail_after` simulates an interruption.
+pub fn save(path: &Path, tensors: &[(String, HostTensor)], state: &TrainState, fail_after: Option<u64>) -> Result<()> {
+    let mut meta = BTreeMap::new();
+    meta.insert(STATE_KEY.to_string(), serde_json::to_string(state).map_err(|e| Error::msg(e.to_string()))?);
+    write_atomically(path, |w| match fail_after {
+        Some(budget) => write_safetensors_to(&mut Budget { inner: w, budget }, tensors, Some(&meta)),
+        None => write_safetensors_to(w, tensors, Some(&meta)),
+    })
+}
+
+/// Reads a checkpoint and its training state.
+pub fn load(path: &Path) -> Result<(Checkpoint, TrainState)> {
+    let ckpt = Checkpoint::open(path)?;
+    let text = ckpt
+        .metadata()
+        .get(STATE_KEY)
+        .ok_or_else(|| Error::file(path, "is not a zeroconv training checkpoint (no training state in its metadata)"))?
+        .clone();
+    let state: TrainState = serde_json::from_str(&text).map_err(|e| Error::file(path, format!("training state: {e}")))?;
+    Ok((ckpt, state))
+}
+
+/// The checkpoints in `dir`, oldest first (by step, from the file names `step_NNNNNNNN.safetensors`).
+pub fn list(dir: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut v: Vec<(u64, PathBuf)> = rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step = name.strip_prefix("step_")?.strip_suffix(".safetensors")?.parse().ok()?;
+            Some((step, e.path()))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+pub fn path_for(dir: &Path, step: u64) -> PathBuf {
+    dir.join(format!("step_{step:08}.safetensors"))
+}
+
+/// Downloads the trainable parameters and their AdamW moments.
+pub fn gather<P: Program>(prog: &mut P, map: &crate::graph::passes::ValueMap, specs: &[crate::models::ParamSpec]) -> Result<Vec<(String, HostTensor)>> {
+    let mut out = Vec::new();
+    for s in specs.iter().filter(|s| s.trainable) {
+        let Some(v) = map.get(s.value) else { continue };
+        out.push((s.key.clone(), prog.download(v)?));
+        for (prefix, suffix) in [(M_PREFIX, "adam_m"), (V_PREFIX, "adam_v")] {
+            if let Some(sv) = prog.graph().find(&format!("{}.{suffix}", s.key)) {
+                out.push((format!("{prefix}{}", s.key), prog.download(sv)?));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Uploads parameters and moments saved by `gather`.
+pub fn restore<P: Program>(prog: &mut P, map: &crate::graph::passes::ValueMap, specs: &[crate::models::ParamSpec], ckpt: &Checkpoint) -> Result<()> {
+    for s in specs.iter().filter(|s| s.trainable) {
+        let Some(v) = map.get(s.value) else { continue };
+        prog.upload(v, &ckpt.to_host(&s.key)?)?;
+        for (prefix, suffix) in [(M_PREFIX, "adam_m"), (V_PREFIX, "adam_v")] {
+            if let Some(sv) = prog.graph().find(&format!("{}.{suffix}", s.key)) {
+                prog.upload(sv, &ckpt.to_host(&format!("{prefix}{}", s.key))?)?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,104 @@
+//! Parameters on the host, by checkpoint key: what moves between the programs of a run (the base
+//! phase, the ControlNet phase, the samplers) and what pretrained files fill.
+
+use super::checkpoint::Checkpoint;
+use super::rng::Rng;
+use super::weights::init_value;
+use crate::engine::{HostTensor, Program};
+use crate::error::{Error, Result};
+use crate::graph::passes::ValueMap;
+use crate::models::ParamSpec;
+use std::collections::HashMap;
+
+#[derive(Default)]
+pub struct WeightStore {
+    pub tensors: HashMap<String, HostTensor>,
+}
+
+impl WeightStore {
+    /// Takes every tensor of `ckpt` whose key one of `specs` has, checking shapes; returns how many.
+    pub fn load_matching(&mut self, ckpt: &Checkpoint, specs: &[ParamSpec]) -> Result<usize> {
+        let mut n = 0;
+        for s in specs {
+            if let Some(shape) = ckpt.shape(&s.key) {
+                if shape != s.shape.dims() {
+                    return Err(Error::file(
+                        ckpt.path(),
+                        format!("{} has shape {shape:?}; the config's model needs {}", s.key, s.shape),
+                    ));
+                }
+                self.tensors.insert(s.key.clone(), ckpt.to_host(&s.key)?);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// `tool_add_control`: each `control_model.X` without a value copies `model.diffusion_model.X`
+    /// when that exists with the same shape. Returns the keys that had no counterpart (new layers).
+    pub fn copy_unet_into_control(&mut self, specs: &[ParamSpec]) -> Vec<String> {
+        let mut new = Vec::new();
+        for s in specs.iter().filter(|s| s.key.starts_with("control_model.")) {
+            if self.tensors.contains_key(&s.key) {
+                continue;
+            }
+            let src = s.key.replacen("control_model.", "model.diffusion_model.", 1);
+            match self.tensors.get(&src) {
+                Some(t) if t.shape == s.shape => {
+                    let t = t.clone();
+                    self.tensors.insert(s.key.clone(), t);
+                }
+                _ => new.push(s.key.clone()),
+            }
+        }
+        new
+    }
+
+    /// Fills every parameter without a value by its initialiser (seeded per key, so the result
+    /// does not depend on which program asks first).
+    pub fn init_missing(&mut self, specs: &[ParamSpec], seed: u64) -> Result<()> {
+        for s in specs {
+            if self.tensors.contains_key(&s.key) {
+                continue;
+            }
+            let h = s.key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+            let mut rng = Rng::new(seed ^ h);
+            let data = init_value(s, &mut rng);
+            self.tensors.insert(s.key.clone(), HostTensor::from_f64(s.shape.clone(), crate::graph::DType::F32, &data)?);
+        }
+        Ok(())
+    }
+
+    /// Uploads every parameter of `specs` the program still reads.
+    pub fn upload<P: Program>(&self, prog: &mut P, map: &ValueMap, specs: &[ParamSpec]) -> Result<()> {
+        for s in specs {
+            let Some(v) = map.get(s.value) else { continue };
+            let t = self.tensors.get(&s.key).ok_or_else(|| Error::msg(format!("no value for parameter {}", s.key)))?;
+            let dtype = prog.graph().dtype(v);
+            if t.dtype == dtype {
+                prog.upload(v, t)?;
+            } else {
+                prog.upload(v, &HostTensor::from_f64(t.shape.clone(), dtype, &t.to_f64())?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Downloads the trainable parameters of `specs` back into the store.
+    pub fn download_trainable<P: Program>(&mut self, prog: &mut P, map: &ValueMap, specs: &[ParamSpec]) -> Result<()> {
+        for s in specs.iter().filter(|s| s.trainable) {
+            if let Some(v) = map.get(s.value) {
+                self.tensors.insert(s.key.clone(), prog.download(v)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// The tensors under `prefix`, sorted by key (for export).
+    pub fn under(&self, prefix: &str) -> Vec<(String, HostTensor)> {
+        let mut v: Vec<(String, HostTensor)> =
+            self.tensors.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(k, t)| (k.clone(), t.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+}
