@@ -1,1 +1,3 @@
 //! Backends that execute a compiled graph.
+
+pub mod cpu;
