@@ -35,7 +35,7 @@ pub struct BenchOpsArgs {
 }
 
 /// Runs the benchmark and writes its report to `out`.
-pub fn run(args: &BenchOpsArgs, out: &mut dyn Write) -> Result<()> {
+pub fn run(args: &BenchOpsArgs, out: &mut (dyn Write + Send)) -> Result<()> {
     if let Some(bad) = args.sizes.iter().find(|&&s| s == 0) {
         return Err(Error::msg(format!("--sizes: {bad} is not a matrix size (must be at least 1)")));
     }
@@ -188,8 +188,7 @@ fn time_conv(shape: &Conv2dShape, threads: ConvThreads, repeats: usize) -> Resul
         .max(conv2d_backward_weight_scratch_len(shape, threads));
     let mut scratch = vec![0.0f32; scratch_len];
     let flops = shape.flops();
-    let forward =
-        time(flops, repeats, || conv2d_forward(shape, &x, &w, Some(&bias), &mut y, &mut scratch, threads))?;
+    let forward = time(flops, repeats, || conv2d_forward(shape, &x, &w, Some(&bias), &mut y, &mut scratch, threads))?;
     let backward_input =
         time(flops, repeats, || conv2d_backward_input(shape, &dy, &w, &mut dx, &mut scratch, threads))?;
     let backward_weight =

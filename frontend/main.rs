@@ -29,7 +29,7 @@ enum BenchCommand {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Bench(BenchCommand::Ops(args)) => bench_ops::run(&args, &mut std::io::stdout().lock()),
+        Command::Bench(BenchCommand::Ops(args)) => bench_ops::run(&args, &mut std::io::stdout()),
     }
 }
 

@@ -111,11 +111,8 @@ pub fn matmul_batched<T: Float>(
 
     // A shared right operand with untransposed, back-to-back left operands and outputs is one tall
     // product: fewer, larger calls pack B once and parallelise better.
-    let folds = batch.count > 1
-        && batch.b_stride == 0
-        && !a.trans
-        && batch.a_stride == m * a.ld
-        && batch.c_stride == m * c.ld;
+    let folds =
+        batch.count > 1 && batch.b_stride == 0 && !a.trans && batch.a_stride == m * a.ld && batch.c_stride == m * c.ld;
     if folds {
         let tall = GemmDims { m: m * batch.count, n, k };
         // SAFETY: `validate` checked that every batch member lies inside the slices, and the folded
@@ -184,7 +181,14 @@ fn span(rows: usize, cols: usize, ld: usize) -> usize {
     }
 }
 
-fn check_operand<T>(name: &str, op: &MatRef<'_, T>, rows: usize, cols: usize, count: usize, stride: usize) -> Result<()> {
+fn check_operand<T>(
+    name: &str,
+    op: &MatRef<'_, T>,
+    rows: usize,
+    cols: usize,
+    count: usize,
+    stride: usize,
+) -> Result<()> {
     // Stored shape: the logical shape, swapped when transposed.
     let (stored_rows, stored_cols) = if op.trans { (cols, rows) } else { (rows, cols) };
     check_stored(name, op.data.len(), stored_rows, stored_cols, op.ld, count, stride)
@@ -222,7 +226,10 @@ fn validate<T>(batch: &Batch, dims: &GemmDims, a: &MatRef<'_, T>, b: &MatRef<'_,
     if batch.count > 1 && c_span > 0 && batch.c_stride < c_span {
         return Err(Error::shape(
             "matmul",
-            format!("C: batch stride {} is smaller than one {m}×{n} output (ld {}), outputs would overlap", batch.c_stride, c.ld),
+            format!(
+                "C: batch stride {} is smaller than one {m}×{n} output (ld {}), outputs would overlap",
+                batch.c_stride, c.ld
+            ),
         ));
     }
     Ok(())
