@@ -308,16 +308,9 @@ fn naive_conv(s: &Conv2dShape, x: &[f64], w: &[f64], bias: Option<&[f64]>) -> Ve
     y
 }
 
-fn shape(
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    o: usize,
-    k: (usize, usize),
-    stride: usize,
-    padding: usize,
-) -> Conv2dShape {
+/// A shape from the input sizes `[N, C, H, W]`, output channels, kernel `(kh, kw)`, stride, padding.
+fn shape(nchw: [usize; 4], o: usize, k: (usize, usize), stride: usize, padding: usize) -> Conv2dShape {
+    let [n, c, h, w] = nchw;
     Conv2dShape { n, c, h, w, o, kh: k.0, kw: k.1, stride, padding }
 }
 
@@ -327,14 +320,14 @@ fn conv_shapes() -> Vec<Conv2dShape> {
     for k in [(1, 1), (3, 3), (1, 3)] {
         for stride in [1, 2] {
             for padding in [0, 1] {
-                shapes.push(shape(2, 3, 7, 5, 4, k, stride, padding));
-                shapes.push(shape(3, 5, 6, 9, 2, k, stride, padding));
+                shapes.push(shape([2, 3, 7, 5], 4, k, stride, padding));
+                shapes.push(shape([3, 5, 6, 9], 2, k, stride, padding));
             }
         }
     }
     // A 1×1 stride-1 unpadded convolution (no im2col) with more channels, and a window filling the input.
-    shapes.push(shape(2, 17, 5, 3, 11, (1, 1), 1, 0));
-    shapes.push(shape(1, 2, 3, 3, 3, (3, 3), 1, 0));
+    shapes.push(shape([2, 17, 5, 3], 11, (1, 1), 1, 0));
+    shapes.push(shape([1, 2, 3, 3], 3, (3, 3), 1, 0));
     shapes
 }
 
@@ -514,7 +507,7 @@ fn conv_backward_in_f32_matches_f64() {
 
 #[test]
 fn conv_rejects_bad_shapes_and_buffers_with_an_error() {
-    let s = shape(2, 3, 5, 5, 4, (3, 3), 1, 1);
+    let s = shape([2, 3, 5, 5], 4, (3, 3), 1, 1);
     let t = ConvThreads::single();
     let x = vec![0.0f32; s.x_len()];
     let w = vec![0.0f32; s.weight_len()];
@@ -540,10 +533,10 @@ fn conv_rejects_bad_shapes_and_buffers_with_an_error() {
 
 #[test]
 fn pointwise_convolution_needs_no_im2col_scratch() {
-    let pointwise = shape(2, 8, 4, 4, 6, (1, 1), 1, 0);
+    let pointwise = shape([2, 8, 4, 4], 6, (1, 1), 1, 0);
     assert_eq!(conv2d_forward_scratch_len(&pointwise, ConvThreads::auto(2)), 0);
     assert_eq!(conv2d_backward_input_scratch_len(&pointwise, ConvThreads::single()), 0);
     // A strided 1×1 convolution still samples the input, so it goes through im2col.
-    let strided = shape(2, 8, 4, 4, 6, (1, 1), 2, 0);
+    let strided = shape([2, 8, 4, 4], 6, (1, 1), 2, 0);
     assert_eq!(conv2d_forward_scratch_len(&strided, ConvThreads::single()), 8 * 2 * 2);
 }

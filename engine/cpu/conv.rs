@@ -149,7 +149,7 @@ fn threads_or_one(threads: usize) -> usize {
 /// runs in parallel for free. With a remainder (N=3 on 2 threads) one thread idles for a whole
 /// image, and splitting each product wins.
 fn prefer_across_images(shape: &Conv2dShape, threads: usize) -> bool {
-    threads > 1 && shape.n >= threads && (shape.n % threads == 0 || shape.n >= 4 * threads)
+    threads > 1 && shape.n >= threads && (shape.n.is_multiple_of(threads) || shape.n >= 4 * threads)
 }
 
 /// Scratch elements `conv2d_forward` needs for this shape and threading.

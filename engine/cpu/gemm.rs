@@ -163,7 +163,7 @@ fn split_across_batch(count: usize, dims: &GemmDims, threads: usize) -> bool {
     }
     // Below this the `gemm` crate runs single-threaded anyway (its own threshold is 48·48·256).
     let too_small_to_split = dims.m * dims.n * dims.k < 48 * 48 * 256;
-    count % threads == 0 || count >= 4 * threads || too_small_to_split
+    count.is_multiple_of(threads) || count >= 4 * threads || too_small_to_split
 }
 
 /// The slice from `offset` on; empty past the end. An operand with no elements (k = 0) may sit at an
