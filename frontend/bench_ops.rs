@@ -12,7 +12,7 @@ use crate::engine::cpu::conv::{
 };
 use crate::engine::cpu::float::Float;
 use crate::engine::cpu::gemm::{matmul, GemmDims, MatMut, MatRef};
-use crate::engine::cpu::peak::{measure_bandwidth, measure_peak_f32, PeakFlops};
+use crate::engine::cpu::peak::{measure_bandwidth, measure_peak_f32};
 use crate::error::{Error, Result};
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -39,6 +39,9 @@ pub fn run(args: &BenchOpsArgs, out: &mut (dyn Write + Send)) -> Result<()> {
     if let Some(bad) = args.sizes.iter().find(|&&s| s == 0) {
         return Err(Error::msg(format!("--sizes: {bad} is not a matrix size (must be at least 1)")));
     }
+    if args.sizes.is_empty() {
+        return Err(Error::msg("--sizes: give at least one size"));
+    }
     if args.repeats == 0 {
         return Err(Error::msg("--repeats must be at least 1"));
     }
@@ -54,64 +57,136 @@ pub fn run(args: &BenchOpsArgs, out: &mut (dyn Write + Send)) -> Result<()> {
     pool.install(|| report(args, threads, out))
 }
 
+/// One measured row, kept until the end so percentages can use the better of the two peak
+/// measurements (one before, one after the kernels).
+struct Row {
+    label: String,
+    timings: Vec<Timing>,
+    /// Cores' worth of CPU other processes used while this row was measured.
+    others: Option<f64>,
+}
+
 fn report(args: &BenchOpsArgs, threads: usize, out: &mut dyn Write) -> Result<()> {
-    let peak = measure_peak_f32(threads, args.repeats);
+    let whole_run = CpuMonitor::start();
+    let peak_before = measure_peak_f32(threads, args.repeats);
     // 256 MiB per array: far beyond any last-level cache this will run on.
     let bandwidth = measure_bandwidth(threads, 256 << 20, args.repeats);
-    line(out, format_args!("zeroconv bench ops: {threads} thread(s); best of {} runs after 1 warm-up", args.repeats))?;
+    eprintln!("measuring GEMM...");
+    let gemm_rows = gemm_rows(args, threads)?;
+    let conv_rows = if args.no_conv {
+        Vec::new()
+    } else {
+        eprintln!("measuring conv2d...");
+        conv_rows(args, threads)?
+    };
+    let peak_after = measure_peak_f32(threads, args.repeats);
+    let others = whole_run.others();
+    let peak = if peak_after.flops_per_s > peak_before.flops_per_s { peak_after } else { peak_before };
+
     line(
         out,
         format_args!(
-            "peak f32: {:.1} GFLOP/s ({}, {} threads); memory: {:.1} GB/s (triad, 3 x {} MiB)",
+            "zeroconv bench ops: {threads} thread(s); each case: 1 warm-up run, then at least {} timed runs \
+             (and {MIN_TIMED:?}); best and median shown, % of peak from the best",
+            args.repeats
+        ),
+    )?;
+    line(
+        out,
+        format_args!(
+            "peak f32: {:.1} GFLOP/s ({}, {} threads; better of {:.1} before and {:.1} after the kernels)",
             peak.gflops(),
             peak.isa.name(),
             peak.threads,
+            peak_before.gflops(),
+            peak_after.gflops()
+        ),
+    )?;
+    line(
+        out,
+        format_args!(
+            "memory: {:.1} GB/s (triad a = b + s*c, 3 x {} MiB)",
             bandwidth.gb_per_s(),
             bandwidth.array_bytes >> 20
         ),
     )?;
+    line(out, format_args!("other processes during the run: {} (\"others\" column: during that row)", cores(others)))?;
     line(out, format_args!(""))?;
-    gemm_section(args, threads, &peak, out)?;
-    if !args.no_conv {
-        line(out, format_args!(""))?;
-        conv_section(args, threads, &peak, out)?;
+
+    line(out, format_args!("GEMM C = A·B, row-major, square, untransposed"))?;
+    line(
+        out,
+        format_args!(
+            "{:<12} {:>10} {:>14} {:>16} {:>8} {:>8}",
+            "dtype size", "best ms", "best GFLOP/s", "median GFLOP/s", "% peak", "others"
+        ),
+    )?;
+    for row in &gemm_rows {
+        let t = &row.timings[0];
+        // f64 runs on the same FMA units with half the lanes, so its peak is half the f32 peak.
+        let row_peak = if row.label.starts_with("f64") { peak.gflops() / 2.0 } else { peak.gflops() };
+        line(
+            out,
+            format_args!(
+                "{:<12} {:>10.2} {:>14.1} {:>16.1} {:>7.1}% {:>8}",
+                row.label,
+                t.best.as_secs_f64() * 1e3,
+                t.best_gflops(),
+                t.median_gflops(),
+                100.0 * t.best_gflops() / row_peak,
+                cores(row.others)
+            ),
+        )?;
+    }
+    line(out, format_args!("(f64 % is of half the f32 peak: the same FMA units on half as many lanes)"))?;
+    if conv_rows.is_empty() {
+        return Ok(());
+    }
+
+    line(out, format_args!(""))?;
+    line(out, format_args!("conv2d f32, NCHW, 3x3 pad 1 / 1x1 pad 0; GFLOP/s of the best run (% of peak)"))?;
+    line(out, format_args!("split: images = whole images per thread, gemm = threads inside each product"))?;
+    line(
+        out,
+        format_args!(
+            "{:<34} {:>6} {:>14} {:>14} {:>15} {:>7}",
+            "shape / split", "GFLOP", "forward", "bwd-input", "bwd-weight", "others"
+        ),
+    )?;
+    for row in &conv_rows {
+        let cell = |t: &Timing| format!("{:.1} ({:.0}%)", t.best_gflops(), 100.0 * t.best_gflops() / peak.gflops());
+        line(
+            out,
+            format_args!(
+                "{:<34} {:>6.2} {:>14} {:>14} {:>15} {:>7}",
+                row.label,
+                row.timings[0].flops * 1e-9,
+                cell(&row.timings[0]),
+                cell(&row.timings[1]),
+                cell(&row.timings[2]),
+                cores(row.others)
+            ),
+        )?;
     }
     Ok(())
 }
 
-fn gemm_section(args: &BenchOpsArgs, threads: usize, peak: &PeakFlops, out: &mut dyn Write) -> Result<()> {
-    line(out, format_args!("GEMM C = A·B, row-major, square"))?;
-    line(
-        out,
-        format_args!(
-            "{:<6} {:>6} {:>10} {:>14} {:>16} {:>8}",
-            "dtype", "size", "best ms", "best GFLOP/s", "median GFLOP/s", "% peak"
-        ),
-    )?;
-    for &size in &args.sizes {
-        let t = time_gemm::<f32>(size, threads, args.repeats)?;
-        gemm_row(out, "f32", size, &t, peak.flops_per_s)?;
-    }
-    // f64 runs at half the f32 lane count, so its peak is taken as half the f32 peak.
-    let f64_size = args.sizes.iter().copied().filter(|&s| s <= 1024).max().unwrap_or(args.sizes[0]);
-    let t = time_gemm::<f64>(f64_size, threads, args.repeats)?;
-    gemm_row(out, "f64", f64_size, &t, peak.flops_per_s / 2.0)?;
-    line(out, format_args!("(f64 % is of half the f32 peak: the same FMA units on half as many lanes)"))
+fn cores(others: Option<f64>) -> String {
+    others.map_or_else(|| "n/a".to_string(), |c| format!("{c:.2} cores"))
 }
 
-fn gemm_row(out: &mut dyn Write, dtype: &str, size: usize, t: &Timing, peak: f64) -> Result<()> {
-    line(
-        out,
-        format_args!(
-            "{:<6} {:>6} {:>10.2} {:>14.1} {:>16.1} {:>7.1}%",
-            dtype,
-            size,
-            t.best.as_secs_f64() * 1e3,
-            t.best_gflops(),
-            t.median_gflops(),
-            100.0 * t.best_gflops() * 1e9 / peak
-        ),
-    )
+fn gemm_rows(args: &BenchOpsArgs, threads: usize) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for &size in &args.sizes {
+        let monitor = CpuMonitor::start();
+        let t = time_gemm::<f32>(size, threads, args.repeats)?;
+        rows.push(Row { label: format!("f32 {size}"), timings: vec![t], others: monitor.others() });
+    }
+    let f64_size = args.sizes.iter().copied().filter(|&s| s <= 1024).max().unwrap_or(args.sizes[0]);
+    let monitor = CpuMonitor::start();
+    let t = time_gemm::<f64>(f64_size, threads, args.repeats)?;
+    rows.push(Row { label: format!("f64 {f64_size}"), timings: vec![t], others: monitor.others() });
+    Ok(rows)
 }
 
 fn time_gemm<T: Float>(size: usize, threads: usize, repeats: usize) -> Result<Timing> {
@@ -137,41 +212,25 @@ fn conv_cases() -> Vec<(&'static str, Conv2dShape)> {
     ]
 }
 
-fn conv_section(args: &BenchOpsArgs, threads: usize, peak: &PeakFlops, out: &mut dyn Write) -> Result<()> {
-    line(out, format_args!("conv2d f32, NCHW, N=2 unless named; GFLOP/s of the best run (% of peak)"))?;
-    line(out, format_args!("split: images = whole images per thread, gemm = threads inside each product"))?;
-    line(
-        out,
-        format_args!(
-            "{:<24} {:<7} {:>8} {:>17} {:>17} {:>17}",
-            "shape", "split", "GFLOP", "forward", "backward-input", "backward-weight"
-        ),
-    )?;
+fn conv_rows(args: &BenchOpsArgs, threads: usize) -> Result<Vec<Row>> {
     let splits: &[(&str, ConvSplit)] = if threads > 1 {
         &[("images", ConvSplit::AcrossImages), ("gemm", ConvSplit::InsideGemm), ("auto", ConvSplit::Auto)]
     } else {
         &[("auto", ConvSplit::Auto)]
     };
+    let mut rows = Vec::new();
     for (name, shape) in conv_cases() {
         for &(split_name, split) in splits {
-            let conv_threads = ConvThreads { threads, split };
-            let passes = time_conv(&shape, conv_threads, args.repeats)?;
-            let cell = |t: &Timing| format!("{:.1} ({:.0}%)", t.best_gflops(), 100.0 * t.best_gflops() / peak.gflops());
-            line(
-                out,
-                format_args!(
-                    "{:<24} {:<7} {:>8.2} {:>17} {:>17} {:>17}",
-                    name,
-                    split_name,
-                    shape.flops() * 1e-9,
-                    cell(&passes[0]),
-                    cell(&passes[1]),
-                    cell(&passes[2])
-                ),
-            )?;
+            let monitor = CpuMonitor::start();
+            let timings = time_conv(&shape, ConvThreads { threads, split }, args.repeats)?;
+            rows.push(Row {
+                label: format!("{name} / {split_name}"),
+                timings: timings.to_vec(),
+                others: monitor.others(),
+            });
         }
     }
-    Ok(())
+    Ok(rows)
 }
 
 /// Forward, backward-input and backward-weight timings of one shape.
@@ -197,6 +256,7 @@ fn time_conv(shape: &Conv2dShape, threads: ConvThreads, repeats: usize) -> Resul
 }
 
 /// Timed runs of one case.
+#[derive(Clone, Copy, Debug)]
 struct Timing {
     flops: f64,
     best: Duration,
@@ -212,13 +272,22 @@ impl Timing {
     }
 }
 
+/// Timed runs continue past `repeats` until they add up to this, so short cases get enough runs for
+/// the best one to be undisturbed.
+const MIN_TIMED: Duration = Duration::from_millis(300);
+/// ... but no more than this many runs.
+const MAX_RUNS: usize = 200;
+
 fn time(flops: f64, repeats: usize, mut run: impl FnMut() -> Result<()>) -> Result<Timing> {
     run()?;
     let mut runs = Vec::with_capacity(repeats);
-    for _ in 0..repeats {
+    let mut total = Duration::ZERO;
+    while runs.len() < repeats || (total < MIN_TIMED && runs.len() < MAX_RUNS) {
         let start = Instant::now();
         run()?;
-        runs.push(start.elapsed());
+        let took = start.elapsed();
+        total += took;
+        runs.push(took);
     }
     runs.sort();
     Ok(Timing { flops, best: runs[0], median: runs[runs.len() / 2] })
@@ -240,4 +309,58 @@ fn filled<T: Float>(len: usize, seed: u64) -> Vec<T> {
 
 fn line(out: &mut dyn Write, args: std::fmt::Arguments<'_>) -> Result<()> {
     writeln!(out, "{args}").map_err(|e| Error::msg(format!("cannot write the report: {e}")))
+}
+
+/// CPU time other processes take while a measurement runs, from Linux's `/proc` counters: all CPU
+/// time the machine spent busy (including time the hypervisor stole), minus this process's own.
+/// A row measured while others held a core is not a fair figure, and the report says so.
+struct CpuMonitor {
+    start: Option<CpuTicks>,
+}
+
+#[derive(Clone, Copy)]
+struct CpuTicks {
+    machine_busy: u64,
+    machine_total: u64,
+    own: u64,
+}
+
+impl CpuMonitor {
+    fn start() -> Self {
+        CpuMonitor { start: CpuTicks::read() }
+    }
+    /// Average number of cores other processes kept busy since `start`, if the counters exist.
+    fn others(&self) -> Option<f64> {
+        let (start, end) = (self.start?, CpuTicks::read()?);
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+        let total = end.machine_total.checked_sub(start.machine_total)?;
+        if total == 0 {
+            return None;
+        }
+        let busy = end.machine_busy.saturating_sub(start.machine_busy);
+        let own = end.own.saturating_sub(start.own);
+        Some(busy.saturating_sub(own) as f64 / total as f64 * cpus)
+    }
+}
+
+impl CpuTicks {
+    fn read() -> Option<CpuTicks> {
+        // First line: "cpu user nice system idle iowait irq softirq steal ...", in clock ticks.
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let fields: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).map_while(|f| f.parse().ok()).collect();
+        if fields.len() < 8 {
+            return None;
+        }
+        let idle = fields[3] + fields[4];
+        let busy = fields[0] + fields[1] + fields[2] + fields[5] + fields[6] + fields[7];
+        // utime and stime are fields 14 and 15; the command name before them may contain spaces,
+        // so count from the closing parenthesis.
+        let own_stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let after_name = &own_stat[own_stat.rfind(')')? + 1..];
+        let own: Vec<u64> = after_name.split_whitespace().skip(11).take(2).map_while(|f| f.parse().ok()).collect();
+        if own.len() < 2 {
+            return None;
+        }
+        Some(CpuTicks { machine_busy: busy, machine_total: busy + idle, own: own[0] + own[1] })
+    }
 }

@@ -162,12 +162,10 @@ pub fn conv2d_backward_input_scratch_len(shape: &Conv2dShape, threads: ConvThrea
     plan(shape, threads).workers * shape.cols_len()
 }
 
-/// Scratch elements `conv2d_backward_weight` needs: the im2col buffer per worker, plus, when
-/// several images run at once, a partial weight gradient per worker that is summed at the end.
+/// Scratch elements `conv2d_backward_weight` needs: per worker, the im2col buffer and a partial
+/// weight gradient (transposed, see `conv2d_backward_weight`).
 pub fn conv2d_backward_weight_scratch_len(shape: &Conv2dShape, threads: ConvThreads) -> usize {
-    let plan = plan(shape, threads);
-    let partials = if plan.workers > 1 { shape.weight_len() } else { 0 };
-    plan.workers * (shape.cols_len() + partials)
+    plan(shape, threads).workers * (shape.cols_len() + shape.weight_len())
 }
 
 /// `y = conv(x, w) + bias`. `x` is `[N, C, H, W]`, `w` is `[O, C, kh, kw]`, `bias` is `[O]`,
@@ -274,9 +272,13 @@ pub fn conv2d_backward_weight<T: Float>(
     if w_len == 0 {
         return Ok(());
     }
-    let dims = GemmDims::new(shape.o, shape.patch_len(), shape.out_pixels());
-    // Sums dy_n · cols_nᵀ over images `first..last` into `dw_part` (overwriting it).
-    let images = |first: usize, last: usize, dw_part: &mut [T], cols: &mut [T], gemm_threads: usize| -> Result<()> {
+    // The product is formed transposed, dwᵀ = Σ_n cols_n · dy_nᵀ (`C·kh·kw × O`), and transposed once
+    // at the end. The direct form dy_n · cols_nᵀ makes the `gemm` crate pack the whole im2col matrix
+    // with a transposing gather, which for few output channels costs more than the product: measured
+    // 64 vs 200 GFLOP/s for O=64, C·kh·kw=576, Ho·Wo=1024 (see BENCHMARKS.md).
+    let dims = GemmDims::new(shape.patch_len(), shape.o, shape.out_pixels());
+    // Sums cols_n · dy_nᵀ over images `first..last` into `dw_t` (overwriting it).
+    let images = |first: usize, last: usize, dw_t: &mut [T], cols: &mut [T], gemm_threads: usize| -> Result<()> {
         for n in first..last {
             let x_n = &x[n * x_img..(n + 1) * x_img];
             let cols: &[T] = if shape.is_pointwise() {
@@ -285,20 +287,17 @@ pub fn conv2d_backward_weight<T: Float>(
                 im2col(shape, x_n, cols, gemm_threads);
                 cols
             };
-            let dy_n = MatRef::new(&dy[n * y_img..(n + 1) * y_img], shape.out_pixels());
-            let cols_t = MatRef::transposed(cols, shape.out_pixels());
-            matmul(dims, dy_n, cols_t, MatMut::new(dw_part, shape.patch_len()), n > first, gemm_threads)?;
+            let dy_n_t = MatRef::transposed(&dy[n * y_img..(n + 1) * y_img], shape.out_pixels());
+            let cols = MatRef::new(cols, shape.out_pixels());
+            matmul(dims, cols, dy_n_t, MatMut::new(dw_t, shape.o), n > first, gemm_threads)?;
         }
         Ok(())
     };
 
-    if plan.workers == 1 {
-        return images(0, shape.n, dw, &mut scratch[..cols_len], plan.gemm_threads);
-    }
-    // Each worker sums its images into its own partial gradient; the partials are added at the end.
+    // Each worker sums its run of images into its own partial; the partials are added at the end.
     let per_worker = shape.n.div_ceil(plan.workers);
     let worker_scratch = &mut scratch[..plan.workers * (cols_len + w_len)];
-    worker_scratch.par_chunks_mut(cols_len + w_len).enumerate().try_for_each(|(worker, chunk)| {
+    let worker = |(worker, chunk): (usize, &mut [T])| {
         let (cols, partial) = chunk.split_at_mut(cols_len);
         let first = (worker * per_worker).min(shape.n);
         let last = (first + per_worker).min(shape.n);
@@ -306,12 +305,18 @@ pub fn conv2d_backward_weight<T: Float>(
             partial.fill(T::ZERO);
             return Ok(());
         }
-        images(first, last, partial, cols, 1)
-    })?;
-    dw.fill(T::ZERO);
-    for chunk in worker_scratch.chunks(cols_len + w_len) {
-        for (d, &p) in dw.iter_mut().zip(&chunk[cols_len..]) {
-            *d += p;
+        images(first, last, partial, cols, plan.gemm_threads)
+    };
+    if plan.workers == 1 {
+        worker((0, worker_scratch))?;
+    } else {
+        worker_scratch.par_chunks_mut(cols_len + w_len).enumerate().try_for_each(worker)?;
+    }
+    // dw[o, r] = Σ_workers dw_t[r, o], where r runs over (c, i, j).
+    let patch = shape.patch_len();
+    for (o, dw_o) in dw.chunks_exact_mut(patch).enumerate() {
+        for (r, d) in dw_o.iter_mut().enumerate() {
+            *d = worker_scratch.chunks_exact(cols_len + w_len).map(|chunk| chunk[cols_len + r * shape.o + o]).sum();
         }
     }
     Ok(())
