@@ -29,6 +29,13 @@ pub struct BenchOpsArgs {
     /// Timed runs per case, after one untimed warm-up run.
     #[arg(long, default_value_t = 5)]
     pub repeats: usize,
+    /// Passes over every case; each case keeps its best pass. Spreading a case's runs over time
+    /// keeps a burst of other work on a shared machine from spoiling it.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Skip the GEMM section.
+    #[arg(long)]
+    pub no_gemm: bool,
     /// Skip the convolution section.
     #[arg(long)]
     pub no_conv: bool,
@@ -44,6 +51,9 @@ pub fn run(args: &BenchOpsArgs, out: &mut (dyn Write + Send)) -> Result<()> {
     }
     if args.repeats == 0 {
         return Err(Error::msg("--repeats must be at least 1"));
+    }
+    if args.rounds == 0 {
+        return Err(Error::msg("--rounds must be at least 1"));
     }
     let threads = match args.threads {
         Some(0) => return Err(Error::msg("--threads must be at least 1")),
@@ -68,38 +78,43 @@ struct Row {
 
 fn report(args: &BenchOpsArgs, threads: usize, out: &mut dyn Write) -> Result<()> {
     let whole_run = CpuMonitor::start();
-    let peak_before = measure_peak_f32(threads, args.repeats);
     // 256 MiB per array: far beyond any last-level cache this will run on.
     let bandwidth = measure_bandwidth(threads, 256 << 20, args.repeats);
-    eprintln!("measuring GEMM...");
-    let gemm_rows = gemm_rows(args, threads)?;
-    let conv_rows = if args.no_conv {
-        Vec::new()
-    } else {
-        eprintln!("measuring conv2d...");
-        conv_rows(args, threads)?
-    };
-    let peak_after = measure_peak_f32(threads, args.repeats);
+    let mut peaks = Vec::new();
+    let (mut gemm_rows, mut conv_rows) = (Vec::new(), Vec::new());
+    for round in 1..=args.rounds {
+        peaks.push(measure_peak_f32(threads, args.repeats));
+        if !args.no_gemm {
+            eprintln!("round {round}/{}: GEMM", args.rounds);
+            keep_best(&mut gemm_rows, gemm_cases(args, threads)?);
+        }
+        if !args.no_conv {
+            eprintln!("round {round}/{}: conv2d", args.rounds);
+            keep_best(&mut conv_rows, conv_cases_measured(args, threads)?);
+        }
+    }
+    peaks.push(measure_peak_f32(threads, args.repeats));
     let others = whole_run.others();
-    let peak = if peak_after.flops_per_s > peak_before.flops_per_s { peak_after } else { peak_before };
+    let peak = peaks.iter().copied().max_by(|a, b| a.flops_per_s.total_cmp(&b.flops_per_s)).unwrap_or(peaks[0]);
+    let peak_range = peaks.iter().map(|p| format!("{:.0}", p.gflops())).collect::<Vec<_>>().join(", ");
 
     line(
         out,
         format_args!(
-            "zeroconv bench ops: {threads} thread(s); each case: 1 warm-up run, then at least {} timed runs \
-             (and {MIN_TIMED:?}); best and median shown, % of peak from the best",
-            args.repeats
+            "zeroconv bench ops: {threads} thread(s); each case, in each of {} rounds: 1 warm-up run, then at \
+             least {} timed runs (and {MIN_TIMED:?}); the best round's best and median run shown, % of peak \
+             from the best",
+            args.rounds, args.repeats
         ),
     )?;
     line(
         out,
         format_args!(
-            "peak f32: {:.1} GFLOP/s ({}, {} threads; better of {:.1} before and {:.1} after the kernels)",
+            "peak f32: {:.1} GFLOP/s ({}, {} threads; best of the measurements before each round and at the end: {})",
             peak.gflops(),
             peak.isa.name(),
             peak.threads,
-            peak_before.gflops(),
-            peak_after.gflops()
+            peak_range
         ),
     )?;
     line(
@@ -110,9 +125,25 @@ fn report(args: &BenchOpsArgs, threads: usize, out: &mut dyn Write) -> Result<()
             bandwidth.array_bytes >> 20
         ),
     )?;
-    line(out, format_args!("other processes during the run: {} (\"others\" column: during that row)", cores(others)))?;
-    line(out, format_args!(""))?;
+    line(
+        out,
+        format_args!(
+            "other processes during the run: {} (\"others\" column: during that row's best round)",
+            cores(others)
+        ),
+    )?;
+    if !gemm_rows.is_empty() {
+        line(out, format_args!(""))?;
+        print_gemm_table(&gemm_rows, peak.gflops(), out)?;
+    }
+    if !conv_rows.is_empty() {
+        line(out, format_args!(""))?;
+        print_conv_table(&conv_rows, peak.gflops(), out)?;
+    }
+    Ok(())
+}
 
+fn print_gemm_table(rows: &[Row], peak_gflops: f64, out: &mut dyn Write) -> Result<()> {
     line(out, format_args!("GEMM C = A·B, row-major, square, untransposed"))?;
     line(
         out,
@@ -121,10 +152,10 @@ fn report(args: &BenchOpsArgs, threads: usize, out: &mut dyn Write) -> Result<()
             "dtype size", "best ms", "best GFLOP/s", "median GFLOP/s", "% peak", "others"
         ),
     )?;
-    for row in &gemm_rows {
+    for row in rows {
         let t = &row.timings[0];
         // f64 runs on the same FMA units with half the lanes, so its peak is half the f32 peak.
-        let row_peak = if row.label.starts_with("f64") { peak.gflops() / 2.0 } else { peak.gflops() };
+        let row_peak = if row.label.starts_with("f64") { peak_gflops / 2.0 } else { peak_gflops };
         line(
             out,
             format_args!(
@@ -139,11 +170,10 @@ fn report(args: &BenchOpsArgs, threads: usize, out: &mut dyn Write) -> Result<()
         )?;
     }
     line(out, format_args!("(f64 % is of half the f32 peak: the same FMA units on half as many lanes)"))?;
-    if conv_rows.is_empty() {
-        return Ok(());
-    }
+    Ok(())
+}
 
-    line(out, format_args!(""))?;
+fn print_conv_table(rows: &[Row], peak_gflops: f64, out: &mut dyn Write) -> Result<()> {
     line(out, format_args!("conv2d f32, NCHW, 3x3 pad 1 / 1x1 pad 0; GFLOP/s of the best run (% of peak)"))?;
     line(out, format_args!("split: images = whole images per thread, gemm = threads inside each product"))?;
     line(
@@ -153,8 +183,8 @@ fn report(args: &BenchOpsArgs, threads: usize, out: &mut dyn Write) -> Result<()
             "shape / split", "GFLOP", "forward", "bwd-input", "bwd-weight", "others"
         ),
     )?;
-    for row in &conv_rows {
-        let cell = |t: &Timing| format!("{:.1} ({:.0}%)", t.best_gflops(), 100.0 * t.best_gflops() / peak.gflops());
+    for row in rows {
+        let cell = |t: &Timing| format!("{:.1} ({:.0}%)", t.best_gflops(), 100.0 * t.best_gflops() / peak_gflops);
         line(
             out,
             format_args!(
@@ -171,11 +201,30 @@ fn report(args: &BenchOpsArgs, threads: usize, out: &mut dyn Write) -> Result<()
     Ok(())
 }
 
+/// Folds one round's rows into the best so far: each timing keeps its fastest round, and "others"
+/// follows the first timing's.
+fn keep_best(best: &mut Vec<Row>, round: Vec<Row>) {
+    if best.is_empty() {
+        *best = round;
+        return;
+    }
+    for (kept, new) in best.iter_mut().zip(round) {
+        if new.timings[0].best < kept.timings[0].best {
+            kept.others = new.others;
+        }
+        for (k, n) in kept.timings.iter_mut().zip(new.timings) {
+            if n.best < k.best {
+                *k = n;
+            }
+        }
+    }
+}
+
 fn cores(others: Option<f64>) -> String {
     others.map_or_else(|| "n/a".to_string(), |c| format!("{c:.2} cores"))
 }
 
-fn gemm_rows(args: &BenchOpsArgs, threads: usize) -> Result<Vec<Row>> {
+fn gemm_cases(args: &BenchOpsArgs, threads: usize) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for &size in &args.sizes {
         let monitor = CpuMonitor::start();
@@ -212,7 +261,7 @@ fn conv_cases() -> Vec<(&'static str, Conv2dShape)> {
     ]
 }
 
-fn conv_rows(args: &BenchOpsArgs, threads: usize) -> Result<Vec<Row>> {
+fn conv_cases_measured(args: &BenchOpsArgs, threads: usize) -> Result<Vec<Row>> {
     let splits: &[(&str, ConvSplit)] = if threads > 1 {
         &[("images", ConvSplit::AcrossImages), ("gemm", ConvSplit::InsideGemm), ("auto", ConvSplit::Auto)]
     } else {
@@ -274,7 +323,7 @@ impl Timing {
 
 /// Timed runs continue past `repeats` until they add up to this, so short cases get enough runs for
 /// the best one to be undisturbed.
-const MIN_TIMED: Duration = Duration::from_millis(300);
+const MIN_TIMED: Duration = Duration::from_millis(200);
 /// ... but no more than this many runs.
 const MAX_RUNS: usize = 200;
 
@@ -362,5 +411,54 @@ impl CpuTicks {
             return None;
         }
         Some(CpuTicks { machine_busy: busy, machine_total: busy + idle, own: own[0] + own[1] })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> BenchOpsArgs {
+        BenchOpsArgs { sizes: vec![8], threads: Some(1), repeats: 1, rounds: 1, no_gemm: false, no_conv: true }
+    }
+
+    fn timing(ms: u64) -> Timing {
+        Timing { flops: 1e9, best: Duration::from_millis(ms), median: Duration::from_millis(ms + 1) }
+    }
+
+    #[test]
+    fn bad_options_are_refused_before_measuring() {
+        let cases = [
+            (BenchOpsArgs { sizes: vec![256, 0], ..args() }, "--sizes"),
+            (BenchOpsArgs { sizes: vec![], ..args() }, "--sizes"),
+            (BenchOpsArgs { threads: Some(0), ..args() }, "--threads"),
+            (BenchOpsArgs { repeats: 0, ..args() }, "--repeats"),
+            (BenchOpsArgs { rounds: 0, ..args() }, "--rounds"),
+        ];
+        for (bad, option) in cases {
+            let mut out = Vec::new();
+            let message = run(&bad, &mut out).expect_err(option).to_string();
+            assert!(message.contains(option), "error should name {option}: {message}");
+            assert!(out.is_empty(), "nothing should be measured or printed for {option}");
+        }
+    }
+
+    #[test]
+    fn keep_best_takes_each_timing_from_its_fastest_round() {
+        let row = |a, b, others| Row { label: "x".into(), timings: vec![timing(a), timing(b)], others: Some(others) };
+        let mut best = Vec::new();
+        keep_best(&mut best, vec![row(10, 5, 0.0)]);
+        keep_best(&mut best, vec![row(7, 9, 1.0)]);
+        assert_eq!(best[0].timings[0].best, Duration::from_millis(7));
+        assert_eq!(best[0].timings[1].best, Duration::from_millis(5));
+        assert_eq!(best[0].others, Some(1.0), "others follows the round of the first timing's best");
+    }
+
+    #[test]
+    fn filled_values_stay_in_range_and_differ_by_seed() {
+        let a: Vec<f32> = filled(1000, 1);
+        let b: Vec<f32> = filled(1000, 2);
+        assert!(a.iter().all(|x| (-1.0..1.0).contains(x)));
+        assert_ne!(a, b);
     }
 }
