@@ -331,6 +331,17 @@ fn conv_shapes() -> Vec<Conv2dShape> {
     shapes
 }
 
+/// Shapes with more than 1024 output pixels, which the kernels unroll in blocks of output rows
+/// rather than whole: blocks of 26 + 14 rows, 31 + 3 rows at stride 2, and one-row blocks of an
+/// output wider than a block.
+fn blocked_conv_shapes() -> Vec<Conv2dShape> {
+    vec![
+        shape([2, 2, 40, 40], 3, (3, 3), 1, 1),
+        shape([3, 3, 67, 67], 2, (3, 3), 2, 1),
+        shape([2, 2, 3, 1100], 2, (1, 3), 1, 0),
+    ]
+}
+
 fn every_threading() -> Vec<ConvThreads> {
     vec![
         ConvThreads::single(),
@@ -372,7 +383,7 @@ fn assert_close(what: &str, got: &[f64], expected: &[f64], rel: f64) {
 
 #[test]
 fn conv_forward_matches_naive_seven_loops() {
-    for (case, s) in conv_shapes().iter().enumerate() {
+    for (case, s) in conv_shapes().iter().chain(&blocked_conv_shapes()).enumerate() {
         let mut rng = Rng::new(200 + case as u64);
         let x: Vec<f64> = rng.vec(s.x_len());
         let w: Vec<f64> = rng.vec(s.weight_len());
@@ -400,7 +411,7 @@ fn round_to_f32(v: &[f64]) -> Vec<f32> {
 
 #[test]
 fn conv_backward_passes_satisfy_the_adjoint_identities() {
-    for (case, s) in conv_shapes().iter().enumerate() {
+    for (case, s) in conv_shapes().iter().chain(&blocked_conv_shapes()).enumerate() {
         let mut rng = Rng::new(300 + case as u64);
         // Several random pairs: one pair checks a single direction, a few make a wrong adjoint
         // passing essentially impossible.
@@ -488,7 +499,7 @@ fn conv_gradients_match_finite_differences() {
 
 #[test]
 fn conv_backward_in_f32_matches_f64() {
-    for (case, s) in conv_shapes().iter().enumerate() {
+    for (case, s) in conv_shapes().iter().chain(&blocked_conv_shapes()).enumerate() {
         let mut rng = Rng::new(500 + case as u64);
         let x: Vec<f32> = rng.vec(s.x_len());
         let w: Vec<f32> = rng.vec(s.weight_len());
@@ -539,4 +550,13 @@ fn pointwise_convolution_needs_no_im2col_scratch() {
     // A strided 1×1 convolution still samples the input, so it goes through im2col.
     let strided = shape([2, 8, 4, 4], 6, (1, 1), 2, 0);
     assert_eq!(conv2d_forward_scratch_len(&strided, ConvThreads::single()), 8 * 2 * 2);
+}
+
+#[test]
+fn large_images_are_unrolled_in_row_blocks_not_whole() {
+    for s in blocked_conv_shapes() {
+        let whole_image = s.c * s.kh * s.kw * s.out_h() * s.out_w();
+        let scratch = conv2d_forward_scratch_len(&s, ConvThreads::single());
+        assert!(scratch > 0 && scratch < whole_image, "{s:?}: scratch {scratch}, whole image {whole_image}");
+    }
 }

@@ -55,11 +55,13 @@ impl Conv2dShape {
         }
         Ok(())
     }
+    /// Output height; 0 for a shape `validate` rejects, so sizing functions never panic.
     pub fn out_h(&self) -> usize {
-        (self.h + 2 * self.padding - self.kh) / self.stride + 1
+        out_len(self.h, self.kh, self.stride, self.padding)
     }
+    /// Output width; 0 for a shape `validate` rejects.
     pub fn out_w(&self) -> usize {
-        (self.w + 2 * self.padding - self.kw) / self.stride + 1
+        out_len(self.w, self.kw, self.stride, self.padding)
     }
     pub fn x_len(&self) -> usize {
         self.n * self.c * self.h * self.w
@@ -85,14 +87,39 @@ impl Conv2dShape {
     fn out_pixels(&self) -> usize {
         self.out_h() * self.out_w()
     }
+    /// Output rows unrolled at a time (see `TARGET_BLOCK_PIXELS`); all of them for a pointwise
+    /// convolution, whose input needs no unrolling.
+    fn block_rows(&self) -> usize {
+        let (ho, wo) = (self.out_h(), self.out_w());
+        if self.is_pointwise() || wo == 0 {
+            return ho.max(1);
+        }
+        TARGET_BLOCK_PIXELS.div_ceil(wo).clamp(1, ho.max(1))
+    }
+    /// The output-row blocks `(first, end)` one image is processed in.
+    fn blocks(&self) -> impl Iterator<Item = (usize, usize)> {
+        let (ho, rows) = (self.out_h(), self.block_rows());
+        (0..ho).step_by(rows).map(move |first| (first, (first + rows).min(ho)))
+    }
+    /// Scratch for one block of the im2col matrix.
     fn cols_len(&self) -> usize {
         if self.is_pointwise() {
             0
         } else {
-            self.patch_len() * self.out_pixels()
+            self.patch_len() * self.block_rows() * self.out_w()
         }
     }
 }
+
+fn out_len(input: usize, kernel: usize, stride: usize, padding: usize) -> usize {
+    (input + 2 * padding).checked_sub(kernel).map_or(0, |room| room / stride.max(1) + 1)
+}
+
+/// im2col unrolls this many output pixels (rounded up to whole output rows) at a time, rather than
+/// a whole image: the product stays wide enough to run at full speed (n = 1024), while the block
+/// (C·kh·kw × 1024 floats: 11.8 MB for C = 320) stays in the last-level cache between being written
+/// and being read, and the scratch stays small. A 320-channel 64×64 image unrolled whole is 47 MB.
+const TARGET_BLOCK_PIXELS: usize = 1024;
 
 /// How a convolution spreads over threads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -190,27 +217,44 @@ pub fn conv2d_forward<T: Float>(
     check_scratch(scratch.len(), conv2d_forward_scratch_len(shape, threads))?;
 
     let x_img = shape.c * shape.h * shape.w;
-    let y_img = shape.o * shape.out_pixels();
+    let (pixels, wo) = (shape.out_pixels(), shape.out_w());
+    let w_mat = MatRef::new(w, shape.patch_len());
     let one_image = |n: usize, y_n: &mut [T], cols: &mut [T], gemm_threads: usize| -> Result<()> {
         let x_n = &x[n * x_img..(n + 1) * x_img];
-        let cols: &[T] = if shape.is_pointwise() {
-            x_n
-        } else {
-            im2col(shape, x_n, cols, gemm_threads);
-            cols
-        };
-        // The bias goes in first so the product can accumulate onto it: no second pass over y.
+        // The bias goes in first so the products can accumulate onto it: no second pass over y.
         if let Some(bias) = bias {
-            for (row, &b) in y_n.chunks_exact_mut(shape.out_pixels()).zip(bias) {
+            for (row, &b) in y_n.chunks_exact_mut(pixels).zip(bias) {
                 row.fill(b);
             }
         }
-        let dims = GemmDims::new(shape.o, shape.out_pixels(), shape.patch_len());
-        let w_mat = MatRef::new(w, shape.patch_len());
-        let cols_mat = MatRef::new(cols, shape.out_pixels());
-        matmul(dims, w_mat, cols_mat, MatMut::new(y_n, shape.out_pixels()), bias.is_some(), gemm_threads)
+        for (first, end) in shape.blocks() {
+            let block = (end - first) * wo;
+            let cols_mat = unrolled(shape, x_n, first, end, cols, gemm_threads);
+            let y_block = MatMut::new(&mut y_n[first * wo..], pixels);
+            let dims = GemmDims::new(shape.o, block, shape.patch_len());
+            matmul(dims, w_mat, cols_mat, y_block, bias.is_some(), gemm_threads)?;
+        }
+        Ok(())
     };
-    for_each_image(shape.n, plan, y, y_img, scratch, shape.cols_len(), one_image)
+    for_each_image(shape.n, plan, y, shape.o * pixels, scratch, shape.cols_len(), one_image)
+}
+
+/// The im2col matrix of output rows `first..end` of image `x_n`, as a product operand
+/// (`C·kh·kw × pixels`): unrolled into `cols`, or, for a pointwise convolution, `x_n` itself.
+fn unrolled<'a, T: Float>(
+    shape: &Conv2dShape,
+    x_n: &'a [T],
+    first: usize,
+    end: usize,
+    cols: &'a mut [T],
+    threads: usize,
+) -> MatRef<'a, T> {
+    if shape.is_pointwise() {
+        return MatRef::new(x_n, shape.out_pixels());
+    }
+    let block = (end - first) * shape.out_w();
+    im2col(shape, x_n, first, end, cols, threads);
+    MatRef::new(&cols[..shape.patch_len() * block], block)
 }
 
 /// `dx = ∂L/∂x` given `dy = ∂L/∂y` and the weight; `dx` is `[N, C, H, W]` and is overwritten.
@@ -230,16 +274,25 @@ pub fn conv2d_backward_input<T: Float>(
     check_scratch(scratch.len(), conv2d_backward_input_scratch_len(shape, threads))?;
 
     let x_img = shape.c * shape.h * shape.w;
-    let y_img = shape.o * shape.out_pixels();
-    let dims = GemmDims::new(shape.patch_len(), shape.out_pixels(), shape.o);
+    let (pixels, wo) = (shape.out_pixels(), shape.out_w());
+    let y_img = shape.o * pixels;
     let w_t = MatRef::transposed(w, shape.patch_len());
     let one_image = |n: usize, dx_n: &mut [T], dcols: &mut [T], gemm_threads: usize| -> Result<()> {
-        let dy_n = MatRef::new(&dy[n * y_img..(n + 1) * y_img], shape.out_pixels());
+        let dy_n = &dy[n * y_img..(n + 1) * y_img];
         if shape.is_pointwise() {
-            return matmul(dims, w_t, dy_n, MatMut::new(dx_n, shape.out_pixels()), false, gemm_threads);
+            let dims = GemmDims::new(shape.c, pixels, shape.o);
+            return matmul(dims, w_t, MatRef::new(dy_n, pixels), MatMut::new(dx_n, pixels), false, gemm_threads);
         }
-        matmul(dims, w_t, dy_n, MatMut::new(dcols, shape.out_pixels()), false, gemm_threads)?;
-        col2im(shape, dcols, dx_n, gemm_threads);
+        // Blocks of output rows overlap in the input rows they read, so their col2im adds up.
+        dx_n.fill(T::ZERO);
+        for (first, end) in shape.blocks() {
+            let block = (end - first) * wo;
+            let dcols = &mut dcols[..shape.patch_len() * block];
+            let dims = GemmDims::new(shape.patch_len(), block, shape.o);
+            let dy_block = MatRef::new(&dy_n[first * wo..], pixels);
+            matmul(dims, w_t, dy_block, MatMut::new(dcols, block), false, gemm_threads)?;
+            col2im_add(shape, dcols, first, end, dx_n, gemm_threads);
+        }
         Ok(())
     };
     for_each_image(shape.n, plan, dx, x_img, scratch, shape.cols_len(), one_image)
@@ -272,24 +325,25 @@ pub fn conv2d_backward_weight<T: Float>(
     if w_len == 0 {
         return Ok(());
     }
-    // The product is formed transposed, dwᵀ = Σ_n cols_n · dy_nᵀ (`C·kh·kw × O`), and transposed once
+    // The products are formed transposed, dwᵀ = Σ_n cols_n · dy_nᵀ (`C·kh·kw × O`), and transposed once
     // at the end. The direct form dy_n · cols_nᵀ makes the `gemm` crate pack the whole im2col matrix
     // with a transposing gather, which for few output channels costs more than the product: measured
     // 64 vs 200 GFLOP/s for O=64, C·kh·kw=576, Ho·Wo=1024 (see BENCHMARKS.md).
-    let dims = GemmDims::new(shape.patch_len(), shape.o, shape.out_pixels());
-    // Sums cols_n · dy_nᵀ over images `first..last` into `dw_t` (overwriting it).
+    let (pixels, wo) = (shape.out_pixels(), shape.out_w());
+    // Sums cols · dyᵀ over images `first..last` and their row blocks into `dw_t` (overwriting it).
     let images = |first: usize, last: usize, dw_t: &mut [T], cols: &mut [T], gemm_threads: usize| -> Result<()> {
+        let mut accumulate = false;
         for n in first..last {
             let x_n = &x[n * x_img..(n + 1) * x_img];
-            let cols: &[T] = if shape.is_pointwise() {
-                x_n
-            } else {
-                im2col(shape, x_n, cols, gemm_threads);
-                cols
-            };
-            let dy_n_t = MatRef::transposed(&dy[n * y_img..(n + 1) * y_img], shape.out_pixels());
-            let cols = MatRef::new(cols, shape.out_pixels());
-            matmul(dims, cols, dy_n_t, MatMut::new(dw_t, shape.o), n > first, gemm_threads)?;
+            let dy_n = &dy[n * y_img..(n + 1) * y_img];
+            for (row_first, row_end) in shape.blocks() {
+                let block = (row_end - row_first) * wo;
+                let cols_mat = unrolled(shape, x_n, row_first, row_end, cols, gemm_threads);
+                let dy_block_t = MatRef::transposed(&dy_n[row_first * wo..], pixels);
+                let dims = GemmDims::new(shape.patch_len(), shape.o, block);
+                matmul(dims, cols_mat, dy_block_t, MatMut::new(dw_t, shape.o), accumulate, gemm_threads)?;
+                accumulate = true;
+            }
         }
         Ok(())
     };
@@ -392,22 +446,23 @@ fn valid_outputs(offset: usize, pad: usize, stride: usize, in_len: usize, out_le
     (lo.min(hi), hi)
 }
 
-/// Unrolls the receptive fields of one image `x_n` (`C × H × W`) into `cols`
-/// (`C·kh·kw × Ho·Wo`): row `(c, i, j)` holds input pixel `(c, oy·s + i - p, ox·s + j - p)` for
-/// every output pixel `(oy, ox)`, zero where that falls in the padding.
-fn im2col<T: Float>(shape: &Conv2dShape, x_n: &[T], cols: &mut [T], threads: usize) {
-    let (ho, wo) = (shape.out_h(), shape.out_w());
+/// Unrolls the receptive fields of output rows `first..end` of one image `x_n` (`C × H × W`) into
+/// `cols` (`C·kh·kw × pixels`, pixels = (end - first)·Wo): row `(c, i, j)` holds input pixel
+/// `(c, oy·s + i - p, ox·s + j - p)` for each output pixel `(oy, ox)`, zero where that is padding.
+fn im2col<T: Float>(shape: &Conv2dShape, x_n: &[T], first: usize, end: usize, cols: &mut [T], threads: usize) {
+    let wo = shape.out_w();
+    let block = (end - first) * wo;
     let taps = shape.kh * shape.kw;
     let plane = shape.h * shape.w;
-    let cols = &mut cols[..shape.patch_len() * ho * wo];
+    let cols = &mut cols[..shape.patch_len() * block];
     // One channel's rows read only that channel's plane, so channels are independent work items.
     let channel = |(c, rows): (usize, &mut [T])| {
         let x_c = &x_n[c * plane..(c + 1) * plane];
-        for (tap, row) in rows.chunks_exact_mut(ho * wo).enumerate() {
+        for (tap, row) in rows.chunks_exact_mut(block).enumerate() {
             let (i, j) = (tap / shape.kw, tap % shape.kw);
-            let (oy_lo, oy_hi) = valid_outputs(i, shape.padding, shape.stride, shape.h, ho);
+            let (oy_lo, oy_hi) = valid_outputs(i, shape.padding, shape.stride, shape.h, shape.out_h());
             let (ox_lo, ox_hi) = valid_outputs(j, shape.padding, shape.stride, shape.w, wo);
-            for (oy, out_row) in row.chunks_exact_mut(wo).enumerate() {
+            for (oy, out_row) in (first..end).zip(row.chunks_exact_mut(wo)) {
                 if oy < oy_lo || oy >= oy_hi || ox_lo == ox_hi {
                     out_row.fill(T::ZERO);
                     continue;
@@ -428,7 +483,7 @@ fn im2col<T: Float>(shape: &Conv2dShape, x_n: &[T], cols: &mut [T], threads: usi
             }
         }
     };
-    let per_channel = taps * ho * wo;
+    let per_channel = taps * block;
     if threads > 1 {
         cols.par_chunks_mut(per_channel).enumerate().for_each(channel);
     } else {
@@ -436,26 +491,27 @@ fn im2col<T: Float>(shape: &Conv2dShape, x_n: &[T], cols: &mut [T], threads: usi
     }
 }
 
-/// The adjoint of `im2col`: overwrites `dx_n` (`C × H × W`) with the sum, over every column entry
-/// of `dcols` (`C·kh·kw × Ho·Wo`), of that entry at the input pixel it was copied from.
-fn col2im<T: Float>(shape: &Conv2dShape, dcols: &[T], dx_n: &mut [T], threads: usize) {
-    let (ho, wo) = (shape.out_h(), shape.out_w());
+/// The adjoint of `im2col` for output rows `first..end`: adds every entry of `dcols`
+/// (`C·kh·kw × pixels`) into `dx_n` (`C × H × W`) at the input pixel it was copied from.
+fn col2im_add<T: Float>(shape: &Conv2dShape, dcols: &[T], first: usize, end: usize, dx_n: &mut [T], threads: usize) {
+    let wo = shape.out_w();
+    let block = (end - first) * wo;
     let taps = shape.kh * shape.kw;
     let plane = shape.h * shape.w;
     // Each channel's plane receives only from that channel's rows, so channels run independently.
     let channel = |(dx_c, rows): (&mut [T], &[T])| {
-        dx_c.fill(T::ZERO);
-        for (tap, row) in rows.chunks_exact(ho * wo).enumerate() {
+        for (tap, row) in rows.chunks_exact(block).enumerate() {
             let (i, j) = (tap / shape.kw, tap % shape.kw);
-            let (oy_lo, oy_hi) = valid_outputs(i, shape.padding, shape.stride, shape.h, ho);
+            let (oy_lo, oy_hi) = valid_outputs(i, shape.padding, shape.stride, shape.h, shape.out_h());
             let (ox_lo, ox_hi) = valid_outputs(j, shape.padding, shape.stride, shape.w, wo);
             if ox_lo == ox_hi {
                 continue;
             }
-            for oy in oy_lo..oy_hi {
+            for oy in oy_lo.max(first)..oy_hi.min(end) {
                 let iy = oy * shape.stride + i - shape.padding;
                 let ix0 = ox_lo * shape.stride + j - shape.padding;
-                let src = &row[oy * wo + ox_lo..oy * wo + ox_hi];
+                let at = (oy - first) * wo;
+                let src = &row[at + ox_lo..at + ox_hi];
                 let dx_row = &mut dx_c[iy * shape.w..(iy + 1) * shape.w];
                 if shape.stride == 1 {
                     for (d, &g) in dx_row[ix0..ix0 + src.len()].iter_mut().zip(src) {
@@ -469,11 +525,12 @@ fn col2im<T: Float>(shape: &Conv2dShape, dcols: &[T], dx_n: &mut [T], threads: u
             }
         }
     };
-    let per_channel = taps * ho * wo;
-    let dcols = &dcols[..shape.patch_len() * ho * wo];
+    let per_channel = taps * block;
+    let dcols = &dcols[..shape.patch_len() * block];
     if plane == 0 || per_channel == 0 {
-        dx_n.fill(T::ZERO);
-    } else if threads > 1 {
+        return;
+    }
+    if threads > 1 {
         dx_n.par_chunks_mut(plane).zip(dcols.par_chunks(per_channel)).for_each(channel);
     } else {
         dx_n.chunks_exact_mut(plane).zip(dcols.chunks_exact(per_channel)).for_each(channel);
