@@ -12,7 +12,7 @@ use crate::engine::cpu::conv::{
 };
 use crate::engine::cpu::float::Float;
 use crate::engine::cpu::gemm::{matmul, GemmDims, MatMut, MatRef};
-use crate::engine::cpu::peak::{measure_bandwidth, measure_peak_f32};
+use crate::engine::cpu::peak::{measure_bandwidth, measure_peak_f32, PeakFlops};
 use crate::error::{Error, Result};
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -29,10 +29,14 @@ pub struct BenchOpsArgs {
     /// Timed runs per case, after one untimed warm-up run.
     #[arg(long, default_value_t = 5)]
     pub repeats: usize,
-    /// Passes over every case; each case keeps its best pass. Spreading a case's runs over time
-    /// keeps a burst of other work on a shared machine from spoiling it.
-    #[arg(long, default_value_t = 3)]
+    /// Passes over every case; each case keeps its best run over all passes. Spreading a case's
+    /// runs over time keeps a burst of other work on a shared machine from spoiling it.
+    #[arg(long, default_value_t = 2)]
     pub rounds: usize,
+    /// Further passes, only over the cases that have not yet had a quiet pass (other processes
+    /// using under 0.1 core), up to this many passes in all.
+    #[arg(long, default_value_t = 8)]
+    pub max_rounds: usize,
     /// Skip the GEMM section.
     #[arg(long)]
     pub no_gemm: bool,
@@ -55,6 +59,9 @@ pub fn run(args: &BenchOpsArgs, out: &mut (dyn Write + Send)) -> Result<()> {
     if args.rounds == 0 {
         return Err(Error::msg("--rounds must be at least 1"));
     }
+    if args.max_rounds < args.rounds {
+        return Err(Error::msg(format!("--max-rounds ({}) is below --rounds ({})", args.max_rounds, args.rounds)));
+    }
     let threads = match args.threads {
         Some(0) => return Err(Error::msg("--threads must be at least 1")),
         Some(t) => t,
@@ -67,13 +74,85 @@ pub fn run(args: &BenchOpsArgs, out: &mut (dyn Write + Send)) -> Result<()> {
     pool.install(|| report(args, threads, out))
 }
 
-/// One measured row, kept until the end so percentages can use the better of the two peak
-/// measurements (one before, one after the kernels).
+/// What one row of the report measures.
+#[derive(Clone, Copy, Debug)]
+enum Case {
+    Gemm { size: usize, f64: bool },
+    Conv { name: &'static str, shape: Conv2dShape, split: ConvSplit },
+}
+
+impl Case {
+    fn label(&self) -> String {
+        match self {
+            Case::Gemm { size, f64 } => format!("{} {size}", if *f64 { "f64" } else { "f32" }),
+            Case::Conv { name, split, .. } => format!("{name} / {}", split_name(*split)),
+        }
+    }
+    fn measure(&self, threads: usize, repeats: usize) -> Result<Vec<Timing>> {
+        match *self {
+            Case::Gemm { size, f64: false } => Ok(vec![time_gemm::<f32>(size, threads, repeats)?]),
+            Case::Gemm { size, f64: true } => Ok(vec![time_gemm::<f64>(size, threads, repeats)?]),
+            Case::Conv { shape, split, .. } => Ok(time_conv(&shape, ConvThreads { threads, split }, repeats)?.to_vec()),
+        }
+    }
+}
+
+fn split_name(split: ConvSplit) -> &'static str {
+    match split {
+        ConvSplit::AcrossImages => "images",
+        ConvSplit::InsideGemm => "gemm",
+        ConvSplit::Auto => "auto",
+    }
+}
+
+/// Other processes using less than this many cores during a pass leave it undisturbed.
+const QUIET_CORES: f64 = 0.1;
+
+/// One row of the report: the best of every pass, kept until the end so percentages can use the
+/// best peak measurement.
 struct Row {
-    label: String,
+    case: Case,
     timings: Vec<Timing>,
-    /// Cores' worth of CPU other processes used while this row was measured.
+    /// The fewest cores' worth of CPU other processes used during one of this row's passes.
     others: Option<f64>,
+}
+
+impl Row {
+    fn had_quiet_pass(&self) -> bool {
+        self.others.is_some_and(|o| o < QUIET_CORES)
+    }
+    /// Folds in another pass: each timing keeps its fastest run (other work can only slow a run).
+    fn add_pass(&mut self, timings: Vec<Timing>, others: Option<f64>) {
+        for (kept, new) in self.timings.iter_mut().zip(timings) {
+            if new.best < kept.best {
+                *kept = new;
+            }
+        }
+        self.others = match (self.others, others) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
+fn cases(args: &BenchOpsArgs, threads: usize) -> Vec<Case> {
+    let mut cases = Vec::new();
+    if !args.no_gemm {
+        cases.extend(args.sizes.iter().map(|&size| Case::Gemm { size, f64: false }));
+        let f64_size = args.sizes.iter().copied().filter(|&s| s <= 1024).max().unwrap_or(args.sizes[0]);
+        cases.push(Case::Gemm { size: f64_size, f64: true });
+    }
+    if !args.no_conv {
+        let splits: &[ConvSplit] = if threads > 1 {
+            &[ConvSplit::AcrossImages, ConvSplit::InsideGemm, ConvSplit::Auto]
+        } else {
+            &[ConvSplit::Auto]
+        };
+        for (name, shape) in conv_cases() {
+            cases.extend(splits.iter().map(|&split| Case::Conv { name, shape, split }));
+        }
+    }
+    cases
 }
 
 fn report(args: &BenchOpsArgs, threads: usize, out: &mut dyn Write) -> Result<()> {
@@ -81,40 +160,63 @@ fn report(args: &BenchOpsArgs, threads: usize, out: &mut dyn Write) -> Result<()
     // 256 MiB per array: far beyond any last-level cache this will run on.
     let bandwidth = measure_bandwidth(threads, 256 << 20, args.repeats);
     let mut peaks = Vec::new();
-    let (mut gemm_rows, mut conv_rows) = (Vec::new(), Vec::new());
-    for round in 1..=args.rounds {
-        peaks.push(measure_peak_f32(threads, args.repeats));
-        if !args.no_gemm {
-            eprintln!("round {round}/{}: GEMM", args.rounds);
-            keep_best(&mut gemm_rows, gemm_cases(args, threads)?);
+    let mut rows: Vec<Row> = Vec::new();
+    for round in 1..=args.max_rounds {
+        let all_cases = cases(args, threads);
+        let needed: Vec<bool> = (0..all_cases.len())
+            .map(|i| round <= args.rounds || rows.get(i).is_none_or(|row| !row.had_quiet_pass()))
+            .collect();
+        let quiet_peak =
+            peaks.iter().any(|(_, others): &(PeakFlops, Option<f64>)| others.is_some_and(|o| o < QUIET_CORES));
+        if !needed.contains(&true) && quiet_peak {
+            break;
         }
-        if !args.no_conv {
-            eprintln!("round {round}/{}: conv2d", args.rounds);
-            keep_best(&mut conv_rows, conv_cases_measured(args, threads)?);
+        peaks.push(measured_peak(threads, args.repeats));
+        let mut rerun = 0;
+        for (i, case) in all_cases.into_iter().enumerate() {
+            if !needed[i] {
+                continue;
+            }
+            rerun += 1;
+            let monitor = CpuMonitor::start();
+            let timings = case.measure(threads, args.repeats)?;
+            let others = monitor.others();
+            match rows.get_mut(i) {
+                Some(row) => row.add_pass(timings, others),
+                None => rows.push(Row { case, timings, others }),
+            }
         }
+        eprintln!("round {round}: measured {rerun} case(s)");
     }
-    peaks.push(measure_peak_f32(threads, args.repeats));
+    peaks.push(measured_peak(threads, args.repeats));
     let others = whole_run.others();
-    let peak = peaks.iter().copied().max_by(|a, b| a.flops_per_s.total_cmp(&b.flops_per_s)).unwrap_or(peaks[0]);
-    let peak_range = peaks.iter().map(|p| format!("{:.0}", p.gflops())).collect::<Vec<_>>().join(", ");
+    let (peak, _) =
+        peaks.iter().copied().max_by(|a, b| a.0.flops_per_s.total_cmp(&b.0.flops_per_s)).unwrap_or(peaks[0]);
+    let peak_range = peaks.iter().map(|p| format!("{:.0}", p.0.gflops())).collect::<Vec<_>>().join(", ");
+    let quietest_peak = peaks.iter().filter_map(|p| p.1).min_by(f64::total_cmp);
+    let (gemm_rows, conv_rows): (Vec<Row>, Vec<Row>) =
+        rows.into_iter().partition(|r| matches!(r.case, Case::Gemm { .. }));
+    let unquiet = gemm_rows.iter().chain(&conv_rows).filter(|r| !r.had_quiet_pass()).count();
 
     line(
         out,
         format_args!(
-            "zeroconv bench ops: {threads} thread(s); each case, in each of {} rounds: 1 warm-up run, then at \
-             least {} timed runs (and {MIN_TIMED:?}); the best round's best and median run shown, % of peak \
-             from the best",
-            args.rounds, args.repeats
+            "zeroconv bench ops: {threads} thread(s); each case, in each pass: 1 warm-up run, then at least {} \
+             timed runs (and {MIN_TIMED:?}); {} passes, more (up to {}) for cases without a quiet one; \
+             best run over all passes shown with its pass's median, % of peak from the best",
+            args.repeats, args.rounds, args.max_rounds
         ),
     )?;
     line(
         out,
         format_args!(
-            "peak f32: {:.1} GFLOP/s ({}, {} threads; best of the measurements before each round and at the end: {})",
+            "peak f32: {:.1} GFLOP/s ({}, {} threads; best of the measurements before each pass and at the end: \
+             {}; quietest: others {})",
             peak.gflops(),
             peak.isa.name(),
             peak.threads,
-            peak_range
+            peak_range,
+            cores(quietest_peak)
         ),
     )?;
     line(
@@ -128,7 +230,8 @@ fn report(args: &BenchOpsArgs, threads: usize, out: &mut dyn Write) -> Result<()
     line(
         out,
         format_args!(
-            "other processes during the run: {} (\"others\" column: during that row's best round)",
+            "other processes during the run: {} (\"others\" column: the row's quietest pass); \
+             {unquiet} row(s) never had a quiet pass (others < {QUIET_CORES} core)",
             cores(others)
         ),
     )?;
@@ -155,12 +258,12 @@ fn print_gemm_table(rows: &[Row], peak_gflops: f64, out: &mut dyn Write) -> Resu
     for row in rows {
         let t = &row.timings[0];
         // f64 runs on the same FMA units with half the lanes, so its peak is half the f32 peak.
-        let row_peak = if row.label.starts_with("f64") { peak_gflops / 2.0 } else { peak_gflops };
+        let row_peak = if matches!(row.case, Case::Gemm { f64: true, .. }) { peak_gflops / 2.0 } else { peak_gflops };
         line(
             out,
             format_args!(
                 "{:<12} {:>10.2} {:>14.1} {:>16.1} {:>7.1}% {:>8}",
-                row.label,
+                row.case.label(),
                 t.best.as_secs_f64() * 1e3,
                 t.best_gflops(),
                 t.median_gflops(),
@@ -189,7 +292,7 @@ fn print_conv_table(rows: &[Row], peak_gflops: f64, out: &mut dyn Write) -> Resu
             out,
             format_args!(
                 "{:<34} {:>6.2} {:>14} {:>14} {:>15} {:>7}",
-                row.label,
+                row.case.label(),
                 row.timings[0].flops * 1e-9,
                 cell(&row.timings[0]),
                 cell(&row.timings[1]),
@@ -201,41 +304,15 @@ fn print_conv_table(rows: &[Row], peak_gflops: f64, out: &mut dyn Write) -> Resu
     Ok(())
 }
 
-/// Folds one round's rows into the best so far: each timing keeps its fastest round, and "others"
-/// follows the first timing's.
-fn keep_best(best: &mut Vec<Row>, round: Vec<Row>) {
-    if best.is_empty() {
-        *best = round;
-        return;
-    }
-    for (kept, new) in best.iter_mut().zip(round) {
-        if new.timings[0].best < kept.timings[0].best {
-            kept.others = new.others;
-        }
-        for (k, n) in kept.timings.iter_mut().zip(new.timings) {
-            if n.best < k.best {
-                *k = n;
-            }
-        }
-    }
+/// The peak, and the cores' worth of CPU other processes used while it was measured.
+fn measured_peak(threads: usize, repeats: usize) -> (PeakFlops, Option<f64>) {
+    let monitor = CpuMonitor::start();
+    let peak = measure_peak_f32(threads, repeats);
+    (peak, monitor.others())
 }
 
 fn cores(others: Option<f64>) -> String {
     others.map_or_else(|| "n/a".to_string(), |c| format!("{c:.2} cores"))
-}
-
-fn gemm_cases(args: &BenchOpsArgs, threads: usize) -> Result<Vec<Row>> {
-    let mut rows = Vec::new();
-    for &size in &args.sizes {
-        let monitor = CpuMonitor::start();
-        let t = time_gemm::<f32>(size, threads, args.repeats)?;
-        rows.push(Row { label: format!("f32 {size}"), timings: vec![t], others: monitor.others() });
-    }
-    let f64_size = args.sizes.iter().copied().filter(|&s| s <= 1024).max().unwrap_or(args.sizes[0]);
-    let monitor = CpuMonitor::start();
-    let t = time_gemm::<f64>(f64_size, threads, args.repeats)?;
-    rows.push(Row { label: format!("f64 {f64_size}"), timings: vec![t], others: monitor.others() });
-    Ok(rows)
 }
 
 fn time_gemm<T: Float>(size: usize, threads: usize, repeats: usize) -> Result<Timing> {
@@ -259,27 +336,6 @@ fn conv_cases() -> Vec<(&'static str, Conv2dShape)> {
         ("640->320 32x32 1x1", Conv2dShape { n: 2, c: 640, h: 32, w: 32, o: 320, kh: 1, kw: 1, stride: 1, padding: 0 }),
         ("N=3 128->128 32x32 3x3", conv3(3, 128, 128, 32, 1)),
     ]
-}
-
-fn conv_cases_measured(args: &BenchOpsArgs, threads: usize) -> Result<Vec<Row>> {
-    let splits: &[(&str, ConvSplit)] = if threads > 1 {
-        &[("images", ConvSplit::AcrossImages), ("gemm", ConvSplit::InsideGemm), ("auto", ConvSplit::Auto)]
-    } else {
-        &[("auto", ConvSplit::Auto)]
-    };
-    let mut rows = Vec::new();
-    for (name, shape) in conv_cases() {
-        for &(split_name, split) in splits {
-            let monitor = CpuMonitor::start();
-            let timings = time_conv(&shape, ConvThreads { threads, split }, args.repeats)?;
-            rows.push(Row {
-                label: format!("{name} / {split_name}"),
-                timings: timings.to_vec(),
-                others: monitor.others(),
-            });
-        }
-    }
-    Ok(rows)
 }
 
 /// Forward, backward-input and backward-weight timings of one shape.
@@ -419,7 +475,15 @@ mod tests {
     use super::*;
 
     fn args() -> BenchOpsArgs {
-        BenchOpsArgs { sizes: vec![8], threads: Some(1), repeats: 1, rounds: 1, no_gemm: false, no_conv: true }
+        BenchOpsArgs {
+            sizes: vec![8],
+            threads: Some(1),
+            repeats: 1,
+            rounds: 1,
+            max_rounds: 1,
+            no_gemm: false,
+            no_conv: true,
+        }
     }
 
     fn timing(ms: u64) -> Timing {
@@ -434,6 +498,7 @@ mod tests {
             (BenchOpsArgs { threads: Some(0), ..args() }, "--threads"),
             (BenchOpsArgs { repeats: 0, ..args() }, "--repeats"),
             (BenchOpsArgs { rounds: 0, ..args() }, "--rounds"),
+            (BenchOpsArgs { rounds: 3, max_rounds: 2, ..args() }, "--max-rounds"),
         ];
         for (bad, option) in cases {
             let mut out = Vec::new();
@@ -444,14 +509,16 @@ mod tests {
     }
 
     #[test]
-    fn keep_best_takes_each_timing_from_its_fastest_round() {
-        let row = |a, b, others| Row { label: "x".into(), timings: vec![timing(a), timing(b)], others: Some(others) };
-        let mut best = Vec::new();
-        keep_best(&mut best, vec![row(10, 5, 0.0)]);
-        keep_best(&mut best, vec![row(7, 9, 1.0)]);
-        assert_eq!(best[0].timings[0].best, Duration::from_millis(7));
-        assert_eq!(best[0].timings[1].best, Duration::from_millis(5));
-        assert_eq!(best[0].others, Some(1.0), "others follows the round of the first timing's best");
+    fn a_row_keeps_each_timings_fastest_pass_and_its_quietest_others() {
+        let case = Case::Gemm { size: 8, f64: false };
+        let mut row = Row { case, timings: vec![timing(10), timing(5)], others: Some(0.9) };
+        assert!(!row.had_quiet_pass());
+        row.add_pass(vec![timing(7), timing(9)], Some(0.05));
+        assert_eq!(row.timings[0].best, Duration::from_millis(7));
+        assert_eq!(row.timings[1].best, Duration::from_millis(5));
+        assert!(row.had_quiet_pass());
+        row.add_pass(vec![timing(8), timing(8)], Some(1.5));
+        assert_eq!(row.others, Some(0.05));
     }
 
     #[test]
