@@ -366,14 +366,32 @@ pub fn conv2d_backward_weight<T: Float>(
     } else {
         worker_scratch.par_chunks_mut(cols_len + w_len).enumerate().try_for_each(worker)?;
     }
-    // dw[o, r] = Σ_workers dw_t[r, o], where r runs over (c, i, j).
-    let patch = shape.patch_len();
-    for (o, dw_o) in dw.chunks_exact_mut(patch).enumerate() {
-        for (r, d) in dw_o.iter_mut().enumerate() {
-            *d = worker_scratch.chunks_exact(cols_len + w_len).map(|chunk| chunk[cols_len + r * shape.o + o]).sum();
+    // Add the other workers' partials onto the first one's (contiguous, so it vectorises), then
+    // transpose that into dw.
+    let (first, rest) = worker_scratch.split_at_mut(cols_len + w_len);
+    let total_t = &mut first[cols_len..];
+    for chunk in rest.chunks_exact(cols_len + w_len) {
+        for (t, &p) in total_t.iter_mut().zip(&chunk[cols_len..]) {
+            *t += p;
         }
     }
+    transpose(total_t, shape.patch_len(), shape.o, dw);
     Ok(())
+}
+
+/// `dst` (`cols × rows`) = `src` (`rows × cols`)ᵀ, both row-major, in square tiles so that both
+/// sides are read and written a few cache lines at a time rather than one element per line.
+fn transpose<T: Float>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
+    const TILE: usize = 32;
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for c in c0..(c0 + TILE).min(cols) {
+                    dst[c * rows + r] = src[r * cols + c];
+                }
+            }
+        }
+    }
 }
 
 /// `db = ∂L/∂bias`: `dy` summed over the batch and the output pixels. `db` is `[O]`, overwritten.
