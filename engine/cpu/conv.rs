@@ -1,13 +1,16 @@
 //! 2-D convolution on the CPU (NCHW, weight `[O, C, kh, kw]`, symmetric zero padding), forward and
-//! both backward passes, by lowering each image to one matrix product.
+//! both backward passes, lowered to matrix products.
 //!
 //! Per image `x_n` (`C × H·W`), im2col unrolls every receptive field into a column:
 //! `cols` is `C·kh·kw × Ho·Wo`. Then
 //! - forward:         `y_n  = W · cols`                (`O × Ho·Wo`)
 //! - backward-input:  `dcols = Wᵀ · dy_n`, `dx_n = col2im(dcols)`
-//! - backward-weight: `dW  = Σ_n dy_n · colsᵀ`
+//! - backward-weight: `dWᵀ = Σ_n cols · dy_nᵀ`, transposed once at the end
 //!
-//! A 1×1, stride-1, unpadded convolution already has `x_n` in that layout and skips im2col.
+//! `cols` is built for a block of output rows at a time (about 1024 output pixels), not a whole
+//! image, and each product works on the matching columns of `y_n` / `dy_n`. A 1×1, stride-1,
+//! unpadded convolution already has `x_n` in the `cols` layout and skips im2col.
+//!
 //! Callers pass the scratch (see the `*_scratch_len` functions); nothing here allocates.
 
 use super::float::Float;
@@ -135,6 +138,7 @@ pub enum ConvSplit {
 /// Threads a convolution may use, and how it uses them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvThreads {
+    /// Threads of the current rayon pool to use; 0 counts as 1.
     pub threads: usize,
     pub split: ConvSplit,
 }

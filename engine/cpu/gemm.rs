@@ -156,7 +156,9 @@ pub fn matmul_batched<T: Float>(
 ///
 /// Across the batch there is no synchronisation and no shared packing, so it wins whenever the
 /// members divide evenly over the threads, or are numerous enough that the uneven tail is small.
-/// For a few large members with a remainder (3 over 2 threads), splitting inside is better.
+/// For a few large members with a remainder (3 over 2 threads), splitting inside is better. This is
+/// the rule measured for convolutions, which are batches of products (BENCHMARKS.md, "Threads");
+/// batched GEMM on its own has not been benchmarked.
 fn split_across_batch(count: usize, dims: &GemmDims, threads: usize) -> bool {
     if threads <= 1 {
         return false;
