@@ -235,3 +235,40 @@ mod x86 {
         lanes.iter().sum()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every accumulator follows x ← x·m + a from 1, so each lane of every ISA's loop must hold the
+    /// same value: the SIMD loops compute what the portable one does, lane for lane.
+    #[test]
+    fn every_fma_loop_computes_the_same_recurrence() {
+        let iters = 1000;
+        let mut x = 1.0f64;
+        for _ in 0..iters {
+            x = x * MUL as f64 + ADD as f64;
+        }
+        let isa = detect_isa();
+        let lanes = match isa {
+            Isa::Avx512 => ACC_AVX512 * 16,
+            Isa::Avx2Fma => ACC_AVX2 * 8,
+            Isa::Portable => ACC_PORTABLE,
+        };
+        for (name, total, count) in
+            [("portable", fma_portable(iters), ACC_PORTABLE), (isa.name(), fma_loop(isa, iters), lanes)]
+        {
+            let per_lane = total as f64 / count as f64;
+            assert!((per_lane - x).abs() < 1e-4, "{name}: {per_lane} per lane, expected {x}");
+        }
+    }
+
+    #[test]
+    fn measurements_are_positive_and_finite() {
+        let peak = measure_peak_f32(1, 1);
+        assert!(peak.flops_per_s.is_finite() && peak.flops_per_s > 0.0, "{peak:?}");
+        let bandwidth = measure_bandwidth(2, 1 << 20, 1);
+        assert!(bandwidth.bytes_per_s.is_finite() && bandwidth.bytes_per_s > 0.0, "{bandwidth:?}");
+        assert_eq!(bandwidth.array_bytes, 1 << 20);
+    }
+}
