@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
+use zeroconv::frontend::bench_ops::{self, BenchOpsArgs};
 use zeroconv::frontend::cli::{bench_train, forward, inspect, kernels, profile, sample, train};
 use zeroconv::frontend::data::{self, DatasetCommand};
 use zeroconv::Result;
@@ -43,6 +44,8 @@ enum Command {
 enum BenchCommand {
     /// Time the compiled training step on random inputs: samples/s and peak memory.
     Train(bench_train::BenchTrainArgs),
+    /// GFLOP/s of the CPU GEMM and conv2d kernels beside this machine's measured peak.
+    Ops(BenchOpsArgs),
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -54,6 +57,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Forward(args) => forward::run(&args),
         Command::Dataset { command } => data::run(&command),
         Command::Bench(BenchCommand::Train(args)) => bench_train::run(&args, &mut stdout),
+        Command::Bench(BenchCommand::Ops(args)) => bench_ops::run(&args, &mut std::io::stdout()),
         Command::Profile(args) => profile::run(&args, &mut stdout),
         Command::Kernels(cmd) => kernels::run(&cmd, &mut stdout),
     }

@@ -1,5 +1,6 @@
 //! Configs, checkpoints, datasets, the CLI and the training loops.
 
+pub mod bench_ops;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

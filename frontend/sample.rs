@@ -29,7 +29,15 @@ pub struct SampleSettings {
 
 impl Default for SampleSettings {
     fn default() -> Self {
-        SampleSettings { steps: 50, cfg_scale: 9.0, strength: 1.0, guess_mode: false, seed: 0, negative: String::new(), threads: None }
+        SampleSettings {
+            steps: 50,
+            cfg_scale: 9.0,
+            strength: 1.0,
+            guess_mode: false,
+            seed: 0,
+            negative: String::new(),
+            threads: None,
+        }
     }
 }
 
@@ -38,7 +46,13 @@ fn backend(s: &SampleSettings) -> CpuBackend {
 }
 
 /// Text embeddings [n, L, D] of `captions`.
-pub fn encode_text(m: &StepModels, store: &WeightStore, tok: &ClipTokenizer, captions: &[String], s: &SampleSettings) -> Result<HostTensor> {
+pub fn encode_text(
+    m: &StepModels,
+    store: &WeightStore,
+    tok: &ClipTokenizer,
+    captions: &[String],
+    s: &SampleSettings,
+) -> Result<HostTensor> {
     let n = captions.len();
     let l = m.clip.max_position_embeddings;
     let mut b = ModelBuilder::new(DType::F32);

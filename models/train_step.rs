@@ -74,7 +74,12 @@ pub struct StepOutputs {
 }
 
 /// Encodes images to (scaled) latents.
-pub fn encode_latents(b: &mut ModelBuilder, m: &StepModels, image: ValueId, posterior_noise: Option<ValueId>) -> Result<ValueId> {
+pub fn encode_latents(
+    b: &mut ModelBuilder,
+    m: &StepModels,
+    image: ValueId,
+    posterior_noise: Option<ValueId>,
+) -> Result<ValueId> {
     match &m.first_stage {
         FirstStage::Pixel => vae::pixel_encode(b, image, 8),
         FirstStage::Kl(cfg) => {
@@ -114,7 +119,15 @@ pub fn latent_channels(m: &StepModels) -> usize {
 
 /// Appends one micro-batch's forward and loss to `b` (parameters are shared by key, so calling it
 /// again for the next micro-batch reuses them).
-pub fn micro_step(b: &mut ModelBuilder, m: &StepModels, phase: Phase, n: usize, hw: usize, compute: DType, tag: &str) -> Result<StepOutputs> {
+pub fn micro_step(
+    b: &mut ModelBuilder,
+    m: &StepModels,
+    phase: Phase,
+    n: usize,
+    hw: usize,
+    compute: DType,
+    tag: &str,
+) -> Result<StepOutputs> {
     let f = m.first_stage.factor();
     let lat = hw / f;
     let c = latent_channels(m);
@@ -132,7 +145,8 @@ pub fn micro_step(b: &mut ModelBuilder, m: &StepModels, phase: Phase, n: usize, 
     let sqrt_alpha = b.g.input(&format!("sqrt_alpha{tag}"), [n, 1, 1, 1], dt);
     let sqrt_one_minus_alpha = b.g.input(&format!("sqrt_one_minus_alpha{tag}"), [n, 1, 1, 1], dt);
     let keep_text = b.g.input(&format!("keep_text{tag}"), [n, 1, 1], dt);
-    let inputs = StepInputs { image, hint, ids, t, noise, posterior_noise, sqrt_alpha, sqrt_one_minus_alpha, keep_text };
+    let inputs =
+        StepInputs { image, hint, ids, t, noise, posterior_noise, sqrt_alpha, sqrt_one_minus_alpha, keep_text };
 
     // Frozen encoders.
     let (z0, ctx) = b.with_trainable(false, |b| {
@@ -147,14 +161,27 @@ pub fn micro_step(b: &mut ModelBuilder, m: &StepModels, phase: Phase, n: usize, 
     let xt = b.g.add(a, s)?;
     let (xc, cc) = (b.g.cast(xt, compute)?, b.g.cast(ctx, compute)?);
     let eps = match phase {
-        Phase::Base => b.with_trainable(true, |b| unet::controlled_unet(b, UNET_PREFIX, &m.ldm.unet, xc, t, cc, None, false, true))?,
+        Phase::Base => b.with_trainable(true, |b| {
+            unet::controlled_unet(b, UNET_PREFIX, &m.ldm.unet, xc, t, cc, None, false, true)
+        })?,
         Phase::Control => {
             let hc = b.g.cast(hint, compute)?;
-            let control = b.with_trainable(true, |b| controlnet::controlnet(b, CONTROL_PREFIX, &m.ldm.control, xc, hc, t, cc))?;
+            let control =
+                b.with_trainable(true, |b| controlnet::controlnet(b, CONTROL_PREFIX, &m.ldm.control, xc, hc, t, cc))?;
             let scales = controlnet::control_scales(control.len(), 1.0, false);
             let scaled = controlnet::apply_scales(b, &control, &scales)?;
             b.with_trainable(false, |b| {
-                unet::controlled_unet(b, UNET_PREFIX, &m.ldm.unet, xc, t, cc, Some(&scaled), m.ldm.only_mid_control, !m.ldm.sd_locked)
+                unet::controlled_unet(
+                    b,
+                    UNET_PREFIX,
+                    &m.ldm.unet,
+                    xc,
+                    t,
+                    cc,
+                    Some(&scaled),
+                    m.ldm.only_mid_control,
+                    !m.ldm.sd_locked,
+                )
             })?
         }
     };

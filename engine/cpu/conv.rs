@@ -1,104 +1,574 @@
-//! TEMPORARY naive convolution with the agreed shape; replaced by im2col + GEMM.
-use super::float::Float;
+//! 2-D convolution on the CPU (NCHW, weight `[O, C, kh, kw]`, symmetric zero padding), forward and
+//! both backward passes, lowered to matrix products.
+//!
+//! Per image `x_n` (`C × H·W`), im2col unrolls every receptive field into a column:
+//! `cols` is `C·kh·kw × Ho·Wo`. Then
+//! - forward:         `y_n  = W · cols`                (`O × Ho·Wo`)
+//! - backward-input:  `dcols = Wᵀ · dy_n`, `dx_n = col2im(dcols)`
+//! - backward-weight: `dWᵀ = Σ_n cols · dy_nᵀ`, transposed once at the end
+//!
+//! `cols` is built for a block of output rows at a time (about 1024 output pixels), not a whole
+//! image, and each product works on the matching columns of `y_n` / `dy_n`. A 1×1, stride-1,
+//! unpadded convolution already has `x_n` in the `cols` layout and skips im2col.
+//!
+//! Callers pass the scratch (see the `*_scratch_len` functions); nothing here allocates.
 
-#[derive(Clone, Copy, Debug)]
-pub struct ConvGeom {
+use super::float::Float;
+use super::gemm::{matmul, GemmDims, MatMut, MatRef};
+use crate::error::{Error, Result};
+use rayon::prelude::*;
+
+/// The sizes of one convolution. Output spatial sizes follow from the others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dShape {
+    /// Batch size.
     pub n: usize,
+    /// Input channels.
     pub c: usize,
     pub h: usize,
     pub w: usize,
+    /// Output channels.
     pub o: usize,
     pub kh: usize,
     pub kw: usize,
     pub stride: usize,
-    pub pad: usize,
-    pub ho: usize,
-    pub wo: usize,
+    /// Zero padding added on each side of both spatial axes.
+    pub padding: usize,
 }
 
-impl ConvGeom {
-    fn at(&self, oh: usize, ow: usize, i: usize, j: usize) -> Option<(usize, usize)> {
-        let y = (oh * self.stride + i) as isize - self.pad as isize;
-        let x = (ow * self.stride + j) as isize - self.pad as isize;
-        (y >= 0 && x >= 0 && (y as usize) < self.h && (x as usize) < self.w).then_some((y as usize, x as usize))
+impl Conv2dShape {
+    /// Checks that the window fits and the stride is positive, so the output sizes are defined.
+    pub fn validate(&self) -> Result<()> {
+        let err = |msg: String| Err(Error::shape("conv2d", msg));
+        if self.stride == 0 {
+            return err("stride must be at least 1".into());
+        }
+        if self.kh == 0 || self.kw == 0 {
+            return err(format!("kernel {}×{} is empty", self.kh, self.kw));
+        }
+        if self.kh > self.h + 2 * self.padding || self.kw > self.w + 2 * self.padding {
+            return err(format!(
+                "kernel {}×{} is larger than the padded input {}×{} (padding {})",
+                self.kh,
+                self.kw,
+                self.h + 2 * self.padding,
+                self.w + 2 * self.padding,
+                self.padding
+            ));
+        }
+        Ok(())
+    }
+    /// Output height; 0 for a shape `validate` rejects, so sizing functions never panic.
+    pub fn out_h(&self) -> usize {
+        out_len(self.h, self.kh, self.stride, self.padding)
+    }
+    /// Output width; 0 for a shape `validate` rejects.
+    pub fn out_w(&self) -> usize {
+        out_len(self.w, self.kw, self.stride, self.padding)
+    }
+    pub fn x_len(&self) -> usize {
+        self.n * self.c * self.h * self.w
+    }
+    pub fn weight_len(&self) -> usize {
+        self.o * self.c * self.kh * self.kw
+    }
+    pub fn y_len(&self) -> usize {
+        self.n * self.o * self.out_h() * self.out_w()
+    }
+    /// FLOPs of the forward pass (each backward pass costs the same), multiply-adds counted as two.
+    pub fn flops(&self) -> f64 {
+        2.0 * (self.n * self.o * self.out_h() * self.out_w()) as f64 * (self.c * self.kh * self.kw) as f64
+    }
+    /// A 1×1, stride-1, unpadded convolution: the input already is its own im2col matrix.
+    pub fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
+    }
+    /// Rows of the im2col matrix: one per (input channel, kernel row, kernel column).
+    fn patch_len(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+    fn out_pixels(&self) -> usize {
+        self.out_h() * self.out_w()
+    }
+    /// Output rows unrolled at a time (see `TARGET_BLOCK_PIXELS`); all of them for a pointwise
+    /// convolution, whose input needs no unrolling.
+    fn block_rows(&self) -> usize {
+        let (ho, wo) = (self.out_h(), self.out_w());
+        if self.is_pointwise() || wo == 0 {
+            return ho.max(1);
+        }
+        TARGET_BLOCK_PIXELS.div_ceil(wo).clamp(1, ho.max(1))
+    }
+    /// The output-row blocks `(first, end)` one image is processed in.
+    fn blocks(&self) -> impl Iterator<Item = (usize, usize)> {
+        let (ho, rows) = (self.out_h(), self.block_rows());
+        (0..ho).step_by(rows).map(move |first| (first, (first + rows).min(ho)))
+    }
+    /// Scratch for one block of the im2col matrix.
+    fn cols_len(&self) -> usize {
+        if self.is_pointwise() {
+            0
+        } else {
+            self.patch_len() * self.block_rows() * self.out_w()
+        }
     }
 }
 
-pub fn forward_scratch_len(_g: &ConvGeom) -> usize {
-    0
-}
-pub fn backward_input_scratch_len(_g: &ConvGeom) -> usize {
-    0
-}
-pub fn backward_weight_scratch_len(_g: &ConvGeom) -> usize {
-    0
+fn out_len(input: usize, kernel: usize, stride: usize, padding: usize) -> usize {
+    (input + 2 * padding).checked_sub(kernel).map_or(0, |room| room / stride.max(1) + 1)
 }
 
-pub fn forward<T: Float>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>, y: &mut [T], _scratch: &mut [T]) {
-    for b in 0..g.n {
-        for o in 0..g.o {
-            for oh in 0..g.ho {
-                for ow in 0..g.wo {
-                    let mut s = bias.map_or(T::ZERO, |bb| bb[o]);
-                    for c in 0..g.c {
-                        for i in 0..g.kh {
-                            for j in 0..g.kw {
-                                if let Some((yy, xx)) = g.at(oh, ow, i, j) {
-                                    s += x[((b * g.c + c) * g.h + yy) * g.w + xx]
-                                        * w[((o * g.c + c) * g.kh + i) * g.kw + j];
-                                }
-                            }
-                        }
-                    }
-                    y[((b * g.o + o) * g.ho + oh) * g.wo + ow] = s;
+/// im2col unrolls this many output pixels (rounded up to whole output rows) at a time, rather than
+/// a whole image: the product stays wide enough to run at full speed (n = 1024), while the block
+/// (C·kh·kw × 1024 floats: 11.8 MB for C = 320) stays in the last-level cache between being written
+/// and being read, and the scratch stays small. A 320-channel 64×64 image unrolled whole is 47 MB.
+const TARGET_BLOCK_PIXELS: usize = 1024;
+
+/// How a convolution spreads over threads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvSplit {
+    /// Chosen per shape from measurements (see `BENCHMARKS.md`).
+    Auto,
+    /// Each thread takes whole images, each with its own scratch; products run single-threaded.
+    AcrossImages,
+    /// Images one after another; each product (and im2col/col2im) uses every thread.
+    InsideGemm,
+}
+
+/// Threads a convolution may use, and how it uses them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvThreads {
+    /// Threads of the current rayon pool to use; 0 counts as 1.
+    pub threads: usize,
+    pub split: ConvSplit,
+}
+
+impl ConvThreads {
+    pub fn auto(threads: usize) -> Self {
+        ConvThreads { threads, split: ConvSplit::Auto }
+    }
+    pub fn single() -> Self {
+        ConvThreads { threads: 1, split: ConvSplit::InsideGemm }
+    }
+}
+
+/// The resolved plan: how many images run at once, and how many threads each product gets.
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    workers: usize,
+    gemm_threads: usize,
+}
+
+fn plan(shape: &Conv2dShape, threads: ConvThreads) -> Plan {
+    let split = threads.split;
+    let threads = threads_or_one(threads.threads);
+    let across = match split {
+        ConvSplit::AcrossImages => true,
+        ConvSplit::InsideGemm => false,
+        ConvSplit::Auto => prefer_across_images(shape, threads),
+    };
+    let workers = if across { threads.min(shape.n).max(1) } else { 1 };
+    Plan { workers, gemm_threads: if workers > 1 { 1 } else { threads } }
+}
+
+fn threads_or_one(threads: usize) -> usize {
+    threads.max(1)
+}
+
+/// Measured on 2 Zen cores (`zeroconv bench ops`, see `BENCHMARKS.md`): whole images per thread
+/// win when the images divide evenly over the threads, because nothing synchronises and im2col
+/// runs in parallel for free. With a remainder (N=3 on 2 threads) one thread idles for a whole
+/// image, and splitting each product wins.
+fn prefer_across_images(shape: &Conv2dShape, threads: usize) -> bool {
+    threads > 1 && shape.n >= threads && (shape.n.is_multiple_of(threads) || shape.n >= 4 * threads)
+}
+
+/// Scratch elements `conv2d_forward` needs for this shape and threading.
+pub fn conv2d_forward_scratch_len(shape: &Conv2dShape, threads: ConvThreads) -> usize {
+    plan(shape, threads).workers * shape.cols_len()
+}
+
+/// Scratch elements `conv2d_backward_input` needs for this shape and threading.
+pub fn conv2d_backward_input_scratch_len(shape: &Conv2dShape, threads: ConvThreads) -> usize {
+    plan(shape, threads).workers * shape.cols_len()
+}
+
+/// Scratch elements `conv2d_backward_weight` needs: per worker, the im2col buffer and a partial
+/// weight gradient (transposed, see `conv2d_backward_weight`).
+pub fn conv2d_backward_weight_scratch_len(shape: &Conv2dShape, threads: ConvThreads) -> usize {
+    plan(shape, threads).workers * (shape.cols_len() + shape.weight_len())
+}
+
+/// `y = conv(x, w) + bias`. `x` is `[N, C, H, W]`, `w` is `[O, C, kh, kw]`, `bias` is `[O]`,
+/// `y` is `[N, O, Ho, Wo]` and is overwritten.
+pub fn conv2d_forward<T: Float>(
+    shape: &Conv2dShape,
+    x: &[T],
+    w: &[T],
+    bias: Option<&[T]>,
+    y: &mut [T],
+    scratch: &mut [T],
+    threads: ConvThreads,
+) -> Result<()> {
+    shape.validate()?;
+    check_len("x", x.len(), shape.x_len())?;
+    check_len("weight", w.len(), shape.weight_len())?;
+    check_len("y", y.len(), shape.y_len())?;
+    if let Some(bias) = bias {
+        check_len("bias", bias.len(), shape.o)?;
+    }
+    let plan = plan(shape, threads);
+    check_scratch(scratch.len(), conv2d_forward_scratch_len(shape, threads))?;
+
+    let x_img = shape.c * shape.h * shape.w;
+    let (pixels, wo) = (shape.out_pixels(), shape.out_w());
+    let w_mat = MatRef::new(w, shape.patch_len());
+    let one_image = |n: usize, y_n: &mut [T], cols: &mut [T], gemm_threads: usize| -> Result<()> {
+        let x_n = &x[n * x_img..(n + 1) * x_img];
+        // The bias goes in first so the products can accumulate onto it: no second pass over y.
+        if let Some(bias) = bias {
+            for (row, &b) in y_n.chunks_exact_mut(pixels).zip(bias) {
+                row.fill(b);
+            }
+        }
+        for (first, end) in shape.blocks() {
+            let block = (end - first) * wo;
+            let cols_mat = unrolled(shape, x_n, first, end, cols, gemm_threads);
+            let y_block = MatMut::new(&mut y_n[first * wo..], pixels);
+            let dims = GemmDims::new(shape.o, block, shape.patch_len());
+            matmul(dims, w_mat, cols_mat, y_block, bias.is_some(), gemm_threads)?;
+        }
+        Ok(())
+    };
+    for_each_image(shape.n, plan, y, shape.o * pixels, scratch, shape.cols_len(), one_image)
+}
+
+/// The im2col matrix of output rows `first..end` of image `x_n`, as a product operand
+/// (`C·kh·kw × pixels`): unrolled into `cols`, or, for a pointwise convolution, `x_n` itself.
+fn unrolled<'a, T: Float>(
+    shape: &Conv2dShape,
+    x_n: &'a [T],
+    first: usize,
+    end: usize,
+    cols: &'a mut [T],
+    threads: usize,
+) -> MatRef<'a, T> {
+    if shape.is_pointwise() {
+        return MatRef::new(x_n, shape.out_pixels());
+    }
+    let block = (end - first) * shape.out_w();
+    im2col(shape, x_n, first, end, cols, threads);
+    MatRef::new(&cols[..shape.patch_len() * block], block)
+}
+
+/// `dx = ∂L/∂x` given `dy = ∂L/∂y` and the weight; `dx` is `[N, C, H, W]` and is overwritten.
+pub fn conv2d_backward_input<T: Float>(
+    shape: &Conv2dShape,
+    dy: &[T],
+    w: &[T],
+    dx: &mut [T],
+    scratch: &mut [T],
+    threads: ConvThreads,
+) -> Result<()> {
+    shape.validate()?;
+    check_len("dy", dy.len(), shape.y_len())?;
+    check_len("weight", w.len(), shape.weight_len())?;
+    check_len("dx", dx.len(), shape.x_len())?;
+    let plan = plan(shape, threads);
+    check_scratch(scratch.len(), conv2d_backward_input_scratch_len(shape, threads))?;
+
+    let x_img = shape.c * shape.h * shape.w;
+    let (pixels, wo) = (shape.out_pixels(), shape.out_w());
+    let y_img = shape.o * pixels;
+    let w_t = MatRef::transposed(w, shape.patch_len());
+    let one_image = |n: usize, dx_n: &mut [T], dcols: &mut [T], gemm_threads: usize| -> Result<()> {
+        let dy_n = &dy[n * y_img..(n + 1) * y_img];
+        if shape.is_pointwise() {
+            let dims = GemmDims::new(shape.c, pixels, shape.o);
+            return matmul(dims, w_t, MatRef::new(dy_n, pixels), MatMut::new(dx_n, pixels), false, gemm_threads);
+        }
+        // Blocks of output rows overlap in the input rows they read, so their col2im adds up.
+        dx_n.fill(T::ZERO);
+        for (first, end) in shape.blocks() {
+            let block = (end - first) * wo;
+            let dcols = &mut dcols[..shape.patch_len() * block];
+            let dims = GemmDims::new(shape.patch_len(), block, shape.o);
+            let dy_block = MatRef::new(&dy_n[first * wo..], pixels);
+            matmul(dims, w_t, dy_block, MatMut::new(dcols, block), false, gemm_threads)?;
+            col2im_add(shape, dcols, first, end, dx_n, gemm_threads);
+        }
+        Ok(())
+    };
+    for_each_image(shape.n, plan, dx, x_img, scratch, shape.cols_len(), one_image)
+}
+
+/// `dw = ∂L/∂w` given the input `x` and `dy`; `dw` is `[O, C, kh, kw]` and is overwritten.
+pub fn conv2d_backward_weight<T: Float>(
+    shape: &Conv2dShape,
+    x: &[T],
+    dy: &[T],
+    dw: &mut [T],
+    scratch: &mut [T],
+    threads: ConvThreads,
+) -> Result<()> {
+    shape.validate()?;
+    check_len("x", x.len(), shape.x_len())?;
+    check_len("dy", dy.len(), shape.y_len())?;
+    check_len("dw", dw.len(), shape.weight_len())?;
+    let plan = plan(shape, threads);
+    check_scratch(scratch.len(), conv2d_backward_weight_scratch_len(shape, threads))?;
+    if shape.n == 0 {
+        dw.fill(T::ZERO);
+        return Ok(());
+    }
+
+    let x_img = shape.c * shape.h * shape.w;
+    let y_img = shape.o * shape.out_pixels();
+    let cols_len = shape.cols_len();
+    let w_len = shape.weight_len();
+    if w_len == 0 {
+        return Ok(());
+    }
+    // The products are formed transposed, dwᵀ = Σ_n cols_n · dy_nᵀ (`C·kh·kw × O`), and transposed once
+    // at the end. The direct form dy_n · cols_nᵀ makes the `gemm` crate pack the whole im2col matrix
+    // with a transposing gather, which for few output channels costs more than the product: measured
+    // 64 vs 200 GFLOP/s for O=64, C·kh·kw=576, Ho·Wo=1024 (see BENCHMARKS.md).
+    let (pixels, wo) = (shape.out_pixels(), shape.out_w());
+    // Sums cols · dyᵀ over images `first..last` and their row blocks into `dw_t` (overwriting it).
+    let images = |first: usize, last: usize, dw_t: &mut [T], cols: &mut [T], gemm_threads: usize| -> Result<()> {
+        let mut accumulate = false;
+        for n in first..last {
+            let x_n = &x[n * x_img..(n + 1) * x_img];
+            let dy_n = &dy[n * y_img..(n + 1) * y_img];
+            for (row_first, row_end) in shape.blocks() {
+                let block = (row_end - row_first) * wo;
+                let cols_mat = unrolled(shape, x_n, row_first, row_end, cols, gemm_threads);
+                let dy_block_t = MatRef::transposed(&dy_n[row_first * wo..], pixels);
+                let dims = GemmDims::new(shape.patch_len(), shape.o, block);
+                matmul(dims, cols_mat, dy_block_t, MatMut::new(dw_t, shape.o), accumulate, gemm_threads)?;
+                accumulate = true;
+            }
+        }
+        Ok(())
+    };
+
+    // Each worker sums its run of images into its own partial; the partials are added at the end.
+    let per_worker = shape.n.div_ceil(plan.workers);
+    let worker_scratch = &mut scratch[..plan.workers * (cols_len + w_len)];
+    let worker = |(worker, chunk): (usize, &mut [T])| {
+        let (cols, partial) = chunk.split_at_mut(cols_len);
+        let first = (worker * per_worker).min(shape.n);
+        let last = (first + per_worker).min(shape.n);
+        if first == last {
+            partial.fill(T::ZERO);
+            return Ok(());
+        }
+        images(first, last, partial, cols, plan.gemm_threads)
+    };
+    if plan.workers == 1 {
+        worker((0, worker_scratch))?;
+    } else {
+        worker_scratch.par_chunks_mut(cols_len + w_len).enumerate().try_for_each(worker)?;
+    }
+    // Add the other workers' partials onto the first one's (contiguous, so it vectorises), then
+    // transpose that into dw.
+    let (first, rest) = worker_scratch.split_at_mut(cols_len + w_len);
+    let total_t = &mut first[cols_len..];
+    for chunk in rest.chunks_exact(cols_len + w_len) {
+        for (t, &p) in total_t.iter_mut().zip(&chunk[cols_len..]) {
+            *t += p;
+        }
+    }
+    transpose(total_t, shape.patch_len(), shape.o, dw);
+    Ok(())
+}
+
+/// `dst` (`cols × rows`) = `src` (`rows × cols`)ᵀ, both row-major, in square tiles so that both
+/// sides are read and written a few cache lines at a time rather than one element per line.
+fn transpose<T: Float>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
+    const TILE: usize = 32;
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for c in c0..(c0 + TILE).min(cols) {
+                    dst[c * rows + r] = src[r * cols + c];
                 }
             }
         }
     }
 }
 
-pub fn backward_input<T: Float>(g: &ConvGeom, dy: &[T], w: &[T], dx: &mut [T], _scratch: &mut [T]) {
-    dx.fill(T::ZERO);
-    for b in 0..g.n {
-        for o in 0..g.o {
-            for oh in 0..g.ho {
-                for ow in 0..g.wo {
-                    let d = dy[((b * g.o + o) * g.ho + oh) * g.wo + ow];
-                    for c in 0..g.c {
-                        for i in 0..g.kh {
-                            for j in 0..g.kw {
-                                if let Some((yy, xx)) = g.at(oh, ow, i, j) {
-                                    dx[((b * g.c + c) * g.h + yy) * g.w + xx] +=
-                                        d * w[((o * g.c + c) * g.kh + i) * g.kw + j];
-                                }
-                            }
-                        }
-                    }
-                }
-            }
+/// `db = ∂L/∂bias`: `dy` summed over the batch and the output pixels. `db` is `[O]`, overwritten.
+pub fn conv2d_backward_bias<T: Float>(shape: &Conv2dShape, dy: &[T], db: &mut [T]) -> Result<()> {
+    shape.validate()?;
+    check_len("dy", dy.len(), shape.y_len())?;
+    check_len("db", db.len(), shape.o)?;
+    db.fill(T::ZERO);
+    let pixels = shape.out_pixels();
+    if pixels == 0 {
+        return Ok(());
+    }
+    for image in dy.chunks_exact(shape.o * pixels) {
+        for (d, row) in db.iter_mut().zip(image.chunks_exact(pixels)) {
+            *d += row.iter().copied().sum::<T>();
         }
+    }
+    Ok(())
+}
+
+/// Runs `one_image(n, out_n, scratch_n, gemm_threads)` for every image: one after another, or
+/// `plan.workers` images at a time, each worker owning a contiguous run of images and a scratch slice.
+fn for_each_image<T: Float>(
+    images: usize,
+    plan: Plan,
+    out: &mut [T],
+    out_img: usize,
+    scratch: &mut [T],
+    scratch_img: usize,
+    one_image: impl Fn(usize, &mut [T], &mut [T], usize) -> Result<()> + Sync,
+) -> Result<()> {
+    if images == 0 || out_img == 0 {
+        return Ok(());
+    }
+    if plan.workers == 1 {
+        let scratch = &mut scratch[..scratch_img];
+        for (n, out_n) in out.chunks_exact_mut(out_img).enumerate() {
+            one_image(n, out_n, scratch, plan.gemm_threads)?;
+        }
+        return Ok(());
+    }
+    let per_worker = images.div_ceil(plan.workers);
+    let workers = images.div_ceil(per_worker);
+    let run = |worker: usize, out_run: &mut [T], scratch_w: &mut [T]| -> Result<()> {
+        for (i, out_n) in out_run.chunks_exact_mut(out_img).enumerate() {
+            one_image(worker * per_worker + i, out_n, scratch_w, 1)?;
+        }
+        Ok(())
+    };
+    let out_runs = out.par_chunks_mut(per_worker * out_img);
+    if scratch_img == 0 {
+        // Pointwise convolutions need no scratch (and slices cannot be cut into empty chunks).
+        out_runs.enumerate().try_for_each(|(worker, out_run)| run(worker, out_run, &mut []))
+    } else {
+        let scratch_runs = scratch[..workers * scratch_img].par_chunks_mut(scratch_img);
+        out_runs.zip(scratch_runs).enumerate().try_for_each(|(worker, (out_run, s))| run(worker, out_run, s))
     }
 }
 
-pub fn backward_weight<T: Float>(g: &ConvGeom, x: &[T], dy: &[T], dw: &mut [T], _scratch: &mut [T]) {
-    dw.fill(T::ZERO);
-    for b in 0..g.n {
-        for o in 0..g.o {
-            for oh in 0..g.ho {
-                for ow in 0..g.wo {
-                    let d = dy[((b * g.o + o) * g.ho + oh) * g.wo + ow];
-                    for c in 0..g.c {
-                        for i in 0..g.kh {
-                            for j in 0..g.kw {
-                                if let Some((yy, xx)) = g.at(oh, ow, i, j) {
-                                    dw[((o * g.c + c) * g.kh + i) * g.kw + j] +=
-                                        d * x[((b * g.c + c) * g.h + yy) * g.w + xx];
-                                }
-                            }
-                        }
+/// The output positions `o` in `0..out_len` whose input position `o·stride + offset - pad` lies
+/// inside `0..in_len`, as a half-open range. `offset` is the kernel tap (row or column).
+fn valid_outputs(offset: usize, pad: usize, stride: usize, in_len: usize, out_len: usize) -> (usize, usize) {
+    // o·stride ≥ pad - offset
+    let lo = if pad > offset { (pad - offset).div_ceil(stride) } else { 0 };
+    // o·stride ≤ in_len + pad - offset - 1
+    if in_len + pad <= offset {
+        return (0, 0);
+    }
+    let hi = ((in_len + pad - offset - 1) / stride + 1).min(out_len);
+    (lo.min(hi), hi)
+}
+
+/// Unrolls the receptive fields of output rows `first..end` of one image `x_n` (`C × H × W`) into
+/// `cols` (`C·kh·kw × pixels`, pixels = (end - first)·Wo): row `(c, i, j)` holds input pixel
+/// `(c, oy·s + i - p, ox·s + j - p)` for each output pixel `(oy, ox)`, zero where that is padding.
+fn im2col<T: Float>(shape: &Conv2dShape, x_n: &[T], first: usize, end: usize, cols: &mut [T], threads: usize) {
+    let wo = shape.out_w();
+    let block = (end - first) * wo;
+    let taps = shape.kh * shape.kw;
+    let plane = shape.h * shape.w;
+    let cols = &mut cols[..shape.patch_len() * block];
+    // One channel's rows read only that channel's plane, so channels are independent work items.
+    let channel = |(c, rows): (usize, &mut [T])| {
+        let x_c = &x_n[c * plane..(c + 1) * plane];
+        for (tap, row) in rows.chunks_exact_mut(block).enumerate() {
+            let (i, j) = (tap / shape.kw, tap % shape.kw);
+            let (oy_lo, oy_hi) = valid_outputs(i, shape.padding, shape.stride, shape.h, shape.out_h());
+            let (ox_lo, ox_hi) = valid_outputs(j, shape.padding, shape.stride, shape.w, wo);
+            for (oy, out_row) in (first..end).zip(row.chunks_exact_mut(wo)) {
+                if oy < oy_lo || oy >= oy_hi || ox_lo == ox_hi {
+                    out_row.fill(T::ZERO);
+                    continue;
+                }
+                let iy = oy * shape.stride + i - shape.padding;
+                let x_row = &x_c[iy * shape.w..(iy + 1) * shape.w];
+                out_row[..ox_lo].fill(T::ZERO);
+                out_row[ox_hi..].fill(T::ZERO);
+                // First input column read: ox_lo·s + j - p, which `valid_outputs` keeps ≥ 0.
+                let ix0 = ox_lo * shape.stride + j - shape.padding;
+                if shape.stride == 1 {
+                    out_row[ox_lo..ox_hi].copy_from_slice(&x_row[ix0..ix0 + (ox_hi - ox_lo)]);
+                } else {
+                    for (dst, src) in out_row[ox_lo..ox_hi].iter_mut().zip(x_row[ix0..].iter().step_by(shape.stride)) {
+                        *dst = *src;
                     }
                 }
             }
         }
+    };
+    let per_channel = taps * block;
+    if threads > 1 {
+        cols.par_chunks_mut(per_channel).enumerate().for_each(channel);
+    } else {
+        cols.chunks_exact_mut(per_channel).enumerate().for_each(channel);
     }
+}
+
+/// The adjoint of `im2col` for output rows `first..end`: adds every entry of `dcols`
+/// (`C·kh·kw × pixels`) into `dx_n` (`C × H × W`) at the input pixel it was copied from.
+fn col2im_add<T: Float>(shape: &Conv2dShape, dcols: &[T], first: usize, end: usize, dx_n: &mut [T], threads: usize) {
+    let wo = shape.out_w();
+    let block = (end - first) * wo;
+    let taps = shape.kh * shape.kw;
+    let plane = shape.h * shape.w;
+    // Each channel's plane receives only from that channel's rows, so channels run independently.
+    let channel = |(dx_c, rows): (&mut [T], &[T])| {
+        for (tap, row) in rows.chunks_exact(block).enumerate() {
+            let (i, j) = (tap / shape.kw, tap % shape.kw);
+            let (oy_lo, oy_hi) = valid_outputs(i, shape.padding, shape.stride, shape.h, shape.out_h());
+            let (ox_lo, ox_hi) = valid_outputs(j, shape.padding, shape.stride, shape.w, wo);
+            if ox_lo == ox_hi {
+                continue;
+            }
+            for oy in oy_lo.max(first)..oy_hi.min(end) {
+                let iy = oy * shape.stride + i - shape.padding;
+                let ix0 = ox_lo * shape.stride + j - shape.padding;
+                let at = (oy - first) * wo;
+                let src = &row[at + ox_lo..at + ox_hi];
+                let dx_row = &mut dx_c[iy * shape.w..(iy + 1) * shape.w];
+                if shape.stride == 1 {
+                    for (d, &g) in dx_row[ix0..ix0 + src.len()].iter_mut().zip(src) {
+                        *d += g;
+                    }
+                } else {
+                    for (d, &g) in dx_row[ix0..].iter_mut().step_by(shape.stride).zip(src) {
+                        *d += g;
+                    }
+                }
+            }
+        }
+    };
+    let per_channel = taps * block;
+    let dcols = &dcols[..shape.patch_len() * block];
+    if plane == 0 || per_channel == 0 {
+        return;
+    }
+    if threads > 1 {
+        dx_n.par_chunks_mut(plane).zip(dcols.par_chunks(per_channel)).for_each(channel);
+    } else {
+        dx_n.chunks_exact_mut(plane).zip(dcols.chunks_exact(per_channel)).for_each(channel);
+    }
+}
+
+fn check_len(name: &str, got: usize, expected: usize) -> Result<()> {
+    if got != expected {
+        return Err(Error::shape("conv2d", format!("{name} has {got} elements, the shape needs {expected}")));
+    }
+    Ok(())
+}
+
+fn check_scratch(got: usize, needed: usize) -> Result<()> {
+    if got < needed {
+        return Err(Error::shape("conv2d", format!("scratch has {got} elements, this convolution needs {needed}")));
+    }
+    Ok(())
 }

@@ -2,7 +2,7 @@
 //! per step. Every node computes in f32 (f64 when the graph uses f64); half-precision values are
 //! staged through f32 scratch that the memory planner reserves for the node.
 
-use super::conv::{self, ConvGeom};
+use super::conv::{self, Conv2dShape, ConvSplit, ConvThreads};
 use super::elementwise as ew;
 use super::float::Float;
 use super::layout::{self, Ids};
@@ -96,21 +96,13 @@ fn is_special(op: &Op) -> bool {
     )
 }
 
-fn conv_geom(x: &Shape, w: &Shape, y: &Shape, stride: usize, pad: usize) -> ConvGeom {
-    let (xd, wd, yd) = (x.dims(), w.dims(), y.dims());
-    ConvGeom {
-        n: xd[0],
-        c: xd[1],
-        h: xd[2],
-        w: xd[3],
-        o: wd[0],
-        kh: wd[2],
-        kw: wd[3],
-        stride,
-        pad,
-        ho: yd[2],
-        wo: yd[3],
-    }
+fn conv_geom(x: &Shape, w: &Shape, stride: usize, padding: usize) -> Conv2dShape {
+    let (xd, wd) = (x.dims(), w.dims());
+    Conv2dShape { n: xd[0], c: xd[1], h: xd[2], w: xd[3], o: wd[0], kh: wd[2], kw: wd[3], stride, padding }
+}
+
+fn conv_threads(threads: usize) -> ConvThreads {
+    ConvThreads { threads, split: ConvSplit::Auto }
 }
 
 /// Scratch elements (of the compute type) the kernel itself needs.
@@ -118,12 +110,14 @@ fn kernel_scratch_len(g: &Graph, node: &Node, threads: usize) -> usize {
     let s = |i: usize| g.shape(node.inputs[i]);
     let o = |i: usize| g.shape(node.outputs[i]);
     match &node.op {
-        Op::Conv2d { stride, padding } => conv::forward_scratch_len(&conv_geom(s(0), s(1), o(0), *stride, *padding)),
+        Op::Conv2d { stride, padding } => {
+            conv::conv2d_forward_scratch_len(&conv_geom(s(0), s(1), *stride, *padding), conv_threads(threads))
+        }
         Op::Conv2dBackwardInput { stride, padding, .. } => {
-            conv::backward_input_scratch_len(&conv_geom(o(0), s(1), s(0), *stride, *padding))
+            conv::conv2d_backward_input_scratch_len(&conv_geom(o(0), s(1), *stride, *padding), conv_threads(threads))
         }
         Op::Conv2dBackwardWeight { stride, padding, .. } => {
-            conv::backward_weight_scratch_len(&conv_geom(s(0), o(0), s(1), *stride, *padding))
+            conv::conv2d_backward_weight_scratch_len(&conv_geom(s(0), o(0), *stride, *padding), conv_threads(threads))
         }
         Op::GroupNormBackward { .. } => s(0).dims()[0] * s(0).dims()[1] * 2,
         Op::LayerNormBackward { .. } => {
@@ -426,16 +420,17 @@ impl CpuProgram {
                 linalg::batched_matmul(ins[0], s(0), *trans_a, ins[1], s(1), *trans_b, outs[0], os(0), self.threads)
             }
             Op::Conv2d { stride, padding } => {
-                let geom = conv_geom(s(0), s(1), os(0), *stride, *padding);
-                conv::forward(&geom, ins[0], ins[1], ins.get(2).copied(), outs[0], scratch);
+                let geom = conv_geom(s(0), s(1), *stride, *padding);
+                let t = conv_threads(self.threads);
+                conv::conv2d_forward(&geom, ins[0], ins[1], ins.get(2).copied(), outs[0], scratch, t)?;
             }
             Op::Conv2dBackwardInput { stride, padding, .. } => {
-                let geom = conv_geom(os(0), s(1), s(0), *stride, *padding);
-                conv::backward_input(&geom, ins[0], ins[1], outs[0], scratch);
+                let geom = conv_geom(os(0), s(1), *stride, *padding);
+                conv::conv2d_backward_input(&geom, ins[0], ins[1], outs[0], scratch, conv_threads(self.threads))?;
             }
             Op::Conv2dBackwardWeight { stride, padding, .. } => {
-                let geom = conv_geom(s(0), os(0), s(1), *stride, *padding);
-                conv::backward_weight(&geom, ins[0], ins[1], outs[0], scratch);
+                let geom = conv_geom(s(0), os(0), *stride, *padding);
+                conv::conv2d_backward_weight(&geom, ins[0], ins[1], outs[0], scratch, conv_threads(self.threads))?;
             }
             Op::GroupNorm { groups, eps } => {
                 let d = s(0).dims();

@@ -1,10 +1,40 @@
 //! Batched matrix products and scaled-dot-product attention on top of the GEMM kernel.
 
 use super::float::Float;
-use super::gemm::matmul;
+use super::gemm::{self, GemmDims, MatMut, MatRef};
 use super::norm::softmax_in_place;
 use crate::graph::Shape;
 use rayon::prelude::*;
+
+/// C (m x n, row stride ldc) = op(A)·op(B), or += with `accumulate`. The operands are slices
+/// of planned buffers whose sizes shape inference guarantees, so a length error is a bug here.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn matmul<T: Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[T],
+    lda: usize,
+    ta: bool,
+    b: &[T],
+    ldb: usize,
+    tb: bool,
+    c: &mut [T],
+    ldc: usize,
+    accumulate: bool,
+    threads: usize,
+) {
+    gemm::matmul(
+        GemmDims::new(m, n, k),
+        MatRef { data: a, ld: lda, trans: ta },
+        MatRef { data: b, ld: ldb, trans: tb },
+        MatMut { data: c, ld: ldc },
+        accumulate,
+        threads,
+    )
+    .expect("matmul operands sized by shape inference");
+}
 
 /// Query rows processed together by attention: bounds its scratch to `ATTN_BLOCK × Lk` per thread.
 pub const ATTN_BLOCK: usize = 64;

@@ -11,5 +11,6 @@ pub mod layout;
 pub mod linalg;
 pub mod norm;
 pub mod par;
+pub mod peak;
 
 pub use exec::{CpuBackend, CpuProgram};

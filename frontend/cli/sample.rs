@@ -11,7 +11,9 @@ use crate::models::ModelBuilder;
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Example:\n  zeroconv sample --config configs/controlnet_sd15.yaml --ckpt v1-5-pruned.safetensors \\\n      --control runs/sd15/controlnet.safetensors --hint map.png --prompt \"a red house\" --n 4 --out out.png")]
+#[command(
+    after_help = "Example:\n  zeroconv sample --config configs/controlnet_sd15.yaml --ckpt v1-5-pruned.safetensors \\\n      --control runs/sd15/controlnet.safetensors --hint map.png --prompt \"a red house\" --n 4 --out out.png"
+)]
 pub struct SampleArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
@@ -55,7 +57,8 @@ pub fn run(args: &SampleArgs) -> Result<()> {
     let cfg = args.config.load()?;
     let models = step_models(&cfg)?;
     let tok = tokenizer(&cfg)?;
-    let img = image::open(&args.hint).map_err(|e| Error::file(&args.hint, format!("cannot read the control map: {e}")))?;
+    let img =
+        image::open(&args.hint).map_err(|e| Error::file(&args.hint, format!("cannot read the control map: {e}")))?;
     let rgb = img.to_rgb8();
     let (w, h) = (rgb.width() as usize, rgb.height() as usize);
     if w != h {
@@ -83,7 +86,8 @@ pub fn run(args: &SampleArgs) -> Result<()> {
             return Err(Error::file(path, "holds none of the model's keys"));
         }
     }
-    let missing: Vec<&str> = specs.iter().filter(|s| !store.tensors.contains_key(&s.key)).map(|s| s.key.as_str()).collect();
+    let missing: Vec<&str> =
+        specs.iter().filter(|s| !store.tensors.contains_key(&s.key)).map(|s| s.key.as_str()).collect();
     if !missing.is_empty() {
         let shown: Vec<&str> = missing.iter().take(5).copied().collect();
         return Err(Error::msg(format!(

@@ -95,7 +95,9 @@ impl DataSource {
                 Some(Ok(batch)) if batch.len() == n => {
                     Ok(HostBatch { images: batch.images, hints: batch.controls, captions: batch.captions })
                 }
-                Some(Ok(_)) | None => Err(Error::msg("the dataset ran out of samples (no usable samples in the shards?)")),
+                Some(Ok(_)) | None => {
+                    Err(Error::msg("the dataset ran out of samples (no usable samples in the shards?)"))
+                }
                 Some(Err(e)) => Err(e),
             },
         }

@@ -105,7 +105,10 @@ pub fn load_pretrained(cfg: &Config, store: &mut WeightStore, specs: &[ParamSpec
         let ckpt = Checkpoint::open(&path)?.into_ldm_keys()?;
         let n = store.load_matching(&ckpt, specs)?;
         if n == 0 {
-            return Err(Error::file(&path, "holds none of the model's keys (model.diffusion_model.*, first_stage_model.*, ...)"));
+            return Err(Error::file(
+                &path,
+                "holds none of the model's keys (model.diffusion_model.*, first_stage_model.*, ...)",
+            ));
         }
     }
     Ok(())
@@ -121,7 +124,13 @@ struct StepProgram {
     hyper: ValueId,
 }
 
-fn build_step(cfg: &Config, models: &StepModels, phase: Phase, size: usize, threads: Option<usize>) -> Result<StepProgram> {
+fn build_step(
+    cfg: &Config,
+    models: &StepModels,
+    phase: Phase,
+    size: usize,
+    threads: Option<usize>,
+) -> Result<StepProgram> {
     let micro = cfg.model.micro_batch_size as usize;
     let accum = cfg.grad_accumulation().max(1) as usize;
     let compute = step::compute_dtype(cfg.trainer.precision);
@@ -144,7 +153,14 @@ fn build_step(cfg: &Config, models: &StepModels, phase: Phase, size: usize, thre
     let opt = crate::graph::passes::optimize(&b.g, &step::pass_options(cfg, false))?;
     let backend = threads.map_or_else(CpuBackend::default, CpuBackend::new);
     let prog = backend.compile(opt.graph)?;
-    Ok(StepProgram { prog, loss: opt.map.get(loss).expect("output"), hyper: opt.map.get(hyper).expect("kept"), map: opt.map, specs: b.params, inputs })
+    Ok(StepProgram {
+        prog,
+        loss: opt.map.get(loss).expect("output"),
+        hyper: opt.map.get(hyper).expect("kept"),
+        map: opt.map,
+        specs: b.params,
+        inputs,
+    })
 }
 
 /// Everything a run carries across phases.
@@ -182,7 +198,10 @@ impl Run<'_> {
         self.upload(p, inp.image, vec![n, 3, size, size], DType::F32, &img)?;
         let hint: Vec<f64> = batch.hints.iter().map(|&v| v as f64).collect();
         if hint.len() != n * hint_c * size * size {
-            return Err(Error::msg(format!("hints have {} channels here, the ControlNet takes {hint_c}", hint.len() / (n * size * size))));
+            return Err(Error::msg(format!(
+                "hints have {} channels here, the ControlNet takes {hint_c}",
+                hint.len() / (n * size * size)
+            )));
         }
         self.upload(p, inp.hint, vec![n, hint_c, size, size], DType::F32, &hint)?;
         let l = self.models.clip.max_position_embeddings;
@@ -214,7 +233,11 @@ impl Run<'_> {
     fn lr(&self, step: u64) -> f64 {
         let o = &self.cfg.model.optim;
         let max = self.cfg.trainer.max_steps.unwrap_or(1) as f64;
-        let warm = o.sched.as_ref().and_then(|s| s.warmup_steps.map(|w| w as f64).or(s.warmup_ratio.map(|r| r * max))).unwrap_or(0.0);
+        let warm = o
+            .sched
+            .as_ref()
+            .and_then(|s| s.warmup_steps.map(|w| w as f64).or(s.warmup_ratio.map(|r| r * max)))
+            .unwrap_or(0.0);
         if warm > 0.0 {
             o.lr * ((step + 1) as f64 / warm).min(1.0)
         } else {
@@ -321,7 +344,11 @@ impl Run<'_> {
             if ckpt_every.is_some_and(|e| e > 0 && done % e == 0) || done == total {
                 self.checkpoint(&mut p, name, done)?;
             }
-            if self.opts.evaluate && phase == Phase::Control && val_every.is_some_and(|v| done % v == 0) && done != total {
+            if self.opts.evaluate
+                && phase == Phase::Control
+                && val_every.is_some_and(|v| done % v == 0)
+                && done != total
+            {
                 self.store.download_trainable(&mut p.prog, &p.map, &p.specs)?;
                 self.validation_grid(done)?;
             }
@@ -414,7 +441,18 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
         .open(out.join("metrics.jsonl"))
         .map_err(|e| Error::file(out.join("metrics.jsonl"), e.to_string()))?;
     let sched = Schedule::scaled_linear(cfg.model.linear_start, cfg.model.linear_end, cfg.model.timesteps as usize);
-    let mut run = Run { cfg, opts, models, tok, store: WeightStore::default(), data, rng, sched, metrics, report: TrainReport::default() };
+    let mut run = Run {
+        cfg,
+        opts,
+        models,
+        tok,
+        store: WeightStore::default(),
+        data,
+        rng,
+        sched,
+        metrics,
+        report: TrainReport::default(),
+    };
     // Pretrained weights (all specs of both phases are known after building; load by key).
     let all_specs = {
         let mut b = ModelBuilder::new(DType::F32);
@@ -452,7 +490,10 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
     let mut export = run.store.under("control_model.");
     if !cfg.model.sd_locked {
         export.extend(
-            run.store.under("model.diffusion_model.").into_iter().filter(|(k, _)| k.contains(".output_blocks.") || k.contains(".out.")),
+            run.store
+                .under("model.diffusion_model.")
+                .into_iter()
+                .filter(|(k, _)| k.contains(".output_blocks.") || k.contains(".out.")),
         );
     }
     let export_path = out.join("controlnet.safetensors");
@@ -466,7 +507,8 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
             grid.display()
         );
         let json = format!("{{\"iou_with_hint\":{with},\"iou_hint_blanked\":{without},\"samples\":8}}\n");
-        std::fs::write(out.join("fidelity.json"), json).map_err(|e| Error::file(out.join("fidelity.json"), e.to_string()))?;
+        std::fs::write(out.join("fidelity.json"), json)
+            .map_err(|e| Error::file(out.join("fidelity.json"), e.to_string()))?;
         run.report.fidelity = Some((with, without));
     }
     Ok(run.report)

@@ -60,7 +60,8 @@ pub fn load(path: &Path) -> Result<(Checkpoint, TrainState)> {
         .get(STATE_KEY)
         .ok_or_else(|| Error::file(path, "is not a zeroconv training checkpoint (no training state in its metadata)"))?
         .clone();
-    let state: TrainState = serde_json::from_str(&text).map_err(|e| Error::file(path, format!("training state: {e}")))?;
+    let state: TrainState =
+        serde_json::from_str(&text).map_err(|e| Error::file(path, format!("training state: {e}")))?;
     Ok((ckpt, state))
 }
 
@@ -84,7 +85,11 @@ pub fn path_for(dir: &Path, step: u64) -> PathBuf {
 }
 
 /// Downloads the trainable parameters and their AdamW moments.
-pub fn gather<P: Program>(prog: &mut P, map: &crate::graph::passes::ValueMap, specs: &[crate::models::ParamSpec]) -> Result<Vec<(String, HostTensor)>> {
+pub fn gather<P: Program>(
+    prog: &mut P,
+    map: &crate::graph::passes::ValueMap,
+    specs: &[crate::models::ParamSpec],
+) -> Result<Vec<(String, HostTensor)>> {
     let mut out = Vec::new();
     for s in specs.iter().filter(|s| s.trainable) {
         let Some(v) = map.get(s.value) else { continue };
@@ -99,7 +104,12 @@ pub fn gather<P: Program>(prog: &mut P, map: &crate::graph::passes::ValueMap, sp
 }
 
 /// Uploads parameters and moments saved by `gather`.
-pub fn restore<P: Program>(prog: &mut P, map: &crate::graph::passes::ValueMap, specs: &[crate::models::ParamSpec], ckpt: &Checkpoint) -> Result<()> {
+pub fn restore<P: Program>(
+    prog: &mut P,
+    map: &crate::graph::passes::ValueMap,
+    specs: &[crate::models::ParamSpec],
+    ckpt: &Checkpoint,
+) -> Result<()> {
     for s in specs.iter().filter(|s| s.trainable) {
         let Some(v) = map.get(s.value) else { continue };
         prog.upload(v, &ckpt.to_host(&s.key)?)?;
