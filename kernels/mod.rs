@@ -4,6 +4,7 @@
 //! compute_90, the cubins and `ptxas -v` reports for sm_80 and sm_90. When the build machine had no NVRTC the
 //! strings are empty and [`compiled`] is false; [`build_note`] says why.
 
+pub mod emulate;
 pub mod ptxas_report;
 
 pub use ptxas_report::KernelResources;
