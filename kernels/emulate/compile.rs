@@ -46,22 +46,23 @@ struct Compiler {
 fn compiler() -> Result<&'static Compiler> {
     static COMPILER: OnceLock<std::result::Result<Compiler, String>> = OnceLock::new();
     COMPILER
-        .get_or_init(|| {
-            let program = std::env::var("ZEROCONV_EMU_CXX").unwrap_or_else(|_| "g++".to_string());
-            let out = Command::new(&program).arg("--version").output().map_err(|e| {
-                format!(
-                    "the CUDA kernel emulator needs a C++17 compiler, but `{program} --version` failed: {e}. \
-                     Install g++ (Debian/Ubuntu: apt-get install g++) or set ZEROCONV_EMU_CXX to a C++ compiler"
-                )
-            })?;
-            if !out.status.success() {
-                return Err(format!("`{program} --version` exited with {}", out.status));
-            }
-            let version = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").to_string();
-            Ok(Compiler { program, version })
-        })
+        .get_or_init(|| probe_compiler(&std::env::var("ZEROCONV_EMU_CXX").unwrap_or_else(|_| "g++".to_string())))
         .as_ref()
         .map_err(|e| Error::msg(e.clone()))
+}
+
+fn probe_compiler(program: &str) -> std::result::Result<Compiler, String> {
+    let hint = "the CUDA kernel emulator needs a C++17 compiler: install g++ (Debian/Ubuntu: apt-get install g++) \
+                or set ZEROCONV_EMU_CXX to one";
+    let out = Command::new(program)
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("`{program} --version` could not run ({e}); {hint}"))?;
+    if !out.status.success() {
+        return Err(format!("`{program} --version` exited with {}; {hint}", out.status));
+    }
+    let version = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").to_string();
+    Ok(Compiler { program: program.to_string(), version })
 }
 
 /// FNV-1a, 64 bits: a stable hash (unlike `DefaultHasher`, it is the same across Rust versions).
@@ -198,6 +199,12 @@ mod tests {
         assert_eq!(fnv1a(&[]), 0xcbf2_9ce4_8422_2325);
         assert_ne!(fnv1a(&["ab", "c"]), fnv1a(&["a", "bc"]));
         assert_eq!(fnv1a(&["kernel"]), fnv1a(&["kernel"]));
+    }
+
+    #[test]
+    fn a_missing_compiler_is_a_clear_error() {
+        let err = probe_compiler("/nonexistent/g++").err().unwrap();
+        assert!(err.contains("/nonexistent/g++ --version` could not run") && err.contains("apt-get install g++"), "{err}");
     }
 
     #[test]

@@ -1,0 +1,433 @@
+//! Kernel semantics checked on the CPU (DESIGN.md, "Verifying GPU code without a GPU", point 3).
+//!
+//! Every kernel of every `kernels/*.cu`, for f32, bf16 and f16, runs under the host emulation of the CUDA
+//! execution model (`zeroconv::kernels::emulate`) on random inputs of awkward sizes (1, 31, 33, 1031, odd
+//! spatial sizes, rows that are not multiples of 32, grids too small to cover the data) and its output is compared
+//! with the CPU backend running the same op as a one-node graph. Each case runs under three thread schedules
+//! (ascending, descending, shuffled): the kernels promise deterministic results, so the outputs must agree bit
+//! for bit, which a missing barrier or a race would break.
+//!
+//! The first tests check the emulator itself: barriers order memory, shuffles exchange across lanes, atomics are
+//! atomic, and misuse is reported instead of hanging or passing.
+//!
+//! Needs g++ (any machine of this project has it); without it every test fails with a message saying so.
+
+mod common;
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use bytemuck::{Pod, Zeroable};
+use common::Rng;
+use zeroconv::engine::cpu::CpuBackend;
+use zeroconv::engine::{Backend, HostTensor, Program};
+use zeroconv::graph::{BinaryOp, DType, F64Bits, Graph, Op, Shape, UnaryOp, ValueId};
+use zeroconv::kernels::emulate::{self, DeviceBuffer, EmuModule, KernelArgs, LaunchConfig, Schedule};
+use zeroconv::kernels::{self, Arch, MODULES};
+
+const FLOATS: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+const SCHEDULES: [Schedule; 3] = [Schedule::Ascending, Schedule::Descending, Schedule::Shuffled(0x5eed)];
+
+// ---- harness ------------------------------------------------------------------------------------------------------
+
+fn compile(name: &str, source: &str) -> Arc<EmuModule> {
+    emulate::compile(name, source).unwrap_or_else(|e| panic!("emulating `{name}`: {e}"))
+}
+
+/// One hand-written module under emulation, recording which kernels the test launched so it can insist that
+/// every kernel of the module was checked.
+struct Kernels {
+    module: Arc<EmuModule>,
+    launched: RefCell<BTreeSet<String>>,
+    schedule: Cell<Schedule>,
+}
+
+impl Kernels {
+    fn new(name: &str) -> Self {
+        let m = kernels::module(name).unwrap_or_else(|| panic!("no kernel module `{name}`"));
+        let module = emulate::compile_module(m).unwrap_or_else(|e| panic!("emulating kernels/{name}.cu: {e}"));
+        Kernels { module, launched: RefCell::default(), schedule: Cell::new(Schedule::Ascending) }
+    }
+
+    fn launch(&self, kernel: &str, grid: impl Into<emulate::Dim3>, block: impl Into<emulate::Dim3>, args: KernelArgs) {
+        self.launched.borrow_mut().insert(kernel.to_string());
+        let cfg = LaunchConfig::new(grid, block).with_schedule(self.schedule.get());
+        // SAFETY: every caller sizes the buffers it passes for the element counts it passes, as documented in
+        // the kernel's .cu file; the emulator checks argument sizes and guard bands besides.
+        unsafe { self.module.launch(kernel, &cfg, &args) }.unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Runs `case` (which uploads, launches and downloads) under every schedule, checks the outputs are
+    /// bit-identical and returns them.
+    fn each_schedule(&self, what: &str, case: impl Fn() -> Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+        let mut first: Option<Vec<Vec<u8>>> = None;
+        for s in SCHEDULES {
+            self.schedule.set(s);
+            let out = case();
+            match &first {
+                None => first = Some(out),
+                Some(f) => {
+                    for (k, (a, b)) in f.iter().zip(&out).enumerate() {
+                        assert!(a == b, "{what}: output {k} differs between {:?} and {s:?} schedules", SCHEDULES[0]);
+                    }
+                }
+            }
+        }
+        self.schedule.set(Schedule::Ascending);
+        first.unwrap_or_default()
+    }
+
+    /// Fails unless every kernel of the module was launched by the test.
+    fn assert_all_launched(&self) {
+        let all: BTreeSet<String> = self.module.kernels().iter().map(|k| k.name.clone()).collect();
+        let launched = self.launched.borrow();
+        let missing: Vec<&String> = all.difference(&launched).collect();
+        assert!(missing.is_empty(), "module `{}`: kernels never checked: {missing:?}", self.module.name());
+    }
+}
+
+fn suffix(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => unreachable!("kernels exist for float storage types only"),
+    }
+}
+
+/// `data` rounded to `dtype`.
+fn tensor(shape: &[usize], dtype: DType, data: &[f64]) -> HostTensor {
+    HostTensor::from_f64(Shape(shape.to_vec()), dtype, data).expect("data fills shape")
+}
+
+fn upload(label: &str, t: &HostTensor) -> DeviceBuffer {
+    DeviceBuffer::from_bytes(label, &t.bytes)
+}
+
+fn output(label: &str, n: usize, dtype: DType) -> DeviceBuffer {
+    DeviceBuffer::uninit(label, n * dtype.size())
+}
+
+fn values(bytes: &[u8], dtype: DType) -> Vec<f64> {
+    let n = bytes.len() / dtype.size();
+    HostTensor { shape: Shape(vec![n]), dtype, bytes: bytes.to_vec() }.to_f64()
+}
+
+fn uniform(rng: &mut Rng, n: usize, lo: f64, hi: f64) -> Vec<f64> {
+    (0..n).map(|_| lo + (hi - lo) * (rng.uniform() * 0.5 + 0.5)).collect()
+}
+
+fn seed(what: &str) -> Rng {
+    Rng::new(what.bytes().fold(0x1234_5678u64, |h, b| h.wrapping_mul(131).wrapping_add(b as u64)))
+}
+
+/// Builds a graph with one input per tensor in `ins`, applies `op` (which returns the values to read), runs it on
+/// the CPU backend and returns those values.
+fn cpu(ins: &[&HostTensor], op: impl FnOnce(&mut Graph, &[ValueId]) -> Vec<ValueId>) -> Vec<HostTensor> {
+    let mut g = Graph::new();
+    let ids: Vec<ValueId> =
+        ins.iter().enumerate().map(|(i, t)| g.input(&format!("in{i}"), t.shape.clone(), t.dtype)).collect();
+    let outs = op(&mut g, &ids);
+    let mut p = CpuBackend::new(1).compile(g).expect("compile the reference graph");
+    for (&v, t) in ids.iter().zip(ins) {
+        p.upload(v, t).expect("upload");
+    }
+    p.launch().expect("run the reference graph");
+    outs.iter().map(|&o| p.download(o).expect("download")).collect()
+}
+
+/// Relative error allowed for results stored as `dtype` that went through f32 arithmetic in a different order:
+/// f32 rounding differences, or one unit in the last place of a bf16/f16 result that sat near a rounding
+/// boundary.
+fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-5,
+        DType::BF16 => 1.0 / 128.0,
+        DType::F16 => 1.0 / 1024.0,
+        _ => unreachable!(),
+    }
+}
+
+/// |got - want| <= tol * max(|want|, 10% of max |want|) elementwise (the floor keeps values that cancel to
+/// nearly zero from demanding more than the arithmetic can give), plus f16's subnormal spacing. NaN and inf
+/// must match exactly.
+fn assert_close(what: &str, dtype: DType, got: &[f64], want: &[f64]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let tol = tolerance(dtype);
+    let floor = 0.1 * want.iter().filter(|w| w.is_finite()).fold(0.0f64, |m, w| m.max(w.abs()));
+    let tiny = if dtype == DType::F16 { 6e-8 } else { 1e-30 };
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if !w.is_finite() || !g.is_finite() {
+            assert!(g.is_nan() && w.is_nan() || g == w, "{what}: element {i} is {g}, expected {w}");
+            continue;
+        }
+        let allowed = tol * w.abs().max(floor) + tiny;
+        assert!((g - w).abs() <= allowed, "{what}: element {i} is {g}, expected {w} (allowed error {allowed:.2e})");
+    }
+}
+
+fn check(what: &str, dtype: DType, got: &[u8], want: &HostTensor) {
+    assert_eq!(want.dtype, dtype, "{what}: reference dtype");
+    assert_close(what, dtype, &values(got, dtype), &want.to_f64());
+}
+
+/// A grid that covers `n` elements with `block` threads each, but at most `cap` blocks, so grid-stride loops
+/// run more than once on the larger sizes.
+fn grid_for(n: usize, block: u32, cap: u32) -> u32 {
+    (n.div_ceil(block as usize) as u32).clamp(1, cap)
+}
+
+// ---- the emulator itself --------------------------------------------------------------------------------------------
+
+const SELF_TEST_SOURCE: &str = r#"
+// Tree reduction in shared memory: correct only if every step is separated by a barrier.
+extern "C" __global__ void tree_sum(const float* x, float* out, int use_barrier) {
+    __shared__ float buf[256];
+    const unsigned t = threadIdx.x;
+    buf[t] = x[blockIdx.x * blockDim.x + t];
+    if (use_barrier) __syncthreads();
+    for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (t < s) buf[t] += buf[t + s];
+        if (use_barrier) __syncthreads();
+    }
+    if (t == 0) out[blockIdx.x] = buf[0];
+}
+
+// Reverses a block's values through dynamic shared memory.
+extern "C" __global__ void reverse_dynamic(const int* x, int* y) {
+    extern __shared__ int staging[];
+    const unsigned t = threadIdx.x;
+    staging[t] = x[blockIdx.x * blockDim.x + t];
+    __syncthreads();
+    y[blockIdx.x * blockDim.x + t] = staging[blockDim.x - 1 - t];
+}
+
+// Eight warp collectives per thread, written to out[8 * thread + k].
+extern "C" __global__ void shuffles(const int* x, int* out) {
+    const unsigned t = threadIdx.x;
+    const int v = x[t];
+    int* o = out + 8 * t;
+    o[0] = __shfl_xor_sync(0xffffffffu, v, 5);
+    o[1] = __shfl_down_sync(0xffffffffu, v, 3);
+    o[2] = __shfl_up_sync(0xffffffffu, v, 2);
+    o[3] = __shfl_sync(0xffffffffu, v, 7);
+    o[4] = __shfl_xor_sync(0xffffffffu, v, 9, 8);
+    o[5] = __shfl_down_sync(0xffffffffu, v, 3, 16);
+    o[6] = (int)__ballot_sync(0xffffffffu, v & 1);
+    // Two half-warps with their own masks meet at different collectives: legal, each half is its own group.
+    o[7] = (t & 31) < 16 ? __shfl_xor_sync(0x0000ffffu, v, 1) : __reduce_add_sync(0xffff0000u, v);
+}
+
+// Butterfly sum of floats: every lane must end with the warp's total.
+extern "C" __global__ void warp_total(const float* x, float* out) {
+    float v = x[threadIdx.x];
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    out[threadIdx.x] = v;
+}
+
+// counters: [0] atomicAdd count, [1] ticket dispenser, [2] racy read-modify-write split by a barrier,
+// [3] atomicInc wrapping at 9. tickets[k]: the thread that drew ticket k. fsum: float atomicAdd. imax: atomicMax.
+extern "C" __global__ void atomics(unsigned* counters, unsigned* tickets, float* fsum, int* imax) {
+    const unsigned id = blockIdx.x * blockDim.x + threadIdx.x;
+    atomicAdd(&counters[0], 1u);
+    tickets[atomicAdd(&counters[1], 1u)] = id;
+    atomicAdd(fsum, 0.5f);
+    atomicMax(imax, (int)id);
+    atomicInc(&counters[3], 9u);
+    const unsigned seen = counters[2];
+    __syncthreads();
+    counters[2] = seen + 1;
+}
+
+extern "C" __global__ void read_uninitialised_shared(float* out) {
+    __shared__ float never_written[64];
+    out[threadIdx.x] = never_written[threadIdx.x];
+}
+
+extern "C" __global__ void write_one_past(float* y, unsigned long long n) {
+    if (threadIdx.x == 0) y[n] = 1.0f;
+}
+
+extern "C" __global__ void divergent_barrier(float* y) {
+    if (threadIdx.x < 16) __syncthreads();
+    y[threadIdx.x] = 1.0f;
+}
+
+extern "C" __global__ void barrier_against_shuffle(float* y) {
+    float v = 1.0f;
+    if (threadIdx.x == 0) __syncthreads();
+    else v = __shfl_xor_sync(0xffffffffu, v, 1);
+    y[threadIdx.x] = v;
+}
+
+extern "C" __global__ void mask_without_self(int* y) { y[threadIdx.x] = __shfl_sync(0x1u, 1, 0); }
+
+extern "C" __global__ void mixed_collectives(int* y) {
+    y[threadIdx.x] = threadIdx.x % 2 ? (int)__ballot_sync(0xffffffffu, 1) : __shfl_xor_sync(0xffffffffu, 1, 1);
+}
+
+extern "C" __global__ void traps(int* y) { if (threadIdx.x == 3) __trap(); y[threadIdx.x] = 0; }
+"#;
+
+fn self_test() -> Arc<EmuModule> {
+    compile("emulator_self_test", SELF_TEST_SOURCE)
+}
+
+fn run(m: &EmuModule, kernel: &str, cfg: LaunchConfig, args: KernelArgs) -> zeroconv::Result<()> {
+    // SAFETY: the self-test kernels index only within the sizes their tests allocate.
+    unsafe { m.launch(kernel, &cfg, &args) }
+}
+
+#[test]
+fn barriers_order_shared_memory_and_their_absence_shows() {
+    let m = self_test();
+    let (blocks, threads) = (3usize, 256usize);
+    let x: Vec<f32> = (0..blocks * threads).map(|i| ((i * 7919) % 23) as f32 - 11.0).collect();
+    let want: Vec<f32> = x.chunks(threads).map(|c| c.iter().sum()).collect();
+    let sums = |use_barrier: i32, schedule: Schedule| {
+        let (xb, out) = (DeviceBuffer::from_slice("x", &x), DeviceBuffer::uninit("out", blocks * 4));
+        let cfg = LaunchConfig::new(blocks as u32, threads as u32).with_schedule(schedule);
+        run(&m, "tree_sum", cfg, KernelArgs::new().buffer(&xb).buffer(&out).i32(use_barrier)).unwrap();
+        out.to_vec::<f32>().unwrap()
+    };
+    for s in SCHEDULES {
+        assert_eq!(sums(1, s), want, "with barriers, {s:?}");
+    }
+    // Without them, threads that run ahead read partial sums not yet written (poisoned shared memory: NaN).
+    for s in [Schedule::Ascending, Schedule::Shuffled(3)] {
+        let got = sums(0, s);
+        assert!(got.iter().zip(&want).any(|(g, w)| g != w), "missing barriers went unnoticed under {s:?}: {got:?}");
+    }
+}
+
+#[test]
+fn dynamic_shared_memory_is_per_block() {
+    let m = self_test();
+    let x: Vec<i32> = (0..5 * 40).collect();
+    let (xb, y) = (DeviceBuffer::from_slice("x", &x), DeviceBuffer::uninit("y", x.len() * 4));
+    for s in SCHEDULES {
+        let cfg = LaunchConfig::new(5, 40).with_shared_bytes(40 * 4).with_schedule(s);
+        run(&m, "reverse_dynamic", cfg, KernelArgs::new().buffer(&xb).buffer(&y)).unwrap();
+        let want: Vec<i32> = x.chunks(40).flat_map(|c| c.iter().rev().copied()).collect();
+        assert_eq!(y.to_vec::<i32>().unwrap(), want, "{s:?}");
+    }
+}
+
+#[test]
+fn warp_shuffles_follow_cuda_semantics() {
+    let m = self_test();
+    let n = 64usize; // two warps
+    let x: Vec<i32> = (0..n as i32).map(|i| i * 3 + 1).collect();
+    let (xb, out) = (DeviceBuffer::from_slice("x", &x), DeviceBuffer::uninit("out", n * 8 * 4));
+    for s in SCHEDULES {
+        run(&m, "shuffles", LaunchConfig::new(1, n as u32).with_schedule(s), KernelArgs::new().buffer(&xb).buffer(&out))
+            .unwrap();
+        let got = out.to_vec::<i32>().unwrap();
+        for t in 0..n {
+            let (warp, lane) = (t / 32 * 32, t % 32);
+            let at = |l: usize| x[warp + l];
+            let seg = |w: usize| lane / w * w;
+            let ballot = (0..32).filter(|&l| at(l) & 1 != 0).fold(0u32, |b, l| b | 1 << l) as i32;
+            // xor 9 within segments of 8: lane ^ 9 lands in the next segment (own value) or an earlier one.
+            let xor9 = if (lane ^ 9) >= seg(8) + 8 { at(lane) } else { at(lane ^ 9) };
+            let down3_16 = if lane % 16 + 3 < 16 { at(lane + 3) } else { at(lane) };
+            let half = if lane < 16 { at(lane ^ 1) } else { (16..32).map(at).sum() };
+            let want = [
+                at(lane ^ 5),
+                if lane + 3 < 32 { at(lane + 3) } else { at(lane) },
+                if lane >= 2 { at(lane - 2) } else { at(lane) },
+                at(7),
+                xor9,
+                down3_16,
+                ballot,
+                half,
+            ];
+            assert_eq!(&got[8 * t..8 * t + 8], &want, "thread {t}, {s:?}");
+        }
+    }
+    let xf: Vec<f32> = (0..n).map(|i| i as f32 * 0.25).collect();
+    let (xb, out) = (DeviceBuffer::from_slice("x", &xf), DeviceBuffer::uninit("out", n * 4));
+    run(&m, "warp_total", LaunchConfig::new(1, n as u32), KernelArgs::new().buffer(&xb).buffer(&out)).unwrap();
+    let got = out.to_vec::<f32>().unwrap();
+    for t in 0..n {
+        assert_eq!(got[t], xf[t / 32 * 32..t / 32 * 32 + 32].iter().sum::<f32>(), "lane {t}");
+    }
+    // A partial warp: lanes 48..63 do not exist, so the butterfly reads undefined values (NaN), as on a GPU.
+    run(&m, "warp_total", LaunchConfig::new(1, 48), KernelArgs::new().buffer(&xb).buffer(&out)).unwrap();
+    assert!(out.to_vec::<f32>().unwrap()[32..48].iter().all(|v| v.is_nan()));
+}
+
+#[test]
+fn atomics_are_atomic_and_plain_read_modify_writes_race() {
+    let m = self_test();
+    let (blocks, threads) = (4u32, 96u32);
+    let total = (blocks * threads) as usize;
+    let counters = DeviceBuffer::zeroed("counters", 4 * 4);
+    let tickets = DeviceBuffer::uninit("tickets", total * 4);
+    let fsum = DeviceBuffer::zeroed("fsum", 4);
+    let imax = DeviceBuffer::from_slice("imax", &[-1i32]);
+    let args = KernelArgs::new().buffer(&counters).buffer(&tickets).buffer(&fsum).buffer(&imax);
+    run(&m, "atomics", LaunchConfig::new(blocks, threads).with_schedule(Schedule::Shuffled(9)), args).unwrap();
+    let c = counters.to_vec::<u32>().unwrap();
+    assert_eq!(c[0], total as u32);
+    assert_eq!(c[1], total as u32);
+    // Every thread of a block read the counter before any wrote it back: one increment survives per block.
+    assert_eq!(c[2], blocks, "the emulator did not interleave threads at the barrier");
+    assert_eq!(c[3], (total % 10) as u32, "atomicInc wraps after 9");
+    let mut t = tickets.to_vec::<u32>().unwrap();
+    t.sort_unstable();
+    assert_eq!(t, (0..total as u32).collect::<Vec<_>>(), "each ticket drawn exactly once");
+    assert_eq!(fsum.to_vec::<f32>().unwrap(), [0.5 * total as f32]);
+    assert_eq!(imax.to_vec::<i32>().unwrap(), [total as i32 - 1]);
+}
+
+#[test]
+fn shared_memory_starts_poisoned_and_overruns_are_caught() {
+    let m = self_test();
+    let out = DeviceBuffer::zeroed("out", 64 * 4);
+    run(&m, "read_uninitialised_shared", LaunchConfig::new(2, 64), KernelArgs::new().buffer(&out)).unwrap();
+    assert!(out.to_vec::<f32>().unwrap().iter().all(|v| v.is_nan()), "unwritten shared memory must read as NaN");
+
+    let y = DeviceBuffer::zeroed("y", 10 * 4);
+    let err = run(&m, "write_one_past", LaunchConfig::new(1, 32), KernelArgs::new().buffer(&y).u64(10)).unwrap_err();
+    assert!(err.to_string().contains("wrote past the end of buffer `y` (40 bytes)"), "{err}");
+}
+
+#[test]
+fn misuse_is_reported_not_hung() {
+    let m = self_test();
+    let y = DeviceBuffer::zeroed("y", 64 * 4);
+    let expect = |kernel: &str, block: u32, want: &str| {
+        let err = run(&m, kernel, LaunchConfig::new(1, block), KernelArgs::new().buffer(&y)).unwrap_err().to_string();
+        assert!(err.contains(kernel) && err.contains(want), "{kernel}: {err}");
+    };
+    expect("divergent_barrier", 32, "threads of the block had exited");
+    expect("barrier_against_shuffle", 32, "deadlock");
+    expect("mask_without_self", 32, "does not name the calling lane");
+    expect("mixed_collectives", 32, "different warp collectives");
+    expect("traps", 32, "thread (3,0,0): __trap() called");
+
+    // Launch configurations and arguments are checked against CUDA's limits and the kernel's parameters.
+    let bad_launch = |cfg: LaunchConfig, args: KernelArgs, want: &str| {
+        let err = run(&m, "write_one_past", cfg, args).unwrap_err().to_string();
+        assert!(err.contains(want), "{err}");
+    };
+    let ok_args = || KernelArgs::new().buffer(&y).u64(0);
+    bad_launch(LaunchConfig::new(1, 2048), ok_args(), "1024 threads per block");
+    bad_launch(LaunchConfig::new(0, 32), ok_args(), "no zero dimension");
+    bad_launch(LaunchConfig::new(1, 32), KernelArgs::new().buffer(&y), "takes 2 parameters, 1 arguments given");
+    bad_launch(LaunchConfig::new(1, 32), KernelArgs::new().buffer(&y).u32(0), "4 bytes given, the parameter has 8");
+    bad_launch(LaunchConfig::new(1, 32), KernelArgs::new().buffer(&y).buffer(&y), "buffer `y` given for a 8-byte value");
+    bad_launch(LaunchConfig::new(1, 32), KernelArgs::new().u64(0).u64(0), "given for a pointer parameter");
+    let err = run(&m, "write_one_pas", LaunchConfig::new(1, 32), ok_args()).unwrap_err().to_string();
+    assert!(err.contains("no kernel `write_one_pas`; did you mean `write_one_past`?"), "{err}");
+}
+
+#[test]
+fn compile_errors_quote_the_compiler() {
+    let err = emulate::compile("broken", "extern \"C\" __global__ void k(float* y) { y[0] = undefined_name; }\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("undefined_name") && err.contains("broken.cu"), "{err}");
+}
