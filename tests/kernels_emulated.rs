@@ -431,3 +431,328 @@ fn compile_errors_quote_the_compiler() {
         .to_string();
     assert!(err.contains("undefined_name") && err.contains("broken.cu"), "{err}");
 }
+
+// ---- every module is covered -----------------------------------------------------------------------------------
+
+/// The modules the tests below check; a new kernels/*.cu must be added here with its test.
+const TESTED_MODULES: [&str; 9] = ["adamw", "binary", "cast", "loss", "norm", "reduce", "softmax", "unary", "upsample"];
+
+#[test]
+fn every_module_and_kernel_is_emulated() {
+    let embedded: BTreeSet<&str> = MODULES.iter().map(|m| m.name).collect();
+    assert_eq!(embedded, TESTED_MODULES.into_iter().collect(), "kernels/*.cu and the modules tested here differ");
+    for m in MODULES {
+        let emu = Kernels::new(m.name).module;
+        assert!(!emu.kernels().is_empty(), "{}: no kernels found", m.name);
+        // Where NVRTC built the PTX, the emulator must have found exactly the kernels NVRTC compiled.
+        if kernels::compiled() {
+            let ptx: BTreeSet<&str> = m.entry_points(Arch::Sm80).into_iter().collect();
+            let found: BTreeSet<&str> = emu.kernels().iter().map(|k| k.name.as_str()).collect();
+            assert_eq!(found, ptx, "{}: emulated kernels differ from the PTX entry points", m.name);
+        }
+    }
+}
+
+// ---- unary.cu -------------------------------------------------------------------------------------------------------
+
+const UNARY: [(UnaryOp, &str); 11] = [
+    (UnaryOp::Neg, "neg"),
+    (UnaryOp::Exp, "exp"),
+    (UnaryOp::Log, "log"),
+    (UnaryOp::Sqrt, "sqrt"),
+    (UnaryOp::Square, "square"),
+    (UnaryOp::Recip, "recip"),
+    (UnaryOp::Silu, "silu"),
+    (UnaryOp::GeluErf, "gelu_erf"),
+    (UnaryOp::GeluTanh, "gelu_tanh"),
+    (UnaryOp::QuickGelu, "quick_gelu"),
+    (UnaryOp::Relu, "relu"),
+];
+
+/// Element counts around a warp and a block, and one that leaves a ragged last block.
+const SIZES: [usize; 4] = [1, 31, 33, 1031];
+
+#[test]
+fn unary_kernels_match_the_cpu_backend() {
+    let k = Kernels::new("unary");
+    for dtype in FLOATS {
+        let sfx = suffix(dtype);
+        for n in SIZES {
+            let (grid, block) = (grid_for(n, 64, 4), 64);
+            for (op, name) in UNARY {
+                let mut rng = seed(&format!("{name}{n}{sfx}"));
+                let positive = matches!(op, UnaryOp::Log | UnaryOp::Sqrt | UnaryOp::Recip);
+                let (lo, hi) = if positive { (0.05, 4.0) } else { (-4.0, 4.0) };
+                let x = tensor(&[n], dtype, &uniform(&mut rng, n, lo, hi));
+                let dy = tensor(&[n], dtype, &uniform(&mut rng, n, -1.0, 1.0));
+
+                let fwd = format!("unary_{name}_{sfx}");
+                let got = k.each_schedule(&fwd, || {
+                    let (xb, y) = (upload("x", &x), output("y", n, dtype));
+                    k.launch(&fwd, grid, block, KernelArgs::new().buffer(&xb).buffer(&y).u64(n as u64));
+                    vec![y.to_bytes()]
+                });
+                let want = cpu(&[&x], |g, a| vec![g.unary(op, a[0]).unwrap()]);
+                check(&format!("{fwd} n={n}"), dtype, &got[0], &want[0]);
+
+                let bwd = format!("unary_{name}_bwd_{sfx}");
+                let got = k.each_schedule(&bwd, || {
+                    let (xb, dyb, dx) = (upload("x", &x), upload("dy", &dy), output("dx", n, dtype));
+                    k.launch(&bwd, grid, block, KernelArgs::new().buffer(&xb).buffer(&dyb).buffer(&dx).u64(n as u64));
+                    vec![dx.to_bytes()]
+                });
+                let want = cpu(&[&x, &dy], |g, a| g.add_node(Op::UnaryBackward(op), &[a[0], a[1]]).unwrap());
+                check(&format!("{bwd} n={n}"), dtype, &got[0], &want[0]);
+            }
+
+            let x = tensor(&[n], dtype, &uniform(&mut seed(&format!("affine{n}")), n, -3.0, 3.0));
+            let affine = format!("affine_{sfx}");
+            let got = k.each_schedule(&affine, || {
+                let (xb, y) = (upload("x", &x), output("y", n, dtype));
+                let args = KernelArgs::new().buffer(&xb).buffer(&y).u64(n as u64).f32(-1.5).f32(0.25);
+                k.launch(&affine, grid, block, args);
+                vec![y.to_bytes()]
+            });
+            let want = cpu(&[&x], |g, a| vec![g.affine(a[0], -1.5, 0.25).unwrap()]);
+            check(&format!("{affine} n={n}"), dtype, &got[0], &want[0]);
+
+            let fill = format!("fill_{sfx}");
+            let got = k.each_schedule(&fill, || {
+                let y = output("y", n, dtype);
+                k.launch(&fill, grid, block, KernelArgs::new().buffer(&y).u64(n as u64).f32(0.3));
+                vec![y.to_bytes()]
+            });
+            let want = cpu(&[], |g, _| vec![g.fill(0.3, Shape(vec![n]), dtype).unwrap()]);
+            assert_eq!(got[0], want[0].bytes, "{fill} n={n}: the same rounding of 0.3 everywhere");
+        }
+
+        // In place (y == x), as the header allows.
+        let n = 1031;
+        let x = tensor(&[n], dtype, &uniform(&mut seed("inplace"), n, -4.0, 4.0));
+        let xb = upload("x", &x);
+        k.launch(&format!("unary_silu_{sfx}"), 3, 128, KernelArgs::new().buffer(&xb).buffer(&xb).u64(n as u64));
+        let want = cpu(&[&x], |g, a| vec![g.unary(UnaryOp::Silu, a[0]).unwrap()]);
+        check("unary_silu in place", dtype, &xb.to_bytes(), &want[0]);
+    }
+    k.assert_all_launched();
+}
+
+// ---- binary.cu ------------------------------------------------------------------------------------------------------
+
+/// Host mirror of `BroadcastDims` (kernels/binary.cu), passed by value: 200 bytes, no padding (Pod proves it).
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct BroadcastDims {
+    shape: [i64; 8],
+    a_strides: [i64; 8],
+    b_strides: [i64; 8],
+    rank: i32,
+    padding: i32,
+}
+const _: () = assert!(std::mem::size_of::<BroadcastDims>() == 200);
+
+/// Element strides of a row-major tensor of shape `dims`.
+fn row_major_strides(dims: &[usize]) -> Vec<i64> {
+    let mut s = vec![1i64; dims.len()];
+    for d in (0..dims.len().saturating_sub(1)).rev() {
+        s[d] = s[d + 1] * dims[d + 1] as i64;
+    }
+    s
+}
+
+/// Strides per output axis of an operand with shape `dims` and element strides `strides`, aligned to the right
+/// of `out` (NumPy broadcasting): 0 on the axes it is broadcast along.
+fn broadcast_strides(out: &[usize], dims: &[usize], strides: &[i64]) -> [i64; 8] {
+    let mut s = [0i64; 8];
+    let lead = out.len() - dims.len();
+    for d in lead..out.len() {
+        if dims[d - lead] != 1 {
+            s[d] = strides[d - lead];
+        }
+    }
+    s
+}
+
+fn broadcast_out(a: &[usize], b: &[usize]) -> Vec<usize> {
+    let rank = a.len().max(b.len());
+    let at = |s: &[usize], d: usize| if d + s.len() >= rank { s[d + s.len() - rank] } else { 1 };
+    (0..rank).map(|d| at(a, d).max(at(b, d))).collect()
+}
+
+const BINARY: [(BinaryOp, &str); 4] =
+    [(BinaryOp::Add, "add"), (BinaryOp::Sub, "sub"), (BinaryOp::Mul, "mul"), (BinaryOp::Div, "div")];
+
+#[test]
+fn binary_kernels_match_the_cpu_backend() {
+    let k = Kernels::new("binary");
+    let broadcasts: [(&[usize], &[usize]); 7] = [
+        (&[2, 3, 4, 5], &[3, 1, 5]),
+        (&[4, 1], &[3]),
+        (&[], &[2, 3]),
+        (&[], &[]),
+        (&[2, 1, 6], &[5, 1]),
+        (&[1031], &[1]),
+        (&[2, 1, 3, 1, 2, 1, 2, 3], &[1, 2, 1, 3, 1, 2, 1, 1]), // rank 8, the most BroadcastDims holds
+    ];
+    for dtype in FLOATS {
+        let sfx = suffix(dtype);
+        for (op, name) in BINARY {
+            let mut rng = seed(&format!("{name}{sfx}"));
+            // Divisors stay in [1.5, 2.5].
+            let (blo, bhi) = if op == BinaryOp::Div { (1.5, 2.5) } else { (-2.0, 2.0) };
+            let kernel = format!("binary_{name}_{sfx}");
+            for n in SIZES {
+                let a = tensor(&[n], dtype, &uniform(&mut rng, n, -2.0, 2.0));
+                let b = tensor(&[n], dtype, &uniform(&mut rng, n, blo, bhi));
+                let got = k.each_schedule(&kernel, || {
+                    let (ab, bb, y) = (upload("a", &a), upload("b", &b), output("y", n, dtype));
+                    let args = KernelArgs::new().buffer(&ab).buffer(&bb).buffer(&y).u64(n as u64);
+                    k.launch(&kernel, grid_for(n, 32, 5), 32, args);
+                    vec![y.to_bytes()]
+                });
+                let want = cpu(&[&a, &b], |g, v| vec![g.binary(op, v[0], v[1]).unwrap()]);
+                check(&format!("{kernel} n={n}"), dtype, &got[0], &want[0]);
+            }
+
+            let kernel = format!("binary_{name}_bcast_{sfx}");
+            for (sa, sb) in broadcasts {
+                let out = broadcast_out(sa, sb);
+                let n: usize = out.iter().product();
+                let a = tensor(sa, dtype, &uniform(&mut rng, sa.iter().product(), -2.0, 2.0));
+                let b = tensor(sb, dtype, &uniform(&mut rng, sb.iter().product(), blo, bhi));
+                let mut dims = BroadcastDims::zeroed();
+                for (d, &e) in out.iter().enumerate() {
+                    dims.shape[d] = e as i64;
+                }
+                dims.a_strides = broadcast_strides(&out, sa, &row_major_strides(sa));
+                dims.b_strides = broadcast_strides(&out, sb, &row_major_strides(sb));
+                dims.rank = out.len() as i32;
+                let got = k.each_schedule(&kernel, || {
+                    let (ab, bb, y) = (upload("a", &a), upload("b", &b), output("y", n, dtype));
+                    let args = KernelArgs::new().buffer(&ab).buffer(&bb).buffer(&y).u64(n as u64).value(dims);
+                    k.launch(&kernel, grid_for(n, 64, 3), 64, args);
+                    vec![y.to_bytes()]
+                });
+                let want = cpu(&[&a, &b], |g, v| vec![g.binary(op, v[0], v[1]).unwrap()]);
+                check(&format!("{kernel} {sa:?} {sb:?}"), dtype, &got[0], &want[0]);
+            }
+
+            // A strided view: `a` is stored [7, 5] and read transposed, as [5, 7].
+            let a = tensor(&[7, 5], dtype, &uniform(&mut rng, 35, -2.0, 2.0));
+            let b = tensor(&[5, 7], dtype, &uniform(&mut rng, 35, blo, bhi));
+            let mut dims = BroadcastDims::zeroed();
+            dims.shape[..2].copy_from_slice(&[5, 7]);
+            dims.a_strides[..2].copy_from_slice(&[1, 5]);
+            dims.b_strides[..2].copy_from_slice(&[7, 1]);
+            dims.rank = 2;
+            let (ab, bb, y) = (upload("a", &a), upload("b", &b), output("y", 35, dtype));
+            k.launch(&kernel, 1, 32, KernelArgs::new().buffer(&ab).buffer(&bb).buffer(&y).u64(35).value(dims));
+            let want = cpu(&[&a, &b], |g, v| {
+                let at = g.permute(v[0], &[1, 0]).unwrap();
+                vec![g.binary(op, at, v[1]).unwrap()]
+            });
+            check(&format!("{kernel} transposed view"), dtype, &y.to_bytes(), &want[0]);
+        }
+    }
+    k.assert_all_launched();
+}
+
+// ---- cast.cu --------------------------------------------------------------------------------------------------------
+
+/// f32 bit patterns at every boundary of the narrowing conversions, plus random ones.
+fn f32_probe_bits() -> Vec<u32> {
+    let mut bits = vec![
+        0x0000_0000, 0x8000_0000, 0x0000_0001, 0x007f_ffff, 0x0080_0000, // zeros, f32 subnormals, smallest normal
+        0x7f80_0000, 0xff80_0000, 0x7fc0_0000, 0xffc0_0001, 0x7f80_0001, 0x7fbf_ffff, // inf and NaNs (incl. signalling)
+        0x7f7f_ffff, 0x7f7f_8000, 0x7f7f_7fff, // bf16 overflow: max f32, the tie to inf, just below
+        0x3f80_8000, 0x3f81_8000, 0x3f80_7fff, 0x3f80_8001, // bf16 ties to even both ways
+        0x477f_e000, 0x477f_efff, 0x477f_f000, 0x4780_0000, // f16: 65504, just below/at the round-to-inf point, 65536
+        0x3880_0000, 0x387f_ffff, 0x387f_f000, 0x387f_efff, // f16 smallest normal and the subnormal edge
+        0x3300_0000, 0x3300_0001, 0x32ff_ffff, 0x3380_0000, 0x33c0_0000, // f16 half of smallest subnormal and around
+        0x3f80_1000, 0x3f80_3000, 0x3f80_0fff, // f16 ties to even
+    ];
+    let negatives: Vec<u32> = bits.iter().map(|b| b ^ 0x8000_0000).collect();
+    bits.extend(negatives);
+    let mut rng = seed("cast");
+    bits.extend((0..20_000).map(|_| rng.next_u64() as u32));
+    bits.extend((0..20_000).map(|_| 0x3000_0000 + (rng.next_u64() % 0x1800_0000) as u32)); // around f16's range
+    bits
+}
+
+fn same_bits_or_both_nan(what: &str, to: DType, got: &[u8], want: &[u8]) {
+    let (g, w) = (values(got, to), values(want, to));
+    for i in 0..g.len() {
+        let s = to.size();
+        let same = got[i * s..(i + 1) * s] == want[i * s..(i + 1) * s] || (g[i].is_nan() && w[i].is_nan());
+        assert!(same, "{what}: element {i}: {} vs {}", g[i], w[i]);
+    }
+}
+
+#[test]
+fn cast_kernels_match_the_cpu_backend_bit_for_bit() {
+    let k = Kernels::new("cast");
+    let every_half: Vec<u8> = (0..=u16::MAX).flat_map(|b| b.to_le_bytes()).collect();
+    let probes: Vec<u8> = f32_probe_bits().into_iter().flat_map(|b| b.to_le_bytes()).collect();
+    for (from, to) in [
+        (DType::F32, DType::BF16),
+        (DType::F32, DType::F16),
+        (DType::BF16, DType::F32),
+        (DType::F16, DType::F32),
+        (DType::BF16, DType::F16),
+        (DType::F16, DType::BF16),
+    ] {
+        let bytes = if from == DType::F32 { probes.clone() } else { every_half.clone() };
+        let n = bytes.len() / from.size();
+        let x = HostTensor { shape: Shape(vec![n]), dtype: from, bytes };
+        let kernel = format!("cast_{}_{}", suffix(from), suffix(to));
+        let got = k.each_schedule(&kernel, || {
+            let (xb, y) = (upload("x", &x), output("y", n, to));
+            k.launch(&kernel, 7, 256, KernelArgs::new().buffer(&xb).buffer(&y).u64(n as u64));
+            vec![y.to_bytes()]
+        });
+        let want = cpu(&[&x], |g, a| vec![g.cast(a[0], to).unwrap()]);
+        same_bits_or_both_nan(&kernel, to, &got[0], &want[0].bytes);
+    }
+    k.assert_all_launched();
+}
+
+// ---- reduce.cu ------------------------------------------------------------------------------------------------------
+
+#[test]
+fn reduce_kernels_match_the_cpu_backend() {
+    let k = Kernels::new("reduce");
+    for dtype in FLOATS {
+        let sfx = suffix(dtype);
+        // (rows, cols, block, grid): rows that outnumber the grid, columns around a warp and a block.
+        let kernel = format!("sum_rows_{sfx}");
+        for (rows, cols, block, grid) in [(1, 1, 32, 1), (3, 31, 64, 2), (5, 33, 32, 5), (2, 1031, 128, 1), (33, 7, 96, 4)]
+        {
+            let x = tensor(&[rows, cols], dtype, &uniform(&mut seed(&kernel), rows * cols, -1.0, 1.0));
+            let got = k.each_schedule(&kernel, || {
+                let (xb, y) = (upload("x", &x), output("y", rows, dtype));
+                k.launch(&kernel, grid, block, KernelArgs::new().buffer(&xb).buffer(&y).u64(rows as u64).u64(cols as u64));
+                vec![y.to_bytes()]
+            });
+            let want = cpu(&[&x], |g, a| vec![g.sum(a[0], &[1], false).unwrap()]);
+            check(&format!("{kernel} {rows}x{cols}"), dtype, &got[0], &want[0]);
+        }
+        // (outer, reduced, inner, block rows k, grid).
+        let kernel = format!("sum_axis_{sfx}");
+        for (outer, reduced, inner, rows_k, grid) in
+            [(1, 1, 2, 1, 1), (2, 5, 33, 4, 3), (3, 17, 70, 32, 2), (1, 1031, 3, 8, 1), (4, 1, 40, 3, 16), (2, 64, 31, 7, 5)]
+        {
+            let n = outer * reduced * inner;
+            let x = tensor(&[outer, reduced, inner], dtype, &uniform(&mut seed(&kernel), n, -1.0, 1.0));
+            let got = k.each_schedule(&kernel, || {
+                let (xb, y) = (upload("x", &x), output("y", outer * inner, dtype));
+                let args =
+                    KernelArgs::new().buffer(&xb).buffer(&y).u64(outer as u64).u64(reduced as u64).u64(inner as u64);
+                k.launch(&kernel, grid, (32, rows_k), args);
+                vec![y.to_bytes()]
+            });
+            let want = cpu(&[&x], |g, a| vec![g.sum(a[0], &[1], false).unwrap()]);
+            check(&format!("{kernel} {outer}x{reduced}x{inner}"), dtype, &got[0], &want[0]);
+        }
+    }
+    k.assert_all_launched();
+}
