@@ -122,9 +122,18 @@ fn seed(what: &str) -> Rng {
     Rng::new(what.bytes().fold(0x1234_5678u64, |h, b| h.wrapping_mul(131).wrapping_add(b as u64)))
 }
 
-/// Builds a graph with one input per tensor in `ins`, applies `op` (which returns the values to read), runs it on
-/// the CPU backend and returns those values.
+/// The reference: the CPU backend running `op` in f64 on the very values the kernel read (the inputs rounded to
+/// the kernel's storage type). f64 makes the reference exact to far below any tolerance used here, so what is
+/// measured is the kernel's own error: its f32 arithmetic and the rounding of its output.
 fn cpu(ins: &[&HostTensor], op: impl FnOnce(&mut Graph, &[ValueId]) -> Vec<ValueId>) -> Vec<HostTensor> {
+    let wide: Vec<HostTensor> =
+        ins.iter().map(|t| HostTensor::from_f64(t.shape.clone(), DType::F64, &t.to_f64()).expect("f64 copy")).collect();
+    cpu_native(&wide.iter().collect::<Vec<_>>(), op)
+}
+
+/// Builds a graph with one input per tensor in `ins` (of their own dtypes), applies `op` (which returns the values
+/// to read), runs it on the CPU backend and returns those values.
+fn cpu_native(ins: &[&HostTensor], op: impl FnOnce(&mut Graph, &[ValueId]) -> Vec<ValueId>) -> Vec<HostTensor> {
     let mut g = Graph::new();
     let ids: Vec<ValueId> =
         ins.iter().enumerate().map(|(i, t)| g.input(&format!("in{i}"), t.shape.clone(), t.dtype)).collect();
@@ -149,13 +158,13 @@ fn tolerance(dtype: DType) -> f64 {
     }
 }
 
-/// |got - want| <= tol * max(|want|, 10% of max |want|) elementwise (the floor keeps values that cancel to
-/// nearly zero from demanding more than the arithmetic can give), plus f16's subnormal spacing. NaN and inf
-/// must match exactly.
-fn assert_close(what: &str, dtype: DType, got: &[f64], want: &[f64]) {
+/// |got - want| <= tol * max(|want|, floor) elementwise, plus f16's subnormal spacing, where the floor is 10% of
+/// max |want| or `scale`, the size of the terms the result was computed from when they cancel (values that cancel
+/// to nearly zero cannot be more accurate than the terms). NaN and inf must match exactly.
+fn assert_close(what: &str, dtype: DType, got: &[f64], want: &[f64], scale: f64) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     let tol = tolerance(dtype);
-    let floor = 0.1 * want.iter().filter(|w| w.is_finite()).fold(0.0f64, |m, w| m.max(w.abs()));
+    let floor = (0.1 * want.iter().filter(|w| w.is_finite()).fold(0.0f64, |m, w| m.max(w.abs()))).max(scale);
     let tiny = if dtype == DType::F16 { 6e-8 } else { 1e-30 };
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         if !w.is_finite() || !g.is_finite() {
@@ -168,8 +177,22 @@ fn assert_close(what: &str, dtype: DType, got: &[f64], want: &[f64]) {
 }
 
 fn check(what: &str, dtype: DType, got: &[u8], want: &HostTensor) {
-    assert_eq!(want.dtype, dtype, "{what}: reference dtype");
-    assert_close(what, dtype, &values(got, dtype), &want.to_f64());
+    check_scaled(what, dtype, got, want, 0.0);
+}
+
+fn check_scaled(what: &str, dtype: DType, got: &[u8], want: &HostTensor, scale: f64) {
+    assert_close(what, dtype, &values(got, dtype), &want.to_f64(), scale);
+}
+
+fn max_abs(t: &HostTensor) -> f64 {
+    t.to_f64().iter().fold(0.0f64, |m, v| m.max(v.abs()))
+}
+
+/// The size of the terms of a normalisation's input gradient, rstd * (|dy * gamma| + mean |dy * gamma|):
+/// dx is their difference, and nearly cancels when a group or row has few elements.
+fn norm_grad_scale(x: &HostTensor, dy: &HostTensor, gamma: &HostTensor, count: usize, eps: f64) -> f64 {
+    let max_rstd = moments(&x.to_f64(), count, eps).1.into_iter().fold(0.0f64, f64::max);
+    2.0 * max_rstd * max_abs(dy) * max_abs(gamma)
 }
 
 /// A grid that covers `n` elements with `block` threads each, but at most `cap` blocks, so grid-stride loops
@@ -522,7 +545,7 @@ fn unary_kernels_match_the_cpu_backend() {
                 k.launch(&fill, grid, block, KernelArgs::new().buffer(&y).u64(n as u64).f32(0.3));
                 vec![y.to_bytes()]
             });
-            let want = cpu(&[], |g, _| vec![g.fill(0.3, Shape(vec![n]), dtype).unwrap()]);
+            let want = cpu_native(&[], |g, _| vec![g.fill(0.3, Shape(vec![n]), dtype).unwrap()]);
             assert_eq!(got[0], want[0].bytes, "{fill} n={n}: the same rounding of 0.3 everywhere");
         }
 
@@ -710,7 +733,7 @@ fn cast_kernels_match_the_cpu_backend_bit_for_bit() {
             k.launch(&kernel, 7, 256, KernelArgs::new().buffer(&xb).buffer(&y).u64(n as u64));
             vec![y.to_bytes()]
         });
-        let want = cpu(&[&x], |g, a| vec![g.cast(a[0], to).unwrap()]);
+        let want = cpu_native(&[&x], |g, a| vec![g.cast(a[0], to).unwrap()]);
         same_bits_or_both_nan(&kernel, to, &got[0], &want[0].bytes);
     }
     k.assert_all_launched();
@@ -755,4 +778,167 @@ fn reduce_kernels_match_the_cpu_backend() {
         }
     }
     k.assert_all_launched();
+}
+
+// ---- norm.cu --------------------------------------------------------------------------------------------------------
+
+/// Mean and 1/sqrt(var + eps) of each consecutive `count` values, in f64.
+fn moments(x: &[f64], count: usize, eps: f64) -> (Vec<f64>, Vec<f64>) {
+    x.chunks(count)
+        .map(|c| {
+            let mean = c.iter().sum::<f64>() / count as f64;
+            let var = c.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / count as f64;
+            (mean, 1.0 / (var + eps).sqrt())
+        })
+        .unzip()
+}
+
+/// f32 statistics from a kernel against f64 ones: the mean to 1e-5 of the data's scale (it may be near zero),
+/// rstd to 1e-5 relative.
+fn check_stats(what: &str, mean: &[f32], rstd: &[f32], x: &[f64], count: usize, eps: f64) {
+    let (want_mean, want_rstd) = moments(x, count, eps);
+    let scale = x.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    for i in 0..want_mean.len() {
+        assert!((mean[i] as f64 - want_mean[i]).abs() <= 1e-5 * scale, "{what}: mean {i}: {} vs {}", mean[i], want_mean[i]);
+        assert!((rstd[i] as f64 / want_rstd[i] - 1.0).abs() <= 1e-5, "{what}: rstd {i}: {} vs {}", rstd[i], want_rstd[i]);
+    }
+}
+
+#[test]
+fn norm_kernels_match_the_cpu_backend() {
+    let k = Kernels::new("norm");
+    groupnorm_cases(&k);
+    layernorm_cases(&k);
+    k.assert_all_launched();
+}
+
+fn groupnorm_cases(k: &Kernels) {
+    let eps = 1e-5f32 as f64; // the value the kernel receives as f32
+    // (x shape [N, C, spatial...], groups, block, grid): one element per group, odd spatial sizes, one channel
+    // per group, a group of 2062 elements, grids smaller than N * G.
+    let cases: [(&[usize], usize, u32, u32); 5] = [
+        (&[1, 4, 1], 2, 32, 1),
+        (&[2, 6, 7], 3, 64, 4),
+        (&[2, 4, 5, 5], 4, 96, 3),
+        (&[3, 8, 33], 2, 128, 6),
+        (&[1, 2, 1031], 1, 256, 1),
+    ];
+    for dtype in FLOATS {
+        let sfx = suffix(dtype);
+        for (shape, groups, block, grid) in cases {
+            let (n, c) = (shape[0], shape[1]);
+            let s: usize = shape[2..].iter().product();
+            let what = format!("{shape:?} G={groups} {sfx}");
+            let mut rng = seed(&what);
+            // An offset larger than the spread, where one-pass variance would lose precision.
+            let x = tensor(shape, dtype, &uniform(&mut rng, n * c * s, 2.0, 4.0));
+            let gamma = tensor(&[c], dtype, &uniform(&mut rng, c, 0.5, 1.5));
+            let beta = tensor(&[c], dtype, &uniform(&mut rng, c, -0.5, 0.5));
+            let dy = tensor(shape, dtype, &uniform(&mut rng, n * c * s, -1.0, 1.0));
+            let dims = |args: KernelArgs| {
+                args.u64(n as u64).u64(c as u64).u64(s as u64).u64(groups as u64).f32(eps as f32)
+            };
+
+            let fwd = format!("groupnorm_{sfx}");
+            let got = k.each_schedule(&fwd, || {
+                let (xb, gb, bb) = (upload("x", &x), upload("gamma", &gamma), upload("beta", &beta));
+                let y = output("y", n * c * s, dtype);
+                let (mean, rstd) = (output("mean", n * groups, DType::F32), output("rstd", n * groups, DType::F32));
+                let args = KernelArgs::new().buffer(&xb).buffer(&gb).buffer(&bb).buffer(&y).buffer(&mean).buffer(&rstd);
+                k.launch(&fwd, grid, block, dims(args));
+                vec![y.to_bytes(), mean.to_bytes(), rstd.to_bytes()]
+            });
+            let want = cpu(&[&x, &gamma, &beta], |g, a| vec![g.group_norm(a[0], a[1], a[2], groups, eps).unwrap()]);
+            check(&format!("{fwd} {what}"), dtype, &got[0], &want[0]);
+            let stats = |b: &[u8]| bytemuck::pod_read_unaligned::<f32>(&b[..4]);
+            let (mean, rstd): (Vec<f32>, Vec<f32>) = got[1]
+                .chunks(4)
+                .zip(got[2].chunks(4))
+                .map(|(m, r)| (stats(m), stats(r)))
+                .unzip();
+            check_stats(&format!("{fwd} {what}"), &mean, &rstd, &x.to_f64(), c / groups * s, eps);
+            // Without the optional statistics (null pointers) the output is the same.
+            let (xb, gb, bb, y) = (upload("x", &x), upload("gamma", &gamma), upload("beta", &beta), output("y", n * c * s, dtype));
+            k.launch(&fwd, grid, block, dims(KernelArgs::new().buffer(&xb).buffer(&gb).buffer(&bb).buffer(&y).null().null()));
+            assert_eq!(y.to_bytes(), got[0], "{fwd} {what}: null mean/rstd changed y");
+
+            let bwd = format!("groupnorm_bwd_{sfx}");
+            let finish = format!("norm_params_finish_{sfx}");
+            let got = k.each_schedule(&bwd, || {
+                let (xb, gb, dyb) = (upload("x", &x), upload("gamma", &gamma), upload("dy", &dy));
+                let dx = output("dx", n * c * s, dtype);
+                let (dg_part, db_part) = (output("dgamma_part", n * c, DType::F32), output("dbeta_part", n * c, DType::F32));
+                let args = KernelArgs::new().buffer(&xb).buffer(&gb).buffer(&dyb).buffer(&dx).buffer(&dg_part).buffer(&db_part);
+                k.launch(&bwd, grid, block, dims(args));
+                let (dg, db) = (output("dgamma", c, dtype), output("dbeta", c, dtype));
+                let args = KernelArgs::new().buffer(&dg_part).buffer(&db_part).buffer(&dg).buffer(&db).u64(n as u64).u64(c as u64);
+                k.launch(&finish, 2, 4, args);
+                vec![dx.to_bytes(), dg.to_bytes(), db.to_bytes()]
+            });
+            let want = cpu(&[&x, &gamma, &dy], |g, a| {
+                g.add_node(Op::GroupNormBackward { groups, eps: F64Bits::new(eps) }, &[a[0], a[1], a[2]]).unwrap()
+            });
+            let dx_scale = norm_grad_scale(&x, &dy, &gamma, c / groups * s, eps);
+            check_scaled(&format!("{bwd} {what} dx"), dtype, &got[0], &want[0], dx_scale);
+            check(&format!("{bwd} {what} dgamma"), dtype, &got[1], &want[1]);
+            check(&format!("{bwd} {what} dbeta"), dtype, &got[2], &want[2]);
+        }
+    }
+}
+
+fn layernorm_cases(k: &Kernels) {
+    let eps = 1e-5f32 as f64; // the value the kernel receives as f32
+    // (rows, D, warps per block, grid, rows per parameter-gradient part).
+    let cases = [(1, 1, 1, 1, 1), (5, 31, 4, 1, 2), (33, 33, 3, 4, 4), (3, 1031, 2, 1, 1), (7, 64, 8, 2, 3)];
+    for dtype in FLOATS {
+        let sfx = suffix(dtype);
+        for (rows, d, warps, grid, rows_per_part) in cases {
+            let what = format!("{rows}x{d} {sfx}");
+            let mut rng = seed(&what);
+            let x = tensor(&[rows, d], dtype, &uniform(&mut rng, rows * d, -3.0, 5.0));
+            let gamma = tensor(&[d], dtype, &uniform(&mut rng, d, 0.5, 1.5));
+            let beta = tensor(&[d], dtype, &uniform(&mut rng, d, -0.5, 0.5));
+            let dy = tensor(&[rows, d], dtype, &uniform(&mut rng, rows * d, -1.0, 1.0));
+
+            let fwd = format!("layernorm_{sfx}");
+            let got = k.each_schedule(&fwd, || {
+                let (xb, gb, bb) = (upload("x", &x), upload("gamma", &gamma), upload("beta", &beta));
+                let (y, mean, rstd) = (output("y", rows * d, dtype), output("mean", rows, DType::F32), output("rstd", rows, DType::F32));
+                let args = KernelArgs::new().buffer(&xb).buffer(&gb).buffer(&bb).buffer(&y).buffer(&mean).buffer(&rstd);
+                k.launch(&fwd, grid, (32, warps), args.u64(rows as u64).u64(d as u64).f32(eps as f32));
+                vec![y.to_bytes(), mean.to_bytes(), rstd.to_bytes()]
+            });
+            let want = cpu(&[&x, &gamma, &beta], |g, a| vec![g.layer_norm(a[0], a[1], a[2], eps).unwrap()]);
+            check(&format!("{fwd} {what}"), dtype, &got[0], &want[0]);
+            let f32s = |b: &[u8]| values(b, DType::F32).into_iter().map(|v| v as f32).collect::<Vec<f32>>();
+            check_stats(&format!("{fwd} {what}"), &f32s(&got[1]), &f32s(&got[2]), &x.to_f64(), d, eps);
+
+            let bwd = format!("layernorm_bwd_{sfx}");
+            let params = format!("layernorm_bwd_params_{sfx}");
+            let finish = format!("norm_params_finish_{sfx}");
+            let parts = rows.div_ceil(rows_per_part);
+            let got = k.each_schedule(&bwd, || {
+                let (xb, gb, dyb) = (upload("x", &x), upload("gamma", &gamma), upload("dy", &dy));
+                let (dx, stats) = (output("dx", rows * d, dtype), output("stats", rows * 2, DType::F32));
+                let args = KernelArgs::new().buffer(&xb).buffer(&gb).buffer(&dyb).buffer(&dx).buffer(&stats);
+                k.launch(&bwd, grid, (32, warps), args.u64(rows as u64).u64(d as u64).f32(eps as f32));
+                let (dg_part, db_part) = (output("dgamma_part", parts * d, DType::F32), output("dbeta_part", parts * d, DType::F32));
+                let args = KernelArgs::new().buffer(&xb).buffer(&dyb).buffer(&stats).buffer(&dg_part).buffer(&db_part);
+                k.launch(&params, grid + 1, (32, warps), args.u64(rows as u64).u64(d as u64).u64(rows_per_part as u64));
+                let (dg, db) = (output("dgamma", d, dtype), output("dbeta", d, dtype));
+                let args = KernelArgs::new().buffer(&dg_part).buffer(&db_part).buffer(&dg).buffer(&db);
+                k.launch(&finish, grid_for(d, 32, 3), 32, args.u64(parts as u64).u64(d as u64));
+                vec![dx.to_bytes(), dg.to_bytes(), db.to_bytes(), stats.to_bytes()]
+            });
+            let want = cpu(&[&x, &gamma, &dy], |g, a| {
+                g.add_node(Op::LayerNormBackward { eps: F64Bits::new(eps) }, &[a[0], a[1], a[2]]).unwrap()
+            });
+            check_scaled(&format!("{bwd} {what} dx"), dtype, &got[0], &want[0], norm_grad_scale(&x, &dy, &gamma, d, eps));
+            check(&format!("{bwd} {what} dgamma"), dtype, &got[1], &want[1]);
+            check(&format!("{bwd} {what} dbeta"), dtype, &got[2], &want[2]);
+            let stats = f32s(&got[3]);
+            let (mean, rstd): (Vec<f32>, Vec<f32>) = stats.chunks(2).map(|p| (p[0], p[1])).unzip();
+            check_stats(&format!("{bwd} {what} stats"), &mean, &rstd, &x.to_f64(), d, eps);
+        }
+    }
 }
