@@ -942,3 +942,254 @@ fn layernorm_cases(k: &Kernels) {
         }
     }
 }
+
+// ---- softmax.cu -----------------------------------------------------------------------------------------------------
+
+#[test]
+fn softmax_kernels_match_the_cpu_backend() {
+    let k = Kernels::new("softmax");
+    // (rows, D, warps per block, grid): rows of 1 and 5 elements, one longer than a block, more rows than warps.
+    let cases = [(1, 1, 1, 1), (3, 5, 2, 1), (2, 1025, 4, 1), (33, 31, 3, 4), (4, 64, 1, 2)];
+    for dtype in FLOATS {
+        let sfx = suffix(dtype);
+        for (rows, d, warps, grid) in cases {
+            let what = format!("{rows}x{d} {sfx}");
+            let mut rng = seed(&what);
+            let mut xs = uniform(&mut rng, rows * d, -8.0, 8.0);
+            if d > 2 {
+                xs[1] = f64::NEG_INFINITY; // a masked entry: weight 0, the rest of the row unaffected
+            }
+            let x = tensor(&[rows, d], dtype, &xs);
+            let dy = tensor(&[rows, d], dtype, &uniform(&mut rng, rows * d, -1.0, 1.0));
+
+            let fwd = format!("softmax_{sfx}");
+            let got = k.each_schedule(&fwd, || {
+                let (xb, y) = (upload("x", &x), output("y", rows * d, dtype));
+                k.launch(&fwd, grid, (32, warps), KernelArgs::new().buffer(&xb).buffer(&y).u64(rows as u64).u64(d as u64));
+                vec![y.to_bytes()]
+            });
+            let want = cpu(&[&x], |g, a| vec![g.softmax(a[0]).unwrap()]);
+            check(&format!("{fwd} {what}"), dtype, &got[0], &want[0]);
+            // In place (y == x), as the header allows.
+            let xb = upload("x", &x);
+            k.launch(&fwd, grid, (32, warps), KernelArgs::new().buffer(&xb).buffer(&xb).u64(rows as u64).u64(d as u64));
+            assert_eq!(xb.to_bytes(), got[0], "{fwd} {what}: in place differs");
+
+            // The backward reads y, the forward's output in the storage type.
+            let y = tensor(&[rows, d], dtype, &want[0].to_f64());
+            let bwd = format!("softmax_bwd_{sfx}");
+            let got = k.each_schedule(&bwd, || {
+                let (yb, dyb, dx) = (upload("y", &y), upload("dy", &dy), output("dx", rows * d, dtype));
+                let args = KernelArgs::new().buffer(&yb).buffer(&dyb).buffer(&dx).u64(rows as u64).u64(d as u64);
+                k.launch(&bwd, grid, (32, warps), args);
+                vec![dx.to_bytes()]
+            });
+            let want = cpu(&[&y, &dy], |g, a| g.add_node(Op::SoftmaxBackward, &[a[0], a[1]]).unwrap());
+            // dx = y * (dy - dot) cancels where dy is close to dot; its terms are of size |dy|.
+            check_scaled(&format!("{bwd} {what}"), dtype, &got[0], &want[0], 2.0 * max_abs(&y) * max_abs(&dy));
+        }
+    }
+    k.assert_all_launched();
+}
+
+// ---- loss.cu --------------------------------------------------------------------------------------------------------
+
+#[test]
+fn mse_kernels_match_the_cpu_backend() {
+    let k = Kernels::new("loss");
+    for dtype in FLOATS {
+        let sfx = suffix(dtype);
+        for n in [1, 33, 1031, 4099] {
+            let what = format!("n={n} {sfx}");
+            let mut rng = seed(&what);
+            let a = tensor(&[n], dtype, &uniform(&mut rng, n, -2.0, 2.0));
+            let b = tensor(&[n], dtype, &uniform(&mut rng, n, -2.0, 2.0));
+            let dloss = tensor(&[], dtype, &[0.75]);
+            let parts = grid_for(n, 64, 5);
+
+            let (partial, finish) = (format!("mse_partial_{sfx}"), format!("mse_finish_{sfx}"));
+            let got = k.each_schedule(&partial, || {
+                let (ab, bb, part) = (upload("a", &a), upload("b", &b), output("partial", parts as usize, DType::F32));
+                k.launch(&partial, parts, 64, KernelArgs::new().buffer(&ab).buffer(&bb).buffer(&part).u64(n as u64));
+                // Two blocks: the second must leave the loss alone (the kernel's guard against careless launches).
+                let loss = output("loss", 1, dtype);
+                let args = KernelArgs::new().buffer(&part).u64(parts as u64).buffer(&loss).u64(n as u64);
+                k.launch(&finish, 2, 32, args);
+                vec![loss.to_bytes()]
+            });
+            let want = cpu(&[&a, &b], |g, v| vec![g.mse_loss(v[0], v[1]).unwrap()]);
+            check(&format!("{partial} + {finish} {what}"), dtype, &got[0], &want[0]);
+
+            let bwd = format!("mse_bwd_{sfx}");
+            let got = k.each_schedule(&bwd, || {
+                let (ab, bb, db, da) = (upload("a", &a), upload("b", &b), upload("dloss", &dloss), output("da", n, dtype));
+                let args = KernelArgs::new().buffer(&ab).buffer(&bb).buffer(&db).buffer(&da).u64(n as u64);
+                k.launch(&bwd, grid_for(n, 32, 3), 32, args);
+                vec![da.to_bytes()]
+            });
+            let want = cpu(&[&a, &b, &dloss], |g, v| g.add_node(Op::MseLossBackward, &[v[0], v[1], v[2]]).unwrap());
+            check(&format!("{bwd} {what}"), dtype, &got[0], &want[0]);
+        }
+    }
+    k.assert_all_launched();
+}
+
+// ---- adamw.cu -------------------------------------------------------------------------------------------------------
+
+/// Host mirror of `AdamWTensor` (kernels/adamw.cu): four device pointers and the element count, 40 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct AdamWTensor {
+    param: u64,
+    grad: u64,
+    m: u64,
+    v: u64,
+    numel: u64,
+}
+const _: () = assert!(std::mem::size_of::<AdamWTensor>() == 40);
+
+/// Host mirror of `AdamWChunk`: which tensor, and which chunk of it; 8 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct AdamWChunk {
+    tensor: u32,
+    chunk: u32,
+}
+const _: () = assert!(std::mem::size_of::<AdamWChunk>() == 8);
+
+#[test]
+fn adamw_kernels_match_the_cpu_backend() {
+    let k = Kernels::new("adamw");
+    // f32 values of the hyper-parameters, so both sides use the same numbers.
+    let (beta1, beta2, eps, wd) = (0.9f32, 0.999f32, 1e-8f32, 0.01f32);
+    let lr = 1e-2f32;
+    let sizes = [1usize, 33, 1031, 64];
+    let chunk_size = 64usize;
+    for dtype in FLOATS {
+        let sfx = suffix(dtype);
+        let kernel = format!("adamw_grad_{sfx}");
+        let mut rng = seed(&kernel);
+        let params: Vec<HostTensor> = sizes.iter().map(|&n| tensor(&[n], DType::F32, &uniform(&mut rng, n, -1.0, 1.0))).collect();
+        // Two steps, each with its own gradients (stored as the gradient type).
+        let grads: Vec<Vec<HostTensor>> =
+            (0..2).map(|_| sizes.iter().map(|&n| tensor(&[n], dtype, &uniform(&mut rng, n, -0.5, 0.5))).collect()).collect();
+        let hyper = |t: i32| [lr, 1.0 / (1.0 - beta1.powi(t)), 1.0 / (1.0 - beta2.powi(t))];
+
+        let got = k.each_schedule(&kernel, || {
+            let p: Vec<DeviceBuffer> = params.iter().map(|t| upload("param", t)).collect();
+            let m: Vec<DeviceBuffer> = sizes.iter().map(|&n| DeviceBuffer::zeroed("m", n * 4)).collect();
+            let v: Vec<DeviceBuffer> = sizes.iter().map(|&n| DeviceBuffer::zeroed("v", n * 4)).collect();
+            for (step, step_grads) in grads.iter().enumerate() {
+                let g: Vec<DeviceBuffer> = step_grads.iter().map(|t| upload("grad", t)).collect();
+                let tensors: Vec<AdamWTensor> = (0..sizes.len())
+                    .map(|i| AdamWTensor {
+                        param: p[i].device_ptr(),
+                        grad: g[i].device_ptr(),
+                        m: m[i].device_ptr(),
+                        v: v[i].device_ptr(),
+                        numel: sizes[i] as u64,
+                    })
+                    .collect();
+                let chunks: Vec<AdamWChunk> = sizes
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(i, &n)| (0..n.div_ceil(chunk_size)).map(move |c| AdamWChunk { tensor: i as u32, chunk: c as u32 }))
+                    .collect();
+                let (tb, cb) = (DeviceBuffer::from_slice("tensors", &tensors), DeviceBuffer::from_slice("chunks", &chunks));
+                let hb = DeviceBuffer::from_slice("hyper", &hyper(step as i32 + 1));
+                let args = KernelArgs::new()
+                    .buffer(&tb)
+                    .buffer(&cb)
+                    .u64(chunks.len() as u64)
+                    .u64(chunk_size as u64)
+                    .buffer(&hb)
+                    .f32(beta1)
+                    .f32(beta2)
+                    .f32(eps)
+                    .f32(wd);
+                // Fewer blocks than chunks, and blocks both smaller and larger than a chunk.
+                let block = if step == 0 { 32 } else { 128 };
+                k.launch(&kernel, 5, block, args);
+            }
+            p.iter().chain(&m).chain(&v).map(DeviceBuffer::to_bytes).collect()
+        });
+
+        // The reference: one graph updating every tensor, run for the same two steps.
+        let mut g = Graph::new();
+        let op = Op::AdamW {
+            beta1: F64Bits::new(beta1 as f64),
+            beta2: F64Bits::new(beta2 as f64),
+            eps: F64Bits::new(eps as f64),
+            weight_decay: F64Bits::new(wd as f64),
+        };
+        let hyper_id = g.input("hyper", Shape(vec![3]), DType::F64);
+        let mut ids = Vec::new();
+        for (i, &n) in sizes.iter().enumerate() {
+            let p = g.param(&format!("p{i}"), Shape(vec![n]), DType::F64, true);
+            let gr = g.input(&format!("g{i}"), Shape(vec![n]), DType::F64);
+            let m = g.state(&format!("m{i}"), Shape(vec![n]), DType::F64);
+            let v = g.state(&format!("v{i}"), Shape(vec![n]), DType::F64);
+            g.add_node(op.clone(), &[p, gr, m, v, hyper_id]).unwrap();
+            ids.push((p, gr, m, v));
+        }
+        let wide = |t: &HostTensor| HostTensor::from_f64(t.shape.clone(), DType::F64, &t.to_f64()).unwrap();
+        let mut prog = CpuBackend::new(1).compile(g).expect("compile the reference graph");
+        for (i, &(p, _, m, v)) in ids.iter().enumerate() {
+            prog.upload(p, &wide(&params[i])).unwrap();
+            prog.upload(m, &HostTensor::zeros(Shape(vec![sizes[i]]), DType::F64)).unwrap();
+            prog.upload(v, &HostTensor::zeros(Shape(vec![sizes[i]]), DType::F64)).unwrap();
+        }
+        for (step, step_grads) in grads.iter().enumerate() {
+            let h: Vec<f64> = hyper(step as i32 + 1).iter().map(|&x| x as f64).collect();
+            prog.upload(hyper_id, &HostTensor::from_f64(Shape(vec![3]), DType::F64, &h).unwrap()).unwrap();
+            for (i, &(_, gr, _, _)) in ids.iter().enumerate() {
+                prog.upload(gr, &wide(&step_grads[i])).unwrap();
+            }
+            prog.launch().expect("run the reference graph");
+        }
+        for (i, &(p, _, m, v)) in ids.iter().enumerate() {
+            let n = sizes.len();
+            for (j, (id, name)) in [(p, "param"), (m, "m"), (v, "v")].into_iter().enumerate() {
+                let want = prog.download(id).unwrap();
+                check(&format!("{kernel} tensor {i} {name}"), DType::F32, &got[j * n + i], &want);
+            }
+        }
+    }
+    k.assert_all_launched();
+}
+
+// ---- upsample.cu ----------------------------------------------------------------------------------------------------
+
+#[test]
+fn upsample_kernels_match_the_cpu_backend() {
+    let k = Kernels::new("upsample");
+    for dtype in FLOATS {
+        let sfx = suffix(dtype);
+        for (planes, h, w) in [(1, 1, 1), (3, 5, 7), (2, 33, 3), (1, 17, 31)] {
+            let what = format!("{planes}x{h}x{w} {sfx}");
+            let mut rng = seed(&what);
+            let x = tensor(&[planes, h, w], dtype, &uniform(&mut rng, planes * h * w, -2.0, 2.0));
+            let dy = tensor(&[planes, 2 * h, 2 * w], dtype, &uniform(&mut rng, planes * 4 * h * w, -2.0, 2.0));
+            let dims = |args: KernelArgs| args.u64(planes as u64).u64(h as u64).u64(w as u64);
+
+            let fwd = format!("upsample2x_{sfx}");
+            let got = k.each_schedule(&fwd, || {
+                let (xb, y) = (upload("x", &x), output("y", planes * 4 * h * w, dtype));
+                k.launch(&fwd, grid_for(4 * planes * h * w, 64, 3), 64, dims(KernelArgs::new().buffer(&xb).buffer(&y)));
+                vec![y.to_bytes()]
+            });
+            let want = cpu_native(&[&x], |g, a| vec![g.upsample2x(a[0]).unwrap()]);
+            assert_eq!(got[0], want[0].bytes, "{fwd} {what}: a copy must be exact");
+
+            let bwd = format!("upsample2x_bwd_{sfx}");
+            let got = k.each_schedule(&bwd, || {
+                let (dyb, dx) = (upload("dy", &dy), output("dx", planes * h * w, dtype));
+                k.launch(&bwd, grid_for(planes * h * w, 32, 2), 32, dims(KernelArgs::new().buffer(&dyb).buffer(&dx)));
+                vec![dx.to_bytes()]
+            });
+            let want = cpu(&[&dy], |g, a| g.add_node(Op::Upsample2xBackward, &[a[0]]).unwrap());
+            check(&format!("{bwd} {what}"), dtype, &got[0], &want[0]);
+        }
+    }
+    k.assert_all_launched();
+}
