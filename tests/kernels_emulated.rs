@@ -3,8 +3,9 @@
 //! Every kernel of every `kernels/*.cu`, for f32, bf16 and f16, runs under the host emulation of the CUDA
 //! execution model (`zeroconv::kernels::emulate`) on random inputs of awkward sizes (1, 31, 33, 1031, odd
 //! spatial sizes, rows that are not multiples of 32, grids too small to cover the data) and its output is compared
-//! with the CPU backend running the same op as a one-node graph. Each case runs under three thread schedules
-//! (ascending, descending, shuffled): the kernels promise deterministic results, so the outputs must agree bit
+//! with the CPU backend running the same op as a one-node graph. Each case runs under four thread schedules
+//! (warp by warp ascending and descending, lockstep, shuffled lockstep): the kernels promise deterministic
+//! results for a given launch shape, so the outputs must agree bit
 //! for bit, which a missing barrier or a race would break.
 //!
 //! The first tests check the emulator itself: barriers order memory, shuffles exchange across lanes, atomics are
@@ -27,7 +28,8 @@ use zeroconv::kernels::emulate::{self, DeviceBuffer, EmuModule, KernelArgs, Laun
 use zeroconv::kernels::{self, Arch, MODULES};
 
 const FLOATS: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
-const SCHEDULES: [Schedule; 3] = [Schedule::Ascending, Schedule::Descending, Schedule::Shuffled(0x5eed)];
+const SCHEDULES: [Schedule; 4] =
+    [Schedule::Ascending, Schedule::Descending, Schedule::Lockstep, Schedule::Shuffled(0x5eed)];
 
 // ---- harness ------------------------------------------------------------------------------------------------------
 
@@ -318,7 +320,7 @@ fn barriers_order_shared_memory_and_their_absence_shows() {
         assert_eq!(sums(1, s), want, "with barriers, {s:?}");
     }
     // Without them, threads that run ahead read partial sums not yet written (poisoned shared memory: NaN).
-    for s in [Schedule::Ascending, Schedule::Shuffled(3)] {
+    for s in [Schedule::Ascending, Schedule::Lockstep, Schedule::Shuffled(3)] {
         let got = sums(0, s);
         assert!(got.iter().zip(&want).any(|(g, w)| g != w), "missing barriers went unnoticed under {s:?}: {got:?}");
     }

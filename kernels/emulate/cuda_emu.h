@@ -4,11 +4,12 @@
 // How a launch runs (zc_emu_launch, at the end of this file):
 // - Blocks run one after another on the calling OS thread (a valid CUDA schedule: blocks are independent).
 // - Every CUDA thread of a block is a fiber (ucontext) with its own stack. A fiber runs until it reaches a
-//   synchronisation point (__syncthreads, a warp collective such as __shfl_xor_sync) or returns; then the next
-//   ready fiber runs. When every fiber has stopped, the scheduler releases the barriers whose participants have
-//   all arrived, and another pass begins. So threads really interleave at barriers, in an order chosen by the
-//   launch's schedule (ascending, descending or shuffled thread ids), and code that forgets a barrier reads
-//   values another thread has not written yet (or has already overwritten).
+//   synchronisation point (__syncthreads, a warp collective such as __shfl_xor_sync) or returns; then another
+//   ready fiber runs. Barriers are released once all their participants have arrived. So threads really
+//   interleave at barriers, and code that forgets a barrier reads values another thread has not written yet (or
+//   has already overwritten). The launch's schedule picks the interleaving (see run_block): warp by warp, each
+//   warp running as far ahead as it can (ascending or descending), or lockstep passes in which every thread
+//   advances one synchronisation point (in thread order or shuffled).
 // - Warp collectives are resolved by the scheduler once every non-exited lane named in the mask has arrived:
 //   each lane's result is computed from the values the lanes deposited, so lanes exchange values in lockstep
 //   even though they ran one after another. Reading a lane that does not take part (exited, not in the mask,
@@ -517,7 +518,8 @@ struct LaunchConfig {
     unsigned grid[3];
     unsigned block[3];
     unsigned long long dynamic_shared_bytes;
-    // 0: ascending thread ids, 1: descending, 2: a pseudo-random order drawn anew for every pass (seeded).
+    // 0: warp by warp, ascending; 1: warp by warp, descending; 2: lockstep passes over ascending thread ids;
+    // 3: lockstep passes, each in a pseudo-random thread order (seeded). See run_block.
     unsigned thread_order;
     // 0: blocks in ascending order, 1: descending.
     unsigned block_order;
@@ -736,19 +738,18 @@ inline bool run_block(BlockRun& r, const LaunchConfig& cfg, unsigned long long& 
     }
     poison(r.dynamic_shared, cfg.dynamic_shared_bytes);
 
-    std::vector<unsigned> order(n);
-    for (unsigned i = 0; i < n; ++i) {
-        order[i] = cfg.thread_order == 1 ? n - 1 - i : i;
-    }
     const unsigned warps = (n + 31) / 32;
-    for (;;) {
-        if (cfg.thread_order == 2) {
-            for (unsigned i = n; i > 1; --i) {
-                std::swap(order[i - 1], order[next_random(rng) % i]);
-            }
-        }
-        for (unsigned i : order) {
-            Fiber& f = r.fibers[i];
+    const bool lockstep = cfg.thread_order >= 2;
+    const bool descending = cfg.thread_order == 1;
+    std::vector<unsigned> order(lockstep ? n : 0);
+    for (unsigned i = 0; i < order.size(); ++i) {
+        order[i] = i;
+    }
+    // Runs the ready fibers among threads [first, last) (in lockstep mode: order[first, last)), each until it
+    // stops.
+    auto run_ready = [&](unsigned first, unsigned last) {
+        for (unsigned k = first; k < last; ++k) {
+            Fiber& f = r.fibers[lockstep ? order[k] : (descending ? last - 1 - (k - first) : k)];
             if (f.state != State::Ready) {
                 continue;
             }
@@ -756,6 +757,40 @@ inline bool run_block(BlockRun& r, const LaunchConfig& cfg, unsigned long long& 
             f.state = State::Running;
             swapcontext(&r.scheduler, &f.context);
             if (r.failed) {
+                return false;
+            }
+        }
+        return true;
+    };
+    for (;;) {
+        if (!lockstep) {
+            // Warp after warp, each as far as it can go (until its lanes wait at __syncthreads or exit), its warp
+            // collectives completed as soon as its lanes arrive: the warps that run first get arbitrarily far
+            // ahead of the others, which exposes a missing barrier between warps.
+            for (unsigned k = 0; k < warps; ++k) {
+                const unsigned w = descending ? warps - 1 - k : k;
+                const unsigned first = w * 32, last = first + 32 < n ? first + 32 : n;
+                for (;;) {
+                    if (!run_ready(first, last)) {
+                        return false;
+                    }
+                    bool progressed = false;
+                    if (!resolve_warp(r, w, progressed)) {
+                        return false;
+                    }
+                    if (!progressed) {
+                        break;
+                    }
+                }
+            }
+        } else {
+            // Every thread advances by one synchronisation point per pass, as if all warps ran side by side.
+            if (cfg.thread_order == 3) {
+                for (unsigned i = n; i > 1; --i) {
+                    std::swap(order[i - 1], order[next_random(rng) % i]);
+                }
+            }
+            if (!run_ready(0, n)) {
                 return false;
             }
         }

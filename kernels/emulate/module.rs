@@ -79,17 +79,20 @@ impl From<(u32, u32, u32)> for Dim3 {
     }
 }
 
-/// The order in which the emulator runs the threads of a block between synchronisation points (and the blocks of
-/// the grid). Any order is a legal GPU schedule, so a correct kernel gives the same result under all of them;
-/// running a kernel under several is how tests catch a missing barrier.
+/// The order in which the emulator runs the threads of a block between synchronisation points, and the blocks of
+/// the grid. Every one is a legal GPU schedule, so a correct kernel gives the same result under all of them;
+/// running a kernel under several is how tests catch a missing barrier or a race.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Schedule {
-    /// Thread 0 first, blocks in order.
+    /// Warp 0 first, as far as it can go (until its threads wait at `__syncthreads` or exit), then warp 1, ...;
+    /// blocks in order. Early warps run arbitrarily far ahead of later ones.
     #[default]
     Ascending,
-    /// The last thread first, the last block first.
+    /// The same from the last warp (and last lane, last block) down.
     Descending,
-    /// A pseudo-random thread order drawn anew at every synchronisation point, from the seed.
+    /// All threads advance one synchronisation point per pass, in thread order: warps side by side.
+    Lockstep,
+    /// Lockstep passes, each in a pseudo-random thread order drawn from the seed.
     Shuffled(u64),
 }
 
@@ -317,7 +320,8 @@ impl EmuModule {
         let (thread_order, block_order, seed) = match config.schedule {
             Schedule::Ascending => (0, 0, 0),
             Schedule::Descending => (1, 1, 0),
-            Schedule::Shuffled(seed) => (2, (seed & 1) as u32, seed),
+            Schedule::Lockstep => (2, 0, 0),
+            Schedule::Shuffled(seed) => (3, (seed & 1) as u32, seed),
         };
         let raw = RawLaunchConfig {
             grid: [config.grid.x, config.grid.y, config.grid.z],
