@@ -806,6 +806,30 @@ fn check_stats(what: &str, mean: &[f32], rstd: &[f32], x: &[f64], count: usize, 
     }
 }
 
+/// The statistics outputs of a normalisation forward are optional, each on its own: with either or both null the
+/// output is unchanged and each statistic given is the one of the full launch (`full` = [y, mean, rstd] bytes).
+fn optional_stats(
+    kernel: &str,
+    what: &str,
+    full: &[Vec<u8>],
+    launch: impl Fn(&DeviceBuffer, Option<&DeviceBuffer>, Option<&DeviceBuffer>),
+) {
+    for (with_mean, with_rstd) in [(false, false), (true, false), (false, true)] {
+        let y = DeviceBuffer::uninit("y", full[0].len());
+        let mean = with_mean.then(|| DeviceBuffer::uninit("mean", full[1].len()));
+        let rstd = with_rstd.then(|| DeviceBuffer::uninit("rstd", full[2].len()));
+        launch(&y, mean.as_ref(), rstd.as_ref());
+        let case = format!("{kernel} {what} with mean {with_mean}, rstd {with_rstd}");
+        assert_eq!(y.to_bytes(), full[0], "{case}: y changed");
+        if let Some(m) = &mean {
+            assert_eq!(m.to_bytes(), full[1], "{case}: mean not written");
+        }
+        if let Some(r) = &rstd {
+            assert_eq!(r.to_bytes(), full[2], "{case}: rstd not written");
+        }
+    }
+}
+
 #[test]
 fn norm_kernels_match_the_cpu_backend() {
     let k = Kernels::new("norm");
@@ -859,10 +883,19 @@ fn groupnorm_cases(k: &Kernels) {
                 .map(|(m, r)| (stats(m), stats(r)))
                 .unzip();
             check_stats(&format!("{fwd} {what}"), &mean, &rstd, &x.to_f64(), c / groups * s, eps);
-            // Without the optional statistics (null pointers) the output is the same.
-            let (xb, gb, bb, y) = (upload("x", &x), upload("gamma", &gamma), upload("beta", &beta), output("y", n * c * s, dtype));
-            k.launch(&fwd, grid, block, dims(KernelArgs::new().buffer(&xb).buffer(&gb).buffer(&bb).buffer(&y).null().null()));
-            assert_eq!(y.to_bytes(), got[0], "{fwd} {what}: null mean/rstd changed y");
+            let (xb, gb, bb) = (upload("x", &x), upload("gamma", &gamma), upload("beta", &beta));
+            optional_stats(&fwd, &what, &got, |y, mean, rstd| {
+                let args = KernelArgs::new().buffer(&xb).buffer(&gb).buffer(&bb).buffer(y);
+                let args = match mean {
+                    Some(m) => args.buffer(m),
+                    None => args.null(),
+                };
+                let args = match rstd {
+                    Some(r) => args.buffer(r),
+                    None => args.null(),
+                };
+                k.launch(&fwd, grid, block, dims(args));
+            });
 
             let bwd = format!("groupnorm_bwd_{sfx}");
             let finish = format!("norm_params_finish_{sfx}");
@@ -914,6 +947,19 @@ fn layernorm_cases(k: &Kernels) {
             check(&format!("{fwd} {what}"), dtype, &got[0], &want[0]);
             let f32s = |b: &[u8]| values(b, DType::F32).into_iter().map(|v| v as f32).collect::<Vec<f32>>();
             check_stats(&format!("{fwd} {what}"), &f32s(&got[1]), &f32s(&got[2]), &x.to_f64(), d, eps);
+            let (xb, gb, bb) = (upload("x", &x), upload("gamma", &gamma), upload("beta", &beta));
+            optional_stats(&fwd, &what, &got, |y, mean, rstd| {
+                let args = KernelArgs::new().buffer(&xb).buffer(&gb).buffer(&bb).buffer(y);
+                let args = match mean {
+                    Some(m) => args.buffer(m),
+                    None => args.null(),
+                };
+                let args = match rstd {
+                    Some(r) => args.buffer(r),
+                    None => args.null(),
+                };
+                k.launch(&fwd, grid, (32, warps), args.u64(rows as u64).u64(d as u64).f32(eps as f32));
+            });
 
             let bwd = format!("layernorm_bwd_{sfx}");
             let params = format!("layernorm_bwd_params_{sfx}");
