@@ -551,13 +551,20 @@ fn unary_kernels_match_the_cpu_backend() {
             assert_eq!(got[0], want[0].bytes, "{fill} n={n}: the same rounding of 0.3 everywhere");
         }
 
-        // In place (y == x), as the header allows.
+        // In place (y == x, dx == dy), as the header allows.
         let n = 1031;
-        let x = tensor(&[n], dtype, &uniform(&mut seed("inplace"), n, -4.0, 4.0));
+        let mut rng = seed("inplace");
+        let x = tensor(&[n], dtype, &uniform(&mut rng, n, -4.0, 4.0));
+        let dy = tensor(&[n], dtype, &uniform(&mut rng, n, -1.0, 1.0));
         let xb = upload("x", &x);
         k.launch(&format!("unary_silu_{sfx}"), 3, 128, KernelArgs::new().buffer(&xb).buffer(&xb).u64(n as u64));
         let want = cpu(&[&x], |g, a| vec![g.unary(UnaryOp::Silu, a[0]).unwrap()]);
         check("unary_silu in place", dtype, &xb.to_bytes(), &want[0]);
+        let (xb, dyb) = (upload("x", &x), upload("dy", &dy));
+        let args = KernelArgs::new().buffer(&xb).buffer(&dyb).buffer(&dyb).u64(n as u64);
+        k.launch(&format!("unary_silu_bwd_{sfx}"), 3, 128, args);
+        let want = cpu(&[&x, &dy], |g, a| g.add_node(Op::UnaryBackward(UnaryOp::Silu), &[a[0], a[1]]).unwrap());
+        check("unary_silu_bwd in place", dtype, &dyb.to_bytes(), &want[0]);
     }
     k.assert_all_launched();
 }
@@ -661,6 +668,19 @@ fn binary_kernels_match_the_cpu_backend() {
                 let want = cpu(&[&a, &b], |g, v| vec![g.binary(op, v[0], v[1]).unwrap()]);
                 check(&format!("{kernel} {sa:?} {sb:?}"), dtype, &got[0], &want[0]);
             }
+
+            // In place, y == a, where `a` has y's own layout (b broadcast along the rows).
+            let a = tensor(&[33, 5], dtype, &uniform(&mut rng, 165, -2.0, 2.0));
+            let b = tensor(&[5], dtype, &uniform(&mut rng, 5, blo, bhi));
+            let mut dims = BroadcastDims::zeroed();
+            dims.shape[..2].copy_from_slice(&[33, 5]);
+            dims.a_strides[..2].copy_from_slice(&[5, 1]);
+            dims.b_strides[..2].copy_from_slice(&[0, 1]);
+            dims.rank = 2;
+            let (ab, bb) = (upload("a", &a), upload("b", &b));
+            k.launch(&kernel, 2, 32, KernelArgs::new().buffer(&ab).buffer(&bb).buffer(&ab).u64(165).value(dims));
+            let want = cpu(&[&a, &b], |g, v| vec![g.binary(op, v[0], v[1]).unwrap()]);
+            check(&format!("{kernel} in place"), dtype, &ab.to_bytes(), &want[0]);
 
             // A strided view: `a` is stored [7, 5] and read transposed, as [5, 7].
             let a = tensor(&[7, 5], dtype, &uniform(&mut rng, 35, -2.0, 2.0));
@@ -1035,6 +1055,11 @@ fn softmax_kernels_match_the_cpu_backend() {
             let want = cpu(&[&y, &dy], |g, a| g.add_node(Op::SoftmaxBackward, &[a[0], a[1]]).unwrap());
             // dx = y * (dy - dot) cancels where dy is close to dot; its terms are of size |dy|.
             check_scaled(&format!("{bwd} {what}"), dtype, &got[0], &want[0], 2.0 * max_abs(&y) * max_abs(&dy));
+            // In place (dx == dy), as the header allows.
+            let (yb, dyb) = (upload("y", &y), upload("dy", &dy));
+            let args = KernelArgs::new().buffer(&yb).buffer(&dyb).buffer(&dyb).u64(rows as u64).u64(d as u64);
+            k.launch(&bwd, grid, (32, warps), args);
+            assert_eq!(dyb.to_bytes(), got[0], "{bwd} {what}: in place differs");
         }
     }
     k.assert_all_launched();
