@@ -346,8 +346,13 @@ fn warp_shuffles_follow_cuda_semantics() {
     let x: Vec<i32> = (0..n as i32).map(|i| i * 3 + 1).collect();
     let (xb, out) = (DeviceBuffer::from_slice("x", &x), DeviceBuffer::uninit("out", n * 8 * 4));
     for s in SCHEDULES {
-        run(&m, "shuffles", LaunchConfig::new(1, n as u32).with_schedule(s), KernelArgs::new().buffer(&xb).buffer(&out))
-            .unwrap();
+        run(
+            &m,
+            "shuffles",
+            LaunchConfig::new(1, n as u32).with_schedule(s),
+            KernelArgs::new().buffer(&xb).buffer(&out),
+        )
+        .unwrap();
         let got = out.to_vec::<i32>().unwrap();
         for t in 0..n {
             let (warp, lane) = (t / 32 * 32, t % 32);
@@ -443,7 +448,11 @@ fn misuse_is_reported_not_hung() {
     bad_launch(LaunchConfig::new(0, 32), ok_args(), "no zero dimension");
     bad_launch(LaunchConfig::new(1, 32), KernelArgs::new().buffer(&y), "takes 2 parameters, 1 arguments given");
     bad_launch(LaunchConfig::new(1, 32), KernelArgs::new().buffer(&y).u32(0), "4 bytes given, the parameter has 8");
-    bad_launch(LaunchConfig::new(1, 32), KernelArgs::new().buffer(&y).buffer(&y), "buffer `y` given for a 8-byte value");
+    bad_launch(
+        LaunchConfig::new(1, 32),
+        KernelArgs::new().buffer(&y).buffer(&y),
+        "buffer `y` given for a 8-byte value",
+    );
     bad_launch(LaunchConfig::new(1, 32), KernelArgs::new().u64(0).u64(0), "given for a pointer parameter");
     let err = run(&m, "write_one_pas", LaunchConfig::new(1, 32), ok_args()).unwrap_err().to_string();
     assert!(err.contains("no kernel `write_one_pas`; did you mean `write_one_past`?"), "{err}");
@@ -707,14 +716,40 @@ fn binary_kernels_match_the_cpu_backend() {
 /// f32 bit patterns at every boundary of the narrowing conversions, plus random ones.
 fn f32_probe_bits() -> Vec<u32> {
     let mut bits = vec![
-        0x0000_0000, 0x8000_0000, 0x0000_0001, 0x007f_ffff, 0x0080_0000, // zeros, f32 subnormals, smallest normal
-        0x7f80_0000, 0xff80_0000, 0x7fc0_0000, 0xffc0_0001, 0x7f80_0001, 0x7fbf_ffff, // inf and NaNs (incl. signalling)
-        0x7f7f_ffff, 0x7f7f_8000, 0x7f7f_7fff, // bf16 overflow: max f32, the tie to inf, just below
-        0x3f80_8000, 0x3f81_8000, 0x3f80_7fff, 0x3f80_8001, // bf16 ties to even both ways
-        0x477f_e000, 0x477f_efff, 0x477f_f000, 0x4780_0000, // f16: 65504, just below/at the round-to-inf point, 65536
-        0x3880_0000, 0x387f_ffff, 0x387f_f000, 0x387f_efff, // f16 smallest normal and the subnormal edge
-        0x3300_0000, 0x3300_0001, 0x32ff_ffff, 0x3380_0000, 0x33c0_0000, // f16 half of smallest subnormal and around
-        0x3f80_1000, 0x3f80_3000, 0x3f80_0fff, // f16 ties to even
+        0x0000_0000,
+        0x8000_0000,
+        0x0000_0001,
+        0x007f_ffff,
+        0x0080_0000, // zeros, f32 subnormals, smallest normal
+        0x7f80_0000,
+        0xff80_0000,
+        0x7fc0_0000,
+        0xffc0_0001,
+        0x7f80_0001,
+        0x7fbf_ffff, // inf and NaNs (incl. signalling)
+        0x7f7f_ffff,
+        0x7f7f_8000,
+        0x7f7f_7fff, // bf16 overflow: max f32, the tie to inf, just below
+        0x3f80_8000,
+        0x3f81_8000,
+        0x3f80_7fff,
+        0x3f80_8001, // bf16 ties to even both ways
+        0x477f_e000,
+        0x477f_efff,
+        0x477f_f000,
+        0x4780_0000, // f16: 65504, just below/at the round-to-inf point, 65536
+        0x3880_0000,
+        0x387f_ffff,
+        0x387f_f000,
+        0x387f_efff, // f16 smallest normal and the subnormal edge
+        0x3300_0000,
+        0x3300_0001,
+        0x32ff_ffff,
+        0x3380_0000,
+        0x33c0_0000, // f16 half of smallest subnormal and around
+        0x3f80_1000,
+        0x3f80_3000,
+        0x3f80_0fff, // f16 ties to even
     ];
     let negatives: Vec<u32> = bits.iter().map(|b| b ^ 0x8000_0000).collect();
     bits.extend(negatives);
@@ -770,12 +805,18 @@ fn reduce_kernels_match_the_cpu_backend() {
         let sfx = suffix(dtype);
         // (rows, cols, block, grid): rows that outnumber the grid, columns around a warp and a block.
         let kernel = format!("sum_rows_{sfx}");
-        for (rows, cols, block, grid) in [(1, 1, 32, 1), (3, 31, 64, 2), (5, 33, 32, 5), (2, 1031, 128, 1), (33, 7, 96, 4)]
+        for (rows, cols, block, grid) in
+            [(1, 1, 32, 1), (3, 31, 64, 2), (5, 33, 32, 5), (2, 1031, 128, 1), (33, 7, 96, 4)]
         {
             let x = tensor(&[rows, cols], dtype, &uniform(&mut seed(&kernel), rows * cols, -1.0, 1.0));
             let got = k.each_schedule(&kernel, || {
                 let (xb, y) = (upload("x", &x), output("y", rows, dtype));
-                k.launch(&kernel, grid, block, KernelArgs::new().buffer(&xb).buffer(&y).u64(rows as u64).u64(cols as u64));
+                k.launch(
+                    &kernel,
+                    grid,
+                    block,
+                    KernelArgs::new().buffer(&xb).buffer(&y).u64(rows as u64).u64(cols as u64),
+                );
                 vec![y.to_bytes()]
             });
             let want = cpu(&[&x], |g, a| vec![g.sum(a[0], &[1], false).unwrap()]);
@@ -783,9 +824,14 @@ fn reduce_kernels_match_the_cpu_backend() {
         }
         // (outer, reduced, inner, block rows k, grid).
         let kernel = format!("sum_axis_{sfx}");
-        for (outer, reduced, inner, rows_k, grid) in
-            [(1, 1, 2, 1, 1), (2, 5, 33, 4, 3), (3, 17, 70, 32, 2), (1, 1031, 3, 8, 1), (4, 1, 40, 3, 16), (2, 64, 31, 7, 5)]
-        {
+        for (outer, reduced, inner, rows_k, grid) in [
+            (1, 1, 2, 1, 1),
+            (2, 5, 33, 4, 3),
+            (3, 17, 70, 32, 2),
+            (1, 1031, 3, 8, 1),
+            (4, 1, 40, 3, 16),
+            (2, 64, 31, 7, 5),
+        ] {
             let n = outer * reduced * inner;
             let x = tensor(&[outer, reduced, inner], dtype, &uniform(&mut seed(&kernel), n, -1.0, 1.0));
             let got = k.each_schedule(&kernel, || {
@@ -821,8 +867,18 @@ fn check_stats(what: &str, mean: &[f32], rstd: &[f32], x: &[f64], count: usize, 
     let (want_mean, want_rstd) = moments(x, count, eps);
     let scale = x.iter().fold(0.0f64, |m, v| m.max(v.abs()));
     for i in 0..want_mean.len() {
-        assert!((mean[i] as f64 - want_mean[i]).abs() <= 1e-5 * scale, "{what}: mean {i}: {} vs {}", mean[i], want_mean[i]);
-        assert!((rstd[i] as f64 / want_rstd[i] - 1.0).abs() <= 1e-5, "{what}: rstd {i}: {} vs {}", rstd[i], want_rstd[i]);
+        assert!(
+            (mean[i] as f64 - want_mean[i]).abs() <= 1e-5 * scale,
+            "{what}: mean {i}: {} vs {}",
+            mean[i],
+            want_mean[i]
+        );
+        assert!(
+            (rstd[i] as f64 / want_rstd[i] - 1.0).abs() <= 1e-5,
+            "{what}: rstd {i}: {} vs {}",
+            rstd[i],
+            want_rstd[i]
+        );
     }
 }
 
@@ -860,8 +916,8 @@ fn norm_kernels_match_the_cpu_backend() {
 
 fn groupnorm_cases(k: &Kernels) {
     let eps = 1e-5f32 as f64; // the value the kernel receives as f32
-    // (x shape [N, C, spatial...], groups, block, grid): one element per group, odd spatial sizes, one channel
-    // per group, a group of 2062 elements, grids smaller than N * G.
+                              // (x shape [N, C, spatial...], groups, block, grid): one element per group, odd spatial sizes, one channel
+                              // per group, a group of 2062 elements, grids smaller than N * G.
     let cases: [(&[usize], usize, u32, u32); 5] = [
         (&[1, 4, 1], 2, 32, 1),
         (&[2, 6, 7], 3, 64, 4),
@@ -881,9 +937,8 @@ fn groupnorm_cases(k: &Kernels) {
             let gamma = tensor(&[c], dtype, &uniform(&mut rng, c, 0.5, 1.5));
             let beta = tensor(&[c], dtype, &uniform(&mut rng, c, -0.5, 0.5));
             let dy = tensor(shape, dtype, &uniform(&mut rng, n * c * s, -1.0, 1.0));
-            let dims = |args: KernelArgs| {
-                args.u64(n as u64).u64(c as u64).u64(s as u64).u64(groups as u64).f32(eps as f32)
-            };
+            let dims =
+                |args: KernelArgs| args.u64(n as u64).u64(c as u64).u64(s as u64).u64(groups as u64).f32(eps as f32);
 
             let fwd = format!("groupnorm_{sfx}");
             let got = k.each_schedule(&fwd, || {
@@ -897,11 +952,8 @@ fn groupnorm_cases(k: &Kernels) {
             let want = cpu(&[&x, &gamma, &beta], |g, a| vec![g.group_norm(a[0], a[1], a[2], groups, eps).unwrap()]);
             check(&format!("{fwd} {what}"), dtype, &got[0], &want[0]);
             let stats = |b: &[u8]| bytemuck::pod_read_unaligned::<f32>(&b[..4]);
-            let (mean, rstd): (Vec<f32>, Vec<f32>) = got[1]
-                .chunks(4)
-                .zip(got[2].chunks(4))
-                .map(|(m, r)| (stats(m), stats(r)))
-                .unzip();
+            let (mean, rstd): (Vec<f32>, Vec<f32>) =
+                got[1].chunks(4).zip(got[2].chunks(4)).map(|(m, r)| (stats(m), stats(r))).unzip();
             check_stats(&format!("{fwd} {what}"), &mean, &rstd, &x.to_f64(), c / groups * s, eps);
             let (xb, gb, bb) = (upload("x", &x), upload("gamma", &gamma), upload("beta", &beta));
             optional_stats(&fwd, &what, &got, |y, mean, rstd| {
@@ -922,11 +974,24 @@ fn groupnorm_cases(k: &Kernels) {
             let got = k.each_schedule(&bwd, || {
                 let (xb, gb, dyb) = (upload("x", &x), upload("gamma", &gamma), upload("dy", &dy));
                 let dx = output("dx", n * c * s, dtype);
-                let (dg_part, db_part) = (output("dgamma_part", n * c, DType::F32), output("dbeta_part", n * c, DType::F32));
-                let args = KernelArgs::new().buffer(&xb).buffer(&gb).buffer(&dyb).buffer(&dx).buffer(&dg_part).buffer(&db_part);
+                let (dg_part, db_part) =
+                    (output("dgamma_part", n * c, DType::F32), output("dbeta_part", n * c, DType::F32));
+                let args = KernelArgs::new()
+                    .buffer(&xb)
+                    .buffer(&gb)
+                    .buffer(&dyb)
+                    .buffer(&dx)
+                    .buffer(&dg_part)
+                    .buffer(&db_part);
                 k.launch(&bwd, grid, block, dims(args));
                 let (dg, db) = (output("dgamma", c, dtype), output("dbeta", c, dtype));
-                let args = KernelArgs::new().buffer(&dg_part).buffer(&db_part).buffer(&dg).buffer(&db).u64(n as u64).u64(c as u64);
+                let args = KernelArgs::new()
+                    .buffer(&dg_part)
+                    .buffer(&db_part)
+                    .buffer(&dg)
+                    .buffer(&db)
+                    .u64(n as u64)
+                    .u64(c as u64);
                 k.launch(&finish, 2, 4, args);
                 vec![dx.to_bytes(), dg.to_bytes(), db.to_bytes()]
             });
@@ -943,7 +1008,7 @@ fn groupnorm_cases(k: &Kernels) {
 
 fn layernorm_cases(k: &Kernels) {
     let eps = 1e-5f32 as f64; // the value the kernel receives as f32
-    // (rows, D, warps per block, grid, rows per parameter-gradient part).
+                              // (rows, D, warps per block, grid, rows per parameter-gradient part).
     let cases = [(1, 1, 1, 1, 1), (5, 31, 4, 1, 2), (33, 33, 3, 4, 4), (3, 1031, 2, 1, 1), (7, 64, 8, 2, 3)];
     for dtype in FLOATS {
         let sfx = suffix(dtype);
@@ -958,7 +1023,8 @@ fn layernorm_cases(k: &Kernels) {
             let fwd = format!("layernorm_{sfx}");
             let got = k.each_schedule(&fwd, || {
                 let (xb, gb, bb) = (upload("x", &x), upload("gamma", &gamma), upload("beta", &beta));
-                let (y, mean, rstd) = (output("y", rows * d, dtype), output("mean", rows, DType::F32), output("rstd", rows, DType::F32));
+                let (y, mean, rstd) =
+                    (output("y", rows * d, dtype), output("mean", rows, DType::F32), output("rstd", rows, DType::F32));
                 let args = KernelArgs::new().buffer(&xb).buffer(&gb).buffer(&bb).buffer(&y).buffer(&mean).buffer(&rstd);
                 k.launch(&fwd, grid, (32, warps), args.u64(rows as u64).u64(d as u64).f32(eps as f32));
                 vec![y.to_bytes(), mean.to_bytes(), rstd.to_bytes()]
@@ -990,7 +1056,8 @@ fn layernorm_cases(k: &Kernels) {
                 let (dx, stats) = (output("dx", rows * d, dtype), output("stats", rows * 2, DType::F32));
                 let args = KernelArgs::new().buffer(&xb).buffer(&gb).buffer(&dyb).buffer(&dx).buffer(&stats);
                 k.launch(&bwd, grid, (32, warps), args.u64(rows as u64).u64(d as u64).f32(eps as f32));
-                let (dg_part, db_part) = (output("dgamma_part", parts * d, DType::F32), output("dbeta_part", parts * d, DType::F32));
+                let (dg_part, db_part) =
+                    (output("dgamma_part", parts * d, DType::F32), output("dbeta_part", parts * d, DType::F32));
                 let args = KernelArgs::new().buffer(&xb).buffer(&dyb).buffer(&stats).buffer(&dg_part).buffer(&db_part);
                 k.launch(&params, grid + 1, (32, warps), args.u64(rows as u64).u64(d as u64).u64(rows_per_part as u64));
                 let (dg, db) = (output("dgamma", d, dtype), output("dbeta", d, dtype));
@@ -1001,7 +1068,13 @@ fn layernorm_cases(k: &Kernels) {
             let want = cpu(&[&x, &gamma, &dy], |g, a| {
                 g.add_node(Op::LayerNormBackward { eps: F64Bits::new(eps) }, &[a[0], a[1], a[2]]).unwrap()
             });
-            check_scaled(&format!("{bwd} {what} dx"), dtype, &got[0], &want[0], norm_grad_scale(&x, &dy, &gamma, d, eps));
+            check_scaled(
+                &format!("{bwd} {what} dx"),
+                dtype,
+                &got[0],
+                &want[0],
+                norm_grad_scale(&x, &dy, &gamma, d, eps),
+            );
             check(&format!("{bwd} {what} dgamma"), dtype, &got[1], &want[1]);
             check(&format!("{bwd} {what} dbeta"), dtype, &got[2], &want[2]);
             let stats = f32s(&got[3]);
@@ -1033,7 +1106,12 @@ fn softmax_kernels_match_the_cpu_backend() {
             let fwd = format!("softmax_{sfx}");
             let got = k.each_schedule(&fwd, || {
                 let (xb, y) = (upload("x", &x), output("y", rows * d, dtype));
-                k.launch(&fwd, grid, (32, warps), KernelArgs::new().buffer(&xb).buffer(&y).u64(rows as u64).u64(d as u64));
+                k.launch(
+                    &fwd,
+                    grid,
+                    (32, warps),
+                    KernelArgs::new().buffer(&xb).buffer(&y).u64(rows as u64).u64(d as u64),
+                );
                 vec![y.to_bytes()]
             });
             let want = cpu(&[&x], |g, a| vec![g.softmax(a[0]).unwrap()]);
@@ -1095,7 +1173,8 @@ fn mse_kernels_match_the_cpu_backend() {
 
             let bwd = format!("mse_bwd_{sfx}");
             let got = k.each_schedule(&bwd, || {
-                let (ab, bb, db, da) = (upload("a", &a), upload("b", &b), upload("dloss", &dloss), output("da", n, dtype));
+                let (ab, bb, db, da) =
+                    (upload("a", &a), upload("b", &b), upload("dloss", &dloss), output("da", n, dtype));
                 let args = KernelArgs::new().buffer(&ab).buffer(&bb).buffer(&db).buffer(&da).u64(n as u64);
                 k.launch(&bwd, grid_for(n, 32, 3), 32, args);
                 vec![da.to_bytes()]
@@ -1142,10 +1221,12 @@ fn adamw_kernels_match_the_cpu_backend() {
         let sfx = suffix(dtype);
         let kernel = format!("adamw_grad_{sfx}");
         let mut rng = seed(&kernel);
-        let params: Vec<HostTensor> = sizes.iter().map(|&n| tensor(&[n], DType::F32, &uniform(&mut rng, n, -1.0, 1.0))).collect();
+        let params: Vec<HostTensor> =
+            sizes.iter().map(|&n| tensor(&[n], DType::F32, &uniform(&mut rng, n, -1.0, 1.0))).collect();
         // Two steps, each with its own gradients (stored as the gradient type).
-        let grads: Vec<Vec<HostTensor>> =
-            (0..2).map(|_| sizes.iter().map(|&n| tensor(&[n], dtype, &uniform(&mut rng, n, -0.5, 0.5))).collect()).collect();
+        let grads: Vec<Vec<HostTensor>> = (0..2)
+            .map(|_| sizes.iter().map(|&n| tensor(&[n], dtype, &uniform(&mut rng, n, -0.5, 0.5))).collect())
+            .collect();
         let hyper = |t: i32| [lr, 1.0 / (1.0 - beta1.powi(t)), 1.0 / (1.0 - beta2.powi(t))];
 
         let got = k.each_schedule(&kernel, || {
@@ -1166,9 +1247,12 @@ fn adamw_kernels_match_the_cpu_backend() {
                 let chunks: Vec<AdamWChunk> = sizes
                     .iter()
                     .enumerate()
-                    .flat_map(|(i, &n)| (0..n.div_ceil(chunk_size)).map(move |c| AdamWChunk { tensor: i as u32, chunk: c as u32 }))
+                    .flat_map(|(i, &n)| {
+                        (0..n.div_ceil(chunk_size)).map(move |c| AdamWChunk { tensor: i as u32, chunk: c as u32 })
+                    })
                     .collect();
-                let (tb, cb) = (DeviceBuffer::from_slice("tensors", &tensors), DeviceBuffer::from_slice("chunks", &chunks));
+                let (tb, cb) =
+                    (DeviceBuffer::from_slice("tensors", &tensors), DeviceBuffer::from_slice("chunks", &chunks));
                 let hb = DeviceBuffer::from_slice("hyper", &hyper(step as i32 + 1));
                 let args = KernelArgs::new()
                     .buffer(&tb)

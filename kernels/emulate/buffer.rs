@@ -110,7 +110,7 @@ impl DeviceBuffer {
     /// The contents as `T`s; `len` must be a multiple of `size_of::<T>()`.
     pub fn to_vec<T: Pod>(&self) -> Result<Vec<T>> {
         let size = std::mem::size_of::<T>();
-        if size == 0 || self.len % size != 0 {
+        if size == 0 || !self.len.is_multiple_of(size) {
             return Err(Error::msg(format!(
                 "buffer `{}` holds {} bytes, not a whole number of {size}-byte elements",
                 self.label, self.len

@@ -130,7 +130,9 @@ fn run(cxx: &Compiler, args: &[&str], dir: &Path, what: &str) -> Result<Vec<u8>>
 /// The path of the shared library for `source`, compiling it unless the cache already holds it.
 pub(crate) fn build(cache_dir: &Path, name: &str, source: &str) -> Result<PathBuf> {
     if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-        return Err(Error::msg(format!("emulated module name `{name}` must be non-empty ASCII letters, digits, _ or -")));
+        return Err(Error::msg(format!(
+            "emulated module name `{name}` must be non-empty ASCII letters, digits, _ or -"
+        )));
     }
     let cxx = compiler()?;
     let flags = format!("{PREPROCESS_FLAGS:?}{COMPILE_FLAGS:?}");
@@ -204,7 +206,10 @@ mod tests {
     #[test]
     fn a_missing_compiler_is_a_clear_error() {
         let err = probe_compiler("/nonexistent/g++").err().unwrap();
-        assert!(err.contains("/nonexistent/g++ --version` could not run") && err.contains("apt-get install g++"), "{err}");
+        assert!(
+            err.contains("/nonexistent/g++ --version` could not run") && err.contains("apt-get install g++"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -19,4 +19,6 @@ mod source;
 
 pub use buffer::DeviceBuffer;
 pub use compile::default_cache_dir;
-pub use module::{compile, compile_in, compile_module, Dim3, EmuModule, KernelArgs, KernelSig, LaunchConfig, Param, Schedule};
+pub use module::{
+    compile, compile_in, compile_module, Dim3, EmuModule, KernelArgs, KernelSig, LaunchConfig, Param, Schedule,
+};

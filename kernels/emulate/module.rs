@@ -120,9 +120,15 @@ impl LaunchConfig {
 
 #[derive(Clone, Debug)]
 enum Arg {
-    Pointer { address: u64, what: String },
+    Pointer {
+        address: u64,
+        what: String,
+    },
     /// The bytes of a by-value parameter, in 16-byte aligned storage (the most any parameter type may need).
-    Value { words: Vec<u128>, len: usize },
+    Value {
+        words: Vec<u128>,
+        len: usize,
+    },
 }
 
 /// The arguments of one launch, in parameter order: buffers (or null) for pointer parameters, plain-old-data
@@ -336,7 +342,13 @@ impl EmuModule {
         // parameter's size (checked above) that outlives the call; `message` has the stated length. What the
         // kernel does with the pointers is the caller's responsibility (see # Safety).
         let status = unsafe {
-            (self.launch)(self.table.add(sig.index), argv.as_mut_ptr(), &raw, message.as_mut_ptr(), message.len() as u64)
+            (self.launch)(
+                self.table.add(sig.index),
+                argv.as_mut_ptr(),
+                &raw,
+                message.as_mut_ptr(),
+                message.len() as u64,
+            )
         };
         if status != 0 {
             // SAFETY: zc_emu_launch NUL-terminates whatever it writes into `message` (snprintf).
@@ -353,12 +365,15 @@ impl std::fmt::Debug for EmuModule {
     }
 }
 
+/// One module's load, shared by every caller asking for it (errors kept as text, since `Error` is not `Clone`).
 type Cell = Arc<OnceLock<std::result::Result<Arc<EmuModule>, String>>>;
+/// The modules of this process by (cache folder, name, source).
+type Loaded = Mutex<HashMap<(PathBuf, String, String), Cell>>;
 
 /// Compiles (or finds in the cache folder) and loads `source`, once per process per (folder, name, source):
 /// later calls return the same module. Compilations of different sources run in parallel.
 pub fn compile_in(cache_dir: &Path, name: &str, source: &str) -> Result<Arc<EmuModule>> {
-    static LOADED: OnceLock<Mutex<HashMap<(PathBuf, String, String), Cell>>> = OnceLock::new();
+    static LOADED: OnceLock<Loaded> = OnceLock::new();
     let cell = {
         let mut map = LOADED.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
         map.entry((cache_dir.to_path_buf(), name.to_string(), source.to_string())).or_default().clone()

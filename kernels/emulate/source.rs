@@ -80,9 +80,9 @@ fn tokenize<'a>(src: &'a str, file_name: &str) -> Result<Tokens<'a>> {
                 continue;
             }
             b'/' if bytes.get(i + 1) == Some(&b'*') => {
-                let close = src[i + 2..].find("*/").ok_or_else(|| {
-                    Error::msg(format!("{}:{line}: unterminated comment", files[file]))
-                })?;
+                let close = src[i + 2..]
+                    .find("*/")
+                    .ok_or_else(|| Error::msg(format!("{}:{line}: unterminated comment", files[file])))?;
                 line += src[i..i + 2 + close].matches('\n').count();
                 i += close + 4;
                 continue;
@@ -233,8 +233,7 @@ fn find_kernels(tokens: &Tokens, scope: &[(bool, bool)]) -> Result<Vec<String>> 
         let Some(name_at) = name else {
             return Err(Error::msg(format!("{at}: cannot find the name of this __global__ function")));
         };
-        let close =
-            matching(t, k).ok_or_else(|| Error::msg(format!("{at}: unbalanced parameter list of a kernel")))?;
+        let close = matching(t, k).ok_or_else(|| Error::msg(format!("{at}: unbalanced parameter list of a kernel")))?;
         let is_definition = t.get(close + 1).is_some_and(|x| x.text == "{");
         if !is_definition {
             continue; // a declaration; the definition registers the kernel
@@ -270,7 +269,13 @@ fn text_of(src: &str, t: &[Token]) -> String {
 }
 
 /// Rewrites the `__shared__` declaration at token `i` (see `cuda_emu.h`, `SharedVar`).
-fn rewrite_shared(src: &str, tokens: &Tokens, scope: &[(bool, bool)], i: usize, counter: &mut usize) -> Result<Rewrite> {
+fn rewrite_shared(
+    src: &str,
+    tokens: &Tokens,
+    scope: &[(bool, bool)],
+    i: usize,
+    counter: &mut usize,
+) -> Result<Rewrite> {
     let t = &tokens.list;
     let at = tokens.location(&t[i]);
     let prev = i.checked_sub(1).map(|j| t[j].text);
@@ -374,10 +379,9 @@ fn rewrite_shared(src: &str, tokens: &Tokens, scope: &[(bool, bool)], i: usize, 
             let rest = rest.ok_or_else(|| {
                 Error::msg(format!("{at}: extern __shared__ `{name}` must be an array of unknown size (`{name}[]`)"))
             })?;
-            let pointer = if rest.trim().is_empty() { format!("{base}{stars}*") } else { format!("{base}{stars} (*){rest}") };
-            out.push_str(&format!(
-                "auto const {name} = reinterpret_cast<{pointer}>(::zc_emu::dynamic_shared()); "
-            ));
+            let pointer =
+                if rest.trim().is_empty() { format!("{base}{stars}*") } else { format!("{base}{stars} (*){rest}") };
+            out.push_str(&format!("auto const {name} = reinterpret_cast<{pointer}>(::zc_emu::dynamic_shared()); "));
         } else {
             let storage = format!("zc_emu_shared_{counter}");
             *counter += 1;
@@ -400,7 +404,11 @@ fn rewrite_shared(src: &str, tokens: &Tokens, scope: &[(bool, bool)], i: usize, 
 /// The translation unit the emulator compiles: `preprocessed` (the output of `g++ -E` on a kernel module) with
 /// its `__shared__` declarations rewritten, after `#include "<header>"`, followed by the kernel table.
 /// Returns it with the names of the kernels, in source order.
-pub(crate) fn host_translation_unit(preprocessed: &str, file_name: &str, header: &str) -> Result<(String, Vec<String>)> {
+pub(crate) fn host_translation_unit(
+    preprocessed: &str,
+    file_name: &str,
+    header: &str,
+) -> Result<(String, Vec<String>)> {
     let tokens = tokenize(preprocessed, file_name)?;
     let scope = scopes(&tokens.list);
     let kernels = find_kernels(&tokens, &scope)?;
@@ -447,7 +455,8 @@ mod tests {
 
     #[test]
     fn kernels_are_found_with_line_markers_and_launch_bounds() {
-        let src = "# 1 \"a.cu\"\nextern \"C\" __global__ void first(const float* x, float* y, u64 n) { y[0] = x[0]; }\n\
+        let src =
+            "# 1 \"a.cu\"\nextern \"C\" __global__ void first(const float* x, float* y, u64 n) { y[0] = x[0]; }\n\
                    extern \"C\" __global__ __launch_bounds__(256, 2) void second(int a) {}\n\
                    extern \"C\" __global__ void declared_only(int a);\n\
                    extern \"C\" { __global__ void inside_block() {} }\n";
