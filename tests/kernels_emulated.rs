@@ -458,6 +458,22 @@ fn misuse_is_reported_not_hung() {
     assert!(err.contains("no kernel `write_one_pas`; did you mean `write_one_past`?"), "{err}");
 }
 
+/// Generated kernels are sources of their own that include the project's device headers.
+#[test]
+fn a_source_may_include_the_device_headers() {
+    let source = "#include \"common.cuh\"\n\
+                  extern \"C\" __global__ void block_sums(const float* x, float* y) {\n\
+                      float s = block_sum(x[blockIdx.x * blockDim.x + threadIdx.x]);\n\
+                      if (threadIdx.x == 0) y[blockIdx.x] = s;\n\
+                  }\n";
+    let m = compile("generated_example", source);
+    let x: Vec<f32> = (0..3 * 64).map(|i| (i % 5) as f32).collect();
+    let (xb, y) = (DeviceBuffer::from_slice("x", &x), DeviceBuffer::uninit("y", 3 * 4));
+    run(&m, "block_sums", LaunchConfig::new(3, 64), KernelArgs::new().buffer(&xb).buffer(&y)).unwrap();
+    let want: Vec<f32> = x.chunks(64).map(|c| c.iter().sum()).collect();
+    assert_eq!(y.to_vec::<f32>().unwrap(), want);
+}
+
 #[test]
 fn compile_errors_quote_the_compiler() {
     let err = emulate::compile("broken", "extern \"C\" __global__ void k(float* y) { y[0] = undefined_name; }\n")

@@ -12,6 +12,7 @@ use std::sync::OnceLock;
 
 use super::source::host_translation_unit;
 use crate::error::{Error, Result};
+use crate::kernels::HEADERS;
 
 /// The emulation header, written next to every generated translation unit.
 pub(crate) const HEADER: &str = include_str!("cuda_emu.h");
@@ -136,7 +137,9 @@ pub(crate) fn build(cache_dir: &Path, name: &str, source: &str) -> Result<PathBu
     }
     let cxx = compiler()?;
     let flags = format!("{PREPROCESS_FLAGS:?}{COMPILE_FLAGS:?}");
-    let key = fnv1a(&[CACHE_SCHEMA, &cxx.program, &cxx.version, &flags, HEADER, source]);
+    let mut parts = vec![CACHE_SCHEMA, &cxx.program, &cxx.version, &flags, HEADER, source];
+    parts.extend(HEADERS.iter().flat_map(|h| [h.name, h.source]));
+    let key = fnv1a(&parts);
     let final_dir = cache_dir.join(format!("{name}-{key:016x}"));
     let library = final_dir.join(format!("{name}.so"));
     if library.is_file() {
@@ -177,6 +180,10 @@ fn build_in(cxx: &Compiler, dir: &Path, name: &str, source: &str) -> Result<()> 
     let source_file = format!("{name}.cu");
     write(&dir.join(&source_file), source)?;
     write(&dir.join(HEADER_NAME), HEADER)?;
+    // The project's device headers, so a source (a generated kernel, say) may `#include "common.cuh"`.
+    for h in HEADERS {
+        write(&dir.join(h.name), h.source)?;
+    }
     let mut args: Vec<&str> = PREPROCESS_FLAGS.to_vec();
     args.push(&source_file);
     let preprocessed = run(cxx, &args, dir, &format!("preprocess {source_file}"))?;
