@@ -244,6 +244,25 @@ extern "C" __global__ void shuffles(const int* x, int* out) {
     o[7] = (t & 31) < 16 ? __shfl_xor_sync(0x0000ffffu, v, 1) : __reduce_add_sync(0xffff0000u, v);
 }
 
+// Block and warp votes and reductions, written to out[8 * thread + k].
+extern "C" __global__ void votes(const int* x, int* out) {
+    const unsigned t = threadIdx.x;
+    const int v = x[t];
+    int* o = out + 8 * t;
+    o[0] = __syncthreads_count(v > 0);
+    o[1] = __syncthreads_and(v > -100);
+    o[2] = __syncthreads_or(v == 7);
+    o[3] = __any_sync(0xffffffffu, v == 7);
+    o[4] = __all_sync(0xffffffffu, v > -20);
+    o[5] = (int)__match_any_sync(0xffffffffu, v % 3);
+    o[6] = __reduce_min_sync(0xffffffffu, v);
+    o[7] = __reduce_max_sync(0xffffffffu, v);
+}
+
+extern "C" __global__ void mixed_barriers(int* y) {
+    y[threadIdx.x] = threadIdx.x < 40 ? __syncthreads_count(1) : (__syncthreads(), 0);
+}
+
 // Butterfly sum of floats: every lane must end with the warp's total.
 extern "C" __global__ void warp_total(const float* x, float* out) {
     float v = x[threadIdx.x];
@@ -389,6 +408,36 @@ fn warp_shuffles_follow_cuda_semantics() {
 }
 
 #[test]
+fn votes_and_warp_reductions_follow_cuda_semantics() {
+    let m = self_test();
+    let n = 64usize;
+    // Warp 0 holds -20..=11 (a 7 among them), warp 1 holds 12..=43.
+    let x: Vec<i32> = (0..n as i32).map(|i| i - 20).collect();
+    let (xb, out) = (DeviceBuffer::from_slice("x", &x), DeviceBuffer::uninit("out", n * 8 * 4));
+    for s in SCHEDULES {
+        run(&m, "votes", LaunchConfig::new(1, n as u32).with_schedule(s), KernelArgs::new().buffer(&xb).buffer(&out))
+            .unwrap();
+        let got = out.to_vec::<i32>().unwrap();
+        let positive = x.iter().filter(|&&v| v > 0).count() as i32;
+        for t in 0..n {
+            let warp = &x[t / 32 * 32..t / 32 * 32 + 32];
+            let same = warp.iter().enumerate().filter(|(_, &v)| v % 3 == x[t] % 3).fold(0u32, |b, (l, _)| b | 1 << l);
+            let want = [
+                positive,
+                1,
+                1,
+                warp.contains(&7) as i32,
+                warp.iter().all(|&v| v > -20) as i32,
+                same as i32,
+                *warp.iter().min().unwrap(),
+                *warp.iter().max().unwrap(),
+            ];
+            assert_eq!(&got[8 * t..8 * t + 8], &want, "thread {t}, {s:?}");
+        }
+    }
+}
+
+#[test]
 fn atomics_are_atomic_and_plain_read_modify_writes_race() {
     let m = self_test();
     let (blocks, threads) = (4u32, 96u32);
@@ -437,6 +486,7 @@ fn misuse_is_reported_not_hung() {
     expect("mask_without_self", 32, "does not name the calling lane");
     expect("mixed_collectives", 32, "different warp collectives");
     expect("traps", 32, "thread (3,0,0): __trap() called");
+    expect("mixed_barriers", 64, "different kinds of block barrier");
 
     // Launch configurations and arguments are checked against CUDA's limits and the kernel's parameters.
     let bad_launch = |cfg: LaunchConfig, args: KernelArgs, want: &str| {

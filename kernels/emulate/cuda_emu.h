@@ -832,6 +832,12 @@ inline bool run_block(BlockRun& r, const LaunchConfig& cfg, unsigned long long& 
         }
         int count = 0, all = 1, any = 0;
         for (unsigned i = 0; i < n; ++i) {
+            if (r.fibers[i].barrier_op != r.fibers[0].barrier_op) {
+                fail_scheduler(r, describe_thread(r.fibers[0]) + " and " + describe_thread(r.fibers[i]) +
+                                      " wait at different kinds of block barrier (__syncthreads and its _count, "
+                                      "_and, _or forms do not mix)");
+                return false;
+            }
             count += r.fibers[i].predicate;
             all &= r.fibers[i].predicate;
             any |= r.fibers[i].predicate;
