@@ -5,8 +5,8 @@
 //! spatial sizes, rows that are not multiples of 32, grids too small to cover the data) and its output is compared
 //! with the CPU backend running the same op as a one-node graph. Each case runs under four thread schedules
 //! (warp by warp ascending and descending, lockstep, shuffled lockstep): the kernels promise deterministic
-//! results for a given launch shape, so the outputs must agree bit
-//! for bit, which a missing barrier or a race would break.
+//! results for a given launch shape, so the outputs must agree bit for bit, which a missing barrier or a race
+//! would break. References are computed by the CPU backend in f64 on the values the kernel read (see `cpu`).
 //!
 //! The first tests check the emulator itself: barriers order memory, shuffles exchange across lanes, atomics are
 //! atomic, and misuse is reported instead of hanging or passing.
@@ -71,7 +71,12 @@ impl Kernels {
                 None => first = Some(out),
                 Some(f) => {
                     for (k, (a, b)) in f.iter().zip(&out).enumerate() {
-                        assert!(a == b, "{what}: output {k} differs between {:?} and {s:?} schedules", SCHEDULES[0]);
+                        assert!(
+                            a == b,
+                            "{what}: output {k} differs between the {:?} and {s:?} schedules (a race, a missing \
+                             barrier, or a read of memory the kernel was not given)",
+                            SCHEDULES[0]
+                        );
                     }
                 }
             }
