@@ -6,7 +6,9 @@
 //   binary_<op>_bcast_<T>(const T* a, const T* b, T* y, u64 n, BroadcastDims dims)
 //       y has shape dims.shape[0..rank) and n elements; a and b are read through element strides given per
 //       output axis, 0 on an axis they are broadcast along (so any broadcast, and any strided view, works).
-// Launch: any 1-D grid and block (grid-stride loops). y may alias a or b.
+// Launch: any 1-D grid and block (grid-stride loops). y may alias a or b when that operand is laid out like y
+// (same shape, row-major): each thread then reads the element it writes. Aliasing an operand read through
+// broadcast or permuted strides is a race (a thread overwrites an element another thread has yet to read).
 #include "common.cuh"
 
 #define ZC_MAX_RANK 8

@@ -5,6 +5,7 @@
 //! strings are empty and [`compiled`] is false; [`build_note`] says why.
 
 pub mod codegen;
+pub mod emulate;
 pub mod ptxas_report;
 
 pub use ptxas_report::KernelResources;

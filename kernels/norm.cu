@@ -6,13 +6,13 @@
 // one (sample, group) are contiguous; one block owns one (n, g) at a time (grid-stride over N*G).
 // Launch: blockDim.x a multiple of 32 (<= 1024), any grid.
 //   groupnorm_<T>(x, gamma [C], beta [C], y, float* mean, float* rstd, N, C, S, G, eps)
-//       mean and rstd ([N*G], f32) may be null; when given they receive the statistics.
+//       mean and rstd ([N*G], f32) may each be null; each one given receives its statistic.
 //   groupnorm_bwd_<T>(x, gamma, dy, dx, float* dgamma_part [N, C], float* dbeta_part [N, C], N, C, S, G, eps)
 //       Writes dx, and per-sample partial parameter gradients; norm_params_finish_<T> sums them over N.
 //
 // LayerNorm over the last axis, x [rows, D]. One warp owns one row at a time (no block barriers).
 // Launch: blockDim = (32, k), any k (<= 32), any grid.
-//   layernorm_<T>(x, gamma [D], beta [D], y, float* mean, float* rstd, rows, D, eps)   (mean/rstd may be null)
+//   layernorm_<T>(x, gamma [D], beta [D], y, float* mean, float* rstd, rows, D, eps)   (mean, rstd: each may be null)
 //   layernorm_bwd_<T>(x, gamma, dy, dx, float* stats [rows, 2], rows, D, eps)
 //       Writes dx and each row's (mean, rstd) into stats for the parameter pass.
 //   layernorm_bwd_params_<T>(x, dy, stats, float* dgamma_part [P, D], float* dbeta_part [P, D], rows, D,
@@ -56,8 +56,11 @@ __device__ __forceinline__ void groupnorm_fwd(const T* x, const T* gamma, const 
             const float xhat = (to_f32(x[base + j]) - mean) * rstd;
             y[base + j] = from_f32<T>(xhat * to_f32(gamma[c]) + to_f32(beta[c]));
         }
-        if (threadIdx.x == 0 && mean_out != 0 && rstd_out != 0) {
+        // Each statistic is written when its pointer is given, so a caller may ask for either alone.
+        if (threadIdx.x == 0 && mean_out != 0) {
             mean_out[ng] = mean;
+        }
+        if (threadIdx.x == 0 && rstd_out != 0) {
             rstd_out[ng] = rstd;
         }
     }
@@ -140,8 +143,11 @@ __device__ __forceinline__ void layernorm_fwd(const T* x, const T* gamma, const 
             const float xhat = (to_f32(row[d]) - mean) * rstd;
             y[r * D + d] = from_f32<T>(xhat * to_f32(gamma[d]) + to_f32(beta[d]));
         }
-        if (threadIdx.x == 0 && mean_out != 0 && rstd_out != 0) {
+        // Each statistic is written when its pointer is given, so a caller may ask for either alone.
+        if (threadIdx.x == 0 && mean_out != 0) {
             mean_out[r] = mean;
+        }
+        if (threadIdx.x == 0 && rstd_out != 0) {
             rstd_out[r] = rstd;
         }
     }
