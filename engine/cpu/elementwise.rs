@@ -202,18 +202,42 @@ pub fn broadcast_to<T: Float>(x: &[T], xs: &Shape, out: &mut [T], os: &Shape) {
     });
 }
 
+/// Sum of a contiguous run with eight independent accumulators, so it vectorises.
+#[inline]
+fn sum_slice<T: Float>(s: &[T]) -> T {
+    let mut acc = [T::ZERO; 8];
+    let chunks = s.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for k in 0..8 {
+            acc[k] += c[k];
+        }
+    }
+    let mut total = rest.iter().copied().sum::<T>();
+    for a in acc {
+        total += a;
+    }
+    total
+}
+
 /// Sums `x` (shape `xs`) down to `out` (shape `os`, which broadcasts to `xs`; leading axes may
 /// be missing). Each output element sums its own preimage, so threads never share a write and
-/// the result does not depend on the thread count.
+/// the result does not depend on the thread count. The trailing reduced axes are contiguous in
+/// `x` and are summed as slices (a conv bias gradient sums whole feature maps).
 pub fn sum_to<T: Float>(x: &[T], xs: &Shape, out: &mut [T], os: &Shape) {
     let xd = xs.dims();
     let pad = xd.len() - os.rank();
     let od: Vec<usize> = std::iter::repeat_n(1, pad).chain(os.dims().iter().copied()).collect();
     let xst = xs.strides();
-    let kept: Vec<(usize, usize)> =
-        (0..xd.len()).filter(|&a| od[a] != 1 || xd[a] == 1).map(|a| (xd[a], xst[a])).collect();
-    let reduced: Vec<(usize, usize)> =
-        (0..xd.len()).filter(|&a| od[a] == 1 && xd[a] != 1).map(|a| (xd[a], xst[a])).collect();
+    let reduced_axis = |a: usize| od[a] == 1 && xd[a] != 1;
+    // The trailing run of reduced (or size-1) axes: one contiguous slice per step.
+    let mut split = xd.len();
+    while split > 0 && (reduced_axis(split - 1) || xd[split - 1] == 1) {
+        split -= 1;
+    }
+    let inner: usize = xd[split..].iter().product();
+    let kept: Vec<(usize, usize)> = (0..split).filter(|&a| !reduced_axis(a)).map(|a| (xd[a], xst[a])).collect();
+    let reduced: Vec<(usize, usize)> = (0..split).filter(|&a| reduced_axis(a)).map(|a| (xd[a], xst[a])).collect();
     let count: usize = reduced.iter().map(|r| r.0).product();
     par_chunks(out, |start, o| {
         let mut idx = vec![0usize; reduced.len()];
@@ -228,8 +252,8 @@ pub fn sum_to<T: Float>(x: &[T], xs: &Shape, out: &mut [T], os: &Shape) {
             let mut acc = T::ZERO;
             let mut off = base;
             for _ in 0..count {
-                acc += x[off];
-                // Odometer increment over the reduced axes, innermost first.
+                acc += if inner == 1 { x[off] } else { sum_slice(&x[off..off + inner]) };
+                // Odometer increment over the outer reduced axes, innermost first.
                 for a in (0..reduced.len()).rev() {
                     idx[a] += 1;
                     off += reduced[a].1;
