@@ -89,9 +89,25 @@ pub fn image_mask(image: &[f32], size: usize) -> Vec<bool> {
     (0..n)
         .map(|i| {
             let d: f32 = (0..3).map(|c| (image[c * n + i] - (BACKGROUND[c] * 2.0 - 1.0)).powi(2)).sum();
-            d.sqrt() > 0.35
+            d.sqrt() > 0.5
         })
         .collect()
+}
+
+/// A 3-channel image averaged over `f` x `f` blocks (the resolution the model generates at, for
+/// a block-averaging first stage).
+pub fn block_average(img: &[f32], size: usize, f: usize) -> Vec<f32> {
+    let s = size / f;
+    let (n, m) = (size * size, s * s);
+    let mut out = vec![0.0f32; 3 * m];
+    for c in 0..3 {
+        for y in 0..size {
+            for x in 0..size {
+                out[c * m + (y / f) * s + x / f] += img[c * n + y * size + x] / (f * f) as f32;
+            }
+        }
+    }
+    out
 }
 
 /// Intersection over union of two masks (1 when both are empty).

@@ -81,7 +81,10 @@ pub fn encode_latents(
     posterior_noise: Option<ValueId>,
 ) -> Result<ValueId> {
     match &m.first_stage {
-        FirstStage::Pixel => vae::pixel_encode(b, image, 8),
+        FirstStage::Pixel => {
+            let z = vae::pixel_encode(b, image, 8)?;
+            b.g.scale(z, m.scale_factor)
+        }
         FirstStage::Kl(cfg) => {
             let (mean, logvar) = vae::vae_encode(b, VAE_PREFIX, cfg, image)?;
             let z = match posterior_noise {
@@ -100,12 +103,10 @@ pub fn encode_latents(
 
 /// Latents back to images [-1, 1] (unscaling first).
 pub fn decode_latents(b: &mut ModelBuilder, m: &StepModels, z: ValueId) -> Result<ValueId> {
+    let z = b.g.scale(z, 1.0 / m.scale_factor)?;
     match &m.first_stage {
         FirstStage::Pixel => vae::pixel_decode(b, z, 8),
-        FirstStage::Kl(cfg) => {
-            let z = b.g.scale(z, 1.0 / m.scale_factor)?;
-            vae::vae_decode(b, VAE_PREFIX, cfg, z)
-        }
+        FirstStage::Kl(cfg) => vae::vae_decode(b, VAE_PREFIX, cfg, z),
     }
 }
 

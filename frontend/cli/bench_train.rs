@@ -92,7 +92,13 @@ pub fn run(args: &BenchTrainArgs, out: &mut dyn Write) -> Result<()> {
             step::pass_options(&cfg, false).checkpointing
         ),
     )?;
+    let g = r.prog.graph();
+    let (flops, bytes) = g.nodes.iter().fold((0.0, 0.0), |(f, b), n| {
+        let c = crate::graph::cost::node_cost(g, n);
+        (f + c.flops, b + c.bytes)
+    });
     w(out, format!("compiled: {kernels} kernels, {trainable} trainable parameters, in {:.2} s", r.compile_secs))?;
+    w(out, format!("work per step (cost model): {:.2} GFLOP, {} moved by kernels", flops / 1e9, human_bytes(bytes)))?;
     w(out, format!("memory plan: {}", r.prog.plan().summary()))?;
     let mut t = 1;
     for _ in 0..args.warmup {

@@ -385,12 +385,15 @@ impl Run<'_> {
         let blank = vec![0.0f32; hints.len()];
         let without = sample(&self.models, &self.store, &self.tok, &blank, &caps, size, &s)?;
         let plane = 3 * size * size;
+        // Compared on the latent grid: the model generates one colour per latent cell.
+        let f = self.models.first_stage.factor();
+        let cells = size / f;
         let score = |imgs: &[f32]| -> f64 {
             (0..n)
                 .map(|i| {
-                    let hm = synthetic::hint_mask(&hints[i * plane..(i + 1) * plane], size);
-                    let im = synthetic::image_mask(&imgs[i * plane..(i + 1) * plane], size);
-                    synthetic::iou(&im, &hm)
+                    let h = synthetic::block_average(&hints[i * plane..(i + 1) * plane], size, f);
+                    let g = synthetic::block_average(&imgs[i * plane..(i + 1) * plane], size, f);
+                    synthetic::iou(&synthetic::image_mask(&g, cells), &synthetic::hint_mask(&h, cells))
                 })
                 .sum::<f64>()
                 / n as f64
