@@ -86,10 +86,11 @@ fn tiny_config_is_built_in_and_tiny() {
     let m = &built_in.model;
     assert!(m.unet_config.model_channels <= 32 && m.unet_config.channel_mult.len() <= 2);
     assert!(m.unet_config.context_dim <= 64 && m.cond_stage_config.hidden_size == m.unet_config.context_dim);
-    // Images 64x64 through a KL-f8 autoencoder: 8x8 latents.
+    // Images 128x128 through the weightless 8x block-average first stage: 16x16 latents of 3 channels.
     let crop = m.data.train.augmentations.center_crop_h_w.expect("crop");
-    let downsample = 1 << (m.first_stage_config.ddconfig.ch_mult.len() - 1);
-    assert_eq!((crop.height / downsample, m.unet_config.image_size), (8, 8));
+    assert_eq!(m.first_stage_config.kind, zeroconv::frontend::config::FirstStageKind::Pixel);
+    assert_eq!((crop.height / 8, m.unet_config.image_size, m.unet_config.in_channels), (16, 16, 3));
+    assert_eq!(m.cond_stage_config.version, "builtin:shapes");
     assert!(m.data.synthetic_data, "trains without files");
     assert_eq!(built_in.trainer.precision, Precision::F32);
     // Overrides apply to the built-in config too.

@@ -152,3 +152,23 @@ fn multi_tensor_adamw_batches_at_most_64_tensors() {
         .collect();
     assert_eq!(multi, vec![64, 6]);
 }
+
+/// The regression gate: the kernel counts of the compiled bench_small training step.
+#[test]
+fn bench_small_kernel_counts() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/bench/bench_small.yaml");
+    let count = |inductor: &str| {
+        let cfg =
+            zeroconv::frontend::config::load_config(Some(&path), &[format!("model.inductor={inductor}")]).unwrap();
+        let st = zeroconv::frontend::step::latent_step(&cfg, cfg.model.micro_batch_size as usize).unwrap();
+        let opt = zeroconv::frontend::step::optimize(&cfg, &st, false).unwrap();
+        let report = opt.fusion.clone();
+        (opt.graph.nodes.iter().filter(|n| !n.op.is_view()).count(), report)
+    };
+    let (fused, report) = count("True");
+    let (unfused, _) = count("False");
+    assert_eq!(unfused, 1338, "unfused kernel count changed");
+    assert_eq!(fused, 1064, "fused kernel count changed");
+    let r = report.unwrap();
+    assert!(r.peak_after <= r.peak_before, "fusion raised bench_small's planned peak");
+}
