@@ -93,7 +93,7 @@ impl Profile {
     /// Kernels that ran, slowest first.
     pub fn ranked(&self) -> Vec<&KernelStat> {
         let mut v: Vec<&KernelStat> = self.kernels.iter().filter(|k| k.launches > 0).collect();
-        v.sort_by(|a, b| b.total.cmp(&a.total));
+        v.sort_by_key(|k| std::cmp::Reverse(k.total));
         v
     }
 

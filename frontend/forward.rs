@@ -15,7 +15,7 @@ use crate::models::{
 };
 
 /// Reads input `name` with the expected rank, naming the file and the tensor on error.
-fn input<'a>(inputs: &'a Checkpoint, name: &str, rank: usize) -> Result<(Vec<usize>, HostTensor)> {
+fn input(inputs: &Checkpoint, name: &str, rank: usize) -> Result<(Vec<usize>, HostTensor)> {
     let t = inputs.tensor(name).map_err(|_| {
         Error::file(
             inputs.path(),

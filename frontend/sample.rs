@@ -89,7 +89,7 @@ pub fn sample(
     let n = captions.len();
     let f = m.first_stage.factor();
     let levels = m.ldm.unet.channel_mult.len();
-    if size % (f << (levels - 1)) != 0 {
+    if !size.is_multiple_of(f << (levels - 1)) {
         return Err(Error::msg(format!(
             "a {size}x{size} hint does not fit this model: the size must be a multiple of {} (8x the latent, whose side \
              halves {} times)",

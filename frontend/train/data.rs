@@ -110,7 +110,7 @@ impl DataSource {
             DataSource::Synthetic { size, .. } => {
                 let (mut hints, mut caps) = (Vec::new(), Vec::new());
                 for i in 0..n {
-                    let s = synthetic::sample(seed ^ 0x5EED_7A1, 1_000_000_007 + i as u64, *size);
+                    let s = synthetic::sample(seed ^ 0x05EE_D7A1, 1_000_000_007 + i as u64, *size);
                     hints.extend(s.hint);
                     caps.push(s.caption);
                 }

@@ -309,9 +309,9 @@ fn build(g: &Graph, groups: &[Vec<NodeId>], ctx: &Ctx, is_output: &[bool]) -> Re
             }
         }
     }
-    for i in 0..n {
-        if unit_of[i] == usize::MAX {
-            unit_of[i] = units.len();
+    for (i, u) in unit_of.iter_mut().enumerate() {
+        if *u == usize::MAX {
+            *u = units.len();
             units.push(vec![i]);
         }
     }
@@ -338,8 +338,8 @@ fn build(g: &Graph, groups: &[Vec<NodeId>], ctx: &Ctx, is_output: &[bool]) -> Re
     }
     let key = |u: usize| std::cmp::Reverse(*units[u].iter().max().expect("non-empty unit"));
     let mut heap: BinaryHeap<(std::cmp::Reverse<NodeId>, usize)> = BinaryHeap::new();
-    for u in 0..nu {
-        if indeg[u] == 0 {
+    for (u, &d) in indeg.iter().enumerate() {
+        if d == 0 {
             heap.push((key(u), u));
         }
     }
