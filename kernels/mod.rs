@@ -105,11 +105,16 @@ impl KernelModule {
     /// The source with every `#include "x.cuh"` of a header in [`HEADERS`] replaced by that header's text (once
     /// per header, as `#pragma once` would), so a tool that reads the source needs no file system.
     pub fn self_contained_source(&self) -> String {
-        let mut included = Vec::new();
-        let mut out = String::with_capacity(self.source.len() * 2);
-        expand_includes(self.source, &mut included, &mut out);
-        out
+        self_contained(self.source)
     }
+}
+
+/// Any CUDA source (a generated one too) with its `#include "x.cuh"` of [`HEADERS`] inlined.
+pub fn self_contained(source: &str) -> String {
+    let mut included = Vec::new();
+    let mut out = String::with_capacity(source.len() * 2);
+    expand_includes(source, &mut included, &mut out);
+    out
 }
 
 fn expand_includes(source: &str, included: &mut Vec<&'static str>, out: &mut String) {

@@ -6,6 +6,7 @@
 //! Executing compiled graphs on the device comes later.
 
 mod device;
+pub mod nvrtc;
 mod probe;
 
 pub use device::{module_image, CudaDevice, KernelCheck, ModuleImage};
