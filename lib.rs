@@ -8,6 +8,7 @@ pub mod engine;
 pub mod error;
 pub mod frontend;
 pub mod graph;
+pub mod hash;
 pub mod kernels;
 pub mod models;
 

@@ -61,7 +61,7 @@ impl WeightStore {
             if self.tensors.contains_key(&s.key) {
                 continue;
             }
-            let h = s.key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+            let h = crate::hash::fnv1a64(s.key.as_bytes());
             let mut rng = Rng::new(seed ^ h);
             let data = init_value(s, &mut rng);
             self.tensors.insert(s.key.clone(), HostTensor::from_f64(s.shape.clone(), crate::graph::DType::F32, &data)?);

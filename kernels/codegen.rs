@@ -233,7 +233,7 @@ pub fn generate(k: &FusedKernel, in_dtypes: &[DType]) -> Result<Generated> {
             params = params.join(", "),
         )
     };
-    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+    let hash = crate::hash::fnv1a64(text.as_bytes());
     let function = format!("fused_{stem}_{:08x}", hash as u32);
     Ok(Generated { source: text.replace("NAME(", &format!("{function}(")), function, anchored, inputs: kinds })
 }

@@ -51,7 +51,7 @@ pub fn probe_nvrtc() -> Result<()> {
 /// this source was compiled before. Returns the PTX and whether it came from the cache.
 pub fn compile_cached(source: &str, arch: Arch, cache_dir: &Path) -> Result<(String, bool)> {
     let full = crate::kernels::self_contained(source);
-    let hash = full.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+    let hash = crate::hash::fnv1a64(full.as_bytes());
     let path = cache_dir.join(format!("{hash:016x}-{}.ptx", arch.name()));
     if let Ok(ptx) = std::fs::read_to_string(&path) {
         if ptx.contains(".entry") {

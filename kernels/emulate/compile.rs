@@ -67,15 +67,10 @@ fn probe_compiler(program: &str) -> std::result::Result<Compiler, String> {
 }
 
 /// FNV-1a, 64 bits: a stable hash (unlike `DefaultHasher`, it is the same across Rust versions).
+/// Parts are separated by a 0xff byte, so ["ab", "c"] and ["a", "bc"] differ.
 fn fnv1a(parts: &[&str]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in parts {
-        for &b in part.as_bytes().iter().chain(&[0xffu8]) {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    h
+    use crate::hash::{fnv1a_extend, FNV_OFFSET};
+    parts.iter().fold(FNV_OFFSET, |h, p| fnv1a_extend(fnv1a_extend(h, p.as_bytes()), &[0xff]))
 }
 
 /// Where compiled modules are cached by default: `ZEROCONV_EMU_CACHE` if set; else `emulated-kernels/` in the
