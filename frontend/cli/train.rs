@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  zeroconv train                                   # the built-in demo (about 5 minutes on 2 cores)\n  zeroconv train trainer.max_steps=6 --out runs/quick\n  zeroconv train --config configs/controlnet_sd15.yaml model.data.train.dataset_path=[shards/{000000..000099}.tar]\n  zeroconv train --config configs/controlnet_sd15.yaml --resume --out runs/sd15"
+    after_help = "Examples:\n  zeroconv train                                   # the built-in demo (about 4 minutes on 2 cores)\n  zeroconv train trainer.max_steps=6 --out runs/quick\n  zeroconv train --config configs/controlnet_sd15.yaml 'model.data.train.dataset_path=[\"shards/{000000..000099}.tar\"]'\n  zeroconv train --config configs/controlnet_sd15.yaml --resume --out runs/sd15"
 )]
 pub struct TrainArgs {
     #[command(flatten)]

@@ -51,7 +51,7 @@ impl DataSource {
         if paths.is_empty() {
             return Err(Error::msg(
                 "model.data.train.dataset_path is empty: give WebDataset shards (paths, brace ranges or folders), \
-                 e.g. model.data.train.dataset_path=[data/shard-{000000..000009}.tar], or set model.data.synthetic_data=True",
+                 e.g. 'model.data.train.dataset_path=[\"data/shard-{000000..000009}.tar\"]', or set model.data.synthetic_data=True",
             ));
         }
         let lc = LoaderConfig {
