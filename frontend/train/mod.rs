@@ -466,7 +466,9 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
     run.store = store;
     let base_steps = cfg.model.base_pretrain_steps;
     let max_steps = cfg.trainer.max_steps.unwrap_or(1000);
-    let base_file = out.join("base_unet.safetensors");
+    // The base model this run trains itself (U-Net, and the frozen text encoder and first stage it was
+    // trained with), so a resumed run and `zeroconv sample --ckpt` find the same weights.
+    let base_file = out.join("base_model.safetensors");
     let resumed_phase = latest.as_ref().map(|(_, st)| st.phase.clone());
     // Phase 1: the base U-Net, when asked for and not already done.
     if base_steps > 0 && resumed_phase.as_deref() != Some("control") {
@@ -475,7 +477,10 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
             _ => (0, None),
         };
         run.run_phase(Phase::Base, start, base_steps, ck)?;
-        write_safetensors(&base_file, &run.store.under("model.diffusion_model."), None)?;
+        let mut base = run.store.under("model.diffusion_model.");
+        base.extend(run.store.under("cond_stage_model."));
+        base.extend(run.store.under("first_stage_model."));
+        write_safetensors(&base_file, &base, None)?;
     } else if base_steps > 0 {
         let ck = Checkpoint::open(&base_file)?;
         let n = run.store.load_matching(&ck, &all_specs)?;
