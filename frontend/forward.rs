@@ -7,7 +7,7 @@ use crate::engine::cpu::CpuBackend;
 use crate::engine::{Backend, HostTensor, Program};
 use crate::error::{Error, Result};
 use crate::graph::autodiff::backward;
-use crate::graph::passes::{self, PassOptions};
+use crate::graph::passes::PassOptions;
 use crate::graph::{DType, Graph, ValueId};
 use crate::models::control_ldm::{self, Batch, ControlLdmConfig};
 use crate::models::{
@@ -39,7 +39,7 @@ fn run_graph(
     outs: &[(String, ValueId)],
 ) -> Result<Vec<(String, HostTensor)>> {
     g.outputs = outs.iter().map(|(_, v)| *v).collect();
-    let opt = passes::optimize(&g, &PassOptions::default())?;
+    let opt = super::step::run_passes(&g, &PassOptions::default())?;
     let mut prog = CpuBackend::default().compile(opt.graph)?;
     load_params(&mut prog, &opt.map, specs, ckpt, prefixes)?;
     for (v, t) in feeds {

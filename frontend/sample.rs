@@ -8,7 +8,7 @@ use super::weights_store::WeightStore;
 use crate::engine::cpu::CpuBackend;
 use crate::engine::{Backend, HostTensor, Program};
 use crate::error::{Error, Result};
-use crate::graph::passes::{self, PassOptions};
+use crate::graph::passes::PassOptions;
 use crate::graph::DType;
 use crate::models::control_ldm::{self, Batch};
 use crate::models::schedule::Schedule;
@@ -59,7 +59,7 @@ pub fn encode_text(
     let ids = b.g.input("ids", [n, l], DType::I64);
     let h = clip::clip_text(&mut b, CLIP_PREFIX, &m.clip, ids)?;
     b.g.outputs.push(h);
-    let opt = passes::optimize(&b.g, &PassOptions { fusion: true, ..Default::default() })?;
+    let opt = super::step::run_passes(&b.g, &PassOptions { fusion: true, ..Default::default() })?;
     let mut prog = backend(s).compile(opt.graph)?;
     store.upload(&mut prog, &opt.map, &b.params)?;
     let mut all = Vec::with_capacity(n * l);
@@ -118,7 +118,7 @@ pub fn sample(
     let shape = Batch { batch: rows, latent_h: lat, latent_w: lat, context_len: m.clip.max_position_embeddings };
     let mut built = control_ldm::build_gated(&ldm, shape, DType::F32, DType::F32, false, true)?;
     built.b.g.outputs.push(built.eps);
-    let opt = passes::optimize(&built.b.g, &PassOptions { fusion: true, ..Default::default() })?;
+    let opt = super::step::run_passes(&built.b.g, &PassOptions { fusion: true, ..Default::default() })?;
     let mut prog = backend(s).compile(opt.graph)?;
     store.upload(&mut prog, &opt.map, &built.b.params)?;
     let id = |v| opt.map.get(v).expect("sampler inputs are kept");
@@ -158,7 +158,7 @@ pub fn sample(
     let z = b.g.input("z", [n, c, lat, lat], DType::F32);
     let img = decode_latents(&mut b, m, z)?;
     b.g.outputs.push(img);
-    let opt = passes::optimize(&b.g, &PassOptions { fusion: true, ..Default::default() })?;
+    let opt = super::step::run_passes(&b.g, &PassOptions { fusion: true, ..Default::default() })?;
     let mut prog = backend(s).compile(opt.graph)?;
     store.upload(&mut prog, &opt.map, &b.params)?;
     let zv: Vec<f64> = x.iter().map(|&v| v as f64).collect();

@@ -59,5 +59,22 @@ pub fn pass_options(cfg: &Config, dumps: bool) -> PassOptions {
 }
 
 pub fn optimize(cfg: &Config, step: &StepGraph, dumps: bool) -> Result<Optimized> {
-    passes::optimize(&step.graph, &pass_options(cfg, dumps))
+    run_passes(&step.graph, &pass_options(cfg, dumps))
+}
+
+/// The pass pipeline, printing the fusion decisions (fused, refused with the reason, undone) to
+/// stderr when `ZEROCONV_LOG` names `fusion` (e.g. `ZEROCONV_LOG=fusion`).
+pub fn run_passes(g: &Graph, opts: &PassOptions) -> Result<Optimized> {
+    let opt = passes::optimize(g, opts)?;
+    let wanted = std::env::var("ZEROCONV_LOG").is_ok_and(|v| v.split(',').any(|t| t.trim() == "fusion"));
+    if let (true, Some(report)) = (wanted, &opt.fusion) {
+        for line in &report.log {
+            eprintln!("[fusion] {line}");
+        }
+        eprintln!(
+            "[fusion] {} -> {} kernels, {} fused groups, planned peak {} -> {} bytes",
+            report.nodes_before, report.nodes_after, report.fused_groups, report.peak_before, report.peak_after
+        );
+    }
+    Ok(opt)
 }

@@ -251,3 +251,20 @@ fn shape_errors_name_the_op_and_shapes() {
     let e = g.group_norm(x, gm, gm, 4, 1e-5).unwrap_err().to_string();
     assert!(e.contains("4 groups"), "{e}");
 }
+
+#[test]
+fn the_finite_check_names_the_first_kernel_that_makes_a_nan() {
+    let mut g = Graph::new();
+    let x = g.input("x", [4], DType::F32);
+    let a = g.unary(zeroconv::graph::UnaryOp::Exp, x).unwrap();
+    let l = g.unary(zeroconv::graph::UnaryOp::Log, x).unwrap(); // log(-1) = NaN
+    let s = g.add(a, l).unwrap();
+    let y = g.silu(s).unwrap();
+    g.outputs.push(y);
+    let mut p = CpuBackend::new(1).compile(g).unwrap();
+    p.upload(x, &HostTensor::from_f64([4], DType::F32, &[1.0, 2.0, -1.0, 3.0]).unwrap()).unwrap();
+    p.launch().unwrap(); // unchecked: the NaN flows through
+    p.set_check_finite(true);
+    let err = p.launch().unwrap_err().to_string();
+    assert!(err.contains("(log)") && err.contains("element 2") && err.contains("NaN"), "{err}");
+}

@@ -70,6 +70,9 @@ pub struct CpuProgram {
     _sources: Vec<Vec<u64>>,
     source_ptr: Vec<*mut u8>,
     profile: Option<crate::engine::profile::Profile>,
+    /// Check every kernel's outputs for NaN/Inf (ZEROCONV_CHECK_FINITE=1): the first kernel that
+    /// produces one stops the step with its name.
+    check_finite: bool,
 }
 
 // SAFETY: the program exclusively owns every buffer its raw pointers point into; moving it to
@@ -181,6 +184,7 @@ impl Backend for CpuBackend {
             _sources: sources,
             source_ptr,
             profile: None,
+            check_finite: std::env::var("ZEROCONV_CHECK_FINITE").is_ok_and(|v| v == "1"),
         })
         .map(|mut p| {
             let level = crate::engine::profile::Profile::debug_level_from_env();
@@ -306,6 +310,33 @@ impl CpuProgram {
             }
         }
         Ok(())
+    }
+
+    /// The first non-finite value among node `i`'s outputs (float ones), as an error naming it.
+    fn check_outputs_finite(&self, i: usize) -> Result<()> {
+        let node = &self.graph.nodes[i];
+        for &o in &node.outputs {
+            if !self.graph.dtype(o).is_float() {
+                continue;
+            }
+            let vals = self.read_f64(o)?;
+            if let Some((at, v)) = vals.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                return Err(Error::msg(format!(
+                    "the first non-finite value of the step: {v} at element {at} of {} ({} {}), produced by node {i} ({}) {}",
+                    self.graph.values[o].name,
+                    self.graph.shape(o),
+                    self.graph.dtype(o),
+                    node.op.name(),
+                    node.op.attrs()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Turns the per-kernel NaN/Inf check on or off (it is also on with ZEROCONV_CHECK_FINITE=1).
+    pub fn set_check_finite(&mut self, on: bool) {
+        self.check_finite = on;
     }
 
     fn run_cast(&self, node: &Node) -> Result<()> {
@@ -632,6 +663,9 @@ impl Program for CpuProgram {
                 let start = std::time::Instant::now();
                 this.run_node(i)
                     .map_err(|e| Error::msg(format!("node {i} ({}): {e}", this.graph.nodes[i].op.name())))?;
+                if this.check_finite {
+                    this.check_outputs_finite(i)?;
+                }
                 if let Some(p) = profile.as_mut() {
                     p.record(i, start, start.elapsed());
                 }

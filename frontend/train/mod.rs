@@ -150,7 +150,7 @@ fn build_step(
     let loss = b.g.scale(total.expect("at least one micro-batch"), 1.0 / accum as f64)?;
     b.g.outputs.push(loss);
     let hyper = append_training_step_clipped(&mut b.g, loss, &step::adamw_config(cfg), cfg.trainer.gradient_clip_val)?;
-    let opt = crate::graph::passes::optimize(&b.g, &step::pass_options(cfg, false))?;
+    let opt = step::run_passes(&b.g, &step::pass_options(cfg, false))?;
     let backend = threads.map_or_else(CpuBackend::default, CpuBackend::new);
     let prog = backend.compile(opt.graph)?;
     Ok(StepProgram {
@@ -315,7 +315,7 @@ impl Run<'_> {
             let loss = p.prog.download(p.loss)?.to_f64()[0];
             if !loss.is_finite() {
                 return Err(Error::msg(format!(
-                    "{name} step {}: the loss is {loss}; rerun with ZEROCONV_DEBUG=2 to see each kernel, or lower model.optim.lr",
+                    "{name} step {}: the loss is {loss}; rerun with ZEROCONV_CHECK_FINITE=1 to stop at the first kernel that produces a NaN/Inf (and --resume from the last checkpoint), or lower model.optim.lr",
                     s + 1
                 )));
             }
