@@ -4,9 +4,10 @@
 //! GroupNorm/LayerNorm statistics of each normalisation unit, then run the epilogue as the
 //! normalised values are produced.
 
-use super::elementwise::{unary_derivative, unary_value};
+use super::elementwise::{as_f32, as_f32_mut, silu_backward_f32, silu_f32, unary_derivative, unary_value};
 use super::float::Float;
 use crate::graph::fusion::{Anchor, FusedKernel, Instr};
+use crate::graph::UnaryOp;
 use crate::graph::{BinaryOp, DType, Shape};
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -184,16 +185,24 @@ fn run_range<T: Float>(
                     }
                 }
                 Instr::Const(c) => dst.fill(T::from_f64(c.get())),
-                Instr::Unary(u, a) => {
-                    for (d, &x) in dst.iter_mut().zip(src(a)) {
-                        *d = unary_value(u, x);
+                Instr::Unary(u, a) => match (u, as_f32(src(a)), as_f32_mut(dst)) {
+                    (UnaryOp::Silu, Some(xf), Some(df)) => silu_f32(xf, df),
+                    _ => {
+                        let dst = &mut after[..len];
+                        for (d, &x) in dst.iter_mut().zip(src(a)) {
+                            *d = unary_value(u, x);
+                        }
                     }
-                }
-                Instr::UnaryBackward(u, x, dy) => {
-                    for ((d, &xv), &g) in dst.iter_mut().zip(src(x)).zip(src(dy)) {
-                        *d = g * unary_derivative(u, xv);
+                },
+                Instr::UnaryBackward(u, x, dy) => match (u, as_f32(src(x)), as_f32(src(dy)), as_f32_mut(dst)) {
+                    (UnaryOp::Silu, Some(xf), Some(gf), Some(df)) => silu_backward_f32(xf, gf, df),
+                    _ => {
+                        let dst = &mut after[..len];
+                        for ((d, &xv), &g) in dst.iter_mut().zip(src(x)).zip(src(dy)) {
+                            *d = g * unary_derivative(u, xv);
+                        }
                     }
-                }
+                },
                 Instr::Binary(b, a, c) => {
                     let (xa, xc) = (src(a), src(c));
                     match b {
