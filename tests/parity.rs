@@ -117,7 +117,8 @@ fn sd2_tiny() -> UNetConfig {
     }
 }
 
-fn check_control_ldm(name: &str, unet: UNetConfig) {
+/// The ControlNet + locked U-Net of fixture `name` and its generated weights.
+fn control_ldm_fixture(name: &str, unet: UNetConfig) -> (ControlLdmConfig, Checkpoint) {
     let cfg = ControlLdmConfig {
         control: ControlNetConfig { unet: unet.clone(), hint_channels: 3 },
         unet,
@@ -128,7 +129,12 @@ fn check_control_ldm(name: &str, unet: UNetConfig) {
     };
     let mut specs = unet_params(&cfg.unet).unwrap();
     specs.extend(controlnet_params(&cfg.control).unwrap());
-    let weights = weights(name, &specs);
+    let w = weights(name, &specs);
+    (cfg, w)
+}
+
+fn check_control_ldm(name: &str, unet: UNetConfig) {
+    let (cfg, weights) = control_ldm_fixture(name, unet);
     let inputs = fixture(&format!("{name}.inputs.safetensors"));
     let expected = fixture(&format!("{name}.expected.safetensors"));
     let outs = forward::control_ldm(&cfg, &weights, &inputs, true, DType::F32).unwrap();
@@ -217,18 +223,7 @@ fn vae_matches_diffusers() {
 /// within 2e-2 relative error of the fp32 PyTorch reference, as DESIGN.md's numerics ask.
 #[test]
 fn bf16_forward_is_within_two_percent_of_the_fp32_reference() {
-    let unet = sd15_tiny();
-    let cfg = ControlLdmConfig {
-        control: ControlNetConfig { unet: unet.clone(), hint_channels: 3 },
-        unet,
-        only_mid_control: false,
-        sd_locked: true,
-        strength: 1.0,
-        guess_mode: false,
-    };
-    let mut specs = unet_params(&cfg.unet).unwrap();
-    specs.extend(controlnet_params(&cfg.control).unwrap());
-    let weights = weights("sd15_tiny", &specs);
+    let (cfg, weights) = control_ldm_fixture("sd15_tiny", sd15_tiny());
     let inputs = fixture("sd15_tiny.inputs.safetensors");
     let expected = fixture("sd15_tiny.expected.safetensors");
     let outs = forward::control_ldm(&cfg, &weights, &inputs, false, DType::BF16).unwrap();
