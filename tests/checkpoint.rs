@@ -22,20 +22,15 @@ fn expected() -> Value {
     serde_json::from_str(&text).expect("expected.json is JSON")
 }
 
-/// A scratch directory removed at the end of the test.
-struct Scratch(PathBuf);
+/// A uniquely named scratch directory, removed at the end of the test.
+struct Scratch(tempfile::TempDir);
 
 impl Scratch {
     fn new(name: &str) -> Scratch {
-        static COUNT: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("zeroconv-ckpt-{name}-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
+        Scratch(tempfile::Builder::new().prefix(&format!("zeroconv-ckpt-{name}-")).tempdir().unwrap())
     }
     fn path(&self, file: &str) -> PathBuf {
-        self.0.join(file)
+        self.0.path().join(file)
     }
     fn write(&self, file: &str, bytes: &[u8]) -> PathBuf {
         let p = self.path(file);
@@ -43,13 +38,7 @@ impl Scratch {
         p
     }
     fn files(&self) -> BTreeSet<String> {
-        fs::read_dir(&self.0).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
+        fs::read_dir(self.0.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
     }
 }
 

@@ -156,7 +156,7 @@ fn multi_tensor_adamw_batches_at_most_64_tensors() {
 /// The regression gate: the kernel counts of the compiled bench_small training step.
 #[test]
 fn bench_small_kernel_counts() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/bench/bench_small.yaml");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/bench_small.yaml");
     let count = |inductor: &str| {
         let cfg =
             zeroconv::frontend::config::load_config(Some(&path), &[format!("model.inductor={inductor}")]).unwrap();

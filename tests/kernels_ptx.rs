@@ -175,14 +175,12 @@ fn ptxas_accepts_the_embedded_ptx() {
         eprintln!("SKIPPED re-assembly: no ptxas (set ZEROCONV_PTXAS or put ptxas on PATH); {HOW_TO_BUILD}");
         return;
     };
-    let dir = env::temp_dir().join(format!("zeroconv-kernels-ptx-{}", std::process::id()));
-    fs::create_dir_all(&dir).expect("temp dir");
+    let dir = tempfile::Builder::new().prefix("zeroconv-kernels-ptx-").tempdir().expect("temp dir");
     for m in MODULES {
         for arch in Arch::ALL {
-            assemble(&ptxas, &dir, m, arch);
+            assemble(&ptxas, dir.path(), m, arch);
         }
     }
-    let _ = fs::remove_dir_all(&dir);
 }
 
 fn assemble(ptxas: &Path, dir: &Path, m: &KernelModule, arch: Arch) {

@@ -57,11 +57,11 @@ fn weights(name: &str, specs: &[ParamSpec]) -> Checkpoint {
         .iter()
         .map(|(k, s)| (k.clone(), HostTensor::from_f64(s.clone(), DType::F32, &generated(k, s)).unwrap()))
         .collect();
-    let path = std::env::temp_dir().join(format!("zeroconv-parity-{name}-{}.safetensors", std::process::id()));
+    // A uniquely named file per call: the tests of this binary run at the same time.
+    let dir = tempfile::Builder::new().prefix(&format!("zeroconv-parity-{name}-")).tempdir().unwrap();
+    let path = dir.path().join("weights.safetensors");
     write_safetensors(&path, &tensors, None).unwrap();
-    let ckpt = Checkpoint::open(&path).unwrap();
-    let _ = std::fs::remove_file(&path); // the mapping stays valid after unlinking
-    ckpt
+    Checkpoint::open(&path).unwrap() // the mapping stays valid after the folder is removed
 }
 
 #[test]

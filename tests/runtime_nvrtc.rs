@@ -29,8 +29,8 @@ fn generated_kernels_compile_at_run_time_and_hit_the_cache() {
     let gens: Vec<codegen::Generated> = codegen::for_graph(&opt.graph).unwrap().into_iter().map(|(_, g)| g).collect();
     assert!(!gens.is_empty());
     let source = codegen::module_source(&gens);
-    let dir = std::env::temp_dir().join(format!("zeroconv-kcache-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let scratch = tempfile::Builder::new().prefix("zeroconv-kcache-").tempdir().unwrap();
+    let dir = scratch.path().join("cache");
     for arch in [Arch::Sm80, Arch::Sm90] {
         let (ptx, cached) = compile_cached(&source, arch, &dir).unwrap();
         assert!(!cached, "first compile");

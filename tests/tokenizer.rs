@@ -132,8 +132,8 @@ fn batch_and_decode() {
 
 #[test]
 fn bad_files_give_clear_errors() {
-    let dir = std::env::temp_dir().join(format!("zeroconv-tokenizer-test-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
+    let scratch = tempfile::Builder::new().prefix("zeroconv-tokenizer-").tempdir().unwrap();
+    let dir = scratch.path();
     let vocab = fixture_dir().join("vocab.json");
 
     let merges = dir.join("merges.txt");
@@ -159,5 +159,4 @@ fn bad_files_give_clear_errors() {
     assert!(err.to_string().contains("no pad token \"<pad>\""), "{err}");
     let err = ClipTokenizer::from_vocab_and_merges(&vocab, &dir_merges, options(1, "!")).err().unwrap();
     assert!(err.to_string().contains("at least 2"), "{err}");
-    fs::remove_dir_all(&dir).ok();
 }

@@ -3,16 +3,16 @@
 //! and the errors a user meets first.
 
 use std::path::{Path, PathBuf};
+use tempfile::TempDir;
 use zeroconv::frontend::config::{load_config, Config, CropSize};
 use zeroconv::frontend::sample::{sample, SampleSettings};
 use zeroconv::frontend::synthetic;
 use zeroconv::frontend::train::{self, train, TrainOptions, TrainReport};
 use zeroconv::frontend::weights_store::WeightStore;
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("zeroconv-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+/// A fresh, uniquely named folder for one test's run, removed when the test ends.
+fn tmp(name: &str) -> TempDir {
+    tempfile::Builder::new().prefix(&format!("zeroconv-{name}-")).tempdir().expect("temporary folder")
 }
 
 /// The tiny config at 64x64 pixels (8x8 latents), batch 2.
@@ -50,13 +50,13 @@ fn control_losses(r: &TrainReport) -> Vec<(u64, u64)> {
 fn a_resumed_run_logs_the_same_losses_bit_for_bit() {
     // Uninterrupted: 2 base steps, then 6 ControlNet steps.
     let a = tmp("resume-a");
-    let full = train(&small(&["model.base_pretrain_steps=2", "trainer.max_steps=6"]), &opts(&a)).unwrap();
+    let full = train(&small(&["model.base_pretrain_steps=2", "trainer.max_steps=6"]), &opts(a.path())).unwrap();
     // Stopped after step 3, then resumed to step 6.
     let b = tmp("resume-b");
-    let first = train(&small(&["model.base_pretrain_steps=2", "trainer.max_steps=3"]), &opts(&b)).unwrap();
+    let first = train(&small(&["model.base_pretrain_steps=2", "trainer.max_steps=3"]), &opts(b.path())).unwrap();
     let second = train(
         &small(&["model.base_pretrain_steps=2", "trainer.max_steps=6"]),
-        &TrainOptions { resume: true, ..opts(&b) },
+        &TrainOptions { resume: true, ..opts(b.path()) },
     )
     .unwrap();
     let mut resumed = control_losses(&first);
@@ -67,11 +67,11 @@ fn a_resumed_run_logs_the_same_losses_bit_for_bit() {
     assert!(second.losses.iter().all(|l| l.0 == "control"));
     // Both exported the same ControlNet.
     assert_eq!(
-        std::fs::read(a.join("controlnet.safetensors")).unwrap(),
-        std::fs::read(b.join("controlnet.safetensors")).unwrap()
+        std::fs::read(a.path().join("controlnet.safetensors")).unwrap(),
+        std::fs::read(b.path().join("controlnet.safetensors")).unwrap()
     );
     // metrics.jsonl has the required fields.
-    let m = std::fs::read_to_string(b.join("metrics.jsonl")).unwrap();
+    let m = std::fs::read_to_string(b.path().join("metrics.jsonl")).unwrap();
     let last: serde_json::Value = serde_json::from_str(m.lines().last().unwrap()).unwrap();
     for k in ["step", "loss", "lr", "samples_per_s", "peak_memory_bytes"] {
         assert!(last.get(k).is_some(), "metrics.jsonl lacks {k}: {last}");
@@ -83,13 +83,13 @@ fn a_resumed_run_logs_the_same_losses_bit_for_bit() {
 fn an_interrupted_checkpoint_write_never_replaces_a_good_one() {
     let d = tmp("atomic");
     let cfg3 = small(&["trainer.max_steps=3"]);
-    train(&cfg3, &opts(&d)).unwrap();
-    let ckdir = d.join("checkpoints");
+    train(&cfg3, &opts(d.path())).unwrap();
+    let ckdir = d.path().join("checkpoints");
     let good = train::state::list(&ckdir).last().unwrap().1.clone();
     let before = std::fs::read(&good).unwrap();
     // Resume to 6; the checkpoint at step 6 fails midway through its write.
     let cfg6 = small(&["trainer.max_steps=6"]);
-    let err = train(&cfg6, &TrainOptions { resume: true, fail_checkpoint_after: Some(4096), ..opts(&d) })
+    let err = train(&cfg6, &TrainOptions { resume: true, fail_checkpoint_after: Some(4096), ..opts(d.path()) })
         .unwrap_err()
         .to_string();
     assert!(err.contains("simulated failure"), "{err}");
@@ -98,7 +98,7 @@ fn an_interrupted_checkpoint_write_never_replaces_a_good_one() {
         std::fs::read_dir(&ckdir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
     assert_eq!(names.len(), 1, "no partial or temporary file is left: {names:?}");
     // And the run resumes from it.
-    let r = train(&cfg6, &TrainOptions { resume: true, ..opts(&d) }).unwrap();
+    let r = train(&cfg6, &TrainOptions { resume: true, ..opts(d.path()) }).unwrap();
     assert_eq!(r.losses.first().map(|l| l.1), Some(4));
 }
 
@@ -106,9 +106,11 @@ fn an_interrupted_checkpoint_write_never_replaces_a_good_one() {
 fn the_loss_falls_on_the_tiny_configuration() {
     let d = tmp("loss");
     // The base model learning the synthetic images: 100 steps of 4 samples.
-    let r =
-        train(&small(&["model.base_pretrain_steps=100", "trainer.max_steps=1", "model.micro_batch_size=4"]), &opts(&d))
-            .unwrap();
+    let r = train(
+        &small(&["model.base_pretrain_steps=100", "trainer.max_steps=1", "model.micro_batch_size=4"]),
+        &opts(d.path()),
+    )
+    .unwrap();
     let base: Vec<f64> = r.losses.iter().filter(|l| l.0 == "base").map(|l| l.2).collect();
     assert_eq!(base.len(), 100);
     let head = base[..10].iter().sum::<f64>() / 10.0;
@@ -155,17 +157,17 @@ fn sampling_is_deterministic_for_a_seed() {
 fn clear_errors_for_missing_files_and_empty_datasets() {
     // A dataset path with no shards.
     let empty = tmp("empty-shards");
-    std::fs::create_dir_all(&empty).unwrap();
     let mut cfg = small(&["model.data.synthetic_data=False"]);
-    cfg.model.data.train.dataset_path = vec![empty.clone()];
-    let err = train(&cfg, &opts(&tmp("no-shards"))).unwrap_err().to_string();
-    assert!(err.contains("dataset_path") && err.contains(&empty.display().to_string()), "{err}");
+    cfg.model.data.train.dataset_path = vec![empty.path().to_path_buf()];
+    let err = train(&cfg, &opts(tmp("no-shards").path())).unwrap_err().to_string();
+    assert!(err.contains("dataset_path") && err.contains(&empty.path().display().to_string()), "{err}");
     // A missing pretrained checkpoint names the file.
     let mut cfg = small(&[]);
     cfg.model.unet_config.from_pretrained = Some(PathBuf::from("/nonexistent/v1-5-pruned.safetensors"));
-    let err = train(&cfg, &opts(&tmp("missing-ckpt"))).unwrap_err().to_string();
+    let err = train(&cfg, &opts(tmp("missing-ckpt").path())).unwrap_err().to_string();
     assert!(err.contains("/nonexistent/v1-5-pruned.safetensors"), "{err}");
     // Resuming with nothing to resume from.
-    let err = train(&small(&[]), &TrainOptions { resume: true, ..opts(&tmp("nothing")) }).unwrap_err().to_string();
+    let err =
+        train(&small(&[]), &TrainOptions { resume: true, ..opts(tmp("nothing").path()) }).unwrap_err().to_string();
     assert!(err.contains("no checkpoint"), "{err}");
 }

@@ -12,12 +12,18 @@ use zeroconv::frontend::data::shards::resolve_shards;
 use zeroconv::frontend::data::tar::{TarReader, TarWriter};
 use zeroconv::frontend::data::{Fields, Loader, LoaderConfig, LoaderState, SplitMode};
 
-/// A fresh, empty folder under the target directory (no temp-dir crate needed).
-fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("webdataset").join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh, empty, uniquely named folder, removed when the test ends (tests and test runs never share one).
+struct Scratch(tempfile::TempDir);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+fn scratch(name: &str) -> Scratch {
+    Scratch(tempfile::Builder::new().prefix(&format!("zeroconv-wds-{name}-")).tempdir().unwrap())
 }
 
 fn encode(img: &RgbImage, format: ImageFormat) -> Vec<u8> {

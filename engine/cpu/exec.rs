@@ -213,14 +213,16 @@ impl CpuProgram {
     /// outputs are live together.
     unsafe fn view<'a, T>(&self, v: ValueId) -> Result<&'a [T]> {
         let n = self.graph.shape(v).numel();
-        Ok(std::slice::from_raw_parts(self.ptr(v)? as *const T, n))
+        // SAFETY: the value's planned bytes hold `n` elements; the caller guarantees no aliasing `&mut` view.
+        Ok(unsafe { std::slice::from_raw_parts(self.ptr(v)? as *const T, n) })
     }
 
     /// SAFETY: as `view`, and this must be the only view of these bytes.
     #[allow(clippy::mut_from_ref)]
     unsafe fn view_mut<'a, T>(&self, v: ValueId) -> Result<&'a mut [T]> {
         let n = self.graph.shape(v).numel();
-        Ok(std::slice::from_raw_parts_mut(self.ptr(v)? as *mut T, n))
+        // SAFETY: as in `view`; the caller guarantees this is the only view of these bytes.
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr(v)? as *mut T, n) })
     }
 
     /// The node's scratch, as elements of T.
@@ -229,9 +231,10 @@ impl CpuProgram {
     #[allow(clippy::mut_from_ref)]
     unsafe fn scratch<'a, T>(&self, i: usize) -> &'a mut [T] {
         match self.plan.scratch[i] {
-            Some((off, bytes)) => {
+            // SAFETY: the planner placed `bytes` of scratch at `off` inside the arena, live only during node `i`.
+            Some((off, bytes)) => unsafe {
                 std::slice::from_raw_parts_mut(self.arena_ptr.add(off) as *mut T, bytes / std::mem::size_of::<T>())
-            }
+            },
             None => &mut [],
         }
     }
@@ -589,17 +592,37 @@ pub trait Staged: Sized {
     unsafe fn stage_out(dt: DType, src: &[Self], dst: *mut u8);
 }
 
+/// The 16-bit storage of `dt` at `src`, `len` elements, as a slice.
+///
+/// # Safety
+/// `src` must point at `len` readable elements of `dt` that nothing writes while the slice lives.
+unsafe fn half_slice<'a, H>(src: *const u8, len: usize) -> &'a [H] {
+    // SAFETY: guaranteed by the caller.
+    unsafe { std::slice::from_raw_parts(src as *const H, len) }
+}
+
+/// # Safety
+/// `dst` must point at `len` writable elements that nothing else reads or writes while the slice lives.
+unsafe fn half_slice_mut<'a, H>(dst: *mut u8, len: usize) -> &'a mut [H] {
+    // SAFETY: guaranteed by the caller.
+    unsafe { std::slice::from_raw_parts_mut(dst as *mut H, len) }
+}
+
 impl Staged for f32 {
     unsafe fn stage_in(dt: DType, src: *const u8, dst: &mut [f32]) {
         match dt {
-            DType::BF16 => convert(std::slice::from_raw_parts(src as *const bf16, dst.len()), dst, bf16::to_f32),
-            _ => convert(std::slice::from_raw_parts(src as *const f16, dst.len()), dst, f16::to_f32),
+            // SAFETY: the caller guarantees the pointer covers the slice's length in elements of `dt`.
+            DType::BF16 => convert(unsafe { half_slice::<bf16>(src, dst.len()) }, dst, bf16::to_f32),
+            // SAFETY: the caller guarantees the pointer covers the slice's length in elements of `dt`.
+            _ => convert(unsafe { half_slice::<f16>(src, dst.len()) }, dst, f16::to_f32),
         }
     }
     unsafe fn stage_out(dt: DType, src: &[f32], dst: *mut u8) {
         match dt {
-            DType::BF16 => convert(src, std::slice::from_raw_parts_mut(dst as *mut bf16, src.len()), bf16::from_f32),
-            _ => convert(src, std::slice::from_raw_parts_mut(dst as *mut f16, src.len()), f16::from_f32),
+            // SAFETY: the caller guarantees the pointer covers the slice's length in elements of `dt`.
+            DType::BF16 => convert(src, unsafe { half_slice_mut::<bf16>(dst, src.len()) }, bf16::from_f32),
+            // SAFETY: the caller guarantees the pointer covers the slice's length in elements of `dt`.
+            _ => convert(src, unsafe { half_slice_mut::<f16>(dst, src.len()) }, f16::from_f32),
         }
     }
 }
@@ -607,14 +630,18 @@ impl Staged for f32 {
 impl Staged for f64 {
     unsafe fn stage_in(dt: DType, src: *const u8, dst: &mut [f64]) {
         match dt {
-            DType::BF16 => convert(std::slice::from_raw_parts(src as *const bf16, dst.len()), dst, bf16::to_f64),
-            _ => convert(std::slice::from_raw_parts(src as *const f16, dst.len()), dst, f16::to_f64),
+            // SAFETY: the caller guarantees the pointer covers the slice's length in elements of `dt`.
+            DType::BF16 => convert(unsafe { half_slice::<bf16>(src, dst.len()) }, dst, bf16::to_f64),
+            // SAFETY: the caller guarantees the pointer covers the slice's length in elements of `dt`.
+            _ => convert(unsafe { half_slice::<f16>(src, dst.len()) }, dst, f16::to_f64),
         }
     }
     unsafe fn stage_out(dt: DType, src: &[f64], dst: *mut u8) {
         match dt {
-            DType::BF16 => convert(src, std::slice::from_raw_parts_mut(dst as *mut bf16, src.len()), bf16::from_f64),
-            _ => convert(src, std::slice::from_raw_parts_mut(dst as *mut f16, src.len()), f16::from_f64),
+            // SAFETY: the caller guarantees the pointer covers the slice's length in elements of `dt`.
+            DType::BF16 => convert(src, unsafe { half_slice_mut::<bf16>(dst, src.len()) }, bf16::from_f64),
+            // SAFETY: the caller guarantees the pointer covers the slice's length in elements of `dt`.
+            _ => convert(src, unsafe { half_slice_mut::<f16>(dst, src.len()) }, f16::from_f64),
         }
     }
 }

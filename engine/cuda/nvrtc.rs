@@ -76,8 +76,11 @@ pub fn compile_cached(source: &str, arch: Arch, cache_dir: &Path) -> Result<(Str
         Err(e) => return Err(Error::msg(format!("NVRTC failed: {e:?}"))),
     };
     std::fs::create_dir_all(cache_dir).map_err(|e| Error::file(cache_dir, e.to_string()))?;
-    // Write then rename, so a concurrent reader never sees half a file.
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // Write then rename, so a concurrent reader never sees half a file; the temporary name is unique per
+    // process and call, since threads of one process may compile the same source at once.
+    static SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
     std::fs::write(&tmp, &ptx).map_err(|e| Error::file(&tmp, e.to_string()))?;
     std::fs::rename(&tmp, &path).map_err(|e| Error::file(&path, e.to_string()))?;
     Ok((ptx, false))

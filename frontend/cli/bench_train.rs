@@ -15,7 +15,7 @@ use std::io::Write;
 use std::time::Instant;
 
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Example:\n  zeroconv bench train --config ../shared/bench/bench_small.yaml")]
+#[command(after_help = "Example:\n  zeroconv bench train --config configs/bench_small.yaml")]
 pub struct BenchTrainArgs {
     #[command(flatten)]
     pub config: ConfigArgs,

@@ -17,7 +17,7 @@ pub enum KernelsCommand {
     },
     /// Generate the CUDA source of every fused kernel the given configs' training steps produce.
     Generate {
-        /// Configs to generate for (default: the shipped configs and the shared bench config).
+        /// Configs to generate for (default: the shipped configs in configs/).
         #[arg(long = "config", value_name = "FILE")]
         configs: Vec<PathBuf>,
         /// Write the module here instead of printing it.
@@ -31,7 +31,7 @@ pub fn shipped_configs(root: &Path) -> Vec<PathBuf> {
     vec![
         root.join("configs/tiny.yaml"),
         root.join("configs/controlnet_sd15.yaml"),
-        root.join("../shared/bench/bench_small.yaml"),
+        root.join("configs/bench_small.yaml"),
     ]
 }
 

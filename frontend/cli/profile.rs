@@ -11,10 +11,8 @@ use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
-#[command(
-    after_help = "Example:\n  zeroconv profile --config ../shared/bench/bench_small.yaml --steps 3 --dump-ir ir/\n\
-  Open the trace (profile_trace.json) in https://ui.perfetto.dev or chrome://tracing."
-)]
+#[command(after_help = "Example:\n  zeroconv profile --config configs/bench_small.yaml --steps 3 --dump-ir ir/\n\
+  Open the trace (profile_trace.json) in https://ui.perfetto.dev or chrome://tracing.")]
 pub struct ProfileArgs {
     #[command(flatten)]
     pub config: ConfigArgs,

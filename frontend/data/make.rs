@@ -274,7 +274,10 @@ impl ShardWriter {
             fs::create_dir_all(parent).map_err(|e| Error::file(parent, format!("cannot create folder: {e}")))?;
         }
         let mut temp = path.clone().into_os_string();
-        temp.push(format!(".tmp-{}", std::process::id()));
+        // Unique per process and writer call, so two writers (threads or processes) never share a temporary file.
+        static SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        temp.push(format!(".tmp-{}-{n}", std::process::id()));
         let temp = PathBuf::from(temp);
         let file = File::create(&temp).map_err(|e| Error::file(&temp, format!("cannot create: {e}")))?;
         self.current = Some(OpenShard { tar: TarWriter::new(BufWriter::new(file)), temp, path, samples: 0 });
