@@ -6,7 +6,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use zeroconv::engine::HostTensor;
 use zeroconv::frontend::checkpoint::{
     check_keys, write_atomically, write_safetensors, write_safetensors_to, Checkpoint, Format, TensorView,
