@@ -3,6 +3,8 @@
 pub mod backend;
 pub mod cpu;
 pub mod cuda;
+pub mod device;
+pub mod gpu;
 pub mod profile;
 pub mod tensor;
 

@@ -540,9 +540,23 @@ fn compile_errors_quote_the_compiler() {
 // ---- every module is covered -----------------------------------------------------------------------------------
 
 /// The modules the tests below check; a new kernels/*.cu must be added here with its test. The generated
-/// module `fused_generated` is checked kernel by kernel in tests/fused_emulated.rs.
-const TESTED_MODULES: [&str; 10] =
-    ["adamw", "binary", "cast", "fused_generated", "loss", "norm", "reduce", "softmax", "unary", "upsample"];
+/// module `fused_generated` is checked kernel by kernel in tests/fused_emulated.rs, and `attention`, `check` and
+/// `layout` are checked in tests/kernels_layout_emulated.rs.
+const TESTED_MODULES: [&str; 13] = [
+    "adamw",
+    "attention",
+    "binary",
+    "cast",
+    "check",
+    "fused_generated",
+    "layout",
+    "loss",
+    "norm",
+    "reduce",
+    "softmax",
+    "unary",
+    "upsample",
+];
 
 #[test]
 fn every_module_and_kernel_is_emulated() {
@@ -916,6 +930,43 @@ fn reduce_kernels_match_the_cpu_backend() {
             });
             let want = cpu(&[&x], |g, a| vec![g.sum(a[0], &[1], false).unwrap()]);
             check(&format!("{kernel} {outer}x{reduced}x{inner}"), dtype, &got[0], &want[0]);
+        }
+    }
+    // The half types to and from f32: the same sums, with the input or the output kept in f32.
+    for half in [DType::BF16, DType::F16] {
+        let sfx = suffix(half);
+        for (from, to, kernel) in
+            [(half, DType::F32, format!("sum_rows_{sfx}_to_f32")), (DType::F32, half, format!("sum_rows_f32_to_{sfx}"))]
+        {
+            for (rows, cols, block, grid) in [(1, 1, 32, 1), (5, 33, 32, 2), (2, 1031, 128, 1), (33, 7, 96, 4)] {
+                let x = tensor(&[rows, cols], from, &uniform(&mut seed(&kernel), rows * cols, -1.0, 1.0));
+                let got = k.each_schedule(&kernel, || {
+                    let (xb, y) = (upload("x", &x), output("y", rows, to));
+                    let args = KernelArgs::new().buffer(&xb).buffer(&y).u64(rows as u64).u64(cols as u64);
+                    k.launch(&kernel, grid, block, args);
+                    vec![y.to_bytes()]
+                });
+                let want = cpu(&[&x], |g, a| vec![g.sum(a[0], &[1], false).unwrap()]);
+                check(&format!("{kernel} {rows}x{cols}"), to, &got[0], &want[0]);
+            }
+        }
+        for (from, to, kernel) in
+            [(half, DType::F32, format!("sum_axis_{sfx}_to_f32")), (DType::F32, half, format!("sum_axis_f32_to_{sfx}"))]
+        {
+            for (outer, reduced, inner, rows_k, grid) in
+                [(1, 1, 2, 1, 1), (2, 5, 33, 4, 3), (1, 1031, 3, 8, 1), (2, 64, 31, 7, 5)]
+            {
+                let n = outer * reduced * inner;
+                let x = tensor(&[outer, reduced, inner], from, &uniform(&mut seed(&kernel), n, -1.0, 1.0));
+                let got = k.each_schedule(&kernel, || {
+                    let (xb, y) = (upload("x", &x), output("y", outer * inner, to));
+                    let args = KernelArgs::new().buffer(&xb).buffer(&y);
+                    k.launch(&kernel, grid, (32, rows_k), args.u64(outer as u64).u64(reduced as u64).u64(inner as u64));
+                    vec![y.to_bytes()]
+                });
+                let want = cpu(&[&x], |g, a| vec![g.sum(a[0], &[1], false).unwrap()]);
+                check(&format!("{kernel} {outer}x{reduced}x{inner}"), to, &got[0], &want[0]);
+            }
         }
     }
     k.assert_all_launched();

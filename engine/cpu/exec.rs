@@ -252,6 +252,16 @@ impl CpuProgram {
         let node = &self.graph.nodes[i];
         match &node.op {
             Op::Reshape { .. } => return Ok(()), // a view: planned to share its input's bytes
+            Op::Fill { value, shape, dtype } if !dtype.is_float() => {
+                // Integer fills are written as their own type (the generic path computes in floats).
+                let t = HostTensor::from_f64(shape.clone(), *dtype, &vec![value.get(); shape.numel()])?;
+                // SAFETY: the output holds `numel * size` bytes of this dtype and this is its only view.
+                let out = unsafe { self.view_mut::<u8>(node.outputs[0])? };
+                // SAFETY: `view_mut::<u8>` spans numel bytes; the value spans numel * size.
+                let out = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr(), t.bytes.len()) };
+                out.copy_from_slice(&t.bytes);
+                return Ok(());
+            }
             Op::Cast { .. } => return self.run_cast(node),
             Op::TimestepEmbedding { dim, max_period } => {
                 let t = self.read_f64(node.inputs[0])?;

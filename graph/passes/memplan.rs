@@ -47,8 +47,8 @@ pub struct MemoryPlan {
     pub source_bytes: usize,
 }
 
-fn align(x: usize) -> usize {
-    x.div_ceil(ALIGN) * ALIGN
+fn align_up(x: usize, align: usize) -> usize {
+    x.div_ceil(align) * align
 }
 
 /// The value whose storage `v` uses: itself, or for a view, its input's root.
@@ -66,6 +66,16 @@ pub fn storage_root(g: &Graph, v: ValueId) -> ValueId {
 
 /// Plans the arena for `g`; `scratch_bytes(node)` is the scratch the backend needs for a node.
 pub fn plan_memory(g: &Graph, scratch_bytes: &dyn Fn(NodeId) -> usize) -> Result<MemoryPlan> {
+    plan_memory_aligned(g, scratch_bytes, ALIGN)
+}
+
+/// [`plan_memory`] with every buffer starting at a multiple of `align` (a power of two, at least [`ALIGN`]): 256
+/// for CUDA, whose libraries pick their fastest paths for 256-byte aligned operands.
+pub fn plan_memory_aligned(g: &Graph, scratch_bytes: &dyn Fn(NodeId) -> usize, align: usize) -> Result<MemoryPlan> {
+    if !align.is_power_of_two() || align < ALIGN {
+        return Err(Error::msg(format!("memory plan: alignment {align} must be a power of two >= {ALIGN}")));
+    }
+    let align = |x: usize| align_up(x, align);
     let nv = g.values.len();
     let end_of_step = g.nodes.len().saturating_sub(1);
     let mut start = vec![usize::MAX; nv];

@@ -8,7 +8,7 @@ pub mod dump;
 pub mod memplan;
 pub mod rewrite;
 
-pub use memplan::{plan_memory, Location, MemoryPlan};
+pub use memplan::{plan_memory, plan_memory_aligned, Location, MemoryPlan};
 pub use rewrite::ValueMap;
 
 use super::ir::{Graph, ValueId};

@@ -146,16 +146,25 @@ impl KernelArgs {
         self.args.push(Arg::Pointer { address: b.device_ptr(), what: format!("buffer `{}`", b.label()) });
         self
     }
-    pub fn null(mut self) -> Self {
-        self.args.push(Arg::Pointer { address: 0, what: "null".into() });
+    /// A raw device address (an emulated device's allocation, which the emulator cannot bound-check): `what` names
+    /// it in errors.
+    pub fn address(mut self, address: u64, what: &str) -> Self {
+        self.args.push(Arg::Pointer { address, what: what.to_string() });
         self
     }
-    pub fn value<T: Pod>(mut self, v: T) -> Self {
-        let bytes = bytemuck::bytes_of(&v);
+    /// The bytes of a by-value parameter, as the kernel's parameter list lays them out.
+    pub fn value_bytes(mut self, bytes: &[u8]) -> Self {
         let mut words = vec![0u128; bytes.len().div_ceil(16)];
         bytemuck::cast_slice_mut::<u128, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
         self.args.push(Arg::Value { words, len: bytes.len() });
         self
+    }
+    pub fn null(mut self) -> Self {
+        self.args.push(Arg::Pointer { address: 0, what: "null".into() });
+        self
+    }
+    pub fn value<T: Pod>(self, v: T) -> Self {
+        self.value_bytes(bytemuck::bytes_of(&v))
     }
     pub fn u64(self, v: u64) -> Self {
         self.value(v)

@@ -27,10 +27,17 @@ pub struct Net {
     pub params: Vec<ValueId>,
 }
 
+/// A trainable parameter used in `dtype`. Half-precision nets keep f32 master weights (as mixed-precision training
+/// does, and as AdamW requires) and compute with a cast of them.
 fn p(g: &mut Graph, name: &str, shape: &[usize], dtype: DType, params: &mut Vec<ValueId>) -> ValueId {
-    let v = g.param(name, Shape::new(shape), dtype, true);
+    let master = if dtype.is_half() { DType::F32 } else { dtype };
+    let v = g.param(name, Shape::new(shape), master, true);
     params.push(v);
-    v
+    if master == dtype {
+        v
+    } else {
+        g.cast(v, dtype).expect("cast of a parameter")
+    }
 }
 
 /// Builds the net on `g` from input `x` [B, in_ch, hw, hw]; returns the output [B, in_ch, hw, hw].

@@ -1,0 +1,332 @@
+//! The emulated CUDA device: the device seam implemented on the CPU, so the CUDA executor's lowering runs and is
+//! checked without a GPU.
+//!
+//! - Kernels run under the CUDA emulator (`kernels::emulate`): the same .cu sources, with every argument checked
+//!   against the kernel's compiled parameter list. Kernels whose contract allows any grid run with at most
+//!   [`EmuOptions::max_any_grid_blocks`] blocks (emulated threads are fibers; their cost is per thread).
+//! - GEMMs and convolutions run through [`blas`](super::blas) and [`dnn`](super::dnn), naive implementations of
+//!   the cuBLAS and cuDNN semantics that validate their arguments as the libraries do, after checking that every
+//!   byte they may touch lies in device memory.
+//! - CUDA graphs: while capturing, commands are recorded (arguments by value) instead of run; `replay` runs the
+//!   recording. Allocation, module loading, copies from or to the host and synchronisation are errors while
+//!   capturing, as they are (or break capture) on a GPU.
+//! - Liveness checks (when [`EmuOptions::check_liveness`]): before each node, every arena byte the memory plan says
+//!   is dead is filled with 0xff (NaN in every float type); after it, any changed byte outside the node's declared
+//!   outputs and scratch, or a changed guard band, is an error naming the node.
+
+mod memory;
+
+use super::{blas, dnn, Arg, Conv, Copy2d, DevPtr, Device, DeviceInfo, Gemm, GraphId, Launch, ModuleSource, Span};
+use crate::error::{Error, Result};
+use crate::graph::DType;
+use crate::kernels::emulate::{self, Dim3, EmuModule, KernelArgs, LaunchConfig, Schedule};
+use memory::Memory;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// How the emulated device runs.
+#[derive(Clone, Copy, Debug)]
+pub struct EmuOptions {
+    /// Blocks an any-grid kernel runs with at most (the real grid when 0).
+    pub max_any_grid_blocks: u32,
+    /// Poison dead memory before each node and check for stray writes after it.
+    pub check_liveness: bool,
+    /// The emulator's thread schedule.
+    pub schedule: Schedule,
+}
+
+impl Default for EmuOptions {
+    fn default() -> Self {
+        EmuOptions { max_any_grid_blocks: 2, check_liveness: true, schedule: Schedule::Ascending }
+    }
+}
+
+/// A command as recorded during capture.
+#[derive(Clone, Debug)]
+enum Recorded {
+    Launch(Launch),
+    Gemm(Gemm),
+    Conv(Conv),
+    Copy2d(Copy2d),
+    Memset { dst: DevPtr, byte: u8, bytes: u64 },
+    AllReduce,
+    Before { arena: Span, live: Vec<Span> },
+    After { what: String, writes: Vec<Span> },
+}
+
+/// How many commands of each kind the device ran (replays count every command they run).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EmuCounts {
+    pub launches: u64,
+    pub gemms: u64,
+    pub convs: u64,
+    pub copies: u64,
+    pub memsets: u64,
+    pub replays: u64,
+}
+
+pub struct EmuDevice {
+    options: EmuOptions,
+    memory: Memory,
+    modules: HashMap<String, Arc<EmuModule>>,
+    capture: Option<Vec<Recorded>>,
+    graphs: Vec<Vec<Recorded>>,
+    counts: EmuCounts,
+}
+
+impl EmuDevice {
+    pub fn new(options: EmuOptions) -> Self {
+        EmuDevice {
+            options,
+            memory: Memory::default(),
+            modules: HashMap::new(),
+            capture: None,
+            graphs: Vec::new(),
+            counts: EmuCounts::default(),
+        }
+    }
+
+    pub fn counts(&self) -> EmuCounts {
+        self.counts
+    }
+
+    pub fn options(&self) -> EmuOptions {
+        self.options
+    }
+
+    fn not_capturing(&self, what: &str) -> Result<()> {
+        if self.capture.is_some() {
+            Err(Error::msg(format!("emulated device: {what} while capturing a CUDA graph (illegal on a GPU)")))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Records `r` when capturing; otherwise returns it to be run now.
+    fn record(&mut self, r: Recorded) -> Option<Recorded> {
+        match &mut self.capture {
+            Some(list) => {
+                list.push(r);
+                None
+            }
+            None => Some(r),
+        }
+    }
+
+    fn run(&mut self, r: &Recorded) -> Result<()> {
+        match r {
+            Recorded::Launch(l) => self.run_launch(l),
+            Recorded::Gemm(g) => self.run_gemm(g),
+            Recorded::Conv(c) => self.run_conv(c),
+            Recorded::Copy2d(c) => self.run_copy2d(c),
+            Recorded::Memset { dst, byte, bytes } => {
+                self.counts.memsets += 1;
+                self.memory.write(Span::new(*dst, *bytes), "memset")?.fill(*byte);
+                Ok(())
+            }
+            Recorded::AllReduce => Ok(()),
+            Recorded::Before { arena, live } => {
+                if self.options.check_liveness {
+                    self.memory.poison_and_snapshot(*arena, live)?;
+                }
+                Ok(())
+            }
+            Recorded::After { what, writes } => {
+                if self.options.check_liveness {
+                    self.memory.check_unchanged(what, writes)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn run_launch(&mut self, l: &Launch) -> Result<()> {
+        self.counts.launches += 1;
+        let module = self.modules.get(&l.kernel.module).ok_or_else(|| {
+            Error::msg(format!("kernel `{}`: module `{}` was never loaded", l.kernel.name, l.kernel.module))
+        })?;
+        let mut args = KernelArgs::new();
+        for (i, a) in l.args.iter().enumerate() {
+            args = match a {
+                Arg::Ptr(DevPtr::NULL) => args.null(),
+                Arg::Ptr(p) => {
+                    let what = format!("kernel `{}` argument {i}", l.kernel.name);
+                    self.memory.check_pointer(*p, &what)?;
+                    args.address(p.0, &what)
+                }
+                Arg::Value(bytes) => args.value_bytes(bytes),
+            };
+        }
+        let [gx, gy, gz] = l.dims.grid;
+        let max = self.options.max_any_grid_blocks;
+        let gx = if l.any_grid && max > 0 { gx.min(max) } else { gx };
+        if l.dims.shared_bytes > 48 * 1024 {
+            return Err(Error::msg(format!(
+                "kernel `{}`: {} bytes of dynamic shared memory need an opt-in above 48 KiB",
+                l.kernel.name, l.dims.shared_bytes
+            )));
+        }
+        let [bx, by, bz] = l.dims.block;
+        let cfg = LaunchConfig::new(Dim3 { x: gx, y: gy, z: gz }, Dim3 { x: bx, y: by, z: bz })
+            .with_shared_bytes(l.dims.shared_bytes)
+            .with_schedule(self.options.schedule);
+        // SAFETY: every pointer argument was checked to point into this device's memory; the lowering sizes each
+        // kernel's buffers for the sizes it passes, and the liveness checks and guard bands catch a kernel that
+        // writes outside them.
+        unsafe { module.launch(&l.kernel.name, &cfg, &args) }
+    }
+
+    fn run_gemm(&mut self, g: &Gemm) -> Result<()> {
+        self.counts.gemms += 1;
+        blas::validate(g)?;
+        let f = blas::footprint(g);
+        for (span, what) in
+            [(f.a, "GEMM operand A"), (f.b, "GEMM operand B"), (f.c, "GEMM output C"), (g.workspace, "GEMM workspace")]
+        {
+            self.memory.check(span, what)?;
+        }
+        // SAFETY: every byte the GEMM may touch was checked to lie in this device's memory.
+        unsafe { blas::execute(g) }
+    }
+
+    fn run_conv(&mut self, c: &Conv) -> Result<()> {
+        self.counts.convs += 1;
+        dnn::validate(c)?;
+        let f = dnn::footprint(c);
+        for (span, what) in [
+            (f.x, "convolution x"),
+            (f.w, "convolution w"),
+            (f.y, "convolution y"),
+            (f.workspace, "convolution workspace"),
+        ] {
+            self.memory.check(span, what)?;
+        }
+        // SAFETY: every byte the convolution may touch was checked to lie in this device's memory.
+        unsafe { dnn::execute(c) }
+    }
+
+    fn run_copy2d(&mut self, c: &Copy2d) -> Result<()> {
+        self.counts.copies += 1;
+        if c.width > c.src_pitch.max(c.width) || (c.height > 1 && (c.width > c.src_pitch || c.width > c.dst_pitch)) {
+            return Err(Error::msg(format!("copy2d: width {} exceeds a pitch ({:?})", c.width, c)));
+        }
+        if c.height == 0 || c.width == 0 {
+            return Ok(());
+        }
+        let src_span = Span::new(c.src, (c.height - 1) * c.src_pitch + c.width);
+        let dst_span = Span::new(c.dst, (c.height - 1) * c.dst_pitch + c.width);
+        if src_span.ptr.0 < dst_span.end() && dst_span.ptr.0 < src_span.end() {
+            return Err(Error::msg(format!("copy2d: source and destination overlap ({c:?})")));
+        }
+        let src = self.memory.read(src_span, "copy2d source")?.to_vec();
+        let dst = self.memory.write(dst_span, "copy2d destination")?;
+        for r in 0..c.height as usize {
+            let (s, d) = (r * c.src_pitch as usize, r * c.dst_pitch as usize);
+            dst[d..d + c.width as usize].copy_from_slice(&src[s..s + c.width as usize]);
+        }
+        Ok(())
+    }
+
+    fn submit(&mut self, r: Recorded) -> Result<()> {
+        match self.record(r) {
+            Some(r) => self.run(&r),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Device for EmuDevice {
+    fn info(&self) -> DeviceInfo {
+        DeviceInfo { name: "emulated CUDA device".into(), compute_capability: (9, 0), memory_bytes: 0 }
+    }
+
+    fn alloc(&mut self, bytes: u64, what: &str) -> Result<DevPtr> {
+        self.not_capturing("allocation")?;
+        self.memory.alloc(bytes, what)
+    }
+
+    fn load_module(&mut self, module: &ModuleSource) -> Result<()> {
+        self.not_capturing("module loading")?;
+        if self.modules.contains_key(module.name()) {
+            return Ok(());
+        }
+        let m = match module {
+            ModuleSource::Shipped(m) => emulate::compile_module(m)?,
+            ModuleSource::Generated { name, source } => emulate::compile(name, source)?,
+        };
+        self.modules.insert(module.name().to_string(), m);
+        Ok(())
+    }
+
+    fn upload(&mut self, dst: DevPtr, src: &[u8]) -> Result<()> {
+        self.not_capturing("a host-to-device copy")?;
+        self.memory.write(Span::new(dst, src.len() as u64), "upload")?.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn download(&mut self, dst: &mut [u8], src: DevPtr) -> Result<()> {
+        self.not_capturing("a device-to-host copy")?;
+        dst.copy_from_slice(self.memory.read(Span::new(src, dst.len() as u64), "download")?);
+        Ok(())
+    }
+
+    fn copy2d(&mut self, c: &Copy2d) -> Result<()> {
+        self.submit(Recorded::Copy2d(*c))
+    }
+
+    fn memset(&mut self, dst: DevPtr, byte: u8, bytes: u64) -> Result<()> {
+        self.submit(Recorded::Memset { dst, byte, bytes })
+    }
+
+    fn launch(&mut self, launch: &Launch) -> Result<()> {
+        self.submit(Recorded::Launch(launch.clone()))
+    }
+
+    fn gemm(&mut self, g: &Gemm) -> Result<()> {
+        self.submit(Recorded::Gemm(*g))
+    }
+
+    fn conv(&mut self, c: &Conv) -> Result<()> {
+        self.submit(Recorded::Conv(*c))
+    }
+
+    fn all_reduce(&mut self, buf: DevPtr, count: u64, dtype: DType, _average: bool) -> Result<()> {
+        // One rank: the sum (and the average) of one contribution is that contribution.
+        self.memory.check(Span::new(buf, count * dtype.size() as u64), "all-reduce buffer")?;
+        self.submit(Recorded::AllReduce)
+    }
+
+    fn begin_capture(&mut self) -> Result<()> {
+        self.not_capturing("begin_capture")?;
+        self.capture = Some(Vec::new());
+        Ok(())
+    }
+
+    fn end_capture(&mut self) -> Result<GraphId> {
+        let list = self.capture.take().ok_or_else(|| Error::msg("end_capture without begin_capture"))?;
+        self.graphs.push(list);
+        Ok(GraphId(self.graphs.len() - 1))
+    }
+
+    fn replay(&mut self, graph: GraphId) -> Result<()> {
+        self.not_capturing("replaying a graph")?;
+        let list = self.graphs.get(graph.0).cloned().ok_or_else(|| Error::msg(format!("no graph {graph:?}")))?;
+        self.counts.replays += 1;
+        for r in &list {
+            self.run(r)?;
+        }
+        Ok(())
+    }
+
+    fn synchronize(&mut self) -> Result<()> {
+        self.not_capturing("synchronize")
+    }
+
+    fn before_command(&mut self, arena: Span, live: &[Span]) -> Result<()> {
+        self.submit(Recorded::Before { arena, live: live.to_vec() })
+    }
+
+    fn after_command(&mut self, what: &str, writes: &[Span]) -> Result<()> {
+        self.submit(Recorded::After { what: what.to_string(), writes: writes.to_vec() })
+    }
+}

@@ -1,0 +1,386 @@
+//! The CUDA executor, generic over the device seam ([`crate::engine::device::Device`]): on a GPU through
+//! `CudaDevice`, on the CPU through the emulated device, which runs the same lowered commands and checks them.
+//!
+//! At compile time: every node is lowered once to device commands ([`lower`]), the memory planner places
+//! intermediates and per-node scratch (library workspaces, partial sums, attention scores) in one 256-byte-aligned
+//! arena, parameters / optimizer state / inputs get fixed offsets in one source region, and AdamW tables and error
+//! flags sit in a constant region uploaded once. Nothing is allocated per step. Step 1 runs eagerly (it warms module
+//! loading and libraries), step 2 is captured into a CUDA graph and replayed, every later step is a replay.
+
+pub mod consts;
+pub mod lower;
+
+use crate::engine::backend::{Backend, Program};
+use crate::engine::device::emu::{EmuDevice, EmuOptions};
+use crate::engine::device::{DevPtr, Device, GraphId, ModuleSource, Span};
+use crate::engine::profile::Profile;
+use crate::engine::tensor::HostTensor;
+use crate::error::{Error, Result};
+use crate::graph::passes::{plan_memory_aligned, Location, MemoryPlan};
+use crate::graph::{Graph, Op, ValueId};
+use lower::{lower_node, Cmd, Ctx, Lowered};
+
+/// Every device buffer starts at a multiple of this.
+const ALIGN: u64 = 256;
+/// Scratch attention may use for one chunk of scores (S, P and, backward, dP, dS).
+const ATTENTION_BUDGET: u64 = 256 << 20;
+
+/// How steps are executed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepMode {
+    /// Step 1 eager, step 2 captured and replayed, later steps replayed.
+    CaptureAfterFirst,
+    /// Every step eager (profiling, debugging).
+    Eager,
+}
+
+/// Builds [`GpuProgram`]s on devices made by `make_device` (one device per program).
+pub struct GpuBackend<D: Device> {
+    make_device: Box<dyn Fn() -> Result<D> + Send + Sync>,
+    mode: StepMode,
+}
+
+impl<D: Device> GpuBackend<D> {
+    pub fn new(make_device: impl Fn() -> Result<D> + Send + Sync + 'static, mode: StepMode) -> Self {
+        GpuBackend { make_device: Box::new(make_device), mode }
+    }
+}
+
+impl GpuBackend<EmuDevice> {
+    /// The CUDA executor on the emulated device (slow: for checking the lowering on the CPU).
+    pub fn emulated(options: EmuOptions) -> Self {
+        GpuBackend::new(move || Ok(EmuDevice::new(options)), StepMode::CaptureAfterFirst)
+    }
+}
+
+/// One node's lowered commands and what the liveness checks need.
+struct NodeCmds {
+    cmds: Vec<Cmd>,
+    /// Spans the node may write: its outputs, its scratch, in-place targets and its constants.
+    writes: Vec<Span>,
+    /// Arena spans that hold live data when the node starts (everything else in the arena is dead).
+    live: Vec<Span>,
+}
+
+pub struct GpuProgram<D: Device> {
+    graph: Graph,
+    plan: MemoryPlan,
+    device: D,
+    mode: StepMode,
+    arena: Span,
+    /// Device address of every value the program holds.
+    addresses: Vec<Option<DevPtr>>,
+    nodes: Vec<NodeCmds>,
+    error_flags: Vec<(usize, DevPtr)>,
+    steps: u64,
+    captured: Option<GraphId>,
+    profile: Option<Profile>,
+}
+
+fn align(x: u64) -> u64 {
+    x.div_ceil(ALIGN) * ALIGN
+}
+
+/// The module holding a graph's fused kernels: the shipped `fused_generated` when it has all of them, else a module
+/// generated for this graph (compiled at run time: NVRTC on a GPU, the host compiler under emulation).
+fn fused_module(g: &Graph) -> Result<Option<ModuleSource>> {
+    let gens = crate::kernels::codegen::for_graph(g)?;
+    if gens.is_empty() {
+        return Ok(None);
+    }
+    if let Some(m) = crate::kernels::module("fused_generated") {
+        if gens.iter().all(|(_, f)| m.source.contains(&format!("void {}(", f.function))) {
+            return Ok(Some(ModuleSource::Shipped(m)));
+        }
+    }
+    let functions: Vec<_> = gens.into_iter().map(|(_, f)| f).collect();
+    let source = crate::kernels::codegen::module_source(&functions);
+    let name = format!("fused_{:016x}", crate::hash::fnv1a64(source.as_bytes()));
+    Ok(Some(ModuleSource::Generated { name, source }))
+}
+
+impl<D: Device> Backend for GpuBackend<D> {
+    type Program = GpuProgram<D>;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn compile(&self, graph: Graph) -> Result<GpuProgram<D>> {
+        graph.validate()?;
+        let fused = fused_module(&graph)?;
+        let fused_name = fused.as_ref().map(|m| m.name().to_string()).unwrap_or_default();
+        let n = graph.nodes.len();
+
+        // Pass 1, placeholder addresses: how much scratch and constant memory each node needs.
+        let placeholder = |_: ValueId| DevPtr::NULL;
+        let mut scratch = Vec::with_capacity(n);
+        let mut const_offsets = Vec::with_capacity(n);
+        let mut const_total = 0u64;
+        for i in 0..n {
+            let ctx = Ctx {
+                graph: &graph,
+                addr: &placeholder,
+                scratch_base: 0,
+                const_base: 0,
+                fused_module: &fused_name,
+                attention_budget: ATTENTION_BUDGET,
+            };
+            let l = lower_node(&ctx, i)?;
+            scratch.push(l.scratch_bytes);
+            const_offsets.push(const_total);
+            const_total += align(l.const_bytes);
+        }
+        let plan = plan_memory_aligned(&graph, &|i| scratch[i] as usize, ALIGN as usize)?;
+
+        // Allocate: the arena, one region for every source value, the constants.
+        let mut device = (self.make_device)()?;
+        let arena_ptr = device.alloc(plan.arena_bytes.max(1) as u64, "arena")?;
+        let mut source_offsets = vec![None; graph.values.len()];
+        let mut source_bytes = 0u64;
+        for (v, val) in graph.values.iter().enumerate() {
+            if val.kind.is_source() {
+                source_offsets[v] = Some(source_bytes);
+                source_bytes += align(val.bytes() as u64);
+            }
+        }
+        let sources_ptr = device.alloc(source_bytes.max(1), "parameters, optimizer state and inputs")?;
+        // Sources start at zero, as on every backend: optimizer state that is never uploaded begins at 0.
+        device.memset(sources_ptr, 0, source_bytes.max(1))?;
+        let consts_ptr = device.alloc(const_total.max(1), "constants")?;
+        let addresses: Vec<Option<DevPtr>> = (0..graph.values.len())
+            .map(|v| match plan.locations[v] {
+                Some(Location::Arena(off)) => Some(arena_ptr.offset(off as u64)),
+                Some(Location::Source(s)) => source_offsets[s].map(|o| sources_ptr.offset(o)),
+                None => None,
+            })
+            .collect();
+
+        // Pass 2, real addresses.
+        let addr = |v: ValueId| addresses[v].unwrap_or(DevPtr::NULL);
+        let mut consts = vec![0u8; const_total as usize];
+        let mut nodes = Vec::with_capacity(n);
+        let mut error_flags = Vec::new();
+        for (i, &const_offset) in const_offsets.iter().enumerate() {
+            let scratch_span = plan.scratch[i]
+                .map(|(off, bytes)| Span::new(arena_ptr.offset(off as u64), bytes as u64))
+                .unwrap_or(Span::new(DevPtr::NULL, 0));
+            let ctx = Ctx {
+                graph: &graph,
+                addr: &addr,
+                scratch_base: scratch_span.ptr.0,
+                const_base: consts_ptr.0 + const_offset,
+                fused_module: &fused_name,
+                attention_budget: ATTENTION_BUDGET,
+            };
+            let Lowered { cmds, consts: bytes, error_flags: flags, scratch_bytes, const_bytes } = lower_node(&ctx, i)?;
+            if scratch_bytes > scratch_span.bytes {
+                return Err(Error::msg(format!("node {i}: lowering asked for more scratch on its second pass")));
+            }
+            let at = const_offset as usize;
+            consts[at..at + bytes.len()].copy_from_slice(&bytes);
+            error_flags.extend(flags.into_iter().map(|f| (i, f)));
+            let node = &graph.nodes[i];
+            let mut writes: Vec<Span> = node
+                .outputs
+                .iter()
+                .map(|&o| Span::new(addr(o), graph.value(o).bytes() as u64))
+                .chain([scratch_span, Span::new(consts_ptr.offset(const_offset), const_bytes)])
+                .collect();
+            if node.op.has_side_effects() {
+                // AdamW updates parameters and moments in place.
+                let k = match &node.op {
+                    Op::MultiAdamW(k) => k.tensors,
+                    _ => 1,
+                };
+                for t in 0..k {
+                    for j in [0, 2, 3] {
+                        let v = node.inputs[4 * t + j];
+                        writes.push(Span::new(addr(v), graph.value(v).bytes() as u64));
+                    }
+                }
+            }
+            let live = plan
+                .buffers
+                .iter()
+                .filter(|b| b.start < i && b.end >= i)
+                .map(|b| Span::new(arena_ptr.offset(b.offset as u64), b.bytes as u64))
+                .collect();
+            nodes.push(NodeCmds { cmds, writes, live });
+        }
+
+        // Modules: every shipped one the commands name, and the fused module.
+        let mut needed: Vec<&str> = nodes
+            .iter()
+            .flat_map(|n| n.cmds.iter())
+            .filter_map(|c| if let Cmd::Launch(l) = c { Some(l.kernel.module.as_str()) } else { None })
+            .collect();
+        needed.sort_unstable();
+        needed.dedup();
+        for name in needed {
+            if name == fused_name {
+                continue;
+            }
+            let m = crate::kernels::module(name)
+                .ok_or_else(|| Error::msg(format!("the lowering names a kernel module `{name}` that is not built")))?;
+            device.load_module(&ModuleSource::Shipped(m))?;
+        }
+        if let Some(f) = &fused {
+            device.load_module(f)?;
+        }
+        device.upload(consts_ptr, &consts)?;
+        let arena = Span::new(arena_ptr, plan.arena_bytes as u64);
+        let profile = (Profile::debug_level_from_env() >= 2).then(|| Profile::new(&graph, true));
+        Ok(GpuProgram {
+            graph,
+            plan,
+            device,
+            mode: self.mode,
+            arena,
+            addresses,
+            nodes,
+            error_flags,
+            steps: 0,
+            captured: None,
+            profile,
+        })
+    }
+}
+
+impl<D: Device> GpuProgram<D> {
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    /// The lowered commands of node `i`.
+    pub fn commands(&self, i: usize) -> &[Cmd] {
+        &self.nodes[i].cmds
+    }
+
+    /// Every command of a step, in order, with its node.
+    pub fn all_commands(&self) -> impl Iterator<Item = (usize, &Cmd)> {
+        self.nodes.iter().enumerate().flat_map(|(i, n)| n.cmds.iter().map(move |c| (i, c)))
+    }
+
+    /// Issues node `i`'s commands, with the liveness hooks around them.
+    fn issue_node(&mut self, i: usize) -> Result<()> {
+        let node = &self.nodes[i];
+        let what = format!("node {i} ({})", self.graph.nodes[i].op.name());
+        self.device.before_command(self.arena, &node.live)?;
+        for c in &node.cmds {
+            let r = match c {
+                Cmd::Launch(l) => self.device.launch(l),
+                Cmd::Gemm(g) => self.device.gemm(g),
+                Cmd::Conv(cv) => self.device.conv(cv),
+                Cmd::Copy2d(cp) => self.device.copy2d(cp),
+                Cmd::Memset { dst, byte, bytes } => self.device.memset(*dst, *byte, *bytes),
+            };
+            r.map_err(|e| Error::msg(format!("{what}, {}: {e}", c.describe())))?;
+        }
+        self.device.after_command(&what, &node.writes)
+    }
+
+    /// Runs (or, while capturing, records) one step's commands.
+    fn issue_step(&mut self) -> Result<()> {
+        for i in 0..self.nodes.len() {
+            let start = std::time::Instant::now();
+            self.issue_node(i)?;
+            if let Some(p) = self.profile.as_mut() {
+                p.record(i, start, start.elapsed());
+            }
+        }
+        if let Some(p) = self.profile.as_mut() {
+            p.end_step();
+        }
+        Ok(())
+    }
+
+    /// After a step: every error flag must still read 0.
+    fn check_error_flags(&mut self) -> Result<()> {
+        for k in 0..self.error_flags.len() {
+            let (node, flag) = self.error_flags[k];
+            let mut word = [0u8; 4];
+            self.device.download(&mut word, flag)?;
+            if u32::from_le_bytes(word) != 0 {
+                let n = &self.graph.nodes[node];
+                let ids = &self.graph.values[n.inputs[1]];
+                return Err(Error::Binding {
+                    name: ids.name.clone(),
+                    msg: format!(
+                        "an id is out of range for the {}-row table of node {node} ({})",
+                        self.graph.shape(n.inputs[0]).dims()[0],
+                        n.op.name()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<D: Device> Program for GpuProgram<D> {
+    fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    fn plan(&self) -> &MemoryPlan {
+        &self.plan
+    }
+
+    fn upload(&mut self, v: ValueId, t: &HostTensor) -> Result<()> {
+        let val = &self.graph.values[v];
+        if !val.kind.is_source() {
+            return Err(Error::Binding {
+                name: val.name.clone(),
+                msg: "only inputs, parameters and state can be written".into(),
+            });
+        }
+        if t.shape != val.shape || t.dtype != val.dtype {
+            return Err(Error::Binding {
+                name: val.name.clone(),
+                msg: format!("expected {} {}, got {} {}", val.shape, val.dtype, t.shape, t.dtype),
+            });
+        }
+        let ptr = self.addresses[v].ok_or_else(|| Error::msg(format!("{} has no device memory", val.name)))?;
+        self.device.upload(ptr, &t.bytes)
+    }
+
+    fn download(&mut self, v: ValueId) -> Result<HostTensor> {
+        let val = &self.graph.values[v];
+        let ptr =
+            self.addresses[v].ok_or_else(|| Error::msg(format!("value {} is not held by this program", val.name)))?;
+        let mut bytes = vec![0u8; val.bytes()];
+        self.device.download(&mut bytes, ptr)?;
+        Ok(HostTensor { shape: val.shape.clone(), dtype: val.dtype, bytes })
+    }
+
+    fn launch(&mut self) -> Result<()> {
+        let replay = self.mode == StepMode::CaptureAfterFirst && self.profile.is_none();
+        match (replay, self.steps, self.captured) {
+            (true, _, Some(g)) => self.device.replay(g)?,
+            (true, s, None) if s >= 1 => {
+                self.device.begin_capture()?;
+                let recorded = self.issue_step();
+                let graph = self.device.end_capture()?;
+                recorded?;
+                self.captured = Some(graph);
+                self.device.replay(graph)?;
+            }
+            _ => self.issue_step()?,
+        }
+        self.steps += 1;
+        self.check_error_flags()
+    }
+
+    fn synchronize(&mut self) -> Result<()> {
+        self.device.synchronize()
+    }
+
+    fn set_profiling(&mut self, on: bool, echo: bool) {
+        self.profile = on.then(|| Profile::new(&self.graph, echo));
+    }
+
+    fn profile(&self) -> Option<&Profile> {
+        self.profile.as_ref()
+    }
+}

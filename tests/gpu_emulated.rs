@@ -1,0 +1,499 @@
+//! The CUDA executor on the emulated device against the CPU backend: every op (one-node graphs, every float dtype
+//! it supports, awkward shapes), then whole training steps (eager, captured, replayed).
+//!
+//! Each op case is one test body run on both backends (the CPU backend is the reference): the same graph, the same
+//! uploaded inputs, every output compared. The emulated device poisons dead arena memory before each node and
+//! fails on any byte a node writes outside its outputs and scratch, so a wrong offset, leading dimension or
+//! transpose fails at the node that makes it.
+
+mod common;
+
+use common::nets::{self, NetSpec};
+use common::Rng;
+use zeroconv::engine::cpu::CpuBackend;
+use zeroconv::engine::device::emu::{EmuDevice, EmuOptions};
+use zeroconv::engine::gpu::{GpuBackend, GpuProgram, StepMode};
+use zeroconv::engine::{Backend, HostTensor, Program};
+use zeroconv::graph::optim::{adamw_hyper, append_training_step_clipped, AdamWConfig, HYPER_INPUT};
+use zeroconv::graph::passes::{self, PassOptions};
+use zeroconv::graph::{BinaryOp, DType, F64Bits, Graph, Op, Shape, UnaryOp, ValueId};
+
+const FLOATS: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+
+fn emulated() -> GpuBackend<EmuDevice> {
+    GpuBackend::emulated(EmuOptions::default())
+}
+
+/// Relative tolerance for one output: f32 differs only in summation order; half types by one rounding.
+fn tolerance(d: DType) -> f64 {
+    match d {
+        DType::F32 => 2e-5,
+        _ => 2e-2,
+    }
+}
+
+/// max |a - b| / max(|b|_inf, 1e-6); infinite when either side has a NaN the other lacks.
+fn rel_err(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1e-6);
+    let mut worst = 0.0f64;
+    for (x, y) in a.iter().zip(b) {
+        if x.is_nan() != y.is_nan() {
+            return f64::INFINITY;
+        }
+        if x != y {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    worst / scale
+}
+
+/// ||a - b|| / ||b|| (L2); infinite on a NaN.
+fn rel_l2(a: &[f64], b: &[f64]) -> f64 {
+    if a.iter().any(|x| x.is_nan()) {
+        return f64::INFINITY;
+    }
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// An input of a case: shape, dtype and values (ids for integer inputs).
+struct In {
+    shape: Vec<usize>,
+    dtype: DType,
+    data: Vec<f64>,
+}
+
+fn random(shape: &[usize], dtype: DType, rng: &mut Rng) -> In {
+    In { shape: shape.to_vec(), dtype, data: rng.vec(shape.iter().product()) }
+}
+
+/// Runs `op` on `inputs` on both backends and compares every output.
+fn check(what: &str, op: Op, inputs: Vec<In>) {
+    let mut g = Graph::new();
+    let ids: Vec<ValueId> =
+        inputs.iter().enumerate().map(|(i, x)| g.input(&format!("in{i}"), Shape::new(&x.shape), x.dtype)).collect();
+    let outs = g.add_node(op, &ids).unwrap_or_else(|e| panic!("{what}: {e}"));
+    g.outputs.extend(&outs);
+    let tensors: Vec<HostTensor> =
+        inputs.iter().map(|x| HostTensor::from_f64(Shape::new(&x.shape), x.dtype, &x.data).unwrap()).collect();
+    let mut cpu = CpuBackend::new(2).compile(g.clone()).unwrap();
+    let mut gpu = emulated().compile(g.clone()).unwrap_or_else(|e| panic!("{what}: compile: {e}"));
+    for (&v, t) in ids.iter().zip(&tensors) {
+        cpu.upload(v, t).unwrap();
+        gpu.upload(v, t).unwrap();
+    }
+    cpu.launch().unwrap();
+    gpu.launch().unwrap_or_else(|e| panic!("{what}: {e}"));
+    for &o in &outs {
+        let want = cpu.download(o).unwrap().to_f64();
+        let got = gpu.download(o).unwrap().to_f64();
+        assert!(got.iter().all(|x| x.is_finite()), "{what}: non-finite output (an element never written?)");
+        let e = rel_err(&got, &want);
+        let tol = tolerance(g.dtype(o));
+        assert!(
+            e <= tol,
+            "{what}: output {o} relative error {e:.3e} > {tol:.0e}\n got {:?}\nwant {:?}",
+            &got[..got.len().min(6)],
+            &want[..want.len().min(6)]
+        );
+    }
+}
+
+fn f(x: f64) -> F64Bits {
+    F64Bits::new(x)
+}
+
+#[test]
+fn pointwise_ops() {
+    let mut rng = Rng::new(1);
+    for d in FLOATS {
+        for u in [
+            UnaryOp::Neg,
+            UnaryOp::Exp,
+            UnaryOp::Square,
+            UnaryOp::Silu,
+            UnaryOp::GeluErf,
+            UnaryOp::GeluTanh,
+            UnaryOp::QuickGelu,
+            UnaryOp::Relu,
+        ] {
+            check(&format!("{u:?} {d}"), Op::Unary(u), vec![random(&[3, 37], d, &mut rng)]);
+            let (x, dy) = (random(&[1031], d, &mut rng), random(&[1031], d, &mut rng));
+            check(&format!("{u:?} backward {d}"), Op::UnaryBackward(u), vec![x, dy]);
+        }
+        for u in [UnaryOp::Log, UnaryOp::Sqrt, UnaryOp::Recip] {
+            let mut x = random(&[33], d, &mut rng);
+            x.data.iter_mut().for_each(|v| *v = v.abs() + 0.5);
+            check(&format!("{u:?} {d}"), Op::Unary(u), vec![x]);
+        }
+        for b in [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div] {
+            let (x, mut y) = (random(&[2, 3, 5], d, &mut rng), random(&[2, 3, 5], d, &mut rng));
+            y.data.iter_mut().for_each(|v| *v = v.signum() * (v.abs() + 0.5));
+            check(&format!("{b:?} {d}"), Op::Binary(b), vec![x, y]);
+            let (x, mut y) = (random(&[2, 3, 5], d, &mut rng), random(&[3, 1], d, &mut rng));
+            y.data.iter_mut().for_each(|v| *v = v.signum() * (v.abs() + 0.5));
+            check(&format!("{b:?} broadcast {d}"), Op::Binary(b), vec![x, y]);
+        }
+        check(&format!("affine {d}"), Op::Affine { alpha: f(-1.5), beta: f(0.25) }, vec![random(&[300], d, &mut rng)]);
+        check(&format!("fill {d}"), Op::Fill { value: f(0.75), shape: Shape::new(&[5, 7]), dtype: d }, vec![]);
+        for to in FLOATS {
+            check(&format!("cast {d} -> {to}"), Op::Cast { to }, vec![random(&[257], d, &mut rng)]);
+        }
+    }
+    check("fill i64", Op::Fill { value: f(3.0), shape: Shape::new(&[9]), dtype: DType::I64 }, vec![]);
+}
+
+#[test]
+fn matrix_products_every_transpose_and_batch_layout() {
+    let mut rng = Rng::new(2);
+    for d in [DType::F32, DType::BF16] {
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let (m, k, n) = (5, 7, 3);
+            let a_shape = |b: &[usize]| {
+                let mut s = b.to_vec();
+                s.extend(if ta { [k, m] } else { [m, k] });
+                s
+            };
+            let b_shape = |b: &[usize]| {
+                let mut s = b.to_vec();
+                s.extend(if tb { [n, k] } else { [k, n] });
+                s
+            };
+            let op = Op::MatMul { trans_a: ta, trans_b: tb };
+            for (ba, bb) in [
+                (vec![], vec![]),
+                (vec![4], vec![4]),
+                (vec![2, 3], vec![]),
+                (vec![], vec![3]),
+                (vec![2, 2], vec![2, 2]),
+            ] {
+                let what = format!("matmul ta={ta} tb={tb} batch {ba:?}x{bb:?} {d}");
+                check(&what, op.clone(), vec![random(&a_shape(&ba), d, &mut rng), random(&b_shape(&bb), d, &mut rng)]);
+            }
+        }
+    }
+}
+
+#[test]
+fn convolutions_forward_and_backward() {
+    let mut rng = Rng::new(3);
+    for d in [DType::F32, DType::BF16] {
+        for (k, stride, pad, hw) in [(3, 1, 1, 7), (3, 2, 1, 8), (1, 1, 0, 5), (3, 1, 0, 6), (3, 2, 1, 7)] {
+            let (n, c, o) = (2, 3, 4);
+            let x = [n, c, hw, hw];
+            let w = [o, c, k, k];
+            let ho = (hw + 2 * pad - k) / stride + 1;
+            let what = format!("conv k{k} s{stride} p{pad} {hw}x{hw} {d}");
+            let op = Op::Conv2d { stride, padding: pad };
+            check(&what, op.clone(), vec![random(&x, d, &mut rng), random(&w, d, &mut rng)]);
+            check(
+                &format!("{what} bias"),
+                op,
+                vec![random(&x, d, &mut rng), random(&w, d, &mut rng), random(&[o], d, &mut rng)],
+            );
+            let bi = Op::Conv2dBackwardInput { stride, padding: pad, h: hw, w: hw };
+            check(
+                &format!("{what} backward input"),
+                bi,
+                vec![random(&[n, o, ho, ho], d, &mut rng), random(&w, d, &mut rng)],
+            );
+            let bw = Op::Conv2dBackwardWeight { stride, padding: pad, kh: k, kw: k };
+            check(
+                &format!("{what} backward weight"),
+                bw,
+                vec![random(&x, d, &mut rng), random(&[n, o, ho, ho], d, &mut rng)],
+            );
+        }
+    }
+}
+
+#[test]
+fn normalisations_and_softmax() {
+    let mut rng = Rng::new(4);
+    for d in FLOATS {
+        let gn = Op::GroupNorm { groups: 2, eps: f(1e-5) };
+        check(
+            &format!("groupnorm {d}"),
+            gn,
+            vec![random(&[2, 4, 3, 5], d, &mut rng), random(&[4], d, &mut rng), random(&[4], d, &mut rng)],
+        );
+        let gnb = Op::GroupNormBackward { groups: 2, eps: f(1e-5) };
+        check(
+            &format!("groupnorm backward {d}"),
+            gnb,
+            vec![random(&[2, 4, 3, 5], d, &mut rng), random(&[4], d, &mut rng), random(&[2, 4, 3, 5], d, &mut rng)],
+        );
+        let ln = Op::LayerNorm { eps: f(1e-5) };
+        check(
+            &format!("layernorm {d}"),
+            ln,
+            vec![random(&[3, 70, 33], d, &mut rng), random(&[33], d, &mut rng), random(&[33], d, &mut rng)],
+        );
+        let lnb = Op::LayerNormBackward { eps: f(1e-5) };
+        check(
+            &format!("layernorm backward {d}"),
+            lnb,
+            vec![random(&[3, 70, 33], d, &mut rng), random(&[33], d, &mut rng), random(&[3, 70, 33], d, &mut rng)],
+        );
+        check(&format!("softmax {d}"), Op::Softmax, vec![random(&[13, 37], d, &mut rng)]);
+        check(
+            &format!("softmax backward {d}"),
+            Op::SoftmaxBackward,
+            vec![random(&[13, 37], d, &mut rng), random(&[13, 37], d, &mut rng)],
+        );
+    }
+}
+
+#[test]
+fn attention_forward_and_backward() {
+    let mut rng = Rng::new(5);
+    for d in [DType::F32, DType::BF16] {
+        for (lq, lk, causal) in [(6, 6, false), (6, 6, true), (5, 9, false)] {
+            let (b, h, hd, dv) = (2, 3, 4, 5);
+            let q = [b, h, lq, hd];
+            let k = [b, h, lk, hd];
+            let v = [b, h, lk, dv];
+            let what = format!("attention lq{lq} lk{lk} causal={causal} {d}");
+            let op = Op::Attention { scale: f(0.5), causal };
+            check(&what, op, vec![random(&q, d, &mut rng), random(&k, d, &mut rng), random(&v, d, &mut rng)]);
+            let op = Op::AttentionBackward { scale: f(0.5), causal };
+            let ins = vec![
+                random(&q, d, &mut rng),
+                random(&k, d, &mut rng),
+                random(&v, d, &mut rng),
+                random(&[b, h, lq, dv], d, &mut rng),
+            ];
+            check(&format!("{what} backward"), op, ins);
+        }
+    }
+}
+
+#[test]
+fn data_movement_and_reductions() {
+    let mut rng = Rng::new(6);
+    for d in FLOATS {
+        check(&format!("upsample {d}"), Op::Upsample2x, vec![random(&[2, 3, 3, 5], d, &mut rng)]);
+        check(&format!("upsample backward {d}"), Op::Upsample2xBackward, vec![random(&[2, 3, 6, 10], d, &mut rng)]);
+        for axis in 0..3 {
+            let mut s2 = vec![2, 3, 4];
+            s2[axis] = 5;
+            check(
+                &format!("concat axis {axis} {d}"),
+                Op::Concat { axis },
+                vec![random(&[2, 3, 4], d, &mut rng), random(&s2, d, &mut rng)],
+            );
+            let full = [4, 6, 5][axis];
+            let mut s = vec![4, 6, 5];
+            check(
+                &format!("slice axis {axis} {d}"),
+                Op::Slice { axis, start: 1, end: 3 },
+                vec![random(&s, d, &mut rng)],
+            );
+            s[axis] = 2;
+            check(
+                &format!("slice backward axis {axis} {d}"),
+                Op::SliceBackward { axis, start: 1, full },
+                vec![random(&s, d, &mut rng)],
+            );
+        }
+        for perm in [vec![1, 0], vec![0, 2, 1], vec![2, 0, 3, 1]] {
+            let shape: Vec<usize> = [3, 5, 2, 4][..perm.len()].to_vec();
+            check(&format!("permute {perm:?} {d}"), Op::Permute { perm }, vec![random(&shape, d, &mut rng)]);
+        }
+        check(
+            &format!("broadcast {d}"),
+            Op::BroadcastTo { shape: Shape::new(&[2, 3, 4]) },
+            vec![random(&[3, 1], d, &mut rng)],
+        );
+        for (shape, axes) in [
+            (vec![4, 6, 5], vec![0]),
+            (vec![4, 6, 5], vec![2]),
+            (vec![4, 6, 5], vec![1]),
+            (vec![4, 6, 5], vec![0, 2]),
+            (vec![2, 3, 4, 5], vec![0, 2, 3]),
+            (vec![4, 6, 5], vec![0, 1, 2]),
+        ] {
+            let what = format!("sum {shape:?} over {axes:?} {d}");
+            check(&what, Op::ReduceSum { axes, keepdim: false }, vec![random(&shape, d, &mut rng)]);
+        }
+        check(&format!("sum_to {d}"), Op::SumTo { shape: Shape::new(&[3, 1]) }, vec![random(&[2, 3, 4], d, &mut rng)]);
+        check(&format!("mse {d}"), Op::MseLoss, vec![random(&[3, 77], d, &mut rng), random(&[3, 77], d, &mut rng)]);
+        let ins = vec![random(&[3, 77], d, &mut rng), random(&[3, 77], d, &mut rng), random(&[], d, &mut rng)];
+        check(&format!("mse backward {d}"), Op::MseLossBackward, ins);
+    }
+}
+
+#[test]
+fn embeddings_and_timesteps() {
+    let mut rng = Rng::new(7);
+    for d in FLOATS {
+        for ids in [DType::I32, DType::I64] {
+            let table = random(&[11, 6], d, &mut rng);
+            let idv = In { shape: vec![2, 5], dtype: ids, data: vec![0., 10., 3., 3., 7., 1., 2., 10., 0., 5.] };
+            check(&format!("embedding {d} {ids}"), Op::Embedding, vec![table, idv]);
+            let idv = In { shape: vec![2, 5], dtype: ids, data: vec![0., 10., 3., 3., 7., 1., 2., 10., 0., 5.] };
+            check(
+                &format!("embedding backward {d} {ids}"),
+                Op::EmbeddingBackward { vocab: 11 },
+                vec![idv, random(&[2, 5, 6], d, &mut rng)],
+            );
+        }
+    }
+    for t in [DType::I64, DType::F32] {
+        let tv = In { shape: vec![3], dtype: t, data: vec![0., 17., 999.] };
+        check(&format!("timestep embedding {t}"), Op::TimestepEmbedding { dim: 10, max_period: f(10000.0) }, vec![tv]);
+    }
+}
+
+#[test]
+fn an_out_of_range_id_is_an_error_after_the_step() {
+    let mut g = Graph::new();
+    let table = g.input("table", [4, 3], DType::F32);
+    let ids = g.input("ids", [2], DType::I64);
+    let out = g.op1(Op::Embedding, &[table, ids]).unwrap();
+    g.outputs.push(out);
+    let mut p = emulated().compile(g).unwrap();
+    p.upload(table, &HostTensor::zeros([4, 3], DType::F32)).unwrap();
+    p.upload(ids, &HostTensor::from_i64([2], &[1, 4]).unwrap()).unwrap();
+    let err = p.launch().unwrap_err().to_string();
+    assert!(err.contains("ids") && err.contains("out of range"), "{err}");
+}
+
+#[test]
+fn f64_graphs_are_refused_naming_the_node() {
+    let mut g = Graph::new();
+    let x = g.input("x", [3], DType::F64);
+    let y = g.unary(UnaryOp::Exp, x).unwrap();
+    g.outputs.push(y);
+    let err = emulated().compile(g).err().expect("f64 must be refused").to_string();
+    assert!(err.contains("node 0") && err.contains("exp") && err.contains("f64"), "{err}");
+}
+
+// ---- whole training steps ---------------------------------------------------------------------------------------
+
+struct Step {
+    graph: Graph,
+    init: Vec<(ValueId, HostTensor)>,
+    loss: ValueId,
+    params: Vec<ValueId>,
+}
+
+/// conv + GroupNorm + attention + residual + MSE + clipping + AdamW, optimised.
+fn training_step(dtype: DType, fusion: bool, checkpoint: bool) -> Step {
+    let s = NetSpec { batch: 2, in_ch: 3, ch: 8, hw: 4, blocks: 2, checkpoint, dtype };
+    let mut net = nets::build(&s);
+    let init = nets::init_values(&net.g, &net.params, 11);
+    net.g.outputs.push(net.loss);
+    let cfg = AdamWConfig::default();
+    append_training_step_clipped(&mut net.g, net.loss, &cfg, Some(1.0)).unwrap();
+    let opt = passes::optimize(&net.g, &PassOptions { checkpointing: checkpoint, fusion, dumps: false }).unwrap();
+    let init = init.into_iter().map(|(v, t)| (opt.map.get(v).unwrap(), t)).collect();
+    let params = passes::remap_all(&opt.map, &net.params).unwrap();
+    Step { loss: opt.map.get(net.loss).unwrap(), graph: opt.graph, init, params }
+}
+
+fn lr(dtype: DType) -> f64 {
+    if dtype == DType::F32 {
+        1e-2
+    } else {
+        1e-4
+    }
+}
+
+fn step_inputs(t: u64, dtype: DType) -> Vec<(&'static str, HostTensor)> {
+    let mut rng = Rng::new(100 + t);
+    let n = 2 * 3 * 16;
+    vec![
+        ("x", HostTensor::from_f64([2, 3, 4, 4], dtype, &rng.vec(n)).unwrap()),
+        ("target", HostTensor::from_f64([2, 3, 4, 4], dtype, &rng.vec(n)).unwrap()),
+        // bf16: a small rate, so the first steps (which move each weight by about ±lr whatever its gradient) keep the
+        // weights within bf16's tolerance of the CPU's; f32 checks the update itself at full size.
+        (
+            HYPER_INPUT,
+            HostTensor::from_f64([3], DType::F32, &adamw_hyper(&AdamWConfig::default(), lr(dtype), t)).unwrap(),
+        ),
+    ]
+}
+
+fn run_steps<P: Program>(p: &mut P, s: &Step, dtype: DType, steps: u64) -> Vec<(f64, Vec<Vec<f64>>)> {
+    for (v, t) in &s.init {
+        p.upload(*v, t).unwrap();
+    }
+    let moments: Vec<ValueId> = s
+        .params
+        .iter()
+        .flat_map(|&v| {
+            let name = &p.graph().values[v].name;
+            [p.graph().find(&format!("{name}.adam_m")), p.graph().find(&format!("{name}.adam_v"))]
+        })
+        .flatten()
+        .collect();
+    let mut out = Vec::new();
+    for t in 1..=steps {
+        for (name, x) in step_inputs(t, dtype) {
+            p.upload_named(name, &x).unwrap();
+        }
+        p.launch().unwrap_or_else(|e| panic!("step {t}: {e}"));
+        let loss = p.download(s.loss).unwrap().to_f64()[0];
+        let state = s.params.iter().chain(&moments).map(|&v| p.download(v).unwrap().to_f64()).collect();
+        out.push((loss, state));
+    }
+    out
+}
+
+fn compare_with_cpu(dtype: DType, fusion: bool, checkpoint: bool) {
+    let what = format!("{dtype} fusion={fusion} checkpoint={checkpoint}");
+    let s = training_step(dtype, fusion, checkpoint);
+    let mut cpu = CpuBackend::new(2).compile(s.graph.clone()).unwrap();
+    let mut gpu = emulated().compile(s.graph.clone()).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let want = run_steps(&mut cpu, &s, dtype, 3);
+    let got = run_steps(&mut gpu, &s, dtype, 3);
+    let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+    for (t, ((gl, gs), (wl, ws))) in got.iter().zip(&want).enumerate() {
+        let e = ((gl - wl) / wl.abs().max(1e-6)).abs();
+        assert!(e <= tol, "{what}: step {} loss {gl} vs cpu {wl}", t + 1);
+        for (i, (a, b)) in gs.iter().zip(ws).enumerate() {
+            // f32: elementwise. bf16: relative L2, since AdamW's first steps move each weight by about ±lr
+            // whatever the gradient's size, so a gradient near zero that rounds to the other sign moves one weight
+            // the other way.
+            // The second moments hold squared gradients, which doubles the gradients' relative error: bf16
+            // state gets 5e-2.
+            let (e, tol) = if dtype == DType::F32 { (rel_err(a, b), 1e-4) } else { (rel_l2(a, b), 5e-2) };
+            assert!(e <= tol, "{what}: step {} state tensor {i}: relative error {e:.3e}", t + 1);
+        }
+    }
+    let counts = gpu.device().counts();
+    assert_eq!(counts.replays, 2, "{what}: steps 2 and 3 must be graph replays");
+}
+
+#[test]
+fn training_steps_match_the_cpu_f32() {
+    compare_with_cpu(DType::F32, false, false);
+    compare_with_cpu(DType::F32, true, false);
+    compare_with_cpu(DType::F32, true, true);
+}
+
+#[test]
+fn training_steps_match_the_cpu_bf16() {
+    compare_with_cpu(DType::BF16, true, false);
+    compare_with_cpu(DType::BF16, false, true);
+}
+
+/// A replayed graph computes exactly what eager execution computes.
+#[test]
+fn replay_equals_eager_bit_for_bit() {
+    let s = training_step(DType::F32, true, false);
+    let eager_backend = GpuBackend::new(|| Ok(EmuDevice::new(EmuOptions::default())), StepMode::Eager);
+    let mut eager: GpuProgram<EmuDevice> = eager_backend.compile(s.graph.clone()).unwrap();
+    let mut replayed = emulated().compile(s.graph.clone()).unwrap();
+    let a = run_steps(&mut eager, &s, DType::F32, 3);
+    let b = run_steps(&mut replayed, &s, DType::F32, 3);
+    for (t, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert_eq!(x.0.to_bits(), y.0.to_bits(), "step {} loss", t + 1);
+        assert!(x.1 == y.1, "step {}: parameters or moments differ", t + 1);
+    }
+    assert_eq!(eager.device().counts().replays, 0);
+    assert_eq!(replayed.device().counts().replays, 2);
+}
