@@ -2,9 +2,9 @@
 //! tensor a PyTorch user would compare (`zeroconv forward`).
 
 use super::checkpoint::Checkpoint;
+use super::device::{compile_program, DeviceChoice};
 use super::weights::load_params;
-use crate::engine::cpu::CpuBackend;
-use crate::engine::{Backend, HostTensor, Program};
+use crate::engine::{HostTensor, Program};
 use crate::error::{Error, Result};
 use crate::graph::autodiff::backward;
 use crate::graph::passes::PassOptions;
@@ -28,9 +28,10 @@ fn input(inputs: &Checkpoint, name: &str, rank: usize) -> Result<(Vec<usize>, Ho
     Ok((t.shape.clone(), t.to_host()))
 }
 
-/// Compiles `g` with outputs `outs`, loads the weights under `prefixes`, uploads `feeds`, runs
+/// Compiles `g` with outputs `outs` for `device`, loads the weights under `prefixes`, uploads `feeds`, runs
 /// one step and downloads `outs` under their names.
 fn run_graph(
+    device: DeviceChoice,
     mut g: Graph,
     specs: &[crate::models::ParamSpec],
     ckpt: &Checkpoint,
@@ -40,7 +41,7 @@ fn run_graph(
 ) -> Result<Vec<(String, HostTensor)>> {
     g.outputs = outs.iter().map(|(_, v)| *v).collect();
     let opt = super::step::run_passes(&g, &PassOptions::default())?;
-    let mut prog = CpuBackend::default().compile(opt.graph)?;
+    let mut prog = compile_program(device, opt.graph, None)?;
     load_params(&mut prog, &opt.map, specs, ckpt, prefixes)?;
     for (v, t) in feeds {
         let Some(nv) = opt.map.get(*v) else { continue };
@@ -61,6 +62,7 @@ fn run_graph(
 /// ControlNet + locked U-Net: `eps`, `control.{i}`, and with `grad` also `loss` and
 /// `grad.<key>` for every ControlNet parameter.
 pub fn control_ldm(
+    device: DeviceChoice,
     cfg: &ControlLdmConfig,
     ckpt: &Checkpoint,
     inputs: &Checkpoint,
@@ -105,11 +107,16 @@ pub fn control_ldm(
             }
         }
     }
-    run_graph(m.b.g, &m.b.params, ckpt, &[UNET_PREFIX, CONTROL_PREFIX], &feeds, &outs)
+    run_graph(device, m.b.g, &m.b.params, ckpt, &[UNET_PREFIX, CONTROL_PREFIX], &feeds, &outs)
 }
 
 /// The VAE: `image` → `mean`, `logvar` (when present) and `z` → `decoded` (when present).
-pub fn vae_parts(cfg: &VaeConfig, ckpt: &Checkpoint, inputs: &Checkpoint) -> Result<Vec<(String, HostTensor)>> {
+pub fn vae_parts(
+    device: DeviceChoice,
+    cfg: &VaeConfig,
+    ckpt: &Checkpoint,
+    inputs: &Checkpoint,
+) -> Result<Vec<(String, HostTensor)>> {
     let mut b = ModelBuilder::new(DType::F32);
     let mut feeds = Vec::new();
     let mut outs = Vec::new();
@@ -131,15 +138,20 @@ pub fn vae_parts(cfg: &VaeConfig, ckpt: &Checkpoint, inputs: &Checkpoint) -> Res
     if outs.is_empty() {
         return Err(Error::file(inputs.path(), "holds neither 'image' (to encode) nor 'z' (to decode)"));
     }
-    run_graph(b.g, &b.params, ckpt, &[VAE_PREFIX], &feeds, &outs)
+    run_graph(device, b.g, &b.params, ckpt, &[VAE_PREFIX], &feeds, &outs)
 }
 
 /// The CLIP text encoder: `ids` [B, L] → `hidden` [B, L, D].
-pub fn text(cfg: &ClipConfig, ckpt: &Checkpoint, inputs: &Checkpoint) -> Result<Vec<(String, HostTensor)>> {
+pub fn text(
+    device: DeviceChoice,
+    cfg: &ClipConfig,
+    ckpt: &Checkpoint,
+    inputs: &Checkpoint,
+) -> Result<Vec<(String, HostTensor)>> {
     let (s, ids) = input(inputs, "ids", 2)?;
     let mut b = ModelBuilder::new(DType::F32);
     let iv = b.g.input("ids", s, DType::I64);
     let ids = HostTensor::from_f64(ids.shape.clone(), DType::I64, &ids.to_f64())?;
     let h = clip::clip_text(&mut b, CLIP_PREFIX, cfg, iv)?;
-    run_graph(b.g, &b.params, ckpt, &[CLIP_PREFIX], &[(iv, ids)], &[("hidden".to_string(), h)])
+    run_graph(device, b.g, &b.params, ckpt, &[CLIP_PREFIX], &[(iv, ids)], &[("hidden".to_string(), h)])
 }

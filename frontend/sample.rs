@@ -2,11 +2,11 @@
 //! included), then the first stage's decoder. Used by `zeroconv sample`, by the training loop's
 //! validation grids, and by the control-fidelity evaluation.
 
+use super::device::{compile_program, DeviceChoice, DeviceProgram};
 use super::rng::Rng;
 use super::tokenizer::ClipTokenizer;
 use super::weights_store::WeightStore;
-use crate::engine::cpu::CpuBackend;
-use crate::engine::{Backend, HostTensor, Program};
+use crate::engine::{HostTensor, Program};
 use crate::error::{Error, Result};
 use crate::graph::passes::PassOptions;
 use crate::graph::DType;
@@ -25,6 +25,7 @@ pub struct SampleSettings {
     pub seed: u64,
     pub negative: String,
     pub threads: Option<usize>,
+    pub device: DeviceChoice,
 }
 
 impl Default for SampleSettings {
@@ -37,12 +38,13 @@ impl Default for SampleSettings {
             seed: 0,
             negative: String::new(),
             threads: None,
+            device: DeviceChoice::Cpu,
         }
     }
 }
 
-fn backend(s: &SampleSettings) -> CpuBackend {
-    s.threads.map_or_else(CpuBackend::default, CpuBackend::new)
+fn compile(s: &SampleSettings, g: crate::graph::Graph) -> Result<DeviceProgram> {
+    compile_program(s.device, g, s.threads)
 }
 
 /// Text embeddings [n, L, D] of `captions`.
@@ -60,7 +62,7 @@ pub fn encode_text(
     let h = clip::clip_text(&mut b, CLIP_PREFIX, &m.clip, ids)?;
     b.g.outputs.push(h);
     let opt = super::step::run_passes(&b.g, &PassOptions { fusion: true, ..Default::default() })?;
-    let mut prog = backend(s).compile(opt.graph)?;
+    let mut prog = compile(s, opt.graph)?;
     store.upload(&mut prog, &opt.map, &b.params)?;
     let mut all = Vec::with_capacity(n * l);
     for c in captions {
@@ -119,7 +121,7 @@ pub fn sample(
     let mut built = control_ldm::build_gated(&ldm, shape, DType::F32, DType::F32, false, true)?;
     built.b.g.outputs.push(built.eps);
     let opt = super::step::run_passes(&built.b.g, &PassOptions { fusion: true, ..Default::default() })?;
-    let mut prog = backend(s).compile(opt.graph)?;
+    let mut prog = compile(s, opt.graph)?;
     store.upload(&mut prog, &opt.map, &built.b.params)?;
     let id = |v| opt.map.get(v).expect("sampler inputs are kept");
     prog.upload(id(built.context), &ctx)?;
@@ -159,7 +161,7 @@ pub fn sample(
     let img = decode_latents(&mut b, m, z)?;
     b.g.outputs.push(img);
     let opt = super::step::run_passes(&b.g, &PassOptions { fusion: true, ..Default::default() })?;
-    let mut prog = backend(s).compile(opt.graph)?;
+    let mut prog = compile(s, opt.graph)?;
     store.upload(&mut prog, &opt.map, &b.params)?;
     let zv: Vec<f64> = x.iter().map(|&v| v as f64).collect();
     prog.upload(opt.map.get(z).expect("kept"), &HostTensor::from_f64([n, c, lat, lat], DType::F32, &zv)?)?;

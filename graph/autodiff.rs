@@ -88,8 +88,38 @@ fn reaches_loss(g: &Graph, loss: ValueId, upto: usize) -> Vec<bool> {
 fn differentiable_input(op: &Op, i: usize) -> bool {
     match op {
         Op::Embedding => i == 0,
-        Op::TimestepEmbedding { .. } | Op::Fill { .. } | Op::AdamW { .. } => false,
-        _ => true,
+        Op::TimestepEmbedding { .. } | Op::Fill { .. } | Op::AdamW { .. } | Op::MultiAdamW(_) => false,
+        Op::Unary(_)
+        | Op::UnaryBackward(_)
+        | Op::Binary(_)
+        | Op::Affine { .. }
+        | Op::Cast { .. }
+        | Op::MatMul { .. }
+        | Op::Conv2d { .. }
+        | Op::Conv2dBackwardInput { .. }
+        | Op::Conv2dBackwardWeight { .. }
+        | Op::GroupNorm { .. }
+        | Op::GroupNormBackward { .. }
+        | Op::LayerNorm { .. }
+        | Op::LayerNormBackward { .. }
+        | Op::Softmax
+        | Op::SoftmaxBackward
+        | Op::Attention { .. }
+        | Op::AttentionBackward { .. }
+        | Op::Upsample2x
+        | Op::Upsample2xBackward
+        | Op::Concat { .. }
+        | Op::Slice { .. }
+        | Op::SliceBackward { .. }
+        | Op::Reshape { .. }
+        | Op::Permute { .. }
+        | Op::EmbeddingBackward { .. }
+        | Op::ReduceSum { .. }
+        | Op::SumTo { .. }
+        | Op::BroadcastTo { .. }
+        | Op::MseLoss
+        | Op::MseLossBackward
+        | Op::Fused(_) => true,
     }
 }
 
@@ -304,6 +334,24 @@ fn vjp(g: &mut Graph, n: NodeId, dys: &[Option<ValueId>], wanted: &[bool]) -> Re
             let db = if need(1) { Some(g.scale(da, -1.0)?) } else { None };
             Ok(vec![Some(da), db])
         }
-        op => Err(Error::msg(format!("autodiff: {} is not differentiable (it is itself a backward op)", op.name()))),
+        op @ (Op::UnaryBackward(_)
+        | Op::Conv2dBackwardInput { .. }
+        | Op::Conv2dBackwardWeight { .. }
+        | Op::GroupNormBackward { .. }
+        | Op::LayerNormBackward { .. }
+        | Op::SoftmaxBackward
+        | Op::AttentionBackward { .. }
+        | Op::Upsample2xBackward
+        | Op::EmbeddingBackward { .. }
+        | Op::MseLossBackward) => {
+            Err(Error::msg(format!("autodiff: {} is not differentiable (it is itself a backward op)", op.name())))
+        }
+        op @ (Op::AdamW { .. } | Op::MultiAdamW(_)) => {
+            Err(Error::msg(format!("autodiff: {} is not differentiable (an optimizer update)", op.name())))
+        }
+        op @ Op::Fused(_) => Err(Error::msg(format!(
+            "autodiff: {} is not differentiable (a fused kernel: differentiate before fusing)",
+            op.name()
+        ))),
     }
 }

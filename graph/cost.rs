@@ -58,7 +58,27 @@ pub fn node_cost(g: &Graph, node: &Node) -> Cost {
         Op::AdamW { .. } => 12.0 * inp(0).numel() as f64,
         Op::MultiAdamW(k) => (0..k.tensors).map(|t| 12.0 * inp(4 * t).numel() as f64).sum(),
         Op::Reshape { .. } => 0.0,
-        _ => numel,
+        // About one operation per output element.
+        Op::Fill { .. }
+        | Op::Unary(_)
+        | Op::UnaryBackward(_)
+        | Op::Binary(_)
+        | Op::Affine { .. }
+        | Op::Cast { .. }
+        | Op::Upsample2x
+        | Op::Upsample2xBackward
+        | Op::Concat { .. }
+        | Op::Slice { .. }
+        | Op::SliceBackward { .. }
+        | Op::Permute { .. }
+        | Op::Embedding
+        | Op::EmbeddingBackward { .. }
+        | Op::TimestepEmbedding { .. }
+        | Op::ReduceSum { .. }
+        | Op::SumTo { .. }
+        | Op::BroadcastTo { .. }
+        | Op::MseLoss
+        | Op::MseLossBackward => numel,
     };
     let bytes = if node.op.is_view() { 0 } else { bytes };
     Cost { flops, bytes: bytes as f64 }

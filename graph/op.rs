@@ -32,6 +32,56 @@ pub enum BinaryOp {
     Div,
 }
 
+impl UnaryOp {
+    /// Every unary op, in declaration order.
+    pub const ALL: [UnaryOp; 11] = [
+        UnaryOp::Neg,
+        UnaryOp::Exp,
+        UnaryOp::Log,
+        UnaryOp::Sqrt,
+        UnaryOp::Square,
+        UnaryOp::Recip,
+        UnaryOp::Silu,
+        UnaryOp::GeluErf,
+        UnaryOp::GeluTanh,
+        UnaryOp::QuickGelu,
+        UnaryOp::Relu,
+    ];
+
+    /// The op's one name (snake_case): `Op::name`, the kernels (`unary_<name>_<dtype>` in kernels/unary.cu) and
+    /// the fused-kernel names all spell it this way.
+    pub fn name(self) -> &'static str {
+        match self {
+            UnaryOp::Neg => "neg",
+            UnaryOp::Exp => "exp",
+            UnaryOp::Log => "log",
+            UnaryOp::Sqrt => "sqrt",
+            UnaryOp::Square => "square",
+            UnaryOp::Recip => "recip",
+            UnaryOp::Silu => "silu",
+            UnaryOp::GeluErf => "gelu_erf",
+            UnaryOp::GeluTanh => "gelu_tanh",
+            UnaryOp::QuickGelu => "quick_gelu",
+            UnaryOp::Relu => "relu",
+        }
+    }
+}
+
+impl BinaryOp {
+    /// Every binary op, in declaration order.
+    pub const ALL: [BinaryOp; 4] = [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div];
+
+    /// The op's one name: `Op::name` and the kernels (`binary_<name>_<dtype>` in kernels/binary.cu).
+    pub fn name(self) -> &'static str {
+        match self {
+            BinaryOp::Add => "add",
+            BinaryOp::Sub => "sub",
+            BinaryOp::Mul => "mul",
+            BinaryOp::Div => "div",
+        }
+    }
+}
+
 /// Floats stored by their bits so ops can be hashed and compared (CSE needs both).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct F64Bits(pub u64);
@@ -204,9 +254,9 @@ impl Op {
     pub fn name(&self) -> String {
         match self {
             Op::Fill { .. } => "fill".into(),
-            Op::Unary(u) => format!("{u:?}").to_lowercase(),
-            Op::UnaryBackward(u) => format!("{u:?}_backward").to_lowercase(),
-            Op::Binary(b) => format!("{b:?}").to_lowercase(),
+            Op::Unary(u) => u.name().into(),
+            Op::UnaryBackward(u) => format!("{}_backward", u.name()),
+            Op::Binary(b) => b.name().into(),
             Op::Affine { .. } => "affine".into(),
             Op::Cast { .. } => "cast".into(),
             Op::MatMul { .. } => "matmul".into(),
@@ -273,7 +323,17 @@ impl Op {
             }
             Op::Fused(k) => format!("[{}]", k.ops.join(" ")),
             Op::MultiAdamW(k) => format!("tensors={}", k.tensors),
-            _ => String::new(),
+            Op::Unary(_)
+            | Op::UnaryBackward(_)
+            | Op::Binary(_)
+            | Op::Softmax
+            | Op::SoftmaxBackward
+            | Op::Upsample2x
+            | Op::Upsample2xBackward
+            | Op::Embedding
+            | Op::EmbeddingBackward { .. }
+            | Op::MseLoss
+            | Op::MseLossBackward => String::new(),
         }
     }
 
@@ -590,6 +650,87 @@ impl Op {
                 same(ins[4].0, &Shape(vec![3]), "hyper must be [3]")?;
                 Ok(vec![])
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::{self, Arch};
+    use std::collections::BTreeSet;
+
+    /// The float storage types the GPU kernels are built for.
+    const KERNEL_FLOATS: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+
+    #[test]
+    fn op_families_list_every_op_once_with_one_name() {
+        for (i, u) in UnaryOp::ALL.into_iter().enumerate() {
+            assert_eq!(u as usize, i, "UnaryOp::ALL is in declaration order");
+            // The snake_case name is the variant's own name.
+            assert_eq!(u.name().replace('_', ""), format!("{u:?}").to_lowercase());
+            assert_eq!(Op::Unary(u).name(), u.name());
+            assert_eq!(Op::UnaryBackward(u).name(), format!("{}_backward", u.name()));
+        }
+        for (i, b) in BinaryOp::ALL.into_iter().enumerate() {
+            assert_eq!(b as usize, i, "BinaryOp::ALL is in declaration order");
+            assert_eq!(b.name(), format!("{b:?}").to_lowercase());
+            assert_eq!(Op::Binary(b).name(), b.name());
+        }
+        let names: BTreeSet<&str> =
+            UnaryOp::ALL.iter().map(|u| u.name()).chain(BinaryOp::ALL.iter().map(|b| b.name())).collect();
+        assert_eq!(names.len(), UnaryOp::ALL.len() + BinaryOp::ALL.len(), "op names are unique");
+    }
+
+    /// Every op of `UnaryOp::ALL` / `BinaryOp::ALL` has its kernels in every float type, under the name the GPU
+    /// lowering looks up: in the PTX entry points when the kernels were compiled, else in the source (whose
+    /// entry points `ZC_FOR_EACH_FLOAT(ZC_<FAMILY>_ENTRIES, <name>, <functor>)` defines).
+    #[test]
+    fn every_unary_and_binary_op_has_its_kernels() {
+        let unary = kernels::module("unary").expect("kernels/unary.cu is embedded");
+        let binary = kernels::module("binary").expect("kernels/binary.cu is embedded");
+        let wanted = |stems: Vec<String>| -> Vec<String> {
+            stems.iter().flat_map(|s| KERNEL_FLOATS.iter().map(move |d| format!("{s}_{}", d.name()))).collect()
+        };
+        let unary_kernels = wanted(
+            UnaryOp::ALL
+                .iter()
+                .flat_map(|u| [format!("unary_{0}", u.name()), format!("unary_{0}_bwd", u.name())])
+                .collect(),
+        );
+        let binary_kernels = wanted(
+            BinaryOp::ALL
+                .iter()
+                .flat_map(|b| [format!("binary_{0}", b.name()), format!("binary_{0}_bcast", b.name())])
+                .collect(),
+        );
+        if kernels::compiled() {
+            for arch in Arch::ALL {
+                for (m, want) in [(unary, &unary_kernels), (binary, &binary_kernels)] {
+                    let entries: BTreeSet<&str> = m.entry_points(arch).into_iter().collect();
+                    for k in want {
+                        assert!(entries.contains(k.as_str()), "{}: no kernel {k} in the {} PTX", m.name, arch.name());
+                    }
+                }
+            }
+        }
+        // The source pairs each name with the functor the fusion code generator uses, and the entry macros
+        // spell the kernels as the lowering does, for every float type.
+        for u in UnaryOp::ALL {
+            let line = format!("ZC_FOR_EACH_FLOAT(ZC_UNARY_ENTRIES, {}, {})", u.name(), kernels::codegen::op_struct(u));
+            assert!(unary.source.contains(&line), "kernels/unary.cu lacks `{line}`");
+        }
+        for b in BinaryOp::ALL {
+            let functor = kernels::codegen::functor(b.name());
+            let line = format!("ZC_FOR_EACH_FLOAT(ZC_BINARY_ENTRIES, {}, {functor})", b.name());
+            assert!(binary.source.contains(&line), "kernels/binary.cu lacks `{line}`");
+        }
+        let full = unary.self_contained_source();
+        assert!(full.contains("unary_##NAME##_##SUF(") && full.contains("unary_##NAME##_bwd_##SUF("));
+        let full = binary.self_contained_source();
+        assert!(full.contains("binary_##NAME##_##SUF(") && full.contains("binary_##NAME##_bcast_##SUF("));
+        for d in KERNEL_FLOATS {
+            assert!(full.contains(&format!(", {}, __VA_ARGS__)", d.name())), "ZC_FOR_EACH_FLOAT lacks {d}");
         }
     }
 }

@@ -70,20 +70,23 @@ fn storage(d: DType) -> Result<&'static str> {
     }
 }
 
-fn op_struct(u: UnaryOp) -> &'static str {
-    match u {
-        UnaryOp::Neg => "OpNeg",
-        UnaryOp::Exp => "OpExp",
-        UnaryOp::Log => "OpLog",
-        UnaryOp::Sqrt => "OpSqrt",
-        UnaryOp::Square => "OpSquare",
-        UnaryOp::Recip => "OpRecip",
-        UnaryOp::Silu => "OpSilu",
-        UnaryOp::GeluErf => "OpGeluErf",
-        UnaryOp::GeluTanh => "OpGeluTanh",
-        UnaryOp::QuickGelu => "OpQuickGelu",
-        UnaryOp::Relu => "OpRelu",
+/// The functor of kernels/unary_ops.cuh implementing `u`, as kernels/unary.cu pairs them.
+pub(crate) fn op_struct(u: UnaryOp) -> String {
+    functor(u.name())
+}
+
+/// The CUDA functor of the op named `name` (`UnaryOp::name`, `BinaryOp::name`): `Op` and the name in CamelCase,
+/// so `gelu_erf` is `OpGeluErf`.
+pub(crate) fn functor(name: &str) -> String {
+    let mut s = String::from("Op");
+    for word in name.split('_') {
+        let mut cs = word.chars();
+        if let Some(c) = cs.next() {
+            s.push(c.to_ascii_uppercase());
+            s.extend(cs);
+        }
     }
+    s
 }
 
 /// A float literal CUDA reads back exactly as the f32 nearest to `v`.
@@ -197,7 +200,8 @@ pub fn generate(k: &FusedKernel, in_dtypes: &[DType]) -> Result<Generated> {
     let text = if anchored {
         let what = match k.anchor {
             Anchor::GroupNorm { .. } => "GroupNorm",
-            _ => "LayerNorm",
+            Anchor::LayerNorm { .. } => "LayerNorm",
+            Anchor::None => unreachable!("anchored kernels have an anchor"),
         };
         format!(
             "// {what} + epilogue [{ops}]. Launch: one block per unit, blockDim.x a multiple of 32.\n\
@@ -261,4 +265,21 @@ pub fn for_graph(g: &crate::graph::Graph) -> Result<Vec<(crate::graph::NodeId, G
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::HEADERS;
+
+    #[test]
+    fn every_unary_op_has_its_functor() {
+        assert_eq!(op_struct(UnaryOp::GeluErf), "OpGeluErf");
+        assert_eq!(op_struct(UnaryOp::Neg), "OpNeg");
+        let ops = HEADERS.iter().find(|h| h.name == "unary_ops.cuh").expect("unary_ops.cuh is embedded");
+        for u in UnaryOp::ALL {
+            let functor = op_struct(u);
+            assert!(ops.source.contains(&format!("struct {functor} {{")), "unary_ops.cuh lacks {functor} for {u:?}");
+        }
+    }
 }

@@ -476,8 +476,8 @@ extern "C" __global__ void fused_cast_square_d2dbf230(const bf16* __restrict__ i
     }
 }
 
-// Pointwise [geluerf mul]. Launch: any 1-D grid and block.
-extern "C" __global__ void fused_geluerf_mul_245110da(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out0, u64 n) {
+// Pointwise [gelu_erf mul]. Launch: any 1-D grid and block.
+extern "C" __global__ void fused_gelu_erf_mul_08037ed7(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out0, u64 n) {
     for (u64 i = grid_start(); i < n; i += grid_stride()) {
         const float r0 = to_f32(in0[i]);
         const float r1 = OpGeluErf::fwd(r0);
@@ -487,19 +487,8 @@ extern "C" __global__ void fused_geluerf_mul_245110da(const float* __restrict__ 
     }
 }
 
-// Pointwise [geluerf mul]. Launch: any 1-D grid and block.
-extern "C" __global__ void fused_geluerf_mul_358c8b74(const bf16* __restrict__ in0, const bf16* __restrict__ in1, bf16* __restrict__ out0, u64 n) {
-    for (u64 i = grid_start(); i < n; i += grid_stride()) {
-        const float r0 = to_f32(in0[i]);
-        const float r1 = OpGeluErf::fwd(r0);
-        const float r2 = to_f32(in1[i]);
-        const float r3 = r2 * r1;
-        out0[i] = from_f32<bf16>(r3);
-    }
-}
-
-// Pointwise [geluerf mul]. Launch: any 1-D grid and block.
-extern "C" __global__ void fused_geluerf_mul_a35beffd(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out0, float* __restrict__ out1, u64 n) {
+// Pointwise [gelu_erf mul]. Launch: any 1-D grid and block.
+extern "C" __global__ void fused_gelu_erf_mul_51ae35aa(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out0, float* __restrict__ out1, u64 n) {
     for (u64 i = grid_start(); i < n; i += grid_stride()) {
         const float r0 = to_f32(in0[i]);
         const float r1 = OpGeluErf::fwd(r0);
@@ -510,8 +499,8 @@ extern "C" __global__ void fused_geluerf_mul_a35beffd(const float* __restrict__ 
     }
 }
 
-// Pointwise [geluerf mul]. Launch: any 1-D grid and block.
-extern "C" __global__ void fused_geluerf_mul_de56c05b(const bf16* __restrict__ in0, const bf16* __restrict__ in1, bf16* __restrict__ out0, bf16* __restrict__ out1, u64 n) {
+// Pointwise [gelu_erf mul]. Launch: any 1-D grid and block.
+extern "C" __global__ void fused_gelu_erf_mul_6341715c(const bf16* __restrict__ in0, const bf16* __restrict__ in1, bf16* __restrict__ out0, bf16* __restrict__ out1, u64 n) {
     for (u64 i = grid_start(); i < n; i += grid_stride()) {
         const float r0 = to_f32(in0[i]);
         const float r1 = OpGeluErf::fwd(r0);
@@ -519,6 +508,17 @@ extern "C" __global__ void fused_geluerf_mul_de56c05b(const bf16* __restrict__ i
         const float r3 = r2 * r1;
         out0[i] = from_f32<bf16>(r1);
         out1[i] = from_f32<bf16>(r3);
+    }
+}
+
+// Pointwise [gelu_erf mul]. Launch: any 1-D grid and block.
+extern "C" __global__ void fused_gelu_erf_mul_8e2b7bcd(const bf16* __restrict__ in0, const bf16* __restrict__ in1, bf16* __restrict__ out0, u64 n) {
+    for (u64 i = grid_start(); i < n; i += grid_stride()) {
+        const float r0 = to_f32(in0[i]);
+        const float r1 = OpGeluErf::fwd(r0);
+        const float r2 = to_f32(in1[i]);
+        const float r3 = r2 * r1;
+        out0[i] = from_f32<bf16>(r3);
     }
 }
 
@@ -608,20 +608,8 @@ extern "C" __global__ void fused_groupnorm_silu_7b912d5c(const bf16* __restrict_
     }
 }
 
-// Pointwise [mul geluerf_backward]. Launch: any 1-D grid and block.
-extern "C" __global__ void fused_mul_geluerf_backward_25801a41(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, float* __restrict__ out0, u64 n) {
-    for (u64 i = grid_start(); i < n; i += grid_stride()) {
-        const float r0 = to_f32(in0[i]);
-        const float r1 = to_f32(in1[i]);
-        const float r2 = r0 * r1;
-        const float r3 = to_f32(in2[i]);
-        const float r4 = OpGeluErf::bwd(r3, r2);
-        out0[i] = from_f32<float>(r4);
-    }
-}
-
-// Pointwise [mul geluerf_backward]. Launch: any 1-D grid and block.
-extern "C" __global__ void fused_mul_geluerf_backward_a93305e6(const bf16* __restrict__ in0, const bf16* __restrict__ in1, const bf16* __restrict__ in2, bf16* __restrict__ out0, u64 n) {
+// Pointwise [mul gelu_erf_backward]. Launch: any 1-D grid and block.
+extern "C" __global__ void fused_mul_gelu_erf_backward_2faa8edf(const bf16* __restrict__ in0, const bf16* __restrict__ in1, const bf16* __restrict__ in2, bf16* __restrict__ out0, u64 n) {
     for (u64 i = grid_start(); i < n; i += grid_stride()) {
         const float r0 = to_f32(in0[i]);
         const float r1 = to_f32(in1[i]);
@@ -629,6 +617,18 @@ extern "C" __global__ void fused_mul_geluerf_backward_a93305e6(const bf16* __res
         const float r3 = to_f32(in2[i]);
         const float r4 = OpGeluErf::bwd(r3, r2);
         out0[i] = from_f32<bf16>(r4);
+    }
+}
+
+// Pointwise [mul gelu_erf_backward]. Launch: any 1-D grid and block.
+extern "C" __global__ void fused_mul_gelu_erf_backward_505b3a0a(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, float* __restrict__ out0, u64 n) {
+    for (u64 i = grid_start(); i < n; i += grid_stride()) {
+        const float r0 = to_f32(in0[i]);
+        const float r1 = to_f32(in1[i]);
+        const float r2 = r0 * r1;
+        const float r3 = to_f32(in2[i]);
+        const float r4 = OpGeluErf::bwd(r3, r2);
+        out0[i] = from_f32<float>(r4);
     }
 }
 

@@ -148,6 +148,25 @@ pub fn ptx_entry_points(ptx: &str) -> Vec<&str> {
         .collect()
 }
 
+/// The byte size of each `.param` of the `.entry` named `entry` in a PTX text, in order (None when the PTX has no
+/// such entry). `.param .u64 p` is 8 bytes, `.param .align 8 .b8 p[200]` is 200: what a launch must pass.
+pub fn ptx_entry_params(ptx: &str, entry: &str) -> Option<Vec<usize>> {
+    let start = ptx.find(&format!(".entry {entry}("))?;
+    let rest = &ptx[start..];
+    let list = &rest[rest.find('(')? + 1..rest.find(')')?];
+    let size = |decl: &str| -> Option<usize> {
+        let words: Vec<&str> = decl.split_whitespace().collect();
+        if let Some(i) = words.iter().position(|w| *w == ".b8") {
+            let name = words.get(i + 1)?;
+            let n = name.split('[').nth(1)?.trim_end_matches(']');
+            return n.parse().ok();
+        }
+        let ty = words.iter().find(|w| w.len() > 2 && w.starts_with('.') && *w != &".param")?;
+        ty[2..].parse::<usize>().ok().map(|bits| bits / 8)
+    };
+    list.split(',').map(str::trim).filter(|d| !d.is_empty()).map(size).collect()
+}
+
 /// True when build.rs compiled every module to PTX (NVRTC was found).
 pub fn compiled() -> bool {
     COMPILED
@@ -184,6 +203,14 @@ mod tests {
         let ptx = "//\n.version 8.7\n.target sm_80\n\n\t// .globl\tunary_neg_f32\n.visible .entry unary_neg_f32(\n\t.param .u64 a\n)\n{\n}\n.visible .entry fill_bf16(\n)\n";
         assert_eq!(ptx_entry_points(ptx), vec!["unary_neg_f32", "fill_bf16"]);
         assert!(ptx_entry_points("").is_empty());
+    }
+
+    #[test]
+    fn entry_parameters_are_read_from_ptx() {
+        let ptx = ".visible .entry k(\n\t.param .u64 k_param_0,\n\t.param .f32 k_param_1,\n\t.param .align 8 .b8 k_param_2[200]\n)\n{\n}\n.visible .entry e(\n)\n";
+        assert_eq!(ptx_entry_params(ptx, "k"), Some(vec![8, 4, 200]));
+        assert_eq!(ptx_entry_params(ptx, "e"), Some(vec![]));
+        assert_eq!(ptx_entry_params(ptx, "missing"), None);
     }
 
     #[test]

@@ -576,20 +576,6 @@ fn every_module_and_kernel_is_emulated() {
 
 // ---- unary.cu -------------------------------------------------------------------------------------------------------
 
-const UNARY: [(UnaryOp, &str); 11] = [
-    (UnaryOp::Neg, "neg"),
-    (UnaryOp::Exp, "exp"),
-    (UnaryOp::Log, "log"),
-    (UnaryOp::Sqrt, "sqrt"),
-    (UnaryOp::Square, "square"),
-    (UnaryOp::Recip, "recip"),
-    (UnaryOp::Silu, "silu"),
-    (UnaryOp::GeluErf, "gelu_erf"),
-    (UnaryOp::GeluTanh, "gelu_tanh"),
-    (UnaryOp::QuickGelu, "quick_gelu"),
-    (UnaryOp::Relu, "relu"),
-];
-
 /// Element counts around a warp and a block, and one that leaves a ragged last block.
 const SIZES: [usize; 4] = [1, 31, 33, 1031];
 
@@ -600,7 +586,8 @@ fn unary_kernels_match_the_cpu_backend() {
         let sfx = suffix(dtype);
         for n in SIZES {
             let (grid, block) = (grid_for(n, 64, 4), 64);
-            for (op, name) in UNARY {
+            for op in UnaryOp::ALL {
+                let name = op.name();
                 let mut rng = seed(&format!("{name}{n}{sfx}"));
                 let positive = matches!(op, UnaryOp::Log | UnaryOp::Sqrt | UnaryOp::Recip);
                 let (lo, hi) = if positive { (0.05, 4.0) } else { (-4.0, 4.0) };
@@ -707,9 +694,6 @@ fn broadcast_out(a: &[usize], b: &[usize]) -> Vec<usize> {
     (0..rank).map(|d| at(a, d).max(at(b, d))).collect()
 }
 
-const BINARY: [(BinaryOp, &str); 4] =
-    [(BinaryOp::Add, "add"), (BinaryOp::Sub, "sub"), (BinaryOp::Mul, "mul"), (BinaryOp::Div, "div")];
-
 #[test]
 fn binary_kernels_match_the_cpu_backend() {
     let k = Kernels::new("binary");
@@ -724,7 +708,8 @@ fn binary_kernels_match_the_cpu_backend() {
     ];
     for dtype in FLOATS {
         let sfx = suffix(dtype);
-        for (op, name) in BINARY {
+        for op in BinaryOp::ALL {
+            let name = op.name();
             let mut rng = seed(&format!("{name}{sfx}"));
             // Divisors stay in [1.5, 2.5].
             let (blo, bhi) = if op == BinaryOp::Div { (1.5, 2.5) } else { (-2.0, 2.0) };

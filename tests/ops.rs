@@ -34,19 +34,7 @@ fn f(s: &[usize]) -> Arg {
 #[test]
 fn unary_ops() {
     let positive = |g: &mut Graph, x: ValueId| g.affine(x, 0.5, 1.5); // into [1, 2]
-    for u in [
-        UnaryOp::Neg,
-        UnaryOp::Exp,
-        UnaryOp::Log,
-        UnaryOp::Sqrt,
-        UnaryOp::Square,
-        UnaryOp::Recip,
-        UnaryOp::Silu,
-        UnaryOp::GeluErf,
-        UnaryOp::GeluTanh,
-        UnaryOp::QuickGelu,
-        UnaryOp::Relu,
-    ] {
+    for u in UnaryOp::ALL {
         let needs_positive = matches!(u, UnaryOp::Log | UnaryOp::Sqrt | UnaryOp::Recip);
         let reference = move |a: &[T64]| {
             let x = if needs_positive { r::map(&a[0], |v| 0.5 * v + 1.5) } else { a[0].clone() };
@@ -82,7 +70,7 @@ fn unary_ops() {
 fn binary_ops_with_broadcasting() {
     let shapes: [(&[usize], &[usize]); 5] =
         [(&[3, 4, 5], &[3, 4, 5]), (&[2, 3, 4, 5], &[3, 1, 5]), (&[4, 1], &[3]), (&[], &[2, 3]), (&[2, 1, 6], &[5, 1])];
-    for b in [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div] {
+    for b in BinaryOp::ALL {
         for (sa, sb) in shapes {
             // Keep divisors away from zero: y -> 0.5 y + 2.
             let build = move |g: &mut Graph, a: &[ValueId]| {

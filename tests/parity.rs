@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use zeroconv::engine::HostTensor;
 use zeroconv::frontend::checkpoint::{write_safetensors, Checkpoint};
+use zeroconv::frontend::device::DeviceChoice;
 use zeroconv::frontend::forward;
 use zeroconv::graph::DType;
 use zeroconv::models::control_ldm::ControlLdmConfig;
@@ -137,7 +138,7 @@ fn check_control_ldm(name: &str, unet: UNetConfig) {
     let (cfg, weights) = control_ldm_fixture(name, unet);
     let inputs = fixture(&format!("{name}.inputs.safetensors"));
     let expected = fixture(&format!("{name}.expected.safetensors"));
-    let outs = forward::control_ldm(&cfg, &weights, &inputs, true, DType::F32).unwrap();
+    let outs = forward::control_ldm(DeviceChoice::Cpu, &cfg, &weights, &inputs, true, DType::F32).unwrap();
     let mut grads_checked = 0;
     let max_grad_norm = outs
         .iter()
@@ -192,7 +193,7 @@ fn clip_text_encoder_matches_transformers() {
         output: zeroconv::models::ClipOutput::Last,
     };
     let w = weights("clip_tiny", &clip_params(&cfg).unwrap());
-    let outs = forward::text(&cfg, &w, &fixture("clip_tiny.inputs.safetensors")).unwrap();
+    let outs = forward::text(DeviceChoice::Cpu, &cfg, &w, &fixture("clip_tiny.inputs.safetensors")).unwrap();
     let want = fixture("clip_tiny.expected.safetensors").tensor("hidden").unwrap().to_f64();
     let err = rel_l2(&outs[0].1.to_f64(), &want);
     assert!(err < 1e-4, "clip hidden: relative L2 error {err:.2e}");
@@ -209,7 +210,7 @@ fn vae_matches_diffusers() {
         ..Default::default()
     };
     let w = weights("vae_tiny", &vae_params(&cfg).unwrap());
-    let outs = forward::vae_parts(&cfg, &w, &fixture("vae_tiny.inputs.safetensors")).unwrap();
+    let outs = forward::vae_parts(DeviceChoice::Cpu, &cfg, &w, &fixture("vae_tiny.inputs.safetensors")).unwrap();
     let expected = fixture("vae_tiny.expected.safetensors");
     assert_eq!(outs.len(), 3);
     for (name, got) in &outs {
@@ -226,7 +227,7 @@ fn bf16_forward_is_within_two_percent_of_the_fp32_reference() {
     let (cfg, weights) = control_ldm_fixture("sd15_tiny", sd15_tiny());
     let inputs = fixture("sd15_tiny.inputs.safetensors");
     let expected = fixture("sd15_tiny.expected.safetensors");
-    let outs = forward::control_ldm(&cfg, &weights, &inputs, false, DType::BF16).unwrap();
+    let outs = forward::control_ldm(DeviceChoice::Cpu, &cfg, &weights, &inputs, false, DType::BF16).unwrap();
     let eps = &outs.iter().find(|(k, _)| k == "eps").unwrap().1;
     assert_eq!(eps.dtype, DType::F32, "eps is returned in fp32");
     let err = rel_l2(&eps.to_f64(), &expected.tensor("eps").unwrap().to_f64());

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use tempfile::TempDir;
 use zeroconv::frontend::config::{load_config, Config, CropSize};
+use zeroconv::frontend::device::DeviceChoice;
 use zeroconv::frontend::sample::{sample, SampleSettings};
 use zeroconv::frontend::synthetic;
 use zeroconv::frontend::train::{self, train, TrainOptions, TrainReport};
@@ -35,6 +36,7 @@ fn opts(out: &Path) -> TrainOptions {
         out_dir: out.to_path_buf(),
         resume: false,
         threads: Some(2),
+        device: DeviceChoice::Cpu,
         strict: false,
         progress: false,
         evaluate: false,

@@ -132,7 +132,34 @@ fn kernel_scratch_len(g: &Graph, node: &Node, threads: usize) -> usize {
             linalg::attention_scratch_len(&geom, threads)
         }
         Op::Fused(k) => super::fused::scratch_len(k, threads),
-        _ => 0,
+        Op::Fill { .. }
+        | Op::Unary(_)
+        | Op::UnaryBackward(_)
+        | Op::Binary(_)
+        | Op::Affine { .. }
+        | Op::Cast { .. }
+        | Op::MatMul { .. }
+        | Op::GroupNorm { .. }
+        | Op::LayerNorm { .. }
+        | Op::Softmax
+        | Op::SoftmaxBackward
+        | Op::Upsample2x
+        | Op::Upsample2xBackward
+        | Op::Concat { .. }
+        | Op::Slice { .. }
+        | Op::SliceBackward { .. }
+        | Op::Reshape { .. }
+        | Op::Permute { .. }
+        | Op::Embedding
+        | Op::EmbeddingBackward { .. }
+        | Op::TimestepEmbedding { .. }
+        | Op::ReduceSum { .. }
+        | Op::SumTo { .. }
+        | Op::BroadcastTo { .. }
+        | Op::MseLoss
+        | Op::MseLossBackward
+        | Op::AdamW { .. }
+        | Op::MultiAdamW(_) => 0,
     }
 }
 
@@ -345,6 +372,12 @@ impl CpuProgram {
             }
         }
         Ok(())
+    }
+
+    /// Runs node `i` alone (lockstep comparisons with another backend); `launch` runs them all.
+    pub fn launch_node(&mut self, i: usize) -> Result<()> {
+        let this = &*self;
+        this.pool.install(|| this.run_node(i))
     }
 
     /// Turns the per-kernel NaN/Inf check on or off (it is also on with ZEROCONV_CHECK_FINITE=1).

@@ -15,7 +15,7 @@ use crate::engine::device::{
 };
 use crate::error::{Error, Result};
 use crate::graph::fusion::Anchor;
-use crate::graph::{BinaryOp, DType, Graph, Node, Op, Shape, UnaryOp, ValueId};
+use crate::graph::{DType, Graph, Node, Op, Shape, ValueId};
 use crate::kernels::codegen;
 
 /// One device command.
@@ -152,32 +152,6 @@ fn int_suffix(op: &str, d: DType) -> Result<&'static str> {
     }
 }
 
-/// The kernel-name spelling of a unary op (`gelu_erf`).
-pub fn unary_kernel_name(u: UnaryOp) -> &'static str {
-    match u {
-        UnaryOp::Neg => "neg",
-        UnaryOp::Exp => "exp",
-        UnaryOp::Log => "log",
-        UnaryOp::Sqrt => "sqrt",
-        UnaryOp::Square => "square",
-        UnaryOp::Recip => "recip",
-        UnaryOp::Silu => "silu",
-        UnaryOp::GeluErf => "gelu_erf",
-        UnaryOp::GeluTanh => "gelu_tanh",
-        UnaryOp::QuickGelu => "quick_gelu",
-        UnaryOp::Relu => "relu",
-    }
-}
-
-fn binary_kernel_name(b: BinaryOp) -> &'static str {
-    match b {
-        BinaryOp::Add => "add",
-        BinaryOp::Sub => "sub",
-        BinaryOp::Mul => "mul",
-        BinaryOp::Div => "div",
-    }
-}
-
 fn u32_of(what: &str, v: u64) -> Result<u32> {
     u32::try_from(v).map_err(|_| Error::Unsupported { backend: "cuda", msg: format!("{what} {v} exceeds 32 bits") })
 }
@@ -291,14 +265,14 @@ impl Emit<'_, '_> {
             Op::Unary(u) => {
                 let d = self.one_float_dtype()?;
                 let n = self.out_shape(0).numel() as u64;
-                let name = format!("unary_{}_{}", unary_kernel_name(*u), suffix("unary", d)?);
+                let name = format!("unary_{}_{}", u.name(), suffix("unary", d)?);
                 let args = vec![Arg::Ptr(self.in_ptr(0)), Arg::Ptr(self.out_ptr(0)), Arg::u64(n)];
                 self.launch(module::UNARY, name, grid_stride(n), args, true);
             }
             Op::UnaryBackward(u) => {
                 let d = self.one_float_dtype()?;
                 let n = self.out_shape(0).numel() as u64;
-                let name = format!("unary_{}_bwd_{}", unary_kernel_name(*u), suffix("unary", d)?);
+                let name = format!("unary_{}_bwd_{}", u.name(), suffix("unary", d)?);
                 let args =
                     vec![Arg::Ptr(self.in_ptr(0)), Arg::Ptr(self.in_ptr(1)), Arg::Ptr(self.out_ptr(0)), Arg::u64(n)];
                 self.launch(module::UNARY, name, grid_stride(n), args, true);
@@ -311,10 +285,10 @@ impl Emit<'_, '_> {
                 let mut args =
                     vec![Arg::Ptr(self.in_ptr(0)), Arg::Ptr(self.in_ptr(1)), Arg::Ptr(self.out_ptr(0)), Arg::u64(n)];
                 let name = if self.in_shape(0) == &out && self.in_shape(1) == &out {
-                    format!("binary_{}_{sfx}", binary_kernel_name(*b))
+                    format!("binary_{}_{sfx}", b.name())
                 } else {
                     args.push(Arg::pod(&BroadcastDims::new(&out, self.in_shape(0), self.in_shape(1))?));
-                    format!("binary_{}_bcast_{sfx}", binary_kernel_name(*b))
+                    format!("binary_{}_bcast_{sfx}", b.name())
                 };
                 self.launch(module::BINARY, name, grid_stride(n), args, true);
             }

@@ -99,6 +99,29 @@ fn fused_module(g: &Graph) -> Result<Option<ModuleSource>> {
     Ok(Some(ModuleSource::Generated { name, source }))
 }
 
+/// Every node lowered with placeholder addresses (0 for values, scratch and constants at offset 0).
+fn lower_placeholders(graph: &Graph, fused_name: &str) -> Result<Vec<Lowered>> {
+    let placeholder = |_: ValueId| DevPtr::NULL;
+    let ctx = Ctx {
+        graph,
+        addr: &placeholder,
+        scratch_base: 0,
+        const_base: 0,
+        fused_module: fused_name,
+        attention_budget: ATTENTION_BUDGET,
+    };
+    (0..graph.nodes.len()).map(|i| lower_node(&ctx, i)).collect()
+}
+
+/// The commands of one step of `graph`, per node, without a device (addresses are placeholders): for inspecting
+/// and counting what a step launches, and for checking launches against the kernels' PTX signatures at any size.
+pub fn lower_graph(graph: &Graph) -> Result<Vec<Vec<Cmd>>> {
+    graph.validate()?;
+    let fused = fused_module(graph)?;
+    let fused_name = fused.as_ref().map(|m| m.name().to_string()).unwrap_or_default();
+    Ok(lower_placeholders(graph, &fused_name)?.into_iter().map(|l| l.cmds).collect())
+}
+
 impl<D: Device> Backend for GpuBackend<D> {
     type Program = GpuProgram<D>;
 
@@ -113,21 +136,11 @@ impl<D: Device> Backend for GpuBackend<D> {
         let n = graph.nodes.len();
 
         // Pass 1, placeholder addresses: how much scratch and constant memory each node needs.
-        let placeholder = |_: ValueId| DevPtr::NULL;
-        let mut scratch = Vec::with_capacity(n);
+        let first = lower_placeholders(&graph, &fused_name)?;
+        let scratch: Vec<u64> = first.iter().map(|l| l.scratch_bytes).collect();
         let mut const_offsets = Vec::with_capacity(n);
         let mut const_total = 0u64;
-        for i in 0..n {
-            let ctx = Ctx {
-                graph: &graph,
-                addr: &placeholder,
-                scratch_base: 0,
-                const_base: 0,
-                fused_module: &fused_name,
-                attention_budget: ATTENTION_BUDGET,
-            };
-            let l = lower_node(&ctx, i)?;
-            scratch.push(l.scratch_bytes);
+        for l in &first {
             const_offsets.push(const_total);
             const_total += align(l.const_bytes);
         }
@@ -260,6 +273,11 @@ impl<D: Device> GpuProgram<D> {
     /// Every command of a step, in order, with its node.
     pub fn all_commands(&self) -> impl Iterator<Item = (usize, &Cmd)> {
         self.nodes.iter().enumerate().flat_map(|(i, n)| n.cmds.iter().map(move |c| (i, c)))
+    }
+
+    /// Runs node `i` alone, eagerly (lockstep comparisons with another backend); `launch` runs a whole step.
+    pub fn launch_node(&mut self, i: usize) -> Result<()> {
+        self.issue_node(i)
     }
 
     /// Issues node `i`'s commands, with the liveness hooks around them.

@@ -2,9 +2,9 @@
 //! and prints samples/s and peak memory; the last line is the figure, ending in `samples/s`.
 
 use super::{human_bytes, peak_rss_bytes, ConfigArgs};
-use crate::engine::cpu::{CpuBackend, CpuProgram};
-use crate::engine::{Backend, HostTensor, Program};
+use crate::engine::{HostTensor, Program};
 use crate::error::Result;
+use crate::frontend::device::{compile_program, DeviceChoice, DeviceProgram};
 use crate::frontend::rng::Rng;
 use crate::frontend::step::{self, StepGraph};
 use crate::frontend::weights::init_params;
@@ -28,24 +28,32 @@ pub struct BenchTrainArgs {
     /// CPU threads (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Where the step runs: cpu, cuda (not available yet) or cuda-emu (the CUDA executor under emulation on the
+    /// CPU: slow, for checking).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceChoice,
 }
 
 /// A compiled training step with random weights and random inputs, ready to launch.
 pub struct ReadyStep {
     pub step: StepGraph,
     pub opt: Optimized,
-    pub prog: CpuProgram,
+    pub prog: DeviceProgram,
     pub compile_secs: f64,
 }
 
-/// Builds, optimises and compiles the latent-space training step of a config, then fills the
+/// Builds, optimises and compiles the latent-space training step of a config for `device`, then fills the
 /// parameters and inputs with random values.
-pub fn prepare(cfg: &crate::frontend::config::Config, threads: Option<usize>) -> Result<ReadyStep> {
+pub fn prepare(
+    cfg: &crate::frontend::config::Config,
+    threads: Option<usize>,
+    device: DeviceChoice,
+) -> Result<ReadyStep> {
+    device.check_available()?;
     let t0 = Instant::now();
     let st = step::latent_step(cfg, cfg.model.micro_batch_size as usize)?;
     let opt = step::optimize(cfg, &st, false)?;
-    let backend = threads.map_or_else(CpuBackend::default, CpuBackend::new);
-    let mut prog = backend.compile(opt.graph.clone())?;
+    let mut prog = compile_program(device, opt.graph.clone(), threads)?;
     let compile_secs = t0.elapsed().as_secs_f64();
     init_params(&mut prog, &opt.map, &st.params, 1)?;
     let mut rng = Rng::new(2);
@@ -74,10 +82,14 @@ pub fn run_step(r: &mut ReadyStep, cfg: &crate::frontend::config::Config, t: u64
 }
 
 pub fn run(args: &BenchTrainArgs, out: &mut dyn Write) -> Result<()> {
+    args.device.check_available()?;
     let cfg = args.config.load()?;
-    let mut r = prepare(&cfg, args.threads)?;
+    let mut r = prepare(&cfg, args.threads, args.device)?;
     let w =
         |out: &mut dyn Write, s: String| writeln!(out, "{s}").map_err(|e| crate::Error::msg(format!("stdout: {e}")));
+    if args.device == DeviceChoice::CudaEmu {
+        w(out, "device: cuda-emu (the CUDA executor under emulation on the CPU: slow, for checking)".to_string())?;
+    }
     let kernels = r.prog.graph().nodes.iter().filter(|n| !n.op.is_view()).count();
     let trainable: usize = r.step.params.iter().filter(|p| p.trainable).map(|p| p.shape.numel()).sum();
     w(

@@ -4,6 +4,7 @@
 use super::ConfigArgs;
 use crate::error::{Error, Result};
 use crate::frontend::checkpoint::{write_safetensors, Checkpoint};
+use crate::frontend::device::DeviceChoice;
 use crate::frontend::{forward, model_config};
 use crate::graph::DType;
 use std::collections::BTreeMap;
@@ -19,12 +20,6 @@ pub enum Part {
     VaeDecode,
     /// CLIP text encoder: `ids` [B,L] int64 → `hidden`.
     Text,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Device {
-    Cpu,
-    Cuda,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -54,8 +49,10 @@ pub struct ForwardArgs {
     /// Also compute loss = mean((eps - target)^2) and its gradient for every ControlNet parameter.
     #[arg(long)]
     pub grad: bool,
+    /// Where the graph runs: cpu, cuda (not available yet) or cuda-emu (the CUDA executor under emulation on the
+    /// CPU: slow, for checking).
     #[arg(long, value_enum, default_value = "cpu")]
-    pub device: Device,
+    pub device: DeviceChoice,
     #[arg(long, value_enum, default_value = "fp32")]
     pub precision: Precision,
     #[arg(long, value_enum, default_value = "control")]
@@ -63,13 +60,7 @@ pub struct ForwardArgs {
 }
 
 pub fn run(args: &ForwardArgs) -> Result<()> {
-    if args.device == Device::Cuda {
-        crate::engine::cuda::probe()?;
-        return Err(Error::Unsupported {
-            backend: "cuda",
-            msg: "executing graphs on the GPU is not implemented yet; use --device cpu".into(),
-        });
-    }
+    args.device.check_available()?;
     let cfg = args.config.load()?;
     let ckpt = Checkpoint::open(&args.ckpt)?.into_ldm_keys()?;
     let inputs = Checkpoint::open(&args.inputs)?;
@@ -82,17 +73,20 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
     }
     let m = &cfg.model;
     let outs = match args.part {
-        Part::Control => forward::control_ldm(&model_config::control_ldm(&cfg), &ckpt, &inputs, args.grad, compute)?,
+        Part::Control => {
+            forward::control_ldm(args.device, &model_config::control_ldm(&cfg), &ckpt, &inputs, args.grad, compute)?
+        }
         Part::VaeEncode | Part::VaeDecode => {
             let need = if args.part == Part::VaeEncode { "image" } else { "z" };
             if !inputs.contains(need) {
                 return Err(Error::file(&args.inputs, format!("has no tensor '{need}' for --part {:?}", args.part)));
             }
-            let all = forward::vae_parts(&model_config::vae(&m.first_stage_config, m.scale_factor), &ckpt, &inputs)?;
+            let vae = model_config::vae(&m.first_stage_config, m.scale_factor);
+            let all = forward::vae_parts(args.device, &vae, &ckpt, &inputs)?;
             let keep: &[&str] = if args.part == Part::VaeEncode { &["mean", "logvar"] } else { &["decoded"] };
             all.into_iter().filter(|(k, _)| keep.contains(&k.as_str())).collect()
         }
-        Part::Text => forward::text(&model_config::clip(&m.cond_stage_config)?, &ckpt, &inputs)?,
+        Part::Text => forward::text(args.device, &model_config::clip(&m.cond_stage_config)?, &ckpt, &inputs)?,
     };
     let mut meta = BTreeMap::new();
     meta.insert("producer".to_string(), format!("zeroconv {} forward", env!("CARGO_PKG_VERSION")));

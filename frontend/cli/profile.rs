@@ -4,9 +4,12 @@
 
 use super::bench_train::{prepare, run_step};
 use super::{human_bytes, ConfigArgs};
+use crate::engine::gpu::lower::Cmd;
 use crate::engine::Program;
 use crate::error::{Error, Result};
+use crate::frontend::device::DeviceChoice;
 use crate::frontend::step;
+use crate::graph::Graph;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -30,6 +33,13 @@ pub struct ProfileArgs {
     pub top: usize,
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Where the step runs: cpu, cuda (not available yet) or cuda-emu (the CUDA executor under emulation on the
+    /// CPU: slow, for checking; also lists the step's lowered device commands by kind).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceChoice,
+    /// With --device cuda-emu: one line per lowered device command of a step (`node N (op): <command>`).
+    #[arg(long)]
+    pub commands: bool,
 }
 
 fn io(path: &std::path::Path) -> impl Fn(std::io::Error) -> Error + '_ {
@@ -37,6 +47,13 @@ fn io(path: &std::path::Path) -> impl Fn(std::io::Error) -> Error + '_ {
 }
 
 pub fn run(args: &ProfileArgs, out: &mut dyn Write) -> Result<()> {
+    args.device.check_available()?;
+    if args.commands && args.device != DeviceChoice::CudaEmu {
+        return Err(Error::msg(format!(
+            "--commands lists the CUDA executor's lowered device commands; --device {} has none (use --device cuda-emu)",
+            args.device
+        )));
+    }
     let cfg = args.config.load()?;
     if let Some(dir) = &args.dump_ir {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
@@ -52,7 +69,7 @@ pub fn run(args: &ProfileArgs, out: &mut dyn Write) -> Result<()> {
         }
         eprintln!("IR dumps written to {}", dir.display());
     }
-    let mut r = prepare(&cfg, args.threads)?;
+    let mut r = prepare(&cfg, args.threads, args.device)?;
     run_step(&mut r, &cfg, 1)?;
     r.prog.set_profiling(true, false);
     for t in 0..args.steps.max(1) {
@@ -128,5 +145,25 @@ pub fn run(args: &ProfileArgs, out: &mut dyn Write) -> Result<()> {
         w(out, format!("  {kind:<40} {:>8.1} ms/step {:>6.1}%", t / steps * 1e3, 100.0 * t / total.max(1e-12)))?;
     }
     std::fs::write(&args.trace, prof.chrome_trace()).map_err(io(&args.trace))?;
-    w(out, format!("trace: {}", args.trace.display()))
+    w(out, format!("trace: {}", args.trace.display()))?;
+    if let Some(cmds) = r.prog.commands() {
+        write_commands(out, r.prog.graph(), &cmds, args.commands)?;
+    }
+    Ok(())
+}
+
+/// The lowered device commands of one step: counts by kind, then (with `all`) one line per command.
+fn write_commands(out: &mut dyn Write, g: &Graph, cmds: &[(usize, &Cmd)], all: bool) -> Result<()> {
+    let w =
+        |out: &mut dyn Write, s: String| writeln!(out, "{s}").map_err(|e| crate::Error::msg(format!("stdout: {e}")));
+    let kinds = ["launch", "gemm", "conv", "copy", "memset"];
+    let counts: Vec<String> =
+        kinds.iter().map(|k| format!("{k} {}", cmds.iter().filter(|(_, c)| c.kind() == *k).count())).collect();
+    w(out, format!("device commands per step: {} ({})", cmds.len(), counts.join(", ")))?;
+    if all {
+        for (node, c) in cmds {
+            w(out, format!("node {node} ({}): {}", g.nodes[*node].op.name(), c.describe()))?;
+        }
+    }
+    Ok(())
 }

@@ -3,6 +3,7 @@
 use super::ConfigArgs;
 use crate::error::{Error, Result};
 use crate::frontend::checkpoint::Checkpoint;
+use crate::frontend::device::DeviceChoice;
 use crate::frontend::sample::{sample, write_grid, SampleSettings};
 use crate::frontend::train::{step_models, tokenizer};
 use crate::frontend::weights_store::WeightStore;
@@ -51,9 +52,14 @@ pub struct SampleArgs {
     pub out: PathBuf,
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Where the graphs run: cpu, cuda (not available yet) or cuda-emu (the CUDA executor under emulation on the
+    /// CPU: slow, for checking).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceChoice,
 }
 
 pub fn run(args: &SampleArgs) -> Result<()> {
+    args.device.check_available()?;
     let cfg = args.config.load()?;
     let models = step_models(&cfg)?;
     let tok = tokenizer(&cfg)?;
@@ -104,6 +110,7 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         seed: args.seed,
         negative: args.negative.clone(),
         threads: args.threads,
+        device: args.device,
     };
     let imgs = sample(&models, &store, &tok, &hints, &captions, w, &settings)?;
     // One row: the map, then the n samples.

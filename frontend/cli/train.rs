@@ -3,6 +3,7 @@
 
 use super::ConfigArgs;
 use crate::error::Result;
+use crate::frontend::device::DeviceChoice;
 use crate::frontend::train::{out_dir, train, TrainOptions};
 use std::path::PathBuf;
 
@@ -26,12 +27,17 @@ pub struct TrainArgs {
     /// CPU threads (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Where the training step runs: cpu, cuda (not available yet) or cuda-emu (the CUDA executor under emulation
+    /// on the CPU: slow, for checking).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceChoice,
     /// Skip the validation grids and the control-fidelity evaluation.
     #[arg(long)]
     pub no_eval: bool,
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
+    args.device.check_available()?;
     let cfg = args.config.load()?;
     let out = out_dir(&cfg, args.out.as_deref());
     eprintln!("training into {}", out.display());
@@ -39,6 +45,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         out_dir: out.clone(),
         resume: args.resume,
         threads: args.threads,
+        device: args.device,
         strict: args.strict,
         progress: true,
         evaluate: !args.no_eval,

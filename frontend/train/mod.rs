@@ -9,14 +9,14 @@ pub mod state;
 use super::checkpoint::{write_safetensors, Checkpoint};
 use super::cli::{human_bytes, peak_rss_bytes};
 use super::config::{Config, FirstStageKind, ValCheckInterval};
+use super::device::{compile_program, DeviceChoice, DeviceProgram};
 use super::rng::Rng;
 use super::sample::{sample, write_grid, SampleSettings};
 use super::synthetic;
 use super::tokenizer::ClipTokenizer;
 use super::weights_store::WeightStore;
 use super::{model_config, step};
-use crate::engine::cpu::{CpuBackend, CpuProgram};
-use crate::engine::{Backend, HostTensor, Program};
+use crate::engine::{HostTensor, Program};
 use crate::error::{Error, Result};
 use crate::graph::optim::{adamw_hyper, append_training_step_clipped};
 use crate::graph::passes::ValueMap;
@@ -36,6 +36,8 @@ pub struct TrainOptions {
     /// Continue from the newest checkpoint in `out_dir/checkpoints`.
     pub resume: bool,
     pub threads: Option<usize>,
+    /// Where the training step (and sampling) runs.
+    pub device: DeviceChoice,
     /// Bad samples are errors instead of skipped.
     pub strict: bool,
     /// Draw a progress line on stderr.
@@ -116,7 +118,7 @@ pub fn load_pretrained(cfg: &Config, store: &mut WeightStore, specs: &[ParamSpec
 
 /// A compiled training step for one phase.
 struct StepProgram {
-    prog: CpuProgram,
+    prog: DeviceProgram,
     map: ValueMap,
     specs: Vec<ParamSpec>,
     inputs: Vec<StepInputs>,
@@ -129,7 +131,7 @@ fn build_step(
     models: &StepModels,
     phase: Phase,
     size: usize,
-    threads: Option<usize>,
+    opts: &TrainOptions,
 ) -> Result<StepProgram> {
     let micro = cfg.model.micro_batch_size as usize;
     let accum = cfg.grad_accumulation().max(1) as usize;
@@ -151,8 +153,7 @@ fn build_step(
     b.g.outputs.push(loss);
     let hyper = append_training_step_clipped(&mut b.g, loss, &step::adamw_config(cfg), cfg.trainer.gradient_clip_val)?;
     let opt = step::run_passes(&b.g, &step::pass_options(cfg, false))?;
-    let backend = threads.map_or_else(CpuBackend::default, CpuBackend::new);
-    let prog = backend.compile(opt.graph)?;
+    let prog = compile_program(opts.device, opt.graph, opts.threads)?;
     Ok(StepProgram {
         prog,
         loss: opt.map.get(loss).expect("output"),
@@ -276,7 +277,7 @@ impl Run<'_> {
         let name = if phase == Phase::Base { "base" } else { "control" };
         let size = self.data.size();
         let t0 = Instant::now();
-        let mut p = build_step(self.cfg, &self.models, phase, size, self.opts.threads)?;
+        let mut p = build_step(self.cfg, &self.models, phase, size, self.opts)?;
         if phase == Phase::Control {
             self.store.copy_unet_into_control(&p.specs);
         }
@@ -362,7 +363,14 @@ impl Run<'_> {
     }
 
     fn sample_settings(&self) -> SampleSettings {
-        SampleSettings { steps: 50, cfg_scale: 1.0, seed: 7, threads: self.opts.threads, ..Default::default() }
+        SampleSettings {
+            steps: 50,
+            cfg_scale: 1.0,
+            seed: 7,
+            threads: self.opts.threads,
+            device: self.opts.device,
+            ..Default::default()
+        }
     }
 
     /// Control map beside generated samples (DDIM, 50 steps), as `val_step_NNNN.png`.
@@ -414,6 +422,7 @@ fn step_id(phase: &str, step: u64) -> u64 {
 }
 
 pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
+    opts.device.check_available()?;
     let models = step_models(cfg)?;
     let tok = tokenizer(cfg)?;
     let mut data = DataSource::from_config(cfg, opts.strict)?;

@@ -54,7 +54,34 @@ fn kind(g: &Graph, n: NodeId) -> Kind {
         | Op::Cast { .. }
         | Op::BroadcastTo { .. } => Kind::Pointwise,
         Op::GroupNorm { .. } | Op::LayerNorm { .. } => Kind::Anchor,
-        _ => Kind::Other,
+        Op::Fill { .. }
+        | Op::MatMul { .. }
+        | Op::Conv2d { .. }
+        | Op::Conv2dBackwardInput { .. }
+        | Op::Conv2dBackwardWeight { .. }
+        | Op::GroupNormBackward { .. }
+        | Op::LayerNormBackward { .. }
+        | Op::Softmax
+        | Op::SoftmaxBackward
+        | Op::Attention { .. }
+        | Op::AttentionBackward { .. }
+        | Op::Upsample2x
+        | Op::Upsample2xBackward
+        | Op::Concat { .. }
+        | Op::Slice { .. }
+        | Op::SliceBackward { .. }
+        | Op::Reshape { .. }
+        | Op::Permute { .. }
+        | Op::Embedding
+        | Op::EmbeddingBackward { .. }
+        | Op::TimestepEmbedding { .. }
+        | Op::ReduceSum { .. }
+        | Op::SumTo { .. }
+        | Op::MseLoss
+        | Op::MseLossBackward
+        | Op::AdamW { .. }
+        | Op::Fused(_)
+        | Op::MultiAdamW(_) => Kind::Other,
     }
 }
 

@@ -1,0 +1,247 @@
+//! The device choice, in one place: every command that runs a graph (train, sample, forward, bench train,
+//! profile) compiles it through [`compile_program`], which picks the backend for `--device`.
+//!
+//! - `cpu`: the CPU backend (the reference, and the default).
+//! - `cuda-emu`: the CUDA executor ([`GpuBackend`]) on the emulated device: the same lowered commands a GPU runs,
+//!   executed on the CPU under an emulation of the CUDA execution model (slow: for checking the executor).
+//! - `cuda`: the CUDA executor on a real GPU; not wired in yet (CUDA executor, part 2), so it is a clear error.
+
+use crate::engine::cpu::{CpuBackend, CpuProgram};
+use crate::engine::device::emu::{EmuDevice, EmuOptions};
+use crate::engine::gpu::lower::Cmd;
+use crate::engine::gpu::{GpuBackend, GpuProgram};
+use crate::engine::profile::Profile;
+use crate::engine::{Backend, HostTensor, Program};
+use crate::error::{Error, Result};
+use crate::graph::passes::MemoryPlan;
+use crate::graph::{Graph, ValueId, ValueKind};
+
+/// Where graphs run (`--device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum DeviceChoice {
+    /// The CPU backend (the reference).
+    #[default]
+    Cpu,
+    /// The CUDA executor on a GPU (not available yet: CUDA executor, part 2).
+    Cuda,
+    /// The CUDA executor on the CPU under emulation of the CUDA execution model (slow: for checking).
+    CudaEmu,
+}
+
+impl DeviceChoice {
+    /// The name `--device` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceChoice::Cpu => "cpu",
+            DeviceChoice::Cuda => "cuda",
+            DeviceChoice::CudaEmu => "cuda-emu",
+        }
+    }
+
+    /// Fails early (before configs, weights or data are loaded) for a device that cannot run graphs.
+    pub fn check_available(self) -> Result<()> {
+        match self {
+            DeviceChoice::Cuda => Err(Error::Unsupported {
+                backend: "cuda",
+                msg: "running graphs on a real GPU lands in the CUDA executor part 2; use --device cuda-emu to run \
+                      the CUDA executor on the CPU under emulation (slow, for checking), or --device cpu"
+                    .into(),
+            }),
+            DeviceChoice::Cpu | DeviceChoice::CudaEmu => Ok(()),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A compiled program on the chosen device. It implements [`Program`], so everything that uploads, launches and
+/// downloads is the same for every device; the device-specific extras are behind [`DeviceProgram::as_cpu_mut`] and
+/// [`DeviceProgram::as_emulated`].
+pub struct DeviceProgram {
+    inner: Inner,
+    /// `ZEROCONV_CHECK_FINITE=1` where the backend has no per-kernel check: the step's inputs, outputs and
+    /// parameters/state are checked after each step instead (see [`DeviceProgram::set_check_finite`]).
+    check_after_step: bool,
+}
+
+enum Inner {
+    Cpu(Box<CpuProgram>),
+    CudaEmu(Box<GpuProgram<EmuDevice>>),
+}
+
+/// Whether `ZEROCONV_CHECK_FINITE=1` is set.
+pub fn check_finite_from_env() -> bool {
+    std::env::var("ZEROCONV_CHECK_FINITE").is_ok_and(|v| v == "1")
+}
+
+/// Compiles `graph` for `device`. `threads` is the CPU backend's thread count (default: one per core); the
+/// emulated device ignores it.
+pub fn compile_program(device: DeviceChoice, graph: Graph, threads: Option<usize>) -> Result<DeviceProgram> {
+    device.check_available()?;
+    let inner = match device {
+        DeviceChoice::Cpu => {
+            // The CPU program reads ZEROCONV_CHECK_FINITE and ZEROCONV_DEBUG itself.
+            let backend = threads.map_or_else(CpuBackend::default, CpuBackend::new);
+            Inner::Cpu(Box::new(backend.compile(graph)?))
+        }
+        // The GPU program reads ZEROCONV_DEBUG (per-kernel echo) itself.
+        DeviceChoice::CudaEmu => Inner::CudaEmu(Box::new(GpuBackend::emulated(EmuOptions::default()).compile(graph)?)),
+        DeviceChoice::Cuda => unreachable!("refused by check_available"),
+    };
+    let mut p = DeviceProgram { inner, check_after_step: false };
+    if check_finite_from_env() {
+        p.set_check_finite(true);
+    }
+    Ok(p)
+}
+
+impl DeviceProgram {
+    pub fn device(&self) -> DeviceChoice {
+        match self.inner {
+            Inner::Cpu(_) => DeviceChoice::Cpu,
+            Inner::CudaEmu(_) => DeviceChoice::CudaEmu,
+        }
+    }
+
+    /// The CPU program, on `--device cpu`.
+    pub fn as_cpu_mut(&mut self) -> Option<&mut CpuProgram> {
+        match &mut self.inner {
+            Inner::Cpu(p) => Some(p),
+            Inner::CudaEmu(_) => None,
+        }
+    }
+
+    /// The CUDA executor's program on the emulated device, on `--device cuda-emu`.
+    pub fn as_emulated(&self) -> Option<&GpuProgram<EmuDevice>> {
+        match &self.inner {
+            Inner::Cpu(_) => None,
+            Inner::CudaEmu(p) => Some(p),
+        }
+    }
+
+    /// The lowered device commands of one step, with their node, where the backend lowers to commands (the CUDA
+    /// executor); `None` on the CPU.
+    pub fn commands(&self) -> Option<Vec<(usize, &Cmd)>> {
+        self.as_emulated().map(|p| p.all_commands().collect())
+    }
+
+    /// Turns the NaN/Inf check on or off (also on with `ZEROCONV_CHECK_FINITE=1`). On the CPU every kernel's outputs
+    /// are checked and the step stops at the first kernel that produces a NaN or Inf. The CUDA executor has no
+    /// per-kernel check yet: after each step the step's inputs, outputs, parameters and optimizer state are checked
+    /// instead, and the error names the first non-finite one (rerun on `--device cpu` to find the kernel); a note
+    /// says so on stderr when the check is turned on.
+    pub fn set_check_finite(&mut self, on: bool) {
+        match &mut self.inner {
+            Inner::Cpu(p) => p.set_check_finite(on),
+            Inner::CudaEmu(_) => {
+                static NOTE: std::sync::Once = std::sync::Once::new();
+                if on {
+                    NOTE.call_once(|| {
+                        eprintln!(
+                        "note: ZEROCONV_CHECK_FINITE on --device {}: the CUDA executor has no per-kernel check yet; the \
+                         step's inputs, outputs, parameters and optimizer state are checked after each step (--device \
+                             cpu checks every kernel)",
+                            DeviceChoice::CudaEmu
+                        )
+                    });
+                }
+                self.check_after_step = on;
+            }
+        }
+    }
+
+    /// After a step: the first non-finite element among the float inputs, outputs, parameters and state.
+    fn check_step_finite(&mut self) -> Result<()> {
+        let g = self.graph();
+        let rank = |k: &ValueKind| match k {
+            ValueKind::Input => 0,
+            ValueKind::Intermediate => 1,
+            ValueKind::Param { .. } => 2,
+            ValueKind::State => 3,
+        };
+        let mut values: Vec<ValueId> = (0..g.values.len())
+            .filter(|&v| g.values[v].kind.is_source() || g.outputs.contains(&v))
+            .filter(|&v| g.dtype(v).is_float())
+            .collect();
+        values.sort_by_key(|&v| rank(&g.values[v].kind));
+        for v in values {
+            let t = self.download(v)?;
+            if let Some((at, x)) = t.to_f64().into_iter().enumerate().find(|(_, x)| !x.is_finite()) {
+                let val = &self.graph().values[v];
+                let what = match val.kind {
+                    ValueKind::Input => "input",
+                    ValueKind::Intermediate => "output",
+                    ValueKind::Param { .. } => "parameter",
+                    ValueKind::State => "optimizer state",
+                };
+                return Err(Error::msg(format!(
+                    "the first non-finite value after the step: {x} at element {at} of {what} {} ({} {}); --device {} \
+                     checks after each step, not each kernel: rerun with --device cpu and ZEROCONV_CHECK_FINITE=1 to \
+                     stop at the kernel that produces it",
+                    val.name,
+                    val.shape,
+                    val.dtype,
+                    self.device()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn program(&self) -> &dyn Program {
+        match &self.inner {
+            Inner::Cpu(p) => p.as_ref(),
+            Inner::CudaEmu(p) => p.as_ref(),
+        }
+    }
+
+    fn program_mut(&mut self) -> &mut dyn Program {
+        match &mut self.inner {
+            Inner::Cpu(p) => p.as_mut(),
+            Inner::CudaEmu(p) => p.as_mut(),
+        }
+    }
+}
+
+impl Program for DeviceProgram {
+    fn graph(&self) -> &Graph {
+        self.program().graph()
+    }
+
+    fn plan(&self) -> &MemoryPlan {
+        self.program().plan()
+    }
+
+    fn upload(&mut self, v: ValueId, t: &HostTensor) -> Result<()> {
+        self.program_mut().upload(v, t)
+    }
+
+    fn download(&mut self, v: ValueId) -> Result<HostTensor> {
+        self.program_mut().download(v)
+    }
+
+    fn launch(&mut self) -> Result<()> {
+        self.program_mut().launch()?;
+        if self.check_after_step {
+            self.program_mut().synchronize()?;
+            self.check_step_finite()?;
+        }
+        Ok(())
+    }
+
+    fn synchronize(&mut self) -> Result<()> {
+        self.program_mut().synchronize()
+    }
+
+    fn set_profiling(&mut self, on: bool, echo: bool) {
+        self.program_mut().set_profiling(on, echo)
+    }
+
+    fn profile(&self) -> Option<&Profile> {
+        self.program().profile()
+    }
+}

@@ -1,0 +1,92 @@
+//! The ABI check of the CUDA executor's lowering at full size, without emulation: every kernel launch of a lowered
+//! training step must match the parameter list of its `.entry` in the embedded PTX (count and byte sizes), so a
+//! launch the real driver would feed wrong arguments (it never checks) fails here. Also counts a step's commands.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use zeroconv::engine::device::Arg;
+use zeroconv::engine::gpu::lower::Cmd;
+use zeroconv::engine::gpu::lower_graph;
+use zeroconv::frontend::config::load_config;
+use zeroconv::frontend::step;
+use zeroconv::kernels::{self, Arch};
+
+fn lowered(config: &str, overrides: &[&str], batch: usize) -> Vec<Vec<Cmd>> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(config);
+    let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    let cfg = load_config(Some(&path), &overrides).unwrap();
+    let st = step::latent_step(&cfg, batch).unwrap();
+    let opt = step::optimize(&cfg, &st, false).unwrap();
+    lower_graph(&opt.graph).unwrap_or_else(|e| panic!("{config}: lowering: {e}"))
+}
+
+/// Checks every launch against the PTX; returns the command counts by kind.
+fn check_abi(what: &str, nodes: &[Vec<Cmd>]) -> BTreeMap<&'static str, usize> {
+    let required = std::env::var("ZEROCONV_REQUIRE_KERNELS").as_deref() == Ok("1");
+    assert!(kernels::compiled() || !required, "ZEROCONV_REQUIRE_KERNELS=1 but the kernels were built without NVRTC");
+    let mut counts = BTreeMap::new();
+    for (i, cmds) in nodes.iter().enumerate() {
+        for c in cmds {
+            *counts.entry(c.kind()).or_insert(0) += 1;
+            let Cmd::Launch(l) = c else { continue };
+            let module = kernels::module(&l.kernel.module).unwrap_or_else(|| {
+                panic!("{what}: node {i} launches `{}` from unbuilt module `{}`", l.kernel.name, l.kernel.module)
+            });
+            if !kernels::compiled() {
+                assert!(
+                    module.source.contains(&l.kernel.name),
+                    "{what}: `{}` not in {}.cu",
+                    l.kernel.name,
+                    module.name
+                );
+                continue;
+            }
+            for arch in Arch::ALL {
+                let params = kernels::ptx_entry_params(module.ptx(arch), &l.kernel.name).unwrap_or_else(|| {
+                    panic!("{what}: node {i}: no `.entry {}` in {} ({})", l.kernel.name, module.name, arch.name())
+                });
+                let given: Vec<usize> = l
+                    .args
+                    .iter()
+                    .map(|a| match a {
+                        Arg::Ptr(_) => 8,
+                        Arg::Value(b) => b.len(),
+                    })
+                    .collect();
+                assert_eq!(
+                    given, params,
+                    "{what}: node {i}: `{}` arguments (bytes) differ from its PTX",
+                    l.kernel.name
+                );
+            }
+            let [gx, gy, gz] = l.dims.grid;
+            let [bx, by, bz] = l.dims.block;
+            assert!(gx >= 1 && gy >= 1 && gz >= 1 && gx < 1 << 31, "{what}: node {i}: grid {:?}", l.dims.grid);
+            assert!(bx * by * bz <= 1024 && bx * by * bz >= 32, "{what}: node {i}: block {:?}", l.dims.block);
+        }
+    }
+    if !kernels::compiled() {
+        println!("{what}: PTX not built (no NVRTC): only kernel names were checked");
+    }
+    counts
+}
+
+#[test]
+fn sd15_training_step_launches_match_the_ptx() {
+    let nodes = lowered("configs/controlnet_sd15.yaml", &["trainer.precision=bf16-mixed"], 4);
+    let counts = check_abi("SD 1.5 bf16 batch 4", &nodes);
+    println!("SD 1.5 ControlNet step, bf16, batch 4: {} nodes, commands {counts:?}", nodes.len());
+    assert!(counts["gemm"] > 100 && counts["conv"] > 100 && counts["launch"] > 1000, "{counts:?}");
+}
+
+#[test]
+fn bench_small_and_tiny_steps_launch_match_the_ptx() {
+    for (config, batch) in [("configs/bench_small.yaml", 2), ("configs/tiny.yaml", 2)] {
+        for precision in ["32", "bf16-mixed"] {
+            let what = format!("{config} {precision}");
+            let nodes = lowered(config, &[&format!("trainer.precision={precision}")], batch);
+            let counts = check_abi(&what, &nodes);
+            println!("{what}: {} nodes, commands {counts:?}", nodes.len());
+        }
+    }
+}
