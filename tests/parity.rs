@@ -134,11 +134,11 @@ fn control_ldm_fixture(name: &str, unet: UNetConfig) -> (ControlLdmConfig, Check
     (cfg, w)
 }
 
-fn check_control_ldm(name: &str, unet: UNetConfig) {
+fn check_control_ldm(name: &str, unet: UNetConfig, device: DeviceChoice) {
     let (cfg, weights) = control_ldm_fixture(name, unet);
     let inputs = fixture(&format!("{name}.inputs.safetensors"));
     let expected = fixture(&format!("{name}.expected.safetensors"));
-    let outs = forward::control_ldm(DeviceChoice::Cpu, &cfg, &weights, &inputs, true, DType::F32).unwrap();
+    let outs = forward::control_ldm(device, &cfg, &weights, &inputs, true, DType::F32).unwrap();
     let mut grads_checked = 0;
     let max_grad_norm = outs
         .iter()
@@ -172,12 +172,23 @@ fn check_control_ldm(name: &str, unet: UNetConfig) {
 
 #[test]
 fn sd15_like_controlnet_matches_pytorch() {
-    check_control_ldm("sd15_tiny", sd15_tiny());
+    check_control_ldm("sd15_tiny", sd15_tiny(), DeviceChoice::Cpu);
+}
+
+/// The CUDA executor (on the emulated device) against the same PyTorch reference, to the same tolerances.
+#[test]
+fn sd15_like_controlnet_matches_pytorch_on_the_emulated_cuda_device() {
+    check_control_ldm("sd15_tiny", sd15_tiny(), DeviceChoice::CudaEmu);
 }
 
 #[test]
 fn sd2_like_controlnet_matches_pytorch() {
-    check_control_ldm("sd2_tiny", sd2_tiny());
+    check_control_ldm("sd2_tiny", sd2_tiny(), DeviceChoice::Cpu);
+}
+
+#[test]
+fn sd2_like_controlnet_matches_pytorch_on_the_emulated_cuda_device() {
+    check_control_ldm("sd2_tiny", sd2_tiny(), DeviceChoice::CudaEmu);
 }
 
 #[test]
