@@ -533,3 +533,74 @@ fn lockstep_with_the_cpu_names_no_divergent_node() {
     lockstep(DType::F32, true, true);
     lockstep(DType::BF16, true, false);
 }
+
+// ---- the emulated device's own checks ------------------------------------------------------------------------
+
+use zeroconv::engine::device::{Arg, DevPtr, Device, KernelRef, Launch, LaunchDims, ModuleSource, Span};
+
+fn fill(ptr: DevPtr, n: u64, value: f32) -> Launch {
+    Launch {
+        kernel: KernelRef { module: "unary".into(), name: "fill_f32".into() },
+        dims: LaunchDims::linear(1, 64),
+        args: vec![Arg::Ptr(ptr), Arg::u64(n), Arg::f32(value)],
+        any_grid: true,
+    }
+}
+
+fn device_with_unary() -> EmuDevice {
+    let mut d = EmuDevice::new(EmuOptions::default());
+    d.load_module(&ModuleSource::Shipped(zeroconv::kernels::module("unary").unwrap())).unwrap();
+    d
+}
+
+#[test]
+fn a_write_outside_the_declared_outputs_is_caught_at_its_node() {
+    let mut d = device_with_unary();
+    let arena = d.alloc(1024, "arena").unwrap();
+    let all = Span::new(arena, 1024);
+    d.before_command(all, &[]).unwrap();
+    d.launch(&fill(arena, 64, 1.0)).unwrap(); // writes 256 bytes
+    let err = d.after_command("node 7 (fill)", &[Span::new(arena, 128)]).unwrap_err().to_string();
+    assert!(err.contains("node 7 (fill)") && err.contains("byte 128") && err.contains("arena"), "{err}");
+    // Declared in full, the same write passes.
+    d.before_command(all, &[]).unwrap();
+    d.launch(&fill(arena, 64, 1.0)).unwrap();
+    d.after_command("node 8 (fill)", &[Span::new(arena, 256)]).unwrap();
+}
+
+#[test]
+fn dead_memory_reads_as_nan_and_live_memory_is_kept() {
+    let mut d = device_with_unary();
+    let arena = d.alloc(512, "arena").unwrap();
+    d.upload(arena, &[0u8; 512]).unwrap();
+    // Bytes 0..256 live, 256..512 dead: the dead half is poisoned with 0xff before the node runs.
+    d.before_command(Span::new(arena, 512), &[Span::new(arena, 256)]).unwrap();
+    d.after_command("node 0", &[]).unwrap();
+    let mut back = vec![0u8; 512];
+    d.download(&mut back, arena).unwrap();
+    assert!(back[..256].iter().all(|&b| b == 0) && back[256..].iter().all(|&b| b == 0xff));
+}
+
+#[test]
+fn capture_records_replay_runs_and_illegal_calls_are_errors() {
+    let mut d = device_with_unary();
+    let buf = d.alloc(256, "buf").unwrap();
+    d.begin_capture().unwrap();
+    d.launch(&fill(buf, 64, 2.5)).unwrap();
+    for (what, err) in [
+        ("alloc", d.alloc(16, "x").map(|_| ()).unwrap_err()),
+        ("upload", d.upload(buf, &[0; 4]).unwrap_err()),
+        ("download", d.download(&mut [0; 4], buf).unwrap_err()),
+        ("synchronize", d.synchronize().unwrap_err()),
+    ] {
+        assert!(err.to_string().contains("while capturing"), "{what}: {err}");
+    }
+    let g = d.end_capture().unwrap();
+    let mut back = [0u8; 4];
+    d.download(&mut back, buf).unwrap();
+    assert_eq!(back, [0xff; 4], "capturing must not run the launch");
+    d.replay(g).unwrap();
+    d.download(&mut back, buf).unwrap();
+    assert_eq!(f32::from_le_bytes(back), 2.5);
+    assert_eq!(d.counts().replays, 1);
+}

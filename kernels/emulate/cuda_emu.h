@@ -3,9 +3,9 @@
 //
 // How a launch runs (zc_emu_launch, at the end of this file):
 // - Blocks run one after another on the calling OS thread (a valid CUDA schedule: blocks are independent).
-// - Every CUDA thread of a block is a fiber (ucontext) with its own stack. A fiber runs until it reaches a
-//   synchronisation point (__syncthreads, a warp collective such as __shfl_xor_sync) or returns; then another
-//   ready fiber runs. Barriers are released once all their participants have arrived. So threads really
+// - Every CUDA thread of a block is a fiber with its own stack (a hand-written context switch on x86-64, ucontext
+//   elsewhere). A fiber runs until it reaches a synchronisation point (__syncthreads, a warp collective such as
+//   __shfl_xor_sync) or returns; then another ready fiber runs. Barriers are released once all their participants have arrived. So threads really
 //   interleave at barriers, and code that forgets a barrier reads values another thread has not written yet (or
 //   has already overwritten). The launch's schedule picks the interleaving (see run_block): warp by warp, each
 //   warp running as far ahead as it can (ascending or descending), or lockstep passes in which every thread
@@ -113,8 +113,65 @@ inline const char* warp_op_name(WarpOp op) {
     return "a warp collective";
 }
 
+// A fiber's saved execution context. On x86-64 a switch saves the callee-saved registers on the fiber's own stack
+// and swaps stack pointers (a few nanoseconds); elsewhere it falls back to ucontext, whose swapcontext also saves the
+// signal mask with a system call per switch (about a microsecond, which dominated emulated training steps: every
+// CUDA thread switches at least twice per launch, and twice more at every barrier or warp collective).
+#if defined(__x86_64__)
+struct FiberContext {
+    void* sp;
+};
+extern "C" void zc_emu_switch(void** save_sp, void* load_sp);
+// Hidden: every emulated module carries its own copy, private to its shared library.
+__asm__(
+    ".text\n"
+    ".p2align 4\n"
+    ".globl zc_emu_switch\n"
+    ".hidden zc_emu_switch\n"
+    ".type zc_emu_switch,@function\n"
+    "zc_emu_switch:\n"
+    "    pushq %rbp\n"
+    "    pushq %rbx\n"
+    "    pushq %r12\n"
+    "    pushq %r13\n"
+    "    pushq %r14\n"
+    "    pushq %r15\n"
+    "    movq %rsp, (%rdi)\n"
+    "    movq %rsi, %rsp\n"
+    "    popq %r15\n"
+    "    popq %r14\n"
+    "    popq %r13\n"
+    "    popq %r12\n"
+    "    popq %rbx\n"
+    "    popq %rbp\n"
+    "    ret\n"
+    ".size zc_emu_switch, .-zc_emu_switch\n");
+inline void context_switch(FiberContext& from, FiberContext& to) { zc_emu_switch(&from.sp, to.sp); }
+// A fresh context whose first switch-in calls `entry` on the given stack; `entry` must never return.
+inline void context_init(FiberContext& c, unsigned char* stack, size_t bytes, void (*entry)()) {
+    // At a function's entry the stack pointer is 8 past a 16-byte boundary (the call pushed the return address).
+    void** sp = reinterpret_cast<void**>((reinterpret_cast<uintptr_t>(stack + bytes)) & ~uintptr_t(15));
+    *--sp = nullptr;                            // `entry`'s return address: it never returns
+    *--sp = reinterpret_cast<void*>(entry);     // where the first switch's `ret` goes
+    for (int i = 0; i < 6; ++i) *--sp = nullptr;  // rbp, rbx, r12-r15 as the switch pops them
+    c.sp = sp;
+}
+#else
+struct FiberContext {
+    ucontext_t uc;
+};
+inline void context_switch(FiberContext& from, FiberContext& to) { swapcontext(&from.uc, &to.uc); }
+inline void context_init(FiberContext& c, unsigned char* stack, size_t bytes, void (*entry)()) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = stack;
+    c.uc.uc_stack.ss_size = bytes;
+    c.uc.uc_link = nullptr;
+    makecontext(&c.uc, entry, 0);
+}
+#endif
+
 struct Fiber {
-    ucontext_t context;
+    FiberContext context;
     ::uint3 thread_idx;
     unsigned linear;
     unsigned lane;
@@ -144,7 +201,7 @@ struct BlockRun {
     Fiber* fibers;
     unsigned num_threads;
     Fiber* current;
-    ucontext_t scheduler;
+    FiberContext scheduler;
     unsigned char* dynamic_shared;
     bool failed;
     std::string error;
@@ -173,13 +230,13 @@ inline Fiber& fiber() { return *current_run->current; }
         r.failed = true;
     }
     r.current->state = State::Exited;
-    swapcontext(&r.current->context, &r.scheduler);
+    context_switch(r.current->context, r.scheduler);
     abort();  // never resumed
 }
 
 inline void yield_to_scheduler() {
     BlockRun& r = run();
-    swapcontext(&r.current->context, &r.scheduler);
+    context_switch(r.current->context, r.scheduler);
 }
 
 inline const ::uint3& thread_idx() { return current_run->current->thread_idx; }
@@ -599,7 +656,8 @@ inline void fiber_entry() {
     BlockRun& r = run();
     r.invoke(r.args);
     r.current->state = State::Exited;
-    // Returning resumes uc_link, the scheduler.
+    context_switch(r.current->context, r.scheduler);
+    abort();  // an exited fiber is never resumed
 }
 
 // xorshift64*, for the shuffled thread order.
@@ -718,8 +776,6 @@ inline bool resolve_warp(BlockRun& r, unsigned warp, bool& progressed) {
 // Runs one block to completion. Returns false when the launch failed (r.error says why).
 inline bool run_block(BlockRun& r, const LaunchConfig& cfg, unsigned long long& rng) {
     const unsigned n = r.num_threads;
-    ucontext_t prototype;
-    getcontext(&prototype);
     for (unsigned i = 0; i < n; ++i) {
         Fiber& f = r.fibers[i];
         f.linear = i;
@@ -727,11 +783,7 @@ inline bool run_block(BlockRun& r, const LaunchConfig& cfg, unsigned long long& 
         f.lane = i % 32;
         f.warp = i / 32;
         f.state = State::Ready;
-        f.context = prototype;
-        f.context.uc_stack.ss_sp = stack_pool.stack(i);
-        f.context.uc_stack.ss_size = kStackBytes;
-        f.context.uc_link = &r.scheduler;
-        makecontext(&f.context, fiber_entry, 0);
+        context_init(f.context, stack_pool.stack(i), kStackBytes, fiber_entry);
     }
     for (auto& var : shared_registry) {
         poison(var.first, var.second);
@@ -755,7 +807,7 @@ inline bool run_block(BlockRun& r, const LaunchConfig& cfg, unsigned long long& 
             }
             r.current = &f;
             f.state = State::Running;
-            swapcontext(&r.scheduler, &f.context);
+            context_switch(r.scheduler, f.context);
             if (r.failed) {
                 return false;
             }

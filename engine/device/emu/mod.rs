@@ -121,13 +121,13 @@ impl EmuDevice {
             Recorded::Copy2d(c) => self.run_copy2d(c),
             Recorded::Memset { dst, byte, bytes } => {
                 self.counts.memsets += 1;
-                self.memory.write(Span::new(*dst, *bytes), "memset")?.fill(*byte);
+                self.memory.write_with(Span::new(*dst, *bytes), "memset", |b| b.fill(*byte))?;
                 Ok(())
             }
             Recorded::AllReduce => Ok(()),
             Recorded::Before { arena, live } => {
                 if self.options.check_liveness {
-                    self.memory.poison_and_snapshot(*arena, live)?;
+                    self.memory.poison_dead(*arena, live)?;
                 }
                 Ok(())
             }
@@ -219,12 +219,12 @@ impl EmuDevice {
             return Err(Error::msg(format!("copy2d: source and destination overlap ({c:?})")));
         }
         let src = self.memory.read(src_span, "copy2d source")?.to_vec();
-        let dst = self.memory.write(dst_span, "copy2d destination")?;
-        for r in 0..c.height as usize {
-            let (s, d) = (r * c.src_pitch as usize, r * c.dst_pitch as usize);
-            dst[d..d + c.width as usize].copy_from_slice(&src[s..s + c.width as usize]);
-        }
-        Ok(())
+        self.memory.write_with(dst_span, "copy2d destination", |dst| {
+            for r in 0..c.height as usize {
+                let (s, d) = (r * c.src_pitch as usize, r * c.dst_pitch as usize);
+                dst[d..d + c.width as usize].copy_from_slice(&src[s..s + c.width as usize]);
+            }
+        })
     }
 
     fn submit(&mut self, r: Recorded) -> Result<()> {
@@ -260,8 +260,7 @@ impl Device for EmuDevice {
 
     fn upload(&mut self, dst: DevPtr, src: &[u8]) -> Result<()> {
         self.not_capturing("a host-to-device copy")?;
-        self.memory.write(Span::new(dst, src.len() as u64), "upload")?.copy_from_slice(src);
-        Ok(())
+        self.memory.write_with(Span::new(dst, src.len() as u64), "upload", |b| b.copy_from_slice(src))
     }
 
     fn download(&mut self, dst: &mut [u8], src: DevPtr) -> Result<()> {
