@@ -78,10 +78,26 @@ pub fn check_finite_from_env() -> bool {
     std::env::var("ZEROCONV_CHECK_FINITE").is_ok_and(|v| v == "1")
 }
 
-/// Compiles `graph` for `device`. `threads` is the CPU backend's thread count (default: one per core); the
-/// emulated device ignores it.
+/// `--threads` as the CPU backend gets it: more threads than cores only slow every kernel down (and each thread
+/// gets its own kernel scratch), so a request above the cores available is capped there, with a notice (once per
+/// process). Results do not depend on the thread count, so the cap changes only the time.
+pub fn cap_threads(threads: Option<usize>) -> Option<usize> {
+    static NOTICE: std::sync::Once = std::sync::Once::new();
+    let cores = CpuBackend::default_threads();
+    match threads {
+        Some(t) if t > cores => {
+            NOTICE.call_once(|| eprintln!("note: --threads {t} is more than the {cores} cores available; using {cores}"));
+            Some(cores)
+        }
+        other => other,
+    }
+}
+
+/// Compiles `graph` for `device`. `threads` is the CPU backend's thread count (default: one per core; capped at
+/// the cores available, see [`cap_threads`]); the emulated device ignores it.
 pub fn compile_program(device: DeviceChoice, graph: Graph, threads: Option<usize>) -> Result<DeviceProgram> {
     device.check_available()?;
+    let threads = cap_threads(threads);
     let inner = match device {
         DeviceChoice::Cpu => {
             // The CPU program reads ZEROCONV_CHECK_FINITE and ZEROCONV_DEBUG itself.
@@ -89,7 +105,9 @@ pub fn compile_program(device: DeviceChoice, graph: Graph, threads: Option<usize
             Inner::Cpu(Box::new(backend.compile(graph)?))
         }
         // The GPU program reads ZEROCONV_DEBUG (per-kernel echo) itself.
-        DeviceChoice::CudaEmu => Inner::CudaEmu(Box::new(GpuBackend::emulated(EmuOptions::default()).compile(graph)?)),
+        DeviceChoice::CudaEmu => Inner::CudaEmu(Box::new(
+            GpuBackend::emulated(EmuOptions::default()).with_check_finite(check_finite_from_env()).compile(graph)?,
+        )),
         DeviceChoice::Cuda => unreachable!("refused by check_available"),
     };
     let mut p = DeviceProgram { inner, check_after_step: false };
@@ -130,21 +148,23 @@ impl DeviceProgram {
     }
 
     /// Turns the NaN/Inf check on or off (also on with `ZEROCONV_CHECK_FINITE=1`). On the CPU every kernel's outputs
-    /// are checked and the step stops at the first kernel that produces a NaN or Inf. The CUDA executor has no
-    /// per-kernel check yet: after each step the step's inputs, outputs, parameters and optimizer state are checked
-    /// instead, and the error names the first non-finite one (rerun on `--device cpu` to find the kernel); a note
-    /// says so on stderr when the check is turned on.
+    /// are checked and the step stops at the first kernel that produces a NaN or Inf. The CUDA executor compiled
+    /// with `ZEROCONV_CHECK_FINITE=1` checks every kernel's outputs on the device and names the first node; turned on
+    /// after compiling, it checks the step's inputs, outputs, parameters and optimizer state after each step instead
+    /// and names the first non-finite one (a note on stderr says so).
     pub fn set_check_finite(&mut self, on: bool) {
         match &mut self.inner {
             Inner::Cpu(p) => p.set_check_finite(on),
+            // Compiled with the per-kernel check (ZEROCONV_CHECK_FINITE=1): the program checks every kernel.
+            Inner::CudaEmu(p) if p.checks_finite() => {}
             Inner::CudaEmu(_) => {
                 static NOTE: std::sync::Once = std::sync::Once::new();
                 if on {
                     NOTE.call_once(|| {
                         eprintln!(
-                        "note: ZEROCONV_CHECK_FINITE on --device {}: the CUDA executor has no per-kernel check yet; the \
-                         step's inputs, outputs, parameters and optimizer state are checked after each step (--device \
-                             cpu checks every kernel)",
+                        "note: the NaN/Inf check was turned on after compiling for --device {}: the step's inputs, \
+                         outputs, parameters and optimizer state are checked after each step (set \
+                         ZEROCONV_CHECK_FINITE=1 before compiling to check every kernel)",
                             DeviceChoice::CudaEmu
                         )
                     });

@@ -604,3 +604,22 @@ fn capture_records_replay_runs_and_illegal_calls_are_errors() {
     assert_eq!(f32::from_le_bytes(back), 2.5);
     assert_eq!(d.counts().replays, 1);
 }
+
+/// With the per-kernel check compiled in, the step fails naming the first node whose output is not finite.
+#[test]
+fn the_finite_check_names_the_first_node_with_a_nan() {
+    let mut g = Graph::new();
+    let x = g.input("x", [4], DType::F32);
+    let a = g.unary(UnaryOp::Exp, x).unwrap();
+    let l = g.unary(UnaryOp::Log, x).unwrap();
+    let s = g.add(a, l).unwrap();
+    g.outputs.push(s);
+    let mut p = emulated().with_check_finite(true).compile(g).unwrap();
+    assert!(p.checks_finite());
+    p.upload(x, &HostTensor::from_f64([4], DType::F32, &[1.0, 2.0, 3.0, 4.0]).unwrap()).unwrap();
+    p.launch().unwrap();
+    p.launch().unwrap(); // the captured step (the flag is reset inside it)
+    p.upload(x, &HostTensor::from_f64([4], DType::F32, &[1.0, 2.0, -1.0, 4.0]).unwrap()).unwrap();
+    let err = p.launch().unwrap_err().to_string();
+    assert!(err.contains("node 1 (log)"), "{err}");
+}

@@ -1075,6 +1075,14 @@ impl Emit<'_, '_> {
     }
 }
 
+/// A launch that records `node` in `flag` (atomicMin) when any of the `n` elements at `ptr` is NaN or Inf.
+pub fn check_finite(ptr: DevPtr, dtype: DType, n: u64, node: usize, flag: DevPtr) -> Result<Cmd> {
+    let args = vec![Arg::Ptr(ptr), Arg::u64(n), Arg::u32(u32_of("node index", node as u64)?), Arg::Ptr(flag)];
+    let kernel =
+        KernelRef { module: module::CHECK.to_string(), name: format!("check_finite_{}", suffix("check", dtype)?) };
+    Ok(Cmd::Launch(Launch { kernel, dims: grid_stride(n), args, any_grid: true }))
+}
+
 /// (product of the axes before `axis`, product of the axes after it).
 fn outer_inner(s: &Shape, axis: usize) -> (u64, u64) {
     let d = s.dims();

@@ -38,11 +38,21 @@ pub enum StepMode {
 pub struct GpuBackend<D: Device> {
     make_device: Box<dyn Fn() -> Result<D> + Send + Sync>,
     mode: StepMode,
+    check_finite: bool,
 }
 
 impl<D: Device> GpuBackend<D> {
+    /// The per-kernel NaN/Inf check is on when `ZEROCONV_CHECK_FINITE=1` (see [`GpuBackend::with_check_finite`]).
     pub fn new(make_device: impl Fn() -> Result<D> + Send + Sync + 'static, mode: StepMode) -> Self {
-        GpuBackend { make_device: Box::new(make_device), mode }
+        let check_finite = std::env::var("ZEROCONV_CHECK_FINITE").is_ok_and(|v| v == "1");
+        GpuBackend { make_device: Box::new(make_device), mode, check_finite }
+    }
+
+    /// After every node, a `check_finite` kernel over each float output records the first node (in step order)
+    /// that produced a NaN or Inf; the step then fails naming it. Costs one extra launch per float output.
+    pub fn with_check_finite(mut self, on: bool) -> Self {
+        self.check_finite = on;
+        self
     }
 }
 
@@ -72,6 +82,8 @@ pub struct GpuProgram<D: Device> {
     addresses: Vec<Option<DevPtr>>,
     nodes: Vec<NodeCmds>,
     error_flags: Vec<(usize, DevPtr)>,
+    /// The first node with a non-finite output (u32::MAX: none), when the per-kernel check is on.
+    finite_flag: Option<DevPtr>,
     steps: u64,
     captured: Option<GraphId>,
     profile: Option<Profile>,
@@ -160,7 +172,13 @@ impl<D: Device> Backend for GpuBackend<D> {
         let sources_ptr = device.alloc(source_bytes.max(1), "parameters, optimizer state and inputs")?;
         // Sources start at zero, as on every backend: optimizer state that is never uploaded begins at 0.
         device.memset(sources_ptr, 0, source_bytes.max(1))?;
+        // The finite-check flag sits after the nodes' constants.
+        let flag_offset = const_total;
+        if self.check_finite {
+            const_total += ALIGN;
+        }
         let consts_ptr = device.alloc(const_total.max(1), "constants")?;
+        let finite_flag = self.check_finite.then(|| consts_ptr.offset(flag_offset));
         let addresses: Vec<Option<DevPtr>> = (0..graph.values.len())
             .map(|v| match plan.locations[v] {
                 Some(Location::Arena(off)) => Some(arena_ptr.offset(off as u64)),
@@ -186,7 +204,19 @@ impl<D: Device> Backend for GpuBackend<D> {
                 fused_module: &fused_name,
                 attention_budget: ATTENTION_BUDGET,
             };
-            let Lowered { cmds, consts: bytes, error_flags: flags, scratch_bytes, const_bytes } = lower_node(&ctx, i)?;
+            let Lowered { mut cmds, consts: bytes, error_flags: flags, scratch_bytes, const_bytes } =
+                lower_node(&ctx, i)?;
+            if let Some(flag) = finite_flag {
+                if i == 0 {
+                    cmds.insert(0, Cmd::Memset { dst: flag, byte: 0xff, bytes: 4 });
+                }
+                for &o in &graph.nodes[i].outputs {
+                    let d = graph.dtype(o);
+                    if d.is_float() && graph.shape(o).numel() > 0 {
+                        cmds.push(lower::check_finite(addr(o), d, graph.shape(o).numel() as u64, i, flag)?);
+                    }
+                }
+            }
             if scratch_bytes > scratch_span.bytes {
                 return Err(Error::msg(format!("node {i}: lowering asked for more scratch on its second pass")));
             }
@@ -199,6 +229,7 @@ impl<D: Device> Backend for GpuBackend<D> {
                 .iter()
                 .map(|&o| Span::new(addr(o), graph.value(o).bytes() as u64))
                 .chain([scratch_span, Span::new(consts_ptr.offset(const_offset), const_bytes)])
+                .chain(finite_flag.map(|f| Span::new(f, 4)))
                 .collect();
             if node.op.has_side_effects() {
                 // AdamW updates parameters and moments in place.
@@ -253,6 +284,7 @@ impl<D: Device> Backend for GpuBackend<D> {
             addresses,
             nodes,
             error_flags,
+            finite_flag,
             steps: 0,
             captured: None,
             profile,
@@ -313,8 +345,26 @@ impl<D: Device> GpuProgram<D> {
         Ok(())
     }
 
-    /// After a step: every error flag must still read 0.
+    /// Whether the per-kernel NaN/Inf check was compiled in.
+    pub fn checks_finite(&self) -> bool {
+        self.finite_flag.is_some()
+    }
+
+    /// After a step: every error flag must still read 0, and the finite check must have found nothing.
     fn check_error_flags(&mut self) -> Result<()> {
+        if let Some(flag) = self.finite_flag {
+            let mut word = [0u8; 4];
+            self.device.download(&mut word, flag)?;
+            let node = u32::from_le_bytes(word);
+            if node != u32::MAX {
+                let n = &self.graph.nodes[node as usize];
+                return Err(Error::msg(format!(
+                    "the first non-finite value of the step was produced by node {node} ({}) {}",
+                    n.op.name(),
+                    n.op.attrs()
+                )));
+            }
+        }
         for k in 0..self.error_flags.len() {
             let (node, flag) = self.error_flags[k];
             let mut word = [0u8; 4];
