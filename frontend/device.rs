@@ -86,7 +86,8 @@ pub fn cap_threads(threads: Option<usize>) -> Option<usize> {
     let cores = CpuBackend::default_threads();
     match threads {
         Some(t) if t > cores => {
-            NOTICE.call_once(|| eprintln!("note: --threads {t} is more than the {cores} cores available; using {cores}"));
+            NOTICE
+                .call_once(|| eprintln!("note: --threads {t} is more than the {cores} cores available; using {cores}"));
             Some(cores)
         }
         other => other,

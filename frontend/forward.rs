@@ -25,6 +25,12 @@ fn input(inputs: &Checkpoint, name: &str, rank: usize) -> Result<(Vec<usize>, Ho
     if t.shape.len() != rank {
         return Err(Error::file(inputs.path(), format!("'{name}' must have rank {rank}, has shape {:?}", t.shape)));
     }
+    if t.shape.contains(&0) {
+        return Err(Error::file(
+            inputs.path(),
+            format!("'{name}' has shape {:?}: every dimension must be at least 1 (a batch of 0?)", t.shape),
+        ));
+    }
     Ok((t.shape.clone(), t.to_host()))
 }
 

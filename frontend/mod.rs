@@ -8,6 +8,7 @@ pub mod data;
 pub mod device;
 pub mod forward;
 pub mod model_config;
+pub mod outputs;
 pub mod rng;
 pub mod sample;
 pub mod step;

@@ -89,6 +89,22 @@ pub fn sample(
     s: &SampleSettings,
 ) -> Result<Vec<f32>> {
     let n = captions.len();
+    if n == 0 {
+        return Err(Error::msg("sampling needs at least one image (a batch of 0 was asked for)"));
+    }
+    let schedule_len = Schedule::sd().len();
+    if s.steps == 0 || s.steps > schedule_len {
+        return Err(Error::msg(format!(
+            "{} DDIM steps: sampling takes between 1 and {schedule_len} (the diffusion schedule's length)",
+            s.steps
+        )));
+    }
+    if !s.cfg_scale.is_finite() || !s.strength.is_finite() {
+        return Err(Error::msg(format!(
+            "the guidance scale ({}) and the control strength ({}) must be finite numbers",
+            s.cfg_scale, s.strength
+        )));
+    }
     let f = m.first_stage.factor();
     let levels = m.ldm.unet.channel_mult.len();
     if !size.is_multiple_of(f << (levels - 1)) {

@@ -37,6 +37,8 @@ fn opts(out: &Path) -> TrainOptions {
         resume: false,
         threads: Some(2),
         device: DeviceChoice::Cpu,
+        // Most tests skip the base pretraining: their U-Net and text encoder are random on purpose.
+        allow_random_weights: true,
         strict: false,
         progress: false,
         evaluate: false,
@@ -172,4 +174,22 @@ fn clear_errors_for_missing_files_and_empty_datasets() {
     let err =
         train(&small(&[]), &TrainOptions { resume: true, ..opts(tmp("nothing").path()) }).unwrap_err().to_string();
     assert!(err.contains("no checkpoint"), "{err}");
+}
+
+/// Reduction orders depend on shapes only, so the thread count changes no bit: a run on 1 thread logs the same
+/// losses as on 2, and one resumed on another thread count continues exactly.
+#[test]
+fn the_thread_count_changes_no_bit() {
+    // 4 images: enough for 2 threads to split a batch sum differently from 1 thread (with 2, a + b is a + b).
+    let cfg = small(&["model.base_pretrain_steps=2", "trainer.max_steps=4", "model.micro_batch_size=4"]);
+    let one = tmp("threads-1");
+    let a = train(&cfg, &TrainOptions { threads: Some(1), ..opts(one.path()) }).unwrap();
+    let two = tmp("threads-2");
+    let b = train(&cfg, &TrainOptions { threads: Some(2), ..opts(two.path()) }).unwrap();
+    let bits = |r: &TrainReport| r.losses.iter().map(|l| (l.0.clone(), l.1, l.2.to_bits())).collect::<Vec<_>>();
+    assert_eq!(bits(&a), bits(&b), "losses differ between 1 and 2 threads");
+    assert_eq!(
+        std::fs::read(one.path().join("controlnet.safetensors")).unwrap(),
+        std::fs::read(two.path().join("controlnet.safetensors")).unwrap()
+    );
 }

@@ -461,7 +461,7 @@ fn batches_stack_samples() {
 }
 
 fn make_args(input: &Path, output: String, maxcount: usize) -> MakeArgs {
-    MakeArgs { input: input.to_path_buf(), output, maxcount, maxsize: None, quality: 95, strict: false }
+    MakeArgs { input: input.to_path_buf(), output, maxcount, maxsize: None, quality: 95, strict: false, force: false }
 }
 
 #[test]

@@ -193,10 +193,22 @@ pub fn conv2d_backward_input_scratch_len(shape: &Conv2dShape, threads: ConvThrea
     plan(shape, threads).workers * shape.cols_len()
 }
 
-/// Scratch elements `conv2d_backward_weight` needs: per worker, the im2col buffer and a partial
-/// weight gradient (transposed, see `conv2d_backward_weight`).
+/// How many partial weight gradients `conv2d_backward_weight` sums: a function of the shape only, so the
+/// result has the same bits whatever the thread count (a resumed run stays bit-exact on another machine).
+fn weight_grad_groups(shape: &Conv2dShape) -> usize {
+    shape.n.clamp(1, 2)
+}
+
+/// Whether the groups run in parallel (each with its own im2col buffer), or one after another.
+fn weight_grad_parallel(shape: &Conv2dShape, threads: ConvThreads) -> bool {
+    plan(shape, threads).workers >= 2 && weight_grad_groups(shape) == 2
+}
+
+/// Scratch elements `conv2d_backward_weight` needs: a partial weight gradient (transposed, see
+/// `conv2d_backward_weight`) per image group, and an im2col buffer per group running at once.
 pub fn conv2d_backward_weight_scratch_len(shape: &Conv2dShape, threads: ConvThreads) -> usize {
-    plan(shape, threads).workers * (shape.cols_len() + shape.weight_len())
+    let buffers = if weight_grad_parallel(shape, threads) { weight_grad_groups(shape) } else { 1 };
+    weight_grad_groups(shape) * shape.weight_len() + buffers * shape.cols_len()
 }
 
 /// `y = conv(x, w) + bias`. `x` is `[N, C, H, W]`, `w` is `[O, C, kh, kw]`, `bias` is `[O]`,
@@ -352,30 +364,44 @@ pub fn conv2d_backward_weight<T: Float>(
         Ok(())
     };
 
-    // Each worker sums its run of images into its own partial; the partials are added at the end.
-    let per_worker = shape.n.div_ceil(plan.workers);
-    let worker_scratch = &mut scratch[..plan.workers * (cols_len + w_len)];
-    let worker = |(worker, chunk): (usize, &mut [T])| {
-        let (cols, partial) = chunk.split_at_mut(cols_len);
-        let first = (worker * per_worker).min(shape.n);
-        let last = (first + per_worker).min(shape.n);
+    // The images are split into a fixed number of groups (by shape alone); each group sums its images into its
+    // own partial, and the partials are added in group order: the same additions whatever the thread count.
+    let groups = weight_grad_groups(shape);
+    let per_group = shape.n.div_ceil(groups);
+    let parallel = weight_grad_parallel(shape, threads);
+    let (partials, cols_all) = scratch.split_at_mut(groups * w_len);
+    let group_range = |g: usize| ((g * per_group).min(shape.n), ((g + 1) * per_group).min(shape.n));
+    let run_group = |(g, partial): (usize, &mut [T]), cols: &mut [T], gemm_threads: usize| -> Result<()> {
+        let (first, last) = group_range(g);
         if first == last {
             partial.fill(T::ZERO);
             return Ok(());
         }
-        images(first, last, partial, cols, plan.gemm_threads)
+        images(first, last, partial, cols, gemm_threads)
     };
-    if plan.workers == 1 {
-        worker((0, worker_scratch))?;
+    if parallel {
+        // One im2col buffer per group (none at all for convolutions that need no im2col).
+        let cols_bufs: Vec<&mut [T]> = if cols_len == 0 {
+            (0..groups).map(|_| <&mut [T]>::default()).collect()
+        } else {
+            cols_all.chunks_mut(cols_len).take(groups).collect()
+        };
+        partials
+            .par_chunks_mut(w_len)
+            .zip(cols_bufs)
+            .enumerate()
+            .try_for_each(|(g, (partial, cols))| run_group((g, partial), cols, 1))?;
     } else {
-        worker_scratch.par_chunks_mut(cols_len + w_len).enumerate().try_for_each(worker)?;
+        let cols = &mut cols_all[..cols_len];
+        for (g, partial) in partials.chunks_mut(w_len).enumerate() {
+            run_group((g, partial), cols, plan.gemm_threads)?;
+        }
     }
-    // Add the other workers' partials onto the first one's (contiguous, so it vectorises), then
-    // transpose that into dw.
-    let (first, rest) = worker_scratch.split_at_mut(cols_len + w_len);
-    let total_t = &mut first[cols_len..];
-    for chunk in rest.chunks_exact(cols_len + w_len) {
-        for (t, &p) in total_t.iter_mut().zip(&chunk[cols_len..]) {
+    // Add the other groups' partials onto the first one's (contiguous, so it vectorises), then transpose that
+    // into dw.
+    let (total_t, rest) = partials.split_at_mut(w_len);
+    for chunk in rest.chunks_exact(w_len) {
+        for (t, &p) in total_t.iter_mut().zip(chunk) {
             *t += p;
         }
     }

@@ -277,6 +277,17 @@ impl CpuProgram {
 
     fn run_node(&self, i: usize) -> Result<()> {
         let node = &self.graph.nodes[i];
+        // Empty tensors (a batch of 0): a node with nothing to write does nothing (the kernels split their
+        // outputs into chunks of a size derived from the shape, which is 0 here). AdamW updates in place and has
+        // no outputs; its kernel takes empty tensors as they are.
+        if !node.outputs.is_empty() {
+            if node.outputs.iter().all(|&o| self.graph.shape(o).numel() == 0) {
+                return Ok(());
+            }
+            if let Some(&empty) = node.inputs.iter().find(|&&v| self.graph.shape(v).numel() == 0) {
+                return self.run_node_with_empty_input(i, empty);
+            }
+        }
         match &node.op {
             Op::Reshape { .. } => return Ok(()), // a view: planned to share its input's bytes
             Op::Fill { value, shape, dtype } if !dtype.is_float() => {
@@ -314,6 +325,49 @@ impl CpuProgram {
         match self.execs[i].compute {
             DType::F64 => self.run_generic::<f64>(i),
             _ => self.run_generic::<f32>(i),
+        }
+    }
+
+    /// Node `i` reads the empty tensor `empty` and writes a non-empty one. Ops that sum over the empty extent
+    /// (matrix products over K = 0, weight and parameter gradients over a batch of 0, reductions) write zeros,
+    /// the sum of no terms; the MSE loss, a mean of nothing, is NaN (as in PyTorch); concatenation and the
+    /// adjoint of slicing copy what there is. Any other op is an error naming the tensor, never a kernel that
+    /// splits its work into chunks of size 0.
+    fn run_node_with_empty_input(&self, i: usize, empty: ValueId) -> Result<()> {
+        let node = &self.graph.nodes[i];
+        let fill = |value: f64| -> Result<()> {
+            for &o in &node.outputs {
+                let (shape, dtype) = (self.graph.shape(o).clone(), self.graph.dtype(o));
+                let t = HostTensor::from_f64(shape.clone(), dtype, &vec![value; shape.numel()])?;
+                // SAFETY: the output's planned bytes hold `numel * size` bytes of its dtype, and a node's outputs
+                // are written by nothing else while it runs.
+                let out = unsafe { std::slice::from_raw_parts_mut(self.ptr(o)?, t.bytes.len()) };
+                out.copy_from_slice(&t.bytes);
+            }
+            Ok(())
+        };
+        match &node.op {
+            Op::Concat { .. } | Op::SliceBackward { .. } => match self.execs[i].compute {
+                DType::F64 => self.run_generic::<f64>(i),
+                _ => self.run_generic::<f32>(i),
+            },
+            Op::MatMul { .. }
+            | Op::Conv2dBackwardInput { .. }
+            | Op::Conv2dBackwardWeight { .. }
+            | Op::GroupNormBackward { .. }
+            | Op::LayerNormBackward { .. }
+            | Op::Attention { .. }
+            | Op::AttentionBackward { .. }
+            | Op::EmbeddingBackward { .. }
+            | Op::ReduceSum { .. }
+            | Op::SumTo { .. } => fill(0.0),
+            Op::MseLoss => fill(f64::NAN),
+            op => Err(Error::msg(format!(
+                "{} reads the empty tensor {} ({}) and would write a non-empty one: not supported",
+                op.name(),
+                self.graph.values[empty].name,
+                self.graph.shape(empty)
+            ))),
         }
     }
 

@@ -2,7 +2,10 @@
 //! `model_weights.ckpt`, the latter a torch.save zip of the model's state dict.
 //!
 //! An uncompressed tar is mapped and the weights member sliced out of the mapping, so nothing is copied. A gzipped
-//! one cannot be sliced: its weights member is decompressed into memory once.
+//! one cannot be sliced: its weights member is decompressed into memory once. Before anything is inflated, each
+//! member's declared size counts against a limit ([`inflate_limit`]: a gzip "bomb" of zeros inflates a thousandfold,
+//! weights hardly shrink), and the weights member must fit in the memory available; the tar reader never reads
+//! past a member's declared size.
 //!
 //! # NeMo key names and the original LDM/ControlNet names
 //!
@@ -30,11 +33,31 @@
 //! (`mp_rank_00/...`); those are refused with a message, as are NeMo 2 distributed checkpoints (a
 //! `model_weights/` directory of shards).
 
+use super::view::human_bytes;
 use crate::error::{Error, Result};
 use flate2::read::GzDecoder;
 use std::io::{Cursor, Read};
 use std::ops::Range;
 use std::path::Path;
+
+/// The most a gzipped archive of `compressed` bytes may inflate to, all members together: [`MAX_INFLATE_RATIO`]
+/// times its size, and at least [`MIN_INFLATE_LIMIT`]. Checkpoint weights compress by a few percent; a stream of
+/// zeros by a factor of a thousand.
+pub(crate) fn inflate_limit(compressed: u64) -> u64 {
+    compressed.saturating_mul(MAX_INFLATE_RATIO).max(MIN_INFLATE_LIMIT)
+}
+const MAX_INFLATE_RATIO: u64 = 32;
+const MIN_INFLATE_LIMIT: u64 = 256 << 20;
+/// The largest `model_config.yaml` read (real ones are a few KB).
+const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
+/// The memory the OS says is available for a new allocation (Linux: MemAvailable), where it says.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb.saturating_mul(1024))
+}
 
 pub(crate) fn is_gzip(bytes: &[u8]) -> bool {
     bytes.starts_with(&[0x1f, 0x8b])
@@ -84,8 +107,23 @@ pub(crate) fn read(bytes: &[u8], path: &Path) -> Result<NemoArchive> {
                         Weights::Member(start as usize..end as usize)
                     }
                     None => {
-                        let mut buf = Vec::with_capacity(size.min(1 << 30) as usize);
-                        entry.read_to_end(&mut buf).map_err(damaged)?;
+                        if let Some(available) = available_memory().filter(|&a| size > a) {
+                            return Err(Error::file(
+                                path,
+                                format!(
+                                    "member {name} of this gzipped .nemo inflates to {} but only {} of memory is \
+                                     available; un-gzip the archive (`gunzip -c x.nemo > y.nemo`) so that it is mapped \
+                                     instead",
+                                    human_bytes(size),
+                                    human_bytes(available)
+                                ),
+                            ));
+                        }
+                        let mut buf = Vec::new();
+                        buf.try_reserve_exact(size as usize).map_err(|_| {
+                            Error::file(path, format!("member {name}: cannot allocate {}", human_bytes(size)))
+                        })?;
+                        entry.take(size).read_to_end(&mut buf).map_err(damaged)?;
                         if (buf.len() as u64) < size {
                             return Err(Error::file(path, format!("member {name} is truncated")));
                         }
@@ -95,8 +133,18 @@ pub(crate) fn read(bytes: &[u8], path: &Path) -> Result<NemoArchive> {
                 weights.push((name.clone(), member));
             }
             "model_config.yaml" if !name.contains('/') => {
+                if size > MAX_CONFIG_BYTES {
+                    return Err(Error::file(
+                        path,
+                        format!(
+                            "member {name} is {}: not a config (at most {})",
+                            human_bytes(size),
+                            human_bytes(MAX_CONFIG_BYTES)
+                        ),
+                    ));
+                }
                 let mut text = String::new();
-                entry.read_to_string(&mut text).map_err(damaged)?;
+                entry.take(size).read_to_string(&mut text).map_err(damaged)?;
                 config_yaml = Some(text);
             }
             _ => {}
@@ -107,8 +155,25 @@ pub(crate) fn read(bytes: &[u8], path: &Path) -> Result<NemoArchive> {
 
     if is_gzip(bytes) {
         let mut archive = tar::Archive::new(GzDecoder::new(bytes));
+        let limit = inflate_limit(bytes.len() as u64);
+        let mut declared = 0u64;
         for entry in archive.entries().map_err(damaged)? {
             let mut entry = entry.map_err(damaged)?;
+            // Every member is inflated, if only to be skipped: all of them count, before any is read.
+            declared = declared.saturating_add(entry.size());
+            if declared > limit {
+                let name = member_name(&entry.path().map_err(damaged)?);
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "this {} gzipped .nemo declares {} of members up to {name}: more than the {} it may inflate \
+                         to ({MAX_INFLATE_RATIO} times its size; weights hardly compress), refused before inflating",
+                        human_bytes(bytes.len() as u64),
+                        human_bytes(declared),
+                        human_bytes(limit)
+                    ),
+                ));
+            }
             if !entry.header().entry_type().is_file() {
                 continue;
             }

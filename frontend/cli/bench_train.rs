@@ -83,6 +83,9 @@ pub fn run_step(r: &mut ReadyStep, cfg: &crate::frontend::config::Config, t: u64
 
 pub fn run(args: &BenchTrainArgs, out: &mut dyn Write) -> Result<()> {
     args.device.check_available()?;
+    if args.steps == 0 {
+        return Err(crate::Error::msg("--steps 0: bench train times at least 1 step"));
+    }
     let cfg = args.config.load()?;
     let mut r = prepare(&cfg, args.threads, args.device)?;
     let w =
@@ -119,7 +122,7 @@ pub fn run(args: &BenchTrainArgs, out: &mut dyn Write) -> Result<()> {
     }
     let loss_id = r.opt.map.get(r.step.loss).expect("loss is an output");
     let mut times = Vec::new();
-    for _ in 0..args.steps.max(1) {
+    for _ in 0..args.steps {
         let s = Instant::now();
         run_step(&mut r, &cfg, t)?;
         times.push(s.elapsed().as_secs_f64());

@@ -5,6 +5,7 @@ use super::ConfigArgs;
 use crate::error::{Error, Result};
 use crate::frontend::checkpoint::{write_safetensors, Checkpoint};
 use crate::frontend::device::DeviceChoice;
+use crate::frontend::outputs::{check_output, Inputs};
 use crate::frontend::{forward, model_config};
 use crate::graph::DType;
 use std::collections::BTreeMap;
@@ -43,9 +44,13 @@ pub struct ForwardArgs {
     /// --grad target [B,4,h,w]; or image / z / ids for the other parts.
     #[arg(long, value_name = "FILE")]
     pub inputs: PathBuf,
-    /// Where to write the outputs (safetensors, written atomically).
+    /// Where to write the outputs (safetensors, written atomically). Never one of the inputs; an existing file
+    /// only with --force.
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
+    /// Overwrite --out if it exists.
+    #[arg(long)]
+    pub force: bool,
     /// Also compute loss = mean((eps - target)^2) and its gradient for every ControlNet parameter.
     #[arg(long)]
     pub grad: bool,
@@ -61,6 +66,13 @@ pub struct ForwardArgs {
 
 pub fn run(args: &ForwardArgs) -> Result<()> {
     args.device.check_available()?;
+    let mut inputs = Inputs::new();
+    inputs.add(&args.ckpt, || format!("--ckpt {}", args.ckpt.display()));
+    inputs.add(&args.inputs, || format!("--inputs {}", args.inputs.display()));
+    if let Some(config) = &args.config.config {
+        inputs.add(config, || format!("--config {}", config.display()));
+    }
+    check_output("--out", &args.out, &inputs, args.force)?;
     let cfg = args.config.load()?;
     let ckpt = Checkpoint::open(&args.ckpt)?.into_ldm_keys()?;
     let inputs = Checkpoint::open(&args.inputs)?;

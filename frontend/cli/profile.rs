@@ -48,6 +48,9 @@ fn io(path: &std::path::Path) -> impl Fn(std::io::Error) -> Error + '_ {
 
 pub fn run(args: &ProfileArgs, out: &mut dyn Write) -> Result<()> {
     args.device.check_available()?;
+    if args.steps == 0 {
+        return Err(Error::msg("--steps 0: profile times at least 1 step"));
+    }
     if args.commands && args.device != DeviceChoice::CudaEmu {
         return Err(Error::msg(format!(
             "--commands lists the CUDA executor's lowered device commands; --device {} has none (use --device cuda-emu)",
@@ -72,7 +75,7 @@ pub fn run(args: &ProfileArgs, out: &mut dyn Write) -> Result<()> {
     let mut r = prepare(&cfg, args.threads, args.device)?;
     run_step(&mut r, &cfg, 1)?;
     r.prog.set_profiling(true, false);
-    for t in 0..args.steps.max(1) {
+    for t in 0..args.steps {
         run_step(&mut r, &cfg, 2 + t)?;
     }
     let prof = r.prog.profile().expect("profiling is on");

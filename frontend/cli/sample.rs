@@ -4,9 +4,11 @@ use super::ConfigArgs;
 use crate::error::{Error, Result};
 use crate::frontend::checkpoint::Checkpoint;
 use crate::frontend::device::DeviceChoice;
+use crate::frontend::outputs::{check_not_input, Inputs};
 use crate::frontend::sample::{sample, write_grid, SampleSettings};
 use crate::frontend::train::{step_models, tokenizer};
 use crate::frontend::weights_store::WeightStore;
+use crate::models::schedule::Schedule;
 use crate::models::train_step::Phase;
 use crate::models::ModelBuilder;
 use std::path::PathBuf;
@@ -58,8 +60,39 @@ pub struct SampleArgs {
     pub device: DeviceChoice,
 }
 
+/// The numbers on the command line, checked before anything is read or allocated.
+fn check_args(args: &SampleArgs) -> Result<()> {
+    if args.n == 0 {
+        return Err(Error::msg("--n 0: the number of images must be at least 1"));
+    }
+    let schedule = Schedule::sd().len();
+    if args.steps == 0 || args.steps > schedule {
+        return Err(Error::msg(format!(
+            "--steps {}: the DDIM steps must be between 1 and {schedule} (the diffusion schedule's length)",
+            args.steps
+        )));
+    }
+    for (flag, v) in [("--cfg", args.cfg), ("--strength", args.strength)] {
+        if !v.is_finite() {
+            return Err(Error::msg(format!("{flag} {v}: must be a finite number")));
+        }
+    }
+    Ok(())
+}
+
 pub fn run(args: &SampleArgs) -> Result<()> {
     args.device.check_available()?;
+    check_args(args)?;
+    let mut inputs = Inputs::new();
+    inputs.add(&args.hint, || format!("--hint {}", args.hint.display()));
+    inputs.add(&args.control, || format!("--control {}", args.control.display()));
+    if let Some(ckpt) = &args.ckpt {
+        inputs.add(ckpt, || format!("--ckpt {}", ckpt.display()));
+    }
+    if let Some(config) = &args.config.config {
+        inputs.add(config, || format!("--config {}", config.display()));
+    }
+    check_not_input("--out", &args.out, &inputs)?;
     let cfg = args.config.load()?;
     let models = step_models(&cfg)?;
     let tok = tokenizer(&cfg)?;

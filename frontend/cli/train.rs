@@ -14,11 +14,13 @@ use std::path::PathBuf;
 pub struct TrainArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
-    /// Output directory (checkpoints, metrics.jsonl, sample grids, the exported ControlNet).
-    /// Default: exp_manager.exp_dir/exp_manager.name.
+    /// Output directory (checkpoints, metrics.jsonl, sample grids, the exported ControlNet). It belongs to one run:
+    /// locked while the run lives, and a new run into a folder that holds a run's files is refused (use --resume or
+    /// another folder). Default: exp_manager.exp_dir/exp_manager.name.
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
-    /// Continue from the newest checkpoint in DIR/checkpoints (weights, optimizer moments, step, RNG, data position).
+    /// Continue the folder's run from its newest checkpoint in DIR/checkpoints (weights, optimizer moments, step, RNG,
+    /// data position). A config that changes the computation is refused; the learning rate and max_steps may change.
     #[arg(long)]
     pub resume: bool,
     /// Make bad samples and damaged shards errors instead of skipping them.
@@ -34,6 +36,10 @@ pub struct TrainArgs {
     /// Skip the validation grids and the control-fidelity evaluation.
     #[arg(long)]
     pub no_eval: bool,
+    /// Initialise frozen weights that no file provides at random instead of refusing (tests and benchmarks only:
+    /// a ControlNet trained against a random U-Net, VAE or text encoder is useless).
+    #[arg(long)]
+    pub allow_random_weights: bool,
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
@@ -46,6 +52,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         resume: args.resume,
         threads: args.threads,
         device: args.device,
+        allow_random_weights: args.allow_random_weights,
         strict: args.strict,
         progress: true,
         evaluate: !args.no_eval,

@@ -75,6 +75,13 @@ fn parse_key(key: &str) -> std::result::Result<Vec<String>, String> {
         return Err("the key is empty (expected e.g. model.sd_locked=False)".to_string());
     }
     let segments: Vec<String> = key.split('.').map(str::to_string).collect();
+    if segments.len() > yaml::MAX_DEPTH {
+        return Err(format!(
+            "the key has {} dotted names: more than the {} a config may nest",
+            segments.len(),
+            yaml::MAX_DEPTH
+        ));
+    }
     for segment in &segments {
         if segment.is_empty() {
             return Err(format!("invalid key `{key}`: empty name between dots"));

@@ -76,6 +76,7 @@ fn check_diffusion(config: &Config) -> Check {
         format!("need 0 < linear_start < linear_end < 1, found {} and {}", m.linear_start, m.linear_end)
     })?;
     require(m.scale_factor > 0.0 && m.scale_factor.is_finite(), "model.scale_factor", || "must be > 0".into())?;
+    require(m.strength.is_finite(), "model.strength", || format!("must be a finite number, found {}", m.strength))?;
     let p = m.text_embedding_dropout_rate;
     require((0.0..=1.0).contains(&p), "model.text_embedding_dropout_rate", || format!("must be in [0, 1], found {p}"))
 }
@@ -291,6 +292,9 @@ fn check_sched(s: &SchedConfig) -> Check {
 fn check_infer(config: &Config) -> Check {
     let i = &config.infer;
     require(i.down_factor >= 1, "infer.down_factor", || "must be at least 1".into())?;
+    for (key, v) in [("unconditional_guidance_scale", i.unconditional_guidance_scale), ("eta", i.eta)] {
+        require(v.is_finite(), &format!("infer.{key}"), || format!("must be a finite number, found {v}"))?;
+    }
     for (key, size) in [("height", i.height), ("width", i.width)] {
         require(size >= 1 && size % i.down_factor == 0, &format!("infer.{key}"), || {
             format!("{size} must be a positive multiple of down_factor ({})", i.down_factor)

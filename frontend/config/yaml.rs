@@ -3,6 +3,10 @@
 //! Built on saphyr-parser's event stream. Supports what NeMo configs use: block and flow collections, all
 //! scalar styles, comments, anchors and aliases, and `<<` merge keys (PyYAML, hence OmegaConf, has them).
 //! One document per file; duplicate keys are an error, as in OmegaConf.
+//!
+//! Hostile text is bounded: collections nest at most [`MAX_DEPTH`] deep (aliases included), and aliases expand to
+//! at most [`MAX_ALIAS_NODES`] nodes in all (a "billion laughs" of nested anchors stops at the first alias over
+//! the budget, before it is copied), so every later pass over the tree recurses and allocates within limits.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,6 +24,14 @@ struct YamlError {
 }
 
 type Result<T> = std::result::Result<T, YamlError>;
+
+/// Deepest nesting of collections (lists and sections inside each other) a config may have. NeMo configs nest
+/// about 6 deep; the limit keeps the recursive passes over the tree (and its drop) far from the stack's end.
+pub const MAX_DEPTH: usize = 64;
+
+/// Most nodes (scalars, lists, sections) that aliases may add to a document in all. Real configs alias a few
+/// small sections; nested anchors can otherwise expand exponentially (9 aliases of 9 aliases of ... ).
+pub const MAX_ALIAS_NODES: usize = 10_000;
 
 fn fail<T>(origin: &Origin, msg: impl Into<String>) -> Result<T> {
     Err(YamlError { origin: origin.clone(), msg: msg.into() })
@@ -41,8 +53,14 @@ pub fn parse_value(text: &str, source: &Arc<str>) -> std::result::Result<Node, S
 }
 
 fn parse(text: &str, source: &Arc<str>, root_is_map: bool) -> Result<Node> {
-    let mut builder =
-        Builder { source: source.clone(), root_is_map, stack: Vec::new(), anchors: HashMap::new(), root: None };
+    let mut builder = Builder {
+        source: source.clone(),
+        root_is_map,
+        stack: Vec::new(),
+        anchors: HashMap::new(),
+        alias_nodes: 0,
+        root: None,
+    };
     for event in Parser::new_from_str(text) {
         let (event, span) = event.map_err(|e| {
             let origin = Origin::File { source: source.clone(), line: e.marker().line(), col: e.marker().col() + 1 };
@@ -66,7 +84,10 @@ struct Builder {
     source: Arc<str>,
     root_is_map: bool,
     stack: Vec<Frame>,
-    anchors: HashMap<usize, Node>,
+    /// Each anchored node with its size in nodes and its depth in collections.
+    anchors: HashMap<usize, Anchored>,
+    /// Nodes added by aliases so far.
+    alias_nodes: usize,
     root: Option<Node>,
 }
 
@@ -84,10 +105,32 @@ impl Builder {
                 Some(_) => fail(&origin, "a config file holds one YAML document, found a second"),
                 None => Ok(()),
             },
-            Event::Alias(id) => match self.anchors.get(&id) {
-                Some(node) => self.complete(node.clone()),
-                None => fail(&origin, "alias to an unknown anchor"),
-            },
+            Event::Alias(id) => {
+                let Some(anchored) = self.anchors.get(&id) else {
+                    return fail(&origin, "alias to an unknown anchor");
+                };
+                if self.stack.len() + anchored.depth > MAX_DEPTH {
+                    let msg = format!(
+                        "this alias puts its anchor's value ({} levels deep) inside {} levels: more than the \
+                         {MAX_DEPTH} levels lists and sections may nest",
+                        anchored.depth,
+                        self.stack.len()
+                    );
+                    return fail(&origin, msg);
+                }
+                let total = self.alias_nodes.saturating_add(anchored.nodes);
+                if total > MAX_ALIAS_NODES {
+                    let msg = format!(
+                        "aliases expand to more than {MAX_ALIAS_NODES} nodes in all (this one adds {}, after {} \
+                         before it): nested anchors and aliases that multiply, refused",
+                        anchored.nodes, self.alias_nodes
+                    );
+                    return fail(&origin, msg);
+                }
+                self.alias_nodes = total;
+                let node = anchored.node.clone();
+                self.complete(node)
+            }
             Event::Scalar(text, style, anchor, tag) => {
                 let is_str_tag = tag.as_ref().is_some_and(|t| t.is_yaml_core_schema() && t.suffix == "str");
                 let quoted = is_str_tag || !matches!(style, ScalarStyle::Plain);
@@ -96,10 +139,12 @@ impl Builder {
                 self.complete(node)
             }
             Event::SequenceStart(anchor, _) => {
+                self.check_depth(&origin)?;
                 self.stack.push(Frame::Seq { items: Vec::new(), origin, anchor });
                 Ok(())
             }
             Event::MappingStart(anchor, _) => {
+                self.check_depth(&origin)?;
                 self.stack.push(Frame::Map { entries: Vec::new(), merges: Vec::new(), key: None, origin, anchor });
                 Ok(())
             }
@@ -123,9 +168,19 @@ impl Builder {
         }
     }
 
+    /// A collection opening here must not nest deeper than [`MAX_DEPTH`].
+    fn check_depth(&self, origin: &Origin) -> Result<()> {
+        if self.stack.len() >= MAX_DEPTH {
+            let msg = format!("lists and sections nest more than {MAX_DEPTH} levels deep here: refused");
+            return fail(origin, msg);
+        }
+        Ok(())
+    }
+
     fn remember(&mut self, anchor: usize, node: &Node) {
         if anchor != 0 {
-            self.anchors.insert(anchor, node.clone());
+            let (nodes, depth) = measure(node);
+            self.anchors.insert(anchor, Anchored { node: node.clone(), nodes, depth });
         }
     }
 
@@ -172,6 +227,26 @@ impl Builder {
             },
         }
     }
+}
+
+struct Anchored {
+    node: Node,
+    nodes: usize,
+    depth: usize,
+}
+
+/// A node's size in nodes and its depth in collections (a scalar is 0 deep, a list of scalars 1). The builder
+/// keeps every tree within [`MAX_DEPTH`], so the recursion is bounded.
+fn measure(node: &Node) -> (usize, usize) {
+    let children: Box<dyn Iterator<Item = &Node>> = match &node.value {
+        Value::Seq(items) => Box::new(items.iter()),
+        Value::Map(entries) => Box::new(entries.iter().map(|e| &e.value)),
+        Value::Scalar { .. } | Value::Invalid(_) => return (1, 0),
+    };
+    children.fold((1, 1), |(nodes, depth), child| {
+        let (n, d) = measure(child);
+        (nodes + n, depth.max(d + 1))
+    })
 }
 
 /// `<<: *base` (or a list of them) adds the base's entries that the mapping does not set itself.
@@ -230,6 +305,22 @@ mod tests {
         let root = parse("base: &b {x: 1, y: 2}\nderived:\n  <<: *b\n  y: 3\ncopy: *b\n").unwrap();
         assert_eq!(root.get("derived").unwrap().describe(), "{y: 3, x: 1}");
         assert_eq!(root.get("copy").unwrap().describe(), "{x: 1, y: 2}");
+    }
+
+    #[test]
+    fn nesting_and_alias_expansion_are_limited() {
+        let nested = |depth: usize| format!("a: {}{}\n", "[".repeat(depth - 1), "]".repeat(depth - 1));
+        parse(&nested(MAX_DEPTH)).expect("the root map and 63 lists: 64 levels");
+        let err = parse(&nested(MAX_DEPTH + 1)).unwrap_err().to_string();
+        assert!(err.starts_with("t.yaml:1:") && err.contains("nest more than 64 levels"), "{err}");
+        // 100 aliases of a 100-node list: exactly the budget, then one more.
+        let list = format!("[{}]", vec!["x"; 99].join(", "));
+        let aliases = |n: usize| format!("a: &a {list}\nb: [{}]\n", vec!["*a"; n].join(", "));
+        parse(&aliases(100)).expect("10,000 aliased nodes");
+        let err = parse(&aliases(101)).unwrap_err().to_string();
+        assert!(err.starts_with("t.yaml:2:") && err.contains("more than 10000 nodes"), "{err}");
+        let err = parse_value(&format!("{}{}", "[".repeat(70), "]".repeat(70)), &Arc::from("value")).unwrap_err();
+        assert!(err.contains("nest more than 64 levels"), "{err}");
     }
 
     #[test]

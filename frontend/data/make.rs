@@ -11,7 +11,7 @@
 //! shard under its final name.
 
 use std::fs::{self, File};
-use std::io::{BufWriter, Cursor, Write};
+use std::io::{BufWriter, Cursor, Read, Write};
 use std::path::{Path, PathBuf};
 
 use image::ImageFormat;
@@ -19,6 +19,7 @@ use serde::Deserialize;
 
 use super::decode::decode_rgb;
 use super::tar::TarWriter;
+use crate::frontend::outputs::{check_output, Inputs};
 use crate::{Error, Result};
 
 /// Write WebDataset shards from a folder of image / control map / caption triples.
@@ -45,6 +46,9 @@ pub struct MakeArgs {
     /// Stop at the first unreadable input instead of skipping it.
     #[arg(long)]
     pub strict: bool,
+    /// Overwrite shards that exist already (a shard is never written over one of the inputs).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// One input sample, by file paths.
@@ -94,6 +98,31 @@ struct PromptLine {
 
 fn fill50k_triples(dir: &Path, prompt_json: &Path) -> Result<Vec<SourceTriple>> {
     let text = fs::read_to_string(prompt_json).map_err(|e| Error::file(prompt_json, format!("cannot read: {e}")))?;
+    let root = fs::canonicalize(dir).map_err(|e| Error::file(dir, format!("cannot resolve the folder: {e}")))?;
+    // A path of prompt.json names a file inside the folder: not absolute, no `..`, and no symlink out of it.
+    let inside = |n: usize, field: &str, rel: &str| -> Result<PathBuf> {
+        let refuse = |why: String| {
+            Err(Error::file(
+                prompt_json,
+                format!("line {n}: \"{field}\": {rel:?} {why}; refused (paths stay inside the folder)"),
+            ))
+        };
+        let relative = Path::new(rel);
+        if relative.is_absolute() || relative.has_root() {
+            return refuse("is an absolute path".into());
+        }
+        if relative.components().any(|c| !matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir)) {
+            return refuse("leaves the input folder through `..`".into());
+        }
+        let path = dir.join(relative);
+        // A missing file is skipped later as unreadable; an existing one must resolve inside the folder.
+        if let Ok(real) = fs::canonicalize(&path) {
+            if !real.starts_with(&root) {
+                return refuse(format!("resolves to {} outside the input folder {}", real.display(), root.display()));
+            }
+        }
+        Ok(path)
+    };
     let mut triples = Vec::new();
     for (n, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -101,11 +130,12 @@ fn fill50k_triples(dir: &Path, prompt_json: &Path) -> Result<Vec<SourceTriple>> 
         }
         let entry: PromptLine = serde_json::from_str(line)
             .map_err(|e| Error::file(prompt_json, format!("line {}: {e} (want source, target, prompt)", n + 1)))?;
-        let target = dir.join(&entry.target);
+        let target = inside(n + 1, "target", &entry.target)?;
+        let source = inside(n + 1, "source", &entry.source)?;
         triples.push(SourceTriple {
             key: sample_key(&target),
             image: target,
-            control: dir.join(&entry.source),
+            control: source,
             caption: Caption::Text(entry.prompt),
         });
     }
@@ -154,9 +184,52 @@ fn sample_key(path: &Path) -> String {
     stem.replace('.', "_")
 }
 
+/// The largest input file (image, control map, caption) read: far above any real image, far below memory.
+const MAX_INPUT_BYTES: u64 = 1 << 30;
+
+/// Reads one input file. Only regular files: a FIFO would block and a device such as /dev/zero never ends. At most
+/// the size the file had when opened is read.
+fn read_input(p: &Path) -> std::result::Result<Vec<u8>, String> {
+    let fail = |e: std::io::Error| format!("{}: {e}", p.display());
+    let meta = fs::metadata(p).map_err(fail)?;
+    if !meta.is_file() {
+        return Err(format!("{}: {}, not a regular file; refused", p.display(), file_kind(&meta.file_type())));
+    }
+    let file = File::open(p).map_err(fail)?;
+    let len = file.metadata().map_err(fail)?.len();
+    if len > MAX_INPUT_BYTES {
+        return Err(format!("{}: {len} bytes, more than the {MAX_INPUT_BYTES} an input file may have", p.display()));
+    }
+    let mut data = Vec::with_capacity(len as usize);
+    file.take(len).read_to_end(&mut data).map_err(fail)?;
+    Ok(data)
+}
+
+/// What a file that is not a regular file is, for messages.
+fn file_kind(t: &fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return "a FIFO";
+        }
+        if t.is_char_device() || t.is_block_device() {
+            return "a device";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+    }
+    if t.is_dir() {
+        "a folder"
+    } else {
+        "a special file"
+    }
+}
+
 /// The encoded members of one sample, or why the input is unusable.
 fn encode_triple(triple: &SourceTriple, quality: u8) -> std::result::Result<Vec<(String, Vec<u8>)>, String> {
-    let read = |p: &Path| fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    let read = read_input;
     let image = read(&triple.image)?;
     let (image_ext, image) = match image::guess_format(&image) {
         Ok(ImageFormat::Jpeg) => ("jpg", image),
@@ -189,6 +262,9 @@ fn encode_triple(triple: &SourceTriple, quality: u8) -> std::result::Result<Vec<
     Ok(vec![(image_ext.into(), image), ("png".into(), control), ("txt".into(), caption.into_bytes())])
 }
 
+/// The widest shard number a pattern may ask for: a 64-bit number has at most 20 digits.
+const MAX_SHARD_DIGITS: usize = 20;
+
 /// Formats a printf-style shard pattern (`%d`, `%06d`) with the shard number.
 pub fn shard_name(pattern: &str, index: usize) -> Result<String> {
     let bad = || Error::msg(format!("output pattern {pattern:?} needs one shard number like %06d"));
@@ -200,6 +276,11 @@ pub fn shard_name(pattern: &str, index: usize) -> Result<String> {
         return Err(bad());
     }
     let width: usize = if spec.is_empty() { 0 } else { spec.parse().map_err(|_| bad())? };
+    if width > MAX_SHARD_DIGITS {
+        return Err(Error::msg(format!(
+            "output pattern {pattern:?}: a shard number {width} digits wide is too wide (at most {MAX_SHARD_DIGITS})"
+        )));
+    }
     Ok(format!("{}{index:0width$}{}", &pattern[..start], &rest[d + 1..]))
 }
 
@@ -309,6 +390,26 @@ impl Drop for ShardWriter {
     }
 }
 
+/// Before anything is written: no shard may land on an input (an image, a control map, a caption file or
+/// prompt.json, whatever path reaches it), and no shard may exist already unless `--force`. A shard holds at least
+/// one sample, so the shards are among the first `triples.len()` names of the pattern.
+fn check_shard_names(args: &MakeArgs, triples: &[SourceTriple]) -> Result<()> {
+    let mut inputs = Inputs::new();
+    inputs.add(&args.input.join("prompt.json"), || format!("the input {}", args.input.join("prompt.json").display()));
+    for t in triples {
+        inputs.add(&t.image, || format!("the input image {}", t.image.display()));
+        inputs.add(&t.control, || format!("the input control map {}", t.control.display()));
+        if let Caption::File(path) = &t.caption {
+            inputs.add(path, || format!("the input caption {}", path.display()));
+        }
+    }
+    for index in 0..triples.len() {
+        let name = PathBuf::from(shard_name(&args.output, index)?);
+        check_output("--output", &name, &inputs, args.force)?;
+    }
+    Ok(())
+}
+
 /// Writes the shards for `args`; inputs that cannot be read are skipped (or fatal with `strict`).
 pub fn make_shards(args: &MakeArgs, progress: bool) -> Result<MakeReport> {
     let triples = find_triples(&args.input)?;
@@ -322,6 +423,7 @@ pub fn make_shards(args: &MakeArgs, progress: bool) -> Result<MakeReport> {
         }
     }
     let mut writer = ShardWriter::new(&args.output, args.maxcount, args.maxsize)?;
+    check_shard_names(args, &triples)?;
     let mut report = MakeReport::default();
     for triple in &triples {
         match encode_triple(triple, args.quality) {

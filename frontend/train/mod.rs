@@ -3,7 +3,12 @@
 //! progress line, validation grids, the exported ControlNet and, for the synthetic dataset, the
 //! control-fidelity figure.
 
+pub mod config_diff;
 pub mod data;
+pub mod lock;
+pub mod lr_schedule;
+pub mod run_dir;
+pub mod sources;
 pub mod state;
 
 use super::checkpoint::{write_safetensors, Checkpoint};
@@ -33,11 +38,14 @@ use std::time::Instant;
 #[derive(Clone, Debug)]
 pub struct TrainOptions {
     pub out_dir: PathBuf,
-    /// Continue from the newest checkpoint in `out_dir/checkpoints`.
+    /// Continue the folder's run from its newest checkpoint in `out_dir/checkpoints` (without it, a folder that
+    /// holds a run's files is refused; see [`run_dir`]).
     pub resume: bool,
     pub threads: Option<usize>,
     /// Where the training step (and sampling) runs.
     pub device: DeviceChoice,
+    /// Frozen weights no file provides are initialised at random instead of refused (tests, benchmarks).
+    pub allow_random_weights: bool,
     /// Bad samples are errors instead of skipped.
     pub strict: bool,
     /// Draw a progress line on stderr.
@@ -92,28 +100,6 @@ pub fn tokenizer(cfg: &Config) -> Result<ClipTokenizer> {
     } else {
         ClipTokenizer::from_config(c)
     }
-}
-
-/// Fills the store from the config's pretrained files (U-Net, VAE, text encoder, ControlNet).
-pub fn load_pretrained(cfg: &Config, store: &mut WeightStore, specs: &[ParamSpec]) -> Result<()> {
-    let m = &cfg.model;
-    let files = [
-        m.unet_config.from_pretrained.clone(),
-        m.first_stage_config.from_pretrained.clone(),
-        m.cond_stage_config.from_pretrained.clone(),
-        m.control_stage_config.from_pretrained_unet.clone(),
-    ];
-    for path in files.into_iter().flatten() {
-        let ckpt = Checkpoint::open(&path)?.into_ldm_keys()?;
-        let n = store.load_matching(&ckpt, specs)?;
-        if n == 0 {
-            return Err(Error::file(
-                &path,
-                "holds none of the model's keys (model.diffusion_model.*, first_stage_model.*, ...)",
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// A compiled training step for one phase.
@@ -174,8 +160,12 @@ struct Run<'a> {
     data: DataSource,
     rng: Rng,
     sched: Schedule,
+    /// The learning rate of each optimizer step (`model.optim.sched`, NeMo's formulas).
+    lr_schedule: lr_schedule::LrSchedule,
     metrics: std::fs::File,
     report: TrainReport,
+    /// The locked run folder (released when the run ends, however it ends).
+    folder: run_dir::RunFolder,
 }
 
 impl Run<'_> {
@@ -232,35 +222,24 @@ impl Run<'_> {
     }
 
     fn lr(&self, step: u64) -> f64 {
-        let o = &self.cfg.model.optim;
-        let max = self.cfg.trainer.max_steps.unwrap_or(1) as f64;
-        let warm = o
-            .sched
-            .as_ref()
-            .and_then(|s| s.warmup_steps.map(|w| w as f64).or(s.warmup_ratio.map(|r| r * max)))
-            .unwrap_or(0.0);
-        if warm > 0.0 {
-            o.lr * ((step + 1) as f64 / warm).min(1.0)
-        } else {
-            o.lr
-        }
+        self.lr_schedule.at(step)
     }
 
     fn checkpoint(&mut self, p: &mut StepProgram, phase: &str, step: u64) -> Result<PathBuf> {
         let dir = self.opts.out_dir.join("checkpoints");
         std::fs::create_dir_all(&dir).map_err(|e| Error::file(&dir, e.to_string()))?;
         let tensors = state::gather(&mut p.prog, &p.map, &p.specs)?;
-        let st = TrainState { step, phase: phase.to_string(), rng: self.rng.state(), data: self.data.state_json() };
+        let st = TrainState {
+            step,
+            phase: phase.to_string(),
+            rng: self.rng.state(),
+            data: self.data.state_json(),
+            run: Some(self.folder.run_id().to_string()),
+        };
         let path = state::path_for(&dir, step_id(phase, step));
-        state::save(&path, &tensors, &st, self.opts.fail_checkpoint_after)?;
-        // Keep the newest `save_top_k` (the ControlNet's own output comes from the last one).
-        let keep = self.cfg.exp_manager.checkpoint_callback_params.save_top_k.unwrap_or(3).max(1) as usize;
-        let all = state::list(&dir);
-        if all.len() > keep {
-            for (_, old) in &all[..all.len() - keep] {
-                let _ = std::fs::remove_file(old);
-            }
-        }
+        state::save(&path, &tensors, &st, Some(self.folder.config()), self.opts.fail_checkpoint_after)?;
+        // Keep this run's newest `save_top_k` (-1: all); other files are never touched.
+        self.folder.prune(self.cfg.exp_manager.checkpoint_callback_params.save_top_k);
         Ok(path)
     }
 
@@ -423,35 +402,22 @@ fn step_id(phase: &str, step: u64) -> u64 {
 
 pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
     opts.device.check_available()?;
+    let lr_schedule =
+        lr_schedule::LrSchedule::new(cfg.model.optim.lr, cfg.model.optim.sched.as_ref(), cfg.trainer.max_steps)?;
     let models = step_models(cfg)?;
     let tok = tokenizer(cfg)?;
     let mut data = DataSource::from_config(cfg, opts.strict)?;
     let out = &opts.out_dir;
-    std::fs::create_dir_all(out).map_err(|e| Error::file(out, format!("cannot create the output directory: {e}")))?;
+    // The run folder, locked for this run; a fresh run refuses another run's folder, a resume takes the newest
+    // checkpoint of the folder's run, checks the config against it and cuts metrics.jsonl back to it (run_dir.rs).
+    let run_dir::Opened { folder, latest, metrics } = run_dir::open(out, cfg, opts.resume)?;
     let mut rng = Rng::new(cfg.model.seed);
     let mut store = WeightStore::default();
-    // Resume: the newest checkpoint.
-    let latest = if opts.resume {
-        let all = state::list(&out.join("checkpoints"));
-        match all.last() {
-            Some((_, p)) => Some(state::load(p)?),
-            None => return Err(Error::file(out.join("checkpoints"), "--resume: no checkpoint here to resume from")),
-        }
-    } else {
-        None
-    };
     if let Some((_, st)) = &latest {
         rng = Rng::from_state(st.rng);
         data.restore(&st.data)?;
         eprintln!("resuming the {} phase after step {}", st.phase, st.step);
     }
-    let metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .append(opts.resume)
-        .truncate(!opts.resume)
-        .open(out.join("metrics.jsonl"))
-        .map_err(|e| Error::file(out.join("metrics.jsonl"), e.to_string()))?;
     let sched = Schedule::scaled_linear(cfg.model.linear_start, cfg.model.linear_end, cfg.model.timesteps as usize);
     let mut run = Run {
         cfg,
@@ -462,8 +428,10 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
         data,
         rng,
         sched,
+        lr_schedule,
         metrics,
         report: TrainReport::default(),
+        folder,
     };
     // Pretrained weights (all specs of both phases are known after building; load by key).
     let all_specs = {
@@ -471,7 +439,10 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
         micro_step(&mut b, &run.models, Phase::Control, 1, run.data.size(), DType::F32, "")?;
         b.params
     };
-    load_pretrained(cfg, &mut store, &all_specs)?;
+    // Every parameter is accounted for before anything is compiled: a frozen one without a source is an error.
+    let mut weight_sources = sources::load_pretrained(cfg, &mut store, &all_specs)?;
+    sources::account(cfg, &all_specs, &store, &mut weight_sources, opts.allow_random_weights)?;
+    eprint!("{}", weight_sources.render());
     run.store = store;
     let base_steps = cfg.model.base_pretrain_steps;
     let max_steps = cfg.trainer.max_steps.unwrap_or(1000);

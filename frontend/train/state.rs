@@ -1,5 +1,5 @@
-//! Training checkpoints: the trainable parameters under their original keys, the AdamW moments,
-//! and the step, RNG state and data position, in one safetensors file written atomically (temp
+//! Training checkpoints: the trainable parameters under their original keys, the AdamW moments, the step, RNG
+//! state, data position, run id and the config trained with, in one safetensors file written atomically (temp
 //! file, fsync, rename), so an interrupted write never replaces a good checkpoint.
 
 use crate::engine::{HostTensor, Program};
@@ -21,6 +21,9 @@ pub struct TrainState {
     pub phase: String,
     pub rng: [u64; 4],
     pub data: String,
+    /// The run that wrote the checkpoint (its `run.json` id); absent in checkpoints of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
 }
 
 /// Fails after `budget` bytes: simulates a crash midway through a checkpoint write (tests).
@@ -42,10 +45,20 @@ impl Write for Budget<'_> {
     }
 }
 
-/// Writes `tensors` and `state` to `path` atomically. `fail_after` simulates an interruption.
-pub fn save(path: &Path, tensors: &[(String, HostTensor)], state: &TrainState, fail_after: Option<u64>) -> Result<()> {
+/// Writes `tensors`, `state` and the run's config (JSON, see [`super::config_diff`]) to `path` atomically.
+/// `fail_after` simulates an interruption.
+pub fn save(
+    path: &Path,
+    tensors: &[(String, HostTensor)],
+    state: &TrainState,
+    config: Option<&str>,
+    fail_after: Option<u64>,
+) -> Result<()> {
     let mut meta = BTreeMap::new();
     meta.insert(STATE_KEY.to_string(), serde_json::to_string(state).map_err(|e| Error::msg(e.to_string()))?);
+    if let Some(config) = config {
+        meta.insert(super::config_diff::CONFIG_KEY.to_string(), config.to_string());
+    }
     write_atomically(path, |w| match fail_after {
         Some(budget) => write_safetensors_to(&mut Budget { inner: w, budget }, tensors, Some(&meta)),
         None => write_safetensors_to(w, tensors, Some(&meta)),
@@ -63,6 +76,30 @@ pub fn load(path: &Path) -> Result<(Checkpoint, TrainState)> {
     let state: TrainState =
         serde_json::from_str(&text).map_err(|e| Error::file(path, format!("training state: {e}")))?;
     Ok((ckpt, state))
+}
+
+/// The training state of a checkpoint, from its header alone (no tensor is mapped or read): for deciding which
+/// run a checkpoint belongs to.
+pub fn read_state(path: &Path) -> Result<TrainState> {
+    use std::io::Read;
+    let bad = |m: String| Error::file(path, m);
+    let mut f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|e| bad(format!("not a safetensors file ({e})")))?;
+    let len = u64::from_le_bytes(len);
+    let file_len = f.metadata().map_err(|e| bad(e.to_string()))?.len();
+    if len > 100_000_000 || len > file_len.saturating_sub(8) {
+        return Err(bad(format!("not a safetensors file (header length {len})")));
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).map_err(|e| bad(e.to_string()))?;
+    let header: serde_json::Value = serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+    let text = header
+        .get("__metadata__")
+        .and_then(|m| m.get(STATE_KEY))
+        .and_then(|s| s.as_str())
+        .ok_or_else(|| bad("is not a zeroconv training checkpoint (no training state in its metadata)".into()))?;
+    serde_json::from_str(text).map_err(|e| bad(format!("training state: {e}")))
 }
 
 /// The checkpoints in `dir`, oldest first (by step, from the file names `step_NNNNNNNN.safetensors`).
