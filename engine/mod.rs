@@ -5,6 +5,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod device;
 pub mod gpu;
+pub mod host_memory;
 pub mod profile;
 pub mod tensor;
 

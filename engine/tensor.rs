@@ -72,6 +72,19 @@ impl HostTensor {
             .collect()
     }
 
+    /// The index of the first NaN or infinite element (None for integer tensors), without converting the tensor.
+    pub fn first_non_finite(&self) -> Option<usize> {
+        let sz = self.dtype.size();
+        let finite = |c: &[u8]| match self.dtype {
+            DType::F32 => f32::from_le_bytes(c.try_into().expect("4 bytes")).is_finite(),
+            DType::F64 => f64::from_le_bytes(c.try_into().expect("8 bytes")).is_finite(),
+            DType::BF16 => bf16::from_le_bytes(c.try_into().expect("2 bytes")).is_finite(),
+            DType::F16 => f16::from_le_bytes(c.try_into().expect("2 bytes")).is_finite(),
+            DType::I32 | DType::I64 => true,
+        };
+        self.bytes.chunks_exact(sz).position(|c| !finite(c))
+    }
+
     pub fn to_f32(&self) -> Vec<f32> {
         self.to_f64().into_iter().map(|x| x as f32).collect()
     }

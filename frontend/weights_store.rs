@@ -10,6 +10,21 @@ use crate::graph::passes::ValueMap;
 use crate::models::ParamSpec;
 use std::collections::HashMap;
 
+/// Reads tensor `key` of `ckpt`, refusing a NaN or Inf value (checked once at load: one would silently turn every
+/// output non-finite), naming the key and the file.
+pub fn read_finite(ckpt: &Checkpoint, key: &str) -> Result<HostTensor> {
+    let t = ckpt.to_host(key)?;
+    match t.first_non_finite() {
+        Some(at) => Err(Error::file(
+            ckpt.path(),
+            format!(
+                "{key} holds a non-finite value (element {at}): the file is damaged, or the run that wrote it diverged"
+            ),
+        )),
+        None => Ok(t),
+    }
+}
+
 #[derive(Default)]
 pub struct WeightStore {
     pub tensors: HashMap<String, HostTensor>,
@@ -27,7 +42,7 @@ impl WeightStore {
                         format!("{} has shape {shape:?}; the config's model needs {}", s.key, s.shape),
                     ));
                 }
-                self.tensors.insert(s.key.clone(), ckpt.to_host(&s.key)?);
+                self.tensors.insert(s.key.clone(), read_finite(ckpt, &s.key)?);
                 n += 1;
             }
         }

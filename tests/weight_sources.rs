@@ -196,3 +196,34 @@ fn random_frozen_weights_only_on_request_and_named_as_such() {
         "the ControlNet is initialised, not random"
     );
 }
+
+#[test]
+fn a_nan_weight_is_refused_at_load_naming_the_key() {
+    let dir = tmp("nan");
+    let cfg0 = config(&[]);
+    let mut tensors: Vec<(String, HostTensor)> = all_specs(&cfg0)
+        .into_iter()
+        .filter(|s| s.key.starts_with("model.diffusion_model."))
+        .map(|s| (s.key.clone(), HostTensor::zeros(s.shape.clone(), DType::F32)))
+        .collect();
+    let bad = tensors[3].0.clone();
+    let n = tensors[3].1.numel();
+    let mut vals = vec![0.0; n];
+    vals[n - 1] = f64::NAN;
+    tensors[3].1 = HostTensor::from_f64(tensors[3].1.shape.clone(), DType::F32, &vals).unwrap();
+    let path = dir.path().join("nan.safetensors");
+    write_safetensors(&path, &tensors, None).unwrap();
+    let cfg = config(&[&format!("model.unet_config.from_pretrained={}", path.display())]);
+    let mut store = WeightStore::default();
+    let err = load_pretrained(&cfg, &mut store, &all_specs(&cfg)).unwrap_err().to_string();
+    assert!(err.contains(&bad) && err.contains("non-finite") && err.contains(&format!("element {}", n - 1)), "{err}");
+}
+
+#[test]
+fn a_step_larger_than_memory_is_refused_before_allocating() {
+    let dir = tmp("huge");
+    // A batch whose planned arena is far beyond this machine's memory (the plan is known before allocating).
+    let cfg = config(&["model.micro_batch_size=100000"]);
+    let err = train(&cfg, &opts(&dir.path().join("run"), true)).unwrap_err().to_string();
+    assert!(err.contains("GiB of memory is available") && err.contains("needs"), "{err}");
+}

@@ -184,6 +184,12 @@ impl Backend for CpuBackend {
         graph.validate()?;
         let execs: Vec<NodeExec> = graph.nodes.iter().map(|n| node_exec(&graph, n, self.threads)).collect();
         let plan = self.plan(&graph)?;
+        // A plan larger than memory is refused before anything is allocated (the allocator would abort).
+        crate::engine::host_memory::ensure_available(
+            (plan.arena_bytes + plan.source_bytes) as u64,
+            "the compiled step (planned arena + parameters, inputs and optimizer state)",
+            "lower the batch or image size, or turn on activation checkpointing",
+        )?;
         let mut arena = vec![0u64; plan.arena_bytes.div_ceil(8)];
         let arena_ptr = arena.as_mut_ptr() as *mut u8;
         let mut sources = Vec::new();

@@ -51,14 +51,6 @@ const MIN_INFLATE_LIMIT: u64 = 256 << 20;
 /// The largest `model_config.yaml` read (real ones are a few KB).
 const MAX_CONFIG_BYTES: u64 = 16 << 20;
 
-/// The memory the OS says is available for a new allocation (Linux: MemAvailable), where it says.
-fn available_memory() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb.saturating_mul(1024))
-}
-
 pub(crate) fn is_gzip(bytes: &[u8]) -> bool {
     bytes.starts_with(&[0x1f, 0x8b])
 }
@@ -107,7 +99,7 @@ pub(crate) fn read(bytes: &[u8], path: &Path) -> Result<NemoArchive> {
                         Weights::Member(start as usize..end as usize)
                     }
                     None => {
-                        if let Some(available) = available_memory().filter(|&a| size > a) {
+                        if let Some(available) = crate::engine::host_memory::available_bytes().filter(|&a| size > a) {
                             return Err(Error::file(
                                 path,
                                 format!(

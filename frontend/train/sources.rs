@@ -186,7 +186,7 @@ pub fn load_pretrained(cfg: &Config, store: &mut WeightStore, specs: &[ParamSpec
             let key = if ckpt.contains(&s.key) { s.key.clone() } else { from_unet };
             match ckpt.shape(&key) {
                 Some(shape) if shape == s.shape.dims() => {
-                    store.tensors.insert(s.key.clone(), ckpt.to_host(&key)?);
+                    store.tensors.insert(s.key.clone(), crate::frontend::weights_store::read_finite(ckpt, &key)?);
                     n += 1;
                 }
                 Some(shape) => {
