@@ -623,3 +623,41 @@ fn the_finite_check_names_the_first_node_with_a_nan() {
     let err = p.launch().unwrap_err().to_string();
     assert!(err.contains("node 1 (log)"), "{err}");
 }
+
+/// Attention over chunks of (batch, head) pairs: a budget that fits one pair's scores at a time gives the same
+/// result as one chunk, forward and backward.
+#[test]
+fn attention_in_chunks_equals_one_chunk() {
+    let mut rng = Rng::new(9);
+    let (b, h, lq, lk, hd) = (2, 3, 5, 7, 4);
+    let ins: Vec<In> = vec![
+        random(&[b, h, lq, hd], DType::F32, &mut rng),
+        random(&[b, h, lk, hd], DType::F32, &mut rng),
+        random(&[b, h, lk, hd], DType::F32, &mut rng),
+        random(&[b, h, lq, hd], DType::F32, &mut rng),
+    ];
+    let mut g = Graph::new();
+    let ids: Vec<ValueId> =
+        ins.iter().enumerate().map(|(i, x)| g.input(&format!("in{i}"), Shape::new(&x.shape), x.dtype)).collect();
+    let o = g.op1(Op::Attention { scale: f(0.5), causal: true }, &ids[..3]).unwrap();
+    let grads = g.add_node(Op::AttentionBackward { scale: f(0.5), causal: true }, &ids).unwrap();
+    g.outputs.push(o);
+    g.outputs.extend(&grads);
+    let per_pair = (lq * lk * 2 * (4 + 4)) as u64; // the backward's S, P, dP, dS of one (batch, head) pair
+    let chunked = emulated().with_attention_budget(per_pair);
+    let lowered = chunked.compile(g.clone()).unwrap();
+    let gemms = lowered.all_commands().filter(|(_, c)| c.kind() == "gemm").count();
+    // The backward (S, P, dP, dS) fits one pair per chunk: 6 chunks of 5 GEMMs; the forward (S, P) two pairs: 3
+    // chunks of 2 GEMMs.
+    assert_eq!(gemms, 6 * 5 + 3 * 2, "chunks of (batch, head) pairs within the budget");
+    let mut outs = Vec::new();
+    for backend in [emulated(), chunked] {
+        let mut p = backend.compile(g.clone()).unwrap();
+        for (&v, x) in ids.iter().zip(&ins) {
+            p.upload(v, &HostTensor::from_f64(Shape::new(&x.shape), x.dtype, &x.data).unwrap()).unwrap();
+        }
+        p.launch().unwrap();
+        outs.push(g.outputs.iter().map(|&v| p.download(v).unwrap().to_f64()).collect::<Vec<_>>());
+    }
+    assert_eq!(outs[0], outs[1], "chunking changes no bit");
+}

@@ -22,8 +22,8 @@ use lower::{lower_node, Cmd, Ctx, Lowered};
 
 /// Every device buffer starts at a multiple of this.
 const ALIGN: u64 = 256;
-/// Scratch attention may use for one chunk of scores (S, P and, backward, dP, dS).
-const ATTENTION_BUDGET: u64 = 256 << 20;
+/// Scratch attention may use for one chunk of scores (S, P and, backward, dP, dS), by default.
+pub const ATTENTION_BUDGET: u64 = 256 << 20;
 
 /// How steps are executed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,13 +39,20 @@ pub struct GpuBackend<D: Device> {
     make_device: Box<dyn Fn() -> Result<D> + Send + Sync>,
     mode: StepMode,
     check_finite: bool,
+    attention_budget: u64,
 }
 
 impl<D: Device> GpuBackend<D> {
     /// The per-kernel NaN/Inf check is on when `ZEROCONV_CHECK_FINITE=1` (see [`GpuBackend::with_check_finite`]).
     pub fn new(make_device: impl Fn() -> Result<D> + Send + Sync + 'static, mode: StepMode) -> Self {
         let check_finite = std::env::var("ZEROCONV_CHECK_FINITE").is_ok_and(|v| v == "1");
-        GpuBackend { make_device: Box::new(make_device), mode, check_finite }
+        GpuBackend { make_device: Box::new(make_device), mode, check_finite, attention_budget: ATTENTION_BUDGET }
+    }
+
+    /// The scratch attention may use for its score matrices; (batch, head) pairs are processed in chunks that fit.
+    pub fn with_attention_budget(mut self, bytes: u64) -> Self {
+        self.attention_budget = bytes;
+        self
     }
 
     /// After every node, a `check_finite` kernel over each float output records the first node (in step order)
@@ -112,16 +119,10 @@ fn fused_module(g: &Graph) -> Result<Option<ModuleSource>> {
 }
 
 /// Every node lowered with placeholder addresses (0 for values, scratch and constants at offset 0).
-fn lower_placeholders(graph: &Graph, fused_name: &str) -> Result<Vec<Lowered>> {
+fn lower_placeholders(graph: &Graph, fused_name: &str, attention_budget: u64) -> Result<Vec<Lowered>> {
     let placeholder = |_: ValueId| DevPtr::NULL;
-    let ctx = Ctx {
-        graph,
-        addr: &placeholder,
-        scratch_base: 0,
-        const_base: 0,
-        fused_module: fused_name,
-        attention_budget: ATTENTION_BUDGET,
-    };
+    let ctx =
+        Ctx { graph, addr: &placeholder, scratch_base: 0, const_base: 0, fused_module: fused_name, attention_budget };
     (0..graph.nodes.len()).map(|i| lower_node(&ctx, i)).collect()
 }
 
@@ -131,7 +132,7 @@ pub fn lower_graph(graph: &Graph) -> Result<Vec<Vec<Cmd>>> {
     graph.validate()?;
     let fused = fused_module(graph)?;
     let fused_name = fused.as_ref().map(|m| m.name().to_string()).unwrap_or_default();
-    Ok(lower_placeholders(graph, &fused_name)?.into_iter().map(|l| l.cmds).collect())
+    Ok(lower_placeholders(graph, &fused_name, ATTENTION_BUDGET)?.into_iter().map(|l| l.cmds).collect())
 }
 
 impl<D: Device> Backend for GpuBackend<D> {
@@ -148,7 +149,7 @@ impl<D: Device> Backend for GpuBackend<D> {
         let n = graph.nodes.len();
 
         // Pass 1, placeholder addresses: how much scratch and constant memory each node needs.
-        let first = lower_placeholders(&graph, &fused_name)?;
+        let first = lower_placeholders(&graph, &fused_name, self.attention_budget)?;
         let scratch: Vec<u64> = first.iter().map(|l| l.scratch_bytes).collect();
         let mut const_offsets = Vec::with_capacity(n);
         let mut const_total = 0u64;
@@ -202,7 +203,7 @@ impl<D: Device> Backend for GpuBackend<D> {
                 scratch_base: scratch_span.ptr.0,
                 const_base: consts_ptr.0 + const_offset,
                 fused_module: &fused_name,
-                attention_budget: ATTENTION_BUDGET,
+                attention_budget: self.attention_budget,
             };
             let Lowered { mut cmds, consts: bytes, error_flags: flags, scratch_bytes, const_bytes } =
                 lower_node(&ctx, i)?;
