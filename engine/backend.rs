@@ -8,6 +8,25 @@ use crate::error::Result;
 use crate::graph::passes::MemoryPlan;
 use crate::graph::{Graph, ValueId};
 
+/// What every backend checks before a host-to-device copy: only sources (inputs, parameters, state) are written,
+/// with exactly their declared shape and dtype.
+pub fn check_upload(graph: &Graph, v: ValueId, t: &HostTensor) -> Result<()> {
+    let val = &graph.values[v];
+    if !val.kind.is_source() {
+        return Err(crate::Error::Binding {
+            name: val.name.clone(),
+            msg: "only inputs, parameters and state can be written".into(),
+        });
+    }
+    if t.shape != val.shape || t.dtype != val.dtype {
+        return Err(crate::Error::Binding {
+            name: val.name.clone(),
+            msg: format!("expected {} {}, got {} {}", val.shape, val.dtype, t.shape, t.dtype),
+        });
+    }
+    Ok(())
+}
+
 pub trait Backend {
     type Program: Program;
     fn name(&self) -> &'static str;

@@ -8,7 +8,7 @@ use super::float::Float;
 use super::layout::{self, Ids};
 use super::linalg::{self, AttnGeom};
 use super::norm;
-use crate::engine::backend::{Backend, Program};
+use crate::engine::backend::{check_upload, Backend, Program};
 use crate::engine::tensor::HostTensor;
 use crate::error::{Error, Result};
 use crate::graph::passes::{plan_memory, Location, MemoryPlan};
@@ -758,21 +758,9 @@ impl Program for CpuProgram {
     }
 
     fn upload(&mut self, v: ValueId, t: &HostTensor) -> Result<()> {
-        let val = &self.graph.values[v];
-        if !val.kind.is_source() {
-            return Err(Error::Binding {
-                name: val.name.clone(),
-                msg: "only inputs, parameters and state can be written".into(),
-            });
-        }
-        if t.shape != val.shape || t.dtype != val.dtype {
-            return Err(Error::Binding {
-                name: val.name.clone(),
-                msg: format!("expected {} {}, got {} {}", val.shape, val.dtype, t.shape, t.dtype),
-            });
-        }
-        // SAFETY: the source buffer holds at least `val.bytes()` bytes and `&mut self` excludes
-        // any concurrent step.
+        check_upload(&self.graph, v, t)?;
+        // SAFETY: the source buffer holds the value's bytes (the tensor was checked to have its shape and dtype)
+        // and `&mut self` excludes any concurrent step.
         unsafe { std::ptr::copy_nonoverlapping(t.bytes.as_ptr(), self.source_ptr[v], t.bytes.len()) };
         Ok(())
     }

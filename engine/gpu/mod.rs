@@ -10,7 +10,7 @@
 pub mod consts;
 pub mod lower;
 
-use crate::engine::backend::{Backend, Program};
+use crate::engine::backend::{check_upload, Backend, Program};
 use crate::engine::device::emu::{EmuDevice, EmuOptions};
 use crate::engine::device::{DevPtr, Device, GraphId, ModuleSource, Span};
 use crate::engine::profile::Profile;
@@ -397,19 +397,8 @@ impl<D: Device> Program for GpuProgram<D> {
     }
 
     fn upload(&mut self, v: ValueId, t: &HostTensor) -> Result<()> {
+        check_upload(&self.graph, v, t)?;
         let val = &self.graph.values[v];
-        if !val.kind.is_source() {
-            return Err(Error::Binding {
-                name: val.name.clone(),
-                msg: "only inputs, parameters and state can be written".into(),
-            });
-        }
-        if t.shape != val.shape || t.dtype != val.dtype {
-            return Err(Error::Binding {
-                name: val.name.clone(),
-                msg: format!("expected {} {}, got {} {}", val.shape, val.dtype, t.shape, t.dtype),
-            });
-        }
         let ptr = self.addresses[v].ok_or_else(|| Error::msg(format!("{} has no device memory", val.name)))?;
         self.device.upload(ptr, &t.bytes)
     }
