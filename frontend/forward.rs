@@ -40,6 +40,7 @@ fn run_graph(
     device: DeviceChoice,
     mut g: Graph,
     specs: &[crate::models::ParamSpec],
+    component: &[crate::models::ParamSpec],
     ckpt: &Checkpoint,
     prefixes: &[&str],
     feeds: &[(ValueId, HostTensor)],
@@ -48,7 +49,7 @@ fn run_graph(
     g.outputs = outs.iter().map(|(_, v)| *v).collect();
     let opt = super::step::run_passes(&g, &PassOptions::default())?;
     let mut prog = compile_program(device, opt.graph, None)?;
-    load_params(&mut prog, &opt.map, specs, ckpt, prefixes)?;
+    load_params(&mut prog, &opt.map, specs, component, ckpt, prefixes)?;
     for (v, t) in feeds {
         let Some(nv) = opt.map.get(*v) else { continue };
         let dtype = prog.graph().dtype(nv);
@@ -113,7 +114,7 @@ pub fn control_ldm(
             }
         }
     }
-    run_graph(device, m.b.g, &m.b.params, ckpt, &[UNET_PREFIX, CONTROL_PREFIX], &feeds, &outs)
+    run_graph(device, m.b.g, &m.b.params, &m.b.params, ckpt, &[UNET_PREFIX, CONTROL_PREFIX], &feeds, &outs)
 }
 
 /// The VAE: `image` → `mean`, `logvar` (when present) and `z` → `decoded` (when present).
@@ -144,7 +145,9 @@ pub fn vae_parts(
     if outs.is_empty() {
         return Err(Error::file(inputs.path(), "holds neither 'image' (to encode) nor 'z' (to decode)"));
     }
-    run_graph(device, b.g, &b.params, ckpt, &[VAE_PREFIX], &feeds, &outs)
+    // The encoder or the decoder alone still accepts the whole VAE's file.
+    let whole = crate::models::counts::vae_params(cfg)?;
+    run_graph(device, b.g, &b.params, &whole, ckpt, &[VAE_PREFIX], &feeds, &outs)
 }
 
 /// The CLIP text encoder: `ids` [B, L] → `hidden` [B, L, D].
@@ -159,5 +162,5 @@ pub fn text(
     let iv = b.g.input("ids", s, DType::I64);
     let ids = HostTensor::from_f64(ids.shape.clone(), DType::I64, &ids.to_f64())?;
     let h = clip::clip_text(&mut b, CLIP_PREFIX, cfg, iv)?;
-    run_graph(device, b.g, &b.params, ckpt, &[CLIP_PREFIX], &[(iv, ids)], &[("hidden".to_string(), h)])
+    run_graph(device, b.g, &b.params, &b.params, ckpt, &[CLIP_PREFIX], &[(iv, ids)], &[("hidden".to_string(), h)])
 }

@@ -14,17 +14,20 @@ pub fn expected_under(specs: &[ParamSpec], prefix: &str) -> Vec<(String, Vec<usi
 }
 
 /// Checks, then uploads every parameter whose key starts with one of `prefixes` from `ckpt`.
-/// `map` takes the model's value ids to the compiled program's.
+/// `map` takes the model's value ids to the compiled program's. The keys under each prefix are checked against
+/// `component` (the whole component's parameters, when the graph uses only a part of it, as the VAE's encoder
+/// alone does: the component's file holds the other part too, which is then expected, not an error).
 pub fn load_params<P: Program>(
     prog: &mut P,
     map: &ValueMap,
     specs: &[ParamSpec],
+    component: &[ParamSpec],
     ckpt: &Checkpoint,
     prefixes: &[&str],
 ) -> Result<usize> {
     for prefix in prefixes {
         let with_dot = format!("{prefix}.");
-        check_keys(&expected_under(specs, &with_dot), ckpt, &with_dot)?;
+        check_keys(&expected_under(component, &with_dot), ckpt, &with_dot)?;
     }
     let mut n = 0;
     for spec in specs.iter().filter(|s| prefixes.iter().any(|p| s.key.starts_with(&format!("{p}.")))) {

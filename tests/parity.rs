@@ -231,6 +231,35 @@ fn vae_matches_diffusers() {
     }
 }
 
+/// The encoder alone (or the decoder alone) reads the whole VAE's file: the other half's keys are the component's,
+/// not unexpected.
+#[test]
+fn one_half_of_the_vae_accepts_the_whole_vae_file() {
+    let cfg = VaeConfig {
+        ch: 32,
+        ch_mult: vec![1, 2],
+        num_res_blocks: 1,
+        resolution: 32,
+        attn_resolutions: vec![],
+        ..Default::default()
+    };
+    let w = weights("vae_tiny", &vae_params(&cfg).unwrap());
+    let inputs = fixture("vae_tiny.inputs.safetensors");
+    let expected = fixture("vae_tiny.expected.safetensors");
+    let dir = tempfile::Builder::new().prefix("zeroconv-vae-half-").tempdir().unwrap();
+    for (input, outputs) in [("image", &["mean", "logvar"][..]), ("z", &["decoded"][..])] {
+        let path = dir.path().join(format!("{input}.safetensors"));
+        write_safetensors(&path, &[(input.to_string(), inputs.to_host(input).unwrap())], None).unwrap();
+        let only = Checkpoint::open(&path).unwrap();
+        let outs = forward::vae_parts(DeviceChoice::Cpu, &cfg, &w, &only).unwrap_or_else(|e| panic!("{input}: {e}"));
+        assert_eq!(outs.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), outputs);
+        for (name, got) in &outs {
+            let err = rel_l2(&got.to_f64(), &expected.tensor(name).unwrap().to_f64());
+            assert!(err < 1e-4, "vae {name} from {input} alone: relative L2 error {err:.2e}");
+        }
+    }
+}
+
 /// bf16 compute (fp32 parameters, bf16 activations, f32 accumulation and norm statistics) stays
 /// within 2e-2 relative error of the fp32 PyTorch reference, as DESIGN.md's numerics ask.
 #[test]
