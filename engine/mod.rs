@@ -4,6 +4,7 @@ pub mod backend;
 pub mod cpu;
 pub mod cuda;
 pub mod device;
+pub mod dist;
 pub mod gpu;
 pub mod host_memory;
 pub mod profile;

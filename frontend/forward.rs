@@ -34,22 +34,28 @@ fn input(inputs: &Checkpoint, name: &str, rank: usize) -> Result<(Vec<usize>, Ho
     Ok((t.shape.clone(), t.to_host()))
 }
 
-/// Compiles `g` with outputs `outs` for `device`, loads the weights under `prefixes`, uploads `feeds`, runs
-/// one step and downloads `outs` under their names.
+/// The weights a graph reads: its parameters, the whole component they belong to (the keys the file is checked
+/// against), the file and the key prefixes.
+struct Weights<'a> {
+    specs: &'a [crate::models::ParamSpec],
+    component: &'a [crate::models::ParamSpec],
+    ckpt: &'a Checkpoint,
+    prefixes: &'a [&'a str],
+}
+
+/// Compiles `g` with outputs `outs` for `device`, loads the weights, uploads `feeds`, runs one step and downloads
+/// `outs` under their names.
 fn run_graph(
     device: DeviceChoice,
     mut g: Graph,
-    specs: &[crate::models::ParamSpec],
-    component: &[crate::models::ParamSpec],
-    ckpt: &Checkpoint,
-    prefixes: &[&str],
+    w: Weights,
     feeds: &[(ValueId, HostTensor)],
     outs: &[(String, ValueId)],
 ) -> Result<Vec<(String, HostTensor)>> {
     g.outputs = outs.iter().map(|(_, v)| *v).collect();
     let opt = super::step::run_passes(&g, &PassOptions::default())?;
     let mut prog = compile_program(device, opt.graph, None)?;
-    load_params(&mut prog, &opt.map, specs, component, ckpt, prefixes)?;
+    load_params(&mut prog, &opt.map, w.specs, w.component, w.ckpt, w.prefixes)?;
     for (v, t) in feeds {
         let Some(nv) = opt.map.get(*v) else { continue };
         let dtype = prog.graph().dtype(nv);
@@ -114,7 +120,8 @@ pub fn control_ldm(
             }
         }
     }
-    run_graph(device, m.b.g, &m.b.params, &m.b.params, ckpt, &[UNET_PREFIX, CONTROL_PREFIX], &feeds, &outs)
+    let w = Weights { specs: &m.b.params, component: &m.b.params, ckpt, prefixes: &[UNET_PREFIX, CONTROL_PREFIX] };
+    run_graph(device, m.b.g, w, &feeds, &outs)
 }
 
 /// The VAE: `image` → `mean`, `logvar` (when present) and `z` → `decoded` (when present).
@@ -147,7 +154,8 @@ pub fn vae_parts(
     }
     // The encoder or the decoder alone still accepts the whole VAE's file.
     let whole = crate::models::counts::vae_params(cfg)?;
-    run_graph(device, b.g, &b.params, &whole, ckpt, &[VAE_PREFIX], &feeds, &outs)
+    let w = Weights { specs: &b.params, component: &whole, ckpt, prefixes: &[VAE_PREFIX] };
+    run_graph(device, b.g, w, &feeds, &outs)
 }
 
 /// The CLIP text encoder: `ids` [B, L] → `hidden` [B, L, D].
@@ -162,5 +170,6 @@ pub fn text(
     let iv = b.g.input("ids", s, DType::I64);
     let ids = HostTensor::from_f64(ids.shape.clone(), DType::I64, &ids.to_f64())?;
     let h = clip::clip_text(&mut b, CLIP_PREFIX, cfg, iv)?;
-    run_graph(device, b.g, &b.params, &b.params, ckpt, &[CLIP_PREFIX], &[(iv, ids)], &[("hidden".to_string(), h)])
+    let w = Weights { specs: &b.params, component: &b.params, ckpt, prefixes: &[CLIP_PREFIX] };
+    run_graph(device, b.g, w, &[(iv, ids)], &[("hidden".to_string(), h)])
 }

@@ -4,7 +4,7 @@
 use super::config::{Config, Precision};
 use super::model_config;
 use crate::error::Result;
-use crate::graph::optim::{append_training_step_clipped, AdamWConfig};
+use crate::graph::optim::{append_training_step_clipped, append_training_step_l2, AdamWConfig};
 use crate::graph::passes::{self, Optimized, PassOptions};
 use crate::graph::{DType, Graph, ValueId};
 use crate::models::control_ldm::{self, Batch};
@@ -19,9 +19,27 @@ pub fn compute_dtype(p: Precision) -> DType {
     }
 }
 
+/// The update's settings. Its `weight_decay` is AdamW's decoupled decay (`adamw`, `fused_adam`); for `adam` it is 0
+/// and the decay enters the gradient instead ([`append_update`]).
 pub fn adamw_config(cfg: &Config) -> AdamWConfig {
     let o = &cfg.model.optim;
-    AdamWConfig { beta1: o.betas[0], beta2: o.betas[1], eps: o.eps, weight_decay: o.weight_decay }
+    let decoupled = if o.name.decoupled_weight_decay() { o.weight_decay } else { 0.0 };
+    AdamWConfig { beta1: o.betas[0], beta2: o.betas[1], eps: o.eps, weight_decay: decoupled }
+}
+
+/// Appends the backward pass, gradient clipping (`trainer.gradient_clip_val`) and the optimizer update of
+/// `model.optim` to a step that computes `loss`; returns the hyper input. `adam` is `torch.optim.Adam`: its weight
+/// decay is the L2 term `weight_decay * p` added to the clipped gradient before the moments (NeMo's `adam`);
+/// `adamw` and `fused_adam` (Apex FusedAdam, AdamW mode) decay the weights directly.
+pub fn append_update(g: &mut Graph, loss: ValueId, cfg: &Config) -> Result<ValueId> {
+    let o = &cfg.model.optim;
+    // Lightning: gradient_clip_val 0 (or null) does not clip.
+    let clip = cfg.trainer.gradient_clip_val.filter(|&c| c > 0.0);
+    if o.name.decoupled_weight_decay() {
+        append_training_step_clipped(g, loss, &adamw_config(cfg), clip)
+    } else {
+        append_training_step_l2(g, loss, &adamw_config(cfg), clip, o.weight_decay)
+    }
 }
 
 /// A training step before optimisation.
@@ -44,7 +62,7 @@ pub fn latent_step(cfg: &Config, micro_batch: usize) -> Result<StepGraph> {
     let mut built = control_ldm::build(&ldm, batch, DType::F32, compute, true)?;
     let loss = built.loss.expect("built with a loss");
     built.b.g.outputs.push(loss);
-    let hyper = append_training_step_clipped(&mut built.b.g, loss, &adamw_config(cfg), cfg.trainer.gradient_clip_val)?;
+    let hyper = append_update(&mut built.b.g, loss, cfg)?;
     Ok(StepGraph { graph: built.b.g, params: built.b.params, loss, hyper, batch })
 }
 

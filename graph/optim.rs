@@ -61,6 +61,37 @@ pub fn append_training_step(g: &mut Graph, loss: ValueId, cfg: &AdamWConfig) -> 
     append_training_step_clipped(g, loss, cfg, None)
 }
 
+/// As [`append_training_step_clipped`], for `torch.optim.Adam` (NeMo's `adam`) when `l2` is set: the weight decay
+/// is Adam's L2 term, `g + l2 * p` added to each (clipped) gradient before the moments, instead of AdamW's decoupled
+/// decay (`cfg.weight_decay`, which should then be 0).
+pub fn append_training_step_l2(
+    g: &mut Graph,
+    loss: ValueId,
+    cfg: &AdamWConfig,
+    clip: Option<f64>,
+    l2: f64,
+) -> Result<ValueId> {
+    let params = g.trainable_params();
+    let grads = super::autodiff::backward(g, loss, &params)?;
+    let mut pairs: Vec<(ValueId, ValueId)> = params.iter().filter_map(|p| grads.get(p).map(|&d| (*p, d))).collect();
+    g.set_phase(Phase::Backward);
+    if let Some(max_norm) = clip {
+        pairs = clip_grad_norm(g, &pairs, max_norm)?;
+    }
+    if l2 != 0.0 {
+        pairs = pairs
+            .into_iter()
+            .map(|(p, d)| {
+                let d = g.cast(d, g.dtype(p))?;
+                let decay = g.scale(p, l2)?;
+                Ok((p, g.add(d, decay)?))
+            })
+            .collect::<Result<_>>()?;
+    }
+    g.set_phase(Phase::Forward);
+    append_adamw(g, &pairs, cfg)
+}
+
 /// As `append_training_step`, clipping the gradients to a global L2 norm of at most `clip` first
 /// (`torch.nn.utils.clip_grad_norm_`: g ← g · min(1, clip / (‖g‖ + 1e-6))).
 pub fn append_training_step_clipped(

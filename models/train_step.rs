@@ -129,18 +129,31 @@ pub fn micro_step(
     compute: DType,
     tag: &str,
 ) -> Result<StepOutputs> {
+    micro_step_hw(b, m, phase, n, (hw, hw), compute, tag)
+}
+
+/// [`micro_step`] for images of `(height, width)` pixels (a non-square `center_crop_h_w`).
+pub fn micro_step_hw(
+    b: &mut ModelBuilder,
+    m: &StepModels,
+    phase: Phase,
+    n: usize,
+    (h, w): (usize, usize),
+    compute: DType,
+    tag: &str,
+) -> Result<StepOutputs> {
     let f = m.first_stage.factor();
-    let lat = hw / f;
+    let (lat_h, lat_w) = (h / f, w / f);
     let c = latent_channels(m);
     let ctx_len = m.clip.max_position_embeddings;
     let dt = b.param_dtype;
-    let image = b.g.input(&format!("image{tag}"), [n, 3, hw, hw], dt);
-    let hint = b.g.input(&format!("hint{tag}"), [n, m.ldm.control.hint_channels, hw, hw], dt);
+    let image = b.g.input(&format!("image{tag}"), [n, 3, h, w], dt);
+    let hint = b.g.input(&format!("hint{tag}"), [n, m.ldm.control.hint_channels, h, w], dt);
     let ids = b.g.input(&format!("ids{tag}"), [n, ctx_len], DType::I64);
     let t = b.g.input(&format!("t{tag}"), [n], DType::I64);
-    let noise = b.g.input(&format!("noise{tag}"), [n, c, lat, lat], dt);
+    let noise = b.g.input(&format!("noise{tag}"), [n, c, lat_h, lat_w], dt);
     let posterior_noise = match m.first_stage {
-        FirstStage::Kl(_) => Some(b.g.input(&format!("posterior_noise{tag}"), [n, c, lat, lat], dt)),
+        FirstStage::Kl(_) => Some(b.g.input(&format!("posterior_noise{tag}"), [n, c, lat_h, lat_w], dt)),
         FirstStage::Pixel => None,
     };
     let sqrt_alpha = b.g.input(&format!("sqrt_alpha{tag}"), [n, 1, 1, 1], dt);

@@ -4,7 +4,7 @@
 //! use std::path::Path;
 //! use zeroconv::frontend::config::{load_config, Config};
 //!
-//! // `zeroconv train configs/controlnet_sd15.yaml trainer.precision=bf16 model.micro_batch_size=8`
+//! // `zeroconv train --config configs/controlnet_sd15.yaml trainer.precision=bf16 model.micro_batch_size=8`
 //! let overrides = vec!["trainer.precision=bf16".to_string(), "model.micro_batch_size=8".to_string()];
 //! let config: Config = load_config(Some(Path::new("configs/controlnet_sd15.yaml")), &overrides)?;
 //! // `zeroconv train` with no file: the tiny config compiled into the binary (overrides still apply).

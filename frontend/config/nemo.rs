@@ -104,6 +104,11 @@ pub const IGNORED_KEYS: &[IgnoredKey] = &[
     any("model.concat_mode", "only used with conditioning_key: concat"),
     only("model.cond_stage_forward", &["null"], "the text encoder's forward is fixed"),
     any("model.fused_opt", "the optimizer update is compiled into the step"),
+    any(
+        "model.channels_last",
+        "a memory-layout hint (NeMo: torch.channels_last); it does not change what is computed, and zeroconv chooses \
+         layouts when it compiles the step",
+    ),
     any("model.inductor_cudagraphs", COMPILED),
     any("model.capture_cudagraph_iters", COMPILED),
     any("model.nsys_profile", "profile with ZEROCONV_DEBUG / nsys around zeroconv instead"),
@@ -122,7 +127,12 @@ pub const IGNORED_KEYS: &[IgnoredKey] = &[
     only("model.cond_stage_config.freeze", &["true"], "the text encoder stays frozen"),
     any("model.cond_stage_config.capture_cudagraph_iters", COMPILED),
     only("model.data.train.filterings", &["null"], "sample filtering is not implemented; filter the shards beforehand"),
-    any("model.data.webdataset.infinite_sampler", "zeroconv's loader repeats the shards until max_steps"),
+    only(
+        "model.data.webdataset.infinite_sampler",
+        &["false"],
+        "NeMo's infinite sampler draws shards with replacement into epochs of chunk_size x shards samples; zeroconv \
+         reads every shard once per epoch",
+    ),
     any("model.optim.sched.last_epoch", "a PyTorch scheduler resume detail"),
     any("model.optim.sched.max_steps", "taken from trainer.max_steps, as NeMo does"),
     any("infer.output_type", "zeroconv writes PNG files"),

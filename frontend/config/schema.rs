@@ -140,8 +140,6 @@ pub struct ModelConfig {
     /// Fuse kernels when compiling the step (NeMo: torch.compile). zeroconv always compiles the step into one
     /// graph; False keeps one kernel per op, for debugging. Defaults to True, unlike NeMo.
     pub inductor: bool,
-    /// Prefer the NHWC (channels-last) layout for convolutions.
-    pub channels_last: bool,
     /// Add the ControlNet's residuals to the U-Net's middle block only.
     pub only_mid_control: bool,
     /// Keep the U-Net frozen (train the ControlNet only); False also trains the U-Net's decoder half.
@@ -181,7 +179,6 @@ impl Default for ModelConfig {
             scale_factor: 0.18215,
             text_embedding_dropout_rate: 0.0,
             inductor: true,
-            channels_last: false,
             only_mid_control: false,
             sd_locked: true,
             seed: 1234,
@@ -476,14 +473,17 @@ pub struct TrainDataConfig {
     pub augmentations: Augmentations,
 }
 
-/// Applied in this order to the image and the hint alike: resize, center crop, flip.
+/// Applied in this order to the image and the hint alike, as NeMo's augmentations: resize the shorter side, centre
+/// crop (padding with zeros where the crop is larger than the image), flip.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Augmentations {
     /// Resize so that the shorter side has this many pixels; null to not resize.
     pub resize_smallest_side: Option<u32>,
     pub resize_interpolation: Interpolation,
-    /// Center crop to `height, width`; null to not crop.
+    /// Center crop to `height, width` (NeMo passes the two numbers to torchvision's `CenterCrop` in this order).
+    /// Null: NeMo trains every image at its own size, which zeroconv's fixed-size step refuses (WebDataset shards);
+    /// the synthetic shapes then use `resize_smallest_side`.
     pub center_crop_h_w: Option<CropSize>,
     /// Flip horizontally with probability 1/2.
     pub horizontal_flip: bool,
@@ -493,7 +493,7 @@ impl Default for Augmentations {
     fn default() -> Self {
         Augmentations {
             resize_smallest_side: Some(512),
-            resize_interpolation: Interpolation::Bilinear,
+            resize_interpolation: Interpolation::Bicubic,
             center_crop_h_w: Some(CropSize { height: 512, width: 512 }),
             horizontal_flip: false,
         }

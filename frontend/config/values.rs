@@ -148,9 +148,9 @@ pub enum ClipLayer {
 #[serde(rename_all = "lowercase")]
 pub enum Interpolation {
     Nearest,
-    /// torchvision's default (NeMo's Resize).
-    #[default]
     Bilinear,
+    /// What NeMo's `resize_smallest_side` uses (torchvision `Resize(..., interpolation=BICUBIC, antialias=True)`).
+    #[default]
     Bicubic,
     /// Pixel-area averaging (OpenCV INTER_AREA, used by the original ControlNet scripts).
     Area,

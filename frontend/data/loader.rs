@@ -27,7 +27,7 @@ use super::pool;
 use super::rng::{Fnv, Rng};
 use super::shards::resolve_shards;
 use super::shuffle::ShuffleBuffer;
-use super::transform::{resize_crop, Chw, Filter, Normalize};
+use super::transform::{resize_crop_as, Chw, Filter, Normalize, Resize};
 use crate::{Error, Result};
 
 /// How the data is divided among data-parallel ranks and workers.
@@ -45,9 +45,12 @@ pub enum SplitMode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct LoaderConfig {
-    /// Output size; the image is resized to cover it (shortest side for a square) and centre-cropped.
+    /// Output size: the middle `width` x `height` of the image after `resize`.
     pub width: u32,
     pub height: u32,
+    /// How images are resized before the crop: by default just enough to cover the output (shortest side for a
+    /// square); training configs use NeMo's rule (`resize_smallest_side`, see [`Resize`]).
+    pub resize: Resize,
     pub image_filter: Filter,
     pub control_filter: Filter,
     /// Probability of mirroring image and control map together (left-right).
@@ -78,6 +81,7 @@ impl Default for LoaderConfig {
         LoaderConfig {
             width: 512,
             height: 512,
+            resize: Resize::Cover,
             image_filter: Filter::Bicubic,
             control_filter: Filter::Nearest,
             flip_prob: 0.0,
@@ -400,8 +404,9 @@ impl Iterator for EpochReader {
 /// Decode, check, resize, crop, flip and normalise one sample.
 fn prepare(cfg: &LoaderConfig, raw: &RawSample, flip: bool) -> std::result::Result<(Chw, Chw, String), String> {
     let decoded = decode_sample(raw, &cfg.fields)?;
-    let image = resize_crop(&decoded.image, cfg.width, cfg.height, cfg.image_filter, flip, Normalize::SIGNED);
-    let control = resize_crop(&decoded.control, cfg.width, cfg.height, cfg.control_filter, flip, Normalize::UNIT);
+    let (w, h, resize) = (cfg.width, cfg.height, cfg.resize);
+    let image = resize_crop_as(&decoded.image, resize, w, h, cfg.image_filter, flip, Normalize::SIGNED);
+    let control = resize_crop_as(&decoded.control, resize, w, h, cfg.control_filter, flip, Normalize::UNIT);
     recycle_image(decoded.image);
     recycle_image(decoded.control);
     Ok((image, control, decoded.caption))

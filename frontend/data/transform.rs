@@ -1,5 +1,11 @@
 //! Resize-the-shortest-side, centre-crop, optional horizontal flip and conversion to CHW `f32`, in one pass.
 //!
+//! Two ways to place the crop: [`resize_crop`] resizes the image just enough to cover the output and crops its
+//! middle (the loader's default, `dataset bench`); [`resize_crop_as`] with [`Resize::ShorterSide`] / [`Resize::Keep`]
+//! does what NeMo's augmentations (torchvision `Resize(int)` then `CenterCrop((h, w))`) do: resize the shorter side
+//! to a given length (or not at all), then take the middle `height x width`, offsets rounded as torchvision rounds
+//! them and zero padding where the crop is larger than the image.
+//!
 //! Resizing follows Pillow's convolution resampling (the filter is stretched by the scale factor when shrinking,
 //! so downscaling is antialiased; weights are normalised per output pixel), with `f32` intermediates instead of
 //! Pillow's 8-bit ones. Only the output pixels inside the crop window are computed: resize-then-crop and this
@@ -92,6 +98,127 @@ pub fn cover_geometry(src_w: u32, src_h: u32, width: u32, height: u32) -> Geomet
     }
 }
 
+/// How an image is resized before the centre crop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Resize {
+    /// Just enough to cover the crop ([`cover_geometry`]).
+    #[default]
+    Cover,
+    /// The shorter side to this many pixels, the longer one in proportion (truncated), as torchvision's
+    /// `Resize(int)` (NeMo's `resize_smallest_side`).
+    ShorterSide(u32),
+    /// Not at all: the crop is taken from the image as it is (NeMo without `resize_smallest_side`).
+    Keep,
+}
+
+/// Where the crop window lies in the resized image; a negative offset means the crop reaches past the image on
+/// that side, where it is padded with zeros (as torchvision's `CenterCrop` pads an image smaller than the crop).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    pub resized_width: u32,
+    pub resized_height: u32,
+    pub left: i64,
+    pub top: i64,
+}
+
+/// Python's `round` of `x / 2` (halves to even), for the integer `x`.
+fn half_round_even(x: i64) -> i64 {
+    let q = x.div_euclid(2);
+    if x.rem_euclid(2) == 1 && q.rem_euclid(2) == 1 {
+        q + 1
+    } else {
+        q
+    }
+}
+
+/// torchvision's `CenterCrop` offset along one side: `round((size - crop) / 2)` when the image is at least as large
+/// as the crop, else minus the padding it adds before that side (`(crop - size) // 2`).
+fn centre_offset(size: u32, crop: u32) -> i64 {
+    let (size, crop) = (i64::from(size), i64::from(crop));
+    if size >= crop {
+        half_round_even(size - crop)
+    } else {
+        -((crop - size) / 2)
+    }
+}
+
+/// Where a `width` x `height` centre crop lies after `resize`.
+pub fn placement(src_w: u32, src_h: u32, resize: Resize, width: u32, height: u32) -> Placement {
+    let (rw, rh) = match resize {
+        Resize::Cover => {
+            let g = cover_geometry(src_w, src_h, width, height);
+            return Placement {
+                resized_width: g.resized_width,
+                resized_height: g.resized_height,
+                left: i64::from(g.left),
+                top: i64::from(g.top),
+            };
+        }
+        Resize::Keep => (src_w, src_h),
+        Resize::ShorterSide(s) => {
+            let (sw, sh, s) = (u64::from(src_w), u64::from(src_h), u64::from(s));
+            // torchvision: the long side is int(s * long / short).
+            if sw <= sh {
+                (s as u32, (s * sh / sw.max(1)).max(1) as u32)
+            } else {
+                ((s * sw / sh.max(1)).max(1) as u32, s as u32)
+            }
+        }
+    };
+    Placement { resized_width: rw, resized_height: rh, left: centre_offset(rw, width), top: centre_offset(rh, height) }
+}
+
+/// Resizes `src` as `resize` says, centre-crops `width` x `height` (padding with zeros where the crop is larger),
+/// optionally mirrors left-right and normalises. `Resize::Cover` is [`resize_crop`].
+pub fn resize_crop_as(
+    src: &RgbImage,
+    resize: Resize,
+    width: u32,
+    height: u32,
+    filter: Filter,
+    flip: bool,
+    norm: Normalize,
+) -> Chw {
+    let p = placement(src.width(), src.height(), resize, width, height);
+    let (w, h) = (width as i64, height as i64);
+    // The part of the output inside the resized image.
+    let (x0, x1) = ((-p.left).clamp(0, w), (i64::from(p.resized_width) - p.left).clamp(0, w));
+    let (y0, y1) = ((-p.top).clamp(0, h), (i64::from(p.resized_height) - p.top).clamp(0, h));
+    if (x0, x1, y0, y1) == (0, w, 0, h) {
+        let geo = Geometry {
+            resized_width: p.resized_width,
+            resized_height: p.resized_height,
+            left: p.left as u32,
+            top: p.top as u32,
+        };
+        return render(src, &geo, width as usize, height as usize, filter, flip, norm);
+    }
+    let (iw, ih) = ((x1 - x0).max(0) as usize, (y1 - y0).max(0) as usize);
+    let inner = if iw > 0 && ih > 0 {
+        let geo = Geometry {
+            resized_width: p.resized_width,
+            resized_height: p.resized_height,
+            left: (p.left + x0) as u32,
+            top: (p.top + y0) as u32,
+        };
+        render(src, &geo, iw, ih, filter, false, norm).data
+    } else {
+        Vec::new()
+    };
+    let (w, h, x0, y0) = (w as usize, h as usize, x0 as usize, y0 as usize);
+    let mut data = vec![norm.bias; 3 * w * h];
+    for c in 0..3 {
+        for y in 0..ih {
+            for x in 0..iw {
+                let ox = if flip { w - 1 - (x0 + x) } else { x0 + x };
+                data[(c * h + y0 + y) * w + ox] = inner[(c * ih + y) * iw + x];
+            }
+        }
+    }
+    Chw { height: h, width: w, data }
+}
+
 /// Output value = `pixel * scale + bias`, with `pixel` in [0, 255].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Normalize {
@@ -118,11 +245,15 @@ pub struct Chw {
 /// Resizes `src` to cover `width` x `height`, centre-crops, optionally mirrors left-right and normalises.
 pub fn resize_crop(src: &RgbImage, width: u32, height: u32, filter: Filter, flip: bool, norm: Normalize) -> Chw {
     let geo = cover_geometry(src.width(), src.height(), width, height);
-    let (w, h) = (width as usize, height as usize);
+    render(src, &geo, width as usize, height as usize, filter, flip, norm)
+}
+
+/// The `w` x `h` window of `src` resized to `geo`'s size, starting at `geo`'s offsets (inside the resized image).
+fn render(src: &RgbImage, geo: &Geometry, w: usize, h: usize, filter: Filter, flip: bool, norm: Normalize) -> Chw {
     // Filled strictly in order with `extend`, so the (pooled) buffer is never zeroed first.
     let mut data = super::pool::take_floats(3 * w * h);
     if filter == Filter::Nearest {
-        nearest(src, &geo, w, h, flip, norm, &mut data);
+        nearest(src, geo, w, h, flip, norm, &mut data);
     } else {
         let cols = Taps::new(filter, src.width() as usize, geo.resized_width as usize, geo.left as usize, w);
         let rows = Taps::new(filter, src.height() as usize, geo.resized_height as usize, geo.top as usize, h);
@@ -415,6 +546,42 @@ mod tests {
             cover_geometry(100, 100, 64, 32),
             Geometry { resized_width: 64, resized_height: 64, left: 0, top: 16 }
         );
+    }
+
+    #[test]
+    fn nemo_placement_rounds_and_pads_as_torchvision() {
+        // Resize(512) of 640x480 → 682x512; CenterCrop(512, 512): left round(85.0) = 85.
+        assert_eq!(
+            placement(640, 480, Resize::ShorterSide(512), 512, 512),
+            Placement { resized_width: 682, resized_height: 512, left: 85, top: 0 }
+        );
+        // Halves round to even: (683 - 512) / 2 = 85.5 → 86, (681 - 512) / 2 = 84.5 → 84.
+        assert_eq!(placement(683, 512, Resize::Keep, 512, 512).left, 86);
+        assert_eq!(placement(681, 512, Resize::Keep, 512, 512).left, 84);
+        // The resize does not depend on the crop: 64x64 resized to 128 keeps 128x128, the crop is its middle.
+        assert_eq!(
+            placement(64, 64, Resize::ShorterSide(128), 48, 32),
+            Placement { resized_width: 128, resized_height: 128, left: 40, top: 48 }
+        );
+        // A crop larger than the image pads (crop - size) // 2 before it.
+        assert_eq!(placement(10, 20, Resize::Keep, 15, 20).left, -2);
+    }
+
+    #[test]
+    fn a_crop_larger_than_the_image_is_padded_with_zeros() {
+        let src = RgbImage::from_pixel(4, 2, image::Rgb([255, 255, 255]));
+        let out = resize_crop_as(&src, Resize::Keep, 6, 4, Filter::Bilinear, false, Normalize::UNIT);
+        // torchvision pads [left 1, top 1, right 1, bottom 1]: a white 4x2 block in a black 6x4 frame.
+        let plane: Vec<f32> = out.data[..24].to_vec();
+        let want: Vec<f32> =
+            (0..24).map(|i| if (1..3).contains(&(i / 6)) && (1..5).contains(&(i % 6)) { 1.0 } else { 0.0 }).collect();
+        assert_eq!(plane, want);
+        // Odd padding puts the extra column after the image; a flip mirrors the whole output.
+        let src = RgbImage::from_fn(2, 1, |x, _| image::Rgb([if x == 0 { 100 } else { 200 }, 0, 0]));
+        let out = resize_crop_as(&src, Resize::Keep, 5, 1, Filter::Nearest, false, Normalize { scale: 1.0, bias: 0.0 });
+        assert_eq!(&out.data[..5], &[0.0, 100.0, 200.0, 0.0, 0.0]);
+        let out = resize_crop_as(&src, Resize::Keep, 5, 1, Filter::Nearest, true, Normalize { scale: 1.0, bias: 0.0 });
+        assert_eq!(&out.data[..5], &[0.0, 0.0, 200.0, 100.0, 0.0]);
     }
 
     #[test]

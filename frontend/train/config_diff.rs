@@ -32,7 +32,6 @@ pub const NOT_COMPUTATION: &[&str] = &[
     "model.strength",
     "model.guess_mode",
     "model.inductor",
-    "model.channels_last",
     "model.data.num_workers",
     "model.data.train.dataset_path",
     "model.data.webdataset.local_root_path",

@@ -23,11 +23,11 @@ use super::weights_store::WeightStore;
 use super::{model_config, step};
 use crate::engine::{HostTensor, Program};
 use crate::error::{Error, Result};
-use crate::graph::optim::{adamw_hyper, append_training_step_clipped};
+use crate::graph::optim::adamw_hyper;
 use crate::graph::passes::ValueMap;
 use crate::graph::{DType, ValueId};
 use crate::models::schedule::Schedule;
-use crate::models::train_step::{latent_channels, micro_step, FirstStage, Phase, StepInputs, StepModels};
+use crate::models::train_step::{latent_channels, micro_step_hw, FirstStage, Phase, StepInputs, StepModels};
 use crate::models::{ModelBuilder, ParamSpec};
 use data::DataSource;
 use state::TrainState;
@@ -116,7 +116,7 @@ fn build_step(
     cfg: &Config,
     models: &StepModels,
     phase: Phase,
-    size: usize,
+    hw: (usize, usize),
     opts: &TrainOptions,
 ) -> Result<StepProgram> {
     let micro = cfg.model.micro_batch_size as usize;
@@ -128,7 +128,7 @@ fn build_step(
     let mut total: Option<ValueId> = None;
     for k in 0..accum {
         let tag = if accum > 1 { format!(".{k}") } else { String::new() };
-        let out = micro_step(&mut b, models, phase, micro, size, compute, &tag)?;
+        let out = micro_step_hw(&mut b, models, phase, micro, hw, compute, &tag)?;
         inputs.push(out.inputs);
         total = Some(match total {
             Some(t) => b.g.add(t, out.loss)?,
@@ -137,7 +137,7 @@ fn build_step(
     }
     let loss = b.g.scale(total.expect("at least one micro-batch"), 1.0 / accum as f64)?;
     b.g.outputs.push(loss);
-    let hyper = append_training_step_clipped(&mut b.g, loss, &step::adamw_config(cfg), cfg.trainer.gradient_clip_val)?;
+    let hyper = step::append_update(&mut b.g, loss, cfg)?;
     let opt = step::run_passes(&b.g, &step::pass_options(cfg, false))?;
     let prog = compile_program(opts.device, opt.graph, opts.threads)?;
     Ok(StepProgram {
@@ -179,22 +179,22 @@ impl Run<'_> {
     /// Draws a micro-batch and its noise into the program's inputs for micro-batch `k`.
     fn feed(&mut self, p: &mut StepProgram, k: usize) -> Result<()> {
         let n = self.cfg.model.micro_batch_size as usize;
-        let size = self.data.size();
+        let (h, w) = self.data.image_size();
         let batch = self.data.next_batch(n)?;
         let inp = p.inputs[k];
         let hint_c = self.models.ldm.control.hint_channels;
         let f = self.models.first_stage.factor();
-        let (c, lat) = (latent_channels(&self.models), size / f);
+        let c = latent_channels(&self.models);
         let img: Vec<f64> = batch.images.iter().map(|&v| v as f64).collect();
-        self.upload(p, inp.image, vec![n, 3, size, size], DType::F32, &img)?;
+        self.upload(p, inp.image, vec![n, 3, h, w], DType::F32, &img)?;
         let hint: Vec<f64> = batch.hints.iter().map(|&v| v as f64).collect();
-        if hint.len() != n * hint_c * size * size {
+        if hint.len() != n * hint_c * h * w {
             return Err(Error::msg(format!(
                 "hints have {} channels here, the ControlNet takes {hint_c}",
-                hint.len() / (n * size * size)
+                hint.len() / (n * h * w)
             )));
         }
-        self.upload(p, inp.hint, vec![n, hint_c, size, size], DType::F32, &hint)?;
+        self.upload(p, inp.hint, vec![n, hint_c, h, w], DType::F32, &hint)?;
         let l = self.models.clip.max_position_embeddings;
         let ids: Vec<f64> = batch.captions.iter().flat_map(|c| self.tok.encode(c)).map(|i| i as f64).collect();
         if ids.len() != n * l {
@@ -210,11 +210,12 @@ impl Run<'_> {
         self.upload(p, inp.t, vec![n], DType::I64, &tsf)?;
         self.upload(p, inp.sqrt_alpha, vec![n, 1, 1, 1], DType::F32, &sa)?;
         self.upload(p, inp.sqrt_one_minus_alpha, vec![n, 1, 1, 1], DType::F32, &s1a)?;
-        let noise: Vec<f64> = (0..n * c * lat * lat).map(|_| self.rng.normal()).collect();
-        self.upload(p, inp.noise, vec![n, c, lat, lat], DType::F32, &noise)?;
+        let (lat_h, lat_w) = (h / f, w / f);
+        let noise: Vec<f64> = (0..n * c * lat_h * lat_w).map(|_| self.rng.normal()).collect();
+        self.upload(p, inp.noise, vec![n, c, lat_h, lat_w], DType::F32, &noise)?;
         if let Some(pn) = inp.posterior_noise {
-            let e: Vec<f64> = (0..n * c * lat * lat).map(|_| self.rng.normal()).collect();
-            self.upload(p, pn, vec![n, c, lat, lat], DType::F32, &e)?;
+            let e: Vec<f64> = (0..n * c * lat_h * lat_w).map(|_| self.rng.normal()).collect();
+            self.upload(p, pn, vec![n, c, lat_h, lat_w], DType::F32, &e)?;
         }
         let drop = self.cfg.model.text_embedding_dropout_rate;
         let keep: Vec<f64> = (0..n).map(|_| if self.rng.uniform() < drop { 0.0 } else { 1.0 }).collect();
@@ -251,12 +252,12 @@ impl Run<'_> {
         self.metrics.write_all(line.as_bytes()).map_err(|e| Error::msg(format!("metrics.jsonl: {e}")))
     }
 
-    /// Runs `phase` from `start` (steps done) to `total` steps.
-    fn run_phase(&mut self, phase: Phase, start: u64, total: u64, resume_from: Option<&Checkpoint>) -> Result<()> {
+    /// Runs `phase` from `start` (steps done) until `limits` end it.
+    fn run_phase(&mut self, phase: Phase, start: u64, limits: Limits, resume_from: Option<&Checkpoint>) -> Result<()> {
         let name = if phase == Phase::Base { "base" } else { "control" };
-        let size = self.data.size();
+        let hw = self.data.image_size();
         let t0 = Instant::now();
-        let mut p = build_step(self.cfg, &self.models, phase, size, self.opts)?;
+        let mut p = build_step(self.cfg, &self.models, phase, hw, self.opts)?;
         if phase == Phase::Control {
             self.store.copy_unet_into_control(&p.specs);
         }
@@ -278,14 +279,25 @@ impl Run<'_> {
         let per_step = accum * self.cfg.model.micro_batch_size as usize;
         let log_every = self.cfg.trainer.log_every_n_steps.max(1);
         let ckpt_every = self.cfg.exp_manager.checkpoint_callback_params.every_n_train_steps;
-        let val_every = match self.cfg.trainer.val_check_interval {
-            Some(ValCheckInterval::Steps(s)) if s > 0 => Some(s),
-            _ => None,
-        };
+        let checkpoints = self.cfg.exp_manager.create_checkpoint_callback;
+        let validate = self.opts.evaluate && phase == Phase::Control;
+        let val_every = if validate { self.cfg.trainer.val_check_interval } else { None };
+        // The step count when it is known beforehand (for the progress line).
+        let total = limits.planned_steps(self.data.epoch_samples(), per_step as u64);
+        // Whether the end of an epoch must be known right after a step (max_epochs, validation at epoch ends).
+        let look_ahead = limits.epochs.is_some() || matches!(val_every, Some(ValCheckInterval::EpochFraction(_)));
         let adam = step::adamw_config(self.cfg);
         let started = Instant::now();
         let mut window = (Instant::now(), 0usize);
-        for s in start..total {
+        let mut s = start;
+        loop {
+            if limits.steps.is_some_and(|t| s >= t) {
+                break;
+            }
+            let pos = self.data.align_step(per_step)?;
+            if limits.epochs.is_some_and(|e| pos.epoch >= e) {
+                break;
+            }
             for k in 0..accum {
                 self.feed(&mut p, k)?;
             }
@@ -302,7 +314,12 @@ impl Run<'_> {
             self.report.losses.push((name.to_string(), s + 1, loss));
             window.1 += per_step;
             let done = s + 1;
-            if done % log_every == 0 || done == total || done == start + 1 {
+            s = done;
+            // The last step: max_steps reached, or the next step would start in epoch max_epochs.
+            let steps_done = limits.steps.is_some_and(|t| done >= t);
+            let next = if look_ahead && !steps_done { Some(self.data.align_step(per_step)?) } else { None };
+            let last = steps_done || limits.epochs.is_some_and(|e| next.is_some_and(|n| n.epoch >= e));
+            if done.is_multiple_of(log_every) || last || done == start + 1 {
                 let sps = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
                 self.log(name, done, loss, lr, sps, planned)?;
                 window = (Instant::now(), 0);
@@ -310,27 +327,37 @@ impl Run<'_> {
             if self.opts.progress {
                 let el = started.elapsed().as_secs_f64();
                 let rate = (done - start) as f64 / el.max(1e-9);
-                let eta = (total - done) as f64 / rate.max(1e-9);
-                eprint!(
-                    "\r{name} step {done}/{total} loss {loss:.4} {:.1} samples/s ETA {:02}:{:02}   ",
-                    rate * per_step as f64,
-                    (eta / 60.0) as u64,
-                    (eta % 60.0) as u64
-                );
-                if done == total {
+                let of = match total {
+                    Some(t) => {
+                        let eta = t.saturating_sub(done) as f64 / rate.max(1e-9);
+                        format!("{done}/{t} ETA {:02}:{:02}", (eta / 60.0) as u64, (eta % 60.0) as u64)
+                    }
+                    None => format!("{done} (epoch {})", pos.epoch + 1),
+                };
+                eprint!("\r{name} step {of} loss {loss:.4} {:.1} samples/s   ", rate * per_step as f64);
+                if last {
                     eprintln!();
                 }
             }
-            if ckpt_every.is_some_and(|e| e > 0 && done % e == 0) || done == total {
+            if checkpoints && (ckpt_every.is_some_and(|e| e > 0 && done.is_multiple_of(e)) || last) {
                 self.checkpoint(&mut p, name, done)?;
             }
-            if self.opts.evaluate
-                && phase == Phase::Control
-                && val_every.is_some_and(|v| done % v == 0)
-                && done != total
-            {
+            let val_due = match val_every {
+                Some(ValCheckInterval::Steps(v)) => v > 0 && done.is_multiple_of(v),
+                // Lightning: every int(fraction x steps of the epoch) steps into the epoch; for shards, whose epoch
+                // length is unknown, only 1.0 (checked before training): at the end of each epoch.
+                Some(ValCheckInterval::EpochFraction(f)) => match pos.index {
+                    Some((i, per_epoch)) => (i + 1).is_multiple_of(((per_epoch as f64 * f) as u64).max(1)),
+                    None => next.is_some_and(|n| n.epoch > pos.epoch),
+                },
+                None => false,
+            };
+            if val_due && !last {
                 self.store.download_trainable(&mut p.prog, &p.map, &p.specs)?;
                 self.validation_grid(done)?;
+            }
+            if last {
+                break;
             }
         }
         self.store.download_trainable(&mut p.prog, &p.map, &p.specs)?;
@@ -400,17 +427,96 @@ fn step_id(phase: &str, step: u64) -> u64 {
     }
 }
 
+/// When a phase ends: after `steps` optimizer steps or at the end of epoch `epochs` of the data (Lightning's
+/// max_steps and max_epochs: whichever comes first).
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    steps: Option<u64>,
+    epochs: Option<u64>,
+}
+
+impl Limits {
+    /// The steps the phase runs when known beforehand: `epochs` passes over data of `epoch_samples` samples hold
+    /// `epoch_samples / per_step` steps each (an epoch's leftover is dropped).
+    fn planned_steps(&self, epoch_samples: Option<u64>, per_step: u64) -> Option<u64> {
+        let by_epochs = self.epochs.zip(epoch_samples).map(|(e, n)| e * (n / per_step.max(1)));
+        match (self.steps, by_epochs) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// Settings NeMo honours and this run cannot, refused before anything is written.
+fn check_run(cfg: &Config, data: &DataSource, evaluate: bool) -> Result<()> {
+    let t = &cfg.trainer;
+    if t.devices > 1 || t.num_nodes > 1 {
+        return Err(Error::msg(format!(
+            "trainer.devices is {} and trainer.num_nodes {}: zeroconv has no data-parallel launcher yet and trains in one \
+             process on one device, so this would not be the run NeMo makes of it; set trainer.devices=1 and \
+             trainer.num_nodes=1 (to keep the global batch, model.global_batch_size or trainer.accumulate_grad_batches \
+             accumulates micro-batches instead)",
+            t.devices, t.num_nodes
+        )));
+    }
+    if t.max_steps.is_none() && t.max_epochs.is_none() {
+        return Err(Error::msg(
+            "trainer.max_steps and trainer.max_epochs are both -1 (no limit): NeMo would train until it is stopped; set \
+             trainer.max_steps (optimizer steps) or trainer.max_epochs (passes over the data)",
+        ));
+    }
+    if t.max_epochs.is_some() && cfg.model.base_pretrain_steps > 0 {
+        return Err(Error::msg(
+            "trainer.max_epochs with model.base_pretrain_steps > 0: the base pretraining reads the data stream first, so \
+             the ControlNet's epochs would not be passes over the data; set trainer.max_steps instead",
+        ));
+    }
+    if let Some(ValCheckInterval::EpochFraction(f)) = t.val_check_interval {
+        if f != 1.0 && data.epoch_samples().is_none() {
+            return Err(Error::msg(format!(
+                "trainer.val_check_interval is {f}, a fraction of an epoch, but the length of an epoch of WebDataset \
+                 shards is not known before reading it (NeMo guesses it as webdataset.chunk_size x shards; Lightning \
+                 refuses fractions for iterable datasets of unknown length): give a number of steps, or 1.0 (at the \
+                 end of every epoch)"
+            )));
+        }
+    }
+    let (h, w) = data.image_size();
+    if h != w && t.val_check_interval.is_some() && evaluate {
+        return Err(Error::msg(format!(
+            "trainer.val_check_interval: validation grids are sampled at square sizes only, and \
+             model.data.train.augmentations.center_crop_h_w is {h}, {w}; set trainer.val_check_interval=null (or \
+             train with --no-eval)"
+        )));
+    }
+    Ok(())
+}
+
 pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
     opts.device.check_available()?;
-    let lr_schedule =
-        lr_schedule::LrSchedule::new(cfg.model.optim.lr, cfg.model.optim.sched.as_ref(), cfg.trainer.max_steps)?;
+    let mut data = DataSource::from_config(cfg, opts.strict)?;
+    check_run(cfg, &data, opts.evaluate)?;
+    let limits = Limits { steps: cfg.trainer.max_steps, epochs: cfg.trainer.max_epochs };
+    // NeMo computes the schedule's max_steps from max_epochs when only that is set and the data's length is known.
+    let per_step = u64::from(cfg.model.micro_batch_size) * u64::from(cfg.grad_accumulation().max(1));
+    let sched_steps = limits.planned_steps(data.epoch_samples(), per_step);
+    let lr_schedule = lr_schedule::LrSchedule::new(cfg.model.optim.lr, cfg.model.optim.sched.as_ref(), sched_steps)?;
     let models = step_models(cfg)?;
     let tok = tokenizer(cfg)?;
-    let mut data = DataSource::from_config(cfg, opts.strict)?;
     let out = &opts.out_dir;
     // The run folder, locked for this run; a fresh run refuses another run's folder, a resume takes the newest
     // checkpoint of the folder's run, checks the config against it and cuts metrics.jsonl back to it (run_dir.rs).
-    let run_dir::Opened { folder, latest, metrics } = run_dir::open(out, cfg, opts.resume)?;
+    // `--resume` and exp_manager.resume_if_exists resume the folder's run; resume_from_checkpoint starts a new run
+    // from another run's checkpoint.
+    let start = if opts.resume {
+        run_dir::Start::Resume
+    } else if cfg.exp_manager.resume_if_exists {
+        run_dir::Start::ResumeIfExists { ignore_no_checkpoint: cfg.exp_manager.resume_ignore_no_checkpoint }
+    } else {
+        run_dir::Start::Fresh
+    };
+    let run_dir::Opened { folder, latest, metrics, started_from } =
+        run_dir::open_with(out, cfg, start, cfg.resume_checkpoint())?;
     let mut rng = Rng::new(cfg.model.seed);
     let mut store = WeightStore::default();
     if let Some((_, st)) = &latest {
@@ -436,7 +542,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
     // Pretrained weights (all specs of both phases are known after building; load by key).
     let all_specs = {
         let mut b = ModelBuilder::new(DType::F32);
-        micro_step(&mut b, &run.models, Phase::Control, 1, run.data.size(), DType::F32, "")?;
+        micro_step_hw(&mut b, &run.models, Phase::Control, 1, run.data.image_size(), DType::F32, "")?;
         b.params
     };
     // Every parameter is accounted for before anything is compiled: a frozen one without a source is an error.
@@ -445,7 +551,6 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
     eprint!("{}", weight_sources.render());
     run.store = store;
     let base_steps = cfg.model.base_pretrain_steps;
-    let max_steps = cfg.trainer.max_steps.unwrap_or(1000);
     // The base model this run trains itself (U-Net, and the frozen text encoder and first stage it was
     // trained with), so a resumed run and `zeroconv sample --ckpt` find the same weights.
     let base_file = out.join("base_model.safetensors");
@@ -456,16 +561,26 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
             Some((ck, st)) if st.phase == "base" => (st.step, Some(ck)),
             _ => (0, None),
         };
-        run.run_phase(Phase::Base, start, base_steps, ck)?;
+        run.run_phase(Phase::Base, start, Limits { steps: Some(base_steps), epochs: None }, ck)?;
         let mut base = run.store.under("model.diffusion_model.");
         base.extend(run.store.under("cond_stage_model."));
         base.extend(run.store.under("first_stage_model."));
         write_safetensors(&base_file, &base, None)?;
     } else if base_steps > 0 {
-        let ck = Checkpoint::open(&base_file)?;
+        // Started from another run's checkpoint: the base model it trained against is in that run's folder.
+        let from_run =
+            started_from.as_deref().and_then(|p| p.parent()?.parent()).map(|d| d.join("base_model.safetensors"));
+        let source = from_run.as_deref().unwrap_or(&base_file);
+        let ck = Checkpoint::open(source)?;
         let n = run.store.load_matching(&ck, &all_specs)?;
         if n == 0 {
-            return Err(Error::file(&base_file, "holds no U-Net weights"));
+            return Err(Error::file(source, "holds no U-Net weights"));
+        }
+        if from_run.is_some() {
+            let mut base = run.store.under("model.diffusion_model.");
+            base.extend(run.store.under("cond_stage_model."));
+            base.extend(run.store.under("first_stage_model."));
+            write_safetensors(&base_file, &base, None)?;
         }
     }
     // Phase 2: the ControlNet.
@@ -473,7 +588,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
         Some((ck, st)) if st.phase == "control" => (st.step, Some(ck)),
         _ => (0, None),
     };
-    run.run_phase(Phase::Control, start, max_steps, ck)?;
+    run.run_phase(Phase::Control, start, limits, ck)?;
     // Export the ControlNet in the original layout (plus the U-Net decoder when it trained).
     let mut export = run.store.under("control_model.");
     if !cfg.model.sd_locked {

@@ -11,6 +11,11 @@
 //!   it, and the config it was trained with. Pruning (`save_top_k`) deletes only this run's checkpoints, and
 //!   `--resume` picks the newest checkpoint of the folder's run (checkpoints of older zeroconv versions, which
 //!   record no run, count as the folder's run but are never pruned).
+//! - **How a run starts** ([`Start`]): afresh; `--resume` (the folder's run from its newest checkpoint, an error
+//!   without one); or NeMo's `exp_manager.resume_if_exists` (the same when the folder holds a checkpoint of its run;
+//!   otherwise an error, or with `resume_ignore_no_checkpoint` a fresh run). A fresh run may start from another run's
+//!   checkpoint (`exp_manager.resume_from_checkpoint`): its weights, moments, step, RNG and data position, with its
+//!   config checked as for a resume; it is a new run, in its own folder.
 //! - **Resume hygiene**: `metrics.jsonl` is cut back to the checkpoint's step (the steps after it are trained and
 //!   logged again), temporary files that interrupted writes left behind are removed, and a config that differs
 //!   from the checkpoint's in anything that changes the computation is refused, listing the differences
@@ -54,26 +59,101 @@ pub struct RunFolder {
 /// What [`open`] hands the training loop.
 pub struct Opened {
     pub folder: RunFolder,
-    /// With `--resume`: the checkpoint to continue from.
+    /// The checkpoint to continue from: the folder's own (a resume) or `resume_from_checkpoint`'s.
     pub latest: Option<(Checkpoint, TrainState)>,
     /// `metrics.jsonl`, open for appending.
     pub metrics: File,
+    /// Where `latest` came from when it is not this folder's run (`resume_from_checkpoint`).
+    pub started_from: Option<PathBuf>,
+}
+
+/// How a run starts in its folder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// A new run.
+    Fresh,
+    /// `--resume`: the folder's run, from its newest checkpoint; an error when it has none.
+    Resume,
+    /// NeMo's `exp_manager.resume_if_exists`: as `Resume` when the folder holds a checkpoint of its run; otherwise
+    /// an error, or with `ignore_no_checkpoint` (`resume_ignore_no_checkpoint`) a new run.
+    ResumeIfExists { ignore_no_checkpoint: bool },
 }
 
 /// Opens `dir` for a run: creates and locks it, then applies the rules above for a fresh run (`resume` false) or
 /// a resumed one.
 pub fn open(dir: &Path, cfg: &Config, resume: bool) -> Result<Opened> {
+    open_with(dir, cfg, if resume { Start::Resume } else { Start::Fresh }, None)
+}
+
+/// [`open`] for every way a run starts. `from` (`exp_manager.resume_from_checkpoint`): when the folder's run is not
+/// resumed, the new run continues from that checkpoint (its config checked as for a resume), as NeMo does: a
+/// checkpoint of the folder's run found by `resume_if_exists` wins over it.
+pub fn open_with(dir: &Path, cfg: &Config, start: Start, from: Option<&Path>) -> Result<Opened> {
     fs::create_dir_all(dir).map_err(|e| Error::file(dir, format!("cannot create the output directory: {e}")))?;
     let lock = RunLock::acquire(dir)?;
     if let Some(h) = &lock.took_over {
         eprintln!("{}: taking over a stale lock of {h} (that run is gone)", dir.display());
     }
     let config = config_diff::record(cfg)?;
-    if resume {
+    let resume_here = |lock: RunLock, config: String| {
+        if let Some(p) = from {
+            eprintln!("exp_manager.resume_from_checkpoint ({}) not used: the folder's run is resumed", p.display());
+        }
         open_resumed(dir, cfg, lock, config)
-    } else {
-        open_fresh(dir, lock, config)
+    };
+    match start {
+        Start::Fresh => {}
+        Start::Resume => return resume_here(lock, config),
+        Start::ResumeIfExists { ignore_no_checkpoint } => {
+            let record = read_run_record(dir)?;
+            let ckdir = dir.join(CHECKPOINT_DIR);
+            if newest_of_run(&ckdir, &record)?.chosen.is_some() {
+                return resume_here(lock, config);
+            }
+            let none = format!(
+                "exp_manager.resume_if_exists: there is no checkpoint of this folder's run in {} to resume from",
+                ckdir.display()
+            );
+            if !ignore_no_checkpoint {
+                return Err(Error::msg(format!(
+                    "{none} (NeMo stops here too; set exp_manager.resume_ignore_no_checkpoint=True to start a new run \
+                     when there is none)"
+                )));
+            }
+            let found = run_files(dir);
+            if !found.is_empty() {
+                return Err(Error::file(
+                    dir,
+                    format!(
+                        "{none}, and a new run may not start here: the folder holds a run's files ({}), which a new \
+                         run never overwrites; choose another --out (or exp_manager.name / explicit_log_dir)",
+                        found.join(", ")
+                    ),
+                ));
+            }
+            match from {
+                Some(p) => eprintln!("{none}; starting from {}", p.display()),
+                None => eprintln!("{none}; training from scratch (resume_ignore_no_checkpoint)"),
+            }
+        }
     }
+    // Checked before the new run writes anything, so a refused checkpoint leaves the folder as it was.
+    let start_from = match from {
+        Some(path) => {
+            let refer = |e: Error| Error::msg(format!("exp_manager.resume_from_checkpoint: {e}"));
+            let (ck, st) = state::load(path).map_err(refer)?;
+            check_config(&ck, path, cfg).map_err(refer)?;
+            Some((path.to_path_buf(), ck, st))
+        }
+        None => None,
+    };
+    let mut opened = open_fresh(dir, lock, config)?;
+    if let Some((path, ck, st)) = start_from {
+        eprintln!("starting from {} (the {} phase after step {})", path.display(), st.phase, st.step);
+        opened.latest = Some((ck, st));
+        opened.started_from = Some(path);
+    }
+    Ok(opened)
 }
 
 fn open_fresh(dir: &Path, lock: RunLock, config: String) -> Result<Opened> {
@@ -94,14 +174,50 @@ fn open_fresh(dir: &Path, lock: RunLock, config: String) -> Result<Opened> {
     let path = dir.join(METRICS_FILE);
     let metrics =
         OpenOptions::new().create_new(true).append(true).open(&path).map_err(|e| Error::file(&path, e.to_string()))?;
-    Ok(Opened { folder: RunFolder { dir: dir.to_path_buf(), lock, run_id, config }, latest: None, metrics })
+    Ok(Opened {
+        folder: RunFolder { dir: dir.to_path_buf(), lock, run_id, config },
+        latest: None,
+        metrics,
+        started_from: None,
+    })
+}
+
+/// The newest checkpoint of the folder's run in `ckdir`, and the checkpoints of other runs newer than it.
+struct Newest {
+    chosen: Option<(PathBuf, Checkpoint, TrainState)>,
+    foreign: Vec<String>,
+    any: bool,
+}
+
+fn newest_of_run(ckdir: &Path, record: &Option<RunRecord>) -> Result<Newest> {
+    let all = state::list(ckdir);
+    let mut foreign = Vec::new();
+    for (_, path) in all.iter().rev() {
+        let unreadable = |e: Error| {
+            Error::msg(format!(
+                "--resume: {e} (move the file out of {} to resume from the one before)",
+                ckdir.display()
+            ))
+        };
+        let st = state::read_state(path).map_err(unreadable)?;
+        let ours = match (record, &st.run) {
+            (Some(r), Some(run)) => *run == r.run,
+            _ => true,
+        };
+        if ours {
+            let (ck, st) = state::load(path).map_err(unreadable)?;
+            return Ok(Newest { chosen: Some((path.clone(), ck, st)), foreign, any: true });
+        }
+        foreign.push(file_name(path));
+    }
+    Ok(Newest { chosen: None, foreign, any: !all.is_empty() })
 }
 
 fn open_resumed(dir: &Path, cfg: &Config, lock: RunLock, config: String) -> Result<Opened> {
     let record = read_run_record(dir)?;
     let ckdir = dir.join(CHECKPOINT_DIR);
-    let all = state::list(&ckdir);
-    if all.is_empty() {
+    let Newest { chosen, foreign, any } = newest_of_run(&ckdir, &record)?;
+    if !any {
         let before_first = if dir.join(METRICS_FILE).exists() {
             format!(
                 " (the run in {} stopped before its first checkpoint: start it afresh with another --out, or delete \
@@ -114,27 +230,6 @@ fn open_resumed(dir: &Path, cfg: &Config, lock: RunLock, config: String) -> Resu
         return Err(Error::file(ckdir, format!("--resume: no checkpoint here to resume from{before_first}")));
     }
     // The newest checkpoint of the folder's run; checkpoints of other runs are left alone.
-    let mut foreign = Vec::new();
-    let mut chosen = None;
-    for (_, path) in all.iter().rev() {
-        let unreadable = |e: Error| {
-            Error::msg(format!(
-                "--resume: {e} (move the file out of {} to resume from the one before)",
-                ckdir.display()
-            ))
-        };
-        let st = state::read_state(path).map_err(unreadable)?;
-        let ours = match (&record, &st.run) {
-            (Some(r), Some(run)) => *run == r.run,
-            _ => true,
-        };
-        if ours {
-            let (ck, st) = state::load(path).map_err(unreadable)?;
-            chosen = Some((path.clone(), ck, st));
-            break;
-        }
-        foreign.push(file_name(path));
-    }
     let Some((path, ck, st)) = chosen else {
         let r = record.as_ref().map_or(String::new(), |r| r.run.clone());
         return Err(Error::file(
@@ -172,7 +267,12 @@ fn open_resumed(dir: &Path, cfg: &Config, lock: RunLock, config: String) -> Resu
         .append(true)
         .open(&metrics_path)
         .map_err(|e| Error::file(&metrics_path, e.to_string()))?;
-    Ok(Opened { folder: RunFolder { dir: dir.to_path_buf(), lock, run_id, config }, latest: Some((ck, st)), metrics })
+    Ok(Opened {
+        folder: RunFolder { dir: dir.to_path_buf(), lock, run_id, config },
+        latest: Some((ck, st)),
+        metrics,
+        started_from: None,
+    })
 }
 
 /// Refuses a resume whose config changes the computation; notes the allowed changes.
