@@ -3,46 +3,19 @@
 //! checkpoints are written, where a run resumes from, the pixels a sample becomes, or the error a key NeMo would
 //! honour and zeroconv cannot is refused with. Every test has its own temporary folder.
 
+mod common;
+use common::training::{opts, tiny, tmp};
+
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
-use tempfile::TempDir;
 use zeroconv::frontend::config::{load_config, load_config_with_report, Config, CropSize};
 use zeroconv::frontend::data::tar::TarWriter;
-use zeroconv::frontend::device::DeviceChoice;
 use zeroconv::frontend::train::data::DataSource;
 use zeroconv::frontend::train::{state, train, TrainOptions, TrainReport};
 
-fn tmp(name: &str) -> TempDir {
-    tempfile::Builder::new().prefix(&format!("zeroconv-keys-{name}-")).tempdir().expect("temporary folder")
-}
-
 /// The built-in tiny config, shrunk (64x64 pixels, batch 1, no base pretraining, every step logged).
 fn small(overrides: &[&str]) -> Config {
-    let mut all: Vec<String> =
-        ["model.micro_batch_size=1", "model.base_pretrain_steps=0", "trainer.log_every_n_steps=1"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-    all.extend(overrides.iter().map(|s| s.to_string()));
-    let mut cfg = load_config(None, &all).unwrap();
-    let a = &mut cfg.model.data.train.augmentations;
-    a.resize_smallest_side = Some(64);
-    a.center_crop_h_w = Some(CropSize { height: 64, width: 64 });
-    cfg
-}
-
-fn opts(out: &Path) -> TrainOptions {
-    TrainOptions {
-        out_dir: out.to_path_buf(),
-        resume: false,
-        threads: Some(2),
-        device: DeviceChoice::Cpu,
-        allow_random_weights: true,
-        strict: false,
-        progress: false,
-        evaluate: false,
-        fail_checkpoint_after: None,
-    }
+    tiny(&["model.micro_batch_size=1", "model.base_pretrain_steps=0", "trainer.log_every_n_steps=1"], overrides)
 }
 
 fn steps(r: &TrainReport) -> Vec<u64> {

@@ -1,39 +1,21 @@
 //! Config keys doing what NeMo does with them, shown by a run: the learning rate each step logs in metrics.jsonl
 //! follows NeMo's scheduler formulas (`nemo/core/optim/lr_scheduler.py`).
 
+mod common;
+use common::training::{opts, tiny, tmp};
+
 use std::f64::consts::FRAC_1_SQRT_2;
-use zeroconv::frontend::config::{load_config, Config, CropSize};
-use zeroconv::frontend::device::DeviceChoice;
-use zeroconv::frontend::train::{train, TrainOptions};
+use zeroconv::frontend::config::Config;
+use zeroconv::frontend::train::train;
 
 /// The built-in tiny config, shrunk (64x64 pixels, batch 1, no base pretraining, every step logged).
 fn small(overrides: &[&str]) -> Config {
-    let mut all: Vec<String> =
-        ["model.micro_batch_size=1", "model.base_pretrain_steps=0", "trainer.log_every_n_steps=1"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-    all.extend(overrides.iter().map(|s| s.to_string()));
-    let mut cfg = load_config(None, &all).unwrap();
-    let a = &mut cfg.model.data.train.augmentations;
-    a.resize_smallest_side = Some(64);
-    a.center_crop_h_w = Some(CropSize { height: 64, width: 64 });
-    cfg
+    tiny(&["model.micro_batch_size=1", "model.base_pretrain_steps=0", "trainer.log_every_n_steps=1"], overrides)
 }
 
 fn logged_rates(cfg: &Config) -> Vec<(u64, f64)> {
-    let dir = tempfile::Builder::new().prefix("zeroconv-nemo-lr-").tempdir().unwrap();
-    let opts = TrainOptions {
-        out_dir: dir.path().join("run"),
-        resume: false,
-        threads: Some(2),
-        device: DeviceChoice::Cpu,
-        allow_random_weights: true,
-        strict: false,
-        progress: false,
-        evaluate: false,
-        fail_checkpoint_after: None,
-    };
+    let dir = tmp("nemo-lr");
+    let opts = opts(&dir.path().join("run"));
     train(cfg, &opts).unwrap();
     let text = std::fs::read_to_string(dir.path().join("run").join("metrics.jsonl")).unwrap();
     text.lines()
@@ -76,18 +58,8 @@ fn a_schedule_nemo_refuses_is_refused_before_training() {
         "model.optim.sched.name=CosineAnnealing",
         "model.optim.sched.min_lr=1e-4",
     ]);
-    let dir = tempfile::Builder::new().prefix("zeroconv-nemo-refuse-").tempdir().unwrap();
-    let opts = TrainOptions {
-        out_dir: dir.path().join("run"),
-        resume: false,
-        threads: Some(2),
-        device: DeviceChoice::Cpu,
-        allow_random_weights: true,
-        strict: false,
-        progress: false,
-        evaluate: false,
-        fail_checkpoint_after: None,
-    };
+    let dir = tmp("nemo-refuse");
+    let opts = opts(&dir.path().join("run"));
     let err = train(&cfg, &opts).unwrap_err().to_string();
     assert!(err.contains("min_lr") && err.contains("above model.optim.lr"), "{err}");
     assert!(!dir.path().join("run").exists(), "nothing is written for a refused config");

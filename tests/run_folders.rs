@@ -4,47 +4,24 @@
 //! changes the computation refused). Each test runs the shrunk tiny configuration for a few steps in its own
 //! temporary folder.
 
+mod common;
+use common::training::{opts, tiny, tmp};
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use tempfile::TempDir;
 use zeroconv::frontend::checkpoint::{write_safetensors, Checkpoint};
-use zeroconv::frontend::config::{load_config, Config, CropSize};
-use zeroconv::frontend::device::DeviceChoice;
+use zeroconv::frontend::config::Config;
 use zeroconv::frontend::train::lock::{hostname, RunLock, LOCK_FILE};
 use zeroconv::frontend::train::{state, train, TrainOptions, TrainReport};
 
-fn tmp(name: &str) -> TempDir {
-    tempfile::Builder::new().prefix(&format!("zeroconv-{name}-")).tempdir().expect("temporary folder")
-}
-
 /// The tiny config at 64x64 pixels (8x8 latents), batch 2, no base phase, a checkpoint every 3 steps.
 fn small(overrides: &[&str]) -> Config {
-    let mut all: Vec<String> = vec![
-        "model.micro_batch_size=2".into(),
-        "model.base_pretrain_steps=0".into(),
-        "exp_manager.checkpoint_callback_params.every_n_train_steps=3".into(),
+    let base = [
+        "model.micro_batch_size=2",
+        "model.base_pretrain_steps=0",
+        "exp_manager.checkpoint_callback_params.every_n_train_steps=3",
     ];
-    all.extend(overrides.iter().map(|s| s.to_string()));
-    let mut cfg = load_config(None, &all).unwrap();
-    let a = &mut cfg.model.data.train.augmentations;
-    a.resize_smallest_side = Some(64);
-    a.center_crop_h_w = Some(CropSize { height: 64, width: 64 });
-    cfg
-}
-
-fn opts(out: &Path) -> TrainOptions {
-    TrainOptions {
-        out_dir: out.to_path_buf(),
-        resume: false,
-        threads: Some(2),
-        device: DeviceChoice::Cpu,
-        // No base pretraining: the U-Net and text encoder are random on purpose.
-        allow_random_weights: true,
-        strict: false,
-        progress: false,
-        evaluate: false,
-        fail_checkpoint_after: None,
-    }
+    tiny(&base, overrides)
 }
 
 fn resumed(out: &Path) -> TrainOptions {

@@ -2,48 +2,24 @@
 //! are quick): resume determinism, checkpoint atomicity, the loss falling, deterministic sampling,
 //! and the errors a user meets first.
 
-use std::path::{Path, PathBuf};
-use tempfile::TempDir;
-use zeroconv::frontend::config::{load_config, Config, CropSize};
-use zeroconv::frontend::device::DeviceChoice;
+mod common;
+use common::training::{opts, tiny, tmp};
+
+use std::path::PathBuf;
+use zeroconv::frontend::config::Config;
 use zeroconv::frontend::sample::{sample, SampleSettings};
 use zeroconv::frontend::synthetic;
 use zeroconv::frontend::train::{self, train, TrainOptions, TrainReport};
 use zeroconv::frontend::weights_store::WeightStore;
 
-/// A fresh, uniquely named folder for one test's run, removed when the test ends.
-fn tmp(name: &str) -> TempDir {
-    tempfile::Builder::new().prefix(&format!("zeroconv-{name}-")).tempdir().expect("temporary folder")
-}
-
 /// The tiny config at 64x64 pixels (8x8 latents), batch 2.
 fn small(overrides: &[&str]) -> Config {
-    let mut all: Vec<String> = vec![
-        "model.micro_batch_size=2".into(),
-        "model.base_pretrain_steps=0".into(),
-        "exp_manager.checkpoint_callback_params.every_n_train_steps=3".into(),
+    let base = [
+        "model.micro_batch_size=2",
+        "model.base_pretrain_steps=0",
+        "exp_manager.checkpoint_callback_params.every_n_train_steps=3",
     ];
-    all.extend(overrides.iter().map(|s| s.to_string()));
-    let mut cfg = load_config(None, &all).unwrap();
-    let a = &mut cfg.model.data.train.augmentations;
-    a.resize_smallest_side = Some(64);
-    a.center_crop_h_w = Some(CropSize { height: 64, width: 64 });
-    cfg
-}
-
-fn opts(out: &Path) -> TrainOptions {
-    TrainOptions {
-        out_dir: out.to_path_buf(),
-        resume: false,
-        threads: Some(2),
-        device: DeviceChoice::Cpu,
-        // Most tests skip the base pretraining: their U-Net and text encoder are random on purpose.
-        allow_random_weights: true,
-        strict: false,
-        progress: false,
-        evaluate: false,
-        fail_checkpoint_after: None,
-    }
+    tiny(&base, overrides)
 }
 
 fn control_losses(r: &TrainReport) -> Vec<(u64, u64)> {

@@ -3,6 +3,7 @@
 
 pub mod nets;
 pub mod reference;
+pub mod training;
 
 use zeroconv::engine::cpu::CpuBackend;
 use zeroconv::engine::{Backend, HostTensor, Program};
