@@ -15,11 +15,11 @@
 
 mod common;
 
-use std::cell::{Cell, RefCell};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use bytemuck::{Pod, Zeroable};
+use common::emulated::{Kernels, SCHEDULES};
 use common::Rng;
 use zeroconv::engine::cpu::CpuBackend;
 use zeroconv::engine::{Backend, HostTensor, Program};
@@ -28,70 +28,11 @@ use zeroconv::kernels::emulate::{self, DeviceBuffer, EmuModule, KernelArgs, Laun
 use zeroconv::kernels::{self, Arch, MODULES};
 
 const FLOATS: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
-const SCHEDULES: [Schedule; 4] =
-    [Schedule::Ascending, Schedule::Descending, Schedule::Lockstep, Schedule::Shuffled(0x5eed)];
 
 // ---- harness ------------------------------------------------------------------------------------------------------
 
 fn compile(name: &str, source: &str) -> Arc<EmuModule> {
     emulate::compile(name, source).unwrap_or_else(|e| panic!("emulating `{name}`: {e}"))
-}
-
-/// One hand-written module under emulation, recording which kernels the test launched so it can insist that
-/// every kernel of the module was checked.
-struct Kernels {
-    module: Arc<EmuModule>,
-    launched: RefCell<BTreeSet<String>>,
-    schedule: Cell<Schedule>,
-}
-
-impl Kernels {
-    fn new(name: &str) -> Self {
-        let m = kernels::module(name).unwrap_or_else(|| panic!("no kernel module `{name}`"));
-        let module = emulate::compile_module(m).unwrap_or_else(|e| panic!("emulating kernels/{name}.cu: {e}"));
-        Kernels { module, launched: RefCell::default(), schedule: Cell::new(Schedule::Ascending) }
-    }
-
-    fn launch(&self, kernel: &str, grid: impl Into<emulate::Dim3>, block: impl Into<emulate::Dim3>, args: KernelArgs) {
-        self.launched.borrow_mut().insert(kernel.to_string());
-        let cfg = LaunchConfig::new(grid, block).with_schedule(self.schedule.get());
-        // SAFETY: every caller sizes the buffers it passes for the element counts it passes, as documented in
-        // the kernel's .cu file; the emulator checks argument sizes and guard bands besides.
-        unsafe { self.module.launch(kernel, &cfg, &args) }.unwrap_or_else(|e| panic!("{e}"));
-    }
-
-    /// Runs `case` (which uploads, launches and downloads) under every schedule, checks the outputs are
-    /// bit-identical and returns them.
-    fn each_schedule(&self, what: &str, case: impl Fn() -> Vec<Vec<u8>>) -> Vec<Vec<u8>> {
-        let mut first: Option<Vec<Vec<u8>>> = None;
-        for s in SCHEDULES {
-            self.schedule.set(s);
-            let out = case();
-            match &first {
-                None => first = Some(out),
-                Some(f) => {
-                    for (k, (a, b)) in f.iter().zip(&out).enumerate() {
-                        assert!(
-                            a == b,
-                            "{what}: output {k} differs between the {:?} and {s:?} schedules (a race, a missing \
-                             barrier, or a read of memory the kernel was not given)",
-                            SCHEDULES[0]
-                        );
-                    }
-                }
-            }
-        }
-        self.schedule.set(Schedule::Ascending);
-        first.unwrap_or_default()
-    }
-
-    /// Fails unless every kernel of the module was launched by the test.
-    fn assert_all_launched(&self) {
-        let all: BTreeSet<String> = self.module.kernels().iter().map(|k| k.name.clone()).collect();
-        let launched = self.launched.borrow();
-        let missing: Vec<&String> = all.difference(&launched).collect();
-        assert!(missing.is_empty(), "module `{}`: kernels never checked: {missing:?}", self.module.name());
-    }
 }
 
 fn suffix(d: DType) -> &'static str {

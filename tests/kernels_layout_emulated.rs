@@ -14,86 +14,17 @@
 
 mod common;
 
-use std::cell::{Cell, RefCell};
-use std::collections::BTreeSet;
-use std::sync::Arc;
-
 use bytemuck::{Pod, Zeroable};
+use common::emulated::Kernels;
 use common::Rng;
 use zeroconv::engine::HostTensor;
 use zeroconv::graph::{DType, Shape};
-use zeroconv::kernels;
-use zeroconv::kernels::emulate::{self, DeviceBuffer, EmuModule, KernelArgs, LaunchConfig, Schedule};
+use zeroconv::kernels::emulate::{DeviceBuffer, KernelArgs};
 
 const FLOATS: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
 const INDICES: [DType; 2] = [DType::I32, DType::I64];
-const SCHEDULES: [Schedule; 4] =
-    [Schedule::Ascending, Schedule::Descending, Schedule::Lockstep, Schedule::Shuffled(0x5eed)];
 
 // ---- harness ------------------------------------------------------------------------------------------------------
-
-/// One hand-written module under emulation, recording which kernels the test launched so it can insist that
-/// every kernel of the module was checked (the pattern of tests/kernels_emulated.rs).
-struct Kernels {
-    module: Arc<EmuModule>,
-    launched: RefCell<BTreeSet<String>>,
-    schedule: Cell<Schedule>,
-}
-
-impl Kernels {
-    fn new(name: &str) -> Self {
-        let m = kernels::module(name).unwrap_or_else(|| panic!("no kernel module `{name}`"));
-        let module = emulate::compile_module(m).unwrap_or_else(|e| panic!("emulating kernels/{name}.cu: {e}"));
-        Kernels { module, launched: RefCell::default(), schedule: Cell::new(Schedule::Ascending) }
-    }
-
-    fn launch(&self, kernel: &str, grid: impl Into<emulate::Dim3>, block: impl Into<emulate::Dim3>, args: KernelArgs) {
-        self.launched.borrow_mut().insert(kernel.to_string());
-        let cfg = LaunchConfig::new(grid, block).with_schedule(self.schedule.get());
-        // SAFETY: every caller sizes the buffers it passes for the element counts it passes, as documented in
-        // the kernel's .cu file; the emulator checks argument sizes and guard bands besides.
-        unsafe { self.module.launch(kernel, &cfg, &args) }.unwrap_or_else(|e| panic!("{e}"));
-    }
-
-    /// Runs `case(grid)` (which uploads, launches on `grid` blocks and downloads) under every schedule with the
-    /// small grid `small`, checks the outputs are bit-identical, then once more with the grid `full` that covers
-    /// the data in one pass, which must give the same bytes again. Returns the outputs.
-    fn each_schedule(&self, what: &str, small: u32, full: u32, case: impl Fn(u32) -> Vec<Vec<u8>>) -> Vec<Vec<u8>> {
-        let mut first: Option<Vec<Vec<u8>>> = None;
-        for s in SCHEDULES {
-            self.schedule.set(s);
-            let out = case(small);
-            match &first {
-                None => first = Some(out),
-                Some(f) => {
-                    for (k, (a, b)) in f.iter().zip(&out).enumerate() {
-                        assert!(
-                            a == b,
-                            "{what}: output {k} differs between the {:?} and {s:?} schedules (a race, a missing \
-                             barrier, or a read of memory the kernel was not given)",
-                            SCHEDULES[0]
-                        );
-                    }
-                }
-            }
-        }
-        self.schedule.set(Schedule::Ascending);
-        let first = first.unwrap_or_default();
-        let out = case(full);
-        for (k, (a, b)) in first.iter().zip(&out).enumerate() {
-            assert!(a == b, "{what}: output {k} differs between a grid of {small} and one of {full} blocks");
-        }
-        first
-    }
-
-    /// Fails unless every kernel of the module was launched by the test.
-    fn assert_all_launched(&self) {
-        let all: BTreeSet<String> = self.module.kernels().iter().map(|k| k.name.clone()).collect();
-        let launched = self.launched.borrow();
-        let missing: Vec<&String> = all.difference(&launched).collect();
-        assert!(missing.is_empty(), "module `{}`: kernels never checked: {missing:?}", self.module.name());
-    }
-}
 
 fn suffix(d: DType) -> &'static str {
     match d {
@@ -282,7 +213,7 @@ fn check_copy_strided(k: &Kernels) {
             }
             dims.rank = case.out.len() as i32;
             let (small, full) = grids(n, 64, c);
-            let got = k.each_schedule(&what, small, full, |grid| {
+            let got = k.each_schedule_and_grid(&what, small, full, |grid| {
                 let (xb, y) = (buffer("x", &x), output("y", n, dtype));
                 k.launch(&kernel, grid, 64, KernelArgs::new().buffer(&xb).buffer(&y).u64(n as u64).value(dims));
                 vec![y.to_bytes()]
@@ -333,7 +264,7 @@ fn check_embedding(k: &Kernels) {
                     let ids = embedding_ids(&mut rng, n_ids, vocab, index, bad);
                     let n = n_ids * dim;
                     let (small, full) = grids(n, 32, c);
-                    let got = k.each_schedule(&what, small, full, |grid| {
+                    let got = k.each_schedule_and_grid(&what, small, full, |grid| {
                         let (tb, ib) = (buffer("table", &table), buffer("ids", &store_ids(index, &ids)));
                         let (out, err) = (output("out", n, dtype), DeviceBuffer::from_slice("err", &[err_before]));
                         let args = KernelArgs::new().buffer(&tb).buffer(&ib).buffer(&out);
@@ -371,7 +302,7 @@ fn check_embedding_bwd(k: &Kernels) {
                     let dy = store(dtype, &uniform(&mut rng, n_ids * dim, -1.0, 1.0));
                     let n = vocab * dim;
                     let (small, full) = grids(n, 64, c);
-                    let got = k.each_schedule(&what, small, full, |grid| {
+                    let got = k.each_schedule_and_grid(&what, small, full, |grid| {
                         let (ib, dyb) = (buffer("ids", &store_ids(index, &ids)), buffer("dy", &dy));
                         let dtable = output("dtable", n, dtype);
                         let args = KernelArgs::new().buffer(&ib).buffer(&dyb).buffer(&dtable);
@@ -442,7 +373,7 @@ fn check_timestep_embedding(k: &Kernels) {
             let t_read = load(t_type, &tb);
             let n = batch * dim;
             let (small, full) = grids(n, 64, c);
-            let got = k.each_schedule(&what, small, full, |grid| {
+            let got = k.each_schedule_and_grid(&what, small, full, |grid| {
                 let (tbuf, out) = (buffer("t", &tb), output("out", n, DType::F32));
                 let args = KernelArgs::new().buffer(&tbuf).buffer(&out).u64(batch as u64).u64(dim as u64);
                 k.launch(&kernel, grid, 64, args.value(max_period));
@@ -465,14 +396,14 @@ fn check_fill_int(k: &Kernels) {
     for (c, n) in [1usize, 31, 33, 1031].into_iter().enumerate() {
         let (small, full) = grids(n, 32, c);
         let value = i32::MIN + 5;
-        let got = k.each_schedule(&format!("fill_i32 n={n}"), small, full, |grid| {
+        let got = k.each_schedule_and_grid(&format!("fill_i32 n={n}"), small, full, |grid| {
             let y = output("y", n, DType::I32);
             k.launch("fill_i32", grid, 32, KernelArgs::new().buffer(&y).u64(n as u64).i32(value));
             vec![y.to_bytes()]
         });
         assert!(got[0] == store_ids(DType::I32, &vec![value as i64; n]), "fill_i32 n={n}");
         let value = -(1i64 << 40) - 3;
-        let got = k.each_schedule(&format!("fill_i64 n={n}"), small, full, |grid| {
+        let got = k.each_schedule_and_grid(&format!("fill_i64 n={n}"), small, full, |grid| {
             let y = output("y", n, DType::I64);
             k.launch("fill_i64", grid, 32, KernelArgs::new().buffer(&y).u64(n as u64).value(value));
             vec![y.to_bytes()]
@@ -536,7 +467,7 @@ fn check_attention(k: &Kernels) {
                 let sv = load(DType::F32, &s);
 
                 let fwd = format!("attn_softmax_fwd_{sfx}");
-                let got = k.each_schedule(&format!("{fwd} {what}"), small, full, |grid| {
+                let got = k.each_schedule_and_grid(&format!("{fwd} {what}"), small, full, |grid| {
                     let (sb, p) = (buffer("s", &s), output("p", rows * lk, dtype));
                     let args = KernelArgs::new().buffer(&sb).buffer(&p).u64(rows as u64).u64(lq as u64);
                     k.launch(&fwd, grid, (32, warps as u32), args.u64(lk as u64).i32(causal as i32));
@@ -564,7 +495,7 @@ fn check_attention(k: &Kernels) {
                 let dp = store(DType::F32, &uniform(&mut rng, rows * lk, -1.0, 1.0));
                 let (pv, dpv) = (load(dtype, &p), load(DType::F32, &dp));
                 let bwd = format!("attn_softmax_bwd_{sfx}");
-                let got = k.each_schedule(&format!("{bwd} {what}"), small, full, |grid| {
+                let got = k.each_schedule_and_grid(&format!("{bwd} {what}"), small, full, |grid| {
                     let (pb, dpb, ds) = (buffer("p", &p), buffer("dp", &dp), output("ds", rows * lk, dtype));
                     let args = KernelArgs::new().buffer(&pb).buffer(&dpb).buffer(&ds).u64(rows as u64);
                     k.launch(&bwd, grid, (32, warps as u32), args.u64(lk as u64));
@@ -642,7 +573,7 @@ fn check_finite(k: &Kernels) {
             let launches: [(&[u8], u32); 7] =
                 [(&finite, 2), (&bad[0], 7), (&finite, 1), (&bad[1], 9), (&bad[2], 5), (&bad[3], 6), (&finite, 0)];
             let (small, full) = grids(n, 32, c);
-            let got = k.each_schedule(&what, small, full, |grid| {
+            let got = k.each_schedule_and_grid(&what, small, full, |grid| {
                 let first_bad = DeviceBuffer::from_slice("first_bad", &[u32::MAX]);
                 let mut seen = Vec::new();
                 for &(x, node) in &launches {

@@ -1,6 +1,7 @@
 //! Shared test machinery: a deterministic RNG, graph running helpers, and the f64 gradient check.
 #![allow(dead_code)]
 
+pub mod emulated;
 pub mod nets;
 pub mod reference;
 pub mod training;
