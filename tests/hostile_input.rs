@@ -582,3 +582,30 @@ fn a_flipped_byte_in_a_ckpt_record_is_an_error_naming_it() {
     let err = Checkpoint::open(&path).expect_err("a damaged record").to_string();
     assert!(err.contains("is damaged") && err.contains("CRC-32"), "{err}");
 }
+
+/// `model=null` (any section set to null) would silently become the built-in defaults (full SD 1.5): refused,
+/// naming the section; `model.optim.sched=null` (no schedule) stays allowed. `inspect` of a config with the pixel
+/// first stage reports no VAE weights.
+#[test]
+fn a_section_set_to_null_is_refused_and_inspect_counts_what_exists() {
+    use zeroconv::frontend::config::load_config;
+    let err = load_config(None, &["model=null".to_string()]).unwrap_err().to_string();
+    assert!(err.contains("model is a section") && err.contains("built-in"), "{err}");
+    let err = load_config(None, &["model.unet_config=null".to_string()]).unwrap_err().to_string();
+    assert!(err.contains("model.unet_config is a section"), "{err}");
+    let with = load_config(None, &["model.optim.sched.name=CosineAnnealing".into(), "trainer.max_steps=10".into()]);
+    assert!(with.unwrap().model.optim.sched.is_some());
+    let without =
+        load_config(None, &["model.optim.sched.name=CosineAnnealing".into(), "model.optim.sched=null".into()]).unwrap();
+    assert!(without.model.optim.sched.is_none());
+    let mut out = Vec::new();
+    let args = zeroconv::frontend::cli::inspect::InspectArgs {
+        config: zeroconv::frontend::cli::ConfigArgs { config: None, overrides: vec![] },
+        plan: false,
+        keys: false,
+    };
+    zeroconv::frontend::cli::inspect::run(&args, &mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let vae = text.lines().find(|l| l.starts_with("VAE")).unwrap();
+    assert!(vae.split_whitespace().any(|w| w == "0"), "the pixel first stage has no weights: {vae}");
+}

@@ -27,7 +27,16 @@ pub fn run(args: &InspectArgs, out: &mut dyn Write) -> Result<()> {
     let parts = [
         ("U-Net (model.diffusion_model)", unet_params(&ldm.unet)?),
         ("ControlNet (control_model)", controlnet_params(&ldm.control)?),
-        ("VAE (first_stage_model)", vae_params(&model_config::vae(&m.first_stage_config, m.scale_factor))?),
+        (
+            "VAE (first_stage_model)",
+            // The pixel first stage (the demo's) has no weights: 8x8 block averages.
+            match m.first_stage_config.kind {
+                crate::frontend::config::FirstStageKind::Pixel => Vec::new(),
+                crate::frontend::config::FirstStageKind::AutoencoderKl => {
+                    vae_params(&model_config::vae(&m.first_stage_config, m.scale_factor))?
+                }
+            },
+        ),
         ("CLIP text encoder (cond_stage_model)", clip_params(&model_config::clip(&m.cond_stage_config)?)?),
     ];
     let w =

@@ -186,6 +186,23 @@ pub fn apply(root: &mut Node, ov: &Override, unwrapped: &HashSet<String>) -> Res
         }
         (Op::Set | Op::Add | Op::ForceSet, existing) => {
             let value = ov.value.clone().ok_or_else(|| fail(text, "a value is required"))?;
+            // A whole section set to null would silently fall back to the built-in defaults (for `model`: full
+            // SD 1.5), which is never what `key=null` means; only the sections whose null means something (the
+            // schema's optional ones) may be nulled.
+            const NULLABLE_SECTIONS: [&str; 1] = ["model.optim.sched"];
+            if let Some(at) = existing {
+                let is_section = matches!(entries[at].value.value, crate::frontend::config::node::Value::Map(_));
+                if is_section && value.is_null() && !NULLABLE_SECTIONS.contains(&full.as_str()) {
+                    return Err(fail(
+                        text,
+                        format!(
+                            "{full} is a section; setting it to null would replace it with zeroconv's built-in \
+                             defaults. Set the keys inside it you mean to change (`{full}.KEY=VALUE`), or delete \
+                             one with `~{full}.KEY`"
+                        ),
+                    ));
+                }
+            }
             match existing {
                 Some(at) => entries[at].value = value,
                 None => {
