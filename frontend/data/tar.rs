@@ -126,6 +126,13 @@ impl<R: Read> TarReader<R> {
                 TarError { offset: header_offset, msg }
             })?;
             let size = pax_size.take().unwrap_or(header.size);
+            if size > u64::MAX - (BLOCK as u64 - 1) {
+                // Its padded length would overflow: no archive holds this much (a pax or base-256 size field).
+                self.finished = true;
+                return Err(
+                    self.error_at(header_offset, format!("member size {size} is impossibly large (corrupt header)"))
+                );
+            }
             match header.typeflag {
                 b'L' => {
                     let data = self.read_meta(size, header_offset, "GNU long name")?;
