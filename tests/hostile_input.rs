@@ -609,3 +609,32 @@ fn a_section_set_to_null_is_refused_and_inspect_counts_what_exists() {
     let vae = text.lines().find(|l| l.starts_with("VAE")).unwrap();
     assert!(vae.split_whitespace().any(|w| w == "0"), "the pixel first stage has no weights: {vae}");
 }
+
+/// An image size the first stage and the U-Net cannot divide is one error naming the setting, not a shape error
+/// from inside the model.
+#[test]
+fn an_image_size_the_model_cannot_divide_names_the_setting() {
+    use zeroconv::frontend::config::{load_config, CropSize};
+    use zeroconv::frontend::device::DeviceChoice;
+    use zeroconv::frontend::train::{train, TrainOptions};
+    let dir = tempfile::Builder::new().prefix("zeroconv-hostile-size-").tempdir().unwrap();
+    for side in [60usize, 72] {
+        let mut cfg = load_config(None, &["trainer.max_steps=1".into(), "model.base_pretrain_steps=0".into()]).unwrap();
+        let a = &mut cfg.model.data.train.augmentations;
+        a.resize_smallest_side = Some(side as u32);
+        a.center_crop_h_w = Some(CropSize { height: side as u32, width: side as u32 });
+        let opts = TrainOptions {
+            out_dir: dir.path().join(format!("run{side}")),
+            resume: false,
+            threads: Some(2),
+            device: DeviceChoice::Cpu,
+            allow_random_weights: true,
+            strict: false,
+            progress: false,
+            evaluate: false,
+            fail_checkpoint_after: None,
+        };
+        let err = train(&cfg, &opts).unwrap_err().to_string();
+        assert!(err.contains(&format!("{side}x{side}")) && err.contains("center_crop_h_w"), "{side}: {err}");
+    }
+}

@@ -448,6 +448,26 @@ impl Limits {
 }
 
 /// Settings NeMo honours and this run cannot, refused before anything is written.
+/// The training images must divide into the first stage's latents and those into the U-Net's levels: one clear
+/// error naming the setting, instead of a shape error deep inside the model.
+fn check_image_size(models: &StepModels, (h, w): (usize, usize)) -> Result<()> {
+    let first_stage = match &models.first_stage {
+        FirstStage::Pixel => 8,
+        FirstStage::Kl(v) => 1 << v.ch_mult.len().saturating_sub(1),
+    };
+    let unet = 1 << models.ldm.unet.channel_mult.len().saturating_sub(1);
+    let factor = first_stage * unet;
+    if h % factor != 0 || w % factor != 0 || h == 0 || w == 0 {
+        return Err(Error::msg(format!(
+            "the training images are {h}x{w} pixels, but both sides must be multiples of {factor} (the first stage \
+             downsamples by {first_stage}, the U-Net's {} levels by {unet} more): set \
+             model.data.train.augmentations.center_crop_h_w (and resize_smallest_side) to multiples of {factor}",
+            models.ldm.unet.channel_mult.len()
+        )));
+    }
+    Ok(())
+}
+
 fn check_run(cfg: &Config, data: &DataSource, evaluate: bool) -> Result<()> {
     let t = &cfg.trainer;
     if t.devices > 1 || t.num_nodes > 1 {
@@ -502,6 +522,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
     let sched_steps = limits.planned_steps(data.epoch_samples(), per_step);
     let lr_schedule = lr_schedule::LrSchedule::new(cfg.model.optim.lr, cfg.model.optim.sched.as_ref(), sched_steps)?;
     let models = step_models(cfg)?;
+    check_image_size(&models, data.image_size())?;
     let tok = tokenizer(cfg)?;
     let out = &opts.out_dir;
     // The run folder, locked for this run; a fresh run refuses another run's folder, a resume takes the newest
