@@ -227,3 +227,24 @@ fn a_step_larger_than_memory_is_refused_before_allocating() {
     let err = train(&cfg, &opts(&dir.path().join("run"), true)).unwrap_err().to_string();
     assert!(err.contains("GiB of memory is available") && err.contains("needs"), "{err}");
 }
+
+/// A tensor the file holds in a dtype zeroconv cannot read is reported as that, not as a missing key.
+#[test]
+fn an_unreadable_dtype_is_named_not_reported_missing() {
+    let dir = tmp("f8");
+    let cfg0 = config(&[]);
+    let spec = all_specs(&cfg0).into_iter().find(|s| s.key.starts_with("model.diffusion_model.")).unwrap();
+    // A safetensors file by hand: an 8-byte header length, the JSON header, then the data (one byte per f8 value).
+    let n = spec.shape.numel();
+    let header =
+        format!(r#"{{"{}":{{"dtype":"F8_E4M3","shape":{:?},"data_offsets":[0,{n}]}}}}"#, spec.key, spec.shape.dims());
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header.as_bytes());
+    bytes.extend(vec![0u8; n]);
+    let path = dir.path().join("f8.safetensors");
+    std::fs::write(&path, bytes).unwrap();
+    let cfg = config(&[&format!("model.unet_config.from_pretrained={}", path.display())]);
+    let mut store = WeightStore::default();
+    let err = load_pretrained(&cfg, &mut store, &all_specs(&cfg)).unwrap_err().to_string();
+    assert!(err.contains(&spec.key) && err.contains("cannot be read") && err.contains("F8_E4M3"), "{err}");
+}

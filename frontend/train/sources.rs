@@ -160,6 +160,10 @@ pub fn load_pretrained(cfg: &Config, store: &mut WeightStore, specs: &[ParamSpec
         let ckpt = &opened[i].1;
         let mine: Vec<ParamSpec> =
             specs.iter().filter(|s| Component::of_key(&s.key) == Some(component)).cloned().collect();
+        // A tensor the file has but cannot be read (an unsupported dtype, say) is that, not a missing key.
+        if let Some((key, why)) = mine.iter().find_map(|s| ckpt.skipped().get(&s.key).map(|why| (&s.key, why))) {
+            return Err(Error::file(&path, format!("{key} is in the file but cannot be read: {why}")));
+        }
         let n = store.load_matching(ckpt, &mine)?;
         if n == 0 && !mine.is_empty() {
             return Err(Error::file(
