@@ -70,7 +70,7 @@ pub fn check_output(flag: &str, out: &Path, inputs: &Inputs, force: bool) -> Res
 }
 
 /// Checks that the output `out` (given by `flag`) is not one of `inputs`; an existing output is replaced.
-pub fn check_not_input(flag: &str, out: &Path, inputs: &Inputs) -> Result<()> {
+fn check_not_input(flag: &str, out: &Path, inputs: &Inputs) -> Result<()> {
     match inputs.find(out) {
         Some(input) => Err(Error::msg(format!(
             "{flag} {} is the same file as {input}: refusing to write over an input",

@@ -638,3 +638,34 @@ fn an_image_size_the_model_cannot_divide_names_the_setting() {
         assert!(err.contains(&format!("{side}x{side}")) && err.contains("center_crop_h_w"), "{side}: {err}");
     }
 }
+
+/// `sample --out` never replaces an existing image without `--force` (checked before anything is loaded).
+#[test]
+fn sample_refuses_to_overwrite_an_image_without_force() {
+    let dir = tempfile::Builder::new().prefix("zeroconv-hostile-sample-out-").tempdir().unwrap();
+    std::fs::write(dir.path().join("out.png"), b"an image the user keeps").unwrap();
+    let args = [
+        "sample",
+        "--ckpt",
+        "sd.safetensors",
+        "--control",
+        "cn.safetensors",
+        "--hint",
+        "map.png",
+        "--prompt",
+        "a cat",
+        "--out",
+        "out.png",
+    ];
+    let o = zeroconv(dir.path(), &args);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success() && err.contains("--out out.png exists; pass --force"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(std::fs::read(dir.path().join("out.png")).unwrap(), b"an image the user keeps");
+    // With --force the check passes, and the run goes on to fail on the missing weights instead.
+    let mut forced = args.to_vec();
+    forced.push("--force");
+    let o = zeroconv(dir.path(), &forced);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success() && !err.contains("exists") && !err.contains("panicked"), "{err}");
+}

@@ -4,7 +4,7 @@ use super::ConfigArgs;
 use crate::error::{Error, Result};
 use crate::frontend::checkpoint::Checkpoint;
 use crate::frontend::device::DeviceChoice;
-use crate::frontend::outputs::{check_not_input, Inputs};
+use crate::frontend::outputs::{check_output, Inputs};
 use crate::frontend::sample::{sample, write_grid, SampleSettings};
 use crate::frontend::train::{step_models, tokenizer};
 use crate::frontend::weights_store::WeightStore;
@@ -52,6 +52,9 @@ pub struct SampleArgs {
     /// The output PNG: the control map, then the samples.
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
+    /// Overwrite --out if it exists.
+    #[arg(long)]
+    pub force: bool,
     #[arg(long)]
     pub threads: Option<usize>,
     /// Where the graphs run: cpu, cuda (not available yet) or cuda-emu (the CUDA executor under emulation on the
@@ -92,7 +95,7 @@ pub fn run(args: &SampleArgs) -> Result<()> {
     if let Some(config) = &args.config.config {
         inputs.add(config, || format!("--config {}", config.display()));
     }
-    check_not_input("--out", &args.out, &inputs)?;
+    check_output("--out", &args.out, &inputs, args.force)?;
     let cfg = args.config.load()?;
     let models = step_models(&cfg)?;
     let tok = tokenizer(&cfg)?;
