@@ -77,6 +77,27 @@ pub fn encode_text(
     prog.download(opt.map.get(h).expect("output"))
 }
 
+/// The sampling settings a user controls, checked before anything is read or allocated (the CLI calls it first):
+/// one error naming the flag.
+pub fn check_settings(n: usize, s: &SampleSettings) -> Result<()> {
+    if n == 0 {
+        return Err(Error::msg("--n 0: the number of images must be at least 1"));
+    }
+    let schedule = Schedule::sd().len();
+    if s.steps == 0 || s.steps > schedule {
+        return Err(Error::msg(format!(
+            "--steps {}: the DDIM steps must be between 1 and {schedule} (the diffusion schedule's length)",
+            s.steps
+        )));
+    }
+    for (flag, v) in [("--cfg", s.cfg_scale), ("--strength", s.strength)] {
+        if !v.is_finite() {
+            return Err(Error::msg(format!("{flag} {v}: must be a finite number")));
+        }
+    }
+    Ok(())
+}
+
 /// Generates one image per hint. `hints` is [n, C, H, W] in [0, 1]; returns images [n, 3, H, W]
 /// in [-1, 1].
 pub fn sample(
@@ -89,37 +110,20 @@ pub fn sample(
     s: &SampleSettings,
 ) -> Result<Vec<f32>> {
     let n = captions.len();
-    if n == 0 {
-        return Err(Error::msg("sampling needs at least one image (a batch of 0 was asked for)"));
-    }
-    let schedule_len = Schedule::sd().len();
-    if s.steps == 0 || s.steps > schedule_len {
+    check_settings(n, s)?;
+    let multiple = m.image_multiple();
+    if !size.is_multiple_of(multiple) {
         return Err(Error::msg(format!(
-            "{} DDIM steps: sampling takes between 1 and {schedule_len} (the diffusion schedule's length)",
-            s.steps
-        )));
-    }
-    if !s.cfg_scale.is_finite() || !s.strength.is_finite() {
-        return Err(Error::msg(format!(
-            "the guidance scale ({}) and the control strength ({}) must be finite numbers",
-            s.cfg_scale, s.strength
-        )));
-    }
-    let f = m.first_stage.factor();
-    let levels = m.ldm.unet.channel_mult.len();
-    if !size.is_multiple_of(f << (levels - 1)) {
-        return Err(Error::msg(format!(
-            "a {size}x{size} hint does not fit this model: the size must be a multiple of {} (8x the latent, whose side \
-             halves {} times)",
-            f << (levels - 1),
-            levels - 1
+            "a {size}x{size} hint does not fit this model: the size must be a multiple of {multiple} (the first stage's \
+             {} times the U-Net's levels)",
+            m.first_stage.factor()
         )));
     }
     let hint_c = m.ldm.control.hint_channels;
     if hints.len() != n * hint_c * size * size {
         return Err(Error::msg(format!("{} hint values for {n} hints of {hint_c}x{size}x{size}", hints.len())));
     }
-    let lat = size / f;
+    let lat = size / m.first_stage.factor();
     let c = latent_channels(m);
     let guided = s.cfg_scale != 1.0;
     let rows = if guided { 2 * n } else { n };

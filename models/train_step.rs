@@ -36,6 +36,14 @@ pub struct StepModels {
     pub scale_factor: f64,
 }
 
+impl StepModels {
+    /// What every image side must be a multiple of: the first stage's downsampling times the U-Net's (its side
+    /// halves once per level after the first).
+    pub fn image_multiple(&self) -> usize {
+        self.first_stage.factor() << self.ldm.unet.channel_mult.len().saturating_sub(1)
+    }
+}
+
 /// What is trained.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {

@@ -2,6 +2,8 @@
 //! overwrites an input or runs out of memory. Tests that run the binary check the exit code, the message and
 //! that stderr holds no panic or backtrace.
 
+mod common;
+
 use std::fs;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -615,25 +617,14 @@ fn a_section_set_to_null_is_refused_and_inspect_counts_what_exists() {
 #[test]
 fn an_image_size_the_model_cannot_divide_names_the_setting() {
     use zeroconv::frontend::config::{load_config, CropSize};
-    use zeroconv::frontend::device::DeviceChoice;
-    use zeroconv::frontend::train::{train, TrainOptions};
-    let dir = tempfile::Builder::new().prefix("zeroconv-hostile-size-").tempdir().unwrap();
+    use zeroconv::frontend::train::train;
+    let dir = common::training::tmp("hostile-size");
     for side in [60usize, 72] {
         let mut cfg = load_config(None, &["trainer.max_steps=1".into(), "model.base_pretrain_steps=0".into()]).unwrap();
         let a = &mut cfg.model.data.train.augmentations;
         a.resize_smallest_side = Some(side as u32);
         a.center_crop_h_w = Some(CropSize { height: side as u32, width: side as u32 });
-        let opts = TrainOptions {
-            out_dir: dir.path().join(format!("run{side}")),
-            resume: false,
-            threads: Some(2),
-            device: DeviceChoice::Cpu,
-            allow_random_weights: true,
-            strict: false,
-            progress: false,
-            evaluate: false,
-            fail_checkpoint_after: None,
-        };
+        let opts = common::training::opts(&dir.path().join(format!("run{side}")));
         let err = train(&cfg, &opts).unwrap_err().to_string();
         assert!(err.contains(&format!("{side}x{side}")) && err.contains("center_crop_h_w"), "{side}: {err}");
     }

@@ -5,10 +5,9 @@ use crate::error::{Error, Result};
 use crate::frontend::checkpoint::Checkpoint;
 use crate::frontend::device::DeviceChoice;
 use crate::frontend::outputs::{check_output, Inputs};
-use crate::frontend::sample::{sample, write_grid, SampleSettings};
+use crate::frontend::sample::{check_settings, sample, write_grid, SampleSettings};
 use crate::frontend::train::{step_models, tokenizer};
 use crate::frontend::weights_store::WeightStore;
-use crate::models::schedule::Schedule;
 use crate::models::train_step::Phase;
 use crate::models::ModelBuilder;
 use std::path::PathBuf;
@@ -63,29 +62,20 @@ pub struct SampleArgs {
     pub device: DeviceChoice,
 }
 
-/// The numbers on the command line, checked before anything is read or allocated.
-fn check_args(args: &SampleArgs) -> Result<()> {
-    if args.n == 0 {
-        return Err(Error::msg("--n 0: the number of images must be at least 1"));
-    }
-    let schedule = Schedule::sd().len();
-    if args.steps == 0 || args.steps > schedule {
-        return Err(Error::msg(format!(
-            "--steps {}: the DDIM steps must be between 1 and {schedule} (the diffusion schedule's length)",
-            args.steps
-        )));
-    }
-    for (flag, v) in [("--cfg", args.cfg), ("--strength", args.strength)] {
-        if !v.is_finite() {
-            return Err(Error::msg(format!("{flag} {v}: must be a finite number")));
-        }
-    }
-    Ok(())
-}
-
 pub fn run(args: &SampleArgs) -> Result<()> {
     args.device.check_available()?;
-    check_args(args)?;
+    // The numbers on the command line, checked before anything is read or allocated.
+    let settings = SampleSettings {
+        steps: args.steps,
+        cfg_scale: args.cfg,
+        strength: args.strength,
+        guess_mode: args.guess_mode,
+        seed: args.seed,
+        negative: args.negative.clone(),
+        threads: args.threads,
+        device: args.device,
+    };
+    check_settings(args.n, &settings)?;
     let mut inputs = Inputs::new();
     inputs.add(&args.hint, || format!("--hint {}", args.hint.display()));
     inputs.add(&args.control, || format!("--control {}", args.control.display()));
@@ -138,16 +128,6 @@ pub fn run(args: &SampleArgs) -> Result<()> {
             shown.join(", ")
         )));
     }
-    let settings = SampleSettings {
-        steps: args.steps,
-        cfg_scale: args.cfg,
-        strength: args.strength,
-        guess_mode: args.guess_mode,
-        seed: args.seed,
-        negative: args.negative.clone(),
-        threads: args.threads,
-        device: args.device,
-    };
     let imgs = sample(&models, &store, &tok, &hints, &captions, w, &settings)?;
     // One row: the map, then the n samples.
     let per = 3 * plane;

@@ -451,17 +451,13 @@ impl Limits {
 /// The training images must divide into the first stage's latents and those into the U-Net's levels: one clear
 /// error naming the setting, instead of a shape error deep inside the model.
 fn check_image_size(models: &StepModels, (h, w): (usize, usize)) -> Result<()> {
-    let first_stage = match &models.first_stage {
-        FirstStage::Pixel => 8,
-        FirstStage::Kl(v) => 1 << v.ch_mult.len().saturating_sub(1),
-    };
-    let unet = 1 << models.ldm.unet.channel_mult.len().saturating_sub(1);
-    let factor = first_stage * unet;
+    let factor = models.image_multiple();
     if h % factor != 0 || w % factor != 0 || h == 0 || w == 0 {
         return Err(Error::msg(format!(
             "the training images are {h}x{w} pixels, but both sides must be multiples of {factor} (the first stage \
-             downsamples by {first_stage}, the U-Net's {} levels by {unet} more): set \
-             model.data.train.augmentations.center_crop_h_w (and resize_smallest_side) to multiples of {factor}",
+             downsamples by {}, the U-Net's {} levels by the rest): set model.data.train.augmentations.center_crop_h_w \
+             (and resize_smallest_side) to multiples of {factor}",
+            models.first_stage.factor(),
             models.ldm.unet.channel_mult.len()
         )));
     }

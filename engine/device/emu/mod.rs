@@ -309,12 +309,14 @@ impl Device for EmuDevice {
 
     fn replay(&mut self, graph: GraphId) -> Result<()> {
         self.not_capturing("replaying a graph")?;
-        let list = self.graphs.get(graph.0).cloned().ok_or_else(|| Error::msg(format!("no graph {graph:?}")))?;
+        // The recording is taken out while it runs (running needs `&mut self`) and put back, so a replay copies
+        // nothing.
+        let list =
+            std::mem::take(self.graphs.get_mut(graph.0).ok_or_else(|| Error::msg(format!("no graph {graph:?}")))?);
         self.counts.replays += 1;
-        for r in &list {
-            self.run(r)?;
-        }
-        Ok(())
+        let result = list.iter().try_for_each(|r| self.run(r));
+        self.graphs[graph.0] = list;
+        result
     }
 
     fn synchronize(&mut self) -> Result<()> {
