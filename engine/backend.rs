@@ -27,6 +27,19 @@ pub fn check_upload(graph: &Graph, v: ValueId, t: &HostTensor) -> Result<()> {
     Ok(())
 }
 
+/// A range of nodes to launch must lie within the graph.
+pub fn check_node_range(graph: &Graph, nodes: &std::ops::Range<usize>) -> Result<()> {
+    if nodes.start > nodes.end || nodes.end > graph.nodes.len() {
+        return Err(crate::Error::msg(format!(
+            "cannot launch nodes {}..{} of a program of {} nodes",
+            nodes.start,
+            nodes.end,
+            graph.nodes.len()
+        )));
+    }
+    Ok(())
+}
+
 pub trait Backend {
     type Program: Program;
     fn name(&self) -> &'static str;
@@ -42,7 +55,14 @@ pub trait Program {
     /// Device → host copy of any value that is still held (sources, graph outputs).
     fn download(&mut self, v: ValueId) -> Result<HostTensor>;
     /// Enqueues one execution of the whole graph.
-    fn launch(&mut self) -> Result<()>;
+    fn launch(&mut self) -> Result<()> {
+        let n = self.graph().nodes.len();
+        self.launch_nodes(0..n)
+    }
+    /// Enqueues one execution of the nodes in `nodes`, in order: a part of a step that runs more often than the rest
+    /// (an accumulating step runs its micro-batch nodes once per micro-batch and its update once per step; see
+    /// `graph::optim::update_start` for what makes such a split sound).
+    fn launch_nodes(&mut self, nodes: std::ops::Range<usize>) -> Result<()>;
     /// Waits until every enqueued step has finished.
     fn synchronize(&mut self) -> Result<()>;
 

@@ -245,8 +245,8 @@ impl Program for DeviceProgram {
         self.program_mut().download(v)
     }
 
-    fn launch(&mut self) -> Result<()> {
-        self.program_mut().launch()?;
+    fn launch_nodes(&mut self, nodes: std::ops::Range<usize>) -> Result<()> {
+        self.program_mut().launch_nodes(nodes)?;
         if self.check_after_step {
             self.program_mut().synchronize()?;
             self.check_step_finite()?;

@@ -4,11 +4,12 @@
 use super::config::{Config, Precision};
 use super::model_config;
 use crate::error::Result;
-use crate::graph::optim::{append_training_step_clipped, append_training_step_l2, AdamWConfig};
+use crate::graph::optim::{append_accumulating_step, append_training_step_l2, AdamWConfig, UpdateRule};
 use crate::graph::passes::{self, Optimized, PassOptions};
 use crate::graph::{DType, Graph, ValueId};
 use crate::models::control_ldm::{self, Batch};
-use crate::models::ParamSpec;
+use crate::models::train_step::{micro_step_hw, Phase, StepInputs, StepModels};
+use crate::models::{ModelBuilder, ParamSpec};
 
 /// The activation dtype a precision setting means (parameters and optimizer state stay f32).
 pub fn compute_dtype(p: Precision) -> DType {
@@ -32,14 +33,50 @@ pub fn adamw_config(cfg: &Config) -> AdamWConfig {
 /// decay is the L2 term `weight_decay * p` added to the clipped gradient before the moments (NeMo's `adam`);
 /// `adamw` and `fused_adam` (Apex FusedAdam, AdamW mode) decay the weights directly.
 pub fn append_update(g: &mut Graph, loss: ValueId, cfg: &Config) -> Result<ValueId> {
+    let rule = update_rule(cfg);
+    append_training_step_l2(g, loss, &rule.adamw, rule.clip, rule.l2)
+}
+
+/// What the update does with the gradients: `trainer.gradient_clip_val` (0 or null: no clipping, as in Lightning),
+/// then `model.optim` (`adam`'s weight decay as the L2 term, see [`append_update`]).
+pub fn update_rule(cfg: &Config) -> UpdateRule {
     let o = &cfg.model.optim;
-    // Lightning: gradient_clip_val 0 (or null) does not clip.
-    let clip = cfg.trainer.gradient_clip_val.filter(|&c| c > 0.0);
-    if o.name.decoupled_weight_decay() {
-        append_training_step_clipped(g, loss, &adamw_config(cfg), clip)
+    let l2 = if o.name.decoupled_weight_decay() { 0.0 } else { o.weight_decay };
+    UpdateRule { adamw: adamw_config(cfg), clip: cfg.trainer.gradient_clip_val.filter(|&c| c > 0.0), l2 }
+}
+
+/// The step `zeroconv train` runs, before optimisation: one micro-batch from pixels and token ids (frozen VAE and
+/// text encoder included), its backward and the update. With `micro_batches` > 1 (gradient accumulation) the
+/// micro-batch part adds its gradients into accumulators and the update is a separate part run once per step
+/// ([`append_accumulating_step`]), so memory does not grow with the number of micro-batches.
+pub struct TrainStepGraph {
+    pub graph: Graph,
+    pub params: Vec<ParamSpec>,
+    pub inputs: StepInputs,
+    /// The micro-batch's loss (unscaled).
+    pub loss: ValueId,
+    pub hyper: ValueId,
+    /// The accumulators' keep input, when accumulating.
+    pub keep: Option<ValueId>,
+    pub micro_batches: usize,
+}
+
+/// Builds [`TrainStepGraph`] for `phase` on (h, w) images, as the config asks (micro-batch size, accumulation,
+/// precision, activation recomputation, update rule).
+pub fn train_step(cfg: &Config, models: &StepModels, phase: Phase, hw: (usize, usize)) -> Result<TrainStepGraph> {
+    let micro = cfg.model.micro_batch_size as usize;
+    let micro_batches = cfg.grad_accumulation().max(1) as usize;
+    let mut b = ModelBuilder::new(DType::F32);
+    b.checkpoint_blocks = pass_options(cfg, false).checkpointing;
+    let out = micro_step_hw(&mut b, models, phase, micro, hw, compute_dtype(cfg.trainer.precision), "")?;
+    b.g.outputs.push(out.loss);
+    let (hyper, keep) = if micro_batches > 1 {
+        let acc = append_accumulating_step(&mut b.g, out.loss, &update_rule(cfg), micro_batches)?;
+        (acc.hyper, Some(acc.keep))
     } else {
-        append_training_step_l2(g, loss, &adamw_config(cfg), clip, o.weight_decay)
-    }
+        (append_update(&mut b.g, out.loss, cfg)?, None)
+    };
+    Ok(TrainStepGraph { graph: b.g, params: b.params, inputs: out.inputs, loss: out.loss, hyper, keep, micro_batches })
 }
 
 /// A training step before optimisation.

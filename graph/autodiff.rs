@@ -88,7 +88,9 @@ fn reaches_loss(g: &Graph, loss: ValueId, upto: usize) -> Vec<bool> {
 fn differentiable_input(op: &Op, i: usize) -> bool {
     match op {
         Op::Embedding => i == 0,
-        Op::TimestepEmbedding { .. } | Op::Fill { .. } | Op::AdamW { .. } | Op::MultiAdamW(_) => false,
+        Op::TimestepEmbedding { .. } | Op::Fill { .. } | Op::AdamW { .. } | Op::MultiAdamW(_) | Op::AccumulateGrad => {
+            false
+        }
         Op::Unary(_)
         | Op::UnaryBackward(_)
         | Op::Binary(_)
@@ -346,7 +348,7 @@ fn vjp(g: &mut Graph, n: NodeId, dys: &[Option<ValueId>], wanted: &[bool]) -> Re
         | Op::MseLossBackward) => {
             Err(Error::msg(format!("autodiff: {} is not differentiable (it is itself a backward op)", op.name())))
         }
-        op @ (Op::AdamW { .. } | Op::MultiAdamW(_)) => {
+        op @ (Op::AdamW { .. } | Op::MultiAdamW(_) | Op::AccumulateGrad) => {
             Err(Error::msg(format!("autodiff: {} is not differentiable (an optimizer update)", op.name())))
         }
         op @ Op::Fused(_) => Err(Error::msg(format!(

@@ -56,6 +56,7 @@ pub fn node_cost(g: &Graph, node: &Node) -> Cost {
             per * k.shape.numel() as f64
         }
         Op::AdamW { .. } => 12.0 * inp(0).numel() as f64,
+        Op::AccumulateGrad => inp(0).numel() as f64,
         Op::MultiAdamW(k) => (0..k.tensors).map(|t| 12.0 * inp(4 * t).numel() as f64).sum(),
         Op::Reshape { .. } => 0.0,
         // About one operation per output element.

@@ -231,6 +231,10 @@ pub enum Op {
         eps: F64Bits,
         weight_decay: F64Bits,
     },
+    /// Gradient accumulation, in place: (acc, grad, keep [1]). acc ← acc + grad where keep ≠ 0, acc ← grad where
+    /// keep = 0 (the first micro-batch of a step: a select, not a multiply, so stale contents never leak in, NaN
+    /// included). acc and grad share shape and dtype, f32 (as AdamW's master weights) or f64; keep is f32. Produces no value.
+    AccumulateGrad,
     /// A fused group of pointwise ops (optionally after a normalisation), made by the fusion pass.
     Fused(Box<FusedKernel>),
     /// Several AdamW updates in one kernel, made by the fusion pass.
@@ -287,6 +291,7 @@ impl Op {
             Op::MseLoss => "mse_loss".into(),
             Op::MseLossBackward => "mse_loss_backward".into(),
             Op::AdamW { .. } => "adamw".into(),
+            Op::AccumulateGrad => "accumulate_grad".into(),
             Op::Fused(k) => k.name.clone(),
             Op::MultiAdamW(k) => k.name.clone(),
         }
@@ -333,13 +338,26 @@ impl Op {
             | Op::Embedding
             | Op::EmbeddingBackward { .. }
             | Op::MseLoss
-            | Op::MseLossBackward => String::new(),
+            | Op::MseLossBackward
+            | Op::AccumulateGrad => String::new(),
         }
     }
 
     /// True for ops that write their inputs in place (they are kept by dead-code elimination).
     pub fn has_side_effects(&self) -> bool {
-        matches!(self, Op::AdamW { .. } | Op::MultiAdamW(_))
+        !self.in_place_inputs().is_empty()
+    }
+
+    /// The inputs an op writes in place (sources: parameters and state), by position; empty for every op that only
+    /// writes its outputs. The one definition backends use to know what a node changes besides its outputs.
+    pub fn in_place_inputs(&self) -> Vec<usize> {
+        match self {
+            // param, m and v of each (param, grad, m, v) group.
+            Op::AdamW { .. } => vec![0, 2, 3],
+            Op::MultiAdamW(k) => (0..k.tensors).flat_map(|t| [4 * t, 4 * t + 2, 4 * t + 3]).collect(),
+            Op::AccumulateGrad => vec![0],
+            _ => Vec::new(),
+        }
     }
 
     /// True for ops whose output is a view of the input's bytes (same element order).
@@ -639,6 +657,21 @@ impl Op {
             }
             Op::MultiAdamW(k) => {
                 arity(4 * k.tensors + 1)?;
+                Ok(vec![])
+            }
+            Op::AccumulateGrad => {
+                arity(3)?;
+                if !matches!(ins[0].1, DType::F32 | DType::F64) {
+                    return Err(Error::shape(&n, format!("accumulators are f32 (or f64), got {}", ins[0].1)));
+                }
+                same(ins[0].0, ins[1].0, "grad")?;
+                same(ins[2].0, &Shape(vec![1]), "keep must be [1]")?;
+                if ins[1].1 != ins[0].1 {
+                    return Err(Error::shape(&n, format!("grad is {}, acc is {}", ins[1].1, ins[0].1)));
+                }
+                if ins[2].1 != DType::F32 {
+                    return Err(Error::shape(&n, format!("keep must be f32, got {}", ins[2].1)));
+                }
                 Ok(vec![])
             }
             Op::AdamW { .. } => {

@@ -71,25 +71,8 @@ pub fn append_training_step_l2(
     clip: Option<f64>,
     l2: f64,
 ) -> Result<ValueId> {
-    let params = g.trainable_params();
-    let grads = super::autodiff::backward(g, loss, &params)?;
-    let mut pairs: Vec<(ValueId, ValueId)> = params.iter().filter_map(|p| grads.get(p).map(|&d| (*p, d))).collect();
-    g.set_phase(Phase::Backward);
-    if let Some(max_norm) = clip {
-        pairs = clip_grad_norm(g, &pairs, max_norm)?;
-    }
-    if l2 != 0.0 {
-        pairs = pairs
-            .into_iter()
-            .map(|(p, d)| {
-                let d = g.cast(d, g.dtype(p))?;
-                let decay = g.scale(p, l2)?;
-                Ok((p, g.add(d, decay)?))
-            })
-            .collect::<Result<_>>()?;
-    }
-    g.set_phase(Phase::Forward);
-    append_adamw(g, &pairs, cfg)
+    let pairs = backward_pairs(g, loss)?;
+    append_update_of(g, &pairs, &UpdateRule { adamw: *cfg, clip, l2 }, Phase::Backward)
 }
 
 /// As `append_training_step`, clipping the gradients to a global L2 norm of at most `clip` first
@@ -100,15 +83,121 @@ pub fn append_training_step_clipped(
     cfg: &AdamWConfig,
     clip: Option<f64>,
 ) -> Result<ValueId> {
+    append_training_step_l2(g, loss, cfg, clip, 0.0)
+}
+
+/// What the update does with a step's gradients: clip them (global L2 norm), add Adam's L2 term, then AdamW.
+#[derive(Clone, Copy, Debug)]
+pub struct UpdateRule {
+    pub adamw: AdamWConfig,
+    /// `torch.nn.utils.clip_grad_norm_`'s max_norm; `None` does not clip.
+    pub clip: Option<f64>,
+    /// `torch.optim.Adam`'s weight decay (`g + l2 * p`); 0 for AdamW, which decays the weights itself.
+    pub l2: f64,
+}
+
+/// The name of the per-micro-batch input of an accumulating step: 0 for a step's first micro-batch (the
+/// accumulators are overwritten), 1 for the others (added to).
+pub const KEEP_INPUT: &str = "grad_acc.keep";
+
+/// The sources of an accumulating step the caller feeds.
+#[derive(Clone, Copy, Debug)]
+pub struct AccumulatingStep {
+    /// `[lr, 1/(1-beta1^t), 1/(1-beta2^t)]`, read by the update.
+    pub hyper: ValueId,
+    /// [`KEEP_INPUT`].
+    pub keep: ValueId,
+}
+
+/// Gradient accumulation as a loop, as PyTorch does it: the graph computes one micro-batch's gradients of
+/// `loss / micro_batches` and adds them into persistent accumulators (state `<param>.grad_acc`, the size of the
+/// trainable parameters); the nodes after it, all in [`Phase::Update`], clip the accumulated gradients and apply
+/// the update. The caller runs the nodes before [`update_start`] once per micro-batch (feeding [`KEEP_INPUT`]) and
+/// the rest once per step, so activations cost one micro-batch however many are accumulated.
+pub fn append_accumulating_step(
+    g: &mut Graph,
+    loss: ValueId,
+    rule: &UpdateRule,
+    micro_batches: usize,
+) -> Result<AccumulatingStep> {
+    if micro_batches == 0 {
+        return Err(Error::msg("gradient accumulation needs at least one micro-batch"));
+    }
+    let keep = g.input(KEEP_INPUT, [1], DType::F32);
+    let scaled = if micro_batches > 1 { g.scale(loss, 1.0 / micro_batches as f64)? } else { loss };
+    let pairs = backward_pairs(g, scaled)?;
+    g.set_phase(Phase::Backward);
+    let mut accumulated = Vec::with_capacity(pairs.len());
+    for (p, d) in pairs {
+        let pv = g.value(p).clone();
+        let d = g.cast(d, pv.dtype)?;
+        let acc = g.state(&format!("{}.grad_acc", pv.name), pv.shape.clone(), pv.dtype);
+        g.add_node(Op::AccumulateGrad, &[acc, d, keep])?;
+        accumulated.push((p, acc));
+    }
+    let hyper = append_update_of(g, &accumulated, rule, Phase::Update)?;
+    Ok(AccumulatingStep { hyper, keep })
+}
+
+/// The index of the first node of the update, in a graph whose nodes are a micro-batch part followed by an update
+/// part ([`append_accumulating_step`], after any passes). Checks what running the two parts as separate launches
+/// relies on: every node from there on is an update node, and the update reads nothing the micro-batch part
+/// computes (only sources, such as the accumulators, and its own values).
+pub fn update_start(g: &Graph) -> Result<usize> {
+    let start = g
+        .nodes
+        .iter()
+        .position(|n| n.phase == Phase::Update)
+        .ok_or_else(|| Error::msg("the step has no update nodes to run apart from its micro-batch nodes"))?;
+    for (i, node) in g.nodes.iter().enumerate().skip(start) {
+        if node.phase != Phase::Update {
+            return Err(Error::msg(format!(
+                "node {i} ({}) of the micro-batch part comes after the update starts at node {start}",
+                node.op.name()
+            )));
+        }
+        for &v in &node.inputs {
+            if let Some((p, _)) = g.values[v].producer {
+                if p < start {
+                    return Err(Error::msg(format!(
+                        "update node {i} ({}) reads {}, computed by the micro-batch part (node {p}): the update may \
+                         read only sources and its own values",
+                        node.op.name(),
+                        g.values[v].name
+                    )));
+                }
+            }
+        }
+    }
+    Ok(start)
+}
+
+/// Differentiates `loss` with respect to every trainable parameter: (parameter, gradient) pairs, in creation order.
+fn backward_pairs(g: &mut Graph, loss: ValueId) -> Result<Vec<(ValueId, ValueId)>> {
     let params = g.trainable_params();
     let grads = super::autodiff::backward(g, loss, &params)?;
-    let mut pairs: Vec<(ValueId, ValueId)> = params.iter().filter_map(|p| grads.get(p).map(|&d| (*p, d))).collect();
-    if let Some(max_norm) = clip {
-        g.set_phase(Phase::Backward);
+    Ok(params.iter().filter_map(|p| grads.get(p).map(|&d| (*p, d))).collect())
+}
+
+/// Clipping and the L2 term (as nodes of `phase`), then the AdamW nodes; returns the hyper input.
+fn append_update_of(g: &mut Graph, pairs: &[(ValueId, ValueId)], rule: &UpdateRule, phase: Phase) -> Result<ValueId> {
+    let mut pairs = pairs.to_vec();
+    g.set_phase(phase);
+    if let Some(max_norm) = rule.clip {
         pairs = clip_grad_norm(g, &pairs, max_norm)?;
-        g.set_phase(Phase::Forward);
     }
-    append_adamw(g, &pairs, cfg)
+    if rule.l2 != 0.0 {
+        pairs = pairs
+            .into_iter()
+            .map(|(p, d)| {
+                let d = g.cast(d, g.dtype(p))?;
+                let decay = g.scale(p, rule.l2)?;
+                Ok((p, g.add(d, decay)?))
+            })
+            .collect::<Result<_>>()?;
+    }
+    g.set_phase(Phase::Forward);
+    append_adamw(g, &pairs, &rule.adamw)
 }
 
 /// Scales every gradient by min(1, max_norm / (‖all gradients‖₂ + 1e-6)), in the graph.

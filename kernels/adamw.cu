@@ -12,6 +12,11 @@
 //   m = beta1 m + (1 - beta1) g;  v = beta2 v + (1 - beta2) g^2
 //   p -= lr * (m * bc1) / (sqrt(v * bc2) + eps)
 // Launch: any 1-D grid and block.
+//
+// Gradient accumulation (a step of several micro-batches) into f32 accumulators:
+//   accumulate_grad_f32(float* acc, const float* grad, const float* keep, u64 n)
+// acc[i] = keep[0] != 0 ? acc[i] + grad[i] : grad[i]. `keep` lives on the device (0 for the first
+// micro-batch of a step) so one captured graph serves every micro-batch. Launch: any 1-D grid and block.
 #include "common.cuh"
 
 // Host mirrors (repr(C)): AdamWTensor = 4 pointers (u64) + u64 numel, 40 bytes; AdamWChunk = two u32, 8 bytes.
@@ -61,3 +66,10 @@ __device__ __forceinline__ void adamw(const AdamWTensor* tensors, const AdamWChu
     }
 
 ZC_FOR_EACH_FLOAT(ZC_ADAMW_ENTRY, 0)
+
+extern "C" __global__ void accumulate_grad_f32(float* acc, const float* grad, const float* keep, u64 n) {
+    const bool add = keep[0] != 0.0f;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        acc[i] = add ? acc[i] + grad[i] : grad[i];
+    }
+}

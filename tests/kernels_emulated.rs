@@ -1362,7 +1362,45 @@ fn adamw_kernels_match_the_cpu_backend() {
             }
         }
     }
+    accumulate_grad_matches_the_cpu_backend(&k);
     k.assert_all_launched();
+}
+
+/// `accumulate_grad_f32`: three micro-batches into one accumulator that starts as NaN (the first, keep = 0, must
+/// overwrite it, not add to it), against the CPU backend's `AccumulateGrad` on the same data; exact, since both add
+/// the same f32 values in the same order.
+fn accumulate_grad_matches_the_cpu_backend(k: &Kernels) {
+    let kernel = "accumulate_grad_f32";
+    for n in [1usize, 33, 1031] {
+        let mut rng = seed(&format!("{kernel} {n}"));
+        let grads: Vec<HostTensor> =
+            (0..3).map(|_| tensor(&[n], DType::F32, &uniform(&mut rng, n, -1.0, 1.0))).collect();
+        let stale = tensor(&[n], DType::F32, &vec![f64::NAN; n]);
+        let got = k.each_schedule_and_grid(kernel, 3, grid_for(n, 64, 1024), |grid| {
+            let acc = upload("acc", &stale);
+            for (micro, g) in grads.iter().enumerate() {
+                let (gb, keep) = (upload("grad", g), DeviceBuffer::from_slice("keep", &[micro.min(1) as f32]));
+                k.launch(kernel, grid, 64, KernelArgs::new().buffer(&acc).buffer(&gb).buffer(&keep).u64(n as u64));
+            }
+            vec![acc.to_bytes()]
+        });
+        let mut g = Graph::new();
+        let acc = g.state("acc", Shape(vec![n]), DType::F32);
+        let grad = g.input("grad", Shape(vec![n]), DType::F32);
+        let keep = g.input("keep", Shape(vec![1]), DType::F32);
+        g.add_node(Op::AccumulateGrad, &[acc, grad, keep]).unwrap();
+        let mut prog = CpuBackend::new(1).compile(g).expect("compile the reference graph");
+        prog.upload(acc, &stale).unwrap();
+        for (micro, gr) in grads.iter().enumerate() {
+            prog.upload(grad, gr).unwrap();
+            prog.upload(keep, &tensor(&[1], DType::F32, &[micro.min(1) as f64])).unwrap();
+            prog.launch().unwrap();
+        }
+        let want = prog.download(acc).unwrap();
+        assert_eq!(got[0], want.bytes, "{kernel} n={n}");
+        let sum: Vec<f64> = (0..n).map(|i| grads.iter().map(|t| t.to_f64()[i]).sum()).collect();
+        check(&format!("{kernel} n={n} against the f64 sum"), DType::F32, &got[0], &tensor(&[n], DType::F64, &sum));
+    }
 }
 
 // ---- upsample.cu ----------------------------------------------------------------------------------------------------

@@ -386,3 +386,19 @@ pub fn adamw<T: Float>(
         },
     );
 }
+
+/// Gradient accumulation in place: `acc = acc + g` when `keep`, else `acc = g` (the first micro-batch of a step).
+pub fn accumulate_grad<T: Float>(acc: &mut [T], g: &[T], keep: bool) {
+    let chunk = super::par::chunk_len(acc.len());
+    use rayon::prelude::*;
+    acc.par_chunks_mut(chunk).enumerate().for_each(|(ci, ac)| {
+        let gc = &g[ci * chunk..ci * chunk + ac.len()];
+        if keep {
+            for (a, &x) in ac.iter_mut().zip(gc) {
+                *a += x;
+            }
+        } else {
+            ac.copy_from_slice(gc);
+        }
+    });
+}

@@ -8,7 +8,7 @@ use super::float::Float;
 use super::layout::{self, Ids};
 use super::linalg::{self, AttnGeom};
 use super::norm;
-use crate::engine::backend::{check_upload, Backend, Program};
+use crate::engine::backend::{check_node_range, check_upload, Backend, Program};
 use crate::engine::tensor::HostTensor;
 use crate::error::{Error, Result};
 use crate::graph::passes::{plan_memory, Location, MemoryPlan};
@@ -95,7 +95,12 @@ fn float_compute(g: &Graph, node: &Node) -> DType {
 fn is_special(op: &Op) -> bool {
     matches!(
         op,
-        Op::Reshape { .. } | Op::Cast { .. } | Op::TimestepEmbedding { .. } | Op::AdamW { .. } | Op::MultiAdamW(_)
+        Op::Reshape { .. }
+            | Op::Cast { .. }
+            | Op::TimestepEmbedding { .. }
+            | Op::AdamW { .. }
+            | Op::MultiAdamW(_)
+            | Op::AccumulateGrad
     )
 }
 
@@ -159,7 +164,8 @@ fn kernel_scratch_len(g: &Graph, node: &Node, threads: usize) -> usize {
         | Op::MseLoss
         | Op::MseLossBackward
         | Op::AdamW { .. }
-        | Op::MultiAdamW(_) => 0,
+        | Op::MultiAdamW(_)
+        | Op::AccumulateGrad => 0,
     }
 }
 
@@ -326,6 +332,7 @@ impl CpuProgram {
                 }
                 return Ok(());
             }
+            Op::AccumulateGrad => return self.run_accumulate_grad(node),
             _ => {}
         }
         match self.execs[i].compute {
@@ -407,6 +414,24 @@ impl CpuProgram {
                     e,
                     wd,
                 ),
+            }
+        }
+        Ok(())
+    }
+
+    /// acc ← grad (keep = 0) or acc + grad (keep ≠ 0), in place.
+    fn run_accumulate_grad(&self, node: &Node) -> Result<()> {
+        let (acc, grad) = (node.inputs[0], node.inputs[1]);
+        let keep = self.read_f64(node.inputs[2])?[0] != 0.0;
+        // SAFETY: acc is a state buffer and grad a different value (in the arena or another source), so the two
+        // views do not alias; shape inference made them the same shape and dtype.
+        unsafe {
+            match self.graph.dtype(acc) {
+                DType::F32 => ew::accumulate_grad(self.view_mut::<f32>(acc)?, self.view::<f32>(grad)?, keep),
+                DType::F64 => ew::accumulate_grad(self.view_mut::<f64>(acc)?, self.view::<f64>(grad)?, keep),
+                other => {
+                    return Err(Error::Unsupported { backend: "cpu", msg: format!("gradient accumulation in {other}") })
+                }
             }
         }
         Ok(())
@@ -660,7 +685,8 @@ impl CpuProgram {
             | Op::Cast { .. }
             | Op::TimestepEmbedding { .. }
             | Op::AdamW { .. }
-            | Op::MultiAdamW(_) => {
+            | Op::MultiAdamW(_)
+            | Op::AccumulateGrad => {
                 unreachable!("handled in run_node")
             }
         }
@@ -773,11 +799,12 @@ impl Program for CpuProgram {
         Ok(HostTensor { shape: val.shape.clone(), dtype: val.dtype, bytes })
     }
 
-    fn launch(&mut self) -> Result<()> {
+    fn launch_nodes(&mut self, nodes: std::ops::Range<usize>) -> Result<()> {
+        check_node_range(&self.graph, &nodes)?;
         let mut profile = self.profile.take();
         let this = &*self;
         let r = this.pool.install(|| {
-            for i in 0..this.graph.nodes.len() {
+            for i in nodes {
                 let start = std::time::Instant::now();
                 this.run_node(i)
                     .map_err(|e| Error::msg(format!("node {i} ({}): {e}", this.graph.nodes[i].op.name())))?;

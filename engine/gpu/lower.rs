@@ -621,6 +621,18 @@ impl Emit<'_, '_> {
                 let firsts: Vec<usize> = (0..k.tensors).map(|t| 4 * t).collect();
                 self.adamw(&firsts, 4 * k.tensors, hp)?
             }
+            Op::AccumulateGrad => {
+                if self.in_dtype(0) != DType::F32 {
+                    return Err(Error::Unsupported {
+                        backend: "cuda",
+                        msg: format!("gradient accumulators must be f32, not {}", self.in_dtype(0)),
+                    });
+                }
+                let n = self.in_shape(0).numel() as u64;
+                let args =
+                    vec![Arg::Ptr(self.in_ptr(0)), Arg::Ptr(self.in_ptr(1)), Arg::Ptr(self.in_ptr(2)), Arg::u64(n)];
+                self.launch(module::ADAMW, "accumulate_grad_f32".into(), grid_stride(n), args, true);
+            }
             Op::Fused(k) => self.fused(k)?,
         }
         Ok(())

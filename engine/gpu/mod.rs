@@ -10,14 +10,14 @@
 pub mod consts;
 pub mod lower;
 
-use crate::engine::backend::{check_upload, Backend, Program};
+use crate::engine::backend::{check_node_range, check_upload, Backend, Program};
 use crate::engine::device::emu::{EmuDevice, EmuOptions};
 use crate::engine::device::{DevPtr, Device, GraphId, ModuleSource, Span};
 use crate::engine::profile::Profile;
 use crate::engine::tensor::HostTensor;
 use crate::error::{Error, Result};
 use crate::graph::passes::{plan_memory_aligned, Location, MemoryPlan};
-use crate::graph::{Graph, Op, ValueId};
+use crate::graph::{Graph, ValueId};
 use lower::{lower_node, Cmd, Ctx, Lowered};
 
 /// Every device buffer starts at a multiple of this.
@@ -91,9 +91,17 @@ pub struct GpuProgram<D: Device> {
     error_flags: Vec<(usize, DevPtr)>,
     /// The first node with a non-finite output (u32::MAX: none), when the per-kernel check is on.
     finite_flag: Option<DevPtr>,
-    steps: u64,
-    captured: Option<GraphId>,
+    /// Each node range launched so far: how often, and its captured CUDA graph once there is one. A whole step is
+    /// one range; an accumulating step has two (its micro-batch nodes and its update), each captured on its own.
+    ranges: Vec<RangeRuns>,
     profile: Option<Profile>,
+}
+
+/// The launches of one node range.
+struct RangeRuns {
+    nodes: std::ops::Range<usize>,
+    launches: u64,
+    captured: Option<GraphId>,
 }
 
 fn align(x: u64) -> u64 {
@@ -232,18 +240,10 @@ impl<D: Device> Backend for GpuBackend<D> {
                 .chain([scratch_span, Span::new(consts_ptr.offset(const_offset), const_bytes)])
                 .chain(finite_flag.map(|f| Span::new(f, 4)))
                 .collect();
-            if node.op.has_side_effects() {
-                // AdamW updates parameters and moments in place.
-                let k = match &node.op {
-                    Op::MultiAdamW(k) => k.tensors,
-                    _ => 1,
-                };
-                for t in 0..k {
-                    for j in [0, 2, 3] {
-                        let v = node.inputs[4 * t + j];
-                        writes.push(Span::new(addr(v), graph.value(v).bytes() as u64));
-                    }
-                }
+            // In-place ops (AdamW, gradient accumulation) also write some of their inputs.
+            for j in node.op.in_place_inputs() {
+                let v = node.inputs[j];
+                writes.push(Span::new(addr(v), graph.value(v).bytes() as u64));
             }
             let live = plan
                 .buffers
@@ -286,8 +286,7 @@ impl<D: Device> Backend for GpuBackend<D> {
             nodes,
             error_flags,
             finite_flag,
-            steps: 0,
-            captured: None,
+            ranges: Vec::new(),
             profile,
         })
     }
@@ -331,9 +330,9 @@ impl<D: Device> GpuProgram<D> {
         self.device.after_command(&what, &node.writes)
     }
 
-    /// Runs (or, while capturing, records) one step's commands.
-    fn issue_step(&mut self) -> Result<()> {
-        for i in 0..self.nodes.len() {
+    /// Runs (or, while capturing, records) the commands of the nodes in `nodes`.
+    fn issue_nodes(&mut self, nodes: std::ops::Range<usize>) -> Result<()> {
+        for i in nodes {
             let start = std::time::Instant::now();
             self.issue_node(i)?;
             if let Some(p) = self.profile.as_mut() {
@@ -412,21 +411,29 @@ impl<D: Device> Program for GpuProgram<D> {
         Ok(HostTensor { shape: val.shape.clone(), dtype: val.dtype, bytes })
     }
 
-    fn launch(&mut self) -> Result<()> {
+    fn launch_nodes(&mut self, nodes: std::ops::Range<usize>) -> Result<()> {
+        check_node_range(&self.graph, &nodes)?;
+        let r = match self.ranges.iter().position(|r| r.nodes == nodes) {
+            Some(r) => r,
+            None => {
+                self.ranges.push(RangeRuns { nodes: nodes.clone(), launches: 0, captured: None });
+                self.ranges.len() - 1
+            }
+        };
         let replay = self.mode == StepMode::CaptureAfterFirst && self.profile.is_none();
-        match (replay, self.steps, self.captured) {
+        match (replay, self.ranges[r].launches, self.ranges[r].captured) {
             (true, _, Some(g)) => self.device.replay(g)?,
             (true, s, None) if s >= 1 => {
                 self.device.begin_capture()?;
-                let recorded = self.issue_step();
+                let recorded = self.issue_nodes(nodes);
                 let graph = self.device.end_capture()?;
                 recorded?;
-                self.captured = Some(graph);
+                self.ranges[r].captured = Some(graph);
                 self.device.replay(graph)?;
             }
-            _ => self.issue_step()?,
+            _ => self.issue_nodes(nodes)?,
         }
-        self.steps += 1;
+        self.ranges[r].launches += 1;
         self.check_error_flags()
     }
 

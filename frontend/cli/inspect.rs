@@ -5,14 +5,16 @@ use crate::engine::cpu::CpuBackend;
 use crate::error::Result;
 use crate::frontend::{model_config, step};
 use crate::models::counts::{clip_params, controlnet_params, total, unet_params, vae_params};
+use crate::models::train_step::Phase;
 use std::io::Write;
 
 #[derive(Debug, clap::Args)]
 pub struct InspectArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
-    /// Also build and plan the training step at model.micro_batch_size and print its planned peak
-    /// memory (takes a few seconds for SD 1.5).
+    /// Also build and plan the training step `zeroconv train` compiles (VAE and text encoder included, at the
+    /// crop's size, one micro-batch of activations) and print its planned peak memory (takes a few seconds for SD
+    /// 1.5).
     #[arg(long)]
     pub plan: bool,
     /// Print every parameter key with its shape.
@@ -77,23 +79,50 @@ pub fn run(args: &InspectArgs, out: &mut dyn Write) -> Result<()> {
         }
     }
     if args.plan {
+        // Exactly the step `zeroconv train` compiles for the ControlNet: pixels in (the crop's size), the frozen VAE
+        // and text encoder, one micro-batch of activations (accumulation runs it in a loop), the update.
+        match train_step_plan(&cfg) {
+            Ok(line) => w(out, line)?,
+            Err(e) => w(out, format!("training step: this config cannot be trained: {e}"))?,
+        }
+        // The latent-space step `bench train` times (and ../shared/bench's PyTorch step runs): no VAE or text encoder.
         let st = step::latent_step(&cfg, m.micro_batch_size as usize)?;
         let opt = step::optimize(&cfg, &st, false)?;
         let plan = CpuBackend::default().plan(&opt.graph)?;
         w(
             out,
             format!(
-                "training step (batch {}, {}x{} latents, precision {:?}): {} kernels; {}",
+                "bench train step (latent space, no VAE or text encoder; batch {}, {}x{} latents): {} kernels; {}",
                 st.batch.batch,
                 st.batch.latent_h,
                 st.batch.latent_w,
-                cfg.trainer.precision,
                 opt.graph.nodes.iter().filter(|n| !n.op.is_view()).count(),
                 plan.summary()
             ),
         )?;
     }
     Ok(())
+}
+
+/// The plan of the ControlNet step `zeroconv train` compiles, as one line.
+fn train_step_plan(cfg: &crate::frontend::config::Config) -> Result<String> {
+    let models = crate::frontend::train::step_models(cfg)?;
+    let (h, w) = crate::frontend::train::data::image_size(cfg);
+    let st = step::train_step(cfg, &models, Phase::Control, (h, w))?;
+    let opt = step::run_passes(&st.graph, &step::pass_options(cfg, false))?;
+    let plan = CpuBackend::default().plan(&opt.graph)?;
+    let f = models.first_stage.factor();
+    Ok(format!(
+        "training step (micro-batch {} x {} per optimizer step, {h}x{w} images, {}x{} latents, precision {:?}): {} \
+         kernels; {}",
+        cfg.model.micro_batch_size,
+        st.micro_batches,
+        h / f,
+        w / f,
+        cfg.trainer.precision,
+        opt.graph.nodes.iter().filter(|n| !n.op.is_view()).count(),
+        plan.summary()
+    ))
 }
 
 pub fn group_digits(n: usize) -> String {

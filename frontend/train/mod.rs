@@ -107,9 +107,13 @@ struct StepProgram {
     prog: DeviceProgram,
     map: ValueMap,
     specs: Vec<ParamSpec>,
-    inputs: Vec<StepInputs>,
+    inputs: StepInputs,
     loss: ValueId,
     hyper: ValueId,
+    /// Gradient accumulation: the keep input and the first node of the update; the nodes before it run once per
+    /// micro-batch, the rest once per step.
+    accumulate: Option<(ValueId, usize)>,
+    micro_batches: usize,
 }
 
 fn build_step(
@@ -119,34 +123,24 @@ fn build_step(
     hw: (usize, usize),
     opts: &TrainOptions,
 ) -> Result<StepProgram> {
-    let micro = cfg.model.micro_batch_size as usize;
-    let accum = cfg.grad_accumulation().max(1) as usize;
-    let compute = step::compute_dtype(cfg.trainer.precision);
-    let mut b = ModelBuilder::new(DType::F32);
-    b.checkpoint_blocks = cfg.model.unet_config.use_checkpoint || cfg.model.control_stage_config.use_checkpoint;
-    let mut inputs = Vec::new();
-    let mut total: Option<ValueId> = None;
-    for k in 0..accum {
-        let tag = if accum > 1 { format!(".{k}") } else { String::new() };
-        let out = micro_step_hw(&mut b, models, phase, micro, hw, compute, &tag)?;
-        inputs.push(out.inputs);
-        total = Some(match total {
-            Some(t) => b.g.add(t, out.loss)?,
-            None => out.loss,
-        });
-    }
-    let loss = b.g.scale(total.expect("at least one micro-batch"), 1.0 / accum as f64)?;
-    b.g.outputs.push(loss);
-    let hyper = step::append_update(&mut b.g, loss, cfg)?;
-    let opt = step::run_passes(&b.g, &step::pass_options(cfg, false))?;
+    let st = step::train_step(cfg, models, phase, hw)?;
+    let opt = step::run_passes(&st.graph, &step::pass_options(cfg, false))?;
+    let kept = |v: ValueId| opt.map.get(v).ok_or_else(|| Error::msg("internal: a step input was optimised away"));
+    let accumulate = match st.keep {
+        Some(keep) => Some((kept(keep)?, crate::graph::optim::update_start(&opt.graph)?)),
+        None => None,
+    };
+    let (loss, hyper) = (kept(st.loss)?, kept(st.hyper)?);
     let prog = compile_program(opts.device, opt.graph, opts.threads)?;
     Ok(StepProgram {
         prog,
-        loss: opt.map.get(loss).expect("output"),
-        hyper: opt.map.get(hyper).expect("kept"),
+        loss,
+        hyper,
         map: opt.map,
-        specs: b.params,
-        inputs,
+        specs: st.params,
+        inputs: st.inputs,
+        accumulate,
+        micro_batches: st.micro_batches,
     })
 }
 
@@ -176,12 +170,12 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Draws a micro-batch and its noise into the program's inputs for micro-batch `k`.
-    fn feed(&mut self, p: &mut StepProgram, k: usize) -> Result<()> {
+    /// Draws a micro-batch and its noise into the program's inputs.
+    fn feed(&mut self, p: &mut StepProgram) -> Result<()> {
         let n = self.cfg.model.micro_batch_size as usize;
         let (h, w) = self.data.image_size();
         let batch = self.data.next_batch(n)?;
-        let inp = p.inputs[k];
+        let inp = p.inputs;
         let hint_c = self.models.ldm.control.hint_channels;
         let f = self.models.first_stage.factor();
         let c = latent_channels(&self.models);
@@ -220,6 +214,32 @@ impl Run<'_> {
         let drop = self.cfg.model.text_embedding_dropout_rate;
         let keep: Vec<f64> = (0..n).map(|_| if self.rng.uniform() < drop { 0.0 } else { 1.0 }).collect();
         self.upload(p, inp.keep_text, vec![n, 1, 1], DType::F32, &keep)
+    }
+
+    /// One optimizer step: every micro-batch fed and run, then the update with `hyper`. Returns the mean loss of
+    /// the micro-batches (NaN or Inf as soon as one micro-batch's loss is, without updating).
+    fn step(&mut self, p: &mut StepProgram, hyper: &[f64; 3]) -> Result<f64> {
+        let hyper = HostTensor::from_f64([3], DType::F32, hyper)?;
+        let Some((keep, update)) = p.accumulate else {
+            self.feed(p)?;
+            p.prog.upload(p.hyper, &hyper)?;
+            p.prog.launch()?;
+            return Ok(p.prog.download(p.loss)?.to_f64()[0]);
+        };
+        let mut sum = 0.0;
+        for k in 0..p.micro_batches {
+            self.feed(p)?;
+            p.prog.upload(keep, &HostTensor::from_f64([1], DType::F32, &[if k == 0 { 0.0 } else { 1.0 }])?)?;
+            p.prog.launch_nodes(0..update)?;
+            let loss = p.prog.download(p.loss)?.to_f64()[0];
+            if !loss.is_finite() {
+                return Ok(loss);
+            }
+            sum += loss;
+        }
+        p.prog.upload(p.hyper, &hyper)?;
+        p.prog.launch_nodes(update..p.prog.graph().nodes.len())?;
+        Ok(sum / p.micro_batches as f64)
     }
 
     fn lr(&self, step: u64) -> f64 {
@@ -275,8 +295,7 @@ impl Run<'_> {
             human_bytes(planned as f64),
             t0.elapsed().as_secs_f64()
         );
-        let accum = p.inputs.len();
-        let per_step = accum * self.cfg.model.micro_batch_size as usize;
+        let per_step = p.micro_batches * self.cfg.model.micro_batch_size as usize;
         let log_every = self.cfg.trainer.log_every_n_steps.max(1);
         let ckpt_every = self.cfg.exp_manager.checkpoint_callback_params.every_n_train_steps;
         let checkpoints = self.cfg.exp_manager.create_checkpoint_callback;
@@ -298,13 +317,8 @@ impl Run<'_> {
             if limits.epochs.is_some_and(|e| pos.epoch >= e) {
                 break;
             }
-            for k in 0..accum {
-                self.feed(&mut p, k)?;
-            }
             let lr = self.lr(s);
-            p.prog.upload(p.hyper, &HostTensor::from_f64([3], DType::F32, &adamw_hyper(&adam, lr, s + 1))?)?;
-            p.prog.launch()?;
-            let loss = p.prog.download(p.loss)?.to_f64()[0];
+            let loss = self.step(&mut p, &adamw_hyper(&adam, lr, s + 1))?;
             if !loss.is_finite() {
                 return Err(Error::msg(format!(
                     "{name} step {}: the loss is {loss}; rerun with ZEROCONV_CHECK_FINITE=1 to stop at the first kernel that produces a NaN/Inf (and --resume from the last checkpoint), or lower model.optim.lr",

@@ -80,6 +80,7 @@ fn kind(g: &Graph, n: NodeId) -> Kind {
         | Op::MseLoss
         | Op::MseLossBackward
         | Op::AdamW { .. }
+        | Op::AccumulateGrad
         | Op::Fused(_)
         | Op::MultiAdamW(_) => Kind::Other,
     }
