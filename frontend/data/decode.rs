@@ -5,6 +5,7 @@
 
 use std::io::Cursor;
 
+use super::complete;
 use image::{ColorType, ImageDecoder, ImageFormat, RgbImage};
 use serde::{Deserialize, Serialize};
 
@@ -133,6 +134,24 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, String> {
     if !matches!(format, ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP) {
         return Err(format!("unsupported image format {format:?}"));
     }
+    // A file cut short is refused as Pillow refuses it (webdataset's decoders, so NeMo's pipeline, skip it), where
+    // the decoders here would fill the missing part with grey (JPEG) or refuse a complete image (PNG).
+    match format {
+        ImageFormat::Jpeg => complete::check_jpeg(bytes)?,
+        ImageFormat::Png => {
+            if let Some(fixed) = complete::png_with_end(bytes)? {
+                return decode_known(&fixed, format).map_err(|e| {
+                    format!("truncated PNG: the file ends at byte {} before its IEND chunk: {e}", bytes.len())
+                });
+            }
+        }
+        _ => {}
+    }
+    decode_known(bytes, format)
+}
+
+/// [`decode_rgb`] once the format is known and the file is complete.
+fn decode_known(bytes: &[u8], format: ImageFormat) -> Result<RgbImage, String> {
     // The decoder API lets the pixels go straight into a reused buffer (see `pool`); the default size limits apply.
     let decoder =
         image::ImageReader::with_format(Cursor::new(bytes), format).into_decoder().map_err(|e| e.to_string())?;

@@ -13,6 +13,7 @@
 
 pub mod bench;
 pub mod check;
+pub mod complete;
 pub mod decode;
 pub mod group;
 pub mod loader;
