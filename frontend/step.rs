@@ -46,9 +46,10 @@ pub fn update_rule(cfg: &Config) -> UpdateRule {
 }
 
 /// The step `zeroconv train` runs, before optimisation: one micro-batch from pixels and token ids (frozen VAE and
-/// text encoder included), its backward and the update. With `micro_batches` > 1 (gradient accumulation) the
-/// micro-batch part adds its gradients into accumulators and the update is a separate part run once per step
-/// ([`append_accumulating_step`]), so memory does not grow with the number of micro-batches.
+/// text encoder included), its backward and the update. With `micro_batches` > 1 (gradient accumulation) or data
+/// parallelism (`trainer.devices × trainer.num_nodes` > 1) the micro-batch part adds its gradients into
+/// accumulators and the update is a separate part run once per step ([`append_accumulating_step`]), so memory does
+/// not grow with the number of micro-batches and the ranks' accumulators can be summed before the update.
 pub struct TrainStepGraph {
     pub graph: Graph,
     pub params: Vec<ParamSpec>,
@@ -58,7 +59,10 @@ pub struct TrainStepGraph {
     pub hyper: ValueId,
     /// The accumulators' keep input, when accumulating.
     pub keep: Option<ValueId>,
+    /// Micro-batches per optimizer step in each process.
     pub micro_batches: usize,
+    /// Processes training in data parallel.
+    pub world_size: usize,
 }
 
 /// Builds [`TrainStepGraph`] for `phase` on (h, w) images, as the config asks (micro-batch size, accumulation,
@@ -66,17 +70,27 @@ pub struct TrainStepGraph {
 pub fn train_step(cfg: &Config, models: &StepModels, phase: Phase, hw: (usize, usize)) -> Result<TrainStepGraph> {
     let micro = cfg.model.micro_batch_size as usize;
     let micro_batches = cfg.grad_accumulation().max(1) as usize;
+    let world_size = cfg.data_parallel_size().max(1) as usize;
     let mut b = ModelBuilder::new(DType::F32);
     b.checkpoint_blocks = pass_options(cfg, false).checkpointing;
     let out = micro_step_hw(&mut b, models, phase, micro, hw, compute_dtype(cfg.trainer.precision), "")?;
     b.g.outputs.push(out.loss);
-    let (hyper, keep) = if micro_batches > 1 {
-        let acc = append_accumulating_step(&mut b.g, out.loss, &update_rule(cfg), micro_batches)?;
+    let (hyper, keep) = if micro_batches > 1 || world_size > 1 {
+        let acc = append_accumulating_step(&mut b.g, out.loss, &update_rule(cfg), micro_batches * world_size)?;
         (acc.hyper, Some(acc.keep))
     } else {
         (append_update(&mut b.g, out.loss, cfg)?, None)
     };
-    Ok(TrainStepGraph { graph: b.g, params: b.params, inputs: out.inputs, loss: out.loss, hyper, keep, micro_batches })
+    Ok(TrainStepGraph {
+        graph: b.g,
+        params: b.params,
+        inputs: out.inputs,
+        loss: out.loss,
+        hyper,
+        keep,
+        micro_batches,
+        world_size,
+    })
 }
 
 /// A training step before optimisation.

@@ -100,6 +100,9 @@ pub struct UpdateRule {
 /// accumulators are overwritten), 1 for the others (added to).
 pub const KEEP_INPUT: &str = "grad_acc.keep";
 
+/// The accumulator of parameter `p` is the state named `<p>.grad_acc`.
+pub const ACCUMULATOR_SUFFIX: &str = ".grad_acc";
+
 /// The sources of an accumulating step the caller feeds.
 #[derive(Clone, Copy, Debug)]
 pub struct AccumulatingStep {
@@ -110,28 +113,30 @@ pub struct AccumulatingStep {
 }
 
 /// Gradient accumulation as a loop, as PyTorch does it: the graph computes one micro-batch's gradients of
-/// `loss / micro_batches` and adds them into persistent accumulators (state `<param>.grad_acc`, the size of the
+/// `loss / batches_per_update` and adds them into persistent accumulators (state `<param>.grad_acc`, the size of the
 /// trainable parameters); the nodes after it, all in [`Phase::Update`], clip the accumulated gradients and apply
 /// the update. The caller runs the nodes before [`update_start`] once per micro-batch (feeding [`KEEP_INPUT`]) and
-/// the rest once per step, so activations cost one micro-batch however many are accumulated.
+/// the rest once per step, so activations cost one micro-batch however many are accumulated. `batches_per_update`
+/// is the number of equal micro-batches one update averages: those accumulated here, times the data-parallel ranks
+/// whose accumulators are summed into these before the update.
 pub fn append_accumulating_step(
     g: &mut Graph,
     loss: ValueId,
     rule: &UpdateRule,
-    micro_batches: usize,
+    batches_per_update: usize,
 ) -> Result<AccumulatingStep> {
-    if micro_batches == 0 {
+    if batches_per_update == 0 {
         return Err(Error::msg("gradient accumulation needs at least one micro-batch"));
     }
     let keep = g.input(KEEP_INPUT, [1], DType::F32);
-    let scaled = if micro_batches > 1 { g.scale(loss, 1.0 / micro_batches as f64)? } else { loss };
+    let scaled = if batches_per_update > 1 { g.scale(loss, 1.0 / batches_per_update as f64)? } else { loss };
     let pairs = backward_pairs(g, scaled)?;
     g.set_phase(Phase::Backward);
     let mut accumulated = Vec::with_capacity(pairs.len());
     for (p, d) in pairs {
         let pv = g.value(p).clone();
         let d = g.cast(d, pv.dtype)?;
-        let acc = g.state(&format!("{}.grad_acc", pv.name), pv.shape.clone(), pv.dtype);
+        let acc = g.state(&format!("{}{ACCUMULATOR_SUFFIX}", pv.name), pv.shape.clone(), pv.dtype);
         g.add_node(Op::AccumulateGrad, &[acc, d, keep])?;
         accumulated.push((p, acc));
     }

@@ -343,13 +343,13 @@ fn a_fraction_of_an_epoch_of_shards_is_refused_as_lightning_does() {
 // --- trainer.devices / trainer.num_nodes -----------------------------------------------------------------------
 
 #[test]
-fn more_than_one_device_or_node_is_refused() {
+fn more_than_one_device_or_node_without_a_launcher_is_refused() {
     let dir = tmp("devices");
     for key in ["trainer.devices=2", "trainer.num_nodes=2"] {
         let run = dir.path().join(key);
         let err = train(&small(&["trainer.max_steps=2", key]), &opts(&run)).unwrap_err().to_string();
         let name = key.split('=').next().unwrap();
-        assert!(err.contains(name) && err.contains("data-parallel"), "{err}");
+        assert!(err.contains(name) && err.contains("single process") && err.contains("zeroconv launch"), "{err}");
         assert!(!run.exists(), "nothing is written for a refused config");
     }
 }

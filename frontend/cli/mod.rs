@@ -5,6 +5,7 @@ pub mod bench_train;
 pub mod forward;
 pub mod inspect;
 pub mod kernels;
+pub mod launch;
 pub mod profile;
 pub mod sample;
 pub mod train;

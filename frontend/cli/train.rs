@@ -59,6 +59,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         fail_checkpoint_after: None,
     };
     let report = train(&cfg, &opts)?;
+    if report.rank != 0 {
+        return Ok(());
+    }
     if let (Some((_, first_step, first)), Some((_, last_step, last))) = (report.losses.first(), report.losses.last()) {
         eprintln!("loss: {first:.4} at step {first_step} -> {last:.4} at step {last_step}");
     }

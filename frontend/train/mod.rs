@@ -7,6 +7,7 @@ pub mod config_diff;
 pub mod data;
 pub mod lock;
 pub mod lr_schedule;
+pub mod parallel;
 pub mod run_dir;
 pub mod sources;
 pub mod state;
@@ -29,7 +30,8 @@ use crate::graph::{DType, ValueId};
 use crate::models::schedule::Schedule;
 use crate::models::train_step::{latent_channels, micro_step_hw, FirstStage, Phase, StepInputs, StepModels};
 use crate::models::{ModelBuilder, ParamSpec};
-use data::DataSource;
+use data::{DataSource, HostBatch};
+use parallel::Parallel;
 use state::TrainState;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -63,6 +65,8 @@ pub struct TrainReport {
     /// Mean IoU of generated shapes with the hint's regions: (with the hint, with the hint blanked).
     pub fidelity: Option<(f64, f64)>,
     pub exported: Option<PathBuf>,
+    /// This process's data-parallel rank (0 when alone); only rank 0 writes files.
+    pub rank: usize,
 }
 
 /// The model configs of a run.
@@ -113,6 +117,8 @@ struct StepProgram {
     /// Gradient accumulation: the keep input and the first node of the update; the nodes before it run once per
     /// micro-batch, the rest once per step.
     accumulate: Option<(ValueId, usize)>,
+    /// The gradient accumulators (in graph order: the same on every rank), summed over the ranks before the update.
+    accumulators: Vec<ValueId>,
     micro_batches: usize,
 }
 
@@ -131,6 +137,12 @@ fn build_step(
         None => None,
     };
     let (loss, hyper) = (kept(st.loss)?, kept(st.hyper)?);
+    let accumulators = (0..opt.graph.values.len())
+        .filter(|&v| {
+            let val = &opt.graph.values[v];
+            val.kind == crate::graph::ValueKind::State && val.name.ends_with(crate::graph::optim::ACCUMULATOR_SUFFIX)
+        })
+        .collect();
     let prog = compile_program(opts.device, opt.graph, opts.threads)?;
     Ok(StepProgram {
         prog,
@@ -140,6 +152,7 @@ fn build_step(
         specs: st.params,
         inputs: st.inputs,
         accumulate,
+        accumulators,
         micro_batches: st.micro_batches,
     })
 }
@@ -156,10 +169,14 @@ struct Run<'a> {
     sched: Schedule,
     /// The learning rate of each optimizer step (`model.optim.sched`, NeMo's formulas).
     lr_schedule: lr_schedule::LrSchedule,
-    metrics: std::fs::File,
+    /// `metrics.jsonl` (rank 0 only).
+    metrics: Option<std::fs::File>,
     report: TrainReport,
-    /// The locked run folder (released when the run ends, however it ends).
-    folder: run_dir::RunFolder,
+    /// The locked run folder (released when the run ends, however it ends); rank 0 only: the other ranks of a
+    /// data-parallel run write nothing.
+    folder: Option<run_dir::RunFolder>,
+    /// This process's rank among the data-parallel ranks (alone: rank 0 of 1).
+    par: Parallel,
 }
 
 impl Run<'_> {
@@ -170,27 +187,35 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Draws a micro-batch and its noise into the program's inputs.
-    fn feed(&mut self, p: &mut StepProgram) -> Result<()> {
+    /// Feeds the micro-batch of `batch` (one optimizer step's samples, over all ranks) that starts at sample
+    /// `first`, with its random draws: each sample's timestep, noise and prompt dropout come from a generator of
+    /// its own, keyed by `step_key` and its index in the step, so a sample draws the same numbers whichever rank
+    /// and micro-batch it lands in (a data-parallel run trains on what one process would).
+    fn feed(&mut self, p: &mut StepProgram, batch: &HostBatch, first: usize, step_key: u64) -> Result<()> {
         let n = self.cfg.model.micro_batch_size as usize;
         let (h, w) = self.data.image_size();
-        let batch = self.data.next_batch(n)?;
         let inp = p.inputs;
         let hint_c = self.models.ldm.control.hint_channels;
         let f = self.models.first_stage.factor();
         let c = latent_channels(&self.models);
-        let img: Vec<f64> = batch.images.iter().map(|&v| v as f64).collect();
-        self.upload(p, inp.image, vec![n, 3, h, w], DType::F32, &img)?;
-        let hint: Vec<f64> = batch.hints.iter().map(|&v| v as f64).collect();
-        if hint.len() != n * hint_c * h * w {
+        let samples = batch.captions.len();
+        let (img_len, hint_len) = (3 * h * w, hint_c * h * w);
+        if batch.hints.len() != samples * hint_len {
             return Err(Error::msg(format!(
                 "hints have {} channels here, the ControlNet takes {hint_c}",
-                hint.len() / (n * h * w)
+                batch.hints.len() / (samples * h * w).max(1)
             )));
         }
+        let range = first..first + n;
+        let img: Vec<f64> =
+            batch.images[range.start * img_len..range.end * img_len].iter().map(|&v| v as f64).collect();
+        self.upload(p, inp.image, vec![n, 3, h, w], DType::F32, &img)?;
+        let hint: Vec<f64> =
+            batch.hints[range.start * hint_len..range.end * hint_len].iter().map(|&v| v as f64).collect();
         self.upload(p, inp.hint, vec![n, hint_c, h, w], DType::F32, &hint)?;
         let l = self.models.clip.max_position_embeddings;
-        let ids: Vec<f64> = batch.captions.iter().flat_map(|c| self.tok.encode(c)).map(|i| i as f64).collect();
+        let ids: Vec<f64> =
+            batch.captions[range.clone()].iter().flat_map(|c| self.tok.encode(c)).map(|i| i as f64).collect();
         if ids.len() != n * l {
             return Err(Error::msg(format!(
                 "model.cond_stage_config.max_length must equal max_position_embeddings ({l})"
@@ -198,48 +223,77 @@ impl Run<'_> {
         }
         self.upload(p, inp.ids, vec![n, l], DType::I64, &ids)?;
         let steps = self.sched.len() as u64;
-        let ts: Vec<u64> = (0..n).map(|_| self.rng.below(steps)).collect();
+        let lat = c * (h / f) * (w / f);
+        let drop = self.cfg.model.text_embedding_dropout_rate;
+        let (mut ts, mut noise, mut posterior, mut keep) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for j in range {
+            let mut rng = Rng::new(crate::hash::fnv1a_extend(step_key, &(j as u64).to_le_bytes()));
+            ts.push(rng.below(steps));
+            noise.extend((0..lat).map(|_| rng.normal()));
+            if inp.posterior_noise.is_some() {
+                posterior.extend((0..lat).map(|_| rng.normal()));
+            }
+            keep.push(if rng.uniform() < drop { 0.0 } else { 1.0 });
+        }
         let (sa, s1a): (Vec<f64>, Vec<f64>) = ts.iter().map(|&t| self.sched.q_coeffs(t as usize)).unzip();
         let tsf: Vec<f64> = ts.iter().map(|&t| t as f64).collect();
         self.upload(p, inp.t, vec![n], DType::I64, &tsf)?;
         self.upload(p, inp.sqrt_alpha, vec![n, 1, 1, 1], DType::F32, &sa)?;
         self.upload(p, inp.sqrt_one_minus_alpha, vec![n, 1, 1, 1], DType::F32, &s1a)?;
-        let (lat_h, lat_w) = (h / f, w / f);
-        let noise: Vec<f64> = (0..n * c * lat_h * lat_w).map(|_| self.rng.normal()).collect();
-        self.upload(p, inp.noise, vec![n, c, lat_h, lat_w], DType::F32, &noise)?;
+        self.upload(p, inp.noise, vec![n, c, h / f, w / f], DType::F32, &noise)?;
         if let Some(pn) = inp.posterior_noise {
-            let e: Vec<f64> = (0..n * c * lat_h * lat_w).map(|_| self.rng.normal()).collect();
-            self.upload(p, pn, vec![n, c, lat_h, lat_w], DType::F32, &e)?;
+            self.upload(p, pn, vec![n, c, h / f, w / f], DType::F32, &posterior)?;
         }
-        let drop = self.cfg.model.text_embedding_dropout_rate;
-        let keep: Vec<f64> = (0..n).map(|_| if self.rng.uniform() < drop { 0.0 } else { 1.0 }).collect();
         self.upload(p, inp.keep_text, vec![n, 1, 1], DType::F32, &keep)
     }
 
-    /// One optimizer step: every micro-batch fed and run, then the update with `hyper`. Returns the mean loss of
-    /// the micro-batches (NaN or Inf as soon as one micro-batch's loss is, without updating).
-    fn step(&mut self, p: &mut StepProgram, hyper: &[f64; 3]) -> Result<f64> {
+    /// One optimizer step (the `step`-th, 1-based, of phase `phase`): this rank's micro-batches of the step's
+    /// samples fed and run, the gradients summed over the ranks, then the update with `hyper`. Returns the mean loss
+    /// over every micro-batch of every rank.
+    fn step(&mut self, p: &mut StepProgram, phase: &str, step: u64, hyper: &[f64; 3]) -> Result<f64> {
+        let micro = self.cfg.model.micro_batch_size as usize;
+        let per_rank = p.micro_batches * micro;
+        let batch = self.data.next_batch(per_rank * self.par.world_size)?;
+        let key = crate::hash::fnv1a64(format!("{}/{phase}/{step}", self.cfg.model.seed).as_bytes());
         let hyper = HostTensor::from_f64([3], DType::F32, hyper)?;
         let Some((keep, update)) = p.accumulate else {
-            self.feed(p)?;
+            self.feed(p, &batch, 0, key)?;
             p.prog.upload(p.hyper, &hyper)?;
             p.prog.launch()?;
             return Ok(p.prog.download(p.loss)?.to_f64()[0]);
         };
         let mut sum = 0.0;
         for k in 0..p.micro_batches {
-            self.feed(p)?;
+            self.feed(p, &batch, self.par.rank * per_rank + k * micro, key)?;
             p.prog.upload(keep, &HostTensor::from_f64([1], DType::F32, &[if k == 0 { 0.0 } else { 1.0 }])?)?;
             p.prog.launch_nodes(0..update)?;
-            let loss = p.prog.download(p.loss)?.to_f64()[0];
-            if !loss.is_finite() {
-                return Ok(loss);
-            }
-            sum += loss;
+            // A NaN is summed like any loss, so every rank reaches the reduction and stops together.
+            sum += p.prog.download(p.loss)?.to_f64()[0];
+        }
+        if self.par.world_size > 1 {
+            sum = self.sum_over_ranks(p, sum)?;
         }
         p.prog.upload(p.hyper, &hyper)?;
         p.prog.launch_nodes(update..p.prog.graph().nodes.len())?;
-        Ok(sum / p.micro_batches as f64)
+        Ok(sum / (p.micro_batches * self.par.world_size) as f64)
+    }
+
+    /// Sums every gradient accumulator (and `loss`) over the ranks, in place; returns the summed loss.
+    fn sum_over_ranks(&mut self, p: &mut StepProgram, loss: f64) -> Result<f64> {
+        let mut flat = Vec::new();
+        let mut parts = Vec::with_capacity(p.accumulators.len());
+        for &a in &p.accumulators {
+            let t = p.prog.download(a)?;
+            parts.push((a, t.shape.clone(), t.dtype, flat.len()));
+            flat.extend(t.to_f64());
+        }
+        flat.push(loss);
+        self.par.sum(&mut flat)?;
+        for (a, shape, dtype, at) in parts {
+            let n = shape.numel();
+            p.prog.upload(a, &HostTensor::from_f64(shape, dtype, &flat[at..at + n])?)?;
+        }
+        Ok(flat[flat.len() - 1])
     }
 
     fn lr(&self, step: u64) -> f64 {
@@ -247,6 +301,7 @@ impl Run<'_> {
     }
 
     fn checkpoint(&mut self, p: &mut StepProgram, phase: &str, step: u64) -> Result<PathBuf> {
+        let folder = self.folder.as_ref().ok_or_else(|| Error::msg("only rank 0 writes checkpoints"))?;
         let dir = self.opts.out_dir.join("checkpoints");
         std::fs::create_dir_all(&dir).map_err(|e| Error::file(&dir, e.to_string()))?;
         let tensors = state::gather(&mut p.prog, &p.map, &p.specs)?;
@@ -255,12 +310,12 @@ impl Run<'_> {
             phase: phase.to_string(),
             rng: self.rng.state(),
             data: self.data.state_json(),
-            run: Some(self.folder.run_id().to_string()),
+            run: Some(folder.run_id().to_string()),
         };
         let path = state::path_for(&dir, step_id(phase, step));
-        state::save(&path, &tensors, &st, Some(self.folder.config()), self.opts.fail_checkpoint_after)?;
+        state::save(&path, &tensors, &st, Some(folder.config()), self.opts.fail_checkpoint_after)?;
         // Keep this run's newest `save_top_k` (-1: all); other files are never touched.
-        self.folder.prune(self.cfg.exp_manager.checkpoint_callback_params.save_top_k);
+        folder.prune(self.cfg.exp_manager.checkpoint_callback_params.save_top_k);
         Ok(path)
     }
 
@@ -269,7 +324,10 @@ impl Run<'_> {
             "{{\"phase\":\"{phase}\",\"step\":{step},\"loss\":{loss},\"lr\":{lr},\"samples_per_s\":{sps:.3},\"peak_memory_bytes\":{},\"planned_memory_bytes\":{planned}}}\n",
             peak_rss_bytes().unwrap_or(0)
         );
-        self.metrics.write_all(line.as_bytes()).map_err(|e| Error::msg(format!("metrics.jsonl: {e}")))
+        match self.metrics.as_mut() {
+            Some(m) => m.write_all(line.as_bytes()).map_err(|e| Error::msg(format!("metrics.jsonl: {e}"))),
+            None => Ok(()),
+        }
     }
 
     /// Runs `phase` from `start` (steps done) until `limits` end it.
@@ -278,6 +336,8 @@ impl Run<'_> {
         let hw = self.data.image_size();
         let t0 = Instant::now();
         let mut p = build_step(self.cfg, &self.models, phase, hw, self.opts)?;
+        let fingerprint = crate::hash::fnv1a64(crate::graph::passes::dump::dump(p.prog.graph()).as_bytes());
+        self.par.check_same(&format!("{name} training step"), fingerprint)?;
         if phase == Phase::Control {
             self.store.copy_unet_into_control(&p.specs);
         }
@@ -295,7 +355,8 @@ impl Run<'_> {
             human_bytes(planned as f64),
             t0.elapsed().as_secs_f64()
         );
-        let per_step = p.micro_batches * self.cfg.model.micro_batch_size as usize;
+        // Samples per optimizer step, over every rank.
+        let per_step = p.micro_batches * self.cfg.model.micro_batch_size as usize * self.par.world_size;
         let log_every = self.cfg.trainer.log_every_n_steps.max(1);
         let ckpt_every = self.cfg.exp_manager.checkpoint_callback_params.every_n_train_steps;
         let checkpoints = self.cfg.exp_manager.create_checkpoint_callback;
@@ -318,7 +379,7 @@ impl Run<'_> {
                 break;
             }
             let lr = self.lr(s);
-            let loss = self.step(&mut p, &adamw_hyper(&adam, lr, s + 1))?;
+            let loss = self.step(&mut p, name, s + 1, &adamw_hyper(&adam, lr, s + 1))?;
             if !loss.is_finite() {
                 return Err(Error::msg(format!(
                     "{name} step {}: the loss is {loss}; rerun with ZEROCONV_CHECK_FINITE=1 to stop at the first kernel that produces a NaN/Inf (and --resume from the last checkpoint), or lower model.optim.lr",
@@ -338,7 +399,7 @@ impl Run<'_> {
                 self.log(name, done, loss, lr, sps, planned)?;
                 window = (Instant::now(), 0);
             }
-            if self.opts.progress {
+            if self.opts.progress && self.par.is_root() {
                 let el = started.elapsed().as_secs_f64();
                 let rate = (done - start) as f64 / el.max(1e-9);
                 let of = match total {
@@ -353,7 +414,10 @@ impl Run<'_> {
                     eprintln!();
                 }
             }
-            if checkpoints && (ckpt_every.is_some_and(|e| e > 0 && done.is_multiple_of(e)) || last) {
+            if self.par.is_root()
+                && checkpoints
+                && (ckpt_every.is_some_and(|e| e > 0 && done.is_multiple_of(e)) || last)
+            {
                 self.checkpoint(&mut p, name, done)?;
             }
             let val_due = match val_every {
@@ -366,7 +430,7 @@ impl Run<'_> {
                 },
                 None => false,
             };
-            if val_due && !last {
+            if val_due && !last && self.par.is_root() {
                 self.store.download_trainable(&mut p.prog, &p.map, &p.specs)?;
                 self.validation_grid(done)?;
             }
@@ -480,15 +544,6 @@ fn check_image_size(models: &StepModels, (h, w): (usize, usize)) -> Result<()> {
 
 fn check_run(cfg: &Config, data: &DataSource, evaluate: bool) -> Result<()> {
     let t = &cfg.trainer;
-    if t.devices > 1 || t.num_nodes > 1 {
-        return Err(Error::msg(format!(
-            "trainer.devices is {} and trainer.num_nodes {}: zeroconv has no data-parallel launcher yet and trains in one \
-             process on one device, so this would not be the run NeMo makes of it; set trainer.devices=1 and \
-             trainer.num_nodes=1 (to keep the global batch, model.global_batch_size or trainer.accumulate_grad_batches \
-             accumulates micro-batches instead)",
-            t.devices, t.num_nodes
-        )));
-    }
     if t.max_steps.is_none() && t.max_epochs.is_none() {
         return Err(Error::msg(
             "trainer.max_steps and trainer.max_epochs are both -1 (no limit): NeMo would train until it is stopped; set \
@@ -526,9 +581,11 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
     opts.device.check_available()?;
     let mut data = DataSource::from_config(cfg, opts.strict)?;
     check_run(cfg, &data, opts.evaluate)?;
+    // trainer.devices × trainer.num_nodes processes, started by a launcher (refused without one).
+    let mut par = Parallel::join(cfg, &crate::engine::dist::env::DistEnv::from_process_env()?)?;
     let limits = Limits { steps: cfg.trainer.max_steps, epochs: cfg.trainer.max_epochs };
     // NeMo computes the schedule's max_steps from max_epochs when only that is set and the data's length is known.
-    let per_step = u64::from(cfg.model.micro_batch_size) * u64::from(cfg.grad_accumulation().max(1));
+    let per_step = u64::from(cfg.global_batch_size());
     let sched_steps = limits.planned_steps(data.epoch_samples(), per_step);
     let lr_schedule = lr_schedule::LrSchedule::new(cfg.model.optim.lr, cfg.model.optim.sched.as_ref(), sched_steps)?;
     let models = step_models(cfg)?;
@@ -546,14 +603,31 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
     } else {
         run_dir::Start::Fresh
     };
-    let run_dir::Opened { folder, latest, metrics, started_from } =
-        run_dir::open_with(out, cfg, start, cfg.resume_checkpoint())?;
+    // Rank 0 opens (and locks) the run folder and tells the other ranks which checkpoint the run continues from.
+    let (folder, mut latest, metrics, mut started_from) = if par.is_root() {
+        let o = run_dir::open_with(out, cfg, start, cfg.resume_checkpoint())?;
+        (Some(o.folder), o.latest, Some(o.metrics), o.started_from)
+    } else {
+        (None, None, None, None)
+    };
+    let path_bytes = |p: Option<&Path>| p.map(|p| p.to_string_lossy().into_owned().into_bytes()).unwrap_or_default();
+    let latest_path = par.from_root(&path_bytes(latest.as_ref().map(|(ck, _)| ck.path())))?;
+    let from_path = par.from_root(&path_bytes(started_from.as_deref()))?;
+    if !par.is_root() {
+        let path = |b: Vec<u8>| (!b.is_empty()).then(|| PathBuf::from(String::from_utf8_lossy(&b).into_owned()));
+        if let Some(p) = path(latest_path) {
+            latest = Some(state::load(&p)?);
+        }
+        started_from = path(from_path);
+    }
     let mut rng = Rng::new(cfg.model.seed);
     let mut store = WeightStore::default();
     if let Some((_, st)) = &latest {
         rng = Rng::from_state(st.rng);
         data.restore(&st.data)?;
-        eprintln!("resuming the {} phase after step {}", st.phase, st.step);
+        if par.is_root() {
+            eprintln!("resuming the {} phase after step {}", st.phase, st.step);
+        }
     }
     let sched = Schedule::scaled_linear(cfg.model.linear_start, cfg.model.linear_end, cfg.model.timesteps as usize);
     let mut run = Run {
@@ -569,6 +643,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
         metrics,
         report: TrainReport::default(),
         folder,
+        par,
     };
     // Pretrained weights (all specs of both phases are known after building; load by key).
     let all_specs = {
@@ -579,7 +654,9 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
     // Every parameter is accounted for before anything is compiled: a frozen one without a source is an error.
     let mut weight_sources = sources::load_pretrained(cfg, &mut store, &all_specs)?;
     sources::account(cfg, &all_specs, &store, &mut weight_sources, opts.allow_random_weights)?;
-    eprint!("{}", weight_sources.render());
+    if run.par.is_root() {
+        eprint!("{}", weight_sources.render());
+    }
     run.store = store;
     let base_steps = cfg.model.base_pretrain_steps;
     // The base model this run trains itself (U-Net, and the frozen text encoder and first stage it was
@@ -593,10 +670,14 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
             _ => (0, None),
         };
         run.run_phase(Phase::Base, start, Limits { steps: Some(base_steps), epochs: None }, ck)?;
-        let mut base = run.store.under("model.diffusion_model.");
-        base.extend(run.store.under("cond_stage_model."));
-        base.extend(run.store.under("first_stage_model."));
-        write_safetensors(&base_file, &base, None)?;
+        // Written by rank 0 before any rank goes on (a resume of the ControlNet phase reads it).
+        if run.par.is_root() {
+            let mut base = run.store.under("model.diffusion_model.");
+            base.extend(run.store.under("cond_stage_model."));
+            base.extend(run.store.under("first_stage_model."));
+            write_safetensors(&base_file, &base, None)?;
+        }
+        run.par.barrier()?;
     } else if base_steps > 0 {
         // Started from another run's checkpoint: the base model it trained against is in that run's folder.
         let from_run =
@@ -607,7 +688,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
         if n == 0 {
             return Err(Error::file(source, "holds no U-Net weights"));
         }
-        if from_run.is_some() {
+        if from_run.is_some() && run.par.is_root() {
             let mut base = run.store.under("model.diffusion_model.");
             base.extend(run.store.under("cond_stage_model."));
             base.extend(run.store.under("first_stage_model."));
@@ -620,6 +701,11 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
         _ => (0, None),
     };
     run.run_phase(Phase::Control, start, limits, ck)?;
+    if !run.par.is_root() {
+        // The other ranks write nothing; rank 0 exports and evaluates.
+        run.report.rank = run.par.rank;
+        return Ok(run.report);
+    }
     // Export the ControlNet in the original layout (plus the U-Net decoder when it trained).
     let mut export = run.store.under("control_model.");
     if !cfg.model.sd_locked {
