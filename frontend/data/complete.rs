@@ -68,8 +68,7 @@ pub fn png_with_end(bytes: &[u8]) -> Result<Option<Vec<u8>>, String> {
         return Err("not a PNG (no signature)".into());
     }
     let mut pos = SIGNATURE.len();
-    loop {
-        let Some(header) = bytes.get(pos..pos + 8) else { break };
+    while let Some(header) = bytes.get(pos..pos + 8) {
         let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
         let end = pos.saturating_add(12).saturating_add(len);
         if end > bytes.len() {
