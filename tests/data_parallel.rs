@@ -120,3 +120,75 @@ fn a_rank_with_another_config_is_refused_at_the_handshake() {
     assert!(e1.contains("rank 1") && e1.contains("hash"), "{e1}");
     assert!(!out.join("metrics.jsonl").exists() || losses(&out).is_empty(), "no step ran");
 }
+
+/// The processes `zeroconv launch` (pid `parent`) started: (pid, RANK).
+fn ranks_of(parent: u32) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // The fields after the command name (which may hold spaces) start after the last ')'.
+        let after = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
+        let ppid = after.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok());
+        if ppid != Some(parent) {
+            continue;
+        }
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let rank = environ
+            .split(|&b| b == 0)
+            .find_map(|v| v.strip_prefix(b"RANK=").map(|r| String::from_utf8_lossy(r).into_owned()));
+        if let Some(r) = rank {
+            out.push((pid, r));
+        }
+    }
+    out
+}
+
+/// A rank killed in the middle of training: the other rank fails at the next gradient sum naming it, `zeroconv
+/// launch` exits with an error naming it, and no process is left behind.
+#[test]
+fn a_rank_killed_mid_training_stops_the_job_naming_it() {
+    let dir = tmp("dp-kill");
+    let out = dir.path().join("run");
+    let log = dir.path().join("stderr.txt");
+    let mut args = vec!["launch", "--nproc-per-node", "2", "--master-port", "0"];
+    let long = ["model.micro_batch_size=1", "trainer.devices=2", "trainer.max_steps=100000"];
+    args.extend(train_args(out.to_str().unwrap(), &long));
+    let mut launch = Command::new(env!("CARGO_BIN_EXE_zeroconv"))
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let metrics = out.join("metrics.jsonl");
+    while std::fs::read_to_string(&metrics).map_or(true, |m| m.lines().count() < 2) {
+        assert!(
+            started.elapsed().as_secs() < 120,
+            "training never started: {}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        assert!(launch.try_wait().unwrap().is_none(), "{}", std::fs::read_to_string(&log).unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let ranks = ranks_of(launch.id());
+    assert_eq!(ranks.len(), 2, "{ranks:?}");
+    let (victim, _) = ranks.iter().find(|(_, r)| r == "1").unwrap();
+    assert!(Command::new("kill").args(["-9", &victim.to_string()]).status().unwrap().success());
+    let status = loop {
+        if let Some(s) = launch.try_wait().unwrap() {
+            break s;
+        }
+        assert!(started.elapsed().as_secs() < 240, "the job did not stop after rank 1 was killed");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let err = std::fs::read_to_string(&log).unwrap();
+    // Rank 1 is named first, as killed; rank 0 failed at the next gradient sum, naming rank 1 too.
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.contains("zeroconv: rank 1 was killed by signal 9"), "{err}");
+    assert!(err.contains("rank 1 (host") && err.contains("closed its connection"), "{err}");
+    for (pid, _) in &ranks {
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "rank process {pid} is still there");
+    }
+}

@@ -89,9 +89,10 @@ fn free_port(addr: &str) -> Result<u16> {
 }
 
 /// Waits for every process; after the first failure, the rest get [`GRACE`] to stop and are then killed. Fails
-/// naming the first rank that failed.
+/// naming every rank that failed, those killed by a signal (the likely cause) first.
 fn wait_all(mut running: Vec<(usize, Child)>) -> Result<()> {
-    let mut failed: Option<(usize, String)> = None;
+    // (killed by a signal, rank, what happened), in the order seen.
+    let mut failed: Vec<(bool, usize, String)> = Vec::new();
     let mut deadline: Option<Instant> = None;
     while !running.is_empty() {
         let mut i = 0;
@@ -99,9 +100,9 @@ fn wait_all(mut running: Vec<(usize, Child)>) -> Result<()> {
             match running[i].1.try_wait() {
                 Ok(Some(status)) => {
                     let (rank, _) = running.remove(i);
-                    if !status.success() && failed.is_none() {
-                        failed = Some((rank, status.to_string()));
-                        deadline = Some(Instant::now() + GRACE);
+                    if !status.success() {
+                        failed.push(describe(rank, status));
+                        deadline.get_or_insert(Instant::now() + GRACE);
                     }
                 }
                 Ok(None) => i += 1,
@@ -109,7 +110,7 @@ fn wait_all(mut running: Vec<(usize, Child)>) -> Result<()> {
                     let (rank, mut child) = running.remove(i);
                     let _ = child.kill();
                     let _ = child.wait();
-                    failed.get_or_insert((rank, format!("cannot wait for it: {e}")));
+                    failed.push((false, rank, format!("rank {rank} could not be waited for ({e})")));
                 }
             }
         }
@@ -118,9 +119,20 @@ fn wait_all(mut running: Vec<(usize, Child)>) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    match failed {
-        None => Ok(()),
-        Some((rank, why)) => Err(Error::msg(format!("rank {rank} failed ({why}); its error is above"))),
+    if failed.is_empty() {
+        return Ok(());
+    }
+    failed.sort_by_key(|(signal, _, _)| !signal);
+    let list: Vec<String> = failed.into_iter().map(|(_, _, what)| what).collect();
+    Err(Error::msg(format!("{}; their errors, if any, are above", list.join("; "))))
+}
+
+/// (killed by a signal, rank, a phrase saying what happened).
+fn describe(rank: usize, status: std::process::ExitStatus) -> (bool, usize, String) {
+    use std::os::unix::process::ExitStatusExt;
+    match status.signal() {
+        Some(sig) => (true, rank, format!("rank {rank} was killed by signal {sig}")),
+        None => (false, rank, format!("rank {rank} failed ({status})")),
     }
 }
 
