@@ -25,7 +25,9 @@ mod write;
 
 pub use check::check_keys;
 pub use view::TensorView;
-pub use write::{write_atomically, write_safetensors, write_safetensors_to, AsTensorView};
+pub use write::{
+    write_atomically, write_safetensors, write_safetensors_streamed, write_safetensors_to, AsTensorView, Entry,
+};
 
 use crate::engine::HostTensor;
 use crate::error::{Error, Result};

@@ -66,20 +66,48 @@ pub fn write_safetensors_to<N: AsRef<str>, T: AsTensorView>(
     tensors: &[(N, T)],
     metadata: Option<&BTreeMap<String, String>>,
 ) -> Result<()> {
-    let mut views: Vec<(&str, TensorView<'_>)> =
-        tensors.iter().map(|(n, t)| (n.as_ref(), t.as_tensor_view())).collect();
-    let mut seen = BTreeSet::new();
+    let views: Vec<(&str, TensorView<'_>)> = tensors.iter().map(|(n, t)| (n.as_ref(), t.as_tensor_view())).collect();
     for (name, view) in &views {
-        if *name == "__metadata__" {
-            return Err(Error::msg("a tensor cannot be named __metadata__ in a safetensors file"));
-        }
-        if !seen.insert(*name) {
-            return Err(Error::msg(format!("tensor '{name}' is given twice")));
-        }
         TensorView::new(view.shape.clone(), view.dtype, Cow::Borrowed(&view.bytes))
             .map_err(|e| Error::msg(format!("tensor '{name}': {e}")))?;
     }
-    views.sort_by(|(na, a), (nb, b)| b.dtype.size().cmp(&a.dtype.size()).then(na.cmp(nb)));
+    let entries: Vec<Entry> =
+        views.iter().map(|(n, v)| Entry { name: n.to_string(), dtype: v.dtype, shape: v.shape.clone() }).collect();
+    write_safetensors_streamed(w, &entries, metadata, |i| Ok(Cow::Borrowed(&views[i].1.bytes[..])))
+}
+
+/// A tensor to be written by [`write_safetensors_streamed`]: its name, dtype and shape.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+/// Serialises tensors whose bytes are produced one at a time by `bytes(i)` (for `entries[i]`), in the file's order,
+/// so a writer never holds more than one tensor (a checkpoint streamed from a program's buffers). Names, shapes and
+/// dtypes are validated before the first byte is written; a tensor whose bytes do not match its shape is an error.
+pub fn write_safetensors_streamed<'a>(
+    w: &mut dyn Write,
+    entries: &[Entry],
+    metadata: Option<&BTreeMap<String, String>>,
+    mut bytes: impl FnMut(usize) -> Result<Cow<'a, [u8]>>,
+) -> Result<()> {
+    let mut seen = BTreeSet::new();
+    for e in entries {
+        if e.name == "__metadata__" {
+            return Err(Error::msg("a tensor cannot be named __metadata__ in a safetensors file"));
+        }
+        if !seen.insert(e.name.as_str()) {
+            return Err(Error::msg(format!("tensor '{}' is given twice", e.name)));
+        }
+    }
+    let size = |e: &Entry| e.shape.iter().product::<usize>() * e.dtype.size();
+    let mut order: Vec<usize> = (0..entries.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (ea, eb) = (&entries[a], &entries[b]);
+        eb.dtype.size().cmp(&ea.dtype.size()).then(ea.name.cmp(&eb.name))
+    });
 
     let mut header = Map::new();
     if let Some(meta) = metadata {
@@ -87,13 +115,14 @@ pub fn write_safetensors_to<N: AsRef<str>, T: AsTensorView>(
         header.insert("__metadata__".into(), Value::Object(meta));
     }
     let mut offset = 0usize;
-    for (name, view) in &views {
-        let end = offset + view.bytes.len();
+    for &i in &order {
+        let e = &entries[i];
+        let end = offset + size(e);
         let mut info = Map::new();
-        info.insert("dtype".into(), Value::from(safetensors_dtype(view.dtype)));
-        info.insert("shape".into(), Value::from(view.shape.clone()));
+        info.insert("dtype".into(), Value::from(safetensors_dtype(e.dtype)));
+        info.insert("shape".into(), Value::from(e.shape.clone()));
         info.insert("data_offsets".into(), Value::from(vec![offset, end]));
-        header.insert(name.to_string(), Value::Object(info));
+        header.insert(e.name.clone(), Value::Object(info));
         offset = end;
     }
     let mut header = serde_json::to_vec(&Value::Object(header)).map_err(|e| Error::msg(format!("header: {e}")))?;
@@ -103,8 +132,19 @@ pub fn write_safetensors_to<N: AsRef<str>, T: AsTensorView>(
     let io = |e: std::io::Error| Error::msg(format!("write failed: {e}"));
     w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
     w.write_all(&header).map_err(io)?;
-    for (_, view) in &views {
-        w.write_all(&view.bytes).map_err(io)?;
+    for &i in &order {
+        let data = bytes(i)?;
+        if data.len() != size(&entries[i]) {
+            return Err(Error::msg(format!(
+                "tensor '{}': {} bytes for a {:?} {} tensor of {} bytes",
+                entries[i].name,
+                data.len(),
+                entries[i].shape,
+                entries[i].dtype,
+                size(&entries[i])
+            )));
+        }
+        w.write_all(&data).map_err(io)?;
     }
     Ok(())
 }
@@ -167,4 +207,50 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 fn sync_dir(_dir: &Path) -> std::io::Result<()> {
     // Directories cannot be opened for syncing on Windows; NTFS journals the rename itself.
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str, dtype: DType, shape: &[usize]) -> Entry {
+        Entry { name: name.into(), dtype, shape: shape.to_vec() }
+    }
+
+    /// Streamed tensors are asked for in the file's order (largest element first, then by name), one at a time, and
+    /// the file is what the whole-tensor writer writes.
+    #[test]
+    fn streamed_tensors_come_one_at_a_time_in_file_order() {
+        let tensors = [
+            ("b", HostTensor::from_f64([2], DType::F32, &[1.0, 2.0]).unwrap()),
+            ("a", HostTensor::from_f64([3], DType::BF16, &[3.0, 4.0, 5.0]).unwrap()),
+            ("c", HostTensor::from_f64([1], DType::F64, &[6.0]).unwrap()),
+        ];
+        let entries: Vec<Entry> = tensors.iter().map(|(n, t)| entry(n, t.dtype, t.shape.dims())).collect();
+        let mut asked = Vec::new();
+        let mut streamed = Vec::new();
+        write_safetensors_streamed(&mut streamed, &entries, None, |i| {
+            asked.push(entries[i].name.clone());
+            Ok(Cow::Owned(tensors[i].1.bytes.clone()))
+        })
+        .unwrap();
+        assert_eq!(asked, ["c", "b", "a"]);
+        let mut whole = Vec::new();
+        write_safetensors_to(&mut whole, &tensors, None).unwrap();
+        assert_eq!(streamed, whole);
+    }
+
+    #[test]
+    fn a_streamed_tensor_of_the_wrong_size_is_an_error() {
+        let entries = [entry("w", DType::F32, &[4])];
+        let err = write_safetensors_streamed(&mut Vec::new(), &entries, None, |_| Ok(Cow::Owned(vec![0u8; 12])))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tensor 'w': 12 bytes") && err.contains("16 bytes"), "{err}");
+        let twice = [entry("w", DType::F32, &[1]), entry("w", DType::F32, &[1])];
+        let err = write_safetensors_streamed(&mut Vec::new(), &twice, None, |_| Ok(Cow::Owned(vec![0u8; 4])))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("given twice"), "{err}");
+    }
 }

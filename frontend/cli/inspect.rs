@@ -82,7 +82,16 @@ pub fn run(args: &InspectArgs, out: &mut dyn Write) -> Result<()> {
         // Exactly the step `zeroconv train` compiles for the ControlNet: pixels in (the crop's size), the frozen VAE
         // and text encoder, one micro-batch of activations (accumulation runs it in a loop), the update.
         match train_step_plan(&cfg) {
-            Ok(line) => w(out, line)?,
+            Ok(line) => {
+                w(out, line)?;
+                w(
+                    out,
+                    "host memory on --device cpu: the arena and the parameters/inputs/state above are host memory, and \
+                     training keeps no other copy of the weights (checkpoints stream one tensor at a time); add the \
+                     data pipeline and the program's code (BENCHMARKS.md: SD 1.5 at batch 1 peaked 11% above the plan)"
+                        .to_string(),
+                )?
+            }
             Err(e) => w(out, format!("training step: this config cannot be trained: {e}"))?,
         }
         // The latent-space step `bench train` times (and ../shared/bench's PyTorch step runs): no VAE or text encoder.

@@ -304,7 +304,7 @@ impl Run<'_> {
         let folder = self.folder.as_ref().ok_or_else(|| Error::msg("only rank 0 writes checkpoints"))?;
         let dir = self.opts.out_dir.join("checkpoints");
         std::fs::create_dir_all(&dir).map_err(|e| Error::file(&dir, e.to_string()))?;
-        let tensors = state::gather(&mut p.prog, &p.map, &p.specs)?;
+        let values = state::checkpoint_values(&p.prog, &p.map, &p.specs);
         let st = TrainState {
             step,
             phase: phase.to_string(),
@@ -313,7 +313,7 @@ impl Run<'_> {
             run: Some(folder.run_id().to_string()),
         };
         let path = state::path_for(&dir, step_id(phase, step));
-        state::save(&path, &tensors, &st, Some(folder.config()), self.opts.fail_checkpoint_after)?;
+        state::save(&path, &mut p.prog, &values, &st, Some(folder.config()), self.opts.fail_checkpoint_after)?;
         // Keep this run's newest `save_top_k` (-1: all); other files are never touched.
         folder.prune(self.cfg.exp_manager.checkpoint_callback_params.save_top_k);
         Ok(path)
@@ -342,7 +342,8 @@ impl Run<'_> {
             self.store.copy_unet_into_control(&p.specs);
         }
         self.store.init_missing(&p.specs, self.cfg.model.seed)?;
-        self.store.upload(&mut p.prog, &p.map, &p.specs)?;
+        // The program keeps the only host copy of every weight while it trains (see `upload_and_release`).
+        self.store.upload_and_release(&mut p.prog, &p.map, &p.specs)?;
         if let Some(ck) = resume_from {
             state::restore(&mut p.prog, &p.map, &p.specs, ck)?;
         }
@@ -431,14 +432,22 @@ impl Run<'_> {
                 None => false,
             };
             if val_due && !last && self.par.is_root() {
-                self.store.download_trainable(&mut p.prog, &p.map, &p.specs)?;
+                self.store.download_all(&mut p.prog, &p.map, &p.specs)?;
                 self.validation_grid(done)?;
+                self.store.release(&p.map, &p.specs);
             }
             if last {
                 break;
             }
         }
-        self.store.download_trainable(&mut p.prog, &p.map, &p.specs)?;
+        // What the host needs next: the base model's file and the ControlNet phase need every weight after the
+        // base phase, the fidelity evaluation samples with every weight; otherwise the trained weights (the export).
+        let evaluates = self.opts.evaluate && matches!(self.data, DataSource::Synthetic { .. });
+        if phase == Phase::Base || evaluates {
+            self.store.download_all(&mut p.prog, &p.map, &p.specs)?;
+        } else {
+            self.store.download_trainable(&mut p.prog, &p.map, &p.specs)?;
+        }
         Ok(())
     }
 
