@@ -21,21 +21,21 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Debug, clap::Args)]
 pub struct BenchOpsArgs {
     /// Square GEMM sizes to measure (comma-separated).
-    #[arg(long, value_delimiter = ',', default_values_t = [256, 512, 1024, 1536, 2048])]
+    #[arg(long, value_delimiter = ',', default_values_t = [256, 512, 1024, 1536, 2048], allow_negative_numbers = true, value_parser = crate::frontend::cli::whole::<usize>)]
     pub sizes: Vec<usize>,
     /// Threads to use (default: every core the OS gives this process).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = crate::frontend::cli::whole::<usize>)]
     pub threads: Option<usize>,
     /// Timed runs per case, after one untimed warm-up run.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, allow_negative_numbers = true, value_parser = crate::frontend::cli::whole::<usize>)]
     pub repeats: usize,
     /// Passes over every case; each case keeps its best run over all passes. Spreading a case's
     /// runs over time keeps a burst of other work on a shared machine from spoiling it.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, allow_negative_numbers = true, value_parser = crate::frontend::cli::whole::<usize>)]
     pub rounds: usize,
     /// Further passes, only over the cases that have not yet had a quiet pass (other processes
     /// using under 0.1 core), up to this many passes in all.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, allow_negative_numbers = true, value_parser = crate::frontend::cli::whole::<usize>)]
     pub max_rounds: usize,
     /// Skip the GEMM section.
     #[arg(long)]

@@ -660,3 +660,24 @@ fn sample_refuses_to_overwrite_an_image_without_force() {
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(!o.status.success() && !err.contains("exists") && !err.contains("panicked"), "{err}");
 }
+
+/// A negative count is one clear error naming the flag, not clap's tip to write `-- -5` (which would pass it as a
+/// config override); nothing runs.
+#[test]
+fn negative_counts_name_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["sample", "--steps", "-5", "--ckpt", "x", "--control", "y", "--hint", "z", "--out", "o.png"][..],
+        &["bench", "train", "--steps", "-1"],
+        &["train", "--threads", "-2"],
+        &["launch", "--nproc-per-node", "-2", "train"],
+    ] {
+        let out = zeroconv(dir.path(), args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        let flag = args.iter().find(|a| a.starts_with("--") && err.contains(&format!("'{a} <"))).copied();
+        assert!(err.contains("is negative") && flag.is_some(), "{args:?}: {err}");
+        assert!(!err.contains("-- -"), "{args:?}: {err}");
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing is written");
+}

@@ -455,3 +455,19 @@ fn nemos_infinite_sampler_is_refused() {
     assert!(err.contains("model.data.webdataset.infinite_sampler") && err.contains("accepts only false"), "{err}");
     assert!(load_config(None, &["model.data.webdataset.infinite_sampler=False".to_string()]).is_ok());
 }
+
+/// A resume that switches between the synthetic shapes and shards is one clear error naming the data setting, not
+/// a loader-state parse error.
+#[test]
+fn resuming_on_another_data_source_is_refused_naming_it() {
+    let dir = tmp("switch-data");
+    let shard = dir.path().join("s-000000.tar");
+    write_shard(&shard, 4, flat);
+    let shard_s = shard.to_str().unwrap().to_string();
+    let run = dir.path().join("run");
+    train(&small(&["trainer.max_steps=1"]), &opts(&run)).unwrap();
+    let resumed = TrainOptions { resume: true, ..opts(&run) };
+    let err = train(&on_shards(&[&shard_s], &["trainer.max_steps=2"]), &resumed).unwrap_err().to_string();
+    assert!(err.contains("synthetic"), "{err}");
+    assert!(!err.contains("missing field"), "{err}");
+}

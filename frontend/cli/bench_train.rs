@@ -20,13 +20,13 @@ pub struct BenchTrainArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
     /// Timed steps.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, allow_negative_numbers = true, value_parser = crate::frontend::cli::whole::<u64>)]
     pub steps: u64,
     /// Untimed steps first (caches, page faults, thread pool).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, allow_negative_numbers = true, value_parser = crate::frontend::cli::whole::<u64>)]
     pub warmup: u64,
     /// CPU threads (default: one per core).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = crate::frontend::cli::whole::<usize>)]
     pub threads: Option<usize>,
     /// Where the step runs: cpu, cuda (not available yet) or cuda-emu (the CUDA executor under emulation on the
     /// CPU: slow, for checking).

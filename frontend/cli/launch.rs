@@ -15,19 +15,19 @@ use std::time::{Duration, Instant};
 )]
 pub struct LaunchArgs {
     /// Processes on this node (one per device; `trainer.devices`).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true, value_parser = crate::frontend::cli::whole::<usize>)]
     pub nproc_per_node: usize,
     /// Nodes in the job (`trainer.num_nodes`); run `zeroconv launch` once on each.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true, value_parser = crate::frontend::cli::whole::<usize>)]
     pub nnodes: usize,
     /// This node's index, `0..nnodes`.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = crate::frontend::cli::whole::<usize>)]
     pub node_rank: usize,
     /// Where rank 0 (on node 0) listens.
     #[arg(long, default_value = "127.0.0.1")]
     pub master_addr: String,
     /// Rank 0's port; 0 picks a free one (one node only).
-    #[arg(long, default_value_t = 29500)]
+    #[arg(long, default_value_t = 29500, allow_negative_numbers = true, value_parser = crate::frontend::cli::whole::<u16>)]
     pub master_port: u16,
     /// The zeroconv command every process runs, e.g. `train --config C trainer.devices=2`.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "COMMAND")]

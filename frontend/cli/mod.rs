@@ -14,6 +14,15 @@ use super::config::{load_config, Config};
 use crate::error::Result;
 use std::path::PathBuf;
 
+/// The value parser of every count, size, seed and port flag: a whole number, with a clear word for a negative
+/// one (clap would otherwise take `-5` for a flag and suggest `-- -5`, which passes it as a config override).
+pub fn whole<T: std::str::FromStr>(s: &str) -> std::result::Result<T, String> {
+    if s.trim_start().starts_with('-') {
+        return Err(format!("{s} is negative; give a whole number (0 or more, within the flag's range)"));
+    }
+    s.trim().parse().map_err(|_| format!("{s} is not a whole number in the flag's range"))
+}
+
 /// `--config FILE` plus Hydra-style `key.path=value` overrides, shared by every command that
 /// reads a config.
 #[derive(Debug, Clone, clap::Args)]

@@ -20,7 +20,7 @@ pub struct ProfileArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
     /// Profiled steps (after one warm-up step).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, allow_negative_numbers = true, value_parser = crate::frontend::cli::whole::<u64>)]
     pub steps: u64,
     /// Where to write the Chrome trace JSON.
     #[arg(long, value_name = "FILE", default_value = "profile_trace.json")]
@@ -29,9 +29,9 @@ pub struct ProfileArgs {
     #[arg(long, value_name = "DIR")]
     pub dump_ir: Option<PathBuf>,
     /// Rows of the table (slowest kernels first; 0 = all).
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = 40, allow_negative_numbers = true, value_parser = crate::frontend::cli::whole::<usize>)]
     pub top: usize,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = crate::frontend::cli::whole::<usize>)]
     pub threads: Option<usize>,
     /// Where the step runs: cpu, cuda (not available yet) or cuda-emu (the CUDA executor under emulation on the
     /// CPU: slow, for checking; also lists the step's lowered device commands by kind).

@@ -32,21 +32,21 @@ pub struct SampleArgs {
     pub prompt: String,
     #[arg(long, default_value = "")]
     pub negative: String,
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, allow_negative_numbers = true, value_parser = crate::frontend::cli::whole::<usize>)]
     pub steps: usize,
     /// Classifier-free guidance scale (1 disables guidance).
-    #[arg(long, default_value_t = 9.0)]
+    #[arg(long, default_value_t = 9.0, allow_negative_numbers = true)]
     pub cfg: f64,
     /// Control strength (scales every residual).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub strength: f64,
     /// Guess mode: residuals scaled 0.825^(12-i), no control on the unconditional branch.
     #[arg(long)]
     pub guess_mode: bool,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = crate::frontend::cli::whole::<u64>)]
     pub seed: u64,
     /// Images to generate.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, allow_negative_numbers = true, value_parser = crate::frontend::cli::whole::<usize>)]
     pub n: usize,
     /// The output PNG: the control map, then the samples.
     #[arg(long, value_name = "FILE")]
@@ -54,7 +54,7 @@ pub struct SampleArgs {
     /// Overwrite --out if it exists.
     #[arg(long)]
     pub force: bool,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = crate::frontend::cli::whole::<usize>)]
     pub threads: Option<usize>,
     /// Where the graphs run: cpu, cuda (not available yet) or cuda-emu (the CUDA executor under emulation on the
     /// CPU: slow, for checking).

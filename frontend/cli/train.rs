@@ -27,7 +27,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub strict: bool,
     /// CPU threads (default: one per core).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = crate::frontend::cli::whole::<usize>)]
     pub threads: Option<usize>,
     /// Where the training step runs: cpu, cuda (not available yet) or cuda-emu (the CUDA executor under emulation
     /// on the CPU: slow, for checking).

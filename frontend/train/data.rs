@@ -293,13 +293,23 @@ impl DataSource {
             DataSource::Synthetic { next, .. } => {
                 let v: serde_json::Value =
                     serde_json::from_str(json).map_err(|e| Error::msg(format!("checkpoint data state: {e}")))?;
-                *next = v
-                    .get("synthetic_next")
-                    .and_then(|n| n.as_u64())
-                    .ok_or_else(|| Error::msg("checkpoint data state is not from the synthetic dataset"))?;
+                *next = v.get("synthetic_next").and_then(|n| n.as_u64()).ok_or_else(|| {
+                    Error::msg(
+                        "the checkpoint was trained on WebDataset shards, and this run reads the synthetic \
+                             dataset (model.data.synthetic_data): a resume continues the same data stream; set \
+                             model.data.synthetic_data=False and the checkpoint's dataset_path, or start a new run",
+                    )
+                })?;
                 Ok(())
             }
             DataSource::Web { loader, stream, ahead, drops, .. } => {
+                if json.contains("\"synthetic_next\"") {
+                    return Err(Error::msg(
+                        "the checkpoint was trained on the synthetic dataset, and this run reads WebDataset shards \
+                         (model.data.train.dataset_path): a resume continues the same data stream; set \
+                         model.data.synthetic_data=True, or start a new run",
+                    ));
+                }
                 let state = LoaderState::from_json(json)?;
                 ahead.clear();
                 *drops = 0;
