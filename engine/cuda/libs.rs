@@ -336,7 +336,14 @@ fn not_found(lib: Lib, elsewhere: &[PathBuf]) -> Error {
         "{} not found: none of {} loads from the loader's search path, and no {} is in LD_LIBRARY_PATH, \
          ZEROCONV_CUDA_LIB_DIRS, $CUDA_HOME, /usr/local/cuda or pip's nvidia-* wheels",
         lib.name(),
-        lib.cudarc_names().iter().filter(|n| n.contains(".so")).take(3).cloned().collect::<Vec<_>>().join(", "),
+        lib.cudarc_names()
+            .iter()
+            .filter(|n| n
+                .strip_prefix(&format!("lib{}.so", lib.stem()))
+                .is_some_and(|v| v.is_empty() || v.starts_with('.')))
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", "),
         lib.file_names().join(" / ")
     );
     if !elsewhere.is_empty() {
