@@ -249,7 +249,9 @@ fn check_all(what: &str, cmds: &[Cmd]) -> (usize, usize, usize) {
                     let al = lt.min_alignment[i] as u64;
                     let es = x.dtype.size() as u64;
                     assert!(
-                        x.ptr.0 % al == 0 && (x.ld * es) % al == 0 && (x.stride * es) % al == 0,
+                        x.ptr.0.is_multiple_of(al)
+                            && (x.ld * es).is_multiple_of(al)
+                            && (x.stride * es).is_multiple_of(al),
                         "{what}: promised alignment {al} does not hold for {x:?}"
                     );
                 }

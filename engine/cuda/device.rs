@@ -70,6 +70,8 @@ impl Drop for PrimaryContext {
 }
 
 /// A GEMM's descriptors and algorithm, built once.
+// Plans are built once per GEMM and kept in a map, so the variants' size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum GemmPlan {
     Lt {
         desc: Owned<lt_sys::cublasLtMatmulDesc_t>,
@@ -180,9 +182,9 @@ impl CudaDevice {
         drv_check(unsafe { drv::cuCtxSetCurrent(ctx) }, "cuCtxSetCurrent")?;
 
         let mut s: drv::CUstream = std::ptr::null_mut();
-        // SAFETY: a context is current; `s` is a valid out-pointer. A non-blocking stream of its own: graph
-        // capture cannot use the legacy default stream.
         drv_check(
+            // SAFETY: a context is current; `s` is a valid out-pointer. A non-blocking stream of its own: graph
+            // capture cannot use the legacy default stream.
             unsafe { drv::cuStreamCreate(&mut s, drv::CUstream_flags::CU_STREAM_NON_BLOCKING as u32) },
             "cuStreamCreate",
         )?;
@@ -202,8 +204,8 @@ impl CudaDevice {
         // SAFETY: live handle and stream; the stream types are the same CUstream_st pointer under two names.
         blas_check(unsafe { blas_sys::cublasSetStream_v2(bh, s as blas_sys::cudaStream_t) }, "cublasSetStream")?;
         // No TF32 unless a GEMM's compute type asks for it.
-        // SAFETY: live handle.
         blas_check(
+            // SAFETY: live handle.
             unsafe { blas_sys::cublasSetMathMode(bh, blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH) },
             "cublasSetMathMode",
         )?;
@@ -291,8 +293,8 @@ impl CudaDevice {
         }
         let cname = CString::new(name).map_err(|_| Error::msg(format!("kernel name `{name}` has a NUL byte")))?;
         let mut f: drv::CUfunction = std::ptr::null_mut();
-        // SAFETY: the module is loaded in this device's context (bound by the caller); `cname` is NUL-terminated.
         drv_check(
+            // SAFETY: the module is loaded in this device's context (bound by the caller); `cname` is NUL-terminated.
             unsafe { drv::cuModuleGetFunction(&mut f, m.module.raw(), cname.as_ptr()) },
             &format!("cuModuleGetFunction({name})"),
         )?;
@@ -310,8 +312,8 @@ impl CudaDevice {
         let a = args::lt_matmul(g)?;
         let layout = |l: &LtLayout, name: &'static str| -> Result<Owned<lt_sys::cublasLtMatrixLayout_t>> {
             let mut h: lt_sys::cublasLtMatrixLayout_t = std::ptr::null_mut();
-            // SAFETY: cuBLASLt is loaded; `h` is a valid out-pointer.
             lt_check(
+                // SAFETY: cuBLASLt is loaded; `h` is a valid out-pointer.
                 unsafe { lt_sys::cublasLtMatrixLayoutCreate(&mut h, l.dtype, l.rows, l.cols, l.ld) },
                 &format!("cublasLtMatrixLayoutCreate({name})"),
             )?;
@@ -438,8 +440,8 @@ impl CudaDevice {
             // SAFETY: created above, destroyed once.
             let owned = unsafe { Owned::new(h, "a cuDNN tensor descriptor", destroy::tensor_desc) };
             let [n, ch, hh, w] = t.dims;
-            // SAFETY: live descriptor; plain values.
             dnn_check(
+                // SAFETY: live descriptor; plain values.
                 unsafe { dnn_sys::cudnnSetTensor4dDescriptor(h, t.format, t.dtype, n, ch, hh, w) },
                 &format!("cudnnSetTensor4dDescriptor({name} {:?})", t.dims),
             )?;
@@ -453,8 +455,8 @@ impl CudaDevice {
         // SAFETY: created above, destroyed once.
         let w = unsafe { Owned::new(fh, "a cuDNN filter descriptor", destroy::filter_desc) };
         let [k, ch, r, s] = a.w.dims;
-        // SAFETY: live descriptor; plain values.
         dnn_check(
+            // SAFETY: live descriptor; plain values.
             unsafe { dnn_sys::cudnnSetFilter4dDescriptor(fh, a.w.dtype, a.w.format, k, ch, r, s) },
             &format!("cudnnSetFilter4dDescriptor({:?})", a.w.dims),
         )?;
@@ -464,8 +466,8 @@ impl CudaDevice {
         // SAFETY: created above, destroyed once.
         let conv = unsafe { Owned::new(ch_, "a cuDNN convolution descriptor", destroy::conv_desc) };
         let cd = a.conv;
-        // SAFETY: live descriptor; plain values.
         dnn_check(
+            // SAFETY: live descriptor; plain values.
             unsafe {
                 dnn_sys::cudnnSetConvolution2dDescriptor(
                     ch_,
@@ -485,8 +487,8 @@ impl CudaDevice {
         dnn_check(unsafe { dnn_sys::cudnnSetConvolutionMathType(ch_, cd.math) }, "cudnnSetConvolutionMathType")?;
         let mut out = [0 as c_int; 4];
         let [o0, o1, o2, o3] = &mut out;
-        // SAFETY: live descriptors; four int out-pointers.
         dnn_check(
+            // SAFETY: live descriptors; four int out-pointers.
             unsafe { dnn_sys::cudnnGetConvolution2dForwardOutputDim(ch_, x.raw(), w.raw(), o0, o1, o2, o3) },
             "cudnnGetConvolution2dForwardOutputDim",
         )?;
@@ -526,8 +528,8 @@ impl CudaDevice {
         Ok(match a.direction {
             ConvDirection::Forward => {
                 let mut r = [std::mem::MaybeUninit::<dnn_sys::cudnnConvolutionFwdAlgoPerf_t>::zeroed(); 8];
-                // SAFETY: live handle and descriptors; `r` holds the 8 requested entries.
                 dnn_check(
+                    // SAFETY: live handle and descriptors; `r` holds the 8 requested entries.
                     unsafe {
                         dnn_sys::cudnnGetConvolutionForwardAlgorithm_v7(
                             h,
@@ -559,8 +561,8 @@ impl CudaDevice {
             }
             ConvDirection::BackwardData => {
                 let mut r = [std::mem::MaybeUninit::<dnn_sys::cudnnConvolutionBwdDataAlgoPerf_t>::zeroed(); 6];
-                // SAFETY: as above, 6 entries.
                 dnn_check(
+                    // SAFETY: as above, 6 entries.
                     unsafe {
                         dnn_sys::cudnnGetConvolutionBackwardDataAlgorithm_v7(
                             h,
@@ -592,8 +594,8 @@ impl CudaDevice {
             }
             ConvDirection::BackwardFilter => {
                 let mut r = [std::mem::MaybeUninit::<dnn_sys::cudnnConvolutionBwdFilterAlgoPerf_t>::zeroed(); 7];
-                // SAFETY: as above, 7 entries.
                 dnn_check(
+                    // SAFETY: as above, 7 entries.
                     unsafe {
                         dnn_sys::cudnnGetConvolutionBackwardFilterAlgorithm_v7(
                             h,
@@ -808,8 +810,8 @@ impl Device for CudaDevice {
             }
         };
         let mut m: drv::CUmodule = std::ptr::null_mut();
-        // SAFETY: `image` is a complete cubin or NUL-terminated PTX that outlives the call; a context is current.
         drv_check(
+            // SAFETY: `image` is a complete cubin or NUL-terminated PTX that outlives the call; a context is current.
             unsafe { drv::cuModuleLoadData(&mut m, image.as_ptr().cast()) },
             &format!("cuModuleLoadData({})", module.name()),
         )?;
@@ -918,9 +920,9 @@ impl Device for CudaDevice {
             }
             GemmPlan::Ex(a) => {
                 let h = self.blas.raw();
-                // SAFETY: live handle; the workspace is planned device memory (or none), set before the call so
-                // that cuBLAS allocates nothing (required under graph capture).
                 blas_check(
+                    // SAFETY: live handle; the workspace is planned device memory (or none), set before the call so
+                    // that cuBLAS allocates nothing (required under graph capture).
                     unsafe { blas_sys::cublasSetWorkspace_v2(h, ws.ptr.0 as *mut c_void, ws.bytes as usize) },
                     "cublasSetWorkspace",
                 )?;
@@ -1053,9 +1055,9 @@ impl Device for CudaDevice {
     fn begin_capture(&mut self) -> Result<()> {
         self.not_capturing("begin_capture")?;
         self.bind()?;
-        // SAFETY: live stream of the bound context. Thread-local mode: only this thread's unsafe calls (which
-        // would break capture) are errors.
         drv_check(
+            // SAFETY: live stream of the bound context. Thread-local mode: only this thread's unsafe calls (which
+            // would break capture) are errors.
             unsafe {
                 drv::cuStreamBeginCapture_v2(
                     self.stream(),
@@ -1080,8 +1082,8 @@ impl Device for CudaDevice {
         // SAFETY: `g` is the captured graph, owned here and destroyed once (instantiation copies it).
         let graph = unsafe { Owned::new(g, "a captured CUDA graph", destroy::graph) };
         let mut exec: drv::CUgraphExec = std::ptr::null_mut();
-        // SAFETY: live graph; valid out-pointer; no flags.
         drv_check(
+            // SAFETY: live graph; valid out-pointer; no flags.
             unsafe { drv::cuGraphInstantiateWithFlags(&mut exec, graph.raw(), 0) },
             "cuGraphInstantiateWithFlags",
         )?;

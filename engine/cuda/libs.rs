@@ -361,7 +361,7 @@ fn not_found(lib: Lib, elsewhere: &[PathBuf]) -> Error {
 /// The library's version through its own query function, called through `handle` (not cudarc, whose lookup
 /// would panic on a missing symbol; the symbols were checked before).
 fn version(lib: Lib, handle: &libloading::Library) -> String {
-    // SAFETY (every call below): the symbol exists (checked by the caller) and has the C signature declared here,
+    // SAFETY: every call below: the symbol exists (checked by the caller) and has the C signature declared here,
     // from the library's header; the out-pointers are valid locals.
     unsafe {
         match lib {
