@@ -4,12 +4,15 @@
 //! - `cpu`: the CPU backend (the reference, and the default).
 //! - `cuda-emu`: the CUDA executor ([`GpuBackend`]) on the emulated device: the same lowered commands a GPU runs,
 //!   executed on the CPU under an emulation of the CUDA execution model (slow: for checking the executor).
-//! - `cuda`: the CUDA executor on a real GPU; not wired in yet (CUDA executor, part 2), so it is a clear error.
+//! - `cuda`: the CUDA executor on a real GPU ([`CudaDevice`]). Without a usable GPU (no driver, no device, a missing
+//!   library or symbol) it is one clear error line naming what was probed and what is missing, before any config,
+//!   weight or data is loaded.
 
 use crate::engine::cpu::{CpuBackend, CpuProgram};
+use crate::engine::cuda::CudaDevice;
 use crate::engine::device::emu::{EmuDevice, EmuOptions};
 use crate::engine::gpu::lower::Cmd;
-use crate::engine::gpu::{GpuBackend, GpuProgram};
+use crate::engine::gpu::{GpuBackend, GpuProgram, StepMode};
 use crate::engine::profile::Profile;
 use crate::engine::{Backend, HostTensor, Program};
 use crate::error::{Error, Result};
@@ -22,7 +25,7 @@ pub enum DeviceChoice {
     /// The CPU backend (the reference).
     #[default]
     Cpu,
-    /// The CUDA executor on a GPU (not available yet: CUDA executor, part 2).
+    /// The CUDA executor on a GPU (device 0).
     Cuda,
     /// The CUDA executor on the CPU under emulation of the CUDA execution model (slow: for checking).
     CudaEmu,
@@ -41,12 +44,7 @@ impl DeviceChoice {
     /// Fails early (before configs, weights or data are loaded) for a device that cannot run graphs.
     pub fn check_available(self) -> Result<()> {
         match self {
-            DeviceChoice::Cuda => Err(Error::Unsupported {
-                backend: "cuda",
-                msg: "running graphs on a real GPU lands in the CUDA executor part 2; use --device cuda-emu to run \
-                      the CUDA executor on the CPU under emulation (slow, for checking), or --device cpu"
-                    .into(),
-            }),
+            DeviceChoice::Cuda => CudaDevice::check_available(0),
             DeviceChoice::Cpu | DeviceChoice::CudaEmu => Ok(()),
         }
     }
@@ -71,6 +69,7 @@ pub struct DeviceProgram {
 enum Inner {
     Cpu(Box<CpuProgram>),
     CudaEmu(Box<GpuProgram<EmuDevice>>),
+    Cuda(Box<GpuProgram<CudaDevice>>),
 }
 
 /// Whether `ZEROCONV_CHECK_FINITE=1` is set.
@@ -109,7 +108,11 @@ pub fn compile_program(device: DeviceChoice, graph: Graph, threads: Option<usize
         DeviceChoice::CudaEmu => Inner::CudaEmu(Box::new(
             GpuBackend::emulated(EmuOptions::default()).with_check_finite(check_finite_from_env()).compile(graph)?,
         )),
-        DeviceChoice::Cuda => unreachable!("refused by check_available"),
+        DeviceChoice::Cuda => Inner::Cuda(Box::new(
+            GpuBackend::new(|| CudaDevice::open(0), StepMode::CaptureAfterFirst)
+                .with_check_finite(check_finite_from_env())
+                .compile(graph)?,
+        )),
     };
     let mut p = DeviceProgram { inner, check_after_step: false };
     if check_finite_from_env() {
@@ -123,6 +126,7 @@ impl DeviceProgram {
         match self.inner {
             Inner::Cpu(_) => DeviceChoice::Cpu,
             Inner::CudaEmu(_) => DeviceChoice::CudaEmu,
+            Inner::Cuda(_) => DeviceChoice::Cuda,
         }
     }
 
@@ -130,14 +134,14 @@ impl DeviceProgram {
     pub fn as_cpu_mut(&mut self) -> Option<&mut CpuProgram> {
         match &mut self.inner {
             Inner::Cpu(p) => Some(p),
-            Inner::CudaEmu(_) => None,
+            Inner::CudaEmu(_) | Inner::Cuda(_) => None,
         }
     }
 
     /// The CUDA executor's program on the emulated device, on `--device cuda-emu`.
     pub fn as_emulated(&self) -> Option<&GpuProgram<EmuDevice>> {
         match &self.inner {
-            Inner::Cpu(_) => None,
+            Inner::Cpu(_) | Inner::Cuda(_) => None,
             Inner::CudaEmu(p) => Some(p),
         }
     }
@@ -145,7 +149,11 @@ impl DeviceProgram {
     /// The lowered device commands of one step, with their node, where the backend lowers to commands (the CUDA
     /// executor); `None` on the CPU.
     pub fn commands(&self) -> Option<Vec<(usize, &Cmd)>> {
-        self.as_emulated().map(|p| p.all_commands().collect())
+        match &self.inner {
+            Inner::Cpu(_) => None,
+            Inner::CudaEmu(p) => Some(p.all_commands().collect()),
+            Inner::Cuda(p) => Some(p.all_commands().collect()),
+        }
     }
 
     /// Turns the NaN/Inf check on or off (also on with `ZEROCONV_CHECK_FINITE=1`). On the CPU every kernel's outputs
@@ -158,7 +166,9 @@ impl DeviceProgram {
             Inner::Cpu(p) => p.set_check_finite(on),
             // Compiled with the per-kernel check (ZEROCONV_CHECK_FINITE=1): the program checks every kernel.
             Inner::CudaEmu(p) if p.checks_finite() => {}
-            Inner::CudaEmu(_) => {
+            Inner::Cuda(p) if p.checks_finite() => {}
+            Inner::CudaEmu(_) | Inner::Cuda(_) => {
+                let device = self.device();
                 static NOTE: std::sync::Once = std::sync::Once::new();
                 if on {
                     NOTE.call_once(|| {
@@ -166,7 +176,7 @@ impl DeviceProgram {
                         "note: the NaN/Inf check was turned on after compiling for --device {}: the step's inputs, \
                          outputs, parameters and optimizer state are checked after each step (set \
                          ZEROCONV_CHECK_FINITE=1 before compiling to check every kernel)",
-                            DeviceChoice::CudaEmu
+                            device
                         )
                     });
                 }
@@ -217,6 +227,7 @@ impl DeviceProgram {
         match &self.inner {
             Inner::Cpu(p) => p.as_ref(),
             Inner::CudaEmu(p) => p.as_ref(),
+            Inner::Cuda(p) => p.as_ref(),
         }
     }
 
@@ -224,6 +235,7 @@ impl DeviceProgram {
         match &mut self.inner {
             Inner::Cpu(p) => p.as_mut(),
             Inner::CudaEmu(p) => p.as_mut(),
+            Inner::Cuda(p) => p.as_mut(),
         }
     }
 }

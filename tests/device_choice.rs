@@ -1,5 +1,5 @@
 //! `--device`: the one place that picks the backend. The same training step on `cpu` and on `cuda-emu` (the CUDA
-//! executor under emulation) prints the same loss; `cuda` is a clear error (non-zero exit, no panic); `profile
+//! executor under emulation) prints the same loss; `cuda` without a GPU is one clear line (non-zero exit, no panic); `profile
 //! --device cuda-emu` lists the lowered device commands; the NaN/Inf check works on both devices.
 //!
 //! The emulated device runs every kernel under the CUDA emulator (with liveness poisoning), about 10 s per step of
@@ -73,14 +73,42 @@ fn bench_train_on_cuda_emu_prints_the_cpu_loss() {
     assert!((emu - cpu).abs() <= 1e-5 * cpu.abs() + 1e-5, "cpu loss {cpu}, cuda-emu loss {emu}");
 }
 
+/// Whether this machine has a GPU: ZEROCONV_EXPECT_GPU=1 or 0 when set, else the NVIDIA driver's control device.
+fn gpu_expected() -> bool {
+    match std::env::var("ZEROCONV_EXPECT_GPU").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => std::path::Path::new("/dev/nvidiactl").exists(),
+    }
+}
+
 #[test]
-fn device_cuda_is_a_clear_error_not_a_panic() {
+fn device_cuda_without_a_gpu_is_one_clear_line_not_a_panic() {
+    if gpu_expected() {
+        println!("a GPU is expected here: the GPU-less error path is not checked");
+        return;
+    }
     let dir = tmp("cuda");
     let cfg = config();
-    let runs: [&[&str]; 4] = [
+    let runs: [&[&str]; 5] = [
         &["bench", "train", "--config", &cfg, "--device", "cuda"],
         &["profile", "--config", &cfg, "--device", "cuda"],
         &["train", "--config", &cfg, "--device", "cuda", "trainer.max_steps=1"],
+        &[
+            "sample",
+            "--config",
+            &cfg,
+            "--device",
+            "cuda",
+            "--control",
+            "c.safetensors",
+            "--hint",
+            "h.png",
+            "--prompt",
+            "a cat",
+            "--out",
+            "s.png",
+        ],
         &[
             "forward",
             "--ckpt",
@@ -98,8 +126,11 @@ fn device_cuda_is_a_clear_error_not_a_panic() {
         let (out, err) = text(&o);
         assert_eq!(o.status.code(), Some(1), "{args:?}: expected a failure exit:\n{out}\n{err}");
         assert!(!err.contains("panicked"), "{args:?} panicked:\n{err}");
+        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{args:?}: expected one line on stderr:\n{err}");
+        // What was probed and what is missing: the driver library, by the names tried.
         assert!(
-            err.contains("cuda backend") && err.contains("part 2") && err.contains("--device cuda-emu"),
+            lines[0].contains("CUDA unavailable") && lines[0].contains("libcuda.so"),
             "{args:?}: unclear error:\n{err}"
         );
     }
@@ -189,5 +220,7 @@ fn the_finite_check_runs_on_every_device() {
         p.set_check_finite(false);
         p.launch().unwrap();
     }
-    assert!(compile_program(DeviceChoice::Cuda, build().0, None).is_err());
+    if !gpu_expected() {
+        assert!(compile_program(DeviceChoice::Cuda, build().0, None).is_err());
+    }
 }

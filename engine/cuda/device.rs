@@ -1,13 +1,30 @@
-//! One CUDA device with the embedded kernel modules loaded for its architecture.
+//! The device seam on a real GPU: [`CudaDevice`] implements [`Device`] on the driver API, cuBLASLt (cuBLAS as the
+//! fallback) and cuDNN's legacy convolution API, through cudarc's `sys` level with raw device pointers.
+//!
+//! Everything is ordered on one stream of the device's primary context. Library parameters come from the pure
+//! builders in [`super::args`]; the algorithm of every GEMM and convolution is chosen once, at its first call (step
+//! 1 runs eagerly, so that is never during capture), and kept with its descriptors. Before any cudarc call,
+//! [`CudaDevice::open`] probes every library and symbol ([`super::libs`]), so a missing library is an error, never
+//! a panic.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::ffi::{c_int, c_void, CString};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError, LaunchConfig, PushKernelArg};
-use cudarc::nvrtc::Ptx;
+use cudarc::cublas::sys as blas_sys;
+use cudarc::cublaslt::sys as lt_sys;
+use cudarc::cudnn::sys as dnn_sys;
+use cudarc::driver::sys as drv;
 
-use super::probe::{probe_device, DeviceInfo};
+use super::args::{self, AlgoPerf, DnnConv, LtLayout, LtMatmul};
+use super::handles::{blas_check, dnn_check, drv_check, lt_check, Owned};
+use super::libs::{self, LibReport};
+use super::probe::{probe_device, DeviceInfo as ProbeInfo};
+use crate::engine::device::{
+    Arg, Conv, ConvDirection, Copy2d, DevPtr, Device, DeviceInfo, Gemm, GraphId, Launch, ModuleSource,
+};
 use crate::error::{Error, Result};
-use crate::kernels::{self, Arch, KernelModule, MODULES};
+use crate::graph::DType;
+use crate::kernels::{self, Arch, KernelModule};
 
 /// Which embedded image of a module a device loads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,20 +45,116 @@ pub fn module_image(module: &KernelModule, arch: Arch, device_major: u32) -> Mod
     }
 }
 
-/// A device, its context, a stream of its own (graph capture cannot use the legacy default stream), and every
-/// kernel module loaded.
+/// A loaded module: its functions (looked up on first use) and each entry's parameter sizes from its PTX, so a
+/// launch with the wrong arguments is an error here (the driver never checks).
+struct LoadedModule {
+    module: Owned<drv::CUmodule>,
+    functions: HashMap<String, drv::CUfunction>,
+    ptx: String,
+}
+
+/// The device's primary context, retained in `open` and released once on drop (after everything created in it).
+struct PrimaryContext {
+    ctx: drv::CUcontext,
+    device: drv::CUdevice,
+}
+
+impl Drop for PrimaryContext {
+    fn drop(&mut self) {
+        // SAFETY: balances the cuDevicePrimaryCtxRetain of `CudaDevice::open`.
+        let status = unsafe { drv::cuDevicePrimaryCtxRelease_v2(self.device) };
+        if let Err(e) = drv_check(status, "cuDevicePrimaryCtxRelease") {
+            eprintln!("warning: releasing the CUDA context: {e}");
+        }
+    }
+}
+
+/// A GEMM's descriptors and algorithm, built once.
+// Plans are built once per GEMM and kept in a map, so the variants' size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
+enum GemmPlan {
+    Lt {
+        desc: Owned<lt_sys::cublasLtMatmulDesc_t>,
+        layouts: [Owned<lt_sys::cublasLtMatrixLayout_t>; 3],
+        algo: lt_sys::cublasLtMatmulAlgo_t,
+        args: LtMatmul,
+    },
+    /// cuBLASLt's heuristic offered nothing (e.g. a 77-element leading dimension): classic cuBLAS.
+    Ex(args::GemmExArgs),
+}
+
+/// A convolution's descriptors and algorithm, built once.
+struct ConvPlan {
+    x: Owned<dnn_sys::cudnnTensorDescriptor_t>,
+    w: Owned<dnn_sys::cudnnFilterDescriptor_t>,
+    y: Owned<dnn_sys::cudnnTensorDescriptor_t>,
+    conv: Owned<dnn_sys::cudnnConvolutionDescriptor_t>,
+    algo: AlgoPerf,
+    args: DnnConv,
+}
+
+/// One GPU: its primary context, one stream, the library handles, the device memory and modules it owns, and the
+/// plans of every GEMM and convolution it has run.
 pub struct CudaDevice {
-    info: DeviceInfo,
+    // Field order is drop order: everything that belongs to the context goes before it.
+    graphs: Vec<Owned<drv::CUgraphExec>>,
+    gemm_plans: HashMap<Vec<u64>, GemmPlan>,
+    conv_plans: HashMap<Vec<u64>, ConvPlan>,
+    lt: Owned<lt_sys::cublasLtHandle_t>,
+    blas: Owned<blas_sys::cublasHandle_t>,
+    dnn: Owned<dnn_sys::cudnnHandle_t>,
+    modules: HashMap<String, LoadedModule>,
+    allocations: Vec<(Owned<drv::CUdeviceptr>, u64)>,
+    stream: Owned<drv::CUstream>,
+    context: PrimaryContext,
+    device: drv::CUdevice,
+    probe: ProbeInfo,
     arch: Arch,
-    context: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    modules: Vec<(&'static str, Arc<CudaModule>)>,
+    libs: Vec<LibReport>,
+    capturing: bool,
+}
+
+// SAFETY: the device's handles are used only through `&mut self` (one thread at a time), and every entry point
+// makes the context current on the calling thread first (`bind`), which is what the driver and the libraries
+// require of a handle used from another thread.
+unsafe impl Send for CudaDevice {}
+
+fn unavailable(e: Error) -> Error {
+    match e {
+        Error::CudaUnavailable(m) => Error::CudaUnavailable(m),
+        other => Error::CudaUnavailable(other.to_string()),
+    }
 }
 
 impl CudaDevice {
-    /// Probes device `ordinal`, creates its context and loads every embedded kernel module.
+    /// Whether device `ordinal` can be opened, as far as it can be told without creating a context: the driver, the
+    /// device, every library and symbol, and the kernels in this build. One `CudaUnavailable` line otherwise.
+    pub fn check_available(ordinal: usize) -> Result<()> {
+        libs::probe_library(libs::Lib::Driver)?;
+        let probe = probe_device(ordinal)?;
+        libs::probe_all(false).map_err(|e| match e {
+            Error::CudaUnavailable(m) => Error::CudaUnavailable(format!("{} found, but {m}", probe.name)),
+            other => other,
+        })?;
+        if !kernels::compiled() {
+            return Err(Error::CudaUnavailable(format!(
+                "this build has no CUDA kernels ({}); run `eval \"$(scripts/setup-cuda-tools)\"` and rebuild",
+                kernels::build_note()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Probes every library and device `ordinal`, creates a stream on its primary context and the library
+    /// handles. No module is loaded yet (the executor loads those it needs; [`CudaDevice::load_all_shipped`] loads
+    /// every one).
     pub fn open(ordinal: usize) -> Result<Self> {
-        let info = probe_device(ordinal)?;
+        // The driver first: without it nothing else matters, and its message names the candidates tried.
+        libs::probe_library(libs::Lib::Driver)?;
+        let probe = probe_device(ordinal)?;
+        // NVRTC only matters for generated kernels missing from the disk cache; its absence is reported when
+        // such a kernel is compiled.
+        let libs = libs::probe_all(false).map_err(unavailable)?;
         if !kernels::compiled() {
             return Err(Error::Unsupported {
                 backend: "cuda",
@@ -51,30 +164,86 @@ impl CudaDevice {
                 ),
             });
         }
-        let (major, minor) = info.compute_capability;
+        let (major, minor) = probe.compute_capability;
         let arch = Arch::for_compute_capability(major, minor).ok_or_else(|| Error::Unsupported {
             backend: "cuda",
-            msg: format!("{} has compute capability {major}.{minor}; kernels need 8.0 or newer", info.name),
+            msg: format!("{} has compute capability {major}.{minor}; kernels need 8.0 or newer", probe.name),
         })?;
-        let context = CudaContext::new(ordinal).map_err(|e| driver_error("creating the CUDA context", e))?;
-        let stream = context.new_stream().map_err(|e| driver_error("creating a stream", e))?;
-        let mut modules = Vec::with_capacity(MODULES.len());
-        for module in MODULES {
-            let image = module_image(module, arch, major);
-            let loaded = match image {
-                ModuleImage::Cubin(a) => context.load_module(Ptx::from_binary(module.cubin(a).to_vec())),
-                ModuleImage::Ptx(a) => context.load_module(Ptx::from_src(module.ptx(a))),
-            }
-            .map_err(|e| {
-                driver_error(&format!("loading kernels/{}.cu ({image:?}) on {}", module.name, info.name), e)
-            })?;
-            modules.push((module.name, loaded));
-        }
-        Ok(CudaDevice { info, arch, context, stream, modules })
+
+        let mut device: drv::CUdevice = 0;
+        // SAFETY: the driver library is loaded and initialised (probe_device called cuInit); `device` is a valid
+        // out-pointer.
+        drv_check(unsafe { drv::cuDeviceGet(&mut device, ordinal as c_int) }, "cuDeviceGet")?;
+        let mut ctx: drv::CUcontext = std::ptr::null_mut();
+        // SAFETY: `device` is a valid device handle; `ctx` a valid out-pointer.
+        drv_check(unsafe { drv::cuDevicePrimaryCtxRetain(&mut ctx, device) }, "cuDevicePrimaryCtxRetain")?;
+        let context = PrimaryContext { ctx, device };
+        // SAFETY: `ctx` is the live primary context of this device.
+        drv_check(unsafe { drv::cuCtxSetCurrent(ctx) }, "cuCtxSetCurrent")?;
+
+        let mut s: drv::CUstream = std::ptr::null_mut();
+        drv_check(
+            // SAFETY: a context is current; `s` is a valid out-pointer. A non-blocking stream of its own: graph
+            // capture cannot use the legacy default stream.
+            unsafe { drv::cuStreamCreate(&mut s, drv::CUstream_flags::CU_STREAM_NON_BLOCKING as u32) },
+            "cuStreamCreate",
+        )?;
+        // SAFETY: created above, destroyed once on drop, before the context.
+        let stream = unsafe { Owned::new(s, "the CUDA stream", destroy::stream) };
+
+        let mut lt: lt_sys::cublasLtHandle_t = std::ptr::null_mut();
+        // SAFETY: cuBLASLt was probed (library and symbols); `lt` is a valid out-pointer.
+        lt_check(unsafe { lt_sys::cublasLtCreate(&mut lt) }, "cublasLtCreate")?;
+        // SAFETY: created above, destroyed once.
+        let lt = unsafe { Owned::new(lt, "the cuBLASLt handle", destroy::lt_handle) };
+        let mut bh: blas_sys::cublasHandle_t = std::ptr::null_mut();
+        // SAFETY: cuBLAS was probed; `bh` is a valid out-pointer.
+        blas_check(unsafe { blas_sys::cublasCreate_v2(&mut bh) }, "cublasCreate")?;
+        // SAFETY: created above, destroyed once.
+        let blas = unsafe { Owned::new(bh, "the cuBLAS handle", destroy::blas_handle) };
+        // SAFETY: live handle and stream; the stream types are the same CUstream_st pointer under two names.
+        blas_check(unsafe { blas_sys::cublasSetStream_v2(bh, s as blas_sys::cudaStream_t) }, "cublasSetStream")?;
+        // No TF32 unless a GEMM's compute type asks for it.
+        blas_check(
+            // SAFETY: live handle.
+            unsafe { blas_sys::cublasSetMathMode(bh, blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH) },
+            "cublasSetMathMode",
+        )?;
+        let mut dh: dnn_sys::cudnnHandle_t = std::ptr::null_mut();
+        // SAFETY: cuDNN was probed; `dh` is a valid out-pointer.
+        dnn_check(unsafe { dnn_sys::cudnnCreate(&mut dh) }, "cudnnCreate")?;
+        // SAFETY: created above, destroyed once.
+        let dnn = unsafe { Owned::new(dh, "the cuDNN handle", destroy::dnn_handle) };
+        // SAFETY: live handle and stream.
+        dnn_check(unsafe { dnn_sys::cudnnSetStream(dh, s as dnn_sys::cudaStream_t) }, "cudnnSetStream")?;
+
+        Ok(CudaDevice {
+            graphs: Vec::new(),
+            gemm_plans: HashMap::new(),
+            conv_plans: HashMap::new(),
+            lt,
+            blas,
+            dnn,
+            modules: HashMap::new(),
+            allocations: Vec::new(),
+            stream,
+            context,
+            device,
+            probe,
+            arch,
+            libs,
+            capturing: false,
+        })
     }
 
-    pub fn info(&self) -> &DeviceInfo {
-        &self.info
+    /// What the probe found: the device, its compute capability, memory and driver version.
+    pub fn probe_info(&self) -> &ProbeInfo {
+        &self.probe
+    }
+
+    /// The libraries in use, with their versions.
+    pub fn libraries(&self) -> &[LibReport] {
+        &self.libs
     }
 
     /// The build of the kernels this device runs.
@@ -82,104 +251,909 @@ impl CudaDevice {
         self.arch
     }
 
-    pub fn context(&self) -> &Arc<CudaContext> {
-        &self.context
+    /// The raw CUDA device handle.
+    pub fn raw_device(&self) -> drv::CUdevice {
+        self.device
     }
 
-    pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
+    /// Makes this device's context current on the calling thread (every entry point does it first).
+    fn bind(&self) -> Result<()> {
+        // SAFETY: the context is alive while `self` is.
+        drv_check(unsafe { drv::cuCtxSetCurrent(self.context.ctx) }, "cuCtxSetCurrent")
     }
 
-    /// The kernel called `name` (e.g. `unary_silu_f32`), from whichever module defines it.
-    pub fn function(&self, name: &str) -> Result<CudaFunction> {
-        let owner = kernels::module_of_kernel(name)
-            .ok_or_else(|| Error::Unsupported { backend: "cuda", msg: format!("no kernel named {name}") })?;
-        let module = self
+    fn stream(&self) -> drv::CUstream {
+        self.stream.raw()
+    }
+
+    fn not_capturing(&self, what: &str) -> Result<()> {
+        if self.capturing {
+            Err(Error::msg(format!("CUDA: {what} while capturing a CUDA graph")))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Loads every shipped kernel module.
+    pub fn load_all_shipped(&mut self) -> Result<()> {
+        for m in kernels::MODULES {
+            self.load_module(&ModuleSource::Shipped(m))?;
+        }
+        Ok(())
+    }
+
+    /// The kernel `name` of module `module` (loaded before).
+    fn function(&mut self, module: &str, name: &str) -> Result<drv::CUfunction> {
+        let m = self
             .modules
-            .iter()
-            .find(|(n, _)| *n == owner.name)
-            .map(|(_, m)| m)
-            .ok_or_else(|| Error::msg(format!("kernels/{}.cu is not loaded", owner.name)))?;
-        module.load_function(name).map_err(|e| driver_error(&format!("looking up kernel {name}"), e))
+            .get_mut(module)
+            .ok_or_else(|| Error::msg(format!("kernel `{name}`: module `{module}` was never loaded")))?;
+        if let Some(f) = m.functions.get(name) {
+            return Ok(*f);
+        }
+        let cname = CString::new(name).map_err(|_| Error::msg(format!("kernel name `{name}` has a NUL byte")))?;
+        let mut f: drv::CUfunction = std::ptr::null_mut();
+        drv_check(
+            // SAFETY: the module is loaded in this device's context (bound by the caller); `cname` is NUL-terminated.
+            unsafe { drv::cuModuleGetFunction(&mut f, m.module.raw(), cname.as_ptr()) },
+            &format!("cuModuleGetFunction({name})"),
+        )?;
+        m.functions.insert(name.to_string(), f);
+        Ok(f)
     }
 
-    /// Runs a few kernels on small inputs whose sizes are not multiples of the launch shape and compares them with
-    /// a host computation. A check that the toolchain, the loaded images and the launch conventions agree; the
-    /// full comparison with the CPU backend is the GPU test suite's job.
-    pub fn verify_kernels(&self) -> Result<Vec<KernelCheck>> {
-        Ok(vec![self.check_silu()?, self.check_softmax()?])
+    /// Whether kernel `name` of a loaded module can be looked up (for the GPU check).
+    pub fn has_kernel(&mut self, module: &str, name: &str) -> Result<()> {
+        self.bind()?;
+        self.function(module, name).map(|_| ())
     }
 
-    fn check_silu(&self) -> Result<KernelCheck> {
-        let kernel = "unary_silu_f32";
-        let n = 1000usize;
-        let x: Vec<f32> = (0..n).map(|i| (i as f32 - 500.0) / 40.0).collect();
-        let f = self.function(kernel)?;
-        let s = &self.stream;
-        let err = |e| driver_error(kernel, e);
-        let x_dev = s.clone_htod(&x).map_err(err)?;
-        let mut y_dev = s.alloc_zeros::<f32>(n).map_err(err)?;
-        let n_arg = n as u64;
-        // 2 blocks of 128 threads cover 256 < n elements, so the grid-stride loop is exercised.
-        let cfg = LaunchConfig { grid_dim: (2, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: unary_silu_f32(const float* x, float* y, u64 n): both buffers hold n f32 values.
-        unsafe { s.launch_builder(&f).arg(&x_dev).arg(&mut y_dev).arg(&n_arg).launch(cfg) }.map_err(err)?;
-        let y = s.clone_dtoh(&y_dev).map_err(err)?;
-        let max_abs_error = x
-            .iter()
-            .zip(&y)
-            .map(|(&xi, &yi)| {
-                let xi = f64::from(xi);
-                (xi / (1.0 + (-xi).exp()) - f64::from(yi)).abs()
-            })
-            .fold(0.0, f64::max);
-        Ok(KernelCheck { kernel, max_abs_error, tolerance: 1e-5 })
-    }
+    fn plan_gemm(&mut self, g: &Gemm) -> Result<GemmPlan> {
+        let a = args::lt_matmul(g)?;
+        let layout = |l: &LtLayout, name: &'static str| -> Result<Owned<lt_sys::cublasLtMatrixLayout_t>> {
+            let mut h: lt_sys::cublasLtMatrixLayout_t = std::ptr::null_mut();
+            lt_check(
+                // SAFETY: cuBLASLt is loaded; `h` is a valid out-pointer.
+                unsafe { lt_sys::cublasLtMatrixLayoutCreate(&mut h, l.dtype, l.rows, l.cols, l.ld) },
+                &format!("cublasLtMatrixLayoutCreate({name})"),
+            )?;
+            // SAFETY: created above, destroyed once.
+            let owned = unsafe { Owned::new(h, "a cuBLASLt matrix layout", destroy::lt_layout) };
+            use lt_sys::cublasLtMatrixLayoutAttribute_t::*;
+            // SAFETY: live layout; each buffer is the attribute's documented type (int32 batch count, int64 stride).
+            unsafe {
+                lt_check(
+                    lt_sys::cublasLtMatrixLayoutSetAttribute(
+                        h,
+                        CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                        (&l.batch as *const i32).cast(),
+                        4,
+                    ),
+                    "cublasLtMatrixLayoutSetAttribute(BATCH_COUNT)",
+                )?;
+                lt_check(
+                    lt_sys::cublasLtMatrixLayoutSetAttribute(
+                        h,
+                        CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                        (&l.stride as *const i64).cast(),
+                        8,
+                    ),
+                    "cublasLtMatrixLayoutSetAttribute(STRIDED_BATCH_OFFSET)",
+                )?;
+            }
+            Ok(owned)
+        };
+        let mut d: lt_sys::cublasLtMatmulDesc_t = std::ptr::null_mut();
+        // SAFETY: cuBLASLt is loaded; `d` is a valid out-pointer.
+        lt_check(unsafe { lt_sys::cublasLtMatmulDescCreate(&mut d, a.compute, a.scale) }, "cublasLtMatmulDescCreate")?;
+        // SAFETY: created above, destroyed once.
+        let desc = unsafe { Owned::new(d, "a cuBLASLt matmul descriptor", destroy::lt_matmul_desc) };
+        let (ta, tb) = (a.transa as i32, a.transb as i32);
+        use lt_sys::cublasLtMatmulDescAttributes_t::*;
+        // SAFETY: live descriptor; TRANSA/TRANSB take a cublasOperation_t as int32.
+        unsafe {
+            lt_check(
+                lt_sys::cublasLtMatmulDescSetAttribute(d, CUBLASLT_MATMUL_DESC_TRANSA, (&ta as *const i32).cast(), 4),
+                "cublasLtMatmulDescSetAttribute(TRANSA)",
+            )?;
+            lt_check(
+                lt_sys::cublasLtMatmulDescSetAttribute(d, CUBLASLT_MATMUL_DESC_TRANSB, (&tb as *const i32).cast(), 4),
+                "cublasLtMatmulDescSetAttribute(TRANSB)",
+            )?;
+        }
+        let layouts = [layout(&a.a, "A")?, layout(&a.b, "B")?, layout(&a.c, "C")?];
 
-    fn check_softmax(&self) -> Result<KernelCheck> {
-        let kernel = "softmax_f32";
-        let (rows, cols) = (37usize, 100usize);
-        let x: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 1000) as f32 / 100.0 - 5.0).collect();
-        let f = self.function(kernel)?;
-        let s = &self.stream;
-        let err = |e| driver_error(kernel, e);
-        let x_dev = s.clone_htod(&x).map_err(err)?;
-        let mut y_dev = s.alloc_zeros::<f32>(rows * cols).map_err(err)?;
-        let (rows_arg, cols_arg) = (rows as u64, cols as u64);
-        // 3 blocks of 4 warps = 12 warps for 37 rows of 100 (not a multiple of 32) values.
-        let cfg = LaunchConfig { grid_dim: (3, 1, 1), block_dim: (32, 4, 1), shared_mem_bytes: 0 };
-        // SAFETY: softmax_f32(const float* x, float* y, u64 rows, u64 D): both buffers hold rows * D f32 values.
-        unsafe { s.launch_builder(&f).arg(&x_dev).arg(&mut y_dev).arg(&rows_arg).arg(&cols_arg).launch(cfg) }
-            .map_err(err)?;
-        let y = s.clone_dtoh(&y_dev).map_err(err)?;
-        let mut max_abs_error = 0.0f64;
-        for (xr, yr) in x.chunks(cols).zip(y.chunks(cols)) {
-            let m = xr.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(f64::from(v)));
-            let sum: f64 = xr.iter().map(|&v| (f64::from(v) - m).exp()).sum();
-            for (&xv, &yv) in xr.iter().zip(yr) {
-                max_abs_error = max_abs_error.max(((f64::from(xv) - m).exp() / sum - f64::from(yv)).abs());
+        let mut p: lt_sys::cublasLtMatmulPreference_t = std::ptr::null_mut();
+        // SAFETY: cuBLASLt is loaded; `p` is a valid out-pointer.
+        lt_check(unsafe { lt_sys::cublasLtMatmulPreferenceCreate(&mut p) }, "cublasLtMatmulPreferenceCreate")?;
+        // SAFETY: created above, destroyed once (at the end of this function).
+        let pref = unsafe { Owned::new(p, "a cuBLASLt preference", destroy::lt_preference) };
+        use lt_sys::cublasLtMatmulPreferenceAttributes_t::*;
+        let ws = a.max_workspace;
+        // SAFETY: live preference; MAX_WORKSPACE_BYTES is a uint64, the MIN_ALIGNMENT ones uint32.
+        unsafe {
+            lt_check(
+                lt_sys::cublasLtMatmulPreferenceSetAttribute(
+                    p,
+                    CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                    (&ws as *const u64).cast(),
+                    8,
+                ),
+                "cublasLtMatmulPreferenceSetAttribute(MAX_WORKSPACE_BYTES)",
+            )?;
+            for (attr, v) in [
+                CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+            ]
+            .into_iter()
+            .zip(a.min_alignment)
+            {
+                lt_check(
+                    lt_sys::cublasLtMatmulPreferenceSetAttribute(p, attr, (&v as *const u32).cast(), 4),
+                    "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT)",
+                )?;
             }
         }
-        Ok(KernelCheck { kernel, max_abs_error, tolerance: 1e-6 })
+        let mut result = std::mem::MaybeUninit::<lt_sys::cublasLtMatmulHeuristicResult_t>::zeroed();
+        let mut count: c_int = 0;
+        // SAFETY: every descriptor is live; one result slot and a count out-pointer. The heuristic runs no device
+        // work.
+        let status = unsafe {
+            lt_sys::cublasLtMatmulAlgoGetHeuristic(
+                self.lt.raw(),
+                d,
+                layouts[0].raw(),
+                layouts[1].raw(),
+                layouts[2].raw(),
+                layouts[2].raw(),
+                pref.raw(),
+                1,
+                result.as_mut_ptr(),
+                &mut count,
+            )
+        };
+        // SAFETY: zero-initialised, and written by the library when it returned a result.
+        let result = unsafe { result.assume_init() };
+        let usable = status == lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+            && count > 0
+            && result.state == lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+            && result.workspaceSize as u64 <= ws;
+        if usable {
+            return Ok(GemmPlan::Lt { desc, layouts, algo: result.algo, args: a });
+        }
+        if status != lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+            && status != lt_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED
+        {
+            lt_check(status, "cublasLtMatmulAlgoGetHeuristic")?;
+        }
+        Ok(GemmPlan::Ex(args::gemm_ex(g)?))
+    }
+
+    fn plan_conv(&mut self, c: &Conv) -> Result<ConvPlan> {
+        let a = args::dnn_conv(c)?;
+        let tensor = |t: &args::TensorDesc, name: &str| -> Result<Owned<dnn_sys::cudnnTensorDescriptor_t>> {
+            let mut h: dnn_sys::cudnnTensorDescriptor_t = std::ptr::null_mut();
+            // SAFETY: cuDNN is loaded; `h` is a valid out-pointer.
+            dnn_check(unsafe { dnn_sys::cudnnCreateTensorDescriptor(&mut h) }, "cudnnCreateTensorDescriptor")?;
+            // SAFETY: created above, destroyed once.
+            let owned = unsafe { Owned::new(h, "a cuDNN tensor descriptor", destroy::tensor_desc) };
+            let [n, ch, hh, w] = t.dims;
+            dnn_check(
+                // SAFETY: live descriptor; plain values.
+                unsafe { dnn_sys::cudnnSetTensor4dDescriptor(h, t.format, t.dtype, n, ch, hh, w) },
+                &format!("cudnnSetTensor4dDescriptor({name} {:?})", t.dims),
+            )?;
+            Ok(owned)
+        };
+        let x = tensor(&a.x, "x")?;
+        let y = tensor(&a.y, "y")?;
+        let mut fh: dnn_sys::cudnnFilterDescriptor_t = std::ptr::null_mut();
+        // SAFETY: cuDNN is loaded; valid out-pointer.
+        dnn_check(unsafe { dnn_sys::cudnnCreateFilterDescriptor(&mut fh) }, "cudnnCreateFilterDescriptor")?;
+        // SAFETY: created above, destroyed once.
+        let w = unsafe { Owned::new(fh, "a cuDNN filter descriptor", destroy::filter_desc) };
+        let [k, ch, r, s] = a.w.dims;
+        dnn_check(
+            // SAFETY: live descriptor; plain values.
+            unsafe { dnn_sys::cudnnSetFilter4dDescriptor(fh, a.w.dtype, a.w.format, k, ch, r, s) },
+            &format!("cudnnSetFilter4dDescriptor({:?})", a.w.dims),
+        )?;
+        let mut ch_: dnn_sys::cudnnConvolutionDescriptor_t = std::ptr::null_mut();
+        // SAFETY: cuDNN is loaded; valid out-pointer.
+        dnn_check(unsafe { dnn_sys::cudnnCreateConvolutionDescriptor(&mut ch_) }, "cudnnCreateConvolutionDescriptor")?;
+        // SAFETY: created above, destroyed once.
+        let conv = unsafe { Owned::new(ch_, "a cuDNN convolution descriptor", destroy::conv_desc) };
+        let cd = a.conv;
+        dnn_check(
+            // SAFETY: live descriptor; plain values.
+            unsafe {
+                dnn_sys::cudnnSetConvolution2dDescriptor(
+                    ch_,
+                    cd.pad[0],
+                    cd.pad[1],
+                    cd.stride[0],
+                    cd.stride[1],
+                    cd.dilation[0],
+                    cd.dilation[1],
+                    cd.mode,
+                    cd.compute,
+                )
+            },
+            "cudnnSetConvolution2dDescriptor",
+        )?;
+        // SAFETY: live descriptor.
+        dnn_check(unsafe { dnn_sys::cudnnSetConvolutionMathType(ch_, cd.math) }, "cudnnSetConvolutionMathType")?;
+        let mut out = [0 as c_int; 4];
+        let [o0, o1, o2, o3] = &mut out;
+        dnn_check(
+            // SAFETY: live descriptors; four int out-pointers.
+            unsafe { dnn_sys::cudnnGetConvolution2dForwardOutputDim(ch_, x.raw(), w.raw(), o0, o1, o2, o3) },
+            "cudnnGetConvolution2dForwardOutputDim",
+        )?;
+        if out != a.output_dims {
+            return Err(Error::msg(format!(
+                "cuDNN: cudnnGetConvolution2dForwardOutputDim gives {out:?}, the lowering expects {:?}",
+                a.output_dims
+            )));
+        }
+        let perfs = self.algo_perfs(&a, &x, &w, &y, &conv)?;
+        let algo = args::choose_algo(&perfs, a.max_workspace, c.math).ok_or_else(|| {
+            Error::msg(format!(
+                "cuDNN: no deterministic {:?} algorithm with {:?} math fits the planned {} bytes of workspace; \
+                 cuDNN offered {perfs:?}",
+                c.direction, a.conv.math, a.max_workspace
+            ))
+        })?;
+        // The chosen algorithm's math type goes on the descriptor (cuDNN reports it per algorithm).
+        // SAFETY: live descriptor.
+        dnn_check(unsafe { dnn_sys::cudnnSetConvolutionMathType(ch_, algo.math) }, "cudnnSetConvolutionMathType")?;
+        Ok(ConvPlan { x, w, y, conv, algo, args: a })
+    }
+
+    /// cuDNN's perf list for the direction (`cudnnGet*Algorithm_v7`: heuristics only, no device work).
+    fn algo_perfs(
+        &self,
+        a: &DnnConv,
+        x: &Owned<dnn_sys::cudnnTensorDescriptor_t>,
+        w: &Owned<dnn_sys::cudnnFilterDescriptor_t>,
+        y: &Owned<dnn_sys::cudnnTensorDescriptor_t>,
+        conv: &Owned<dnn_sys::cudnnConvolutionDescriptor_t>,
+    ) -> Result<Vec<AlgoPerf>> {
+        let h = self.dnn.raw();
+        let mut n: c_int = 0;
+        let ok = |s: dnn_sys::cudnnStatus_t| s == dnn_sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS;
+        let det = |d: dnn_sys::cudnnDeterminism_t| d == dnn_sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC;
+        Ok(match a.direction {
+            ConvDirection::Forward => {
+                let mut r = [std::mem::MaybeUninit::<dnn_sys::cudnnConvolutionFwdAlgoPerf_t>::zeroed(); 8];
+                dnn_check(
+                    // SAFETY: live handle and descriptors; `r` holds the 8 requested entries.
+                    unsafe {
+                        dnn_sys::cudnnGetConvolutionForwardAlgorithm_v7(
+                            h,
+                            x.raw(),
+                            w.raw(),
+                            conv.raw(),
+                            y.raw(),
+                            8,
+                            &mut n,
+                            r.as_mut_ptr().cast(),
+                        )
+                    },
+                    "cudnnGetConvolutionForwardAlgorithm_v7",
+                )?;
+                r[..n.clamp(0, 8) as usize]
+                    .iter()
+                    .map(|p| {
+                        // SAFETY: the first `n` entries were written by cuDNN.
+                        let p = unsafe { p.assume_init() };
+                        AlgoPerf {
+                            algo: p.algo as u32,
+                            ok: ok(p.status),
+                            memory: p.memory as u64,
+                            deterministic: det(p.determinism),
+                            math: p.mathType,
+                        }
+                    })
+                    .collect()
+            }
+            ConvDirection::BackwardData => {
+                let mut r = [std::mem::MaybeUninit::<dnn_sys::cudnnConvolutionBwdDataAlgoPerf_t>::zeroed(); 6];
+                dnn_check(
+                    // SAFETY: as above, 6 entries.
+                    unsafe {
+                        dnn_sys::cudnnGetConvolutionBackwardDataAlgorithm_v7(
+                            h,
+                            w.raw(),
+                            y.raw(),
+                            conv.raw(),
+                            x.raw(),
+                            6,
+                            &mut n,
+                            r.as_mut_ptr().cast(),
+                        )
+                    },
+                    "cudnnGetConvolutionBackwardDataAlgorithm_v7",
+                )?;
+                r[..n.clamp(0, 6) as usize]
+                    .iter()
+                    .map(|p| {
+                        // SAFETY: the first `n` entries were written by cuDNN.
+                        let p = unsafe { p.assume_init() };
+                        AlgoPerf {
+                            algo: p.algo as u32,
+                            ok: ok(p.status),
+                            memory: p.memory as u64,
+                            deterministic: det(p.determinism),
+                            math: p.mathType,
+                        }
+                    })
+                    .collect()
+            }
+            ConvDirection::BackwardFilter => {
+                let mut r = [std::mem::MaybeUninit::<dnn_sys::cudnnConvolutionBwdFilterAlgoPerf_t>::zeroed(); 7];
+                dnn_check(
+                    // SAFETY: as above, 7 entries.
+                    unsafe {
+                        dnn_sys::cudnnGetConvolutionBackwardFilterAlgorithm_v7(
+                            h,
+                            x.raw(),
+                            y.raw(),
+                            conv.raw(),
+                            w.raw(),
+                            7,
+                            &mut n,
+                            r.as_mut_ptr().cast(),
+                        )
+                    },
+                    "cudnnGetConvolutionBackwardFilterAlgorithm_v7",
+                )?;
+                r[..n.clamp(0, 7) as usize]
+                    .iter()
+                    .map(|p| {
+                        // SAFETY: the first `n` entries were written by cuDNN.
+                        let p = unsafe { p.assume_init() };
+                        AlgoPerf {
+                            algo: p.algo as u32,
+                            ok: ok(p.status),
+                            memory: p.memory as u64,
+                            deterministic: det(p.determinism),
+                            math: p.mathType,
+                        }
+                    })
+                    .collect()
+            }
+        })
+    }
+
+    /// Launches `l` after checking its arguments against the entry's PTX parameter list.
+    fn run_launch(&mut self, l: &Launch) -> Result<()> {
+        let m = self.modules.get(&l.kernel.module).ok_or_else(|| {
+            Error::msg(format!("kernel `{}`: module `{}` was never loaded", l.kernel.name, l.kernel.module))
+        })?;
+        if let Some(params) = kernels::ptx_entry_params(&m.ptx, &l.kernel.name) {
+            let given: Vec<usize> = l
+                .args
+                .iter()
+                .map(|a| match a {
+                    Arg::Ptr(_) => 8,
+                    Arg::Value(b) => b.len(),
+                })
+                .collect();
+            if given != params {
+                return Err(Error::msg(format!(
+                    "kernel `{}`: arguments of {given:?} bytes, but its PTX takes {params:?}",
+                    l.kernel.name
+                )));
+            }
+        } else if !m.ptx.is_empty() {
+            return Err(Error::msg(format!("module `{}` has no kernel `{}`", l.kernel.module, l.kernel.name)));
+        }
+        if l.dims.shared_bytes > 48 * 1024 {
+            return Err(Error::msg(format!(
+                "kernel `{}`: {} bytes of dynamic shared memory need an opt-in above 48 KiB",
+                l.kernel.name, l.dims.shared_bytes
+            )));
+        }
+        let f = self.function(&l.kernel.module, &l.kernel.name)?;
+        // Argument storage: pointers as u64, values as their bytes (8-byte aligned copies); the driver reads
+        // `params[i]` during the call (and copies them into a captured graph node).
+        let mut words: Vec<Vec<u64>> = l
+            .args
+            .iter()
+            .map(|a| match a {
+                Arg::Ptr(p) => vec![p.0],
+                Arg::Value(b) => {
+                    let mut w = vec![0u64; b.len().div_ceil(8).max(1)];
+                    bytemuck::cast_slice_mut::<u64, u8>(&mut w)[..b.len()].copy_from_slice(b);
+                    w
+                }
+            })
+            .collect();
+        let mut params: Vec<*mut c_void> = words.iter_mut().map(|w| w.as_mut_ptr().cast()).collect();
+        let [gx, gy, gz] = l.dims.grid;
+        let [bx, by, bz] = l.dims.block;
+        // SAFETY: `f` is a function of a module loaded in the bound context; `params` has one pointer per kernel
+        // parameter (count and sizes checked against the PTX above), each to storage that outlives the call; the
+        // pointer arguments are addresses the executor allocated on this device.
+        drv_check(
+            unsafe {
+                drv::cuLaunchKernel(
+                    f,
+                    gx,
+                    gy,
+                    gz,
+                    bx,
+                    by,
+                    bz,
+                    l.dims.shared_bytes,
+                    self.stream(),
+                    params.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
+            },
+            &format!("cuLaunchKernel({})", l.kernel.name),
+        )
     }
 }
 
-/// The outcome of one kernel in [`CudaDevice::verify_kernels`].
-#[derive(Clone, Debug)]
-pub struct KernelCheck {
-    pub kernel: &'static str,
-    pub max_abs_error: f64,
-    pub tolerance: f64,
+/// A GEMM's identity for the plan cache: every field, floats by their bits.
+fn gemm_key(g: &Gemm) -> Vec<u64> {
+    let m = |x: &crate::engine::device::MatrixRef| [x.ptr.0, dtype_code(x.dtype), x.ld, x.stride];
+    let mut k = vec![
+        g.transa as u64,
+        g.transb as u64,
+        g.m,
+        g.n,
+        g.k,
+        g.alpha.to_bits() as u64,
+        g.beta.to_bits() as u64,
+        g.batch,
+        g.compute as u64,
+        g.workspace.ptr.0,
+        g.workspace.bytes,
+    ];
+    for x in [&g.a, &g.b, &g.c] {
+        k.extend(m(x));
+    }
+    k
 }
 
-impl KernelCheck {
-    pub fn passed(&self) -> bool {
-        self.max_abs_error <= self.tolerance
+/// A convolution's identity for the plan cache (the seam's `algo` is not part of it: the device chooses).
+fn conv_key(c: &Conv) -> Vec<u64> {
+    let mut k = vec![
+        c.direction as u64,
+        c.x.layout as u64,
+        c.w.layout as u64,
+        dtype_code(c.x.dtype),
+        c.math as u64,
+        c.alpha.to_bits() as u64,
+        c.beta.to_bits() as u64,
+        c.workspace.bytes,
+    ];
+    k.extend(c.x.dims);
+    k.extend(c.w.dims);
+    k.extend(c.y.dims);
+    k.extend(c.padding);
+    k.extend(c.stride);
+    k
+}
+
+fn dtype_code(d: DType) -> u64 {
+    match d {
+        DType::F32 => 0,
+        DType::BF16 => 1,
+        DType::F16 => 2,
+        DType::F64 => 3,
+        DType::I32 => 4,
+        DType::I64 => 5,
     }
 }
 
-fn driver_error(what: &str, e: DriverError) -> Error {
-    Error::msg(format!("CUDA: {what}: {e:?}"))
+impl Drop for CudaDevice {
+    fn drop(&mut self) {
+        // The fields release their handles next; they need the context current on this thread.
+        if let Err(e) = self.bind() {
+            eprintln!("warning: releasing the CUDA device: {e}");
+        }
+        if !self.capturing {
+            // SAFETY: the stream is alive; waiting lets queued work finish before its memory is freed.
+            if let Err(e) = drv_check(unsafe { drv::cuStreamSynchronize(self.stream()) }, "cuStreamSynchronize") {
+                eprintln!("warning: releasing the CUDA device: {e}");
+            }
+        }
+    }
+}
+
+impl Device for CudaDevice {
+    fn info(&self) -> DeviceInfo {
+        DeviceInfo {
+            name: self.probe.name.clone(),
+            compute_capability: self.probe.compute_capability,
+            memory_bytes: self.probe.total_memory_bytes as u64,
+        }
+    }
+
+    fn alloc(&mut self, bytes: u64, what: &str) -> Result<DevPtr> {
+        self.not_capturing("allocation")?;
+        self.bind()?;
+        let mut p: drv::CUdeviceptr = 0;
+        let n = usize::try_from(bytes).map_err(|_| Error::msg(format!("{what}: {bytes} bytes do not fit")))?;
+        // SAFETY: a context is current; `p` is a valid out-pointer. cuMemAlloc aligns to at least 256 bytes.
+        drv_check(unsafe { drv::cuMemAlloc_v2(&mut p, n.max(1)) }, &format!("cuMemAlloc({bytes} bytes for {what})"))?;
+        // SAFETY: allocated above, freed once, before the context is released.
+        let owned = unsafe { Owned::new(p, "device memory", destroy::memory) };
+        self.allocations.push((owned, bytes));
+        Ok(DevPtr(p))
+    }
+
+    fn load_module(&mut self, module: &ModuleSource) -> Result<()> {
+        self.not_capturing("module loading")?;
+        if self.modules.contains_key(module.name()) {
+            return Ok(());
+        }
+        self.bind()?;
+        let (image, ptx): (Vec<u8>, String) = match module {
+            ModuleSource::Shipped(m) => {
+                let ptx = m.ptx(self.arch).to_string();
+                match module_image(m, self.arch, self.probe.compute_capability.0) {
+                    ModuleImage::Cubin(a) => (m.cubin(a).to_vec(), ptx),
+                    ModuleImage::Ptx(_) => (nul_terminated(&ptx), ptx),
+                }
+            }
+            ModuleSource::Generated { source, .. } => {
+                let (ptx, _cached) =
+                    super::nvrtc::compile_cached(source, self.arch, &super::nvrtc::default_cache_dir())?;
+                (nul_terminated(&ptx), ptx)
+            }
+        };
+        let mut m: drv::CUmodule = std::ptr::null_mut();
+        drv_check(
+            // SAFETY: `image` is a complete cubin or NUL-terminated PTX that outlives the call; a context is current.
+            unsafe { drv::cuModuleLoadData(&mut m, image.as_ptr().cast()) },
+            &format!("cuModuleLoadData({})", module.name()),
+        )?;
+        // SAFETY: loaded above, unloaded once before the context is released.
+        let owned = unsafe { Owned::new(m, "a kernel module", destroy::module) };
+        self.modules.insert(module.name().to_string(), LoadedModule { module: owned, functions: HashMap::new(), ptx });
+        Ok(())
+    }
+
+    fn upload(&mut self, dst: DevPtr, src: &[u8]) -> Result<()> {
+        self.not_capturing("a host-to-device copy")?;
+        self.bind()?;
+        // SAFETY: `src` is valid for its length; the destination is device memory of this context (the executor
+        // copies into values it allocated). The stream is synchronised before returning, so `src` (pageable host
+        // memory) outlives the copy.
+        unsafe {
+            drv_check(
+                drv::cuMemcpyHtoDAsync_v2(dst.0, src.as_ptr().cast(), src.len(), self.stream()),
+                "cuMemcpyHtoDAsync",
+            )?;
+            drv_check(drv::cuStreamSynchronize(self.stream()), "cuStreamSynchronize")
+        }
+    }
+
+    fn download(&mut self, dst: &mut [u8], src: DevPtr) -> Result<()> {
+        self.not_capturing("a device-to-host copy")?;
+        self.bind()?;
+        // SAFETY: `dst` is valid for writes of its length and is not touched until the stream has synchronised.
+        unsafe {
+            drv_check(
+                drv::cuMemcpyDtoHAsync_v2(dst.as_mut_ptr().cast(), src.0, dst.len(), self.stream()),
+                "cuMemcpyDtoHAsync",
+            )?;
+            drv_check(drv::cuStreamSynchronize(self.stream()), "cuStreamSynchronize")
+        }
+    }
+
+    fn copy2d(&mut self, c: &Copy2d) -> Result<()> {
+        self.bind()?;
+        if c.width == 0 || c.height == 0 {
+            return Ok(());
+        }
+        // SAFETY: plain data; every pointer field not used for device-to-device copies is null.
+        let mut p: drv::CUDA_MEMCPY2D = unsafe { std::mem::zeroed() };
+        p.srcMemoryType = drv::CUmemorytype::CU_MEMORYTYPE_DEVICE;
+        p.srcDevice = c.src.0;
+        p.srcPitch = c.src_pitch as usize;
+        p.dstMemoryType = drv::CUmemorytype::CU_MEMORYTYPE_DEVICE;
+        p.dstDevice = c.dst.0;
+        p.dstPitch = c.dst_pitch as usize;
+        p.WidthInBytes = c.width as usize;
+        p.Height = c.height as usize;
+        // SAFETY: both regions are device memory of this context, sized by the lowering for these pitches.
+        drv_check(unsafe { drv::cuMemcpy2DAsync_v2(&p, self.stream()) }, "cuMemcpy2DAsync")
+    }
+
+    fn memset(&mut self, dst: DevPtr, byte: u8, bytes: u64) -> Result<()> {
+        self.bind()?;
+        // SAFETY: `bytes` bytes from `dst` are device memory of this context.
+        drv_check(unsafe { drv::cuMemsetD8Async(dst.0, byte, bytes as usize, self.stream()) }, "cuMemsetD8Async")
+    }
+
+    fn launch(&mut self, launch: &Launch) -> Result<()> {
+        self.bind()?;
+        self.run_launch(launch)
+    }
+
+    fn gemm(&mut self, g: &Gemm) -> Result<()> {
+        self.bind()?;
+        let key = gemm_key(g);
+        if !self.gemm_plans.contains_key(&key) {
+            let plan = self.plan_gemm(g)?;
+            self.gemm_plans.insert(key.clone(), plan);
+        }
+        let plan = &self.gemm_plans[&key];
+        let ws = g.workspace;
+        match plan {
+            GemmPlan::Lt { desc, layouts, algo, args } => {
+                let (alpha, beta) = (args.alpha, args.beta);
+                // SAFETY: descriptors and algorithm were built for exactly this GEMM (same pointers, sizes, types);
+                // the operands and workspace are device memory the executor planned for it; alpha/beta are host
+                // f32 (the default host pointer mode, scale type f32).
+                lt_check(
+                    unsafe {
+                        lt_sys::cublasLtMatmul(
+                            self.lt.raw(),
+                            desc.raw(),
+                            (&alpha as *const f32).cast(),
+                            g.a.ptr.0 as *const c_void,
+                            layouts[0].raw(),
+                            g.b.ptr.0 as *const c_void,
+                            layouts[1].raw(),
+                            (&beta as *const f32).cast(),
+                            g.c.ptr.0 as *const c_void,
+                            layouts[2].raw(),
+                            g.c.ptr.0 as *mut c_void,
+                            layouts[2].raw(),
+                            algo,
+                            ws.ptr.0 as *mut c_void,
+                            ws.bytes as usize,
+                            self.stream.raw() as lt_sys::cudaStream_t,
+                        )
+                    },
+                    "cublasLtMatmul",
+                )
+            }
+            GemmPlan::Ex(a) => {
+                let h = self.blas.raw();
+                blas_check(
+                    // SAFETY: live handle; the workspace is planned device memory (or none), set before the call so
+                    // that cuBLAS allocates nothing (required under graph capture).
+                    unsafe { blas_sys::cublasSetWorkspace_v2(h, ws.ptr.0 as *mut c_void, ws.bytes as usize) },
+                    "cublasSetWorkspace",
+                )?;
+                // SAFETY: the arguments were built and range-checked from this GEMM; the operands are device memory
+                // the executor planned for it; alpha/beta are host f32 values (compute type 32F).
+                blas_check(
+                    unsafe {
+                        blas_sys::cublasGemmStridedBatchedEx(
+                            h,
+                            a.transa,
+                            a.transb,
+                            a.m,
+                            a.n,
+                            a.k,
+                            (&a.alpha as *const f32).cast(),
+                            g.a.ptr.0 as *const c_void,
+                            a.a_type,
+                            a.lda,
+                            a.stride_a,
+                            g.b.ptr.0 as *const c_void,
+                            a.b_type,
+                            a.ldb,
+                            a.stride_b,
+                            (&a.beta as *const f32).cast(),
+                            g.c.ptr.0 as *mut c_void,
+                            a.c_type,
+                            a.ldc,
+                            a.stride_c,
+                            a.batch,
+                            a.compute,
+                            blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+                        )
+                    },
+                    "cublasGemmStridedBatchedEx",
+                )
+            }
+        }
+    }
+
+    fn conv(&mut self, c: &Conv) -> Result<()> {
+        self.bind()?;
+        let key = conv_key(c);
+        if !self.conv_plans.contains_key(&key) {
+            self.not_capturing("choosing a cuDNN algorithm")?;
+            let plan = self.plan_conv(c)?;
+            self.conv_plans.insert(key.clone(), plan);
+        }
+        let p = &self.conv_plans[&key];
+        let (alpha, beta) = (p.args.alpha, p.args.beta);
+        let (al, be) = ((&alpha as *const f32).cast::<c_void>(), (&beta as *const f32).cast::<c_void>());
+        let ws = (c.workspace.ptr.0 as *mut c_void, c.workspace.bytes as usize);
+        let h = self.dnn.raw();
+        let (x, w, y) = (c.x.ptr.0 as *mut c_void, c.w.ptr.0 as *mut c_void, c.y.ptr.0 as *mut c_void);
+        // SAFETY (all three): the descriptors and algorithm were built for exactly these dims, types and layouts
+        // (validated); x, w and y are device memory the executor planned for them, the output not overlapping the
+        // inputs; the algorithm's workspace fits the planned span; alpha/beta are host f32 (compute FLOAT).
+        let status = match c.direction {
+            ConvDirection::Forward => {
+                // SAFETY: see above.
+                unsafe {
+                    dnn_sys::cudnnConvolutionForward(
+                        h,
+                        al,
+                        p.x.raw(),
+                        x,
+                        p.w.raw(),
+                        w,
+                        p.conv.raw(),
+                        fwd_algo(p.algo.algo)?,
+                        ws.0,
+                        ws.1,
+                        be,
+                        p.y.raw(),
+                        y,
+                    )
+                }
+            }
+            ConvDirection::BackwardData => {
+                // SAFETY: see above.
+                unsafe {
+                    dnn_sys::cudnnConvolutionBackwardData(
+                        h,
+                        al,
+                        p.w.raw(),
+                        w,
+                        p.y.raw(),
+                        y,
+                        p.conv.raw(),
+                        bwd_data_algo(p.algo.algo)?,
+                        ws.0,
+                        ws.1,
+                        be,
+                        p.x.raw(),
+                        x,
+                    )
+                }
+            }
+            ConvDirection::BackwardFilter => {
+                // SAFETY: see above.
+                unsafe {
+                    dnn_sys::cudnnConvolutionBackwardFilter(
+                        h,
+                        al,
+                        p.x.raw(),
+                        x,
+                        p.y.raw(),
+                        y,
+                        p.conv.raw(),
+                        bwd_filter_algo(p.algo.algo)?,
+                        ws.0,
+                        ws.1,
+                        be,
+                        p.w.raw(),
+                        w,
+                    )
+                }
+            }
+        };
+        dnn_check(status, &format!("cudnnConvolution{:?} (algorithm {})", c.direction, p.algo.algo))
+    }
+
+    fn all_reduce(&mut self, _buf: DevPtr, _count: u64, dtype: DType, _average: bool) -> Result<()> {
+        // One rank: the sum (and the average) of one contribution is that contribution.
+        if !dtype.is_float() {
+            return Err(Error::msg(format!("all-reduce of {dtype}")));
+        }
+        Ok(())
+    }
+
+    fn begin_capture(&mut self) -> Result<()> {
+        self.not_capturing("begin_capture")?;
+        self.bind()?;
+        drv_check(
+            // SAFETY: live stream of the bound context. Thread-local mode: only this thread's unsafe calls (which
+            // would break capture) are errors.
+            unsafe {
+                drv::cuStreamBeginCapture_v2(
+                    self.stream(),
+                    drv::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+                )
+            },
+            "cuStreamBeginCapture",
+        )?;
+        self.capturing = true;
+        Ok(())
+    }
+
+    fn end_capture(&mut self) -> Result<GraphId> {
+        if !self.capturing {
+            return Err(Error::msg("CUDA: end_capture without begin_capture"));
+        }
+        self.bind()?;
+        self.capturing = false;
+        let mut g: drv::CUgraph = std::ptr::null_mut();
+        // SAFETY: the stream is capturing (begun above); `g` is a valid out-pointer.
+        drv_check(unsafe { drv::cuStreamEndCapture(self.stream(), &mut g) }, "cuStreamEndCapture")?;
+        // SAFETY: `g` is the captured graph, owned here and destroyed once (instantiation copies it).
+        let graph = unsafe { Owned::new(g, "a captured CUDA graph", destroy::graph) };
+        let mut exec: drv::CUgraphExec = std::ptr::null_mut();
+        drv_check(
+            // SAFETY: live graph; valid out-pointer; no flags.
+            unsafe { drv::cuGraphInstantiateWithFlags(&mut exec, graph.raw(), 0) },
+            "cuGraphInstantiateWithFlags",
+        )?;
+        // SAFETY: instantiated above, destroyed once before the context.
+        let exec = unsafe { Owned::new(exec, "an instantiated CUDA graph", destroy::graph_exec) };
+        self.graphs.push(exec);
+        Ok(GraphId(self.graphs.len() - 1))
+    }
+
+    fn replay(&mut self, graph: GraphId) -> Result<()> {
+        self.not_capturing("replaying a graph")?;
+        self.bind()?;
+        let exec = self.graphs.get(graph.0).ok_or_else(|| Error::msg(format!("no CUDA graph {graph:?}")))?;
+        // SAFETY: live executable graph and stream of this context.
+        drv_check(unsafe { drv::cuGraphLaunch(exec.raw(), self.stream()) }, "cuGraphLaunch")
+    }
+
+    fn synchronize(&mut self) -> Result<()> {
+        self.not_capturing("synchronize")?;
+        self.bind()?;
+        // SAFETY: live stream.
+        drv_check(unsafe { drv::cuStreamSynchronize(self.stream()) }, "cuStreamSynchronize")
+    }
+}
+
+fn nul_terminated(s: &str) -> Vec<u8> {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
+fn fwd_algo(a: u32) -> Result<dnn_sys::cudnnConvolutionFwdAlgo_t> {
+    use dnn_sys::cudnnConvolutionFwdAlgo_t::*;
+    Ok(match a {
+        0 => CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+        1 => CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+        2 => CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+        3 => CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+        4 => CUDNN_CONVOLUTION_FWD_ALGO_FFT,
+        5 => CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
+        6 => CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+        7 => CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+        _ => return Err(Error::msg(format!("cuDNN: forward algorithm {a} does not exist"))),
+    })
+}
+
+fn bwd_data_algo(a: u32) -> Result<dnn_sys::cudnnConvolutionBwdDataAlgo_t> {
+    use dnn_sys::cudnnConvolutionBwdDataAlgo_t::*;
+    Ok(match a {
+        0 => CUDNN_CONVOLUTION_BWD_DATA_ALGO_0,
+        1 => CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
+        2 => CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT,
+        3 => CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT_TILING,
+        4 => CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD,
+        5 => CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED,
+        _ => return Err(Error::msg(format!("cuDNN: backward-data algorithm {a} does not exist"))),
+    })
+}
+
+fn bwd_filter_algo(a: u32) -> Result<dnn_sys::cudnnConvolutionBwdFilterAlgo_t> {
+    use dnn_sys::cudnnConvolutionBwdFilterAlgo_t::*;
+    Ok(match a {
+        0 => CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
+        1 => CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
+        2 => CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT,
+        3 => CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3,
+        5 => CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED,
+        6 => CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT_TILING,
+        _ => return Err(Error::msg(format!("cuDNN: backward-filter algorithm {a} is not usable"))),
+    })
 }
 
 #[cfg(test)]
@@ -206,5 +1180,84 @@ mod tests {
         assert_eq!(module_image(&WITH_CUBINS, Arch::Sm90, 10), ModuleImage::Ptx(Arch::Sm90));
         assert_eq!(module_image(&PTX_ONLY, Arch::Sm90, 9), ModuleImage::Ptx(Arch::Sm90));
         assert_eq!(module_image(&PTX_ONLY, Arch::Sm80, 8), ModuleImage::Ptx(Arch::Sm80));
+    }
+
+    #[test]
+    fn the_device_chooses_every_usable_cudnn_algorithm_by_number() {
+        for a in 0..8 {
+            assert_eq!(fwd_algo(a).unwrap() as u32, a);
+        }
+        for a in 0..6 {
+            assert_eq!(bwd_data_algo(a).unwrap() as u32, a);
+        }
+        for a in [0, 1, 2, 3, 5, 6] {
+            assert_eq!(bwd_filter_algo(a).unwrap() as u32, a);
+        }
+        assert!(bwd_filter_algo(4).is_err() && fwd_algo(8).is_err());
+    }
+}
+
+/// The destroy functions of [`Owned`] handles: each undoes one create call, on a handle that `Owned::new`'s
+/// contract says came from it and is destroyed only here, once.
+///
+/// # Safety (every function)
+/// `h` came from the matching create call, is live, and is destroyed by nobody else.
+mod destroy {
+    use super::*;
+    pub unsafe fn stream(h: drv::CUstream) -> Result<()> {
+        // SAFETY: the function's contract: `h` is live and owned by the dropping `Owned` (the CUDA stream).
+        drv_check(unsafe { drv::cuStreamDestroy_v2(h) }, "cuStreamDestroy")
+    }
+    pub unsafe fn lt_handle(h: lt_sys::cublasLtHandle_t) -> Result<()> {
+        // SAFETY: the function's contract: `h` is live and owned by the dropping `Owned` (the cuBLASLt handle).
+        lt_check(unsafe { lt_sys::cublasLtDestroy(h) }, "cublasLtDestroy")
+    }
+    pub unsafe fn blas_handle(h: blas_sys::cublasHandle_t) -> Result<()> {
+        // SAFETY: the function's contract: `h` is live and owned by the dropping `Owned` (the cuBLAS handle).
+        blas_check(unsafe { blas_sys::cublasDestroy_v2(h) }, "cublasDestroy")
+    }
+    pub unsafe fn dnn_handle(h: dnn_sys::cudnnHandle_t) -> Result<()> {
+        // SAFETY: the function's contract: `h` is live and owned by the dropping `Owned` (the cuDNN handle).
+        dnn_check(unsafe { dnn_sys::cudnnDestroy(h) }, "cudnnDestroy")
+    }
+    pub unsafe fn lt_layout(h: lt_sys::cublasLtMatrixLayout_t) -> Result<()> {
+        // SAFETY: the function's contract: `h` is live and owned by the dropping `Owned` (a cuBLASLt matrix layout).
+        lt_check(unsafe { lt_sys::cublasLtMatrixLayoutDestroy(h) }, "cublasLtMatrixLayoutDestroy")
+    }
+    pub unsafe fn lt_matmul_desc(h: lt_sys::cublasLtMatmulDesc_t) -> Result<()> {
+        // SAFETY: the function's contract: `h` is live and owned by the dropping `Owned` (a cuBLASLt matmul descriptor).
+        lt_check(unsafe { lt_sys::cublasLtMatmulDescDestroy(h) }, "cublasLtMatmulDescDestroy")
+    }
+    pub unsafe fn lt_preference(h: lt_sys::cublasLtMatmulPreference_t) -> Result<()> {
+        // SAFETY: the function's contract: `h` is live and owned by the dropping `Owned` (a cuBLASLt preference).
+        lt_check(unsafe { lt_sys::cublasLtMatmulPreferenceDestroy(h) }, "cublasLtMatmulPreferenceDestroy")
+    }
+    pub unsafe fn tensor_desc(h: dnn_sys::cudnnTensorDescriptor_t) -> Result<()> {
+        // SAFETY: the function's contract: `h` is live and owned by the dropping `Owned` (a cuDNN tensor descriptor).
+        dnn_check(unsafe { dnn_sys::cudnnDestroyTensorDescriptor(h) }, "cudnnDestroyTensorDescriptor")
+    }
+    pub unsafe fn filter_desc(h: dnn_sys::cudnnFilterDescriptor_t) -> Result<()> {
+        // SAFETY: the function's contract: `h` is live and owned by the dropping `Owned` (a cuDNN filter descriptor).
+        dnn_check(unsafe { dnn_sys::cudnnDestroyFilterDescriptor(h) }, "cudnnDestroyFilterDescriptor")
+    }
+    pub unsafe fn conv_desc(h: dnn_sys::cudnnConvolutionDescriptor_t) -> Result<()> {
+        // SAFETY: the function's contract: `h` is live and owned by the dropping `Owned` (a cuDNN convolution descriptor).
+        dnn_check(unsafe { dnn_sys::cudnnDestroyConvolutionDescriptor(h) }, "cudnnDestroyConvolutionDescriptor")
+    }
+    pub unsafe fn memory(h: drv::CUdeviceptr) -> Result<()> {
+        // SAFETY: the function's contract: `h` is live and owned by the dropping `Owned` (device memory).
+        drv_check(unsafe { drv::cuMemFree_v2(h) }, "cuMemFree")
+    }
+    pub unsafe fn module(h: drv::CUmodule) -> Result<()> {
+        // SAFETY: the function's contract: `h` is live and owned by the dropping `Owned` (a kernel module).
+        drv_check(unsafe { drv::cuModuleUnload(h) }, "cuModuleUnload")
+    }
+    pub unsafe fn graph(h: drv::CUgraph) -> Result<()> {
+        // SAFETY: the function's contract: `h` is live and owned by the dropping `Owned` (a captured CUDA graph).
+        drv_check(unsafe { drv::cuGraphDestroy(h) }, "cuGraphDestroy")
+    }
+    pub unsafe fn graph_exec(h: drv::CUgraphExec) -> Result<()> {
+        // SAFETY: the function's contract: `h` is live and owned by the dropping `Owned` (an instantiated CUDA graph).
+        drv_check(unsafe { drv::cuGraphExecDestroy(h) }, "cuGraphExecDestroy")
     }
 }

@@ -1,0 +1,232 @@
+//! The GPU half of `scripts/gpu-check`: the CUDA executor on a real GPU ([`CudaDevice`]) against the CPU backend.
+//!
+//! Without a GPU (ZEROCONV_EXPECT_GPU unset or 0 and no /dev/nvidiactl) only the probe test runs, and checks that
+//! opening the device is a `CudaUnavailable` error (never a panic); the others return at once. With
+//! ZEROCONV_EXPECT_GPU=1 (what `scripts/gpu-check --run` sets) every test must pass on the GPU:
+//! - `a_probe`: the device, every library and its version;
+//! - `b_kernels`, `c_gemms`, `d_convolutions`: one-node graphs through shipped kernels, cuBLASLt/cuBLAS and cuDNN
+//!   (f32 and bf16) against the CPU backend;
+//! - `e_training_step`: a conv + GroupNorm + attention + MSE + clip + AdamW step, 3 steps (eager, captured, replayed)
+//!   against the CPU, then replay equal to eager bit for bit.
+
+mod common;
+
+use common::nets::{self, NetSpec};
+use common::Rng;
+use zeroconv::engine::cpu::CpuBackend;
+use zeroconv::engine::cuda::CudaDevice;
+use zeroconv::engine::gpu::{GpuBackend, GpuProgram, StepMode};
+use zeroconv::engine::{Backend, HostTensor, Program};
+use zeroconv::graph::optim::{adamw_hyper, append_training_step_clipped, AdamWConfig, HYPER_INPUT};
+use zeroconv::graph::passes::{self, PassOptions};
+use zeroconv::graph::{DType, F64Bits, Graph, Op, Shape, UnaryOp, ValueId};
+use zeroconv::Error;
+
+fn gpu_expected() -> bool {
+    match std::env::var("ZEROCONV_EXPECT_GPU").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => std::path::Path::new("/dev/nvidiactl").exists(),
+    }
+}
+
+fn cuda(mode: StepMode) -> GpuBackend<CudaDevice> {
+    GpuBackend::new(|| CudaDevice::open(0), mode)
+}
+
+#[test]
+fn a_probe() {
+    let opened = CudaDevice::open(0);
+    if !gpu_expected() {
+        match opened {
+            Err(Error::CudaUnavailable(m)) => println!("no GPU here, as expected: {m}"),
+            Err(other) => panic!("expected CudaUnavailable without a GPU, got {other}"),
+            Ok(_) => panic!("no GPU expected, but a device opened; set ZEROCONV_EXPECT_GPU=1"),
+        }
+        return;
+    }
+    let d = opened.unwrap_or_else(|e| panic!("GPU probe failed: {e}"));
+    let p = d.probe_info();
+    println!(
+        "device {} (compute {}.{}, {:.1} GiB), driver supports CUDA {}.{}, kernels {}",
+        p.name,
+        p.compute_capability.0,
+        p.compute_capability.1,
+        p.total_memory_bytes as f64 / (1u64 << 30) as f64,
+        p.driver_version.0,
+        p.driver_version.1,
+        d.arch().name()
+    );
+    for lib in d.libraries() {
+        println!("{lib}");
+    }
+}
+
+fn rel_err(a: &[f64], b: &[f64]) -> f64 {
+    let scale = b.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1e-6);
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| if x.is_nan() != y.is_nan() { f64::INFINITY } else { (x - y).abs() })
+        .fold(0.0, f64::max)
+        / scale
+}
+
+/// One op on the GPU and on the CPU, every output compared.
+fn check(what: &str, op: Op, inputs: Vec<(Vec<usize>, DType)>, rng: &mut Rng) {
+    let mut g = Graph::new();
+    let ids: Vec<ValueId> =
+        inputs.iter().enumerate().map(|(i, (s, d))| g.input(&format!("in{i}"), Shape::new(s), *d)).collect();
+    let outs = g.add_node(op, &ids).unwrap_or_else(|e| panic!("{what}: {e}"));
+    g.outputs.extend(&outs);
+    let mut cpu = CpuBackend::new(2).compile(g.clone()).unwrap();
+    let mut gpu = cuda(StepMode::Eager).compile(g.clone()).unwrap_or_else(|e| panic!("{what}: compile: {e}"));
+    for (&v, (s, d)) in ids.iter().zip(&inputs) {
+        let t = HostTensor::from_f64(Shape::new(s), *d, &rng.vec(s.iter().product())).unwrap();
+        cpu.upload(v, &t).unwrap();
+        gpu.upload(v, &t).unwrap();
+    }
+    cpu.launch().unwrap();
+    gpu.launch().unwrap_or_else(|e| panic!("{what}: {e}"));
+    for &o in &outs {
+        let (want, got) = (cpu.download(o).unwrap().to_f64(), gpu.download(o).unwrap().to_f64());
+        let e = rel_err(&got, &want);
+        let tol = if g.dtype(o) == DType::F32 { 1e-4 } else { 2e-2 };
+        println!("{what}: output {o}: relative error {e:.2e}");
+        assert!(e <= tol, "{what}: output {o} relative error {e:.3e} > {tol:.0e}");
+    }
+}
+
+#[test]
+fn b_kernels() {
+    if !gpu_expected() {
+        return;
+    }
+    let mut rng = Rng::new(1);
+    for d in [DType::F32, DType::BF16, DType::F16] {
+        for u in [UnaryOp::Silu, UnaryOp::Exp, UnaryOp::GeluTanh] {
+            check(&format!("unary {u:?} {d}"), Op::Unary(u), vec![(vec![3, 1000], d)], &mut rng);
+        }
+        check(&format!("softmax {d}"), Op::Softmax, vec![(vec![37, 100], d)], &mut rng);
+        check(
+            &format!("groupnorm {d}"),
+            Op::GroupNorm { groups: 2, eps: F64Bits::new(1e-5) },
+            vec![(vec![2, 4, 5, 5], d), (vec![4], d), (vec![4], d)],
+            &mut rng,
+        );
+    }
+}
+
+#[test]
+fn c_gemms() {
+    if !gpu_expected() {
+        return;
+    }
+    let mut rng = Rng::new(2);
+    for d in [DType::F32, DType::BF16] {
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let (m, k, n) = (37, 77, 45);
+            for (ba, bb) in [(vec![], vec![]), (vec![4], vec![4]), (vec![2, 3], vec![]), (vec![], vec![3])] {
+                let mut a = ba.clone();
+                a.extend(if ta { [k, m] } else { [m, k] });
+                let mut b = bb.clone();
+                b.extend(if tb { [n, k] } else { [k, n] });
+                let what = format!("matmul ta={ta} tb={tb} batch {ba:?}x{bb:?} {d}");
+                check(&what, Op::MatMul { trans_a: ta, trans_b: tb }, vec![(a, d), (b, d)], &mut rng);
+            }
+        }
+    }
+}
+
+#[test]
+fn d_convolutions() {
+    if !gpu_expected() {
+        return;
+    }
+    let mut rng = Rng::new(3);
+    for d in [DType::F32, DType::BF16] {
+        for (k, stride, pad, hw) in [(3, 1, 1, 16), (3, 2, 1, 16), (1, 1, 0, 9), (3, 1, 0, 12)] {
+            let (n, c, o) = (2, 8, 16);
+            let ho = (hw + 2 * pad - k) / stride + 1;
+            let what = format!("conv k{k} s{stride} p{pad} {hw}x{hw} {d}");
+            let x = (vec![n, c, hw, hw], d);
+            let w = (vec![o, c, k, k], d);
+            let dy = (vec![n, o, ho, ho], d);
+            check(&what, Op::Conv2d { stride, padding: pad }, vec![x.clone(), w.clone(), (vec![o], d)], &mut rng);
+            let bi = Op::Conv2dBackwardInput { stride, padding: pad, h: hw, w: hw };
+            check(&format!("{what} backward input"), bi, vec![dy.clone(), w.clone()], &mut rng);
+            let bw = Op::Conv2dBackwardWeight { stride, padding: pad, kh: k, kw: k };
+            check(&format!("{what} backward weight"), bw, vec![x, dy], &mut rng);
+        }
+    }
+}
+
+struct Step {
+    graph: Graph,
+    loss: ValueId,
+    init: Vec<(ValueId, HostTensor)>,
+    params: Vec<ValueId>,
+}
+
+fn training_step(dtype: DType) -> Step {
+    let s = NetSpec { batch: 2, in_ch: 3, ch: 8, hw: 8, blocks: 2, checkpoint: false, dtype };
+    let mut net = nets::build(&s);
+    let init = nets::init_values(&net.g, &net.params, 11);
+    net.g.outputs.push(net.loss);
+    append_training_step_clipped(&mut net.g, net.loss, &AdamWConfig::default(), Some(1.0)).unwrap();
+    let opt = passes::optimize(&net.g, &PassOptions { checkpointing: false, fusion: true, dumps: false }).unwrap();
+    let init = init.into_iter().map(|(v, t)| (opt.map.get(v).unwrap(), t)).collect();
+    let params = passes::remap_all(&opt.map, &net.params).unwrap();
+    Step { loss: opt.map.get(net.loss).unwrap(), graph: opt.graph, init, params }
+}
+
+/// Loss and parameters after each of `steps` steps.
+fn run_steps<P: Program>(p: &mut P, s: &Step, dtype: DType, steps: u64) -> Vec<(f64, Vec<Vec<f64>>)> {
+    for (v, t) in &s.init {
+        p.upload(*v, t).unwrap();
+    }
+    let n = 2 * 3 * 64;
+    (1..=steps)
+        .map(|t| {
+            let mut rng = Rng::new(100 + t);
+            p.upload_named("x", &HostTensor::from_f64([2, 3, 8, 8], dtype, &rng.vec(n)).unwrap()).unwrap();
+            p.upload_named("target", &HostTensor::from_f64([2, 3, 8, 8], dtype, &rng.vec(n)).unwrap()).unwrap();
+            let hyper = adamw_hyper(&AdamWConfig::default(), 1e-3, t);
+            p.upload_named(HYPER_INPUT, &HostTensor::from_f64([3], DType::F32, &hyper).unwrap()).unwrap();
+            p.launch().unwrap_or_else(|e| panic!("step {t}: {e}"));
+            let loss = p.download(s.loss).unwrap().to_f64()[0];
+            (loss, s.params.iter().map(|&v| p.download(v).unwrap().to_f64()).collect())
+        })
+        .collect()
+}
+
+#[test]
+fn e_training_step() {
+    if !gpu_expected() {
+        return;
+    }
+    for dtype in [DType::F32, DType::BF16] {
+        let s = training_step(dtype);
+        let mut cpu = CpuBackend::new(2).compile(s.graph.clone()).unwrap();
+        let mut gpu: GpuProgram<CudaDevice> = cuda(StepMode::CaptureAfterFirst).compile(s.graph.clone()).unwrap();
+        let want = run_steps(&mut cpu, &s, dtype, 3);
+        let got = run_steps(&mut gpu, &s, dtype, 3);
+        let tol = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
+        for (t, ((gl, gp), (wl, wp))) in got.iter().zip(&want).enumerate() {
+            let e = ((gl - wl) / wl.abs().max(1e-6)).abs();
+            println!("{dtype} step {}: loss {gl} (cpu {wl}), relative error {e:.2e}", t + 1);
+            assert!(e <= tol, "{dtype} step {}: loss {gl} vs cpu {wl}", t + 1);
+            for (i, (a, b)) in gp.iter().zip(wp).enumerate() {
+                let e = rel_err(a, b);
+                assert!(e <= tol * 10.0, "{dtype} step {}: parameter {i}: relative error {e:.3e}", t + 1);
+            }
+        }
+        // The same program eagerly: steps 2 and 3 above were a capture and a replay, so they must match bit for bit.
+        let mut eager: GpuProgram<CudaDevice> = cuda(StepMode::Eager).compile(s.graph.clone()).unwrap();
+        let e = run_steps(&mut eager, &s, dtype, 3);
+        for (t, (x, y)) in e.iter().zip(&got).enumerate() {
+            assert_eq!(x.0.to_bits(), y.0.to_bits(), "{dtype} step {}: replayed loss differs from eager", t + 1);
+            assert!(x.1 == y.1, "{dtype} step {}: replayed parameters differ from eager", t + 1);
+        }
+        println!("{dtype}: 3 steps match the CPU; capture + replay equal eager bit for bit");
+    }
+}
