@@ -32,8 +32,20 @@ impl Kernels {
         block: impl Into<emulate::Dim3>,
         args: KernelArgs,
     ) {
+        self.launch_with_shared(kernel, grid, block, 0, args);
+    }
+
+    /// [`Kernels::launch`] with `shared_bytes` of dynamic shared memory.
+    pub fn launch_with_shared(
+        &self,
+        kernel: &str,
+        grid: impl Into<emulate::Dim3>,
+        block: impl Into<emulate::Dim3>,
+        shared_bytes: u32,
+        args: KernelArgs,
+    ) {
         self.launched.borrow_mut().insert(kernel.to_string());
-        let cfg = LaunchConfig::new(grid, block).with_schedule(self.schedule.get());
+        let cfg = LaunchConfig::new(grid, block).with_shared_bytes(shared_bytes).with_schedule(self.schedule.get());
         // SAFETY: every caller sizes the buffers it passes for the element counts it passes, as documented in
         // the kernel's .cu file; the emulator checks argument sizes and guard bands besides.
         unsafe { self.module.launch(kernel, &cfg, &args) }.unwrap_or_else(|e| panic!("{e}"));
