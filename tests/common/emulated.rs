@@ -22,6 +22,11 @@ impl Kernels {
     pub fn new(name: &str) -> Self {
         let m = kernels::module(name).unwrap_or_else(|| panic!("no kernel module `{name}`"));
         let module = emulate::compile_module(m).unwrap_or_else(|e| panic!("emulating kernels/{name}.cu: {e}"));
+        Self::from_module(module)
+    }
+
+    /// A module compiled from another source (a deliberately broken copy, say).
+    pub fn from_module(module: Arc<EmuModule>) -> Self {
         Kernels { module, launched: RefCell::default(), schedule: Cell::new(Schedule::Ascending) }
     }
 
