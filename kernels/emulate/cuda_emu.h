@@ -21,6 +21,9 @@
 // - `__shared__` variables are per-OS-thread storage (`static thread_local`), hence per block since a thread
 //   runs one block at a time. They and the dynamic shared memory are filled with 0xff bytes (NaN) before every
 //   block, so a kernel that reads shared memory it did not write sees NaN rather than a lucky zero.
+// - Tensor-core instructions (mma.sync, ldmatrix) are warp collectives of the whole warp, computed from the PTX
+//   ISA's fragment tables in kernels/mma.cuh; cp.async copies land only at the cp.async.wait_group that covers them,
+//   their destination reading NaN until then (see "warp matrix instructions" and "asynchronous copies" below).
 // - Atomics use the GCC __atomic builtins (correct whatever the host threading); math functions are the host
 //   libm's (within a few ulp of CUDA's; results are compared with tolerances, not bit for bit).
 // Not emulated: memory fences beyond the compiler's, __activemask (lanes run one at a time, so "active" has no
