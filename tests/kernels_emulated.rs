@@ -483,12 +483,15 @@ fn compile_errors_quote_the_compiler() {
 /// The modules the tests below check; a new kernels/*.cu must be added here with its test. The generated
 /// module `fused_generated` is checked kernel by kernel in tests/fused_emulated.rs, and `attention`, `check` and
 /// `layout` are checked in tests/kernels_layout_emulated.rs.
-const TESTED_MODULES: [&str; 13] = [
+const TESTED_MODULES: [&str; 15] = [
     "adamw",
     "attention",
     "binary",
     "cast",
     "check",
+    // Tested in tests/flash_attention_emulated.rs.
+    "flash_attention",
+    "flash_attention_bwd",
     "fused_generated",
     "layout",
     "loss",

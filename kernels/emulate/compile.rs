@@ -19,10 +19,13 @@ pub(crate) const HEADER: &str = include_str!("cuda_emu.h");
 const HEADER_NAME: &str = "cuda_emu.h";
 
 /// Bump when the way libraries are produced changes, so stale cached ones are not reused.
-const CACHE_SCHEMA: &str = "zeroconv-emulate-1";
+const CACHE_SCHEMA: &str = "zeroconv-emulate-2";
 
 /// The emulated architecture: what `__CUDA_ARCH__` reads during preprocessing (sm_80, the oldest target built).
-const PREPROCESS_FLAGS: &[&str] = &["-E", "-x", "c++", "-std=c++17", "-D__CUDACC__", "-D__CUDA_ARCH__=800"];
+/// `__CUDACC_EMULATED__` lets a header choose its emulator path while the source's own macros are expanded (the
+/// inline PTX of kernels/mma.cuh cannot compile for the host); cuda_emu.h defines it again for the compile.
+const PREPROCESS_FLAGS: &[&str] =
+    &["-E", "-x", "c++", "-std=c++17", "-D__CUDACC__", "-D__CUDA_ARCH__=800", "-D__CUDACC_EMULATED__=1"];
 
 // -O1 keeps compile time low; no FMA contraction and no strict aliasing, so results do not depend on the host
 // CPU's instruction set and type-punning kernel code behaves as on the GPU.

@@ -21,6 +21,9 @@
 // - `__shared__` variables are per-OS-thread storage (`static thread_local`), hence per block since a thread
 //   runs one block at a time. They and the dynamic shared memory are filled with 0xff bytes (NaN) before every
 //   block, so a kernel that reads shared memory it did not write sees NaN rather than a lucky zero.
+// - Tensor-core instructions (mma.sync, ldmatrix) are warp collectives of the whole warp, computed from the PTX
+//   ISA's fragment tables in kernels/mma.cuh; cp.async copies land only at the cp.async.wait_group that covers them,
+//   their destination reading NaN until then (see "warp matrix instructions" and "asynchronous copies" below).
 // - Atomics use the GCC __atomic builtins (correct whatever the host threading); math functions are the host
 //   libm's (within a few ulp of CUDA's; results are compared with tolerances, not bit for bit).
 // Not emulated: memory fences beyond the compiler's, __activemask (lanes run one at a time, so "active" has no
@@ -95,7 +98,7 @@ static constexpr int warpSize = 32;
 namespace zc_emu {
 
 enum class State : unsigned char { Ready, Running, AtBarrier, AtWarp, Exited };
-enum class WarpOp : unsigned char { Sync, Shfl, Ballot, Any, All, ReduceAdd, ReduceMin, ReduceMax, MatchAny };
+enum class WarpOp : unsigned char { Sync, Shfl, Ballot, Any, All, ReduceAdd, ReduceMin, ReduceMax, MatchAny, Matrix };
 enum class BarrierOp : unsigned char { Plain, Count, And, Or };
 
 inline const char* warp_op_name(WarpOp op) {
@@ -109,6 +112,7 @@ inline const char* warp_op_name(WarpOp op) {
         case WarpOp::ReduceMin: return "__reduce_min_sync";
         case WarpOp::ReduceMax: return "__reduce_max_sync";
         case WarpOp::MatchAny: return "__match_any_sync";
+        case WarpOp::Matrix: return "a warp matrix instruction (mma.sync, ldmatrix)";
     }
     return "a warp collective";
 }
@@ -170,6 +174,19 @@ inline void context_init(FiberContext& c, unsigned char* stack, size_t bytes, vo
 }
 #endif
 
+// A warp-wide matrix instruction (see warp_matrix_op): called once with every lane's operand block; on misuse it
+// writes a message to `error` and returns false.
+typedef bool (*WarpMatrixFn)(void* const* lanes, char* error, size_t error_len);
+
+// One cp.async copy this thread issued and has not yet waited for (see async_copy).
+struct AsyncCopy {
+    void* dst;
+    const void* src;
+    unsigned bytes;
+    unsigned src_bytes;
+    unsigned long long group;  // the commit group; `uncommitted` until cp.async.commit_group
+};
+
 struct Fiber {
     FiberContext context;
     ::uint3 thread_idx;
@@ -184,6 +201,10 @@ struct Fiber {
     int source_lane;
     unsigned long long value;
     unsigned long long result;
+    WarpMatrixFn matrix_fn;
+    // cp.async copies in flight (issued, not yet waited for), oldest first, and the number of groups committed.
+    std::vector<AsyncCopy> async_copies;
+    unsigned long long async_groups;
     // The pending block barrier (__syncthreads and its _count/_and/_or forms).
     BarrierOp barrier_op;
     int predicate;
@@ -203,6 +224,7 @@ struct BlockRun {
     Fiber* current;
     FiberContext scheduler;
     unsigned char* dynamic_shared;
+    unsigned long long dynamic_shared_bytes;
     bool failed;
     std::string error;
 };
@@ -310,6 +332,95 @@ inline void check_width(const char* what, int width) {
     if (width < 1 || width > 32 || (width & (width - 1)) != 0) {
         fail("%s with width %d: the width must be a power of two from 1 to 32", what, width);
     }
+}
+
+// True when [p, p + bytes) lies inside this block's shared memory (a static __shared__ variable or the dynamic
+// shared memory of the launch): ldmatrix and cp.async address shared memory only.
+inline bool is_shared(const void* p, size_t bytes) {
+    const unsigned char* b = static_cast<const unsigned char*>(p);
+    const BlockRun& r = run();
+    if (b >= r.dynamic_shared && b + bytes <= r.dynamic_shared + r.dynamic_shared_bytes) {
+        return true;
+    }
+    for (const auto& var : shared_registry) {
+        if (b >= var.first && b + bytes <= var.first + var.second) {
+            return true;
+        }
+    }
+    return false;
+}
+
+// ---- warp matrix instructions ------------------------------------------------------------------------------------
+//
+// mma.sync and ldmatrix are .sync.aligned: every lane of the warp executes the same instruction, and each lane's
+// result depends on the operands of the other lanes. Each lane deposits a pointer to its operand block (on its own
+// stack, which stays valid while it is parked) and `fn`, the instruction; once all 32 lanes have arrived, the
+// scheduler calls `fn` once with the 32 pointers (lane order) and `fn` writes every lane's results (or reports
+// misuse, such as an address outside shared memory, by returning false with a message). What the
+// instructions compute (the PTX ISA's fragment layouts) lives with their GPU versions in kernels/mma.cuh; this is
+// only the meeting point. Lanes at different instructions, a mask other than the full warp, an exited lane or a
+// partial warp are reported as errors (undefined behaviour on a GPU).
+inline void warp_matrix_op(WarpMatrixFn fn, void* operands) {
+    Fiber& f = fiber();
+    f.matrix_fn = fn;
+    warp_collective(WarpOp::Matrix, 0xffffffffu, reinterpret_cast<unsigned long long>(operands), 0);
+}
+
+// ---- asynchronous copies (cp.async) ------------------------------------------------------------------------------
+//
+// A cp.async copy completes at some point before the cp.async.wait_group that covers its group; until then its
+// destination holds undefined bytes. The emulator takes the least convenient legal choice: issuing a copy fills
+// the destination with 0xff (NaN in every float type) and the bytes arrive only at the covering wait, so a kernel
+// that reads a tile before waiting for it (or before the barrier after the wait, when another thread copied it)
+// reads NaN. Copies still in flight when a thread exits are reported (a kernel that relies on them is broken).
+
+constexpr unsigned long long kUncommitted = ~0ull;
+
+// cp.async.cg.shared.global [dst], [src], bytes, src_bytes: copies src_bytes bytes and zero-fills the rest.
+inline void async_copy(void* dst, const void* src, unsigned bytes, unsigned src_bytes) {
+    if (src_bytes > bytes) {
+        fail("cp.async with a source size of %u bytes, above the copy size %u", src_bytes, bytes);
+    }
+    if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) % bytes != 0) {
+        fail("cp.async of %u bytes from %p to %p: both addresses must be aligned to the copy size", bytes, src, dst);
+    }
+    if (!is_shared(dst, bytes)) {
+        fail("cp.async to %p, which is not shared memory of this block", dst);
+    }
+    if (src_bytes > 0 && is_shared(src, src_bytes)) {
+        fail("cp.async from %p, which is shared memory: the source must be global memory", src);
+    }
+    poison(dst, bytes);
+    fiber().async_copies.push_back(AsyncCopy{dst, src, bytes, src_bytes, kUncommitted});
+}
+
+// cp.async.commit_group: the copies issued since the last commit form one group (possibly empty).
+inline void async_commit() {
+    Fiber& f = fiber();
+    for (AsyncCopy& c : f.async_copies) {
+        if (c.group == kUncommitted) {
+            c.group = f.async_groups;
+        }
+    }
+    ++f.async_groups;
+}
+
+// cp.async.wait_group n: completes every committed group but the n most recent. Uncommitted copies stay in
+// flight, as in PTX.
+inline void async_wait(unsigned n) {
+    Fiber& f = fiber();
+    const unsigned long long done = f.async_groups > n ? f.async_groups - n : 0;
+    size_t kept = 0;
+    for (size_t i = 0; i < f.async_copies.size(); ++i) {
+        const AsyncCopy c = f.async_copies[i];
+        if (c.group != kUncommitted && c.group < done) {
+            memcpy(c.dst, c.src, c.src_bytes);
+            memset(static_cast<unsigned char*>(c.dst) + c.src_bytes, 0, c.bytes - c.src_bytes);
+        } else {
+            f.async_copies[kept++] = c;
+        }
+    }
+    f.async_copies.resize(kept);
 }
 
 }  // namespace zc_emu
@@ -655,6 +766,9 @@ inline thread_local std::vector<unsigned char> dynamic_shared_pool;
 inline void fiber_entry() {
     BlockRun& r = run();
     r.invoke(r.args);
+    if (!r.current->async_copies.empty()) {
+        fail("exited with %zu cp.async copies never waited for (cp.async.wait_group)", r.current->async_copies.size());
+    }
     r.current->state = State::Exited;
     context_switch(r.current->context, r.scheduler);
     abort();  // an exited fiber is never resumed
@@ -707,7 +821,8 @@ inline bool resolve_warp(BlockRun& r, unsigned warp, bool& progressed) {
                                       " for lane " + std::to_string(m) + ", which waits at __syncthreads: deadlock");
                 return false;
             }
-            if (other.warp_op != leader.warp_op || other.mask != leader.mask) {
+            if (other.warp_op != leader.warp_op || other.mask != leader.mask ||
+                (leader.warp_op == WarpOp::Matrix && other.matrix_fn != leader.matrix_fn)) {
                 char text[256];
                 snprintf(text, sizeof text,
                          "lanes %u and %u of warp %u meet at different warp collectives (%s, mask 0x%08x vs %s, "
@@ -718,6 +833,33 @@ inline bool resolve_warp(BlockRun& r, unsigned warp, bool& progressed) {
                 return false;
             }
             participants |= 1u << m;
+        }
+        if (leader.warp_op == WarpOp::Matrix) {
+            if (participants != 0xffffffffu) {
+                char text[192];
+                snprintf(text, sizeof text,
+                         "warp %u: a warp matrix instruction (mma.sync, ldmatrix) reached by lanes 0x%08x only: every "
+                         "lane of a full warp must execute it",
+                         warp, participants);
+                fail_scheduler(r, text);
+                return false;
+            }
+            void* lanes_operands[32];
+            for (unsigned m = 0; m < 32; ++m) {
+                lanes_operands[m] = reinterpret_cast<void*>(w[m].value);
+            }
+            char text[256] = "";
+            if (!leader.matrix_fn(lanes_operands, text, sizeof text)) {
+                fail_scheduler(r, text);
+                return false;
+            }
+            for (unsigned m = 0; m < 32; ++m) {
+                w[m].result = 0;
+                w[m].state = State::Ready;
+            }
+            handled |= participants;
+            progressed = true;
+            continue;
         }
         unsigned ballot = 0;
         unsigned long long sum = 0, lo = ~0ull, hi = 0;
@@ -783,6 +925,8 @@ inline bool run_block(BlockRun& r, const LaunchConfig& cfg, unsigned long long& 
         f.lane = i % 32;
         f.warp = i / 32;
         f.state = State::Ready;
+        f.async_copies.clear();
+        f.async_groups = 0;
         context_init(f.context, stack_pool.stack(i), kStackBytes, fiber_entry);
     }
     for (auto& var : shared_registry) {
@@ -972,6 +1116,7 @@ extern "C" __attribute__((visibility("default"))) int zc_emu_launch(const ::zc_e
     // 16-byte aligned, as CUDA aligns dynamic shared memory at least that much.
     const uintptr_t raw = (uintptr_t)dynamic_shared_pool.data();
     r.dynamic_shared = (unsigned char*)((raw + 15) & ~(uintptr_t)15);
+    r.dynamic_shared_bytes = cfg->dynamic_shared_bytes;
     r.failed = false;
 
     unsigned long long rng = cfg->seed * 0x9e3779b97f4a7c15ull + 1;

@@ -22,6 +22,11 @@ impl Kernels {
     pub fn new(name: &str) -> Self {
         let m = kernels::module(name).unwrap_or_else(|| panic!("no kernel module `{name}`"));
         let module = emulate::compile_module(m).unwrap_or_else(|e| panic!("emulating kernels/{name}.cu: {e}"));
+        Self::from_module(module)
+    }
+
+    /// A module compiled from another source (a deliberately broken copy, say).
+    pub fn from_module(module: Arc<EmuModule>) -> Self {
         Kernels { module, launched: RefCell::default(), schedule: Cell::new(Schedule::Ascending) }
     }
 
@@ -32,8 +37,20 @@ impl Kernels {
         block: impl Into<emulate::Dim3>,
         args: KernelArgs,
     ) {
+        self.launch_with_shared(kernel, grid, block, 0, args);
+    }
+
+    /// [`Kernels::launch`] with `shared_bytes` of dynamic shared memory.
+    pub fn launch_with_shared(
+        &self,
+        kernel: &str,
+        grid: impl Into<emulate::Dim3>,
+        block: impl Into<emulate::Dim3>,
+        shared_bytes: u32,
+        args: KernelArgs,
+    ) {
         self.launched.borrow_mut().insert(kernel.to_string());
-        let cfg = LaunchConfig::new(grid, block).with_schedule(self.schedule.get());
+        let cfg = LaunchConfig::new(grid, block).with_shared_bytes(shared_bytes).with_schedule(self.schedule.get());
         // SAFETY: every caller sizes the buffers it passes for the element counts it passes, as documented in
         // the kernel's .cu file; the emulator checks argument sizes and guard bands besides.
         unsafe { self.module.launch(kernel, &cfg, &args) }.unwrap_or_else(|e| panic!("{e}"));
