@@ -1,4 +1,4 @@
-//! Sampling: DDIM (η = 0) with classifier-free guidance and control strength (guess mode
+//! Sampling: DDIM (η = 0, or above 0 with fresh noise per step) with classifier-free guidance and control strength (guess mode
 //! included), then the first stage's decoder. Used by `zeroconv sample`, by the training loop's
 //! validation grids, and by the control-fidelity evaluation.
 
@@ -11,7 +11,6 @@ use crate::error::{Error, Result};
 use crate::graph::passes::PassOptions;
 use crate::graph::DType;
 use crate::models::control_ldm::{self, Batch};
-use crate::models::schedule::Schedule;
 use crate::models::train_step::{decode_latents, latent_channels, StepModels};
 use crate::models::{clip, ModelBuilder, CLIP_PREFIX};
 
@@ -24,6 +23,10 @@ pub struct SampleSettings {
     pub guess_mode: bool,
     pub seed: u64,
     pub negative: String,
+    /// DDIM η: 0 is deterministic; above 0 each step adds fresh noise from the seed's generator.
+    pub eta: f64,
+    /// Draw a progress line over the DDIM steps on stderr.
+    pub progress: bool,
     pub threads: Option<usize>,
     pub device: DeviceChoice,
 }
@@ -37,6 +40,8 @@ impl Default for SampleSettings {
             guess_mode: false,
             seed: 0,
             negative: String::new(),
+            eta: 0.0,
+            progress: false,
             threads: None,
             device: DeviceChoice::Cpu,
         }
@@ -79,21 +84,23 @@ pub fn encode_text(
 
 /// The sampling settings a user controls, checked before anything is read or allocated (the CLI calls it first):
 /// one error naming the flag.
-pub fn check_settings(n: usize, s: &SampleSettings) -> Result<()> {
+pub fn check_settings(n: usize, s: &SampleSettings, schedule: usize) -> Result<()> {
     if n == 0 {
         return Err(Error::msg("--n 0: the number of images must be at least 1"));
     }
-    let schedule = Schedule::sd().len();
     if s.steps == 0 || s.steps > schedule {
         return Err(Error::msg(format!(
             "--steps {}: the DDIM steps must be between 1 and {schedule} (the diffusion schedule's length)",
             s.steps
         )));
     }
-    for (flag, v) in [("--cfg", s.cfg_scale), ("--strength", s.strength)] {
+    for (flag, v) in [("--cfg", s.cfg_scale), ("--strength", s.strength), ("--eta", s.eta)] {
         if !v.is_finite() {
             return Err(Error::msg(format!("{flag} {v}: must be a finite number")));
         }
+    }
+    if !(0.0..=1.0).contains(&s.eta) {
+        return Err(Error::msg(format!("--eta {}: DDIM's eta must be between 0 (deterministic) and 1", s.eta)));
     }
     Ok(())
 }
@@ -110,7 +117,7 @@ pub fn sample(
     s: &SampleSettings,
 ) -> Result<Vec<f32>> {
     let n = captions.len();
-    check_settings(n, s)?;
+    check_settings(n, s, m.schedule.len())?;
     let multiple = m.image_multiple();
     if !size.is_multiple_of(multiple) {
         return Err(Error::msg(format!(
@@ -153,12 +160,15 @@ pub fn sample(
     let gate: Vec<f64> = (0..rows).map(|r| if r >= n && s.guess_mode { 0.0 } else { 1.0 }).collect();
     let gate_v = prog.graph().find("control_gate").expect("gated graph");
     prog.upload(gate_v, &HostTensor::from_f64([rows, 1, 1, 1], DType::F32, &gate)?)?;
-    let sched = Schedule::sd();
+    let sched = &m.schedule;
     let mut rng = Rng::new(s.seed);
     let per = c * lat * lat;
     let mut x: Vec<f32> = (0..n * per).map(|_| rng.normal() as f32).collect();
     let ts = sched.ddim_timesteps(s.steps);
     for (i, &t) in ts.iter().enumerate() {
+        if s.progress {
+            eprint!("\rDDIM step {}/{} (t = {t})   ", i + 1, ts.len());
+        }
         let mut xin: Vec<f64> = x.iter().map(|&v| v as f64).collect();
         if guided {
             xin.extend(x.iter().map(|&v| v as f64));
@@ -173,7 +183,11 @@ pub fn sample(
         } else {
             e
         };
-        x = sched.ddim_step(&x, &eps, t, ts.get(i + 1).copied());
+        let noise: Option<Vec<f32>> = (s.eta > 0.0).then(|| (0..n * per).map(|_| rng.normal() as f32).collect());
+        x = sched.ddim_step(&x, &eps, t, ts.get(i + 1).copied(), s.eta, noise.as_deref());
+    }
+    if s.progress {
+        eprintln!();
     }
     // Decode.
     let mut b = ModelBuilder::new(DType::F32);

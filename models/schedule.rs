@@ -52,17 +52,31 @@ impl Schedule {
         ts
     }
 
-    /// One deterministic DDIM (η = 0) update from x_t with prediction ε to x_prev.
-    pub fn ddim_step(&self, x: &[f32], eps: &[f32], t: usize, t_prev: Option<usize>) -> Vec<f32> {
+    /// One DDIM update from x_t with prediction ε to x_prev (Song et al., eq. 12; the final step goes to ᾱ_0, as
+    /// LDM and diffusers' `set_alpha_to_one=False` do): x_prev = √ᾱ_prev·x̂_0 + √(1 − ᾱ_prev − σ²)·ε + σ·z with
+    /// σ = η·√((1 − ᾱ_prev)/(1 − ᾱ_t))·√(1 − ᾱ_t/ᾱ_prev). η = 0 is deterministic and needs no `noise`; η > 0 takes
+    /// z from `noise` (standard normal, one value per element).
+    pub fn ddim_step(
+        &self,
+        x: &[f32],
+        eps: &[f32],
+        t: usize,
+        t_prev: Option<usize>,
+        eta: f64,
+        noise: Option<&[f32]>,
+    ) -> Vec<f32> {
         let a_t = self.alphas_cumprod[t];
         let a_prev = t_prev.map_or(self.alphas_cumprod[0], |p| self.alphas_cumprod[p]);
+        let sigma = eta * ((1.0 - a_prev) / (1.0 - a_t)).sqrt() * (1.0 - a_t / a_prev).sqrt();
         let (sa, s1a) = (a_t.sqrt(), (1.0 - a_t).sqrt());
-        let (sp, s1p) = (a_prev.sqrt(), (1.0 - a_prev).sqrt());
+        let (sp, dir) = (a_prev.sqrt(), (1.0 - a_prev - sigma * sigma).max(0.0).sqrt());
         x.iter()
             .zip(eps)
-            .map(|(&xv, &e)| {
+            .enumerate()
+            .map(|(i, (&xv, &e))| {
                 let x0 = (xv as f64 - s1a * e as f64) / sa;
-                (sp * x0 + s1p * e as f64) as f32
+                let z = if sigma == 0.0 { 0.0 } else { noise.map_or(0.0, |n| n[i] as f64) };
+                (sp * x0 + dir * e as f64 + sigma * z) as f32
             })
             .collect()
     }

@@ -34,6 +34,9 @@ pub struct StepModels {
     pub first_stage: FirstStage,
     pub clip: ClipConfig,
     pub scale_factor: f64,
+    /// The diffusion schedule (`model.linear_start`, `linear_end`, `timesteps`): training's noising and DDIM
+    /// sampling both use it.
+    pub schedule: super::schedule::Schedule,
 }
 
 impl StepModels {

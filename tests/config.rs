@@ -102,18 +102,22 @@ fn tiny_config_is_built_in_and_tiny() {
 /// the PyTorch reference reads (`../shared/bench/bench_small.yaml`) is present too, the two must be identical.
 #[test]
 fn bench_config_matches_the_shared_copy_when_present() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let ours = std::fs::read_to_string(root.join("configs/bench_small.yaml")).expect("configs/bench_small.yaml");
-    // The project's shared folder sits beside the repository; CI may lay it there, a user's clone never has it.
-    let shared = root.parent().map(|p| p.join("shared").join("bench").join("bench_small.yaml")).unwrap_or_default();
-    match std::fs::read_to_string(&shared) {
-        Ok(theirs) => assert_eq!(
-            ours,
-            theirs,
-            "configs/bench_small.yaml differs from {}: copy the shared one over it",
-            shared.display()
-        ),
-        Err(e) => println!("no shared copy to compare with ({}: {e}); the in-repo config is used", shared.display()),
+    // The benchmark's two halves: zeroconv's config and the PyTorch step scripts/bench-vs-torch runs beside it.
+    for (ours, name) in
+        [("configs/bench_small.yaml", "bench_small.yaml"), ("scripts/bench/torch_bench.py", "torch_bench.py")]
+    {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mine = std::fs::read_to_string(root.join(ours)).expect(ours);
+        // The project's shared folder sits beside the repository; CI may lay it there, a user's clone never has it.
+        let shared = root.parent().map(|p| p.join("shared").join("bench").join(name)).unwrap_or_default();
+        match std::fs::read_to_string(&shared) {
+            Ok(theirs) => {
+                assert_eq!(mine, theirs, "{ours} differs from {}: copy the shared one over it", shared.display())
+            }
+            Err(e) => {
+                println!("no shared copy to compare with ({}: {e}); the in-repo {ours} is used", shared.display())
+            }
+        }
     }
 }
 

@@ -681,3 +681,34 @@ fn negative_counts_name_the_flag() {
     }
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing is written");
 }
+
+/// `infer.*` are the defaults of `zeroconv sample` (checked before any weights are read): a config's
+/// `infer.inference_steps` or `infer.eta` out of range is refused as the flag would be, and the flag wins over it.
+#[test]
+fn infer_keys_are_the_defaults_of_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = ["sample", "--control", "c.safetensors", "--hint", "h.png", "--out", "o.png"];
+    let run = |extra: &[&str]| {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        let out = zeroconv(dir.path(), &args);
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(&["infer.eta=2"]);
+    assert!(err.contains("infer.eta") && err.contains("outside"), "{err}");
+    let err = run(&["infer.inference_steps=100000"]);
+    assert!(err.contains("infer.inference_steps"), "{err}");
+    // The flags are checked against the same ranges, and win over the config: --steps 0 is refused even though
+    // infer.inference_steps is fine, and a valid --steps with a valid config goes on to the missing files.
+    let err = run(&["--steps", "0", "infer.inference_steps=20"]);
+    assert!(err.contains("--steps 0"), "{err}");
+    let err = run(&["--eta", "1.5"]);
+    assert!(err.contains("--eta 1.5"), "{err}");
+    let err = run(&["--steps", "10", "infer.inference_steps=20"]);
+    assert!(!err.contains("--steps") && err.contains("h.png"), "{err}");
+    // infer.num_images_per_prompt is the default of --n: 0 from the config reaches the same check as --n 0.
+    let err = run(&["infer.num_images_per_prompt=0"]);
+    assert!(err.contains("the number of images must be at least 1"), "{err}");
+    assert!(!run(&["--n", "2", "infer.num_images_per_prompt=0"]).contains("number of images"));
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing is written");
+}

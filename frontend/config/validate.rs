@@ -295,6 +295,9 @@ fn check_infer(config: &Config) -> Check {
     for (key, v) in [("unconditional_guidance_scale", i.unconditional_guidance_scale), ("eta", i.eta)] {
         require(v.is_finite(), &format!("infer.{key}"), || format!("must be a finite number, found {v}"))?;
     }
+    require((0.0..=1.0).contains(&i.eta), "infer.eta", || {
+        format!("{} is outside DDIM's 0 (deterministic) to 1", i.eta)
+    })?;
     for (key, size) in [("height", i.height), ("width", i.width)] {
         require(size >= 1 && size % i.down_factor == 0, &format!("infer.{key}"), || {
             format!("{size} must be a positive multiple of down_factor ({})", i.down_factor)

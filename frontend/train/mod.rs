@@ -80,7 +80,9 @@ pub fn step_models(cfg: &Config) -> Result<StepModels> {
     if m.cond_stage_config.version == synthetic::BUILTIN_VOCAB {
         clip.vocab_size = clip.vocab_size.max(synthetic::builtin_vocab_size()?);
     }
-    let models = StepModels { ldm: model_config::control_ldm(cfg), first_stage, clip, scale_factor: m.scale_factor };
+    let schedule = Schedule::scaled_linear(m.linear_start, m.linear_end, m.timesteps as usize);
+    let models =
+        StepModels { ldm: model_config::control_ldm(cfg), first_stage, clip, scale_factor: m.scale_factor, schedule };
     let c = latent_channels(&models);
     if models.ldm.unet.in_channels != c {
         return Err(Error::msg(format!(
@@ -638,7 +640,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
             eprintln!("resuming the {} phase after step {}", st.phase, st.step);
         }
     }
-    let sched = Schedule::scaled_linear(cfg.model.linear_start, cfg.model.linear_end, cfg.model.timesteps as usize);
+    let sched = models.schedule.clone();
     let mut run = Run {
         cfg,
         opts,
