@@ -10,6 +10,7 @@ pub mod frontend;
 pub mod graph;
 pub mod hash;
 pub mod kernels;
+pub mod knobs;
 pub mod models;
 
 pub use error::{Error, Result};

@@ -65,7 +65,7 @@ impl Profile {
 
     /// Whether ZEROCONV_DEBUG asks for per-kernel lines (level 2 or more).
     pub fn debug_level_from_env() -> u32 {
-        std::env::var("ZEROCONV_DEBUG").ok().and_then(|v| v.parse().ok()).unwrap_or(0)
+        crate::knobs::debug_level()
     }
 
     pub fn record(&mut self, node: NodeId, start: Instant, duration: Duration) {

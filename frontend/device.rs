@@ -74,7 +74,7 @@ enum Inner {
 
 /// Whether `ZEROCONV_CHECK_FINITE=1` is set.
 pub fn check_finite_from_env() -> bool {
-    std::env::var("ZEROCONV_CHECK_FINITE").is_ok_and(|v| v == "1")
+    crate::knobs::check_finite()
 }
 
 /// `--threads` as the CPU backend gets it: more threads than cores only slow every kernel down (and each thread

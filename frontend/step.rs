@@ -131,14 +131,16 @@ pub fn optimize(cfg: &Config, step: &StepGraph, dumps: bool) -> Result<Optimized
     run_passes(&step.graph, &pass_options(cfg, dumps))
 }
 
-/// The pass pipeline, printing the fusion decisions (fused, refused with the reason, undone) to
-/// stderr when `ZEROCONV_LOG` names `fusion` (e.g. `ZEROCONV_LOG=fusion`).
+/// The pass pipeline. On stderr: the fusion report with `ZEROCONV_DEBUG=1` or more, and every fusion decision
+/// (fused, refused with the reason, undone) as well with `ZEROCONV_DEBUG=3` or `ZEROCONV_LOG=fusion` (knobs.rs).
 pub fn run_passes(g: &Graph, opts: &PassOptions) -> Result<Optimized> {
     let opt = passes::optimize(g, opts)?;
-    let wanted = std::env::var("ZEROCONV_LOG").is_ok_and(|v| v.split(',').any(|t| t.trim() == "fusion"));
-    if let (true, Some(report)) = (wanted, &opt.fusion) {
-        for line in &report.log {
-            eprintln!("[fusion] {line}");
+    let decisions = crate::knobs::log_fusion_decisions();
+    if let (true, Some(report)) = (decisions || crate::knobs::debug_level() >= 1, &opt.fusion) {
+        if decisions {
+            for line in &report.log {
+                eprintln!("[fusion] {line}");
+            }
         }
         eprintln!(
             "[fusion] {} -> {} kernels, {} fused groups, planned peak {} -> {} bytes",

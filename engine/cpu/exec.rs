@@ -223,7 +223,7 @@ impl Backend for CpuBackend {
             _sources: sources,
             source_ptr,
             profile: None,
-            check_finite: std::env::var("ZEROCONV_CHECK_FINITE").is_ok_and(|v| v == "1"),
+            check_finite: crate::knobs::check_finite(),
         })
         .map(|mut p| {
             let level = crate::engine::profile::Profile::debug_level_from_env();

@@ -214,10 +214,9 @@ impl std::fmt::Display for LibReport {
 /// /opt/conda, and the distribution's library folders.
 pub fn search_dirs(lib: Lib) -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = Vec::new();
-    for var in ["ZEROCONV_CUDA_LIB_DIRS", "LD_LIBRARY_PATH"] {
-        if let Some(v) = std::env::var_os(var) {
-            dirs.extend(std::env::split_paths(&v).filter(|p| !p.as_os_str().is_empty()));
-        }
+    for v in [crate::knobs::raw(crate::knobs::CUDA_LIB_DIRS), std::env::var_os("LD_LIBRARY_PATH")].into_iter().flatten()
+    {
+        dirs.extend(std::env::split_paths(&v).filter(|p| !p.as_os_str().is_empty()));
     }
     let mut cuda_roots: Vec<PathBuf> =
         ["CUDA_HOME", "CUDA_PATH"].iter().filter_map(std::env::var_os).map(PathBuf::from).collect();

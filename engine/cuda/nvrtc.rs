@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 /// Where compiled kernels are cached: $ZEROCONV_KERNEL_CACHE, else $XDG_CACHE_HOME/zeroconv/kernels,
 /// else ~/.cache/zeroconv/kernels.
 pub fn default_cache_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("ZEROCONV_KERNEL_CACHE") {
-        return PathBuf::from(d);
+    if let Some(d) = crate::knobs::path(crate::knobs::KERNEL_CACHE) {
+        return d;
     }
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
@@ -25,7 +25,7 @@ pub fn default_cache_dir() -> PathBuf {
 
 /// Checks that NVRTC can be loaded (without letting cudarc panic).
 pub fn probe_nvrtc() -> Result<()> {
-    if let Some(path) = std::env::var_os("ZEROCONV_NVRTC_LIB") {
+    if let Some(path) = crate::knobs::raw(crate::knobs::NVRTC_LIB) {
         // SAFETY: loading NVRTC runs no initialisers with preconditions; the handle is dropped.
         unsafe { libloading::Library::new(&path) }.map_err(|e| {
             Error::CudaUnavailable(format!("NVRTC at {} does not load: {e}", Path::new(&path).display()))

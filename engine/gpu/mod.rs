@@ -45,7 +45,7 @@ pub struct GpuBackend<D: Device> {
 impl<D: Device> GpuBackend<D> {
     /// The per-kernel NaN/Inf check is on when `ZEROCONV_CHECK_FINITE=1` (see [`GpuBackend::with_check_finite`]).
     pub fn new(make_device: impl Fn() -> Result<D> + Send + Sync + 'static, mode: StepMode) -> Self {
-        let check_finite = std::env::var("ZEROCONV_CHECK_FINITE").is_ok_and(|v| v == "1");
+        let check_finite = crate::knobs::check_finite();
         GpuBackend { make_device: Box::new(make_device), mode, check_finite, attention_budget: ATTENTION_BUDGET }
     }
 
@@ -271,6 +271,9 @@ impl<D: Device> Backend for GpuBackend<D> {
             device.load_module(&ModuleSource::Shipped(m))?;
         }
         if let Some(f) = &fused {
+            if let (ModuleSource::Generated { name, source }, true) = (f, crate::knobs::debug_level() >= 4) {
+                eprintln!("[kernels] generated module {name}:\n{source}");
+            }
             device.load_module(f)?;
         }
         device.upload(consts_ptr, &consts)?;

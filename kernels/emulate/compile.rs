@@ -50,7 +50,9 @@ struct Compiler {
 fn compiler() -> Result<&'static Compiler> {
     static COMPILER: OnceLock<std::result::Result<Compiler, String>> = OnceLock::new();
     COMPILER
-        .get_or_init(|| probe_compiler(&std::env::var("ZEROCONV_EMU_CXX").unwrap_or_else(|_| "g++".to_string())))
+        .get_or_init(|| {
+            probe_compiler(&crate::knobs::string(crate::knobs::EMU_CXX).unwrap_or_else(|| "g++".to_string()))
+        })
         .as_ref()
         .map_err(|e| Error::msg(e.clone()))
 }
@@ -80,7 +82,7 @@ fn fnv1a(parts: &[&str]) -> u64 {
 /// Cargo profile directory of the running executable (`target/debug/` for tests and the debug binary); else a
 /// folder in the system temporary directory.
 pub fn default_cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("ZEROCONV_EMU_CACHE") {
+    if let Some(dir) = crate::knobs::raw(crate::knobs::EMU_CACHE) {
         return PathBuf::from(dir);
     }
     if let Ok(exe) = std::env::current_exe() {
