@@ -16,6 +16,7 @@ use crate::engine::gpu::{GpuBackend, GpuProgram, StepMode};
 use crate::engine::profile::Profile;
 use crate::engine::{Backend, HostTensor, Program};
 use crate::error::{Error, Result};
+use crate::frontend::config::Accelerator;
 use crate::graph::passes::MemoryPlan;
 use crate::graph::{Graph, ValueId, ValueKind};
 
@@ -46,6 +47,31 @@ impl DeviceChoice {
         match self {
             DeviceChoice::Cuda => CudaDevice::check_available(0),
             DeviceChoice::Cpu | DeviceChoice::CudaEmu => Ok(()),
+        }
+    }
+
+    /// The device of a command: `--device` when given, else the config's `trainer.accelerator` as Lightning reads
+    /// it: `cpu`; `gpu` (a clear error without a usable GPU, saying what was probed); `auto`, the GPU when one is
+    /// usable, else the CPU with one line saying why.
+    pub fn resolve(flag: Option<DeviceChoice>, accelerator: Accelerator) -> Result<DeviceChoice> {
+        if let Some(d) = flag {
+            d.check_available()?;
+            return Ok(d);
+        }
+        match accelerator {
+            Accelerator::Cpu => Ok(DeviceChoice::Cpu),
+            Accelerator::Gpu => DeviceChoice::Cuda
+                .check_available()
+                .map(|()| DeviceChoice::Cuda)
+                .map_err(|e| Error::msg(format!("trainer.accelerator is gpu, but {e} (or pass --device cpu)"))),
+            Accelerator::Auto => match DeviceChoice::Cuda.check_available() {
+                Ok(()) => Ok(DeviceChoice::Cuda),
+                Err(e) => {
+                    static NOTE: std::sync::Once = std::sync::Once::new();
+                    NOTE.call_once(|| eprintln!("trainer.accelerator=auto: no usable GPU ({e}); running on the CPU"));
+                    Ok(DeviceChoice::Cpu)
+                }
+            },
         }
     }
 }

@@ -224,3 +224,42 @@ fn the_finite_check_runs_on_every_device() {
         assert!(compile_program(DeviceChoice::Cuda, build().0, None).is_err());
     }
 }
+
+/// Without `--device`, the config's `trainer.accelerator` chooses: `gpu` without a usable GPU is one clear line
+/// naming the key (non-zero exit, nothing run); `auto` runs on the CPU and says why once; `cpu` says nothing; an
+/// explicit `--device cpu` wins over `gpu`.
+#[test]
+fn trainer_accelerator_chooses_the_device_when_no_flag_does() {
+    if gpu_expected() {
+        println!("a GPU is expected here: the GPU-less accelerator paths are not checked");
+        return;
+    }
+    let dir = tmp("accelerator");
+    let cfg = config();
+    let bench = |extra: &[&str]| {
+        let mut args = vec!["bench", "train", "--config", &cfg, "--steps", "1", "--warmup", "0"];
+        args.extend(SMALL);
+        args.extend(extra);
+        zeroconv(&dir, &args)
+    };
+    let o = bench(&["trainer.accelerator=gpu"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}\n{err}");
+    assert!(err.contains("trainer.accelerator is gpu") && err.contains("libcuda"), "{err}");
+    assert_eq!(err.lines().filter(|l| !l.trim().is_empty()).count(), 1, "{err}");
+    assert!(out.is_empty(), "nothing ran: {out}");
+
+    let o = bench(&["trainer.accelerator=auto"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("trainer.accelerator=auto: no usable GPU") && err.contains("running on the CPU"), "{err}");
+    assert!(out.lines().last().is_some_and(|l| l.ends_with("samples/s")), "{out}");
+
+    for extra in [&["trainer.accelerator=cpu"][..], &["--device", "cpu", "trainer.accelerator=gpu"]] {
+        let o = bench(extra);
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{extra:?}: {err}");
+        assert!(!err.contains("accelerator"), "{extra:?}: {err}");
+        assert!(out.lines().last().is_some_and(|l| l.ends_with("samples/s")), "{out}");
+    }
+}

@@ -28,10 +28,11 @@ pub struct BenchTrainArgs {
     /// CPU threads (default: one per core).
     #[arg(long, allow_negative_numbers = true, value_parser = crate::frontend::cli::whole::<usize>)]
     pub threads: Option<usize>,
-    /// Where the step runs: cpu, cuda (not available yet) or cuda-emu (the CUDA executor under emulation on the
+    /// Where the step runs: cpu, cuda (a GPU) or cuda-emu (the CUDA executor under emulation on the
     /// CPU: slow, for checking).
-    #[arg(long, value_enum, default_value = "cpu")]
-    pub device: DeviceChoice,
+    /// Default: the config's trainer.accelerator (auto: the GPU when one is usable, else the CPU).
+    #[arg(long, value_enum)]
+    pub device: Option<DeviceChoice>,
 }
 
 /// A compiled training step with random weights and random inputs, ready to launch.
@@ -82,15 +83,18 @@ pub fn run_step(r: &mut ReadyStep, cfg: &crate::frontend::config::Config, t: u64
 }
 
 pub fn run(args: &BenchTrainArgs, out: &mut dyn Write) -> Result<()> {
-    args.device.check_available()?;
+    if let Some(d) = args.device {
+        d.check_available()?;
+    }
     if args.steps == 0 {
         return Err(crate::Error::msg("--steps 0: bench train times at least 1 step"));
     }
     let cfg = args.config.load()?;
-    let mut r = prepare(&cfg, args.threads, args.device)?;
+    let device = DeviceChoice::resolve(args.device, cfg.trainer.accelerator)?;
+    let mut r = prepare(&cfg, args.threads, device)?;
     let w =
         |out: &mut dyn Write, s: String| writeln!(out, "{s}").map_err(|e| crate::Error::msg(format!("stdout: {e}")));
-    if args.device == DeviceChoice::CudaEmu {
+    if device == DeviceChoice::CudaEmu {
         w(out, "device: cuda-emu (the CUDA executor under emulation on the CPU: slow, for checking)".to_string())?;
     }
     let kernels = r.prog.graph().nodes.iter().filter(|n| !n.op.is_view()).count();

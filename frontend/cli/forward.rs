@@ -54,10 +54,11 @@ pub struct ForwardArgs {
     /// Also compute loss = mean((eps - target)^2) and its gradient for every ControlNet parameter.
     #[arg(long)]
     pub grad: bool,
-    /// Where the graph runs: cpu, cuda (not available yet) or cuda-emu (the CUDA executor under emulation on the
+    /// Where the graph runs: cpu, cuda (a GPU) or cuda-emu (the CUDA executor under emulation on the
     /// CPU: slow, for checking).
-    #[arg(long, value_enum, default_value = "cpu")]
-    pub device: DeviceChoice,
+    /// Default: the config's trainer.accelerator (auto: the GPU when one is usable, else the CPU).
+    #[arg(long, value_enum)]
+    pub device: Option<DeviceChoice>,
     #[arg(long, value_enum, default_value = "fp32")]
     pub precision: Precision,
     #[arg(long, value_enum, default_value = "control")]
@@ -65,7 +66,9 @@ pub struct ForwardArgs {
 }
 
 pub fn run(args: &ForwardArgs) -> Result<()> {
-    args.device.check_available()?;
+    if let Some(d) = args.device {
+        d.check_available()?;
+    }
     let mut inputs = Inputs::new();
     inputs.add(&args.ckpt, || format!("--ckpt {}", args.ckpt.display()));
     inputs.add(&args.inputs, || format!("--inputs {}", args.inputs.display()));
@@ -74,6 +77,7 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
     }
     check_output("--out", &args.out, &inputs, args.force)?;
     let cfg = args.config.load()?;
+    let device = DeviceChoice::resolve(args.device, cfg.trainer.accelerator)?;
     let ckpt = Checkpoint::open(&args.ckpt)?.into_ldm_keys()?;
     let inputs = Checkpoint::open(&args.inputs)?;
     let compute = match args.precision {
@@ -86,7 +90,7 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
     let m = &cfg.model;
     let outs = match args.part {
         Part::Control => {
-            forward::control_ldm(args.device, &model_config::control_ldm(&cfg), &ckpt, &inputs, args.grad, compute)?
+            forward::control_ldm(device, &model_config::control_ldm(&cfg), &ckpt, &inputs, args.grad, compute)?
         }
         Part::VaeEncode | Part::VaeDecode => {
             let need = if args.part == Part::VaeEncode { "image" } else { "z" };
@@ -94,11 +98,11 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
                 return Err(Error::file(&args.inputs, format!("has no tensor '{need}' for --part {:?}", args.part)));
             }
             let vae = model_config::vae(&m.first_stage_config, m.scale_factor);
-            let all = forward::vae_parts(args.device, &vae, &ckpt, &inputs)?;
+            let all = forward::vae_parts(device, &vae, &ckpt, &inputs)?;
             let keep: &[&str] = if args.part == Part::VaeEncode { &["mean", "logvar"] } else { &["decoded"] };
             all.into_iter().filter(|(k, _)| keep.contains(&k.as_str())).collect()
         }
-        Part::Text => forward::text(args.device, &model_config::clip(&m.cond_stage_config)?, &ckpt, &inputs)?,
+        Part::Text => forward::text(device, &model_config::clip(&m.cond_stage_config)?, &ckpt, &inputs)?,
     };
     let mut meta = BTreeMap::new();
     meta.insert("producer".to_string(), format!("zeroconv {} forward", env!("CARGO_PKG_VERSION")));

@@ -33,10 +33,11 @@ pub struct ProfileArgs {
     pub top: usize,
     #[arg(long, allow_negative_numbers = true, value_parser = crate::frontend::cli::whole::<usize>)]
     pub threads: Option<usize>,
-    /// Where the step runs: cpu, cuda (not available yet) or cuda-emu (the CUDA executor under emulation on the
+    /// Where the step runs: cpu, cuda (a GPU) or cuda-emu (the CUDA executor under emulation on the
     /// CPU: slow, for checking; also lists the step's lowered device commands by kind).
-    #[arg(long, value_enum, default_value = "cpu")]
-    pub device: DeviceChoice,
+    /// Default: the config's trainer.accelerator (auto: the GPU when one is usable, else the CPU).
+    #[arg(long, value_enum)]
+    pub device: Option<DeviceChoice>,
     /// With --device cuda-emu: one line per lowered device command of a step (`node N (op): <command>`).
     #[arg(long)]
     pub commands: bool,
@@ -47,17 +48,19 @@ fn io(path: &std::path::Path) -> impl Fn(std::io::Error) -> Error + '_ {
 }
 
 pub fn run(args: &ProfileArgs, out: &mut dyn Write) -> Result<()> {
-    args.device.check_available()?;
+    if let Some(d) = args.device {
+        d.check_available()?;
+    }
     if args.steps == 0 {
         return Err(Error::msg("--steps 0: profile times at least 1 step"));
     }
-    if args.commands && args.device != DeviceChoice::CudaEmu {
+    let cfg = args.config.load()?;
+    let device = DeviceChoice::resolve(args.device, cfg.trainer.accelerator)?;
+    if args.commands && device != DeviceChoice::CudaEmu {
         return Err(Error::msg(format!(
-            "--commands lists the CUDA executor's lowered device commands; --device {} has none (use --device cuda-emu)",
-            args.device
+            "--commands lists the CUDA executor's lowered device commands; --device {device} has none (use --device cuda-emu)"
         )));
     }
-    let cfg = args.config.load()?;
     if let Some(dir) = &args.dump_ir {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let st = step::latent_step(&cfg, cfg.model.micro_batch_size as usize)?;
@@ -72,7 +75,7 @@ pub fn run(args: &ProfileArgs, out: &mut dyn Write) -> Result<()> {
         }
         eprintln!("IR dumps written to {}", dir.display());
     }
-    let mut r = prepare(&cfg, args.threads, args.device)?;
+    let mut r = prepare(&cfg, args.threads, device)?;
     run_step(&mut r, &cfg, 1)?;
     r.prog.set_profiling(true, false);
     for t in 0..args.steps {

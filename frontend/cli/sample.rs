@@ -64,16 +64,20 @@ pub struct SampleArgs {
     pub force: bool,
     #[arg(long, allow_negative_numbers = true, value_parser = crate::frontend::cli::whole::<usize>)]
     pub threads: Option<usize>,
-    /// Where the graphs run: cpu, cuda (not available yet) or cuda-emu (the CUDA executor under emulation on the
+    /// Where the graphs run: cpu, cuda (a GPU) or cuda-emu (the CUDA executor under emulation on the
     /// CPU: slow, for checking).
-    #[arg(long, value_enum, default_value = "cpu")]
-    pub device: DeviceChoice,
+    /// Default: the config's trainer.accelerator (auto: the GPU when one is usable, else the CPU).
+    #[arg(long, value_enum)]
+    pub device: Option<DeviceChoice>,
 }
 
 pub fn run(args: &SampleArgs) -> Result<()> {
-    args.device.check_available()?;
+    if let Some(d) = args.device {
+        d.check_available()?;
+    }
     // The config first (a small file): its infer.* and model.strength/guess_mode are the defaults of the flags.
     let cfg = args.config.load()?;
+    let device = DeviceChoice::resolve(args.device, cfg.trainer.accelerator)?;
     let infer = &cfg.infer;
     let settings = SampleSettings {
         steps: args.steps.unwrap_or(infer.inference_steps as usize),
@@ -85,7 +89,7 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         eta: args.eta.unwrap_or(infer.eta),
         progress: true,
         threads: args.threads,
-        device: args.device,
+        device,
     };
     let n = args.n.unwrap_or(infer.num_images_per_prompt as usize);
     // The numbers, checked before any weights are read or allocated.

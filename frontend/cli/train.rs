@@ -29,10 +29,11 @@ pub struct TrainArgs {
     /// CPU threads (default: one per core).
     #[arg(long, allow_negative_numbers = true, value_parser = crate::frontend::cli::whole::<usize>)]
     pub threads: Option<usize>,
-    /// Where the training step runs: cpu, cuda (not available yet) or cuda-emu (the CUDA executor under emulation
+    /// Where the training step runs: cpu, cuda (a GPU) or cuda-emu (the CUDA executor under emulation
     /// on the CPU: slow, for checking).
-    #[arg(long, value_enum, default_value = "cpu")]
-    pub device: DeviceChoice,
+    /// Default: the config's trainer.accelerator (auto: the GPU when one is usable, else the CPU).
+    #[arg(long, value_enum)]
+    pub device: Option<DeviceChoice>,
     /// Skip the validation grids and the control-fidelity evaluation.
     #[arg(long)]
     pub no_eval: bool,
@@ -43,15 +44,18 @@ pub struct TrainArgs {
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
-    args.device.check_available()?;
+    if let Some(d) = args.device {
+        d.check_available()?;
+    }
     let cfg = args.config.load()?;
+    let device = DeviceChoice::resolve(args.device, cfg.trainer.accelerator)?;
     let out = out_dir(&cfg, args.out.as_deref());
     eprintln!("training into {}", out.display());
     let opts = TrainOptions {
         out_dir: out.clone(),
         resume: args.resume,
         threads: args.threads,
-        device: args.device,
+        device,
         allow_random_weights: args.allow_random_weights,
         strict: args.strict,
         progress: true,
