@@ -105,6 +105,21 @@ pub fn check_settings(n: usize, s: &SampleSettings, schedule: usize) -> Result<(
     Ok(())
 }
 
+/// Host memory sampling `images` images of `side`² pixels takes outside the compiled programs, a bound: per image
+/// its hint and its output in f32 and their f64 staging copies, doubled for classifier-free guidance's second half.
+pub fn host_bytes(images: usize, side: usize) -> u64 {
+    (images as u64).saturating_mul(3 * (side as u64).pow(2)).saturating_mul(4 + 4 + 2 * 8 + 2 * 8)
+}
+
+/// Refuses a request whose host buffers alone exceed the memory available, before allocating them.
+pub fn ensure_memory(images: usize, side: usize) -> Result<()> {
+    crate::engine::host_memory::ensure_available(
+        host_bytes(images, side),
+        &format!("sampling {images} images of {side}x{side}"),
+        "ask for fewer images (--n, infer.num_images_per_prompt, or fewer prompts)",
+    )
+}
+
 /// Generates one image per hint. `hints` is [n, C, H, W] in [0, 1]; returns images [n, 3, H, W]
 /// in [-1, 1].
 pub fn sample(
@@ -126,6 +141,7 @@ pub fn sample(
             m.first_stage.factor()
         )));
     }
+    ensure_memory(n, size)?;
     let hint_c = m.ldm.control.hint_channels;
     if hints.len() != n * hint_c * size * size {
         return Err(Error::msg(format!("{} hint values for {n} hints of {hint_c}x{size}x{size}", hints.len())));

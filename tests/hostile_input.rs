@@ -712,3 +712,20 @@ fn infer_keys_are_the_defaults_of_sample() {
     assert!(!run(&["--n", "2", "infer.num_images_per_prompt=0"]).contains("number of images"));
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing is written");
 }
+
+/// A sampling request larger than memory is one error with both figures, before any buffer is allocated (it used to
+/// abort in the allocator).
+#[test]
+fn sampling_more_images_than_memory_holds_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    image::RgbImage::new(64, 64).save(dir.path().join("h.png")).unwrap();
+    let out = zeroconv(
+        dir.path(),
+        &["sample", "--control", "c.safetensors", "--hint", "h.png", "--n", "100000000", "--out", "o.png"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("sampling 100000000 images of 64x64 needs") && err.contains("GiB"), "{err}");
+    assert!(!err.contains("panicked") && !err.contains("memory allocation"), "{err}");
+    assert!(!dir.path().join("o.png").exists());
+}

@@ -135,6 +135,7 @@ pub fn run(args: &SampleArgs) -> Result<()> {
     }
     let w = size.expect("at least one control map");
     check_infer_sizes(&cfg, w, models.first_stage.factor())?;
+    crate::frontend::sample::ensure_memory(pairs.len().saturating_mul(n), w)?;
     let plane = 3 * w * w;
     // Row r of the grid: map r and its n samples, in (pair, image) order.
     let hints: Vec<f32> =
