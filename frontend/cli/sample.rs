@@ -65,7 +65,7 @@ pub struct SampleArgs {
 pub fn run(args: &SampleArgs) -> Result<()> {
     args.device.check_available()?;
     // The numbers on the command line, checked before anything is read or allocated.
-    let settings = SampleSettings {
+    let mut settings = SampleSettings {
         steps: args.steps,
         cfg_scale: args.cfg,
         strength: args.strength,
@@ -74,6 +74,7 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         negative: args.negative.clone(),
         threads: args.threads,
         device: args.device,
+        flash_attention: false, // from the config, once it is loaded
     };
     check_settings(args.n, &settings)?;
     let mut inputs = Inputs::new();
@@ -87,6 +88,7 @@ pub fn run(args: &SampleArgs) -> Result<()> {
     }
     check_output("--out", &args.out, &inputs, args.force)?;
     let cfg = args.config.load()?;
+    settings.flash_attention = crate::frontend::train::compile_options(&cfg, args.threads)?.flash_attention;
     let models = step_models(&cfg)?;
     let tok = tokenizer(&cfg)?;
     let img =
