@@ -28,7 +28,9 @@ fn flash_backend() -> GpuBackend<EmuDevice> {
 
 /// The names of every kernel a program launches in one step.
 fn kernel_names(p: &GpuProgram<EmuDevice>) -> Vec<String> {
-    p.all_commands().filter_map(|(_, c)| if let Cmd::Launch(l) = c { Some(l.kernel.name.clone()) } else { None }).collect()
+    p.all_commands()
+        .filter_map(|(_, c)| if let Cmd::Launch(l) = c { Some(l.kernel.name.clone()) } else { None })
+        .collect()
 }
 
 /// ||a - b|| / ||b|| (L2); infinite on a NaN.
@@ -152,7 +154,8 @@ fn more_than_65535_heads_launch_in_chunks() {
     let heads = 70_000usize;
     let mut g = Graph::new();
     let shape = [1, heads, 1, 40];
-    let (q, k, v) = (g.input("q", shape, DType::BF16), g.input("k", shape, DType::BF16), g.input("v", shape, DType::BF16));
+    let (q, k, v) =
+        (g.input("q", shape, DType::BF16), g.input("k", shape, DType::BF16), g.input("v", shape, DType::BF16));
     let o = g.add_node(Op::Attention { scale: F64Bits::new(0.5), causal: false }, &[q, k, v]).unwrap();
     g.outputs.extend(o);
     let cmds = lower_graph(&g, true).unwrap();
@@ -284,8 +287,12 @@ fn a_bf16_training_step_with_flash_matches_the_cpu_over_three_steps() {
     let s = training_step(dtype);
     let mut gpu = flash_backend().compile(s.graph.clone()).unwrap();
     let names = kernel_names(&gpu);
-    for k in ["flash_attn_fwd_bf16_d40", "flash_attn_bwd_delta_bf16", "flash_attn_bwd_dkdv_bf16_d40", "flash_attn_bwd_dq_bf16_d40"]
-    {
+    for k in [
+        "flash_attn_fwd_bf16_d40",
+        "flash_attn_bwd_delta_bf16",
+        "flash_attn_bwd_dkdv_bf16_d40",
+        "flash_attn_bwd_dq_bf16_d40",
+    ] {
         assert!(names.iter().any(|n| n == k), "no {k} launch in the step");
     }
     assert!(!names.iter().any(|n| n.starts_with("attn_softmax")), "a composite attention is left: {names:?}");
@@ -348,7 +355,9 @@ fn the_two_use_flash_attention_keys_must_agree() {
     };
     let cfg = load("True", "True").unwrap();
     assert!(zeroconv::frontend::train::compile_options(&cfg, None).unwrap().flash_attention);
-    assert!(!zeroconv::frontend::train::compile_options(&load("False", "False").unwrap(), None).unwrap().flash_attention);
+    assert!(
+        !zeroconv::frontend::train::compile_options(&load("False", "False").unwrap(), None).unwrap().flash_attention
+    );
     for (u, c) in [("True", "False"), ("False", "True")] {
         let err = load(u, c).unwrap_err().to_string();
         assert!(
@@ -411,8 +420,12 @@ fn profile_on_cuda_emu_lists_the_flash_kernels() {
         .lines()
         .find(|l| l.starts_with("attention kernels per step: "))
         .unwrap_or_else(|| panic!("no attention kernel line:\n{out}"));
-    for k in ["flash_attn_fwd_bf16_d64", "flash_attn_bwd_delta_bf16", "flash_attn_bwd_dkdv_bf16_d64", "flash_attn_bwd_dq_bf16_d64"]
-    {
+    for k in [
+        "flash_attn_fwd_bf16_d64",
+        "flash_attn_bwd_delta_bf16",
+        "flash_attn_bwd_dkdv_bf16_d64",
+        "flash_attn_bwd_dq_bf16_d64",
+    ] {
         assert!(line.contains(k), "{k} missing: {line}");
     }
 }

@@ -124,9 +124,8 @@ mod module {
     pub const CHECK: &str = "check";
     pub const FLASH: &str = "flash_attention";
     pub const FLASH_BWD: &str = "flash_attention_bwd";
-    pub const ALL: [&str; 14] = [
-        UNARY, BINARY, CAST, NORM, SOFTMAX, REDUCE, LOSS, ADAMW, UPSAMPLE, LAYOUT, ATTENTION, CHECK, FLASH, FLASH_BWD,
-    ];
+    pub const ALL: [&str; 14] =
+        [UNARY, BINARY, CAST, NORM, SOFTMAX, REDUCE, LOSS, ADAMW, UPSAMPLE, LAYOUT, ATTENTION, CHECK, FLASH, FLASH_BWD];
 }
 pub use module::ALL as SHIPPED_MODULES;
 

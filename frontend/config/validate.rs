@@ -213,8 +213,7 @@ fn check_control_mirrors_unet(config: &Config) -> Check {
     }
     // NeMo reads use_flash_attention per module; the CUDA executor picks attention kernels per compiled step, where
     // the U-Net's attention and the ControlNet's are the same op, so two values could not both be honoured.
-    let (u, c) =
-        (config.model.unet_config.use_flash_attention, config.model.control_stage_config.use_flash_attention);
+    let (u, c) = (config.model.unet_config.use_flash_attention, config.model.control_stage_config.use_flash_attention);
     require(u == c, "model.control_stage_config.use_flash_attention", || {
         format!(
             "{c} differs from model.unet_config.use_flash_attention ({u}): the CUDA executor selects flash attention \

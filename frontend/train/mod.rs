@@ -125,10 +125,8 @@ struct StepProgram {
 /// The compile options of a config's graphs: `threads`, and `use_flash_attention` (both keys agree).
 pub fn compile_options(cfg: &Config, threads: Option<usize>) -> Result<CompileOptions> {
     let m = &cfg.model;
-    let flash = super::device::flash_attention(
-        m.unet_config.use_flash_attention,
-        m.control_stage_config.use_flash_attention,
-    )?;
+    let flash =
+        super::device::flash_attention(m.unet_config.use_flash_attention, m.control_stage_config.use_flash_attention)?;
     Ok(CompileOptions { threads, flash_attention: flash })
 }
 

@@ -142,7 +142,8 @@ impl Emit<'_, '_> {
     ) {
         let (q, k, v, dout) = (self.in_ptr(0), self.in_ptr(1), self.in_ptr(2), self.in_ptr(3));
         let smem = backward_shared_bytes(x.d);
-        let (dkdv, dq_name) = (format!("flash_attn_bwd_dkdv_{sfx}_d{}", x.d), format!("flash_attn_bwd_dq_{sfx}_d{}", x.d));
+        let (dkdv, dq_name) =
+            (format!("flash_attn_bwd_dkdv_{sfx}_d{}", x.d), format!("flash_attn_bwd_dq_{sfx}_d{}", x.d));
         self.per_head_chunk(x.heads, |e, h0, n| {
             let (qo, ko) = (h0 * x.lq * x.d * es, h0 * x.lk * x.d * es);
             let common = vec![
