@@ -7,6 +7,9 @@
 //! - `cuda`: the CUDA executor on a real GPU ([`CudaDevice`]). Without a usable GPU (no driver, no device, a missing
 //!   library or symbol) it is one clear error line naming what was probed and what is missing, before any config,
 //!   weight or data is loaded.
+//!
+//! `use_flash_attention` (the config's two keys, which must agree: see [`flash_attention`]) reaches the CUDA executor
+//! through [`CompileOptions`]; the CPU backend ignores it and computes the same attention either way.
 
 use crate::engine::cpu::{CpuBackend, CpuProgram};
 use crate::engine::cuda::CudaDevice;
@@ -119,11 +122,41 @@ pub fn cap_threads(threads: Option<usize>) -> Option<usize> {
     }
 }
 
-/// Compiles `graph` for `device`. `threads` is the CPU backend's thread count (default: one per core; capped at
-/// the cores available, see [`cap_threads`]); the emulated device ignores it.
-pub fn compile_program(device: DeviceChoice, graph: Graph, threads: Option<usize>) -> Result<DeviceProgram> {
+/// How a graph is compiled, besides the device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CompileOptions {
+    /// The CPU backend's thread count (default: one per core; capped at the cores available, see
+    /// [`cap_threads`]); the CUDA executor ignores it.
+    pub threads: Option<usize>,
+    /// The CUDA executor runs attention on the flash kernels where they fit
+    /// ([`GpuBackend::with_flash_attention`]); the CPU backend ignores it (its attention is the reference).
+    pub flash_attention: bool,
+}
+
+impl CompileOptions {
+    pub fn threads(threads: Option<usize>) -> Self {
+        CompileOptions { threads, flash_attention: false }
+    }
+}
+
+/// `model.unet_config.use_flash_attention` and `model.control_stage_config.use_flash_attention` as one setting. NeMo
+/// reads them per module, but the CUDA executor chooses attention kernels per compiled graph, where the U-Net's
+/// attention and the ControlNet's are the same op, so two different values are refused rather than half-honoured.
+/// (Config validation refuses them first; this guards configs built in code.)
+pub fn flash_attention(unet: bool, control: bool) -> Result<bool> {
+    if unet != control {
+        return Err(Error::msg(format!(
+            "model.unet_config.use_flash_attention is {unet} but model.control_stage_config.use_flash_attention is \
+             {control}: the CUDA executor selects flash attention for the whole step, so set both to the same value"
+        )));
+    }
+    Ok(unet)
+}
+
+/// Compiles `graph` for `device` with `options`.
+pub fn compile_program(device: DeviceChoice, graph: Graph, options: &CompileOptions) -> Result<DeviceProgram> {
     device.check_available()?;
-    let threads = cap_threads(threads);
+    let threads = cap_threads(options.threads);
     let inner = match device {
         DeviceChoice::Cpu => {
             // The CPU program reads ZEROCONV_CHECK_FINITE and ZEROCONV_DEBUG itself.
@@ -132,11 +165,15 @@ pub fn compile_program(device: DeviceChoice, graph: Graph, threads: Option<usize
         }
         // The GPU program reads ZEROCONV_DEBUG (per-kernel echo) itself.
         DeviceChoice::CudaEmu => Inner::CudaEmu(Box::new(
-            GpuBackend::emulated(EmuOptions::default()).with_check_finite(check_finite_from_env()).compile(graph)?,
+            GpuBackend::emulated(EmuOptions::default())
+                .with_check_finite(check_finite_from_env())
+                .with_flash_attention(options.flash_attention)
+                .compile(graph)?,
         )),
         DeviceChoice::Cuda => Inner::Cuda(Box::new(
             GpuBackend::new(|| CudaDevice::open(0), StepMode::CaptureAfterFirst)
                 .with_check_finite(check_finite_from_env())
+                .with_flash_attention(options.flash_attention)
                 .compile(graph)?,
         )),
     };

@@ -2,7 +2,7 @@
 //! tensor a PyTorch user would compare (`zeroconv forward`).
 
 use super::checkpoint::Checkpoint;
-use super::device::{compile_program, DeviceChoice};
+use super::device::{compile_program, flash_attention, CompileOptions, DeviceChoice};
 use super::weights::load_params;
 use crate::engine::{HostTensor, Program};
 use crate::error::{Error, Result};
@@ -43,10 +43,11 @@ struct Weights<'a> {
     prefixes: &'a [&'a str],
 }
 
-/// Compiles `g` with outputs `outs` for `device`, loads the weights, uploads `feeds`, runs one step and downloads
-/// `outs` under their names.
+/// Compiles `g` with outputs `outs` for `device` (with `options`), loads the weights, uploads `feeds`, runs one step
+/// and downloads `outs` under their names.
 fn run_graph(
     device: DeviceChoice,
+    options: &CompileOptions,
     mut g: Graph,
     w: Weights,
     feeds: &[(ValueId, HostTensor)],
@@ -54,7 +55,7 @@ fn run_graph(
 ) -> Result<Vec<(String, HostTensor)>> {
     g.outputs = outs.iter().map(|(_, v)| *v).collect();
     let opt = super::step::run_passes(&g, &PassOptions::default())?;
-    let mut prog = compile_program(device, opt.graph, None)?;
+    let mut prog = compile_program(device, opt.graph, options)?;
     load_params(&mut prog, &opt.map, w.specs, w.component, w.ckpt, w.prefixes)?;
     for (v, t) in feeds {
         let Some(nv) = opt.map.get(*v) else { continue };
@@ -121,7 +122,9 @@ pub fn control_ldm(
         }
     }
     let w = Weights { specs: &m.b.params, component: &m.b.params, ckpt, prefixes: &[UNET_PREFIX, CONTROL_PREFIX] };
-    run_graph(device, m.b.g, w, &feeds, &outs)
+    let flash = flash_attention(cfg.unet.use_flash_attention, cfg.control.unet.use_flash_attention)?;
+    let options = CompileOptions { threads: None, flash_attention: flash };
+    run_graph(device, &options, m.b.g, w, &feeds, &outs)
 }
 
 /// The VAE: `image` → `mean`, `logvar` (when present) and `z` → `decoded` (when present).
@@ -155,7 +158,8 @@ pub fn vae_parts(
     // The encoder or the decoder alone still accepts the whole VAE's file.
     let whole = crate::models::counts::vae_params(cfg)?;
     let w = Weights { specs: &b.params, component: &whole, ckpt, prefixes: &[VAE_PREFIX] };
-    run_graph(device, b.g, w, &feeds, &outs)
+    // use_flash_attention belongs to the U-Net and ControlNet sections: the VAE alone keeps the composite attention.
+    run_graph(device, &CompileOptions::default(), b.g, w, &feeds, &outs)
 }
 
 /// The CLIP text encoder: `ids` [B, L] → `hidden` [B, L, D].
@@ -171,5 +175,6 @@ pub fn text(
     let ids = HostTensor::from_f64(ids.shape.clone(), DType::I64, &ids.to_f64())?;
     let h = clip::clip_text(&mut b, CLIP_PREFIX, cfg, iv)?;
     let w = Weights { specs: &b.params, component: &b.params, ckpt, prefixes: &[CLIP_PREFIX] };
-    run_graph(device, b.g, w, &[(iv, ids)], &[("hidden".to_string(), h)])
+    // As for the VAE: the text encoder alone is not covered by use_flash_attention.
+    run_graph(device, &CompileOptions::default(), b.g, w, &[(iv, ids)], &[("hidden".to_string(), h)])
 }

@@ -2,7 +2,7 @@
 //! included), then the first stage's decoder. Used by `zeroconv sample`, by the training loop's
 //! validation grids, and by the control-fidelity evaluation.
 
-use super::device::{compile_program, DeviceChoice, DeviceProgram};
+use super::device::{compile_program, CompileOptions, DeviceChoice, DeviceProgram};
 use super::rng::Rng;
 use super::tokenizer::ClipTokenizer;
 use super::weights_store::WeightStore;
@@ -29,6 +29,8 @@ pub struct SampleSettings {
     pub progress: bool,
     pub threads: Option<usize>,
     pub device: DeviceChoice,
+    /// The config's `use_flash_attention` (the CUDA executor's attention kernels; the CPU ignores it).
+    pub flash_attention: bool,
 }
 
 impl Default for SampleSettings {
@@ -44,12 +46,13 @@ impl Default for SampleSettings {
             progress: false,
             threads: None,
             device: DeviceChoice::Cpu,
+            flash_attention: false,
         }
     }
 }
 
 fn compile(s: &SampleSettings, g: crate::graph::Graph) -> Result<DeviceProgram> {
-    compile_program(s.device, g, s.threads)
+    compile_program(s.device, g, &CompileOptions { threads: s.threads, flash_attention: s.flash_attention })
 }
 
 /// Text embeddings [n, L, D] of `captions`.

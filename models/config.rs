@@ -23,7 +23,8 @@ pub struct UNetConfig {
     pub legacy: bool,
     /// Recompute each block's activations in the backward instead of keeping them.
     pub use_checkpoint: bool,
-    /// Attention is always one fused op here; the key is accepted for compatibility.
+    /// Attention is one op in the graph either way; on the CUDA executor this selects the flash kernels for it
+    /// (bf16/f16, supported head dims), and the CPU backend ignores it.
     pub use_flash_attention: bool,
 }
 

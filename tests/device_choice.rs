@@ -8,7 +8,7 @@
 use std::process::{Command, Output};
 use tempfile::TempDir;
 use zeroconv::engine::{HostTensor, Program};
-use zeroconv::frontend::device::{compile_program, DeviceChoice};
+use zeroconv::frontend::device::{compile_program, CompileOptions, DeviceChoice};
 use zeroconv::graph::{DType, Graph, UnaryOp};
 
 /// The tiny config shrunk for the emulator: batch 1, 8x8 latents, one level (with attention).
@@ -204,7 +204,7 @@ fn the_finite_check_runs_on_every_device() {
     let x_data = HostTensor::from_f64([4], DType::F32, &[1.0, 2.0, -1.0, 3.0]).unwrap();
     for device in [DeviceChoice::Cpu, DeviceChoice::CudaEmu] {
         let (g, x) = build();
-        let mut p = compile_program(device, g, Some(1)).unwrap();
+        let mut p = compile_program(device, g, &CompileOptions::threads(Some(1))).unwrap();
         assert_eq!(p.device(), device);
         p.upload(x, &x_data).unwrap();
         p.launch().unwrap(); // unchecked: the NaN flows through
@@ -221,7 +221,7 @@ fn the_finite_check_runs_on_every_device() {
         p.launch().unwrap();
     }
     if !gpu_expected() {
-        assert!(compile_program(DeviceChoice::Cuda, build().0, None).is_err());
+        assert!(compile_program(DeviceChoice::Cuda, build().0, &CompileOptions::default()).is_err());
     }
 }
 

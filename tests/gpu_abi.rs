@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use zeroconv::engine::device::shared_memory::opt_in_limit;
 use zeroconv::engine::device::Arg;
 use zeroconv::engine::gpu::lower::Cmd;
 use zeroconv::engine::gpu::lower_graph;
@@ -17,7 +18,8 @@ fn lowered(config: &str, overrides: &[&str], batch: usize) -> Vec<Vec<Cmd>> {
     let cfg = load_config(Some(&path), &overrides).unwrap();
     let st = step::latent_step(&cfg, batch).unwrap();
     let opt = step::optimize(&cfg, &st, false).unwrap();
-    lower_graph(&opt.graph).unwrap_or_else(|e| panic!("{config}: lowering: {e}"))
+    let flash = zeroconv::frontend::train::compile_options(&cfg, None).unwrap().flash_attention;
+    lower_graph(&opt.graph, flash).unwrap_or_else(|e| panic!("{config}: lowering: {e}"))
 }
 
 /// Checks every launch against the PTX; returns the command counts by kind.
@@ -63,6 +65,9 @@ fn check_abi(what: &str, nodes: &[Vec<Cmd>]) -> BTreeMap<&'static str, usize> {
             let [bx, by, bz] = l.dims.block;
             assert!(gx >= 1 && gy >= 1 && gz >= 1 && gx < 1 << 31, "{what}: node {i}: grid {:?}", l.dims.grid);
             assert!(bx * by * bz <= 1024 && bx * by * bz >= 32, "{what}: node {i}: block {:?}", l.dims.block);
+            // Dynamic shared memory within what an A100 (the smaller of the two targets) allows with the opt-in.
+            let limit = opt_in_limit((8, 0)).unwrap();
+            assert!(l.dims.shared_bytes <= limit, "{what}: node {i}: `{}` {:?}", l.kernel.name, l.dims);
         }
     }
     if !kernels::compiled() {
@@ -77,6 +82,19 @@ fn sd15_training_step_launches_match_the_ptx() {
     let counts = check_abi("SD 1.5 bf16 batch 4", &nodes);
     println!("SD 1.5 ControlNet step, bf16, batch 4: {} nodes, commands {counts:?}", nodes.len());
     assert!(counts["gemm"] > 100 && counts["conv"] > 100 && counts["launch"] > 1000, "{counts:?}");
+    // The config sets use_flash_attention: SD 1.5's head dims (40, 80, 160) and CLIP's (64) all take the flash
+    // kernels, forward and backward, so no attention softmax of the composite path is left.
+    let names: Vec<&str> = nodes
+        .iter()
+        .flatten()
+        .filter_map(|c| if let Cmd::Launch(l) = c { Some(l.kernel.name.as_str()) } else { None })
+        .collect();
+    for d in [40, 80, 160] {
+        for k in ["flash_attn_fwd_bf16", "flash_attn_bwd_dkdv_bf16", "flash_attn_bwd_dq_bf16"] {
+            assert!(names.contains(&format!("{k}_d{d}").as_str()), "no {k}_d{d} launch");
+        }
+    }
+    assert!(!names.iter().any(|n| n.starts_with("attn_softmax")), "a composite attention is left");
 }
 
 #[test]

@@ -19,6 +19,7 @@ use super::args::{self, AlgoPerf, DnnConv, LtLayout, LtMatmul};
 use super::handles::{blas_check, dnn_check, drv_check, lt_check, Owned};
 use super::libs::{self, LibReport};
 use super::probe::{probe_device, DeviceInfo as ProbeInfo};
+use crate::engine::device::shared_memory::{OptIn, SharedOptIns};
 use crate::engine::device::{
     Arg, Conv, ConvDirection, Copy2d, DevPtr, Device, DeviceInfo, Gemm, GraphId, Launch, ModuleSource,
 };
@@ -112,6 +113,10 @@ pub struct CudaDevice {
     arch: Arch,
     libs: Vec<LibReport>,
     capturing: bool,
+    /// The device's per-block dynamic shared memory limit with the opt-in, from the driver.
+    shared_opt_in_limit: u32,
+    /// Functions whose `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES` was raised, and to what.
+    shared_opt_ins: SharedOptIns,
 }
 
 // SAFETY: the device's handles are used only through `&mut self` (one thread at a time), and every entry point
@@ -178,6 +183,19 @@ impl CudaDevice {
         // SAFETY: `device` is a valid device handle; `ctx` a valid out-pointer.
         drv_check(unsafe { drv::cuDevicePrimaryCtxRetain(&mut ctx, device) }, "cuDevicePrimaryCtxRetain")?;
         let context = PrimaryContext { ctx, device };
+        let mut optin: c_int = 0;
+        drv_check(
+            // SAFETY: `device` is a valid device handle; `optin` a valid out-pointer; the attribute a valid enum value.
+            unsafe {
+                drv::cuDeviceGetAttribute(
+                    &mut optin,
+                    drv::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+                    device,
+                )
+            },
+            "cuDeviceGetAttribute(MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)",
+        )?;
+        let shared_opt_in_limit = u32::try_from(optin).unwrap_or(0);
         // SAFETY: `ctx` is the live primary context of this device.
         drv_check(unsafe { drv::cuCtxSetCurrent(ctx) }, "cuCtxSetCurrent")?;
 
@@ -233,6 +251,8 @@ impl CudaDevice {
             arch,
             libs,
             capturing: false,
+            shared_opt_in_limit,
+            shared_opt_ins: SharedOptIns::default(),
         })
     }
 
@@ -628,6 +648,33 @@ impl CudaDevice {
         })
     }
 
+    /// A launch above 48 KiB of dynamic shared memory raises its function's limit first, once per function (the
+    /// rule of [`crate::engine::device::shared_memory`], shared with the emulated device); beyond the device's
+    /// opt-in limit it is an error naming the kernel and the limit.
+    fn opt_in_shared(&mut self, l: &Launch, f: drv::CUfunction) -> Result<()> {
+        let (module, name) = (&l.kernel.module, &l.kernel.name);
+        let (major, minor) = self.probe.compute_capability;
+        let device = format!("{} (compute capability {major}.{minor})", self.probe.name);
+        let need = self.shared_opt_ins.check(module, name, l.dims.shared_bytes, self.shared_opt_in_limit, &device)?;
+        if let OptIn::Raise(bytes) = need {
+            let value = c_int::try_from(bytes).map_err(|_| Error::msg(format!("kernel `{name}`: {bytes} bytes")))?;
+            drv_check(
+                // SAFETY: `f` is a function of a module loaded in the bound context; the attribute is a valid enum
+                // value and `value` is within the device's opt-in limit (checked above).
+                unsafe {
+                    drv::cuFuncSetAttribute(
+                        f,
+                        drv::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        value,
+                    )
+                },
+                &format!("cuFuncSetAttribute({name}, MAX_DYNAMIC_SHARED_SIZE_BYTES, {bytes})"),
+            )?;
+            self.shared_opt_ins.raised(module, name, bytes);
+        }
+        Ok(())
+    }
+
     /// Launches `l` after checking its arguments against the entry's PTX parameter list.
     fn run_launch(&mut self, l: &Launch) -> Result<()> {
         let m = self.modules.get(&l.kernel.module).ok_or_else(|| {
@@ -651,13 +698,8 @@ impl CudaDevice {
         } else if !m.ptx.is_empty() {
             return Err(Error::msg(format!("module `{}` has no kernel `{}`", l.kernel.module, l.kernel.name)));
         }
-        if l.dims.shared_bytes > 48 * 1024 {
-            return Err(Error::msg(format!(
-                "kernel `{}`: {} bytes of dynamic shared memory need an opt-in above 48 KiB",
-                l.kernel.name, l.dims.shared_bytes
-            )));
-        }
         let f = self.function(&l.kernel.module, &l.kernel.name)?;
+        self.opt_in_shared(l, f)?;
         // Argument storage: pointers as u64, values as their bytes (8-byte aligned copies); the driver reads
         // `params[i]` during the call (and copies them into a captured graph node).
         let mut words: Vec<Vec<u64>> = l

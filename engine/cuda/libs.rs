@@ -109,6 +109,7 @@ impl Lib {
                 "cuModuleUnload",
                 "cuModuleGetFunction",
                 "cuLaunchKernel",
+                "cuFuncSetAttribute",
                 "cuGetErrorName",
                 "cuGetErrorString",
             ],

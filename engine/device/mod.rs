@@ -14,6 +14,7 @@
 pub mod blas;
 pub mod dnn;
 pub mod emu;
+pub mod shared_memory;
 
 use crate::error::Result;
 use crate::graph::DType;

@@ -18,6 +18,9 @@ use crate::graph::fusion::Anchor;
 use crate::graph::{DType, Graph, Node, Op, Shape, ValueId};
 use crate::kernels::codegen;
 
+mod flash;
+pub use flash::HEAD_DIMS as FLASH_HEAD_DIMS;
+
 /// One device command.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Cmd {
@@ -101,6 +104,8 @@ pub struct Ctx<'a> {
     pub fused_module: &'a str,
     /// Bytes of scratch attention may use for its score chunks.
     pub attention_budget: u64,
+    /// Attention on the flash kernels where they fit (bf16/f16, a head dim they are built for); see [`flash`].
+    pub flash_attention: bool,
 }
 
 /// The module of each hand-written kernel family.
@@ -117,8 +122,10 @@ mod module {
     pub const LAYOUT: &str = "layout";
     pub const ATTENTION: &str = "attention";
     pub const CHECK: &str = "check";
-    pub const ALL: [&str; 12] =
-        [UNARY, BINARY, CAST, NORM, SOFTMAX, REDUCE, LOSS, ADAMW, UPSAMPLE, LAYOUT, ATTENTION, CHECK];
+    pub const FLASH: &str = "flash_attention";
+    pub const FLASH_BWD: &str = "flash_attention_bwd";
+    pub const ALL: [&str; 14] =
+        [UNARY, BINARY, CAST, NORM, SOFTMAX, REDUCE, LOSS, ADAMW, UPSAMPLE, LAYOUT, ATTENTION, CHECK, FLASH, FLASH_BWD];
 }
 pub use module::ALL as SHIPPED_MODULES;
 
@@ -788,9 +795,12 @@ impl Emit<'_, '_> {
         Ok(())
     }
 
-    /// Attention as batched GEMMs around softmax kernels, over chunks of (batch, head) pairs so the score scratch
-    /// stays within the budget.
+    /// Attention on the flash kernels when they are on and fit the node ([`flash`]); otherwise as batched GEMMs
+    /// around softmax kernels, over chunks of (batch, head) pairs so the score scratch stays within the budget.
     fn attention(&mut self, scale: f32, causal: bool, backward: bool) -> Result<()> {
+        if self.flash_attention(scale, causal, backward)? {
+            return Ok(());
+        }
         let d = self.one_float_dtype()?;
         let sfx = suffix("attention", d)?;
         let es = d.size() as u64;

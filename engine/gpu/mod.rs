@@ -40,18 +40,33 @@ pub struct GpuBackend<D: Device> {
     mode: StepMode,
     check_finite: bool,
     attention_budget: u64,
+    flash_attention: bool,
 }
 
 impl<D: Device> GpuBackend<D> {
     /// The per-kernel NaN/Inf check is on when `ZEROCONV_CHECK_FINITE=1` (see [`GpuBackend::with_check_finite`]).
     pub fn new(make_device: impl Fn() -> Result<D> + Send + Sync + 'static, mode: StepMode) -> Self {
         let check_finite = crate::knobs::check_finite();
-        GpuBackend { make_device: Box::new(make_device), mode, check_finite, attention_budget: ATTENTION_BUDGET }
+        GpuBackend {
+            make_device: Box::new(make_device),
+            mode,
+            check_finite,
+            attention_budget: ATTENTION_BUDGET,
+            flash_attention: false,
+        }
     }
 
     /// The scratch attention may use for its score matrices; (batch, head) pairs are processed in chunks that fit.
     pub fn with_attention_budget(mut self, bytes: u64) -> Self {
         self.attention_budget = bytes;
+        self
+    }
+
+    /// Attention and its backward on bf16/f16 data with head dim 40, 64, 80, 128 or 160 (v's equal to q's) run on
+    /// the flash kernels: no L x L scores, O(B·H·L) scratch besides the backward's recomputed O. Other attention
+    /// (f32 storage, other head dims) keeps the composite path. Off by default (`use_flash_attention` in a config).
+    pub fn with_flash_attention(mut self, on: bool) -> Self {
+        self.flash_attention = on;
         self
     }
 
@@ -127,20 +142,34 @@ fn fused_module(g: &Graph) -> Result<Option<ModuleSource>> {
 }
 
 /// Every node lowered with placeholder addresses (0 for values, scratch and constants at offset 0).
-fn lower_placeholders(graph: &Graph, fused_name: &str, attention_budget: u64) -> Result<Vec<Lowered>> {
+fn lower_placeholders(
+    graph: &Graph,
+    fused_name: &str,
+    attention_budget: u64,
+    flash_attention: bool,
+) -> Result<Vec<Lowered>> {
     let placeholder = |_: ValueId| DevPtr::NULL;
-    let ctx =
-        Ctx { graph, addr: &placeholder, scratch_base: 0, const_base: 0, fused_module: fused_name, attention_budget };
+    let ctx = Ctx {
+        graph,
+        addr: &placeholder,
+        scratch_base: 0,
+        const_base: 0,
+        fused_module: fused_name,
+        attention_budget,
+        flash_attention,
+    };
     (0..graph.nodes.len()).map(|i| lower_node(&ctx, i)).collect()
 }
 
 /// The commands of one step of `graph`, per node, without a device (addresses are placeholders): for inspecting
 /// and counting what a step launches, and for checking launches against the kernels' PTX signatures at any size.
-pub fn lower_graph(graph: &Graph) -> Result<Vec<Vec<Cmd>>> {
+/// `flash_attention` as [`GpuBackend::with_flash_attention`].
+pub fn lower_graph(graph: &Graph, flash_attention: bool) -> Result<Vec<Vec<Cmd>>> {
     graph.validate()?;
     let fused = fused_module(graph)?;
     let fused_name = fused.as_ref().map(|m| m.name().to_string()).unwrap_or_default();
-    Ok(lower_placeholders(graph, &fused_name, ATTENTION_BUDGET)?.into_iter().map(|l| l.cmds).collect())
+    let lowered = lower_placeholders(graph, &fused_name, ATTENTION_BUDGET, flash_attention)?;
+    Ok(lowered.into_iter().map(|l| l.cmds).collect())
 }
 
 impl<D: Device> Backend for GpuBackend<D> {
@@ -157,7 +186,7 @@ impl<D: Device> Backend for GpuBackend<D> {
         let n = graph.nodes.len();
 
         // Pass 1, placeholder addresses: how much scratch and constant memory each node needs.
-        let first = lower_placeholders(&graph, &fused_name, self.attention_budget)?;
+        let first = lower_placeholders(&graph, &fused_name, self.attention_budget, self.flash_attention)?;
         let scratch: Vec<u64> = first.iter().map(|l| l.scratch_bytes).collect();
         let mut const_offsets = Vec::with_capacity(n);
         let mut const_total = 0u64;
@@ -212,6 +241,7 @@ impl<D: Device> Backend for GpuBackend<D> {
                 const_base: consts_ptr.0 + const_offset,
                 fused_module: &fused_name,
                 attention_budget: self.attention_budget,
+                flash_attention: self.flash_attention,
             };
             let Lowered { mut cmds, consts: bytes, error_flags: flags, scratch_bytes, const_bytes } =
                 lower_node(&ctx, i)?;

@@ -54,7 +54,8 @@ pub fn prepare(
     let t0 = Instant::now();
     let st = step::latent_step(cfg, cfg.model.micro_batch_size as usize)?;
     let opt = step::optimize(cfg, &st, false)?;
-    let mut prog = compile_program(device, opt.graph.clone(), threads)?;
+    let options = crate::frontend::train::compile_options(cfg, threads)?;
+    let mut prog = compile_program(device, opt.graph.clone(), &options)?;
     let compile_secs = t0.elapsed().as_secs_f64();
     init_params(&mut prog, &opt.map, &st.params, 1)?;
     let mut rng = Rng::new(2);

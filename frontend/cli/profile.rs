@@ -9,7 +9,7 @@ use crate::engine::Program;
 use crate::error::{Error, Result};
 use crate::frontend::device::DeviceChoice;
 use crate::frontend::step;
-use crate::graph::Graph;
+use crate::graph::{Graph, Op};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -166,6 +166,18 @@ fn write_commands(out: &mut dyn Write, g: &Graph, cmds: &[(usize, &Cmd)], all: b
     let counts: Vec<String> =
         kinds.iter().map(|k| format!("{k} {}", cmds.iter().filter(|(_, c)| c.kind() == *k).count())).collect();
     w(out, format!("device commands per step: {} ({})", cmds.len(), counts.join(", ")))?;
+    // Which attention the executor chose (flash kernels or the composite softmax between GEMMs), by kernel name:
+    // the profile table above names nodes by op, so this is where use_flash_attention shows.
+    let mut attention: std::collections::BTreeMap<&str, usize> = Default::default();
+    for (node, c) in cmds {
+        if let (Op::Attention { .. } | Op::AttentionBackward { .. }, Cmd::Launch(l)) = (&g.nodes[*node].op, c) {
+            *attention.entry(l.kernel.name.as_str()).or_default() += 1;
+        }
+    }
+    if !attention.is_empty() {
+        let names: Vec<String> = attention.iter().map(|(k, n)| format!("{k} x{n}")).collect();
+        w(out, format!("attention kernels per step: {}", names.join(", ")))?;
+    }
     if all {
         for (node, c) in cmds {
             w(out, format!("node {node} ({}): {}", g.nodes[*node].op.name(), c.describe()))?;

@@ -90,6 +90,7 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         progress: true,
         threads: args.threads,
         device,
+        flash_attention: crate::frontend::train::compile_options(&cfg, args.threads)?.flash_attention,
     };
     let n = args.n.unwrap_or(infer.num_images_per_prompt as usize);
     // The numbers, checked before any weights are read or allocated.

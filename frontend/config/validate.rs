@@ -211,6 +211,16 @@ fn check_control_mirrors_unet(config: &Config) -> Check {
             )
         })?;
     }
+    // NeMo reads use_flash_attention per module; the CUDA executor picks attention kernels per compiled step, where
+    // the U-Net's attention and the ControlNet's are the same op, so two values could not both be honoured.
+    let (u, c) = (config.model.unet_config.use_flash_attention, config.model.control_stage_config.use_flash_attention);
+    require(u == c, "model.control_stage_config.use_flash_attention", || {
+        format!(
+            "{c} differs from model.unet_config.use_flash_attention ({u}): the CUDA executor selects flash attention \
+             for the whole step (it cannot tell the U-Net's attention from the ControlNet's), so set both keys to the \
+             same value"
+        )
+    })?;
     require(config.model.control_stage_config.hint_channels >= 1, "model.control_stage_config.hint_channels", || {
         "must be at least 1".into()
     })

@@ -15,7 +15,7 @@ pub mod state;
 use super::checkpoint::{write_safetensors, Checkpoint};
 use super::cli::{human_bytes, peak_rss_bytes};
 use super::config::{Config, FirstStageKind, ValCheckInterval};
-use super::device::{compile_program, DeviceChoice, DeviceProgram};
+use super::device::{compile_program, CompileOptions, DeviceChoice, DeviceProgram};
 use super::rng::Rng;
 use super::sample::{sample, write_grid, SampleSettings};
 use super::synthetic;
@@ -124,6 +124,14 @@ struct StepProgram {
     micro_batches: usize,
 }
 
+/// The compile options of a config's graphs: `threads`, and `use_flash_attention` (both keys agree).
+pub fn compile_options(cfg: &Config, threads: Option<usize>) -> Result<CompileOptions> {
+    let m = &cfg.model;
+    let flash =
+        super::device::flash_attention(m.unet_config.use_flash_attention, m.control_stage_config.use_flash_attention)?;
+    Ok(CompileOptions { threads, flash_attention: flash })
+}
+
 fn build_step(
     cfg: &Config,
     models: &StepModels,
@@ -145,7 +153,7 @@ fn build_step(
             val.kind == crate::graph::ValueKind::State && val.name.ends_with(crate::graph::optim::ACCUMULATOR_SUFFIX)
         })
         .collect();
-    let prog = compile_program(opts.device, opt.graph, opts.threads)?;
+    let prog = compile_program(opts.device, opt.graph, &compile_options(cfg, opts.threads)?)?;
     Ok(StepProgram {
         prog,
         loss,
@@ -464,6 +472,7 @@ impl Run<'_> {
             seed: 7,
             threads: self.opts.threads,
             device: self.opts.device,
+            flash_attention: self.cfg.model.unet_config.use_flash_attention,
             ..Default::default()
         }
     }

@@ -16,6 +16,7 @@
 
 mod memory;
 
+use super::shared_memory::{self, OptIn, SharedOptIns};
 use super::{blas, dnn, Arg, Conv, Copy2d, DevPtr, Device, DeviceInfo, Gemm, GraphId, Launch, ModuleSource, Span};
 use crate::error::{Error, Result};
 use crate::graph::DType;
@@ -33,11 +34,19 @@ pub struct EmuOptions {
     pub check_liveness: bool,
     /// The emulator's thread schedule.
     pub schedule: Schedule,
+    /// The architecture the device reports; it sets the dynamic shared memory a launch may opt in to
+    /// ([`shared_memory::opt_in_limit`]).
+    pub compute_capability: (u32, u32),
 }
 
 impl Default for EmuOptions {
     fn default() -> Self {
-        EmuOptions { max_any_grid_blocks: 2, check_liveness: true, schedule: Schedule::Ascending }
+        EmuOptions {
+            max_any_grid_blocks: 2,
+            check_liveness: true,
+            schedule: Schedule::Ascending,
+            compute_capability: (9, 0),
+        }
     }
 }
 
@@ -63,6 +72,9 @@ pub struct EmuCounts {
     pub copies: u64,
     pub memsets: u64,
     pub replays: u64,
+    /// Functions whose dynamic shared memory limit was raised above 48 KiB (what the real device does with
+    /// `cuFuncSetAttribute`, once per function).
+    pub shared_opt_ins: u64,
 }
 
 pub struct EmuDevice {
@@ -72,6 +84,7 @@ pub struct EmuDevice {
     capture: Option<Vec<Recorded>>,
     graphs: Vec<Vec<Recorded>>,
     counts: EmuCounts,
+    opt_ins: SharedOptIns,
 }
 
 impl EmuDevice {
@@ -83,6 +96,7 @@ impl EmuDevice {
             capture: None,
             graphs: Vec::new(),
             counts: EmuCounts::default(),
+            opt_ins: SharedOptIns::default(),
         }
     }
 
@@ -142,6 +156,7 @@ impl EmuDevice {
 
     fn run_launch(&mut self, l: &Launch) -> Result<()> {
         self.counts.launches += 1;
+        self.opt_in_shared(l)?;
         let module = self.modules.get(&l.kernel.module).ok_or_else(|| {
             Error::msg(format!("kernel `{}`: module `{}` was never loaded", l.kernel.name, l.kernel.module))
         })?;
@@ -160,12 +175,6 @@ impl EmuDevice {
         let [gx, gy, gz] = l.dims.grid;
         let max = self.options.max_any_grid_blocks;
         let gx = if l.any_grid && max > 0 { gx.min(max) } else { gx };
-        if l.dims.shared_bytes > 48 * 1024 {
-            return Err(Error::msg(format!(
-                "kernel `{}`: {} bytes of dynamic shared memory need an opt-in above 48 KiB",
-                l.kernel.name, l.dims.shared_bytes
-            )));
-        }
         let [bx, by, bz] = l.dims.block;
         let cfg = LaunchConfig::new(Dim3 { x: gx, y: gy, z: gz }, Dim3 { x: bx, y: by, z: bz })
             .with_shared_bytes(l.dims.shared_bytes)
@@ -174,6 +183,24 @@ impl EmuDevice {
         // kernel's buffers for the sizes it passes, and the liveness checks and guard bands catch a kernel that
         // writes outside them.
         unsafe { module.launch(&l.kernel.name, &cfg, &args) }
+    }
+
+    /// The 48 KiB rule of the real device ([`shared_memory`]): a launch above it opts its function in once, up to
+    /// the limit of the emulated architecture, and is refused beyond it with the real device's message.
+    fn opt_in_shared(&mut self, l: &Launch) -> Result<()> {
+        let cc = self.options.compute_capability;
+        let limit = shared_memory::opt_in_limit(cc).ok_or_else(|| {
+            Error::msg(format!("emulated device: no shared memory limits known for compute capability {cc:?}"))
+        })?;
+        let device = format!("the emulated sm_{}{} device", cc.0, cc.1);
+        let (module, name) = (&l.kernel.module, &l.kernel.name);
+        if let OptIn::Raise(bytes) = self.opt_ins.check(module, name, l.dims.shared_bytes, limit, &device)? {
+            if self.opt_ins.get(module, name).is_none() {
+                self.counts.shared_opt_ins += 1;
+            }
+            self.opt_ins.raised(module, name, bytes);
+        }
+        Ok(())
     }
 
     fn run_gemm(&mut self, g: &Gemm) -> Result<()> {
@@ -237,7 +264,11 @@ impl EmuDevice {
 
 impl Device for EmuDevice {
     fn info(&self) -> DeviceInfo {
-        DeviceInfo { name: "emulated CUDA device".into(), compute_capability: (9, 0), memory_bytes: 0 }
+        DeviceInfo {
+            name: "emulated CUDA device".into(),
+            compute_capability: self.options.compute_capability,
+            memory_bytes: 0,
+        }
     }
 
     fn alloc(&mut self, bytes: u64, what: &str) -> Result<DevPtr> {
