@@ -47,14 +47,7 @@ fn check_abi(what: &str, nodes: &[Vec<Cmd>]) -> BTreeMap<&'static str, usize> {
                 let params = kernels::ptx_entry_params(module.ptx(arch), &l.kernel.name).unwrap_or_else(|| {
                     panic!("{what}: node {i}: no `.entry {}` in {} ({})", l.kernel.name, module.name, arch.name())
                 });
-                let given: Vec<usize> = l
-                    .args
-                    .iter()
-                    .map(|a| match a {
-                        Arg::Ptr(_) => 8,
-                        Arg::Value(b) => b.len(),
-                    })
-                    .collect();
+                let given: Vec<usize> = l.args.iter().map(Arg::size).collect();
                 assert_eq!(
                     given, params,
                     "{what}: node {i}: `{}` arguments (bytes) differ from its PTX",

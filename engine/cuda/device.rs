@@ -681,14 +681,7 @@ impl CudaDevice {
             Error::msg(format!("kernel `{}`: module `{}` was never loaded", l.kernel.name, l.kernel.module))
         })?;
         if let Some(params) = kernels::ptx_entry_params(&m.ptx, &l.kernel.name) {
-            let given: Vec<usize> = l
-                .args
-                .iter()
-                .map(|a| match a {
-                    Arg::Ptr(_) => 8,
-                    Arg::Value(b) => b.len(),
-                })
-                .collect();
+            let given: Vec<usize> = l.args.iter().map(Arg::size).collect();
             if given != params {
                 return Err(Error::msg(format!(
                     "kernel `{}`: arguments of {given:?} bytes, but its PTX takes {params:?}",

@@ -62,6 +62,13 @@ pub enum Arg {
 }
 
 impl Arg {
+    /// Bytes the argument takes in a kernel's parameter list (a device pointer is 8), as the PTX declares it.
+    pub fn size(&self) -> usize {
+        match self {
+            Arg::Ptr(_) => 8,
+            Arg::Value(b) => b.len(),
+        }
+    }
     pub fn u64(v: u64) -> Arg {
         Arg::Value(SmallVec::from_slice(&v.to_le_bytes()))
     }
