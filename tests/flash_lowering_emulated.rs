@@ -18,8 +18,7 @@ use zeroconv::engine::device::{Arg, DevPtr, Device, KernelRef, Launch, LaunchDim
 use zeroconv::engine::gpu::lower::Cmd;
 use zeroconv::engine::gpu::{lower_graph, GpuBackend, GpuProgram};
 use zeroconv::engine::{Backend, HostTensor, Program};
-use zeroconv::graph::optim::{adamw_hyper, append_training_step_clipped, AdamWConfig, HYPER_INPUT};
-use zeroconv::graph::passes::{self, PassOptions};
+use zeroconv::graph::optim::{adamw_hyper, AdamWConfig, HYPER_INPUT};
 use zeroconv::graph::{DType, F64Bits, Graph, Op, ValueId};
 
 fn flash_backend() -> GpuBackend<EmuDevice> {
@@ -230,25 +229,12 @@ fn launches_above_48_kib_opt_in_once_and_stop_at_the_architecture_limit() {
 
 // ---- a whole training step ---------------------------------------------------------------------------------------
 
-struct Step {
-    graph: Graph,
-    init: Vec<(ValueId, HostTensor)>,
-    loss: ValueId,
-    params: Vec<ValueId>,
-}
+type Step = nets::TrainingStep;
 
 /// The small test net with 40 channels, so its one-head attention has head dim 40 (over 16 positions), in `dtype`,
 /// with clipping and AdamW, fused.
 fn training_step(dtype: DType) -> Step {
-    let s = NetSpec { batch: 2, in_ch: 3, ch: 40, hw: 4, blocks: 1, checkpoint: false, dtype };
-    let mut net = nets::build(&s);
-    let init = nets::init_values(&net.g, &net.params, 11);
-    net.g.outputs.push(net.loss);
-    append_training_step_clipped(&mut net.g, net.loss, &AdamWConfig::default(), Some(1.0)).unwrap();
-    let opt = passes::optimize(&net.g, &PassOptions { checkpointing: false, fusion: true, dumps: false }).unwrap();
-    let init = init.into_iter().map(|(v, t)| (opt.map.get(v).unwrap(), t)).collect();
-    let params = passes::remap_all(&opt.map, &net.params).unwrap();
-    Step { loss: opt.map.get(net.loss).unwrap(), graph: opt.graph, init, params }
+    nets::training_step(&NetSpec { batch: 2, in_ch: 3, ch: 40, hw: 4, blocks: 1, checkpoint: false, dtype }, true)
 }
 
 fn step_inputs(t: u64, dtype: DType) -> Vec<(&'static str, HostTensor)> {

@@ -17,8 +17,7 @@ use zeroconv::engine::cpu::CpuBackend;
 use zeroconv::engine::cuda::CudaDevice;
 use zeroconv::engine::gpu::{GpuBackend, GpuProgram, StepMode};
 use zeroconv::engine::{Backend, HostTensor, Program};
-use zeroconv::graph::optim::{adamw_hyper, append_training_step_clipped, AdamWConfig, HYPER_INPUT};
-use zeroconv::graph::passes::{self, PassOptions};
+use zeroconv::graph::optim::{adamw_hyper, AdamWConfig, HYPER_INPUT};
 use zeroconv::graph::{DType, F64Bits, Graph, Op, Shape, UnaryOp, ValueId};
 use zeroconv::Error;
 
@@ -160,23 +159,10 @@ fn d_convolutions() {
     }
 }
 
-struct Step {
-    graph: Graph,
-    loss: ValueId,
-    init: Vec<(ValueId, HostTensor)>,
-    params: Vec<ValueId>,
-}
+type Step = nets::TrainingStep;
 
 fn training_step(dtype: DType) -> Step {
-    let s = NetSpec { batch: 2, in_ch: 3, ch: 8, hw: 8, blocks: 2, checkpoint: false, dtype };
-    let mut net = nets::build(&s);
-    let init = nets::init_values(&net.g, &net.params, 11);
-    net.g.outputs.push(net.loss);
-    append_training_step_clipped(&mut net.g, net.loss, &AdamWConfig::default(), Some(1.0)).unwrap();
-    let opt = passes::optimize(&net.g, &PassOptions { checkpointing: false, fusion: true, dumps: false }).unwrap();
-    let init = init.into_iter().map(|(v, t)| (opt.map.get(v).unwrap(), t)).collect();
-    let params = passes::remap_all(&opt.map, &net.params).unwrap();
-    Step { loss: opt.map.get(net.loss).unwrap(), graph: opt.graph, init, params }
+    nets::training_step(&NetSpec { batch: 2, in_ch: 3, ch: 8, hw: 8, blocks: 2, checkpoint: false, dtype }, true)
 }
 
 /// Loss and parameters after each of `steps` steps.

@@ -14,8 +14,7 @@ use zeroconv::engine::cpu::CpuBackend;
 use zeroconv::engine::device::emu::{EmuDevice, EmuOptions};
 use zeroconv::engine::gpu::{GpuBackend, GpuProgram, StepMode};
 use zeroconv::engine::{Backend, HostTensor, Program};
-use zeroconv::graph::optim::{adamw_hyper, append_training_step_clipped, AdamWConfig, HYPER_INPUT};
-use zeroconv::graph::passes::{self, PassOptions};
+use zeroconv::graph::optim::{adamw_hyper, AdamWConfig, HYPER_INPUT};
 use zeroconv::graph::{BinaryOp, DType, F64Bits, Graph, Op, Shape, UnaryOp, ValueId};
 
 const FLOATS: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
@@ -369,25 +368,11 @@ fn f64_graphs_are_refused_naming_the_node() {
 
 // ---- whole training steps ---------------------------------------------------------------------------------------
 
-struct Step {
-    graph: Graph,
-    init: Vec<(ValueId, HostTensor)>,
-    loss: ValueId,
-    params: Vec<ValueId>,
-}
+type Step = nets::TrainingStep;
 
 /// conv + GroupNorm + attention + residual + MSE + clipping + AdamW, optimised.
 fn training_step(dtype: DType, fusion: bool, checkpoint: bool) -> Step {
-    let s = NetSpec { batch: 2, in_ch: 3, ch: 8, hw: 4, blocks: 2, checkpoint, dtype };
-    let mut net = nets::build(&s);
-    let init = nets::init_values(&net.g, &net.params, 11);
-    net.g.outputs.push(net.loss);
-    let cfg = AdamWConfig::default();
-    append_training_step_clipped(&mut net.g, net.loss, &cfg, Some(1.0)).unwrap();
-    let opt = passes::optimize(&net.g, &PassOptions { checkpointing: checkpoint, fusion, dumps: false }).unwrap();
-    let init = init.into_iter().map(|(v, t)| (opt.map.get(v).unwrap(), t)).collect();
-    let params = passes::remap_all(&opt.map, &net.params).unwrap();
-    Step { loss: opt.map.get(net.loss).unwrap(), graph: opt.graph, init, params }
+    nets::training_step(&NetSpec { batch: 2, in_ch: 3, ch: 8, hw: 4, blocks: 2, checkpoint, dtype }, fusion)
 }
 
 fn lr(dtype: DType) -> f64 {

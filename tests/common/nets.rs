@@ -124,3 +124,26 @@ pub fn init_values(g: &Graph, params: &[ValueId], seed: u64) -> Vec<(ValueId, Ho
         })
         .collect()
 }
+
+/// The net of `spec` as one optimised training step (MSE, clipping at norm 1, AdamW with PyTorch's defaults), with
+/// its initial values and ids remapped into the optimised graph.
+pub struct TrainingStep {
+    pub graph: Graph,
+    pub init: Vec<(ValueId, HostTensor)>,
+    pub loss: ValueId,
+    pub params: Vec<ValueId>,
+}
+
+pub fn training_step(spec: &NetSpec, fusion: bool) -> TrainingStep {
+    use zeroconv::graph::optim::{append_training_step_clipped, AdamWConfig};
+    use zeroconv::graph::passes::{self, PassOptions};
+    let mut net = build(spec);
+    let init = init_values(&net.g, &net.params, 11);
+    net.g.outputs.push(net.loss);
+    append_training_step_clipped(&mut net.g, net.loss, &AdamWConfig::default(), Some(1.0)).unwrap();
+    let opts = PassOptions { checkpointing: spec.checkpoint, fusion, dumps: false };
+    let opt = passes::optimize(&net.g, &opts).unwrap();
+    let init = init.into_iter().map(|(v, t)| (opt.map.get(v).unwrap(), t)).collect();
+    let params = passes::remap_all(&opt.map, &net.params).unwrap();
+    TrainingStep { loss: opt.map.get(net.loss).unwrap(), graph: opt.graph, init, params }
+}
