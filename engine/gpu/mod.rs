@@ -172,6 +172,56 @@ pub fn lower_graph(graph: &Graph, flash_attention: bool) -> Result<Vec<Vec<Cmd>>
     Ok(lowered.into_iter().map(|l| l.cmds).collect())
 }
 
+/// Where a program's device memory goes, decided before anything is allocated.
+pub struct DevicePlan {
+    /// The arena: intermediates and every node's scratch (library workspaces included), 256-byte aligned.
+    pub plan: MemoryPlan,
+    /// Offset of each source value (parameters, optimizer state, inputs) in the sources region.
+    pub source_offsets: Vec<Option<u64>>,
+    pub source_bytes: u64,
+    /// Offset of each node's constants (AdamW tables, broadcast descriptors) in the constants region.
+    pub const_offsets: Vec<u64>,
+    pub const_total: u64,
+}
+
+impl DevicePlan {
+    /// Device memory in all: arena, sources and constants.
+    pub fn total_bytes(&self) -> u64 {
+        self.plan.arena_bytes as u64 + self.source_bytes + self.const_total
+    }
+}
+
+impl<D: Device> GpuBackend<D> {
+    /// Plans `graph`'s device memory as [`Backend::compile`] will, without a device (for `inspect --plan`).
+    pub fn plan(&self, graph: &Graph) -> Result<DevicePlan> {
+        graph.validate()?;
+        let fused = fused_module(graph)?;
+        let fused_name = fused.as_ref().map(|m| m.name().to_string()).unwrap_or_default();
+        self.plan_device(graph, &fused_name)
+    }
+
+    fn plan_device(&self, graph: &Graph, fused_name: &str) -> Result<DevicePlan> {
+        let first = lower_placeholders(graph, fused_name, self.attention_budget, self.flash_attention)?;
+        let scratch: Vec<u64> = first.iter().map(|l| l.scratch_bytes).collect();
+        let mut const_offsets = Vec::with_capacity(graph.nodes.len());
+        let mut const_total = 0u64;
+        for l in &first {
+            const_offsets.push(const_total);
+            const_total += align(l.const_bytes);
+        }
+        let plan = plan_memory_aligned(graph, &|i| scratch[i] as usize, ALIGN as usize)?;
+        let mut source_offsets = vec![None; graph.values.len()];
+        let mut source_bytes = 0u64;
+        for (v, val) in graph.values.iter().enumerate() {
+            if val.kind.is_source() {
+                source_offsets[v] = Some(source_bytes);
+                source_bytes += align(val.bytes() as u64);
+            }
+        }
+        Ok(DevicePlan { plan, source_offsets, source_bytes, const_offsets, const_total })
+    }
+}
+
 impl<D: Device> Backend for GpuBackend<D> {
     type Program = GpuProgram<D>;
 
@@ -186,27 +236,12 @@ impl<D: Device> Backend for GpuBackend<D> {
         let n = graph.nodes.len();
 
         // Pass 1, placeholder addresses: how much scratch and constant memory each node needs.
-        let first = lower_placeholders(&graph, &fused_name, self.attention_budget, self.flash_attention)?;
-        let scratch: Vec<u64> = first.iter().map(|l| l.scratch_bytes).collect();
-        let mut const_offsets = Vec::with_capacity(n);
-        let mut const_total = 0u64;
-        for l in &first {
-            const_offsets.push(const_total);
-            const_total += align(l.const_bytes);
-        }
-        let plan = plan_memory_aligned(&graph, &|i| scratch[i] as usize, ALIGN as usize)?;
+        let DevicePlan { plan, source_offsets, source_bytes, const_offsets, mut const_total } =
+            self.plan_device(&graph, &fused_name)?;
 
         // Allocate: the arena, one region for every source value, the constants.
         let mut device = (self.make_device)()?;
         let arena_ptr = device.alloc(plan.arena_bytes.max(1) as u64, "arena")?;
-        let mut source_offsets = vec![None; graph.values.len()];
-        let mut source_bytes = 0u64;
-        for (v, val) in graph.values.iter().enumerate() {
-            if val.kind.is_source() {
-                source_offsets[v] = Some(source_bytes);
-                source_bytes += align(val.bytes() as u64);
-            }
-        }
         let sources_ptr = device.alloc(source_bytes.max(1), "parameters, optimizer state and inputs")?;
         // Sources start at zero, as on every backend: optimizer state that is never uploaded begins at 0.
         device.memset(sources_ptr, 0, source_bytes.max(1))?;
