@@ -196,7 +196,10 @@ fn a_diffusers_pipeline_folder_gives_the_same_outputs_as_ldm_weights() {
     copy_folder("clip_tiny/text_encoder_v4", &pipe, "text_encoder");
     let ckpt = Checkpoint::open_pretrained(&pipe, &arch()).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(ckpt.layouts().count(), 4);
-    assert_eq!(ckpt.file_of("control_model.zero_convs.0.0.weight"), pipe.join("controlnet/diffusion_pytorch_model.safetensors"));
+    assert_eq!(
+        ckpt.file_of("control_model.zero_convs.0.0.weight"),
+        pipe.join("controlnet/diffusion_pytorch_model.safetensors")
+    );
     let n = assert_generated(&ckpt, "sd15_tiny", "")
         + assert_generated(&ckpt, "vae_tiny", "")
         + assert_generated(&ckpt, "clip_tiny", "");

@@ -50,8 +50,8 @@ impl Layout {
 }
 
 /// Recognises the layout. A file with any LDM-prefixed key is LDM (a full SD checkpoint holds all components).
-pub fn detect<'a>(keys: impl Iterator<Item = &'a str> + Clone) -> Layout {
-    let any = |f: &dyn Fn(&str) -> bool| keys.clone().any(f);
+pub fn detect(keys: &[&str]) -> Layout {
+    let any = |f: &dyn Fn(&str) -> bool| keys.iter().any(|k| f(k));
     let ldm = [UNET_PREFIX, CONTROL_PREFIX, VAE_PREFIX, "cond_stage_model"];
     if any(&|k| ldm.iter().any(|p| k.strip_prefix(p).is_some_and(|r| r.starts_with('.')))) {
         Layout::Ldm
@@ -62,9 +62,7 @@ pub fn detect<'a>(keys: impl Iterator<Item = &'a str> + Clone) -> Layout {
     } else if any(&|k| k.starts_with("down_blocks.") || k.starts_with("up_blocks.") || k.starts_with("time_embedding."))
     {
         Layout::DiffusersUnet
-    } else if any(&|k| {
-        k.starts_with("text_model.embeddings.") || k.starts_with("embeddings.token_embedding.")
-    }) {
+    } else if any(&|k| k.starts_with("text_model.embeddings.") || k.starts_with("embeddings.token_embedding.")) {
         Layout::HfClip
     } else {
         Layout::Ldm
@@ -189,7 +187,8 @@ fn encoder_key(key: &str, b: &UnetBlocks) -> Option<String> {
             return Some(format!("input_blocks.{}.0.{}", b.input(level, j)?, unet_resnet(rest)?));
         }
         if let Some((j, rest)) = indexed(rest, "attentions") {
-            return b.attn[level].then(|| b.input(level, j).map(|n| format!("input_blocks.{n}.1.{rest}")))?;
+            let n = b.input(level, j).filter(|_| b.attn[level])?;
+            return Some(format!("input_blocks.{n}.1.{rest}"));
         }
         let rest = rest.strip_prefix("downsamplers.0.conv.")?;
         return Some(format!("input_blocks.{}.0.op.{rest}", b.downsampler(level)?));
@@ -216,7 +215,8 @@ pub fn unet_key(key: &str, b: &UnetBlocks) -> Option<String> {
         }
         if let Some((j, rest)) = indexed(rest, "attentions") {
             let level = b.levels().checked_sub(up + 1)?;
-            return b.attn[level].then(|| b.output(up, j).map(|n| format!("output_blocks.{n}.1.{rest}")))?;
+            let n = b.output(up, j).filter(|_| b.attn[level])?;
+            return Some(format!("output_blocks.{n}.1.{rest}"));
         }
         let rest = rest.strip_prefix("upsamplers.0.conv.")?;
         Some(format!("{}.{rest}", b.upsampler(up)?))
@@ -366,7 +366,10 @@ mod tests {
         assert_eq!(u("up_blocks.3.attentions.2.proj_out.bias").as_deref(), Some("output_blocks.11.1.proj_out.bias"));
         assert_eq!(u("up_blocks.3.upsamplers.0.conv.weight"), None);
         assert_eq!(u("up_blocks.4.resnets.0.conv1.weight"), None);
-        assert_eq!(u("mid_block.resnets.1.time_emb_proj.weight").as_deref(), Some("middle_block.2.emb_layers.1.weight"));
+        assert_eq!(
+            u("mid_block.resnets.1.time_emb_proj.weight").as_deref(),
+            Some("middle_block.2.emb_layers.1.weight")
+        );
         assert_eq!(u("conv_norm_out.weight").as_deref(), Some("out.0.weight"));
     }
 

@@ -349,7 +349,7 @@ impl Checkpoint {
             self.rename_keys(|k| nemo::nemo_key_to_ldm(k, wrapped))?;
             return Ok(self);
         }
-        let layout = diffusers::detect(self.keys());
+        let layout = diffusers::detect(&self.keys().collect::<Vec<_>>());
         let path = self.path.clone();
         let no_config = |what: &str| {
             Error::file(

@@ -294,7 +294,12 @@ fn tensor_entry(
     let storage = base + rec.range.start..base + rec.range.start + declared;
     if is_contiguous(&shape, &strides) {
         let start = storage.start + offset * elem;
-        Ok(Loaded::Tensor(TensorEntry { dtype, shape, data: DataRef::Contiguous(start..start + numel * elem), part: 0 }))
+        Ok(Loaded::Tensor(TensorEntry {
+            dtype,
+            shape,
+            data: DataRef::Contiguous(start..start + numel * elem),
+            part: 0,
+        }))
     } else {
         Ok(Loaded::Tensor(TensorEntry { dtype, shape, data: DataRef::Strided { storage, offset, strides }, part: 0 }))
     }
