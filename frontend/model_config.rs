@@ -100,3 +100,13 @@ pub fn control_ldm(cfg: &Config) -> ControlLdmConfig {
         guess_mode: m.guess_mode,
     }
 }
+
+/// The configs a diffusers file's block numbering is read against ([`crate::frontend::checkpoint::diffusers`]).
+pub fn architecture(cfg: &Config) -> crate::frontend::checkpoint::Architecture {
+    let ldm = control_ldm(cfg);
+    crate::frontend::checkpoint::Architecture {
+        unet: Some(ldm.unet),
+        control: Some(ldm.control),
+        vae: Some(vae(&cfg.model.first_stage_config, cfg.model.scale_factor)),
+    }
+}

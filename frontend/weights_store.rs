@@ -16,7 +16,7 @@ pub fn read_finite(ckpt: &Checkpoint, key: &str) -> Result<HostTensor> {
     let t = ckpt.to_host(key)?;
     match t.first_non_finite() {
         Some(at) => Err(Error::file(
-            ckpt.path(),
+            ckpt.file_of(key),
             format!(
                 "{key} holds a non-finite value (element {at}): the file is damaged, or the run that wrote it diverged"
             ),
@@ -38,7 +38,7 @@ impl WeightStore {
             if let Some(shape) = ckpt.shape(&s.key) {
                 if shape != s.shape.dims() {
                     return Err(Error::file(
-                        ckpt.path(),
+                        ckpt.file_of(&s.key),
                         format!("{} has shape {shape:?}; the config's model needs {}", s.key, s.shape),
                     ));
                 }

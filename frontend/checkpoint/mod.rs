@@ -15,6 +15,8 @@
 //! ```
 
 mod check;
+pub mod diffusers;
+mod folder;
 pub mod nemo;
 mod pickle;
 mod safetensors;
@@ -32,6 +34,7 @@ pub use write::{
 use crate::engine::HostTensor;
 use crate::error::{Error, Result};
 use crate::graph::DType;
+pub use diffusers::{Architecture, Layout};
 use source::Source;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -64,6 +67,8 @@ pub(crate) struct TensorEntry {
     pub dtype: DType,
     pub shape: Vec<usize>,
     pub data: DataRef,
+    /// Which file of the checkpoint holds it (a diffusers folder is several files).
+    pub part: usize,
 }
 
 /// What a format reader finds: the tensors (validated against the source's length), entries it had to skip, and
@@ -79,11 +84,21 @@ pub(crate) struct Index {
 pub struct Checkpoint {
     path: PathBuf,
     format: Format,
-    source: Source,
+    /// The files the tensors are read from (one, or the component files of a diffusers folder), each with the
+    /// layout its keys were in.
+    sources: Vec<Part>,
     tensors: BTreeMap<String, TensorEntry>,
     skipped: BTreeMap<String, String>,
     metadata: BTreeMap<String, String>,
     config_yaml: Option<String>,
+    /// Keys of a diffusers/HF file that map to no LDM name (kept under their own names: unexpected keys).
+    unmapped: Vec<String>,
+}
+
+struct Part {
+    path: PathBuf,
+    source: Source,
+    layout: Layout,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -162,11 +177,12 @@ impl Checkpoint {
         Checkpoint {
             path: path.to_path_buf(),
             format,
-            source,
+            sources: vec![Part { path: path.to_path_buf(), source, layout: Layout::Ldm }],
             tensors: index.tensors,
             skipped: index.skipped,
             metadata: index.metadata,
             config_yaml,
+            unmapped: Vec::new(),
         }
     }
 
@@ -180,7 +196,23 @@ impl Checkpoint {
 
     /// Whether the tensors are read from a memory mapping of the file (false only for a gzipped `.nemo`).
     pub fn is_mapped(&self) -> bool {
-        self.source.is_mapped()
+        self.sources.iter().all(|p| p.source.is_mapped())
+    }
+
+    /// The file that holds `key` (for a diffusers folder, the component's file; else [`Checkpoint::path`]).
+    pub fn file_of(&self, key: &str) -> &Path {
+        self.tensors.get(key).map_or(&self.path, |e| &self.sources[e.part].path)
+    }
+
+    /// Each file read and the key layout it was in (detected by [`Checkpoint::into_ldm_keys_for`]).
+    pub fn layouts(&self) -> impl Iterator<Item = (&Path, Layout)> + '_ {
+        self.sources.iter().map(|p| (p.path.as_path(), p.layout))
+    }
+
+    /// Keys of diffusers / Hugging Face files that have no LDM name: kept under their own names, so the models
+    /// see them as unexpected keys.
+    pub fn unmapped(&self) -> &[String] {
+        &self.unmapped
     }
 
     /// Number of readable tensors.
@@ -213,7 +245,7 @@ impl Checkpoint {
     /// copy of the strided view.
     pub fn get(&self, key: &str) -> Option<TensorView<'_>> {
         let entry = self.tensors.get(key)?;
-        let bytes = self.source.bytes();
+        let bytes = self.sources[entry.part].source.bytes();
         let data = match &entry.data {
             DataRef::Contiguous(range) => Cow::Borrowed(&bytes[range.clone()]),
             DataRef::Strided { storage, offset, strides } => {
@@ -262,10 +294,30 @@ impl Checkpoint {
 
     /// Renames every tensor (and skipped entry); two names mapping to one is an error naming both.
     pub fn rename_keys(&mut self, mut rename: impl FnMut(&str) -> String) -> Result<()> {
+        self.remap(|k| Some((rename(k), 0)))
+    }
+
+    /// Renames (and, where `unit_dims` > 0, appends that many unit dimensions to the shape of) every tensor that
+    /// `map` has a name for; the others keep their names and are listed in [`Checkpoint::unmapped`].
+    fn remap(&mut self, mut map: impl FnMut(&str) -> Option<(String, usize)>) -> Result<()> {
         let mut renamed = BTreeMap::new();
         let mut origin: BTreeMap<String, String> = BTreeMap::new();
-        for (key, entry) in std::mem::take(&mut self.tensors) {
-            let new = rename(&key);
+        for (key, mut entry) in std::mem::take(&mut self.tensors) {
+            let new = match map(&key) {
+                Some((new, unit_dims)) => {
+                    // A trailing unit dimension changes neither the element order nor the byte size; a strided
+                    // view keeps its strides for the real dimensions.
+                    entry.shape.extend(std::iter::repeat_n(1, unit_dims));
+                    if let DataRef::Strided { strides, .. } = &mut entry.data {
+                        strides.extend(std::iter::repeat_n(1, unit_dims));
+                    }
+                    new
+                }
+                None => {
+                    self.unmapped.push(key.clone());
+                    key.clone()
+                }
+            };
             if let Some(first) = origin.insert(new.clone(), key.clone()) {
                 return Err(Error::file(
                     &self.path,
@@ -275,18 +327,110 @@ impl Checkpoint {
             renamed.insert(new, entry);
         }
         self.tensors = renamed;
-        self.skipped = std::mem::take(&mut self.skipped).into_iter().map(|(k, why)| (rename(&k), why)).collect();
+        self.skipped = std::mem::take(&mut self.skipped)
+            .into_iter()
+            .map(|(k, why)| (map(&k).map_or(k, |(new, _)| new), why))
+            .collect();
         Ok(())
     }
 
-    /// For a `.nemo` checkpoint, renames NeMo's keys to the original LDM/ControlNet names (see [`nemo`]); any other
-    /// checkpoint is returned unchanged.
-    pub fn into_ldm_keys(mut self) -> Result<Checkpoint> {
+    /// Renames NeMo's keys ([`nemo`]) to the original LDM/ControlNet names; a file in another layout is returned
+    /// unchanged. A diffusers or Hugging Face file needs [`Checkpoint::into_ldm_keys_for`].
+    pub fn into_ldm_keys(self) -> Result<Checkpoint> {
+        self.into_ldm_keys_for(&Architecture::default())
+    }
+
+    /// Renames the keys of any layout zeroconv reads to the original LDM/ControlNet names: NeMo (by the container),
+    /// diffusers U-Net / ControlNet / VAE and Hugging Face CLIP (detected from the keys, see [`diffusers`]). The
+    /// diffusers block numbering comes from `arch`; a diffusers file of a component `arch` lacks is an error.
+    pub fn into_ldm_keys_for(mut self, arch: &Architecture) -> Result<Checkpoint> {
         if matches!(self.format, Format::Nemo { .. }) {
             let wrapped = nemo::is_megatron_wrapped(self.keys());
             self.rename_keys(|k| nemo::nemo_key_to_ldm(k, wrapped))?;
+            return Ok(self);
+        }
+        let layout = diffusers::detect(&self.keys().collect::<Vec<_>>());
+        let path = self.path.clone();
+        let no_config = |what: &str| {
+            Error::file(
+                &path,
+                format!(
+                    "holds a {} (diffusers layout), but the run has no {what} config to number its blocks by",
+                    layout.describe()
+                ),
+            )
+        };
+        match layout {
+            Layout::Ldm => return Ok(self),
+            Layout::DiffusersUnet => {
+                let blocks = diffusers::UnetBlocks::new(arch.unet.as_ref().ok_or_else(|| no_config("U-Net"))?);
+                self.remap(|k| diffusers::unet_key(k, &blocks).map(|n| (n, 0)))?;
+            }
+            Layout::DiffusersControlNet => {
+                let cfg = arch.control.clone().ok_or_else(|| no_config("ControlNet"))?;
+                self.remap(|k| diffusers::controlnet_key(k, &cfg).map(|n| (n, 0)))?;
+            }
+            Layout::DiffusersVae => {
+                let cfg = arch.vae.clone().ok_or_else(|| no_config("VAE (first stage)"))?;
+                self.remap(|k| diffusers::vae_key(k, &cfg).map(|m| (m.key, m.unit_dims)))?;
+            }
+            Layout::HfClip => self.remap(|k| diffusers::clip_key(k).map(|n| (n, 0)))?,
+        }
+        for part in &mut self.sources {
+            part.layout = layout;
         }
         Ok(self)
+    }
+
+    /// Opens what a `from_pretrained` or `--ckpt` names: a checkpoint file in any layout, a diffusers component
+    /// folder (`unet/`, holding `diffusion_pytorch_model.safetensors`, ...) or a diffusers pipeline folder (its
+    /// `unet/`, `controlnet/`, `vae/` and `text_encoder/`), with the keys renamed to the LDM names.
+    pub fn open_pretrained(path: &Path, arch: &Architecture) -> Result<Checkpoint> {
+        if !path.is_dir() {
+            return Checkpoint::open(path)?.into_ldm_keys_for(arch);
+        }
+        let files = folder::weight_files(path)?;
+        let parts = files
+            .iter()
+            .map(|f| Checkpoint::open(f).and_then(|c| c.into_ldm_keys_for(arch)))
+            .collect::<Result<Vec<_>>>()?;
+        Checkpoint::merge(path, parts)
+    }
+
+    /// One checkpoint of several files' tensors (named `path`); a key in two of them is an error naming both.
+    fn merge(path: &Path, parts: Vec<Checkpoint>) -> Result<Checkpoint> {
+        let mut all = Checkpoint {
+            path: path.to_path_buf(),
+            format: parts.first().map_or(Format::Safetensors, |p| p.format),
+            sources: Vec::new(),
+            tensors: BTreeMap::new(),
+            skipped: BTreeMap::new(),
+            metadata: BTreeMap::new(),
+            config_yaml: None,
+            unmapped: Vec::new(),
+        };
+        for part in parts {
+            let base = all.sources.len();
+            for (key, mut entry) in part.tensors {
+                entry.part += base;
+                if let Some(first) = all.tensors.get(&key) {
+                    return Err(Error::file(
+                        path,
+                        format!(
+                            "'{key}' is in both {} and {}",
+                            all.sources[first.part].path.display(),
+                            part.sources[entry.part - base].path.display()
+                        ),
+                    ));
+                }
+                all.tensors.insert(key, entry);
+            }
+            all.skipped.extend(part.skipped);
+            all.metadata.extend(part.metadata);
+            all.unmapped.extend(part.unmapped);
+            all.sources.extend(part.sources);
+        }
+        Ok(all)
     }
 
     fn missing(&self, key: &str) -> Error {

@@ -130,7 +130,7 @@ pub(crate) fn parse(bytes: &[u8], path: &Path) -> Result<Index> {
             HeaderDType::Supported(dtype) => {
                 debug_assert_eq!(byte_len(&shape, dtype), Some(end - begin));
                 let data = DataRef::Contiguous(data_start + begin..data_start + end);
-                index.tensors.insert(name.clone(), TensorEntry { dtype, shape, data });
+                index.tensors.insert(name.clone(), TensorEntry { dtype, shape, data, part: 0 });
             }
             _ => {
                 index.skipped.insert(name.clone(), format!("dtype {dtype_name} is not supported by zeroconv"));

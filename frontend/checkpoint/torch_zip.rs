@@ -253,7 +253,7 @@ fn tensor_entry(
     let offset = to_usize(t.offset)?;
     let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or("its shape overflows")?;
     if numel == 0 {
-        return Ok(Loaded::Tensor(TensorEntry { dtype, shape, data: DataRef::Contiguous(0..0) }));
+        return Ok(Loaded::Tensor(TensorEntry { dtype, shape, data: DataRef::Contiguous(0..0), part: 0 }));
     }
     let record_name = format!("{prefix}data/{}", t.storage.key);
     let rec = records
@@ -294,9 +294,14 @@ fn tensor_entry(
     let storage = base + rec.range.start..base + rec.range.start + declared;
     if is_contiguous(&shape, &strides) {
         let start = storage.start + offset * elem;
-        Ok(Loaded::Tensor(TensorEntry { dtype, shape, data: DataRef::Contiguous(start..start + numel * elem) }))
+        Ok(Loaded::Tensor(TensorEntry {
+            dtype,
+            shape,
+            data: DataRef::Contiguous(start..start + numel * elem),
+            part: 0,
+        }))
     } else {
-        Ok(Loaded::Tensor(TensorEntry { dtype, shape, data: DataRef::Strided { storage, offset, strides } }))
+        Ok(Loaded::Tensor(TensorEntry { dtype, shape, data: DataRef::Strided { storage, offset, strides }, part: 0 }))
     }
 }
 

@@ -36,9 +36,10 @@ pub enum Precision {
 pub struct ForwardArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
-    /// Weights under the original keys (model.diffusion_model.*, control_model.*, first_stage_model.*,
-    /// cond_stage_model.transformer.*): .safetensors, .ckpt/.pth or .nemo.
-    #[arg(long, value_name = "FILE")]
+    /// Weights: a file under the original keys (model.diffusion_model.*, control_model.*, first_stage_model.*,
+    /// cond_stage_model.transformer.*), .safetensors, .ckpt/.pth or .nemo; a diffusers or Hugging Face file
+    /// (U-Net, ControlNet, VAE, CLIPTextModel); or a diffusers component or pipeline folder.
+    #[arg(long, value_name = "PATH")]
     pub ckpt: PathBuf,
     /// Inputs (safetensors): x [B,4,h,w], t [B] int64, context [B,L,D], hint [B,3,8h,8w] in [0,1], and with
     /// --grad target [B,4,h,w]; or image / z / ids for the other parts.
@@ -78,7 +79,7 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
     check_output("--out", &args.out, &inputs, args.force)?;
     let cfg = args.config.load()?;
     let device = DeviceChoice::resolve(args.device, cfg.trainer.accelerator)?;
-    let ckpt = Checkpoint::open(&args.ckpt)?.into_ldm_keys()?;
+    let ckpt = Checkpoint::open_pretrained(&args.ckpt, &model_config::architecture(&cfg))?;
     let inputs = Checkpoint::open(&args.inputs)?;
     let compute = match args.precision {
         Precision::Fp32 => DType::F32,

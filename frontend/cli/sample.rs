@@ -19,11 +19,13 @@ use std::path::PathBuf;
 pub struct SampleArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
-    /// Stable Diffusion weights (U-Net, VAE, text encoder) under the original keys.
-    #[arg(long, value_name = "FILE")]
+    /// Stable Diffusion weights (U-Net, VAE, text encoder): a checkpoint under the original keys, or a diffusers
+    /// pipeline folder (unet/, vae/, text_encoder/).
+    #[arg(long, value_name = "PATH")]
     pub ckpt: Option<PathBuf>,
-    /// The ControlNet (control_model.* keys), e.g. a run's controlnet.safetensors.
-    #[arg(long, value_name = "FILE")]
+    /// The ControlNet: control_model.* keys (e.g. a run's controlnet.safetensors), or a diffusers ControlNetModel
+    /// file or folder.
+    #[arg(long, value_name = "PATH")]
     pub control: PathBuf,
     /// The control map (PNG/JPEG); its size sets the output size and must be a multiple of 8x the latent's stride.
     /// Default: the config's `infer.control` (one row of the grid per image, with `infer.prompts`).
@@ -149,8 +151,16 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         b.params
     };
     let mut store = WeightStore::default();
+    let arch = crate::frontend::checkpoint::Architecture {
+        unet: Some(models.ldm.unet.clone()),
+        control: Some(models.ldm.control.clone()),
+        vae: match &models.first_stage {
+            crate::models::train_step::FirstStage::Kl(v) => Some(v.clone()),
+            crate::models::train_step::FirstStage::Pixel => None,
+        },
+    };
     for path in args.ckpt.iter().chain(std::iter::once(&args.control)) {
-        let ck = Checkpoint::open(path)?.into_ldm_keys()?;
+        let ck = Checkpoint::open_pretrained(path, &arch)?;
         if store.load_matching(&ck, &specs)? == 0 {
             return Err(Error::file(path, "holds none of the model's keys"));
         }

@@ -146,13 +146,14 @@ pub fn load_pretrained(cfg: &Config, store: &mut WeightStore, specs: &[ParamSpec
     ];
     // Each file is opened once, however many components it holds.
     let mut opened: Vec<(PathBuf, Checkpoint)> = Vec::new();
-    fn open(opened: &mut Vec<(PathBuf, Checkpoint)>, path: &Path) -> Result<usize> {
+    let arch = crate::frontend::model_config::architecture(cfg);
+    let open = |opened: &mut Vec<(PathBuf, Checkpoint)>, path: &Path| -> Result<usize> {
         if let Some(i) = opened.iter().position(|(p, _)| p == path) {
             return Ok(i);
         }
-        opened.push((path.to_path_buf(), Checkpoint::open(path)?.into_ldm_keys()?));
+        opened.push((path.to_path_buf(), Checkpoint::open_pretrained(path, &arch)?));
         Ok(opened.len() - 1)
-    }
+    };
     let mut used: BTreeMap<PathBuf, usize> = BTreeMap::new();
     for (component, path) in wanted {
         let Some(path) = path else { continue };

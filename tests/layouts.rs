@@ -1,0 +1,283 @@
+//! The diffusers and Hugging Face layouts load into the LDM key names, against files written by diffusers' and
+//! transformers' own `save_pretrained` (tests/fixtures/layouts/README.md): every tensor, renamed, is bitwise the
+//! generated LDM tensor diffusers' conversion put there, and the models give the same outputs as on LDM-layout
+//! weights.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use zeroconv::engine::HostTensor;
+use zeroconv::frontend::checkpoint::{write_safetensors, Architecture, Checkpoint, Layout};
+use zeroconv::frontend::device::DeviceChoice;
+use zeroconv::frontend::forward;
+use zeroconv::graph::DType;
+use zeroconv::models::control_ldm::ControlLdmConfig;
+use zeroconv::models::{ClipConfig, ClipOutput, ControlNetConfig, UNetConfig, VaeConfig};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// The parity fixtures' weight generator (tests/fixtures/parity/README.md), as f32.
+fn generated(key: &str, shape: &[usize]) -> Vec<f32> {
+    let mut state = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+    let mut draw = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let n: usize = shape.iter().product();
+    let fan_in: usize = shape[1..].iter().product();
+    (0..n)
+        .map(|_| {
+            let s = 2.0 * ((draw() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)) - 1.0;
+            let v = if key.ends_with(".bias") {
+                0.1 * s
+            } else if shape.len() == 1 {
+                1.0 + 0.1 * s
+            } else {
+                s / (fan_in as f64).sqrt()
+            };
+            v as f32
+        })
+        .collect()
+}
+
+/// The LDM keys and shapes of parity fixture `name`.
+fn ldm_keys(name: &str) -> Vec<(String, Vec<usize>)> {
+    let text = std::fs::read_to_string(fixtures().join(format!("parity/{name}.keys.json"))).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn sd15_tiny() -> UNetConfig {
+    UNetConfig {
+        model_channels: 32,
+        channel_mult: vec![1, 2],
+        num_res_blocks: vec![1, 1],
+        attention_resolutions: vec![4, 2, 1],
+        num_heads: 2,
+        context_dim: 32,
+        ..Default::default()
+    }
+}
+
+fn vae_tiny() -> VaeConfig {
+    VaeConfig { ch: 32, ch_mult: vec![1, 2], num_res_blocks: 1, resolution: 32, ..Default::default() }
+}
+
+fn arch() -> Architecture {
+    Architecture {
+        unet: Some(sd15_tiny()),
+        control: Some(ControlNetConfig { unet: sd15_tiny(), hint_channels: 3 }),
+        vae: Some(vae_tiny()),
+    }
+}
+
+/// Rebuilds a diffusers component folder under `into`: its `config.json`, and the weight file from the header
+/// save_pretrained wrote followed by each tensor's generated values (those of the LDM key diffusers' conversion
+/// took it from), in the header's offset order.
+fn rebuild(component: &str, into: &Path) -> PathBuf {
+    let from = fixtures().join("layouts").join(component);
+    let out = into.join(Path::new(component).file_name().unwrap());
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::copy(from.join("config.json"), out.join("config.json")).unwrap();
+    let header = std::fs::read(from.join("diffusion_pytorch_model.safetensors.header")).unwrap();
+    let meta: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header[8..]).unwrap();
+    let sources: BTreeMap<String, String> =
+        serde_json::from_str(&std::fs::read_to_string(from.join("ldm_sources.json")).unwrap()).unwrap();
+    let parity = if component.starts_with("vae") { "vae_tiny" } else { "sd15_tiny" };
+    let shapes: BTreeMap<String, Vec<usize>> = ldm_keys(parity).into_iter().collect();
+    let mut entries: Vec<(u64, u64, &str)> = meta
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, v)| {
+            let off = v["data_offsets"].as_array().unwrap();
+            (off[0].as_u64().unwrap(), off[1].as_u64().unwrap(), k.as_str())
+        })
+        .collect();
+    entries.sort();
+    let mut bytes = header.clone();
+    for (start, end, key) in entries {
+        assert_eq!((bytes.len() - header.len()) as u64, start, "{component}: {key} is not next in the file");
+        let ldm = &sources[key];
+        bytes.extend(generated(ldm, &shapes[ldm]).iter().flat_map(|v| v.to_le_bytes()));
+        assert_eq!((bytes.len() - header.len()) as u64, end, "{component}: {key} and {ldm} differ in size");
+    }
+    std::fs::write(out.join("diffusion_pytorch_model.safetensors"), bytes).unwrap();
+    out
+}
+
+/// Copies a fixture folder of whole files (the CLIP text encoders) under `into` as `name`.
+fn copy_folder(from: &str, into: &Path, name: &str) -> PathBuf {
+    let out = into.join(name);
+    std::fs::create_dir_all(&out).unwrap();
+    for entry in std::fs::read_dir(fixtures().join("layouts").join(from)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), out.join(entry.file_name())).unwrap();
+    }
+    out
+}
+
+fn tmp(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("zeroconv-layouts-{name}-")).tempdir().unwrap()
+}
+
+/// Every LDM key of `parity` under `prefix` is in `ckpt` with its shape and, bit for bit, its generated values;
+/// returns how many.
+fn assert_generated(ckpt: &Checkpoint, parity: &str, prefix: &str) -> usize {
+    let mut n = 0;
+    for (key, shape) in ldm_keys(parity).iter().filter(|(k, _)| k.starts_with(prefix)) {
+        let t = ckpt.tensor(key).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(t.shape, *shape, "{key}");
+        let got: Vec<u32> = t.to_f32().iter().map(|v| v.to_bits()).collect();
+        let want: Vec<u32> = generated(key, shape).iter().map(|v| v.to_bits()).collect();
+        assert!(got == want, "{key}: the values are not the generated tensor of that key (a wrong mapping?)");
+        n += 1;
+    }
+    assert!(n > 0, "no {prefix} keys in {parity}");
+    n
+}
+
+#[test]
+fn diffusers_component_folders_load_bitwise_under_ldm_names() {
+    let dir = tmp("components");
+    for (component, parity, prefix, layout) in [
+        ("sd15_tiny/unet", "sd15_tiny", "model.diffusion_model.", Layout::DiffusersUnet),
+        ("sd15_tiny/controlnet", "sd15_tiny", "control_model.", Layout::DiffusersControlNet),
+        ("vae_tiny/vae", "vae_tiny", "first_stage_model.", Layout::DiffusersVae),
+    ] {
+        let folder = rebuild(component, dir.path());
+        // The folder, and the weight file alone.
+        for path in [folder.clone(), folder.join("diffusion_pytorch_model.safetensors")] {
+            let ckpt = Checkpoint::open_pretrained(&path, &arch()).unwrap_or_else(|e| panic!("{component}: {e}"));
+            assert_eq!(ckpt.layouts().map(|(_, l)| l).collect::<Vec<_>>(), [layout], "{component}");
+            assert!(ckpt.unmapped().is_empty(), "{component}: unmapped {:?}", ckpt.unmapped());
+            let n = assert_generated(&ckpt, parity, prefix);
+            assert_eq!(ckpt.len(), n, "{component}: every tensor of the file is one of the model's");
+        }
+    }
+}
+
+#[test]
+fn hf_clip_text_models_load_with_and_without_text_model_prefix() {
+    let dir = tmp("clip");
+    for (from, file) in [
+        ("clip_tiny/text_encoder", "model.safetensors"),
+        ("clip_tiny/text_encoder_v4", "model.safetensors"),
+        ("clip_tiny/text_encoder_bin", "pytorch_model.bin"),
+    ] {
+        let folder = copy_folder(from, dir.path(), from.rsplit('/').next().unwrap());
+        let raw = Checkpoint::open(&folder.join(file)).unwrap();
+        let prefixed = raw.keys().all(|k| k.starts_with("text_model."));
+        assert_eq!(prefixed, from != "clip_tiny/text_encoder", "{from}: the fixture has the layout it claims");
+        for path in [folder.clone(), folder.join(file)] {
+            let ckpt = Checkpoint::open_pretrained(&path, &Architecture::default()).unwrap();
+            assert_eq!(ckpt.layouts().map(|(_, l)| l).collect::<Vec<_>>(), [Layout::HfClip]);
+            assert!(ckpt.unmapped().is_empty(), "{from}: unmapped {:?}", ckpt.unmapped());
+            let n = assert_generated(&ckpt, "clip_tiny", "cond_stage_model.transformer.text_model.");
+            assert_eq!(ckpt.len(), n, "{from}");
+        }
+    }
+}
+
+fn bits(outs: &[(String, HostTensor)]) -> Vec<(String, Vec<u64>)> {
+    outs.iter().map(|(k, t)| (k.clone(), t.to_f64().iter().map(|v| v.to_bits()).collect())).collect()
+}
+
+#[test]
+fn a_diffusers_pipeline_folder_gives_the_same_outputs_as_ldm_weights() {
+    let dir = tmp("pipeline");
+    let pipe = dir.path().join("pipe");
+    std::fs::create_dir_all(&pipe).unwrap();
+    rebuild("sd15_tiny/unet", &pipe);
+    rebuild("sd15_tiny/controlnet", &pipe);
+    rebuild("vae_tiny/vae", &pipe);
+    copy_folder("clip_tiny/text_encoder_v4", &pipe, "text_encoder");
+    let ckpt = Checkpoint::open_pretrained(&pipe, &arch()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ckpt.layouts().count(), 4);
+    assert_eq!(
+        ckpt.file_of("control_model.zero_convs.0.0.weight"),
+        pipe.join("controlnet/diffusion_pytorch_model.safetensors")
+    );
+    let n = assert_generated(&ckpt, "sd15_tiny", "")
+        + assert_generated(&ckpt, "vae_tiny", "")
+        + assert_generated(&ckpt, "clip_tiny", "");
+    assert_eq!(ckpt.len(), n);
+
+    let parity = fixtures().join("parity");
+    let inputs = |n: &str| Checkpoint::open(&parity.join(format!("{n}.inputs.safetensors"))).unwrap();
+    let cfg = ControlLdmConfig {
+        control: ControlNetConfig { unet: sd15_tiny(), hint_channels: 3 },
+        unet: sd15_tiny(),
+        only_mid_control: false,
+        sd_locked: true,
+        strength: 1.0,
+        guess_mode: false,
+    };
+    let (sd_in, vae_in, clip_in) = (inputs("sd15_tiny"), inputs("vae_tiny"), inputs("clip_tiny"));
+    let run_all = |w: &Checkpoint| {
+        let clip = ClipConfig {
+            vocab_size: 100,
+            max_position_embeddings: 16,
+            hidden_size: 32,
+            intermediate_size: 64,
+            num_layers: 2,
+            num_heads: 4,
+            layer_norm_eps: 1e-5,
+            output: ClipOutput::Last,
+        };
+        let mut outs = forward::control_ldm(DeviceChoice::Cpu, &cfg, w, &sd_in, false, DType::F32).unwrap();
+        outs.extend(forward::vae_parts(DeviceChoice::Cpu, &vae_tiny(), w, &vae_in).unwrap());
+        outs.extend(forward::text(DeviceChoice::Cpu, &clip, w, &clip_in).unwrap());
+        outs
+    };
+    let from_diffusers = run_all(&ckpt);
+    let ldm = dir.path().join("ldm");
+    std::fs::create_dir_all(&ldm).unwrap();
+    // One LDM file with all three components, as a full SD checkpoint would be.
+    let all: Vec<(String, HostTensor)> = ["sd15_tiny", "vae_tiny", "clip_tiny"]
+        .iter()
+        .flat_map(|n| ldm_keys(n))
+        .map(|(k, s)| {
+            let v: Vec<f64> = generated(&k, &s).iter().map(|&v| v as f64).collect();
+            (k, HostTensor::from_f64(s, DType::F32, &v).unwrap())
+        })
+        .collect();
+    write_safetensors(&ldm.join("all.safetensors"), &all, None).unwrap();
+    let from_ldm = run_all(&Checkpoint::open(&ldm.join("all.safetensors")).unwrap());
+    assert_eq!(from_diffusers.len(), from_ldm.len());
+    assert!(bits(&from_diffusers) == bits(&from_ldm), "the diffusers-layout weights give different outputs");
+    // And both are the PyTorch reference (eps from diffusers' models, as tests/parity.rs checks).
+    let expected = Checkpoint::open(&parity.join("sd15_tiny.expected.safetensors")).unwrap();
+    let eps = &from_diffusers.iter().find(|(k, _)| k == "eps").unwrap().1;
+    let want = expected.to_f32("eps").unwrap();
+    let got = eps.to_f64();
+    let num: f64 = got.iter().zip(&want).map(|(a, &b)| (a - b as f64).powi(2)).sum();
+    let den: f64 = want.iter().map(|&b| (b as f64).powi(2)).sum();
+    assert!((num / den).sqrt() < 1e-4, "eps from the diffusers folder differs from diffusers' own output");
+}
+
+#[test]
+fn a_diffusers_file_needs_the_model_config_and_unknown_blocks_stay_unexpected() {
+    let dir = tmp("errors");
+    let unet = rebuild("sd15_tiny/unet", dir.path());
+    let err = Checkpoint::open_pretrained(&unet, &Architecture::default()).unwrap_err().to_string();
+    assert!(err.contains("diffusion_pytorch_model.safetensors") && err.contains("no U-Net config"), "{err}");
+
+    // A config with one level fewer than the file: the second level's blocks map nowhere and are kept under their
+    // own names (unexpected), never renamed onto another block.
+    let mut one_level = sd15_tiny();
+    one_level.channel_mult = vec![1];
+    one_level.num_res_blocks = vec![1];
+    let arch = Architecture { unet: Some(one_level), ..Default::default() };
+    let ckpt = Checkpoint::open_pretrained(&unet, &arch).unwrap();
+    assert!(ckpt.unmapped().iter().any(|k| k.starts_with("down_blocks.1.")), "{:?}", ckpt.unmapped());
+    assert!(ckpt.unmapped().iter().all(|k| ckpt.contains(k)));
+    assert!(ckpt.unmapped().iter().all(|k| !k.starts_with("down_blocks.0.resnets.") && !k.starts_with("mid_block.")));
+
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let err = Checkpoint::open_pretrained(&empty, &arch).unwrap_err().to_string();
+    assert!(err.contains("empty") && err.contains("diffusion_pytorch_model.safetensors"), "{err}");
+}
