@@ -263,3 +263,21 @@ fn trainer_accelerator_chooses_the_device_when_no_flag_does() {
         assert!(out.lines().last().is_some_and(|l| l.ends_with("samples/s")), "{out}");
     }
 }
+
+/// `inspect --plan --device cuda` plans the CUDA executor's device memory without a GPU (nothing is allocated), and
+/// its arena is at least the CPU plan's intermediates rounded to the executor's 256-byte alignment.
+#[test]
+fn inspect_plans_the_cuda_executors_memory_without_a_gpu() {
+    let dir = tmp("inspect-cuda");
+    let cfg = config();
+    let o = zeroconv(&dir, &["inspect", "--config", &cfg, "--plan", "--device", "cuda"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    let line = out.lines().find(|l| l.starts_with("CUDA executor")).unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains("GiB of device memory") && line.contains("arena") && line.contains("optimizer state"),
+        "{line}"
+    );
+    let plain = zeroconv(&dir, &["inspect", "--config", &cfg, "--plan"]);
+    assert!(!text(&plain).0.contains("CUDA executor"), "only with --device");
+}

@@ -2,7 +2,10 @@
 
 use super::{human_bytes, ConfigArgs};
 use crate::engine::cpu::CpuBackend;
+use crate::engine::device::emu::{EmuDevice, EmuOptions};
+use crate::engine::gpu::GpuBackend;
 use crate::error::Result;
+use crate::frontend::device::DeviceChoice;
 use crate::frontend::{model_config, step};
 use crate::models::counts::{clip_params, controlnet_params, total, unet_params, vae_params};
 use crate::models::train_step::Phase;
@@ -20,6 +23,10 @@ pub struct InspectArgs {
     /// Print every parameter key with its shape.
     #[arg(long)]
     pub keys: bool,
+    /// With --plan: also plan the training step's device memory on the CUDA executor (`cuda` or `cuda-emu`: the
+    /// same plan; nothing is allocated and no GPU is needed).
+    #[arg(long, value_enum)]
+    pub device: Option<DeviceChoice>,
 }
 
 pub fn run(args: &InspectArgs, out: &mut dyn Write) -> Result<()> {
@@ -81,7 +88,7 @@ pub fn run(args: &InspectArgs, out: &mut dyn Write) -> Result<()> {
     if args.plan {
         // Exactly the step `zeroconv train` compiles for the ControlNet: pixels in (the crop's size), the frozen VAE
         // and text encoder, one micro-batch of activations (accumulation runs it in a loop), the update.
-        match train_step_plan(&cfg) {
+        match train_step_plan(&cfg, args.device) {
             Ok(line) => {
                 w(out, line)?;
                 w(
@@ -114,13 +121,32 @@ pub fn run(args: &InspectArgs, out: &mut dyn Write) -> Result<()> {
 }
 
 /// The plan of the ControlNet step `zeroconv train` compiles, as one line.
-fn train_step_plan(cfg: &crate::frontend::config::Config) -> Result<String> {
+fn train_step_plan(cfg: &crate::frontend::config::Config, device: Option<DeviceChoice>) -> Result<String> {
     let models = crate::frontend::train::step_models(cfg)?;
     let (h, w) = crate::frontend::train::data::image_size(cfg);
     let st = step::train_step(cfg, &models, Phase::Control, (h, w))?;
     let opt = step::run_passes(&st.graph, &step::pass_options(cfg, false))?;
     let plan = CpuBackend::default().plan(&opt.graph)?;
     let f = models.first_stage.factor();
+    let gpu = match device {
+        Some(DeviceChoice::Cuda | DeviceChoice::CudaEmu) => {
+            let flash = crate::frontend::train::compile_options(cfg, None)?.flash_attention;
+            let backend = GpuBackend::<EmuDevice>::emulated(EmuOptions::default()).with_flash_attention(flash);
+            let p = backend.plan(&opt.graph)?;
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            format!(
+                "\nCUDA executor (flash attention {}): {:.2} GiB of device memory: arena {:.2} GiB (intermediates and \
+                 every kernel's scratch; cuBLASLt and cuDNN workspaces are planned at 0 bytes today), parameters, \
+                 inputs and optimizer state {:.2} GiB, kernel constants {:.1} KiB",
+                if flash { "on" } else { "off" },
+                gib(p.total_bytes()),
+                gib(p.plan.arena_bytes as u64),
+                gib(p.source_bytes),
+                p.const_total as f64 / 1024.0
+            )
+        }
+        _ => String::new(),
+    };
     Ok(format!(
         "training step (micro-batch {} x {} per optimizer step, {h}x{w} images, {}x{} latents, precision {:?}): {} \
          kernels; {}",
@@ -131,7 +157,7 @@ fn train_step_plan(cfg: &crate::frontend::config::Config) -> Result<String> {
         cfg.trainer.precision,
         opt.graph.nodes.iter().filter(|n| !n.op.is_view()).count(),
         plan.summary()
-    ))
+    ) + &gpu)
 }
 
 pub fn group_digits(n: usize) -> String {
