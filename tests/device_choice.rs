@@ -264,8 +264,8 @@ fn trainer_accelerator_chooses_the_device_when_no_flag_does() {
     }
 }
 
-/// `inspect --plan --device cuda` plans the CUDA executor's device memory without a GPU (nothing is allocated), and
-/// its arena is at least the CPU plan's intermediates rounded to the executor's 256-byte alignment.
+/// `inspect --plan --device cuda` plans the CUDA executor's device memory without a GPU (nothing is allocated); without
+/// `--device` there is no such line.
 #[test]
 fn inspect_plans_the_cuda_executors_memory_without_a_gpu() {
     let dir = tmp("inspect-cuda");
