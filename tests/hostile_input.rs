@@ -605,6 +605,7 @@ fn a_section_set_to_null_is_refused_and_inspect_counts_what_exists() {
         config: zeroconv::frontend::cli::ConfigArgs { config: None, overrides: vec![] },
         plan: false,
         keys: false,
+        device: None,
     };
     zeroconv::frontend::cli::inspect::run(&args, &mut out).unwrap();
     let text = String::from_utf8(out).unwrap();
