@@ -3,6 +3,8 @@
 //! generated LDM tensor diffusers' conversion put there, and the models give the same outputs as on LDM-layout
 //! weights.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use zeroconv::engine::HostTensor;
@@ -17,31 +19,9 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-/// The parity fixtures' weight generator (tests/fixtures/parity/README.md), as f32.
+/// The parity fixtures' weight generator.
 fn generated(key: &str, shape: &[usize]) -> Vec<f32> {
-    let mut state = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
-    let mut draw = || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
-    let n: usize = shape.iter().product();
-    let fan_in: usize = shape[1..].iter().product();
-    (0..n)
-        .map(|_| {
-            let s = 2.0 * ((draw() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)) - 1.0;
-            let v = if key.ends_with(".bias") {
-                0.1 * s
-            } else if shape.len() == 1 {
-                1.0 + 0.1 * s
-            } else {
-                s / (fan_in as f64).sqrt()
-            };
-            v as f32
-        })
-        .collect()
+    common::parity_weights(key, shape)
 }
 
 /// The LDM keys and shapes of parity fixture `name`.

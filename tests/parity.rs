@@ -1,6 +1,8 @@
 //! Parity with an independent PyTorch implementation (diffusers / transformers) on tiny
 //! configurations: see tests/fixtures/parity/README.md for how the fixtures were made.
 
+mod common;
+
 use std::path::PathBuf;
 use zeroconv::engine::HostTensor;
 use zeroconv::frontend::checkpoint::{write_safetensors, Checkpoint};
@@ -19,32 +21,9 @@ fn fixture(name: &str) -> Checkpoint {
     Checkpoint::open(&dir().join(name)).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// The fixture's weight generator (README "The weight generator"): FNV-1a of the key seeds a
-/// SplitMix64 stream, one draw per element.
+/// The fixture's weight generator, in f64 (the values are f32).
 fn generated(key: &str, shape: &[usize]) -> Vec<f64> {
-    let mut state = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
-    let mut draw = || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
-    let n: usize = shape.iter().product();
-    let fan_in: usize = shape[1..].iter().product();
-    (0..n)
-        .map(|_| {
-            let s = 2.0 * ((draw() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)) - 1.0;
-            let v = if key.ends_with(".bias") {
-                0.1 * s
-            } else if shape.len() == 1 {
-                1.0 + 0.1 * s
-            } else {
-                s / (fan_in as f64).sqrt()
-            };
-            v as f32 as f64
-        })
-        .collect()
+    common::parity_weights(key, shape).into_iter().map(f64::from).collect()
 }
 
 /// Checks that the model's parameters are exactly the fixture's key list (names and shapes, in
