@@ -4,7 +4,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 use zeroconv::frontend::bench_ops::{self, BenchOpsArgs};
-use zeroconv::frontend::cli::{bench_train, forward, inspect, kernels, launch, profile, sample, train};
+use zeroconv::frontend::cli::{bench_train, forward, inspect, kernels, launch, profile, sample, tokenize, train};
 use zeroconv::frontend::data::{self, DatasetCommand};
 use zeroconv::Result;
 
@@ -38,6 +38,8 @@ enum Command {
     /// CUDA kernels: ptxas reports, generated fused kernels.
     #[command(subcommand)]
     Kernels(kernels::KernelsCommand),
+    /// Print how the config's tokenizer cuts captions: ids, tokens, and whether max_length cut them.
+    Tokenize(tokenize::TokenizeArgs),
     /// Data parallel without torchrun: start one process per device with torchrun's variables and wait for them.
     Launch(launch::LaunchArgs),
 }
@@ -63,6 +65,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Profile(args) => profile::run(&args, &mut stdout),
         Command::Kernels(cmd) => kernels::run(&cmd, &mut stdout),
         Command::Launch(args) => launch::run(&args),
+        Command::Tokenize(args) => tokenize::run(&args, &mut stdout),
     }
 }
 

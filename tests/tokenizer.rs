@@ -160,3 +160,41 @@ fn bad_files_give_clear_errors() {
     let err = ClipTokenizer::from_vocab_and_merges(&vocab, &dir_merges, options(1, "!")).err().unwrap();
     assert!(err.to_string().contains("at least 2"), "{err}");
 }
+
+/// `zeroconv tokenize --json` prints, for the fixture tokenizer, the ids and tokens transformers' slow CLIPTokenizer
+/// gives (expected.json), unpadded, and says when max_length cut a caption.
+#[test]
+fn the_tokenize_command_prints_transformers_ids_and_tokens() {
+    let expected = fixture();
+    let dir = fixture_dir();
+    let set = format!("model.cond_stage_config.tokenizer={}", dir.display());
+    // A command-line argument cannot hold a NUL byte: those cases are checked by the library tests above.
+    let cases: Vec<&Value> =
+        expected["cases"].as_array().unwrap().iter().filter(|c| !c["text"].as_str().unwrap().contains('\0')).collect();
+    assert!(cases.len() >= 10, "{} cases", cases.len());
+    let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
+    // The built-in tiny config's text encoder takes 16 positions: the fixture's ids at max_length 16.
+    let version = "model.cond_stage_config.version=openai/clip-vit-large-patch14";
+    let mut args = vec!["tokenize", "--json", "--set", &set, "--set", version, "--"];
+    args.extend(&texts);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_zeroconv")).args(&args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), cases.len());
+    let pad = expected["pad_id"].as_u64().unwrap();
+    for (line, case) in lines.iter().zip(cases) {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(line["text"], case["text"]);
+        // transformers pads to max_length with the pad id; the command prints the ids before padding.
+        let padded = case["ids_max_length_16"].as_array().unwrap();
+        let mut want: Vec<u64> = padded.iter().map(|v| v.as_u64().unwrap()).collect();
+        let got: Vec<u64> = line["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        want.truncate(got.len());
+        assert_eq!(got, want, "ids of {text:?}");
+        assert!(padded[got.len()..].iter().all(|v| v.as_u64() == Some(pad)), "{text:?}");
+        let all = case["tokens"].as_array().unwrap();
+        assert_eq!(line["truncated"].as_bool().unwrap(), all.len() > got.len() - 2, "{text:?}");
+        assert_eq!(line["tokens"].as_array().unwrap()[..], all[..got.len() - 2], "tokens of {text:?}");
+    }
+}

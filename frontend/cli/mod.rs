@@ -8,6 +8,7 @@ pub mod kernels;
 pub mod launch;
 pub mod profile;
 pub mod sample;
+pub mod tokenize;
 pub mod train;
 
 use super::config::{load_config, Config};
