@@ -63,11 +63,6 @@ impl Profile {
         Profile { kernels, events: Vec::new(), steps: 0, origin: Instant::now(), echo }
     }
 
-    /// Whether ZEROCONV_DEBUG asks for per-kernel lines (level 2 or more).
-    pub fn debug_level_from_env() -> u32 {
-        crate::knobs::debug_level()
-    }
-
     pub fn record(&mut self, node: NodeId, start: Instant, duration: Duration) {
         let k = &mut self.kernels[node];
         k.launches += 1;

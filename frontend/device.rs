@@ -101,11 +101,6 @@ enum Inner {
     Cuda(Box<GpuProgram<CudaDevice>>),
 }
 
-/// Whether `ZEROCONV_CHECK_FINITE=1` is set.
-pub fn check_finite_from_env() -> bool {
-    crate::knobs::check_finite()
-}
-
 /// `--threads` as the CPU backend gets it: more threads than cores only slow every kernel down (and each thread
 /// gets its own kernel scratch), so a request above the cores available is capped there, with a notice (once per
 /// process). Results do not depend on the thread count, so the cap changes only the time.
@@ -166,19 +161,19 @@ pub fn compile_program(device: DeviceChoice, graph: Graph, options: &CompileOpti
         // The GPU program reads ZEROCONV_DEBUG (per-kernel echo) itself.
         DeviceChoice::CudaEmu => Inner::CudaEmu(Box::new(
             GpuBackend::emulated(EmuOptions::default())
-                .with_check_finite(check_finite_from_env())
+                .with_check_finite(crate::knobs::check_finite())
                 .with_flash_attention(options.flash_attention)
                 .compile(graph)?,
         )),
         DeviceChoice::Cuda => Inner::Cuda(Box::new(
             GpuBackend::new(|| CudaDevice::open(0), StepMode::CaptureAfterFirst)
-                .with_check_finite(check_finite_from_env())
+                .with_check_finite(crate::knobs::check_finite())
                 .with_flash_attention(options.flash_attention)
                 .compile(graph)?,
         )),
     };
     let mut p = DeviceProgram { inner, check_after_step: false };
-    if check_finite_from_env() {
+    if crate::knobs::check_finite() {
         p.set_check_finite(true);
     }
     Ok(p)

@@ -5,22 +5,15 @@
 //! The emulated device runs every kernel under the CUDA emulator (with liveness poisoning), about 10 s per step of
 //! the tiny config shrunk below on 2 cores, so these runs use one micro-batch, 8x8 latents and one U-Net level.
 
+mod common;
+
 use std::process::{Command, Output};
 use tempfile::TempDir;
 use zeroconv::engine::{HostTensor, Program};
 use zeroconv::frontend::device::{compile_program, CompileOptions, DeviceChoice};
 use zeroconv::graph::{DType, Graph, UnaryOp};
 
-/// The tiny config shrunk for the emulator: batch 1, 8x8 latents, one level (with attention).
-const SMALL: [&str; 7] = [
-    "model.micro_batch_size=1",
-    "model.unet_config.image_size=8",
-    "model.control_stage_config.image_size=8",
-    "model.unet_config.channel_mult=[1]",
-    "model.control_stage_config.channel_mult=[1]",
-    "model.unet_config.attention_resolutions=[1]",
-    "model.control_stage_config.attention_resolutions=[1]",
-];
+const SMALL: [&str; 7] = common::training::SMALL_STEP;
 
 fn tmp(name: &str) -> TempDir {
     tempfile::Builder::new().prefix(&format!("zeroconv-{name}-")).tempdir().expect("temporary folder")

@@ -183,16 +183,7 @@ fn yaml_alias_expansion_is_bounded() {
 
 // ---- sizes and numbers on the command line ----
 
-/// The small model of tests/device_choice.rs: a step of the tiny config that runs in well under a second.
-const SMALL: [&str; 7] = [
-    "model.micro_batch_size=1",
-    "model.unet_config.image_size=8",
-    "model.control_stage_config.image_size=8",
-    "model.unet_config.channel_mult=[1]",
-    "model.control_stage_config.channel_mult=[1]",
-    "model.unet_config.attention_resolutions=[1]",
-    "model.control_stage_config.attention_resolutions=[1]",
-];
+const SMALL: [&str; 7] = common::training::SMALL_STEP;
 
 #[test]
 fn sizes_steps_and_guidance_are_checked_before_anything_runs() {

@@ -31,15 +31,7 @@ fn ldm_keys(name: &str) -> Vec<(String, Vec<usize>)> {
 }
 
 fn sd15_tiny() -> UNetConfig {
-    UNetConfig {
-        model_channels: 32,
-        channel_mult: vec![1, 2],
-        num_res_blocks: vec![1, 1],
-        attention_resolutions: vec![4, 2, 1],
-        num_heads: 2,
-        context_dim: 32,
-        ..Default::default()
-    }
+    common::parity_sd15_tiny_unet()
 }
 
 fn vae_tiny() -> VaeConfig {

@@ -72,15 +72,7 @@ fn rel_l2(got: &[f64], want: &[f64]) -> f64 {
 }
 
 fn sd15_tiny() -> UNetConfig {
-    UNetConfig {
-        model_channels: 32,
-        channel_mult: vec![1, 2],
-        num_res_blocks: vec![1, 1],
-        attention_resolutions: vec![4, 2, 1],
-        num_heads: 2,
-        context_dim: 32,
-        ..Default::default()
-    }
+    common::parity_sd15_tiny_unet()
 }
 
 fn sd2_tiny() -> UNetConfig {

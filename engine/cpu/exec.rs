@@ -226,7 +226,7 @@ impl Backend for CpuBackend {
             check_finite: crate::knobs::check_finite(),
         })
         .map(|mut p| {
-            let level = crate::engine::profile::Profile::debug_level_from_env();
+            let level = crate::knobs::debug_level();
             if level >= 2 {
                 p.set_profiling(true, true);
             }

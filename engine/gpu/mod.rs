@@ -343,7 +343,7 @@ impl<D: Device> Backend for GpuBackend<D> {
         }
         device.upload(consts_ptr, &consts)?;
         let arena = Span::new(arena_ptr, plan.arena_bytes as u64);
-        let profile = (Profile::debug_level_from_env() >= 2).then(|| Profile::new(&graph, true));
+        let profile = (crate::knobs::debug_level() >= 2).then(|| Profile::new(&graph, true));
         Ok(GpuProgram {
             graph,
             plan,

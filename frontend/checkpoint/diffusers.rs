@@ -286,6 +286,18 @@ fn vae_mid(rest: &str) -> Option<Mapped> {
     Some(Mapped { key: format!("mid.{}", m.key), unit_dims: m.unit_dims })
 }
 
+/// The keys the encoder and the decoder name alike (after `encoder.` / `decoder.`): conv_in, conv_out, the output
+/// norm and the mid block; `None` for a level's key (or one that maps nowhere).
+fn vae_shared(rest: &str) -> Option<Mapped> {
+    if rest.starts_with("conv_in.") || rest.starts_with("conv_out.") {
+        Some(Mapped::plain(rest.to_string()))
+    } else if let Some(k) = renamed(rest, "conv_norm_out", "norm_out") {
+        Some(Mapped::plain(k))
+    } else {
+        rest.strip_prefix("mid_block.").and_then(vae_mid)
+    }
+}
+
 /// A diffusers `AutoencoderKL` key → `first_stage_model.*`.
 pub fn vae_key(key: &str, cfg: &VaeConfig) -> Option<Mapped> {
     let levels = cfg.ch_mult.len();
@@ -294,12 +306,8 @@ pub fn vae_key(key: &str, cfg: &VaeConfig) -> Option<Mapped> {
     let m = if key.starts_with("quant_conv.") || key.starts_with("post_quant_conv.") {
         top(key)?
     } else if let Some(rest) = key.strip_prefix("encoder.") {
-        let inner = if rest.starts_with("conv_in.") || rest.starts_with("conv_out.") {
-            Mapped::plain(rest.to_string())
-        } else if let Some(k) = renamed(rest, "conv_norm_out", "norm_out") {
-            Mapped::plain(k)
-        } else if let Some(mid) = rest.strip_prefix("mid_block.") {
-            vae_mid(mid)?
+        let inner = if let Some(m) = vae_shared(rest) {
+            m
         } else {
             let (level, rest) = indexed(rest, "down_blocks").filter(|(l, _)| *l < levels)?;
             if let Some((j, rest)) = indexed(rest, "resnets") {
@@ -312,12 +320,8 @@ pub fn vae_key(key: &str, cfg: &VaeConfig) -> Option<Mapped> {
         Mapped { key: format!("encoder.{}", inner.key), unit_dims: inner.unit_dims }
     } else {
         let rest = key.strip_prefix("decoder.")?;
-        let inner = if rest.starts_with("conv_in.") || rest.starts_with("conv_out.") {
-            Mapped::plain(rest.to_string())
-        } else if let Some(k) = renamed(rest, "conv_norm_out", "norm_out") {
-            Mapped::plain(k)
-        } else if let Some(mid) = rest.strip_prefix("mid_block.") {
-            vae_mid(mid)?
+        let inner = if let Some(m) = vae_shared(rest) {
+            m
         } else {
             // The decoder's up blocks run from the lowest resolution; LDM's `up.{level}` counts from the highest.
             let (up, rest) = indexed(rest, "up_blocks")?;

@@ -176,7 +176,6 @@ struct Run<'a> {
     store: WeightStore,
     data: DataSource,
     rng: Rng,
-    sched: Schedule,
     /// The learning rate of each optimizer step (`model.optim.sched`, NeMo's formulas).
     lr_schedule: lr_schedule::LrSchedule,
     /// `metrics.jsonl` (rank 0 only).
@@ -232,7 +231,7 @@ impl Run<'_> {
             )));
         }
         self.upload(p, inp.ids, vec![n, l], DType::I64, &ids)?;
-        let steps = self.sched.len() as u64;
+        let steps = self.models.schedule.len() as u64;
         let lat = c * (h / f) * (w / f);
         let drop = self.cfg.model.text_embedding_dropout_rate;
         let (mut ts, mut noise, mut posterior, mut keep) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -245,7 +244,7 @@ impl Run<'_> {
             }
             keep.push(if rng.uniform() < drop { 0.0 } else { 1.0 });
         }
-        let (sa, s1a): (Vec<f64>, Vec<f64>) = ts.iter().map(|&t| self.sched.q_coeffs(t as usize)).unzip();
+        let (sa, s1a): (Vec<f64>, Vec<f64>) = ts.iter().map(|&t| self.models.schedule.q_coeffs(t as usize)).unzip();
         let tsf: Vec<f64> = ts.iter().map(|&t| t as f64).collect();
         self.upload(p, inp.t, vec![n], DType::I64, &tsf)?;
         self.upload(p, inp.sqrt_alpha, vec![n, 1, 1, 1], DType::F32, &sa)?;
@@ -346,7 +345,8 @@ impl Run<'_> {
         let hw = self.data.image_size();
         let t0 = Instant::now();
         let mut p = build_step(self.cfg, &self.models, phase, hw, self.opts)?;
-        let fingerprint = crate::hash::fnv1a64(crate::graph::passes::dump::dump(p.prog.graph()).as_bytes());
+        let graph = p.prog.graph();
+        let fingerprint = || crate::hash::fnv1a64(crate::graph::passes::dump::dump(graph).as_bytes());
         self.par.check_same(&format!("{name} training step"), fingerprint)?;
         if phase == Phase::Control {
             self.store.copy_unet_into_control(&p.specs);
@@ -649,7 +649,6 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
             eprintln!("resuming the {} phase after step {}", st.phase, st.step);
         }
     }
-    let sched = models.schedule.clone();
     let mut run = Run {
         cfg,
         opts,
@@ -658,7 +657,6 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
         store: WeightStore::default(),
         data,
         rng,
-        sched,
         lr_schedule,
         metrics,
         report: TrainReport::default(),

@@ -70,9 +70,10 @@ impl Parallel {
     }
 
     /// Fails unless every rank gives the same `hash` of `what` (the compiled step), naming the first that differs.
-    pub fn check_same(&mut self, what: &str, hash: u64) -> Result<()> {
+    /// The hash is computed only when there are other ranks to compare with.
+    pub fn check_same(&mut self, what: &str, hash: impl FnOnce() -> u64) -> Result<()> {
         let Some(s) = self.store.as_mut() else { return Ok(()) };
-        let all = s.all_gather_bytes(&hash.to_le_bytes())?;
+        let all = s.all_gather_bytes(&hash().to_le_bytes())?;
         for (rank, h) in all.iter().enumerate() {
             if h[..] != all[0][..] {
                 return Err(Error::msg(format!(
