@@ -4,7 +4,9 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 use zeroconv::frontend::bench_ops::{self, BenchOpsArgs};
-use zeroconv::frontend::cli::{bench_train, forward, inspect, kernels, launch, profile, sample, tokenize, train};
+use zeroconv::frontend::cli::{
+    bench_train, export, forward, inspect, kernels, launch, profile, sample, tokenize, train,
+};
 use zeroconv::frontend::data::{self, DatasetCommand};
 use zeroconv::Result;
 
@@ -40,6 +42,8 @@ enum Command {
     Kernels(kernels::KernelsCommand),
     /// Print how the config's tokenizer cuts captions: ids, tokens, and whether max_length cut them.
     Tokenize(tokenize::TokenizeArgs),
+    /// Write a trained ControlNet in the original layout or as a diffusers ControlNetModel folder.
+    Export(export::ExportArgs),
     /// Data parallel without torchrun: start one process per device with torchrun's variables and wait for them.
     Launch(launch::LaunchArgs),
 }
@@ -66,6 +70,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Kernels(cmd) => kernels::run(&cmd, &mut stdout),
         Command::Launch(args) => launch::run(&args),
         Command::Tokenize(args) => tokenize::run(&args, &mut stdout),
+        Command::Export(args) => export::run(&args),
     }
 }
 

@@ -4,31 +4,18 @@
 //! weights.
 
 mod common;
+use common::layouts::{copy_folder, fixtures, generated, ldm_keys, rebuild};
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use zeroconv::engine::HostTensor;
+use zeroconv::frontend::checkpoint::diffusers_export::write_controlnet_diffusers;
 use zeroconv::frontend::checkpoint::{write_safetensors, Architecture, Checkpoint, Layout};
 use zeroconv::frontend::device::DeviceChoice;
 use zeroconv::frontend::forward;
 use zeroconv::graph::DType;
 use zeroconv::models::control_ldm::ControlLdmConfig;
 use zeroconv::models::{ClipConfig, ClipOutput, ControlNetConfig, UNetConfig, VaeConfig};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-/// The parity fixtures' weight generator.
-fn generated(key: &str, shape: &[usize]) -> Vec<f32> {
-    common::parity_weights(key, shape)
-}
-
-/// The LDM keys and shapes of parity fixture `name`.
-fn ldm_keys(name: &str) -> Vec<(String, Vec<usize>)> {
-    let text = std::fs::read_to_string(fixtures().join(format!("parity/{name}.keys.json"))).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
 
 fn sd15_tiny() -> UNetConfig {
     common::parity_sd15_tiny_unet()
@@ -44,51 +31,6 @@ fn arch() -> Architecture {
         control: Some(ControlNetConfig { unet: sd15_tiny(), hint_channels: 3 }),
         vae: Some(vae_tiny()),
     }
-}
-
-/// Rebuilds a diffusers component folder under `into`: its `config.json`, and the weight file from the header
-/// save_pretrained wrote followed by each tensor's generated values (those of the LDM key diffusers' conversion
-/// took it from), in the header's offset order.
-fn rebuild(component: &str, into: &Path) -> PathBuf {
-    let from = fixtures().join("layouts").join(component);
-    let out = into.join(Path::new(component).file_name().unwrap());
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::copy(from.join("config.json"), out.join("config.json")).unwrap();
-    let header = std::fs::read(from.join("diffusion_pytorch_model.safetensors.header")).unwrap();
-    let meta: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header[8..]).unwrap();
-    let sources: BTreeMap<String, String> =
-        serde_json::from_str(&std::fs::read_to_string(from.join("ldm_sources.json")).unwrap()).unwrap();
-    let parity = if component.starts_with("vae") { "vae_tiny" } else { "sd15_tiny" };
-    let shapes: BTreeMap<String, Vec<usize>> = ldm_keys(parity).into_iter().collect();
-    let mut entries: Vec<(u64, u64, &str)> = meta
-        .iter()
-        .filter(|(k, _)| *k != "__metadata__")
-        .map(|(k, v)| {
-            let off = v["data_offsets"].as_array().unwrap();
-            (off[0].as_u64().unwrap(), off[1].as_u64().unwrap(), k.as_str())
-        })
-        .collect();
-    entries.sort();
-    let mut bytes = header.clone();
-    for (start, end, key) in entries {
-        assert_eq!((bytes.len() - header.len()) as u64, start, "{component}: {key} is not next in the file");
-        let ldm = &sources[key];
-        bytes.extend(generated(ldm, &shapes[ldm]).iter().flat_map(|v| v.to_le_bytes()));
-        assert_eq!((bytes.len() - header.len()) as u64, end, "{component}: {key} and {ldm} differ in size");
-    }
-    std::fs::write(out.join("diffusion_pytorch_model.safetensors"), bytes).unwrap();
-    out
-}
-
-/// Copies a fixture folder of whole files (the CLIP text encoders) under `into` as `name`.
-fn copy_folder(from: &str, into: &Path, name: &str) -> PathBuf {
-    let out = into.join(name);
-    std::fs::create_dir_all(&out).unwrap();
-    for entry in std::fs::read_dir(fixtures().join("layouts").join(from)).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), out.join(entry.file_name())).unwrap();
-    }
-    out
 }
 
 fn tmp(name: &str) -> tempfile::TempDir {
@@ -252,4 +194,53 @@ fn a_diffusers_file_needs_the_model_config_and_unknown_blocks_stay_unexpected() 
     std::fs::create_dir_all(&empty).unwrap();
     let err = Checkpoint::open_pretrained(&empty, &arch).unwrap_err().to_string();
     assert!(err.contains("empty") && err.contains("diffusion_pytorch_model.safetensors"), "{err}");
+}
+
+/// The ControlNet written in the diffusers layout is what diffusers itself wrote for the same weights: the same keys,
+/// shapes and dtypes as `ControlNetModel.save_pretrained`'s file, each tensor bitwise the LDM tensor diffusers'
+/// conversion put under that key, the same `config.json` fields and values; and it loads back bitwise.
+#[test]
+fn the_controlnet_exports_in_the_layout_diffusers_writes() {
+    let dir = tmp("export");
+    let cfg = ControlNetConfig { unet: sd15_tiny(), hint_channels: 3 };
+    let tensors: Vec<(String, HostTensor)> = ldm_keys("sd15_tiny")
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("control_model."))
+        .map(|(k, s)| {
+            let v: Vec<f64> = generated(&k, &s).iter().map(|&v| v as f64).collect();
+            (k, HostTensor::from_f64(s, DType::F32, &v).unwrap())
+        })
+        .collect();
+    let out = dir.path().join("exported");
+    let weights = write_controlnet_diffusers(&out, &cfg, &tensors).unwrap();
+
+    let fixture = fixtures().join("layouts/sd15_tiny/controlnet");
+    let header = std::fs::read(fixture.join("diffusion_pytorch_model.safetensors.header")).unwrap();
+    let theirs: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&header[8..]).unwrap();
+    let sources: BTreeMap<String, String> =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("ldm_sources.json")).unwrap()).unwrap();
+    let ours = Checkpoint::open(&weights).unwrap();
+    let their_keys: Vec<&String> = theirs.keys().filter(|k| *k != "__metadata__").collect();
+    let mut our_keys: Vec<&str> = ours.keys().collect();
+    our_keys.sort();
+    assert_eq!(our_keys, their_keys, "the exported keys are not the ones diffusers writes");
+    for key in their_keys {
+        let t = ours.tensor(key).unwrap();
+        let shape: Vec<usize> = serde_json::from_value(theirs[key]["shape"].clone()).unwrap();
+        assert_eq!((t.shape.clone(), theirs[key]["dtype"].as_str()), (shape, Some("F32")), "{key}");
+        let ldm = &sources[key];
+        let want: Vec<u32> = generated(ldm, &t.shape).iter().map(|v| v.to_bits()).collect();
+        let got: Vec<u32> = t.to_f32().iter().map(|v| v.to_bits()).collect();
+        assert!(got == want, "{key}: diffusers holds {ldm} there, the export something else");
+    }
+    let config = |p: &Path| -> serde_json::Map<String, serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(p.join("config.json")).unwrap()).unwrap()
+    };
+    let mut theirs = config(&fixture);
+    theirs.remove("_diffusers_version");
+    assert_eq!(config(&out), theirs, "config.json differs from the one diffusers wrote");
+
+    // And it reads back through the loader, bitwise.
+    let back = Checkpoint::open_pretrained(&out, &arch()).unwrap();
+    assert_eq!(assert_generated(&back, "sd15_tiny", "control_model."), tensors.len());
 }

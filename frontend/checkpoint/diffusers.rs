@@ -30,6 +30,8 @@ pub struct Architecture {
 pub enum Layout {
     /// The original LDM / ControlNet names (or anything not recognised: the model's key check reports it).
     Ldm,
+    /// NeMo's names (Megatron wrapper prefixes, transformer norms inside the modules they feed): see `nemo.rs`.
+    Nemo,
     DiffusersUnet,
     DiffusersControlNet,
     DiffusersVae,
@@ -41,6 +43,7 @@ impl Layout {
     pub fn describe(self) -> &'static str {
         match self {
             Layout::Ldm => "original LDM",
+            Layout::Nemo => "NeMo",
             Layout::DiffusersUnet => "diffusers UNet2DConditionModel",
             Layout::DiffusersControlNet => "diffusers ControlNetModel",
             Layout::DiffusersVae => "diffusers AutoencoderKL",
@@ -101,8 +104,13 @@ impl UnetBlocks {
         }
     }
 
-    fn levels(&self) -> usize {
+    pub(super) fn levels(&self) -> usize {
         self.res.len()
+    }
+
+    /// ResBlocks in encoder level `level`.
+    pub(super) fn res(&self, level: usize) -> usize {
+        self.res[level]
     }
 
     /// `input_blocks` index of the first ResBlock of `level` (block 0 is conv_in; a downsampler ends each level
@@ -111,11 +119,11 @@ impl UnetBlocks {
         1 + self.res[..level].iter().map(|r| r + 1).sum::<usize>()
     }
 
-    fn input(&self, level: usize, j: usize) -> Option<usize> {
+    pub(super) fn input(&self, level: usize, j: usize) -> Option<usize> {
         (level < self.levels() && j < self.res[level]).then(|| self.level_start(level) + j)
     }
 
-    fn downsampler(&self, level: usize) -> Option<usize> {
+    pub(super) fn downsampler(&self, level: usize) -> Option<usize> {
         (level + 1 < self.levels()).then(|| self.level_start(level) + self.res[level])
     }
 

@@ -16,6 +16,7 @@
 
 mod check;
 pub mod diffusers;
+pub mod diffusers_export;
 mod folder;
 pub mod nemo;
 mod pickle;
@@ -344,12 +345,18 @@ impl Checkpoint {
     /// diffusers U-Net / ControlNet / VAE and Hugging Face CLIP (detected from the keys, see [`diffusers`]). The
     /// diffusers block numbering comes from `arch`; a diffusers file of a component `arch` lacks is an error.
     pub fn into_ldm_keys_for(mut self, arch: &Architecture) -> Result<Checkpoint> {
-        if matches!(self.format, Format::Nemo { .. }) {
-            let wrapped = nemo::is_megatron_wrapped(self.keys());
+        let (is_nemo, wrapped, layout) = {
+            let keys: Vec<&str> = self.keys().collect();
+            let is_nemo = matches!(self.format, Format::Nemo { .. }) || nemo::is_nemo_layout(keys.iter().copied());
+            (is_nemo, nemo::is_megatron_wrapped(keys.iter().copied()), diffusers::detect(&keys))
+        };
+        if is_nemo {
             self.rename_keys(|k| nemo::nemo_key_to_ldm(k, wrapped))?;
+            for part in &mut self.sources {
+                part.layout = Layout::Nemo;
+            }
             return Ok(self);
         }
-        let layout = diffusers::detect(&self.keys().collect::<Vec<_>>());
         let path = self.path.clone();
         let no_config = |what: &str| {
             Error::file(
@@ -361,7 +368,7 @@ impl Checkpoint {
             )
         };
         match layout {
-            Layout::Ldm => return Ok(self),
+            Layout::Ldm | Layout::Nemo => return Ok(self),
             Layout::DiffusersUnet => {
                 let blocks = diffusers::UnetBlocks::new(arch.unet.as_ref().ok_or_else(|| no_config("U-Net"))?);
                 self.remap(|k| diffusers::unet_key(k, &blocks).map(|n| (n, 0)))?;

@@ -244,8 +244,61 @@ pub fn nemo_key_to_ldm(key: &str, megatron_wrapped: bool) -> String {
     }
     if k.starts_with("model.diffusion_model.") || k.starts_with("control_model.") {
         k = k.replace(".in_layers.1.", ".in_layers.2.").replace(".out_layers.2.", ".out_layers.3.");
+        k = transformer_block_to_ldm(&k);
     }
     k
+}
+
+/// NeMo's names inside a `BasicTransformerBlock` → LDM's, for the plain modules and for Transformer Engine's fused
+/// ones (NeMo's `_legacy_unet_ckpt_mapping` and `te_fp8_key_mapping` read backwards). NeMo keeps each LayerNorm
+/// inside the module it feeds: `attn1.norm` (LDM `norm1`), `attn2.norm` (`norm2`), `ff.net.0` (`norm3`), which
+/// moves the feed-forward's layers up by one (`ff.net.1.proj` is LDM's `ff.net.0.proj`, `ff.net.3` its
+/// `ff.net.2`). With Transformer Engine the norm and the next projection are one module: `attn1.norm_to_q`
+/// (`layer_norm_weight`/`layer_norm_bias` the norm, `weight` the query projection) and `ff.net` (`layer_norm_*`,
+/// `fc1_*`, `fc2_*`). LDM never uses these names, so the rename cannot touch an LDM key. Transformer Engine's
+/// `_extra_state` entries keep their names: they are not weights, and are counted as unexpected.
+fn transformer_block_to_ldm(key: &str) -> String {
+    let Some(at) = key.find(".transformer_blocks.") else { return key.to_string() };
+    let start = at + ".transformer_blocks.".len();
+    let Some(dot) = key[start..].find('.') else { return key.to_string() };
+    let (head, tail) = key.split_at(start + dot + 1);
+    const RENAMES: [(&str, &str); 14] = [
+        ("attn1.norm_to_q.layer_norm_weight", "norm1.weight"),
+        ("attn1.norm_to_q.layer_norm_bias", "norm1.bias"),
+        ("attn1.norm_to_q.weight", "attn1.to_q.weight"),
+        ("attn2.norm_to_q.layer_norm_weight", "norm2.weight"),
+        ("attn2.norm_to_q.layer_norm_bias", "norm2.bias"),
+        ("attn2.norm_to_q.weight", "attn2.to_q.weight"),
+        ("ff.net.layer_norm_weight", "norm3.weight"),
+        ("ff.net.layer_norm_bias", "norm3.bias"),
+        ("ff.net.fc1_weight", "ff.net.0.proj.weight"),
+        ("ff.net.fc1_bias", "ff.net.0.proj.bias"),
+        ("ff.net.fc2_weight", "ff.net.2.weight"),
+        ("ff.net.fc2_bias", "ff.net.2.bias"),
+        ("ff.net.0.weight", "norm3.weight"),
+        ("ff.net.0.bias", "norm3.bias"),
+    ];
+    if let Some((_, to)) = RENAMES.iter().find(|(from, _)| tail == *from) {
+        return format!("{head}{to}");
+    }
+    const PREFIXES: [(&str, &str); 4] = [
+        ("attn1.norm.", "norm1."),
+        ("attn2.norm.", "norm2."),
+        ("ff.net.1.proj.", "ff.net.0.proj."),
+        ("ff.net.3.", "ff.net.2."),
+    ];
+    match PREFIXES.iter().find_map(|(from, to)| tail.strip_prefix(from).map(|rest| format!("{head}{to}{rest}"))) {
+        Some(k) => k,
+        None => key.to_string(),
+    }
+}
+
+/// Whether a state dict uses NeMo's names: the Megatron wrapper's prefixes, or NeMo's transformer-block names
+/// (which only NeMo writes) anywhere. A file in this layout is renamed by [`nemo_key_to_ldm`] whatever its
+/// container (`.nemo` archive, a NeMo training `.ckpt`, or safetensors).
+pub fn is_nemo_layout<'a>(keys: impl IntoIterator<Item = &'a str> + Clone) -> bool {
+    const NEMO_ONLY: [&str; 4] = [".attn1.norm.", ".attn1.norm_to_q.", ".ff.net.layer_norm_", ".ff.net.1.proj."];
+    is_megatron_wrapped(keys.clone()) || keys.into_iter().any(|k| NEMO_ONLY.iter().any(|n| k.contains(n)))
 }
 
 #[cfg(test)]

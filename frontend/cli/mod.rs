@@ -2,6 +2,7 @@
 //! `clap::Args` struct with its `--help` text) and its `run` function. `frontend/main.rs` routes.
 
 pub mod bench_train;
+pub mod export;
 pub mod forward;
 pub mod inspect;
 pub mod kernels;

@@ -19,10 +19,11 @@ use std::path::PathBuf;
 pub struct SampleArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
-    /// Stable Diffusion weights (U-Net, VAE, text encoder): a checkpoint under the original keys, or a diffusers
-    /// pipeline folder (unet/, vae/, text_encoder/).
+    /// Stable Diffusion weights (U-Net, VAE, text encoder): a checkpoint in any layout `from_pretrained` reads, or a
+    /// diffusers pipeline folder (unet/, vae/, text_encoder/). Repeat it for weights in several files (e.g. a
+    /// separate VAE; a later file's tensors win). Default: the config's `from_pretrained` files.
     #[arg(long, value_name = "PATH")]
-    pub ckpt: Option<PathBuf>,
+    pub ckpt: Vec<PathBuf>,
     /// The ControlNet: control_model.* keys (e.g. a run's controlnet.safetensors), or a diffusers ControlNetModel
     /// file or folder.
     #[arg(long, value_name = "PATH")]
@@ -117,8 +118,9 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         inputs.add(hint, || format!("--hint {}", hint.display()));
     }
     inputs.add(&args.control, || format!("--control {}", args.control.display()));
-    if let Some(ckpt) = &args.ckpt {
-        inputs.add(ckpt, || format!("--ckpt {}", ckpt.display()));
+    let weight_files = sd_weight_files(&args.ckpt, &cfg)?;
+    for ckpt in &weight_files {
+        inputs.add(ckpt, || format!("the weights {}", ckpt.display()));
     }
     if let Some(config) = &args.config.config {
         inputs.add(config, || format!("--config {}", config.display()));
@@ -144,11 +146,20 @@ pub fn run(args: &SampleArgs) -> Result<()> {
     let hints: Vec<f32> =
         (0..pairs.len()).flat_map(|r| (0..n).flat_map(move |_| r * plane..(r + 1) * plane)).map(|i| maps[i]).collect();
     let captions: Vec<String> = pairs.iter().flat_map(|(_, p)| std::iter::repeat_n(p.clone(), n)).collect();
-    // Weights: every key of the sampling models, from --ckpt then --control.
+    // Weights: every key of the sampling models, from --ckpt then --control: the training step's (ControlNet, U-Net,
+    // text encoder, VAE encoder) and the VAE decoder's, which only sampling uses.
     let specs = {
         let mut b = ModelBuilder::new(crate::graph::DType::F32);
         crate::models::train_step::micro_step(&mut b, &models, Phase::Control, 1, w, crate::graph::DType::F32, "")?;
-        b.params
+        let mut specs = b.params;
+        if let crate::models::train_step::FirstStage::Kl(vae) = &models.first_stage {
+            for s in crate::models::counts::vae_params(vae)? {
+                if !specs.iter().any(|have| have.key == s.key) {
+                    specs.push(s);
+                }
+            }
+        }
+        specs
     };
     let mut store = WeightStore::default();
     let arch = crate::frontend::checkpoint::Architecture {
@@ -159,7 +170,7 @@ pub fn run(args: &SampleArgs) -> Result<()> {
             crate::models::train_step::FirstStage::Pixel => None,
         },
     };
-    for path in args.ckpt.iter().chain(std::iter::once(&args.control)) {
+    for path in weight_files.iter().chain(std::iter::once(&args.control)) {
         let ck = Checkpoint::open_pretrained(path, &arch)?;
         if store.load_matching(&ck, &specs)? == 0 {
             return Err(Error::file(path, "holds none of the model's keys"));
@@ -237,4 +248,28 @@ fn read_map(path: &std::path::Path) -> Result<(Vec<f32>, usize)> {
         }
     }
     Ok((one, w))
+}
+
+/// The Stable Diffusion weight files: `--ckpt` as given, else the config's `from_pretrained` files (each once).
+fn sd_weight_files(ckpt: &[PathBuf], cfg: &crate::frontend::config::Config) -> Result<Vec<PathBuf>> {
+    if !ckpt.is_empty() {
+        return Ok(ckpt.to_vec());
+    }
+    let m = &cfg.model;
+    let mut files: Vec<PathBuf> = Vec::new();
+    for path in
+        [&m.unet_config.from_pretrained, &m.first_stage_config.from_pretrained, &m.cond_stage_config.from_pretrained]
+            .into_iter()
+            .flatten()
+    {
+        if !files.contains(path) {
+            files.push(path.clone());
+        }
+    }
+    if files.is_empty() {
+        return Err(Error::msg(
+            "no Stable Diffusion weights: give --ckpt FILE (repeatable), or set the config's from_pretrained keys",
+        ));
+    }
+    Ok(files)
 }

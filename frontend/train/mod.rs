@@ -611,6 +611,20 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
     let models = step_models(cfg)?;
     check_image_size(&models, data.image_size())?;
     let tok = tokenizer(cfg)?;
+    // Pretrained weights (all specs of both phases are known after building; load by key). Every parameter is
+    // accounted for before anything is compiled, and before the run folder is opened: a frozen one without a
+    // source is an error that leaves no run behind to block the corrected command.
+    let all_specs = {
+        let mut b = ModelBuilder::new(DType::F32);
+        micro_step_hw(&mut b, &models, Phase::Control, 1, data.image_size(), DType::F32, "")?;
+        b.params
+    };
+    let mut store = WeightStore::default();
+    let mut weight_sources = sources::load_pretrained(cfg, &mut store, &all_specs)?;
+    sources::account(cfg, &all_specs, &store, &mut weight_sources, opts.allow_random_weights)?;
+    if par.is_root() {
+        eprint!("{}", weight_sources.render());
+    }
     let out = &opts.out_dir;
     // The run folder, locked for this run; a fresh run refuses another run's folder, a resume takes the newest
     // checkpoint of the folder's run, checks the config against it and cuts metrics.jsonl back to it (run_dir.rs).
@@ -641,7 +655,6 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
         started_from = path(from_path);
     }
     let mut rng = Rng::new(cfg.model.seed);
-    let mut store = WeightStore::default();
     if let Some((_, st)) = &latest {
         rng = Rng::from_state(st.rng);
         data.restore(&st.data)?;
@@ -663,18 +676,6 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
         folder,
         par,
     };
-    // Pretrained weights (all specs of both phases are known after building; load by key).
-    let all_specs = {
-        let mut b = ModelBuilder::new(DType::F32);
-        micro_step_hw(&mut b, &run.models, Phase::Control, 1, run.data.image_size(), DType::F32, "")?;
-        b.params
-    };
-    // Every parameter is accounted for before anything is compiled: a frozen one without a source is an error.
-    let mut weight_sources = sources::load_pretrained(cfg, &mut store, &all_specs)?;
-    sources::account(cfg, &all_specs, &store, &mut weight_sources, opts.allow_random_weights)?;
-    if run.par.is_root() {
-        eprint!("{}", weight_sources.render());
-    }
     run.store = store;
     let base_steps = cfg.model.base_pretrain_steps;
     // The base model this run trains itself (U-Net, and the frozen text encoder and first stage it was

@@ -10,7 +10,7 @@
 //! initialised at random, and says so.
 
 use crate::error::{Error, Result};
-use crate::frontend::checkpoint::Checkpoint;
+use crate::frontend::checkpoint::{Checkpoint, Layout};
 use crate::frontend::config::Config;
 use crate::frontend::weights_store::WeightStore;
 use crate::models::{ParamSpec, CONTROL_PREFIX, UNET_PREFIX, VAE_PREFIX};
@@ -140,9 +140,13 @@ pub fn load_pretrained(cfg: &Config, store: &mut WeightStore, specs: &[ParamSpec
     let m = &cfg.model;
     let mut sources = WeightSources::default();
     let wanted = [
-        (Component::Unet, m.unet_config.from_pretrained.clone()),
-        (Component::Vae, m.first_stage_config.from_pretrained.clone()),
-        (Component::TextEncoder, m.cond_stage_config.from_pretrained.clone()),
+        (Component::Unet, m.unet_config.from_pretrained.clone(), Some(("model.unet_config", m.unet_config.from_nemo))),
+        (
+            Component::Vae,
+            m.first_stage_config.from_pretrained.clone(),
+            Some(("model.first_stage_config", m.first_stage_config.from_nemo)),
+        ),
+        (Component::TextEncoder, m.cond_stage_config.from_pretrained.clone(), None),
     ];
     // Each file is opened once, however many components it holds.
     let mut opened: Vec<(PathBuf, Checkpoint)> = Vec::new();
@@ -155,10 +159,13 @@ pub fn load_pretrained(cfg: &Config, store: &mut WeightStore, specs: &[ParamSpec
         Ok(opened.len() - 1)
     };
     let mut used: BTreeMap<PathBuf, usize> = BTreeMap::new();
-    for (component, path) in wanted {
+    for (component, path, from_nemo) in wanted {
         let Some(path) = path else { continue };
         let i = open(&mut opened, &path)?;
         let ckpt = &opened[i].1;
+        if let Some((section, flag)) = from_nemo {
+            check_from_nemo(section, flag, ckpt)?;
+        }
         let mine: Vec<ParamSpec> =
             specs.iter().filter(|s| Component::of_key(&s.key) == Some(component)).cloned().collect();
         // A tensor the file has but cannot be read (an unsupported dtype, say) is that, not a missing key.
@@ -185,6 +192,7 @@ pub fn load_pretrained(cfg: &Config, store: &mut WeightStore, specs: &[ParamSpec
         // tool_add_control: control_model.X from the file's model.diffusion_model.X (or its own control_model.X).
         let i = open(&mut opened, path)?;
         let ckpt = &opened[i].1;
+        check_from_nemo("model.control_stage_config", m.control_stage_config.from_nemo, ckpt)?;
         let mut n = 0;
         for s in specs.iter().filter(|s| Component::of_key(&s.key) == Some(Component::ControlNet)) {
             let from_unet = s.key.replacen(CONTROL_PREFIX, UNET_PREFIX, 1);
@@ -220,6 +228,25 @@ pub fn load_pretrained(cfg: &Config, store: &mut WeightStore, specs: &[ParamSpec
         sources.files.push((path.clone(), n, ckpt.len().saturating_sub(n)));
     }
     Ok(sources)
+}
+
+/// `from_NeMo` as NeMo reads it: `False` renames diffusers keys before loading, `True` does not (both load LDM and
+/// NeMo names). zeroconv recognises the layout from the keys, so only the combination NeMo itself cannot load is
+/// refused: `True` with a file in the diffusers layout.
+fn check_from_nemo(section: &str, from_nemo: bool, ckpt: &Checkpoint) -> Result<()> {
+    if !from_nemo {
+        return Ok(());
+    }
+    match ckpt.layouts().find(|(_, l)| !matches!(l, Layout::Ldm | Layout::Nemo)) {
+        Some((file, layout)) => Err(Error::file(
+            file,
+            format!(
+                "holds a {}, but {section}.from_NeMo is True: NeMo renames diffusers keys only with                  from_NeMo: False, so NeMo would not load this file. Set {section}.from_NeMo=False (zeroconv reads                  the layout from the keys either way)",
+                layout.describe()
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// The three keys of `ckpt` closest to `want`, for error messages.

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod emulated;
+pub mod layouts;
 pub mod nets;
 pub mod reference;
 pub mod training;
