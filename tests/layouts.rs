@@ -5,29 +5,18 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use common::layout_fixtures::{copy_folder, fixtures, ldm_keys, pipeline_folder, rebuild, write_ldm_file};
 use zeroconv::engine::HostTensor;
-use zeroconv::frontend::checkpoint::{write_safetensors, Architecture, Checkpoint, Layout};
+use zeroconv::frontend::checkpoint::{Architecture, Checkpoint, Layout};
 use zeroconv::frontend::device::DeviceChoice;
 use zeroconv::frontend::forward;
 use zeroconv::graph::DType;
 use zeroconv::models::control_ldm::ControlLdmConfig;
 use zeroconv::models::{ClipConfig, ClipOutput, ControlNetConfig, UNetConfig, VaeConfig};
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
 /// The parity fixtures' weight generator.
 fn generated(key: &str, shape: &[usize]) -> Vec<f32> {
     common::parity_weights(key, shape)
-}
-
-/// The LDM keys and shapes of parity fixture `name`.
-fn ldm_keys(name: &str) -> Vec<(String, Vec<usize>)> {
-    let text = std::fs::read_to_string(fixtures().join(format!("parity/{name}.keys.json"))).unwrap();
-    serde_json::from_str(&text).unwrap()
 }
 
 fn sd15_tiny() -> UNetConfig {
@@ -44,51 +33,6 @@ fn arch() -> Architecture {
         control: Some(ControlNetConfig { unet: sd15_tiny(), hint_channels: 3 }),
         vae: Some(vae_tiny()),
     }
-}
-
-/// Rebuilds a diffusers component folder under `into`: its `config.json`, and the weight file from the header
-/// save_pretrained wrote followed by each tensor's generated values (those of the LDM key diffusers' conversion
-/// took it from), in the header's offset order.
-fn rebuild(component: &str, into: &Path) -> PathBuf {
-    let from = fixtures().join("layouts").join(component);
-    let out = into.join(Path::new(component).file_name().unwrap());
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::copy(from.join("config.json"), out.join("config.json")).unwrap();
-    let header = std::fs::read(from.join("diffusion_pytorch_model.safetensors.header")).unwrap();
-    let meta: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header[8..]).unwrap();
-    let sources: BTreeMap<String, String> =
-        serde_json::from_str(&std::fs::read_to_string(from.join("ldm_sources.json")).unwrap()).unwrap();
-    let parity = if component.starts_with("vae") { "vae_tiny" } else { "sd15_tiny" };
-    let shapes: BTreeMap<String, Vec<usize>> = ldm_keys(parity).into_iter().collect();
-    let mut entries: Vec<(u64, u64, &str)> = meta
-        .iter()
-        .filter(|(k, _)| *k != "__metadata__")
-        .map(|(k, v)| {
-            let off = v["data_offsets"].as_array().unwrap();
-            (off[0].as_u64().unwrap(), off[1].as_u64().unwrap(), k.as_str())
-        })
-        .collect();
-    entries.sort();
-    let mut bytes = header.clone();
-    for (start, end, key) in entries {
-        assert_eq!((bytes.len() - header.len()) as u64, start, "{component}: {key} is not next in the file");
-        let ldm = &sources[key];
-        bytes.extend(generated(ldm, &shapes[ldm]).iter().flat_map(|v| v.to_le_bytes()));
-        assert_eq!((bytes.len() - header.len()) as u64, end, "{component}: {key} and {ldm} differ in size");
-    }
-    std::fs::write(out.join("diffusion_pytorch_model.safetensors"), bytes).unwrap();
-    out
-}
-
-/// Copies a fixture folder of whole files (the CLIP text encoders) under `into` as `name`.
-fn copy_folder(from: &str, into: &Path, name: &str) -> PathBuf {
-    let out = into.join(name);
-    std::fs::create_dir_all(&out).unwrap();
-    for entry in std::fs::read_dir(fixtures().join("layouts").join(from)).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), out.join(entry.file_name())).unwrap();
-    }
-    out
 }
 
 fn tmp(name: &str) -> tempfile::TempDir {
@@ -160,12 +104,7 @@ fn bits(outs: &[(String, HostTensor)]) -> Vec<(String, Vec<u64>)> {
 #[test]
 fn a_diffusers_pipeline_folder_gives_the_same_outputs_as_ldm_weights() {
     let dir = tmp("pipeline");
-    let pipe = dir.path().join("pipe");
-    std::fs::create_dir_all(&pipe).unwrap();
-    rebuild("sd15_tiny/unet", &pipe);
-    rebuild("sd15_tiny/controlnet", &pipe);
-    rebuild("vae_tiny/vae", &pipe);
-    copy_folder("clip_tiny/text_encoder_v4", &pipe, "text_encoder");
+    let pipe = pipeline_folder(dir.path(), "pipe", "text_encoder_v4");
     let ckpt = Checkpoint::open_pretrained(&pipe, &arch()).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(ckpt.layouts().count(), 4);
     assert_eq!(
@@ -208,15 +147,7 @@ fn a_diffusers_pipeline_folder_gives_the_same_outputs_as_ldm_weights() {
     let ldm = dir.path().join("ldm");
     std::fs::create_dir_all(&ldm).unwrap();
     // One LDM file with all three components, as a full SD checkpoint would be.
-    let all: Vec<(String, HostTensor)> = ["sd15_tiny", "vae_tiny", "clip_tiny"]
-        .iter()
-        .flat_map(|n| ldm_keys(n))
-        .map(|(k, s)| {
-            let v: Vec<f64> = generated(&k, &s).iter().map(|&v| v as f64).collect();
-            (k, HostTensor::from_f64(s, DType::F32, &v).unwrap())
-        })
-        .collect();
-    write_safetensors(&ldm.join("all.safetensors"), &all, None).unwrap();
+    write_ldm_file(&["sd15_tiny", "vae_tiny", "clip_tiny"], &ldm.join("all.safetensors"));
     let from_ldm = run_all(&Checkpoint::open(&ldm.join("all.safetensors")).unwrap());
     assert_eq!(from_diffusers.len(), from_ldm.len());
     assert!(bits(&from_diffusers) == bits(&from_ldm), "the diffusers-layout weights give different outputs");

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod emulated;
+pub mod layout_fixtures;
 pub mod nets;
 pub mod reference;
 pub mod training;
