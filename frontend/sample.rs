@@ -1,7 +1,10 @@
 //! Sampling: DDIM (η = 0, or above 0 with fresh noise per step) with classifier-free guidance and control strength (guess mode
 //! included), then the first stage's decoder. Used by `zeroconv sample`, by the training loop's
-//! validation grids, and by the control-fidelity evaluation.
+//! validation grids, and by the control-fidelity evaluation. [`sample`] tokenizes, encodes and draws the noise;
+//! [`denoise_and_decode`] is the rest, on given text embeddings, x_T and per-step noise (checked against diffusers'
+//! StableDiffusionControlNetPipeline by tests/sample_pipeline.rs).
 
+use super::checkpoint::{Architecture, Checkpoint};
 use super::device::{compile_program, CompileOptions, DeviceChoice, DeviceProgram};
 use super::rng::Rng;
 use super::tokenizer::ClipTokenizer;
@@ -10,9 +13,11 @@ use crate::engine::{HostTensor, Program};
 use crate::error::{Error, Result};
 use crate::graph::passes::PassOptions;
 use crate::graph::DType;
+use crate::models::builder::ParamSpec;
 use crate::models::control_ldm::{self, Batch};
-use crate::models::train_step::{decode_latents, latent_channels, StepModels};
+use crate::models::train_step::{decode_latents, latent_channels, FirstStage, StepModels};
 use crate::models::{clip, ModelBuilder, CLIP_PREFIX};
+use std::path::Path;
 
 #[derive(Clone, Debug)]
 pub struct SampleSettings {
@@ -55,7 +60,7 @@ fn compile(s: &SampleSettings, g: crate::graph::Graph) -> Result<DeviceProgram> 
     compile_program(s.device, g, &CompileOptions { threads: s.threads, flash_attention: s.flash_attention })
 }
 
-/// Text embeddings [n, L, D] of `captions`.
+/// Text embeddings [n, L, D] of `captions`, cut and padded by `tok`.
 pub fn encode_text(
     m: &StepModels,
     store: &WeightStore,
@@ -63,8 +68,21 @@ pub fn encode_text(
     captions: &[String],
     s: &SampleSettings,
 ) -> Result<HostTensor> {
-    let n = captions.len();
+    let ids: Vec<Vec<u32>> = captions.iter().map(|c| tok.encode(c)).collect();
+    encode_ids(m, store, &ids, s)
+}
+
+/// Text embeddings [n, L, D] of token id rows (each exactly the text encoder's L ids: BOS, tokens, EOS, padding).
+pub fn encode_ids(m: &StepModels, store: &WeightStore, ids: &[Vec<u32>], s: &SampleSettings) -> Result<HostTensor> {
+    let n = ids.len();
     let l = m.clip.max_position_embeddings;
+    let mut all = Vec::with_capacity(n * l);
+    for t in ids {
+        if t.len() != l {
+            return Err(Error::msg(format!("the tokenizer gives {} ids; the text encoder takes {l}", t.len())));
+        }
+        all.extend(t.iter().map(|&i| i as f64));
+    }
     let mut b = ModelBuilder::new(DType::F32);
     let ids = b.g.input("ids", [n, l], DType::I64);
     let h = clip::clip_text(&mut b, CLIP_PREFIX, &m.clip, ids)?;
@@ -72,14 +90,6 @@ pub fn encode_text(
     let opt = super::step::run_passes(&b.g, &PassOptions { fusion: true, ..Default::default() })?;
     let mut prog = compile(s, opt.graph)?;
     store.upload(&mut prog, &opt.map, &b.params)?;
-    let mut all = Vec::with_capacity(n * l);
-    for c in captions {
-        let t = tok.encode(c);
-        if t.len() != l {
-            return Err(Error::msg(format!("the tokenizer gives {} ids; the text encoder takes {l}", t.len())));
-        }
-        all.extend(t.iter().map(|&i| i as f64));
-    }
     prog.upload(opt.map.get(ids).expect("kept"), &HostTensor::from_f64([n, l], DType::I64, &all)?)?;
     prog.launch()?;
     prog.download(opt.map.get(h).expect("output"))
@@ -123,8 +133,9 @@ pub fn ensure_memory(images: usize, side: usize) -> Result<()> {
     )
 }
 
-/// Generates one image per hint. `hints` is [n, C, H, W] in [0, 1]; returns images [n, 3, H, W]
-/// in [-1, 1].
+/// Generates one image per hint: tokenizes and encodes the captions (and the negative prompt for guidance), draws
+/// x_T and each step's η noise from the seed's generator, and runs [`denoise_and_decode`]. `hints` is
+/// [n, C, H, W] in [0, 1] with H = W = `size`; returns images [n, 3, H, W] in [-1, 1].
 pub fn sample(
     m: &StepModels,
     store: &WeightStore,
@@ -144,45 +155,139 @@ pub fn sample(
             m.first_stage.factor()
         )));
     }
+    let lat = size / m.first_stage.factor();
+    if HINT_FACTOR * lat != size {
+        return Err(Error::msg(format!(
+            "the first stage downsamples by {}, but the ControlNet reads control maps {HINT_FACTOR}x the latent's side: \
+             images and control maps of one size need a first stage that downsamples by {HINT_FACTOR}",
+            m.first_stage.factor()
+        )));
+    }
     ensure_memory(n, size)?;
     let hint_c = m.ldm.control.hint_channels;
     if hints.len() != n * hint_c * size * size {
         return Err(Error::msg(format!("{} hint values for {n} hints of {hint_c}x{size}x{size}", hints.len())));
     }
-    let lat = size / m.first_stage.factor();
-    let c = latent_channels(m);
     let guided = s.cfg_scale != 1.0;
-    let rows = if guided { 2 * n } else { n };
-    // Text: the captions, then the negative prompt for the unconditional half.
+    // One text-encoder run: the captions, then the negative prompt once per image for the unconditional half.
     let mut texts: Vec<String> = captions.to_vec();
     if guided {
         texts.extend(std::iter::repeat_n(s.negative.clone(), n));
     }
-    let ctx = encode_text(m, store, tok, &texts, s)?;
+    let ctx = encode_text(m, store, tok, &texts, s)?.to_f32();
+    let (cond, uncond) = ctx.split_at(ctx.len() / texts.len() * n);
+    let per = latent_channels(m) * lat * lat;
+    let mut rng = Rng::new(s.seed);
+    let latents: Vec<f32> = (0..n * per).map(|_| rng.normal() as f32).collect();
+    let start = SamplerStart { images: n, cond, uncond: guided.then_some(uncond), hints, latents, latent_side: lat };
+    let mut noise = |_step: usize| (0..n * per).map(|_| rng.normal() as f32).collect();
+    let out = denoise_and_decode(m, store, start, s, &mut noise, &mut |_, _| {})?;
+    Ok(out.decoded.into_iter().map(|v| v.clamp(-1.0, 1.0)).collect())
+}
+
+/// The ControlNet's hint block downsamples control maps by 8 to the latent's size.
+const HINT_FACTOR: usize = 8;
+
+/// What DDIM sampling starts from once the text is encoded and x_T drawn: the inputs of [`denoise_and_decode`]
+/// besides the weights, the settings and the per-step noise.
+pub struct SamplerStart<'a> {
+    /// The number of images n.
+    pub images: usize,
+    /// The captions' text embeddings [n, L, D]: the conditional half.
+    pub cond: &'a [f32],
+    /// The negative prompt's text embeddings [n, L, D]: the unconditional half, needed when guidance is on
+    /// (`cfg_scale` ≠ 1) and ignored without.
+    pub uncond: Option<&'a [f32]>,
+    /// Control maps [n, hint_channels, 8h, 8w] in [0, 1].
+    pub hints: &'a [f32],
+    /// x_T [n, C, h, w], h = w = `latent_side`.
+    pub latents: Vec<f32>,
+    pub latent_side: usize,
+}
+
+/// The result of [`denoise_and_decode`].
+pub struct Sampled {
+    /// x_0, the latents after the last DDIM step [n, C, h, w].
+    pub latents: Vec<f32>,
+    /// The first stage's decoding of x_0 [n, 3, H, W], unclamped (nominally in [-1, 1]).
+    pub decoded: Vec<f32>,
+}
+
+/// The sampler's core: DDIM over the run's schedule (`m.schedule`, `s.steps` timesteps) from x_T, each step one
+/// ε prediction of the ControlNet-controlled U-Net on both halves at once (conditional rows first, then the
+/// unconditional ones; guess mode gates the control off on the unconditional rows), classifier-free guidance
+/// ε_u + cfg·(ε_c − ε_u), and the DDIM update; then the first stage's decoder. Reads `steps`, `cfg_scale`,
+/// `strength`, `guess_mode`, `eta` and the compile settings of `s` (the seed and the negative prompt are
+/// [`sample`]'s). With η > 0, `noise(i)` gives step i's standard normal z, n·C·h·w values; `on_step(i, x)` sees
+/// the latents after step i.
+pub fn denoise_and_decode(
+    m: &StepModels,
+    store: &WeightStore,
+    start: SamplerStart<'_>,
+    s: &SampleSettings,
+    noise: &mut dyn FnMut(usize) -> Vec<f32>,
+    on_step: &mut dyn FnMut(usize, &[f32]),
+) -> Result<Sampled> {
+    let SamplerStart { images: n, cond, uncond, hints, latents: mut x, latent_side: lat } = start;
+    check_settings(n, s, m.schedule.len())?;
+    let c = latent_channels(m);
+    let per = c * lat * lat;
+    let unet_multiple = 1 << m.ldm.unet.channel_mult.len().saturating_sub(1);
+    if lat == 0 || !lat.is_multiple_of(unet_multiple) {
+        return Err(Error::msg(format!(
+            "{lat}x{lat} latents do not fit this U-Net: the side must be a multiple of {unet_multiple}"
+        )));
+    }
+    if x.len() != n * per {
+        return Err(Error::msg(format!("{} initial latent values for {n} latents of {c}x{lat}x{lat}", x.len())));
+    }
+    let (hint_c, hint_side) = (m.ldm.control.hint_channels, HINT_FACTOR * lat);
+    if hints.len() != n * hint_c * hint_side * hint_side {
+        return Err(Error::msg(format!(
+            "{} hint values for {n} control maps of {hint_c}x{hint_side}x{hint_side} ({HINT_FACTOR}x the latent's side)",
+            hints.len()
+        )));
+    }
+    let (l, d) = (m.clip.max_position_embeddings, m.ldm.unet.context_dim);
+    let guided = s.cfg_scale != 1.0;
+    let uncond = match (guided, uncond) {
+        (false, _) => None,
+        (true, Some(u)) => Some(u),
+        (true, None) => {
+            return Err(Error::msg(format!(
+                "guidance scale {}: classifier-free guidance needs the unconditional text embeddings",
+                s.cfg_scale
+            )))
+        }
+    };
+    for (what, e) in std::iter::once(("conditional", cond)).chain(uncond.map(|u| ("unconditional", u))) {
+        if e.len() != n * l * d {
+            return Err(Error::msg(format!("{} {what} text embedding values for {n} texts of {l}x{d}", e.len())));
+        }
+    }
+    let rows = if guided { 2 * n } else { n };
     // The ε model, with a per-row control gate (guess mode: no control on the unconditional half).
     let mut ldm = m.ldm.clone();
     ldm.strength = s.strength;
     ldm.guess_mode = s.guess_mode;
-    let shape = Batch { batch: rows, latent_h: lat, latent_w: lat, context_len: m.clip.max_position_embeddings };
+    let shape = Batch { batch: rows, latent_h: lat, latent_w: lat, context_len: l };
     let mut built = control_ldm::build_gated(&ldm, shape, DType::F32, DType::F32, false, true)?;
     built.b.g.outputs.push(built.eps);
     let opt = super::step::run_passes(&built.b.g, &PassOptions { fusion: true, ..Default::default() })?;
     let mut prog = compile(s, opt.graph)?;
     store.upload(&mut prog, &opt.map, &built.b.params)?;
     let id = |v| opt.map.get(v).expect("sampler inputs are kept");
-    prog.upload(id(built.context), &ctx)?;
+    let context: Vec<f64> = cond.iter().chain(uncond.unwrap_or_default()).map(|&v| v as f64).collect();
+    prog.upload(id(built.context), &HostTensor::from_f64([rows, l, d], DType::F32, &context)?)?;
     let mut hint_rows: Vec<f64> = hints.iter().map(|&v| v as f64).collect();
     if guided {
         hint_rows.extend(hints.iter().map(|&v| v as f64));
     }
-    prog.upload(id(built.hint), &HostTensor::from_f64([rows, hint_c, size, size], DType::F32, &hint_rows)?)?;
+    prog.upload(id(built.hint), &HostTensor::from_f64([rows, hint_c, hint_side, hint_side], DType::F32, &hint_rows)?)?;
     let gate: Vec<f64> = (0..rows).map(|r| if r >= n && s.guess_mode { 0.0 } else { 1.0 }).collect();
     let gate_v = prog.graph().find("control_gate").expect("gated graph");
     prog.upload(gate_v, &HostTensor::from_f64([rows, 1, 1, 1], DType::F32, &gate)?)?;
     let sched = &m.schedule;
-    let mut rng = Rng::new(s.seed);
-    let per = c * lat * lat;
-    let mut x: Vec<f32> = (0..n * per).map(|_| rng.normal() as f32).collect();
     let ts = sched.ddim_timesteps(s.steps);
     for (i, &t) in ts.iter().enumerate() {
         if s.progress {
@@ -197,18 +302,44 @@ pub fn sample(
         prog.launch()?;
         let e = prog.download(id(built.eps))?.to_f32();
         let eps: Vec<f32> = if guided {
-            let (cond, unc) = e.split_at(n * per);
-            cond.iter().zip(unc).map(|(&ec, &eu)| eu + s.cfg_scale as f32 * (ec - eu)).collect()
+            let (ec, eu) = e.split_at(n * per);
+            ec.iter().zip(eu).map(|(&ec, &eu)| eu + s.cfg_scale as f32 * (ec - eu)).collect()
         } else {
             e
         };
-        let noise: Option<Vec<f32>> = (s.eta > 0.0).then(|| (0..n * per).map(|_| rng.normal() as f32).collect());
-        x = sched.ddim_step(&x, &eps, t, ts.get(i + 1).copied(), s.eta, noise.as_deref());
+        let z = if s.eta > 0.0 {
+            let z = noise(i);
+            if z.len() != n * per {
+                return Err(Error::msg(format!(
+                    "DDIM step {i}: {} noise values for {} latent values",
+                    z.len(),
+                    n * per
+                )));
+            }
+            Some(z)
+        } else {
+            None
+        };
+        x = sched.ddim_step(&x, &eps, t, ts.get(i + 1).copied(), s.eta, z.as_deref());
+        on_step(i, &x);
     }
     if s.progress {
         eprintln!();
     }
-    // Decode.
+    let decoded = decode(m, store, &x, n, lat, s)?;
+    Ok(Sampled { latents: x, decoded })
+}
+
+/// The first stage's decoding of latents [n, C, lat, lat], unclamped.
+fn decode(
+    m: &StepModels,
+    store: &WeightStore,
+    x: &[f32],
+    n: usize,
+    lat: usize,
+    s: &SampleSettings,
+) -> Result<Vec<f32>> {
+    let c = latent_channels(m);
     let mut b = ModelBuilder::new(DType::F32);
     let z = b.g.input("z", [n, c, lat, lat], DType::F32);
     let img = decode_latents(&mut b, m, z)?;
@@ -219,8 +350,57 @@ pub fn sample(
     let zv: Vec<f64> = x.iter().map(|&v| v as f64).collect();
     prog.upload(opt.map.get(z).expect("kept"), &HostTensor::from_f64([n, c, lat, lat], DType::F32, &zv)?)?;
     prog.launch()?;
-    let out = prog.download(opt.map.get(img).expect("output"))?.to_f32();
-    Ok(out.into_iter().map(|v| v.clamp(-1.0, 1.0)).collect())
+    Ok(prog.download(opt.map.get(img).expect("output"))?.to_f32())
+}
+
+/// The parameters sampling reads: the text encoder, the ControlNet and U-Net, and the first stage's decoder.
+pub fn sampling_params(m: &StepModels) -> Result<Vec<ParamSpec>> {
+    let lat = 1 << m.ldm.unet.channel_mult.len().saturating_sub(1);
+    let shape = Batch { batch: 1, latent_h: lat, latent_w: lat, context_len: m.clip.max_position_embeddings };
+    let mut specs = control_ldm::build_gated(&m.ldm, shape, DType::F32, DType::F32, false, true)?.b.params;
+    let mut b = ModelBuilder::new(DType::F32);
+    let ids = b.g.input("ids", [1, m.clip.max_position_embeddings], DType::I64);
+    clip::clip_text(&mut b, CLIP_PREFIX, &m.clip, ids)?;
+    let z = b.g.input("z", [1, latent_channels(m), lat, lat], DType::F32);
+    decode_latents(&mut b, m, z)?;
+    specs.extend(b.params);
+    Ok(specs)
+}
+
+/// Reads every weight sampling needs from `files` (each an LDM/NeMo checkpoint, a diffusers or Hugging Face file,
+/// component folder or pipeline folder; a key in several files is taken from the last), refusing a file that holds
+/// none of them and a set of files that leaves any missing.
+pub fn load_weights(m: &StepModels, files: &[&Path]) -> Result<WeightStore> {
+    let specs = sampling_params(m)?;
+    let arch = Architecture {
+        unet: Some(m.ldm.unet.clone()),
+        control: Some(m.ldm.control.clone()),
+        vae: match &m.first_stage {
+            FirstStage::Kl(v) => Some(v.clone()),
+            FirstStage::Pixel => None,
+        },
+    };
+    let mut store = WeightStore::default();
+    for path in files {
+        let ck = Checkpoint::open_pretrained(path, &arch)?;
+        if store.load_matching(&ck, &specs)? == 0 {
+            return Err(Error::file(path, "holds none of the model's keys"));
+        }
+    }
+    let missing: Vec<&str> =
+        specs.iter().filter(|s| !store.tensors.contains_key(&s.key)).map(|s| s.key.as_str()).collect();
+    if !missing.is_empty() {
+        let shown: Vec<&str> = missing.iter().take(5).copied().collect();
+        let names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
+        return Err(Error::msg(format!(
+            "{} weights are missing from {}, e.g. {} (the Stable Diffusion weights hold the U-Net, the VAE and the \
+             text encoder; the ControlNet's the control_model.* keys)",
+            missing.len(),
+            names.join(", "),
+            shown.join(", ")
+        )));
+    }
+    Ok(store)
 }
 
 /// A PNG grid: one row per sample, each row the control map then the images given for it.

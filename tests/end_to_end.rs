@@ -6,7 +6,7 @@
 //! layout by `zeroconv export`) loaded back by `zeroconv sample`.
 
 mod common;
-use common::layouts::{copy_folder, rebuild};
+use common::layout_fixtures::{copy_folder, rebuild};
 use common::training::tmp;
 
 use std::path::Path;

@@ -4,13 +4,13 @@
 //! weights.
 
 mod common;
-use common::layouts::{copy_folder, fixtures, generated, ldm_keys, rebuild};
 
+use common::layout_fixtures::{copy_folder, fixtures, generated, ldm_keys, pipeline_folder, rebuild, write_ldm_file};
 use std::collections::BTreeMap;
 use std::path::Path;
 use zeroconv::engine::HostTensor;
 use zeroconv::frontend::checkpoint::diffusers_export::write_controlnet_diffusers;
-use zeroconv::frontend::checkpoint::{write_safetensors, Architecture, Checkpoint, Layout};
+use zeroconv::frontend::checkpoint::{Architecture, Checkpoint, Layout};
 use zeroconv::frontend::device::DeviceChoice;
 use zeroconv::frontend::forward;
 use zeroconv::graph::DType;
@@ -102,12 +102,7 @@ fn bits(outs: &[(String, HostTensor)]) -> Vec<(String, Vec<u64>)> {
 #[test]
 fn a_diffusers_pipeline_folder_gives_the_same_outputs_as_ldm_weights() {
     let dir = tmp("pipeline");
-    let pipe = dir.path().join("pipe");
-    std::fs::create_dir_all(&pipe).unwrap();
-    rebuild("sd15_tiny/unet", &pipe);
-    rebuild("sd15_tiny/controlnet", &pipe);
-    rebuild("vae_tiny/vae", &pipe);
-    copy_folder("clip_tiny/text_encoder_v4", &pipe, "text_encoder");
+    let pipe = pipeline_folder(dir.path(), "pipe", "text_encoder_v4");
     let ckpt = Checkpoint::open_pretrained(&pipe, &arch()).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(ckpt.layouts().count(), 4);
     assert_eq!(
@@ -150,15 +145,7 @@ fn a_diffusers_pipeline_folder_gives_the_same_outputs_as_ldm_weights() {
     let ldm = dir.path().join("ldm");
     std::fs::create_dir_all(&ldm).unwrap();
     // One LDM file with all three components, as a full SD checkpoint would be.
-    let all: Vec<(String, HostTensor)> = ["sd15_tiny", "vae_tiny", "clip_tiny"]
-        .iter()
-        .flat_map(|n| ldm_keys(n))
-        .map(|(k, s)| {
-            let v: Vec<f64> = generated(&k, &s).iter().map(|&v| v as f64).collect();
-            (k, HostTensor::from_f64(s, DType::F32, &v).unwrap())
-        })
-        .collect();
-    write_safetensors(&ldm.join("all.safetensors"), &all, None).unwrap();
+    write_ldm_file(&["sd15_tiny", "vae_tiny", "clip_tiny"], &ldm.join("all.safetensors"));
     let from_ldm = run_all(&Checkpoint::open(&ldm.join("all.safetensors")).unwrap());
     assert_eq!(from_diffusers.len(), from_ldm.len());
     assert!(bits(&from_diffusers) == bits(&from_ldm), "the diffusers-layout weights give different outputs");

@@ -5,7 +5,7 @@
 //! Engine `_extra_state` entries.
 
 mod common;
-use common::layouts::{fixtures, generated, ldm_keys};
+use common::layout_fixtures::{fixtures, generated, ldm_keys};
 
 use std::collections::BTreeMap;
 use zeroconv::engine::HostTensor;

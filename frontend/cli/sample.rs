@@ -2,14 +2,10 @@
 
 use super::ConfigArgs;
 use crate::error::{Error, Result};
-use crate::frontend::checkpoint::Checkpoint;
 use crate::frontend::device::DeviceChoice;
 use crate::frontend::outputs::{check_output, Inputs};
-use crate::frontend::sample::{check_settings, sample, write_grid, SampleSettings};
+use crate::frontend::sample::{check_settings, load_weights, sample, write_grid, SampleSettings};
 use crate::frontend::train::{step_models, tokenizer};
-use crate::frontend::weights_store::WeightStore;
-use crate::models::train_step::Phase;
-use crate::models::ModelBuilder;
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
@@ -146,46 +142,10 @@ pub fn run(args: &SampleArgs) -> Result<()> {
     let hints: Vec<f32> =
         (0..pairs.len()).flat_map(|r| (0..n).flat_map(move |_| r * plane..(r + 1) * plane)).map(|i| maps[i]).collect();
     let captions: Vec<String> = pairs.iter().flat_map(|(_, p)| std::iter::repeat_n(p.clone(), n)).collect();
-    // Weights: every key of the sampling models, from --ckpt then --control: the training step's (ControlNet, U-Net,
-    // text encoder, VAE encoder) and the VAE decoder's, which only sampling uses.
-    let specs = {
-        let mut b = ModelBuilder::new(crate::graph::DType::F32);
-        crate::models::train_step::micro_step(&mut b, &models, Phase::Control, 1, w, crate::graph::DType::F32, "")?;
-        let mut specs = b.params;
-        if let crate::models::train_step::FirstStage::Kl(vae) = &models.first_stage {
-            for s in crate::models::counts::vae_params(vae)? {
-                if !specs.iter().any(|have| have.key == s.key) {
-                    specs.push(s);
-                }
-            }
-        }
-        specs
-    };
-    let mut store = WeightStore::default();
-    let arch = crate::frontend::checkpoint::Architecture {
-        unet: Some(models.ldm.unet.clone()),
-        control: Some(models.ldm.control.clone()),
-        vae: match &models.first_stage {
-            crate::models::train_step::FirstStage::Kl(v) => Some(v.clone()),
-            crate::models::train_step::FirstStage::Pixel => None,
-        },
-    };
-    for path in weight_files.iter().chain(std::iter::once(&args.control)) {
-        let ck = Checkpoint::open_pretrained(path, &arch)?;
-        if store.load_matching(&ck, &specs)? == 0 {
-            return Err(Error::file(path, "holds none of the model's keys"));
-        }
-    }
-    let missing: Vec<&str> =
-        specs.iter().filter(|s| !store.tensors.contains_key(&s.key)).map(|s| s.key.as_str()).collect();
-    if !missing.is_empty() {
-        let shown: Vec<&str> = missing.iter().take(5).copied().collect();
-        return Err(Error::msg(format!(
-            "{} weights are missing from --ckpt/--control, e.g. {} (is --ckpt the Stable Diffusion checkpoint?)",
-            missing.len(),
-            shown.join(", ")
-        )));
-    }
+    // Weights: every key sampling reads, from the weight files then --control.
+    let files: Vec<&std::path::Path> =
+        weight_files.iter().map(|p| p.as_path()).chain([args.control.as_path()]).collect();
+    let store = load_weights(&models, &files)?;
     let imgs = sample(&models, &store, &tok, &hints, &captions, w, &settings)?;
     // Column 0: the maps; column k: the k-th sample of every row.
     let columns_data: Vec<Vec<f32>> = (0..n)

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 pub mod emulated;
-pub mod layouts;
+pub mod layout_fixtures;
 pub mod nets;
 pub mod reference;
 pub mod training;
