@@ -11,9 +11,11 @@ use crate::models::ParamSpec;
 use std::collections::HashMap;
 
 /// Reads tensor `key` of `ckpt`, refusing a NaN or Inf value (checked once at load: one would silently turn every
-/// output non-finite), naming the key and the file.
+/// output non-finite), naming the key and the file. The tensor's pages of the mapping are released once copied, so
+/// the weights are held once (the copy), not twice.
 pub fn read_finite(ckpt: &Checkpoint, key: &str) -> Result<HostTensor> {
     let t = ckpt.to_host(key)?;
+    ckpt.release(key);
     match t.first_non_finite() {
         Some(at) => Err(Error::file(
             ckpt.file_of(key),

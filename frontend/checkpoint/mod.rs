@@ -256,6 +256,17 @@ impl Checkpoint {
         Some(TensorView { shape: entry.shape.clone(), dtype: entry.dtype, bytes: data })
     }
 
+    /// Releases the resident pages of `key`'s bytes in the mapping (see `Source::release`): for a tensor that has been
+    /// copied out and will not be read again, so a checkpoint's weights are not held twice while a run loads them.
+    pub fn release(&self, key: &str) {
+        let Some(entry) = self.tensors.get(key) else { return };
+        let range = match &entry.data {
+            DataRef::Contiguous(range) => range.clone(),
+            DataRef::Strided { storage, .. } => storage.clone(),
+        };
+        self.sources[entry.part].source.release(range);
+    }
+
     /// Like [`Checkpoint::get`], but a missing key is an error naming the file and the nearest present key.
     pub fn tensor(&self, key: &str) -> Result<TensorView<'_>> {
         self.get(key).ok_or_else(|| self.missing(key))
