@@ -13,7 +13,7 @@ use zeroconv::frontend::device::DeviceChoice;
 use zeroconv::frontend::forward;
 use zeroconv::graph::DType;
 use zeroconv::models::control_ldm::ControlLdmConfig;
-use zeroconv::models::{ClipConfig, ClipOutput, ControlNetConfig, UNetConfig, VaeConfig};
+use zeroconv::models::{ClipActivation, ClipConfig, ClipOutput, ControlNetConfig, UNetConfig, VaeConfig};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -197,6 +197,7 @@ fn a_diffusers_pipeline_folder_gives_the_same_outputs_as_ldm_weights() {
             num_layers: 2,
             num_heads: 4,
             layer_norm_eps: 1e-5,
+            activation: ClipActivation::QuickGelu,
             output: ClipOutput::Last,
         };
         let mut outs = forward::control_ldm(DeviceChoice::Cpu, &cfg, w, &sd_in, false, DType::F32).unwrap();
