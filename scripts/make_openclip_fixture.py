@@ -28,6 +28,10 @@ Files:
   `text_encoder/config.json` is (`hidden_act: gelu`, one layer fewer than the tower: 23 of ViT-H-14's 24), loaded as
   diffusers loads it (the dropped layer's keys and the projection unused), saved by `save_pretrained` in float16
   (transformers 5: keys without `text_model.`). Its last layer is SD 2's penultimate one (checked here).
+- `sd2_text_encoder_part.nemo`: part of the text tower as a NeMo SD 2 model saves it (the Megatron wrapper's extra
+  `model.`: `model.cond_stage_model.model.*`) in a `.nemo` tar (`model_config.yaml` + a torch.save'd
+  `model_weights.ckpt`, as NeMo's SaveRestoreConnector writes it): block 1's in-projection, stored as a transposed
+  view (a strided tensor, which torch.save keeps as it is), its bias, `ln_final.weight` and `logit_scale`.
 - `expected.safetensors`: `ids` [3, 77] (int64): the captions (in the metadata, `captions`, as JSON) as SD 2
   tokenizes them (`open_clip.tokenize`: BOS, tokens, EOS, zeros after; cut to 77 with EOS last) but with the fixture
   vocabulary; `penultimate` and `last` [3, 77, 24] (float32): `FrozenOpenCLIPEmbedder.encode_with_transformer` with
@@ -41,8 +45,10 @@ Setup and run (open_clip and transformers into the shared torch environment):
 """
 
 import gzip
+import io
 import json
 import os
+import tarfile
 import tempfile
 
 import open_clip
@@ -163,6 +169,38 @@ def diffusers_text_encoder(sd2, vocab_size, penultimate, ids):
     return model.half()
 
 
+NEMO_CONFIG = """\
+cond_stage_config:
+  _target_: nemo.collections.multimodal.modules.stable_diffusion.encoders.modules.FrozenOpenCLIPEmbedder
+  arch: ViT-H-14
+  version: laion2b_s32b_b79k
+  device: cuda
+  max_length: 77
+  freeze: True
+  layer: penultimate
+"""
+
+
+def write_nemo_part(state, path):
+    """A few text-tower tensors as NeMo saves an SD 2 model: `model.` + the LDM keys, in a .nemo tar."""
+    part = {}
+    for name in ["transformer.resblocks.1.attn.in_proj_weight", "transformer.resblocks.1.attn.in_proj_bias",
+                 "ln_final.weight", "logit_scale"]:
+        part["model." + SD2_PREFIX + name] = state[name].clone()
+    stacked = part["model." + SD2_PREFIX + "transformer.resblocks.1.attn.in_proj_weight"]
+    view = stacked.t().contiguous().t()  # the same values, stored column by column
+    assert not view.is_contiguous() and torch.equal(view, stacked)
+    part["model." + SD2_PREFIX + "transformer.resblocks.1.attn.in_proj_weight"] = view
+    buf = io.BytesIO()
+    torch.save(part, buf)
+    with tarfile.open(path, "w:") as tar:
+        for name, data in [("./model_config.yaml", NEMO_CONFIG.encode()), ("./model_weights.ckpt", buf.getvalue())]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0
+            tar.addfile(info, io.BytesIO(data))
+
+
 def main():
     os.makedirs(OUT_DIR, exist_ok=True)
     tok = fixture_tokenizer()
@@ -180,6 +218,7 @@ def main():
     sd2 = {SD2_PREFIX + k: v.contiguous() for k, v in state.items() if not k.startswith("visual.")}
     save_file(sd2, os.path.join(OUT_DIR, "sd2_text_encoder.safetensors"))
     torch.save({k: v.half() for k, v in state.items()}, os.path.join(OUT_DIR, "open_clip_model.bin"))
+    write_nemo_part(state, os.path.join(OUT_DIR, "sd2_text_encoder_part.nemo"))
     hf = diffusers_text_encoder(sd2, len(tok.encoder), penultimate, ids)
     hf.save_pretrained(os.path.join(OUT_DIR, "sd2_diffusers_text_encoder"))
 

@@ -48,13 +48,17 @@ fn tiny_open_clip(layer: &str) -> Config {
     Config::from_yaml_str(&tiny_open_clip_yaml(layer), "sd2_tiny.yaml", &[]).unwrap()
 }
 
-/// `forward::text` on the fixture's ids with `cfg`'s text encoder and the weights of `weights` (opened as a
-/// `from_pretrained` is).
-fn hidden(cfg: &Config, weights: &Path) -> Vec<f64> {
+/// `forward::text` on `device` on the fixture's ids with `cfg`'s text encoder and the weights of `weights` (opened
+/// as a `from_pretrained` is).
+fn hidden_on(device: DeviceChoice, cfg: &Config, weights: &Path) -> Vec<f64> {
     let clip = model_config::clip(&cfg.model.cond_stage_config).unwrap();
     let ckpt = Checkpoint::open_pretrained(weights, &model_config::architecture(cfg)).unwrap();
-    let outs = forward::text(DeviceChoice::Cpu, &clip, &ckpt, &expected()).unwrap();
+    let outs = forward::text(device, &clip, &ckpt, &expected()).unwrap();
     outs[0].1.to_f64()
+}
+
+fn hidden(cfg: &Config, weights: &Path) -> Vec<f64> {
+    hidden_on(DeviceChoice::Cpu, cfg, weights)
 }
 
 /// [`hidden`] against open_clip's output `want`, within 1e-4 relative (f32 against f32).
@@ -77,6 +81,13 @@ fn the_config_names_open_clip_with_gelu_and_the_penultimate_layer() {
 #[test]
 fn sd2_layout_matches_open_clip_penultimate() {
     check_hidden(&tiny_open_clip("penultimate"), &sd2_file(), "penultimate");
+}
+
+/// The same on the CUDA executor under emulation: the GELU and the causal attention as a GPU would run them.
+#[test]
+fn sd2_layout_matches_open_clip_on_the_emulated_cuda_device() {
+    let got = hidden_on(DeviceChoice::CudaEmu, &tiny_open_clip("penultimate"), &sd2_file());
+    common::assert_close("cuda-emu vs open_clip", &got, &expected().tensor("penultimate").unwrap().to_f64(), 1e-4);
 }
 
 #[test]
@@ -138,6 +149,32 @@ fn the_split_q_k_v_borrow_the_file() {
     }
     assert!(!ckpt.contains("cond_stage_model.model.transformer.resblocks.2.attn.in_proj_weight"));
     assert!(ckpt.contains("cond_stage_model.model.logit_scale"), "kept, as an unexpected key");
+}
+
+/// NeMo's SD 2 checkpoints: the Megatron wrapper's `model.` in front of the SD 2 names, in a `.nemo` (here with the
+/// in-projection saved as a strided, transposed view: its q/k/v are strided views too, gathered when read).
+#[test]
+fn a_nemo_sd2_checkpoint_maps_like_the_original() {
+    let cfg = tiny_open_clip("penultimate");
+    let arch = model_config::architecture(&cfg);
+    let nemo = Checkpoint::open_pretrained(&fixture("open_clip/sd2_text_encoder_part.nemo"), &arch).unwrap();
+    let sd2 = Checkpoint::open_pretrained(&sd2_file(), &arch).unwrap();
+    let mut names = Vec::new();
+    for p in ["q_proj", "k_proj", "v_proj"] {
+        names.extend(["weight", "bias"].map(|t| format!("{CLIP_PREFIX}.encoder.layers.1.self_attn.{p}.{t}")));
+    }
+    names.push(format!("{CLIP_PREFIX}.final_layer_norm.weight"));
+    let q = &names[0];
+    assert!(!nemo.get(q).unwrap().is_borrowed() && sd2.get(q).unwrap().is_borrowed(), "strided in the .nemo only");
+    for key in &names {
+        assert_eq!(nemo.shape(key), sd2.shape(key), "{key}");
+        assert_eq!(nemo.to_f32(key).unwrap(), sd2.to_f32(key).unwrap(), "{key}");
+    }
+    let mut keys: Vec<&str> = nemo.keys().collect();
+    keys.sort_unstable();
+    let mut want: Vec<&str> = names.iter().map(String::as_str).chain(["cond_stage_model.model.logit_scale"]).collect();
+    want.sort_unstable();
+    assert_eq!(keys, want);
 }
 
 #[test]
