@@ -11,7 +11,7 @@ use crate::graph::passes::PassOptions;
 use crate::graph::{DType, Graph, ValueId};
 use crate::models::control_ldm::{self, Batch, ControlLdmConfig};
 use crate::models::{
-    clip, vae, ClipConfig, ModelBuilder, VaeConfig, CLIP_PREFIX, CONTROL_PREFIX, UNET_PREFIX, VAE_PREFIX,
+    clip, vae, ClipConfig, ClipOutput, ModelBuilder, VaeConfig, CLIP_PREFIX, CONTROL_PREFIX, UNET_PREFIX, VAE_PREFIX,
 };
 
 /// Reads input `name` with the expected rank, naming the file and the tensor on error.
@@ -174,7 +174,9 @@ pub fn text(
     let iv = b.g.input("ids", s, DType::I64);
     let ids = HostTensor::from_f64(ids.shape.clone(), DType::I64, &ids.to_f64())?;
     let h = clip::clip_text(&mut b, CLIP_PREFIX, cfg, iv)?;
-    let w = Weights { specs: &b.params, component: &b.params, ckpt, prefixes: &[CLIP_PREFIX] };
+    // A model that stops early (SD 2's penultimate layer) still accepts the whole encoder's file.
+    let whole = crate::models::counts::clip_params(&ClipConfig { output: ClipOutput::Last, ..cfg.clone() })?;
+    let w = Weights { specs: &b.params, component: &whole, ckpt, prefixes: &[CLIP_PREFIX] };
     // As for the VAE: the text encoder alone is not covered by use_flash_attention.
     run_graph(device, &CompileOptions::default(), b.g, w, &[(iv, ids)], &[("hidden".to_string(), h)])
 }

@@ -1,9 +1,9 @@
 //! From the config file's sections to the models' hyper-parameters.
 
-use super::config::{self as schema, ClipLayer, Config};
+use super::config::{self as schema, ClipLayer, Config, HiddenAct};
 use crate::error::{Error, Result};
 use crate::models::control_ldm::ControlLdmConfig;
-use crate::models::{ClipConfig, ClipOutput, ControlNetConfig, UNetConfig, VaeConfig};
+use crate::models::{ClipActivation, ClipConfig, ClipOutput, ControlNetConfig, UNetConfig, VaeConfig};
 
 fn heads(v: Option<u32>) -> i64 {
     v.map_or(-1, |h| h as i64)
@@ -84,6 +84,10 @@ pub fn clip(c: &schema::TextEncoderConfig) -> Result<ClipConfig> {
         num_layers: layers,
         num_heads: c.num_attention_heads as usize,
         layer_norm_eps: 1e-5,
+        activation: match c.hidden_act {
+            HiddenAct::QuickGelu => ClipActivation::QuickGelu,
+            HiddenAct::Gelu => ClipActivation::Gelu,
+        },
         output,
     })
 }

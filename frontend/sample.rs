@@ -394,7 +394,8 @@ pub fn load_weights(m: &StepModels, files: &[&Path]) -> Result<WeightStore> {
         let names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
         return Err(Error::msg(format!(
             "{} weights are missing from {}, e.g. {} (the Stable Diffusion weights hold the U-Net, the VAE and the \
-             text encoder; the ControlNet's the control_model.* keys)",
+             text encoder: give them with --ckpt, or set the config's from_pretrained keys; the ControlNet's are the \
+             control_model.* keys)",
             missing.len(),
             names.join(", "),
             shown.join(", ")

@@ -1,11 +1,16 @@
 //! The CLIP text transformer (Hugging Face `CLIPTextModel` layout, as SD 1.x's
 //! `FrozenCLIPEmbedder` wraps it): token + position embeddings, pre-norm causal self-attention
-//! layers with quick-GELU MLPs, and the final layer norm, whose output is the U-Net's context.
+//! layers with MLPs, and the final layer norm, whose output is the U-Net's context.
+//!
+//! SD 2.x's OpenCLIP text tower (`FrozenOpenCLIPEmbedder`) is the same transformer with exact GELU in the MLP
+//! ([`crate::models::ClipActivation::Gelu`]) and, as SD 2 configures it, the penultimate block's output through `ln_final`
+//! ([`ClipOutput::Penultimate`]); its checkpoint names are mapped onto these by
+//! `frontend::checkpoint::open_clip`.
 
 use super::builder::{Init, ModelBuilder};
 use super::config::{ClipConfig, ClipOutput};
 use crate::error::{Error, Result};
-use crate::graph::{UnaryOp, ValueId};
+use crate::graph::ValueId;
 
 /// `ids` [B, L] (i32 or i64, L ≤ max_position_embeddings) → last hidden state [B, L, hidden].
 pub fn clip_text(b: &mut ModelBuilder, prefix: &str, cfg: &ClipConfig, ids: ValueId) -> Result<ValueId> {
@@ -46,7 +51,7 @@ pub fn clip_text(b: &mut ModelBuilder, prefix: &str, cfg: &ClipConfig, ids: Valu
             let x = b.g.add(x, a)?;
             let h = b.layer_norm(&format!("{p}.layer_norm2"), x, d, cfg.layer_norm_eps)?;
             let h = b.linear(&format!("{p}.mlp.fc1"), h, d, cfg.intermediate_size, true)?;
-            let h = b.g.unary(UnaryOp::QuickGelu, h)?;
+            let h = b.g.unary(cfg.activation.op(), h)?;
             let h = b.linear(&format!("{p}.mlp.fc2"), h, cfg.intermediate_size, d, true)?;
             b.g.add(x, h)
         })?;

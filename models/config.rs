@@ -1,6 +1,7 @@
 //! Model hyper-parameters under the LDM/NeMo config key names. `Default` is Stable Diffusion 1.5.
 
 use crate::error::{Error, Result};
+use crate::graph::UnaryOp;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct UNetConfig {
@@ -175,8 +176,30 @@ pub struct ClipConfig {
     pub num_layers: usize,
     pub num_heads: usize,
     pub layer_norm_eps: f64,
+    /// The MLP's activation: quick-GELU in OpenAI's CLIP (SD 1.x), exact GELU in OpenCLIP (SD 2.x).
+    pub activation: ClipActivation,
     /// Which hidden state conditions the U-Net.
     pub output: ClipOutput,
+}
+
+/// The activation between the two linear layers of each block's MLP.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ClipActivation {
+    /// x * sigmoid(1.702 x): OpenAI's CLIP (`hidden_act: quick_gelu`), SD 1.x's text encoder.
+    #[default]
+    QuickGelu,
+    /// The exact, erf-based GELU (`nn.GELU()`): OpenCLIP's ViT-H-14 (SD 2.x), and diffusers' SD 2 `text_encoder/`
+    /// (`hidden_act: gelu`).
+    Gelu,
+}
+
+impl ClipActivation {
+    pub fn op(self) -> UnaryOp {
+        match self {
+            ClipActivation::QuickGelu => UnaryOp::QuickGelu,
+            ClipActivation::Gelu => UnaryOp::GeluErf,
+        }
+    }
 }
 
 /// The text encoder output the U-Net reads.
@@ -201,6 +224,7 @@ impl Default for ClipConfig {
             num_layers: 12,
             num_heads: 12,
             layer_norm_eps: 1e-5,
+            activation: ClipActivation::QuickGelu,
             output: ClipOutput::Last,
         }
     }

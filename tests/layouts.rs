@@ -15,7 +15,7 @@ use zeroconv::frontend::device::DeviceChoice;
 use zeroconv::frontend::forward;
 use zeroconv::graph::DType;
 use zeroconv::models::control_ldm::ControlLdmConfig;
-use zeroconv::models::{ClipConfig, ClipOutput, ControlNetConfig, UNetConfig, VaeConfig};
+use zeroconv::models::{ClipActivation, ClipConfig, ClipOutput, ControlNetConfig, UNetConfig, VaeConfig};
 
 fn sd15_tiny() -> UNetConfig {
     common::parity_sd15_tiny_unet()
@@ -134,6 +134,7 @@ fn a_diffusers_pipeline_folder_gives_the_same_outputs_as_ldm_weights() {
             num_layers: 2,
             num_heads: 4,
             layer_norm_eps: 1e-5,
+            activation: ClipActivation::QuickGelu,
             output: ClipOutput::Last,
         };
         let mut outs = forward::control_ldm(DeviceChoice::Cpu, &cfg, w, &sd_in, false, DType::F32).unwrap();

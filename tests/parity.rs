@@ -172,6 +172,7 @@ fn clip_text_encoder_matches_transformers() {
         num_layers: 2,
         num_heads: 4,
         layer_norm_eps: 1e-5,
+        activation: zeroconv::models::ClipActivation::QuickGelu,
         output: zeroconv::models::ClipOutput::Last,
     };
     let w = weights("clip_tiny", &clip_params(&cfg).unwrap());

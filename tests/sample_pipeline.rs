@@ -25,7 +25,7 @@ use zeroconv::frontend::weights_store::WeightStore;
 use zeroconv::models::control_ldm::ControlLdmConfig;
 use zeroconv::models::schedule::Schedule;
 use zeroconv::models::train_step::{FirstStage, StepModels};
-use zeroconv::models::{ClipConfig, ClipOutput, ControlNetConfig, VaeConfig};
+use zeroconv::models::{ClipActivation, ClipConfig, ClipOutput, ControlNetConfig, VaeConfig};
 
 const TOL: f64 = 1e-4;
 
@@ -99,6 +99,7 @@ fn models(fx: &Fixture) -> StepModels {
             num_heads: 4,
             layer_norm_eps: 1e-5,
             output: ClipOutput::Last,
+            activation: ClipActivation::QuickGelu,
         },
         scale_factor,
         schedule,

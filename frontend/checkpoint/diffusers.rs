@@ -37,6 +37,9 @@ pub enum Layout {
     DiffusersVae,
     /// `CLIPTextModel`, with (`text_model.*`, transformers 4) or without (transformers 5) the prefix.
     HfClip,
+    /// An open_clip `state_dict` (`token_embedding.weight`, `transformer.resblocks.*`, ...): OpenCLIP's text tower,
+    /// SD 2.x's text encoder ([`super::open_clip`]).
+    OpenClip,
 }
 
 impl Layout {
@@ -48,6 +51,7 @@ impl Layout {
             Layout::DiffusersControlNet => "diffusers ControlNetModel",
             Layout::DiffusersVae => "diffusers AutoencoderKL",
             Layout::HfClip => "Hugging Face CLIPTextModel",
+            Layout::OpenClip => "open_clip CLIP state dict",
         }
     }
 }
@@ -67,6 +71,8 @@ pub fn detect(keys: &[&str]) -> Layout {
         Layout::DiffusersUnet
     } else if any(&|k| k.starts_with("text_model.embeddings.") || k.starts_with("embeddings.token_embedding.")) {
         Layout::HfClip
+    } else if super::open_clip::is_open_clip_state_dict(keys) {
+        Layout::OpenClip
     } else {
         Layout::Ldm
     }

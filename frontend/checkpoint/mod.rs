@@ -19,6 +19,7 @@ pub mod diffusers;
 pub mod diffusers_export;
 mod folder;
 pub mod nemo;
+pub mod open_clip;
 mod pickle;
 mod safetensors;
 mod source;
@@ -354,7 +355,9 @@ impl Checkpoint {
 
     /// Renames the keys of any layout zeroconv reads to the original LDM/ControlNet names: NeMo (by the container),
     /// diffusers U-Net / ControlNet / VAE and Hugging Face CLIP (detected from the keys, see [`diffusers`]). The
-    /// diffusers block numbering comes from `arch`; a diffusers file of a component `arch` lacks is an error.
+    /// diffusers block numbering comes from `arch`; a diffusers file of a component `arch` lacks is an error. An
+    /// OpenCLIP text encoder (SD 2's `cond_stage_model.model.*`, or an open_clip `state_dict`) takes the Hugging Face
+    /// CLIP names the text encoder reads ([`open_clip`]).
     pub fn into_ldm_keys_for(mut self, arch: &Architecture) -> Result<Checkpoint> {
         let (is_nemo, wrapped, layout) = {
             let keys: Vec<&str> = self.keys().collect();
@@ -363,6 +366,8 @@ impl Checkpoint {
         };
         if is_nemo {
             self.rename_keys(|k| nemo::nemo_key_to_ldm(k, wrapped))?;
+            // An SD 2 model's OpenCLIP text encoder, now under the original LDM prefix.
+            self.rename_open_clip(open_clip::SD2_PREFIX)?;
             for part in &mut self.sources {
                 part.layout = Layout::Nemo;
             }
@@ -379,7 +384,12 @@ impl Checkpoint {
             )
         };
         match layout {
-            Layout::Ldm | Layout::Nemo => return Ok(self),
+            // The original LDM names, with SD 2's OpenCLIP text encoder (when there is one) under its own.
+            Layout::Ldm | Layout::Nemo => {
+                self.rename_open_clip(open_clip::SD2_PREFIX)?;
+                return Ok(self);
+            }
+            Layout::OpenClip => self.rename_open_clip("")?,
             Layout::DiffusersUnet => {
                 let blocks = diffusers::UnetBlocks::new(arch.unet.as_ref().ok_or_else(|| no_config("U-Net"))?);
                 self.remap(|k| diffusers::unet_key(k, &blocks).map(|n| (n, 0)))?;

@@ -114,9 +114,9 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         inputs.add(hint, || format!("--hint {}", hint.display()));
     }
     inputs.add(&args.control, || format!("--control {}", args.control.display()));
-    let weight_files = sd_weight_files(&args.ckpt, &cfg)?;
-    for ckpt in &weight_files {
-        inputs.add(ckpt, || format!("the weights {}", ckpt.display()));
+    let weight_files = sd_weight_files(&args.ckpt, &cfg);
+    for (ckpt, named) in &weight_files {
+        inputs.add(ckpt, || named.clone());
     }
     if let Some(config) = &args.config.config {
         inputs.add(config, || format!("--config {}", config.display()));
@@ -144,7 +144,7 @@ pub fn run(args: &SampleArgs) -> Result<()> {
     let captions: Vec<String> = pairs.iter().flat_map(|(_, p)| std::iter::repeat_n(p.clone(), n)).collect();
     // Weights: every key sampling reads, from the weight files then --control.
     let files: Vec<&std::path::Path> =
-        weight_files.iter().map(|p| p.as_path()).chain([args.control.as_path()]).collect();
+        weight_files.iter().map(|(p, _)| p.as_path()).chain([args.control.as_path()]).collect();
     let store = load_weights(&models, &files)?;
     let imgs = sample(&models, &store, &tok, &hints, &captions, w, &settings)?;
     // Column 0: the maps; column k: the k-th sample of every row.
@@ -210,26 +210,24 @@ fn read_map(path: &std::path::Path) -> Result<(Vec<f32>, usize)> {
     Ok((one, w))
 }
 
-/// The Stable Diffusion weight files: `--ckpt` as given, else the config's `from_pretrained` files (each once).
-fn sd_weight_files(ckpt: &[PathBuf], cfg: &crate::frontend::config::Config) -> Result<Vec<PathBuf>> {
+/// The Stable Diffusion weight files, each with how the user named it: `--ckpt` as given, else the config's
+/// `from_pretrained` files (each once). Empty when neither names any: loading then names what is missing.
+fn sd_weight_files(ckpt: &[PathBuf], cfg: &crate::frontend::config::Config) -> Vec<(PathBuf, String)> {
     if !ckpt.is_empty() {
-        return Ok(ckpt.to_vec());
+        return ckpt.iter().map(|p| (p.clone(), format!("--ckpt {}", p.display()))).collect();
     }
     let m = &cfg.model;
-    let mut files: Vec<PathBuf> = Vec::new();
-    for path in
-        [&m.unet_config.from_pretrained, &m.first_stage_config.from_pretrained, &m.cond_stage_config.from_pretrained]
-            .into_iter()
-            .flatten()
-    {
-        if !files.contains(path) {
-            files.push(path.clone());
+    let mut files: Vec<(PathBuf, String)> = Vec::new();
+    for (key, path) in [
+        ("model.unet_config.from_pretrained", &m.unet_config.from_pretrained),
+        ("model.first_stage_config.from_pretrained", &m.first_stage_config.from_pretrained),
+        ("model.cond_stage_config.from_pretrained", &m.cond_stage_config.from_pretrained),
+    ] {
+        if let Some(path) = path {
+            if !files.iter().any(|(p, _)| p == path) {
+                files.push((path.clone(), format!("{key} {}", path.display())));
+            }
         }
     }
-    if files.is_empty() {
-        return Err(Error::msg(
-            "no Stable Diffusion weights: give --ckpt FILE (repeatable), or set the config's from_pretrained keys",
-        ));
-    }
-    Ok(files)
+    files
 }

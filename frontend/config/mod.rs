@@ -18,11 +18,13 @@
 //! 2. [`nemo::unwrap_params`]: NeMo's `_target_` + `params:` wrappers merged into their sections;
 //! 3. [`overrides`]: the command-line overrides, in order;
 //! 4. [`interpolate`]: OmegaConf `${...}` references;
-//! 5. [`nemo::strip_ignored`]: the NeMo keys zeroconv accepts without reading, each checked against the
+//! 5. [`text_encoder`]: the text encoder's family (CLIP or OpenCLIP, from `cond_stage_config._target_` or `arch`)
+//!    and the keys it implies;
+//! 6. [`nemo::strip_ignored`]: the NeMo keys zeroconv accepts without reading, each checked against the
 //!    values zeroconv supports;
-//! 6. [`de`]: the typed [`Config`] (serde), where an unknown key or a wrong type is one error naming the full
+//! 7. [`de`]: the typed [`Config`] (serde), where an unknown key or a wrong type is one error naming the full
 //!    dotted key, its position and the nearest valid key;
-//! 7. [`validate`]: checks across keys (the ControlNet mirrors the U-Net, channel counts fit GroupNorm, ...).
+//! 8. [`validate`]: checks across keys (the ControlNet mirrors the U-Net, channel counts fit GroupNorm, ...).
 
 mod de;
 mod emit;
@@ -32,6 +34,7 @@ mod node;
 mod overrides;
 mod scalar;
 mod schema;
+mod text_encoder;
 mod validate;
 mod values;
 mod yaml;
@@ -43,7 +46,7 @@ use std::sync::Arc;
 pub use nemo::{Accepts, IgnoredKey, IGNORED_KEYS};
 pub use schema::*;
 pub use values::{
-    Accelerator, ClipLayer, CropSize, Interpolation, OptimizerName, Precision, SamplerName, SchedulerName,
+    Accelerator, ClipLayer, CropSize, HiddenAct, Interpolation, OptimizerName, Precision, SamplerName, SchedulerName,
     ValCheckInterval,
 };
 
@@ -90,6 +93,7 @@ fn load_text(text: &str, source: &str, overrides: &[String]) -> Result<(Config, 
         overrides::apply(&mut tree, &parsed, &unwrapped)?;
     }
     let mut tree = interpolate::resolve(&tree);
+    text_encoder::resolve(&mut tree)?;
     let ignored_keys = nemo::strip_ignored(&mut tree)?;
     let config: Config = de::from_node(&tree)?;
     if let Err(problem) = validate::validate(&config) {

@@ -45,8 +45,15 @@ const COMPILED: &str = "zeroconv always compiles the step into one graph and rep
 
 /// Every key zeroconv accepts without reading it.
 pub const IGNORED_KEYS: &[IgnoredKey] = &[
-    any("*._target_", "the Python class NeMo instantiates; zeroconv knows each section's model"),
-    any("*.target", "the Python class of a legacy LDM section (with `params:`); zeroconv knows each section's model"),
+    any(
+        "*._target_",
+        "the Python class NeMo instantiates; zeroconv knows each section's model, except the text encoder's, which \
+         model.cond_stage_config._target_ selects (FrozenCLIPEmbedder or FrozenOpenCLIPEmbedder; another is refused)",
+    ),
+    any(
+        "*.target",
+        "the Python class of a legacy LDM section (with `params:`); read only in model.cond_stage_config, as _target_",
+    ),
     any("name", "the NeMo job name; zeroconv names runs with exp_manager.name"),
     any("hydra", "Hydra's own settings (output directories, job logging)"),
     // trainer: PyTorch Lightning options with no counterpart.
@@ -126,6 +133,11 @@ pub const IGNORED_KEYS: &[IgnoredKey] = &[
     any("model.cond_stage_config.device", "zeroconv places every model on trainer.accelerator"),
     only("model.cond_stage_config.freeze", &["true"], "the text encoder stays frozen"),
     any("model.cond_stage_config.capture_cudagraph_iters", COMPILED),
+    any("model.cond_stage_config.use_fp16", PRECISION),
+    any(
+        "model.cond_stage_config.cache_dir",
+        "where open_clip downloads the OpenCLIP weights; zeroconv reads them from model.cond_stage_config.from_pretrained",
+    ),
     only("model.data.train.filterings", &["null"], "sample filtering is not implemented; filter the shards beforehand"),
     only(
         "model.data.webdataset.infinite_sampler",

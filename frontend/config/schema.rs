@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::values::{
-    minus_one_is_none, Accelerator, ClipLayer, CropSize, Interpolation, OptimizerName, Precision, SamplerName,
-    SchedulerName, ValCheckInterval,
+    minus_one_is_none, Accelerator, ClipLayer, CropSize, HiddenAct, Interpolation, OptimizerName, Precision,
+    SamplerName, SchedulerName, ValCheckInterval,
 };
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -387,12 +387,20 @@ impl Default for DdConfig {
     }
 }
 
-/// The frozen CLIP text encoder and its tokenizer. Defaults: CLIP ViT-L/14 (SD 1.x).
+/// The frozen CLIP text encoder and its tokenizer. Defaults: CLIP ViT-L/14 (SD 1.x). The section's `_target_` class
+/// selects the family (Hugging Face CLIP or OpenCLIP), which sets the defaults of the keys below (see
+/// [`super::text_encoder`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TextEncoderConfig {
-    /// Hugging Face model name or a local directory holding the tokenizer (and weights).
+    /// Hugging Face model name or a local directory holding the tokenizer (and weights); for OpenCLIP, the
+    /// pretrained tag (e.g. laion2b_s32b_b79k), informational.
     pub version: String,
+    /// OpenCLIP architecture (FrozenOpenCLIPEmbedder's `arch`): `ViT-H-14` fixes the sizes below, `custom` leaves
+    /// them to the keys; null: Hugging Face CLIP (or, with the OpenCLIP class, ViT-H-14).
+    pub arch: Option<String>,
+    /// The MLP activation: `quick_gelu` (OpenAI CLIP, SD 1.x) or `gelu` (OpenCLIP, SD 2.x).
+    pub hidden_act: HiddenAct,
     /// Tokenizer files: a tokenizer.json, or a directory with tokenizer.json or vocab.json + merges.txt.
     /// Null: `version`, when it is a local directory.
     pub tokenizer: Option<PathBuf>,
@@ -417,6 +425,8 @@ impl Default for TextEncoderConfig {
     fn default() -> Self {
         TextEncoderConfig {
             version: "openai/clip-vit-large-patch14".to_string(),
+            arch: None,
+            hidden_act: HiddenAct::QuickGelu,
             tokenizer: None,
             from_pretrained: None,
             max_length: 77,

@@ -137,10 +137,21 @@ pub enum ClipLayer {
     /// The final layer norm's output (SD 1.x).
     #[default]
     Last,
-    /// The second-to-last layer's output, before the final norm (SD 2.x).
+    /// The second-to-last layer's output through the final layer norm (SD 2.x's FrozenOpenCLIPEmbedder).
     Penultimate,
     /// The output of layer `layer_idx`.
     Hidden,
+}
+
+/// The activation of the text encoder's MLPs (Hugging Face `CLIPTextConfig.hidden_act`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HiddenAct {
+    /// x * sigmoid(1.702 x): OpenAI's CLIP (SD 1.x).
+    #[default]
+    QuickGelu,
+    /// Exact (erf) GELU: OpenCLIP (SD 2.x), and diffusers' SD 2 `text_encoder/`.
+    Gelu,
 }
 
 /// Image resampling filter for resizing.

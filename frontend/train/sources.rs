@@ -237,7 +237,9 @@ fn check_from_nemo(section: &str, from_nemo: bool, ckpt: &Checkpoint) -> Result<
     if !from_nemo {
         return Ok(());
     }
-    match ckpt.layouts().find(|(_, l)| !matches!(l, Layout::Ldm | Layout::Nemo)) {
+    let diffusers =
+        |l: &Layout| matches!(l, Layout::DiffusersUnet | Layout::DiffusersControlNet | Layout::DiffusersVae);
+    match ckpt.layouts().find(|(_, l)| diffusers(l)) {
         Some((file, layout)) => Err(Error::file(
             file,
             format!(
