@@ -5,41 +5,12 @@ use crate::error::{Error, Result};
 use crate::models::control_ldm::ControlLdmConfig;
 use crate::models::{ClipActivation, ClipConfig, ClipOutput, ControlNetConfig, UNetConfig, VaeConfig};
 
-fn heads(v: Option<u32>) -> i64 {
-    v.map_or(-1, |h| h as i64)
-}
-
-/// The U-Net hyper-parameters from a config section: `unet_config` and `control_stage_config`
-/// spell the same keys, so one expansion reads either.
-macro_rules! unet_from {
-    ($c:expr, $out_channels:expr) => {
-        UNetConfig {
-            image_size: $c.image_size as usize,
-            in_channels: $c.in_channels as usize,
-            out_channels: $out_channels,
-            model_channels: $c.model_channels as usize,
-            attention_resolutions: $c.attention_resolutions.iter().map(|&v| v as usize).collect(),
-            num_res_blocks: vec![$c.num_res_blocks as usize; $c.channel_mult.len()],
-            channel_mult: $c.channel_mult.iter().map(|&v| v as usize).collect(),
-            num_heads: heads($c.num_heads),
-            num_head_channels: heads($c.num_head_channels),
-            use_spatial_transformer: $c.use_spatial_transformer,
-            transformer_depth: $c.transformer_depth as usize,
-            context_dim: $c.context_dim as usize,
-            use_linear_in_transformer: $c.use_linear_in_transformer,
-            legacy: $c.legacy,
-            use_checkpoint: $c.use_checkpoint,
-            use_flash_attention: $c.use_flash_attention,
-        }
-    };
-}
-
 pub fn unet(c: &schema::UNetConfig) -> UNetConfig {
-    unet_from!(c, c.out_channels as usize)
+    c.architecture(c.out_channels as usize)
 }
 
 pub fn controlnet(c: &schema::ControlNetConfig, out_channels: usize) -> ControlNetConfig {
-    ControlNetConfig { unet: unet_from!(c, out_channels), hint_channels: c.hint_channels as usize }
+    ControlNetConfig { unet: c.architecture(out_channels), hint_channels: c.hint_channels as usize }
 }
 
 pub fn vae(c: &schema::AutoencoderConfig, scale_factor: f64) -> VaeConfig {

@@ -52,24 +52,45 @@ impl Default for UNetConfig {
     }
 }
 
+/// GroupNorm's group count in the U-Net, the ControlNet and the VAE: every normalised width is a multiple of it.
+pub const GROUP_NORM_GROUPS: usize = 32;
+
+/// The first problem with a U-Net architecture: the key it is about (relative to the config section, e.g.
+/// `num_heads`) and what is wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArchProblem {
+    pub key: &'static str,
+    pub why: String,
+}
+
 impl UNetConfig {
     /// (heads, channels per head) of the attention at `ch` channels, as the LDM code derives them.
     pub fn heads(&self, ch: usize) -> Result<(usize, usize)> {
-        let (heads, dim_head) = if self.num_head_channels == -1 {
+        self.head_split(ch).map_err(|p| Error::msg(format!("unet_config.{}: {}", p.key, p.why)))
+    }
+
+    fn head_split(&self, ch: usize) -> std::result::Result<(usize, usize), ArchProblem> {
+        let (heads, dim_head, key) = if self.num_head_channels == -1 {
             if self.num_heads <= 0 {
-                return Err(Error::msg("unet_config: set num_heads or num_head_channels"));
+                return Err(ArchProblem { key: "num_heads", why: "set num_heads or num_head_channels".into() });
             }
-            (self.num_heads as usize, ch / self.num_heads as usize)
+            (self.num_heads as usize, ch / self.num_heads as usize, "num_heads")
+        } else if self.num_head_channels <= 0 {
+            return Err(ArchProblem {
+                key: "num_head_channels",
+                why: "must be positive, or -1 to use num_heads".into(),
+            });
         } else {
             let hc = self.num_head_channels as usize;
-            (ch / hc, hc)
+            (ch / hc, hc, "num_head_channels")
         };
         // `legacy` derives the head width from the head count for spatial transformers.
-        let dim_head = if self.legacy { ch / heads } else { dim_head };
+        let dim_head = if self.legacy && heads > 0 { ch / heads } else { dim_head };
         if heads == 0 || dim_head == 0 || heads * dim_head != ch {
-            return Err(Error::msg(format!(
-                "unet_config: {ch} channels do not split into {heads} heads of {dim_head}"
-            )));
+            return Err(ArchProblem {
+                key,
+                why: format!("{ch} channels do not split into {heads} heads of {dim_head}"),
+            });
         }
         Ok((heads, dim_head))
     }
@@ -78,11 +99,32 @@ impl UNetConfig {
         self.model_channels * 4
     }
 
-    /// Checks what the LDM constructors assert, with errors that name the key.
-    pub fn validate(&self, section: &str) -> Result<()> {
-        let bad = |k: &str, why: String| Err(Error::msg(format!("{section}.{k}: {why}")));
+    /// The architecture keys a ControlNet shares with the U-Net it is copied from, with their values as a config
+    /// spells them (-1 for an unset head count), in the config's order: where two sections must agree, this names
+    /// the first key that does not.
+    pub fn mirrored_keys(&self) -> [(&'static str, String); 12] {
+        [
+            ("in_channels", self.in_channels.to_string()),
+            ("model_channels", self.model_channels.to_string()),
+            ("channel_mult", format!("{:?}", self.channel_mult)),
+            ("num_res_blocks", format!("{:?}", self.num_res_blocks)),
+            ("attention_resolutions", format!("{:?}", self.attention_resolutions)),
+            ("num_heads", self.num_heads.to_string()),
+            ("num_head_channels", self.num_head_channels.to_string()),
+            ("use_spatial_transformer", self.use_spatial_transformer.to_string()),
+            ("transformer_depth", self.transformer_depth.to_string()),
+            ("context_dim", self.context_dim.to_string()),
+            ("use_linear_in_transformer", self.use_linear_in_transformer.to_string()),
+            ("legacy", self.legacy.to_string()),
+        ]
+    }
+
+    /// Everything the LDM constructors assert, and what zeroconv needs on top: the one check of a U-Net (or a
+    /// ControlNet's encoder) architecture, used when a config is read and again when a model is built.
+    pub fn check(&self) -> std::result::Result<(), ArchProblem> {
+        let bad = |key: &'static str, why: String| Err(ArchProblem { key, why });
         if self.channel_mult.is_empty() {
-            return bad("channel_mult", "must list at least one level".into());
+            return bad("channel_mult", "needs at least one level".into());
         }
         if self.num_res_blocks.len() != self.channel_mult.len() {
             return bad(
@@ -94,28 +136,61 @@ impl UNetConfig {
                 ),
             );
         }
+        if self.num_res_blocks.contains(&0) {
+            return bad("num_res_blocks", "must be at least 1".into());
+        }
+        if self.in_channels == 0 {
+            return bad("in_channels", "must be at least 1".into());
+        }
         if !self.use_spatial_transformer {
             return bad(
                 "use_spatial_transformer",
                 "only SpatialTransformer U-Nets (all SD versions) are supported".into(),
             );
         }
-        for (level, m) in self.channel_mult.iter().enumerate() {
-            let ch = m * self.model_channels;
-            if !ch.is_multiple_of(32) {
-                return bad(
-                    "model_channels",
-                    format!("level {level} has {ch} channels, not a multiple of GroupNorm's 32 groups"),
-                );
-            }
-            if self.attention_resolutions.contains(&(1 << level)) {
-                self.heads(ch)?;
-            }
+        let widths: Vec<usize> = self.channel_mult.iter().map(|m| m * self.model_channels).collect();
+        if self.model_channels == 0 || widths.iter().any(|w| !w.is_multiple_of(GROUP_NORM_GROUPS)) {
+            return bad(
+                "model_channels",
+                format!(
+                    "every level's width (model_channels × channel_mult = {widths:?}) must be a positive multiple of \
+                     {GROUP_NORM_GROUPS}, the GroupNorm group count"
+                ),
+            );
         }
         if !self.model_channels.is_multiple_of(2) {
             return bad("model_channels", "must be even (sinusoidal timestep embedding)".into());
         }
+        // Level i works at downsampling factor 2^i; an attention resolution that matches no level is a mistake.
+        let factors: Vec<usize> = (0..self.channel_mult.len()).map(|i| 1usize << i.min(62)).collect();
+        if let Some(r) = self.attention_resolutions.iter().find(|r| !factors.contains(r)) {
+            return bad(
+                "attention_resolutions",
+                format!("{r} matches no level; the levels' downsampling factors are {factors:?}"),
+            );
+        }
+        // The levels with attention, and the middle block, which always has it.
+        let attention_widths = factors
+            .iter()
+            .zip(&widths)
+            .filter(|(f, _)| self.attention_resolutions.contains(f))
+            .map(|(_, w)| *w)
+            .chain(widths.last().copied());
+        for ch in attention_widths {
+            self.head_split(ch)?;
+        }
+        if self.context_dim == 0 {
+            return bad("context_dim", "must be at least 1".into());
+        }
+        if self.transformer_depth == 0 {
+            return bad("transformer_depth", "must be at least 1".into());
+        }
         Ok(())
+    }
+
+    /// [`UNetConfig::check`] as an error naming `section` (e.g. `unet_config`) and the key.
+    pub fn validate(&self, section: &str) -> Result<()> {
+        self.check().map_err(|p| Error::msg(format!("{section}.{}: {}", p.key, p.why)))
     }
 }
 

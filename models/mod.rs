@@ -15,7 +15,9 @@ pub mod unet;
 pub mod vae;
 
 pub use builder::{Init, ModelBuilder, ParamSpec};
-pub use config::{ClipActivation, ClipConfig, ClipOutput, ControlNetConfig, UNetConfig, VaeConfig};
+pub use config::{
+    ArchProblem, ClipActivation, ClipConfig, ClipOutput, ControlNetConfig, UNetConfig, VaeConfig, GROUP_NORM_GROUPS,
+};
 
 /// Checkpoint key prefixes of the original `ControlLDM` / `LatentDiffusion`.
 pub const UNET_PREFIX: &str = "model.diffusion_model";

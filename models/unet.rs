@@ -2,12 +2,10 @@
 //! pieces the ControlNet shares with it. Keys follow the original module tree.
 
 use super::builder::ModelBuilder;
-use super::config::UNetConfig;
+use super::config::{UNetConfig, GROUP_NORM_GROUPS};
 use crate::error::Result;
 use crate::graph::ValueId;
 
-/// GroupNorm as `normalization()` / `Normalize()` build it.
-pub const GROUPS: usize = 32;
 /// ResBlocks use `GroupNorm32` (eps 1e-5); SpatialTransformer's `Normalize` uses eps 1e-6.
 pub const RES_EPS: f64 = 1e-5;
 pub const TRANSFORMER_NORM_EPS: f64 = 1e-6;
@@ -114,7 +112,7 @@ impl ModelBuilder {
         ted: usize,
     ) -> Result<ValueId> {
         self.block(|b| {
-            let h = b.group_norm(&format!("{p}.in_layers.0"), x, inp, GROUPS, RES_EPS)?;
+            let h = b.group_norm(&format!("{p}.in_layers.0"), x, inp, GROUP_NORM_GROUPS, RES_EPS)?;
             let h = b.g.silu(h)?;
             let h = b.conv(&format!("{p}.in_layers.2"), h, inp, out, 3, 1, 1, false)?;
             let e = b.g.silu(emb)?;
@@ -122,7 +120,7 @@ impl ModelBuilder {
             let n = b.g.shape(e).dims()[0];
             let e = b.g.reshape(e, [n, out, 1, 1])?;
             let h = b.g.add(h, e)?;
-            let h = b.group_norm(&format!("{p}.out_layers.0"), h, out, GROUPS, RES_EPS)?;
+            let h = b.group_norm(&format!("{p}.out_layers.0"), h, out, GROUP_NORM_GROUPS, RES_EPS)?;
             let h = b.g.silu(h)?;
             let h = b.conv(&format!("{p}.out_layers.3"), h, out, out, 3, 1, 1, true)?;
             let skip =
@@ -197,7 +195,7 @@ impl ModelBuilder {
             let d = b.g.shape(x).dims().to_vec();
             let (n, hh, ww) = (d[0], d[2], d[3]);
             let inner = heads * dh;
-            let h = b.group_norm(&format!("{p}.norm"), x, ch, GROUPS, TRANSFORMER_NORM_EPS)?;
+            let h = b.group_norm(&format!("{p}.norm"), x, ch, GROUP_NORM_GROUPS, TRANSFORMER_NORM_EPS)?;
             let to_seq = |b: &mut ModelBuilder, h: ValueId, c: usize| -> Result<ValueId> {
                 let h = b.g.reshape(h, [n, c, hh * ww])?;
                 b.g.permute(h, &[0, 2, 1])
@@ -320,7 +318,7 @@ pub fn controlled_unet(
                 h = b.conv(&format!("{p}.{idx}.conv"), u, blk.out, blk.out, 3, 1, 1, false)?;
             }
         }
-        let h = b.group_norm(&format!("{prefix}.out.0"), h, cfg.model_channels, GROUPS, RES_EPS)?;
+        let h = b.group_norm(&format!("{prefix}.out.0"), h, cfg.model_channels, GROUP_NORM_GROUPS, RES_EPS)?;
         let h = b.g.silu(h)?;
         b.conv(&format!("{prefix}.out.2"), h, cfg.model_channels, cfg.out_channels, 3, 1, 1, true)
     })

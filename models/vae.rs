@@ -3,7 +3,7 @@
 
 use super::builder::ModelBuilder;
 use super::config::VaeConfig;
-use super::unet::GROUPS;
+use super::config::GROUP_NORM_GROUPS;
 use crate::error::Result;
 use crate::graph::ValueId;
 
@@ -14,10 +14,10 @@ impl ModelBuilder {
     /// ResnetBlock without a time embedding.
     fn vae_resblock(&mut self, p: &str, x: ValueId, inp: usize, out: usize) -> Result<ValueId> {
         self.block(|b| {
-            let h = b.group_norm(&format!("{p}.norm1"), x, inp, GROUPS, EPS)?;
+            let h = b.group_norm(&format!("{p}.norm1"), x, inp, GROUP_NORM_GROUPS, EPS)?;
             let h = b.g.silu(h)?;
             let h = b.conv(&format!("{p}.conv1"), h, inp, out, 3, 1, 1, false)?;
-            let h = b.group_norm(&format!("{p}.norm2"), h, out, GROUPS, EPS)?;
+            let h = b.group_norm(&format!("{p}.norm2"), h, out, GROUP_NORM_GROUPS, EPS)?;
             let h = b.g.silu(h)?;
             let h = b.conv(&format!("{p}.conv2"), h, out, out, 3, 1, 1, false)?;
             let skip = if inp == out { x } else { b.conv(&format!("{p}.nin_shortcut"), x, inp, out, 1, 1, 0, false)? };
@@ -30,7 +30,7 @@ impl ModelBuilder {
         self.block(|b| {
             let d = b.g.shape(x).dims().to_vec();
             let (n, hh, ww) = (d[0], d[2], d[3]);
-            let h = b.group_norm(&format!("{p}.norm"), x, ch, GROUPS, EPS)?;
+            let h = b.group_norm(&format!("{p}.norm"), x, ch, GROUP_NORM_GROUPS, EPS)?;
             let mut qkv = Vec::new();
             for name in ["q", "k", "v"] {
                 let t = b.conv(&format!("{p}.{name}"), h, ch, ch, 1, 1, 0, false)?;
@@ -86,7 +86,7 @@ pub fn vae_encode(b: &mut ModelBuilder, prefix: &str, cfg: &VaeConfig, x: ValueI
         }
     }
     h = b.vae_mid(&format!("{p}.mid"), h, block_in)?;
-    h = b.group_norm(&format!("{p}.norm_out"), h, block_in, GROUPS, EPS)?;
+    h = b.group_norm(&format!("{p}.norm_out"), h, block_in, GROUP_NORM_GROUPS, EPS)?;
     h = b.g.silu(h)?;
     let zc = if cfg.double_z { 2 * cfg.z_channels } else { cfg.z_channels };
     h = b.conv(&format!("{p}.conv_out"), h, block_in, zc, 3, 1, 1, false)?;
@@ -127,7 +127,7 @@ pub fn vae_decode(b: &mut ModelBuilder, prefix: &str, cfg: &VaeConfig, z: ValueI
             res *= 2;
         }
     }
-    h = b.group_norm(&format!("{p}.norm_out"), h, block_in, GROUPS, EPS)?;
+    h = b.group_norm(&format!("{p}.norm_out"), h, block_in, GROUP_NORM_GROUPS, EPS)?;
     h = b.g.silu(h)?;
     b.conv(&format!("{p}.conv_out"), h, block_in, cfg.out_ch, 3, 1, 1, false)
 }

@@ -155,7 +155,7 @@ pub fn controlnet_config_json(cfg: &ControlNetConfig) -> Result<serde_json::Valu
         "mid_block_scale_factor": 1,
         "mid_block_type": "UNetMidBlock2DCrossAttn",
         "norm_eps": 1e-5,
-        "norm_num_groups": crate::models::unet::GROUPS,
+        "norm_num_groups": crate::models::config::GROUP_NORM_GROUPS,
         "num_attention_heads": null,
         "num_class_embeds": null,
         "only_cross_attention": false,

@@ -197,122 +197,122 @@ impl Default for ModelConfig {
     }
 }
 
-/// The (locked) Stable Diffusion U-Net, LDM's `UNetModel` arguments. Defaults: SD 1.5.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct UNetConfig {
-    /// Weights to load (a .ckpt/.safetensors holding the U-Net).
-    pub from_pretrained: Option<PathBuf>,
-    /// The checkpoint uses NeMo's key names (otherwise the original LDM names).
-    #[serde(rename = "from_NeMo")]
-    pub from_nemo: bool,
-    /// Latent size the model was built for (informational in LDM; the data decides the real size).
-    pub image_size: u32,
-    pub in_channels: u32,
-    pub out_channels: u32,
-    pub model_channels: u32,
-    /// Downsampling factors (1, 2, 4, ...) of the levels that have attention.
-    pub attention_resolutions: Vec<u32>,
-    pub num_res_blocks: u32,
-    pub channel_mult: Vec<u32>,
-    /// Attention heads; -1 when num_head_channels sets the head width instead.
-    #[serde(with = "minus_one_is_none")]
-    pub num_heads: Option<u32>,
-    /// Channels per attention head (SD 2 style); -1 to use num_heads.
-    #[serde(with = "minus_one_is_none")]
-    pub num_head_channels: Option<u32>,
-    pub use_spatial_transformer: bool,
-    pub transformer_depth: u32,
-    /// Width of the text embeddings that cross-attention reads.
-    pub context_dim: u32,
-    /// Linear instead of 1×1-conv projections around the transformer blocks (SD 2).
-    pub use_linear_in_transformer: bool,
-    /// LDM's legacy head-count rule (kept for checkpoint compatibility).
-    pub legacy: bool,
-    /// Recompute activations in backward to save memory (gradient checkpointing).
-    pub use_checkpoint: bool,
-    /// Fused attention kernels.
-    pub use_flash_attention: bool,
+/// Defines a config section holding LDM's `UNetModel` architecture keys (one list, defaults SD 1.5's) after the
+/// section's own keys, with `Default` and the conversion to the model's hyper-parameters. `unet_config` and
+/// `control_stage_config` spell the same architecture keys; serde's `flatten` cannot be combined with
+/// `deny_unknown_fields`, so the shared keys are spliced in here instead.
+macro_rules! unet_section {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $($(#[$fmeta:meta])* pub $field:ident: $ty:ty = $default:expr,)*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct $name {
+            $($(#[$fmeta])* pub $field: $ty,)*
+            /// Latent size the model was built for (informational in LDM; the data decides the real size).
+            pub image_size: u32,
+            pub in_channels: u32,
+            pub model_channels: u32,
+            /// Downsampling factors (1, 2, 4, ...) of the levels that have attention.
+            pub attention_resolutions: Vec<u32>,
+            pub num_res_blocks: u32,
+            pub channel_mult: Vec<u32>,
+            /// Attention heads; -1 when num_head_channels sets the head width instead.
+            #[serde(with = "minus_one_is_none")]
+            pub num_heads: Option<u32>,
+            /// Channels per attention head (SD 2 style); -1 to use num_heads.
+            #[serde(with = "minus_one_is_none")]
+            pub num_head_channels: Option<u32>,
+            pub use_spatial_transformer: bool,
+            pub transformer_depth: u32,
+            /// Width of the text embeddings that cross-attention reads.
+            pub context_dim: u32,
+            /// Linear instead of 1×1-conv projections around the transformer blocks (SD 2).
+            pub use_linear_in_transformer: bool,
+            /// LDM's legacy head-count rule (kept for checkpoint compatibility).
+            pub legacy: bool,
+            /// Recompute activations in backward to save memory (gradient checkpointing).
+            pub use_checkpoint: bool,
+            /// Fused attention kernels.
+            pub use_flash_attention: bool,
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                $name {
+                    $($field: $default,)*
+                    image_size: 32,
+                    in_channels: 4,
+                    model_channels: 320,
+                    attention_resolutions: vec![4, 2, 1],
+                    num_res_blocks: 2,
+                    channel_mult: vec![1, 2, 4, 4],
+                    num_heads: Some(8),
+                    num_head_channels: None,
+                    use_spatial_transformer: true,
+                    transformer_depth: 1,
+                    context_dim: 768,
+                    use_linear_in_transformer: false,
+                    legacy: false,
+                    use_checkpoint: false,
+                    use_flash_attention: false,
+                }
+            }
+        }
+
+        impl $name {
+            /// The model's U-Net hyper-parameters for this section's architecture keys, with `out_channels`.
+            pub fn architecture(&self, out_channels: usize) -> crate::models::UNetConfig {
+                let heads = |v: Option<u32>| v.map_or(-1, i64::from);
+                crate::models::UNetConfig {
+                    image_size: self.image_size as usize,
+                    in_channels: self.in_channels as usize,
+                    out_channels,
+                    model_channels: self.model_channels as usize,
+                    attention_resolutions: self.attention_resolutions.iter().map(|&v| v as usize).collect(),
+                    num_res_blocks: vec![self.num_res_blocks as usize; self.channel_mult.len()],
+                    channel_mult: self.channel_mult.iter().map(|&v| v as usize).collect(),
+                    num_heads: heads(self.num_heads),
+                    num_head_channels: heads(self.num_head_channels),
+                    use_spatial_transformer: self.use_spatial_transformer,
+                    transformer_depth: self.transformer_depth as usize,
+                    context_dim: self.context_dim as usize,
+                    use_linear_in_transformer: self.use_linear_in_transformer,
+                    legacy: self.legacy,
+                    use_checkpoint: self.use_checkpoint,
+                    use_flash_attention: self.use_flash_attention,
+                }
+            }
+        }
+    };
 }
 
-impl Default for UNetConfig {
-    fn default() -> Self {
-        UNetConfig {
-            from_pretrained: None,
-            from_nemo: false,
-            image_size: 32,
-            in_channels: 4,
-            out_channels: 4,
-            model_channels: 320,
-            attention_resolutions: vec![4, 2, 1],
-            num_res_blocks: 2,
-            channel_mult: vec![1, 2, 4, 4],
-            num_heads: Some(8),
-            num_head_channels: None,
-            use_spatial_transformer: true,
-            transformer_depth: 1,
-            context_dim: 768,
-            use_linear_in_transformer: false,
-            legacy: false,
-            use_checkpoint: false,
-            use_flash_attention: false,
-        }
+unet_section! {
+    /// The (locked) Stable Diffusion U-Net, LDM's `UNetModel` arguments. Defaults: SD 1.5.
+    pub struct UNetConfig {
+        /// Weights to load (a .ckpt/.safetensors holding the U-Net).
+        pub from_pretrained: Option<PathBuf> = None,
+        /// As NeMo reads it: `False` also accepts diffusers key names (see README-config.md).
+        #[serde(rename = "from_NeMo")]
+        pub from_nemo: bool = false,
+        pub out_channels: u32 = 4,
     }
 }
 
-/// The trained ControlNet: a copy of the U-Net's encoder plus the hint encoder and zero convolutions.
-/// Its architecture keys must equal unet_config's (it starts as a copy of those weights).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ControlNetConfig {
-    /// Initialise from this U-Net checkpoint (the usual start); null for random weights.
-    pub from_pretrained_unet: Option<PathBuf>,
-    #[serde(rename = "from_NeMo")]
-    pub from_nemo: bool,
-    pub image_size: u32,
-    pub in_channels: u32,
-    /// Channels of the control image (3 for RGB hints).
-    pub hint_channels: u32,
-    pub model_channels: u32,
-    pub attention_resolutions: Vec<u32>,
-    pub num_res_blocks: u32,
-    pub channel_mult: Vec<u32>,
-    #[serde(with = "minus_one_is_none")]
-    pub num_heads: Option<u32>,
-    #[serde(with = "minus_one_is_none")]
-    pub num_head_channels: Option<u32>,
-    pub use_spatial_transformer: bool,
-    pub transformer_depth: u32,
-    pub context_dim: u32,
-    pub use_linear_in_transformer: bool,
-    pub legacy: bool,
-    pub use_checkpoint: bool,
-    pub use_flash_attention: bool,
-}
-
-impl Default for ControlNetConfig {
-    fn default() -> Self {
-        let unet = UNetConfig::default();
-        ControlNetConfig {
-            from_pretrained_unet: None,
-            from_nemo: false,
-            image_size: unet.image_size,
-            in_channels: unet.in_channels,
-            hint_channels: 3,
-            model_channels: unet.model_channels,
-            attention_resolutions: unet.attention_resolutions,
-            num_res_blocks: unet.num_res_blocks,
-            channel_mult: unet.channel_mult,
-            num_heads: unet.num_heads,
-            num_head_channels: unet.num_head_channels,
-            use_spatial_transformer: unet.use_spatial_transformer,
-            transformer_depth: unet.transformer_depth,
-            context_dim: unet.context_dim,
-            use_linear_in_transformer: unet.use_linear_in_transformer,
-            legacy: unet.legacy,
-            use_checkpoint: unet.use_checkpoint,
-            use_flash_attention: unet.use_flash_attention,
-        }
+unet_section! {
+    /// The trained ControlNet: a copy of the U-Net's encoder plus the hint encoder and zero convolutions.
+    /// Its architecture keys must equal unet_config's (it starts as a copy of those weights).
+    pub struct ControlNetConfig {
+        /// Initialise from this U-Net checkpoint (the usual start); null for random weights.
+        pub from_pretrained_unet: Option<PathBuf> = None,
+        #[serde(rename = "from_NeMo")]
+        pub from_nemo: bool = false,
+        /// Channels of the control image (3 for RGB hints).
+        pub hint_channels: u32 = 3,
     }
 }
 

@@ -2,7 +2,7 @@
 //! ControlNet must mirror the U-Net's encoder, GroupNorm needs channel counts divisible by 32, the global batch
 //! must split into micro-batches.
 
-use super::schema::{Config, ControlNetConfig, SchedConfig, UNetConfig};
+use super::schema::{Config, SchedConfig};
 use super::values::ClipLayer;
 
 /// The first problem found: the dotted key it is about and what is wrong.
@@ -26,15 +26,24 @@ fn require(ok: bool, path: &str, msg: impl FnOnce() -> String) -> Check {
     }
 }
 
-/// GroupNorm in the U-Net, ControlNet and VAE uses 32 groups.
-const NORM_GROUPS: u32 = 32;
+/// GroupNorm's group count (the U-Net, the ControlNet and the VAE).
+const NORM_GROUPS: u32 = crate::models::GROUP_NORM_GROUPS as u32;
+
+fn unet_arch(config: &Config) -> crate::models::UNetConfig {
+    let u = &config.model.unet_config;
+    u.architecture(u.out_channels as usize)
+}
+
+fn control_arch(config: &Config) -> crate::models::UNetConfig {
+    config.model.control_stage_config.architecture(config.model.unet_config.out_channels as usize)
+}
 
 pub fn validate(config: &Config) -> Check {
     check_trainer(config)?;
     check_batch(config)?;
     check_diffusion(config)?;
-    check_unet(&Arch::from_unet(&config.model.unet_config), "model.unet_config")?;
-    check_unet(&Arch::from_control(&config.model.control_stage_config), "model.control_stage_config")?;
+    check_unet(&unet_arch(config), "model.unet_config")?;
+    check_unet(&control_arch(config), "model.control_stage_config")?;
     check_control_mirrors_unet(config)?;
     check_autoencoder(config)?;
     check_text_encoder(config)?;
@@ -81,128 +90,15 @@ fn check_diffusion(config: &Config) -> Check {
     require((0.0..=1.0).contains(&p), "model.text_embedding_dropout_rate", || format!("must be in [0, 1], found {p}"))
 }
 
-/// The architecture keys the U-Net and the ControlNet share.
-#[derive(Debug, PartialEq)]
-struct Arch<'a> {
-    in_channels: u32,
-    model_channels: u32,
-    channel_mult: &'a [u32],
-    num_res_blocks: u32,
-    attention_resolutions: &'a [u32],
-    num_heads: Option<u32>,
-    num_head_channels: Option<u32>,
-    use_spatial_transformer: bool,
-    transformer_depth: u32,
-    context_dim: u32,
-    use_linear_in_transformer: bool,
-    legacy: bool,
-}
-
-impl<'a> Arch<'a> {
-    fn from_unet(u: &'a UNetConfig) -> Self {
-        Arch {
-            in_channels: u.in_channels,
-            model_channels: u.model_channels,
-            channel_mult: &u.channel_mult,
-            num_res_blocks: u.num_res_blocks,
-            attention_resolutions: &u.attention_resolutions,
-            num_heads: u.num_heads,
-            num_head_channels: u.num_head_channels,
-            use_spatial_transformer: u.use_spatial_transformer,
-            transformer_depth: u.transformer_depth,
-            context_dim: u.context_dim,
-            use_linear_in_transformer: u.use_linear_in_transformer,
-            legacy: u.legacy,
-        }
-    }
-
-    fn from_control(c: &'a ControlNetConfig) -> Self {
-        Arch {
-            in_channels: c.in_channels,
-            model_channels: c.model_channels,
-            channel_mult: &c.channel_mult,
-            num_res_blocks: c.num_res_blocks,
-            attention_resolutions: &c.attention_resolutions,
-            num_heads: c.num_heads,
-            num_head_channels: c.num_head_channels,
-            use_spatial_transformer: c.use_spatial_transformer,
-            transformer_depth: c.transformer_depth,
-            context_dim: c.context_dim,
-            use_linear_in_transformer: c.use_linear_in_transformer,
-            legacy: c.legacy,
-        }
-    }
-
-    /// (key, value as text) for every field, to name the first difference.
-    fn fields(&self) -> [(&'static str, String); 12] {
-        [
-            ("in_channels", self.in_channels.to_string()),
-            ("model_channels", self.model_channels.to_string()),
-            ("channel_mult", format!("{:?}", self.channel_mult)),
-            ("num_res_blocks", self.num_res_blocks.to_string()),
-            ("attention_resolutions", format!("{:?}", self.attention_resolutions)),
-            ("num_heads", opt(self.num_heads)),
-            ("num_head_channels", opt(self.num_head_channels)),
-            ("use_spatial_transformer", self.use_spatial_transformer.to_string()),
-            ("transformer_depth", self.transformer_depth.to_string()),
-            ("context_dim", self.context_dim.to_string()),
-            ("use_linear_in_transformer", self.use_linear_in_transformer.to_string()),
-            ("legacy", self.legacy.to_string()),
-        ]
-    }
-}
-
-fn opt(v: Option<u32>) -> String {
-    v.map_or_else(|| "-1".to_string(), |v| v.to_string())
-}
-
-fn check_unet(arch: &Arch<'_>, at: &str) -> Check {
-    let key = |k: &str| format!("{at}.{k}");
-    require(arch.in_channels >= 1, &key("in_channels"), || "must be at least 1".into())?;
-    require(arch.num_res_blocks >= 1, &key("num_res_blocks"), || "must be at least 1".into())?;
-    require(!arch.channel_mult.is_empty(), &key("channel_mult"), || "needs at least one level".into())?;
-    let widths: Vec<u32> = arch.channel_mult.iter().map(|m| m * arch.model_channels).collect();
-    require(arch.model_channels > 0 && widths.iter().all(|w| w % NORM_GROUPS == 0), &key("model_channels"), || {
-        format!(
-            "every level's width (model_channels × channel_mult = {widths:?}) must be a positive multiple of \
-             {NORM_GROUPS}, the GroupNorm group count"
-        )
-    })?;
-    // Level i works at downsampling factor 2^i; an attention resolution that matches no level is a mistake.
-    let factors: Vec<u32> = (0..arch.channel_mult.len()).map(|i| 1u32 << i.min(31)).collect();
-    for r in arch.attention_resolutions {
-        require(factors.contains(r), &key("attention_resolutions"), || {
-            format!("{r} matches no level; the levels' downsampling factors are {factors:?}")
-        })?;
-    }
-    let attention_widths: Vec<u32> = factors
-        .iter()
-        .zip(&widths)
-        .filter(|(f, _)| arch.attention_resolutions.contains(f))
-        .map(|(_, w)| *w)
-        .chain(widths.last().copied()) // the middle block always has attention
-        .collect();
-    match (arch.num_head_channels, arch.num_heads) {
-        (Some(c), _) => {
-            require(c > 0 && attention_widths.iter().all(|w| w % c == 0), &key("num_head_channels"), || {
-                format!("{c} must divide every attention width {attention_widths:?}")
-            })?
-        }
-        (None, Some(h)) => require(h > 0 && attention_widths.iter().all(|w| w % h == 0), &key("num_heads"), || {
-            format!("{h} heads must divide every attention width {attention_widths:?}")
-        })?,
-        (None, None) => invalid(key("num_heads"), "set num_heads or num_head_channels (both are -1)")?,
-    }
-    if arch.use_spatial_transformer {
-        require(arch.context_dim >= 1, &key("context_dim"), || "must be at least 1".into())?;
-        require(arch.transformer_depth >= 1, &key("transformer_depth"), || "must be at least 1".into())?;
-    }
-    Ok(())
+/// The U-Net architecture check the models run when they are built (one definition: `UNetConfig::check`), on a
+/// config section, naming the section's key.
+fn check_unet(arch: &crate::models::UNetConfig, at: &str) -> Check {
+    arch.check().map_err(|p| Invalid { path: format!("{at}.{}", p.key), msg: p.why })
 }
 
 fn check_control_mirrors_unet(config: &Config) -> Check {
-    let unet = Arch::from_unet(&config.model.unet_config).fields();
-    let control = Arch::from_control(&config.model.control_stage_config).fields();
+    let unet = unet_arch(config).mirrored_keys();
+    let control = control_arch(config).mirrored_keys();
     for ((key, u), (_, c)) in unet.iter().zip(control.iter()) {
         require(u == c, &format!("model.control_stage_config.{key}"), || {
             format!(
