@@ -83,7 +83,9 @@ pub fn build_gated(
         scaled = scaled.iter().map(|&c| b.g.mul(c, gate)).collect::<Result<_>>()?;
     }
     let eps = b.with_trainable(false, |b| {
-        unet::controlled_unet(b, UNET_PREFIX, &cfg.unet, xc, t, cc, Some(&scaled), cfg.only_mid_control, !cfg.sd_locked)
+        let control = unet::Control { residuals: &scaled, only_mid: cfg.only_mid_control };
+        let inputs = unet::UnetInputs { x: xc, t, ctx: cc };
+        unet::controlled_unet(b, UNET_PREFIX, &cfg.unet, inputs, Some(control), !cfg.sd_locked)
     })?;
     let eps = b.g.cast(eps, param_dtype)?;
     let (target, loss) = if with_loss {

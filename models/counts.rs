@@ -18,7 +18,7 @@ pub fn unet_params(cfg: &UNetConfig) -> Result<Vec<ParamSpec>> {
     let x = b.g.input("x", [1, cfg.in_channels, s, s], DType::F32);
     let t = b.g.input("t", [1], DType::I64);
     let c = b.g.input("context", [1, 1, cfg.context_dim], DType::F32);
-    unet::controlled_unet(&mut b, UNET_PREFIX, cfg, x, t, c, None, false, false)?;
+    unet::controlled_unet(&mut b, UNET_PREFIX, cfg, unet::UnetInputs { x, t, ctx: c }, None, false)?;
     Ok(b.params)
 }
 

@@ -7,6 +7,7 @@
 use super::builder::ModelBuilder;
 use super::config::{ClipConfig, VaeConfig};
 use super::control_ldm::ControlLdmConfig;
+use super::unet::{Control, UnetInputs};
 use super::{clip, controlnet, unet, vae, CLIP_PREFIX, CONTROL_PREFIX, UNET_PREFIX, VAE_PREFIX};
 use crate::error::Result;
 use crate::graph::{DType, UnaryOp, ValueId};
@@ -187,7 +188,7 @@ pub fn micro_step_hw(
     let (xc, cc) = (b.g.cast(xt, compute)?, b.g.cast(ctx, compute)?);
     let eps = match phase {
         Phase::Base => b.with_trainable(true, |b| {
-            unet::controlled_unet(b, UNET_PREFIX, &m.ldm.unet, xc, t, cc, None, false, true)
+            unet::controlled_unet(b, UNET_PREFIX, &m.ldm.unet, UnetInputs { x: xc, t, ctx: cc }, None, true)
         })?,
         Phase::Control => {
             let hc = b.g.cast(hint, compute)?;
@@ -196,17 +197,9 @@ pub fn micro_step_hw(
             let scales = controlnet::control_scales(control.len(), 1.0, false);
             let scaled = controlnet::apply_scales(b, &control, &scales)?;
             b.with_trainable(false, |b| {
-                unet::controlled_unet(
-                    b,
-                    UNET_PREFIX,
-                    &m.ldm.unet,
-                    xc,
-                    t,
-                    cc,
-                    Some(&scaled),
-                    m.ldm.only_mid_control,
-                    !m.ldm.sd_locked,
-                )
+                let control = Control { residuals: &scaled, only_mid: m.ldm.only_mid_control };
+                let inputs = UnetInputs { x: xc, t, ctx: cc };
+                unet::controlled_unet(b, UNET_PREFIX, &m.ldm.unet, inputs, Some(control), !m.ldm.sd_locked)
             })?
         }
     };

@@ -6,6 +6,16 @@ use super::config::{UNetConfig, GROUP_NORM_GROUPS};
 use crate::error::Result;
 use crate::graph::ValueId;
 
+/// The widths of one transformer block's attention: the token width `dim`, the context's `ctx_dim` (= `dim` for
+/// self-attention), and `heads` heads of `dh` channels.
+#[derive(Clone, Copy, Debug)]
+struct AttnWidths {
+    dim: usize,
+    ctx_dim: usize,
+    heads: usize,
+    dh: usize,
+}
+
 /// ResBlocks use `GroupNorm32` (eps 1e-5); SpatialTransformer's `Normalize` uses eps 1e-6.
 pub const RES_EPS: f64 = 1e-5;
 pub const TRANSFORMER_NORM_EPS: f64 = 1e-6;
@@ -129,18 +139,9 @@ impl ModelBuilder {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
     /// CrossAttention: q from x, k and v from `ctx` (or x for self-attention), then to_out.0.
-    fn cross_attention(
-        &mut self,
-        p: &str,
-        x: ValueId,
-        ctx: Option<ValueId>,
-        dim: usize,
-        ctx_dim: usize,
-        heads: usize,
-        dh: usize,
-    ) -> Result<ValueId> {
+    fn cross_attention(&mut self, p: &str, x: ValueId, ctx: Option<ValueId>, w: &AttnWidths) -> Result<ValueId> {
+        let AttnWidths { dim, ctx_dim, heads, dh } = *w;
         let inner = heads * dh;
         let src = ctx.unwrap_or(x);
         let src_dim = if ctx.is_some() { ctx_dim } else { dim };
@@ -151,23 +152,14 @@ impl ModelBuilder {
         self.linear(&format!("{p}.to_out.0"), o, inner, dim, true)
     }
 
-    #[allow(clippy::too_many_arguments)]
     /// BasicTransformerBlock: self-attention, cross-attention, GEGLU feed-forward, pre-norm.
-    fn transformer_block(
-        &mut self,
-        p: &str,
-        x: ValueId,
-        ctx: ValueId,
-        dim: usize,
-        ctx_dim: usize,
-        heads: usize,
-        dh: usize,
-    ) -> Result<ValueId> {
+    fn transformer_block(&mut self, p: &str, x: ValueId, ctx: ValueId, w: &AttnWidths) -> Result<ValueId> {
+        let dim = w.dim;
         let h = self.layer_norm(&format!("{p}.norm1"), x, dim, 1e-5)?;
-        let h = self.cross_attention(&format!("{p}.attn1"), h, None, dim, dim, heads, dh)?;
+        let h = self.cross_attention(&format!("{p}.attn1"), h, None, &AttnWidths { ctx_dim: dim, ..*w })?;
         let x = self.g.add(h, x)?;
         let h = self.layer_norm(&format!("{p}.norm2"), x, dim, 1e-5)?;
-        let h = self.cross_attention(&format!("{p}.attn2"), h, Some(ctx), dim, ctx_dim, heads, dh)?;
+        let h = self.cross_attention(&format!("{p}.attn2"), h, Some(ctx), w)?;
         let x = self.g.add(h, x)?;
         let h = self.layer_norm(&format!("{p}.norm3"), x, dim, 1e-5)?;
         let ff = dim * 4;
@@ -181,7 +173,6 @@ impl ModelBuilder {
 
     /// SpatialTransformer: norm, proj_in (1x1 conv or linear), transformer blocks, proj_out
     /// (zero-initialised), residual.
-    #[allow(clippy::too_many_arguments)]
     pub fn spatial_transformer(
         &mut self,
         p: &str,
@@ -207,9 +198,9 @@ impl ModelBuilder {
                 let c = b.conv(&format!("{p}.proj_in"), h, ch, inner, 1, 1, 0, false)?;
                 to_seq(b, c, inner)?
             };
-            let ctx_dim = cfg.context_dim;
+            let widths = AttnWidths { dim: inner, ctx_dim: cfg.context_dim, heads, dh };
             for i in 0..cfg.transformer_depth {
-                h = b.transformer_block(&format!("{p}.transformer_blocks.{i}"), h, ctx, inner, ctx_dim, heads, dh)?;
+                h = b.transformer_block(&format!("{p}.transformer_blocks.{i}"), h, ctx, &widths)?;
             }
             let from_seq = |b: &mut ModelBuilder, h: ValueId, c: usize| -> Result<ValueId> {
                 let h = b.g.permute(h, &[0, 2, 1])?;
@@ -227,7 +218,6 @@ impl ModelBuilder {
     }
 
     /// Runs input block `i` of `layout` at key prefix `p` (`…input_blocks.{i}`).
-    #[allow(clippy::too_many_arguments)]
     pub fn input_block(
         &mut self,
         p: &str,
@@ -268,21 +258,35 @@ impl ModelBuilder {
     }
 }
 
-/// The locked U-Net with control residuals, as `ControlledUnetModel.forward`:
-/// `control` holds one residual per input block plus the middle block's (last), already scaled.
-/// Without control it is the plain `UNetModel`.
-#[allow(clippy::too_many_arguments)]
+/// The U-Net's inputs: the noisy latents, the timesteps and the text context.
+#[derive(Clone, Copy, Debug)]
+pub struct UnetInputs {
+    pub x: ValueId,
+    pub t: ValueId,
+    pub ctx: ValueId,
+}
+
+/// The ControlNet's residuals as the locked U-Net takes them: one per input block plus the middle block's (last),
+/// already scaled; with `only_mid`, only the middle block's is added.
+#[derive(Clone, Copy, Debug)]
+pub struct Control<'a> {
+    pub residuals: &'a [ValueId],
+    pub only_mid: bool,
+}
+
+/// The locked U-Net with control residuals, as `ControlledUnetModel.forward`; without control it is the plain
+/// `UNetModel`. The decoder half's weights are trainable with `trainable_decoder` (`sd_locked: False`).
 pub fn controlled_unet(
     b: &mut ModelBuilder,
     prefix: &str,
     cfg: &UNetConfig,
-    x: ValueId,
-    t: ValueId,
-    ctx: ValueId,
-    control: Option<&[ValueId]>,
-    only_mid_control: bool,
+    inputs: UnetInputs,
+    control: Option<Control<'_>>,
     trainable_decoder: bool,
 ) -> Result<ValueId> {
+    let UnetInputs { x, t, ctx } = inputs;
+    let only_mid_control = control.is_some_and(|c| c.only_mid);
+    let control = control.map(|c| c.residuals);
     let lay = layout(cfg)?;
     let emb = b.time_embed(prefix, t, cfg, x)?;
     let mut hs = Vec::new();

@@ -579,7 +579,9 @@ impl CpuProgram {
             Op::Binary(b) => ew::binary(*b, ins[0], s(0), ins[1], s(1), outs[0], os(0)),
             Op::Affine { alpha, beta } => ew::affine(ins[0], alpha.get(), beta.get(), outs[0]),
             Op::MatMul { trans_a, trans_b } => {
-                linalg::batched_matmul(ins[0], s(0), *trans_a, ins[1], s(1), *trans_b, outs[0], os(0), self.threads)
+                let a = linalg::Operand { data: ins[0], shape: s(0), trans: *trans_a };
+                let b = linalg::Operand { data: ins[1], shape: s(1), trans: *trans_b };
+                linalg::batched_matmul(a, b, outs[0], os(0), self.threads)
             }
             Op::Conv2d { stride, padding } => {
                 let geom = conv_geom(s(0), s(1), *stride, *padding);
@@ -597,26 +599,16 @@ impl CpuProgram {
             Op::GroupNorm { groups, eps } => {
                 let d = s(0).dims();
                 let sp = s(0).numel() / (d[0] * d[1]).max(1);
-                norm::group_norm(ins[0], ins[1], ins[2], outs[0], d[0], d[1], sp, *groups, eps.get());
+                let g = norm::GroupNormGeom { n: d[0], c: d[1], s: sp, groups: *groups, eps: eps.get() };
+                norm::group_norm(&g, ins[0], ins[1], ins[2], outs[0]);
             }
             Op::GroupNormBackward { groups, eps } => {
                 let d = s(0).dims();
                 let sp = s(0).numel() / (d[0] * d[1]).max(1);
                 let [dx, dg, db] = outs else { unreachable!("three outputs by shape inference") };
-                norm::group_norm_backward(
-                    ins[0],
-                    ins[1],
-                    ins[2],
-                    dx,
-                    dg,
-                    db,
-                    scratch,
-                    d[0],
-                    d[1],
-                    sp,
-                    *groups,
-                    eps.get(),
-                );
+                let g = norm::GroupNormGeom { n: d[0], c: d[1], s: sp, groups: *groups, eps: eps.get() };
+                let grads = norm::NormGrads { dx, dgamma: dg, dbeta: db, partial: scratch };
+                norm::group_norm_backward(&g, ins[0], ins[1], ins[2], grads);
             }
             Op::LayerNorm { eps } => {
                 let d = *s(0).dims().last().unwrap_or(&1);
@@ -625,7 +617,8 @@ impl CpuProgram {
             Op::LayerNormBackward { eps } => {
                 let d = *s(0).dims().last().unwrap_or(&1);
                 let [dx, dg, db] = outs else { unreachable!("three outputs by shape inference") };
-                norm::layer_norm_backward(ins[0], ins[1], ins[2], dx, dg, db, scratch, d, eps.get());
+                let grads = norm::NormGrads { dx, dgamma: dg, dbeta: db, partial: scratch };
+                norm::layer_norm_backward(ins[0], ins[1], ins[2], grads, d, eps.get());
             }
             Op::Softmax => norm::softmax_rows(ins[0], outs[0], *s(0).dims().last().unwrap_or(&1)),
             Op::SoftmaxBackward => norm::softmax_backward(ins[0], ins[1], outs[0], *s(0).dims().last().unwrap_or(&1)),
@@ -636,7 +629,8 @@ impl CpuProgram {
             Op::AttentionBackward { scale, causal } => {
                 let geom = AttnGeom::from_shapes(s(0), s(1), s(2), scale.get(), *causal);
                 let [dq, dk, dv] = outs else { unreachable!("three outputs by shape inference") };
-                linalg::attention_backward(&geom, ins[0], ins[1], ins[2], ins[3], dq, dk, dv, scratch, self.threads);
+                let grads = linalg::AttnGrads { dq, dk, dv, scratch };
+                linalg::attention_backward(&geom, ins[0], ins[1], ins[2], ins[3], grads, self.threads);
             }
             Op::Upsample2x => layout::upsample2x(ins[0], *s(0).dims().last().unwrap_or(&1), outs[0]),
             Op::Upsample2xBackward => {

@@ -6,52 +6,40 @@ use super::norm::softmax_in_place;
 use crate::graph::Shape;
 use rayon::prelude::*;
 
-/// C (m x n, row stride ldc) = op(A)·op(B), or += with `accumulate`. The operands are slices
-/// of planned buffers whose sizes shape inference guarantees, so a length error is a bug here.
-#[allow(clippy::too_many_arguments)]
+/// C = A·B (each operand as `op` describes it), or += with `accumulate`. The operands are slices of planned buffers
+/// whose sizes shape inference guarantees, so a length error is a bug here.
 #[inline]
 fn matmul<T: Float>(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[T],
-    lda: usize,
-    ta: bool,
-    b: &[T],
-    ldb: usize,
-    tb: bool,
-    c: &mut [T],
-    ldc: usize,
+    dims: GemmDims,
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    c: MatMut<'_, T>,
     accumulate: bool,
     threads: usize,
 ) {
-    gemm::matmul(
-        GemmDims::new(m, n, k),
-        MatRef { data: a, ld: lda, trans: ta },
-        MatRef { data: b, ld: ldb, trans: tb },
-        MatMut { data: c, ld: ldc },
-        accumulate,
-        threads,
-    )
-    .expect("matmul operands sized by shape inference");
+    gemm::matmul(dims, a, b, c, accumulate, threads).expect("matmul operands sized by shape inference");
+}
+
+/// An operand of [`matmul`]: rows of stride `ld`, transposed when `trans`.
+#[inline]
+fn op<T>(data: &[T], ld: usize, trans: bool) -> MatRef<'_, T> {
+    MatRef { data, ld, trans }
 }
 
 /// Query rows processed together by attention: bounds its scratch to `ATTN_BLOCK × Lk` per thread.
 pub const ATTN_BLOCK: usize = 64;
 
-/// [..., M, K] x [..., K, N] with transpose flags; either operand may be rank 2 (shared).
-#[allow(clippy::too_many_arguments)]
-pub fn batched_matmul<T: Float>(
-    a: &[T],
-    sa: &Shape,
-    ta: bool,
-    b: &[T],
-    sb: &Shape,
-    tb: bool,
-    out: &mut [T],
-    so: &Shape,
-    threads: usize,
-) {
+/// One operand of a batched product: its data, its shape [..., rows, cols], and whether it enters transposed.
+pub struct Operand<'a, T> {
+    pub data: &'a [T],
+    pub shape: &'a Shape,
+    pub trans: bool,
+}
+
+/// [..., M, K] x [..., K, N] with transpose flags; either operand may be rank 2 (shared). `out` has shape `so`.
+pub fn batched_matmul<T: Float>(x: Operand<'_, T>, y: Operand<'_, T>, out: &mut [T], so: &Shape, threads: usize) {
+    let Operand { data: a, shape: sa, trans: ta } = x;
+    let Operand { data: b, shape: sb, trans: tb } = y;
     let (ra, rb, ro) = (sa.rank(), sb.rank(), so.rank());
     let (m, n) = (so.dims()[ro - 2], so.dims()[ro - 1]);
     let k = if ta { sa.dims()[ra - 2] } else { sa.dims()[ra - 1] };
@@ -62,17 +50,31 @@ pub fn batched_matmul<T: Float>(
     let b_step = if rb == 2 { 0 } else { k * n };
     if batch == 1 || (b_step == 0 && !ta) {
         // A shared B: the batch folds into the rows of one large product.
-        matmul(m * batch, n, k, a, lda, ta, b, ldb, tb, out, n, false, threads);
+        matmul(GemmDims::new(m * batch, n, k), op(a, lda, ta), op(b, ldb, tb), MatMut::new(out, n), false, threads);
         return;
     }
     let small = m * n * k < 96 * 96 * 96;
     if small && batch >= threads {
         out.par_chunks_mut(m * n).enumerate().for_each(|(i, c)| {
-            matmul(m, n, k, &a[i * a_step..], lda, ta, &b[i * b_step..], ldb, tb, c, n, false, 1);
+            matmul(
+                GemmDims::new(m, n, k),
+                op(&a[i * a_step..], lda, ta),
+                op(&b[i * b_step..], ldb, tb),
+                MatMut::new(c, n),
+                false,
+                1,
+            );
         });
     } else {
         for (i, c) in out.chunks_mut(m * n).enumerate() {
-            matmul(m, n, k, &a[i * a_step..], lda, ta, &b[i * b_step..], ldb, tb, c, n, false, threads);
+            matmul(
+                GemmDims::new(m, n, k),
+                op(&a[i * a_step..], lda, ta),
+                op(&b[i * b_step..], ldb, tb),
+                MatMut::new(c, n),
+                false,
+                threads,
+            );
         }
     }
 }
@@ -109,7 +111,14 @@ pub fn attention_scratch_len(g: &AttnGeom, slots: usize) -> usize {
 
 /// Scores of query rows [r0, r0+rows) against all keys, as probabilities, into `p`.
 fn probabilities<T: Float>(g: &AttnGeom, q: &[T], k: &[T], r0: usize, rows: usize, p: &mut [T]) {
-    matmul(rows, g.lk, g.d, &q[r0 * g.d..], g.d, false, k, g.d, true, p, g.lk, false, 1);
+    matmul(
+        GemmDims::new(rows, g.lk, g.d),
+        op(&q[r0 * g.d..], g.d, false),
+        op(k, g.d, true),
+        MatMut::new(p, g.lk),
+        false,
+        1,
+    );
     let scale = T::from_f64(g.scale);
     for (i, row) in p.chunks_mut(g.lk).take(rows).enumerate() {
         let visible = if g.causal { (r0 + i + 1).min(g.lk) } else { g.lk };
@@ -138,7 +147,14 @@ pub fn attention<T: Float>(g: &AttnGeom, q: &[T], k: &[T], v: &[T], out: &mut [T
                     let rows = blk.min(g.lq - r0);
                     let p = &mut sc[..rows * g.lk];
                     probabilities(g, qi, ki, r0, rows, p);
-                    matmul(rows, g.dv, g.lk, p, g.lk, false, vi, g.dv, false, &mut o[r0 * g.dv..], g.dv, false, 1);
+                    matmul(
+                        GemmDims::new(rows, g.dv, g.lk),
+                        op(p, g.lk, false),
+                        op(vi, g.dv, false),
+                        MatMut::new(&mut o[r0 * g.dv..], g.dv),
+                        false,
+                        1,
+                    );
                     r0 += rows;
                 }
             }
@@ -146,19 +162,25 @@ pub fn attention<T: Float>(g: &AttnGeom, q: &[T], k: &[T], v: &[T], out: &mut [T
     );
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What attention's backward writes: the gradients of q, k and v, and its per-thread scratch (probabilities and
+/// their gradient for one block of query rows).
+pub struct AttnGrads<'a, T> {
+    pub dq: &'a mut [T],
+    pub dk: &'a mut [T],
+    pub dv: &'a mut [T],
+    pub scratch: &'a mut [T],
+}
+
 pub fn attention_backward<T: Float>(
     g: &AttnGeom,
     q: &[T],
     k: &[T],
     v: &[T],
     dout: &[T],
-    dq: &mut [T],
-    dk: &mut [T],
-    dv: &mut [T],
-    scratch: &mut [T],
+    grads: AttnGrads<'_, T>,
     slots: usize,
 ) {
+    let AttnGrads { dq, dk, dv, scratch } = grads;
     let per = groups(g.bh, slots);
     let blk = g.block();
     let scale = T::from_f64(g.scale);
@@ -186,9 +208,23 @@ pub fn attention_backward<T: Float>(
                     probabilities(g, qi, ki, r0, rows, p);
                     let dob = &doi[r0 * g.dv..];
                     // dV += Pᵀ·dO
-                    matmul(g.lk, g.dv, rows, p, g.lk, true, dob, g.dv, false, dvi, g.dv, true, 1);
+                    matmul(
+                        GemmDims::new(g.lk, g.dv, rows),
+                        op(p, g.lk, true),
+                        op(dob, g.dv, false),
+                        MatMut::new(dvi, g.dv),
+                        true,
+                        1,
+                    );
                     // dP = dO·Vᵀ
-                    matmul(rows, g.lk, g.dv, dob, g.dv, false, vi, g.dv, true, dp, g.lk, false, 1);
+                    matmul(
+                        GemmDims::new(rows, g.lk, g.dv),
+                        op(dob, g.dv, false),
+                        op(vi, g.dv, true),
+                        MatMut::new(dp, g.lk),
+                        false,
+                        1,
+                    );
                     // dS = P ∘ (dP − rowsum(dP ∘ P)) · scale
                     for (pr, dr) in p.chunks(g.lk).zip(dp.chunks_mut(g.lk)) {
                         let dot: T = pr.iter().zip(dr.iter()).map(|(&a, &b)| a * b).sum();
@@ -197,8 +233,22 @@ pub fn attention_backward<T: Float>(
                         }
                     }
                     // dQ = dS·K ; dK += dSᵀ·Q
-                    matmul(rows, g.d, g.lk, dp, g.lk, false, ki, g.d, false, &mut dqi[r0 * g.d..], g.d, false, 1);
-                    matmul(g.lk, g.d, rows, dp, g.lk, true, &qi[r0 * g.d..], g.d, false, dki, g.d, true, 1);
+                    matmul(
+                        GemmDims::new(rows, g.d, g.lk),
+                        op(dp, g.lk, false),
+                        op(ki, g.d, false),
+                        MatMut::new(&mut dqi[r0 * g.d..], g.d),
+                        false,
+                        1,
+                    );
+                    matmul(
+                        GemmDims::new(g.lk, g.d, rows),
+                        op(dp, g.lk, true),
+                        op(&qi[r0 * g.d..], g.d, false),
+                        MatMut::new(dki, g.d),
+                        true,
+                        1,
+                    );
                     r0 += rows;
                 }
             }

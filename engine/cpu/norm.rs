@@ -11,19 +11,29 @@ fn mean_rstd<T: Float>(x: &[T], eps: f64) -> (T, T) {
     (mean, T::ONE / (var + T::from_f64(eps)).sqrt())
 }
 
-/// x [N, C, S] (S = product of the spatial dims). Each (n, group) is a contiguous block.
-#[allow(clippy::too_many_arguments)]
-pub fn group_norm<T: Float>(
-    x: &[T],
-    gamma: &[T],
-    beta: &[T],
-    y: &mut [T],
-    n: usize,
-    c: usize,
-    s: usize,
-    groups: usize,
-    eps: f64,
-) {
+/// The shape GroupNorm works on: x is [n, c, s] (s = the product of the spatial dims), normalised over
+/// `groups` groups of channels with `eps`.
+#[derive(Clone, Copy, Debug)]
+pub struct GroupNormGeom {
+    pub n: usize,
+    pub c: usize,
+    pub s: usize,
+    pub groups: usize,
+    pub eps: f64,
+}
+
+/// The outputs of a normalisation's backward: the input's gradient, the scale's and the shift's, and the scratch
+/// the per-block partial sums of the latter two go through (so no two threads write the same element).
+pub struct NormGrads<'a, T> {
+    pub dx: &'a mut [T],
+    pub dgamma: &'a mut [T],
+    pub dbeta: &'a mut [T],
+    pub partial: &'a mut [T],
+}
+
+/// Each (n, group) is a contiguous block of x.
+pub fn group_norm<T: Float>(g: &GroupNormGeom, x: &[T], gamma: &[T], beta: &[T], y: &mut [T]) {
+    let GroupNormGeom { n, c, s, groups, eps } = *g;
     let cg = c / groups;
     let block = cg * s;
     y.par_chunks_mut(block).enumerate().take(n * groups).for_each(|(i, yb)| {
@@ -40,23 +50,10 @@ pub fn group_norm<T: Float>(
     });
 }
 
-/// Returns dx; writes per-(n, channel) partial dgamma/dbeta into `partial` ([N, C, 2]) and
-/// reduces them over N, so no two threads write the same element.
-#[allow(clippy::too_many_arguments)]
-pub fn group_norm_backward<T: Float>(
-    x: &[T],
-    gamma: &[T],
-    dy: &[T],
-    dx: &mut [T],
-    dgamma: &mut [T],
-    dbeta: &mut [T],
-    partial: &mut [T],
-    n: usize,
-    c: usize,
-    s: usize,
-    groups: usize,
-    eps: f64,
-) {
+/// Writes dx, and per-(n, channel) partial dgamma/dbeta into `partial` ([N, C, 2]) which it then reduces over N.
+pub fn group_norm_backward<T: Float>(g: &GroupNormGeom, x: &[T], gamma: &[T], dy: &[T], out: NormGrads<'_, T>) {
+    let GroupNormGeom { n, c, s, groups, eps } = *g;
+    let NormGrads { dx, dgamma, dbeta, partial } = out;
     let cg = c / groups;
     let block = cg * s;
     let count = T::from_f64(block as f64);
@@ -113,20 +110,10 @@ pub fn layer_norm<T: Float>(x: &[T], gamma: &[T], beta: &[T], y: &mut [T], d: us
     });
 }
 
-/// Rows are split into `blocks` fixed groups; each writes its partial dgamma/dbeta into its own
+/// x is rows of `d`. Rows are split into `blocks` fixed groups; each writes its partial dgamma/dbeta into its own
 /// slot of `partial` ([blocks, 2, D]) before they are summed.
-#[allow(clippy::too_many_arguments)]
-pub fn layer_norm_backward<T: Float>(
-    x: &[T],
-    gamma: &[T],
-    dy: &[T],
-    dx: &mut [T],
-    dgamma: &mut [T],
-    dbeta: &mut [T],
-    partial: &mut [T],
-    d: usize,
-    eps: f64,
-) {
+pub fn layer_norm_backward<T: Float>(x: &[T], gamma: &[T], dy: &[T], out: NormGrads<'_, T>, d: usize, eps: f64) {
+    let NormGrads { dx, dgamma, dbeta, partial } = out;
     let rows = x.len() / d.max(1);
     let blocks = layer_norm_blocks(rows);
     let rows_per = rows.div_ceil(blocks).max(1);
