@@ -14,10 +14,13 @@
 #[path = "kernels/ptxas_report.rs"]
 mod ptxas_report;
 
-use std::collections::hash_map::DefaultHasher;
+// The library's stable hash (FNV-1a), so cache keys do not change with the Rust version as DefaultHasher's may.
+#[allow(dead_code)]
+#[path = "hash.rs"]
+mod hash;
+
 use std::ffi::c_int;
 use std::fmt::Write as _;
-use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::{env, fs, thread};
@@ -284,10 +287,22 @@ fn build_one(ctx: &JobContext, source_path: &Path, target: &Target) -> Result<Ou
         return Ok(finish_uncompiled(out, &key_path, "", &[], text));
     };
 
-    let mut hasher = DefaultHasher::new();
-    (CACHE_SCHEMA, &source, ctx.header_text, &options, nvrtc_version).hash(&mut hasher);
-    ctx.ptxas.map(|p| (&p.path, &p.version)).hash(&mut hasher);
-    let key = format!("{:016x}", hasher.finish());
+    // Every input of the compilation, each prefixed by its length so that no two inputs run together.
+    let ptxas = ctx.ptxas.map(|p| format!("{} {}", p.path.display(), p.version)).unwrap_or_default();
+    let parts = [
+        CACHE_SCHEMA.to_string(),
+        source.clone(),
+        ctx.header_text.to_string(),
+        options.join("\n"),
+        nvrtc_version.to_string(),
+        ptxas,
+    ];
+    let key = format!(
+        "{:016x}",
+        parts.iter().fold(hash::FNV_OFFSET, |h, part| {
+            hash::fnv1a_extend(hash::fnv1a_extend(h, &(part.len() as u64).to_le_bytes()), part.as_bytes())
+        })
+    );
     if fs::read_to_string(&key_path).is_ok_and(|k| k == key) && out.ptx.is_file() && out.cubin.is_file() {
         if let Ok(report_text) = fs::read_to_string(&out.report) {
             return Ok(Output { report_text, ..out });
