@@ -8,7 +8,7 @@ use crate::graph::optim::{append_accumulating_step, append_training_step_l2, Ada
 use crate::graph::passes::{self, Optimized, PassOptions};
 use crate::graph::{DType, Graph, ValueId};
 use crate::models::control_ldm::{self, Batch};
-use crate::models::train_step::{micro_step_hw, Phase, StepInputs, StepModels};
+use crate::models::train_step::{micro_step_hw, StepInputs, StepModels, TrainPhase};
 use crate::models::{ModelBuilder, ParamSpec};
 
 /// The activation dtype a precision setting means (parameters and optimizer state stay f32).
@@ -67,7 +67,7 @@ pub struct TrainStepGraph {
 
 /// Builds [`TrainStepGraph`] for `phase` on (h, w) images, as the config asks (micro-batch size, accumulation,
 /// precision, activation recomputation, update rule).
-pub fn train_step(cfg: &Config, models: &StepModels, phase: Phase, hw: (usize, usize)) -> Result<TrainStepGraph> {
+pub fn train_step(cfg: &Config, models: &StepModels, phase: TrainPhase, hw: (usize, usize)) -> Result<TrainStepGraph> {
     let micro = cfg.model.micro_batch_size as usize;
     let micro_batches = cfg.grad_accumulation().max(1) as usize;
     let world_size = cfg.data_parallel_size().max(1) as usize;

@@ -50,7 +50,7 @@ impl StepModels {
 
 /// What is trained.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Phase {
+pub enum TrainPhase {
     /// The U-Net alone, every parameter (no ControlNet): pretraining a base model.
     Base,
     /// The ControlNet (and the U-Net decoder when `sd_locked` is false).
@@ -135,7 +135,7 @@ pub fn latent_channels(m: &StepModels) -> usize {
 pub fn micro_step(
     b: &mut ModelBuilder,
     m: &StepModels,
-    phase: Phase,
+    phase: TrainPhase,
     n: usize,
     hw: usize,
     compute: DType,
@@ -148,7 +148,7 @@ pub fn micro_step(
 pub fn micro_step_hw(
     b: &mut ModelBuilder,
     m: &StepModels,
-    phase: Phase,
+    phase: TrainPhase,
     n: usize,
     (h, w): (usize, usize),
     compute: DType,
@@ -187,10 +187,10 @@ pub fn micro_step_hw(
     let xt = b.g.add(a, s)?;
     let (xc, cc) = (b.g.cast(xt, compute)?, b.g.cast(ctx, compute)?);
     let eps = match phase {
-        Phase::Base => b.with_trainable(true, |b| {
+        TrainPhase::Base => b.with_trainable(true, |b| {
             unet::controlled_unet(b, UNET_PREFIX, &m.ldm.unet, UnetInputs { x: xc, t, ctx: cc }, None, true)
         })?,
-        Phase::Control => {
+        TrainPhase::Control => {
             let hc = b.g.cast(hint, compute)?;
             let control =
                 b.with_trainable(true, |b| controlnet::controlnet(b, CONTROL_PREFIX, &m.ldm.control, xc, hc, t, cc))?;

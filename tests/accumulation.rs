@@ -21,7 +21,7 @@ use zeroconv::graph::optim::{
 };
 use zeroconv::graph::passes::{self, PassOptions};
 use zeroconv::graph::{DType, Graph, Op, ValueId};
-use zeroconv::models::train_step::Phase;
+use zeroconv::models::train_step::TrainPhase;
 
 // ---- the op -------------------------------------------------------------------------------------------------------
 
@@ -232,7 +232,7 @@ fn planned_memory_does_not_grow_with_the_micro_batches() {
     let plan = |micro_batches: u32| {
         let cfg = accumulating(micro_batches);
         let models = train::step_models(&cfg).unwrap();
-        let st = step::train_step(&cfg, &models, Phase::Control, (64, 64)).unwrap();
+        let st = step::train_step(&cfg, &models, TrainPhase::Control, (64, 64)).unwrap();
         assert_eq!(st.micro_batches, micro_batches as usize);
         let trainable: usize = st.params.iter().filter(|p| p.trainable).map(|p| p.shape.numel()).sum();
         let opt = step::run_passes(&st.graph, &step::pass_options(&cfg, false)).unwrap();

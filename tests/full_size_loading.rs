@@ -36,7 +36,7 @@ fn config(file: &Path) -> Config {
 fn all_specs(cfg: &Config) -> Vec<ParamSpec> {
     let models = train::step_models(cfg).unwrap();
     let mut b = zeroconv::models::ModelBuilder::new(DType::F32);
-    let phase = zeroconv::models::train_step::Phase::Control;
+    let phase = zeroconv::models::train_step::TrainPhase::Control;
     zeroconv::models::train_step::micro_step(&mut b, &models, phase, 1, 64, DType::F32, "").unwrap();
     b.params
 }

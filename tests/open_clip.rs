@@ -318,7 +318,7 @@ fn a_tiny_sd2_like_controlnet_trains_with_the_open_clip_encoder_from_its_checkpo
     // Every text-encoder tensor the step uses comes from the SD 2 file (the U-Net is random: no base model here).
     let specs = {
         let mut b = zeroconv::models::ModelBuilder::new(DType::F32);
-        let phase = zeroconv::models::train_step::Phase::Control;
+        let phase = zeroconv::models::train_step::TrainPhase::Control;
         zeroconv::models::train_step::micro_step(&mut b, &models, phase, 1, 64, DType::F32, "").unwrap();
         b.params
     };

@@ -109,7 +109,7 @@ fn sampling_is_deterministic_for_a_seed() {
         zeroconv::models::train_step::micro_step(
             &mut b,
             &models,
-            zeroconv::models::train_step::Phase::Control,
+            zeroconv::models::train_step::TrainPhase::Control,
             1,
             64,
             zeroconv::graph::DType::F32,

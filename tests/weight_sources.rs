@@ -50,7 +50,7 @@ fn all_specs(cfg: &Config) -> Vec<ParamSpec> {
     zeroconv::models::train_step::micro_step(
         &mut b,
         &models,
-        zeroconv::models::train_step::Phase::Control,
+        zeroconv::models::train_step::TrainPhase::Control,
         1,
         64,
         DType::F32,

@@ -24,7 +24,7 @@ pub enum Part {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Precision {
+pub enum ComputePrecision {
     Fp32,
     Bf16,
 }
@@ -61,7 +61,7 @@ pub struct ForwardArgs {
     #[arg(long, value_enum)]
     pub device: Option<DeviceChoice>,
     #[arg(long, value_enum, default_value = "fp32")]
-    pub precision: Precision,
+    pub precision: ComputePrecision,
     #[arg(long, value_enum, default_value = "control")]
     pub part: Part,
 }
@@ -82,8 +82,8 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
     let ckpt = Checkpoint::open_pretrained(&args.ckpt, &model_config::architecture(&cfg))?;
     let inputs = Checkpoint::open(&args.inputs)?;
     let compute = match args.precision {
-        Precision::Fp32 => DType::F32,
-        Precision::Bf16 => DType::BF16,
+        ComputePrecision::Fp32 => DType::F32,
+        ComputePrecision::Bf16 => DType::BF16,
     };
     if args.part != Part::Control && (args.grad || compute != DType::F32) {
         return Err(Error::msg("--grad and --precision bf16 apply to --part control only"));

@@ -8,7 +8,7 @@ use crate::error::Result;
 use crate::frontend::device::DeviceChoice;
 use crate::frontend::{model_config, step};
 use crate::models::counts::{clip_params, controlnet_params, total, unet_params, vae_params};
-use crate::models::train_step::Phase;
+use crate::models::train_step::TrainPhase;
 use std::io::Write;
 
 #[derive(Debug, clap::Args)]
@@ -124,7 +124,7 @@ pub fn run(args: &InspectArgs, out: &mut dyn Write) -> Result<()> {
 fn train_step_plan(cfg: &crate::frontend::config::Config, device: Option<DeviceChoice>) -> Result<String> {
     let models = crate::frontend::train::step_models(cfg)?;
     let (h, w) = crate::frontend::train::data::image_size(cfg);
-    let st = step::train_step(cfg, &models, Phase::Control, (h, w))?;
+    let st = step::train_step(cfg, &models, TrainPhase::Control, (h, w))?;
     let opt = step::run_passes(&st.graph, &step::pass_options(cfg, false))?;
     let plan = CpuBackend::default().plan(&opt.graph)?;
     let f = models.first_stage.factor();

@@ -22,7 +22,7 @@ use super::group::{SampleReader, ShardItem};
 use super::loader::{Loader, LoaderConfig};
 use super::make::ShardWriter;
 use super::pool;
-use super::rng::Rng;
+use super::rng::SplitMix64;
 use super::transform::{resize_crop, Filter, Normalize};
 use crate::{Error, Result};
 
@@ -109,7 +109,7 @@ pub fn generate_shards(dir: &Path, shards: usize) -> Result<Vec<PathBuf>> {
 /// A photo-like image (smooth shading, shapes, sensor-like noise, so JPEG has real work) and a segmentation map
 /// of the same shapes in a few flat class colours.
 pub fn synthetic_pair(seed: u64, width: u32, height: u32) -> (RgbImage, RgbImage) {
-    let mut rng = Rng::derive(seed, &[0xbe_7c]);
+    let mut rng = SplitMix64::derive(seed, &[0xbe_7c]);
     let circles: Vec<(f64, f64, f64, [u8; 3], usize)> = (0..6)
         .map(|k| {
             let c = [rng.below(256) as u8, rng.below(256) as u8, rng.below(256) as u8];
@@ -118,7 +118,7 @@ pub fn synthetic_pair(seed: u64, width: u32, height: u32) -> (RgbImage, RgbImage
         .collect();
     let palette = [[128u8, 64, 128], [70, 70, 70], [107, 142, 35], [0, 0, 142], [220, 20, 60], [0, 0, 0]];
     let phase = rng.unit_f64() * std::f64::consts::TAU;
-    let mut noise = Rng::derive(seed, &[0x0015e]);
+    let mut noise = SplitMix64::derive(seed, &[0x0015e]);
     let mut map = RgbImage::new(width, height);
     let image = RgbImage::from_fn(width, height, |x, y| {
         let (fx, fy) = (x as f64, y as f64);

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::decode::{decode_sample, recycle_image, Fields};
 use super::group::{RawSample, SampleReader, ShardItem};
 use super::pool;
-use super::rng::{Fnv, Rng};
+use super::rng::{Fnv, SplitMix64};
 use super::shards::resolve_shards;
 use super::shuffle::ShuffleBuffer;
 use super::transform::{resize_crop_as, Chw, Filter, Normalize, Resize};
@@ -309,7 +309,7 @@ impl Loader {
         let mut order: Vec<usize> = (0..self.inner.shards.len()).collect();
         if cfg.shuffle_shards {
             // Same permutation on every rank and worker, so the split below is a partition.
-            Rng::derive(cfg.seed, &[RNG_SHARDS, epoch]).shuffle(&mut order);
+            SplitMix64::derive(cfg.seed, &[RNG_SHARDS, epoch]).shuffle(&mut order);
         }
         match cfg.split {
             SplitMode::Shards => order
@@ -331,7 +331,7 @@ impl Loader {
             current: None,
             raw_index: 0,
         };
-        let rng = Rng::derive(cfg.seed, &[RNG_BUFFER, epoch, cfg.partition() as u64]);
+        let rng = SplitMix64::derive(cfg.seed, &[RNG_BUFFER, epoch, cfg.partition() as u64]);
         ShuffleBuffer::new(reader, cfg.shuffle_buffer, rng, |item| matches!(item, Item::ShardError(_)))
     }
 
@@ -724,7 +724,7 @@ fn decode_worker(inner: &Inner, work: &Mutex<mpsc::Receiver<Work>>, done: &mpsc:
             Work::Item { epoch, seq, item: Item::ShardError(msg) } => ((epoch, seq), Done::ShardError(msg)),
             Work::Item { epoch, seq, item: Item::Sample(raw) } => {
                 let flip = cfg.flip_prob > 0.0
-                    && Rng::derive(cfg.seed, &[RNG_FLIP, epoch, cfg.partition() as u64, seq]).unit_f64()
+                    && SplitMix64::derive(cfg.seed, &[RNG_FLIP, epoch, cfg.partition() as u64, seq]).unit_f64()
                         < cfg.flip_prob;
                 let outcome = catch_unwind(AssertUnwindSafe(|| prepare(cfg, &raw, flip)));
                 let result = match outcome {

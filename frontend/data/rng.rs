@@ -4,7 +4,7 @@
 
 /// SplitMix64 (Steele, Lea, Flood 2014): a 64-bit state advanced by a constant, output through a strong mixer.
 #[derive(Debug, Clone)]
-pub struct Rng {
+pub struct SplitMix64 {
     state: u64,
 }
 
@@ -16,14 +16,14 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-impl Rng {
+impl SplitMix64 {
     /// A generator for one purpose, derived from the seed and any number of coordinates (epoch, partition, ...).
-    pub fn derive(seed: u64, parts: &[u64]) -> Rng {
+    pub fn derive(seed: u64, parts: &[u64]) -> SplitMix64 {
         let mut state = mix(seed ^ GOLDEN);
         for &part in parts {
             state = mix(state.wrapping_add(GOLDEN) ^ mix(part.wrapping_add(GOLDEN)));
         }
-        Rng { state }
+        SplitMix64 { state }
     }
 
     pub fn next_u64(&mut self) -> u64 {
@@ -87,14 +87,17 @@ mod tests {
 
     #[test]
     fn streams_are_reproducible_and_distinct() {
-        let a: Vec<u64> = (0..4).map(|_| 0).scan(Rng::derive(7, &[1, 2]), |r, _: u64| Some(r.next_u64())).collect();
-        let b: Vec<u64> = (0..4).map(|_| 0).scan(Rng::derive(7, &[1, 2]), |r, _: u64| Some(r.next_u64())).collect();
-        let c: Vec<u64> = (0..4).map(|_| 0).scan(Rng::derive(7, &[2, 1]), |r, _: u64| Some(r.next_u64())).collect();
+        let a: Vec<u64> =
+            (0..4).map(|_| 0).scan(SplitMix64::derive(7, &[1, 2]), |r, _: u64| Some(r.next_u64())).collect();
+        let b: Vec<u64> =
+            (0..4).map(|_| 0).scan(SplitMix64::derive(7, &[1, 2]), |r, _: u64| Some(r.next_u64())).collect();
+        let c: Vec<u64> =
+            (0..4).map(|_| 0).scan(SplitMix64::derive(7, &[2, 1]), |r, _: u64| Some(r.next_u64())).collect();
         assert_eq!(a, b);
         assert_ne!(a, c);
         // Pinned values: the sample order of a seed must never change silently.
-        assert_eq!(Rng::derive(0, &[]).next_u64(), Rng::derive(0, &[]).next_u64());
-        let mut r = Rng::derive(42, &[0]);
+        assert_eq!(SplitMix64::derive(0, &[]).next_u64(), SplitMix64::derive(0, &[]).next_u64());
+        let mut r = SplitMix64::derive(42, &[0]);
         let first: Vec<usize> = (0..8).map(|_| r.below(10)).collect();
         assert_eq!(first, PINNED);
     }
@@ -105,7 +108,7 @@ mod tests {
     #[test]
     fn core_generator_is_splitmix64() {
         // Published SplitMix64 outputs for the state 1234567.
-        let mut r = Rng { state: 1_234_567 };
+        let mut r = SplitMix64 { state: 1_234_567 };
         assert_eq!(r.next_u64(), 6_457_827_717_110_365_317);
         assert_eq!(r.next_u64(), 3_203_168_211_198_807_973);
         assert_eq!(r.next_u64(), 9_817_491_932_198_370_423);
@@ -113,7 +116,7 @@ mod tests {
 
     #[test]
     fn below_is_roughly_uniform() {
-        let mut r = Rng::derive(1, &[]);
+        let mut r = SplitMix64::derive(1, &[]);
         let mut counts = [0usize; 10];
         for _ in 0..100_000 {
             counts[r.below(10)] += 1;

@@ -3,20 +3,20 @@
 //! get mixed without reading a whole shard into memory. Items the predicate marks as urgent (shard errors) pass
 //! straight through, so they are reported where they happen.
 
-use super::rng::Rng;
+use super::rng::SplitMix64;
 
 pub struct ShuffleBuffer<I: Iterator> {
     input: I,
     buffer: Vec<I::Item>,
     capacity: usize,
-    rng: Rng,
+    rng: SplitMix64,
     input_done: bool,
     urgent: fn(&I::Item) -> bool,
 }
 
 impl<I: Iterator> ShuffleBuffer<I> {
     /// A capacity of 0 or 1 keeps the input order.
-    pub fn new(input: I, capacity: usize, rng: Rng, urgent: fn(&I::Item) -> bool) -> Self {
+    pub fn new(input: I, capacity: usize, rng: SplitMix64, urgent: fn(&I::Item) -> bool) -> Self {
         ShuffleBuffer {
             input,
             buffer: Vec::with_capacity(capacity.min(1 << 16)),
@@ -57,7 +57,7 @@ mod tests {
 
     #[test]
     fn is_a_permutation_and_depends_on_seed() {
-        let run = |seed| ShuffleBuffer::new(0..100u32, 10, Rng::derive(seed, &[]), never).collect::<Vec<_>>();
+        let run = |seed| ShuffleBuffer::new(0..100u32, 10, SplitMix64::derive(seed, &[]), never).collect::<Vec<_>>();
         let a = run(1);
         let mut sorted = a.clone();
         sorted.sort();
@@ -73,13 +73,13 @@ mod tests {
 
     #[test]
     fn capacity_one_keeps_order_and_urgent_items_pass() {
-        let kept: Vec<u32> = ShuffleBuffer::new(0..5u32, 1, Rng::derive(0, &[]), never).collect();
+        let kept: Vec<u32> = ShuffleBuffer::new(0..5u32, 1, SplitMix64::derive(0, &[]), never).collect();
         assert_eq!(kept, [0, 1, 2, 3, 4]);
         fn is_big(v: &u32) -> bool {
             *v >= 100
         }
         let items = vec![1, 2, 3, 100, 4];
-        let out: Vec<u32> = ShuffleBuffer::new(items.into_iter(), 10, Rng::derive(0, &[]), is_big).collect();
+        let out: Vec<u32> = ShuffleBuffer::new(items.into_iter(), 10, SplitMix64::derive(0, &[]), is_big).collect();
         assert_eq!(out[0], 100, "urgent item reported as soon as it is read: {out:?}");
         assert_eq!(out.len(), 5);
     }

@@ -28,7 +28,7 @@ use crate::graph::optim::adamw_hyper;
 use crate::graph::passes::ValueMap;
 use crate::graph::{DType, ValueId};
 use crate::models::schedule::Schedule;
-use crate::models::train_step::{latent_channels, micro_step_hw, FirstStage, Phase, StepInputs, StepModels};
+use crate::models::train_step::{latent_channels, micro_step_hw, FirstStage, StepInputs, StepModels, TrainPhase};
 use crate::models::{ModelBuilder, ParamSpec};
 use data::{DataSource, HostBatch};
 use parallel::Parallel;
@@ -135,7 +135,7 @@ pub fn compile_options(cfg: &Config, threads: Option<usize>) -> Result<CompileOp
 fn build_step(
     cfg: &Config,
     models: &StepModels,
-    phase: Phase,
+    phase: TrainPhase,
     hw: (usize, usize),
     opts: &TrainOptions,
 ) -> Result<StepProgram> {
@@ -340,15 +340,21 @@ impl Run<'_> {
     }
 
     /// Runs `phase` from `start` (steps done) until `limits` end it.
-    fn run_phase(&mut self, phase: Phase, start: u64, limits: Limits, resume_from: Option<&Checkpoint>) -> Result<()> {
-        let name = if phase == Phase::Base { "base" } else { "control" };
+    fn run_phase(
+        &mut self,
+        phase: TrainPhase,
+        start: u64,
+        limits: Limits,
+        resume_from: Option<&Checkpoint>,
+    ) -> Result<()> {
+        let name = if phase == TrainPhase::Base { "base" } else { "control" };
         let hw = self.data.image_size();
         let t0 = Instant::now();
         let mut p = build_step(self.cfg, &self.models, phase, hw, self.opts)?;
         let graph = p.prog.graph();
         let fingerprint = || crate::hash::fnv1a64(crate::graph::passes::dump::dump(graph).as_bytes());
         self.par.check_same(&format!("{name} training step"), fingerprint)?;
-        if phase == Phase::Control {
+        if phase == TrainPhase::Control {
             self.store.copy_unet_into_control(&p.specs);
         }
         self.store.init_missing(&p.specs, self.cfg.model.seed)?;
@@ -371,7 +377,7 @@ impl Run<'_> {
         let log_every = self.cfg.trainer.log_every_n_steps.max(1);
         let ckpt_every = self.cfg.exp_manager.checkpoint_callback_params.every_n_train_steps;
         let checkpoints = self.cfg.exp_manager.create_checkpoint_callback;
-        let validate = self.opts.evaluate && phase == Phase::Control;
+        let validate = self.opts.evaluate && phase == TrainPhase::Control;
         let val_every = if validate { self.cfg.trainer.val_check_interval } else { None };
         // The step count when it is known beforehand (for the progress line).
         let total = limits.planned_steps(self.data.epoch_samples(), per_step as u64);
@@ -453,7 +459,7 @@ impl Run<'_> {
         // What the host needs next: the base model's file and the ControlNet phase need every weight after the
         // base phase, the fidelity evaluation samples with every weight; otherwise the trained weights (the export).
         let evaluates = self.opts.evaluate && matches!(self.data, DataSource::Synthetic { .. });
-        if phase == Phase::Base || evaluates {
+        if phase == TrainPhase::Base || evaluates {
             self.store.download_all(&mut p.prog, &p.map, &p.specs)?;
         } else {
             self.store.download_trainable(&mut p.prog, &p.map, &p.specs)?;
@@ -616,7 +622,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
     // source is an error that leaves no run behind to block the corrected command.
     let all_specs = {
         let mut b = ModelBuilder::new(DType::F32);
-        micro_step_hw(&mut b, &models, Phase::Control, 1, data.image_size(), DType::F32, "")?;
+        micro_step_hw(&mut b, &models, TrainPhase::Control, 1, data.image_size(), DType::F32, "")?;
         b.params
     };
     let mut store = WeightStore::default();
@@ -688,7 +694,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
             Some((ck, st)) if st.phase == "base" => (st.step, Some(ck)),
             _ => (0, None),
         };
-        run.run_phase(Phase::Base, start, Limits { steps: Some(base_steps), epochs: None }, ck)?;
+        run.run_phase(TrainPhase::Base, start, Limits { steps: Some(base_steps), epochs: None }, ck)?;
         // Written by rank 0 before any rank goes on (a resume of the ControlNet phase reads it).
         if run.par.is_root() {
             let mut base = run.store.under("model.diffusion_model.");
@@ -719,7 +725,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
         Some((ck, st)) if st.phase == "control" => (st.step, Some(ck)),
         _ => (0, None),
     };
-    run.run_phase(Phase::Control, start, limits, ck)?;
+    run.run_phase(TrainPhase::Control, start, limits, ck)?;
     if !run.par.is_root() {
         // The other ranks write nothing; rank 0 exports and evaluates.
         run.report.rank = run.par.rank;

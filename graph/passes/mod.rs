@@ -1,11 +1,11 @@
 //! Graph passes. Each is a pure function from a graph to a graph (plus a map from old value ids
 //! to new ones); none touches a device.
 
-pub mod checkpoint;
 pub mod cse;
 pub mod dce;
 pub mod dump;
 pub mod memplan;
+pub mod recompute;
 pub mod rewrite;
 
 pub use memplan::{plan_memory, plan_memory_aligned, Location, MemoryPlan};
@@ -49,7 +49,7 @@ pub fn optimize(g: &Graph, opts: &PassOptions) -> Result<Optimized> {
     type Pass = fn(&Graph) -> Result<(Graph, ValueMap)>;
     let mut passes: Vec<(&str, Pass)> = vec![("cse", cse::cse), ("dce", dce::dce)];
     if opts.checkpointing {
-        passes.push(("checkpoint", checkpoint::checkpoint));
+        passes.push(("recompute", recompute::recompute));
     }
     for (name, pass) in passes {
         let (next, m) = pass(&graph)?;

@@ -1,4 +1,5 @@
-//! Activation checkpointing as a rewrite: activations produced by nodes marked `checkpoint` are
+//! Activation recomputation ("activation checkpointing"; named so here to keep it apart from weight checkpoint
+//! files) as a rewrite: activations produced by nodes marked `checkpoint` are
 //! not kept for the backward. Each backward node that reads one gets a recomputed copy instead,
 //! emitted just before its first backward reader, so the forward original dies early and the
 //! recomputed one lives only through the backward of its segment.
@@ -8,7 +9,7 @@ use crate::error::Result;
 use crate::graph::ir::{Graph, NodeId, Phase, ValueId};
 use std::collections::HashMap;
 
-pub fn checkpoint(g: &Graph) -> Result<(Graph, ValueMap)> {
+pub fn recompute(g: &Graph) -> Result<(Graph, ValueMap)> {
     let mut rw = Rewriter::new(g);
     // Old value → its recomputed new value.
     let mut recomputed: HashMap<ValueId, ValueId> = HashMap::new();
