@@ -43,7 +43,7 @@ use std::sync::Arc;
 pub use nemo::{Accepts, IgnoredKey, IGNORED_KEYS};
 pub use schema::*;
 pub use values::{
-    Accelerator, ClipLayer, CropSize, Interpolation, OptimizerName, Precision, SamplerName, SchedulerName,
+    Accelerator, ClipLayer, CropSize, Interpolation, OptimizerName, Precision, SamplerName, SchedulerName, TextCleanup,
     ValCheckInterval,
 };
 
