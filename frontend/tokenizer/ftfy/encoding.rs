@@ -63,7 +63,8 @@ fn fix_encoding_step(text: &str) -> String {
     }
     // ftfy then asks whether "windows-1252" was among the encodings that could represent the text, to leave
     // text that is both Latin-1 and windows-1252 alone; but its list names "sloppy-windows-1252", so the answer
-    // is always no and Latin-1 text is always re-read as (strict) windows-1252. Reproduced as it behaves.
+    // is always no and Latin-1 text is always re-read as (strict) windows-1252. Reproduced as it behaves (its
+    // result is what the C1 fallback below would give anyway: both read 0x80..0x9F as windows-1252).
     if latin1_possible {
         let bytes = codecs::charmap("latin-1").encode(text).unwrap_or_default();
         if let Some(fixed) = codecs::decode_windows_1252(&bytes) {
