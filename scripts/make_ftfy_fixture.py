@@ -127,6 +127,11 @@ FIX_TEXT_EXTRA = [
     "\u00e2\u20ac\u00a2 bullet \u00e2\u201e\u00a2",
     "\u201cwindows-1252\u201d \u00c3\u00a9 mixed",
     "\u0421\u201a\u0420\u00b5\u0421\u0403\u0421\u201a",
+    # Python's `$` before a final newline inside the lenient UTF-8 decoder: the newline is eaten.
+    "caf\u00c3\u00a9 \u00c0\n",
+    "\u00ed\u00a0\u00bd\u00ed\u00b8\n",
+    "\u00c3\u00a9\u00ed\u00a0\u00bd\u00ed\u00b8\x80\n",
+    "\u00c3\u00a9\u00ed\n",
 ]
 
 MOJIBAKE_WORDS = [
