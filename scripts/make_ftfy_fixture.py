@@ -41,7 +41,7 @@ from ftfy import badness
 from transformers import CLIPTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_tokenizer_fixture import CAPTIONS  # noqa: E402
+from make_tokenizer_fixture import CAPTIONS, without_ftfy  # noqa: E402
 
 FIXTURE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "tokenizer")
 OUT = os.path.join(FIXTURE_DIR, "ftfy.json")
@@ -222,16 +222,6 @@ def bits(values):
         if v:
             packed[i // 8] |= 1 << (i % 8)
     return base64.b64encode(bytes(packed)).decode("ascii")
-
-
-def without_ftfy(make):
-    """Builds a tokenizer while `import ftfy` fails, so that CLIPTokenizer takes its no-ftfy path."""
-    saved = sys.modules.get("ftfy")
-    sys.modules["ftfy"] = None
-    try:
-        return make()
-    finally:
-        sys.modules["ftfy"] = saved
 
 
 def main():

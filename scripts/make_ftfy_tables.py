@@ -14,9 +14,7 @@ Setup (.tools/ is git-ignored):
     PYTHONPATH=.tools/pytf4 python3 scripts/make_ftfy_tables.py
 """
 
-import codecs
 import html
-import html.entities
 import os
 import re
 import sys
