@@ -17,6 +17,10 @@ Contents:
 - `badness`: `ftfy.badness.is_bad` for every two-character string over an alphabet of the characters its
   heuristic looks at, and for pseudo-random longer strings drawn with a generator the Rust test reproduces.
 
+And tests/fixtures/tokenizer/ftfy_chars.json: every code point assigned in this Python's Unicode version, alone:
+`ftfy.fix_text` of it and CLIPTokenizer's ftfy-path cleanup of it (fix_text, whitespace_clean, lower), listed
+where either changes the character.
+
 Versions used: transformers 4.57.6, ftfy 6.3.1, regex 2026.11.19, Python 3.11.7.
 Setup (.tools/ is git-ignored):
     python3 -m pip install --no-deps --target .tools/pytf4 transformers==4.57.6 tokenizers==0.22.1 \
@@ -39,12 +43,14 @@ import regex
 import transformers
 from ftfy import badness
 from transformers import CLIPTokenizer
+from transformers.models.clip.tokenization_clip import whitespace_clean
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from make_tokenizer_fixture import CAPTIONS, without_ftfy  # noqa: E402
 
 FIXTURE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "tokenizer")
 OUT = os.path.join(FIXTURE_DIR, "ftfy.json")
+OUT_CHARS = os.path.join(FIXTURE_DIR, "ftfy_chars.json")
 
 # (kind, caption): the kinds are what tests/tokenizer_ftfy.rs checks are covered.
 CASES = [
@@ -224,6 +230,26 @@ def bits(values):
     return base64.b64encode(bytes(packed)).decode("ascii")
 
 
+def single_characters():
+    """Every assigned code point (surrogates aside): the assigned ranges, and what fix_text and CLIPTokenizer's
+    ftfy-path cleanup make of the ones they change."""
+    assigned, changed = [], []
+    for c in range(0x110000):
+        ch = chr(c)
+        if 0xD800 <= c <= 0xDFFF or unicodedata.category(ch) == "Cn":
+            continue
+        if assigned and assigned[-1][1] + 1 == c:
+            assigned[-1][1] = c
+        else:
+            assigned.append([c, c])
+        fixed = ftfy.fix_text(ch)
+        cleaned = whitespace_clean(fixed).lower()  # CLIPTokenizer._tokenize's ftfy path
+        if fixed != ch or cleaned != ch:
+            changed.append([c, fixed, cleaned])
+    return {"python_version": sys.version.split()[0], "unicode_version": unicodedata.unidata_version,
+            "ftfy_version": ftfy.__version__, "assigned": assigned, "changed": changed}
+
+
 def main():
     if ftfy.__version__ != "6.3.1" or not transformers.__version__.startswith("4."):
         sys.exit(f"expected ftfy 6.3.1 and transformers 4.x, found {ftfy.__version__} and {transformers.__version__}")
@@ -300,6 +326,14 @@ def main():
             else:
                 f.write(f" {json.dumps(key)}: {json.dumps(value, ensure_ascii=False)}{comma}\n")
         f.write("}\n")
+    chars = single_characters()
+    with open(OUT_CHARS, "w", encoding="utf-8") as f:
+        f.write("{\n")
+        for key in ("python_version", "unicode_version", "ftfy_version"):
+            f.write(f" {json.dumps(key)}: {json.dumps(chars[key])},\n")
+        f.write(f' "assigned": {json.dumps(chars["assigned"], separators=(",", ":"))},\n')
+        f.write(' "changed": [\n' + ",\n".join("  " + json.dumps(row, ensure_ascii=False) for row in chars["changed"]))
+        f.write("\n ]\n}\n")
     differ = sum(c["ftfy"]["ids"] != c["basic"]["ids"] for c in case_rows)
     print(
         f"{len(case_rows)} captions ({differ} with other ids under ftfy), {len(fix_rows)} fix_text strings, "

@@ -213,6 +213,42 @@ fn tokens_and_ids_match_transformers_on_both_paths() {
     report("tokenizer cases", checked, failures);
 }
 
+/// Every code point assigned in the fixture's Unicode version (14.0.0), alone: `fix_text` and the tokenizer's
+/// ftfy cleanup (fix_text, whitespace collapsed, lowercased) give what Python gives. This covers ftfy's
+/// character tables, NFC and lowercasing, whose Rust implementations follow a later Unicode version.
+#[test]
+fn every_assigned_character_alone_is_cleaned_as_in_python() {
+    let json = fs::read_to_string(fixture_dir().join("ftfy_chars.json")).expect("fixture ftfy_chars.json");
+    let f: Value = serde_json::from_str(&json).expect("fixture is JSON");
+    assert_eq!(text(&f["ftfy_version"]), FTFY_VERSION);
+    let changed: std::collections::HashMap<u32, (&str, &str)> = f["changed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| (row[0].as_u64().unwrap() as u32, (text(&row[1]), text(&row[2]))))
+        .collect();
+    let tok = tokenizer(77, TextCleanup::Ftfy);
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for range in f["assigned"].as_array().unwrap() {
+        let (first, last) = (range[0].as_u64().unwrap() as u32, range[1].as_u64().unwrap() as u32);
+        for code in first..=last {
+            let c = char::from_u32(code).expect("not a surrogate");
+            let alone = c.to_string();
+            let (want_fixed, want_cleaned) = changed.get(&code).copied().unwrap_or((&alone, &alone));
+            let (fixed, cleaned) = (fix_text(&alone), tok.clean(&alone));
+            if fixed != want_fixed || cleaned != want_cleaned {
+                failures.push(format!(
+                    "U+{code:04X}: fix_text {fixed:?} and cleaned {cleaned:?}, Python: {want_fixed:?} and {want_cleaned:?}"
+                ));
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 250_000 && changed.len() > 1000, "{checked} characters, {} changed", changed.len());
+    report("single characters", checked, failures);
+}
+
 #[test]
 fn ftfy_is_the_default_cleanup_and_the_config_chooses() {
     assert_eq!(TokenizerOptions::default().text_cleanup, TextCleanup::Ftfy);

@@ -285,11 +285,17 @@ impl ClipTokenizer {
         pieces
     }
 
-    fn bpe_tokens(&self, text: &str, out: &mut Vec<String>) {
-        let cleaned = match self.text_cleanup {
+    /// A piece of caption (between special tokens) as the configured cleanup leaves it, before the split into
+    /// words: what CLIPTokenizer's `_tokenize` splits.
+    pub fn clean(&self, text: &str) -> String {
+        match self.text_cleanup {
             TextCleanup::Ftfy => clean::ftfy(text),
             TextCleanup::Basic => clean::basic(text),
-        };
+        }
+    }
+
+    fn bpe_tokens(&self, text: &str, out: &mut Vec<String>) {
+        let cleaned = self.clean(text);
         for word in self.split.find_iter(&cleaned).map(|m| m.as_str()) {
             // The split pattern also matches special tokens typed in another case (`<|ENDOFTEXT|>` after
             // lowercasing); transformers' BPE cache returns them whole, so they become their ids.
