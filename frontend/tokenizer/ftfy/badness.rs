@@ -77,7 +77,8 @@ fn pattern() -> String {
     let word = CharSet::of(&[tables::PY_WORD]).class();
     let ascii_letter = CharSet::range('a', 'z').union(&CharSet::range('A', 'Z')).class();
     let ascii_lower = CharSet::range('a', 'z').class();
-    let arabic_tail = CharSet::chars("ŸŠ®°µ»").union(&k.common).union(cur).union(bad).union(num).union(start).class();
+    let space_only = CharSet::chars(" ");
+    let arabic_tail = any(&[&CharSet::chars("ŸŠ®°µ»"), &k.common, cur, bad, num, start]);
 
     let rules: Vec<String> = vec![
         // C1 controls are never intended.
@@ -114,21 +115,17 @@ fn pattern() -> String {
         // MacRoman mojibake.
         format!("{}{}", lit("√"), lit("±∂†≠®™´≤≥¥µø")),
         format!("{}{}", lit("≈"), lit("°¢")),
-        format!("{}{}{}", lit("‚"), lit("Ä"), lit("ìîïòôúùû†°¢π")),
+        format!("{}{}", regex::escape("‚Ä"), lit("ìîïòôúùû†°¢π")),
         format!("{}{}{}", lit("‚"), lit("âó"), lit("àä°ê")),
         // windows-1251 mojibake of U+2000..U+20FF punctuation.
-        format!("{}{}", lit("в"), lit("Ђ")),
+        regex::escape("вЂ"),
         // windows-1251 mojibake of Latin-1 or Cyrillic: three characters.
         format!("{cyr}{}{cyr}", any(&[c1, bad, start, end, cur, &CharSet::chars("°µ")]), cyr = lit("ВГРС")),
         // windows-1251 on top of windows-1252 mojibake, with a Latin letter or space after it.
         format!(
-            "{}{}{}{}{}.{}",
-            lit("Г"),
-            lit("ў"),
-            lit("В"),
-            lit("Ђ"),
-            lit("В"),
-            lit("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz ")
+            "{}.{}",
+            regex::escape("ГўВЂВ"),
+            any(&[&CharSet::range('A', 'Z'), &CharSet::range('a', 'z'), &space_only])
         ),
         // windows-1252 encodings of à, á and the no-break space.
         format!("{}{}", lit("Ã"), lit("\u{a0}¡")),
@@ -139,14 +136,14 @@ fn pattern() -> String {
             "{}{}{}",
             any(&[&CharSet::range('a', 'z'), &CharSet::chars(".,?!"), end]),
             lit("Â"),
-            any(&[&CharSet::chars(" "), start, end])
+            any(&[&space_only, start, end])
         ),
         // windows-1253 mojibake of U+2000..U+20FF punctuation.
-        format!("{}{}{}", lit("β"), lit("€"), lit("™\u{a0}Ά\u{ad}®°")),
+        format!("{}{}", regex::escape("β€"), lit("™\u{a0}Ά\u{ad}®°")),
         // windows-1253 mojibake of Latin-1 or Greek: three characters.
         format!("{gr}{}{gr}", any(&[c1, bad, start, end, cur, &CharSet::chars("°")]), gr = lit("ΒΓΞΟ")),
         // windows-1257 mojibake of U+2000..U+20FF punctuation.
-        format!("{}{}", lit("ā"), lit("€")),
+        regex::escape("ā€"),
     ];
     rules.join("|")
 }
@@ -157,13 +154,13 @@ mod tests {
 
     #[test]
     fn detects_mojibake_not_text() {
-        for bad in ["cafÃ©", "â€œquotedâ€\u{9d}", "voilÃ le", "Ã la", "\u{85}", "Ð¿Ñ€Ð¸Ð²ÐµÑ‚", "ÃƒÂ©"]
-        {
-            assert!(is_bad(bad), "{bad:?}");
+        let bad = ["cafÃ©", "â€œquotedâ€\u{9d}", "voilÃ le", "Ã la", "\u{85}", "Ð¿Ñ€Ð¸Ð²ÐµÑ‚", "ÃƒÂ©"];
+        for text in bad {
+            assert!(is_bad(text), "{text:?}");
         }
-        for good in ["café", "naïve façade", "Ελληνικά", "привет", "a photo of a cat", "50°C", "¿Qué?", "(╯°□°)╯︵ ┻━┻"]
-        {
-            assert!(!is_bad(good), "{good:?}");
+        let good = ["café", "naïve façade", "Ελληνικά", "привет", "a photo of a cat", "50°C", "¿Qué?", "(╯°□°)╯︵ ┻━┻"];
+        for text in good {
+            assert!(!is_bad(text), "{text:?}");
         }
     }
 }

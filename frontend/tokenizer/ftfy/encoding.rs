@@ -83,11 +83,19 @@ fn fix_encoding_step(text: &str) -> String {
 fn altered_utf8() -> &'static BytesRegex {
     static PATTERN: OnceLock<BytesRegex> = OnceLock::new();
     PATTERN.get_or_init(|| {
-        let continuation = r"[\x80-\x84\x86-\x9F\xA1-\xBF]";
-        BytesRegex::new(&format!(
-            r"(?-u)[\xC2\xC3\xC5\xCE\xD0\xD9] |[\xE2\xE3] {continuation}|[\xE0-\xE3]{continuation} |\xF0 [\x80-\xBF][\x80-\xBF]|\xF0[\x80-\xBF] [\x80-\xBF]|\xF0[\x80-\xBF][\x80-\xBF] "
-        ))
-        .expect("altered UTF-8 pattern")
+        // Continuation bytes, except 0x85 and 0xA0 (whose characters, … and the no-break space, stand alone).
+        let cont = r"[\x80-\x84\x86-\x9F\xA1-\xBF]";
+        let any = r"[\x80-\xBF]";
+        let alternatives = [
+            // Two-byte sequences whose lead gives a likely character before 0xA0 (U+A0, à, Š, Π, Р, ٠).
+            r"[\xC2\xC3\xC5\xCE\xD0\xD9] ".to_string(),
+            format!(r"[\xE2\xE3] {cont}"),
+            format!(r"[\xE0-\xE3]{cont} "),
+            format!(r"\xF0 {any}{any}"),
+            format!(r"\xF0{any} {any}"),
+            format!(r"\xF0{any}{any} "),
+        ];
+        BytesRegex::new(&format!("(?-u){}", alternatives.join("|"))).expect("altered UTF-8 pattern")
     })
 }
 
