@@ -1,12 +1,13 @@
-//! The CLIP tokenizer against ids produced by transformers' CLIPTokenizer (scripts/make_tokenizer_fixture.py)
-//! on the small vocabulary in tests/fixtures/tokenizer/.
+//! The CLIP tokenizer against ids produced by transformers' CLIPTokenizer without ftfy
+//! (scripts/make_tokenizer_fixture.py), i.e. `text_cleanup: basic`, on the small vocabulary in
+//! tests/fixtures/tokenizer/. The ftfy cleanup (the default) is checked in tests/tokenizer_ftfy.rs.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use zeroconv::frontend::config::TextEncoderConfig;
-use zeroconv::frontend::tokenizer::{ClipTokenizer, TokenizerOptions};
+use zeroconv::frontend::tokenizer::{ClipTokenizer, TextCleanup, TokenizerOptions};
 
 fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer")
@@ -21,8 +22,13 @@ fn ids(value: &Value) -> Vec<u32> {
     value.as_array().expect("an id list").iter().map(|v| v.as_u64().expect("an id") as u32).collect()
 }
 
+/// The fixture's cleanup: transformers' path without ftfy.
+fn basic() -> TokenizerOptions {
+    TokenizerOptions { text_cleanup: TextCleanup::Basic, ..TokenizerOptions::default() }
+}
+
 fn options(max_length: usize, pad_token: &str) -> TokenizerOptions {
-    TokenizerOptions { max_length, pad_token: pad_token.to_string() }
+    TokenizerOptions { max_length, pad_token: pad_token.to_string(), text_cleanup: TextCleanup::Basic }
 }
 
 fn from_vocab(opts: TokenizerOptions) -> ClipTokenizer {
@@ -48,7 +54,7 @@ fn fixture_covers_what_it_should() {
 #[test]
 fn special_ids_match_transformers() {
     let f = fixture();
-    let tok = from_vocab(TokenizerOptions::default());
+    let tok = from_vocab(basic());
     assert_eq!(u64::from(tok.bos_id()), f["bos_id"].as_u64().unwrap());
     assert_eq!(u64::from(tok.eos_id()), f["eos_id"].as_u64().unwrap());
     assert_eq!(u64::from(tok.pad_id()), f["pad_id"].as_u64().unwrap());
@@ -60,7 +66,7 @@ fn special_ids_match_transformers() {
 #[test]
 fn tokens_and_ids_match_transformers() {
     let f = fixture();
-    let tok = from_vocab(TokenizerOptions::default());
+    let tok = from_vocab(basic());
     for case in cases(&f) {
         let text = case["text"].as_str().unwrap();
         let expected_tokens: Vec<&str> =
@@ -101,9 +107,8 @@ fn pad_token_is_configurable_like_sd2() {
 fn tokenizer_json_and_directory_load_the_same_tokenizer() {
     let f = fixture();
     let from_json =
-        ClipTokenizer::from_tokenizer_json(&fixture_dir().join("tokenizer.json"), TokenizerOptions::default())
-            .expect("tokenizer.json");
-    let from_dir = ClipTokenizer::from_path(&fixture_dir(), TokenizerOptions::default()).expect("directory");
+        ClipTokenizer::from_tokenizer_json(&fixture_dir().join("tokenizer.json"), basic()).expect("tokenizer.json");
+    let from_dir = ClipTokenizer::from_path(&fixture_dir(), basic()).expect("directory");
     for case in cases(&f) {
         let text = case["text"].as_str().unwrap();
         assert_eq!(from_json.encode(text), ids(&case["ids"]), "tokenizer.json ids of {text:?}");
@@ -122,7 +127,7 @@ fn from_config_uses_the_tokenizer_key() {
 
 #[test]
 fn batch_and_decode() {
-    let tok = from_vocab(TokenizerOptions::default());
+    let tok = from_vocab(basic());
     let batch = tok.encode_batch(&["a photo of a cat", "two dogs"]);
     assert_eq!(batch.len(), 2 * 77);
     assert_eq!(&batch[..77], tok.encode("a photo of a cat").as_slice());
@@ -161,8 +166,9 @@ fn bad_files_give_clear_errors() {
     assert!(err.to_string().contains("at least 2"), "{err}");
 }
 
-/// `zeroconv tokenize --json` prints, for the fixture tokenizer, the ids and tokens transformers' slow CLIPTokenizer
-/// gives (expected.json), unpadded, and says when max_length cut a caption.
+/// `zeroconv tokenize --json` with `text_cleanup=basic` prints, for the fixture tokenizer, the ids and tokens
+/// transformers' slow CLIPTokenizer without ftfy gives (expected.json), unpadded, and says when max_length cut a
+/// caption.
 #[test]
 fn the_tokenize_command_prints_transformers_ids_and_tokens() {
     let expected = fixture();
@@ -175,7 +181,8 @@ fn the_tokenize_command_prints_transformers_ids_and_tokens() {
     let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
     // The built-in tiny config's text encoder takes 16 positions: the fixture's ids at max_length 16.
     let version = "model.cond_stage_config.version=openai/clip-vit-large-patch14";
-    let mut args = vec!["tokenize", "--json", "--set", &set, "--set", version, "--"];
+    let cleanup = "model.cond_stage_config.text_cleanup=basic";
+    let mut args = vec!["tokenize", "--json", "--set", &set, "--set", version, "--set", cleanup, "--"];
     args.extend(&texts);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_zeroconv")).args(&args).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -47,7 +47,7 @@ pub use nemo::{Accepts, IgnoredKey, IGNORED_KEYS};
 pub use schema::*;
 pub use values::{
     Accelerator, ClipLayer, CropSize, HiddenAct, Interpolation, OptimizerName, Precision, SamplerName, SchedulerName,
-    ValCheckInterval,
+    TextCleanup, ValCheckInterval,
 };
 
 use crate::error::{Error, Result};

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::values::{
     minus_one_is_none, Accelerator, ClipLayer, CropSize, HiddenAct, Interpolation, OptimizerName, Precision,
-    SamplerName, SchedulerName, ValCheckInterval,
+    SamplerName, SchedulerName, TextCleanup, ValCheckInterval,
 };
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -410,6 +410,8 @@ pub struct TextEncoderConfig {
     pub max_length: u32,
     /// Padding token: `<|endoftext|>` (id 49407) for SD 1.x, `!` (id 0) for SD 2.x / OpenCLIP.
     pub pad_token: String,
+    /// Caption cleanup before BPE: `ftfy` (as SD was trained) or `basic` (transformers without ftfy).
+    pub text_cleanup: TextCleanup,
     pub layer: ClipLayer,
     /// With layer: hidden, the layer whose output is used (negative counts from the end).
     pub layer_idx: Option<i32>,
@@ -431,6 +433,7 @@ impl Default for TextEncoderConfig {
             from_pretrained: None,
             max_length: 77,
             pad_token: "<|endoftext|>".to_string(),
+            text_cleanup: TextCleanup::Ftfy,
             layer: ClipLayer::Last,
             layer_idx: None,
             vocab_size: 49408,

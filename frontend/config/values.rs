@@ -154,6 +154,20 @@ pub enum HiddenAct {
     Gelu,
 }
 
+/// How captions are cleaned before CLIP's BPE (`model.cond_stage_config.text_cleanup`): the two paths of
+/// transformers' `CLIPTokenizer`, which takes the first when the `ftfy` package is installed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TextCleanup {
+    /// `ftfy.fix_text` (HTML entities, mojibake, ligatures, full-width forms, ...), whitespace collapsed,
+    /// lowercased: what SD and ControlNet were trained with (OpenAI's CLIP and open_clip require ftfy).
+    #[default]
+    Ftfy,
+    /// BERT's BasicTokenizer, transformers' fallback without ftfy: controls removed, CJK ideographs split
+    /// apart, NFC, lowercased.
+    Basic,
+}
+
 /// Image resampling filter for resizing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -1,16 +1,43 @@
-//! Text cleanup before splitting, as transformers' `CLIPTokenizer` does when ftfy is not installed: its
-//! `BasicTokenizer(strip_accents=False, do_split_on_punc=False)` removes control characters, turns every
-//! whitespace character into a space, puts spaces around CJK ideographs, applies NFC, lowercases each
-//! whitespace-separated word, and joins the words with single spaces.
+//! Caption cleanup before splitting, as transformers' `CLIPTokenizer` does it, on either of its two paths:
 //!
-//! Character classes come from the Unicode tables of `unicode-properties`, which may be newer than Python's:
-//! characters assigned since Python's Unicode version (so "unassigned", hence removed, in Python) are kept.
+//! - [`ftfy`]: with the ftfy package installed (as where SD was trained): `ftfy.fix_text`, every run of
+//!   whitespace made one space, the ends stripped, the whole text lowercased.
+//! - [`basic`]: without ftfy: its `BasicTokenizer(strip_accents=False, do_split_on_punc=False)` removes control
+//!   characters, turns every whitespace character into a space, puts spaces around CJK ideographs, applies NFC,
+//!   lowercases each whitespace-separated word, and joins the words with single spaces.
+//!
+//! The basic path's character classes come from the Unicode tables of `unicode-properties`, which may be newer
+//! than Python's: characters assigned since Python's Unicode version (so "unassigned", hence removed, in Python)
+//! are kept.
 
 use unicode_normalization::UnicodeNormalization;
 use unicode_properties::{GeneralCategory, GeneralCategoryGroup, UnicodeGeneralCategory};
 
-/// The cleaned text: lowercase words separated by single spaces.
-pub fn clean(text: &str) -> String {
+/// The ftfy path: `whitespace_clean(ftfy.fix_text(text)).lower()`.
+pub fn ftfy(text: &str) -> String {
+    let fixed = super::ftfy::fix_text(text);
+    // transformers' `re.sub(r"\s+", " ", text)` with the `regex` package, whose `\s` is Unicode's White_Space
+    // (Rust's char::is_whitespace); then Python's str.strip(), whose whitespace adds U+001C..U+001F (fix_text
+    // has already removed those).
+    let mut collapsed = String::with_capacity(fixed.len());
+    let mut in_space = false;
+    for c in fixed.chars() {
+        if c.is_whitespace() {
+            if !in_space {
+                collapsed.push(' ');
+            }
+            in_space = true;
+        } else {
+            collapsed.push(c);
+            in_space = false;
+        }
+    }
+    // Python's str.lower() on the whole text: full case mapping with the final-sigma rule, as Rust's.
+    collapsed.trim_matches(|c: char| c == ' ' || ('\u{1C}'..='\u{1F}').contains(&c)).to_lowercase()
+}
+
+/// The basic path: lowercase words separated by single spaces.
+pub fn basic(text: &str) -> String {
     let mut spaced = String::with_capacity(text.len() + 8);
     for c in text.chars() {
         if c == '\0' || c == '\u{FFFD}' || is_control(c) {
@@ -58,7 +85,16 @@ fn is_cjk_ideograph(c: char) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::clean;
+    use super::{basic as clean, ftfy};
+
+    #[test]
+    fn cleans_like_ftfy_then_whitespace_clean() {
+        assert_eq!(ftfy("  A  Photo\tof\nTHE\u{3000}Sea  "), "a photo of the sea");
+        assert_eq!(ftfy("猫が好き &amp; ＣＡＦÃ©"), "猫が好き & café");
+        assert_eq!(ftfy("ΟΔΟΣ ΣΑΣ"), "οδος σας");
+        assert_eq!(ftfy("zero\u{200B}width\u{0007}bell"), "zero\u{200B}widthbell");
+        assert_eq!(ftfy(""), "");
+    }
 
     #[test]
     fn cleans_like_basic_tokenizer() {

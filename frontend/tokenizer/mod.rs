@@ -1,6 +1,7 @@
-//! The CLIP tokenizer, giving the ids transformers' `CLIPTokenizer` gives (without ftfy installed) with
+//! The CLIP tokenizer, giving the ids transformers' slow `CLIPTokenizer` gives with
 //! `padding="max_length", max_length=77, truncation=True`: `[BOS] tokens [EOS] [pad]...`, cut so that EOS is
-//! always kept last.
+//! always kept last. Its text cleanup is either of CLIPTokenizer's two ([`TextCleanup`]): with the ftfy package
+//! installed (the default, as SD was trained) or without.
 //!
 //! ```no_run
 //! use std::path::Path;
@@ -12,13 +13,15 @@
 //! ```
 //!
 //! The steps, as in transformers: (1) the text is split around special tokens (BOS, EOS and the pad token are
-//! matched literally and kept as single ids); (2) each other piece is cleaned ([`clean`]): control characters
-//! removed, whitespace collapsed, NFC, lowercased; (3) it is split by CLIP's regex into words, numbers (one
+//! matched literally and kept as single ids); (2) each other piece is cleaned ([`clean`]): by `ftfy.fix_text`
+//! ([`ftfy`]), whitespace collapsed and lowercased, or by BERT's BasicTokenizer (control characters removed,
+//! whitespace collapsed, CJK ideographs split apart, NFC, lowercased); (3) it is split by CLIP's regex into words, numbers (one
 //! digit each), contractions and runs of other symbols; (4) each piece is BPE-encoded over its UTF-8 bytes.
 
 mod bpe;
 mod clean;
 mod files;
+pub mod ftfy;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -26,6 +29,7 @@ use std::path::{Path, PathBuf};
 use regex::Regex;
 
 use crate::error::{Error, Result};
+pub use crate::frontend::config::TextCleanup;
 use crate::frontend::config::TextEncoderConfig;
 use bpe::{byte_to_char_table, Merges, END_OF_WORD};
 
@@ -42,11 +46,13 @@ pub struct TokenizerOptions {
     pub max_length: usize,
     /// `<|endoftext|>` (SD 1.x, transformers' default) or `!` (id 0: SD 2.x / OpenCLIP).
     pub pad_token: String,
+    /// The caption cleanup before BPE: ftfy (default) or BERT's BasicTokenizer.
+    pub text_cleanup: TextCleanup,
 }
 
 impl Default for TokenizerOptions {
     fn default() -> Self {
-        TokenizerOptions { max_length: 77, pad_token: EOS_TOKEN.to_string() }
+        TokenizerOptions { max_length: 77, pad_token: EOS_TOKEN.to_string(), text_cleanup: TextCleanup::Ftfy }
     }
 }
 
@@ -63,6 +69,7 @@ pub struct ClipTokenizer {
     eos_id: u32,
     pad_id: u32,
     max_length: usize,
+    text_cleanup: TextCleanup,
 }
 
 impl ClipTokenizer {
@@ -104,6 +111,7 @@ impl ClipTokenizer {
             eos_id,
             pad_id,
             max_length: options.max_length,
+            text_cleanup: options.text_cleanup,
         })
     }
 
@@ -139,7 +147,11 @@ impl ClipTokenizer {
     /// The tokenizer `model.cond_stage_config` names: its `tokenizer` path, else `version` when that is a
     /// local directory. (zeroconv does not download: a Hugging Face model name must be downloaded first.)
     pub fn from_config(config: &TextEncoderConfig) -> Result<Self> {
-        let options = TokenizerOptions { max_length: config.max_length as usize, pad_token: config.pad_token.clone() };
+        let options = TokenizerOptions {
+            max_length: config.max_length as usize,
+            pad_token: config.pad_token.clone(),
+            text_cleanup: config.text_cleanup,
+        };
         let path = match &config.tokenizer {
             Some(path) => path.clone(),
             None if Path::new(&config.version).is_dir() => PathBuf::from(&config.version),
@@ -166,6 +178,14 @@ impl ClipTokenizer {
     }
     pub fn max_length(&self) -> usize {
         self.max_length
+    }
+    pub fn text_cleanup(&self) -> TextCleanup {
+        self.text_cleanup
+    }
+    /// The same vocabulary with another caption cleanup.
+    pub fn with_text_cleanup(mut self, text_cleanup: TextCleanup) -> Self {
+        self.text_cleanup = text_cleanup;
+        self
     }
     /// Tokens in the vocabulary.
     pub fn vocab_size(&self) -> usize {
@@ -265,8 +285,17 @@ impl ClipTokenizer {
         pieces
     }
 
+    /// A piece of caption (between special tokens) as the configured cleanup leaves it, before the split into
+    /// words: what CLIPTokenizer's `_tokenize` splits.
+    pub fn clean(&self, text: &str) -> String {
+        match self.text_cleanup {
+            TextCleanup::Ftfy => clean::ftfy(text),
+            TextCleanup::Basic => clean::basic(text),
+        }
+    }
+
     fn bpe_tokens(&self, text: &str, out: &mut Vec<String>) {
-        let cleaned = clean::clean(text);
+        let cleaned = self.clean(text);
         for word in self.split.find_iter(&cleaned).map(|m| m.as_str()) {
             // The split pattern also matches special tokens typed in another case (`<|ENDOFTEXT|>` after
             // lowercasing); transformers' BPE cache returns them whole, so they become their ids.

@@ -41,6 +41,12 @@ pub const NOT_COMPUTATION: &[&str] = &[
 const NOT_COMPUTATION_LEAVES: &[&str] =
     &["from_pretrained", "from_pretrained_unet", "from_NeMo", "tokenizer", "use_checkpoint", "use_flash_attention"];
 
+/// Keys added after checkpoints were first written, with the value that describes what a zeroconv without the key
+/// did: a checkpoint that lacks one is compared as if it held that value, so a resume cannot switch the behaviour
+/// silently (an older run tokenized with the basic cleanup and used quick-GELU text encoders).
+const BEFORE_THE_KEY: &[(&str, &str)] =
+    &[("model.cond_stage_config.text_cleanup", "basic"), ("model.cond_stage_config.hidden_act", "quick_gelu")];
+
 /// Keys compared through the global batch they make, not one by one (the same batch can be written several ways).
 const BATCH_KEYS: &[&str] =
     &["model.global_batch_size", "trainer.accumulate_grad_batches", "trainer.devices", "trainer.num_nodes"];
@@ -87,6 +93,11 @@ pub fn compare(recorded: &str, now: &Config) -> Result<Comparison> {
     let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
     flatten(&before, "", &mut a);
     flatten(&now, "", &mut b);
+    for (key, old) in BEFORE_THE_KEY {
+        if !a.is_empty() && !a.contains_key(*key) {
+            a.insert(key.to_string(), Value::String(old.to_string()));
+        }
+    }
     let mut out = Comparison::default();
     let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
     for key in keys {
@@ -217,6 +228,21 @@ mod tests {
         let c = changed(|c| c.trainer.accumulate_grad_batches = 2);
         assert_eq!(c.refused.len(), 1, "{c:?}");
         assert_eq!(c.refused[0].key, GLOBAL_BATCH);
+    }
+
+    #[test]
+    fn a_checkpoint_older_than_a_key_is_compared_with_what_it_did() {
+        let now = Config::default();
+        let mut recorded: Value = serde_json::from_str(&record(&now).unwrap()).unwrap();
+        let text_encoder = recorded["model"]["cond_stage_config"].as_object_mut().unwrap();
+        text_encoder.remove("text_cleanup");
+        text_encoder.remove("hidden_act");
+        let c = compare(&recorded.to_string(), &now).unwrap();
+        let keys: Vec<&str> = c.refused.iter().map(|ch| ch.key.as_str()).collect();
+        assert_eq!(keys, vec!["model.cond_stage_config.text_cleanup"], "{:?}", c.refused);
+        let mut basic = now.clone();
+        basic.model.cond_stage_config.text_cleanup = crate::frontend::config::TextCleanup::Basic;
+        assert!(compare(&recorded.to_string(), &basic).unwrap().refused.is_empty());
     }
 
     #[test]

@@ -102,7 +102,7 @@ pub fn step_models(cfg: &Config) -> Result<StepModels> {
 pub fn tokenizer(cfg: &Config) -> Result<ClipTokenizer> {
     let c = &cfg.model.cond_stage_config;
     if c.version == synthetic::BUILTIN_VOCAB {
-        synthetic::builtin_tokenizer(c.max_length as usize)
+        synthetic::builtin_tokenizer(c.max_length as usize).map(|t| t.with_text_cleanup(c.text_cleanup))
     } else {
         ClipTokenizer::from_config(c)
     }
