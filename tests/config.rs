@@ -435,3 +435,51 @@ fn missing_file_is_a_clear_error() {
     let err = load_config(Some(Path::new("/nonexistent/x.yaml")), &[]).unwrap_err().to_string();
     assert!(err.starts_with("/nonexistent/x.yaml: cannot read the config"), "{err}");
 }
+
+/// Every key the config reads is used by code outside the config module: a key that is parsed, listed in
+/// README-config.md's "read" table, and then never looked at would be the silent wrongness that table must not hide.
+/// "Used" is read from the source: the key's field is accessed (`.field`) in a Rust file outside `frontend/config/`
+/// (where it is only declared, defaulted and validated), or in that module's `mod.rs` accessors (`run_dir`, ...). The keys whose whole effect is a check in the config
+/// module are listed here, each with that effect.
+#[test]
+fn every_read_key_is_used_outside_the_config_module() {
+    const CHECKED_ONLY: &[(&str, &str)] = &[
+        ("model.first_stage_key", "NeMo's batch-entry name: any name is accepted, the members are fixed"),
+        ("model.cond_stage_key", "NeMo's batch-entry name: any name is accepted, the members are fixed"),
+        ("model.control_key", "NeMo's batch-entry name: any name is accepted, the members are fixed"),
+        (
+            "model.first_stage_config.ddconfig.dropout",
+            "checked in [0, 1); the frozen VAE runs in eval mode (so in NeMo)",
+        ),
+        ("infer.sampler_type", "only DDIM parses, the sampler zeroconv runs"),
+    ];
+    let mut source = String::new();
+    let mut stack = vec![repo("")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            let rel = path.strip_prefix(repo("")).unwrap().to_string_lossy().into_owned();
+            if path.is_dir() {
+                if !["target", "tests", ".git", ".tools"].contains(&rel.as_str()) {
+                    stack.push(path);
+                }
+            } else if rel.ends_with(".rs") && (!rel.starts_with("frontend/config/") || rel == "frontend/config/mod.rs")
+            {
+                source.push_str(&std::fs::read_to_string(&path).unwrap());
+            }
+        }
+    }
+    let mut unused = Vec::new();
+    for key in Config::key_paths() {
+        let leaf = key.rsplit('.').next().unwrap();
+        let field = if leaf == "from_NeMo" { "from_nemo" } else { leaf };
+        let used = source.match_indices(&format!(".{field}")).any(|(at, m)| {
+            let next = source[at + m.len()..].chars().next();
+            !next.is_some_and(|c| c.is_alphanumeric() || c == '_')
+        });
+        if !used && !CHECKED_ONLY.iter().any(|(k, _)| *k == key) {
+            unused.push(key);
+        }
+    }
+    assert!(unused.is_empty(), "read keys no code outside frontend/config/ uses: {unused:?}");
+}
