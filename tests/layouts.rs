@@ -15,7 +15,7 @@ use zeroconv::frontend::device::DeviceChoice;
 use zeroconv::frontend::forward;
 use zeroconv::graph::DType;
 use zeroconv::models::control_ldm::ControlLdmConfig;
-use zeroconv::models::{ClipActivation, ClipConfig, ClipOutput, ControlNetConfig, UNetConfig, VaeConfig};
+use zeroconv::models::{ControlNetConfig, UNetConfig, VaeConfig};
 
 fn sd15_tiny() -> UNetConfig {
     common::parity_sd15_tiny_unet()
@@ -126,17 +126,7 @@ fn a_diffusers_pipeline_folder_gives_the_same_outputs_as_ldm_weights() {
     };
     let (sd_in, vae_in, clip_in) = (inputs("sd15_tiny"), inputs("vae_tiny"), inputs("clip_tiny"));
     let run_all = |w: &Checkpoint| {
-        let clip = ClipConfig {
-            vocab_size: 100,
-            max_position_embeddings: 16,
-            hidden_size: 32,
-            intermediate_size: 64,
-            num_layers: 2,
-            num_heads: 4,
-            layer_norm_eps: 1e-5,
-            activation: ClipActivation::QuickGelu,
-            output: ClipOutput::Last,
-        };
+        let clip = common::parity_clip_tiny();
         let mut outs = forward::control_ldm(DeviceChoice::Cpu, &cfg, w, &sd_in, false, DType::F32).unwrap();
         outs.extend(forward::vae_parts(DeviceChoice::Cpu, &vae_tiny(), w, &vae_in).unwrap());
         outs.extend(forward::text(DeviceChoice::Cpu, &clip, w, &clip_in).unwrap());

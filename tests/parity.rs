@@ -11,7 +11,7 @@ use zeroconv::frontend::forward;
 use zeroconv::graph::DType;
 use zeroconv::models::control_ldm::ControlLdmConfig;
 use zeroconv::models::counts::{clip_params, controlnet_params, unet_params, vae_params};
-use zeroconv::models::{ClipConfig, ControlNetConfig, ParamSpec, UNetConfig, VaeConfig};
+use zeroconv::models::{ControlNetConfig, ParamSpec, UNetConfig, VaeConfig};
 
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity")
@@ -164,17 +164,7 @@ fn sd2_like_controlnet_matches_pytorch_on_the_emulated_cuda_device() {
 
 #[test]
 fn clip_text_encoder_matches_transformers() {
-    let cfg = ClipConfig {
-        vocab_size: 100,
-        max_position_embeddings: 16,
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_layers: 2,
-        num_heads: 4,
-        layer_norm_eps: 1e-5,
-        activation: zeroconv::models::ClipActivation::QuickGelu,
-        output: zeroconv::models::ClipOutput::Last,
-    };
+    let cfg = common::parity_clip_tiny();
     let w = weights("clip_tiny", &clip_params(&cfg).unwrap());
     let outs = forward::text(DeviceChoice::Cpu, &cfg, &w, &fixture("clip_tiny.inputs.safetensors")).unwrap();
     let want = fixture("clip_tiny.expected.safetensors").tensor("hidden").unwrap().to_f64();

@@ -25,7 +25,7 @@ use zeroconv::frontend::weights_store::WeightStore;
 use zeroconv::models::control_ldm::ControlLdmConfig;
 use zeroconv::models::schedule::Schedule;
 use zeroconv::models::train_step::{FirstStage, StepModels};
-use zeroconv::models::{ClipActivation, ClipConfig, ClipOutput, ControlNetConfig, VaeConfig};
+use zeroconv::models::{ControlNetConfig, VaeConfig};
 
 const TOL: f64 = 1e-4;
 
@@ -90,17 +90,7 @@ fn models(fx: &Fixture) -> StepModels {
             scale_factor,
             ..Default::default()
         }),
-        clip: ClipConfig {
-            vocab_size: 100,
-            max_position_embeddings: 16,
-            hidden_size: 32,
-            intermediate_size: 64,
-            num_layers: 2,
-            num_heads: 4,
-            layer_norm_eps: 1e-5,
-            output: ClipOutput::Last,
-            activation: ClipActivation::QuickGelu,
-        },
+        clip: common::parity_clip_tiny(),
         scale_factor,
         schedule,
     }

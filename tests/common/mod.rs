@@ -265,3 +265,19 @@ pub fn parity_sd15_tiny_unet() -> zeroconv::models::UNetConfig {
         ..Default::default()
     }
 }
+
+/// The text encoder of the `clip_tiny` parity fixture (tests/fixtures/parity): a 2-layer, 32-wide CLIP over 100
+/// tokens, quick-GELU, the last layer's output through the final norm.
+pub fn parity_clip_tiny() -> zeroconv::models::ClipConfig {
+    zeroconv::models::ClipConfig {
+        vocab_size: 100,
+        max_position_embeddings: 16,
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_layers: 2,
+        num_heads: 4,
+        layer_norm_eps: 1e-5,
+        activation: zeroconv::models::ClipActivation::QuickGelu,
+        output: zeroconv::models::ClipOutput::Last,
+    }
+}
