@@ -20,6 +20,21 @@ pub struct ControlLdmConfig {
     pub guess_mode: bool,
 }
 
+impl ControlLdmConfig {
+    /// The original ControlNet recipe around `unet`: a ControlNet copied from its encoder (RGB hints), every residual
+    /// added, the U-Net locked, strength 1, no guess mode.
+    pub fn locked(unet: UNetConfig) -> Self {
+        ControlLdmConfig {
+            control: ControlNetConfig { unet: unet.clone(), hint_channels: 3 },
+            unet,
+            only_mid_control: false,
+            sd_locked: true,
+            strength: 1.0,
+            guess_mode: false,
+        }
+    }
+}
+
 /// The shapes the graph is built for.
 #[derive(Clone, Copy, Debug)]
 pub struct Batch {

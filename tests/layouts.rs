@@ -116,14 +116,7 @@ fn a_diffusers_pipeline_folder_gives_the_same_outputs_as_ldm_weights() {
 
     let parity = fixtures().join("parity");
     let inputs = |n: &str| Checkpoint::open(&parity.join(format!("{n}.inputs.safetensors"))).unwrap();
-    let cfg = ControlLdmConfig {
-        control: ControlNetConfig { unet: sd15_tiny(), hint_channels: 3 },
-        unet: sd15_tiny(),
-        only_mid_control: false,
-        sd_locked: true,
-        strength: 1.0,
-        guess_mode: false,
-    };
+    let cfg = ControlLdmConfig::locked(sd15_tiny());
     let (sd_in, vae_in, clip_in) = (inputs("sd15_tiny"), inputs("vae_tiny"), inputs("clip_tiny"));
     let run_all = |w: &Checkpoint| {
         let clip = common::parity_clip_tiny();

@@ -11,7 +11,7 @@ use zeroconv::frontend::forward;
 use zeroconv::graph::DType;
 use zeroconv::models::control_ldm::ControlLdmConfig;
 use zeroconv::models::counts::{clip_params, controlnet_params, unet_params, vae_params};
-use zeroconv::models::{ControlNetConfig, ParamSpec, UNetConfig, VaeConfig};
+use zeroconv::models::{ParamSpec, UNetConfig, VaeConfig};
 
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity")
@@ -91,14 +91,7 @@ fn sd2_tiny() -> UNetConfig {
 
 /// The ControlNet + locked U-Net of fixture `name` and its generated weights.
 fn control_ldm_fixture(name: &str, unet: UNetConfig) -> (ControlLdmConfig, Checkpoint) {
-    let cfg = ControlLdmConfig {
-        control: ControlNetConfig { unet: unet.clone(), hint_channels: 3 },
-        unet,
-        only_mid_control: false,
-        sd_locked: true,
-        strength: 1.0,
-        guess_mode: false,
-    };
+    let cfg = ControlLdmConfig::locked(unet);
     let mut specs = unet_params(&cfg.unet).unwrap();
     specs.extend(controlnet_params(&cfg.control).unwrap());
     let w = weights(name, &specs);

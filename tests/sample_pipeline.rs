@@ -25,7 +25,7 @@ use zeroconv::frontend::weights_store::WeightStore;
 use zeroconv::models::control_ldm::ControlLdmConfig;
 use zeroconv::models::schedule::Schedule;
 use zeroconv::models::train_step::{FirstStage, StepModels};
-use zeroconv::models::{ControlNetConfig, VaeConfig};
+use zeroconv::models::VaeConfig;
 
 const TOL: f64 = 1e-4;
 
@@ -74,14 +74,7 @@ fn models(fx: &Fixture) -> StepModels {
     let unet = common::parity_sd15_tiny_unet();
     let scale_factor = fx.doc["vae_scaling_factor"].as_f64().unwrap();
     StepModels {
-        ldm: ControlLdmConfig {
-            control: ControlNetConfig { unet: unet.clone(), hint_channels: 3 },
-            unet,
-            only_mid_control: false,
-            sd_locked: true,
-            strength: 1.0,
-            guess_mode: false,
-        },
+        ldm: ControlLdmConfig::locked(unet),
         first_stage: FirstStage::Kl(VaeConfig {
             ch: 32,
             ch_mult: vec![1, 2],
