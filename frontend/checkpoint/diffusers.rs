@@ -159,29 +159,30 @@ impl UnetBlocks {
 }
 
 /// Splits `"{head}.{n}.{rest}"` into `(n, rest)`.
-fn indexed<'a>(key: &'a str, head: &str) -> Option<(usize, &'a str)> {
+pub(super) fn indexed<'a>(key: &'a str, head: &str) -> Option<(usize, &'a str)> {
     let rest = key.strip_prefix(head)?.strip_prefix('.')?;
     let (n, rest) = rest.split_once('.')?;
     Some((n.parse().ok()?, rest))
 }
 
 /// Replaces a leading module name `from` (followed by '.') with `to`.
-fn renamed(key: &str, from: &str, to: &str) -> Option<String> {
+pub(super) fn renamed(key: &str, from: &str, to: &str) -> Option<String> {
     key.strip_prefix(from).filter(|r| r.starts_with('.')).map(|r| format!("{to}{r}"))
 }
 
-/// Inside a U-Net ResBlock: diffusers' named layers → the positions in LDM's `in_layers`/`out_layers` Sequentials.
+/// Inside a U-Net ResBlock: diffusers' named layers and the positions in LDM's `in_layers`/`out_layers` Sequentials.
+pub(super) const UNET_RESNET_LAYERS: [(&str, &str); 6] = [
+    ("norm1", "in_layers.0"),
+    ("conv1", "in_layers.2"),
+    ("time_emb_proj", "emb_layers.1"),
+    ("norm2", "out_layers.0"),
+    ("conv2", "out_layers.3"),
+    ("conv_shortcut", "skip_connection"),
+];
+
+/// A key inside a U-Net ResBlock, diffusers' name → LDM's.
 fn unet_resnet(rest: &str) -> Option<String> {
-    [
-        ("norm1", "in_layers.0"),
-        ("conv1", "in_layers.2"),
-        ("time_emb_proj", "emb_layers.1"),
-        ("norm2", "out_layers.0"),
-        ("conv2", "out_layers.3"),
-        ("conv_shortcut", "skip_connection"),
-    ]
-    .iter()
-    .find_map(|(from, to)| renamed(rest, from, to))
+    UNET_RESNET_LAYERS.iter().find_map(|(from, to)| renamed(rest, from, to))
 }
 
 /// The encoder half shared by the U-Net and the ControlNet: conv_in, the time embedding, the down blocks and the

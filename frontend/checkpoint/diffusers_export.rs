@@ -6,7 +6,7 @@
 //! this file derives is mapped back through that function and must give the key it came from, so the export can
 //! only write names the tested loading direction agrees with.
 
-use super::diffusers::{controlnet_key, UnetBlocks};
+use super::diffusers::{controlnet_key, indexed, renamed, UnetBlocks, UNET_RESNET_LAYERS};
 use super::write::{write_atomically, write_safetensors, AsTensorView};
 use crate::error::{Error, Result};
 use crate::models::controlnet::hint_convs;
@@ -16,24 +16,9 @@ use std::path::{Path, PathBuf};
 /// The weight file diffusers reads from a model folder.
 pub const DIFFUSERS_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
 
-/// LDM's positions inside a ResBlock's Sequentials → diffusers' named layers (the inverse of the loader's table).
+/// A key inside a U-Net ResBlock, LDM's position → diffusers' name (the loader's table read backwards).
 fn resnet_name(rest: &str) -> Option<String> {
-    [
-        ("in_layers.0", "norm1"),
-        ("in_layers.2", "conv1"),
-        ("emb_layers.1", "time_emb_proj"),
-        ("out_layers.0", "norm2"),
-        ("out_layers.3", "conv2"),
-        ("skip_connection", "conv_shortcut"),
-    ]
-    .iter()
-    .find_map(|(from, to)| rest.strip_prefix(from).filter(|r| r.starts_with('.')).map(|r| format!("{to}{r}")))
-}
-
-/// Splits `"{n}.{rest}"` into `(n, rest)`.
-fn number(key: &str) -> Option<(usize, &str)> {
-    let (n, rest) = key.split_once('.')?;
-    Some((n.parse().ok()?, rest))
+    UNET_RESNET_LAYERS.iter().find_map(|(diffusers, ldm)| renamed(rest, ldm, diffusers))
 }
 
 /// The diffusers name of a `control_model.*` key, derived from the ControlNet's config; `None` for a key the
@@ -42,39 +27,37 @@ fn diffusers_name(key: &str, cfg: &ControlNetConfig) -> Option<String> {
     let k = key.strip_prefix(CONTROL_PREFIX)?.strip_prefix('.')?;
     let b = UnetBlocks::new(&cfg.unet);
     let convs = hint_convs(cfg.hint_channels, cfg.unet.model_channels).len();
-    if let Some(r) = k.strip_prefix("input_blocks.0.0.") {
-        return Some(format!("conv_in.{r}"));
+    let plain = [
+        ("input_blocks.0.0", "conv_in"),
+        ("time_embed.0", "time_embedding.linear_1"),
+        ("time_embed.2", "time_embedding.linear_2"),
+        ("middle_block_out.0", "controlnet_mid_block"),
+    ];
+    if let Some(name) = plain.iter().find_map(|(ldm, diffusers)| renamed(k, ldm, diffusers)) {
+        return Some(name);
     }
-    if let Some(r) = k.strip_prefix("time_embed.0.") {
-        return Some(format!("time_embedding.linear_1.{r}"));
-    }
-    if let Some(r) = k.strip_prefix("time_embed.2.") {
-        return Some(format!("time_embedding.linear_2.{r}"));
-    }
-    if let Some((n, r)) = k.strip_prefix("input_blocks.").and_then(number) {
+    if let Some((n, r)) = indexed(k, "input_blocks") {
         for level in 0..b.levels() {
             if b.downsampler(level) == Some(n) {
                 return Some(format!("down_blocks.{level}.downsamplers.0.conv.{}", r.strip_prefix("0.op.")?));
             }
             if let Some(j) = (0..b.res(level)).find(|&j| b.input(level, j) == Some(n)) {
-                let (part, r) = number(r)?;
-                return match part {
-                    0 => Some(format!("down_blocks.{level}.resnets.{j}.{}", resnet_name(r)?)),
-                    1 => Some(format!("down_blocks.{level}.attentions.{j}.{r}")),
-                    _ => None,
-                };
+                if let Some(r) = r.strip_prefix("0.") {
+                    return Some(format!("down_blocks.{level}.resnets.{j}.{}", resnet_name(r)?));
+                }
+                return Some(format!("down_blocks.{level}.attentions.{j}.{}", r.strip_prefix("1.")?));
             }
         }
         return None;
     }
-    if let Some((n, r)) = k.strip_prefix("middle_block.").and_then(number) {
+    if let Some((n, r)) = indexed(k, "middle_block") {
         return match n {
             0 | 2 => Some(format!("mid_block.resnets.{}.{}", n / 2, resnet_name(r)?)),
             1 => Some(format!("mid_block.attentions.0.{r}")),
             _ => None,
         };
     }
-    if let Some((i, r)) = k.strip_prefix("input_hint_block.").and_then(number) {
+    if let Some((i, r)) = indexed(k, "input_hint_block") {
         // The hint block's convolutions sit at even positions, SiLUs between them.
         return match i {
             0 => Some(format!("controlnet_cond_embedding.conv_in.{r}")),
@@ -85,10 +68,8 @@ fn diffusers_name(key: &str, cfg: &ControlNetConfig) -> Option<String> {
             _ => None,
         };
     }
-    if let Some((i, r)) = k.strip_prefix("zero_convs.").and_then(number) {
-        return Some(format!("controlnet_down_blocks.{i}.{}", r.strip_prefix("0.")?));
-    }
-    k.strip_prefix("middle_block_out.0.").map(|r| format!("controlnet_mid_block.{r}"))
+    let (i, r) = indexed(k, "zero_convs")?;
+    Some(format!("controlnet_down_blocks.{i}.{}", r.strip_prefix("0.")?))
 }
 
 /// The diffusers name of `key`, checked by mapping it back with the loader's function.
