@@ -53,28 +53,17 @@ pub fn batched_matmul<T: Float>(x: Operand<'_, T>, y: Operand<'_, T>, out: &mut 
         matmul(GemmDims::new(m * batch, n, k), op(a, lda, ta), op(b, ldb, tb), MatMut::new(out, n), false, threads);
         return;
     }
+    // Product `i` of the batch into `c`, on `threads` threads.
+    let product = |i: usize, c: &mut [T], threads: usize| {
+        let (ai, bi) = (op(&a[i * a_step..], lda, ta), op(&b[i * b_step..], ldb, tb));
+        matmul(GemmDims::new(m, n, k), ai, bi, MatMut::new(c, n), false, threads);
+    };
     let small = m * n * k < 96 * 96 * 96;
     if small && batch >= threads {
-        out.par_chunks_mut(m * n).enumerate().for_each(|(i, c)| {
-            matmul(
-                GemmDims::new(m, n, k),
-                op(&a[i * a_step..], lda, ta),
-                op(&b[i * b_step..], ldb, tb),
-                MatMut::new(c, n),
-                false,
-                1,
-            );
-        });
+        out.par_chunks_mut(m * n).enumerate().for_each(|(i, c)| product(i, c, 1));
     } else {
         for (i, c) in out.chunks_mut(m * n).enumerate() {
-            matmul(
-                GemmDims::new(m, n, k),
-                op(&a[i * a_step..], lda, ta),
-                op(&b[i * b_step..], ldb, tb),
-                MatMut::new(c, n),
-                false,
-                threads,
-            );
+            product(i, c, threads);
         }
     }
 }
