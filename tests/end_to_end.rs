@@ -6,32 +6,15 @@
 //! layout by `zeroconv export`) loaded back by `zeroconv sample`.
 
 mod common;
+use common::cli::{run_fails as zeroconv_fails, run_ok as zeroconv};
 use common::layout_fixtures::{copy_folder, rebuild};
 use common::training::tmp;
 
 use std::path::Path;
-use std::process::Command;
 use zeroconv::engine::HostTensor;
 use zeroconv::frontend::checkpoint::write_safetensors;
 use zeroconv::graph::DType;
 use zeroconv::models::{counts, VaeConfig};
-
-/// Runs the binary in `dir`; returns what it printed (stdout, then stderr), failing the test with it when the
-/// command fails.
-fn zeroconv(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_zeroconv")).args(args).current_dir(dir).output().expect("run");
-    let printed = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "zeroconv {args:?} failed:\n{printed}");
-    printed
-}
-
-/// Runs the binary in `dir` expecting it to fail; returns what it printed.
-fn zeroconv_fails(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_zeroconv")).args(args).current_dir(dir).output().expect("run");
-    let printed = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(!out.status.success(), "zeroconv {args:?} should have failed:\n{printed}");
-    printed
-}
 
 /// A CLIP BPE vocabulary that fits the tiny text encoder's 100 embeddings: letters (word-final too), two merges,
 /// filler, and the start and end tokens at 98 and 99 (the fixture's `bos_token_id`/`eos_token_id`).

@@ -3,6 +3,7 @@
 //! that stderr holds no panic or backtrace.
 
 mod common;
+use common::cli::run as zeroconv;
 
 use std::fs;
 use std::io::Cursor;
@@ -20,11 +21,6 @@ use zeroconv::graph::{DType, Graph};
 
 fn tempdir(prefix: &str) -> tempfile::TempDir {
     tempfile::Builder::new().prefix(prefix).tempdir().expect("temporary folder")
-}
-
-/// Runs the binary with `args` in `dir`.
-fn zeroconv(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_zeroconv")).args(args).current_dir(dir).output().expect("run zeroconv")
 }
 
 /// Runs the binary with its address space limited to `mem_mib` MiB and its time to `timeout`: input that expands

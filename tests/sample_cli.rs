@@ -3,16 +3,8 @@
 //! adds seeded noise (η > 0 changes the image; the same seed repeats it).
 
 mod common;
+use common::cli::run_ok as zeroconv;
 use common::training::tmp;
-
-use std::path::Path;
-use std::process::Command;
-
-fn zeroconv(dir: &Path, args: &[&str]) -> Vec<u8> {
-    let out = Command::new(env!("CARGO_BIN_EXE_zeroconv")).args(args).current_dir(dir).output().expect("run");
-    assert!(out.status.success(), "{args:?}:\n{}", String::from_utf8_lossy(&out.stderr));
-    out.stderr
-}
 
 #[test]
 fn infer_keys_drive_sampling_and_eta_adds_seeded_noise() {
@@ -54,7 +46,7 @@ fn infer_keys_drive_sampling_and_eta_adds_seeded_noise() {
             "infer.inference_steps=3",
         ];
         args.extend(extra);
-        let stderr = String::from_utf8_lossy(&zeroconv(dir, &args)).into_owned();
+        let stderr = zeroconv(dir, &args);
         assert!(stderr.contains("DDIM step 3/3"), "no progress over the 3 DDIM steps: {stderr}");
         std::fs::read(dir.join(out)).unwrap()
     };

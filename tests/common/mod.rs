@@ -1,6 +1,7 @@
 //! Shared test machinery: a deterministic RNG, graph running helpers, and the f64 gradient check.
 #![allow(dead_code)]
 
+pub mod cli;
 pub mod emulated;
 pub mod layout_fixtures;
 pub mod nets;
