@@ -31,26 +31,22 @@ from make_parity_fixtures import generated_tensor, load_key_list  # noqa: E402
 
 PARITY = REPO_ROOT / "tests" / "fixtures" / "parity"
 
-# The tiny SD 1.5 ControlNet's architecture (tests/common: parity_sd15_tiny_unet) as a zeroconv config.
-CONFIG = """
+# The tiny SD 1.5 ControlNet's architecture (tests/common: parity_sd15_tiny_unet) as a zeroconv config: the
+# ControlNet's keys must equal the U-Net's.
+ARCHITECTURE = """
+    model_channels: 32
+    attention_resolutions: [2, 1]
+    num_res_blocks: 1
+    channel_mult: [1, 2]
+    num_heads: 2
+    context_dim: 32"""
+CONFIG = f"""
 model:
   control_stage_config:
     image_size: 8
     in_channels: 4
-    hint_channels: 3
-    model_channels: 32
-    attention_resolutions: [2, 1]
-    num_res_blocks: 1
-    channel_mult: [1, 2]
-    num_heads: 2
-    context_dim: 32
-  unet_config:
-    model_channels: 32
-    attention_resolutions: [2, 1]
-    num_res_blocks: 1
-    channel_mult: [1, 2]
-    num_heads: 2
-    context_dim: 32
+    hint_channels: 3{ARCHITECTURE}
+  unet_config:{ARCHITECTURE}
 """
 
 

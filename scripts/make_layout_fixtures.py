@@ -133,10 +133,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=OUT_DIR)
     args = parser.parse_args()
-    print("versions: " + ", ".join(f"{k} {v}" for k, v in mpf.versions().items()))
-    mpf.check_generator()
-    torch.set_num_threads(1)
-    mpf.diffusers.utils.logging.set_verbosity_error()
+    mpf.start_run()
     with tempfile.TemporaryDirectory() as scratch:
         for make in (sd15, vae, clip):
             print(f"{make.__name__}:")

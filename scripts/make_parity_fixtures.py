@@ -208,6 +208,15 @@ def generated_tensor(key: str, shape: tuple[int, ...]) -> numpy.ndarray:
     return value.astype(numpy.float32).reshape(shape)
 
 
+def start_run() -> None:
+    """What every script generating fixtures from these models does first: print the library versions, check the
+    weight generator, and make the float32 CPU math single-threaded (bit-for-bit repeatable) and diffusers quiet."""
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
+    check_generator()
+    torch.set_num_threads(1)
+    diffusers.utils.logging.set_verbosity_error()
+
+
 def check_generator() -> None:
     """Known answers for FNV-1a and SplitMix64, and the vectorised stream against the sequential one."""
     assert fnv1a64(b"") == 0xCBF29CE484222325 and fnv1a64(b"a") == 0xAF63DC4C8601EC8C, "FNV-1a 64 is wrong"
