@@ -148,7 +148,7 @@ mod tests {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
         let mut offenders = Vec::new();
         let mut stack: Vec<PathBuf> =
-            ["engine", "frontend", "graph", "kernels", "models"].iter().map(|d| root.join(d)).collect();
+            ["app", "engine", "graph", "io", "kernels", "models"].iter().map(|d| root.join(d)).collect();
         stack.push(root.join("lib.rs"));
         while let Some(p) = stack.pop() {
             if p.is_dir() {

@@ -1,6 +1,7 @@
 //! Backends that execute a compiled graph behind one interface (`Backend`, `Program`).
 
 pub mod backend;
+pub mod bench_ops;
 pub mod cpu;
 pub mod cuda;
 pub mod device;

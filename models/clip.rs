@@ -5,7 +5,7 @@
 //! SD 2.x's OpenCLIP text tower (`FrozenOpenCLIPEmbedder`) is the same transformer with exact GELU in the MLP
 //! ([`crate::models::ClipActivation::Gelu`]) and, as SD 2 configures it, the penultimate block's output through `ln_final`
 //! ([`ClipOutput::Penultimate`]); its checkpoint names are mapped onto these by
-//! `frontend::checkpoint::open_clip`.
+//! `io::checkpoint::open_clip`.
 
 use super::builder::{Init, ModelBuilder};
 use super::config::{ClipConfig, ClipOutput};

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""Writes frontend/tokenizer/ftfy/tables.rs: the character data that zeroconv's port of ftfy's `fix_text` needs,
+"""Writes io/tokenizer/ftfy/tables.rs: the character data that zeroconv's port of ftfy's `fix_text` needs,
 read out of ftfy itself and out of the Python that runs this script (its codecs, `html` module and Unicode data).
 
 Nothing here is transcribed by hand: every set is the exact membership of ftfy's own character classes (each
 code point is tested against the class ftfy compiles), every mapping is ftfy's or Python's table as loaded.
 
-Pinned versions (the port in frontend/tokenizer/ftfy/ follows ftfy 6.3.1's algorithm; the Unicode-dependent sets
+Pinned versions (the port in io/tokenizer/ftfy/ follows ftfy 6.3.1's algorithm; the Unicode-dependent sets
 follow the Unicode version of the Python that runs this, 14.0.0 for Python 3.11):
     ftfy 6.3.1, Python 3.11.7
 
@@ -25,7 +25,7 @@ import ftfy.bad_codecs  # registers the sloppy-* and utf-8-variants codecs
 from ftfy import badness, chardata
 
 FTFY_VERSION = "6.3.1"
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "frontend", "tokenizer", "ftfy", "tables.rs")
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "io", "tokenizer", "ftfy", "tables.rs")
 
 ALL_CODE_POINTS = [c for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]  # Rust chars exclude surrogates
 

@@ -9,12 +9,12 @@ use common::nets::{self, NetSpec};
 use common::training::{opts, tiny, tmp};
 use common::Rng;
 
+use zeroconv::app::step;
+use zeroconv::app::train::{self, train, TrainOptions, TrainReport};
 use zeroconv::engine::cpu::CpuBackend;
 use zeroconv::engine::device::emu::{EmuDevice, EmuOptions};
 use zeroconv::engine::gpu::GpuBackend;
 use zeroconv::engine::{Backend, HostTensor, Program};
-use zeroconv::frontend::step;
-use zeroconv::frontend::train::{self, train, TrainOptions, TrainReport};
 use zeroconv::graph::optim::{
     adamw_hyper, append_accumulating_step, append_training_step_l2, update_start, AdamWConfig, UpdateRule, HYPER_INPUT,
     KEEP_INPUT,
@@ -219,7 +219,7 @@ fn a_step_whose_update_reads_the_backward_cannot_be_split() {
 
 // ---- the step `zeroconv train` compiles ---------------------------------------------------------------------------
 
-fn accumulating(micro_batches: u32) -> zeroconv::frontend::config::Config {
+fn accumulating(micro_batches: u32) -> zeroconv::io::config::Config {
     let global = format!("model.global_batch_size={}", 2 * micro_batches);
     tiny(&["model.micro_batch_size=2", "model.base_pretrain_steps=0"], &[global.as_str()])
 }

@@ -7,10 +7,10 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use zeroconv::engine::HostTensor;
-use zeroconv::frontend::checkpoint::{
+use zeroconv::graph::DType;
+use zeroconv::io::checkpoint::{
     check_keys, write_atomically, write_safetensors, write_safetensors_to, Checkpoint, Format, TensorView,
 };
-use zeroconv::graph::DType;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/checkpoint").join(name)

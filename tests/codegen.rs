@@ -3,7 +3,7 @@
 //! committed file is exactly what the generator produces today.
 
 use std::path::Path;
-use zeroconv::frontend::cli::kernels::{generated_module, shipped_configs};
+use zeroconv::app::cli::kernels::{generated_module, shipped_configs};
 
 #[test]
 fn committed_generated_kernels_are_current() {

@@ -9,6 +9,7 @@
 //! program is compiled on a device that only hands out addresses, so no memory or kernel is needed.
 
 use std::path::Path;
+use zeroconv::app::step;
 use zeroconv::engine::cuda::args::{self, DnnConv, LtLayout, LtMatmul};
 use zeroconv::engine::device::{
     Conv, Copy2d, DevPtr, Device, DeviceInfo, Filter4, Gemm, GemmCompute, GraphId, Launch, Layout4, MatrixRef,
@@ -17,9 +18,8 @@ use zeroconv::engine::device::{
 use zeroconv::engine::gpu::lower::Cmd;
 use zeroconv::engine::gpu::{GpuBackend, StepMode};
 use zeroconv::engine::Backend;
-use zeroconv::frontend::config::load_config;
-use zeroconv::frontend::step;
 use zeroconv::graph::DType;
+use zeroconv::io::config::load_config;
 use zeroconv::Result;
 
 /// A device that only hands out 256-aligned addresses, so a program can be compiled (addresses planned, commands

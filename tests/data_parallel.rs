@@ -8,7 +8,7 @@ use common::training::tmp;
 
 use std::path::Path;
 use std::process::{Command, Output};
-use zeroconv::frontend::checkpoint::Checkpoint;
+use zeroconv::io::checkpoint::Checkpoint;
 
 const TINY: [&str; 5] = [
     "model.base_pretrain_steps=0",

@@ -9,8 +9,8 @@ mod common;
 
 use std::process::{Command, Output};
 use tempfile::TempDir;
+use zeroconv::app::device::{compile_program, CompileOptions, DeviceChoice};
 use zeroconv::engine::{HostTensor, Program};
-use zeroconv::frontend::device::{compile_program, CompileOptions, DeviceChoice};
 use zeroconv::graph::{DType, Graph, UnaryOp};
 
 const SMALL: [&str; 7] = common::training::SMALL_STEP;

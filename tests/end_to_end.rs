@@ -12,8 +12,8 @@ use common::training::tmp;
 
 use std::path::Path;
 use zeroconv::engine::HostTensor;
-use zeroconv::frontend::checkpoint::write_safetensors;
 use zeroconv::graph::DType;
+use zeroconv::io::checkpoint::write_safetensors;
 use zeroconv::models::{counts, VaeConfig};
 
 /// A CLIP BPE vocabulary that fits the tiny text encoder's 100 embeddings: letters (word-final too), two merges,

@@ -331,7 +331,7 @@ fn an_f32_training_step_with_flash_on_keeps_the_composite_path() {
 
 #[test]
 fn the_two_use_flash_attention_keys_must_agree() {
-    use zeroconv::frontend::config::load_config;
+    use zeroconv::io::config::load_config;
     let load = |u: &str, c: &str| {
         let o = [
             format!("model.unet_config.use_flash_attention={u}"),
@@ -340,10 +340,8 @@ fn the_two_use_flash_attention_keys_must_agree() {
         load_config(None, &o)
     };
     let cfg = load("True", "True").unwrap();
-    assert!(zeroconv::frontend::train::compile_options(&cfg, None).unwrap().flash_attention);
-    assert!(
-        !zeroconv::frontend::train::compile_options(&load("False", "False").unwrap(), None).unwrap().flash_attention
-    );
+    assert!(zeroconv::app::train::compile_options(&cfg, None).unwrap().flash_attention);
+    assert!(!zeroconv::app::train::compile_options(&load("False", "False").unwrap(), None).unwrap().flash_attention);
     for (u, c) in [("True", "False"), ("False", "True")] {
         let err = load(u, c).unwrap_err().to_string();
         assert!(
@@ -353,7 +351,7 @@ fn the_two_use_flash_attention_keys_must_agree() {
         );
     }
     // A config built in code is refused by the same rule when it is compiled.
-    let err = zeroconv::frontend::device::flash_attention(true, false).unwrap_err().to_string();
+    let err = zeroconv::app::device::flash_attention(true, false).unwrap_err().to_string();
     assert!(err.contains("model.unet_config.use_flash_attention") && err.contains("model.control_stage_config"));
 }
 

@@ -14,11 +14,11 @@ mod common;
 
 use std::io::Write;
 use std::path::Path;
-use zeroconv::frontend::config::{load_config, Config};
-use zeroconv::frontend::train::sources::{account, load_pretrained, Component, Source};
-use zeroconv::frontend::train::{self};
-use zeroconv::frontend::weights_store::WeightStore;
+use zeroconv::app::train::sources::{account, load_pretrained, Component, Source};
+use zeroconv::app::train::{self};
+use zeroconv::app::weights::store::WeightStore;
 use zeroconv::graph::DType;
+use zeroconv::io::config::{load_config, Config};
 use zeroconv::models::ParamSpec;
 
 fn config(file: &Path) -> Config {

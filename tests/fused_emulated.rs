@@ -4,12 +4,12 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
+use zeroconv::app::step;
 use zeroconv::engine::cpu::CpuBackend;
 use zeroconv::engine::{Backend, HostTensor, Program};
-use zeroconv::frontend::config::load_config;
-use zeroconv::frontend::step;
 use zeroconv::graph::fusion::{Anchor, FusedKernel};
 use zeroconv::graph::{DType, Graph, Op, Shape};
+use zeroconv::io::config::load_config;
 use zeroconv::kernels::codegen::{self, InputKind};
 use zeroconv::kernels::emulate::{self, DeviceBuffer, KernelArgs, LaunchConfig};
 
@@ -68,7 +68,7 @@ fn generated_fused_kernels_match_the_cpu_backend_under_emulation() {
     let module = emulate::compile("fused_generated", &source).unwrap_or_else(|e| panic!("{e}"));
     let all: BTreeSet<String> = module.kernels().iter().map(|k| k.name.clone()).collect();
     let mut checked: BTreeSet<String> = BTreeSet::new();
-    for cfg_path in zeroconv::frontend::cli::kernels::shipped_configs(root) {
+    for cfg_path in zeroconv::app::cli::kernels::shipped_configs(root) {
         for precision in ["32", "bf16-mixed"] {
             let cfg =
                 load_config(Some(&cfg_path), &[format!("trainer.precision={precision}"), "model.inductor=True".into()])

@@ -158,10 +158,9 @@ fn multi_tensor_adamw_batches_at_most_64_tensors() {
 fn bench_small_kernel_counts() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/bench_small.yaml");
     let count = |inductor: &str| {
-        let cfg =
-            zeroconv::frontend::config::load_config(Some(&path), &[format!("model.inductor={inductor}")]).unwrap();
-        let st = zeroconv::frontend::step::latent_step(&cfg, cfg.model.micro_batch_size as usize).unwrap();
-        let opt = zeroconv::frontend::step::optimize(&cfg, &st, false).unwrap();
+        let cfg = zeroconv::io::config::load_config(Some(&path), &[format!("model.inductor={inductor}")]).unwrap();
+        let st = zeroconv::app::step::latent_step(&cfg, cfg.model.micro_batch_size as usize).unwrap();
+        let opt = zeroconv::app::step::optimize(&cfg, &st, false).unwrap();
         let report = opt.fusion.clone();
         (opt.graph.nodes.iter().filter(|n| !n.op.is_view()).count(), report)
     };

@@ -22,10 +22,10 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config as PtConfig, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 use zeroconv::engine::HostTensor;
-use zeroconv::frontend::checkpoint::{write_safetensors, Checkpoint};
-use zeroconv::frontend::config::{Config, TINY_YAML};
-use zeroconv::frontend::data::tar::{TarReader, TarWriter};
 use zeroconv::graph::DType;
+use zeroconv::io::checkpoint::{write_safetensors, Checkpoint};
+use zeroconv::io::config::{Config, TINY_YAML};
+use zeroconv::io::data::tar::{TarReader, TarWriter};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Allocation accounting: per thread, only while a case runs (other tests in this binary run on other threads).

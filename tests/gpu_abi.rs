@@ -4,12 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use zeroconv::app::step;
 use zeroconv::engine::device::shared_memory::opt_in_limit;
 use zeroconv::engine::device::Arg;
 use zeroconv::engine::gpu::lower::Cmd;
 use zeroconv::engine::gpu::lower_graph;
-use zeroconv::frontend::config::load_config;
-use zeroconv::frontend::step;
+use zeroconv::io::config::load_config;
 use zeroconv::kernels::{self, Arch};
 
 fn lowered(config: &str, overrides: &[&str], batch: usize) -> Vec<Vec<Cmd>> {
@@ -18,7 +18,7 @@ fn lowered(config: &str, overrides: &[&str], batch: usize) -> Vec<Vec<Cmd>> {
     let cfg = load_config(Some(&path), &overrides).unwrap();
     let st = step::latent_step(&cfg, batch).unwrap();
     let opt = step::optimize(&cfg, &st, false).unwrap();
-    let flash = zeroconv::frontend::train::compile_options(&cfg, None).unwrap().flash_attention;
+    let flash = zeroconv::app::train::compile_options(&cfg, None).unwrap().flash_attention;
     lower_graph(&opt.graph, flash).unwrap_or_else(|e| panic!("{config}: lowering: {e}"))
 }
 

@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 use image::{ImageFormat, Rgb, RgbImage};
 use zeroconv::engine::cpu::CpuBackend;
 use zeroconv::engine::{Backend, HostTensor, Program};
-use zeroconv::frontend::checkpoint::{write_safetensors, Checkpoint};
-use zeroconv::frontend::config::Config;
 use zeroconv::graph::autodiff::backward;
 use zeroconv::graph::{DType, Graph};
+use zeroconv::io::checkpoint::{write_safetensors, Checkpoint};
+use zeroconv::io::config::Config;
 
 fn tempdir(prefix: &str) -> tempfile::TempDir {
     tempfile::Builder::new().prefix(prefix).tempdir().expect("temporary folder")
@@ -577,7 +577,7 @@ fn a_flipped_byte_in_a_ckpt_record_is_an_error_naming_it() {
 /// first stage reports no VAE weights.
 #[test]
 fn a_section_set_to_null_is_refused_and_inspect_counts_what_exists() {
-    use zeroconv::frontend::config::load_config;
+    use zeroconv::io::config::load_config;
     let err = load_config(None, &["model=null".to_string()]).unwrap_err().to_string();
     assert!(err.contains("model is a section") && err.contains("built-in"), "{err}");
     let err = load_config(None, &["model.unet_config=null".to_string()]).unwrap_err().to_string();
@@ -588,13 +588,13 @@ fn a_section_set_to_null_is_refused_and_inspect_counts_what_exists() {
         load_config(None, &["model.optim.sched.name=CosineAnnealing".into(), "model.optim.sched=null".into()]).unwrap();
     assert!(without.model.optim.sched.is_none());
     let mut out = Vec::new();
-    let args = zeroconv::frontend::cli::inspect::InspectArgs {
-        config: zeroconv::frontend::cli::ConfigArgs { config: None, overrides: vec![] },
+    let args = zeroconv::app::cli::inspect::InspectArgs {
+        config: zeroconv::app::cli::ConfigArgs { config: None, overrides: vec![] },
         plan: false,
         keys: false,
         device: None,
     };
-    zeroconv::frontend::cli::inspect::run(&args, &mut out).unwrap();
+    zeroconv::app::cli::inspect::run(&args, &mut out).unwrap();
     let text = String::from_utf8(out).unwrap();
     let vae = text.lines().find(|l| l.starts_with("VAE")).unwrap();
     assert!(vae.split_whitespace().any(|w| w == "0"), "the pixel first stage has no weights: {vae}");
@@ -604,8 +604,8 @@ fn a_section_set_to_null_is_refused_and_inspect_counts_what_exists() {
 /// from inside the model.
 #[test]
 fn an_image_size_the_model_cannot_divide_names_the_setting() {
-    use zeroconv::frontend::config::{load_config, CropSize};
-    use zeroconv::frontend::train::train;
+    use zeroconv::app::train::train;
+    use zeroconv::io::config::{load_config, CropSize};
     let dir = common::training::tmp("hostile-size");
     for side in [60usize, 72] {
         let mut cfg = load_config(None, &["trainer.max_steps=1".into(), "model.base_pretrain_steps=0".into()]).unwrap();

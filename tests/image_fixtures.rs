@@ -4,7 +4,7 @@
 //! trains on trains here.
 
 use std::path::PathBuf;
-use zeroconv::frontend::data::decode::decode_rgb;
+use zeroconv::io::data::decode::decode_rgb;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images")

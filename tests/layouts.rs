@@ -8,12 +8,12 @@ mod common;
 use common::layout_fixtures::{copy_folder, fixtures, generated, ldm_keys, pipeline_folder, rebuild, write_ldm_file};
 use std::collections::BTreeMap;
 use std::path::Path;
+use zeroconv::app::device::DeviceChoice;
+use zeroconv::app::forward;
 use zeroconv::engine::HostTensor;
-use zeroconv::frontend::checkpoint::diffusers_export::write_controlnet_diffusers;
-use zeroconv::frontend::checkpoint::{Architecture, Checkpoint, Layout};
-use zeroconv::frontend::device::DeviceChoice;
-use zeroconv::frontend::forward;
 use zeroconv::graph::DType;
+use zeroconv::io::checkpoint::diffusers_export::write_controlnet_diffusers;
+use zeroconv::io::checkpoint::{Architecture, Checkpoint, Layout};
 use zeroconv::models::control_ldm::ControlLdmConfig;
 use zeroconv::models::{ControlNetConfig, UNetConfig, VaeConfig};
 

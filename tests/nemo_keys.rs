@@ -8,10 +8,10 @@ use common::training::{opts, tiny, tmp};
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
-use zeroconv::frontend::config::{load_config, load_config_with_report, Config, CropSize};
-use zeroconv::frontend::data::tar::TarWriter;
-use zeroconv::frontend::train::data::DataSource;
-use zeroconv::frontend::train::{state, train, TrainOptions, TrainReport};
+use zeroconv::app::train::data::DataSource;
+use zeroconv::app::train::{state, train, TrainOptions, TrainReport};
+use zeroconv::io::config::{load_config, load_config_with_report, Config, CropSize};
+use zeroconv::io::data::tar::TarWriter;
 
 /// The built-in tiny config, shrunk (64x64 pixels, batch 1, no base pretraining, every step logged).
 fn small(overrides: &[&str]) -> Config {

@@ -9,8 +9,8 @@ use common::layout_fixtures::{fixtures, generated, ldm_keys};
 
 use std::collections::BTreeMap;
 use zeroconv::engine::HostTensor;
-use zeroconv::frontend::checkpoint::{write_safetensors, Architecture, Checkpoint, Layout};
 use zeroconv::graph::DType;
+use zeroconv::io::checkpoint::{write_safetensors, Architecture, Checkpoint, Layout};
 use zeroconv::models::ControlNetConfig;
 
 fn arch() -> Architecture {

@@ -5,8 +5,8 @@ mod common;
 use common::training::{opts, tiny, tmp};
 
 use std::f64::consts::FRAC_1_SQRT_2;
-use zeroconv::frontend::config::Config;
-use zeroconv::frontend::train::train;
+use zeroconv::app::train::train;
+use zeroconv::io::config::Config;
 
 /// The built-in tiny config, shrunk (64x64 pixels, batch 1, no base pretraining, every step logged).
 fn small(overrides: &[&str]) -> Config {

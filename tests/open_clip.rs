@@ -8,15 +8,16 @@ mod common;
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
-use zeroconv::frontend::checkpoint::{write_safetensors, Checkpoint, Layout, TensorView};
-use zeroconv::frontend::config::{Config, HiddenAct};
-use zeroconv::frontend::device::DeviceChoice;
-use zeroconv::frontend::tokenizer::ClipTokenizer;
-use zeroconv::frontend::train::sources::{account, load_pretrained, Component, Source};
-use zeroconv::frontend::train::{self, train};
-use zeroconv::frontend::weights_store::WeightStore;
-use zeroconv::frontend::{forward, model_config};
+use zeroconv::app::device::DeviceChoice;
+use zeroconv::app::forward;
+use zeroconv::app::train::sources::{account, load_pretrained, Component, Source};
+use zeroconv::app::train::{self, train};
+use zeroconv::app::weights::store::WeightStore;
 use zeroconv::graph::DType;
+use zeroconv::io::checkpoint::{write_safetensors, Checkpoint, Layout, TensorView};
+use zeroconv::io::config::model_config;
+use zeroconv::io::config::{Config, HiddenAct};
+use zeroconv::io::tokenizer::ClipTokenizer;
 use zeroconv::models::{ClipActivation, ClipOutput, CLIP_PREFIX};
 
 fn fixture(name: &str) -> PathBuf {

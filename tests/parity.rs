@@ -4,11 +4,11 @@
 mod common;
 
 use std::path::PathBuf;
+use zeroconv::app::device::DeviceChoice;
+use zeroconv::app::forward;
 use zeroconv::engine::HostTensor;
-use zeroconv::frontend::checkpoint::{write_safetensors, Checkpoint};
-use zeroconv::frontend::device::DeviceChoice;
-use zeroconv::frontend::forward;
 use zeroconv::graph::DType;
+use zeroconv::io::checkpoint::{write_safetensors, Checkpoint};
 use zeroconv::models::control_ldm::ControlLdmConfig;
 use zeroconv::models::counts::{clip_params, controlnet_params, unet_params, vae_params};
 use zeroconv::models::{ParamSpec, UNetConfig, VaeConfig};

@@ -9,10 +9,10 @@ use common::training::{opts, tiny, tmp};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use zeroconv::frontend::checkpoint::{write_safetensors, Checkpoint};
-use zeroconv::frontend::config::Config;
-use zeroconv::frontend::train::lock::{hostname, RunLock, LOCK_FILE};
-use zeroconv::frontend::train::{state, train, TrainOptions, TrainReport};
+use zeroconv::app::train::lock::{hostname, RunLock, LOCK_FILE};
+use zeroconv::app::train::{state, train, TrainOptions, TrainReport};
+use zeroconv::io::checkpoint::{write_safetensors, Checkpoint};
+use zeroconv::io::config::Config;
 
 /// The tiny config at 64x64 pixels (8x8 latents), batch 2, no base phase, a checkpoint every 3 steps.
 fn small(overrides: &[&str]) -> Config {

@@ -3,9 +3,9 @@
 //! installed NVRTC and ptxas (scripts/test sets ZEROCONV_REQUIRE_KERNELS=1); without them it fails
 //! with the way to install them rather than passing silently.
 
+use zeroconv::app::step;
 use zeroconv::engine::cuda::nvrtc::compile_cached;
-use zeroconv::frontend::config::load_config;
-use zeroconv::frontend::step;
+use zeroconv::io::config::load_config;
 use zeroconv::kernels::codegen;
 use zeroconv::kernels::Arch;
 

@@ -16,12 +16,12 @@ mod common;
 use common::layout_fixtures::{fixtures, pipeline_folder, write_ldm_file};
 use common::training::tmp;
 use std::path::Path;
-use zeroconv::frontend::checkpoint::Checkpoint;
-use zeroconv::frontend::config::load_config;
-use zeroconv::frontend::device::DeviceChoice;
-use zeroconv::frontend::sample::{denoise_and_decode, encode_ids, load_weights, SampleSettings, SamplerStart};
-use zeroconv::frontend::train::step_models;
-use zeroconv::frontend::weights_store::WeightStore;
+use zeroconv::app::device::DeviceChoice;
+use zeroconv::app::sample::{denoise_and_decode, encode_ids, load_weights, SampleSettings, SamplerStart};
+use zeroconv::app::train::step_models;
+use zeroconv::app::weights::store::WeightStore;
+use zeroconv::io::checkpoint::Checkpoint;
+use zeroconv::io::config::load_config;
 use zeroconv::models::control_ldm::ControlLdmConfig;
 use zeroconv::models::schedule::Schedule;
 use zeroconv::models::train_step::{FirstStage, StepModels};
@@ -239,7 +239,7 @@ fn sampling_weights_missing_from_the_files_are_named() {
     // A file with none of the model's keys is named, even when the others hold everything.
     let other = dir.path().join("other.safetensors");
     let t = zeroconv::engine::HostTensor::from_f64([2], zeroconv::graph::DType::F32, &[1.0, 2.0]).unwrap();
-    zeroconv::frontend::checkpoint::write_safetensors(&other, &[("not_a_model_key".to_string(), t)], None).unwrap();
+    zeroconv::io::checkpoint::write_safetensors(&other, &[("not_a_model_key".to_string(), t)], None).unwrap();
     let err = load_weights(&m, &[&path, &clip, &vae_only, &other]).err().expect("refused").to_string();
     assert!(err.contains("other.safetensors") && err.contains("holds none of the model's keys"), "{err}");
 }

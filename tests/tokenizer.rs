@@ -6,8 +6,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use zeroconv::frontend::config::TextEncoderConfig;
-use zeroconv::frontend::tokenizer::{ClipTokenizer, TextCleanup, TokenizerOptions};
+use zeroconv::io::config::TextEncoderConfig;
+use zeroconv::io::tokenizer::{ClipTokenizer, TextCleanup, TokenizerOptions};
 
 fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer")

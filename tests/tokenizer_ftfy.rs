@@ -9,9 +9,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use zeroconv::frontend::config::{Config, TextEncoderConfig};
-use zeroconv::frontend::tokenizer::ftfy::{fix_text, is_bad, FTFY_VERSION};
-use zeroconv::frontend::tokenizer::{ClipTokenizer, TextCleanup, TokenizerOptions};
+use zeroconv::io::config::{Config, TextEncoderConfig};
+use zeroconv::io::tokenizer::ftfy::{fix_text, is_bad, FTFY_VERSION};
+use zeroconv::io::tokenizer::{ClipTokenizer, TextCleanup, TokenizerOptions};
 
 fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer")

@@ -6,11 +6,11 @@ mod common;
 use common::training::{opts, tiny, tmp};
 
 use std::path::PathBuf;
-use zeroconv::frontend::config::Config;
-use zeroconv::frontend::sample::{sample, SampleSettings};
-use zeroconv::frontend::synthetic;
-use zeroconv::frontend::train::{self, train, TrainOptions, TrainReport};
-use zeroconv::frontend::weights_store::WeightStore;
+use zeroconv::app::sample::{sample, SampleSettings};
+use zeroconv::app::train::{self, train, TrainOptions, TrainReport};
+use zeroconv::app::weights::store::WeightStore;
+use zeroconv::io::config::Config;
+use zeroconv::io::data::synthetic;
 
 /// The tiny config at 64x64 pixels (8x8 latents), batch 2.
 fn small(overrides: &[&str]) -> Config {

@@ -6,11 +6,11 @@ use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
 use image::{ImageFormat, Rgb, RgbImage};
-use zeroconv::frontend::data::check::{check_shards, CheckReport};
-use zeroconv::frontend::data::make::{make_shards, MakeArgs};
-use zeroconv::frontend::data::shards::resolve_shards;
-use zeroconv::frontend::data::tar::{TarReader, TarWriter};
-use zeroconv::frontend::data::{Fields, Loader, LoaderConfig, LoaderState, SplitMode};
+use zeroconv::io::data::check::{check_shards, CheckReport};
+use zeroconv::io::data::make::{make_shards, MakeOptions};
+use zeroconv::io::data::shards::resolve_shards;
+use zeroconv::io::data::tar::{TarReader, TarWriter};
+use zeroconv::io::data::{Fields, Loader, LoaderConfig, LoaderState, SplitMode};
 
 /// A fresh, empty, uniquely named folder, removed when the test ends (tests and test runs never share one).
 struct Scratch(tempfile::TempDir);
@@ -460,8 +460,16 @@ fn batches_stack_samples() {
     assert!(stream.next_batch(2).is_none());
 }
 
-fn make_args(input: &Path, output: String, maxcount: usize) -> MakeArgs {
-    MakeArgs { input: input.to_path_buf(), output, maxcount, maxsize: None, quality: 95, strict: false, force: false }
+fn make_args(input: &Path, output: String, maxcount: usize) -> MakeOptions {
+    MakeOptions {
+        input: input.to_path_buf(),
+        output,
+        maxcount,
+        maxsize: None,
+        quality: 95,
+        strict: false,
+        force: false,
+    }
 }
 
 #[test]
@@ -527,7 +535,7 @@ fn make_from_fill50k_layout_skips_unreadable_inputs() {
     assert!(report.skipped_reasons[0].contains("sample '2'") && report.skipped_reasons[0].contains("2.png"));
     let checked = check(&[&report.shards[0]]);
     assert_eq!((checked.samples, checked.bad), (4, 0));
-    let strict = MakeArgs { strict: true, output: out.join("strict-%d.tar").display().to_string(), ..args };
+    let strict = MakeOptions { strict: true, output: out.join("strict-%d.tar").display().to_string(), ..args };
     let err = make_shards(&strict, false).unwrap_err().to_string();
     assert!(err.contains("sample '2'"), "{err}");
     assert!(!out.join("strict-0.tar").exists(), "a failed make leaves no shard behind");

@@ -5,14 +5,14 @@
 
 use std::path::{Path, PathBuf};
 use tempfile::TempDir;
+use zeroconv::app::device::DeviceChoice;
+use zeroconv::app::train::sources::{account, load_pretrained, Component, Source};
+use zeroconv::app::train::{self, train, TrainOptions};
+use zeroconv::app::weights::store::WeightStore;
 use zeroconv::engine::HostTensor;
-use zeroconv::frontend::checkpoint::write_safetensors;
-use zeroconv::frontend::config::{load_config, Config, CropSize};
-use zeroconv::frontend::device::DeviceChoice;
-use zeroconv::frontend::train::sources::{account, load_pretrained, Component, Source};
-use zeroconv::frontend::train::{self, train, TrainOptions};
-use zeroconv::frontend::weights_store::WeightStore;
 use zeroconv::graph::DType;
+use zeroconv::io::checkpoint::write_safetensors;
+use zeroconv::io::config::{load_config, Config, CropSize};
 use zeroconv::models::ParamSpec;
 
 fn tmp(name: &str) -> TempDir {

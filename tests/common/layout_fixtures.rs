@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use zeroconv::engine::HostTensor;
-use zeroconv::frontend::checkpoint::write_safetensors;
 use zeroconv::graph::DType;
+use zeroconv::io::checkpoint::write_safetensors;
 
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")

@@ -4,9 +4,9 @@
 
 use std::path::Path;
 use tempfile::TempDir;
-use zeroconv::frontend::config::{load_config, Config, CropSize};
-use zeroconv::frontend::device::DeviceChoice;
-use zeroconv::frontend::train::TrainOptions;
+use zeroconv::app::device::DeviceChoice;
+use zeroconv::app::train::TrainOptions;
+use zeroconv::io::config::{load_config, Config, CropSize};
 
 /// A fresh, uniquely named folder, removed when the test ends.
 pub fn tmp(name: &str) -> TempDir {

@@ -1,0 +1,95 @@
+//! Data-parallel training across processes, one per device, launched by torchrun, srun or `zeroconv launch`
+//! (engine/dist/env.rs reads their variables; engine/dist/rendezvous.rs joins the ranks).
+//!
+//! Every rank builds the same step and runs it on its own share of each optimizer step's samples; the gradients
+//! are summed over the ranks between the micro-batch part of the step and the update (the accumulating step of
+//! graph/optim.rs, whose accumulators hold each rank's sum), so every rank applies the same update to the same
+//! weights. On the CPU the sum goes through the rendezvous' host store, in rank order and in f64, so a run gives the
+//! same bits every time. Rank 0 alone writes: the run folder, metrics, checkpoints and exports.
+
+use crate::engine::dist::env::DistEnv;
+use crate::engine::dist::rendezvous::{Rendezvous, Store, Timeouts, BLOB_LEN};
+use crate::error::{Error, Result};
+use crate::hash::fnv1a64;
+use crate::io::config::Config;
+
+/// This process's place in the job, and its connection to the other ranks (none for a world of one).
+pub struct Parallel {
+    pub rank: usize,
+    pub world_size: usize,
+    store: Option<Store>,
+}
+
+impl Parallel {
+    /// One process alone.
+    pub fn single() -> Parallel {
+        Parallel { rank: 0, world_size: 1, store: None }
+    }
+
+    /// Joins the job the launcher's variables describe: checks `WORLD_SIZE == trainer.devices × trainer.num_nodes`
+    /// (a config asking for several devices without a launcher is refused), then meets the other ranks. Every rank
+    /// must train the same config: its hash is part of the handshake.
+    pub fn join(cfg: &Config, env: &DistEnv) -> Result<Parallel> {
+        env.check_world_size(cfg.trainer.devices as usize, cfg.trainer.num_nodes as usize)?;
+        if !env.is_distributed() {
+            return Ok(Parallel::single());
+        }
+        // The config as every rank resolved it (paths and all): two ranks started with different overrides are
+        // refused by the handshake.
+        let hash = fnv1a64(format!("{cfg:?}").as_bytes());
+        let rv = Rendezvous::join(env, hash, Timeouts::default(), || Ok([0u8; BLOB_LEN]))?;
+        if env.rank == 0 {
+            eprintln!("data parallel: {} processes ({} on this node)", rv.world_size, env.local_world_size);
+        }
+        Ok(Parallel { rank: rv.rank, world_size: rv.world_size, store: Some(rv.store) })
+    }
+
+    pub fn is_root(&self) -> bool {
+        self.rank == 0
+    }
+
+    /// Replaces `values` by their sum over the ranks (added in rank order, in f64: the same bits on every rank and
+    /// in every run).
+    pub fn sum(&mut self, values: &mut [f64]) -> Result<()> {
+        match self.store.as_mut() {
+            Some(s) => s.all_reduce_f64_sum(values),
+            None => Ok(()),
+        }
+    }
+
+    /// Rank 0's `bytes` on every rank (the others' arguments are ignored).
+    pub fn from_root(&mut self, bytes: &[u8]) -> Result<Vec<u8>> {
+        match self.store.as_mut() {
+            Some(s) => {
+                let mine = if s.rank() == 0 { bytes } else { &[] };
+                let mut all = s.all_gather_bytes(mine)?;
+                Ok(std::mem::take(&mut all[0]))
+            }
+            None => Ok(bytes.to_vec()),
+        }
+    }
+
+    /// Fails unless every rank gives the same `hash` of `what` (the compiled step), naming the first that differs.
+    /// The hash is computed only when there are other ranks to compare with.
+    pub fn check_same(&mut self, what: &str, hash: impl FnOnce() -> u64) -> Result<()> {
+        let Some(s) = self.store.as_mut() else { return Ok(()) };
+        let all = s.all_gather_bytes(&hash().to_le_bytes())?;
+        for (rank, h) in all.iter().enumerate() {
+            if h[..] != all[0][..] {
+                return Err(Error::msg(format!(
+                    "rank {rank} compiled a different {what} than rank 0: every rank must run the same zeroconv \
+                     build with the same config"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for every rank (rank 0 finishing its files before the others exit, for instance).
+    pub fn barrier(&mut self) -> Result<()> {
+        match self.store.as_mut() {
+            Some(s) => s.barrier(),
+            None => Ok(()),
+        }
+    }
+}
