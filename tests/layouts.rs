@@ -9,7 +9,7 @@ use common::layout_fixtures::{copy_folder, fixtures, generated, ldm_keys, pipeli
 use std::collections::BTreeMap;
 use std::path::Path;
 use zeroconv::app::device::DeviceChoice;
-use zeroconv::app::forward;
+use zeroconv::app::parity;
 use zeroconv::engine::HostTensor;
 use zeroconv::graph::DType;
 use zeroconv::io::checkpoint::diffusers_export::write_controlnet_diffusers;
@@ -120,9 +120,9 @@ fn a_diffusers_pipeline_folder_gives_the_same_outputs_as_ldm_weights() {
     let (sd_in, vae_in, clip_in) = (inputs("sd15_tiny"), inputs("vae_tiny"), inputs("clip_tiny"));
     let run_all = |w: &Checkpoint| {
         let clip = common::parity_clip_tiny();
-        let mut outs = forward::control_ldm(DeviceChoice::Cpu, &cfg, w, &sd_in, false, DType::F32).unwrap();
-        outs.extend(forward::vae_parts(DeviceChoice::Cpu, &vae_tiny(), w, &vae_in).unwrap());
-        outs.extend(forward::text(DeviceChoice::Cpu, &clip, w, &clip_in).unwrap());
+        let mut outs = parity::control_ldm(DeviceChoice::Cpu, &cfg, w, &sd_in, false, DType::F32).unwrap();
+        outs.extend(parity::vae_parts(DeviceChoice::Cpu, &vae_tiny(), w, &vae_in).unwrap());
+        outs.extend(parity::text(DeviceChoice::Cpu, &clip, w, &clip_in).unwrap());
         outs
     };
     let from_diffusers = run_all(&ckpt);

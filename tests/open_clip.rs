@@ -9,7 +9,7 @@ mod common;
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use zeroconv::app::device::DeviceChoice;
-use zeroconv::app::forward;
+use zeroconv::app::parity;
 use zeroconv::app::train::sources::{account, load_pretrained, Component, Source};
 use zeroconv::app::train::{self, train};
 use zeroconv::app::weights::store::WeightStore;
@@ -49,12 +49,12 @@ fn tiny_open_clip(layer: &str) -> Config {
     Config::from_yaml_str(&tiny_open_clip_yaml(layer), "sd2_tiny.yaml", &[]).unwrap()
 }
 
-/// `forward::text` on `device` on the fixture's ids with `cfg`'s text encoder and the weights of `weights` (opened
+/// `parity::text` on `device` on the fixture's ids with `cfg`'s text encoder and the weights of `weights` (opened
 /// as a `from_pretrained` is).
 fn hidden_on(device: DeviceChoice, cfg: &Config, weights: &Path) -> Vec<f64> {
     let clip = model_config::clip(&cfg.model.cond_stage_config).unwrap();
     let ckpt = Checkpoint::open_pretrained(weights, &model_config::architecture(cfg)).unwrap();
-    let outs = forward::text(device, &clip, &ckpt, &expected()).unwrap();
+    let outs = parity::text(device, &clip, &ckpt, &expected()).unwrap();
     outs[0].1.to_f64()
 }
 
@@ -274,7 +274,7 @@ fn a_misshaped_in_proj_is_refused_naming_the_key_and_file() {
     let cfg = tiny_open_clip("penultimate");
     let ckpt = Checkpoint::open_pretrained(&path, &arch).unwrap();
     let clip = model_config::clip(&cfg.model.cond_stage_config).unwrap();
-    let err = forward::text(DeviceChoice::Cpu, &clip, &ckpt, &expected()).unwrap_err().to_string();
+    let err = parity::text(DeviceChoice::Cpu, &clip, &ckpt, &expected()).unwrap_err().to_string();
     assert!(err.contains("encoder.layers.1.self_attn.q_proj.weight") && err.contains("missing"), "{err}");
 }
 

@@ -5,7 +5,7 @@ mod common;
 
 use std::path::PathBuf;
 use zeroconv::app::device::DeviceChoice;
-use zeroconv::app::forward;
+use zeroconv::app::parity;
 use zeroconv::engine::HostTensor;
 use zeroconv::graph::DType;
 use zeroconv::io::checkpoint::{write_safetensors, Checkpoint};
@@ -102,7 +102,7 @@ fn check_control_ldm(name: &str, unet: UNetConfig, device: DeviceChoice) {
     let (cfg, weights) = control_ldm_fixture(name, unet);
     let inputs = fixture(&format!("{name}.inputs.safetensors"));
     let expected = fixture(&format!("{name}.expected.safetensors"));
-    let outs = forward::control_ldm(device, &cfg, &weights, &inputs, true, DType::F32).unwrap();
+    let outs = parity::control_ldm(device, &cfg, &weights, &inputs, true, DType::F32).unwrap();
     let mut grads_checked = 0;
     let max_grad_norm = outs
         .iter()
@@ -159,7 +159,7 @@ fn sd2_like_controlnet_matches_pytorch_on_the_emulated_cuda_device() {
 fn clip_text_encoder_matches_transformers() {
     let cfg = common::parity_clip_tiny();
     let w = weights("clip_tiny", &clip_params(&cfg).unwrap());
-    let outs = forward::text(DeviceChoice::Cpu, &cfg, &w, &fixture("clip_tiny.inputs.safetensors")).unwrap();
+    let outs = parity::text(DeviceChoice::Cpu, &cfg, &w, &fixture("clip_tiny.inputs.safetensors")).unwrap();
     let want = fixture("clip_tiny.expected.safetensors").tensor("hidden").unwrap().to_f64();
     let err = rel_l2(&outs[0].1.to_f64(), &want);
     assert!(err < 1e-4, "clip hidden: relative L2 error {err:.2e}");
@@ -176,7 +176,7 @@ fn vae_matches_diffusers() {
         ..Default::default()
     };
     let w = weights("vae_tiny", &vae_params(&cfg).unwrap());
-    let outs = forward::vae_parts(DeviceChoice::Cpu, &cfg, &w, &fixture("vae_tiny.inputs.safetensors")).unwrap();
+    let outs = parity::vae_parts(DeviceChoice::Cpu, &cfg, &w, &fixture("vae_tiny.inputs.safetensors")).unwrap();
     let expected = fixture("vae_tiny.expected.safetensors");
     assert_eq!(outs.len(), 3);
     for (name, got) in &outs {
@@ -206,7 +206,7 @@ fn one_half_of_the_vae_accepts_the_whole_vae_file() {
         let path = dir.path().join(format!("{input}.safetensors"));
         write_safetensors(&path, &[(input.to_string(), inputs.to_host(input).unwrap())], None).unwrap();
         let only = Checkpoint::open(&path).unwrap();
-        let outs = forward::vae_parts(DeviceChoice::Cpu, &cfg, &w, &only).unwrap_or_else(|e| panic!("{input}: {e}"));
+        let outs = parity::vae_parts(DeviceChoice::Cpu, &cfg, &w, &only).unwrap_or_else(|e| panic!("{input}: {e}"));
         assert_eq!(outs.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), outputs);
         for (name, got) in &outs {
             let err = rel_l2(&got.to_f64(), &expected.tensor(name).unwrap().to_f64());
@@ -222,7 +222,7 @@ fn bf16_forward_is_within_two_percent_of_the_fp32_reference() {
     let (cfg, weights) = control_ldm_fixture("sd15_tiny", sd15_tiny());
     let inputs = fixture("sd15_tiny.inputs.safetensors");
     let expected = fixture("sd15_tiny.expected.safetensors");
-    let outs = forward::control_ldm(DeviceChoice::Cpu, &cfg, &weights, &inputs, false, DType::BF16).unwrap();
+    let outs = parity::control_ldm(DeviceChoice::Cpu, &cfg, &weights, &inputs, false, DType::BF16).unwrap();
     let eps = &outs.iter().find(|(k, _)| k == "eps").unwrap().1;
     assert_eq!(eps.dtype, DType::F32, "eps is returned in fp32");
     let err = rel_l2(&eps.to_f64(), &expected.tensor("eps").unwrap().to_f64());

@@ -17,7 +17,7 @@ use common::layout_fixtures::{fixtures, pipeline_folder, write_ldm_file};
 use common::training::tmp;
 use std::path::Path;
 use zeroconv::app::device::DeviceChoice;
-use zeroconv::app::sample::{denoise_and_decode, encode_ids, load_weights, SampleSettings, SamplerStart};
+use zeroconv::app::sampler::{denoise_and_decode, encode_ids, load_weights, SampleSettings, SamplerStart};
 use zeroconv::app::train::step_models;
 use zeroconv::app::weights::store::WeightStore;
 use zeroconv::io::checkpoint::Checkpoint;

@@ -6,7 +6,7 @@ mod common;
 use common::training::{opts, tiny, tmp};
 
 use std::path::PathBuf;
-use zeroconv::app::sample::{sample, SampleSettings};
+use zeroconv::app::sampler::{sample, SampleSettings};
 use zeroconv::app::train::{self, train, TrainOptions, TrainReport};
 use zeroconv::app::weights::store::WeightStore;
 use zeroconv::io::config::Config;

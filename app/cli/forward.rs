@@ -3,7 +3,7 @@
 
 use super::ConfigArgs;
 use crate::app::device::DeviceChoice;
-use crate::app::forward;
+use crate::app::parity;
 use crate::error::{Error, Result};
 use crate::graph::DType;
 use crate::io::checkpoint::{write_safetensors, Checkpoint};
@@ -92,7 +92,7 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
     let m = &cfg.model;
     let outs = match args.part {
         Part::Control => {
-            forward::control_ldm(device, &model_config::control_ldm(&cfg), &ckpt, &inputs, args.grad, compute)?
+            parity::control_ldm(device, &model_config::control_ldm(&cfg), &ckpt, &inputs, args.grad, compute)?
         }
         Part::VaeEncode | Part::VaeDecode => {
             let need = if args.part == Part::VaeEncode { "image" } else { "z" };
@@ -100,11 +100,11 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
                 return Err(Error::file(&args.inputs, format!("has no tensor '{need}' for --part {:?}", args.part)));
             }
             let vae = model_config::vae(&m.first_stage_config, m.scale_factor);
-            let all = forward::vae_parts(device, &vae, &ckpt, &inputs)?;
+            let all = parity::vae_parts(device, &vae, &ckpt, &inputs)?;
             let keep: &[&str] = if args.part == Part::VaeEncode { &["mean", "logvar"] } else { &["decoded"] };
             all.into_iter().filter(|(k, _)| keep.contains(&k.as_str())).collect()
         }
-        Part::Text => forward::text(device, &model_config::clip(&m.cond_stage_config)?, &ckpt, &inputs)?,
+        Part::Text => parity::text(device, &model_config::clip(&m.cond_stage_config)?, &ckpt, &inputs)?,
     };
     let mut meta = BTreeMap::new();
     meta.insert("producer".to_string(), format!("zeroconv {} forward", env!("CARGO_PKG_VERSION")));

@@ -2,7 +2,7 @@
 
 use super::ConfigArgs;
 use crate::app::device::DeviceChoice;
-use crate::app::sample::{check_settings, load_weights, sample, write_grid, SampleSettings};
+use crate::app::sampler::{check_settings, load_weights, sample, write_grid, SampleSettings};
 use crate::app::train::{step_models, tokenizer};
 use crate::error::{Error, Result};
 use crate::io::outputs::{check_output, Inputs};
@@ -136,7 +136,7 @@ pub fn run(args: &SampleArgs) -> Result<()> {
     }
     let w = size.expect("at least one control map");
     check_infer_sizes(&cfg, w, models.first_stage.factor())?;
-    crate::app::sample::ensure_memory(pairs.len().saturating_mul(n), w)?;
+    crate::app::sampler::ensure_memory(pairs.len().saturating_mul(n), w)?;
     let plane = 3 * w * w;
     // Row r of the grid: map r and its n samples, in (pair, image) order.
     let hints: Vec<f32> =

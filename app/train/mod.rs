@@ -14,7 +14,7 @@ pub mod state;
 
 use super::cli::{human_bytes, peak_rss_bytes};
 use super::device::{compile_program, CompileOptions, DeviceChoice, DeviceProgram};
-use super::sample::{sample, write_grid, SampleSettings};
+use super::sampler::{sample, write_grid, SampleSettings};
 use super::step;
 use crate::app::weights::store::WeightStore;
 use crate::engine::{HostTensor, Program};
