@@ -2,7 +2,7 @@
 //! included), then the first stage's decoder. Used by `zeroconv sample`, by the training loop's
 //! validation grids, and by the control-fidelity evaluation. [`sample`] tokenizes, encodes and draws the noise;
 //! [`denoise_and_decode`] is the rest, on given text embeddings, x_T and per-step noise (checked against diffusers'
-//! StableDiffusionControlNetPipeline by tests/sample_pipeline.rs).
+//! StableDiffusionControlNetPipeline by tests/graph_cpu/sample_pipeline.rs).
 
 use super::device::{compile_program, CompileOptions, DeviceChoice, DeviceProgram};
 use crate::app::weights::store::WeightStore;

@@ -6,7 +6,7 @@ Writes the tiny SD 1.5 parity ControlNet (tests/fixtures/parity, the generator's
 `ControlNetModel.from_pretrained`, runs it on the parity inputs and compares its residuals with the ones the parity
 fixture recorded from diffusers' own conversion of the same weights (`control.{i}` in sd15_tiny.expected.safetensors).
 
-tests/layouts.rs checks the same export without Python (keys, shapes, values and config.json against what
+tests/io_formats/layouts.rs checks the same export without Python (keys, shapes, values and config.json against what
 `save_pretrained` wrote); this script is the check by loading, for when torch and diffusers are at hand.
 
 Usage:

@@ -2,7 +2,7 @@
 """Writes tests/fixtures/ddim/trajectories.json: DDIM trajectories computed by diffusers' own DDIMScheduler, set up
 as Stable Diffusion's scheduler config sets it (scaled_linear betas 0.00085..0.012 over 1000 steps, "leading"
 timestep spacing with steps_offset 1, set_alpha_to_one False, no clipping, epsilon prediction), for the Rust test
-tests/ddim_schedule.rs, which replays them with zeroconv's schedule: the same timesteps, and the same x_prev for the
+tests/graph_cpu/ddim_schedule.rs, which replays them with zeroconv's schedule: the same timesteps, and the same x_prev for the
 same x_t, ε and (η > 0) noise.
 
 Each case: a number of inference steps and an η; the initial x_T, one ε per step and (for η > 0) one noise tensor

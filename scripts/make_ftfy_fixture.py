@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Regenerates tests/fixtures/tokenizer/ftfy.json: what transformers' slow CLIPTokenizer gives with ftfy installed
 (`text_cleanup: ftfy`) and without it (`text_cleanup: basic`), and what ftfy itself gives, which
-tests/tokenizer_ftfy.rs compares zeroconv's tokenizer and its port of `ftfy.fix_text` with.
+tests/io_formats/tokenizer_ftfy.rs compares zeroconv's tokenizer and its port of `ftfy.fix_text` with.
 
 The vocabulary is the committed tiny one (tests/fixtures/tokenizer/vocab.json + merges.txt, from
 scripts/make_tokenizer_fixture.py): its 256 byte symbols cover any text, so every caption has ids.
@@ -52,7 +52,7 @@ FIXTURE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "te
 OUT = os.path.join(FIXTURE_DIR, "ftfy.json")
 OUT_CHARS = os.path.join(FIXTURE_DIR, "ftfy_chars.json")
 
-# (kind, caption): the kinds are what tests/tokenizer_ftfy.rs checks are covered.
+# (kind, caption): the kinds are what tests/io_formats/tokenizer_ftfy.rs checks are covered.
 CASES = [
     ("cjk", "\u6771\u4eac\u30bf\u30ef\u30fc\u306e\u591c\u666f"),
     ("cjk", "\u4e00\u53ea\u53ef\u7231\u7684\u732b\u5750\u5728\u7a97\u53f0\u4e0a"),
@@ -194,7 +194,7 @@ def mojibake_corpus(count, seed):
 
 
 class Lcg:
-    """A 64-bit linear congruential generator; tests/tokenizer_ftfy.rs draws the same numbers."""
+    """A 64-bit linear congruential generator; tests/io_formats/tokenizer_ftfy.rs draws the same numbers."""
 
     def __init__(self, seed):
         self.state = seed

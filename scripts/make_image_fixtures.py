@@ -3,7 +3,7 @@
 after their end, and manifest.json saying for each whether Pillow decodes it (Image.open(...).load() with
 ImageFile.LOAD_TRUNCATED_IMAGES left False, as webdataset's decoders use it).
 
-The Rust tests (tests/image_fixtures.rs) read the committed files and must accept exactly what Pillow accepts, so
+The Rust tests (tests/io_formats/image_fixtures.rs) read the committed files and must accept exactly what Pillow accepts, so
 they never need Python.
 
     python3 -m venv .tools/venv && .tools/venv/bin/pip install pillow

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Files in the diffusers and Hugging Face layouts, written by diffusers' and transformers' own `save_pretrained`,
-for zeroconv's layout tests (tests/layouts.rs). See tests/fixtures/layouts/README.md.
+for zeroconv's layout tests (tests/io_formats/layouts.rs). See tests/fixtures/layouts/README.md.
 
 The models are the tiny parity models of scripts/make_parity_fixtures.py (sd15_tiny U-Net + ControlNet, vae_tiny,
 clip_tiny), built exactly as there: deterministic weights under the ORIGINAL LDM key names, converted by diffusers'

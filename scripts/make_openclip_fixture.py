@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Regenerates tests/fixtures/open_clip/: a tiny OpenCLIP model with random weights, written by open_clip and torch
-in the two layouts SD 2.x users bring, and what SD 2's text encoder computes with it. tests/open_clip.rs loads the
+in the two layouts SD 2.x users bring, and what SD 2's text encoder computes with it. tests/io_formats/open_clip.rs loads the
 files through zeroconv's checkpoint loaders and compares.
 
 Written with torch 2.15.0, open_clip_torch 3.3.0 (ftfy 6.3.1, regex 2026.11.19), diffusers 0.42.1, transformers

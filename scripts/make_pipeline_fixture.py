@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Sampling trajectories written by diffusers' own StableDiffusionControlNetPipeline + DDIMScheduler, for
-tests/sample_pipeline.rs, which replays them with zeroconv's sampler core on the same weights (loaded through
+tests/graph_cpu/sample_pipeline.rs, which replays them with zeroconv's sampler core on the same weights (loaded through
 zeroconv's loaders from both the LDM file and the diffusers pipeline folder). See tests/fixtures/pipeline/README.md.
 
 Versions used for the committed fixture: torch 2.15.0, diffusers 0.42.1, transformers 5.24.0, safetensors 0.8.0,

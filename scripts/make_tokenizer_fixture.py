@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Regenerates tests/fixtures/tokenizer/: a small CLIP-style BPE vocabulary and the ids that Hugging Face
-transformers' CLIPTokenizer gives for a set of captions, which tests/tokenizer.rs compares zeroconv's tokenizer with.
+transformers' CLIPTokenizer gives for a set of captions, which tests/io_formats/tokenizer.rs compares zeroconv's tokenizer with.
 
 The vocabulary has CLIP's layout (the 256 byte symbols, the same with "</w>", one token per merge, then
 <|startoftext|> and <|endoftext|>); its merges are learned here, by plain BPE, from the small caption corpus below.

@@ -18,7 +18,7 @@
 //! Where the port may differ: the character data of ftfy and of Python's `re` classes are generated from
 //! Python 3.11 (Unicode 14.0.0) into [`tables`]; NFC comes from the `unicode-normalization` crate and
 //! lowercasing (in the tokenizer) from Rust's standard library, which follow later Unicode versions. Those agree
-//! with Python on every code point assigned in Unicode 14.0.0 (tests/tokenizer_ftfy.rs checks each one alone),
+//! with Python on every code point assigned in Unicode 14.0.0 (tests/io_formats/tokenizer_ftfy.rs checks each one alone),
 //! and normalization and case mappings of assigned characters are stable across versions, so only text holding
 //! code points unassigned in Unicode 14.0.0 can be cleaned differently, as it can between two Python versions.
 

@@ -3,7 +3,7 @@
 //! checkpoints are written, where a run resumes from, the pixels a sample becomes, or the error a key NeMo would
 //! honour and zeroconv cannot is refused with. Every test has its own temporary folder.
 
-mod common;
+use crate::common;
 use common::training::{opts, tiny, tmp};
 
 use std::io::Cursor;

@@ -5,7 +5,7 @@
 //! The emulated device runs every kernel under the CUDA emulator (with liveness poisoning), about 10 s per step of
 //! the tiny config shrunk below on 2 cores, so these runs use one micro-batch, 8x8 latents and one U-Net level.
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Output};
 use tempfile::TempDir;

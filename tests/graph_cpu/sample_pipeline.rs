@@ -11,7 +11,7 @@
 //! evaluations (guidance multiplies ε differences by up to 7.5) and the VAE decoder, so agreement is at the level
 //! of f32 rounding, not bitwise; the generator checks that diffusers' own f32 run is within 1e-5 of its f64 run.
 
-mod common;
+use crate::common;
 
 use common::layout_fixtures::{fixtures, pipeline_folder, write_ldm_file};
 use common::training::tmp;

@@ -4,7 +4,7 @@
 //! step that `zeroconv train` compiles independent of the number of micro-batches, and training with accumulation
 //! resuming bit for bit.
 
-mod common;
+use crate::common;
 use common::nets::{self, NetSpec};
 use common::training::{opts, tiny, tmp};
 use common::Rng;

@@ -1,6 +1,6 @@
 //! The CLIP tokenizer against ids produced by transformers' CLIPTokenizer without ftfy
 //! (scripts/make_tokenizer_fixture.py), i.e. `text_cleanup: basic`, on the small vocabulary in
-//! tests/fixtures/tokenizer/. The ftfy cleanup (the default) is checked in tests/tokenizer_ftfy.rs.
+//! tests/fixtures/tokenizer/. The ftfy cleanup (the default) is checked in tests/io_formats/tokenizer_ftfy.rs.
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -15,7 +15,7 @@
 //! units in the last place of the storage type relative to the size of the terms it sums (`terms` below), plus
 //! the storage rounding of the result itself.
 
-mod common;
+use crate::common;
 
 use common::emulated::Kernels;
 use common::Rng;

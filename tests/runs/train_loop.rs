@@ -2,7 +2,7 @@
 //! are quick): resume determinism, checkpoint atomicity, the loss falling, deterministic sampling,
 //! and the errors a user meets first.
 
-mod common;
+use crate::common;
 use common::training::{opts, tiny, tmp};
 
 use std::path::PathBuf;

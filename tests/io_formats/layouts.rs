@@ -3,7 +3,7 @@
 //! generated LDM tensor diffusers' conversion put there, and the models give the same outputs as on LDM-layout
 //! weights.
 
-mod common;
+use crate::common;
 
 use common::layout_fixtures::{copy_folder, fixtures, generated, ldm_keys, pipeline_folder, rebuild, write_ldm_file};
 use std::collections::BTreeMap;
@@ -133,7 +133,7 @@ fn a_diffusers_pipeline_folder_gives_the_same_outputs_as_ldm_weights() {
     let from_ldm = run_all(&Checkpoint::open(&ldm.join("all.safetensors")).unwrap());
     assert_eq!(from_diffusers.len(), from_ldm.len());
     assert!(bits(&from_diffusers) == bits(&from_ldm), "the diffusers-layout weights give different outputs");
-    // And both are the PyTorch reference (eps from diffusers' models, as tests/parity.rs checks).
+    // And both are the PyTorch reference (eps from diffusers' models, as tests/graph_cpu/parity.rs checks).
     let expected = Checkpoint::open(&parity.join("sd15_tiny.expected.safetensors")).unwrap();
     let eps = &from_diffusers.iter().find(|(k, _)| k == "eps").unwrap().1;
     let want = expected.to_f32("eps").unwrap();

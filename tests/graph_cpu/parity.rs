@@ -1,7 +1,7 @@
 //! Parity with an independent PyTorch implementation (diffusers / transformers) on tiny
 //! configurations: see tests/fixtures/parity/README.md for how the fixtures were made.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use zeroconv::app::device::DeviceChoice;

@@ -2,7 +2,7 @@
 //! (control maps and prompts, images per prompt, steps), the grid has one row per (map, prompt) pair, and DDIM's η
 //! adds seeded noise (η > 0 changes the image; the same seed repeats it).
 
-mod common;
+use crate::common;
 use common::cli::run_ok as zeroconv;
 use common::training::tmp;
 

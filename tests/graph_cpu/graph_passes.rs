@@ -1,6 +1,6 @@
 //! Autodiff of a composite net, the passes (CSE, DCE, checkpointing), and the memory planner.
 
-mod common;
+use crate::common;
 use common::nets::{self, NetSpec};
 use common::*;
 use zeroconv::engine::cpu::CpuBackend;

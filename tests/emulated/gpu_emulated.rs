@@ -6,7 +6,7 @@
 //! fails on any byte a node writes outside its outputs and scratch, so a wrong offset, leading dimension or
 //! transpose fails at the node that makes it.
 
-mod common;
+use crate::common;
 
 use common::nets::{self, NetSpec};
 use common::Rng;

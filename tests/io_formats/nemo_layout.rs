@@ -4,7 +4,7 @@
 //! PyTorch Lightning saves it (torch.save), with the Megatron wrapper's prefixes, schedule buffers and Transformer
 //! Engine `_extra_state` entries.
 
-mod common;
+use crate::common;
 use common::layout_fixtures::{fixtures, generated, ldm_keys};
 
 use std::collections::BTreeMap;

@@ -4,10 +4,10 @@
 //! more than 48 KiB of shared memory (the opt-in path); a whole bf16 training step node by node and over three steps
 //! (eager, then captured and replayed); the 48 KiB rule of the emulated device; the config keys.
 //!
-//! The kernels' own numerics are checked in tests/flash_attention_emulated.rs; here it is the lowering: argument
+//! The kernels' own numerics are checked in tests/emulated/flash_attention_emulated.rs; here it is the lowering: argument
 //! order, pointer offsets per head, scratch for the backward's recomputed O and log-sum-exp, launch shapes.
 
-mod common;
+use crate::common;
 
 use common::nets::{self, NetSpec};
 use common::Rng;
@@ -358,7 +358,7 @@ fn the_two_use_flash_attention_keys_must_agree() {
 /// `zeroconv profile --device cuda-emu` on the built-in tiny config with use_flash_attention: True lists the flash
 /// kernels by name. The tiny config's attention has head dim 16 (32 channels, 2 heads), which no flash kernel is
 /// built for, so this run widens it to 64 channels and one head (head dim 64, self- and cross-attention) in bf16,
-/// shrunk as in tests/device_choice.rs (batch 1, 8x8 latents, one level) to run in seconds under emulation.
+/// shrunk as in tests/emulated/device_choice.rs (batch 1, 8x8 latents, one level) to run in seconds under emulation.
 #[test]
 fn profile_on_cuda_emu_lists_the_flash_kernels() {
     let dir = tempfile::Builder::new().prefix("zeroconv-flash-profile-").tempdir().unwrap();

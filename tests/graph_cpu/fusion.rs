@@ -2,7 +2,7 @@
 //! the planned peak never rises, cycles are refused, and the AdamW updates become multi-tensor
 //! kernels.
 
-mod common;
+use crate::common;
 use common::nets::{self, NetSpec};
 use common::*;
 use zeroconv::engine::cpu::CpuBackend;

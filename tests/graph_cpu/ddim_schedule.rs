@@ -2,7 +2,7 @@
 //! scripts/make_ddim_fixture.py): the same timesteps for every step count, and the same x_prev for the same x_t, ε
 //! and noise, with η = 0 and η > 0; a whole trajectory replayed from x_T stays on diffusers' within f32 rounding.
 
-mod common;
+use crate::common;
 
 use zeroconv::models::schedule::Schedule;
 

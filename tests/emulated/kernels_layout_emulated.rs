@@ -1,5 +1,5 @@
 //! Kernel semantics of kernels/layout.cu, kernels/attention.cu and kernels/check.cu, checked on the CPU under the
-//! host emulation of the CUDA execution model (`zeroconv::kernels::emulate`), as tests/kernels_emulated.rs does
+//! host emulation of the CUDA execution model (`zeroconv::kernels::emulate`), as tests/emulated/kernels_emulated.rs does
 //! for the other modules.
 //!
 //! Every kernel of these modules, for every storage and index type, runs on awkward sizes (1, 31, 33, 1031,
@@ -12,7 +12,7 @@
 //!
 //! Needs g++ (any machine of this project has it); without it every test fails with a message saying so.
 
-mod common;
+use crate::common;
 
 use bytemuck::{Pod, Zeroable};
 use common::emulated::Kernels;

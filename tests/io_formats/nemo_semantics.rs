@@ -1,7 +1,7 @@
 //! Config keys doing what NeMo does with them, shown by a run: the learning rate each step logs in metrics.jsonl
 //! follows NeMo's scheduler formulas (`nemo/core/optim/lr_scheduler.py`).
 
-mod common;
+use crate::common;
 use common::training::{opts, tiny, tmp};
 
 use std::f64::consts::FRAC_1_SQRT_2;

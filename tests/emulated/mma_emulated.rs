@@ -17,7 +17,7 @@ use zeroconv::engine::HostTensor;
 use zeroconv::graph::{DType, Shape};
 use zeroconv::kernels::emulate::{self, DeviceBuffer, EmuModule, KernelArgs, LaunchConfig, Schedule};
 
-mod common;
+use crate::common;
 use common::emulated::SCHEDULES;
 use common::Rng;
 

@@ -1,7 +1,7 @@
 //! The optimizer update inside the compiled step, training end to end on the CPU backend, and
 //! half-precision storage.
 
-mod common;
+use crate::common;
 use common::nets::{self, NetSpec};
 use common::*;
 use zeroconv::engine::cpu::CpuBackend;

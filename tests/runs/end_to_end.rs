@@ -5,7 +5,7 @@
 //! serve) from an LDM-layout file, three optimizer steps, and the exported ControlNet (as trained, and exported to the diffusers
 //! layout by `zeroconv export`) loaded back by `zeroconv sample`.
 
-mod common;
+use crate::common;
 use common::cli::{run_fails as zeroconv_fails, run_ok as zeroconv};
 use common::layout_fixtures::{copy_folder, rebuild};
 use common::training::tmp;

@@ -13,7 +13,7 @@
 //!
 //! Needs g++ (any machine of this project has it); without it every test fails with a message saying so.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -481,15 +481,15 @@ fn compile_errors_quote_the_compiler() {
 // ---- every module is covered -----------------------------------------------------------------------------------
 
 /// The modules the tests below check; a new kernels/*.cu must be added here with its test. The generated
-/// module `fused_generated` is checked kernel by kernel in tests/fused_emulated.rs, and `attention`, `check` and
-/// `layout` are checked in tests/kernels_layout_emulated.rs.
+/// module `fused_generated` is checked kernel by kernel in tests/emulated/fused_emulated.rs, and `attention`, `check` and
+/// `layout` are checked in tests/emulated/kernels_layout_emulated.rs.
 const TESTED_MODULES: [&str; 15] = [
     "adamw",
     "attention",
     "binary",
     "cast",
     "check",
-    // Tested in tests/flash_attention_emulated.rs.
+    // Tested in tests/emulated/flash_attention_emulated.rs.
     "flash_attention",
     "flash_attention_bwd",
     "fused_generated",

@@ -4,7 +4,7 @@
 //! layer output matches what SD 2's `FrozenOpenCLIPEmbedder` computes; the tokenizer gives open_clip's ids; bad
 //! files and contradictory configs are refused by name; a tiny SD 2-like ControlNet trains with it.
 
-mod common;
+use crate::common;
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};

@@ -4,7 +4,7 @@
 //! changes the computation refused). Each test runs the shrunk tiny configuration for a few steps in its own
 //! temporary folder.
 
-mod common;
+use crate::common;
 use common::training::{opts, tiny, tmp};
 
 use std::collections::BTreeMap;

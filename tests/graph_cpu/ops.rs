@@ -1,7 +1,7 @@
 //! Every op: the forward against a naive f64 reference (in f64 and in f32, on odd sizes and
 //! broadcasts), and the backward against central finite differences in f64.
 
-mod common;
+use crate::common;
 use common::reference as r;
 use common::*;
 use zeroconv::graph::{BinaryOp, DType, Graph, UnaryOp, ValueId};

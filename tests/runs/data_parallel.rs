@@ -3,7 +3,7 @@
 //! what one process trains on the same samples (same losses within f32 rounding, same ControlNet), with and without
 //! accumulation; a rank started with another config is refused at the handshake, naming it.
 
-mod common;
+use crate::common;
 use common::training::tmp;
 
 use std::path::Path;

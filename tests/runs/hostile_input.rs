@@ -2,7 +2,7 @@
 //! overwrites an input or runs out of memory. Tests that run the binary check the exit code, the message and
 //! that stderr holds no panic or backtrace.
 
-mod common;
+use crate::common;
 use common::cli::run as zeroconv;
 
 use std::fs;

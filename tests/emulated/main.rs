@@ -1,0 +1,21 @@
+//! The CUDA executor on the emulated device: kernels, cuBLAS/cuDNN arguments, flash attention, lowering, capture and replay, library probing and the device choice.
+//!
+//! One test binary for these modules: each integration test binary links the whole crate, so grouping them saves
+//! most of the suite's link time on a small machine.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod gpu_emulated;
+mod flash_attention_emulated;
+mod flash_lowering_emulated;
+mod fused_emulated;
+mod kernels_emulated;
+mod kernels_layout_emulated;
+mod mma_emulated;
+mod cuda_args;
+mod gpu_abi;
+mod gpu_check_script;
+mod runtime_nvrtc;
+mod device_libs;
+mod device_choice;

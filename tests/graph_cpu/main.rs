@@ -1,0 +1,18 @@
+//! The graph (ops against f64 references and finite differences, passes, fusion, accumulation, codegen) and the models on the CPU backend, with parity against PyTorch/diffusers fixtures.
+//!
+//! One test binary for these modules: each integration test binary links the whole crate, so grouping them saves
+//! most of the suite's link time on a small machine.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod ops;
+mod cpu_kernels;
+mod graph_passes;
+mod fusion;
+mod accumulation;
+mod codegen;
+mod models;
+mod parity;
+mod ddim_schedule;
+mod sample_pipeline;
