@@ -197,7 +197,7 @@ impl Default for ModelConfig {
     }
 }
 
-/// Defines a config section holding LDM's `UNetModel` architecture keys (one list, defaults SD 1.5's) after the
+/// Defines a config section holding LDM's `UNetModel` architecture keys (one list; defaults from the model's) after the
 /// section's own keys, with `Default` and the conversion to the model's hyper-parameters. `unet_config` and
 /// `control_stage_config` spell the same architecture keys; serde's `flatten` cannot be combined with
 /// `deny_unknown_fields`, so the shared keys are spliced in here instead.
@@ -242,24 +242,31 @@ macro_rules! unet_section {
         }
 
         impl Default for $name {
+            /// The section's own defaults, and the architecture of `models::UNetConfig::default()` (SD 1.5): the
+            /// architecture's defaults have one definition, the model's.
             fn default() -> Self {
+                let m = crate::models::UNetConfig::default();
+                let whole = |v: usize| u32::try_from(v).expect("SD 1.5's defaults fit in u32");
+                let heads = |v: i64| u32::try_from(v).ok();
+                let levels = m.num_res_blocks.first().copied().unwrap_or_default();
+                debug_assert!(m.num_res_blocks.iter().all(|&n| n == levels), "one ResBlock count per level");
                 $name {
                     $($field: $default,)*
-                    image_size: 32,
-                    in_channels: 4,
-                    model_channels: 320,
-                    attention_resolutions: vec![4, 2, 1],
-                    num_res_blocks: 2,
-                    channel_mult: vec![1, 2, 4, 4],
-                    num_heads: Some(8),
-                    num_head_channels: None,
-                    use_spatial_transformer: true,
-                    transformer_depth: 1,
-                    context_dim: 768,
-                    use_linear_in_transformer: false,
-                    legacy: false,
-                    use_checkpoint: false,
-                    use_flash_attention: false,
+                    image_size: whole(m.image_size),
+                    in_channels: whole(m.in_channels),
+                    model_channels: whole(m.model_channels),
+                    attention_resolutions: m.attention_resolutions.iter().map(|&v| whole(v)).collect(),
+                    num_res_blocks: whole(levels),
+                    channel_mult: m.channel_mult.iter().map(|&v| whole(v)).collect(),
+                    num_heads: heads(m.num_heads),
+                    num_head_channels: heads(m.num_head_channels),
+                    use_spatial_transformer: m.use_spatial_transformer,
+                    transformer_depth: whole(m.transformer_depth),
+                    context_dim: whole(m.context_dim),
+                    use_linear_in_transformer: m.use_linear_in_transformer,
+                    legacy: m.legacy,
+                    use_checkpoint: m.use_checkpoint,
+                    use_flash_attention: m.use_flash_attention,
                 }
             }
         }

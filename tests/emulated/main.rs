@@ -6,16 +6,16 @@
 #[path = "../common/mod.rs"]
 mod common;
 
-mod gpu_emulated;
+mod cuda_args;
+mod device_choice;
+mod device_libs;
 mod flash_attention_emulated;
 mod flash_lowering_emulated;
 mod fused_emulated;
+mod gpu_abi;
+mod gpu_check_script;
+mod gpu_emulated;
 mod kernels_emulated;
 mod kernels_layout_emulated;
 mod mma_emulated;
-mod cuda_args;
-mod gpu_abi;
-mod gpu_check_script;
 mod runtime_nvrtc;
-mod device_libs;
-mod device_choice;

@@ -6,13 +6,13 @@
 #[path = "../common/mod.rs"]
 mod common;
 
-mod ops;
-mod cpu_kernels;
-mod graph_passes;
-mod fusion;
 mod accumulation;
 mod codegen;
-mod models;
-mod parity;
+mod cpu_kernels;
 mod ddim_schedule;
+mod fusion;
+mod graph_passes;
+mod models;
+mod ops;
+mod parity;
 mod sample_pipeline;

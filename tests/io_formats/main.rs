@@ -7,13 +7,13 @@
 mod common;
 
 mod config;
-mod nemo_keys;
-mod nemo_semantics;
-mod nemo_layout;
+mod image_fixtures;
 mod layouts;
+mod nemo_keys;
+mod nemo_layout;
+mod nemo_semantics;
 mod open_clip;
 mod tokenizer;
 mod tokenizer_ftfy;
 mod webdataset;
-mod image_fixtures;
 mod weight_sources;

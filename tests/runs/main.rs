@@ -6,11 +6,11 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod data_parallel;
 mod end_to_end;
+mod hostile_input;
+mod rendezvous;
+mod run_folders;
 mod sample_cli;
 mod train;
 mod train_loop;
-mod run_folders;
-mod data_parallel;
-mod rendezvous;
-mod hostile_input;
