@@ -1,10 +1,11 @@
 //! `zeroconv bench train`: times the compiled training step on random inputs after a warm-up
 //! and prints samples/s and peak memory; the last line is the figure, ending in `samples/s`.
 
-use super::{human_bytes, peak_rss_bytes, ConfigArgs};
+use super::{peak_rss_bytes, ConfigArgs};
 use crate::app::device::{compile_program, DeviceChoice, DeviceProgram};
 use crate::app::step::{self, StepGraph};
 use crate::app::weights::init_params;
+use crate::engine::host_memory::human_bytes;
 use crate::engine::{HostTensor, Program};
 use crate::error::Result;
 use crate::graph::optim::adamw_hyper;
@@ -114,7 +115,10 @@ pub fn run(args: &BenchTrainArgs, out: &mut dyn Write) -> Result<()> {
         (f + c.flops, b + c.bytes)
     });
     w(out, format!("compiled: {kernels} kernels, {trainable} trainable parameters, in {:.2} s", r.compile_secs))?;
-    w(out, format!("work per step (cost model): {:.2} GFLOP, {} moved by kernels", flops / 1e9, human_bytes(bytes)))?;
+    w(
+        out,
+        format!("work per step (cost model): {:.2} GFLOP, {} moved by kernels", flops / 1e9, human_bytes(bytes as u64)),
+    )?;
     w(out, format!("memory plan: {}", r.prog.plan().summary()))?;
     let mut t = 1;
     for _ in 0..args.warmup {
@@ -139,8 +143,8 @@ pub fn run(args: &BenchTrainArgs, out: &mut dyn Write) -> Result<()> {
         out,
         format!(
             "peak memory: planned {} (arena + parameters + optimizer state), process peak RSS {}",
-            human_bytes(planned),
-            peak_rss_bytes().map_or("unknown".to_string(), |b| human_bytes(b as f64))
+            human_bytes(planned as u64),
+            peak_rss_bytes().map_or("unknown".to_string(), human_bytes)
         ),
     )?;
     w(out, format!("{:.2} samples/s", batch / mean))

@@ -1,11 +1,12 @@
 //! `zeroconv inspect`: each component's parameter count and memory, without running anything.
 
-use super::{human_bytes, ConfigArgs};
+use super::ConfigArgs;
 use crate::app::device::DeviceChoice;
 use crate::app::step;
 use crate::engine::cpu::CpuBackend;
 use crate::engine::device::emu::{EmuDevice, EmuOptions};
 use crate::engine::gpu::GpuBackend;
+use crate::engine::host_memory::human_bytes;
 use crate::error::Result;
 use crate::io::config::model_config;
 use crate::models::counts::{clip_params, controlnet_params, total, unet_params, vae_params};
@@ -56,9 +57,9 @@ pub fn run(args: &InspectArgs, out: &mut dyn Write) -> Result<()> {
     for (name, ps) in &parts {
         let n = total(ps);
         sum += n;
-        w(out, format!("{:<40} {:>15} {:>12}", name, group_digits(n), human_bytes(4.0 * n as f64)))?;
+        w(out, format!("{:<40} {:>15} {:>12}", name, group_digits(n), human_bytes(4 * n as u64)))?;
     }
-    w(out, format!("{:<40} {:>15} {:>12}", "total", group_digits(sum), human_bytes(4.0 * sum as f64)))?;
+    w(out, format!("{:<40} {:>15} {:>12}", "total", group_digits(sum), human_bytes(4 * sum as u64)))?;
     let trainable = total(&parts[1].1)
         + if m.sd_locked {
             0
@@ -76,7 +77,7 @@ pub fn run(args: &InspectArgs, out: &mut dyn Write) -> Result<()> {
             "trainable: {} parameters (sd_locked={}); AdamW moments {}",
             group_digits(trainable),
             m.sd_locked,
-            human_bytes(8.0 * trainable as f64)
+            human_bytes(8 * trainable as u64)
         ),
     )?;
     if args.keys {

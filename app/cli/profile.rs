@@ -3,10 +3,11 @@
 //! GB/s or GFLOP/s), writes a Chrome trace and, with --dump-ir, the IR before and after each pass.
 
 use super::bench_train::{prepare, run_step};
-use super::{human_bytes, ConfigArgs};
+use super::ConfigArgs;
 use crate::app::device::DeviceChoice;
 use crate::app::step;
 use crate::engine::gpu::lower::Cmd;
+use crate::engine::host_memory::human_bytes;
 use crate::engine::Program;
 use crate::error::{Error, Result};
 use crate::graph::{Graph, Op};
@@ -121,7 +122,7 @@ pub fn run(args: &ProfileArgs, out: &mut dyn Write) -> Result<()> {
                 k.launches,
                 secs * 1e3,
                 100.0 * secs / total.max(1e-12),
-                human_bytes(k.cost.bytes),
+                human_bytes(k.cost.bytes as u64),
                 k.cost.bytes / per.max(1e-12) / 1e9,
                 k.cost.flops / per.max(1e-12) / 1e9
             ),

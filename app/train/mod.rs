@@ -12,11 +12,12 @@ pub mod run_dir;
 pub mod sources;
 pub mod state;
 
-use super::cli::{human_bytes, peak_rss_bytes};
+use super::cli::peak_rss_bytes;
 use super::device::{compile_program, CompileOptions, DeviceChoice, DeviceProgram};
 use super::sampler::{sample, write_grid, SampleSettings};
 use super::step;
 use crate::app::weights::store::WeightStore;
+use crate::engine::host_memory::human_bytes;
 use crate::engine::{HostTensor, Program};
 use crate::error::{Error, Result};
 use crate::graph::optim::adamw_hyper;
@@ -370,7 +371,7 @@ impl Run<'_> {
             "{name}: {} trainable parameters, {} kernels, {} planned, compiled in {:.1} s",
             trainable,
             p.prog.graph().nodes.iter().filter(|n| !n.op.is_view()).count(),
-            human_bytes(planned as f64),
+            human_bytes(planned as u64),
             t0.elapsed().as_secs_f64()
         );
         // Samples per optimizer step, over every rank.

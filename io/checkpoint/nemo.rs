@@ -33,7 +33,7 @@
 //! (`mp_rank_00/...`); those are refused with a message, as are NeMo 2 distributed checkpoints (a
 //! `model_weights/` directory of shards).
 
-use super::view::human_bytes;
+use crate::engine::host_memory::human_bytes;
 use crate::error::{Error, Result};
 use flate2::read::GzDecoder;
 use std::io::{Cursor, Read};

@@ -3,8 +3,9 @@
 //! The header is validated completely before any tensor is handed out, so a damaged file fails at `open` with one
 //! message that says what is wrong, instead of later as garbage weights or an out-of-bounds slice.
 
-use super::view::{byte_len, human_bytes};
+use super::view::byte_len;
 use super::{DataRef, Index, TensorEntry};
+use crate::engine::host_memory::human_bytes;
 use crate::error::{Error, Result};
 use crate::graph::DType;
 use serde_json::Value;

@@ -9,8 +9,8 @@
 //! than a silently wrong weight. Records no tensor reads (optimizer states, unsupported dtypes) are not read.
 
 use super::pickle::{self, StorageDType, TensorRef, Value};
-use super::view::human_bytes;
 use super::{DataRef, Index, TensorEntry};
+use crate::engine::host_memory::human_bytes;
 use crate::error::{Error, Result};
 use std::collections::{HashMap, HashSet};
 use std::io::Cursor;

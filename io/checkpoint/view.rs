@@ -100,32 +100,9 @@ pub(crate) fn byte_len(shape: &[usize], dtype: DType) -> Option<usize> {
     shape.iter().try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
 }
 
-/// A byte count the way a person reads it: "812 B", "12.5 KiB", "1.2 MiB", "8.0 GiB".
-pub(crate) fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut value = n as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn human_bytes_picks_the_unit() {
-        assert_eq!(human_bytes(812), "812 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(1_258_291), "1.2 MiB");
-        assert_eq!(human_bytes(8 << 30), "8.0 GiB");
-    }
 
     #[test]
     fn new_checks_the_byte_count() {
