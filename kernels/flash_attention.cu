@@ -1,7 +1,7 @@
 // FlashAttention-2 forward on tensor cores: O = softmax(scale Q Kᵀ) V without the L x L score matrix, and the row
 // log-sum-exp the backward (flash_attention_bwd.cu) recomputes the probabilities from.
 //
-// Entry points (T in bf16, f16; D in 40, 64, 80, 128, 160):
+// Entry points (T in bf16, f16; D in 16, 32, 40, 64, 80, 128, 160):
 //   flash_attn_fwd_<T>_d<D>(const T* q, const T* k, const T* v, T* o, float* lse, u64 lq, u64 lk, float scale,
 //                           int causal)
 //       q, o [BH, lq, D]; k, v [BH, lk, D]; lse [BH, lq] (f32), all contiguous and 16-byte aligned; lq, lk >= 1.
@@ -162,6 +162,8 @@ __device__ __forceinline__ void forward(const T* q, const T* k, const T* v, T* o
     }
 #define ZC_FLASH_FWD_DIM(D) ZC_FLASH_FWD(bf16, bf16, D) ZC_FLASH_FWD(f16, f16, D)
 
+ZC_FLASH_FWD_DIM(16)
+ZC_FLASH_FWD_DIM(32)
 ZC_FLASH_FWD_DIM(40)
 ZC_FLASH_FWD_DIM(64)
 ZC_FLASH_FWD_DIM(80)

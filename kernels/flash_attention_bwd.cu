@@ -6,7 +6,7 @@
 // delta_i = do_i.o_i (= sum_j p_ij dp_ij) and ds_ij = p_ij (dp_ij - delta_i):
 //   dv_j = sum_i p_ij do_i,  dk_j = scale sum_i ds_ij q_i,  dq_i = scale sum_j ds_ij k_j.
 //
-// Entry points (T in bf16, f16; D in 40, 64, 80, 128, 160), tensors as in the forward, dout, dq like q, dk, dv like k:
+// Entry points (T in bf16, f16; D in 16, 32, 40, 64, 80, 128, 160), tensors as in the forward, dout, dq like q, dk, dv like k:
 //   flash_attn_bwd_delta_<T>(const T* o, const T* dout, float* delta, u64 rows, u64 d)
 //       delta [rows] (f32), rows = BH lq. Launch: block (32, k) with k <= 32, any grid (one warp per row).
 //   flash_attn_bwd_dkdv_<T>_d<D>(const T* q, const T* k, const T* v, const T* dout, const float* lse,
@@ -260,6 +260,8 @@ __device__ __forceinline__ void backward_q(const T* q, const T* k, const T* v, c
     }
 #define ZC_FLASH_BWD_DIM(D) ZC_FLASH_BWD(bf16, bf16, D) ZC_FLASH_BWD(f16, f16, D)
 
+ZC_FLASH_BWD_DIM(16)
+ZC_FLASH_BWD_DIM(32)
 ZC_FLASH_BWD_DIM(40)
 ZC_FLASH_BWD_DIM(64)
 ZC_FLASH_BWD_DIM(80)

@@ -62,7 +62,7 @@ impl<D: Device> GpuBackend<D> {
         self
     }
 
-    /// Attention and its backward on bf16/f16 data with head dim 40, 64, 80, 128 or 160 (v's equal to q's) run on
+    /// Attention and its backward on bf16/f16 data with head dim 16, 32, 40, 64, 80, 128 or 160 (v's equal to q's) run on
     /// the flash kernels: no L x L scores, O(B·H·L) scratch besides the backward's recomputed O. Other attention
     /// (f32 storage, other head dims) keeps the composite path. Off by default (`use_flash_attention` in a config).
     pub fn with_flash_attention(mut self, on: bool) -> Self {

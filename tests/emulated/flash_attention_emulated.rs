@@ -2,7 +2,7 @@
 //! emulator, against the CPU backend's attention (Op::Attention and Op::AttentionBackward, run in f64 on the values
 //! the kernels read).
 //!
-//! Every head dim (40, 64, 80, 128, 160), lengths that are not multiples of the 64-row tiles (1, 17, 77, 100, 257,
+//! Every head dim (16, 32, 40, 64, 80, 128, 160), lengths that are not multiples of the 64-row tiles (1, 17, 77, 100, 257,
 //! with Lq < Lk, Lq > Lk and a single key), causal and not, bf16 and f16: O and the log-sum-exp of the forward,
 //! then dQ, dK and dV of the backward fed with the kernel's own O and log-sum-exp, as the executor would. Each case
 //! runs under every emulator schedule (warp orders, lockstep, shuffled; blocks ascending and descending), whose
@@ -24,7 +24,7 @@ use zeroconv::engine::{Backend, HostTensor, Program};
 use zeroconv::graph::{DType, F64Bits, Graph, Op, Shape, ValueId};
 use zeroconv::kernels::emulate::{DeviceBuffer, KernelArgs, LaunchConfig, Schedule};
 
-const HEAD_DIMS: [usize; 5] = [40, 64, 80, 128, 160];
+const HEAD_DIMS: [usize; 7] = [16, 32, 40, 64, 80, 128, 160];
 const BLOCK: usize = 64;
 
 fn pad16(d: usize) -> usize {
@@ -73,6 +73,10 @@ impl Case {
 fn cases() -> Vec<Case> {
     let c = |bh, lq, lk, d, causal| Case { bh, lq, lk, d, causal };
     vec![
+        c(2, 100, 77, 16, false),
+        c(1, 257, 17, 16, true),
+        c(1, 17, 100, 32, false),
+        c(1, 100, 100, 32, true),
         c(2, 17, 77, 40, false),
         c(1, 100, 100, 40, true),
         c(1, 1, 17, 64, false),

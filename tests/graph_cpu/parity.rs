@@ -228,3 +228,66 @@ fn bf16_forward_is_within_two_percent_of_the_fp32_reference() {
     let err = rel_l2(&eps.to_f64(), &expected.tensor("eps").unwrap().to_f64());
     assert!(err < 2e-2 && err > 1e-5, "bf16 eps: relative L2 error {err:.2e} (it must round, and stay within 2e-2)");
 }
+
+/// Issue 18's check: the ControlNet + U-Net with `use_flash_attention` on the CUDA executor (emulated) in bf16, its
+/// eps and every ControlNet gradient against the fp32 PyTorch reference. The fixtures' attention has head dims 16
+/// and 32, both built as flash kernels; that the flash path really ran shows in its outputs, which are not the bits
+/// of the composite path (GEMMs around a softmax kernel) on the same device and precision.
+///
+/// Tolerances: eps within DESIGN.md's bf16 bound (2e-2 relative), and all ControlNet gradients together (one vector)
+/// within 5e-2. Single small gradients of this tiny model are further off in bf16 on either path (the composite
+/// path's worst is 6e-2 for sd15_tiny and 1.2e-1 for sd2_tiny: every activation and its gradient is rounded to bf16),
+/// so per key the flash path must be as good as the composite one: its worst error at most 1.5 times the
+/// composite's (flash rounds the probabilities to bf16 once more before P·V and the gradient products, as
+/// FlashAttention-2 and PyTorch's flash backend do).
+#[test]
+fn bf16_with_flash_attention_on_the_emulated_cuda_device_meets_the_bf16_tolerance() {
+    for (name, unet) in [("sd15_tiny", sd15_tiny()), ("sd2_tiny", sd2_tiny())] {
+        let (mut cfg, weights) = control_ldm_fixture(name, unet);
+        let inputs = fixture(&format!("{name}.inputs.safetensors"));
+        let expected = fixture(&format!("{name}.expected.safetensors"));
+        let composite = parity::control_ldm(DeviceChoice::CudaEmu, &cfg, &weights, &inputs, true, DType::BF16).unwrap();
+        cfg.unet.use_flash_attention = true;
+        cfg.control.unet.use_flash_attention = true;
+        let flash = parity::control_ldm(DeviceChoice::CudaEmu, &cfg, &weights, &inputs, true, DType::BF16).unwrap();
+        let grads = |outs: &[(String, HostTensor)]| -> Vec<(Vec<f64>, Vec<f64>)> {
+            outs.iter()
+                .filter(|(k, _)| k.starts_with("grad."))
+                .map(|(k, t)| (t.to_f64(), expected.tensor(k).unwrap_or_else(|e| panic!("{e}")).to_f64()))
+                .collect()
+        };
+        let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let grad_errors = |outs: &[(String, HostTensor)]| -> Vec<f64> {
+            let grads = grads(outs);
+            let largest = grads.iter().map(|(_, want)| norm(want)).fold(0.0, f64::max);
+            // As in check_control_ldm: gradients that are zero in theory are measured against the largest.
+            grads
+                .iter()
+                .map(|(got, want)| {
+                    let diff = got.iter().zip(want).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt();
+                    diff / if norm(want) < 1e-6 * largest { largest } else { norm(want) }
+                })
+                .collect()
+        };
+        let (all_got, all_want): (Vec<f64>, Vec<f64>) =
+            grads(&flash).into_iter().flat_map(|(got, want)| got.into_iter().zip(want)).unzip();
+        let all = rel_l2(&all_got, &all_want);
+        let eps = |outs: &[(String, HostTensor)]| outs.iter().find(|(k, _)| k == "eps").unwrap().1.to_f64();
+        let err = rel_l2(&eps(&flash), &expected.tensor("eps").unwrap().to_f64());
+        assert!(err < 2e-2, "{name} eps with flash: relative L2 error {err:.2e}");
+        assert_ne!(eps(&flash), eps(&composite), "{name}: eps is bit for bit the composite path's: flash did not run");
+        let (flash_errs, composite_errs) = (grad_errors(&flash), grad_errors(&composite));
+        assert!(!flash_errs.is_empty() && flash_errs.len() == composite_errs.len(), "{name}: gradients compared");
+        let worst = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+        let (worst_flash, worst_composite) = (worst(&flash_errs), worst(&composite_errs));
+        eprintln!(
+            "{name}: eps {err:.2e}; {} gradients: together {all:.2e}, worst relative L2 error {worst_flash:.2e} with \
+             flash, {worst_composite:.2e} composite (bf16, cuda-emu)",
+            flash_errs.len()
+        );
+        assert!(
+            all < 5e-2 && worst_flash < 1.5 * worst_composite,
+            "{name}: ControlNet gradients with flash: together {all:.2e}, worst {worst_flash:.2e} (composite {worst_composite:.2e})"
+        );
+    }
+}

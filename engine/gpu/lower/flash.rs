@@ -2,7 +2,7 @@
 //! asks for them ([`super::Ctx::flash_attention`]) and the node fits them; the composite path
 //! ([`Emit::attention`](super::Emit)) otherwise.
 //!
-//! The kernels store bf16 or f16 only (f32 accumulation), for head dims 40, 64, 80, 128 and 160 with v's head dim
+//! The kernels store bf16 or f16 only (f32 accumulation), for head dims 16, 32, 40, 64, 80, 128 and 160 with v's head dim
 //! equal to q's. f32 attention keeps the composite path even with flash on: its tolerance is f32's, and the kernels'
 //! probabilities are rounded to the storage type once (bf16's tolerance), so running f32 through them would silently
 //! lower the precision the config asked for.
@@ -18,7 +18,7 @@ use crate::error::Result;
 use crate::graph::DType;
 
 /// Head dims the kernels are instantiated for.
-pub const HEAD_DIMS: [u64; 5] = [40, 64, 80, 128, 160];
+pub const HEAD_DIMS: [u64; 7] = [16, 32, 40, 64, 80, 128, 160];
 /// Rows (queries or keys) per block of every flash kernel.
 const TILE: u64 = 64;
 /// Threads per block of the tiled kernels (four warps of 16 rows).
