@@ -379,6 +379,8 @@ pub fn load_weights(m: &StepModels, files: &[&Path]) -> Result<WeightStore> {
             FirstStage::Kl(v) => Some(v.clone()),
             FirstStage::Pixel => None,
         },
+        // Not known here: a Megatron CLIP text encoder file is refused by name (checkpoint/megatron_clip.rs).
+        megatron_clip: None,
     };
     let mut store = WeightStore::default();
     for path in files {

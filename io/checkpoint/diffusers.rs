@@ -23,6 +23,8 @@ pub struct Architecture {
     pub unet: Option<UNetConfig>,
     pub control: Option<ControlNetConfig>,
     pub vae: Option<VaeConfig>,
+    /// What the weights of NeMo's Megatron CLIP text encoder do not tell (`FrozenMegatronCLIPEmbedder` runs only).
+    pub megatron_clip: Option<super::megatron_clip::MegatronClip>,
 }
 
 /// The key layout of a checkpoint, recognised from its keys.

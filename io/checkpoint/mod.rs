@@ -18,6 +18,7 @@ mod check;
 pub mod diffusers;
 pub mod diffusers_export;
 mod folder;
+pub mod megatron_clip;
 pub mod nemo;
 pub mod open_clip;
 mod pickle;
@@ -101,6 +102,8 @@ struct Part {
     path: PathBuf,
     source: Source,
     layout: Layout,
+    /// Bytes made at load from another part's tensors (a Megatron CLIP's de-interleaved q/k/v), not a file.
+    derived: bool,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -179,7 +182,7 @@ impl Checkpoint {
         Checkpoint {
             path: path.to_path_buf(),
             format,
-            sources: vec![Part { path: path.to_path_buf(), source, layout: Layout::Ldm }],
+            sources: vec![Part { path: path.to_path_buf(), source, layout: Layout::Ldm, derived: false }],
             tensors: index.tensors,
             skipped: index.skipped,
             metadata: index.metadata,
@@ -208,7 +211,7 @@ impl Checkpoint {
 
     /// Each file read and the key layout it was in (detected by [`Checkpoint::into_ldm_keys_for`]).
     pub fn layouts(&self) -> impl Iterator<Item = (&Path, Layout)> + '_ {
-        self.sources.iter().map(|p| (p.path.as_path(), p.layout))
+        self.sources.iter().filter(|p| !p.derived).map(|p| (p.path.as_path(), p.layout))
     }
 
     /// Keys of diffusers / Hugging Face files that have no LDM name: kept under their own names, so the models
@@ -357,7 +360,8 @@ impl Checkpoint {
     /// diffusers U-Net / ControlNet / VAE and Hugging Face CLIP (detected from the keys, see [`diffusers`]). The
     /// diffusers block numbering comes from `arch`; a diffusers file of a component `arch` lacks is an error. An
     /// OpenCLIP text encoder (SD 2's `cond_stage_model.model.*`, or an open_clip `state_dict`) takes the Hugging Face
-    /// CLIP names the text encoder reads ([`open_clip`]).
+    /// CLIP names the text encoder reads ([`open_clip`]); so does NeMo's Megatron CLIP, as `arch.megatron_clip` describes
+    /// it ([`megatron_clip`]).
     pub fn into_ldm_keys_for(mut self, arch: &Architecture) -> Result<Checkpoint> {
         let (is_nemo, wrapped, layout) = {
             let keys: Vec<&str> = self.keys().collect();
@@ -366,6 +370,7 @@ impl Checkpoint {
         };
         if is_nemo {
             self.rename_keys(|k| nemo::nemo_key_to_ldm(k, wrapped))?;
+            self.rename_megatron_clip(arch.megatron_clip.as_ref())?;
             // An SD 2 model's OpenCLIP text encoder, now under the original LDM prefix.
             self.rename_open_clip(open_clip::SD2_PREFIX)?;
             for part in &mut self.sources {
@@ -386,6 +391,7 @@ impl Checkpoint {
         match layout {
             // The original LDM names, with SD 2's OpenCLIP text encoder (when there is one) under its own.
             Layout::Ldm | Layout::Nemo => {
+                self.rename_megatron_clip(arch.megatron_clip.as_ref())?;
                 self.rename_open_clip(open_clip::SD2_PREFIX)?;
                 return Ok(self);
             }

@@ -29,6 +29,7 @@
 mod de;
 mod emit;
 mod interpolate;
+mod megatron_clip;
 pub mod model_config;
 pub mod nemo;
 mod node;
@@ -140,6 +141,7 @@ impl Config {
         let mut full = Config::default();
         // Optional sections are listed with their keys.
         full.model.optim.sched = Some(SchedConfig::default());
+        full.model.cond_stage_config.megatron = Some(MegatronTextConfig { megatron_legacy: true, vocab_padding: 128 });
         let mut paths = Vec::new();
         if let Ok(value) = serde_json::to_value(&full) {
             collect_leaf_paths(&value, "", &mut paths);

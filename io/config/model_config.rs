@@ -83,5 +83,19 @@ pub fn architecture(cfg: &Config) -> crate::io::checkpoint::Architecture {
         unet: Some(ldm.unet),
         control: Some(ldm.control),
         vae: Some(vae(&cfg.model.first_stage_config, cfg.model.scale_factor)),
+        megatron_clip: megatron_clip(&cfg.model.cond_stage_config),
     }
+}
+
+/// What loading a Megatron CLIP text tower needs from the config (None: the text encoder is not one).
+pub fn megatron_clip(c: &schema::TextEncoderConfig) -> Option<crate::io::checkpoint::megatron_clip::MegatronClip> {
+    let m = c.megatron.as_ref()?;
+    let vocab = c.vocab_size as usize;
+    let multiple = (m.vocab_padding as usize).max(1);
+    Some(crate::io::checkpoint::megatron_clip::MegatronClip {
+        legacy_qkv: m.megatron_legacy,
+        num_heads: c.num_attention_heads as usize,
+        vocab_size: vocab,
+        padded_vocab_size: vocab.div_ceil(multiple) * multiple,
+    })
 }

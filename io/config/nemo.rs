@@ -48,7 +48,8 @@ pub const IGNORED_KEYS: &[IgnoredKey] = &[
     any(
         "*._target_",
         "the Python class NeMo instantiates; zeroconv knows each section's model, except the text encoder's, which \
-         model.cond_stage_config._target_ selects (FrozenCLIPEmbedder or FrozenOpenCLIPEmbedder; another is refused)",
+         model.cond_stage_config._target_ selects (FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder or FrozenMegatronCLIPEmbedder; \
+         another is refused)",
     ),
     any(
         "*.target",

@@ -428,6 +428,21 @@ pub struct TextEncoderConfig {
     pub num_hidden_layers: u32,
     pub num_attention_heads: u32,
     pub max_position_embeddings: u32,
+    /// NeMo's Megatron CLIP text tower (`FrozenMegatronCLIPEmbedder`): what its weights do not tell, filled from the
+    /// class's CLIP config. Null for the other text encoders.
+    pub megatron: Option<MegatronTextConfig>,
+}
+
+/// What a Megatron CLIP text tower's weights do not tell (see `io/checkpoint/megatron_clip.rs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MegatronTextConfig {
+    /// NeMo's `megatron_legacy`: each `query_key_value`'s rows are all q, all k, all v (true) or interleaved per
+    /// head (false).
+    pub megatron_legacy: bool,
+    /// `word_embeddings` holds `vocab_size` rows padded up to a multiple of this (`make_vocab_size_divisible_by` ×
+    /// `tensor_model_parallel_size`); the padding rows are left out.
+    pub vocab_padding: u32,
 }
 
 impl Default for TextEncoderConfig {
@@ -449,6 +464,7 @@ impl Default for TextEncoderConfig {
             num_hidden_layers: 12,
             num_attention_heads: 12,
             max_position_embeddings: 77,
+            megatron: None,
         }
     }
 }

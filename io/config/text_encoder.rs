@@ -4,7 +4,8 @@
 //! The family is the class the section names, as NeMo (`_target_`) or LDM (`target`) would instantiate it:
 //! - `...FrozenCLIPEmbedder`: Hugging Face CLIP, SD 1.x's (the keys' defaults are ViT-L/14's);
 //! - `...FrozenOpenCLIPEmbedder`: OpenCLIP's text tower, SD 2.x's;
-//! - any other class (NeMo's `FrozenMegatronCLIPEmbedder`, say) is a model zeroconv does not have: an error.
+//! - `...FrozenMegatronCLIPEmbedder`: NeMo's own CLIP, built from a CLIP model config ([`super::megatron_clip`]);
+//! - any other class is a model zeroconv does not have: an error.
 //!
 //! Without a class, `arch` (an OpenCLIP argument) selects OpenCLIP, and CLIP otherwise. `arch` with the CLIP class
 //! is a contradiction, refused.
@@ -22,7 +23,7 @@ use super::node::{Entry, Node, Origin, Value};
 use super::scalar::{resolve_plain, Resolved};
 use crate::error::{Error, Result};
 
-const SECTION: &str = "model.cond_stage_config";
+pub(super) const SECTION: &str = "model.cond_stage_config";
 
 /// The text-encoder families zeroconv implements, by the class a config names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,10 +32,13 @@ pub enum Family {
     Clip,
     /// OpenCLIP's text tower (`FrozenOpenCLIPEmbedder`).
     OpenClip,
+    /// NeMo's Megatron CLIP text tower (`FrozenMegatronCLIPEmbedder`).
+    MegatronClip,
 }
 
 const CLIP_CLASS: &str = "FrozenCLIPEmbedder";
 const OPEN_CLIP_CLASS: &str = "FrozenOpenCLIPEmbedder";
+const MEGATRON_CLIP_CLASS: &str = "FrozenMegatronCLIPEmbedder";
 
 /// The OpenCLIP architecture that leaves the sizes to the size keys.
 pub const CUSTOM_ARCH: &str = "custom";
@@ -68,8 +72,10 @@ pub fn resolve(root: &mut Node) -> Result<Option<Family>> {
     let Some(section) = section_mut(root) else { return Ok(None) };
     let origin = section.origin.clone();
     let family = family(section)?;
-    if family == Family::OpenClip {
-        open_clip_defaults(section, origin)?;
+    match family {
+        Family::OpenClip => open_clip_defaults(section, origin)?,
+        Family::MegatronClip => super::megatron_clip::resolve(section, &origin)?,
+        Family::Clip => {}
     }
     Ok(Some(family))
 }
@@ -88,7 +94,7 @@ fn child_mut<'a>(node: &'a mut Node, key: &str) -> Option<&'a mut Node> {
 }
 
 /// A key's text when it is a non-null scalar; an uncomputable value is an error naming it.
-fn text_of<'a>(section: &'a Node, key: &str) -> Result<Option<(&'a str, &'a Origin)>> {
+pub(super) fn text_of<'a>(section: &'a Node, key: &str) -> Result<Option<(&'a str, &'a Origin)>> {
     let Some(node) = section.get(key) else { return Ok(None) };
     match &node.value {
         Value::Scalar { .. } if node.is_null() => Ok(None),
@@ -105,10 +111,12 @@ fn family(section: &Node) -> Result<Family> {
         let found = match class.rsplit('.').next().unwrap_or(class) {
             CLIP_CLASS => Family::Clip,
             OPEN_CLIP_CLASS => Family::OpenClip,
+            MEGATRON_CLIP_CLASS => Family::MegatronClip,
             _ => {
                 return Err(Error::msg(format!(
                     "{origin}: {SECTION}.{key}: {class} is a text encoder zeroconv does not implement; it implements \
-                     {CLIP_CLASS} (Hugging Face CLIP, SD 1.x) and {OPEN_CLIP_CLASS} (OpenCLIP, SD 2.x)"
+                     {CLIP_CLASS} (Hugging Face CLIP, SD 1.x), {OPEN_CLIP_CLASS} (OpenCLIP, SD 2.x) and \
+                     {MEGATRON_CLIP_CLASS} (NeMo's CLIP)"
                 )))
             }
         };
@@ -147,7 +155,7 @@ fn canonical(node: &Node) -> String {
 
 /// Gives `key` the value `want` when the config leaves it unset; a written value must be `want`, else the error
 /// says `why`.
-fn imply(section: &mut Node, key: &str, want: &str, quoted: bool, from: &Origin, why: &str) -> Result<()> {
+pub(super) fn imply(section: &mut Node, key: &str, want: &str, quoted: bool, from: &Origin, why: &str) -> Result<()> {
     if let Some(node) = section.get(key).filter(|n| !n.is_null()) {
         let have = canonical(node);
         if have != want {
@@ -244,7 +252,8 @@ mod tests {
             ("_target_: x.FrozenOpenCLIPEmbedder\n    hidden_size: 768", "hidden_size is 768, but arch ViT-H-14 has"),
             ("arch: ViT-H-14\n    hidden_act: quick_gelu", "hidden_act is quick_gelu"),
             ("_target_: x.FrozenCLIPEmbedder\n    arch: ViT-H-14", "names FrozenCLIPEmbedder"),
-            ("_target_: x.FrozenMegatronCLIPEmbedder", "does not implement"),
+            ("_target_: x.FrozenMegatronCLIPEmbedder", "needs restore_from_path"),
+            ("_target_: x.FrozenT5Embedder", "does not implement"),
             ("arch: ViT-Q-99", "ViT-Q-99 is not an OpenCLIP architecture"),
             ("arch: custom\n    layer: hidden", "only last and penultimate"),
             ("arch: custom\n    pad_token: <|endoftext|>", "pads with `!`"),

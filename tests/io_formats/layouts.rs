@@ -30,6 +30,7 @@ fn arch() -> Architecture {
         unet: Some(sd15_tiny()),
         control: Some(ControlNetConfig { unet: sd15_tiny(), hint_channels: 3 }),
         vae: Some(vae_tiny()),
+        megatron_clip: None,
     }
 }
 

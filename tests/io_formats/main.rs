@@ -9,6 +9,7 @@ mod common;
 mod config;
 mod image_fixtures;
 mod layouts;
+mod megatron_clip;
 mod nemo_keys;
 mod nemo_layout;
 mod nemo_semantics;

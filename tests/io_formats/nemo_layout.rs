@@ -15,7 +15,12 @@ use zeroconv::models::ControlNetConfig;
 
 fn arch() -> Architecture {
     let unet = common::parity_sd15_tiny_unet();
-    Architecture { unet: Some(unet.clone()), control: Some(ControlNetConfig { unet, hint_channels: 3 }), vae: None }
+    Architecture {
+        unet: Some(unet.clone()),
+        control: Some(ControlNetConfig { unet, hint_channels: 3 }),
+        vae: None,
+        megatron_clip: None,
+    }
 }
 
 /// {variant: {NeMo key: LDM key}} as NeMo's mapping functions gave them.

@@ -223,7 +223,7 @@ fn contradictory_text_encoder_configs_are_refused_naming_the_key() {
         (vec!["+model.cond_stage_config.hidden_act=quick_gelu"], "hidden_act is quick_gelu"),
         (vec!["model.cond_stage_config.layer=hidden"], "only last and penultimate"),
         (vec!["model.cond_stage_config._target_=x.FrozenCLIPEmbedder"], "names FrozenCLIPEmbedder"),
-        (vec!["model.cond_stage_config._target_=x.FrozenMegatronCLIPEmbedder"], "does not implement"),
+        (vec!["model.cond_stage_config._target_=x.FrozenT5Embedder"], "does not implement"),
         (vec!["model.cond_stage_config.arch=ViT-bigG-99"], "ViT-bigG-99 is not an OpenCLIP architecture"),
     ] {
         let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
