@@ -1080,11 +1080,21 @@ impl Device for CudaDevice {
     }
 
     fn all_reduce(&mut self, _buf: DevPtr, _count: u64, dtype: DType, _average: bool) -> Result<()> {
-        // One rank: the sum (and the average) of one contribution is that contribution.
+        // One rank (no communicator can be attached yet: see `set_communicator`): the sum (and the average) of one
+        // contribution is that contribution.
         if !dtype.is_float() {
             return Err(Error::msg(format!("all-reduce of {dtype}")));
         }
         Ok(())
+    }
+
+    fn set_communicator(&mut self, comm: std::sync::Arc<dyn crate::engine::dist::Communicator>) -> Result<()> {
+        Err(Error::msg(format!(
+            "CUDA: data-parallel training on GPUs needs NCCL, which zeroconv does not drive yet (rank {} of {}); \
+             train on one GPU, or across processes with --device cpu",
+            comm.rank(),
+            comm.world_size()
+        )))
     }
 
     fn begin_capture(&mut self) -> Result<()> {
