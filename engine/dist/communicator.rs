@@ -10,7 +10,7 @@
 //! Every rank must make the same calls in the same order with buffers of the same length and type; a rank that
 //! breaks that, fails or goes away makes the others fail with an error naming it, never hang.
 
-use super::rendezvous::Store;
+use super::rendezvous::{Store, BLOB_LEN};
 use crate::error::{Error, Result};
 use crate::graph::DType;
 use std::collections::HashMap;
@@ -65,6 +65,11 @@ pub trait Communicator: Send + Sync {
     fn world_size(&self) -> usize;
     /// Replaces `buf` by its elementwise sum over the ranks, added in rank order in f64 and rounded once.
     fn all_reduce_sum(&self, buf: ReduceBuf<'_>) -> Result<()>;
+    /// The NCCL unique id rank 0 handed out at the rendezvous, when the ranks train on GPUs: a GPU device sums
+    /// through NCCL on its own stream instead of through this communicator.
+    fn nccl_unique_id(&self) -> Option<[u8; BLOB_LEN]> {
+        None
+    }
 }
 
 /// Adds the ranks' contributions in rank order, in f64: the one definition of the sum every communicator computes.
@@ -86,12 +91,19 @@ pub struct StoreCommunicator {
     store: Mutex<Store>,
     rank: usize,
     world_size: usize,
+    nccl_id: Option<[u8; BLOB_LEN]>,
 }
 
 impl StoreCommunicator {
     pub fn new(store: Store) -> StoreCommunicator {
         let (rank, world_size) = (store.rank(), store.world_size());
-        StoreCommunicator { store: Mutex::new(store), rank, world_size }
+        StoreCommunicator { store: Mutex::new(store), rank, world_size, nccl_id: None }
+    }
+
+    /// With the NCCL unique id the rendezvous handed out (GPU ranks).
+    pub fn with_nccl_id(mut self, id: [u8; BLOB_LEN]) -> StoreCommunicator {
+        self.nccl_id = Some(id);
+        self
     }
 
     /// The store, for the other collectives. A store whose holder panicked mid-collective is refused: the ranks'
@@ -117,6 +129,10 @@ impl Communicator for StoreCommunicator {
         self.store()?.all_reduce_f64_sum(&mut values)?;
         buf.store(&values);
         Ok(())
+    }
+
+    fn nccl_unique_id(&self) -> Option<[u8; BLOB_LEN]> {
+        self.nccl_id
     }
 }
 

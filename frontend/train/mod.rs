@@ -586,7 +586,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
     let mut data = DataSource::from_config(cfg, opts.strict)?;
     check_run(cfg, &data, opts.evaluate)?;
     // trainer.devices × trainer.num_nodes processes, started by a launcher (refused without one).
-    let mut par = Parallel::join(cfg, &crate::engine::dist::env::DistEnv::from_process_env()?)?;
+    let mut par = Parallel::join(cfg, &crate::engine::dist::env::DistEnv::from_process_env()?, opts.device)?;
     let limits = Limits { steps: cfg.trainer.max_steps, epochs: cfg.trainer.max_epochs };
     // NeMo computes the schedule's max_steps from max_epochs when only that is set and the data's length is known.
     let per_step = u64::from(cfg.global_batch_size());

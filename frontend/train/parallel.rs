@@ -8,13 +8,18 @@
 //! ([`Parallel::communicator`]): here the rendezvous' host store, in rank order and in f64, so a run gives the same
 //! bits every time. Rank 0 alone writes: the run folder, metrics, checkpoints and exports.
 
+use crate::engine::cuda::nccl::{Nccl, UNIQUE_ID_BYTES};
 use crate::engine::dist::communicator::{Communicator, StoreCommunicator};
 use crate::engine::dist::env::DistEnv;
 use crate::engine::dist::rendezvous::{Rendezvous, Timeouts, BLOB_LEN};
 use crate::error::{Error, Result};
 use crate::frontend::config::Config;
+use crate::frontend::device::DeviceChoice;
 use crate::hash::fnv1a64;
 use std::sync::Arc;
+
+// The rendezvous' blob is an `ncclUniqueId`.
+const _: () = assert!(BLOB_LEN == UNIQUE_ID_BYTES);
 
 /// This process's place in the job, and its connection to the other ranks (none for a world of one).
 pub struct Parallel {
@@ -33,7 +38,10 @@ impl Parallel {
     /// Joins the job the launcher's variables describe: checks `WORLD_SIZE == trainer.devices × trainer.num_nodes`
     /// (a config asking for several devices without a launcher is refused), then meets the other ranks. Every rank
     /// must train the same config: its hash is part of the handshake.
-    pub fn join(cfg: &Config, env: &DistEnv) -> Result<Parallel> {
+    ///
+    /// On `--device cuda` rank 0 makes an NCCL unique id (a clear error when NCCL is missing) and the rendezvous hands
+    /// it to every rank, whose device then sums through NCCL.
+    pub fn join(cfg: &Config, env: &DistEnv, device: DeviceChoice) -> Result<Parallel> {
         env.check_world_size(cfg.trainer.devices as usize, cfg.trainer.num_nodes as usize)?;
         if !env.is_distributed() {
             return Ok(Parallel::single());
@@ -41,15 +49,17 @@ impl Parallel {
         // The config as every rank resolved it (paths and all): two ranks started with different overrides are
         // refused by the handshake.
         let hash = fnv1a64(format!("{cfg:?}").as_bytes());
-        let rv = Rendezvous::join(env, hash, Timeouts::default(), || Ok([0u8; BLOB_LEN]))?;
+        let gpus = device == DeviceChoice::Cuda;
+        let make_id = || if gpus { Nccl::load()?.unique_id() } else { Ok([0u8; BLOB_LEN]) };
+        let rv = Rendezvous::join(env, hash, Timeouts::default(), make_id)?;
         if env.rank == 0 {
             eprintln!("data parallel: {} processes ({} on this node)", rv.world_size, env.local_world_size);
         }
-        Ok(Parallel {
-            rank: rv.rank,
-            world_size: rv.world_size,
-            comm: Some(Arc::new(StoreCommunicator::new(rv.store))),
-        })
+        let mut comm = StoreCommunicator::new(rv.store);
+        if gpus {
+            comm = comm.with_nccl_id(rv.blob);
+        }
+        Ok(Parallel { rank: rv.rank, world_size: rv.world_size, comm: Some(Arc::new(comm)) })
     }
 
     pub fn is_root(&self) -> bool {
