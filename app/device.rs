@@ -328,6 +328,10 @@ impl Program for DeviceProgram {
         self.program_mut().synchronize()
     }
 
+    fn set_communicator(&mut self, comm: std::sync::Arc<dyn crate::engine::dist::Communicator>) -> Result<()> {
+        self.program_mut().set_communicator(comm)
+    }
+
     fn set_profiling(&mut self, on: bool, echo: bool) {
         self.program_mut().set_profiling(on, echo)
     }

@@ -3,6 +3,7 @@
 
 use crate::error::Result;
 use crate::graph::optim::{append_accumulating_step, append_training_step_l2, AdamWConfig, UpdateRule};
+use crate::graph::passes::all_reduce::{insert_gradient_all_reduce, BUCKET_BYTES};
 use crate::graph::passes::{self, Optimized, PassOptions};
 use crate::graph::{DType, Graph, ValueId};
 use crate::io::config::model_config;
@@ -77,6 +78,8 @@ pub fn train_step(cfg: &Config, models: &StepModels, phase: TrainPhase, hw: (usi
     b.g.outputs.push(out.loss);
     let (hyper, keep) = if micro_batches > 1 || world_size > 1 {
         let acc = append_accumulating_step(&mut b.g, out.loss, &update_rule(cfg), micro_batches * world_size)?;
+        // The ranks' gradients are summed at the start of the update (value ids unchanged).
+        b.g = insert_gradient_all_reduce(&b.g, world_size, BUCKET_BYTES)?;
         (acc.hyper, Some(acc.keep))
     } else {
         (append_update(&mut b.g, out.loss, cfg)?, None)

@@ -27,6 +27,36 @@ pub fn check_upload(graph: &Graph, v: ValueId, t: &HostTensor) -> Result<()> {
     Ok(())
 }
 
+/// The ranks a graph's all-reduce nodes sum over (`None` without any), checked to be one world size.
+pub fn all_reduce_world(graph: &Graph) -> Result<Option<usize>> {
+    let mut world = None;
+    for (i, n) in graph.nodes.iter().enumerate() {
+        if let crate::graph::Op::AllReduce { world_size, .. } = n.op {
+            if world.is_some_and(|w| w != world_size) {
+                return Err(crate::Error::msg(format!(
+                    "node {i} (all_reduce) sums over {world_size} ranks, an earlier one over {}",
+                    world.unwrap_or(0)
+                )));
+            }
+            world = Some(world_size);
+        }
+    }
+    Ok(world)
+}
+
+/// What every backend checks when it is handed a communicator: the graph's all-reduce nodes were built for its
+/// world size.
+pub fn check_communicator(graph: &Graph, comm: &dyn crate::engine::dist::Communicator) -> Result<()> {
+    match all_reduce_world(graph)? {
+        Some(w) if w != comm.world_size() => Err(crate::Error::msg(format!(
+            "the step sums its gradients over {w} ranks, but the communicator joins {} (rank {})",
+            comm.world_size(),
+            comm.rank()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// A range of nodes to launch must lie within the graph.
 pub fn check_node_range(graph: &Graph, nodes: &std::ops::Range<usize>) -> Result<()> {
     if nodes.start > nodes.end || nodes.end > graph.nodes.len() {
@@ -70,6 +100,14 @@ pub trait Program {
     fn set_profiling(&mut self, on: bool, echo: bool);
     /// The timings gathered since profiling started.
     fn profile(&self) -> Option<&crate::engine::profile::Profile>;
+
+    /// Hands the program the communicator its all-reduce nodes (`Op::AllReduce`) sum the gradients through, once,
+    /// before the first launch; its world size must be the one the step was built for. A backend that cannot sum
+    /// across ranks refuses it.
+    fn set_communicator(&mut self, comm: std::sync::Arc<dyn crate::engine::dist::Communicator>) -> Result<()> {
+        let _ = comm;
+        Err(crate::Error::msg("this backend cannot train in data parallel (it takes no communicator)"))
+    }
 
     /// Uploads by source name.
     fn upload_named(&mut self, name: &str, t: &HostTensor) -> Result<()> {

@@ -88,9 +88,12 @@ fn reaches_loss(g: &Graph, loss: ValueId, upto: usize) -> Vec<bool> {
 fn differentiable_input(op: &Op, i: usize) -> bool {
     match op {
         Op::Embedding => i == 0,
-        Op::TimestepEmbedding { .. } | Op::Fill { .. } | Op::AdamW { .. } | Op::MultiAdamW(_) | Op::AccumulateGrad => {
-            false
-        }
+        Op::TimestepEmbedding { .. }
+        | Op::Fill { .. }
+        | Op::AdamW { .. }
+        | Op::MultiAdamW(_)
+        | Op::AccumulateGrad
+        | Op::AllReduce { .. } => false,
         Op::Unary(_)
         | Op::UnaryBackward(_)
         | Op::Binary(_)
@@ -348,7 +351,9 @@ fn vjp(g: &mut Graph, n: NodeId, dys: &[Option<ValueId>], wanted: &[bool]) -> Re
         | Op::MseLossBackward) => {
             Err(Error::msg(format!("autodiff: {} is not differentiable (it is itself a backward op)", op.name())))
         }
-        op @ (Op::AdamW { .. } | Op::MultiAdamW(_) | Op::AccumulateGrad) => {
+        // The data-parallel gradient sum runs in the update, on gradients the backward already produced: nothing
+        // differentiates through it (its adjoint would be another all-reduce, which no training step needs).
+        op @ (Op::AdamW { .. } | Op::MultiAdamW(_) | Op::AccumulateGrad | Op::AllReduce { .. }) => {
             Err(Error::msg(format!("autodiff: {} is not differentiable (an optimizer update)", op.name())))
         }
         op @ Op::Fused(_) => Err(Error::msg(format!(

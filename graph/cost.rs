@@ -57,6 +57,10 @@ pub fn node_cost(g: &Graph, node: &Node) -> Cost {
         }
         Op::AdamW { .. } => 12.0 * inp(0).numel() as f64,
         Op::AccumulateGrad => inp(0).numel() as f64,
+        // One addition per element and rank (the transfer is the cost that matters, and it is not a FLOP).
+        Op::AllReduce { tensors, world_size } => {
+            (0..*tensors).map(|t| inp(t).numel() as f64).sum::<f64>() * (*world_size as f64 - 1.0)
+        }
         Op::MultiAdamW(k) => (0..k.tensors).map(|t| 12.0 * inp(4 * t).numel() as f64).sum(),
         Op::Reshape { .. } => 0.0,
         // About one operation per output element.

@@ -235,6 +235,15 @@ pub enum Op {
     /// keep = 0 (the first micro-batch of a step: a select, not a multiply, so stale contents never leak in, NaN
     /// included). acc and grad share shape and dtype, f32 (as AdamW's master weights) or f64; keep is f32. Produces no value.
     AccumulateGrad,
+    /// The data-parallel gradient sum, in place: each of the `tensors` inputs (a bucket of gradient accumulators, one
+    /// dtype, f32 or f64) is replaced by its elementwise sum over the `world_size` ranks, added in rank order (the
+    /// communicator's contract, `engine::dist::Communicator`). A sum, not a mean: the accumulating step already
+    /// scales the loss by 1 / (micro-batches × ranks), so the sum is the mean gradient of the whole step. Produces no
+    /// value. Inserted by `graph::passes::all_reduce`; it has no gradient (it runs in the update, after the backward).
+    AllReduce {
+        tensors: usize,
+        world_size: usize,
+    },
     /// A fused group of pointwise ops (optionally after a normalisation), made by the fusion pass.
     Fused(Box<FusedKernel>),
     /// Several AdamW updates in one kernel, made by the fusion pass.
@@ -292,6 +301,7 @@ impl Op {
             Op::MseLossBackward => "mse_loss_backward".into(),
             Op::AdamW { .. } => "adamw".into(),
             Op::AccumulateGrad => "accumulate_grad".into(),
+            Op::AllReduce { .. } => "all_reduce".into(),
             Op::Fused(k) => k.name.clone(),
             Op::MultiAdamW(k) => k.name.clone(),
         }
@@ -328,6 +338,7 @@ impl Op {
             }
             Op::Fused(k) => format!("[{}]", k.ops.join(" ")),
             Op::MultiAdamW(k) => format!("tensors={}", k.tensors),
+            Op::AllReduce { tensors, world_size } => format!("tensors={tensors} world_size={world_size}"),
             Op::Unary(_)
             | Op::UnaryBackward(_)
             | Op::Binary(_)
@@ -356,6 +367,7 @@ impl Op {
             Op::AdamW { .. } => vec![0, 2, 3],
             Op::MultiAdamW(k) => (0..k.tensors).flat_map(|t| [4 * t, 4 * t + 2, 4 * t + 3]).collect(),
             Op::AccumulateGrad => vec![0],
+            Op::AllReduce { tensors, .. } => (0..*tensors).collect(),
             _ => Vec::new(),
         }
     }
@@ -671,6 +683,24 @@ impl Op {
                 }
                 if ins[2].1 != DType::F32 {
                     return Err(Error::shape(&n, format!("keep must be f32, got {}", ins[2].1)));
+                }
+                Ok(vec![])
+            }
+            Op::AllReduce { tensors, world_size } => {
+                arity(*tensors)?;
+                if *tensors == 0 {
+                    return Err(Error::shape(&n, "needs at least one tensor"));
+                }
+                if *world_size < 2 {
+                    return Err(Error::shape(&n, format!("a world of {world_size} rank(s) has nothing to sum")));
+                }
+                let d = ins[0].1;
+                if !matches!(d, DType::F32 | DType::F64) || ins.iter().any(|&(_, t)| t != d) {
+                    let types: Vec<String> = ins.iter().map(|(_, t)| t.to_string()).collect();
+                    return Err(Error::shape(
+                        &n,
+                        format!("a bucket holds f32 or f64 accumulators of one type, got [{}]", types.join(", ")),
+                    ));
                 }
                 Ok(vec![])
             }

@@ -121,8 +121,6 @@ struct StepProgram {
     /// Gradient accumulation: the keep input and the first node of the update; the nodes before it run once per
     /// micro-batch, the rest once per step.
     accumulate: Option<(ValueId, usize)>,
-    /// The gradient accumulators (in graph order: the same on every rank), summed over the ranks before the update.
-    accumulators: Vec<ValueId>,
     micro_batches: usize,
 }
 
@@ -149,12 +147,6 @@ fn build_step(
         None => None,
     };
     let (loss, hyper) = (kept(st.loss)?, kept(st.hyper)?);
-    let accumulators = (0..opt.graph.values.len())
-        .filter(|&v| {
-            let val = &opt.graph.values[v];
-            val.kind == crate::graph::ValueKind::State && val.name.ends_with(crate::graph::optim::ACCUMULATOR_SUFFIX)
-        })
-        .collect();
     let prog = compile_program(opts.device, opt.graph, &compile_options(cfg, opts.threads)?)?;
     Ok(StepProgram {
         prog,
@@ -164,7 +156,6 @@ fn build_step(
         specs: st.params,
         inputs: st.inputs,
         accumulate,
-        accumulators,
         micro_batches: st.micro_batches,
     })
 }
@@ -259,8 +250,8 @@ impl Run<'_> {
     }
 
     /// One optimizer step (the `step`-th, 1-based, of phase `phase`): this rank's micro-batches of the step's
-    /// samples fed and run, the gradients summed over the ranks, then the update with `hyper`. Returns the mean loss
-    /// over every micro-batch of every rank.
+    /// samples fed and run, then the update with `hyper`, which first sums the gradients over the ranks (its
+    /// all-reduce nodes). Returns the mean loss over every micro-batch of every rank.
     fn step(&mut self, p: &mut StepProgram, phase: &str, step: u64, hyper: &[f64; 3]) -> Result<f64> {
         let micro = self.cfg.model.micro_batch_size as usize;
         let per_rank = p.micro_batches * micro;
@@ -282,29 +273,13 @@ impl Run<'_> {
             sum += p.prog.download(p.loss)?.to_f64()[0];
         }
         if self.par.world_size > 1 {
-            sum = self.sum_over_ranks(p, sum)?;
+            let mut all = [sum];
+            self.par.sum(&mut all)?;
+            sum = all[0];
         }
         p.prog.upload(p.hyper, &hyper)?;
         p.prog.launch_nodes(update..p.prog.graph().nodes.len())?;
         Ok(sum / (p.micro_batches * self.par.world_size) as f64)
-    }
-
-    /// Sums every gradient accumulator (and `loss`) over the ranks, in place; returns the summed loss.
-    fn sum_over_ranks(&mut self, p: &mut StepProgram, loss: f64) -> Result<f64> {
-        let mut flat = Vec::new();
-        let mut parts = Vec::with_capacity(p.accumulators.len());
-        for &a in &p.accumulators {
-            let t = p.prog.download(a)?;
-            parts.push((a, t.shape.clone(), t.dtype, flat.len()));
-            flat.extend(t.to_f64());
-        }
-        flat.push(loss);
-        self.par.sum(&mut flat)?;
-        for (a, shape, dtype, at) in parts {
-            let n = shape.numel();
-            p.prog.upload(a, &HostTensor::from_f64(shape, dtype, &flat[at..at + n])?)?;
-        }
-        Ok(flat[flat.len() - 1])
     }
 
     fn lr(&self, step: u64) -> f64 {
@@ -356,6 +331,9 @@ impl Run<'_> {
         let graph = p.prog.graph();
         let fingerprint = || crate::hash::fnv1a64(crate::graph::passes::dump::dump(graph).as_bytes());
         self.par.check_same(&format!("{name} training step"), fingerprint)?;
+        if let Some(comm) = self.par.communicator() {
+            p.prog.set_communicator(comm)?;
+        }
         if phase == TrainPhase::Control {
             self.store.copy_unet_into_control(&p.specs);
         }
@@ -610,7 +588,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
     let mut data = DataSource::from_config(cfg, opts.strict)?;
     check_run(cfg, &data, opts.evaluate)?;
     // trainer.devices × trainer.num_nodes processes, started by a launcher (refused without one).
-    let mut par = Parallel::join(cfg, &crate::engine::dist::env::DistEnv::from_process_env()?)?;
+    let mut par = Parallel::join(cfg, &crate::engine::dist::env::DistEnv::from_process_env()?, opts.device)?;
     let limits = Limits { steps: cfg.trainer.max_steps, epochs: cfg.trainer.max_epochs };
     // NeMo computes the schedule's max_steps from max_epochs when only that is set and the data's length is known.
     let per_step = u64::from(cfg.global_batch_size());

@@ -8,13 +8,15 @@ use super::float::Float;
 use super::layout::{self, Ids};
 use super::linalg::{self, AttnGeom};
 use super::norm;
-use crate::engine::backend::{check_node_range, check_upload, Backend, Program};
+use crate::engine::backend::{check_communicator, check_node_range, check_upload, Backend, Program};
+use crate::engine::dist::{Communicator, ReduceBuf};
 use crate::engine::tensor::HostTensor;
 use crate::error::{Error, Result};
 use crate::graph::passes::{plan_memory, Location, MemoryPlan};
 use crate::graph::{DType, Graph, Node, Op, Shape, ValueId};
 use half::{bf16, f16};
 use smallvec::SmallVec;
+use std::sync::Arc;
 
 pub struct CpuBackend {
     threads: usize,
@@ -73,6 +75,8 @@ pub struct CpuProgram {
     /// Check every kernel's outputs for NaN/Inf (ZEROCONV_CHECK_FINITE=1): the first kernel that
     /// produces one stops the step with its name.
     check_finite: bool,
+    /// What the all-reduce nodes sum over (data parallelism; see `Program::set_communicator`).
+    communicator: Option<Arc<dyn Communicator>>,
 }
 
 // SAFETY: the program exclusively owns every buffer its raw pointers point into; moving it to
@@ -101,6 +105,7 @@ fn is_special(op: &Op) -> bool {
             | Op::AdamW { .. }
             | Op::MultiAdamW(_)
             | Op::AccumulateGrad
+            | Op::AllReduce { .. }
     )
 }
 
@@ -137,6 +142,9 @@ fn kernel_scratch_len(g: &Graph, node: &Node, threads: usize) -> usize {
             linalg::attention_scratch_len(&geom, threads)
         }
         Op::Fused(k) => super::fused::scratch_len(k, threads),
+        // A bucket of several accumulators is packed into one buffer, so it crosses to the other ranks in one
+        // transfer; a single one is reduced where it is.
+        Op::AllReduce { tensors, .. } if *tensors > 1 => node.inputs.iter().map(|&v| g.shape(v).numel()).sum(),
         Op::Fill { .. }
         | Op::Unary(_)
         | Op::UnaryBackward(_)
@@ -165,7 +173,8 @@ fn kernel_scratch_len(g: &Graph, node: &Node, threads: usize) -> usize {
         | Op::MseLossBackward
         | Op::AdamW { .. }
         | Op::MultiAdamW(_)
-        | Op::AccumulateGrad => 0,
+        | Op::AccumulateGrad
+        | Op::AllReduce { .. } => 0,
     }
 }
 
@@ -224,6 +233,7 @@ impl Backend for CpuBackend {
             source_ptr,
             profile: None,
             check_finite: crate::knobs::check_finite(),
+            communicator: None,
         })
         .map(|mut p| {
             let level = crate::knobs::debug_level();
@@ -333,6 +343,7 @@ impl CpuProgram {
                 return Ok(());
             }
             Op::AccumulateGrad => return self.run_accumulate_grad(node),
+            Op::AllReduce { .. } => return self.run_all_reduce(i),
             _ => {}
         }
         match self.execs[i].compute {
@@ -433,6 +444,56 @@ impl CpuProgram {
                     return Err(Error::Unsupported { backend: "cpu", msg: format!("gradient accumulation in {other}") })
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Node `i`'s bucket of accumulators summed over the ranks, in place: a single accumulator where it is, several
+    /// packed into the node's scratch (one transfer), reduced, and unpacked.
+    fn run_all_reduce(&self, i: usize) -> Result<()> {
+        let node = &self.graph.nodes[i];
+        let comm = self.communicator.as_deref().ok_or_else(|| {
+            Error::msg(
+                "the step sums its gradients over the data-parallel ranks, but the program was given no communicator \
+                 (Program::set_communicator)",
+            )
+        })?;
+        // SAFETY: the accumulators are distinct state buffers (sources), the scratch is this node's own arena bytes,
+        // and nothing else runs while the node does; each view below is the only one of its bytes while it lives.
+        unsafe {
+            match (self.graph.dtype(node.inputs[0]), node.inputs.len()) {
+                (DType::F32, 1) => comm.all_reduce_sum(ReduceBuf::F32(self.view_mut::<f32>(node.inputs[0])?)),
+                (DType::F64, 1) => comm.all_reduce_sum(ReduceBuf::F64(self.view_mut::<f64>(node.inputs[0])?)),
+                (DType::F32, _) => self.packed(i, |b: &mut [f32]| comm.all_reduce_sum(ReduceBuf::F32(b))),
+                (DType::F64, _) => self.packed(i, |b: &mut [f64]| comm.all_reduce_sum(ReduceBuf::F64(b))),
+                (other, _) => Err(Error::Unsupported { backend: "cpu", msg: format!("an all-reduce of {other}") }),
+            }
+        }
+    }
+
+    /// Copies node `i`'s inputs (one dtype, T) one after another into its scratch, runs `f` on them, copies back.
+    ///
+    /// SAFETY: the inputs are distinct buffers of type T that nothing else views while the node runs.
+    unsafe fn packed<T: Copy>(&self, i: usize, f: impl FnOnce(&mut [T]) -> Result<()>) -> Result<()> {
+        let ins = &self.graph.nodes[i].inputs;
+        let total: usize = ins.iter().map(|&v| self.graph.shape(v).numel()).sum();
+        // SAFETY: the planner gave the node `total` elements of scratch (`kernel_scratch_len`), live only now.
+        let buf = &mut unsafe { self.scratch::<T>(i) }[..total];
+        let mut at = 0;
+        for &v in ins {
+            // SAFETY: the caller's guarantee.
+            let x = unsafe { self.view::<T>(v)? };
+            buf[at..at + x.len()].copy_from_slice(x);
+            at += x.len();
+        }
+        f(buf)?;
+        let mut at = 0;
+        for &v in ins {
+            // SAFETY: the caller's guarantee.
+            let x = unsafe { self.view_mut::<T>(v)? };
+            let n = x.len();
+            x.copy_from_slice(&buf[at..at + n]);
+            at += n;
         }
         Ok(())
     }
@@ -680,7 +741,8 @@ impl CpuProgram {
             | Op::TimestepEmbedding { .. }
             | Op::AdamW { .. }
             | Op::MultiAdamW(_)
-            | Op::AccumulateGrad => {
+            | Op::AccumulateGrad
+            | Op::AllReduce { .. } => {
                 unreachable!("handled in run_node")
             }
         }
@@ -827,6 +889,12 @@ impl Program for CpuProgram {
     }
 
     fn synchronize(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn set_communicator(&mut self, comm: Arc<dyn Communicator>) -> Result<()> {
+        check_communicator(&self.graph, comm.as_ref())?;
+        self.communicator = Some(comm);
         Ok(())
     }
 }

@@ -98,6 +98,8 @@ struct ConvPlan {
 /// plans of every GEMM and convolution it has run.
 pub struct CudaDevice {
     // Field order is drop order: everything that belongs to the context goes before it.
+    /// The data-parallel ranks' NCCL communicator (`set_communicator`); none alone.
+    nccl: Option<super::nccl::NcclComm>,
     graphs: Vec<Owned<drv::CUgraphExec>>,
     gemm_plans: HashMap<Vec<u64>, GemmPlan>,
     conv_plans: HashMap<Vec<u64>, ConvPlan>,
@@ -251,6 +253,7 @@ impl CudaDevice {
             arch,
             libs,
             capturing: false,
+            nccl: None,
             shared_opt_in_limit,
             shared_opt_ins: SharedOptIns::default(),
         })
@@ -1079,11 +1082,31 @@ impl Device for CudaDevice {
         dnn_check(status, &format!("cudnnConvolution{:?} (algorithm {})", c.direction, p.algo.algo))
     }
 
-    fn all_reduce(&mut self, _buf: DevPtr, _count: u64, dtype: DType, _average: bool) -> Result<()> {
-        // One rank: the sum (and the average) of one contribution is that contribution.
+    fn all_reduce(&mut self, buf: DevPtr, count: u64, dtype: DType, average: bool) -> Result<()> {
         if !dtype.is_float() {
             return Err(Error::msg(format!("all-reduce of {dtype}")));
         }
+        // One rank: the sum (and the average) of one contribution is that contribution.
+        let Some(nccl) = &self.nccl else { return Ok(()) };
+        self.bind()?;
+        // SAFETY: the lowering passes a buffer of `count` elements of `dtype` in this device's memory; the stream is
+        // this context's, made current by `bind`. NCCL calls are legal while capturing (they become graph nodes).
+        unsafe { nccl.all_reduce(buf.0, count, dtype, average, self.stream() as *mut std::ffi::c_void) }
+    }
+
+    fn set_communicator(&mut self, comm: std::sync::Arc<dyn crate::engine::dist::Communicator>) -> Result<()> {
+        self.not_capturing("joining the NCCL communicator")?;
+        let (rank, world) = (comm.rank(), comm.world_size());
+        let id = comm.nccl_unique_id().ok_or_else(|| {
+            Error::msg(format!(
+                "CUDA: rank {rank} of {world} joined without an NCCL id (rank 0 hands one out at the rendezvous when \
+                 it trains with --device cuda): every rank must use the same --device"
+            ))
+        })?;
+        let nccl = super::nccl::Nccl::load()?;
+        self.bind()?;
+        // SAFETY: `bind` made this device's context current on this thread.
+        self.nccl = Some(unsafe { super::nccl::NcclComm::init(nccl, &id, rank, world) }?);
         Ok(())
     }
 

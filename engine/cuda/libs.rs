@@ -214,6 +214,11 @@ impl std::fmt::Display for LibReport {
 /// under every site-packages folder found from $VIRTUAL_ENV, $CONDA_PREFIX, ~/.local, /usr/local/lib, /usr/lib and
 /// /opt/conda, and the distribution's library folders.
 pub fn search_dirs(lib: Lib) -> Vec<PathBuf> {
+    search_dirs_for(lib.wheel_dirs())
+}
+
+/// [`search_dirs`] for a library whose pip wheel puts it in `wheel_dirs` (relative to site-packages).
+pub fn search_dirs_for(wheel_dirs: &[&str]) -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = Vec::new();
     for v in [crate::knobs::raw(crate::knobs::CUDA_LIB_DIRS), std::env::var_os("LD_LIBRARY_PATH")].into_iter().flatten()
     {
@@ -228,7 +233,7 @@ pub fn search_dirs(lib: Lib) -> Vec<PathBuf> {
         dirs.push(root.join("targets/sbsa-linux/lib"));
     }
     for sp in site_packages() {
-        dirs.extend(lib.wheel_dirs().iter().map(|w| sp.join(w)));
+        dirs.extend(wheel_dirs.iter().map(|w| sp.join(w)));
     }
     dirs.extend(
         ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib/wsl/lib"]

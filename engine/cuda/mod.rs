@@ -10,6 +10,7 @@ pub mod args;
 mod device;
 mod handles;
 pub mod libs;
+pub mod nccl;
 pub mod nvrtc;
 mod probe;
 

@@ -301,8 +301,19 @@ pub trait Device {
     fn launch(&mut self, launch: &Launch) -> Result<()>;
     fn gemm(&mut self, g: &Gemm) -> Result<()>;
     fn conv(&mut self, c: &Conv) -> Result<()>;
-    /// Sum (then divide by the world size when `average`) across ranks, in place. One rank: a no-op.
+    /// Sum (then divide by the world size when `average`) across ranks, in place, stream-ordered (and captured like
+    /// any other command). A device given no communicator is a world of one: a no-op.
     fn all_reduce(&mut self, buf: DevPtr, count: u64, dtype: DType, average: bool) -> Result<()>;
+    /// Joins the device to the data-parallel ranks `comm` describes, before any capture; `all_reduce` then sums
+    /// across them. A device that cannot refuses, saying why.
+    fn set_communicator(&mut self, comm: std::sync::Arc<dyn crate::engine::dist::Communicator>) -> Result<()> {
+        Err(crate::Error::msg(format!(
+            "{} cannot sum across data-parallel ranks (rank {} of {})",
+            self.info().name,
+            comm.rank(),
+            comm.world_size()
+        )))
+    }
     /// Starts recording the stream's work into a graph instead of running it.
     fn begin_capture(&mut self) -> Result<()>;
     fn end_capture(&mut self) -> Result<GraphId>;

@@ -28,7 +28,18 @@ pub enum Cmd {
     Gemm(Gemm),
     Conv(Conv),
     Copy2d(Copy2d),
-    Memset { dst: DevPtr, byte: u8, bytes: u64 },
+    Memset {
+        dst: DevPtr,
+        byte: u8,
+        bytes: u64,
+    },
+    /// `count` elements at `buf` summed over the data-parallel ranks, in place (`Device::all_reduce`, no average:
+    /// see `Op::AllReduce`).
+    AllReduce {
+        buf: DevPtr,
+        count: u64,
+        dtype: DType,
+    },
 }
 
 impl Cmd {
@@ -46,10 +57,11 @@ impl Cmd {
             ),
             Cmd::Copy2d(c) => format!("copy2d {}x{} bytes", c.height, c.width),
             Cmd::Memset { bytes, byte, .. } => format!("memset {bytes} bytes to {byte:#04x}"),
+            Cmd::AllReduce { count, dtype, .. } => format!("all-reduce (sum) {count} {dtype}"),
         }
     }
 
-    /// The kind, for counting: launch, gemm, conv, copy or memset.
+    /// The kind, for counting: launch, gemm, conv, copy, memset or all-reduce.
     pub fn kind(&self) -> &'static str {
         match self {
             Cmd::Launch(_) => "launch",
@@ -57,6 +69,7 @@ impl Cmd {
             Cmd::Conv(_) => "conv",
             Cmd::Copy2d(_) => "copy",
             Cmd::Memset { .. } => "memset",
+            Cmd::AllReduce { .. } => "all-reduce",
         }
     }
 }
@@ -640,7 +653,44 @@ impl Emit<'_, '_> {
                     vec![Arg::Ptr(self.in_ptr(0)), Arg::Ptr(self.in_ptr(1)), Arg::Ptr(self.in_ptr(2)), Arg::u64(n)];
                 self.launch(module::ADAMW, "accumulate_grad_f32".into(), grid_stride(n), args, true);
             }
+            Op::AllReduce { .. } => self.all_reduce()?,
             Op::Fused(k) => self.fused(k)?,
+        }
+        Ok(())
+    }
+
+    /// A bucket of gradient accumulators summed over the ranks: one accumulator in place; several copied one after
+    /// another into scratch (so the bucket is one transfer: one NCCL call), reduced there and copied back.
+    fn all_reduce(&mut self) -> Result<()> {
+        let dtype = self.in_dtype(0);
+        if dtype != DType::F32 {
+            return Err(Error::Unsupported {
+                backend: "cuda",
+                msg: format!("gradient accumulators must be f32, not {dtype}"),
+            });
+        }
+        let n = self.node.inputs.len();
+        let numel = |e: &Self, i: usize| e.in_shape(i).numel() as u64;
+        if n == 1 {
+            let cmd = Cmd::AllReduce { buf: self.in_ptr(0), count: numel(self, 0), dtype };
+            self.out.cmds.push(cmd);
+            return Ok(());
+        }
+        let count: u64 = (0..n).map(|i| numel(self, i)).sum();
+        let size = dtype.size() as u64;
+        let bucket = self.scratch(count * size);
+        let mut at = 0;
+        for i in 0..n {
+            let bytes = numel(self, i) * size;
+            self.copy(bucket.ptr.offset(at), self.in_ptr(i), bytes);
+            at += bytes;
+        }
+        self.out.cmds.push(Cmd::AllReduce { buf: bucket.ptr, count, dtype });
+        let mut at = 0;
+        for i in 0..n {
+            let bytes = numel(self, i) * size;
+            self.copy(self.in_ptr(i), bucket.ptr.offset(at), bytes);
+            at += bytes;
         }
         Ok(())
     }

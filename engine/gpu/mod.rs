@@ -10,9 +10,10 @@
 pub mod consts;
 pub mod lower;
 
-use crate::engine::backend::{check_node_range, check_upload, Backend, Program};
+use crate::engine::backend::{all_reduce_world, check_communicator, check_node_range, check_upload, Backend, Program};
 use crate::engine::device::emu::{EmuDevice, EmuOptions};
 use crate::engine::device::{DevPtr, Device, GraphId, ModuleSource, Span};
+use crate::engine::dist::Communicator;
 use crate::engine::profile::Profile;
 use crate::engine::tensor::HostTensor;
 use crate::error::{Error, Result};
@@ -110,6 +111,10 @@ pub struct GpuProgram<D: Device> {
     /// one range; an accumulating step has two (its micro-batch nodes and its update), each captured on its own.
     ranges: Vec<RangeRuns>,
     profile: Option<Profile>,
+    /// The ranks the graph's all-reduce nodes sum over, and whether the device was given a communicator of that many
+    /// (`Program::set_communicator`): a step that needs one runs only with it.
+    all_reduce_world: Option<usize>,
+    communicator_attached: bool,
 }
 
 /// The launches of one node range.
@@ -231,6 +236,7 @@ impl<D: Device> Backend for GpuBackend<D> {
 
     fn compile(&self, graph: Graph) -> Result<GpuProgram<D>> {
         graph.validate()?;
+        let all_reduce_world = all_reduce_world(&graph)?;
         let fused = fused_module(&graph)?;
         let fused_name = fused.as_ref().map(|m| m.name().to_string()).unwrap_or_default();
         let n = graph.nodes.len();
@@ -356,6 +362,8 @@ impl<D: Device> Backend for GpuBackend<D> {
             finite_flag,
             ranges: Vec::new(),
             profile,
+            all_reduce_world,
+            communicator_attached: false,
         })
     }
 }
@@ -392,6 +400,7 @@ impl<D: Device> GpuProgram<D> {
                 Cmd::Conv(cv) => self.device.conv(cv),
                 Cmd::Copy2d(cp) => self.device.copy2d(cp),
                 Cmd::Memset { dst, byte, bytes } => self.device.memset(*dst, *byte, *bytes),
+                Cmd::AllReduce { buf, count, dtype } => self.device.all_reduce(*buf, *count, *dtype, false),
             };
             r.map_err(|e| Error::msg(format!("{what}, {}: {e}", c.describe())))?;
         }
@@ -481,6 +490,12 @@ impl<D: Device> Program for GpuProgram<D> {
 
     fn launch_nodes(&mut self, nodes: std::ops::Range<usize>) -> Result<()> {
         check_node_range(&self.graph, &nodes)?;
+        if let (Some(w), false) = (self.all_reduce_world, self.communicator_attached) {
+            return Err(Error::msg(format!(
+                "the step sums its gradients over {w} data-parallel ranks, but the device was given no communicator \
+                 (Program::set_communicator)"
+            )));
+        }
         let r = match self.ranges.iter().position(|r| r.nodes == nodes) {
             Some(r) => r,
             None => {
@@ -507,6 +522,13 @@ impl<D: Device> Program for GpuProgram<D> {
 
     fn synchronize(&mut self) -> Result<()> {
         self.device.synchronize()
+    }
+
+    fn set_communicator(&mut self, comm: std::sync::Arc<dyn Communicator>) -> Result<()> {
+        check_communicator(&self.graph, comm.as_ref())?;
+        self.device.set_communicator(comm)?;
+        self.communicator_attached = true;
+        Ok(())
     }
 
     fn set_profiling(&mut self, on: bool, echo: bool) {

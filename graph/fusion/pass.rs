@@ -81,6 +81,7 @@ fn kind(g: &Graph, n: NodeId) -> Kind {
         | Op::MseLossBackward
         | Op::AdamW { .. }
         | Op::AccumulateGrad
+        | Op::AllReduce { .. }
         | Op::Fused(_)
         | Op::MultiAdamW(_) => Kind::Other,
     }

@@ -1,6 +1,7 @@
 //! Graph passes. Each is a pure function from a graph to a graph (plus a map from old value ids
 //! to new ones); none touches a device.
 
+pub mod all_reduce;
 pub mod cse;
 pub mod dce;
 pub mod dump;

@@ -6,6 +6,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod all_reduce;
 mod cuda_args;
 mod device_choice;
 mod device_libs;

@@ -10,6 +10,10 @@
 //! - CUDA graphs: while capturing, commands are recorded (arguments by value) instead of run; `replay` runs the
 //!   recording. Allocation, module loading, copies from or to the host and synchronisation are errors while
 //!   capturing, as they are (or break capture) on a GPU.
+//! - All-reduce (the emulated NCCL): given a communicator ([`Device::set_communicator`]: a
+//!   [`ThreadGroup`](crate::engine::dist::ThreadGroup) when the ranks are threads of one process, each with its own
+//!   emulated device), `all_reduce` really sums the buffer across the ranks, in rank order, eagerly and on replay of a
+//!   captured graph alike; without one the device is a world of one and the call checks its buffer only.
 //! - Liveness checks (when [`EmuOptions::check_liveness`]): before each node, every arena byte the memory plan says
 //!   is dead is filled with 0xff (NaN in every float type); after it, any changed byte outside the node's declared
 //!   outputs and scratch, or a changed guard band, is an error naming the node.
@@ -18,6 +22,7 @@ mod memory;
 
 use super::shared_memory::{self, OptIn, SharedOptIns};
 use super::{blas, dnn, Arg, Conv, Copy2d, DevPtr, Device, DeviceInfo, Gemm, GraphId, Launch, ModuleSource, Span};
+use crate::engine::dist::{Communicator, ReduceBuf};
 use crate::error::{Error, Result};
 use crate::graph::DType;
 use crate::kernels::emulate::{self, Dim3, EmuModule, KernelArgs, LaunchConfig, Schedule};
@@ -58,7 +63,7 @@ enum Recorded {
     Conv(Conv),
     Copy2d(Copy2d),
     Memset { dst: DevPtr, byte: u8, bytes: u64 },
-    AllReduce,
+    AllReduce { buf: DevPtr, count: u64, dtype: DType, average: bool },
     Before { arena: Span, live: Vec<Span> },
     After { what: String, writes: Vec<Span> },
 }
@@ -71,6 +76,8 @@ pub struct EmuCounts {
     pub convs: u64,
     pub copies: u64,
     pub memsets: u64,
+    /// All-reduce calls run (with or without other ranks).
+    pub all_reduces: u64,
     pub replays: u64,
     /// Functions whose dynamic shared memory limit was raised above 48 KiB (what the real device does with
     /// `cuFuncSetAttribute`, once per function).
@@ -85,6 +92,7 @@ pub struct EmuDevice {
     graphs: Vec<Vec<Recorded>>,
     counts: EmuCounts,
     opt_ins: SharedOptIns,
+    communicator: Option<Arc<dyn Communicator>>,
 }
 
 impl EmuDevice {
@@ -97,6 +105,7 @@ impl EmuDevice {
             graphs: Vec::new(),
             counts: EmuCounts::default(),
             opt_ins: SharedOptIns::default(),
+            communicator: None,
         }
     }
 
@@ -138,7 +147,7 @@ impl EmuDevice {
                 self.memory.write_with(Span::new(*dst, *bytes), "memset", |b| b.fill(*byte))?;
                 Ok(())
             }
-            Recorded::AllReduce => Ok(()),
+            Recorded::AllReduce { buf, count, dtype, average } => self.run_all_reduce(*buf, *count, *dtype, *average),
             Recorded::Before { arena, live } => {
                 if self.options.check_liveness {
                     self.memory.poison_dead(*arena, live)?;
@@ -254,6 +263,40 @@ impl EmuDevice {
         })
     }
 
+    /// Sums `count` elements at `buf` across the communicator's ranks (a world of one without a communicator), then
+    /// divides by the world size when `average`.
+    fn run_all_reduce(&mut self, buf: DevPtr, count: u64, dtype: DType, average: bool) -> Result<()> {
+        self.counts.all_reduces += 1;
+        let span = Span::new(buf, count * dtype.size() as u64);
+        let Some(comm) = self.communicator.clone() else {
+            return self.memory.check(span, "all-reduce buffer");
+        };
+        let world = comm.world_size() as f64;
+        let mut result = Ok(());
+        self.memory.write_with(span, "all-reduce buffer", |bytes| {
+            result = match dtype {
+                DType::F32 => match bytemuck::try_cast_slice_mut::<u8, f32>(bytes) {
+                    Ok(x) => comm.all_reduce_sum(ReduceBuf::F32(&mut *x)).map(|()| {
+                        if average {
+                            x.iter_mut().for_each(|v| *v = (*v as f64 / world) as f32);
+                        }
+                    }),
+                    Err(e) => Err(Error::msg(format!("all-reduce buffer {buf:?}: {e}"))),
+                },
+                DType::F64 => match bytemuck::try_cast_slice_mut::<u8, f64>(bytes) {
+                    Ok(x) => comm.all_reduce_sum(ReduceBuf::F64(&mut *x)).map(|()| {
+                        if average {
+                            x.iter_mut().for_each(|v| *v /= world);
+                        }
+                    }),
+                    Err(e) => Err(Error::msg(format!("all-reduce buffer {buf:?}: {e}"))),
+                },
+                other => Err(Error::msg(format!("emulated device: an all-reduce of {other}"))),
+            };
+        })?;
+        result
+    }
+
     fn submit(&mut self, r: Recorded) -> Result<()> {
         match self.record(r) {
             Some(r) => self.run(&r),
@@ -320,10 +363,15 @@ impl Device for EmuDevice {
         self.submit(Recorded::Conv(*c))
     }
 
-    fn all_reduce(&mut self, buf: DevPtr, count: u64, dtype: DType, _average: bool) -> Result<()> {
-        // One rank: the sum (and the average) of one contribution is that contribution.
+    fn all_reduce(&mut self, buf: DevPtr, count: u64, dtype: DType, average: bool) -> Result<()> {
         self.memory.check(Span::new(buf, count * dtype.size() as u64), "all-reduce buffer")?;
-        self.submit(Recorded::AllReduce)
+        self.submit(Recorded::AllReduce { buf, count, dtype, average })
+    }
+
+    fn set_communicator(&mut self, comm: Arc<dyn Communicator>) -> Result<()> {
+        self.not_capturing("joining a communicator")?;
+        self.communicator = Some(comm);
+        Ok(())
     }
 
     fn begin_capture(&mut self) -> Result<()> {
