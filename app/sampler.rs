@@ -10,6 +10,7 @@ use crate::engine::{HostTensor, Program};
 use crate::error::{Error, Result};
 use crate::graph::passes::PassOptions;
 use crate::graph::DType;
+use crate::io::checkpoint::megatron_clip::MegatronClip;
 use crate::io::checkpoint::{Architecture, Checkpoint};
 use crate::io::tokenizer::ClipTokenizer;
 use crate::models::builder::ParamSpec;
@@ -370,7 +371,9 @@ pub fn sampling_params(m: &StepModels) -> Result<Vec<ParamSpec>> {
 /// Reads every weight sampling needs from `files` (each an LDM/NeMo checkpoint, a diffusers or Hugging Face file,
 /// component folder or pipeline folder; a key in several files is taken from the last), refusing a file that holds
 /// none of them and a set of files that leaves any missing.
-pub fn load_weights(m: &StepModels, files: &[&Path]) -> Result<WeightStore> {
+/// `megatron_clip`: what the config says of a Megatron CLIP text tower (`model_config::megatron_clip`), which its
+/// file alone cannot tell; None for every other text encoder.
+pub fn load_weights(m: &StepModels, megatron_clip: Option<&MegatronClip>, files: &[&Path]) -> Result<WeightStore> {
     let specs = sampling_params(m)?;
     let arch = Architecture {
         unet: Some(m.ldm.unet.clone()),
@@ -379,8 +382,7 @@ pub fn load_weights(m: &StepModels, files: &[&Path]) -> Result<WeightStore> {
             FirstStage::Kl(v) => Some(v.clone()),
             FirstStage::Pixel => None,
         },
-        // Not known here: a Megatron CLIP text encoder file is refused by name (checkpoint/megatron_clip.rs).
-        megatron_clip: None,
+        megatron_clip: megatron_clip.cloned(),
     };
     let mut store = WeightStore::default();
     for path in files {

@@ -145,7 +145,8 @@ pub fn run(args: &SampleArgs) -> Result<()> {
     // Weights: every key sampling reads, from the weight files then --control.
     let files: Vec<&std::path::Path> =
         weight_files.iter().map(|(p, _)| p.as_path()).chain([args.control.as_path()]).collect();
-    let store = load_weights(&models, &files)?;
+    let megatron_clip = crate::io::config::model_config::megatron_clip(&cfg.model.cond_stage_config);
+    let store = load_weights(&models, megatron_clip.as_ref(), &files)?;
     let imgs = sample(&models, &store, &tok, &hints, &captions, w, &settings)?;
     // Column 0: the maps; column k: the k-th sample of every row.
     let columns_data: Vec<Vec<f32>> = (0..n)

@@ -159,8 +159,8 @@ fn sampling_matches_diffusers_controlnet_pipeline_on_ldm_and_diffusers_weights()
     write_ldm_file(&["sd15_tiny", "vae_tiny", "clip_tiny"], &ldm);
     // The text encoder diffusers' pipeline ran: transformers 5's file.
     let pipe = pipeline_folder(dir.path(), "pipe", "text_encoder");
-    let from_ldm = load_weights(&m, &[&ldm]).unwrap_or_else(|e| panic!("{e}"));
-    let from_diffusers = load_weights(&m, &[&pipe]).unwrap_or_else(|e| panic!("{e}"));
+    let from_ldm = load_weights(&m, None, &[&ldm]).unwrap_or_else(|e| panic!("{e}"));
+    let from_diffusers = load_weights(&m, None, &[&pipe]).unwrap_or_else(|e| panic!("{e}"));
     let keys = |w: &WeightStore| w.tensors.keys().cloned().collect::<std::collections::BTreeSet<String>>();
     let (a, b) = (keys(&from_ldm), keys(&from_diffusers));
     assert!(a == b, "keys only in the LDM file's: {:?}; only in the folder's: {:?}", &a - &b, &b - &a);
@@ -214,7 +214,7 @@ fn the_sampler_core_refuses_inputs_that_do_not_fit() {
     let noisy = SampleSettings { cfg_scale: 1.0, steps: 2, eta: 0.5, ..Default::default() };
     let weights = tmp("sample-pipeline-noise");
     write_ldm_file(&["sd15_tiny", "vae_tiny", "clip_tiny"], &weights.path().join("w.safetensors"));
-    let store = load_weights(&m, &[&weights.path().join("w.safetensors")]).unwrap();
+    let store = load_weights(&m, None, &[&weights.path().join("w.safetensors")]).unwrap();
     let err = denoise_and_decode(&m, &store, start(), &noisy, &mut |_| vec![0.0; 3], &mut |_, _| {})
         .err()
         .expect("refused")
@@ -230,16 +230,16 @@ fn sampling_weights_missing_from_the_files_are_named() {
     // The U-Net and ControlNet only: the VAE and the text encoder are missing.
     let path = dir.path().join("sd_only.safetensors");
     write_ldm_file(&["sd15_tiny"], &path);
-    let err = load_weights(&m, &[&path]).err().expect("refused").to_string();
+    let err = load_weights(&m, None, &[&path]).err().expect("refused").to_string();
     assert!(err.contains("weights are missing from") && err.contains("sd_only.safetensors"), "{err}");
     let clip = dir.path().join("clip.safetensors");
     write_ldm_file(&["clip_tiny"], &clip);
     let vae_only = common::layout_fixtures::rebuild("vae_tiny/vae", dir.path());
-    assert!(load_weights(&m, &[&path, &clip, &vae_only]).is_ok());
+    assert!(load_weights(&m, None, &[&path, &clip, &vae_only]).is_ok());
     // A file with none of the model's keys is named, even when the others hold everything.
     let other = dir.path().join("other.safetensors");
     let t = zeroconv::engine::HostTensor::from_f64([2], zeroconv::graph::DType::F32, &[1.0, 2.0]).unwrap();
     zeroconv::io::checkpoint::write_safetensors(&other, &[("not_a_model_key".to_string(), t)], None).unwrap();
-    let err = load_weights(&m, &[&path, &clip, &vae_only, &other]).err().expect("refused").to_string();
+    let err = load_weights(&m, None, &[&path, &clip, &vae_only, &other]).err().expect("refused").to_string();
     assert!(err.contains("other.safetensors") && err.contains("holds none of the model's keys"), "{err}");
 }

@@ -268,3 +268,61 @@ fn malformed_files_are_one_clear_error_naming_the_key() {
     let err = Checkpoint::open_pretrained(&sd_file(), &Architecture::default()).unwrap_err().to_string();
     assert!(err.contains("FrozenMegatronCLIPEmbedder") && err.contains(&sd_file().display().to_string()), "{err}");
 }
+
+/// `zeroconv sample`'s loader (`app::sampler::load_weights`) reads a Megatron tower with the config's details, as
+/// training does: with the per-head file, the text encoder's tensors are the ones the training loader maps (the
+/// U-Net and ControlNet of a tiny pixel-space model come from a second, LDM-named file); without those details the
+/// same file is refused, naming what to set.
+#[test]
+fn sampling_loads_the_megatron_text_tower_as_training_does() {
+    let mut overrides = vec!["model.first_stage_config.kind=pixel".to_string()];
+    for section in ["unet_config", "control_stage_config"] {
+        for kv in [
+            "image_size=8",
+            "in_channels=3",
+            "model_channels=32",
+            "channel_mult=[1]",
+            "attention_resolutions=[1]",
+            "num_res_blocks=1",
+            "num_heads=2",
+            "context_dim=24",
+        ] {
+            overrides.push(format!("model.{section}.{kv}"));
+        }
+    }
+    overrides.push("model.unet_config.out_channels=3".into());
+    let overrides: Vec<&str> = overrides.iter().map(String::as_str).collect();
+    let cfg = config(&yaml_with_cfg("penultimate", false, &interleaved_file(), ""), &overrides).unwrap();
+    let models = zeroconv::app::train::step_models(&cfg).unwrap_or_else(|e| panic!("{e}"));
+    let specs = zeroconv::app::sampler::sampling_params(&models).unwrap();
+    let dir = tempfile::Builder::new().prefix("zeroconv-megatron-sample-").tempdir().unwrap();
+    let unet_file = dir.path().join("unet_and_controlnet.safetensors");
+    let mut rng = common::Rng::new(7);
+    let tensors: Vec<(String, zeroconv::engine::HostTensor)> = specs
+        .iter()
+        .filter(|s| !s.key.starts_with(CLIP_PREFIX))
+        .map(|s| {
+            let data: Vec<f64> = (0..s.shape.numel()).map(|_| (rng.uniform() - 0.5) * 0.1).collect();
+            let t = zeroconv::engine::HostTensor::from_f64(s.shape.clone(), zeroconv::graph::DType::F32, &data);
+            (s.key.clone(), t.unwrap())
+        })
+        .collect();
+    write_safetensors(&unet_file, &tensors, None).unwrap();
+    let megatron = model_config::megatron_clip(&cfg.model.cond_stage_config);
+    assert!(megatron.is_some(), "the config names a Megatron CLIP");
+    let clip_file = interleaved_file();
+    let files = [unet_file.as_path(), clip_file.as_path()];
+    let store = zeroconv::app::sampler::load_weights(&models, megatron.as_ref(), &files)
+        .unwrap_or_else(|e| panic!("sampling's loader: {e}"));
+    let trained = Checkpoint::open_pretrained(&interleaved_file(), &model_config::architecture(&cfg)).unwrap();
+    let clip_keys: Vec<&str> =
+        specs.iter().filter(|s| s.key.starts_with(CLIP_PREFIX)).map(|s| s.key.as_str()).collect();
+    assert!(!clip_keys.is_empty());
+    for key in clip_keys {
+        let got = store.tensors.get(key).unwrap_or_else(|| panic!("{key} not loaded"));
+        let want: Vec<f64> = trained.to_f32(key).unwrap().into_iter().map(f64::from).collect();
+        assert_eq!(got.to_f64(), want, "{key}");
+    }
+    let err = zeroconv::app::sampler::load_weights(&models, None, &files).err().expect("refused").to_string();
+    assert!(err.contains(&interleaved_file().display().to_string()), "{err}");
+}
