@@ -21,7 +21,7 @@ use super::libs::{self, LibReport};
 use super::probe::{probe_device, DeviceInfo as ProbeInfo};
 use crate::engine::device::shared_memory::{OptIn, SharedOptIns};
 use crate::engine::device::{
-    Arg, Conv, ConvDirection, Copy2d, DevPtr, Device, DeviceInfo, Gemm, GraphId, Launch, ModuleSource,
+    Arg, Conv, ConvDirection, Copy2d, DevPtr, Device, DeviceInfo, Gemm, GraphId, Launch, Mark, ModuleSource,
 };
 use crate::error::{Error, Result};
 use crate::graph::DType;
@@ -101,6 +101,9 @@ pub struct CudaDevice {
     /// The data-parallel ranks' NCCL communicator (`set_communicator`); none alone.
     nccl: Option<super::nccl::NcclComm>,
     graphs: Vec<Owned<drv::CUgraphExec>>,
+    /// CUDA events for `mark`, created on first use and reused every step; `marks_used` of them hold marks.
+    events: Vec<Owned<drv::CUevent>>,
+    marks_used: usize,
     gemm_plans: HashMap<Vec<u64>, GemmPlan>,
     conv_plans: HashMap<Vec<u64>, ConvPlan>,
     lt: Owned<lt_sys::cublasLtHandle_t>,
@@ -254,6 +257,8 @@ impl CudaDevice {
             libs,
             capturing: false,
             nccl: None,
+            events: Vec::new(),
+            marks_used: 0,
             shared_opt_in_limit,
             shared_opt_ins: SharedOptIns::default(),
         })
@@ -1165,6 +1170,45 @@ impl Device for CudaDevice {
         // SAFETY: live stream.
         drv_check(unsafe { drv::cuStreamSynchronize(self.stream()) }, "cuStreamSynchronize")
     }
+
+    fn mark(&mut self) -> Result<Mark> {
+        self.not_capturing("mark")?;
+        self.bind()?;
+        if self.marks_used == self.events.len() {
+            let mut ev: drv::CUevent = std::ptr::null_mut();
+            // SAFETY: the context is current (bind); `ev` is a valid out-pointer; the driver's event symbols were
+            // probed with the library. Default flags: the event records timing.
+            drv_check(unsafe { drv::cuEventCreate(&mut ev, 0) }, "cuEventCreate")?;
+            // SAFETY: created above, destroyed once on drop, before the context (field order).
+            self.events.push(unsafe { Owned::new(ev, "a CUDA event", destroy::event) });
+        }
+        let ev = self.events[self.marks_used].raw();
+        // SAFETY: `ev` is a live event of this context and the stream is live.
+        drv_check(unsafe { drv::cuEventRecord(ev, self.stream()) }, "cuEventRecord")?;
+        self.marks_used += 1;
+        Ok(Mark(self.marks_used - 1))
+    }
+
+    fn elapsed(&mut self, from: Mark, to: Mark) -> Result<std::time::Duration> {
+        if from.0 >= self.marks_used || to.0 >= self.marks_used {
+            return Err(Error::msg(format!(
+                "elapsed from mark {} to mark {}: {} marks are recorded",
+                from.0, to.0, self.marks_used
+            )));
+        }
+        self.bind()?;
+        let mut ms = 0f32;
+        let (start, end) = (self.events[from.0].raw(), self.events[to.0].raw());
+        // SAFETY: both events are live and recorded on this context's stream; `ms` is a valid out-pointer. An
+        // event the stream has not reached yet is an error status (CUDA_ERROR_NOT_READY), not undefined behaviour.
+        let status = unsafe { drv::cuEventElapsedTime(&mut ms, start, end) };
+        drv_check(status, "cuEventElapsedTime")?;
+        Ok(std::time::Duration::from_secs_f64(f64::from(ms.max(0.0)) / 1e3))
+    }
+
+    fn release_marks(&mut self) {
+        self.marks_used = 0;
+    }
 }
 
 fn nul_terminated(s: &str) -> Vec<u8> {
@@ -1262,6 +1306,10 @@ mod tests {
 /// `h` came from the matching create call, is live, and is destroyed by nobody else.
 mod destroy {
     use super::*;
+    pub unsafe fn event(h: drv::CUevent) -> Result<()> {
+        // SAFETY: the function's contract: `h` is live and owned by the dropping `Owned` (a CUDA event).
+        drv_check(unsafe { drv::cuEventDestroy_v2(h) }, "cuEventDestroy")
+    }
     pub unsafe fn stream(h: drv::CUstream) -> Result<()> {
         // SAFETY: the function's contract: `h` is live and owned by the dropping `Owned` (the CUDA stream).
         drv_check(unsafe { drv::cuStreamDestroy_v2(h) }, "cuStreamDestroy")

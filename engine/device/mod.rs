@@ -284,6 +284,11 @@ pub struct DeviceInfo {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GraphId(pub usize);
 
+/// A point in the stream's work (a CUDA event on a GPU): kernels run asynchronously there, so the time a node takes
+/// is read between two marks once the stream has finished, never from the host's clock around the launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Mark(pub usize);
+
 /// What the CUDA executor asks of a GPU. All work is ordered on one compute stream; `download` and `synchronize`
 /// wait for it. Allocation and module loading happen at compile time only, never while capturing.
 pub trait Device {
@@ -319,6 +324,12 @@ pub trait Device {
     fn end_capture(&mut self) -> Result<GraphId>;
     fn replay(&mut self, graph: GraphId) -> Result<()>;
     fn synchronize(&mut self) -> Result<()>;
+    /// Records a mark after the work issued so far (not while capturing: a captured graph is timed as a whole).
+    fn mark(&mut self) -> Result<Mark>;
+    /// The time from `from` to `to`, once the stream has passed `to` (call `synchronize` first).
+    fn elapsed(&mut self, from: Mark, to: Mark) -> Result<std::time::Duration>;
+    /// Forgets every mark, so the next step's marks reuse their events.
+    fn release_marks(&mut self);
 
     /// The checks only an emulated device can make, called by the executor around each command (no-ops on a GPU):
     /// `before_command` receives the memory that holds live data at this command (everything else in the arena is

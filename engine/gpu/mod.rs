@@ -409,14 +409,31 @@ impl<D: Device> GpuProgram<D> {
 
     /// Runs (or, while capturing, records) the commands of the nodes in `nodes`.
     fn issue_nodes(&mut self, nodes: std::ops::Range<usize>) -> Result<()> {
-        for i in nodes {
-            let start = std::time::Instant::now();
-            self.issue_node(i)?;
-            if let Some(p) = self.profile.as_mut() {
-                p.record(i, start, start.elapsed());
-            }
+        if self.profile.is_none() {
+            return nodes.into_iter().try_for_each(|i| self.issue_node(i));
         }
+        // Profiling (never while capturing): kernels run asynchronously on a GPU, so a node's time is the span
+        // between the stream marks (CUDA events) around its commands, read once the stream has finished them.
+        let host_start = std::time::Instant::now();
+        let first = self.device.mark()?;
+        let mut spans = Vec::with_capacity(nodes.len());
+        let mut before = first;
+        for i in nodes {
+            self.issue_node(i)?;
+            let after = self.device.mark()?;
+            spans.push((i, before, after));
+            before = after;
+        }
+        self.device.synchronize()?;
+        let mut timed = Vec::with_capacity(spans.len());
+        for (i, from, to) in spans {
+            timed.push((i, host_start + self.device.elapsed(first, from)?, self.device.elapsed(from, to)?));
+        }
+        self.device.release_marks();
         if let Some(p) = self.profile.as_mut() {
+            for (i, start, duration) in timed {
+                p.record(i, start, duration);
+            }
             p.end_step();
         }
         Ok(())

@@ -76,6 +76,17 @@ impl Device for AddressOnly {
     fn synchronize(&mut self) -> Result<()> {
         Ok(())
     }
+    fn mark(&mut self) -> Result<zeroconv::engine::device::Mark> {
+        Ok(zeroconv::engine::device::Mark(0))
+    }
+    fn elapsed(
+        &mut self,
+        _from: zeroconv::engine::device::Mark,
+        _to: zeroconv::engine::device::Mark,
+    ) -> Result<std::time::Duration> {
+        Ok(std::time::Duration::ZERO)
+    }
+    fn release_marks(&mut self) {}
 }
 
 /// Every command of one training step of `config`, with real planned addresses.

@@ -646,3 +646,39 @@ fn attention_in_chunks_equals_one_chunk() {
     }
     assert_eq!(outs[0], outs[1], "chunking changes no bit");
 }
+
+/// `zeroconv profile` and `ZEROCONV_DEBUG=2` on the CUDA executor time each node between two stream marks (CUDA
+/// events on a GPU, where launches return before the kernels run), read once the step has finished: every node of
+/// a profiled step is timed once per step, in node order on the trace, and the device's marks refuse capture and
+/// out-of-order or unknown spans.
+#[test]
+fn profiling_times_every_node_between_stream_marks() {
+    let mut g = Graph::new();
+    let x = g.input("x", [64, 64], DType::F32);
+    let y = g.op1(Op::Unary(UnaryOp::Silu), &[x]).unwrap();
+    let z = g.op1(Op::Binary(BinaryOp::Mul), &[y, x]).unwrap();
+    g.outputs.push(z);
+    let mut p = emulated().compile(g).unwrap();
+    p.upload(x, &HostTensor::zeros([64, 64], DType::F32)).unwrap();
+    p.set_profiling(true, false);
+    for _ in 0..2 {
+        p.launch().unwrap();
+    }
+    let profile = p.profile().expect("profiling is on");
+    assert_eq!(profile.steps, 2);
+    let timed: Vec<_> = profile.kernels.iter().filter(|k| k.launches > 0).collect();
+    assert_eq!(timed.len(), p.graph().nodes.len(), "every node is timed");
+    assert!(timed.iter().all(|k| k.launches == 2 && !k.total.is_zero()), "{timed:?}");
+    let starts: Vec<_> = profile.events.iter().filter(|e| e.step == 0).map(|e| (e.node, e.start)).collect();
+    assert!(starts.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1), "{starts:?}");
+
+    let mut dev = EmuDevice::new(EmuOptions::default());
+    let (a, b) = (dev.mark().unwrap(), dev.mark().unwrap());
+    assert!(dev.elapsed(a, b).is_ok());
+    assert!(dev.elapsed(b, a).is_err(), "a span must run forwards");
+    assert!(dev.elapsed(a, zeroconv::engine::device::Mark(7)).is_err(), "an unknown mark is an error");
+    dev.release_marks();
+    assert!(dev.elapsed(a, b).is_err(), "released marks are gone");
+    dev.begin_capture().unwrap();
+    assert!(dev.mark().unwrap_err().to_string().contains("capturing"));
+}

@@ -21,7 +21,9 @@
 mod memory;
 
 use super::shared_memory::{self, OptIn, SharedOptIns};
-use super::{blas, dnn, Arg, Conv, Copy2d, DevPtr, Device, DeviceInfo, Gemm, GraphId, Launch, ModuleSource, Span};
+use super::{
+    blas, dnn, Arg, Conv, Copy2d, DevPtr, Device, DeviceInfo, Gemm, GraphId, Launch, Mark, ModuleSource, Span,
+};
 use crate::engine::dist::{Communicator, ReduceBuf};
 use crate::error::{Error, Result};
 use crate::graph::DType;
@@ -93,6 +95,9 @@ pub struct EmuDevice {
     counts: EmuCounts,
     opt_ins: SharedOptIns,
     communicator: Option<Arc<dyn Communicator>>,
+    /// The host's clock at each mark: the emulator runs every command as it is issued, so that is when the stream
+    /// reached it.
+    marks: Vec<std::time::Instant>,
 }
 
 impl EmuDevice {
@@ -106,6 +111,7 @@ impl EmuDevice {
             counts: EmuCounts::default(),
             opt_ins: SharedOptIns::default(),
             communicator: None,
+            marks: Vec::new(),
         }
     }
 
@@ -400,6 +406,28 @@ impl Device for EmuDevice {
 
     fn synchronize(&mut self) -> Result<()> {
         self.not_capturing("synchronize")
+    }
+
+    fn mark(&mut self) -> Result<Mark> {
+        self.not_capturing("mark")?;
+        self.marks.push(std::time::Instant::now());
+        Ok(Mark(self.marks.len() - 1))
+    }
+
+    fn elapsed(&mut self, from: Mark, to: Mark) -> Result<std::time::Duration> {
+        match (self.marks.get(from.0), self.marks.get(to.0)) {
+            (Some(a), Some(b)) if from.0 <= to.0 => Ok(b.duration_since(*a)),
+            _ => Err(Error::msg(format!(
+                "elapsed from mark {} to mark {}: {} marks are recorded, and the first must come first",
+                from.0,
+                to.0,
+                self.marks.len()
+            ))),
+        }
+    }
+
+    fn release_marks(&mut self) {
+        self.marks.clear();
     }
 
     fn before_command(&mut self, arena: Span, live: &[Span]) -> Result<()> {
