@@ -4,6 +4,8 @@
 //! opening the device is a `CudaUnavailable` error (never a panic); the others return at once. With
 //! ZEROCONV_EXPECT_GPU=1 (what `scripts/gpu-check --run` sets) every test must pass on the GPU:
 //! - `a_probe`: the device, every library and its version;
+//! - `ab_fragment_layouts`: the tensor-core probes (kernels/mma_probe.cu: ldmatrix registers, mma.sync on exact
+//!   tiles) give the GPU the same bytes as the CUDA emulator, whose fragment tables the flash kernels rely on;
 //! - `b_kernels`, `c_gemms`, `d_convolutions`: one-node graphs through shipped kernels, cuBLASLt/cuBLAS and cuDNN
 //!   (f32 and bf16) against the CPU backend;
 //! - `e_training_step`: a conv + GroupNorm + attention + MSE + clip + AdamW step, 3 steps (eager, captured, replayed)
@@ -58,6 +60,28 @@ fn a_probe() {
     );
     for lib in d.libraries() {
         println!("{lib}");
+    }
+}
+
+/// The fragment layouts the emulator implements (from the PTX ISA's tables, tests/emulated/mma_emulated.rs) are the
+/// hardware's: every probe launch gives the same bytes on the GPU as on the emulated device.
+#[test]
+fn ab_fragment_layouts() {
+    if !gpu_expected() {
+        return;
+    }
+    let mut gpu = CudaDevice::open(0).unwrap_or_else(|e| panic!("{e}"));
+    let mut emu = zeroconv::engine::device::emu::EmuDevice::new(Default::default());
+    let (on_gpu, emulated) = (common::mma_probe::run(&mut gpu), common::mma_probe::run(&mut emu));
+    assert_eq!(on_gpu.len(), emulated.len());
+    for ((what, got), (_, want)) in on_gpu.iter().zip(&emulated) {
+        let first = got.iter().zip(want).position(|(a, b)| a != b);
+        assert!(
+            first.is_none(),
+            "{what}: the GPU differs from the emulator first at byte {first:?} (lane {:?})",
+            first.map(|b| b / 16)
+        );
+        println!("{what}: {} bytes equal", got.len());
     }
 }
 

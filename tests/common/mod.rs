@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod emulated;
 pub mod layout_fixtures;
+pub mod mma_probe;
 pub mod nets;
 pub mod reference;
 pub mod training;

@@ -24,62 +24,6 @@ use common::Rng;
 const SOURCE: &str = r#"
 #include "mma.cuh"
 
-// The 32 rows of an 8-column tile of 16-bit values, placed in shared memory in the order `slot`: row r is stored at
-// slot[r] (rows 48 bytes apart, so row addresses are not consecutive), and lane l points at row l. Writes the
-// registers of all six ldmatrix variants: out[(variant * 32 + lane) * 4 + register].
-extern "C" __global__ void probe_ldmatrix(const unsigned short* tile, const int* slot, unsigned* out) {
-    __shared__ __align__(16) unsigned short rows[32 * 24];
-    const int lane = threadIdx.x;
-    for (int c = 0; c < 8; ++c) rows[slot[lane] * 24 + c] = tile[lane * 8 + c];
-    __syncthreads();
-    const unsigned short* mine = &rows[slot[lane] * 24];
-    unsigned r[6][4];
-    for (int v = 0; v < 6; ++v) for (int i = 0; i < 4; ++i) r[v][i] = 0xdeadbeefu;
-    ldmatrix_x1(r[0], mine);
-    ldmatrix_x2(r[1], mine);
-    ldmatrix_x4(r[2], mine);
-    ldmatrix_x1_trans(r[3], mine);
-    ldmatrix_x2_trans(r[4], mine);
-    ldmatrix_x4_trans(r[5], mine);
-    for (int v = 0; v < 6; ++v) for (int i = 0; i < 4; ++i) out[(v * 32 + lane) * 4 + i] = r[v][i];
-}
-
-// D = A B + C for one tile: a [16][16] row-major, b [16][8] row-major ([k][n]), bt [8][16] = b transposed, c and d
-// as fragments (lane-major: d[lane * 4 + i]). A comes from ldmatrix.x4 of A's rows; B from ldmatrix.x2 of Bt's rows
-// (b_from_rows != 0) or ldmatrix.x2.trans of B's rows.
-template <typename T>
-__device__ void mma_tile(const T* a, const T* b, const T* bt, const float* c, float* d, int b_from_rows) {
-    __shared__ __align__(16) T sa[16 * 16];
-    __shared__ __align__(16) T sb[16 * 8];
-    __shared__ __align__(16) T sbt[8 * 16];
-    const int lane = threadIdx.x;
-    for (int i = lane; i < 256; i += 32) sa[i] = a[i];
-    for (int i = lane; i < 128; i += 32) { sb[i] = b[i]; sbt[i] = bt[i]; }
-    __syncthreads();
-    unsigned fa[4], fb[2];
-    // Lanes 0-15 give rows 0-15 at column 0 (matrices 0 and 1), lanes 16-31 rows 0-15 at column 8 (2 and 3).
-    ldmatrix_x4(fa, &sa[(lane & 15) * 16 + (lane >> 4) * 8]);
-    if (b_from_rows) {
-        // Matrix 0: Bt's 8 rows at k 0-7; matrix 1: at k 8-15.
-        ldmatrix_x2(fb, &sbt[(lane & 7) * 16 + ((lane >> 3) & 1) * 8]);
-    } else {
-        // Matrix 0: B's rows k 0-7; matrix 1: rows 8-15.
-        ldmatrix_x2_trans(fb, &sb[(lane & 15) * 8]);
-    }
-    float acc[4];
-    for (int i = 0; i < 4; ++i) acc[i] = c[lane * 4 + i];
-    mma_m16n8k16<T>(acc, fa, fb);
-    for (int i = 0; i < 4; ++i) d[lane * 4 + i] = acc[i];
-}
-extern "C" __global__ void mma_tile_bf16(const bf16* a, const bf16* b, const bf16* bt, const float* c, float* d,
-                                         int b_from_rows) {
-    mma_tile<bf16>(a, b, bt, c, d, b_from_rows);
-}
-extern "C" __global__ void mma_tile_f16(const f16* a, const f16* b, const f16* bt, const float* c, float* d,
-                                        int b_from_rows) {
-    mma_tile<f16>(a, b, bt, c, d, b_from_rows);
-}
-
 // 64 threads each copy 16 bytes of group 0 and 16 bytes of group 1 (chunks 64 + t) into shared memory, then read
 // chunk (t + 17) % 128 (another thread's, of group 0 for t < 47) and chunk 64 + t (their own, of group 1).
 // wait_mode 0: no wait before reading; 1: wait_group 1 (group 0 complete); 2: wait_group 0. `barrier`: a
@@ -119,8 +63,15 @@ extern "C" __global__ void mma_half_warp(float* out) {
 }
 "#;
 
+/// The misuse and cp.async probes above, which only the emulator may run.
 fn module() -> std::sync::Arc<EmuModule> {
     emulate::compile("mma_emulated_test", SOURCE).unwrap_or_else(|e| panic!("emulating the mma probes: {e}"))
+}
+
+/// kernels/mma_probe.cu: the layout probes, which scripts/gpu-check also runs on a GPU.
+fn probe_module() -> std::sync::Arc<EmuModule> {
+    let m = zeroconv::kernels::module("mma_probe").expect("kernels/mma_probe.cu is built");
+    emulate::compile_module(m).unwrap_or_else(|e| panic!("emulating kernels/mma_probe.cu: {e}"))
 }
 
 fn launch(m: &EmuModule, kernel: &str, threads: u32, schedule: Schedule, args: KernelArgs) -> zeroconv::Result<()> {
@@ -161,41 +112,67 @@ fn ldmatrix_element(lane: usize, h: usize, trans: bool) -> (usize, usize) {
     }
 }
 
-#[test]
-fn ldmatrix_gives_each_lane_the_elements_of_the_isa_table() {
-    let m = module();
-    // Element (row r, column c) of the 32-row tile holds 256 * r + c: unique, and it says where it came from.
-    let tile: Vec<u16> = (0..32 * 8).map(|e| (256 * (e / 8) + e % 8) as u16).collect();
-    // Rows scattered over shared memory: row r at slot (7 r + 3) mod 32.
-    let slot: Vec<i32> = (0..32).map(|r| (7 * r + 3) % 32).collect();
-    for schedule in SCHEDULES {
-        let (tb, sb) = (DeviceBuffer::from_slice("tile", &tile), DeviceBuffer::from_slice("slot", &slot));
-        let out = DeviceBuffer::uninit("out", 6 * 32 * 4 * 4);
-        launch(&m, "probe_ldmatrix", 32, schedule, KernelArgs::new().buffer(&tb).buffer(&sb).buffer(&out)).unwrap();
-        let got = out.to_vec::<u32>().unwrap();
-        for (v, (num, trans)) in
-            [(1, false), (2, false), (4, false), (1, true), (2, true), (4, true)].into_iter().enumerate()
-        {
-            for lane in 0..32 {
-                for reg in 0..4 {
-                    let word = got[(v * 32 + lane) * 4 + reg];
-                    let what = format!("ldmatrix x{num} trans {trans}, lane {lane}, register {reg} ({schedule:?})");
-                    if reg >= num {
-                        assert_eq!(word, 0xdead_beef, "{what}: written although not loaded");
-                        continue;
-                    }
-                    for h in 0..2 {
-                        let (r, c) = ldmatrix_element(lane, h, trans);
-                        let want = 256 * (8 * reg + r) + c;
-                        assert_eq!((word >> (16 * h)) & 0xffff, want as u32, "{what}, half {h}");
-                    }
+/// Checks `probe_ldmatrix`'s output (6 variants x 32 lanes x 4 registers) for the tile of
+/// [`common::mma_probe::ldmatrix_tile`] against the PTX ISA's ldmatrix table.
+fn check_ldmatrix_registers(got: &[u32], context: &str) {
+    for (v, (num, trans)) in
+        [(1, false), (2, false), (4, false), (1, true), (2, true), (4, true)].into_iter().enumerate()
+    {
+        for lane in 0..32 {
+            for reg in 0..4 {
+                let word = got[(v * 32 + lane) * 4 + reg];
+                let what = format!("ldmatrix x{num} trans {trans}, lane {lane}, register {reg} ({context})");
+                if reg >= num {
+                    assert_eq!(word, 0xdead_beef, "{what}: written although not loaded");
+                    continue;
+                }
+                for h in 0..2 {
+                    let (r, c) = ldmatrix_element(lane, h, trans);
+                    let want = 256 * (8 * reg + r) + c;
+                    assert_eq!((word >> (16 * h)) & 0xffff, want as u32, "{what}, half {h}");
                 }
             }
         }
     }
 }
 
-/// Row-major bits of `data` as `dtype`, and the values they hold.
+#[test]
+fn ldmatrix_gives_each_lane_the_elements_of_the_isa_table() {
+    let m = probe_module();
+    let (tile, slot) = (common::mma_probe::ldmatrix_tile(), common::mma_probe::ldmatrix_slots());
+    for schedule in SCHEDULES {
+        let (tb, sb) = (DeviceBuffer::from_slice("tile", &tile), DeviceBuffer::from_slice("slot", &slot));
+        let out = DeviceBuffer::uninit("out", 6 * 32 * 4 * 4);
+        launch(&m, "probe_ldmatrix", 32, schedule, KernelArgs::new().buffer(&tb).buffer(&sb).buffer(&out)).unwrap();
+        check_ldmatrix_registers(&out.to_vec::<u32>().unwrap(), &format!("{schedule:?}"));
+    }
+}
+
+/// The launches scripts/gpu-check makes on a GPU (tests/common/mma_probe.rs, through the device seam), here on the
+/// emulated device: the ldmatrix registers follow the ISA's table and every mma gives the exact product, so what the
+/// GPU is compared with is right.
+#[test]
+fn the_gpu_checks_probe_launches_follow_the_isa_tables_on_the_emulated_device() {
+    let mut dev = zeroconv::engine::device::emu::EmuDevice::new(Default::default());
+    let outputs = common::mma_probe::run(&mut dev);
+    let words = |b: &[u8]| b.chunks(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect::<Vec<u32>>();
+    let (name, regs) = &outputs[0];
+    check_ldmatrix_registers(&words(regs), name);
+    let cases = common::mma_probe::mma_cases();
+    assert_eq!(outputs.len(), 1 + 2 * cases.len() * 2, "one output per launch");
+    for (k, (name, bytes)) in outputs[1..].iter().enumerate() {
+        let (_, a, b, c) = &cases[(k / 2) % cases.len()];
+        let frag: Vec<f32> = words(bytes).into_iter().map(f32::from_bits).collect();
+        let want = naive(a, b, c);
+        for lane in 0..32 {
+            for i in 0..4 {
+                let (r, col) = c_fragment(lane, i);
+                assert_eq!(frag[lane * 4 + i] as f64, want[r * 8 + col], "{name}: lane {lane}, accumulator {i}");
+            }
+        }
+    }
+}
+
 fn rounded(dtype: DType, data: &[f64]) -> (Vec<u8>, Vec<f64>) {
     let t = HostTensor::from_f64(Shape(vec![data.len()]), dtype, data).expect("data fills shape");
     let v = t.to_f64();
@@ -256,7 +233,7 @@ fn naive(a: &[f64], b: &[f64], c: &[f64]) -> Vec<f64> {
 
 #[test]
 fn mma_on_identity_coded_tiles_puts_every_element_in_its_place() {
-    let m = module();
+    let m = probe_module();
     for dtype in [DType::BF16, DType::F16] {
         // Small integers are exact in both types. A = coded, B = the first 8 columns of the identity: D = A[:, :8].
         let coded_a: Vec<f64> = (0..256).map(|e| ((e / 16) * 16 + e % 16) as f64).collect();
@@ -282,7 +259,7 @@ fn mma_on_identity_coded_tiles_puts_every_element_in_its_place() {
 
 #[test]
 fn mma_on_random_tiles_matches_a_naive_product() {
-    let m = module();
+    let m = probe_module();
     for dtype in [DType::BF16, DType::F16] {
         for seed in 1..4u64 {
             let mut rng = Rng::new(seed * 7919 + dtype.size() as u64);
