@@ -125,6 +125,33 @@ pub fn init_values(g: &Graph, params: &[ValueId], seed: u64) -> Vec<(ValueId, Ho
         .collect()
 }
 
+/// A net whose training step has been appended, optimised: the graph, and the ids of its inputs, loss, parameters
+/// and initial values remapped into it.
+pub struct OptimizedNet {
+    pub graph: Graph,
+    pub x: ValueId,
+    pub target: ValueId,
+    pub loss: ValueId,
+    pub params: Vec<ValueId>,
+    pub init: Vec<(ValueId, HostTensor)>,
+}
+
+/// Optimises `net` (its step already appended; fusion on or off) and remaps its ids and `init` (its parameters'
+/// initial values) into the optimised graph.
+pub fn optimize(net: Net, init: Vec<(ValueId, HostTensor)>, fusion: bool) -> OptimizedNet {
+    use zeroconv::graph::passes::{self, PassOptions};
+    let opt = passes::optimize(&net.g, &PassOptions { fusion, ..Default::default() }).unwrap();
+    let m = |v: ValueId| opt.map.get(v).unwrap();
+    OptimizedNet {
+        x: m(net.x),
+        target: m(net.target),
+        loss: m(net.loss),
+        params: net.params.iter().map(|&v| m(v)).collect(),
+        init: init.into_iter().map(|(v, t)| (m(v), t)).collect(),
+        graph: opt.graph,
+    }
+}
+
 /// The net of `spec` as one optimised training step (MSE, clipping at norm 1, AdamW with PyTorch's defaults), with
 /// its initial values and ids remapped into the optimised graph.
 pub struct TrainingStep {

@@ -24,7 +24,7 @@ use zeroconv::graph::optim::{
     KEEP_INPUT,
 };
 use zeroconv::graph::passes::all_reduce::{accumulators_in_backward_order, insert_gradient_all_reduce, BUCKET_BYTES};
-use zeroconv::graph::passes::{self, dump::dump, PassOptions};
+use zeroconv::graph::passes::{dump::dump, PassOptions};
 use zeroconv::graph::{DType, Graph, Op, ValueId};
 use zeroconv::io::config::Config;
 use zeroconv::models::train_step::TrainPhase;
@@ -439,19 +439,10 @@ fn rule() -> UpdateRule {
     UpdateRule { adamw: AdamWConfig::default(), clip: Some(0.05), l2: 0.0 }
 }
 
-struct Built {
-    graph: Graph,
-    x: ValueId,
-    target: ValueId,
-    loss: ValueId,
-    params: Vec<ValueId>,
-    init: Vec<(ValueId, HostTensor)>,
-}
-
 /// The test net (conv, GroupNorm, attention, residuals, MSE) at `batch` samples: with `ranks` = None one process's
 /// one-graph step over the whole batch; with Some((ranks, bucket_bytes)) one rank's accumulating step that sums over
 /// the ranks in buckets of `bucket_bytes`. Fused.
-fn built(batch: usize, ranks: Option<(usize, usize)>) -> Built {
+fn built(batch: usize, ranks: Option<(usize, usize)>) -> nets::OptimizedNet {
     let mut net = nets::build(&spec(batch));
     let init = nets::init_values(&net.g, &net.params, 5);
     net.g.outputs.push(net.loss);
@@ -465,16 +456,7 @@ fn built(batch: usize, ranks: Option<(usize, usize)>) -> Built {
             net.g = insert_gradient_all_reduce(&net.g, ranks, bucket_bytes).unwrap();
         }
     }
-    let opt = passes::optimize(&net.g, &PassOptions { fusion: true, ..Default::default() }).unwrap();
-    let m = |v: ValueId| opt.map.get(v).unwrap();
-    Built {
-        x: m(net.x),
-        target: m(net.target),
-        loss: m(net.loss),
-        params: net.params.iter().map(|&v| m(v)).collect(),
-        init: init.into_iter().map(|(v, t)| (m(v), t)).collect(),
-        graph: opt.graph,
-    }
+    nets::optimize(net, init, true)
 }
 
 /// Step t's samples, all ranks': MICRO × MICRO_BATCHES × RANKS of x and of target.
@@ -513,7 +495,7 @@ fn one_process() -> Trained {
 
 /// Rank `comm.rank()` of `RANKS` training its share of every step (its micro-batches, accumulated), the update
 /// summing the ranks' gradients through `comm`.
-fn rank<P: Program>(p: &mut P, b: &Built, comm: Arc<dyn Communicator>) -> Trained {
+fn rank<P: Program>(p: &mut P, b: &nets::OptimizedNet, comm: Arc<dyn Communicator>) -> Trained {
     let me = comm.rank();
     p.set_communicator(comm).unwrap();
     for (v, t) in &b.init {

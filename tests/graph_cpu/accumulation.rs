@@ -19,7 +19,6 @@ use zeroconv::graph::optim::{
     adamw_hyper, append_accumulating_step, append_training_step_l2, update_start, AdamWConfig, UpdateRule, HYPER_INPUT,
     KEEP_INPUT,
 };
-use zeroconv::graph::passes::{self, PassOptions};
 use zeroconv::graph::{DType, Graph, Op, ValueId};
 use zeroconv::models::train_step::TrainPhase;
 
@@ -84,17 +83,8 @@ fn rule(clip: Option<f64>, l2: f64) -> UpdateRule {
     }
 }
 
-struct Built {
-    graph: Graph,
-    x: ValueId,
-    target: ValueId,
-    loss: ValueId,
-    params: Vec<ValueId>,
-    init: Vec<(ValueId, HostTensor)>,
-}
-
 /// The test net at batch `batch`, with either the one-graph step (`accumulate` false) or the accumulating one.
-fn built(batch: usize, accumulate: bool, r: &UpdateRule, fusion: bool) -> Built {
+fn built(batch: usize, accumulate: bool, r: &UpdateRule, fusion: bool) -> nets::OptimizedNet {
     let s = NetSpec { batch, in_ch: 3, ch: 8, hw: 4, blocks: 1, checkpoint: false, dtype: DType::F32 };
     let mut net = nets::build(&s);
     let init = nets::init_values(&net.g, &net.params, 5);
@@ -104,16 +94,7 @@ fn built(batch: usize, accumulate: bool, r: &UpdateRule, fusion: bool) -> Built 
     } else {
         append_training_step_l2(&mut net.g, net.loss, &r.adamw, r.clip, r.l2).unwrap();
     }
-    let opt = passes::optimize(&net.g, &PassOptions { fusion, ..Default::default() }).unwrap();
-    let m = |v: ValueId| opt.map.get(v).unwrap();
-    Built {
-        x: m(net.x),
-        target: m(net.target),
-        loss: m(net.loss),
-        params: net.params.iter().map(|&v| m(v)).collect(),
-        init: init.into_iter().map(|(v, t)| (m(v), t)).collect(),
-        graph: opt.graph,
-    }
+    nets::optimize(net, init, fusion)
 }
 
 /// Step t's data: MICRO × MICRO_BATCHES samples of x and target.
@@ -124,7 +105,7 @@ fn step_data(t: u64) -> (Vec<f64>, Vec<f64>) {
 }
 
 /// Runs `steps` optimizer steps; returns each step's mean loss and the final parameters.
-fn run<P: Program>(p: &mut P, b: &Built, accumulate: bool, steps: u64) -> (Vec<f64>, Vec<Vec<f64>>) {
+fn run<P: Program>(p: &mut P, b: &nets::OptimizedNet, accumulate: bool, steps: u64) -> (Vec<f64>, Vec<Vec<f64>>) {
     for (v, t) in &b.init {
         p.upload(*v, t).unwrap();
     }
