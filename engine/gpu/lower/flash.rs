@@ -7,10 +7,13 @@
 //! probabilities are rounded to the storage type once (bf16's tolerance), so running f32 through them would silently
 //! lower the precision the config asked for.
 //!
-//! The graph's attention backward has no log-sum-exp input (the CPU backend needs none), so the backward recomputes
-//! O and the log-sum-exp with the forward kernel into its own scratch: B·H·L·D + B·H·L elements (plus delta, B·H·L
-//! floats), never L². That is one extra forward per backward, the price of leaving the graph and the CPU backend
-//! unchanged.
+//! The backward reads what the forward kernel wrote: O and the row log-sum-exp. With flash on, the executor rewrites
+//! the graph it compiles ([`carry_lse`], graph::passes::attention_lse) so that each attention forward whose backward
+//! runs here has the log-sum-exp as a second output ([B, H, Lq], f32) and the backward takes O and it as inputs: no
+//! forward runs again in the backward, whose scratch is delta alone (B·H·Lq floats), and the memory plan sees O and
+//! the log-sum-exp live from the forward to the backward (under activation recomputation, from the recomputed
+//! forward). The CPU backend never sees the rewrite; it computes the same log-sum-exp from its softmax when a graph
+//! asks for it. A backward with no forward in the graph to read them from keeps the composite path.
 
 use super::{module, suffix, warp_rows, Attn, Emit};
 use crate::engine::device::{Arg, DevPtr, LaunchDims};
