@@ -304,3 +304,20 @@ fn shape_inference_refuses_malformed_lse_forms() {
     let fine = g.add_node(bwd(true), &[q, k, v, o, lse, dout]).unwrap();
     assert_eq!(fine.len(), 3);
 }
+
+/// Over no keys the log-sum-exp is -inf, not the zeros the plain form writes for O: one clear error, no panic. A
+/// batch of 0 has nothing to write and runs.
+#[test]
+fn an_empty_key_set_with_the_log_sum_exp_is_one_clear_error() {
+    let build = |b: usize, lk: usize| {
+        let mut g = Graph::new();
+        let q = g.input("q", [b, 1, 3, 4], DType::F32);
+        let (k, v) = (g.input("k", [b, 1, lk, 4], DType::F32), g.input("v", [b, 1, lk, 4], DType::F32));
+        let (o, lse) = g.attention_with_lse(q, k, v, 0.5, false).unwrap();
+        g.outputs.extend([o, lse]);
+        CpuBackend::new(1).compile(g).unwrap()
+    };
+    let err = build(1, 0).launch().unwrap_err().to_string();
+    assert!(err.contains("log-sum-exp") && err.contains("empty tensor"), "{err}");
+    build(0, 5).launch().unwrap();
+}
