@@ -266,10 +266,22 @@ fn vjp(g: &mut Graph, n: NodeId, dys: &[Option<ValueId>], wanted: &[bool]) -> Re
             let y = node.outputs[0];
             one(g, &|g, d| g.op1(Op::SoftmaxBackward, &[y, d]))
         }
-        Op::Attention { scale, causal } => {
-            let d = dy.expect("attention has one output");
-            let outs =
-                g.add_node(Op::AttentionBackward { scale: *scale, causal: *causal }, &[ins[0], ins[1], ins[2], d])?;
+        Op::Attention { scale, causal, lse } => {
+            // The log-sum-exp is statistics offered to the backward, not a result to train through: a loss that
+            // reads it has no backward op to differentiate it.
+            if dys.get(1).copied().flatten().is_some() {
+                return Err(Error::msg(
+                    "autodiff: the loss depends on attention's log-sum-exp output, which carries no gradient",
+                ));
+            }
+            let Some(d) = dy else { return Ok(vec![None; ins.len()]) };
+            let op = Op::AttentionBackward { scale: *scale, causal: *causal, lse: *lse };
+            let inputs = if *lse {
+                vec![ins[0], ins[1], ins[2], node.outputs[0], node.outputs[1], d]
+            } else {
+                vec![ins[0], ins[1], ins[2], d]
+            };
+            let outs = g.add_node(op, &inputs)?;
             Ok(outs.into_iter().map(Some).collect())
         }
         Op::Upsample2x => one(g, &|g, d| g.op1(Op::Upsample2xBackward, &[d])),

@@ -253,7 +253,19 @@ impl Graph {
         self.op1(Op::Softmax, &[x])
     }
     pub fn attention(&mut self, q: ValueId, k: ValueId, v: ValueId, scale: f64, causal: bool) -> Result<ValueId> {
-        self.op1(Op::Attention { scale: F64Bits::new(scale), causal }, &[q, k, v])
+        self.op1(Op::Attention { scale: F64Bits::new(scale), causal, lse: false }, &[q, k, v])
+    }
+    /// Attention that also outputs its row log-sum-exp (see [`Op::Attention`]): (o, lse).
+    pub fn attention_with_lse(
+        &mut self,
+        q: ValueId,
+        k: ValueId,
+        v: ValueId,
+        scale: f64,
+        causal: bool,
+    ) -> Result<(ValueId, ValueId)> {
+        let outs = self.add_node(Op::Attention { scale: F64Bits::new(scale), causal, lse: true }, &[q, k, v])?;
+        Ok((outs[0], outs[1]))
     }
     pub fn upsample2x(&mut self, x: ValueId) -> Result<ValueId> {
         self.op1(Op::Upsample2x, &[x])

@@ -162,15 +162,22 @@ pub enum Op {
     Softmax,
     /// (y, dy) -> dx.
     SoftmaxBackward,
-    /// Scaled dot-product attention: q [B, H, Lq, D], k [B, H, Lk, D], v [B, H, Lk, Dv] -> [B, H, Lq, Dv].
+    /// Scaled dot-product attention: q [B, H, Lq, D], k [B, H, Lk, D], v [B, H, Lk, Dv] -> o [B, H, Lq, Dv]. With
+    /// `lse` a second output, the row log-sum-exp of the scaled scores over the visible keys, lse [B, H, Lq] in
+    /// [`attention_lse_dtype`]: what a flash backward needs to rebuild the probabilities without a forward of its
+    /// own (`graph::passes::attention_lse` chooses it per node; the CPU backend computes it from its softmax).
     Attention {
         scale: F64Bits,
         causal: bool,
+        lse: bool,
     },
-    /// (q, k, v, dout) -> (dq, dk, dv).
+    /// (q, k, v, dout) -> (dq, dk, dv); with `lse`, (q, k, v, o, lse, dout) -> (dq, dk, dv), o and lse being the
+    /// two outputs of the forward `Attention { lse: true }`. Either form gives the same gradients: o and lse are
+    /// what the forward already knew, offered so a backend need not recompute them.
     AttentionBackward {
         scale: F64Bits,
         causal: bool,
+        lse: bool,
     },
     /// Nearest-neighbour 2x upsampling of the last two axes.
     Upsample2x,
@@ -258,6 +265,39 @@ fn check_float(op: &str, d: DType) -> Result<()> {
     }
 }
 
+/// The type of attention's log-sum-exp output: f32 (the flash kernels' accumulator), f64 when q is f64 (the
+/// precision the CPU backend computes an f64 graph in).
+pub fn attention_lse_dtype(q: DType) -> DType {
+    if q == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// Attention's forms with the log-sum-exp keep every tensor but the log-sum-exp in one float type, so a backend
+/// computes the node in one precision and the log-sum-exp's type follows from it.
+fn one_dtype(op: &str, ins: &[(&Shape, DType)]) -> Result<()> {
+    let d = ins[0].1;
+    check_float(op, d)?;
+    if ins.iter().any(|&(_, t)| t != d) {
+        let types: Vec<String> = ins.iter().map(|(_, t)| t.to_string()).collect();
+        return Err(Error::shape(op, format!("q, k, v (o, dout) must share one type, got [{}]", types.join(", "))));
+    }
+    Ok(())
+}
+
+/// The output shape of attention over q [B, H, Lq, D], k [B, H, Lk, D], v [B, H, Lk, Dv]: [B, H, Lq, Dv].
+fn attention_out(op: &str, q: &Shape, k: &Shape, v: &Shape) -> Result<Shape> {
+    if q.rank() != 4 || k.rank() != 4 || v.rank() != 4 {
+        return Err(Error::shape(op, "q, k and v must be [B, H, L, D]"));
+    }
+    if q.0[..2] != k.0[..2] || k.0[..3] != v.0[..3] || q.0[3] != k.0[3] {
+        return Err(Error::shape(op, format!("q {q}, k {k}, v {v} do not fit")));
+    }
+    Ok(Shape(vec![q.0[0], q.0[1], q.0[2], v.0[3]]))
+}
+
 fn conv_out(size: usize, k: usize, stride: usize, padding: usize) -> Option<usize> {
     (size + 2 * padding).checked_sub(k).map(|v| v / stride + 1)
 }
@@ -322,8 +362,8 @@ impl Op {
                 format!("groups={groups} eps={}", eps.get())
             }
             Op::LayerNorm { eps } | Op::LayerNormBackward { eps } => format!("eps={}", eps.get()),
-            Op::Attention { scale, causal } | Op::AttentionBackward { scale, causal } => {
-                format!("scale={:.6} causal={causal}", scale.get())
+            Op::Attention { scale, causal, lse } | Op::AttentionBackward { scale, causal, lse } => {
+                format!("scale={:.6} causal={causal}{}", scale.get(), if *lse { " lse" } else { "" })
             }
             Op::Concat { axis } => format!("axis={axis}"),
             Op::Slice { axis, start, end } => format!("axis={axis} {start}..{end}"),
@@ -494,20 +534,36 @@ impl Op {
                 same(ins[0].0, ins[2].0, "x and dy differ")?;
                 Ok(vec![(ins[0].0.clone(), ins[2].1), (ins[1].0.clone(), ins[2].1), (ins[1].0.clone(), ins[2].1)])
             }
-            Op::Attention { .. } => {
+            Op::Attention { lse, .. } => {
                 arity(3)?;
-                let (q, k, v) = (ins[0].0, ins[1].0, ins[2].0);
-                if q.rank() != 4 || k.rank() != 4 || v.rank() != 4 {
-                    return Err(Error::shape(&n, "q, k and v must be [B, H, L, D]"));
+                let o = attention_out(&n, ins[0].0, ins[1].0, ins[2].0)?;
+                let rows = Shape(o.0[..3].to_vec());
+                let mut outs = vec![(o, ins[0].1)];
+                if *lse {
+                    one_dtype(&n, ins)?;
+                    outs.push((rows, attention_lse_dtype(ins[0].1)));
                 }
-                if q.0[..2] != k.0[..2] || k.0[..3] != v.0[..3] || q.0[3] != k.0[3] {
-                    return Err(Error::shape(&n, format!("q {q}, k {k}, v {v} do not fit")));
-                }
-                Ok(vec![(Shape(vec![q.0[0], q.0[1], q.0[2], v.0[3]]), ins[0].1)])
+                Ok(outs)
             }
-            Op::AttentionBackward { .. } => {
-                arity(4)?;
-                Ok(vec![(ins[0].0.clone(), ins[3].1), (ins[1].0.clone(), ins[3].1), (ins[2].0.clone(), ins[3].1)])
+            Op::AttentionBackward { lse, .. } => {
+                arity(if *lse { 6 } else { 4 })?;
+                let o = attention_out(&n, ins[0].0, ins[1].0, ins[2].0)?;
+                let dout = ins.last().expect("arity checked");
+                same(dout.0, &o, "dout must be shaped as the output")?;
+                if *lse {
+                    let (fo, fl) = (ins[3], ins[4]);
+                    same(fo.0, &o, "o must be the forward's output")?;
+                    same(fl.0, &Shape(o.0[..3].to_vec()), "lse must be [B, H, Lq]")?;
+                    one_dtype(&n, &[ins[0], ins[1], ins[2], fo, *dout])?;
+                    let want = attention_lse_dtype(ins[0].1);
+                    if fl.1 != want {
+                        return Err(Error::shape(
+                            &n,
+                            format!("lse must be {want} for {} data, got {}", ins[0].1, fl.1),
+                        ));
+                    }
+                }
+                Ok(vec![(ins[0].0.clone(), dout.1), (ins[1].0.clone(), dout.1), (ins[2].0.clone(), dout.1)])
             }
             Op::Upsample2x => {
                 arity(1)?;

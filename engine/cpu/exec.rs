@@ -137,7 +137,7 @@ fn kernel_scratch_len(g: &Graph, node: &Node, threads: usize) -> usize {
             let d = *s(0).dims().last().unwrap_or(&1);
             norm::layer_norm_blocks(s(0).numel() / d.max(1)) * 2 * d
         }
-        Op::Attention { scale, causal } | Op::AttentionBackward { scale, causal } => {
+        Op::Attention { scale, causal, .. } | Op::AttentionBackward { scale, causal, .. } => {
             let geom = AttnGeom::from_shapes(s(0), s(1), s(2), scale.get(), *causal);
             linalg::attention_scratch_len(&geom, threads)
         }
@@ -375,6 +375,15 @@ impl CpuProgram {
                 DType::F64 => self.run_generic::<f64>(i),
                 _ => self.run_generic::<f32>(i),
             },
+            // The log-sum-exp of an empty row is -inf and of an empty contraction ln(visible keys): not zeros.
+            Op::Attention { lse: true, .. } => Err(Error::Unsupported {
+                backend: "cpu",
+                msg: format!(
+                    "attention with its log-sum-exp output over the empty tensor {} ({})",
+                    self.graph.values[empty].name,
+                    self.graph.shape(empty)
+                ),
+            }),
             Op::MatMul { .. }
             | Op::Conv2dBackwardInput { .. }
             | Op::Conv2dBackwardWeight { .. }
@@ -683,15 +692,24 @@ impl CpuProgram {
             }
             Op::Softmax => norm::softmax_rows(ins[0], outs[0], *s(0).dims().last().unwrap_or(&1)),
             Op::SoftmaxBackward => norm::softmax_backward(ins[0], ins[1], outs[0], *s(0).dims().last().unwrap_or(&1)),
-            Op::Attention { scale, causal } => {
+            Op::Attention { scale, causal, .. } => {
                 let geom = AttnGeom::from_shapes(s(0), s(1), s(2), scale.get(), *causal);
-                linalg::attention(&geom, ins[0], ins[1], ins[2], outs[0], scratch, self.threads);
+                let (o, lse) = match outs {
+                    [o] => (&mut **o, None),
+                    [o, lse] => (&mut **o, Some(&mut **lse)),
+                    _ => unreachable!("one or two outputs by shape inference"),
+                };
+                linalg::attention(&geom, ins[0], ins[1], ins[2], linalg::AttnOut { o, lse }, scratch, self.threads);
             }
-            Op::AttentionBackward { scale, causal } => {
+            Op::AttentionBackward { scale, causal, .. } => {
                 let geom = AttnGeom::from_shapes(s(0), s(1), s(2), scale.get(), *causal);
                 let [dq, dk, dv] = outs else { unreachable!("three outputs by shape inference") };
                 let grads = linalg::AttnGrads { dq, dk, dv, scratch };
-                linalg::attention_backward(&geom, ins[0], ins[1], ins[2], ins[3], grads, self.threads);
+                // The probabilities are rebuilt from q and k whatever the form (the lse form's o and lse, inputs 3
+                // and 4, are for backends that would otherwise run a forward again), so both forms give the
+                // same gradients, bit for bit; dout is the last input.
+                let dout = ins[ins.len() - 1];
+                linalg::attention_backward(&geom, ins[0], ins[1], ins[2], dout, grads, self.threads);
             }
             Op::Upsample2x => layout::upsample2x(ins[0], *s(0).dims().last().unwrap_or(&1), outs[0]),
             Op::Upsample2xBackward => {

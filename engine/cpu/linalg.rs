@@ -2,7 +2,7 @@
 
 use super::float::Float;
 use super::gemm::{self, GemmDims, MatMut, MatRef};
-use super::norm::softmax_in_place;
+use super::norm::{softmax_in_place, softmax_in_place_lse};
 use crate::graph::Shape;
 use rayon::prelude::*;
 
@@ -98,8 +98,17 @@ pub fn attention_scratch_len(g: &AttnGeom, slots: usize) -> usize {
     g.slot_len() * slots
 }
 
-/// Scores of query rows [r0, r0+rows) against all keys, as probabilities, into `p`.
-fn probabilities<T: Float>(g: &AttnGeom, q: &[T], k: &[T], r0: usize, rows: usize, p: &mut [T]) {
+/// Scores of query rows [r0, r0+rows) against all keys, as probabilities, into `p`; with `lse`, each row's
+/// log-sum-exp of the scaled visible scores into `lse[i]`.
+fn probabilities<T: Float>(
+    g: &AttnGeom,
+    q: &[T],
+    k: &[T],
+    r0: usize,
+    rows: usize,
+    p: &mut [T],
+    mut lse: Option<&mut [T]>,
+) {
     matmul(
         GemmDims::new(rows, g.lk, g.d),
         op(&q[r0 * g.d..], g.d, false),
@@ -113,7 +122,10 @@ fn probabilities<T: Float>(g: &AttnGeom, q: &[T], k: &[T], r0: usize, rows: usiz
         let visible = if g.causal { (r0 + i + 1).min(g.lk) } else { g.lk };
         row[..visible].iter_mut().for_each(|v| *v *= scale);
         let (live, masked) = row.split_at_mut(visible);
-        softmax_in_place(live);
+        match lse.as_deref_mut() {
+            Some(lse) => lse[i] = softmax_in_place_lse(live),
+            None => softmax_in_place(live),
+        }
         masked.fill(T::ZERO);
     }
 }
@@ -123,11 +135,34 @@ fn groups(bh: usize, slots: usize) -> usize {
     bh.div_ceil(slots.max(1)).max(1)
 }
 
-pub fn attention<T: Float>(g: &AttnGeom, q: &[T], k: &[T], v: &[T], out: &mut [T], scratch: &mut [T], slots: usize) {
+/// What attention's forward writes: O [B·H, Lq, Dv], and with `lse` the row log-sum-exps [B·H, Lq].
+pub struct AttnOut<'a, T> {
+    pub o: &'a mut [T],
+    pub lse: Option<&'a mut [T]>,
+}
+
+pub fn attention<T: Float>(
+    g: &AttnGeom,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    out: AttnOut<'_, T>,
+    scratch: &mut [T],
+    slots: usize,
+) {
     let per = groups(g.bh, slots);
     let blk = g.block();
-    out.par_chunks_mut(per * g.lq * g.dv).zip(scratch.par_chunks_mut(g.slot_len())).enumerate().for_each(
-        |(gi, (og, sc))| {
+    let AttnOut { o: out, lse } = out;
+    // One log-sum-exp chunk per group of problems, as O is split (or none for every group).
+    let lse_groups: Vec<Option<&mut [T]>> = match lse {
+        Some(l) => l.chunks_mut(per * g.lq).map(Some).collect(),
+        None => (0..g.bh.div_ceil(per)).map(|_| None).collect(),
+    };
+    out.par_chunks_mut(per * g.lq * g.dv)
+        .zip(scratch.par_chunks_mut(g.slot_len()))
+        .zip(lse_groups)
+        .enumerate()
+        .for_each(|(gi, ((og, sc), mut lg))| {
             for (j, o) in og.chunks_mut(g.lq * g.dv).enumerate() {
                 let i = gi * per + j;
                 let (qi, ki, vi) = (&q[i * g.lq * g.d..], &k[i * g.lk * g.d..], &v[i * g.lk * g.dv..]);
@@ -135,7 +170,8 @@ pub fn attention<T: Float>(g: &AttnGeom, q: &[T], k: &[T], v: &[T], out: &mut [T
                 while r0 < g.lq {
                     let rows = blk.min(g.lq - r0);
                     let p = &mut sc[..rows * g.lk];
-                    probabilities(g, qi, ki, r0, rows, p);
+                    let lse = lg.as_deref_mut().map(|l| &mut l[j * g.lq + r0..j * g.lq + r0 + rows]);
+                    probabilities(g, qi, ki, r0, rows, p, lse);
                     matmul(
                         GemmDims::new(rows, g.dv, g.lk),
                         op(p, g.lk, false),
@@ -147,8 +183,7 @@ pub fn attention<T: Float>(g: &AttnGeom, q: &[T], k: &[T], v: &[T], out: &mut [T
                     r0 += rows;
                 }
             }
-        },
-    );
+        });
 }
 
 /// What attention's backward writes: the gradients of q, k and v, and its per-thread scratch (probabilities and
@@ -194,7 +229,7 @@ pub fn attention_backward<T: Float>(
                     let rows = blk.min(g.lq - r0);
                     let (p, dp) = sc.split_at_mut(blk * g.lk);
                     let (p, dp) = (&mut p[..rows * g.lk], &mut dp[..rows * g.lk]);
-                    probabilities(g, qi, ki, r0, rows, p);
+                    probabilities(g, qi, ki, r0, rows, p, None);
                     let dob = &doi[r0 * g.dv..];
                     // dV += Pᵀ·dO
                     matmul(

@@ -173,6 +173,20 @@ pub fn softmax_row<T: Float>(x: &[T], y: &mut [T]) {
 /// Softmax of one row, in place, subtracting the maximum first so exp cannot overflow.
 #[inline]
 pub fn softmax_in_place<T: Float>(y: &mut [T]) {
+    softmax_in_place_stats(y);
+}
+
+/// [`softmax_in_place`], returning the row's log-sum-exp, max + ln(sum(exp(x - max))): the probabilities are the
+/// same bits either way.
+#[inline]
+pub fn softmax_in_place_lse<T: Float>(y: &mut [T]) -> T {
+    let (m, sum) = softmax_in_place_stats(y);
+    m + sum.ln()
+}
+
+/// The softmax of one row in place; returns its maximum and sum(exp(x - max)).
+#[inline]
+fn softmax_in_place_stats<T: Float>(y: &mut [T]) -> (T, T) {
     let mut m = y[0];
     for &v in y.iter() {
         m = m.max(v);
@@ -184,6 +198,7 @@ pub fn softmax_in_place<T: Float>(y: &mut [T]) {
     }
     let inv = T::ONE / sum;
     y.iter_mut().for_each(|v| *v *= inv);
+    (m, sum)
 }
 
 pub fn softmax_backward<T: Float>(y: &[T], dy: &[T], dx: &mut [T], d: usize) {

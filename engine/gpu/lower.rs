@@ -18,7 +18,7 @@ use crate::graph::fusion::Anchor;
 use crate::graph::{DType, Graph, Node, Op, Shape, ValueId};
 use crate::kernels::codegen;
 
-mod flash;
+pub mod flash;
 pub use flash::HEAD_DIMS as FLASH_HEAD_DIMS;
 
 /// One device command.
@@ -176,6 +176,16 @@ fn u32_of(what: &str, v: u64) -> Result<u32> {
     u32::try_from(v).map_err(|_| Error::Unsupported { backend: "cuda", msg: format!("{what} {v} exceeds 32 bits") })
 }
 
+/// One attention node: its attributes, whether it carries the log-sum-exp (`Op::Attention { lse }`), and whether
+/// it is the backward.
+#[derive(Clone, Copy)]
+struct Attn {
+    scale: f32,
+    causal: bool,
+    lse: bool,
+    backward: bool,
+}
+
 /// Emits commands for one node.
 struct Emit<'c, 'a> {
     ctx: &'c Ctx<'a>,
@@ -215,6 +225,24 @@ impl Emit<'_, '_> {
         for &v in self.node.inputs.iter().chain(&self.node.outputs) {
             let dv = self.g().dtype(v);
             if dv.is_float() && dv != d {
+                return Err(Error::Unsupported {
+                    backend: "cuda",
+                    msg: format!("{} mixes {d} and {dv} values; cast them to one type first", self.name()),
+                });
+            }
+        }
+        suffix(&self.name(), d)?;
+        Ok(d)
+    }
+
+    /// The storage type of an attention node (`a`): every value but the log-sum-exp (f32 beside every type the
+    /// kernels take, by shape inference) shares it.
+    fn attention_dtype(&self, a: Attn) -> Result<DType> {
+        let d = self.in_dtype(0);
+        let lse = a.lse.then(|| if a.backward { self.node.inputs[4] } else { self.node.outputs[1] });
+        for &v in self.node.inputs.iter().chain(&self.node.outputs) {
+            let dv = self.g().dtype(v);
+            if Some(v) != lse && dv != d {
                 return Err(Error::Unsupported {
                     backend: "cuda",
                     msg: format!("{} mixes {d} and {dv} values; cast them to one type first", self.name()),
@@ -464,8 +492,12 @@ impl Emit<'_, '_> {
                 let name = format!("softmax_bwd_{}", suffix("softmax", d)?);
                 self.launch(module::SOFTMAX, name, warp_rows(rows), args, true);
             }
-            Op::Attention { scale, causal } => self.attention(scale.get() as f32, *causal, false)?,
-            Op::AttentionBackward { scale, causal } => self.attention(scale.get() as f32, *causal, true)?,
+            Op::Attention { scale, causal, lse } => {
+                self.attention(Attn { scale: scale.get() as f32, causal: *causal, lse: *lse, backward: false })?
+            }
+            Op::AttentionBackward { scale, causal, lse } => {
+                self.attention(Attn { scale: scale.get() as f32, causal: *causal, lse: *lse, backward: true })?
+            }
             Op::Upsample2x | Op::Upsample2xBackward => {
                 let d = self.one_float_dtype()?;
                 // h, w of the small side: the input going up, the output going down.
@@ -847,11 +879,15 @@ impl Emit<'_, '_> {
 
     /// Attention on the flash kernels when they are on and fit the node ([`flash`]); otherwise as batched GEMMs
     /// around softmax kernels, over chunks of (batch, head) pairs so the score scratch stays within the budget.
-    fn attention(&mut self, scale: f32, causal: bool, backward: bool) -> Result<()> {
-        if self.flash_attention(scale, causal, backward)? {
+    /// The composite forward writes the log-sum-exp when the node has it (from its softmax kernel); its backward
+    /// rebuilds the probabilities from the scores either way, so it reads only q, k, v and dout.
+    fn attention(&mut self, a: Attn) -> Result<()> {
+        if self.flash_attention(a)? {
             return Ok(());
         }
-        let d = self.one_float_dtype()?;
+        let Attn { scale, causal, lse, backward } = a;
+        let d = self.attention_dtype(a)?;
+        let dout_input = if lse { 5 } else { 3 };
         let sfx = suffix("attention", d)?;
         let es = d.size() as u64;
         let (q, k, v) = (self.in_shape(0).clone(), self.in_shape(1).clone(), self.in_shape(2).clone());
@@ -905,9 +941,11 @@ impl Emit<'_, '_> {
                 mat(s.ptr, DType::F32, lk, lq * lk),
             ));
             let rows = cnt * lq;
+            let lse_ptr = if lse && !backward { self.out_ptr(1).offset(h0 * lq * 4) } else { DevPtr::NULL };
             let args = vec![
                 Arg::Ptr(s.ptr),
                 Arg::Ptr(p.ptr),
+                Arg::Ptr(lse_ptr),
                 Arg::u64(rows),
                 Arg::u64(lq),
                 Arg::u64(lk),
@@ -929,7 +967,7 @@ impl Emit<'_, '_> {
                     mat(op, d, dv, lq * dv),
                 ));
             } else {
-                let dop = self.in_ptr(3).offset(h0 * lq * dv * es);
+                let dop = self.in_ptr(dout_input).offset(h0 * lq * dv * es);
                 let (dqp, dkp, dvp) = (
                     self.out_ptr(0).offset(h0 * lq * hd * es),
                     self.out_ptr(1).offset(h0 * lk * hd * es),

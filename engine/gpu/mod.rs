@@ -64,8 +64,10 @@ impl<D: Device> GpuBackend<D> {
     }
 
     /// Attention and its backward on bf16/f16 data with head dim 16, 32, 40, 64, 80, 128 or 160 (v's equal to q's) run on
-    /// the flash kernels: no L x L scores, O(B·H·L) scratch besides the backward's recomputed O. Other attention
-    /// (f32 storage, other head dims) keeps the composite path. Off by default (`use_flash_attention` in a config).
+    /// the flash kernels: no L x L scores; the forward keeps its O and log-sum-exp for the backward (the graph is
+    /// rewritten so at compile time: [`lower::flash::carry_lse`]), whose scratch is then B·H·L floats. Other
+    /// attention (f32 storage, other head dims) keeps the composite path. Off by default (`use_flash_attention` in a
+    /// config).
     pub fn with_flash_attention(mut self, on: bool) -> Self {
         self.flash_attention = on;
         self
@@ -171,10 +173,22 @@ fn lower_placeholders(
 /// `flash_attention` as [`GpuBackend::with_flash_attention`].
 pub fn lower_graph(graph: &Graph, flash_attention: bool) -> Result<Vec<Vec<Cmd>>> {
     graph.validate()?;
+    let graph = &for_attention(graph.clone(), flash_attention)?;
     let fused = fused_module(graph)?;
     let fused_name = fused.as_ref().map(|m| m.name().to_string()).unwrap_or_default();
     let lowered = lower_placeholders(graph, &fused_name, ATTENTION_BUDGET, flash_attention)?;
     Ok(lowered.into_iter().map(|l| l.cmds).collect())
+}
+
+/// The graph the executor runs: with flash attention on, each attention backward that runs on the flash kernels
+/// reads its forward's O and log-sum-exp instead of running a forward again ([`lower::flash::carry_lse`]; value
+/// and node ids are unchanged, so the caller's ids still address the program).
+fn for_attention(graph: Graph, flash_attention: bool) -> Result<Graph> {
+    if flash_attention {
+        lower::flash::carry_lse(&graph)
+    } else {
+        Ok(graph)
+    }
 }
 
 /// Where a program's device memory goes, decided before anything is allocated.
@@ -200,6 +214,7 @@ impl<D: Device> GpuBackend<D> {
     /// Plans `graph`'s device memory as [`Backend::compile`] will, without a device (for `inspect --plan`).
     pub fn plan(&self, graph: &Graph) -> Result<DevicePlan> {
         graph.validate()?;
+        let graph = &for_attention(graph.clone(), self.flash_attention)?;
         let fused = fused_module(graph)?;
         let fused_name = fused.as_ref().map(|m| m.name().to_string()).unwrap_or_default();
         self.plan_device(graph, &fused_name)
@@ -236,6 +251,7 @@ impl<D: Device> Backend for GpuBackend<D> {
 
     fn compile(&self, graph: Graph) -> Result<GpuProgram<D>> {
         graph.validate()?;
+        let graph = for_attention(graph, self.flash_attention)?;
         let all_reduce_world = all_reduce_world(&graph)?;
         let fused = fused_module(&graph)?;
         let fused_name = fused.as_ref().map(|m| m.name().to_string()).unwrap_or_default();

@@ -2,6 +2,7 @@
 //! to new ones); none touches a device.
 
 pub mod all_reduce;
+pub mod attention_lse;
 pub mod cse;
 pub mod dce;
 pub mod dump;

@@ -231,6 +231,26 @@ pub fn attention(q: &T64, k: &T64, v: &T64, scale: f64, causal: bool) -> T64 {
     out
 }
 
+/// Attention's row log-sum-exp: ln Σ_j exp(scale q_i·k_j) over the visible keys (j <= i when causal), [B, H, Lq].
+pub fn attention_lse(q: &T64, k: &T64, scale: f64, causal: bool) -> T64 {
+    let (b, h, lq, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
+    let lk = k.shape[2];
+    let mut out = T64::zeros(&[b, h, lq]);
+    for bh in 0..b * h {
+        for i in 0..lq {
+            let visible = if causal { (i + 1).min(lk) } else { lk };
+            let s: Vec<f64> = (0..visible)
+                .map(|j| {
+                    (0..d).map(|p| q.data[(bh * lq + i) * d + p] * k.data[(bh * lk + j) * d + p]).sum::<f64>() * scale
+                })
+                .collect();
+            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            out.data[bh * lq + i] = m + s.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+        }
+    }
+    out
+}
+
 pub fn upsample2x(x: &T64) -> T64 {
     let r = x.shape.len();
     let mut s = x.shape.clone();

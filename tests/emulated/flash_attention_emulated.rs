@@ -275,14 +275,17 @@ fn flash_attention_matches_the_cpu_backend() {
 
             // Forward: O and the log-sum-exp.
             let got = fwd.each_schedule(&format!("forward {what}"), || launch_forward(&fwd, &case, dtype, &x));
-            let want = cpu(&[&x.q, &x.k, &x.v], Op::Attention { scale, causal });
+            // The graph's attention with its log-sum-exp output, on the CPU backend: what the executor's flash
+            // forward stands in for.
+            let want = cpu(&[&x.q, &x.k, &x.v], Op::Attention { scale, causal, lse: true });
             let (p, lse) = probabilities(&case, &x);
             let v = x.v.to_f64();
             let o_terms = abs_product(&p, &v, bh, lq, lk, d, false);
             assert_close(&format!("O, {what}"), dtype, &values(&got[0], dtype), &want[0], &o_terms);
             let got_lse = f32s(&got[1]);
-            for (i, (&g, &w)) in got_lse.iter().zip(&lse).enumerate() {
+            for (i, ((&g, &w), &c)) in got_lse.iter().zip(&lse).zip(&want[1]).enumerate() {
                 assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "lse, {what}: row {i} is {g}, expected {w}");
+                assert!((c - w).abs() <= 1e-12 * (1.0 + w.abs()), "CPU lse, {what}: row {i} is {c}, expected {w}");
             }
 
             // Backward, from the kernel's own O and log-sum-exp.
@@ -291,7 +294,7 @@ fn flash_attention_matches_the_cpu_backend() {
                 .each_schedule(&format!("backward {what}"), || launch_backward(&bwd, &case, dtype, &x, &o, &lse_bytes));
             let again = launch_backward(&bwd, &case, dtype, &x, &o, &lse_bytes);
             assert!(got == again, "backward {what}: a second run gave different bits");
-            let want = cpu(&[&x.q, &x.k, &x.v, &x.dout], Op::AttentionBackward { scale, causal });
+            let want = cpu(&[&x.q, &x.k, &x.v, &x.dout], Op::AttentionBackward { scale, causal, lse: false });
 
             // delta_i = do_i . o_i with the o the kernel stored.
             let (ov, dov) = (values(&o, dtype), x.dout.to_f64());
@@ -348,7 +351,7 @@ fn a_misplaced_fragment_fails_the_comparison() {
     let case = Case { bh: 1, lq: 17, lk: 77, d: 64, causal: false };
     let x = inputs(&case, DType::BF16);
     let got = launch_forward(&k, &case, DType::BF16, &x);
-    let want = cpu(&[&x.q, &x.k, &x.v], Op::Attention { scale: F64Bits::new(case.scale()), causal: false });
+    let want = cpu(&[&x.q, &x.k, &x.v], Op::Attention { scale: F64Bits::new(case.scale()), causal: false, lse: false });
     let (p, _) = probabilities(&case, &x);
     let terms = abs_product(&p, &x.v.to_f64(), 1, 17, 77, 64, false);
     let (ratio, _) = worst_error(DType::BF16, &values(&got[0], DType::BF16), &want[0], &terms);

@@ -5,7 +5,9 @@
 //! (eager, then captured and replayed); the 48 KiB rule of the emulated device; the config keys.
 //!
 //! The kernels' own numerics are checked in tests/emulated/flash_attention_emulated.rs; here it is the lowering: argument
-//! order, pointer offsets per head, scratch for the backward's recomputed O and log-sum-exp, launch shapes.
+//! order, pointer offsets per head, launch shapes, and the graph rewrite that hands the forward's O and log-sum-exp
+//! to the backward (graph::passes::attention_lse), so the backward runs no forward kernel and its scratch is delta
+//! alone; a backward with no forward to pair with, and the `lse` form off the flash kernels, on the composite path.
 
 use crate::common;
 
@@ -29,6 +31,17 @@ fn flash_backend() -> GpuBackend<EmuDevice> {
 fn kernel_names(p: &GpuProgram<EmuDevice>) -> Vec<String> {
     p.all_commands()
         .filter_map(|(_, c)| if let Cmd::Launch(l) = c { Some(l.kernel.name.clone()) } else { None })
+        .collect()
+}
+
+/// The kernels the program's attention backward nodes launch.
+fn backward_kernel_names(p: &GpuProgram<EmuDevice>) -> Vec<String> {
+    let g = p.graph();
+    p.all_commands()
+        .filter_map(|(i, c)| match (&g.nodes[i].op, c) {
+            (Op::AttentionBackward { .. }, Cmd::Launch(l)) => Some(l.kernel.name.clone()),
+            _ => None,
+        })
         .collect()
 }
 
@@ -56,8 +69,8 @@ fn attention_case(dtype: DType, shape: [usize; 4], lk: usize, causal: bool) -> G
     let v = g.input("v", [b, h, lk, d], dtype);
     let dout = g.input("dout", [b, h, lq, d], dtype);
     let scale = F64Bits::new(1.0 / (d as f64).sqrt());
-    let o = g.add_node(Op::Attention { scale, causal }, &[q, k, v]).unwrap();
-    let grads = g.add_node(Op::AttentionBackward { scale, causal }, &[q, k, v, dout]).unwrap();
+    let o = g.add_node(Op::Attention { scale, causal, lse: false }, &[q, k, v]).unwrap();
+    let grads = g.add_node(Op::AttentionBackward { scale, causal, lse: false }, &[q, k, v, dout]).unwrap();
     g.outputs.extend(o.iter().chain(&grads));
     let mut rng = Rng::new(lq as u64 * 31 + d as u64);
     // Scores of a few units, so the softmax is neither flat nor one-hot.
@@ -108,9 +121,16 @@ fn attention_nodes_take_the_flash_kernels_and_match_the_cpu() {
         for w in &want {
             assert!(names.contains(w), "d {d}: no {w} in {names:?}");
         }
-        // The forward node and the backward's recomputation: two forward launches; no composite softmax.
-        assert_eq!(names.iter().filter(|n| **n == want[0]).count(), 2, "{names:?}");
+        // The forward node alone runs the forward kernel: the backward reads its O and log-sum-exp (the executor
+        // gave both nodes the `lse` form) and recomputes neither. No composite softmax.
+        assert_eq!(names.iter().filter(|n| **n == want[0]).count(), 1, "{names:?}");
+        let backward = backward_kernel_names(&p);
+        assert!(!backward.iter().any(|n| n.starts_with("flash_attn_fwd")), "the backward runs a forward: {backward:?}");
+        assert_eq!(backward, want[1..], "d {d}: the backward's launches");
         assert!(!names.iter().any(|n| n.starts_with("attn_softmax")), "{names:?}");
+        let g = p.graph();
+        assert!(matches!(g.nodes[0].op, Op::Attention { lse: true, .. }), "{:?}", g.nodes[0].op);
+        assert!(matches!(g.nodes[1].op, Op::AttentionBackward { lse: true, .. }), "{:?}", g.nodes[1].op);
         // Above 48 KiB (from d 128, forward and backward): the three functions were opted in, once each.
         let opt_ins = p.device().counts().shared_opt_ins;
         let expected = if d >= 128 { 3 } else { 0 };
@@ -118,8 +138,9 @@ fn attention_nodes_take_the_flash_kernels_and_match_the_cpu() {
     }
 }
 
-/// The backward's scratch holds O, the log-sum-exp and delta, never an L x L matrix; the forward's holds the
-/// log-sum-exp only.
+/// The backward's scratch is delta alone (B·H·Lq floats): O and the log-sum-exp come from the forward, through the
+/// graph, where the memory plan keeps them (O from the forward to the backward, the log-sum-exp likewise, B·H·Lq
+/// floats). Nothing is L x L.
 #[test]
 fn flash_scratch_is_linear_in_the_sequence_length() {
     let (bh, l, d) = (2u64, 1000u64, 64u64);
@@ -132,19 +153,104 @@ fn flash_scratch_is_linear_in_the_sequence_length() {
         g.input("dout", shape, DType::BF16),
     );
     let scale = F64Bits::new(0.125);
-    let o = g.add_node(Op::Attention { scale, causal: false }, &[q, k, v]).unwrap();
-    let grads = g.add_node(Op::AttentionBackward { scale, causal: false }, &[q, k, v, dout]).unwrap();
+    let o = g.add_node(Op::Attention { scale, causal: false, lse: false }, &[q, k, v]).unwrap();
+    let grads = g.add_node(Op::AttentionBackward { scale, causal: false, lse: false }, &[q, k, v, dout]).unwrap();
     g.outputs.extend(o.iter().chain(&grads));
     let flash = lower_graph(&g, true).unwrap();
     let composite = lower_graph(&g, false).unwrap();
     assert!(flash.iter().flatten().all(|c| !matches!(c, Cmd::Gemm(_))), "flash attention needs no GEMM");
     assert!(composite[1].iter().any(|c| matches!(c, Cmd::Gemm(_))));
     let p = flash_backend().compile(g).unwrap();
+    let aligned = |bytes: u64| bytes.div_ceil(256) * 256;
+    let rows_f32 = aligned(bh * l * 4);
+    // The forward writes its log-sum-exp into the graph's value: no scratch. The backward's is delta alone, where
+    // it used to also hold a recomputed O and log-sum-exp.
+    let scratch = |i: usize| p.plan().scratch[i].map_or(0, |(_, bytes)| bytes as u64);
+    assert_eq!(scratch(0), 0, "forward scratch");
+    assert_eq!(scratch(1), rows_f32, "backward scratch: delta, B·H·Lq floats");
+    let recomputing = aligned(bh * l * d * 2) + 3 * rows_f32;
+    assert!(scratch(1) < recomputing, "the backward's scratch shrank: {} vs {recomputing}", scratch(1));
+    // The log-sum-exp lives from the forward (node 0) to the backward (node 1), B·H·Lq floats.
+    let lse = p.graph().nodes[0].outputs[1];
+    let buffer = p.plan().buffers.iter().find(|b| b.what == p.graph().values[lse].name).expect("a buffer for the lse");
+    assert_eq!((buffer.bytes as u64, buffer.start, buffer.end), (rows_f32, 0, 1));
     let arena = p.plan().arena_bytes as u64;
-    // The four outputs, the backward's O, its log-sum-exp and delta and the forward's log-sum-exp, 256-aligned;
-    // the composite path's scores alone would be 2 x 1000 x 1000 x (4 + 2) x 2 bytes.
-    let linear = 5 * bh * l * d * 2 + 3 * bh * l * 4 + 16 * 256;
+    // The four outputs, the log-sum-exp and delta, 256-aligned; the composite path's scores alone would be
+    // 2 x 1000 x 1000 x (4 + 2) x 2 bytes.
+    let linear = 4 * aligned(bh * l * d * 2) + 2 * rows_f32;
     assert!(arena <= linear, "arena {arena} bytes, expected at most {linear} (no L x L scores)");
+}
+
+/// A backward with no forward in the graph to take O and the log-sum-exp from runs on the composite path, and
+/// matches the CPU.
+#[test]
+fn a_backward_without_its_forward_keeps_the_composite_path() {
+    let dtype = DType::BF16;
+    let mut g = Graph::new();
+    let shape = [1, 2, 17, 40];
+    let (q, k, v, dout) = (
+        g.input("q", shape, dtype),
+        g.input("k", shape, dtype),
+        g.input("v", shape, dtype),
+        g.input("dout", shape, dtype),
+    );
+    let grads =
+        g.add_node(Op::AttentionBackward { scale: F64Bits::new(0.25), causal: true, lse: false }, &[q, k, v, dout]);
+    g.outputs.extend(grads.unwrap());
+    let mut gpu = flash_backend().compile(g.clone()).unwrap();
+    let names = kernel_names(&gpu);
+    assert!(names.iter().all(|n| !n.starts_with("flash_")), "{names:?}");
+    assert!(names.iter().any(|n| n == "attn_softmax_bwd_bf16"), "{names:?}");
+    assert!(matches!(gpu.graph().nodes[0].op, Op::AttentionBackward { lse: false, .. }));
+    let mut cpu = CpuBackend::new(2).compile(g.clone()).unwrap();
+    let mut rng = Rng::new(7);
+    for x in [q, k, v, dout] {
+        let t = HostTensor::from_f64(g.shape(x).clone(), dtype, &rng.vec(g.shape(x).numel())).unwrap();
+        cpu.upload(x, &t).unwrap();
+        gpu.upload(x, &t).unwrap();
+    }
+    cpu.launch().unwrap();
+    gpu.launch().unwrap();
+    for &o in &g.outputs {
+        let e = rel_l2(&gpu.download(o).unwrap().to_f64(), &cpu.download(o).unwrap().to_f64());
+        assert!(e <= 1e-2, "relative error {e:.3e}");
+    }
+}
+
+/// The `lse` forms off the flash kernels (f32 data; flash off): the composite forward writes the log-sum-exp from its
+/// softmax kernel and the composite backward reads dout from its last input; outputs and log-sum-exp match the CPU.
+#[test]
+fn the_lse_form_on_the_composite_path_matches_the_cpu() {
+    for (dtype, backend) in [(DType::F32, flash_backend()), (DType::BF16, GpuBackend::emulated(EmuOptions::default()))]
+    {
+        let mut g = Graph::new();
+        let (q, k, v) =
+            (g.input("q", [2, 2, 9, 8], dtype), g.input("k", [2, 2, 13, 8], dtype), g.input("v", [2, 2, 13, 8], dtype));
+        let dout = g.input("dout", [2, 2, 9, 8], dtype);
+        let scale = F64Bits::new(0.4);
+        let fwd = g.add_node(Op::Attention { scale, causal: true, lse: true }, &[q, k, v]).unwrap();
+        let bwd = Op::AttentionBackward { scale, causal: true, lse: true };
+        let grads = g.add_node(bwd, &[q, k, v, fwd[0], fwd[1], dout]).unwrap();
+        g.outputs.extend(fwd.iter().chain(&grads));
+        let mut gpu = backend.compile(g.clone()).unwrap();
+        let names = kernel_names(&gpu);
+        assert!(names.iter().all(|n| !n.starts_with("flash_")), "{dtype}: {names:?}");
+        let mut cpu = CpuBackend::new(2).compile(g.clone()).unwrap();
+        let mut rng = Rng::new(8);
+        for x in [q, k, v, dout] {
+            let data: Vec<f64> = rng.vec(g.shape(x).numel()).into_iter().map(|e| 2.0 * e).collect();
+            let t = HostTensor::from_f64(g.shape(x).clone(), dtype, &data).unwrap();
+            cpu.upload(x, &t).unwrap();
+            gpu.upload(x, &t).unwrap();
+        }
+        cpu.launch().unwrap();
+        gpu.launch().unwrap();
+        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+        for (&o, name) in g.outputs.iter().zip(["O", "lse", "dQ", "dK", "dV"]) {
+            let e = rel_l2(&gpu.download(o).unwrap().to_f64(), &cpu.download(o).unwrap().to_f64());
+            assert!(e <= tol, "{dtype} {name}: relative error {e:.3e}");
+        }
+    }
 }
 
 /// More heads than a grid's y dimension allows are launched in chunks, each with its pointers moved on.
@@ -155,7 +261,7 @@ fn more_than_65535_heads_launch_in_chunks() {
     let shape = [1, heads, 1, 40];
     let (q, k, v) =
         (g.input("q", shape, DType::BF16), g.input("k", shape, DType::BF16), g.input("v", shape, DType::BF16));
-    let o = g.add_node(Op::Attention { scale: F64Bits::new(0.5), causal: false }, &[q, k, v]).unwrap();
+    let o = g.add_node(Op::Attention { scale: F64Bits::new(0.5), causal: false, lse: false }, &[q, k, v]).unwrap();
     g.outputs.extend(o);
     let cmds = lower_graph(&g, true).unwrap();
     let launches: Vec<&Launch> =
@@ -176,7 +282,7 @@ fn f32_and_unsupported_head_dims_keep_the_composite_path() {
         let mut g = Graph::new();
         let shape = [1, 2, 17, d];
         let (q, k, v) = (g.input("q", shape, dtype), g.input("k", shape, dtype), g.input("v", shape, dtype));
-        let o = g.add_node(Op::Attention { scale: F64Bits::new(0.5), causal: false }, &[q, k, v]).unwrap();
+        let o = g.add_node(Op::Attention { scale: F64Bits::new(0.5), causal: false, lse: false }, &[q, k, v]).unwrap();
         g.outputs.extend(o);
         let p = flash_backend().compile(g).unwrap();
         let names = kernel_names(&p);
@@ -234,7 +340,11 @@ type Step = nets::TrainingStep;
 /// The small test net with 40 channels, so its one-head attention has head dim 40 (over 16 positions), in `dtype`,
 /// with clipping and AdamW, fused.
 fn training_step(dtype: DType) -> Step {
-    nets::training_step(&NetSpec { batch: 2, in_ch: 3, ch: 40, hw: 4, blocks: 1, checkpoint: false, dtype }, true)
+    training_step_checkpointed(dtype, false)
+}
+
+fn training_step_checkpointed(dtype: DType, checkpoint: bool) -> Step {
+    nets::training_step(&NetSpec { batch: 2, in_ch: 3, ch: 40, hw: 4, blocks: 1, checkpoint, dtype }, true)
 }
 
 fn step_inputs(t: u64, dtype: DType) -> Vec<(&'static str, HostTensor)> {
@@ -282,6 +392,12 @@ fn a_bf16_training_step_with_flash_matches_the_cpu_over_three_steps() {
         assert!(names.iter().any(|n| n == k), "no {k} launch in the step");
     }
     assert!(!names.iter().any(|n| n.starts_with("attn_softmax")), "a composite attention is left: {names:?}");
+    // One forward launch per attention forward node; the backward launches none.
+    let forwards = gpu.graph().nodes.iter().filter(|n| matches!(n.op, Op::Attention { lse: true, .. })).count();
+    assert_eq!(forwards, 1);
+    assert_eq!(names.iter().filter(|n| n.starts_with("flash_attn_fwd")).count(), forwards, "{names:?}");
+    let backward = backward_kernel_names(&gpu);
+    assert!(!backward.is_empty() && !backward.iter().any(|n| n.starts_with("flash_attn_fwd")), "{backward:?}");
 
     // Node by node on step 1's inputs: the first node that diverges is named.
     let mut cpu = CpuBackend::new(2).compile(s.graph.clone()).unwrap();
@@ -316,6 +432,39 @@ fn a_bf16_training_step_with_flash_matches_the_cpu_over_three_steps() {
         }
     }
     assert_eq!(gpu.device().counts().replays, 2, "steps 2 and 3 must be graph replays");
+}
+
+/// With activation recomputation the attention is run again in the backward (that is what recomputation is); the
+/// backward pairs with that recomputed copy, so the forward's O still dies early, and launches no forward itself.
+#[test]
+fn a_checkpointed_bf16_step_with_flash_reads_the_recomputed_forward() {
+    use zeroconv::graph::Phase;
+    let dtype = DType::BF16;
+    let s = training_step_checkpointed(dtype, true);
+    let mut gpu = flash_backend().compile(s.graph.clone()).unwrap();
+    let g = gpu.graph().clone();
+    let b = g.nodes.iter().position(|n| matches!(n.op, Op::AttentionBackward { .. })).expect("a backward");
+    assert!(matches!(g.nodes[b].op, Op::AttentionBackward { lse: true, .. }), "{:?}", g.nodes[b].op);
+    let producer = |i: usize| g.values[g.nodes[b].inputs[i]].producer.expect("o and lse are produced");
+    let forward = producer(3).0;
+    assert_eq!((producer(3), producer(4)), ((forward, 0), (forward, 1)), "o and lse of one forward");
+    assert_eq!(g.nodes[forward].phase, Phase::Backward, "paired with the recomputed attention");
+    assert!(matches!(g.nodes[forward].op, Op::Attention { lse: true, .. }));
+    // The forward pass's own attention keeps one output: nothing reads a log-sum-exp from it.
+    let first = g.nodes.iter().position(|n| matches!(n.op, Op::Attention { .. })).unwrap();
+    assert!(first < forward && matches!(g.nodes[first].op, Op::Attention { lse: false, .. }));
+    let names = kernel_names(&gpu);
+    assert_eq!(names.iter().filter(|n| n.starts_with("flash_attn_fwd")).count(), 2, "forward and recomputation");
+    assert!(!backward_kernel_names(&gpu).iter().any(|n| n.starts_with("flash_attn_fwd")));
+
+    let mut cpu = CpuBackend::new(2).compile(s.graph.clone()).unwrap();
+    let (want, got) = (run_steps(&mut cpu, &s, dtype, 1), run_steps(&mut gpu, &s, dtype, 1));
+    let (gl, wl) = (got[0].0, want[0].0);
+    assert!(((gl - wl) / wl.abs().max(1e-6)).abs() <= 2e-2, "loss {gl} vs cpu {wl}");
+    for (i, (a, b)) in got[0].1.iter().zip(&want[0].1).enumerate() {
+        let e = rel_l2(a, b);
+        assert!(e <= 5e-2, "parameter {i}: relative error {e:.3e}");
+    }
 }
 
 #[test]

@@ -251,9 +251,9 @@ fn attention_forward_and_backward() {
             let k = [b, h, lk, hd];
             let v = [b, h, lk, dv];
             let what = format!("attention lq{lq} lk{lk} causal={causal} {d}");
-            let op = Op::Attention { scale: f(0.5), causal };
+            let op = Op::Attention { scale: f(0.5), causal, lse: false };
             check(&what, op, vec![random(&q, d, &mut rng), random(&k, d, &mut rng), random(&v, d, &mut rng)]);
-            let op = Op::AttentionBackward { scale: f(0.5), causal };
+            let op = Op::AttentionBackward { scale: f(0.5), causal, lse: false };
             let ins = vec![
                 random(&q, d, &mut rng),
                 random(&k, d, &mut rng),
@@ -624,8 +624,8 @@ fn attention_in_chunks_equals_one_chunk() {
     let mut g = Graph::new();
     let ids: Vec<ValueId> =
         ins.iter().enumerate().map(|(i, x)| g.input(&format!("in{i}"), Shape::new(&x.shape), x.dtype)).collect();
-    let o = g.op1(Op::Attention { scale: f(0.5), causal: true }, &ids[..3]).unwrap();
-    let grads = g.add_node(Op::AttentionBackward { scale: f(0.5), causal: true }, &ids).unwrap();
+    let o = g.op1(Op::Attention { scale: f(0.5), causal: true, lse: false }, &ids[..3]).unwrap();
+    let grads = g.add_node(Op::AttentionBackward { scale: f(0.5), causal: true, lse: false }, &ids).unwrap();
     g.outputs.push(o);
     g.outputs.extend(&grads);
     let per_pair = (lq * lk * 2 * (4 + 4)) as u64; // the backward's S, P, dP, dS of one (batch, head) pair

@@ -426,8 +426,10 @@ fn layout_kernels_match_naive_references() {
 // ---- attention.cu ---------------------------------------------------------------------------------------------------
 
 /// f64 softmax of row r's visible scores (key j <= r % lq when causal), 0 on the masked keys.
-fn attention_reference(s: &[f64], rows: usize, lq: usize, lk: usize, causal: bool) -> Vec<f64> {
+/// The probabilities and each row's log-sum-exp over its visible keys.
+fn attention_reference(s: &[f64], rows: usize, lq: usize, lk: usize, causal: bool) -> (Vec<f64>, Vec<f64>) {
     let mut p = vec![0.0; rows * lk];
+    let mut lse = vec![0.0; rows];
     for r in 0..rows {
         let visible = if causal { (r % lq + 1).min(lk) } else { lk };
         let row = &s[r * lk..r * lk + visible];
@@ -436,8 +438,9 @@ fn attention_reference(s: &[f64], rows: usize, lq: usize, lk: usize, causal: boo
         for j in 0..visible {
             p[r * lk + j] = (row[j] - m).exp() / sum;
         }
+        lse[r] = m + sum.ln();
     }
-    p
+    (p, lse)
 }
 
 #[test]
@@ -468,12 +471,18 @@ fn check_attention(k: &Kernels) {
 
                 let fwd = format!("attn_softmax_fwd_{sfx}");
                 let got = k.each_schedule_and_grid(&format!("{fwd} {what}"), small, full, |grid| {
-                    let (sb, p) = (buffer("s", &s), output("p", rows * lk, dtype));
-                    let args = KernelArgs::new().buffer(&sb).buffer(&p).u64(rows as u64).u64(lq as u64);
+                    let (sb, p, lse) =
+                        (buffer("s", &s), output("p", rows * lk, dtype), output("lse", rows, DType::F32));
+                    let args = KernelArgs::new().buffer(&sb).buffer(&p).buffer(&lse).u64(rows as u64).u64(lq as u64);
                     k.launch(&fwd, grid, (32, warps as u32), args.u64(lk as u64).i32(causal as i32));
-                    vec![p.to_bytes()]
+                    vec![p.to_bytes(), lse.to_bytes()]
                 });
-                let want = attention_reference(&sv, rows, lq, lk, causal);
+                let (want, want_lse) = attention_reference(&sv, rows, lq, lk, causal);
+                // max + logf(sum): the sum's few f32 roundings, relative to the log-sum-exp's size.
+                let lse = load(DType::F32, &got[1]);
+                assert_within(&format!("{fwd} {what} lse"), DType::F32, &lse, &want_lse, |i| {
+                    4e-6 * (want_lse[i].abs() + 1.0)
+                });
                 // expf of (s - max) rounded in f32 (|s - max| <= 16), and a sum of at most 33 terms per lane plus
                 // a 5-level butterfly: well under 2e-5 relative.
                 let pv = load(dtype, &got[0]);
@@ -483,9 +492,9 @@ fn check_attention(k: &Kernels) {
                     assert!(w != 0.0 || bits.iter().all(|&b| b == 0), "{fwd} {what}: masked element {i} is not +0");
                 }
                 if dtype == DType::F32 {
-                    // In place (p == s), as the header allows for f32.
+                    // In place (p == s), as the header allows for f32; without the log-sum-exp (null).
                     let sb = buffer("s", &s);
-                    let args = KernelArgs::new().buffer(&sb).buffer(&sb).u64(rows as u64).u64(lq as u64);
+                    let args = KernelArgs::new().buffer(&sb).buffer(&sb).null().u64(rows as u64).u64(lq as u64);
                     k.launch(&fwd, small, (32, warps as u32), args.u64(lk as u64).i32(causal as i32));
                     assert!(sb.to_bytes() == got[0], "{fwd} {what}: in place differs");
                 }

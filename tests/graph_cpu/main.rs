@@ -7,6 +7,7 @@
 mod common;
 
 mod accumulation;
+mod attention_lse;
 mod codegen;
 mod cpu_kernels;
 mod ddim_schedule;

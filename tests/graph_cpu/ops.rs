@@ -211,6 +211,42 @@ fn attention() {
     }
 }
 
+/// Attention with its log-sum-exp output (`Op::Attention { lse: true }`, the form the flash path uses): O through
+/// the checks above (its gradients then come from the `lse` form of the backward), and the log-sum-exp against f64
+/// in f64 and f32. It has no gradient of its own (tests/graph_cpu/attention_lse.rs checks the error).
+#[test]
+fn attention_with_lse() {
+    for (q, k, v, causal) in [
+        (vec![2, 2, 5, 4], vec![2, 2, 7, 4], vec![2, 2, 7, 3], false),
+        (vec![1, 3, 6, 4], vec![1, 3, 6, 4], vec![1, 3, 6, 4], true),
+        // Lq > Lk with causal: the rows past the last key see every key.
+        (vec![1, 2, 9, 3], vec![1, 2, 4, 3], vec![1, 2, 4, 5], true),
+        // More queries than one attention block, so blocking is exercised.
+        (vec![1, 1, 70, 3], vec![1, 1, 9, 3], vec![1, 1, 9, 2], false),
+    ] {
+        let scale = 1.0 / (q[3] as f64).sqrt();
+        let what = format!("attention with lse {q:?} {k:?} causal={causal}");
+        let args = vec![f(&q), f(&k), f(&v)];
+        check(
+            &format!("{what}: o"),
+            args.clone(),
+            move |g, a| Ok(g.attention_with_lse(a[0], a[1], a[2], scale, causal)?.0),
+            move |a| r::attention(&a[0], &a[1], &a[2], scale, causal),
+        );
+        let lse = move |g: &mut Graph, a: &[ValueId]| Ok(g.attention_with_lse(a[0], a[1], a[2], scale, causal)?.1);
+        let vals = random_args(
+            &args,
+            &mut Rng::new(q.iter().chain(&k).fold(3u64, |h, &x| h.wrapping_mul(31).wrapping_add(x as u64))),
+        );
+        let want = r::attention_lse(&vals[0], &vals[1], scale, causal);
+        let got64 = forward(&lse, &args, &vals, DType::F64);
+        assert_eq!(got64.shape, want.shape, "{what}: lse shape");
+        assert_close(&format!("{what}: lse f64"), &got64.data, &want.data, 1e-12);
+        let got32 = forward(&lse, &args, &vals, DType::F32);
+        assert_close(&format!("{what}: lse f32"), &got32.data, &want.data, 3e-5);
+    }
+}
+
 #[test]
 fn upsample2x() {
     check("upsample2x", vec![f(&[2, 3, 4, 5])], |g, a| g.upsample2x(a[0]), |a| r::upsample2x(&a[0]));

@@ -7,15 +7,19 @@
 //! probabilities are rounded to the storage type once (bf16's tolerance), so running f32 through them would silently
 //! lower the precision the config asked for.
 //!
-//! The graph's attention backward has no log-sum-exp input (the CPU backend needs none), so the backward recomputes
-//! O and the log-sum-exp with the forward kernel into its own scratch: B·H·L·D + B·H·L elements (plus delta, B·H·L
-//! floats), never L². That is one extra forward per backward, the price of leaving the graph and the CPU backend
-//! unchanged.
+//! The backward reads what the forward kernel wrote: O and the row log-sum-exp. With flash on, the executor rewrites
+//! the graph it compiles ([`carry_lse`], graph::passes::attention_lse) so that each attention forward whose backward
+//! runs here has the log-sum-exp as a second output ([B, H, Lq], f32) and the backward takes O and it as inputs: no
+//! forward runs again in the backward, whose scratch is delta alone (B·H·Lq floats), and the memory plan sees O and
+//! the log-sum-exp live from the forward to the backward (under activation recomputation, from the recomputed
+//! forward). The CPU backend never sees the rewrite; it computes the same log-sum-exp from its softmax when a graph
+//! asks for it. A backward with no forward in the graph to read them from keeps the composite path.
 
-use super::{module, suffix, warp_rows, Emit};
+use super::{module, suffix, warp_rows, Attn, Emit};
 use crate::engine::device::{Arg, DevPtr, LaunchDims};
 use crate::error::Result;
-use crate::graph::DType;
+use crate::graph::passes::attention_lse::carry_attention_lse;
+use crate::graph::{DType, Graph, NodeId};
 
 /// Head dims the kernels are instantiated for.
 pub const HEAD_DIMS: [u64; 7] = [16, 32, 40, 64, 80, 128, 160];
@@ -50,6 +54,21 @@ pub fn fits(dtype: DType, q_head_dim: u64, v_head_dim: u64, lq: u64, lk: u64, he
         && heads >= 1
 }
 
+/// `graph` with the log-sum-exp carried from each attention forward to its backward wherever that backward runs on
+/// the flash kernels ([`crate::graph::passes::attention_lse`]): the executor's rewrite when flash is on. Value and
+/// node ids are unchanged.
+pub fn carry_lse(graph: &Graph) -> Result<Graph> {
+    let on_flash = |g: &Graph, b: NodeId| {
+        let n = &g.nodes[b];
+        let dtype = g.dtype(n.inputs[0]);
+        let dims = |i: usize| g.shape(n.inputs[i]).dims().iter().map(|&x| x as u64).collect::<Vec<_>>();
+        let (q, k, v) = (dims(0), dims(1), dims(2));
+        n.inputs.iter().chain(&n.outputs).all(|&x| g.dtype(x) == dtype)
+            && fits(dtype, q[3], v[3], q[2], k[2], q[0] * q[1])
+    };
+    Ok(carry_attention_lse(graph, &on_flash)?.0)
+}
+
 /// The shapes of one attention node: heads (B·H), query and key lengths, head dim.
 #[derive(Clone, Copy)]
 struct Dims {
@@ -61,12 +80,13 @@ struct Dims {
 
 impl Emit<'_, '_> {
     /// Lowers the node to the flash kernels when flash is on and the node fits them; false leaves it to the
-    /// composite path.
-    pub(super) fn flash_attention(&mut self, scale: f32, causal: bool, backward: bool) -> Result<bool> {
-        if !self.ctx.flash_attention {
+    /// composite path. The backward runs on them only in the `lse` form, which reads the forward's O and
+    /// log-sum-exp; the plain form (no forward in the graph to pair it with: see [`carry_lse`]) is the composite's.
+    pub(super) fn flash_attention(&mut self, a: Attn) -> Result<bool> {
+        if !self.ctx.flash_attention || (a.backward && !a.lse) {
             return Ok(false);
         }
-        let dtype = self.one_float_dtype()?;
+        let dtype = self.attention_dtype(a)?;
         let (q, v) = (self.in_shape(0).dims().to_vec(), self.in_shape(2).dims().to_vec());
         let k = self.in_shape(1).dims().to_vec();
         let dims = Dims { heads: (q[0] * q[1]) as u64, lq: q[2] as u64, lk: k[2] as u64, d: q[3] as u64 };
@@ -75,20 +95,20 @@ impl Emit<'_, '_> {
         }
         let sfx = suffix("attention", dtype)?;
         let es = dtype.size() as u64;
-        if backward {
-            // O and the log-sum-exp again (see the module comment), then delta, dK and dV, dQ.
-            let o = self.scratch(dims.heads * dims.lq * dims.d * es).ptr;
-            let lse = self.scratch(dims.heads * dims.lq * 4).ptr;
+        let (scale, causal) = (a.scale, a.causal);
+        if a.backward {
+            // Inputs q, k, v, o, lse, dout: delta = rowsum(dO ∘ O) first, then dK and dV, dQ.
+            let (o, lse, dout) = (self.in_ptr(3), self.in_ptr(4), self.in_ptr(5));
             let delta = self.scratch(dims.heads * dims.lq * 4).ptr;
-            self.flash_forward(sfx, es, dims, scale, causal, o, lse);
             let rows = dims.heads * dims.lq;
-            let args = vec![Arg::Ptr(o), Arg::Ptr(self.in_ptr(3)), Arg::Ptr(delta), Arg::u64(rows), Arg::u64(dims.d)];
+            let args = vec![Arg::Ptr(o), Arg::Ptr(dout), Arg::Ptr(delta), Arg::u64(rows), Arg::u64(dims.d)];
             // One warp per row, grid-stride: any grid gives the same result.
             self.launch(module::FLASH_BWD, format!("flash_attn_bwd_delta_{sfx}"), warp_rows(rows), args, true);
             let (dq, dk, dv) = (self.out_ptr(0), self.out_ptr(1), self.out_ptr(2));
-            self.flash_backward(sfx, es, dims, scale, causal, [lse, delta], [dq, dk, dv]);
+            self.flash_backward(sfx, es, dims, (scale, causal), [dout, lse, delta], [dq, dk, dv]);
         } else {
-            let lse = self.scratch(dims.heads * dims.lq * 4).ptr;
+            // The graph's log-sum-exp when the node carries it, else scratch that dies with the node.
+            let lse = if a.lse { self.out_ptr(1) } else { self.scratch(dims.heads * dims.lq * 4).ptr };
             let o = self.out_ptr(0);
             self.flash_forward(sfx, es, dims, scale, causal, o, lse);
         }
@@ -127,20 +147,20 @@ impl Emit<'_, '_> {
         });
     }
 
-    /// dK and dV (one block per 64 keys), then dQ (one block per 64 queries); `stats` is [lse, delta] and `grads`
-    /// [dq, dk, dv].
-    #[allow(clippy::too_many_arguments)]
+    /// dK and dV (one block per 64 keys), then dQ (one block per 64 queries); `reads` is [dout, lse, delta] and
+    /// `grads` [dq, dk, dv].
     fn flash_backward(
         &mut self,
         sfx: &str,
         es: u64,
         x: Dims,
-        scale: f32,
-        causal: bool,
-        stats: [DevPtr; 2],
+        (scale, causal): (f32, bool),
+        reads: [DevPtr; 3],
         grads: [DevPtr; 3],
     ) {
-        let (q, k, v, dout) = (self.in_ptr(0), self.in_ptr(1), self.in_ptr(2), self.in_ptr(3));
+        let (q, k, v) = (self.in_ptr(0), self.in_ptr(1), self.in_ptr(2));
+        let [dout, lse, delta] = reads;
+        let stats = [lse, delta];
         let smem = backward_shared_bytes(x.d);
         let (dkdv, dq_name) =
             (format!("flash_attn_bwd_dkdv_{sfx}_d{}", x.d), format!("flash_attn_bwd_dq_{sfx}_d{}", x.d));
