@@ -483,7 +483,7 @@ fn compile_errors_quote_the_compiler() {
 /// The modules the tests below check; a new kernels/*.cu must be added here with its test. The generated
 /// module `fused_generated` is checked kernel by kernel in tests/emulated/fused_emulated.rs, and `attention`, `check` and
 /// `layout` are checked in tests/emulated/kernels_layout_emulated.rs.
-const TESTED_MODULES: [&str; 15] = [
+const TESTED_MODULES: [&str; 16] = [
     "adamw",
     "attention",
     "binary",
@@ -495,6 +495,8 @@ const TESTED_MODULES: [&str; 15] = [
     "fused_generated",
     "layout",
     "loss",
+    // The tensor-core probes, tested in tests/emulated/mma_emulated.rs (and on a GPU by scripts/gpu-check).
+    "mma_probe",
     "norm",
     "reduce",
     "softmax",
