@@ -1,6 +1,6 @@
 //! `scripts/gpu-check --run` on a machine without a GPU fails cleanly: non-zero exit, one line naming the failed
 //! step and why, a summary table last. With a prepared `.gpu/` (scripts/gpu-check --prepare) the failure is the
-//! probe step's ("CUDA unavailable"); without one, the missing binaries are named.
+//! probe step's ("CUDA unavailable"); without one, the missing archive is named.
 
 use std::process::Command;
 
@@ -21,7 +21,7 @@ fn run_without_a_gpu_fails_in_its_probe_step_with_a_clear_message() {
         .expect("run scripts/gpu-check");
     let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     assert!(!o.status.success(), "gpu-check --run succeeded without a GPU:\n{out}\n{err}");
-    if std::path::Path::new(repo).join(".gpu/bin/cuda_probe").exists() {
+    if std::path::Path::new(repo).join(".gpu/bin.tar.gz").exists() {
         assert!(err.contains("gpu-check: probe FAILED") && err.contains("CUDA unavailable"), "{out}\n{err}");
         assert!(out.lines().last().is_some_and(|l| l.starts_with("| ")), "summary table last:\n{out}");
         assert!(out.contains("| probe | FAILED |") && out.contains("| GEMMs vs CPU | skipped |"), "{out}");
