@@ -240,3 +240,78 @@ fn e_training_step() {
         println!("{dtype}: 3 steps match the CPU; capture + replay equal eager bit for bit");
     }
 }
+
+/// SD 1.5's attention shapes at 512x512 (8 heads; self-attention at the 64x64, 32x32 and 16x16 levels with head dims
+/// 40, 80 and 160; cross-attention over 77 tokens), batch 8 and 32: (what, batch, heads, lq, lk, head dim).
+const SD15_ATTENTION: [(&str, usize, usize, usize, usize, usize); 8] = [
+    ("self 64x64, d 40", 8, 8, 4096, 4096, 40),
+    ("self 32x32, d 80", 8, 8, 1024, 1024, 80),
+    ("self 16x16, d 160", 8, 8, 256, 256, 160),
+    ("cross 64x64 x 77, d 40", 8, 8, 4096, 77, 40),
+    ("self 64x64, d 40", 32, 8, 4096, 4096, 40),
+    ("self 32x32, d 80", 32, 8, 1024, 1024, 80),
+    ("self 16x16, d 160", 32, 8, 256, 256, 160),
+    ("cross 64x64 x 77, d 40", 32, 8, 4096, 77, 40),
+];
+
+/// Mean seconds of one launch of `g` on the GPU with flash attention, inputs random, after 3 untimed launches (the
+/// first eager, the second captured; the timed ones replay the CUDA graph).
+fn time_on_gpu(g: Graph, rng: &mut Rng) -> f64 {
+    let mut p =
+        cuda(StepMode::CaptureAfterFirst).with_flash_attention(true).compile(g).unwrap_or_else(|e| panic!("{e}"));
+    for name in ["q", "k", "v", "dout"] {
+        let Some(id) = p.graph().find(name) else { continue };
+        let s = p.graph().shape(id).clone();
+        let data: Vec<f64> = rng.vec(s.numel());
+        p.upload(id, &HostTensor::from_f64(s, DType::BF16, &data).unwrap()).unwrap();
+    }
+    for _ in 0..3 {
+        p.launch().unwrap();
+    }
+    p.synchronize().unwrap();
+    let runs = 10;
+    let start = std::time::Instant::now();
+    for _ in 0..runs {
+        p.launch().unwrap();
+    }
+    p.synchronize().unwrap();
+    start.elapsed().as_secs_f64() / runs as f64
+}
+
+/// The flash kernels' throughput at SD 1.5's shapes in bf16, one line per shape, in the form
+/// scripts/bench/torch_sdpa.py prints for PyTorch's flash backend on the same GPU. FLOPs by FlashAttention's
+/// convention: forward 4·B·H·Lq·Lk·D (two products), backward 2.5 times that.
+#[test]
+fn f_flash_attention_throughput() {
+    if !gpu_expected() {
+        return;
+    }
+    let mut rng = Rng::new(18);
+    for (what, b, h, lq, lk, d) in SD15_ATTENTION {
+        let scale = F64Bits::new(1.0 / (d as f64).sqrt());
+        let build = |with_backward: bool| {
+            let mut g = Graph::new();
+            let q = g.input("q", [b, h, lq, d], DType::BF16);
+            let k = g.input("k", [b, h, lk, d], DType::BF16);
+            let v = g.input("v", [b, h, lk, d], DType::BF16);
+            let o = g.add_node(Op::Attention { scale, causal: false, lse: false }, &[q, k, v]).unwrap();
+            g.outputs.extend(o);
+            if with_backward {
+                let dout = g.input("dout", [b, h, lq, d], DType::BF16);
+                let grads = g.add_node(Op::AttentionBackward { scale, causal: false, lse: false }, &[q, k, v, dout]);
+                g.outputs.extend(grads.unwrap());
+            }
+            g
+        };
+        let fwd = time_on_gpu(build(false), &mut rng);
+        let both = time_on_gpu(build(true), &mut rng);
+        let flops = 4.0 * (b * h * lq * lk * d) as f64;
+        println!(
+            "attention {what}, batch {b}: forward {:.3} ms ({:.1} TFLOP/s), forward+backward {:.3} ms ({:.1} TFLOP/s)",
+            fwd * 1e3,
+            flops / fwd / 1e12,
+            both * 1e3,
+            3.5 * flops / both / 1e12
+        );
+    }
+}
