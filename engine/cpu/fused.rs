@@ -2,7 +2,8 @@
 //! iteration space, one instruction at a time over the whole block (so each step is a tight,
 //! vectorisable loop), in parallel over contiguous ranges. Anchored groups first compute the
 //! GroupNorm/LayerNorm statistics of each normalisation unit, then run the epilogue as the
-//! normalised values are produced.
+//! normalised values are produced. Groups anchored on a convolution or a matrix product run in
+//! `epilogue.rs`, on the same register program.
 
 use super::elementwise::{as_f32, as_f32_mut, silu_backward_f32, silu_f32, unary_derivative, unary_value};
 use super::float::Float;
@@ -20,14 +21,14 @@ pub fn scratch_len(k: &FusedKernel, slots: usize) -> usize {
 }
 
 /// How an input is read for a range of output elements.
-enum Loader {
+pub(super) enum Loader {
     Same,
     Scalar,
     Broadcast { dims: Vec<usize>, strides: Vec<usize> },
 }
 
 impl Loader {
-    fn new(input: &Shape, out: &Shape) -> Self {
+    pub(super) fn new(input: &Shape, out: &Shape) -> Self {
         if input == out {
             Loader::Same
         } else if input.numel() == 1 {
@@ -104,6 +105,7 @@ impl<T: Float> Norm<'_, T> {
 
 /// Runs `k` with inputs `ins` (each of its `input_shapes`) into `outs` (each of `k.shape`).
 pub fn run<T: Float>(k: &FusedKernel, ins: &[&[T]], outs: &mut [&mut [T]], scratch: &mut [T], slots: usize) {
+    debug_assert!(!k.anchor.is_product(), "product-anchored groups run in epilogue.rs");
     let total = k.shape.numel();
     let loaders: Vec<Loader> = k.input_shapes.iter().map(|s| Loader::new(s, &k.shape)).collect();
     let norm = match &k.anchor {
@@ -117,6 +119,7 @@ pub fn run<T: Float>(k: &FusedKernel, ins: &[&[T]], outs: &mut [&mut [T]], scrat
             let dd = *k.shape.dims().last().unwrap_or(&1);
             Some(Norm { unit: dd, inner: 1, period: dd, gamma: ins[1], beta: ins[2], eps: eps.get() })
         }
+        Anchor::Conv2d { .. } | Anchor::Conv2dBackwardInput { .. } | Anchor::MatMul { .. } => None,
     };
     // Contiguous ranges, one per slot, aligned to normalisation units (or blocks).
     let align = norm.as_ref().map_or(BLOCK, |n| n.unit.max(1));
@@ -170,64 +173,79 @@ fn run_range<T: Float>(
     let mut e0 = from;
     while e0 < to {
         let len = BLOCK.min(to - e0);
-        for (r, ins_r) in k.body.iter().enumerate() {
-            let (before, after) = regs.split_at_mut(r * BLOCK);
-            let dst = &mut after[..len];
-            let src = |a: usize| &before[a * BLOCK..a * BLOCK + len];
-            match *ins_r {
-                Instr::Load(i) => loaders[i].load(ins[i], e0, dst),
-                Instr::Anchor => {
-                    let (nm, mean, rstd) = norm.expect("anchored group");
-                    for (j, d) in dst.iter_mut().enumerate() {
-                        let e = e0 + j;
-                        let c = (e / nm.inner) % nm.period;
-                        *d = (ins[0][e] - mean) * rstd * nm.gamma[c] + nm.beta[c];
-                    }
-                }
-                Instr::Const(c) => dst.fill(T::from_f64(c.get())),
-                Instr::Unary(u, a) => match (u, as_f32(src(a)), as_f32_mut(dst)) {
-                    (UnaryOp::Silu, Some(xf), Some(df)) => silu_f32(xf, df),
-                    _ => {
-                        let dst = &mut after[..len];
-                        for (d, &x) in dst.iter_mut().zip(src(a)) {
-                            *d = unary_value(u, x);
-                        }
-                    }
-                },
-                Instr::UnaryBackward(u, x, dy) => match (u, as_f32(src(x)), as_f32(src(dy)), as_f32_mut(dst)) {
-                    (UnaryOp::Silu, Some(xf), Some(gf), Some(df)) => silu_backward_f32(xf, gf, df),
-                    _ => {
-                        let dst = &mut after[..len];
-                        for ((d, &xv), &g) in dst.iter_mut().zip(src(x)).zip(src(dy)) {
-                            *d = g * unary_derivative(u, xv);
-                        }
-                    }
-                },
-                Instr::Binary(b, a, c) => {
-                    let (xa, xc) = (src(a), src(c));
-                    match b {
-                        BinaryOp::Add => dst.iter_mut().zip(xa).zip(xc).for_each(|((d, &p), &q)| *d = p + q),
-                        BinaryOp::Sub => dst.iter_mut().zip(xa).zip(xc).for_each(|((d, &p), &q)| *d = p - q),
-                        BinaryOp::Mul => dst.iter_mut().zip(xa).zip(xc).for_each(|((d, &p), &q)| *d = p * q),
-                        BinaryOp::Div => dst.iter_mut().zip(xa).zip(xc).for_each(|((d, &p), &q)| *d = p / q),
-                    }
-                }
-                Instr::Affine(a, alpha, beta) => {
-                    let (al, be) = (T::from_f64(alpha.get()), T::from_f64(beta.get()));
-                    for (d, &x) in dst.iter_mut().zip(src(a)) {
-                        *d = x * al + be;
-                    }
-                }
-                Instr::Round(a, dt) => {
-                    for (d, &x) in dst.iter_mut().zip(src(a)) {
-                        *d = round(x, dt);
-                    }
-                }
+        let mut normalised = |dst: &mut [T]| {
+            let (nm, mean, rstd) = norm.expect("anchored group");
+            for (j, d) in dst.iter_mut().enumerate() {
+                let e = e0 + j;
+                let c = (e / nm.inner) % nm.period;
+                *d = (ins[0][e] - mean) * rstd * nm.gamma[c] + nm.beta[c];
             }
-        }
+        };
+        eval_block(k, loaders, ins, regs, e0, len, &mut normalised);
         for (o, &(r, _)) in outs.iter_mut().zip(&k.outputs) {
             o[e0 - base..e0 - base + len].copy_from_slice(&regs[r * BLOCK..r * BLOCK + len]);
         }
         e0 += len;
+    }
+}
+
+/// Evaluates the body for elements `e0..e0 + len` (at most `BLOCK`) of the iteration space into `regs` (`BLOCK`
+/// values per register, one register per instruction); `anchor` writes the anchor's values into its register.
+pub(super) fn eval_block<T: Float>(
+    k: &FusedKernel,
+    loaders: &[Loader],
+    ins: &[&[T]],
+    regs: &mut [T],
+    e0: usize,
+    len: usize,
+    anchor: &mut dyn FnMut(&mut [T]),
+) {
+    for (r, ins_r) in k.body.iter().enumerate() {
+        let (before, after) = regs.split_at_mut(r * BLOCK);
+        let dst = &mut after[..len];
+        let src = |a: usize| &before[a * BLOCK..a * BLOCK + len];
+        match *ins_r {
+            Instr::Load(i) => loaders[i].load(ins[i], e0, dst),
+            Instr::Anchor => anchor(dst),
+            Instr::Const(c) => dst.fill(T::from_f64(c.get())),
+            Instr::Unary(u, a) => match (u, as_f32(src(a)), as_f32_mut(dst)) {
+                (UnaryOp::Silu, Some(xf), Some(df)) => silu_f32(xf, df),
+                _ => {
+                    let dst = &mut after[..len];
+                    for (d, &x) in dst.iter_mut().zip(src(a)) {
+                        *d = unary_value(u, x);
+                    }
+                }
+            },
+            Instr::UnaryBackward(u, x, dy) => match (u, as_f32(src(x)), as_f32(src(dy)), as_f32_mut(dst)) {
+                (UnaryOp::Silu, Some(xf), Some(gf), Some(df)) => silu_backward_f32(xf, gf, df),
+                _ => {
+                    let dst = &mut after[..len];
+                    for ((d, &xv), &g) in dst.iter_mut().zip(src(x)).zip(src(dy)) {
+                        *d = g * unary_derivative(u, xv);
+                    }
+                }
+            },
+            Instr::Binary(b, a, c) => {
+                let (xa, xc) = (src(a), src(c));
+                match b {
+                    BinaryOp::Add => dst.iter_mut().zip(xa).zip(xc).for_each(|((d, &p), &q)| *d = p + q),
+                    BinaryOp::Sub => dst.iter_mut().zip(xa).zip(xc).for_each(|((d, &p), &q)| *d = p - q),
+                    BinaryOp::Mul => dst.iter_mut().zip(xa).zip(xc).for_each(|((d, &p), &q)| *d = p * q),
+                    BinaryOp::Div => dst.iter_mut().zip(xa).zip(xc).for_each(|((d, &p), &q)| *d = p / q),
+                }
+            }
+            Instr::Affine(a, alpha, beta) => {
+                let (al, be) = (T::from_f64(alpha.get()), T::from_f64(beta.get()));
+                for (d, &x) in dst.iter_mut().zip(src(a)) {
+                    *d = x * al + be;
+                }
+            }
+            Instr::Round(a, dt) => {
+                for (d, &x) in dst.iter_mut().zip(src(a)) {
+                    *d = round(x, dt);
+                }
+            }
+        }
     }
 }
