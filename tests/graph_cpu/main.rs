@@ -8,6 +8,7 @@ mod common;
 
 mod accumulation;
 mod codegen;
+mod conv_epilogue;
 mod cpu_kernels;
 mod ddim_schedule;
 mod fusion;
