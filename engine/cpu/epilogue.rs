@@ -89,13 +89,8 @@ pub fn run<T: Float>(
     let (before, rest) = outs.split_at_mut(y_index);
     let (y, after) = rest.split_first_mut().expect("y_index < outs.len()");
     let mut others: Slices<'_, T> = before.iter_mut().chain(after.iter_mut()).map(|o| &mut **o).collect();
-    let program = Epilogue {
-        k,
-        loaders: k.input_shapes.iter().map(|s| Loader::new(s, &k.shape)).collect(),
-        ins,
-        y_index,
-        slots,
-    };
+    let program =
+        Epilogue { k, loaders: k.input_shapes.iter().map(|s| Loader::new(s, &k.shape)).collect(), ins, y_index, slots };
     match k.anchor {
         Anchor::Conv2d { bias, .. } => {
             let s = conv_shape(k).expect("a convolution anchor");
@@ -106,7 +101,14 @@ pub fn run<T: Float>(
         Anchor::Conv2dBackwardInput { .. } => {
             let s = conv_shape(k).expect("a convolution anchor");
             let e = ConvImages::new(&program, &s, &k.shape, &mut others);
-            conv::conv2d_backward_input_then(&s, (ins[0], ins[1]), &mut **y, product_scratch, conv_threads(threads), Some(&e))
+            conv::conv2d_backward_input_then(
+                &s,
+                (ins[0], ins[1]),
+                &mut **y,
+                product_scratch,
+                conv_threads(threads),
+                Some(&e),
+            )
         }
         Anchor::MatMul { trans_a, trans_b } => {
             let a = linalg::Operand { data: ins[0], shape: &k.input_shapes[0], trans: trans_a };

@@ -1158,7 +1158,10 @@ impl Emit<'_, '_> {
                         let dd = *dims.last().unwrap_or(&1) as u64;
                         (dd, 1, dd, eps.get())
                     }
-                    Anchor::None | Anchor::Conv2d { .. } | Anchor::Conv2dBackwardInput { .. } | Anchor::MatMul { .. } => {
+                    Anchor::None
+                    | Anchor::Conv2d { .. }
+                    | Anchor::Conv2dBackwardInput { .. }
+                    | Anchor::MatMul { .. } => {
                         unreachable!("normalisation anchors only: pointwise and product groups return above")
                     }
                 };

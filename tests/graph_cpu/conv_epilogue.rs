@@ -16,7 +16,13 @@ use zeroconv::graph::passes::{self, PassOptions};
 use zeroconv::graph::{DType, Graph, Op, UnaryOp, ValueId};
 
 /// Runs `g` (fused or not) on `threads` threads with `feeds` (by value id of `g`), returns `outs`.
-fn run_graph(g: &Graph, fusion: bool, threads: usize, feeds: &[(ValueId, Vec<f64>)], outs: &[ValueId]) -> Vec<Vec<f64>> {
+fn run_graph(
+    g: &Graph,
+    fusion: bool,
+    threads: usize,
+    feeds: &[(ValueId, Vec<f64>)],
+    outs: &[ValueId],
+) -> Vec<Vec<f64>> {
     let opt = passes::optimize(g, &PassOptions { fusion, ..Default::default() }).unwrap();
     let mut p = CpuBackend::new(threads).compile(opt.graph.clone()).unwrap();
     for (v, data) in feeds {
@@ -43,10 +49,7 @@ fn product_groups(g: &Graph) -> Vec<(Anchor, Vec<String>)> {
 /// Random feeds for every input and parameter of `g`.
 fn feeds(g: &Graph, seed: u64) -> Vec<(ValueId, Vec<f64>)> {
     let mut rng = Rng::new(seed);
-    (0..g.values.len())
-        .filter(|&v| g.values[v].kind.is_source())
-        .map(|v| (v, rng.vec(g.shape(v).numel())))
-        .collect()
+    (0..g.values.len()).filter(|&v| g.values[v].kind.is_source()).map(|v| (v, rng.vec(g.shape(v).numel()))).collect()
 }
 
 /// Fused and unfused runs agree bit for bit, on 1 and 2 threads.
