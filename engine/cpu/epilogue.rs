@@ -96,26 +96,19 @@ pub fn run<T: Float>(
             let s = conv_shape(k).expect("a convolution anchor");
             let e = ConvImages::new(&program, &s, &k.shape, &mut others);
             let operands = (ins[0], ins[1], bias.then(|| ins[2]));
-            conv::conv2d_forward_then(&s, operands, &mut **y, product_scratch, conv_threads(threads), Some(&e))
+            conv::conv2d_forward_then(&s, operands, y, product_scratch, conv_threads(threads), Some(&e))
         }
         Anchor::Conv2dBackwardInput { .. } => {
             let s = conv_shape(k).expect("a convolution anchor");
             let e = ConvImages::new(&program, &s, &k.shape, &mut others);
-            conv::conv2d_backward_input_then(
-                &s,
-                (ins[0], ins[1]),
-                &mut **y,
-                product_scratch,
-                conv_threads(threads),
-                Some(&e),
-            )
+            conv::conv2d_backward_input_then(&s, (ins[0], ins[1]), y, product_scratch, conv_threads(threads), Some(&e))
         }
         Anchor::MatMul { trans_a, trans_b } => {
             let a = linalg::Operand { data: ins[0], shape: &k.input_shapes[0], trans: trans_a };
             let b = linalg::Operand { data: ins[1], shape: &k.input_shapes[1], trans: trans_b };
-            linalg::batched_matmul(a, b, &mut **y, &k.shape, threads);
+            linalg::batched_matmul(a, b, y, &k.shape, threads);
             let every = Pattern { period: MATMUL_TASK, skip: 0, len: MATMUL_TASK };
-            program.spread(0, &every, &mut **y, &mut others, 0, threads);
+            program.spread(0, &every, y, &mut others, 0, threads);
             Ok(())
         }
         Anchor::None | Anchor::GroupNorm { .. } | Anchor::LayerNorm { .. } => {
