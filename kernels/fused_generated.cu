@@ -675,21 +675,6 @@ extern "C" __global__ void fused_groupnorm_silu_7b912d5c(const bf16* __restrict_
     }
 }
 
-// Pointwise [mul mul gelu_erf_backward]. Launch: any 1-D grid and block.
-extern "C" __global__ void fused_mul_gelu_erf_backward_037fa568(const bf16* __restrict__ in0, const bf16* __restrict__ in1, const bf16* __restrict__ in2, const bf16* __restrict__ in3, bf16* __restrict__ out0, bf16* __restrict__ out1, u64 n) {
-    for (u64 i = grid_start(); i < n; i += grid_stride()) {
-        const float r0 = to_f32(in3[i]);
-        const float r1 = to_f32(in0[i]);
-        const float r2 = r0 * r1;
-        const float r3 = to_f32(in1[i]);
-        const float r4 = r0 * r3;
-        const float r5 = to_f32(in2[i]);
-        const float r6 = OpGeluErf::bwd(r5, r4);
-        out0[i] = from_f32<bf16>(r2);
-        out1[i] = from_f32<bf16>(r6);
-    }
-}
-
 // Pointwise [mul gelu_erf_backward]. Launch: any 1-D grid and block.
 extern "C" __global__ void fused_mul_gelu_erf_backward_2faa8edf(const bf16* __restrict__ in0, const bf16* __restrict__ in1, const bf16* __restrict__ in2, bf16* __restrict__ out0, u64 n) {
     for (u64 i = grid_start(); i < n; i += grid_stride()) {
@@ -702,36 +687,15 @@ extern "C" __global__ void fused_mul_gelu_erf_backward_2faa8edf(const bf16* __re
     }
 }
 
-// Pointwise [mul mul gelu_erf_backward]. Launch: any 1-D grid and block.
-extern "C" __global__ void fused_mul_gelu_erf_backward_b6f731a8(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, float* __restrict__ out0, float* __restrict__ out1, u64 n) {
+// Pointwise [mul gelu_erf_backward]. Launch: any 1-D grid and block.
+extern "C" __global__ void fused_mul_gelu_erf_backward_505b3a0a(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, float* __restrict__ out0, u64 n) {
     for (u64 i = grid_start(); i < n; i += grid_stride()) {
-        const float r0 = to_f32(in3[i]);
-        const float r1 = to_f32(in0[i]);
+        const float r0 = to_f32(in0[i]);
+        const float r1 = to_f32(in1[i]);
         const float r2 = r0 * r1;
-        const float r3 = to_f32(in1[i]);
-        const float r4 = r0 * r3;
-        const float r5 = to_f32(in2[i]);
-        const float r6 = OpGeluErf::bwd(r5, r4);
-        out0[i] = from_f32<float>(r2);
-        out1[i] = from_f32<float>(r6);
-    }
-}
-
-// Pointwise [silu]. Launch: any 1-D grid and block.
-extern "C" __global__ void fused_silu_291d1820(const float* __restrict__ in0, float* __restrict__ out0, u64 n) {
-    for (u64 i = grid_start(); i < n; i += grid_stride()) {
-        const float r0 = to_f32(in0[i]);
-        const float r1 = OpSilu::fwd(r0);
-        out0[i] = from_f32<float>(r1);
-    }
-}
-
-// Pointwise [silu]. Launch: any 1-D grid and block.
-extern "C" __global__ void fused_silu_38cecc6f(const bf16* __restrict__ in0, bf16* __restrict__ out0, u64 n) {
-    for (u64 i = grid_start(); i < n; i += grid_stride()) {
-        const float r0 = to_f32(in0[i]);
-        const float r1 = OpSilu::fwd(r0);
-        out0[i] = from_f32<bf16>(r1);
+        const float r3 = to_f32(in2[i]);
+        const float r4 = OpGeluErf::bwd(r3, r2);
+        out0[i] = from_f32<float>(r4);
     }
 }
 
@@ -760,6 +724,34 @@ extern "C" __global__ void fused_silu_backward_add_1ff7edbd(const float* __restr
         const float r9 = to_f32(in4[i]);
         const float r10 = r8 + r9;
         out0[i] = from_f32<float>(r10);
+    }
+}
+
+// Pointwise [silu_backward add add add add add add add add add]. Launch: any 1-D grid and block.
+extern "C" __global__ void fused_silu_backward_add_3a6bfdf0(const bf16* __restrict__ in0, const bf16* __restrict__ in1, const bf16* __restrict__ in2, const bf16* __restrict__ in3, const bf16* __restrict__ in4, const bf16* __restrict__ in5, const bf16* __restrict__ in6, const bf16* __restrict__ in7, const bf16* __restrict__ in8, const bf16* __restrict__ in9, const bf16* __restrict__ in10, bf16* __restrict__ out0, u64 n) {
+    for (u64 i = grid_start(); i < n; i += grid_stride()) {
+        const float r0 = to_f32(in10[i]);
+        const float r1 = to_f32(in0[i]);
+        const float r2 = OpSilu::bwd(r1, r0);
+        const float r3 = to_f32(in1[i]);
+        const float r4 = r2 + r3;
+        const float r5 = to_f32(in2[i]);
+        const float r6 = r4 + r5;
+        const float r7 = to_f32(in3[i]);
+        const float r8 = r6 + r7;
+        const float r9 = to_f32(in4[i]);
+        const float r10 = r8 + r9;
+        const float r11 = to_f32(in5[i]);
+        const float r12 = r10 + r11;
+        const float r13 = to_f32(in6[i]);
+        const float r14 = r12 + r13;
+        const float r15 = to_f32(in7[i]);
+        const float r16 = r14 + r15;
+        const float r17 = to_f32(in8[i]);
+        const float r18 = r16 + r17;
+        const float r19 = to_f32(in9[i]);
+        const float r20 = r18 + r19;
+        out0[i] = from_f32<bf16>(r20);
     }
 }
 
@@ -848,14 +840,5 @@ extern "C" __global__ void fused_silu_backward_d7ac66e9(const bf16* __restrict__
         const float r1 = to_f32(in0[i]);
         const float r2 = OpSilu::bwd(r1, r0);
         out0[i] = from_f32<bf16>(r2);
-    }
-}
-
-// Pointwise [square]. Launch: any 1-D grid and block.
-extern "C" __global__ void fused_square_5994e544(const float* __restrict__ in0, float* __restrict__ out0, u64 n) {
-    for (u64 i = grid_start(); i < n; i += grid_stride()) {
-        const float r0 = to_f32(in0[i]);
-        const float r1 = OpSquare::fwd(r0);
-        out0[i] = from_f32<float>(r1);
     }
 }

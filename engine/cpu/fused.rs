@@ -12,6 +12,7 @@ use crate::graph::UnaryOp;
 use crate::graph::{BinaryOp, DType, Shape};
 use half::{bf16, f16};
 use rayon::prelude::*;
+use smallvec::SmallVec;
 
 /// Elements per block: registers × BLOCK values stay in L1/L2.
 pub const BLOCK: usize = 256;
@@ -24,7 +25,14 @@ pub fn scratch_len(k: &FusedKernel, slots: usize) -> usize {
 pub(super) enum Loader {
     Same,
     Scalar,
-    Broadcast { dims: Vec<usize>, strides: Vec<usize> },
+    /// The output's axes with the input's strides (0 on stretched axes), collapsed: size-1 axes dropped and
+    /// neighbours that stay contiguous in the input merged, so the innermost axis is as long as it can be (a
+    /// per-channel [N, C, 1, 1] input over [N, C, H, W] reads as runs of H·W copies of one value, a bias [D] over
+    /// [B, L, D] as runs of D contiguous values).
+    Broadcast {
+        dims: Vec<usize>,
+        strides: Vec<usize>,
+    },
 }
 
 impl Loader {
@@ -34,7 +42,8 @@ impl Loader {
         } else if input.numel() == 1 {
             Loader::Scalar
         } else {
-            Loader::Broadcast { dims: out.dims().to_vec(), strides: input.broadcast_strides(out) }
+            let (dims, strides) = collapse(out.dims(), &input.broadcast_strides(out));
+            Loader::Broadcast { dims, strides }
         }
     }
 
@@ -43,9 +52,9 @@ impl Loader {
             Loader::Same => dst.copy_from_slice(&src[start..start + dst.len()]),
             Loader::Scalar => dst.fill(src[0]),
             Loader::Broadcast { dims, strides } => {
-                // Odometer over the output index, starting at `start`.
+                // Odometer over the output index, starting at `start`, a run of the innermost axis at a time.
                 let r = dims.len();
-                let mut idx = vec![0usize; r];
+                let mut idx: SmallVec<[usize; 8]> = SmallVec::from_elem(0, r);
                 let mut rem = start;
                 let mut off = 0;
                 for a in (0..r).rev() {
@@ -53,9 +62,26 @@ impl Loader {
                     rem /= dims[a];
                     off += idx[a] * strides[a];
                 }
-                for d in dst.iter_mut() {
-                    *d = src[off];
-                    for a in (0..r).rev() {
+                let inner = r - 1;
+                let (len, stride) = (dims[inner], strides[inner]);
+                let mut at = 0;
+                while at < dst.len() {
+                    let run = (len - idx[inner]).min(dst.len() - at);
+                    let out = &mut dst[at..at + run];
+                    match stride {
+                        0 => out.fill(src[off]),
+                        1 => out.copy_from_slice(&src[off..off + run]),
+                        s => out.iter_mut().enumerate().for_each(|(j, d)| *d = src[off + j * s]),
+                    }
+                    at += run;
+                    idx[inner] += run;
+                    off += run * stride;
+                    if idx[inner] < len {
+                        continue;
+                    }
+                    off -= len * stride;
+                    idx[inner] = 0;
+                    for a in (0..inner).rev() {
                         idx[a] += 1;
                         off += strides[a];
                         if idx[a] < dims[a] {
@@ -68,6 +94,31 @@ impl Loader {
             }
         }
     }
+}
+
+/// `dims` and `strides` with size-1 axes dropped and each axis merged into the one outside it when the pair is
+/// contiguous in the input (outer stride = inner stride × inner size, which includes two stretched axes).
+fn collapse(dims: &[usize], strides: &[usize]) -> (Vec<usize>, Vec<usize>) {
+    let (mut d, mut s): (Vec<usize>, Vec<usize>) = (Vec::new(), Vec::new());
+    for (&n, &st) in dims.iter().zip(strides) {
+        if n == 1 {
+            continue;
+        }
+        if let (Some(ld), Some(ls)) = (d.last_mut(), s.last_mut()) {
+            if *ls == st * n {
+                *ld *= n;
+                *ls = st;
+                continue;
+            }
+        }
+        d.push(n);
+        s.push(st);
+    }
+    if d.is_empty() {
+        d.push(1);
+        s.push(0);
+    }
+    (d, s)
 }
 
 /// Rounds `v` to `dt`'s precision, keeping it in the compute type.
