@@ -1,7 +1,7 @@
 //! What each node must compute and move: the FLOPs and bytes a profiler divides by time, and the
 //! floor (the larger of FLOPs/peak and bytes/bandwidth) a kernel can at best reach.
 
-use super::fusion::Anchor;
+use super::fusion::{Anchor, FusedKernel};
 use super::ir::{Graph, Node};
 use super::op::Op;
 
@@ -52,8 +52,8 @@ pub fn node_cost(g: &Graph, node: &Node) -> Cost {
         Op::GroupNormBackward { .. } | Op::LayerNormBackward { .. } => 12.0 * numel,
         Op::Softmax | Op::SoftmaxBackward => 5.0 * numel,
         Op::Fused(k) => {
-            let per = k.body.len() as f64 + if k.anchor == Anchor::None { 0.0 } else { 8.0 };
-            per * k.shape.numel() as f64
+            let per = k.body.len() as f64 + if k.anchor.is_normalisation() { 8.0 } else { 0.0 };
+            per * k.shape.numel() as f64 + product_flops(k)
         }
         Op::AdamW { .. } => 12.0 * inp(0).numel() as f64,
         Op::AccumulateGrad => inp(0).numel() as f64,
@@ -87,6 +87,23 @@ pub fn node_cost(g: &Graph, node: &Node) -> Cost {
     };
     let bytes = if node.op.is_view() { 0 } else { bytes };
     Cost { flops, bytes: bytes as f64 }
+}
+
+/// The FLOPs of a fused kernel's convolution or matrix product (0 for other anchors).
+fn product_flops(k: &FusedKernel) -> f64 {
+    let (shapes, out) = (&k.input_shapes, k.shape.numel() as f64);
+    // Multiply-adds per output element of the forward (and, for backward-input, per element of dy).
+    let per_row = |w: &crate::graph::Shape| (w.numel() / w.dims()[0].max(1)) as f64;
+    match k.anchor {
+        Anchor::Conv2d { .. } => 2.0 * out * per_row(&shapes[1]),
+        Anchor::Conv2dBackwardInput { .. } => 2.0 * shapes[0].numel() as f64 * per_row(&shapes[1]),
+        Anchor::MatMul { trans_a, .. } => {
+            let a = &shapes[0];
+            let kk = if trans_a { a.dims()[a.rank() - 2] } else { a.dims()[a.rank() - 1] };
+            2.0 * out * kk as f64
+        }
+        Anchor::None | Anchor::GroupNorm { .. } | Anchor::LayerNorm { .. } => 0.0,
+    }
 }
 
 /// The shape a profiler shows for a node: its first output's (or first input's).

@@ -10,6 +10,9 @@
 //!   (`c = (i / inner) % period`).
 //! - broadcast inputs take a `ZcBcast` by value: rank, output dims and the input's strides (0 on
 //!   stretched axes), outermost first.
+//! - anchored on a convolution or a matrix product: the function is the group's epilogue alone
+//!   ([`FusedKernel::split_epilogue`]), a pointwise kernel whose last input is the product's output;
+//!   the library call (cuDNN, cuBLAS) that computes the product comes first.
 
 use crate::error::{Error, Result};
 use crate::graph::fusion::{Anchor, FusedKernel, Instr};
@@ -116,8 +119,23 @@ fn input_kind(k: &FusedKernel, i: usize) -> InputKind {
     }
 }
 
-/// Generates the function for `k`, whose inputs are stored as `in_dtypes`.
+/// Generates the function for `k`, whose inputs are stored as `in_dtypes`: for a group anchored on a convolution
+/// or a matrix product, the function of its epilogue alone (see the module's launch contracts).
 pub fn generate(k: &FusedKernel, in_dtypes: &[DType]) -> Result<Generated> {
+    if let Some(split) = k.split_epilogue() {
+        if in_dtypes.len() != k.input_shapes.len() {
+            return Err(Error::msg(format!(
+                "{}: {} input dtypes for {} inputs",
+                k.name,
+                in_dtypes.len(),
+                k.input_shapes.len()
+            )));
+        }
+        // The product is stored in its operands' type (shape inference: the output takes input 0's dtype).
+        let mut dts: Vec<DType> = split.inputs.iter().map(|&i| in_dtypes[i]).collect();
+        dts.push(in_dtypes[0]);
+        return generate(&split.kernel, &dts);
+    }
     if in_dtypes.len() != k.input_shapes.len() {
         return Err(Error::msg(format!(
             "{}: {} input dtypes for {} inputs",
@@ -201,7 +219,9 @@ pub fn generate(k: &FusedKernel, in_dtypes: &[DType]) -> Result<Generated> {
         let what = match k.anchor {
             Anchor::GroupNorm { .. } => "GroupNorm",
             Anchor::LayerNorm { .. } => "LayerNorm",
-            Anchor::None => unreachable!("anchored kernels have an anchor"),
+            Anchor::None | Anchor::Conv2d { .. } | Anchor::Conv2dBackwardInput { .. } | Anchor::MatMul { .. } => {
+                unreachable!("normalisation anchors only: products are split off above")
+            }
         };
         format!(
             "// {what} + epilogue [{ops}]. Launch: one block per unit, blockDim.x a multiple of 32.\n\

@@ -20,15 +20,24 @@ __device__ __forceinline__ u64 zc_bcast(const ZcBcast& b, u64 i) {
 }
 
 // Pointwise [add add]. Launch: any 1-D grid and block.
-extern "C" __global__ void fused_add_1efe8b32(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, float* __restrict__ out0, float* __restrict__ out1, u64 n) {
+extern "C" __global__ void fused_add_020a0747(const bf16* __restrict__ in0, const bf16* __restrict__ in1, const bf16* __restrict__ in2, bf16* __restrict__ out0, u64 n, ZcBcast b0) {
     for (u64 i = grid_start(); i < n; i += grid_stride()) {
-        const float r0 = to_f32(in0[i]);
-        const float r1 = to_f32(in1[i]);
+        const float r0 = to_f32(in2[i]);
+        const float r1 = to_f32(in0[zc_bcast(b0, i)]);
         const float r2 = r0 + r1;
-        const float r3 = to_f32(in2[i]);
+        const float r3 = to_f32(in1[i]);
         const float r4 = r2 + r3;
+        out0[i] = from_f32<bf16>(r4);
+    }
+}
+
+// Pointwise [add]. Launch: any 1-D grid and block.
+extern "C" __global__ void fused_add_1b74255e(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out0, u64 n) {
+    for (u64 i = grid_start(); i < n; i += grid_stride()) {
+        const float r0 = to_f32(in1[i]);
+        const float r1 = to_f32(in0[i]);
+        const float r2 = r1 + r0;
         out0[i] = from_f32<float>(r2);
-        out1[i] = from_f32<float>(r4);
     }
 }
 
@@ -84,18 +93,6 @@ extern "C" __global__ void fused_add_287b89ec(const float* __restrict__ in0, con
         const float r46 = to_f32(in23[i]);
         const float r47 = r45 + r46;
         out0[i] = from_f32<float>(r47);
-    }
-}
-
-// Pointwise [add add]. Launch: any 1-D grid and block.
-extern "C" __global__ void fused_add_33a06540(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, float* __restrict__ out0, u64 n, ZcBcast b1) {
-    for (u64 i = grid_start(); i < n; i += grid_stride()) {
-        const float r0 = to_f32(in0[i]);
-        const float r1 = to_f32(in1[zc_bcast(b1, i)]);
-        const float r2 = r0 + r1;
-        const float r3 = to_f32(in2[i]);
-        const float r4 = r2 + r3;
-        out0[i] = from_f32<float>(r4);
     }
 }
 
@@ -166,6 +163,28 @@ extern "C" __global__ void fused_add_3a53dece(const float* __restrict__ in0, con
     }
 }
 
+// Pointwise [add]. Launch: any 1-D grid and block.
+extern "C" __global__ void fused_add_4a6b53b4(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out0, u64 n) {
+    for (u64 i = grid_start(); i < n; i += grid_stride()) {
+        const float r0 = to_f32(in1[i]);
+        const float r1 = to_f32(in0[i]);
+        const float r2 = r0 + r1;
+        out0[i] = from_f32<float>(r2);
+    }
+}
+
+// Pointwise [add add]. Launch: any 1-D grid and block.
+extern "C" __global__ void fused_add_597a8e69(const bf16* __restrict__ in0, const bf16* __restrict__ in1, const bf16* __restrict__ in2, bf16* __restrict__ out0, u64 n) {
+    for (u64 i = grid_start(); i < n; i += grid_stride()) {
+        const float r0 = to_f32(in2[i]);
+        const float r1 = to_f32(in0[i]);
+        const float r2 = r0 + r1;
+        const float r3 = to_f32(in1[i]);
+        const float r4 = r2 + r3;
+        out0[i] = from_f32<bf16>(r4);
+    }
+}
+
 // Pointwise [add add add add add add add add add add add add add add add add add add add add add add add add]. Launch: any 1-D grid and block.
 extern "C" __global__ void fused_add_6a07da18(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float* __restrict__ in5, const float* __restrict__ in6, const float* __restrict__ in7, const float* __restrict__ in8, const float* __restrict__ in9, const float* __restrict__ in10, const float* __restrict__ in11, const float* __restrict__ in12, const float* __restrict__ in13, const float* __restrict__ in14, const float* __restrict__ in15, const float* __restrict__ in16, const float* __restrict__ in17, const float* __restrict__ in18, const float* __restrict__ in19, const float* __restrict__ in20, const float* __restrict__ in21, const float* __restrict__ in22, const float* __restrict__ in23, const float* __restrict__ in24, float* __restrict__ out0, u64 n) {
     for (u64 i = grid_start(); i < n; i += grid_stride()) {
@@ -219,6 +238,30 @@ extern "C" __global__ void fused_add_6a07da18(const float* __restrict__ in0, con
         const float r47 = to_f32(in24[i]);
         const float r48 = r46 + r47;
         out0[i] = from_f32<float>(r48);
+    }
+}
+
+// Pointwise [add add]. Launch: any 1-D grid and block.
+extern "C" __global__ void fused_add_6b1ee4bc(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, float* __restrict__ out0, u64 n) {
+    for (u64 i = grid_start(); i < n; i += grid_stride()) {
+        const float r0 = to_f32(in2[i]);
+        const float r1 = to_f32(in0[i]);
+        const float r2 = r0 + r1;
+        const float r3 = to_f32(in1[i]);
+        const float r4 = r2 + r3;
+        out0[i] = from_f32<float>(r4);
+    }
+}
+
+// Pointwise [add add]. Launch: any 1-D grid and block.
+extern "C" __global__ void fused_add_6c6b05b6(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, float* __restrict__ out0, u64 n, ZcBcast b0) {
+    for (u64 i = grid_start(); i < n; i += grid_stride()) {
+        const float r0 = to_f32(in2[i]);
+        const float r1 = to_f32(in0[zc_bcast(b0, i)]);
+        const float r2 = r0 + r1;
+        const float r3 = to_f32(in1[i]);
+        const float r4 = r2 + r3;
+        out0[i] = from_f32<float>(r4);
     }
 }
 
@@ -277,28 +320,33 @@ extern "C" __global__ void fused_add_74538900(const float* __restrict__ in0, con
     }
 }
 
-// Pointwise [add add]. Launch: any 1-D grid and block.
-extern "C" __global__ void fused_add_7be48929(const bf16* __restrict__ in0, const bf16* __restrict__ in1, const bf16* __restrict__ in2, bf16* __restrict__ out0, u64 n, ZcBcast b1) {
+// Pointwise [add]. Launch: any 1-D grid and block.
+extern "C" __global__ void fused_add_906648c6(const bf16* __restrict__ in0, const bf16* __restrict__ in1, bf16* __restrict__ out0, u64 n, ZcBcast b0) {
     for (u64 i = grid_start(); i < n; i += grid_stride()) {
-        const float r0 = to_f32(in0[i]);
-        const float r1 = to_f32(in1[zc_bcast(b1, i)]);
+        const float r0 = to_f32(in1[i]);
+        const float r1 = to_f32(in0[zc_bcast(b0, i)]);
         const float r2 = r0 + r1;
-        const float r3 = to_f32(in2[i]);
-        const float r4 = r2 + r3;
-        out0[i] = from_f32<bf16>(r4);
+        out0[i] = from_f32<bf16>(r2);
     }
 }
 
-// Pointwise [add add]. Launch: any 1-D grid and block.
-extern "C" __global__ void fused_add_b3d6834d(const bf16* __restrict__ in0, const bf16* __restrict__ in1, const bf16* __restrict__ in2, bf16* __restrict__ out0, bf16* __restrict__ out1, u64 n) {
+// Pointwise [add]. Launch: any 1-D grid and block.
+extern "C" __global__ void fused_add_ecea12f6(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out0, u64 n, ZcBcast b0) {
     for (u64 i = grid_start(); i < n; i += grid_stride()) {
-        const float r0 = to_f32(in0[i]);
-        const float r1 = to_f32(in1[i]);
+        const float r0 = to_f32(in1[i]);
+        const float r1 = to_f32(in0[zc_bcast(b0, i)]);
         const float r2 = r0 + r1;
-        const float r3 = to_f32(in2[i]);
-        const float r4 = r2 + r3;
+        out0[i] = from_f32<float>(r2);
+    }
+}
+
+// Pointwise [add]. Launch: any 1-D grid and block.
+extern "C" __global__ void fused_add_ef18ea34(const bf16* __restrict__ in0, const bf16* __restrict__ in1, bf16* __restrict__ out0, u64 n) {
+    for (u64 i = grid_start(); i < n; i += grid_stride()) {
+        const float r0 = to_f32(in1[i]);
+        const float r1 = to_f32(in0[i]);
+        const float r2 = r0 + r1;
         out0[i] = from_f32<bf16>(r2);
-        out1[i] = from_f32<bf16>(r4);
     }
 }
 
@@ -311,6 +359,16 @@ extern "C" __global__ void fused_add_ef9c515b(const bf16* __restrict__ in0, cons
         const float r3 = to_f32(in2[i]);
         const float r4 = r2 + r3;
         out0[i] = from_f32<bf16>(r4);
+    }
+}
+
+// Pointwise [add]. Launch: any 1-D grid and block.
+extern "C" __global__ void fused_add_f3849572(const bf16* __restrict__ in0, const bf16* __restrict__ in1, bf16* __restrict__ out0, u64 n) {
+    for (u64 i = grid_start(); i < n; i += grid_stride()) {
+        const float r0 = to_f32(in1[i]);
+        const float r1 = to_f32(in0[i]);
+        const float r2 = r1 + r0;
+        out0[i] = from_f32<bf16>(r2);
     }
 }
 
@@ -370,22 +428,10 @@ extern "C" __global__ void fused_add_fe247d43(const float* __restrict__ in0, con
 }
 
 // Pointwise [add silu]. Launch: any 1-D grid and block.
-extern "C" __global__ void fused_add_silu_036d09a6(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out0, float* __restrict__ out1, u64 n, ZcBcast b1) {
+extern "C" __global__ void fused_add_silu_693bb538(const bf16* __restrict__ in0, const bf16* __restrict__ in1, bf16* __restrict__ out0, bf16* __restrict__ out1, u64 n, ZcBcast b0) {
     for (u64 i = grid_start(); i < n; i += grid_stride()) {
-        const float r0 = to_f32(in0[i]);
-        const float r1 = to_f32(in1[zc_bcast(b1, i)]);
-        const float r2 = r0 + r1;
-        const float r3 = OpSilu::fwd(r2);
-        out0[i] = from_f32<float>(r2);
-        out1[i] = from_f32<float>(r3);
-    }
-}
-
-// Pointwise [add silu]. Launch: any 1-D grid and block.
-extern "C" __global__ void fused_add_silu_06d72b22(const bf16* __restrict__ in0, const bf16* __restrict__ in1, bf16* __restrict__ out0, bf16* __restrict__ out1, u64 n, ZcBcast b1) {
-    for (u64 i = grid_start(); i < n; i += grid_stride()) {
-        const float r0 = to_f32(in0[i]);
-        const float r1 = to_f32(in1[zc_bcast(b1, i)]);
+        const float r0 = to_f32(in1[i]);
+        const float r1 = to_f32(in0[zc_bcast(b0, i)]);
         const float r2 = r0 + r1;
         const float r3 = OpSilu::fwd(r2);
         out0[i] = from_f32<bf16>(r2);
@@ -394,10 +440,10 @@ extern "C" __global__ void fused_add_silu_06d72b22(const bf16* __restrict__ in0,
 }
 
 // Pointwise [add silu]. Launch: any 1-D grid and block.
-extern "C" __global__ void fused_add_silu_6979322a(const bf16* __restrict__ in0, const bf16* __restrict__ in1, bf16* __restrict__ out0, u64 n, ZcBcast b1) {
+extern "C" __global__ void fused_add_silu_8236f79c(const bf16* __restrict__ in0, const bf16* __restrict__ in1, bf16* __restrict__ out0, u64 n, ZcBcast b0) {
     for (u64 i = grid_start(); i < n; i += grid_stride()) {
-        const float r0 = to_f32(in0[i]);
-        const float r1 = to_f32(in1[zc_bcast(b1, i)]);
+        const float r0 = to_f32(in1[i]);
+        const float r1 = to_f32(in0[zc_bcast(b0, i)]);
         const float r2 = r0 + r1;
         const float r3 = OpSilu::fwd(r2);
         out0[i] = from_f32<bf16>(r3);
@@ -405,13 +451,25 @@ extern "C" __global__ void fused_add_silu_6979322a(const bf16* __restrict__ in0,
 }
 
 // Pointwise [add silu]. Launch: any 1-D grid and block.
-extern "C" __global__ void fused_add_silu_8d000022(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out0, u64 n, ZcBcast b1) {
+extern "C" __global__ void fused_add_silu_9325a0f8(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out0, u64 n, ZcBcast b0) {
     for (u64 i = grid_start(); i < n; i += grid_stride()) {
-        const float r0 = to_f32(in0[i]);
-        const float r1 = to_f32(in1[zc_bcast(b1, i)]);
+        const float r0 = to_f32(in1[i]);
+        const float r1 = to_f32(in0[zc_bcast(b0, i)]);
         const float r2 = r0 + r1;
         const float r3 = OpSilu::fwd(r2);
         out0[i] = from_f32<float>(r3);
+    }
+}
+
+// Pointwise [add silu]. Launch: any 1-D grid and block.
+extern "C" __global__ void fused_add_silu_b47387ac(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out0, float* __restrict__ out1, u64 n, ZcBcast b0) {
+    for (u64 i = grid_start(); i < n; i += grid_stride()) {
+        const float r0 = to_f32(in1[i]);
+        const float r1 = to_f32(in0[zc_bcast(b0, i)]);
+        const float r2 = r0 + r1;
+        const float r3 = OpSilu::fwd(r2);
+        out0[i] = from_f32<float>(r2);
+        out1[i] = from_f32<float>(r3);
     }
 }
 
@@ -462,6 +520,15 @@ extern "C" __global__ void fused_add_sqrt_affine_recip_affine_etc_3593982a(const
         const float r20 = OpRelu::fwd(r19);
         const float r21 = r20 * -1e0f + 1e0f;
         out0[i] = from_f32<float>(r21);
+    }
+}
+
+// Pointwise [cast]. Launch: any 1-D grid and block.
+extern "C" __global__ void fused_cast_dbc21229(const bf16* __restrict__ in0, float* __restrict__ out0, u64 n) {
+    for (u64 i = grid_start(); i < n; i += grid_stride()) {
+        const float r0 = to_f32(in0[i]);
+        const float r1 = r0;
+        out0[i] = from_f32<float>(r1);
     }
 }
 
@@ -632,102 +699,146 @@ extern "C" __global__ void fused_mul_gelu_erf_backward_505b3a0a(const float* __r
     }
 }
 
-// Pointwise [silu_backward silu_backward add silu_backward add silu_backward add]. Launch: any 1-D grid and block.
-extern "C" __global__ void fused_silu_backward_add_silu_backward_add_silu_backward_etc_19780093(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, float* __restrict__ out0, u64 n) {
+// Pointwise [silu_backward]. Launch: any 1-D grid and block.
+extern "C" __global__ void fused_silu_backward_0c3876e3(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out0, u64 n) {
     for (u64 i = grid_start(); i < n; i += grid_stride()) {
-        const float r0 = to_f32(in0[i]);
-        const float r1 = to_f32(in1[i]);
-        const float r2 = OpSilu::bwd(r0, r1);
-        const float r3 = to_f32(in2[i]);
-        const float r4 = OpSilu::bwd(r0, r3);
-        const float r5 = r2 + r4;
-        const float r6 = to_f32(in3[i]);
-        const float r7 = OpSilu::bwd(r0, r6);
-        const float r8 = r5 + r7;
-        const float r9 = to_f32(in4[i]);
-        const float r10 = OpSilu::bwd(r0, r9);
-        const float r11 = r8 + r10;
-        out0[i] = from_f32<float>(r11);
+        const float r0 = to_f32(in1[i]);
+        const float r1 = to_f32(in0[i]);
+        const float r2 = OpSilu::bwd(r1, r0);
+        out0[i] = from_f32<float>(r2);
     }
 }
 
-// Pointwise [silu_backward silu_backward add silu_backward add silu_backward add silu_backward add]. Launch: any 1-D grid and block.
-extern "C" __global__ void fused_silu_backward_add_silu_backward_add_silu_backward_etc_4b00c19d(const bf16* __restrict__ in0, const bf16* __restrict__ in1, const bf16* __restrict__ in2, const bf16* __restrict__ in3, const bf16* __restrict__ in4, const bf16* __restrict__ in5, bf16* __restrict__ out0, u64 n) {
+// Pointwise [silu_backward add add add add]. Launch: any 1-D grid and block.
+extern "C" __global__ void fused_silu_backward_add_1ff7edbd(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float* __restrict__ in5, float* __restrict__ out0, u64 n) {
     for (u64 i = grid_start(); i < n; i += grid_stride()) {
-        const float r0 = to_f32(in0[i]);
-        const float r1 = to_f32(in1[i]);
-        const float r2 = OpSilu::bwd(r0, r1);
-        const float r3 = to_f32(in2[i]);
-        const float r4 = OpSilu::bwd(r0, r3);
-        const float r5 = r2 + r4;
-        const float r6 = to_f32(in3[i]);
-        const float r7 = OpSilu::bwd(r0, r6);
-        const float r8 = r5 + r7;
+        const float r0 = to_f32(in5[i]);
+        const float r1 = to_f32(in0[i]);
+        const float r2 = OpSilu::bwd(r1, r0);
+        const float r3 = to_f32(in1[i]);
+        const float r4 = r2 + r3;
+        const float r5 = to_f32(in2[i]);
+        const float r6 = r4 + r5;
+        const float r7 = to_f32(in3[i]);
+        const float r8 = r6 + r7;
         const float r9 = to_f32(in4[i]);
-        const float r10 = OpSilu::bwd(r0, r9);
-        const float r11 = r8 + r10;
-        const float r12 = to_f32(in5[i]);
-        const float r13 = OpSilu::bwd(r0, r12);
-        const float r14 = r11 + r13;
-        out0[i] = from_f32<bf16>(r14);
+        const float r10 = r8 + r9;
+        out0[i] = from_f32<float>(r10);
     }
 }
 
-// Pointwise [silu_backward silu_backward add silu_backward add silu_backward add silu_backward add]. Launch: any 1-D grid and block.
-extern "C" __global__ void fused_silu_backward_add_silu_backward_add_silu_backward_etc_c2351bb7(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float* __restrict__ in5, float* __restrict__ out0, u64 n) {
+// Pointwise [silu_backward add add add add add add add add add]. Launch: any 1-D grid and block.
+extern "C" __global__ void fused_silu_backward_add_3a6bfdf0(const bf16* __restrict__ in0, const bf16* __restrict__ in1, const bf16* __restrict__ in2, const bf16* __restrict__ in3, const bf16* __restrict__ in4, const bf16* __restrict__ in5, const bf16* __restrict__ in6, const bf16* __restrict__ in7, const bf16* __restrict__ in8, const bf16* __restrict__ in9, const bf16* __restrict__ in10, bf16* __restrict__ out0, u64 n) {
     for (u64 i = grid_start(); i < n; i += grid_stride()) {
-        const float r0 = to_f32(in0[i]);
-        const float r1 = to_f32(in1[i]);
-        const float r2 = OpSilu::bwd(r0, r1);
-        const float r3 = to_f32(in2[i]);
-        const float r4 = OpSilu::bwd(r0, r3);
-        const float r5 = r2 + r4;
-        const float r6 = to_f32(in3[i]);
-        const float r7 = OpSilu::bwd(r0, r6);
-        const float r8 = r5 + r7;
+        const float r0 = to_f32(in10[i]);
+        const float r1 = to_f32(in0[i]);
+        const float r2 = OpSilu::bwd(r1, r0);
+        const float r3 = to_f32(in1[i]);
+        const float r4 = r2 + r3;
+        const float r5 = to_f32(in2[i]);
+        const float r6 = r4 + r5;
+        const float r7 = to_f32(in3[i]);
+        const float r8 = r6 + r7;
         const float r9 = to_f32(in4[i]);
-        const float r10 = OpSilu::bwd(r0, r9);
-        const float r11 = r8 + r10;
-        const float r12 = to_f32(in5[i]);
-        const float r13 = OpSilu::bwd(r0, r12);
-        const float r14 = r11 + r13;
-        out0[i] = from_f32<float>(r14);
+        const float r10 = r8 + r9;
+        const float r11 = to_f32(in5[i]);
+        const float r12 = r10 + r11;
+        const float r13 = to_f32(in6[i]);
+        const float r14 = r12 + r13;
+        const float r15 = to_f32(in7[i]);
+        const float r16 = r14 + r15;
+        const float r17 = to_f32(in8[i]);
+        const float r18 = r16 + r17;
+        const float r19 = to_f32(in9[i]);
+        const float r20 = r18 + r19;
+        out0[i] = from_f32<bf16>(r20);
     }
 }
 
-// Pointwise [silu_backward silu_backward add silu_backward add silu_backward add silu_backward add silu_backward add silu_backward add silu_backward add silu_backward add silu_backward add]. Launch: any 1-D grid and block.
-extern "C" __global__ void fused_silu_backward_add_silu_backward_add_silu_backward_etc_cb1966bd(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float* __restrict__ in5, const float* __restrict__ in6, const float* __restrict__ in7, const float* __restrict__ in8, const float* __restrict__ in9, const float* __restrict__ in10, float* __restrict__ out0, u64 n) {
+// Pointwise [silu_backward add add add]. Launch: any 1-D grid and block.
+extern "C" __global__ void fused_silu_backward_add_4d25c561(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, float* __restrict__ out0, u64 n) {
     for (u64 i = grid_start(); i < n; i += grid_stride()) {
-        const float r0 = to_f32(in0[i]);
-        const float r1 = to_f32(in1[i]);
-        const float r2 = OpSilu::bwd(r0, r1);
-        const float r3 = to_f32(in2[i]);
-        const float r4 = OpSilu::bwd(r0, r3);
-        const float r5 = r2 + r4;
-        const float r6 = to_f32(in3[i]);
-        const float r7 = OpSilu::bwd(r0, r6);
-        const float r8 = r5 + r7;
+        const float r0 = to_f32(in4[i]);
+        const float r1 = to_f32(in0[i]);
+        const float r2 = OpSilu::bwd(r1, r0);
+        const float r3 = to_f32(in1[i]);
+        const float r4 = r2 + r3;
+        const float r5 = to_f32(in2[i]);
+        const float r6 = r4 + r5;
+        const float r7 = to_f32(in3[i]);
+        const float r8 = r6 + r7;
+        out0[i] = from_f32<float>(r8);
+    }
+}
+
+// Pointwise [silu_backward add add add add]. Launch: any 1-D grid and block.
+extern "C" __global__ void fused_silu_backward_add_70e8619f(const bf16* __restrict__ in0, const bf16* __restrict__ in1, const bf16* __restrict__ in2, const bf16* __restrict__ in3, const bf16* __restrict__ in4, const bf16* __restrict__ in5, bf16* __restrict__ out0, u64 n) {
+    for (u64 i = grid_start(); i < n; i += grid_stride()) {
+        const float r0 = to_f32(in5[i]);
+        const float r1 = to_f32(in0[i]);
+        const float r2 = OpSilu::bwd(r1, r0);
+        const float r3 = to_f32(in1[i]);
+        const float r4 = r2 + r3;
+        const float r5 = to_f32(in2[i]);
+        const float r6 = r4 + r5;
+        const float r7 = to_f32(in3[i]);
+        const float r8 = r6 + r7;
         const float r9 = to_f32(in4[i]);
-        const float r10 = OpSilu::bwd(r0, r9);
-        const float r11 = r8 + r10;
-        const float r12 = to_f32(in5[i]);
-        const float r13 = OpSilu::bwd(r0, r12);
-        const float r14 = r11 + r13;
-        const float r15 = to_f32(in6[i]);
-        const float r16 = OpSilu::bwd(r0, r15);
-        const float r17 = r14 + r16;
-        const float r18 = to_f32(in7[i]);
-        const float r19 = OpSilu::bwd(r0, r18);
-        const float r20 = r17 + r19;
-        const float r21 = to_f32(in8[i]);
-        const float r22 = OpSilu::bwd(r0, r21);
-        const float r23 = r20 + r22;
-        const float r24 = to_f32(in9[i]);
-        const float r25 = OpSilu::bwd(r0, r24);
-        const float r26 = r23 + r25;
-        const float r27 = to_f32(in10[i]);
-        const float r28 = OpSilu::bwd(r0, r27);
-        const float r29 = r26 + r28;
-        out0[i] = from_f32<float>(r29);
+        const float r10 = r8 + r9;
+        out0[i] = from_f32<bf16>(r10);
+    }
+}
+
+// Pointwise [silu_backward add add add add add add add add add]. Launch: any 1-D grid and block.
+extern "C" __global__ void fused_silu_backward_add_7f42fead(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float* __restrict__ in5, const float* __restrict__ in6, const float* __restrict__ in7, const float* __restrict__ in8, const float* __restrict__ in9, const float* __restrict__ in10, float* __restrict__ out0, u64 n) {
+    for (u64 i = grid_start(); i < n; i += grid_stride()) {
+        const float r0 = to_f32(in10[i]);
+        const float r1 = to_f32(in0[i]);
+        const float r2 = OpSilu::bwd(r1, r0);
+        const float r3 = to_f32(in1[i]);
+        const float r4 = r2 + r3;
+        const float r5 = to_f32(in2[i]);
+        const float r6 = r4 + r5;
+        const float r7 = to_f32(in3[i]);
+        const float r8 = r6 + r7;
+        const float r9 = to_f32(in4[i]);
+        const float r10 = r8 + r9;
+        const float r11 = to_f32(in5[i]);
+        const float r12 = r10 + r11;
+        const float r13 = to_f32(in6[i]);
+        const float r14 = r12 + r13;
+        const float r15 = to_f32(in7[i]);
+        const float r16 = r14 + r15;
+        const float r17 = to_f32(in8[i]);
+        const float r18 = r16 + r17;
+        const float r19 = to_f32(in9[i]);
+        const float r20 = r18 + r19;
+        out0[i] = from_f32<float>(r20);
+    }
+}
+
+// Pointwise [silu_backward add add add]. Launch: any 1-D grid and block.
+extern "C" __global__ void fused_silu_backward_add_8e313a06(const bf16* __restrict__ in0, const bf16* __restrict__ in1, const bf16* __restrict__ in2, const bf16* __restrict__ in3, const bf16* __restrict__ in4, bf16* __restrict__ out0, u64 n) {
+    for (u64 i = grid_start(); i < n; i += grid_stride()) {
+        const float r0 = to_f32(in4[i]);
+        const float r1 = to_f32(in0[i]);
+        const float r2 = OpSilu::bwd(r1, r0);
+        const float r3 = to_f32(in1[i]);
+        const float r4 = r2 + r3;
+        const float r5 = to_f32(in2[i]);
+        const float r6 = r4 + r5;
+        const float r7 = to_f32(in3[i]);
+        const float r8 = r6 + r7;
+        out0[i] = from_f32<bf16>(r8);
+    }
+}
+
+// Pointwise [silu_backward]. Launch: any 1-D grid and block.
+extern "C" __global__ void fused_silu_backward_d7ac66e9(const bf16* __restrict__ in0, const bf16* __restrict__ in1, bf16* __restrict__ out0, u64 n) {
+    for (u64 i = grid_start(); i < n; i += grid_stride()) {
+        const float r0 = to_f32(in1[i]);
+        const float r1 = to_f32(in0[i]);
+        const float r2 = OpSilu::bwd(r1, r0);
+        out0[i] = from_f32<bf16>(r2);
     }
 }

@@ -138,7 +138,12 @@ pub fn run(args: &ProfileArgs, out: &mut dyn Write) -> Result<()> {
     // Time by op kind, the quick answer to "where does the time go".
     let mut by_kind: std::collections::BTreeMap<String, f64> = Default::default();
     for k in &ranked {
-        let kind = if k.name.starts_with("fused_") {
+        let product = ["conv2d", "conv2d_backward_input", "matmul"];
+        let anchor = k.ops.iter().find(|o| product.contains(&o.as_str()));
+        let kind = if let (true, Some(op)) = (k.name.starts_with("fused_"), anchor) {
+            // A convolution or product with its epilogue: listed under its op, so the shares stay comparable.
+            format!("{op} (+ epilogue)")
+        } else if k.name.starts_with("fused_") {
             "fused (pointwise/norm epilogues/AdamW)".to_string()
         } else {
             k.ops[0].clone()

@@ -12,11 +12,16 @@
 //! unpadded convolution already has `x_n` in the `cols` layout and skips im2col.
 //!
 //! Callers pass the scratch (see the `*_scratch_len` functions); nothing here allocates.
+//!
+//! A fused epilogue (bias, residual and broadcast adds, SiLU: the fusion pass's convolution-anchored
+//! groups) runs on the output while it is in cache: the forward hands each block of output rows to
+//! a [`ConvEpilogue`] right after its product, the backward-input each image after its col2im.
 
 use super::float::Float;
 use super::gemm::{matmul, GemmDims, MatMut, MatRef};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// The sizes of one convolution. Output spatial sizes follow from the others.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -211,6 +216,28 @@ pub fn conv2d_backward_weight_scratch_len(shape: &Conv2dShape, threads: ConvThre
     weight_grad_groups(shape) * shape.weight_len() + buffers * shape.cols_len()
 }
 
+/// Work on a convolution's output while it is in cache (a fused epilogue).
+pub trait ConvEpilogue<T>: Sync {
+    /// Called by `conv2d_forward` once per image and block of output rows, right after that block's product, and
+    /// by `conv2d_backward_input` once per image, after its col2im. Calls may run at the same time (for different
+    /// images).
+    fn apply(&self, call: EpilogueCall<'_, T>);
+}
+
+/// One call of a [`ConvEpilogue`].
+pub struct EpilogueCall<'a, T> {
+    /// The image.
+    pub image: usize,
+    /// Its output rows that are final, in every channel.
+    pub rows: Range<usize>,
+    /// The image's whole output (`channels × rows × width`).
+    pub out_n: &'a mut [T],
+    /// A scratch slot that no call running at the same time uses (below the thread count).
+    pub slot: usize,
+    /// Threads this call may spread over; it then owns slots `slot..slot + threads`.
+    pub threads: usize,
+}
+
 /// `y = conv(x, w) + bias`. `x` is `[N, C, H, W]`, `w` is `[O, C, kh, kw]`, `bias` is `[O]`,
 /// `y` is `[N, O, Ho, Wo]` and is overwritten.
 pub fn conv2d_forward<T: Float>(
@@ -221,6 +248,18 @@ pub fn conv2d_forward<T: Float>(
     y: &mut [T],
     scratch: &mut [T],
     threads: ConvThreads,
+) -> Result<()> {
+    conv2d_forward_then(shape, (x, w, bias), y, scratch, threads, None)
+}
+
+/// [`conv2d_forward`], then `epilogue` on each block of output rows as soon as it is computed.
+pub fn conv2d_forward_then<T: Float>(
+    shape: &Conv2dShape,
+    (x, w, bias): (&[T], &[T], Option<&[T]>),
+    y: &mut [T],
+    scratch: &mut [T],
+    threads: ConvThreads,
+    epilogue: Option<&dyn ConvEpilogue<T>>,
 ) -> Result<()> {
     shape.validate()?;
     check_len("x", x.len(), shape.x_len())?;
@@ -235,7 +274,7 @@ pub fn conv2d_forward<T: Float>(
     let x_img = shape.c * shape.h * shape.w;
     let (pixels, wo) = (shape.out_pixels(), shape.out_w());
     let w_mat = MatRef::new(w, shape.patch_len());
-    let one_image = |n: usize, y_n: &mut [T], cols: &mut [T], gemm_threads: usize| -> Result<()> {
+    let one_image = |n: usize, y_n: &mut [T], cols: &mut [T], gemm_threads: usize, slot: usize| -> Result<()> {
         let x_n = &x[n * x_img..(n + 1) * x_img];
         // The bias goes in first so the products can accumulate onto it: no second pass over y.
         if let Some(bias) = bias {
@@ -249,6 +288,9 @@ pub fn conv2d_forward<T: Float>(
             let y_block = MatMut::new(&mut y_n[first * wo..], pixels);
             let dims = GemmDims::new(shape.o, block, shape.patch_len());
             matmul(dims, w_mat, cols_mat, y_block, bias.is_some(), gemm_threads)?;
+            if let Some(e) = epilogue {
+                e.apply(EpilogueCall { image: n, rows: first..end, out_n: y_n, slot, threads: gemm_threads });
+            }
         }
         Ok(())
     };
@@ -282,6 +324,18 @@ pub fn conv2d_backward_input<T: Float>(
     scratch: &mut [T],
     threads: ConvThreads,
 ) -> Result<()> {
+    conv2d_backward_input_then(shape, (dy, w), dx, scratch, threads, None)
+}
+
+/// [`conv2d_backward_input`], then `epilogue` on each image's dx as soon as it is complete.
+pub fn conv2d_backward_input_then<T: Float>(
+    shape: &Conv2dShape,
+    (dy, w): (&[T], &[T]),
+    dx: &mut [T],
+    scratch: &mut [T],
+    threads: ConvThreads,
+    epilogue: Option<&dyn ConvEpilogue<T>>,
+) -> Result<()> {
     shape.validate()?;
     check_len("dy", dy.len(), shape.y_len())?;
     check_len("weight", w.len(), shape.weight_len())?;
@@ -293,21 +347,26 @@ pub fn conv2d_backward_input<T: Float>(
     let (pixels, wo) = (shape.out_pixels(), shape.out_w());
     let y_img = shape.o * pixels;
     let w_t = MatRef::transposed(w, shape.patch_len());
-    let one_image = |n: usize, dx_n: &mut [T], dcols: &mut [T], gemm_threads: usize| -> Result<()> {
+    let one_image = |n: usize, dx_n: &mut [T], dcols: &mut [T], gemm_threads: usize, slot: usize| -> Result<()> {
         let dy_n = &dy[n * y_img..(n + 1) * y_img];
         if shape.is_pointwise() {
             let dims = GemmDims::new(shape.c, pixels, shape.o);
-            return matmul(dims, w_t, MatRef::new(dy_n, pixels), MatMut::new(dx_n, pixels), false, gemm_threads);
+            matmul(dims, w_t, MatRef::new(dy_n, pixels), MatMut::new(dx_n, pixels), false, gemm_threads)?;
+        } else {
+            // Blocks of output rows overlap in the input rows they read, so their col2im adds up.
+            dx_n.fill(T::ZERO);
+            for (first, end) in shape.blocks() {
+                let block = (end - first) * wo;
+                let dcols = &mut dcols[..shape.patch_len() * block];
+                let dims = GemmDims::new(shape.patch_len(), block, shape.o);
+                let dy_block = MatRef::new(&dy_n[first * wo..], pixels);
+                matmul(dims, w_t, dy_block, MatMut::new(dcols, block), false, gemm_threads)?;
+                col2im_add(shape, dcols, first, end, dx_n, gemm_threads);
+            }
         }
-        // Blocks of output rows overlap in the input rows they read, so their col2im adds up.
-        dx_n.fill(T::ZERO);
-        for (first, end) in shape.blocks() {
-            let block = (end - first) * wo;
-            let dcols = &mut dcols[..shape.patch_len() * block];
-            let dims = GemmDims::new(shape.patch_len(), block, shape.o);
-            let dy_block = MatRef::new(&dy_n[first * wo..], pixels);
-            matmul(dims, w_t, dy_block, MatMut::new(dcols, block), false, gemm_threads)?;
-            col2im_add(shape, dcols, first, end, dx_n, gemm_threads);
+        // dx_n is complete only now: every block of output rows adds into overlapping input rows.
+        if let Some(e) = epilogue {
+            e.apply(EpilogueCall { image: n, rows: 0..shape.h, out_n: dx_n, slot, threads: gemm_threads });
         }
         Ok(())
     };
@@ -442,7 +501,7 @@ pub fn conv2d_backward_bias<T: Float>(shape: &Conv2dShape, dy: &[T], db: &mut [T
     Ok(())
 }
 
-/// Runs `one_image(n, out_n, scratch_n, gemm_threads)` for every image: one after another, or
+/// Runs `one_image(n, out_n, scratch_n, gemm_threads, worker)` for every image: one after another, or
 /// `plan.workers` images at a time, each worker owning a contiguous run of images and a scratch slice.
 fn for_each_image<T: Float>(
     images: usize,
@@ -451,7 +510,7 @@ fn for_each_image<T: Float>(
     out_img: usize,
     scratch: &mut [T],
     scratch_img: usize,
-    one_image: impl Fn(usize, &mut [T], &mut [T], usize) -> Result<()> + Sync,
+    one_image: impl Fn(usize, &mut [T], &mut [T], usize, usize) -> Result<()> + Sync,
 ) -> Result<()> {
     if images == 0 || out_img == 0 {
         return Ok(());
@@ -459,7 +518,7 @@ fn for_each_image<T: Float>(
     if plan.workers == 1 {
         let scratch = &mut scratch[..scratch_img];
         for (n, out_n) in out.chunks_exact_mut(out_img).enumerate() {
-            one_image(n, out_n, scratch, plan.gemm_threads)?;
+            one_image(n, out_n, scratch, plan.gemm_threads, 0)?;
         }
         return Ok(());
     }
@@ -467,7 +526,7 @@ fn for_each_image<T: Float>(
     let workers = images.div_ceil(per_worker);
     let run = |worker: usize, out_run: &mut [T], scratch_w: &mut [T]| -> Result<()> {
         for (i, out_n) in out_run.chunks_exact_mut(out_img).enumerate() {
-            one_image(worker * per_worker + i, out_n, scratch_w, 1)?;
+            one_image(worker * per_worker + i, out_n, scratch_w, 1, worker)?;
         }
         Ok(())
     };

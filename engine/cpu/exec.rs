@@ -141,6 +141,7 @@ fn kernel_scratch_len(g: &Graph, node: &Node, threads: usize) -> usize {
             let geom = AttnGeom::from_shapes(s(0), s(1), s(2), scale.get(), *causal);
             linalg::attention_scratch_len(&geom, threads)
         }
+        Op::Fused(k) if k.anchor.is_product() => super::epilogue::scratch_len(k, threads),
         Op::Fused(k) => super::fused::scratch_len(k, threads),
         // A bucket of several accumulators is packed into one buffer, so it crosses to the other ranks in one
         // transfer; a single one is reduced where it is.
@@ -753,6 +754,7 @@ impl CpuProgram {
             Op::BroadcastTo { .. } => ew::broadcast_to(ins[0], s(0), outs[0], os(0)),
             Op::MseLoss => outs[0][0] = ew::mse_loss(ins[0], ins[1]),
             Op::MseLossBackward => ew::mse_loss_backward(ins[0], ins[1], ins[2][0], outs[0]),
+            Op::Fused(k) if k.anchor.is_product() => super::epilogue::run(k, ins, outs, scratch, self.threads)?,
             Op::Fused(k) => super::fused::run(k, ins, outs, scratch, self.threads),
             Op::Reshape { .. }
             | Op::Cast { .. }

@@ -2,7 +2,8 @@
 //! iteration space, one instruction at a time over the whole block (so each step is a tight,
 //! vectorisable loop), in parallel over contiguous ranges. Anchored groups first compute the
 //! GroupNorm/LayerNorm statistics of each normalisation unit, then run the epilogue as the
-//! normalised values are produced.
+//! normalised values are produced. Groups anchored on a convolution or a matrix product run in
+//! `epilogue.rs`, on the same register program.
 
 use super::elementwise::{as_f32, as_f32_mut, silu_backward_f32, silu_f32, unary_derivative, unary_value};
 use super::float::Float;
@@ -11,6 +12,7 @@ use crate::graph::UnaryOp;
 use crate::graph::{BinaryOp, DType, Shape};
 use half::{bf16, f16};
 use rayon::prelude::*;
+use smallvec::SmallVec;
 
 /// Elements per block: registers × BLOCK values stay in L1/L2.
 pub const BLOCK: usize = 256;
@@ -20,20 +22,28 @@ pub fn scratch_len(k: &FusedKernel, slots: usize) -> usize {
 }
 
 /// How an input is read for a range of output elements.
-enum Loader {
+pub(super) enum Loader {
     Same,
     Scalar,
-    Broadcast { dims: Vec<usize>, strides: Vec<usize> },
+    /// The output's axes with the input's strides (0 on stretched axes), collapsed: size-1 axes dropped and
+    /// neighbours that stay contiguous in the input merged, so the innermost axis is as long as it can be (a
+    /// per-channel [N, C, 1, 1] input over [N, C, H, W] reads as runs of H·W copies of one value, a bias [D] over
+    /// [B, L, D] as runs of D contiguous values).
+    Broadcast {
+        dims: Vec<usize>,
+        strides: Vec<usize>,
+    },
 }
 
 impl Loader {
-    fn new(input: &Shape, out: &Shape) -> Self {
+    pub(super) fn new(input: &Shape, out: &Shape) -> Self {
         if input == out {
             Loader::Same
         } else if input.numel() == 1 {
             Loader::Scalar
         } else {
-            Loader::Broadcast { dims: out.dims().to_vec(), strides: input.broadcast_strides(out) }
+            let (dims, strides) = collapse(out.dims(), &input.broadcast_strides(out));
+            Loader::Broadcast { dims, strides }
         }
     }
 
@@ -42,9 +52,9 @@ impl Loader {
             Loader::Same => dst.copy_from_slice(&src[start..start + dst.len()]),
             Loader::Scalar => dst.fill(src[0]),
             Loader::Broadcast { dims, strides } => {
-                // Odometer over the output index, starting at `start`.
+                // Odometer over the output index, starting at `start`, a run of the innermost axis at a time.
                 let r = dims.len();
-                let mut idx = vec![0usize; r];
+                let mut idx: SmallVec<[usize; 8]> = SmallVec::from_elem(0, r);
                 let mut rem = start;
                 let mut off = 0;
                 for a in (0..r).rev() {
@@ -52,9 +62,26 @@ impl Loader {
                     rem /= dims[a];
                     off += idx[a] * strides[a];
                 }
-                for d in dst.iter_mut() {
-                    *d = src[off];
-                    for a in (0..r).rev() {
+                let inner = r - 1;
+                let (len, stride) = (dims[inner], strides[inner]);
+                let mut at = 0;
+                while at < dst.len() {
+                    let run = (len - idx[inner]).min(dst.len() - at);
+                    let out = &mut dst[at..at + run];
+                    match stride {
+                        0 => out.fill(src[off]),
+                        1 => out.copy_from_slice(&src[off..off + run]),
+                        s => out.iter_mut().enumerate().for_each(|(j, d)| *d = src[off + j * s]),
+                    }
+                    at += run;
+                    idx[inner] += run;
+                    off += run * stride;
+                    if idx[inner] < len {
+                        continue;
+                    }
+                    off -= len * stride;
+                    idx[inner] = 0;
+                    for a in (0..inner).rev() {
                         idx[a] += 1;
                         off += strides[a];
                         if idx[a] < dims[a] {
@@ -67,6 +94,31 @@ impl Loader {
             }
         }
     }
+}
+
+/// `dims` and `strides` with size-1 axes dropped and each axis merged into the one outside it when the pair is
+/// contiguous in the input (outer stride = inner stride × inner size, which includes two stretched axes).
+fn collapse(dims: &[usize], strides: &[usize]) -> (Vec<usize>, Vec<usize>) {
+    let (mut d, mut s): (Vec<usize>, Vec<usize>) = (Vec::new(), Vec::new());
+    for (&n, &st) in dims.iter().zip(strides) {
+        if n == 1 {
+            continue;
+        }
+        if let (Some(ld), Some(ls)) = (d.last_mut(), s.last_mut()) {
+            if *ls == st * n {
+                *ld *= n;
+                *ls = st;
+                continue;
+            }
+        }
+        d.push(n);
+        s.push(st);
+    }
+    if d.is_empty() {
+        d.push(1);
+        s.push(0);
+    }
+    (d, s)
 }
 
 /// Rounds `v` to `dt`'s precision, keeping it in the compute type.
@@ -104,6 +156,7 @@ impl<T: Float> Norm<'_, T> {
 
 /// Runs `k` with inputs `ins` (each of its `input_shapes`) into `outs` (each of `k.shape`).
 pub fn run<T: Float>(k: &FusedKernel, ins: &[&[T]], outs: &mut [&mut [T]], scratch: &mut [T], slots: usize) {
+    debug_assert!(!k.anchor.is_product(), "product-anchored groups run in epilogue.rs");
     let total = k.shape.numel();
     let loaders: Vec<Loader> = k.input_shapes.iter().map(|s| Loader::new(s, &k.shape)).collect();
     let norm = match &k.anchor {
@@ -117,6 +170,7 @@ pub fn run<T: Float>(k: &FusedKernel, ins: &[&[T]], outs: &mut [&mut [T]], scrat
             let dd = *k.shape.dims().last().unwrap_or(&1);
             Some(Norm { unit: dd, inner: 1, period: dd, gamma: ins[1], beta: ins[2], eps: eps.get() })
         }
+        Anchor::Conv2d { .. } | Anchor::Conv2dBackwardInput { .. } | Anchor::MatMul { .. } => None,
     };
     // Contiguous ranges, one per slot, aligned to normalisation units (or blocks).
     let align = norm.as_ref().map_or(BLOCK, |n| n.unit.max(1));
@@ -170,64 +224,79 @@ fn run_range<T: Float>(
     let mut e0 = from;
     while e0 < to {
         let len = BLOCK.min(to - e0);
-        for (r, ins_r) in k.body.iter().enumerate() {
-            let (before, after) = regs.split_at_mut(r * BLOCK);
-            let dst = &mut after[..len];
-            let src = |a: usize| &before[a * BLOCK..a * BLOCK + len];
-            match *ins_r {
-                Instr::Load(i) => loaders[i].load(ins[i], e0, dst),
-                Instr::Anchor => {
-                    let (nm, mean, rstd) = norm.expect("anchored group");
-                    for (j, d) in dst.iter_mut().enumerate() {
-                        let e = e0 + j;
-                        let c = (e / nm.inner) % nm.period;
-                        *d = (ins[0][e] - mean) * rstd * nm.gamma[c] + nm.beta[c];
-                    }
-                }
-                Instr::Const(c) => dst.fill(T::from_f64(c.get())),
-                Instr::Unary(u, a) => match (u, as_f32(src(a)), as_f32_mut(dst)) {
-                    (UnaryOp::Silu, Some(xf), Some(df)) => silu_f32(xf, df),
-                    _ => {
-                        let dst = &mut after[..len];
-                        for (d, &x) in dst.iter_mut().zip(src(a)) {
-                            *d = unary_value(u, x);
-                        }
-                    }
-                },
-                Instr::UnaryBackward(u, x, dy) => match (u, as_f32(src(x)), as_f32(src(dy)), as_f32_mut(dst)) {
-                    (UnaryOp::Silu, Some(xf), Some(gf), Some(df)) => silu_backward_f32(xf, gf, df),
-                    _ => {
-                        let dst = &mut after[..len];
-                        for ((d, &xv), &g) in dst.iter_mut().zip(src(x)).zip(src(dy)) {
-                            *d = g * unary_derivative(u, xv);
-                        }
-                    }
-                },
-                Instr::Binary(b, a, c) => {
-                    let (xa, xc) = (src(a), src(c));
-                    match b {
-                        BinaryOp::Add => dst.iter_mut().zip(xa).zip(xc).for_each(|((d, &p), &q)| *d = p + q),
-                        BinaryOp::Sub => dst.iter_mut().zip(xa).zip(xc).for_each(|((d, &p), &q)| *d = p - q),
-                        BinaryOp::Mul => dst.iter_mut().zip(xa).zip(xc).for_each(|((d, &p), &q)| *d = p * q),
-                        BinaryOp::Div => dst.iter_mut().zip(xa).zip(xc).for_each(|((d, &p), &q)| *d = p / q),
-                    }
-                }
-                Instr::Affine(a, alpha, beta) => {
-                    let (al, be) = (T::from_f64(alpha.get()), T::from_f64(beta.get()));
-                    for (d, &x) in dst.iter_mut().zip(src(a)) {
-                        *d = x * al + be;
-                    }
-                }
-                Instr::Round(a, dt) => {
-                    for (d, &x) in dst.iter_mut().zip(src(a)) {
-                        *d = round(x, dt);
-                    }
-                }
+        let mut normalised = |dst: &mut [T]| {
+            let (nm, mean, rstd) = norm.expect("anchored group");
+            for (j, d) in dst.iter_mut().enumerate() {
+                let e = e0 + j;
+                let c = (e / nm.inner) % nm.period;
+                *d = (ins[0][e] - mean) * rstd * nm.gamma[c] + nm.beta[c];
             }
-        }
+        };
+        eval_block(k, loaders, ins, regs, e0, len, &mut normalised);
         for (o, &(r, _)) in outs.iter_mut().zip(&k.outputs) {
             o[e0 - base..e0 - base + len].copy_from_slice(&regs[r * BLOCK..r * BLOCK + len]);
         }
         e0 += len;
+    }
+}
+
+/// Evaluates the body for elements `e0..e0 + len` (at most `BLOCK`) of the iteration space into `regs` (`BLOCK`
+/// values per register, one register per instruction); `anchor` writes the anchor's values into its register.
+pub(super) fn eval_block<T: Float>(
+    k: &FusedKernel,
+    loaders: &[Loader],
+    ins: &[&[T]],
+    regs: &mut [T],
+    e0: usize,
+    len: usize,
+    anchor: &mut dyn FnMut(&mut [T]),
+) {
+    for (r, ins_r) in k.body.iter().enumerate() {
+        let (before, after) = regs.split_at_mut(r * BLOCK);
+        let dst = &mut after[..len];
+        let src = |a: usize| &before[a * BLOCK..a * BLOCK + len];
+        match *ins_r {
+            Instr::Load(i) => loaders[i].load(ins[i], e0, dst),
+            Instr::Anchor => anchor(dst),
+            Instr::Const(c) => dst.fill(T::from_f64(c.get())),
+            Instr::Unary(u, a) => match (u, as_f32(src(a)), as_f32_mut(dst)) {
+                (UnaryOp::Silu, Some(xf), Some(df)) => silu_f32(xf, df),
+                _ => {
+                    let dst = &mut after[..len];
+                    for (d, &x) in dst.iter_mut().zip(src(a)) {
+                        *d = unary_value(u, x);
+                    }
+                }
+            },
+            Instr::UnaryBackward(u, x, dy) => match (u, as_f32(src(x)), as_f32(src(dy)), as_f32_mut(dst)) {
+                (UnaryOp::Silu, Some(xf), Some(gf), Some(df)) => silu_backward_f32(xf, gf, df),
+                _ => {
+                    let dst = &mut after[..len];
+                    for ((d, &xv), &g) in dst.iter_mut().zip(src(x)).zip(src(dy)) {
+                        *d = g * unary_derivative(u, xv);
+                    }
+                }
+            },
+            Instr::Binary(b, a, c) => {
+                let (xa, xc) = (src(a), src(c));
+                match b {
+                    BinaryOp::Add => dst.iter_mut().zip(xa).zip(xc).for_each(|((d, &p), &q)| *d = p + q),
+                    BinaryOp::Sub => dst.iter_mut().zip(xa).zip(xc).for_each(|((d, &p), &q)| *d = p - q),
+                    BinaryOp::Mul => dst.iter_mut().zip(xa).zip(xc).for_each(|((d, &p), &q)| *d = p * q),
+                    BinaryOp::Div => dst.iter_mut().zip(xa).zip(xc).for_each(|((d, &p), &q)| *d = p / q),
+                }
+            }
+            Instr::Affine(a, alpha, beta) => {
+                let (al, be) = (T::from_f64(alpha.get()), T::from_f64(beta.get()));
+                for (d, &x) in dst.iter_mut().zip(src(a)) {
+                    *d = x * al + be;
+                }
+            }
+            Instr::Round(a, dt) => {
+                for (d, &x) in dst.iter_mut().zip(src(a)) {
+                    *d = round(x, dt);
+                }
+            }
+        }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod conv;
 pub mod elementwise;
+pub mod epilogue;
 pub mod exec;
 pub mod float;
 pub mod fused;

@@ -18,6 +18,7 @@ use crate::graph::fusion::Anchor;
 use crate::graph::{DType, Graph, Node, Op, Shape, ValueId};
 use crate::kernels::codegen;
 
+mod epilogue;
 pub mod flash;
 pub use flash::HEAD_DIMS as FLASH_HEAD_DIMS;
 
@@ -773,6 +774,20 @@ impl Emit<'_, '_> {
     fn matmul(&mut self, ta: bool, tb: bool) -> Result<()> {
         let d = self.one_float_dtype()?;
         let (a, b, out) = (self.in_shape(0).clone(), self.in_shape(1).clone(), self.out_shape(0).clone());
+        self.matmul_into(ta, tb, d, (&a, self.in_ptr(0)), (&b, self.in_ptr(1)), (&out, self.out_ptr(0)));
+        Ok(())
+    }
+
+    /// [`Emit::matmul`] of the given operands, all of dtype `d`, into `out`.
+    fn matmul_into(
+        &mut self,
+        ta: bool,
+        tb: bool,
+        d: DType,
+        (a, a_ptr): (&Shape, DevPtr),
+        (b, b_ptr): (&Shape, DevPtr),
+        (out, out_ptr): (&Shape, DevPtr),
+    ) {
         let (ra, rb, ro) = (a.rank(), b.rank(), out.rank());
         let (a0, a1) = (a.dims()[ra - 2] as u64, a.dims()[ra - 1] as u64);
         let (b0, b1) = (b.dims()[rb - 2] as u64, b.dims()[rb - 1] as u64);
@@ -796,18 +811,35 @@ impl Emit<'_, '_> {
             k,
             alpha: 1.0,
             beta: 0.0,
-            a: MatrixRef { ptr: self.in_ptr(1), dtype: d, ld: b1, stride: if rb == 2 { 0 } else { b0 * b1 } },
-            b: MatrixRef { ptr: self.in_ptr(0), dtype: d, ld: a1, stride: stride_a },
-            c: MatrixRef { ptr: self.out_ptr(0), dtype: d, ld: n, stride: stride_c },
+            a: MatrixRef { ptr: b_ptr, dtype: d, ld: b1, stride: if rb == 2 { 0 } else { b0 * b1 } },
+            b: MatrixRef { ptr: a_ptr, dtype: d, ld: a1, stride: stride_a },
+            c: MatrixRef { ptr: out_ptr, dtype: d, ld: n, stride: stride_c },
             batch,
             compute: GemmCompute::F32,
             workspace: Span::new(DevPtr::NULL, 0),
         }));
-        Ok(())
     }
 
     fn conv(&mut self, direction: ConvDirection, stride: usize, padding: usize) -> Result<()> {
         let d = self.one_float_dtype()?;
+        let bias = (direction == ConvDirection::Forward && self.node.inputs.len() == 3).then(|| self.in_ptr(2));
+        // (operand 0, w, result): (x, w, y) forward, (dy, w, dx) backward-data, (x, dy, dw) backward-filter.
+        let (a, w, r) = (self.in_shape(0).clone(), self.in_shape(1).clone(), self.out_shape(0).clone());
+        let operands = [(&a, self.in_ptr(0)), (&w, self.in_ptr(1)), (&r, self.out_ptr(0))];
+        self.conv_into(direction, stride, padding, d, operands, bias)
+    }
+
+    /// A convolution of dtype `d` on (operand 0, operand 1, result) as [`Emit::conv`] reads them from the node, and
+    /// for the forward with `bias`, the bias added in place.
+    fn conv_into(
+        &mut self,
+        direction: ConvDirection,
+        stride: usize,
+        padding: usize,
+        d: DType,
+        [(in0, in0_ptr), (in1, in1_ptr), (res, res_ptr)]: [(&Shape, DevPtr); 3],
+        bias: Option<DevPtr>,
+    ) -> Result<()> {
         let t4 = |s: &Shape, ptr: DevPtr| -> Result<Tensor4> {
             let dims: [u64; 4] = s
                 .dims()
@@ -819,23 +851,11 @@ impl Emit<'_, '_> {
             Ok(Tensor4 { dims, layout: Layout4::Nchw, dtype: d, ptr })
         };
         let (x, w, y) = match direction {
-            ConvDirection::Forward => (
-                t4(self.in_shape(0), self.in_ptr(0))?,
-                t4(self.in_shape(1), self.in_ptr(1))?,
-                t4(self.out_shape(0), self.out_ptr(0))?,
-            ),
+            ConvDirection::Forward => (t4(in0, in0_ptr)?, t4(in1, in1_ptr)?, t4(res, res_ptr)?),
             // (dy, w) -> dx
-            ConvDirection::BackwardData => (
-                t4(self.out_shape(0), self.out_ptr(0))?,
-                t4(self.in_shape(1), self.in_ptr(1))?,
-                t4(self.in_shape(0), self.in_ptr(0))?,
-            ),
+            ConvDirection::BackwardData => (t4(res, res_ptr)?, t4(in1, in1_ptr)?, t4(in0, in0_ptr)?),
             // (x, dy) -> dw
-            ConvDirection::BackwardFilter => (
-                t4(self.in_shape(0), self.in_ptr(0))?,
-                t4(self.out_shape(0), self.out_ptr(0))?,
-                t4(self.in_shape(1), self.in_ptr(1))?,
-            ),
+            ConvDirection::BackwardFilter => (t4(in0, in0_ptr)?, t4(res, res_ptr)?, t4(in1, in1_ptr)?),
         };
         let w = Filter4 { dims: w.dims, layout: w.layout, dtype: w.dtype, ptr: w.ptr };
         let math = if d == DType::F32 { ConvMath::Fma } else { ConvMath::TensorOp };
@@ -853,17 +873,17 @@ impl Emit<'_, '_> {
             algo: 0,
             workspace: Span::new(DevPtr::NULL, 0),
         }));
-        if direction == ConvDirection::Forward && self.node.inputs.len() == 3 {
+        if let Some(bias) = bias {
             // The bias, added in place: y[n, o, :] += bias[o].
             let [n, o, h, wd] = y.dims;
             let out = Shape(vec![n as usize, o as usize, (h * wd) as usize]);
-            let bias = Shape(vec![o as usize, 1]);
+            let bias_shape = Shape(vec![o as usize, 1]);
             let args = vec![
                 Arg::Ptr(y.ptr),
-                Arg::Ptr(self.in_ptr(2)),
+                Arg::Ptr(bias),
                 Arg::Ptr(y.ptr),
                 Arg::u64(out.numel() as u64),
-                Arg::pod(&BroadcastDims::new(&out, &out, &bias)?),
+                Arg::pod(&BroadcastDims::new(&out, &out, &bias_shape)?),
             ];
             let count = out.numel() as u64;
             self.launch(
@@ -1147,6 +1167,9 @@ impl Emit<'_, '_> {
     }
 
     fn fused(&mut self, k: &crate::graph::fusion::FusedKernel) -> Result<()> {
+        if k.anchor.is_product() {
+            return self.fused_product(k);
+        }
         let dts: Vec<DType> = self.node.inputs.iter().map(|&v| self.g().dtype(v)).collect();
         let gen = codegen::generate(k, &dts)?;
         let n = k.shape.numel() as u64;
@@ -1173,7 +1196,12 @@ impl Emit<'_, '_> {
                         let dd = *dims.last().unwrap_or(&1) as u64;
                         (dd, 1, dd, eps.get())
                     }
-                    Anchor::None => unreachable!("matched above"),
+                    Anchor::None
+                    | Anchor::Conv2d { .. }
+                    | Anchor::Conv2dBackwardInput { .. }
+                    | Anchor::MatMul { .. } => {
+                        unreachable!("normalisation anchors only: pointwise and product groups return above")
+                    }
                 };
                 args.extend([Arg::u64(unit), Arg::u64(inner), Arg::u64(period), Arg::f32(eps as f32)]);
                 // One block per normalisation unit, exactly: these kernels are not grid-stride.

@@ -1,6 +1,8 @@
 //! Every fused kernel the shipped configs generate (kernels/fused_generated.cu) runs under the
 //! CUDA emulation on the CPU and matches the CPU backend's fused-kernel interpreter on the same
-//! inputs, with launches whose blocks and grids do not divide the data.
+//! inputs, with launches whose blocks and grids do not divide the data. A group anchored on a
+//! convolution or a matrix product generates its epilogue alone (the library call computes the
+//! product), so that pointwise kernel is what is checked for it.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -80,8 +82,17 @@ fn generated_fused_kernels_match_the_cpu_backend_under_emulation() {
                     continue;
                 }
                 let n = &opt.graph.nodes[node];
-                let Op::Fused(k) = &n.op else { unreachable!() };
-                let dtypes: Vec<DType> = n.inputs.iter().map(|&v| opt.graph.dtype(v)).collect();
+                let Op::Fused(full) = &n.op else { unreachable!() };
+                let node_dtypes: Vec<DType> = n.inputs.iter().map(|&v| opt.graph.dtype(v)).collect();
+                let (k, dtypes) = match full.split_epilogue() {
+                    Some(split) => {
+                        let mut d: Vec<DType> = split.inputs.iter().map(|&i| node_dtypes[i]).collect();
+                        d.push(node_dtypes[0]);
+                        (split.kernel, d)
+                    }
+                    None => ((**full).clone(), node_dtypes),
+                };
+                let k = &k;
                 let inputs: Vec<HostTensor> = k
                     .input_shapes
                     .iter()
@@ -137,6 +148,9 @@ fn generated_fused_kernels_match_the_cpu_backend_under_emulation() {
                         let dd = *k.shape.dims().last().unwrap();
                         args = args.u64(dd as u64).u64(1).u64(dd as u64).f32(eps.get() as f32);
                         LaunchConfig::new((total / dd) as u32, 64u32)
+                    }
+                    Anchor::Conv2d { .. } | Anchor::Conv2dBackwardInput { .. } | Anchor::MatMul { .. } => {
+                        unreachable!("product-anchored groups were split into their epilogue above")
                     }
                 };
                 // SAFETY: every buffer holds the elements of its tensor, as the kernel indexes them.

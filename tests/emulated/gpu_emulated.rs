@@ -427,6 +427,11 @@ fn run_steps<P: Program>(p: &mut P, s: &Step, dtype: DType, steps: u64) -> Vec<(
 fn compare_with_cpu(dtype: DType, fusion: bool, checkpoint: bool) {
     let what = format!("{dtype} fusion={fusion} checkpoint={checkpoint}");
     let s = training_step(dtype, fusion, checkpoint);
+    if fusion {
+        // Convolution epilogues lower as the library call, then the generated epilogue: make sure some are here.
+        let products = s.graph.nodes.iter().filter(|n| matches!(&n.op, Op::Fused(k) if k.anchor.is_product())).count();
+        assert!(products > 0, "{what}: no convolution- or product-anchored kernel in the fused step");
+    }
     let mut cpu = CpuBackend::new(2).compile(s.graph.clone()).unwrap();
     let mut gpu = emulated().compile(s.graph.clone()).unwrap_or_else(|e| panic!("{what}: {e}"));
     let want = run_steps(&mut cpu, &s, dtype, 3);

@@ -69,18 +69,18 @@ fn fused_and_unfused_training_agree() {
 
 #[test]
 fn fusion_refuses_a_merge_that_would_create_a_cycle() {
-    // a = silu(x); b = conv(a); c = a + b: fusing silu into the add would need the conv inside.
+    // a = silu(x); b = softmax(a); c = a + b: fusing silu into the add would need the softmax inside. (A
+    // convolution in the softmax's place anchors the add instead: tests/graph_cpu/conv_epilogue.rs.)
     let mut g = Graph::new();
     let x = g.input("x", [1, 2, 4, 4], DType::F32);
-    let w = g.param("w", [2, 2, 3, 3], DType::F32, false);
     let a = g.silu(x).unwrap();
-    let b = g.conv2d(a, w, None, 1, 1).unwrap();
+    let b = g.softmax(a).unwrap();
     let c = g.add(a, b).unwrap();
     let d = g.unary(zeroconv::graph::UnaryOp::Exp, c).unwrap();
     g.outputs.push(d);
     let (fused, _, report) = fuse(&g).unwrap();
     assert!(
-        report.log.iter().any(|l| l.starts_with("refuse silu_0 -> add_2") && l.contains("cycle through conv2d_1")),
+        report.log.iter().any(|l| l.starts_with("refuse silu_0 -> add_2") && l.contains("cycle through softmax_1")),
         "{:?}",
         report.log
     );
@@ -167,7 +167,10 @@ fn bench_small_kernel_counts() {
     let (fused, report) = count("True");
     let (unfused, _) = count("False");
     assert_eq!(unfused, 1338, "unfused kernel count changed");
-    assert_eq!(fused, 1064, "fused kernel count changed");
+    // 1064 before convolutions and matrix products anchored epilogues (issue 15): their residual and
+    // time-embedding adds, linear biases and, in the backward, SiLU's backward and gradient sums joined them (a
+    // product that is also read elsewhere keeps no epilogue: see graph/fusion/pass.rs).
+    assert_eq!(fused, 907, "fused kernel count changed");
     let r = report.unwrap();
     assert!(r.peak_after <= r.peak_before, "fusion raised bench_small's planned peak");
 }

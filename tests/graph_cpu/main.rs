@@ -9,6 +9,7 @@ mod common;
 mod accumulation;
 mod attention_lse;
 mod codegen;
+mod conv_epilogue;
 mod cpu_kernels;
 mod ddim_schedule;
 mod fusion;
