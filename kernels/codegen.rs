@@ -122,20 +122,6 @@ fn input_kind(k: &FusedKernel, i: usize) -> InputKind {
 /// Generates the function for `k`, whose inputs are stored as `in_dtypes`: for a group anchored on a convolution
 /// or a matrix product, the function of its epilogue alone (see the module's launch contracts).
 pub fn generate(k: &FusedKernel, in_dtypes: &[DType]) -> Result<Generated> {
-    if let Some(split) = k.split_epilogue() {
-        if in_dtypes.len() != k.input_shapes.len() {
-            return Err(Error::msg(format!(
-                "{}: {} input dtypes for {} inputs",
-                k.name,
-                in_dtypes.len(),
-                k.input_shapes.len()
-            )));
-        }
-        // The product is stored in its operands' type (shape inference: the output takes input 0's dtype).
-        let mut dts: Vec<DType> = split.inputs.iter().map(|&i| in_dtypes[i]).collect();
-        dts.push(in_dtypes[0]);
-        return generate(&split.kernel, &dts);
-    }
     if in_dtypes.len() != k.input_shapes.len() {
         return Err(Error::msg(format!(
             "{}: {} input dtypes for {} inputs",
@@ -143,6 +129,12 @@ pub fn generate(k: &FusedKernel, in_dtypes: &[DType]) -> Result<Generated> {
             in_dtypes.len(),
             k.input_shapes.len()
         )));
+    }
+    if let Some(split) = k.split_epilogue() {
+        // The product is stored in its operands' type (shape inference: the output takes input 0's dtype).
+        let mut dts: Vec<DType> = split.inputs.iter().map(|&i| in_dtypes[i]).collect();
+        dts.push(in_dtypes[0]);
+        return generate(&split.kernel, &dts);
     }
     let kinds: Vec<InputKind> = (0..in_dtypes.len()).map(|i| input_kind(k, i)).collect();
     if k.shape.rank() > MAX_RANK {
