@@ -19,7 +19,6 @@ use zeroconv::engine::cpu::CpuBackend;
 use zeroconv::engine::cuda::CudaDevice;
 use zeroconv::engine::gpu::{GpuBackend, GpuProgram, StepMode};
 use zeroconv::engine::{Backend, HostTensor, Program};
-use zeroconv::graph::optim::{adamw_hyper, AdamWConfig, HYPER_INPUT};
 use zeroconv::graph::{DType, F64Bits, Graph, Op, Shape, UnaryOp, ValueId};
 use zeroconv::Error;
 
@@ -189,26 +188,6 @@ fn training_step(dtype: DType) -> Step {
     nets::training_step(&NetSpec { batch: 2, in_ch: 3, ch: 8, hw: 8, blocks: 2, checkpoint: false, dtype }, true)
 }
 
-/// Loss and parameters after each of `steps` steps.
-fn run_steps<P: Program>(p: &mut P, s: &Step, dtype: DType, steps: u64) -> Vec<(f64, Vec<Vec<f64>>)> {
-    for (v, t) in &s.init {
-        p.upload(*v, t).unwrap();
-    }
-    let n = 2 * 3 * 64;
-    (1..=steps)
-        .map(|t| {
-            let mut rng = Rng::new(100 + t);
-            p.upload_named("x", &HostTensor::from_f64([2, 3, 8, 8], dtype, &rng.vec(n)).unwrap()).unwrap();
-            p.upload_named("target", &HostTensor::from_f64([2, 3, 8, 8], dtype, &rng.vec(n)).unwrap()).unwrap();
-            let hyper = adamw_hyper(&AdamWConfig::default(), 1e-3, t);
-            p.upload_named(HYPER_INPUT, &HostTensor::from_f64([3], DType::F32, &hyper).unwrap()).unwrap();
-            p.launch().unwrap_or_else(|e| panic!("step {t}: {e}"));
-            let loss = p.download(s.loss).unwrap().to_f64()[0];
-            (loss, s.params.iter().map(|&v| p.download(v).unwrap().to_f64()).collect())
-        })
-        .collect()
-}
-
 #[test]
 fn e_training_step() {
     if !gpu_expected() {
@@ -218,8 +197,8 @@ fn e_training_step() {
         let s = training_step(dtype);
         let mut cpu = CpuBackend::new(2).compile(s.graph.clone()).unwrap();
         let mut gpu: GpuProgram<CudaDevice> = cuda(StepMode::CaptureAfterFirst).compile(s.graph.clone()).unwrap();
-        let want = run_steps(&mut cpu, &s, dtype, 3);
-        let got = run_steps(&mut gpu, &s, dtype, 3);
+        let want = s.run_steps(&mut cpu, 1e-3, 3);
+        let got = s.run_steps(&mut gpu, 1e-3, 3);
         let tol = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
         for (t, ((gl, gp), (wl, wp))) in got.iter().zip(&want).enumerate() {
             let e = ((gl - wl) / wl.abs().max(1e-6)).abs();
@@ -232,7 +211,7 @@ fn e_training_step() {
         }
         // The same program eagerly: steps 2 and 3 above were a capture and a replay, so they must match bit for bit.
         let mut eager: GpuProgram<CudaDevice> = cuda(StepMode::Eager).compile(s.graph.clone()).unwrap();
-        let e = run_steps(&mut eager, &s, dtype, 3);
+        let e = s.run_steps(&mut eager, 1e-3, 3);
         for (t, (x, y)) in e.iter().zip(&got).enumerate() {
             assert_eq!(x.0.to_bits(), y.0.to_bits(), "{dtype} step {}: replayed loss differs from eager", t + 1);
             assert!(x.1 == y.1, "{dtype} step {}: replayed parameters differ from eager", t + 1);

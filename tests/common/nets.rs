@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use super::Rng;
-use zeroconv::engine::HostTensor;
+use zeroconv::engine::{HostTensor, Program};
 use zeroconv::graph::{DType, Graph, Shape, ValueId};
 use zeroconv::Result;
 
@@ -159,6 +159,50 @@ pub struct TrainingStep {
     pub init: Vec<(ValueId, HostTensor)>,
     pub loss: ValueId,
     pub params: Vec<ValueId>,
+}
+
+impl TrainingStep {
+    /// Uploads the parameters' initial values into `p`.
+    pub fn upload_init<P: Program>(&self, p: &mut P) {
+        for (v, t) in &self.init {
+            p.upload(*v, t).unwrap();
+        }
+    }
+
+    /// Step `t`'s inputs: `x` and `target` drawn (in that order) from a generator seeded by the step, so every
+    /// backend trains on the same data, in the graph's shapes and dtype; and AdamW's hyper-parameters at rate `lr`.
+    pub fn step_inputs(&self, t: u64, lr: f64) -> Vec<(&'static str, HostTensor)> {
+        use zeroconv::graph::optim::{adamw_hyper, AdamWConfig, HYPER_INPUT};
+        let mut rng = Rng::new(100 + t);
+        let mut draw = |name: &'static str| {
+            let value = self.graph.value(self.graph.find(name).expect("the step has this input"));
+            let data = rng.vec(value.shape.numel());
+            (name, HostTensor::from_f64(value.shape.clone(), value.dtype, &data).unwrap())
+        };
+        let (x, target) = (draw("x"), draw("target"));
+        let hyper = adamw_hyper(&AdamWConfig::default(), lr, t);
+        vec![x, target, (HYPER_INPUT, HostTensor::from_f64([3], DType::F32, &hyper).unwrap())]
+    }
+
+    /// Uploads step `t`'s inputs ([`TrainingStep::step_inputs`]) into `p`.
+    pub fn upload_step_inputs<P: Program>(&self, p: &mut P, t: u64, lr: f64) {
+        for (name, x) in self.step_inputs(t, lr) {
+            p.upload_named(name, &x).unwrap();
+        }
+    }
+
+    /// From the initial values, `steps` steps at rate `lr`: each step's loss and parameters.
+    pub fn run_steps<P: Program>(&self, p: &mut P, lr: f64, steps: u64) -> Vec<(f64, Vec<Vec<f64>>)> {
+        self.upload_init(p);
+        (1..=steps)
+            .map(|t| {
+                self.upload_step_inputs(p, t, lr);
+                p.launch().unwrap_or_else(|e| panic!("step {t}: {e}"));
+                let loss = p.download(self.loss).unwrap().to_f64()[0];
+                (loss, self.params.iter().map(|&v| p.download(v).unwrap().to_f64()).collect())
+            })
+            .collect()
+    }
 }
 
 pub fn training_step(spec: &NetSpec, fusion: bool) -> TrainingStep {

@@ -20,7 +20,6 @@ use zeroconv::engine::device::{Arg, DevPtr, Device, KernelRef, Launch, LaunchDim
 use zeroconv::engine::gpu::lower::Cmd;
 use zeroconv::engine::gpu::{lower_graph, GpuBackend, GpuProgram};
 use zeroconv::engine::{Backend, HostTensor, Program};
-use zeroconv::graph::optim::{adamw_hyper, AdamWConfig, HYPER_INPUT};
 use zeroconv::graph::{DType, F64Bits, Graph, Op, ValueId};
 
 fn flash_backend() -> GpuBackend<EmuDevice> {
@@ -347,35 +346,9 @@ fn training_step_checkpointed(dtype: DType, checkpoint: bool) -> Step {
     nets::training_step(&NetSpec { batch: 2, in_ch: 3, ch: 40, hw: 4, blocks: 1, checkpoint, dtype }, true)
 }
 
-fn step_inputs(t: u64, dtype: DType) -> Vec<(&'static str, HostTensor)> {
-    let mut rng = Rng::new(100 + t);
-    let n = 2 * 3 * 16;
-    // A small rate: AdamW's first steps move each weight by about ±lr whatever its gradient, so a gradient near 0
-    // that rounds to the other sign in bf16 moves that weight the other way; 1e-4 keeps that within bf16's tolerance.
-    let hyper = adamw_hyper(&AdamWConfig::default(), 1e-4, t);
-    vec![
-        ("x", HostTensor::from_f64([2, 3, 4, 4], dtype, &rng.vec(n)).unwrap()),
-        ("target", HostTensor::from_f64([2, 3, 4, 4], dtype, &rng.vec(n)).unwrap()),
-        (HYPER_INPUT, HostTensor::from_f64([3], DType::F32, &hyper).unwrap()),
-    ]
-}
-
-/// Runs `steps` steps; returns each step's loss and parameters.
-fn run_steps<P: Program>(p: &mut P, s: &Step, dtype: DType, steps: u64) -> Vec<(f64, Vec<Vec<f64>>)> {
-    for (v, t) in &s.init {
-        p.upload(*v, t).unwrap();
-    }
-    (1..=steps)
-        .map(|t| {
-            for (name, x) in step_inputs(t, dtype) {
-                p.upload_named(name, &x).unwrap();
-            }
-            p.launch().unwrap_or_else(|e| panic!("step {t}: {e}"));
-            let loss = p.download(s.loss).unwrap().to_f64()[0];
-            (loss, s.params.iter().map(|&v| p.download(v).unwrap().to_f64()).collect())
-        })
-        .collect()
-}
+/// A small rate: AdamW's first steps move each weight by about ±lr whatever its gradient, so a gradient near 0 that
+/// rounds to the other sign in bf16 moves that weight the other way; 1e-4 keeps that within bf16's tolerance.
+const LR: f64 = 1e-4;
 
 #[test]
 fn a_bf16_training_step_with_flash_matches_the_cpu_over_three_steps() {
@@ -401,14 +374,10 @@ fn a_bf16_training_step_with_flash_matches_the_cpu_over_three_steps() {
 
     // Node by node on step 1's inputs: the first node that diverges is named.
     let mut cpu = CpuBackend::new(2).compile(s.graph.clone()).unwrap();
-    for (v, t) in &s.init {
-        cpu.upload(*v, t).unwrap();
-        gpu.upload(*v, t).unwrap();
-    }
-    for (name, x) in step_inputs(1, dtype) {
-        cpu.upload_named(name, &x).unwrap();
-        gpu.upload_named(name, &x).unwrap();
-    }
+    s.upload_init(&mut cpu);
+    s.upload_init(&mut gpu);
+    s.upload_step_inputs(&mut cpu, 1, LR);
+    s.upload_step_inputs(&mut gpu, 1, LR);
     for (i, node) in s.graph.nodes.iter().enumerate() {
         cpu.launch_node(i).unwrap();
         gpu.launch_node(i).unwrap_or_else(|e| panic!("node {i}: {e}"));
@@ -421,8 +390,8 @@ fn a_bf16_training_step_with_flash_matches_the_cpu_over_three_steps() {
     // Three whole steps on fresh programs: eager, captured and replayed, replayed.
     let mut cpu = CpuBackend::new(2).compile(s.graph.clone()).unwrap();
     let mut gpu = flash_backend().compile(s.graph.clone()).unwrap();
-    let want = run_steps(&mut cpu, &s, dtype, 3);
-    let got = run_steps(&mut gpu, &s, dtype, 3);
+    let want = s.run_steps(&mut cpu, LR, 3);
+    let got = s.run_steps(&mut gpu, LR, 3);
     for (t, ((gl, gs), (wl, ws))) in got.iter().zip(&want).enumerate() {
         let e = ((gl - wl) / wl.abs().max(1e-6)).abs();
         assert!(e <= 2e-2, "step {} loss {gl} vs cpu {wl}", t + 1);
@@ -458,7 +427,7 @@ fn a_checkpointed_bf16_step_with_flash_reads_the_recomputed_forward() {
     assert!(!backward_kernel_names(&gpu).iter().any(|n| n.starts_with("flash_attn_fwd")));
 
     let mut cpu = CpuBackend::new(2).compile(s.graph.clone()).unwrap();
-    let (want, got) = (run_steps(&mut cpu, &s, dtype, 1), run_steps(&mut gpu, &s, dtype, 1));
+    let (want, got) = (s.run_steps(&mut cpu, LR, 1), s.run_steps(&mut gpu, LR, 1));
     let (gl, wl) = (got[0].0, want[0].0);
     assert!(((gl - wl) / wl.abs().max(1e-6)).abs() <= 2e-2, "loss {gl} vs cpu {wl}");
     for (i, (a, b)) in got[0].1.iter().zip(&want[0].1).enumerate() {

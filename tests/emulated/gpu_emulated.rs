@@ -14,7 +14,6 @@ use zeroconv::engine::cpu::CpuBackend;
 use zeroconv::engine::device::emu::{EmuDevice, EmuOptions};
 use zeroconv::engine::gpu::{GpuBackend, GpuProgram, StepMode};
 use zeroconv::engine::{Backend, HostTensor, Program};
-use zeroconv::graph::optim::{adamw_hyper, AdamWConfig, HYPER_INPUT};
 use zeroconv::graph::{BinaryOp, DType, F64Bits, Graph, Op, Shape, UnaryOp, ValueId};
 
 const FLOATS: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
@@ -375,6 +374,8 @@ fn training_step(dtype: DType, fusion: bool, checkpoint: bool) -> Step {
     nets::training_step(&NetSpec { batch: 2, in_ch: 3, ch: 8, hw: 4, blocks: 2, checkpoint, dtype }, fusion)
 }
 
+/// bf16: a small rate, so the first steps (which move each weight by about ±lr whatever its gradient) keep the weights
+/// within bf16's tolerance of the CPU's; f32 checks the update itself at full size.
 fn lr(dtype: DType) -> f64 {
     if dtype == DType::F32 {
         1e-2
@@ -383,25 +384,8 @@ fn lr(dtype: DType) -> f64 {
     }
 }
 
-fn step_inputs(t: u64, dtype: DType) -> Vec<(&'static str, HostTensor)> {
-    let mut rng = Rng::new(100 + t);
-    let n = 2 * 3 * 16;
-    vec![
-        ("x", HostTensor::from_f64([2, 3, 4, 4], dtype, &rng.vec(n)).unwrap()),
-        ("target", HostTensor::from_f64([2, 3, 4, 4], dtype, &rng.vec(n)).unwrap()),
-        // bf16: a small rate, so the first steps (which move each weight by about ±lr whatever its gradient) keep the
-        // weights within bf16's tolerance of the CPU's; f32 checks the update itself at full size.
-        (
-            HYPER_INPUT,
-            HostTensor::from_f64([3], DType::F32, &adamw_hyper(&AdamWConfig::default(), lr(dtype), t)).unwrap(),
-        ),
-    ]
-}
-
 fn run_steps<P: Program>(p: &mut P, s: &Step, dtype: DType, steps: u64) -> Vec<(f64, Vec<Vec<f64>>)> {
-    for (v, t) in &s.init {
-        p.upload(*v, t).unwrap();
-    }
+    s.upload_init(p);
     let moments: Vec<ValueId> = s
         .params
         .iter()
@@ -413,9 +397,7 @@ fn run_steps<P: Program>(p: &mut P, s: &Step, dtype: DType, steps: u64) -> Vec<(
         .collect();
     let mut out = Vec::new();
     for t in 1..=steps {
-        for (name, x) in step_inputs(t, dtype) {
-            p.upload_named(name, &x).unwrap();
-        }
+        s.upload_step_inputs(p, t, lr(dtype));
         p.launch().unwrap_or_else(|e| panic!("step {t}: {e}"));
         let loss = p.download(s.loss).unwrap().to_f64()[0];
         let state = s.params.iter().chain(&moments).map(|&v| p.download(v).unwrap().to_f64()).collect();
@@ -491,14 +473,10 @@ fn lockstep(dtype: DType, fusion: bool, checkpoint: bool) {
     let s = training_step(dtype, fusion, checkpoint);
     let mut cpu = CpuBackend::new(2).compile(s.graph.clone()).unwrap();
     let mut gpu = emulated().compile(s.graph.clone()).unwrap();
-    for (v, t) in &s.init {
-        cpu.upload(*v, t).unwrap();
-        gpu.upload(*v, t).unwrap();
-    }
-    for (name, x) in step_inputs(1, dtype) {
-        cpu.upload_named(name, &x).unwrap();
-        gpu.upload_named(name, &x).unwrap();
-    }
+    s.upload_init(&mut cpu);
+    s.upload_init(&mut gpu);
+    s.upload_step_inputs(&mut cpu, 1, lr(dtype));
+    s.upload_step_inputs(&mut gpu, 1, lr(dtype));
     let tol = if dtype == DType::F32 { 1e-4 } else { 5e-2 };
     for (i, node) in s.graph.nodes.iter().enumerate() {
         cpu.launch_node(i).unwrap();
