@@ -19,6 +19,13 @@ pub fn ldmatrix_slots() -> Vec<i32> {
     (0..32).map(|r| (7 * r + 3) % 32).collect()
 }
 
+/// (row, column) of accumulator `i` (0..4) of `lane` in a 16x8 tile, as the PTX ISA's m16n8k16 table gives it (written
+/// from the table, not from kernels/mma.cuh).
+pub fn c_fragment(lane: usize, i: usize) -> (usize, usize) {
+    let (group, thread) = (lane >> 2, lane % 4);
+    (if i < 2 { group } else { group + 8 }, thread * 2 + (i & 1))
+}
+
 /// One m16n8k16 case: (name, A 16x16, B 16x8, C 16x8), row-major.
 pub type MmaCase = (&'static str, Vec<f64>, Vec<f64>, Vec<f64>);
 
@@ -89,11 +96,10 @@ pub fn run<D: Device>(dev: &mut D) -> Vec<(String, Vec<u8>)> {
     for (dtype, kernel) in [(DType::BF16, "mma_tile_bf16"), (DType::F16, "mma_tile_f16")] {
         for (case, a, b, c) in mma_cases() {
             let bt: Vec<f64> = (0..128).map(|e| b[(e % 16) * 8 + e / 16]).collect();
-            // C as fragments, lane-major: the accumulator table's (row g or g + 8, column 2t or 2t + 1).
+            // C as fragments, lane-major, through the accumulator table.
             let c_frag: Vec<f32> = (0..128)
                 .map(|e| {
-                    let (lane, i) = (e / 4, e % 4);
-                    let (row, col) = (lane / 4 + if i >= 2 { 8 } else { 0 }, (lane % 4) * 2 + (i & 1));
+                    let (row, col) = c_fragment(e / 4, e % 4);
                     c[row * 8 + col] as f32
                 })
                 .collect();

@@ -3,7 +3,8 @@
 //!
 //! - ldmatrix (.x1/.x2/.x4, plain and .trans) on an identity-coded tile (every element holds its own coordinates)
 //!   whose rows are scattered in shared memory: each lane's registers must hold exactly the elements the PTX ISA's
-//!   table gives, transcribed a second time here (`a_fragment`, `b_fragment`, `c_fragment`, `ldmatrix_element`).
+//!   table gives, transcribed a second time here (`a_fragment`, `b_fragment`, `ldmatrix_element`; `c_fragment` in
+//!   tests/common/mma_probe.rs, which the GPU check shares).
 //! - mma on fragments loaded by ldmatrix (so the ldmatrix and mma tables must agree, as they do on a GPU) against a
 //!   naive product: identity and selection tiles, which make any misplaced element show as a wrong exact value,
 //!   and random tiles in bf16 and f16, with B loaded both ways (ldmatrix of Bᵀ's rows, ldmatrix.trans of B's rows).
@@ -19,6 +20,7 @@ use zeroconv::kernels::emulate::{self, DeviceBuffer, EmuModule, KernelArgs, Laun
 
 use crate::common;
 use common::emulated::SCHEDULES;
+use common::mma_probe::c_fragment;
 use common::Rng;
 
 const SOURCE: &str = r#"
@@ -94,12 +96,6 @@ fn a_fragment(lane: usize, i: usize) -> (usize, usize) {
 fn b_fragment(lane: usize, i: usize) -> (usize, usize) {
     let (group, thread) = (lane >> 2, lane % 4);
     (thread * 2 + (i & 1) + if i >= 2 { 8 } else { 0 }, group)
-}
-
-/// (row, column) of accumulator `i` (0..4) of `lane` (16x8).
-fn c_fragment(lane: usize, i: usize) -> (usize, usize) {
-    let (group, thread) = (lane >> 2, lane % 4);
-    (if i < 2 { group } else { group + 8 }, thread * 2 + (i & 1))
 }
 
 /// (row, column) within its 8x8 matrix of half `h` of the register a lane receives from ldmatrix.
