@@ -7,7 +7,7 @@
 
 use crate::engine::cpu::conv::{
     conv2d_backward_input, conv2d_backward_input_scratch_len, conv2d_backward_weight,
-    conv2d_backward_weight_scratch_len, conv2d_forward, conv2d_forward_scratch_len, Conv2dShape, ConvSplit,
+    conv2d_backward_weight_scratch_len, conv2d_forward, conv2d_forward_scratch_len, Conv2dShape, ConvMethod,
     ConvThreads,
 };
 use crate::engine::cpu::float::Float;
@@ -36,6 +36,8 @@ pub struct BenchOpsOptions {
     pub no_gemm: bool,
     /// Skip the convolution section.
     pub no_conv: bool,
+    /// Only the convolution cases whose name contains this text (e.g. `hint`); all when `None`.
+    pub convs: Option<String>,
 }
 
 /// Runs the benchmark and writes its report to `out`.
@@ -71,30 +73,33 @@ pub fn run(args: &BenchOpsOptions, out: &mut (dyn Write + Send)) -> Result<()> {
 #[derive(Clone, Copy, Debug)]
 enum Case {
     Gemm { size: usize, f64: bool },
-    Conv { name: &'static str, shape: Conv2dShape, split: ConvSplit },
+    Conv { name: &'static str, shape: Conv2dShape, method: ConvMethod },
 }
 
 impl Case {
     fn label(&self) -> String {
         match self {
             Case::Gemm { size, f64 } => format!("{} {size}", if *f64 { "f64" } else { "f32" }),
-            Case::Conv { name, split, .. } => format!("{name} / {}", split_name(*split)),
+            Case::Conv { name, method, .. } => format!("{name} / {}", method_name(*method)),
         }
     }
     fn measure(&self, threads: usize, repeats: usize) -> Result<Vec<Timing>> {
         match *self {
             Case::Gemm { size, f64: false } => Ok(vec![time_gemm::<f32>(size, threads, repeats)?]),
             Case::Gemm { size, f64: true } => Ok(vec![time_gemm::<f64>(size, threads, repeats)?]),
-            Case::Conv { shape, split, .. } => Ok(time_conv(&shape, ConvThreads { threads, split }, repeats)?.to_vec()),
+            Case::Conv { shape, method, .. } => {
+                Ok(time_conv(&shape, ConvThreads { threads, method }, repeats)?.to_vec())
+            }
         }
     }
 }
 
-fn split_name(split: ConvSplit) -> &'static str {
-    match split {
-        ConvSplit::AcrossImages => "images",
-        ConvSplit::InsideGemm => "gemm",
-        ConvSplit::Auto => "auto",
+fn method_name(method: ConvMethod) -> &'static str {
+    match method {
+        ConvMethod::AcrossImages => "images",
+        ConvMethod::InsideGemm => "gemm",
+        ConvMethod::Auto => "auto",
+        ConvMethod::Direct => "direct",
     }
 }
 
@@ -136,13 +141,14 @@ fn cases(args: &BenchOpsOptions, threads: usize) -> Vec<Case> {
         cases.push(Case::Gemm { size: f64_size, f64: true });
     }
     if !args.no_conv {
-        let splits: &[ConvSplit] = if threads > 1 {
-            &[ConvSplit::AcrossImages, ConvSplit::InsideGemm, ConvSplit::Auto]
+        let methods: &[ConvMethod] = if threads > 1 {
+            &[ConvMethod::AcrossImages, ConvMethod::InsideGemm, ConvMethod::Direct, ConvMethod::Auto]
         } else {
-            &[ConvSplit::Auto]
+            &[ConvMethod::InsideGemm, ConvMethod::Direct, ConvMethod::Auto]
         };
-        for (name, shape) in conv_cases() {
-            cases.extend(splits.iter().map(|&split| Case::Conv { name, shape, split }));
+        let wanted = |name: &str| args.convs.as_deref().is_none_or(|part| name.contains(part));
+        for (name, shape) in conv_cases().into_iter().filter(|(name, _)| wanted(name)) {
+            cases.extend(methods.iter().map(|&method| Case::Conv { name, shape, method }));
         }
     }
     cases
@@ -271,12 +277,12 @@ fn print_gemm_table(rows: &[Row], peak_gflops: f64, out: &mut dyn Write) -> Resu
 
 fn print_conv_table(rows: &[Row], peak_gflops: f64, out: &mut dyn Write) -> Result<()> {
     line(out, format_args!("conv2d f32, NCHW, 3x3 pad 1 / 1x1 pad 0; GFLOP/s of the best run (% of peak)"))?;
-    line(out, format_args!("split: images = whole images per thread, gemm = threads inside each product"))?;
+    line(out, format_args!("method: images = im2col, whole images per thread; gemm = im2col, threads inside each product; direct = direct kernels (AVX-512; strided backward-input by im2col)"))?;
     line(
         out,
         format_args!(
             "{:<34} {:>6} {:>14} {:>14} {:>15} {:>7}",
-            "shape / split", "GFLOP", "forward", "bwd-input", "bwd-weight", "others"
+            "shape / method", "GFLOP", "forward", "bwd-input", "bwd-weight", "others"
         ),
     )?;
     for row in rows {
@@ -318,10 +324,18 @@ fn time_gemm<T: Float>(size: usize, threads: usize, repeats: usize) -> Result<Ti
     })
 }
 
-/// Convolution shapes from Stable Diffusion 1.5's U-Net at training batch 2.
+/// Convolution shapes from Stable Diffusion 1.5's U-Net at training batch 2, and the hint encoder of
+/// `configs/bench_small.yaml` (batch 2, 256x256 hints: few channels over large maps, 44% of that step's FLOPs).
 fn conv_cases() -> Vec<(&'static str, Conv2dShape)> {
     let conv3 = |n, c, o, hw, stride| Conv2dShape { n, c, h: hw, w: hw, o, kh: 3, kw: 3, stride, padding: 1 };
     vec![
+        ("hint 3->16 256x256 3x3", conv3(2, 3, 16, 256, 1)),
+        ("hint 16->16 256x256 3x3", conv3(2, 16, 16, 256, 1)),
+        ("hint 16->32 256x256 3x3 s2", conv3(2, 16, 32, 256, 2)),
+        ("hint 32->32 128x128 3x3", conv3(2, 32, 32, 128, 1)),
+        ("hint 32->96 128x128 3x3 s2", conv3(2, 32, 96, 128, 2)),
+        ("hint 96->96 64x64 3x3", conv3(2, 96, 96, 64, 1)),
+        ("hint 96->256 64x64 3x3 s2", conv3(2, 96, 256, 64, 2)),
         ("64->64 32x32 3x3", conv3(2, 64, 64, 32, 1)),
         ("128->128 16x16 3x3", conv3(2, 128, 128, 16, 1)),
         ("320->320 64x64 3x3", conv3(2, 320, 320, 64, 1)),
@@ -476,6 +490,7 @@ mod tests {
             max_rounds: 1,
             no_gemm: false,
             no_conv: true,
+            convs: None,
         }
     }
 

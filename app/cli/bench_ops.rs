@@ -28,11 +28,14 @@ pub struct BenchOpsArgs {
     /// Skip the convolution section.
     #[arg(long)]
     pub no_conv: bool,
+    /// Only the convolution cases whose name contains this text (e.g. `hint` for bench_small's hint encoder).
+    #[arg(long)]
+    pub convs: Option<String>,
 }
 
 impl BenchOpsArgs {
     pub fn options(&self) -> BenchOpsOptions {
-        let BenchOpsArgs { sizes, threads, repeats, rounds, max_rounds, no_gemm, no_conv } = self.clone();
-        BenchOpsOptions { sizes, threads, repeats, rounds, max_rounds, no_gemm, no_conv }
+        let BenchOpsArgs { sizes, threads, repeats, rounds, max_rounds, no_gemm, no_conv, convs } = self.clone();
+        BenchOpsOptions { sizes, threads, repeats, rounds, max_rounds, no_gemm, no_conv, convs }
     }
 }

@@ -11,12 +11,17 @@
 //! image, and each product works on the matching columns of `y_n` / `dy_n`. A 1×1, stride-1,
 //! unpadded convolution already has `x_n` in the `cols` layout and skips im2col.
 //!
+//! Where AVX-512 is present, convolutions with few channels over large maps run a direct kernel instead
+//! (`direct_conv.rs`; [`ConvMethod::Direct`], chosen per shape and pass by [`ConvMethod::Auto`]).
+//!
 //! Callers pass the scratch (see the `*_scratch_len` functions); nothing here allocates.
 //!
 //! A fused epilogue (bias, residual and broadcast adds, SiLU: the fusion pass's convolution-anchored
 //! groups) runs on the output while it is in cache: the forward hands each block of output rows to
 //! a [`ConvEpilogue`] right after its product, the backward-input each image after its col2im.
 
+use super::direct_conv as direct;
+use super::elementwise::{as_f32, as_f32_mut};
 use super::float::Float;
 use super::gemm::{matmul, GemmDims, MatMut, MatRef};
 use crate::error::{Error, Result};
@@ -129,15 +134,19 @@ fn out_len(input: usize, kernel: usize, stride: usize, padding: usize) -> usize 
 /// and being read, and the scratch stays small. A 320-channel 64×64 image unrolled whole is 47 MB.
 const TARGET_BLOCK_PIXELS: usize = 1024;
 
-/// How a convolution spreads over threads.
+/// How a convolution is computed and spread over threads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ConvSplit {
-    /// Chosen per shape from measurements (see `BENCHMARKS.md`).
+pub enum ConvMethod {
+    /// Chosen per shape and pass from measurements (see `BENCHMARKS.md`).
     Auto,
-    /// Each thread takes whole images, each with its own scratch; products run single-threaded.
+    /// im2col products; each thread takes whole images, each with its own scratch; products run
+    /// single-threaded.
     AcrossImages,
-    /// Images one after another; each product (and im2col/col2im) uses every thread.
+    /// im2col products; images one after another; each product (and im2col/col2im) uses every thread.
     InsideGemm,
+    /// The direct kernels (`direct_conv.rs`) for the passes and types they serve (f32 on AVX-512; every pass but
+    /// the backward-input of a strided convolution); im2col as `Auto` would run it for the others.
+    Direct,
 }
 
 /// Threads a convolution may use, and how it uses them.
@@ -145,15 +154,15 @@ pub enum ConvSplit {
 pub struct ConvThreads {
     /// Threads of the current rayon pool to use; 0 counts as 1.
     pub threads: usize,
-    pub split: ConvSplit,
+    pub method: ConvMethod,
 }
 
 impl ConvThreads {
     pub fn auto(threads: usize) -> Self {
-        ConvThreads { threads, split: ConvSplit::Auto }
+        ConvThreads { threads, method: ConvMethod::Auto }
     }
     pub fn single() -> Self {
-        ConvThreads { threads: 1, split: ConvSplit::InsideGemm }
+        ConvThreads { threads: 1, method: ConvMethod::InsideGemm }
     }
 }
 
@@ -165,12 +174,12 @@ struct Plan {
 }
 
 fn plan(shape: &Conv2dShape, threads: ConvThreads) -> Plan {
-    let split = threads.split;
+    let method = threads.method;
     let threads = threads_or_one(threads.threads);
-    let across = match split {
-        ConvSplit::AcrossImages => true,
-        ConvSplit::InsideGemm => false,
-        ConvSplit::Auto => prefer_across_images(shape, threads),
+    let across = match method {
+        ConvMethod::AcrossImages => true,
+        ConvMethod::InsideGemm => false,
+        ConvMethod::Auto | ConvMethod::Direct => prefer_across_images(shape, threads),
     };
     let workers = if across { threads.min(shape.n).max(1) } else { 1 };
     Plan { workers, gemm_threads: if workers > 1 { 1 } else { threads } }
@@ -188,14 +197,73 @@ fn prefer_across_images(shape: &Conv2dShape, threads: usize) -> bool {
     threads > 1 && shape.n >= threads && (shape.n.is_multiple_of(threads) || shape.n >= 4 * threads)
 }
 
+/// The passes of a convolution, each of which may run another method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pass {
+    Forward,
+    BackwardInput,
+    BackwardWeight,
+}
+
+/// Whether the direct kernels run this pass of `shape` (for f32 data; other types always take im2col).
+fn runs_direct(shape: &Conv2dShape, threads: ConvThreads, pass: Pass) -> bool {
+    let serves = direct::available()
+        && shape.n > 0
+        && match pass {
+            Pass::Forward => true,
+            Pass::BackwardInput => direct::backward_input_as_forward(shape).is_some(),
+            Pass::BackwardWeight => true,
+        };
+    match threads.method {
+        ConvMethod::Direct => serves,
+        ConvMethod::Auto => {
+            serves
+                && match pass {
+                    Pass::Forward => direct_wins(shape),
+                    // Measured slower than im2col's products so far (BENCHMARKS.md): only when asked for.
+                    Pass::BackwardWeight => false,
+                    Pass::BackwardInput => direct::backward_input_as_forward(shape).is_some_and(|r| direct_wins(&r)),
+                }
+        }
+        ConvMethod::AcrossImages | ConvMethod::InsideGemm => false,
+    }
+}
+
+/// Whether the forward, the backward-input and the weight gradient of `shape` run the direct kernels on f32 data
+/// with this threading: for tests and reports, which would otherwise not see which path ran.
+pub fn runs_direct_kernels(shape: &Conv2dShape, threads: ConvThreads) -> [bool; 3] {
+    [Pass::Forward, Pass::BackwardInput, Pass::BackwardWeight].map(|pass| runs_direct(shape, threads, pass))
+}
+
+/// Measured on Zen 5 (`zeroconv bench ops --convs 3x3`, BENCHMARKS.md): the direct kernels beat im2col where the
+/// products are thin (up to 64 input channels: a short reduction) over rows wide enough to fill the 32-pixel
+/// register blocks, and with at least the 8 output channels of a register block. Strided convolutions gain
+/// little (their input copy into stride phases costs about what the thin product loses), so they stay with
+/// im2col. `shape` is the convolution the kernel computes (for the backward-input, its recast as a forward).
+fn direct_wins(shape: &Conv2dShape) -> bool {
+    shape.stride == 1 && !shape.is_pointwise() && shape.out_w() >= 32 && shape.o >= 8 && shape.c <= 64
+}
+
 /// Scratch elements `conv2d_forward` needs for this shape and threading.
 pub fn conv2d_forward_scratch_len(shape: &Conv2dShape, threads: ConvThreads) -> usize {
-    plan(shape, threads).workers * shape.cols_len()
+    let im2col = plan(shape, threads).workers * shape.cols_len();
+    if runs_direct(shape, threads, Pass::Forward) {
+        // f64 data takes im2col even here, so the scratch serves either.
+        im2col.max(direct::scratch_len(shape, threads.threads))
+    } else {
+        im2col
+    }
 }
 
 /// Scratch elements `conv2d_backward_input` needs for this shape and threading.
 pub fn conv2d_backward_input_scratch_len(shape: &Conv2dShape, threads: ConvThreads) -> usize {
-    plan(shape, threads).workers * shape.cols_len()
+    let im2col = plan(shape, threads).workers * shape.cols_len();
+    match direct::backward_input_as_forward(shape) {
+        Some(recast) if runs_direct(shape, threads, Pass::BackwardInput) => {
+            im2col.max(direct::scratch_len(&recast, threads.threads))
+        }
+        _ => im2col,
+    }
 }
 
 /// How many partial weight gradients `conv2d_backward_weight` sums: a function of the shape only, so the
@@ -213,7 +281,12 @@ fn weight_grad_parallel(shape: &Conv2dShape, threads: ConvThreads) -> bool {
 /// `conv2d_backward_weight`) per image group, and an im2col buffer per group running at once.
 pub fn conv2d_backward_weight_scratch_len(shape: &Conv2dShape, threads: ConvThreads) -> usize {
     let buffers = if weight_grad_parallel(shape, threads) { weight_grad_groups(shape) } else { 1 };
-    weight_grad_groups(shape) * shape.weight_len() + buffers * shape.cols_len()
+    let im2col = weight_grad_groups(shape) * shape.weight_len() + buffers * shape.cols_len();
+    if runs_direct(shape, threads, Pass::BackwardWeight) {
+        im2col.max(direct::backward_weight_scratch_len(shape))
+    } else {
+        im2col
+    }
 }
 
 /// Work on a convolution's output while it is in cache (a fused epilogue).
@@ -270,6 +343,18 @@ pub fn conv2d_forward_then<T: Float>(
     }
     let plan = plan(shape, threads);
     check_scratch(scratch.len(), conv2d_forward_scratch_len(shape, threads))?;
+    if runs_direct(shape, threads, Pass::Forward) {
+        if let (Some(x), Some(w)) = (as_f32(x), as_f32(w)) {
+            let bias = bias.map(|b| as_f32(b).ok_or_else(|| Error::msg("conv2d: bias of another type than x")));
+            let bias = bias.transpose()?;
+            let scratch = f32_scratch(scratch)?;
+            direct::pack_weight(shape, |o, t| w[o * shape.patch_len() + t], scratch)?;
+            let images = (x, shape.c * shape.h * shape.w);
+            return direct_images(shape, images, y, threads, epilogue, |x_n, y_n| {
+                direct::forward_image(shape, x_n, bias, y_n, scratch, threads.threads)
+            });
+        }
+    }
 
     let x_img = shape.c * shape.h * shape.w;
     let (pixels, wo) = (shape.out_pixels(), shape.out_w());
@@ -342,6 +427,18 @@ pub fn conv2d_backward_input_then<T: Float>(
     check_len("dx", dx.len(), shape.x_len())?;
     let plan = plan(shape, threads);
     check_scratch(scratch.len(), conv2d_backward_input_scratch_len(shape, threads))?;
+    if let Some(recast) =
+        direct::backward_input_as_forward(shape).filter(|_| runs_direct(shape, threads, Pass::BackwardInput))
+    {
+        if let (Some(dy), Some(w)) = (as_f32(dy), as_f32(w)) {
+            let scratch = f32_scratch(scratch)?;
+            direct::pack_weight(&recast, direct::flipped_weight(shape, w), scratch)?;
+            let images = (dy, shape.o * shape.out_pixels());
+            return direct_images(&recast, images, dx, threads, epilogue, |dy_n, dx_n| {
+                direct::forward_image(&recast, dy_n, None, dx_n, scratch, threads.threads)
+            });
+        }
+    }
 
     let x_img = shape.c * shape.h * shape.w;
     let (pixels, wo) = (shape.out_pixels(), shape.out_w());
@@ -391,6 +488,11 @@ pub fn conv2d_backward_weight<T: Float>(
     if shape.n == 0 {
         dw.fill(T::ZERO);
         return Ok(());
+    }
+    if runs_direct(shape, threads, Pass::BackwardWeight) {
+        if let (Some(x), Some(dy), Some(dw)) = (as_f32(x), as_f32(dy), as_f32_mut(dw)) {
+            return direct::backward_weight(shape, x, dy, dw, f32_scratch(scratch)?, threads.threads);
+        }
     }
 
     let x_img = shape.c * shape.h * shape.w;
@@ -496,6 +598,37 @@ pub fn conv2d_backward_bias<T: Float>(shape: &Conv2dShape, dy: &[T], db: &mut [T
     for image in dy.chunks_exact(shape.o * pixels) {
         for (d, row) in db.iter_mut().zip(image.chunks_exact(pixels)) {
             *d += row.iter().copied().sum::<T>();
+        }
+    }
+    Ok(())
+}
+
+/// The scratch as f32 (the direct kernels run only on f32 data, whose scratch is f32).
+fn f32_scratch<T: Float>(scratch: &mut [T]) -> Result<&mut [f32]> {
+    as_f32_mut(scratch).ok_or_else(|| Error::msg("conv2d: direct kernels on a scratch that is not f32"))
+}
+
+/// Runs `one_image(in_n, out_n)` of the direct convolution `shape` over every image of `input` (images of
+/// `in_img` elements) into `out`, each image with every thread, then the epilogue on it.
+fn direct_images<T: Float>(
+    shape: &Conv2dShape,
+    (input, in_img): (&[f32], usize),
+    out: &mut [T],
+    threads: ConvThreads,
+    epilogue: Option<&dyn ConvEpilogue<T>>,
+    mut one_image: impl FnMut(&[f32], &mut [f32]) -> Result<()>,
+) -> Result<()> {
+    let out_img = shape.o * shape.out_pixels();
+    if out_img == 0 {
+        return Ok(());
+    }
+    for (n, out_n) in out.chunks_exact_mut(out_img).enumerate() {
+        let out_f32 =
+            as_f32_mut(out_n).ok_or_else(|| Error::msg("conv2d: direct kernels on an output that is not f32"))?;
+        one_image(&input[n * in_img..(n + 1) * in_img], out_f32)?;
+        if let Some(e) = epilogue {
+            let threads = threads_or_one(threads.threads);
+            e.apply(EpilogueCall { image: n, rows: 0..shape.out_h(), out_n, slot: 0, threads });
         }
     }
     Ok(())

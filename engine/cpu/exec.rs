@@ -2,7 +2,7 @@
 //! per step. Every node computes in f32 (f64 when the graph uses f64); half-precision values are
 //! staged through f32 scratch that the memory planner reserves for the node.
 
-use super::conv::{self, Conv2dShape, ConvSplit, ConvThreads};
+use super::conv::{self, Conv2dShape, ConvMethod, ConvThreads};
 use super::elementwise as ew;
 use super::float::Float;
 use super::layout::{self, Ids};
@@ -115,7 +115,7 @@ fn conv_geom(x: &Shape, w: &Shape, stride: usize, padding: usize) -> Conv2dShape
 }
 
 fn conv_threads(threads: usize) -> ConvThreads {
-    ConvThreads { threads, split: ConvSplit::Auto }
+    ConvThreads { threads, method: ConvMethod::Auto }
 }
 
 /// Scratch elements (of the compute type) the kernel itself needs.

@@ -7,8 +7,8 @@
 //! errors of the size of the values themselves, fails them.
 
 use zeroconv::engine::cpu::conv::{
-    conv2d_backward_bias, conv2d_backward_input, conv2d_backward_input_scratch_len, conv2d_backward_weight,
-    conv2d_backward_weight_scratch_len, conv2d_forward, conv2d_forward_scratch_len, Conv2dShape, ConvSplit,
+    self, conv2d_backward_bias, conv2d_backward_input, conv2d_backward_input_scratch_len, conv2d_backward_weight,
+    conv2d_backward_weight_scratch_len, conv2d_forward, conv2d_forward_scratch_len, Conv2dShape, ConvMethod,
     ConvThreads,
 };
 use zeroconv::engine::cpu::float::Float;
@@ -345,11 +345,73 @@ fn blocked_conv_shapes() -> Vec<Conv2dShape> {
 fn every_threading() -> Vec<ConvThreads> {
     vec![
         ConvThreads::single(),
-        ConvThreads { threads: 2, split: ConvSplit::AcrossImages },
-        ConvThreads { threads: 2, split: ConvSplit::InsideGemm },
+        ConvThreads { threads: 2, method: ConvMethod::AcrossImages },
+        ConvThreads { threads: 2, method: ConvMethod::InsideGemm },
         ConvThreads::auto(2),
-        ConvThreads { threads: 3, split: ConvSplit::AcrossImages },
+        ConvThreads { threads: 3, method: ConvMethod::AcrossImages },
+        ConvThreads { threads: 1, method: ConvMethod::Direct },
+        ConvThreads { threads: 2, method: ConvMethod::Direct },
     ]
+}
+
+/// Shapes for the direct kernels (`direct_conv.rs`): several 32-pixel strips with a ragged tail, output channels
+/// that are not a multiple of the 8-channel register block, bands of output rows (enough channels that a band
+/// holds a few rows), stride 2 with its phase planes, padding 0 (the backward-input recast pads by 2), a 5×5
+/// window and a non-square one.
+fn direct_conv_shapes() -> Vec<Conv2dShape> {
+    vec![
+        shape([2, 40, 50, 70], 11, (3, 3), 1, 1),
+        shape([1, 9, 33, 67], 10, (3, 3), 2, 1),
+        shape([2, 6, 21, 40], 17, (3, 3), 1, 0),
+        shape([1, 4, 20, 37], 9, (5, 5), 1, 2),
+        shape([1, 3, 12, 45], 8, (1, 3), 1, 1),
+        shape([3, 16, 34, 34], 16, (3, 3), 1, 1),
+    ]
+}
+
+/// The direct kernels against the naive f64 convolution (forward) and the f64 im2col path (backward-input,
+/// itself checked by the adjoint identities), in f32; the same bits on 1, 2 and 3 threads; and the path really
+/// runs wherever the CPU has AVX-512 (else the method falls back to im2col, and this says so).
+#[test]
+fn direct_convolution_matches_naive_and_gives_the_same_bits_on_any_thread_count() {
+    #[cfg(target_arch = "x86_64")]
+    assert_eq!(
+        zeroconv::engine::cpu::direct_conv::available(),
+        std::arch::is_x86_feature_detected!("avx512f"),
+        "the direct kernels must run wherever AVX-512 is present"
+    );
+    if !zeroconv::engine::cpu::direct_conv::available() {
+        eprintln!("no AVX-512 on this CPU: ConvMethod::Direct runs im2col here, which the other tests check");
+    }
+    let direct = |threads| ConvThreads { threads, method: ConvMethod::Direct };
+    for (case, s) in direct_conv_shapes().iter().enumerate() {
+        let mut rng = Rng::new(700 + case as u64);
+        let (x, w, bias, dy): (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) =
+            (rng.vec(s.x_len()), rng.vec(s.weight_len()), rng.vec(s.o), rng.vec(s.y_len()));
+        let (x64, w64, b64, dy64) = (to_f64(&x), to_f64(&w), to_f64(&bias), to_f64(&dy));
+        let y1 = forward(s, &x, &w, Some(&bias), direct(1));
+        assert_close(&format!("forward {s:?}"), &to_f64(&y1), &naive_conv(s, &x64, &w64, Some(&b64)), 1e-5);
+        let dx1 = backward_input(s, &dy, &w, direct(1));
+        let expected_dx = backward_input(s, &dy64, &w64, ConvThreads::single());
+        assert_close(&format!("backward-input {s:?}"), &to_f64(&dx1), &expected_dx, 1e-5);
+        // Weight gradients sum over the batch and every output pixel: up to a few thousand terms.
+        let dw1 = backward_weight(s, &x, &dy, direct(1));
+        let expected_dw = backward_weight(s, &x64, &dy64, ConvThreads::single());
+        assert_close(&format!("weight gradient {s:?}"), &to_f64(&dw1), &expected_dw, 1e-4);
+        for threads in [2, 3] {
+            assert_eq!(bits(&forward(s, &x, &w, Some(&bias), direct(threads))), bits(&y1), "forward {s:?} {threads}");
+            assert_eq!(bits(&backward_input(s, &dy, &w, direct(threads))), bits(&dx1), "dx {s:?} {threads}");
+            assert_eq!(bits(&backward_weight(s, &x, &dy, direct(threads))), bits(&dw1), "dw {s:?} {threads}");
+        }
+        if zeroconv::engine::cpu::direct_conv::available() {
+            let recastable = s.stride == 1 && s.kh == s.kw;
+            assert_eq!(conv::runs_direct_kernels(s, direct(2)), [true, recastable, true], "{s:?}: which passes");
+        }
+    }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
 }
 
 fn forward<T: Float>(s: &Conv2dShape, x: &[T], w: &[T], bias: Option<&[T]>, threads: ConvThreads) -> Vec<T> {

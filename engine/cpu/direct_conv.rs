@@ -1,0 +1,480 @@
+//! Direct convolution on f32 with AVX-512, for convolutions whose im2col products are too thin to run
+//! at speed: few channels over large maps (a ControlNet's hint encoder: 3→16→16→32→32→96→96→256 channels
+//! from 512² down to 64² at SD scale). There the products have only 16-96 rows and 27-288 columns, and the
+//! `gemm` crate's packing and blocking cost more than the arithmetic (25-50% of the machine's peak, see
+//! BENCHMARKS.md).
+//!
+//! One image at a time, in bands of output rows, each band by one thread:
+//! 1. [`prepare_band`] copies the input rows the band reads into zero-padded *planes* (a buffer of the
+//!    thread's own, so they stay in its cache): for each channel and each stride phase `q`, the padded rows,
+//!    keeping every `stride`-th column starting at `q`. A tap `(i, j)` of output row `oy` then reads a
+//!    contiguous run of plane `(c, j mod s)`, row `oy·s + i`, from column `j div s`: no gathers and no bounds
+//!    checks in the inner loop, for any stride and padding.
+//! 2. The kernel holds an 8-channel × 32-pixel block of outputs in 16 vector registers and runs over every tap:
+//!    two vector loads and eight weight broadcasts per sixteen FMAs.
+//!
+//! The backward-input of a stride-1 convolution is the forward convolution of `dy` with the flipped, transposed
+//! weight and padding `k - 1 - p` ([`backward_input_as_forward`]); strided backward-input stays with im2col.
+//!
+//! The weight gradient ([`backward_weight`]) reads the same planes: a 4-channel × 4-tap block of `dw` is 16
+//! vector partial sums over a band's pixels (eight loads per sixteen FMAs), folded into `dw` once per band.
+//! The output rows are split into a fixed number of groups by the shape alone, each summing into its own
+//! partial gradient, added in group order at the end, so the bits do not depend on the thread count.
+//!
+//! Every output element is computed by one thread in an order fixed by the shape alone, so the results have the
+//! same bits whatever the thread count. They differ from the im2col path's in rounding (another summation
+//! order), and this path runs only where AVX-512 is present: a machine without it computes the same convolution
+//! through im2col, equal within rounding, not bit for bit.
+
+use super::conv::Conv2dShape;
+use crate::error::{Error, Result};
+use std::ops::Range;
+
+/// f32 lanes per AVX-512 vector.
+const LANES: usize = 16;
+/// Forward: output channels per register block.
+const FWD_CHANNELS: usize = 8;
+/// Forward: vectors per register block along the output row.
+const FWD_VECTORS: usize = 2;
+/// Forward: output pixels per register block.
+const STRIP: usize = FWD_VECTORS * LANES;
+/// Weight gradient: output channels and taps per register block.
+const DW_CHANNELS: usize = 4;
+const DW_TAPS: usize = 4;
+/// Weight gradient: groups of output rows with partial gradients of their own (fewer when there are fewer rows):
+/// the most threads the weight gradient uses.
+const DW_GROUPS: usize = 4;
+/// About this many bytes of planes per band: the band's input stays in the thread's L2 cache between being
+/// copied and being read by every block of output channels.
+const BAND_BYTES: usize = 128 << 10;
+
+/// Whether this CPU runs the direct kernels (AVX-512 F), detected once.
+pub fn available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// The layout of one band's planes (see the module comment).
+#[derive(Clone, Copy, Debug)]
+struct Planes {
+    /// Output rows per band (the last band may have fewer).
+    band_rows: usize,
+    /// Stride phases per channel.
+    phases: usize,
+    /// Padded input rows per plane: those the band's output rows read.
+    rows: usize,
+    /// Elements per plane row: every column a block of outputs reads, whole blocks included.
+    row_len: usize,
+}
+
+impl Planes {
+    fn of(s: &Conv2dShape) -> Planes {
+        let stride = s.stride.max(1);
+        let row_len = s.out_w().div_ceil(STRIP) * STRIP + (s.kw - 1) / stride;
+        // Input rows per output row, over every channel and phase.
+        let row_bytes = 4 * row_len * s.c.max(1) * stride * stride;
+        let band_rows = (BAND_BYTES / row_bytes).clamp(1, s.out_h().max(1));
+        Planes { band_rows, phases: stride, rows: (band_rows - 1) * stride + s.kh, row_len }
+    }
+    fn plane_len(&self) -> usize {
+        self.rows * self.row_len
+    }
+    fn len(&self, channels: usize) -> usize {
+        channels * self.phases * self.plane_len()
+    }
+    /// Offset of the run tap `(c, i, j)` of the band's output row `r` reads.
+    fn tap(&self, (c, i, j): (usize, usize, usize), r: usize) -> usize {
+        let plane = c * self.phases + j % self.phases;
+        plane * self.plane_len() + (r * self.phases + i) * self.row_len + j / self.phases
+    }
+}
+
+/// Taps of one output channel: `C·kh·kw`, in the weight's `(c, i, j)` order.
+fn taps(s: &Conv2dShape) -> usize {
+    s.c * s.kh * s.kw
+}
+
+fn tap_index(s: &Conv2dShape, t: usize) -> (usize, usize, usize) {
+    (t / (s.kh * s.kw), t / s.kw % s.kh, t % s.kw)
+}
+
+/// Threads a convolution of this shape runs on, given `threads` (at least 1, at most one per band).
+fn workers(s: &Conv2dShape, threads: usize) -> usize {
+    threads.clamp(1, s.out_h().div_ceil(Planes::of(s).band_rows).max(1))
+}
+
+/// Scratch elements of [`forward_image`]: the packed weight, then one band of planes per thread.
+pub fn scratch_len(s: &Conv2dShape, threads: usize) -> usize {
+    packed_weight_len(s) + workers(s, threads) * Planes::of(s).len(s.c)
+}
+
+fn packed_weight_len(s: &Conv2dShape) -> usize {
+    s.o.div_ceil(FWD_CHANNELS) * FWD_CHANNELS * taps(s)
+}
+
+/// Packs the forward weight into the front of `scratch` by blocks of output channels:
+/// `packed[(block·T + t)·8 + k] = weight(block·8 + k, t)`, zero past the last channel. `weight(o, t)` is tap `t`
+/// (`(c·kh + i)·kw + j`) of output channel `o`. Once per call, before the images.
+pub fn pack_weight(s: &Conv2dShape, weight: impl Fn(usize, usize) -> f32, scratch: &mut [f32]) -> Result<()> {
+    let taps = taps(s);
+    check(s, "scratch", scratch.len().min(packed_weight_len(s)), packed_weight_len(s))?;
+    for (block, chunk) in scratch[..packed_weight_len(s)].chunks_exact_mut(taps * FWD_CHANNELS).enumerate() {
+        for (t, lanes) in chunk.chunks_exact_mut(FWD_CHANNELS).enumerate() {
+            for (k, slot) in lanes.iter_mut().enumerate() {
+                let o = block * FWD_CHANNELS + k;
+                *slot = if o < s.o { weight(o, t) } else { 0.0 };
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The forward convolution that computes the backward-input of the stride-1 convolution `s`: over `dy`
+/// (`O` channels of `Ho × Wo`), padding `k - 1 - p`, weight `w'[c][o][i][j] = w[o][c][k-1-i][k-1-j]`, giving `dx`
+/// (`C × H × W`). None when `s` is strided, its window not square, or its padding wider than the window.
+pub fn backward_input_as_forward(s: &Conv2dShape) -> Option<Conv2dShape> {
+    if s.stride != 1 || s.kh != s.kw || s.padding >= s.kh {
+        return None;
+    }
+    let recast = Conv2dShape {
+        n: s.n,
+        c: s.o,
+        h: s.out_h(),
+        w: s.out_w(),
+        o: s.c,
+        kh: s.kh,
+        kw: s.kw,
+        stride: 1,
+        padding: s.kh - 1 - s.padding,
+    };
+    (recast.out_h() == s.h && recast.out_w() == s.w).then_some(recast)
+}
+
+/// The recast weight of [`backward_input_as_forward`], as `pack_weight` takes it: tap `(o, i, j)` of output
+/// channel `c`.
+pub fn flipped_weight<'a>(s: &'a Conv2dShape, w: &'a [f32]) -> impl Fn(usize, usize) -> f32 + 'a {
+    let window = s.kh * s.kw;
+    move |c, t| {
+        let (o, i, j) = (t / window, t / s.kw % s.kh, t % s.kw);
+        w[((o * s.c + c) * s.kh + (s.kh - 1 - i)) * s.kw + (s.kw - 1 - j)]
+    }
+}
+
+/// Fills `planes` with the input rows that output rows `first..first + band_rows` read, from one image `x_n`
+/// (`C × H × W`).
+fn prepare_band(s: &Conv2dShape, p: &Planes, x_n: &[f32], first: usize, planes: &mut [f32]) {
+    let plane_size = s.h * s.w;
+    for (index, plane) in planes[..p.len(s.c)].chunks_exact_mut(p.plane_len()).enumerate() {
+        let (c, q) = (index / p.phases, index % p.phases);
+        let x_c = &x_n[c * plane_size..(c + 1) * plane_size];
+        for (r, row) in plane.chunks_exact_mut(p.row_len).enumerate() {
+            // Band row r is padded row first·stride + r, i.e. input row first·stride + r - padding.
+            let input_row = (first * p.phases + r).checked_sub(s.padding).filter(|&iy| iy < s.h);
+            let Some(iy) = input_row else {
+                row.fill(0.0);
+                continue;
+            };
+            let x_row = &x_c[iy * s.w..(iy + 1) * s.w];
+            // Plane column k holds padded column k·stride + q, i.e. input column k·stride + q - padding: those
+            // from `lo` to `hi` lie inside the row, the rest is padding.
+            let stride = p.phases;
+            let lo = s.padding.saturating_sub(q).div_ceil(stride).min(row.len());
+            let hi = (s.padding + s.w).saturating_sub(q).div_ceil(stride).clamp(lo, row.len());
+            row[..lo].fill(0.0);
+            row[hi..].fill(0.0);
+            let first_column = lo * stride + q - s.padding;
+            if stride == 1 {
+                row[lo..hi].copy_from_slice(&x_row[first_column..first_column + (hi - lo)]);
+            } else {
+                for (slot, &v) in row[lo..hi].iter_mut().zip(x_row[first_column..].iter().step_by(stride)) {
+                    *slot = v;
+                }
+            }
+        }
+    }
+}
+
+/// A pointer that may cross to the worker threads: each task writes only its own disjoint part (see the use).
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: the pointer is only dereferenced by tasks that write disjoint elements of a slice the caller borrows
+// exclusively for the whole parallel section (see `forward_image`).
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper rather than its raw field).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// One image of the forward convolution: `y_n` (`O × Ho × Wo`) = bias + conv(`x_n`, the weight `pack_weight`
+/// left at the front of `scratch`). Bands of output rows go to `threads` threads, each with its own planes.
+pub fn forward_image(
+    s: &Conv2dShape,
+    x_n: &[f32],
+    bias: Option<&[f32]>,
+    y_n: &mut [f32],
+    scratch: &mut [f32],
+    threads: usize,
+) -> Result<()> {
+    check(s, "input", x_n.len(), s.c * s.h * s.w)?;
+    check(s, "output", y_n.len(), s.o * s.out_h() * s.out_w())?;
+    check(s, "scratch", scratch.len().min(scratch_len(s, threads)), scratch_len(s, threads))?;
+    check(s, "bias", bias.map_or(s.o, <[f32]>::len), s.o)?;
+    let p = Planes::of(s);
+    let (packed, planes) = scratch.split_at_mut(packed_weight_len(s));
+    let packed = &*packed;
+    let workers = workers(s, threads);
+    let bands = s.out_h().div_ceil(p.band_rows);
+    let per_worker = bands.div_ceil(workers);
+    let out = SharedOut(y_n.as_mut_ptr());
+    let worker = |(w, planes): (usize, &mut [f32])| {
+        for band in (w * per_worker..((w + 1) * per_worker).min(bands)).map(|b| b * p.band_rows) {
+            prepare_band(s, &p, x_n, band, planes);
+            let rows = band..(band + p.band_rows).min(s.out_h());
+            // SAFETY: AVX-512 F is present (`check`); the lengths were checked above; bands are disjoint and each
+            // goes to one worker, so workers write disjoint rows of `y_n`, which this function borrows exclusively.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                avx512::forward_rows(s, &p, planes, packed, bias, out.ptr(), rows)
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (rows, out, packed, bias);
+        }
+    };
+    let planes = planes[..workers * p.len(s.c)].chunks_exact_mut(p.len(s.c)).enumerate();
+    if workers > 1 {
+        use rayon::prelude::*;
+        planes.collect::<Vec<_>>().into_par_iter().for_each(worker);
+    } else {
+        planes.for_each(worker);
+    }
+    Ok(())
+}
+
+/// The row groups of the weight gradient: a function of the shape only (see the module comment).
+fn dw_groups(s: &Conv2dShape) -> usize {
+    DW_GROUPS.clamp(1, s.out_h().max(1))
+}
+
+/// Scratch elements of [`backward_weight`]: per group of rows, a partial gradient and one band of planes.
+pub fn backward_weight_scratch_len(s: &Conv2dShape) -> usize {
+    dw_groups(s) * (s.o * taps(s) + Planes::of(s).len(s.c))
+}
+
+/// The weight gradient `dw` (`O × C·kh·kw`, overwritten) of the convolution `s` over the batch `x`, `dy`.
+pub fn backward_weight(
+    s: &Conv2dShape,
+    x: &[f32],
+    dy: &[f32],
+    dw: &mut [f32],
+    scratch: &mut [f32],
+    threads: usize,
+) -> Result<()> {
+    let (x_img, y_img, w_len) = (s.c * s.h * s.w, s.o * s.out_h() * s.out_w(), s.o * taps(s));
+    check(s, "x", x.len(), s.n * x_img)?;
+    check(s, "dy", dy.len(), s.n * y_img)?;
+    check(s, "dw", dw.len(), w_len)?;
+    let need = backward_weight_scratch_len(s);
+    check(s, "scratch", scratch.len().min(need), need)?;
+    dw.fill(0.0);
+    if w_len == 0 || y_img == 0 || s.n == 0 {
+        return Ok(());
+    }
+    let p = Planes::of(s);
+    let groups = dw_groups(s);
+    let rows_per_group = s.out_h().div_ceil(groups);
+    let (partials, planes) = scratch[..need].split_at_mut(groups * w_len);
+    let group = |(g, (partial, planes)): (usize, (&mut [f32], &mut [f32]))| {
+        partial.fill(0.0);
+        let rows = (g * rows_per_group).min(s.out_h())..((g + 1) * rows_per_group).min(s.out_h());
+        for n in 0..s.n {
+            let (x_n, dy_n) = (&x[n * x_img..(n + 1) * x_img], &dy[n * y_img..(n + 1) * y_img]);
+            for first in rows.clone().step_by(p.band_rows) {
+                prepare_band(s, &p, x_n, first, planes);
+                let band = first..(first + p.band_rows).min(rows.end);
+                for block in 0..s.o.div_ceil(DW_CHANNELS) * taps(s).div_ceil(DW_TAPS) {
+                    // SAFETY: AVX-512 F is present (`check`); the lengths were checked above; the planes hold the
+                    // band's rows; `partial` is this group's own.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        avx512::weight_block(s, &p, planes, dy_n, partial, block, band.clone())
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    let _ = (block, &band, dy_n, &partial);
+                }
+            }
+        }
+    };
+    let work = partials.chunks_exact_mut(w_len).zip(planes.chunks_exact_mut(p.len(s.c))).enumerate();
+    if threads > 1 && groups > 1 {
+        use rayon::prelude::*;
+        work.collect::<Vec<_>>().into_par_iter().for_each(group);
+    } else {
+        work.for_each(group);
+    }
+    // Group order, whatever ran in parallel.
+    for partial in partials.chunks_exact(w_len) {
+        for (d, &v) in dw.iter_mut().zip(partial) {
+            *d += v;
+        }
+    }
+    Ok(())
+}
+
+/// Checks one length the unsafe kernels rely on, and that this CPU has AVX-512 (callers choose this path only
+/// then; the check keeps a wrong call an error rather than an illegal instruction).
+fn check(s: &Conv2dShape, what: &str, got: usize, expected: usize) -> Result<()> {
+    if !available() {
+        return Err(Error::msg("direct convolution: this CPU has no AVX-512 (the im2col path serves it)"));
+    }
+    if got != expected {
+        return Err(Error::shape(
+            "conv2d",
+            format!("direct convolution {s:?}: {what} has {got} elements, needs {expected}"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// Lanes of a vector at `x0` that lie before `end`.
+    #[inline(always)]
+    fn lane_mask(x0: usize, end: usize) -> __mmask16 {
+        let n = end.saturating_sub(x0).min(LANES);
+        ((1u32 << n) - 1) as __mmask16
+    }
+
+    /// Output rows `rows` of one image, every channel, from the band's `planes` (prepared for `rows.start`).
+    ///
+    /// # Safety
+    /// AVX-512 F must be present; `planes` holds `p.len(C)` and `packed` `packed_weight_len(s)` elements; `y`
+    /// points to `O × Ho × Wo` writable floats of which no other thread touches rows `rows`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn forward_rows(
+        s: &Conv2dShape,
+        p: &Planes,
+        planes: &[f32],
+        packed: &[f32],
+        bias: Option<&[f32]>,
+        y: *mut f32,
+        rows: Range<usize>,
+    ) {
+        let (ho, wo, taps) = (s.out_h(), s.out_w(), taps(s));
+        let mut runs: Vec<*const f32> = Vec::with_capacity(taps);
+        for oy in rows.clone() {
+            runs.clear();
+            // SAFETY (of the reads below): every tap offset plus a whole strip lies inside the planes: plane rows
+            // hold `row_len` ≥ round_up(Wo, STRIP) + (kw - 1) / stride elements, and band row
+            // (oy - first)·stride + i < rows.
+            runs.extend((0..taps).map(|t| unsafe { planes.as_ptr().add(p.tap(tap_index(s, t), oy - rows.start)) }));
+            for block in 0..s.o.div_ceil(FWD_CHANNELS) {
+                let weights = unsafe { packed.as_ptr().add(block * taps * FWD_CHANNELS) };
+                let init: [f32; FWD_CHANNELS] =
+                    std::array::from_fn(|k| bias.and_then(|b| b.get(block * FWD_CHANNELS + k)).copied().unwrap_or(0.0));
+                for x0 in (0..wo).step_by(STRIP) {
+                    let mut acc: [[__m512; FWD_VECTORS]; FWD_CHANNELS] =
+                        std::array::from_fn(|k| [_mm512_set1_ps(init[k]); FWD_VECTORS]);
+                    for (t, &run) in runs.iter().enumerate() {
+                        let xv: [__m512; FWD_VECTORS] =
+                            std::array::from_fn(|v| unsafe { _mm512_loadu_ps(run.add(x0 + v * LANES)) });
+                        for (k, a) in acc.iter_mut().enumerate() {
+                            let wv = _mm512_set1_ps(unsafe { *weights.add(t * FWD_CHANNELS + k) });
+                            for v in 0..FWD_VECTORS {
+                                a[v] = _mm512_fmadd_ps(wv, xv[v], a[v]);
+                            }
+                        }
+                    }
+                    for (k, a) in acc.iter().enumerate() {
+                        let o = block * FWD_CHANNELS + k;
+                        if o >= s.o {
+                            break;
+                        }
+                        let row = unsafe { y.add((o * ho + oy) * wo) };
+                        for (v, &value) in a.iter().enumerate() {
+                            let at = x0 + v * LANES;
+                            if at >= wo {
+                                break;
+                            }
+                            // SAFETY: lanes at or past Wo are masked off; the row is one of this task's.
+                            unsafe { _mm512_mask_storeu_ps(row.add(at), lane_mask(at, wo), value) };
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adds block `block` of `dw` (4 output channels × 4 taps, numbered taps-fastest) over the band's output rows
+    /// `band` into `partial` (`O × T`).
+    ///
+    /// # Safety
+    /// AVX-512 F must be present; `planes` holds the band as `prepare_band` left it for `band.start`; `dy` is one
+    /// image's `O × Ho × Wo`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn weight_block(
+        s: &Conv2dShape,
+        p: &Planes,
+        planes: &[f32],
+        dy: &[f32],
+        partial: &mut [f32],
+        block: usize,
+        band: Range<usize>,
+    ) {
+        let (ho, wo, taps) = (s.out_h(), s.out_w(), taps(s));
+        let (ob, tb) = (block / taps.div_ceil(DW_TAPS), block % taps.div_ceil(DW_TAPS));
+        // Channels and taps past the end repeat the last one; their sums are computed and dropped.
+        let o_of = |k: usize| (ob * DW_CHANNELS + k).min(s.o - 1);
+        let t_of = |k: usize| (tb * DW_TAPS + k).min(taps - 1);
+        let mut acc = [[_mm512_setzero_ps(); DW_TAPS]; DW_CHANNELS];
+        for oy in band.clone() {
+            // SAFETY (of the pointers and the masked loads below): rows of dy and of the band's planes; lanes at or
+            // past Wo are masked off, and a plane row holds Wo + (kw - 1) / stride elements past a tap's offset.
+            let dy_rows: [*const f32; DW_CHANNELS] =
+                std::array::from_fn(|k| unsafe { dy.as_ptr().add((o_of(k) * ho + oy) * wo) });
+            let runs: [*const f32; DW_TAPS] =
+                std::array::from_fn(|k| unsafe { planes.as_ptr().add(p.tap(tap_index(s, t_of(k)), oy - band.start)) });
+            for x0 in (0..wo).step_by(LANES) {
+                let mask = lane_mask(x0, wo);
+                let d: [__m512; DW_CHANNELS] =
+                    std::array::from_fn(|k| unsafe { _mm512_maskz_loadu_ps(mask, dy_rows[k].add(x0)) });
+                let x: [__m512; DW_TAPS] =
+                    std::array::from_fn(|k| unsafe { _mm512_maskz_loadu_ps(mask, runs[k].add(x0)) });
+                for (a, dv) in acc.iter_mut().zip(d) {
+                    for (slot, xv) in a.iter_mut().zip(x) {
+                        *slot = _mm512_fmadd_ps(dv, xv, *slot);
+                    }
+                }
+            }
+        }
+        for (k, a) in acc.iter().enumerate() {
+            let o = ob * DW_CHANNELS + k;
+            if o >= s.o {
+                break;
+            }
+            for (m, &value) in a.iter().enumerate() {
+                let t = tb * DW_TAPS + m;
+                if t >= taps {
+                    break;
+                }
+                partial[o * taps + t] += _mm512_reduce_add_ps(value);
+            }
+        }
+    }
+}
