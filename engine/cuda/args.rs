@@ -359,6 +359,56 @@ mod tests {
         assert_eq!(dnn_math(ConvMath::Fma), CUDNN_FMA_MATH);
     }
 
+    /// cuBLASLt's heuristic and cuDNN's choice are offered the workspace the plan gave the command, so the
+    /// algorithms that need one (split-K, most implicit-GEMM, Winograd and FFT convolutions) are in reach.
+    #[test]
+    fn the_libraries_are_offered_the_planned_workspace() {
+        use dnn_sys::cudnnMathType_t::*;
+        let planned = crate::engine::gpu::LIBRARY_WORKSPACE;
+        let ws = Span::new(DevPtr(0x4000_0000), planned);
+        let m = |ptr, ld| MatrixRef { ptr: DevPtr(ptr), dtype: DType::F32, ld, stride: 0 };
+        let g = Gemm {
+            transa: Transpose::N,
+            transb: Transpose::N,
+            m: 3,
+            n: 5,
+            k: 4,
+            alpha: 1.0,
+            beta: 0.0,
+            a: m(0x1000, 3),
+            b: m(0x2000, 4),
+            c: m(0x3000, 3),
+            batch: 1,
+            compute: GemmCompute::F32,
+            workspace: ws,
+        };
+        assert_eq!(lt_matmul(&g).unwrap().max_workspace, planned);
+        let t = |dims, ptr| Tensor4 { dims, layout: Layout4::Nchw, dtype: DType::F32, ptr: DevPtr(ptr) };
+        let c = Conv {
+            direction: ConvDirection::Forward,
+            x: t([1, 3, 8, 8], 0x1000),
+            w: Filter4 { dims: [4, 3, 3, 3], layout: Layout4::Nchw, dtype: DType::F32, ptr: DevPtr(0x10000) },
+            y: t([1, 4, 6, 6], 0x20000),
+            padding: [0, 0],
+            stride: [1, 1],
+            alpha: 1.0,
+            beta: 0.0,
+            math: ConvMath::Fma,
+            algo: 0,
+            workspace: ws,
+        };
+        let d = dnn_conv(&c).unwrap();
+        assert_eq!(d.max_workspace, planned);
+        let p = |algo, memory| AlgoPerf { algo, ok: true, memory, deterministic: true, math: CUDNN_FMA_MATH };
+        // The fastest needs 8 MiB: chosen with the planned workspace, out of reach with none.
+        let perfs = [p(1, 8 << 20), p(0, 0)];
+        assert_eq!(choose_algo(&perfs, d.max_workspace, c.math).map(|p| p.algo), Some(1));
+        assert_eq!(choose_algo(&perfs, 0, c.math).map(|p| p.algo), Some(0));
+        // One byte beyond the plan is still refused.
+        let perfs = [p(1, planned + 1), p(0, 0)];
+        assert_eq!(choose_algo(&perfs, d.max_workspace, c.math).map(|p| p.algo), Some(0));
+    }
+
     #[test]
     fn the_fallback_refuses_sizes_beyond_int() {
         let m = |ptr, ld| MatrixRef { ptr: DevPtr(ptr), dtype: DType::F32, ld, stride: 0 };

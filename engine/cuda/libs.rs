@@ -276,6 +276,44 @@ fn site_packages() -> Vec<PathBuf> {
     out
 }
 
+/// The first of `names` that loads by name (from the loader's search path), else the first that loads from one of
+/// `dirs`, with the name or path it was opened by. For a library zeroconv opens itself (not through cudarc). `Err`
+/// lists what was tried: the names, and files that exist but do not load, with the reason.
+pub fn open_first(names: &[&str], dirs: &[PathBuf]) -> std::result::Result<(String, libloading::Library), Vec<String>> {
+    let mut tried = Vec::new();
+    for name in names {
+        // SAFETY: loading an NVIDIA library runs only its own initialisers, which have no preconditions.
+        match unsafe { libloading::Library::new(*name) } {
+            Ok(l) => return Ok((name.to_string(), l)),
+            Err(_) => tried.push(name.to_string()),
+        }
+    }
+    for dir in dirs {
+        for name in names {
+            let path = dir.join(name);
+            if !path.exists() {
+                continue;
+            }
+            // SAFETY: as above.
+            match unsafe { libloading::Library::new(&path) } {
+                Ok(l) => return Ok((path.display().to_string(), l)),
+                Err(e) => tried.push(format!("{} (does not load: {e})", path.display())),
+            }
+        }
+    }
+    Err(tried)
+}
+
+/// The names in `symbols` that `library` does not export.
+pub fn missing_symbols<'a>(library: &libloading::Library, symbols: &[&'a str]) -> Vec<&'a str> {
+    symbols
+        .iter()
+        .copied()
+        // SAFETY: only looks the symbol up; the pointer is never called or dereferenced.
+        .filter(|s| unsafe { library.get::<*const std::ffi::c_void>(s.as_bytes()) }.is_err())
+        .collect()
+}
+
 /// The first of cudarc's names for `lib` that loads, with its handle: what cudarc's own loader will pick.
 fn open_like_cudarc(lib: Lib) -> Option<(String, libloading::Library)> {
     lib.cudarc_names().into_iter().find_map(|name| {
@@ -321,13 +359,7 @@ pub fn probe_library(lib: Lib) -> Result<LibReport> {
         }
     }
     let (opened_as, handle) = open_like_cudarc(lib).ok_or_else(|| not_found(lib, &[]))?;
-    let missing: Vec<&str> = lib
-        .symbols()
-        .iter()
-        .copied()
-        // SAFETY: only looks the symbol up; the pointer is never called or dereferenced.
-        .filter(|s| unsafe { handle.get::<*const std::ffi::c_void>(s.as_bytes()) }.is_err())
-        .collect();
+    let missing = missing_symbols(&handle, lib.symbols());
     if !missing.is_empty() {
         return Err(Error::CudaUnavailable(format!(
             "{} ({opened_as}) lacks {} of the functions zeroconv calls: {}",
