@@ -28,7 +28,10 @@ const WORKSPACE: u64 = 1 << 20;
 
 /// conv + GroupNorm + attention (GEMMs) + MSE + AdamW, fused: both kinds of library call.
 fn step() -> TrainingStep {
-    nets::training_step(&NetSpec { batch: 2, in_ch: 3, ch: 8, hw: 4, blocks: 1, checkpoint: false, dtype: DType::F32 }, true)
+    nets::training_step(
+        &NetSpec { batch: 2, in_ch: 3, ch: 8, hw: 4, blocks: 1, checkpoint: false, dtype: DType::F32 },
+        true,
+    )
 }
 
 /// The workspace of a library command.
@@ -55,7 +58,12 @@ struct Watch {
 
 impl Watch {
     fn new() -> Watch {
-        Watch { inner: EmuDevice::new(EmuOptions::default()), arena: Span::new(DevPtr::NULL, 0), live: vec![], workspaces: vec![] }
+        Watch {
+            inner: EmuDevice::new(EmuOptions::default()),
+            arena: Span::new(DevPtr::NULL, 0),
+            live: vec![],
+            workspaces: vec![],
+        }
     }
 
     /// The checks of one call's workspace `ws` against its operand spans.
