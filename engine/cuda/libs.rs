@@ -304,14 +304,23 @@ pub fn open_first(names: &[&str], dirs: &[PathBuf]) -> std::result::Result<(Stri
     Err(tried)
 }
 
-/// The names in `symbols` that `library` does not export.
-pub fn missing_symbols<'a>(library: &libloading::Library, symbols: &[&'a str]) -> Vec<&'a str> {
-    symbols
+/// Checks that `library` (`name`, opened as `opened_as`) exports every one of `symbols`; the error lists those
+/// missing.
+pub fn require_symbols(library: &libloading::Library, symbols: &[&str], name: &str, opened_as: &str) -> Result<()> {
+    let missing: Vec<&str> = symbols
         .iter()
         .copied()
         // SAFETY: only looks the symbol up; the pointer is never called or dereferenced.
         .filter(|s| unsafe { library.get::<*const std::ffi::c_void>(s.as_bytes()) }.is_err())
-        .collect()
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(Error::CudaUnavailable(format!(
+        "{name} ({opened_as}) lacks {} of the functions zeroconv calls: {}",
+        missing.len(),
+        missing.join(", ")
+    )))
 }
 
 /// The first of cudarc's names for `lib` that loads, with its handle: what cudarc's own loader will pick.
@@ -359,15 +368,7 @@ pub fn probe_library(lib: Lib) -> Result<LibReport> {
         }
     }
     let (opened_as, handle) = open_like_cudarc(lib).ok_or_else(|| not_found(lib, &[]))?;
-    let missing = missing_symbols(&handle, lib.symbols());
-    if !missing.is_empty() {
-        return Err(Error::CudaUnavailable(format!(
-            "{} ({opened_as}) lacks {} of the functions zeroconv calls: {}",
-            lib.name(),
-            missing.len(),
-            missing.join(", ")
-        )));
-    }
+    require_symbols(&handle, lib.symbols(), lib.name(), &opened_as)?;
     let version = version(lib, &handle);
     Ok(LibReport { lib, opened_as, preloaded_from, version })
 }

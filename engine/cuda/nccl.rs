@@ -99,14 +99,7 @@ impl Nccl {
                 if dirs.is_empty() { "no other folder".to_string() } else { dirs.join(", ") }
             ))
         })?;
-        let missing = super::libs::missing_symbols(&library, &SYMBOLS);
-        if !missing.is_empty() {
-            return Err(Error::CudaUnavailable(format!(
-                "NCCL ({opened_as}) lacks {} of the functions zeroconv calls: {}",
-                missing.len(),
-                missing.join(", ")
-            )));
-        }
+        super::libs::require_symbols(&library, &SYMBOLS, "NCCL", &opened_as)?;
         // SAFETY: every symbol exists (checked above) and has the signature nccl.h declares, which the types spell;
         // the pointers stay valid while `_library` is loaded, and it lives as long as they do.
         unsafe {

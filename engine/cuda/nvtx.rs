@@ -80,14 +80,7 @@ impl Nvtx {
                 dirs.len()
             ))
         })?;
-        let missing = super::libs::missing_symbols(&library, &SYMBOLS);
-        if !missing.is_empty() {
-            return Err(Error::CudaUnavailable(format!(
-                "NVTX ({opened_as}) lacks {} of the functions zeroconv calls: {}",
-                missing.len(),
-                missing.join(", ")
-            )));
-        }
+        super::libs::require_symbols(&library, &SYMBOLS, "NVTX", &opened_as)?;
         // SAFETY: both symbols exist (checked above) with the signatures nvToolsExt.h declares, which the types
         // spell; the pointers stay valid while `_library` is loaded, and it lives as long as they do.
         unsafe {
