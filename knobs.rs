@@ -9,6 +9,7 @@
 //! 3. every fusion decision (fused, refused with the reason, undone);
 //! 4. the generated source of every fused kernel the CUDA executor compiles.
 
+use crate::error::{Error, Result};
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -31,6 +32,7 @@ pub const NVRTC_LIB: &str = "ZEROCONV_NVRTC_LIB";
 pub const CUDA_LIB_DIRS: &str = "ZEROCONV_CUDA_LIB_DIRS";
 pub const EMU_CXX: &str = "ZEROCONV_EMU_CXX";
 pub const EMU_CACHE: &str = "ZEROCONV_EMU_CACHE";
+pub const LIBRARY_WORKSPACE_MIB: &str = "ZEROCONV_LIBRARY_WORKSPACE_MIB";
 
 /// The run-time knobs.
 pub const KNOBS: &[Knob] = &[
@@ -83,6 +85,13 @@ pub const KNOBS: &[Knob] = &[
         default: "emulated-kernels/ in the build's target folder, else the system temp folder",
         doc: "where emulated kernel modules are cached",
     },
+    Knob {
+        name: LIBRARY_WORKSPACE_MIB,
+        takes: "a whole number of MiB",
+        default: "32",
+        doc: "the CUDA executor's one workspace for cuBLASLt and cuDNN (0: none, which rules out the algorithms that \
+              need one)",
+    },
 ];
 
 /// The build-time knobs (read by build.rs, listed here for the documentation).
@@ -127,6 +136,22 @@ pub fn debug_level() -> u32 {
     string(DEBUG).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
 }
 
+/// `ZEROCONV_LIBRARY_WORKSPACE_MIB` in bytes ([`crate::engine::gpu::LIBRARY_WORKSPACE`] when unset); a value that is
+/// not a whole number of MiB is an error naming the variable.
+pub fn library_workspace_bytes() -> Result<u64> {
+    match string(LIBRARY_WORKSPACE_MIB) {
+        None => Ok(crate::engine::gpu::LIBRARY_WORKSPACE),
+        Some(v) => mib_to_bytes(LIBRARY_WORKSPACE_MIB, &v),
+    }
+}
+
+/// `value` (a whole number of MiB, surrounding spaces allowed) in bytes, or an error naming `name` and the value.
+fn mib_to_bytes(name: &str, value: &str) -> Result<u64> {
+    value.trim().parse::<u64>().ok().and_then(|m| m.checked_mul(1 << 20)).ok_or_else(|| {
+        Error::msg(format!("{name}={value:?}: expected a whole number of MiB (0 for no library workspace)"))
+    })
+}
+
 /// `ZEROCONV_CHECK_FINITE=1`.
 pub fn check_finite() -> bool {
     string(CHECK_FINITE).is_some_and(|v| v.trim() == "1")
@@ -166,6 +191,16 @@ mod tests {
         let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
         for k in KNOBS.iter().chain(BUILD_KNOBS) {
             assert!(readme.contains(&format!("`{}`", k.name)), "README.md does not document {}", k.name);
+        }
+    }
+
+    #[test]
+    fn the_library_workspace_is_whole_mib_and_a_bad_value_names_the_variable() {
+        assert_eq!(mib_to_bytes(LIBRARY_WORKSPACE_MIB, "32").unwrap(), 32 << 20);
+        assert_eq!(mib_to_bytes(LIBRARY_WORKSPACE_MIB, " 0 ").unwrap(), 0);
+        for bad in ["", "1.5", "-1", "32MiB", "99999999999999999"] {
+            let e = mib_to_bytes(LIBRARY_WORKSPACE_MIB, bad).unwrap_err().to_string();
+            assert!(e.contains("ZEROCONV_LIBRARY_WORKSPACE_MIB") && e.contains("whole number of MiB"), "{bad}: {e}");
         }
     }
 

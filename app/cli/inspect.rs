@@ -90,6 +90,10 @@ pub fn run(args: &InspectArgs, out: &mut dyn Write) -> Result<()> {
     if args.plan {
         // Exactly the step `zeroconv train` compiles for the ControlNet: pixels in (the crop's size), the frozen VAE
         // and text encoder, one micro-batch of activations (accumulation runs it in a loop), the update.
+        if matches!(args.device, Some(DeviceChoice::Cuda | DeviceChoice::CudaEmu)) {
+            // A bad value is the environment's fault, not the config's: an error of its own.
+            crate::knobs::library_workspace_bytes()?;
+        }
         match train_step_plan(&cfg, args.device) {
             Ok(line) => {
                 w(out, line)?;
@@ -138,13 +142,15 @@ fn train_step_plan(cfg: &crate::io::config::Config, device: Option<DeviceChoice>
             let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
             format!(
                 "\nCUDA executor (flash attention {}): {:.2} GiB of device memory: arena {:.2} GiB (intermediates and \
-                 every kernel's scratch; cuBLASLt and cuDNN workspaces are planned at 0 bytes today), parameters, \
-                 inputs and optimizer state {:.2} GiB, kernel constants {:.1} KiB",
+                 every kernel's scratch), parameters, inputs and optimizer state {:.2} GiB, kernel constants {:.1} \
+                 KiB, and\n  library workspace: {:.1} MiB (one, shared by every cuBLASLt and cuDNN call; {})",
                 if flash { "on" } else { "off" },
                 gib(p.total_bytes()),
                 gib(p.plan.arena_bytes as u64),
                 gib(p.source_bytes),
-                p.const_total as f64 / 1024.0
+                p.const_total as f64 / 1024.0,
+                p.library_workspace as f64 / (1u64 << 20) as f64,
+                crate::knobs::LIBRARY_WORKSPACE_MIB
             )
         }
         _ => String::new(),

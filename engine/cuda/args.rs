@@ -359,24 +359,68 @@ mod tests {
         assert_eq!(dnn_math(ConvMath::Fma), CUDNN_FMA_MATH);
     }
 
-    #[test]
-    fn the_fallback_refuses_sizes_beyond_int() {
-        let m = |ptr, ld| MatrixRef { ptr: DevPtr(ptr), dtype: DType::F32, ld, stride: 0 };
-        let g = Gemm {
+    /// A plain f32 GEMM of column-major m×k and k×n operands at `a`, `b`, `c` (leading dims as packed).
+    fn gemm(m: u64, n: u64, k: u64, [a, b, c]: [u64; 3], workspace: Span) -> Gemm {
+        let mat = |ptr, ld| MatrixRef { ptr: DevPtr(ptr), dtype: DType::F32, ld, stride: 0 };
+        Gemm {
             transa: Transpose::N,
             transb: Transpose::N,
-            m: 1 << 31,
-            n: 1,
-            k: 1,
+            m,
+            n,
+            k,
             alpha: 1.0,
             beta: 0.0,
-            a: m(0x1000, 1 << 31),
-            b: m(0x10_0000_0000, 1),
-            c: m(0x20_0000_0000, 1 << 31),
+            a: mat(a, m),
+            b: mat(b, k),
+            c: mat(c, m),
             batch: 1,
             compute: GemmCompute::F32,
-            workspace: Span::new(DevPtr::NULL, 0),
-        };
+            workspace,
+        }
+    }
+
+    /// A forward 3x3 convolution of a [1, 3, 8, 8] input into `y_dims`, no padding (so [1, 4, 6, 6] is right).
+    fn conv(y_dims: [u64; 4], workspace: Span) -> Conv {
+        let t = |dims, ptr| Tensor4 { dims, layout: Layout4::Nchw, dtype: DType::F32, ptr: DevPtr(ptr) };
+        Conv {
+            direction: ConvDirection::Forward,
+            x: t([1, 3, 8, 8], 0x1000),
+            w: Filter4 { dims: [4, 3, 3, 3], layout: Layout4::Nchw, dtype: DType::F32, ptr: DevPtr(0x10000) },
+            y: t(y_dims, 0x20000),
+            padding: [0, 0],
+            stride: [1, 1],
+            alpha: 1.0,
+            beta: 0.0,
+            math: ConvMath::Fma,
+            algo: 0,
+            workspace,
+        }
+    }
+
+    /// cuBLASLt's heuristic and cuDNN's choice are offered the workspace the plan gave the command, so the
+    /// algorithms that need one (split-K, most implicit-GEMM, Winograd and FFT convolutions) are in reach.
+    #[test]
+    fn the_libraries_are_offered_the_planned_workspace() {
+        use dnn_sys::cudnnMathType_t::*;
+        let planned = crate::engine::gpu::LIBRARY_WORKSPACE;
+        let ws = Span::new(DevPtr(0x4000_0000), planned);
+        assert_eq!(lt_matmul(&gemm(3, 5, 4, [0x1000, 0x2000, 0x3000], ws)).unwrap().max_workspace, planned);
+        let c = conv([1, 4, 6, 6], ws);
+        let d = dnn_conv(&c).unwrap();
+        assert_eq!(d.max_workspace, planned);
+        let p = |algo, memory| AlgoPerf { algo, ok: true, memory, deterministic: true, math: CUDNN_FMA_MATH };
+        // The fastest needs 8 MiB: chosen with the planned workspace, out of reach with none.
+        let perfs = [p(1, 8 << 20), p(0, 0)];
+        assert_eq!(choose_algo(&perfs, d.max_workspace, c.math).map(|p| p.algo), Some(1));
+        assert_eq!(choose_algo(&perfs, 0, c.math).map(|p| p.algo), Some(0));
+        // One byte beyond the plan is still refused.
+        let perfs = [p(1, planned + 1), p(0, 0)];
+        assert_eq!(choose_algo(&perfs, d.max_workspace, c.math).map(|p| p.algo), Some(0));
+    }
+
+    #[test]
+    fn the_fallback_refuses_sizes_beyond_int() {
+        let g = gemm(1 << 31, 1, 1, [0x1000, 0x10_0000_0000, 0x20_0000_0000], Span::new(DevPtr::NULL, 0));
         let e = gemm_ex(&g).unwrap_err().to_string();
         assert!(e.contains("m = 2147483648") && e.contains("int"), "{e}");
         // cuBLASLt's 64-bit sizes take it.
@@ -386,22 +430,8 @@ mod tests {
 
     #[test]
     fn invalid_descriptors_fail_before_any_library_sees_them() {
-        let t = |dims, ptr| Tensor4 { dims, layout: Layout4::Nchw, dtype: DType::F32, ptr: DevPtr(ptr) };
-        let c = Conv {
-            direction: ConvDirection::Forward,
-            x: t([1, 3, 8, 8], 0x1000),
-            w: Filter4 { dims: [4, 3, 3, 3], layout: Layout4::Nchw, dtype: DType::F32, ptr: DevPtr(0x10000) },
-            // 8x8 with a 3x3 filter, no padding: 6x6, not 8x8.
-            y: t([1, 4, 8, 8], 0x20000),
-            padding: [0, 0],
-            stride: [1, 1],
-            alpha: 1.0,
-            beta: 0.0,
-            math: ConvMath::Fma,
-            algo: 0,
-            workspace: Span::new(DevPtr::NULL, 0),
-        };
-        let e = dnn_conv(&c).unwrap_err().to_string();
+        // 8x8 with a 3x3 filter, no padding: 6x6, not 8x8.
+        let e = dnn_conv(&conv([1, 4, 8, 8], Span::new(DevPtr::NULL, 0))).unwrap_err().to_string();
         assert!(e.contains("cudnnGetConvolution2dForwardOutputDim"), "{e}");
     }
 }

@@ -1209,6 +1209,22 @@ impl Device for CudaDevice {
     fn release_marks(&mut self) {
         self.marks_used = 0;
     }
+
+    /// An NVTX range (host-side: it brackets the calls that enqueue the node's work, which is what Nsight Systems
+    /// correlates with the kernels they launch); nothing when NVTX is not installed ([`super::nvtx`]).
+    fn range_push(&mut self, name: &str) -> Result<()> {
+        if let Some(n) = super::nvtx::Nvtx::get() {
+            n.push(name);
+        }
+        Ok(())
+    }
+
+    fn range_pop(&mut self) -> Result<()> {
+        if let Some(n) = super::nvtx::Nvtx::get() {
+            n.pop();
+        }
+        Ok(())
+    }
 }
 
 fn nul_terminated(s: &str) -> Vec<u8> {

@@ -276,6 +276,53 @@ fn site_packages() -> Vec<PathBuf> {
     out
 }
 
+/// The first of `names` that loads by name (from the loader's search path), else the first that loads from one of
+/// `dirs`, with the name or path it was opened by. For a library zeroconv opens itself (not through cudarc). `Err`
+/// lists what was tried: the names, and files that exist but do not load, with the reason.
+pub fn open_first(names: &[&str], dirs: &[PathBuf]) -> std::result::Result<(String, libloading::Library), Vec<String>> {
+    let mut tried = Vec::new();
+    for name in names {
+        // SAFETY: loading an NVIDIA library runs only its own initialisers, which have no preconditions.
+        match unsafe { libloading::Library::new(*name) } {
+            Ok(l) => return Ok((name.to_string(), l)),
+            Err(_) => tried.push(name.to_string()),
+        }
+    }
+    for dir in dirs {
+        for name in names {
+            let path = dir.join(name);
+            if !path.exists() {
+                continue;
+            }
+            // SAFETY: as above.
+            match unsafe { libloading::Library::new(&path) } {
+                Ok(l) => return Ok((path.display().to_string(), l)),
+                Err(e) => tried.push(format!("{} (does not load: {e})", path.display())),
+            }
+        }
+    }
+    Err(tried)
+}
+
+/// Checks that `library` (`name`, opened as `opened_as`) exports every one of `symbols`; the error lists those
+/// missing.
+pub fn require_symbols(library: &libloading::Library, symbols: &[&str], name: &str, opened_as: &str) -> Result<()> {
+    let missing: Vec<&str> = symbols
+        .iter()
+        .copied()
+        // SAFETY: only looks the symbol up; the pointer is never called or dereferenced.
+        .filter(|s| unsafe { library.get::<*const std::ffi::c_void>(s.as_bytes()) }.is_err())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(Error::CudaUnavailable(format!(
+        "{name} ({opened_as}) lacks {} of the functions zeroconv calls: {}",
+        missing.len(),
+        missing.join(", ")
+    )))
+}
+
 /// The first of cudarc's names for `lib` that loads, with its handle: what cudarc's own loader will pick.
 fn open_like_cudarc(lib: Lib) -> Option<(String, libloading::Library)> {
     lib.cudarc_names().into_iter().find_map(|name| {
@@ -321,21 +368,7 @@ pub fn probe_library(lib: Lib) -> Result<LibReport> {
         }
     }
     let (opened_as, handle) = open_like_cudarc(lib).ok_or_else(|| not_found(lib, &[]))?;
-    let missing: Vec<&str> = lib
-        .symbols()
-        .iter()
-        .copied()
-        // SAFETY: only looks the symbol up; the pointer is never called or dereferenced.
-        .filter(|s| unsafe { handle.get::<*const std::ffi::c_void>(s.as_bytes()) }.is_err())
-        .collect();
-    if !missing.is_empty() {
-        return Err(Error::CudaUnavailable(format!(
-            "{} ({opened_as}) lacks {} of the functions zeroconv calls: {}",
-            lib.name(),
-            missing.len(),
-            missing.join(", ")
-        )));
-    }
+    require_symbols(&handle, lib.symbols(), lib.name(), &opened_as)?;
     let version = version(lib, &handle);
     Ok(LibReport { lib, opened_as, preloaded_from, version })
 }

@@ -12,6 +12,7 @@ mod handles;
 pub mod libs;
 pub mod nccl;
 pub mod nvrtc;
+pub mod nvtx;
 mod probe;
 
 pub use device::{module_image, CudaDevice, ModuleImage};

@@ -89,60 +89,17 @@ impl Nccl {
 
     /// The first of `names` that loads by name, else from one of `dirs`; checks every symbol and reads the version.
     pub fn load_from(names: &[&str], dirs: &[PathBuf]) -> Result<Nccl> {
-        let mut tried = Vec::new();
-        let mut found = None;
-        for name in names {
-            // SAFETY: loading NCCL runs only its own initialisers, which have no preconditions.
-            match unsafe { libloading::Library::new(*name) } {
-                Ok(l) => {
-                    found = Some((name.to_string(), l));
-                    break;
-                }
-                Err(_) => tried.push(name.to_string()),
-            }
-        }
-        'dirs: for dir in dirs {
-            if found.is_some() {
-                break;
-            }
-            for name in names {
-                let path = dir.join(name);
-                if !path.exists() {
-                    continue;
-                }
-                // SAFETY: as above.
-                match unsafe { libloading::Library::new(&path) } {
-                    Ok(l) => {
-                        found = Some((path.display().to_string(), l));
-                        break 'dirs;
-                    }
-                    Err(e) => tried.push(format!("{} (does not load: {e})", path.display())),
-                }
-            }
-        }
-        let Some((opened_as, library)) = found else {
+        let (opened_as, library) = super::libs::open_first(names, dirs).map_err(|tried| {
             let dirs: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
-            return Err(Error::CudaUnavailable(format!(
+            Error::CudaUnavailable(format!(
                 "NCCL not found (data-parallel training on GPUs needs it): tried {} on the loader's path and in {}; \
                  install NCCL (the libnccl2 package, or pip install nvidia-nccl-cu12) or name its folder in \
                  ZEROCONV_CUDA_LIB_DIRS",
                 tried.join(", "),
                 if dirs.is_empty() { "no other folder".to_string() } else { dirs.join(", ") }
-            )));
-        };
-        let missing: Vec<&str> = SYMBOLS
-            .iter()
-            .copied()
-            // SAFETY: only looks the symbol up.
-            .filter(|s| unsafe { library.get::<*const c_void>(s.as_bytes()) }.is_err())
-            .collect();
-        if !missing.is_empty() {
-            return Err(Error::CudaUnavailable(format!(
-                "NCCL ({opened_as}) lacks {} of the functions zeroconv calls: {}",
-                missing.len(),
-                missing.join(", ")
-            )));
-        }
+            ))
+        })?;
+        super::libs::require_symbols(&library, &SYMBOLS, "NCCL", &opened_as)?;
         // SAFETY: every symbol exists (checked above) and has the signature nccl.h declares, which the types spell;
         // the pointers stay valid while `_library` is loaded, and it lives as long as they do.
         unsafe {

@@ -331,21 +331,38 @@ unsafe fn write_elem(addr: u64, dtype: DType, v: f64) {
     unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, n) };
 }
 
+/// Fills a library call's workspace with 0xff (NaN in every float type): what a library leaves there is
+/// unspecified, so nothing may rely on its contents, and live data placed there by mistake is destroyed visibly.
+///
+/// # Safety
+/// `ws` (when not empty) is writable host memory that no Rust reference points into during the call.
+pub(super) unsafe fn poison_workspace(ws: Span) {
+    if ws.bytes > 0 {
+        let p = std::ptr::with_exposed_provenance_mut::<u8>(ws.ptr.0 as usize);
+        // SAFETY: the caller's guarantee.
+        unsafe { std::ptr::write_bytes(p, 0xff, ws.bytes as usize) };
+    }
+}
+
 /// Runs the GEMM on the host: validates it, then for each batch instance
 /// `C[i + j*ldc] = alpha * sum_l opA(i, l) * opB(l, j) + beta * C[i + j*ldc]` for i < m, j < n, with
 /// `opA(i, l) = A[i + l*lda]` (transa N) or `A[l + i*lda]` (T), likewise B. Inputs are read exactly (rounded to
 /// TF32 first for `F32FastTf32`), products and sums are f64, and the result is rounded once to C's type. When
 /// `beta == 0` C is not read (a NaN there does not propagate, as in cuBLAS: "if beta == 0, C does not have to be
 /// a valid input"). Only the m×n elements of each C instance are written: padding rows (`m <= i < ldc`) and gaps
-/// between instances are untouched. The workspace is not used.
+/// between instances are untouched. The workspace is filled with 0xff bytes first, as a library may leave it
+/// holding anything (so a workspace that overlaps live data shows).
 ///
 /// # Safety
 /// - Every span of [`footprint`]`(g)` is valid, initialised host memory (A and B readable, C readable and
-///   writable), as the emulated device's `DevPtr`s are host addresses, and stays so for the call.
-/// - No Rust reference to C's span is live during the call, and C does not overlap A or B (which [`validate`]
-///   also checks).
+///   writable), as the emulated device's `DevPtr`s are host addresses, and stays so for the call; so is the
+///   workspace span (writable).
+/// - No Rust reference to C's or the workspace's span is live during the call, and C does not overlap A or B
+///   (which [`validate`] also checks, with the workspace overlapping none of them).
 pub unsafe fn execute(g: &Gemm) -> Result<()> {
     validate(g)?;
+    // SAFETY: the caller guarantees the workspace writable and unaliased; validated to fit the address space.
+    unsafe { poison_workspace(g.workspace) };
     if g.m == 0 || g.n == 0 {
         return Ok(());
     }

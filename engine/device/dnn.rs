@@ -20,7 +20,7 @@
 //! - backward filter: `dw[k,c,r,s] = alpha * sum_{n,oh,ow} x[n,c,ih,iw] * dy[n,k,oh,ow] + beta * dw` (the adjoint
 //!   of forward in w), dw in `w`.
 
-use super::blas::{encode, read_elem};
+use super::blas::{encode, poison_workspace, read_elem};
 use super::{Conv, ConvDirection, DevPtr, Layout4, Span};
 use crate::error::{Error, Result};
 use crate::graph::DType;
@@ -306,12 +306,9 @@ unsafe fn load(span: &Span, dtype: DType, offsets: &[usize]) -> Vec<f64> {
 pub unsafe fn execute(c: &Conv) -> Result<()> {
     validate(c)?;
     let fp = footprint(c);
-    if fp.workspace.bytes > 0 {
-        let p = std::ptr::with_exposed_provenance_mut::<u8>(fp.workspace.ptr.0 as usize);
-        // SAFETY: the caller guarantees the workspace span writable and unaliased; its length fits the address
-        // space (validated).
-        unsafe { std::ptr::write_bytes(p, 0xff, fp.workspace.bytes as usize) };
-    }
+    // SAFETY: the caller guarantees the workspace span writable and unaliased; its length fits the address space
+    // (validated).
+    unsafe { poison_workspace(fp.workspace) };
 
     let ud = |d: &[u64; 4]| d.map(|v| v as usize);
     let (xd, wdims, yd) = (ud(&c.x.dims), ud(&c.w.dims), ud(&c.y.dims));

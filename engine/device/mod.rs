@@ -330,6 +330,16 @@ pub trait Device {
     fn elapsed(&mut self, from: Mark, to: Mark) -> Result<std::time::Duration>;
     /// Forgets every mark, so the next step's marks reuse their events.
     fn release_marks(&mut self);
+    /// Opens a named range around the commands issued until the matching `range_pop` (ranges nest): an NVTX range
+    /// on a GPU, so a profiler's timeline (Nsight Systems) shows what each command belongs to. A host-side note,
+    /// never captured into a graph; the executor opens them only in profiled (eager) steps. No-ops by default.
+    fn range_push(&mut self, _name: &str) -> Result<()> {
+        Ok(())
+    }
+    /// Closes the innermost open range.
+    fn range_pop(&mut self) -> Result<()> {
+        Ok(())
+    }
 
     /// The checks only an emulated device can make, called by the executor around each command (no-ops on a GPU):
     /// `before_command` receives the memory that holds live data at this command (everything else in the arena is

@@ -120,6 +120,9 @@ pub struct Ctx<'a> {
     pub attention_budget: u64,
     /// Attention on the flash kernels where they fit (bf16/f16, a head dim they are built for); see [`flash`].
     pub flash_attention: bool,
+    /// The workspace every cuBLASLt and cuDNN call gets (the program's one library workspace; none in the
+    /// placeholder pass).
+    pub library_workspace: Span,
 }
 
 /// The module of each hand-written kernel family.
@@ -816,7 +819,7 @@ impl Emit<'_, '_> {
             c: MatrixRef { ptr: out_ptr, dtype: d, ld: n, stride: stride_c },
             batch,
             compute: GemmCompute::F32,
-            workspace: Span::new(DevPtr::NULL, 0),
+            workspace: self.ctx.library_workspace,
         }));
     }
 
@@ -871,7 +874,7 @@ impl Emit<'_, '_> {
             beta: 0.0,
             math,
             algo: 0,
-            workspace: Span::new(DevPtr::NULL, 0),
+            workspace: self.ctx.library_workspace,
         }));
         if let Some(bias) = bias {
             // The bias, added in place: y[n, o, :] += bias[o].
@@ -924,6 +927,7 @@ impl Emit<'_, '_> {
             (Span::new(DevPtr::NULL, 0), Span::new(DevPtr::NULL, 0))
         };
         let mat = |ptr: DevPtr, dtype: DType, ld: u64, stride: u64| MatrixRef { ptr, dtype, ld, stride };
+        let workspace = self.ctx.library_workspace;
         let mut h0 = 0;
         while h0 < bh {
             let cnt = chunk.min(bh - h0);
@@ -944,7 +948,7 @@ impl Emit<'_, '_> {
                     c,
                     batch: cnt,
                     compute: GemmCompute::F32,
-                    workspace: Span::new(DevPtr::NULL, 0),
+                    workspace,
                 })
             };
             use Transpose::{N, T};

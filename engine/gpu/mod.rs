@@ -2,9 +2,10 @@
 //! `CudaDevice`, on the CPU through the emulated device, which runs the same lowered commands and checks them.
 //!
 //! At compile time: every node is lowered once to device commands ([`lower`]), the memory planner places
-//! intermediates and per-node scratch (library workspaces, partial sums, attention scores) in one 256-byte-aligned
-//! arena, parameters / optimizer state / inputs get fixed offsets in one source region, and AdamW tables and error
-//! flags sit in a constant region uploaded once. Nothing is allocated per step. Step 1 runs eagerly (it warms module
+//! intermediates and per-node scratch (partial sums, attention scores) in one 256-byte-aligned arena, parameters /
+//! optimizer state / inputs get fixed offsets in one source region, AdamW tables and error flags sit in a constant
+//! region uploaded once, and every cuBLASLt and cuDNN call shares one library workspace, an allocation of its own
+//! ([`LIBRARY_WORKSPACE`]). Nothing is allocated per step. Step 1 runs eagerly (it warms module
 //! loading and libraries), step 2 is captured into a CUDA graph and replayed, every later step is a replay.
 
 pub mod consts;
@@ -25,6 +26,16 @@ use lower::{lower_node, Cmd, Ctx, Lowered};
 const ALIGN: u64 = 256;
 /// Scratch attention may use for one chunk of scores (S, P and, backward, dP, dS), by default.
 pub const ATTENTION_BUDGET: u64 = 256 << 20;
+/// The library workspace by default (`ZEROCONV_LIBRARY_WORKSPACE_MIB` overrides it): the workspace cuBLASLt's
+/// heuristic and cuDNN's algorithm choice may use. The cuBLAS documentation (cublasSetWorkspace,
+/// docs.nvidia.com/cuda/cublas/#cublassetworkspace) recommends a 32 MiB user workspace on Hopper and 4 MiB on
+/// other architectures; the larger one serves both. With none, cuBLASLt has no split-K kernels and cuDNN none of
+/// its algorithms that need memory (most implicit-GEMM, Winograd and FFT ones).
+///
+/// One workspace serves every call because every library call runs on the one compute stream, in order, so no two
+/// of them use it at once (PyTorch likewise keeps one cuBLAS workspace per stream). A second stream that runs
+/// library calls (overlapping the gradient all-reduce with backward GEMMs, say) would need a workspace of its own.
+pub const LIBRARY_WORKSPACE: u64 = 32 << 20;
 
 /// How steps are executed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,6 +53,9 @@ pub struct GpuBackend<D: Device> {
     check_finite: bool,
     attention_budget: u64,
     flash_attention: bool,
+    /// Bytes of the library workspace; `None`: from `ZEROCONV_LIBRARY_WORKSPACE_MIB` (read when planning, so a bad
+    /// value is an error there).
+    library_workspace: Option<u64>,
 }
 
 impl<D: Device> GpuBackend<D> {
@@ -54,7 +68,14 @@ impl<D: Device> GpuBackend<D> {
             check_finite,
             attention_budget: ATTENTION_BUDGET,
             flash_attention: false,
+            library_workspace: None,
         }
+    }
+
+    /// The workspace every cuBLASLt and cuDNN call may use, in bytes (0: none); see [`LIBRARY_WORKSPACE`].
+    pub fn with_library_workspace(mut self, bytes: u64) -> Self {
+        self.library_workspace = Some(bytes);
+        self
     }
 
     /// The scratch attention may use for its score matrices; (batch, head) pairs are processed in chunks that fit.
@@ -97,12 +118,19 @@ struct NodeCmds {
     live: Vec<Span>,
 }
 
+/// Whether a command is a library call, which gets the library workspace.
+fn uses_library_workspace(c: &Cmd) -> bool {
+    matches!(c, Cmd::Gemm(_) | Cmd::Conv(_))
+}
+
 pub struct GpuProgram<D: Device> {
     graph: Graph,
     plan: MemoryPlan,
     device: D,
     mode: StepMode,
     arena: Span,
+    /// The one workspace of every cuBLASLt and cuDNN call (0 bytes when there is none).
+    library_workspace: Span,
     /// Device address of every value the program holds.
     addresses: Vec<Option<DevPtr>>,
     nodes: Vec<NodeCmds>,
@@ -164,6 +192,7 @@ fn lower_placeholders(
         fused_module: fused_name,
         attention_budget,
         flash_attention,
+        library_workspace: Span::new(DevPtr::NULL, 0),
     };
     (0..graph.nodes.len()).map(|i| lower_node(&ctx, i)).collect()
 }
@@ -193,7 +222,7 @@ fn for_attention(graph: Graph, flash_attention: bool) -> Result<Graph> {
 
 /// Where a program's device memory goes, decided before anything is allocated.
 pub struct DevicePlan {
-    /// The arena: intermediates and every node's scratch (library workspaces included), 256-byte aligned.
+    /// The arena: intermediates and every node's scratch, 256-byte aligned.
     pub plan: MemoryPlan,
     /// Offset of each source value (parameters, optimizer state, inputs) in the sources region.
     pub source_offsets: Vec<Option<u64>>,
@@ -201,12 +230,14 @@ pub struct DevicePlan {
     /// Offset of each node's constants (AdamW tables, broadcast descriptors) in the constants region.
     pub const_offsets: Vec<u64>,
     pub const_total: u64,
+    /// The library workspace, its own allocation (0 when configured so, or when the graph makes no library call).
+    pub library_workspace: u64,
 }
 
 impl DevicePlan {
-    /// Device memory in all: arena, sources and constants.
+    /// Device memory in all: arena, sources, constants and the library workspace.
     pub fn total_bytes(&self) -> u64 {
-        self.plan.arena_bytes as u64 + self.source_bytes + self.const_total
+        self.plan.arena_bytes as u64 + self.source_bytes + self.const_total + self.library_workspace
     }
 }
 
@@ -222,6 +253,15 @@ impl<D: Device> GpuBackend<D> {
 
     fn plan_device(&self, graph: &Graph, fused_name: &str) -> Result<DevicePlan> {
         let first = lower_placeholders(graph, fused_name, self.attention_budget, self.flash_attention)?;
+        let library_calls = first.iter().any(|l| l.cmds.iter().any(uses_library_workspace));
+        let library_workspace = if library_calls {
+            match self.library_workspace {
+                Some(b) => b,
+                None => crate::knobs::library_workspace_bytes()?,
+            }
+        } else {
+            0
+        };
         let scratch: Vec<u64> = first.iter().map(|l| l.scratch_bytes).collect();
         let mut const_offsets = Vec::with_capacity(graph.nodes.len());
         let mut const_total = 0u64;
@@ -238,7 +278,7 @@ impl<D: Device> GpuBackend<D> {
                 source_bytes += align(val.bytes() as u64);
             }
         }
-        Ok(DevicePlan { plan, source_offsets, source_bytes, const_offsets, const_total })
+        Ok(DevicePlan { plan, source_offsets, source_bytes, const_offsets, const_total, library_workspace })
     }
 }
 
@@ -258,7 +298,7 @@ impl<D: Device> Backend for GpuBackend<D> {
         let n = graph.nodes.len();
 
         // Pass 1, placeholder addresses: how much scratch and constant memory each node needs.
-        let DevicePlan { plan, source_offsets, source_bytes, const_offsets, mut const_total } =
+        let DevicePlan { plan, source_offsets, source_bytes, const_offsets, mut const_total, library_workspace } =
             self.plan_device(&graph, &fused_name)?;
 
         // Allocate: the arena, one region for every source value, the constants.
@@ -273,6 +313,12 @@ impl<D: Device> Backend for GpuBackend<D> {
             const_total += ALIGN;
         }
         let consts_ptr = device.alloc(const_total.max(1), "constants")?;
+        // Its own allocation, not arena scratch: no intermediate ever lives in it, so the libraries may overwrite all
+        // of it at any call, and the device's alignment (256 bytes, what cublasLtMatmul asks of a workspace) holds.
+        let library_workspace = match library_workspace {
+            0 => Span::new(DevPtr::NULL, 0),
+            bytes => Span::new(device.alloc(bytes, "library workspace (cuBLASLt, cuDNN)")?, bytes),
+        };
         let finite_flag = self.check_finite.then(|| consts_ptr.offset(flag_offset));
         let addresses: Vec<Option<DevPtr>> = (0..graph.values.len())
             .map(|v| match plan.locations[v] {
@@ -299,6 +345,7 @@ impl<D: Device> Backend for GpuBackend<D> {
                 fused_module: &fused_name,
                 attention_budget: self.attention_budget,
                 flash_attention: self.flash_attention,
+                library_workspace,
             };
             let Lowered { mut cmds, consts: bytes, error_flags: flags, scratch_bytes, const_bytes } =
                 lower_node(&ctx, i)?;
@@ -327,6 +374,9 @@ impl<D: Device> Backend for GpuBackend<D> {
                 .chain([scratch_span, Span::new(consts_ptr.offset(const_offset), const_bytes)])
                 .chain(finite_flag.map(|f| Span::new(f, 4)))
                 .collect();
+            if cmds.iter().any(uses_library_workspace) {
+                writes.push(library_workspace);
+            }
             // In-place ops (AdamW, gradient accumulation) also write some of their inputs.
             for j in node.op.in_place_inputs() {
                 let v = node.inputs[j];
@@ -372,6 +422,7 @@ impl<D: Device> Backend for GpuBackend<D> {
             device,
             mode: self.mode,
             arena,
+            library_workspace,
             addresses,
             nodes,
             error_flags,
@@ -387,6 +438,11 @@ impl<D: Device> Backend for GpuBackend<D> {
 impl<D: Device> GpuProgram<D> {
     pub fn device(&self) -> &D {
         &self.device
+    }
+
+    /// The one workspace every cuBLASLt and cuDNN command is given (0 bytes: none).
+    pub fn library_workspace(&self) -> Span {
+        self.library_workspace
     }
 
     /// The lowered commands of node `i`.
@@ -435,7 +491,11 @@ impl<D: Device> GpuProgram<D> {
         let mut spans = Vec::with_capacity(nodes.len());
         let mut before = first;
         for i in nodes {
+            // A range named as the profile names the node, so Nsight Systems' timeline (NVTX on a GPU) shows it.
+            let name = self.profile.as_ref().map(|p| p.kernels[i].name.clone()).unwrap_or_default();
+            self.device.range_push(&name)?;
             self.issue_node(i)?;
+            self.device.range_pop()?;
             let after = self.device.mark()?;
             spans.push((i, before, after));
             before = after;

@@ -16,7 +16,7 @@ use zeroconv::engine::device::{
     ModuleSource, Span, Tensor4, Transpose,
 };
 use zeroconv::engine::gpu::lower::Cmd;
-use zeroconv::engine::gpu::{GpuBackend, StepMode};
+use zeroconv::engine::gpu::{GpuBackend, StepMode, LIBRARY_WORKSPACE};
 use zeroconv::engine::Backend;
 use zeroconv::graph::DType;
 use zeroconv::io::config::load_config;
@@ -96,7 +96,8 @@ fn commands(config: &str, overrides: &[&str], batch: usize) -> Vec<Cmd> {
     let cfg = load_config(Some(&path), &overrides).unwrap();
     let st = step::latent_step(&cfg, batch).unwrap();
     let opt = step::optimize(&cfg, &st, false).unwrap();
-    let backend = GpuBackend::new(|| Ok(AddressOnly { next: 1 << 32 }), StepMode::Eager);
+    let backend = GpuBackend::new(|| Ok(AddressOnly { next: 1 << 32 }), StepMode::Eager)
+        .with_library_workspace(LIBRARY_WORKSPACE);
     let program = backend.compile(opt.graph).unwrap_or_else(|e| panic!("{config}: {e}"));
     program.all_commands().map(|(_, c)| c.clone()).collect()
 }
@@ -247,7 +248,8 @@ fn conv_from_dnn(d: &DnnConv, c: &Conv) -> Conv {
     }
 }
 
-/// Checks every GEMM and convolution of `cmds`; returns (gemms, fallback-capable gemms, convs).
+/// Checks every GEMM and convolution of `cmds`, planned with a [`LIBRARY_WORKSPACE`] workspace, which is what
+/// cuBLASLt's heuristic and cuDNN's algorithm choice must be offered; returns (gemms, fallback-capable gemms, convs).
 fn check_all(what: &str, cmds: &[Cmd]) -> (usize, usize, usize) {
     let (mut gemms, mut ex, mut convs) = (0, 0, 0);
     for c in cmds {
@@ -255,6 +257,7 @@ fn check_all(what: &str, cmds: &[Cmd]) -> (usize, usize, usize) {
             Cmd::Gemm(g) => {
                 gemms += 1;
                 let lt = args::lt_matmul(g).unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert_eq!(lt.max_workspace, LIBRARY_WORKSPACE, "{what}: the heuristic's workspace limit");
                 assert_eq!(gemm_from_lt(&lt, [g.a.ptr, g.b.ptr, g.c.ptr], g.workspace.ptr), *g, "{what}: {lt:?}");
                 for (i, x) in [&g.a, &g.b, &g.c].into_iter().enumerate() {
                     let al = lt.min_alignment[i] as u64;
@@ -274,6 +277,7 @@ fn check_all(what: &str, cmds: &[Cmd]) -> (usize, usize, usize) {
             Cmd::Conv(cv) => {
                 convs += 1;
                 let d = args::dnn_conv(cv).unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert_eq!(d.max_workspace, LIBRARY_WORKSPACE, "{what}: the algorithm choice's workspace limit");
                 assert_eq!(conv_from_dnn(&d, cv), *cv, "{what}: {d:?}");
             }
             _ => {}

@@ -25,11 +25,18 @@ fn config() -> String {
 
 /// Runs the binary in `dir` with `args`.
 fn zeroconv(dir: &TempDir, args: &[&str]) -> Output {
+    zeroconv_with(dir, args, &[])
+}
+
+/// [`zeroconv`] with environment variables set.
+fn zeroconv_with(dir: &TempDir, args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_zeroconv"))
         .args(args)
         .current_dir(dir.path())
         .env_remove("ZEROCONV_DEBUG")
         .env_remove("ZEROCONV_CHECK_FINITE")
+        .env_remove("ZEROCONV_LIBRARY_WORKSPACE_MIB")
+        .envs(env.iter().copied())
         .output()
         .expect("run zeroconv")
 }
@@ -257,8 +264,9 @@ fn trainer_accelerator_chooses_the_device_when_no_flag_does() {
     }
 }
 
-/// `inspect --plan --device cuda` plans the CUDA executor's device memory without a GPU (nothing is allocated); without
-/// `--device` there is no such line.
+/// `inspect --plan --device cuda` plans the CUDA executor's device memory without a GPU (nothing is allocated), the
+/// library workspace on a line of its own, sized by `ZEROCONV_LIBRARY_WORKSPACE_MIB`; without `--device` there is no
+/// such line.
 #[test]
 fn inspect_plans_the_cuda_executors_memory_without_a_gpu() {
     let dir = tmp("inspect-cuda");
@@ -271,6 +279,18 @@ fn inspect_plans_the_cuda_executors_memory_without_a_gpu() {
         line.contains("GiB of device memory") && line.contains("arena") && line.contains("optimizer state"),
         "{line}"
     );
+    let workspace = |out: &str| -> String {
+        out.lines().find(|l| l.trim_start().starts_with("library workspace:")).unwrap_or_else(|| panic!("{out}")).into()
+    };
+    let ws = workspace(&out);
+    assert!(ws.contains(" 32.0 MiB") && ws.contains("ZEROCONV_LIBRARY_WORKSPACE_MIB"), "{ws}");
+    let args = ["inspect", "--config", &cfg, "--plan", "--device", "cuda"];
+    let o = zeroconv_with(&dir, &args, &[("ZEROCONV_LIBRARY_WORKSPACE_MIB", "0")]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    assert!(workspace(&text(&o).0).contains(" 0.0 MiB"), "{}", text(&o).0);
+    let o = zeroconv_with(&dir, &args, &[("ZEROCONV_LIBRARY_WORKSPACE_MIB", "lots")]);
+    let err = text(&o).1;
+    assert!(!o.status.success() && err.contains("ZEROCONV_LIBRARY_WORKSPACE_MIB=\"lots\""), "{err}");
     let plain = zeroconv(&dir, &["inspect", "--config", &cfg, "--plan"]);
     assert!(!text(&plain).0.contains("CUDA executor"), "only with --device");
 }

@@ -162,6 +162,9 @@ impl GemmCase {
     }
 }
 
+/// The workspace every emulated GEMM case gets.
+const GEMM_WORKSPACE_BYTES: usize = 512;
+
 /// Element count of a stored operand's footprint, from its definition.
 fn footprint_elems(rows: usize, cols: usize, ld: usize, stride: usize, batch: usize) -> usize {
     if rows == 0 || cols == 0 {
@@ -225,6 +228,9 @@ fn run_gemm_with(cs: &GemmCase, opa: &[Vec<f64>], opb: &[Vec<f64>], c0: &[Vec<f6
         ld: ld as u64,
         stride: stride as u64,
     };
+    // A workspace at the first 256-byte boundary of a zeroed buffer: the GEMM fills it with 0xff and nothing else.
+    let wsmem = Mem::new(GEMM_WORKSPACE_BYTES + 256, 0x00);
+    let ws_off = (wsmem.ptr().0.div_ceil(256) * 256 - wsmem.ptr().0) as usize;
     let g = Gemm {
         transa: cs.ta,
         transb: cs.tb,
@@ -238,7 +244,7 @@ fn run_gemm_with(cs: &GemmCase, opa: &[Vec<f64>], opb: &[Vec<f64>], c0: &[Vec<f6
         c: mref(&cmem, cs.tout, ldc, stride_c),
         batch: batch as u64,
         compute: cs.compute,
-        workspace: Span::new(DevPtr::NULL, 0),
+        workspace: Span::new(wsmem.ptr().offset(ws_off as u64), GEMM_WORKSPACE_BYTES as u64),
     };
     let fp = blas::footprint(&g);
     assert_eq!(fp.a, Span::new(amem.ptr(), (a_elems * sa) as u64), "{cs:?}: footprint of A");
@@ -251,6 +257,11 @@ fn run_gemm_with(cs: &GemmCase, opa: &[Vec<f64>], opb: &[Vec<f64>], c0: &[Vec<f6
     unsafe { blas::execute(&g) }.unwrap_or_else(|e| panic!("{cs:?}: {e}"));
     assert_eq!(amem.snapshot(), a_before, "{cs:?}: A changed");
     assert_eq!(bmem.snapshot(), b_before, "{cs:?}: B changed");
+    let wsb = wsmem.snapshot();
+    let (before, rest) = wsb.split_at(ws_off);
+    let (workspace, after) = rest.split_at(GEMM_WORKSPACE_BYTES);
+    assert!(workspace.iter().all(|&b| b == 0xff), "{cs:?}: workspace not filled with 0xff");
+    assert!(before.iter().chain(after).all(|&b| b == 0), "{cs:?}: bytes around the workspace changed");
 
     // Reference: row-major, f64, one rounding.
     let tf = |x: f64| if cs.compute == GemmCompute::F32FastTf32 { tf32_ref(x) } else { x };

@@ -18,8 +18,10 @@ use zeroconv::graph::{BinaryOp, DType, F64Bits, Graph, Op, Shape, UnaryOp, Value
 
 const FLOATS: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
 
+/// With a library workspace (4 MiB, cuBLAS's recommendation before Hopper; the size does not matter here), which
+/// the emulated cuBLAS and cuDNN fill with 0xff at every call: no result may depend on it.
 fn emulated() -> GpuBackend<EmuDevice> {
-    GpuBackend::emulated(EmuOptions::default())
+    GpuBackend::emulated(EmuOptions::default()).with_library_workspace(4 << 20)
 }
 
 /// Relative tolerance for one output: f32 differs only in summation order; half types by one rounding.

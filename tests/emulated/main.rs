@@ -18,5 +18,6 @@ mod gpu_check_script;
 mod gpu_emulated;
 mod kernels_emulated;
 mod kernels_layout_emulated;
+mod library_workspace;
 mod mma_emulated;
 mod runtime_nvrtc;

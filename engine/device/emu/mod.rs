@@ -14,6 +14,9 @@
 //!   [`ThreadGroup`](crate::engine::dist::ThreadGroup) when the ranks are threads of one process, each with its own
 //!   emulated device), `all_reduce` really sums the buffer across the ranks, in rank order, eagerly and on replay of a
 //!   captured graph alike; without one the device is a world of one and the call checks its buffer only.
+//! - Ranges (the seam's NVTX ranges): each `range_push` is recorded with the number of commands that ran while it
+//!   was the innermost open range ([`EmuDevice::ranges`]), and commands run outside every range are counted, so a
+//!   test can check that every command of a profiled step is inside the range of its node.
 //! - Liveness checks (when [`EmuOptions::check_liveness`]): before each node, every arena byte the memory plan says
 //!   is dead is filled with 0xff (NaN in every float type); after it, any changed byte outside the node's declared
 //!   outputs and scratch, or a changed guard band, is an error naming the node.
@@ -86,6 +89,16 @@ pub struct EmuCounts {
     pub shared_opt_ins: u64,
 }
 
+/// A range opened with `range_push`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EmuRange {
+    pub name: String,
+    /// Commands that ran while it was the innermost open range.
+    pub commands: u64,
+    /// Whether `range_pop` closed it.
+    pub closed: bool,
+}
+
 pub struct EmuDevice {
     options: EmuOptions,
     memory: Memory,
@@ -98,6 +111,10 @@ pub struct EmuDevice {
     /// The host's clock at each mark: the emulator runs every command as it is issued, so that is when the stream
     /// reached it.
     marks: Vec<std::time::Instant>,
+    /// Every range opened so far, in order; the indices of the open ones, innermost last.
+    ranges: Vec<EmuRange>,
+    open_ranges: Vec<usize>,
+    commands_outside_ranges: u64,
 }
 
 impl EmuDevice {
@@ -112,6 +129,27 @@ impl EmuDevice {
             opt_ins: SharedOptIns::default(),
             communicator: None,
             marks: Vec::new(),
+            ranges: Vec::new(),
+            open_ranges: Vec::new(),
+            commands_outside_ranges: 0,
+        }
+    }
+
+    /// Every range opened so far, in the order they were opened.
+    pub fn ranges(&self) -> &[EmuRange] {
+        &self.ranges
+    }
+
+    /// Commands (launches, library calls, copies, memsets, all-reduces) run while no range was open.
+    pub fn commands_outside_ranges(&self) -> u64 {
+        self.commands_outside_ranges
+    }
+
+    /// Counts a command that runs now against the innermost open range.
+    fn count_in_range(&mut self) {
+        match self.open_ranges.last() {
+            Some(&r) => self.ranges[r].commands += 1,
+            None => self.commands_outside_ranges += 1,
         }
     }
 
@@ -143,6 +181,9 @@ impl EmuDevice {
     }
 
     fn run(&mut self, r: &Recorded) -> Result<()> {
+        if !matches!(r, Recorded::Before { .. } | Recorded::After { .. }) {
+            self.count_in_range();
+        }
         match r {
             Recorded::Launch(l) => self.run_launch(l),
             Recorded::Gemm(g) => self.run_gemm(g),
@@ -428,6 +469,18 @@ impl Device for EmuDevice {
 
     fn release_marks(&mut self) {
         self.marks.clear();
+    }
+
+    fn range_push(&mut self, name: &str) -> Result<()> {
+        self.ranges.push(EmuRange { name: name.to_string(), commands: 0, closed: false });
+        self.open_ranges.push(self.ranges.len() - 1);
+        Ok(())
+    }
+
+    fn range_pop(&mut self) -> Result<()> {
+        let r = self.open_ranges.pop().ok_or_else(|| Error::msg("emulated device: range_pop without an open range"))?;
+        self.ranges[r].closed = true;
+        Ok(())
     }
 
     fn before_command(&mut self, arena: Span, live: &[Span]) -> Result<()> {
