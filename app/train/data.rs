@@ -337,7 +337,8 @@ impl DataSource {
                     ));
                 }
                 let states = saved.iter().map(|j| LoaderState::from_json(j)).collect::<Result<Vec<_>>>()?;
-                let state = loader.resume_state(&states).map_err(|e| Error::msg(format!("checkpoint data state: {e}")))?;
+                let state =
+                    loader.resume_state(&states).map_err(|e| Error::msg(format!("checkpoint data state: {e}")))?;
                 ahead.clear();
                 *drops = 0;
                 **stream = loader.stream(&state)?;

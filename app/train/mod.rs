@@ -398,7 +398,8 @@ impl Run<'_> {
             s = done;
             // The last step: max_steps reached, or the next step would start in epoch max_epochs.
             let steps_done = limits.steps.is_some_and(|t| done >= t);
-            let next = if look_ahead && !steps_done { Some(self.data.align_step(per_step, &mut self.par)?) } else { None };
+            let next =
+                if look_ahead && !steps_done { Some(self.data.align_step(per_step, &mut self.par)?) } else { None };
             let last = steps_done || limits.epochs.is_some_and(|e| next.is_some_and(|n| n.epoch >= e));
             if done.is_multiple_of(log_every) || last || done == start + 1 {
                 let sps = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
@@ -714,7 +715,11 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
     };
     run.run_phase(TrainPhase::Control, start, limits, ck)?;
     if let Some((used, bad, damaged)) = run.data.usage() {
-        let who = if run.par.world_size > 1 { format!(" (rank {} of {})", run.par.rank, run.par.world_size) } else { String::new() };
+        let who = if run.par.world_size > 1 {
+            format!(" (rank {} of {})", run.par.rank, run.par.world_size)
+        } else {
+            String::new()
+        };
         eprintln!("data{who}: {used} samples used, {bad} bad samples and {damaged} damaged shards skipped");
     }
     if !run.par.is_root() {

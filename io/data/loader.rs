@@ -443,7 +443,8 @@ impl Loader {
     /// (see [`Sample::global_index`]), read and shuffled on the calling thread, nothing decoded.
     pub fn epoch_items(&self, epoch: u64) -> impl Iterator<Item = (u64, Item)> + Send + 'static {
         let cfg = &self.inner.config;
-        let reader = EpochReader { inner: self.inner.clone(), shards: self.epoch_shards(epoch).into_iter(), current: None };
+        let reader =
+            EpochReader { inner: self.inner.clone(), shards: self.epoch_shards(epoch).into_iter(), current: None };
         let rng = SplitMix64::derive(cfg.seed, &[RNG_BUFFER, epoch, cfg.rng_partition()]);
         let shuffled = ShuffleBuffer::new(reader, cfg.shuffle_buffer, rng, |item| matches!(item, Item::ShardError(_)));
         // Striding after the shuffle: every stride shuffles the same whole stream and keeps its own positions.
@@ -519,9 +520,21 @@ fn prepare(cfg: &LoaderConfig, raw: &RawSample, flip: bool) -> std::result::Resu
 
 enum Work {
     /// `seq`: the item's position in this partition's stream; `global`: in the epoch's whole stream.
-    Item { epoch: u64, seq: u64, global: u64, item: Item },
-    EpochEnd { epoch: u64, seq: u64 },
-    Fatal { epoch: u64, seq: u64, msg: String },
+    Item {
+        epoch: u64,
+        seq: u64,
+        global: u64,
+        item: Item,
+    },
+    EpochEnd {
+        epoch: u64,
+        seq: u64,
+    },
+    Fatal {
+        epoch: u64,
+        seq: u64,
+        msg: String,
+    },
 }
 
 enum Done {

@@ -387,7 +387,10 @@ fn data_parallel_ranks_decode_only_their_stride_of_one_process_stream() {
                     assert_eq!((&a.key, a.global_index, a.flipped), (&b.key, b.global_index, b.flipped));
                     assert_eq!(a.image.data, b.image.data);
                     assert_eq!(a.control.data, b.control.data);
-                    assert_eq!(a.index, mine[..k].len() as u64 + u64::from(bad_at % world == rank && bad_at < a.global_index));
+                    assert_eq!(
+                        a.index,
+                        mine[..k].len() as u64 + u64::from(bad_at % world == rank && bad_at < a.global_index)
+                    );
                 }
                 // ... and nothing else decoded: its share of the 21 items, the bad one only by its owner.
                 let owned = (0..21).filter(|i| i % world == rank).count() as u64;
@@ -423,8 +426,7 @@ fn rank_positions_map_onto_another_rank_count_only_when_they_mark_one_point() {
     };
     let whole: Vec<String> = keys_of_epoch(&Loader::new(shards.clone(), one.clone()).unwrap(), 0);
     // Two ranks that each consumed 3 of their own: together the first 6 items.
-    let saved: Vec<LoaderState> =
-        (0..2).map(|r| LoaderState { consumed: 3, ..rank(r, 2).initial_state() }).collect();
+    let saved: Vec<LoaderState> = (0..2).map(|r| LoaderState { consumed: 3, ..rank(r, 2).initial_state() }).collect();
     assert!(saved.iter().all(|s| LoaderState::from_json(&s.to_json()).unwrap() == *s));
     for world in [1usize, 2, 3] {
         for r in 0..world {
