@@ -49,7 +49,29 @@ pub enum DataSource {
         ahead: VecDeque<Sample>,
         /// Epochs whose leftover was dropped since the last step (two in a row: an epoch smaller than a step).
         drops: u32,
+        /// Samples this process put into batches, and those it dropped at epoch ends.
+        used: u64,
+        dropped: u64,
     },
+}
+
+/// A process's samples: put into batches, dropped at epoch ends, and skipped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataUsage {
+    pub used: u64,
+    pub dropped: u64,
+    pub bad: u64,
+    pub damaged_shards: u64,
+}
+
+impl std::fmt::Display for DataUsage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} samples used, {} dropped at epoch ends, {} bad samples and {} damaged shards skipped",
+            self.used, self.dropped, self.bad, self.damaged_shards
+        )
+    }
 }
 
 /// Where the next optimizer step reads, from [`DataSource::align_step`].
@@ -158,6 +180,8 @@ impl DataSource {
             width,
             ahead: VecDeque::new(),
             drops: 0,
+            used: 0,
+            dropped: 0,
         })
     }
 
@@ -203,11 +227,11 @@ impl DataSource {
                 }
                 Ok(StepPosition { epoch: *next / *length, index: Some((*next % *length / per, *length / per)) })
             }
-            DataSource::Web { stream, ahead, drops, .. } => {
+            DataSource::Web { stream, ahead, drops, dropped, .. } => {
                 let share = (per_step / par.world_size).max(1);
                 let mut from_epoch = 0;
                 loop {
-                    fill_share(stream, ahead, drops, share, from_epoch, par.rank)?;
+                    fill_share(stream, ahead, (drops, dropped), share, from_epoch, par.rank)?;
                     let epochs = par.all_gather_u64(ahead[0].epoch)?;
                     let latest = epochs.iter().copied().max().unwrap_or(0);
                     if epochs.iter().all(|&e| e == latest) {
@@ -234,8 +258,9 @@ impl DataSource {
                 *next += n as u64 * stride.count;
                 Ok(b)
             }
-            DataSource::Web { stream, ahead, drops, .. } => {
+            DataSource::Web { stream, ahead, drops, used, .. } => {
                 *drops = 0;
+                *used += n as u64;
                 let mut b = HostBatch { images: Vec::new(), hints: Vec::new(), captions: Vec::new() };
                 for _ in 0..n {
                     let sample = match ahead.pop_front() {
@@ -286,15 +311,16 @@ impl DataSource {
         }
     }
 
-    /// This rank's samples used, and the bad samples and damaged shards it skipped, since the stream started
-    /// (shards only).
-    pub fn usage(&self) -> Option<(u64, u64, u64)> {
+    /// What this process did with its samples since it started (shards only).
+    pub fn usage(&self) -> Option<DataUsage> {
         match self {
             DataSource::Synthetic { .. } => None,
-            DataSource::Web { stream, ahead, .. } => {
-                let st = stream.stats();
-                Some((st.samples - ahead.len() as u64, st.bad, st.shard_errors))
-            }
+            DataSource::Web { stream, used, dropped, .. } => Some(DataUsage {
+                used: *used,
+                dropped: *dropped,
+                bad: stream.stats().bad,
+                damaged_shards: stream.stats().shard_errors,
+            }),
         }
     }
 
@@ -349,18 +375,20 @@ impl DataSource {
 }
 
 /// Reads this rank's `share` of a step into `ahead`, all from one epoch, from `from_epoch` on: samples of an earlier
-/// epoch, and an epoch's leftover that cannot fill the share, are dropped (`drops` counts the epochs whose end was
-/// dropped since the last step: a second one means an epoch smaller than a step).
+/// epoch, and an epoch's leftover that cannot fill the share, are dropped (`drops.0` counts the epochs whose end
+/// was dropped since the last step: a second one means an epoch smaller than a step; `drops.1` the samples).
 fn fill_share(
     stream: &mut SampleStream,
     ahead: &mut VecDeque<Sample>,
-    drops: &mut u32,
+    drops: (&mut u32, &mut u64),
     share: usize,
     from_epoch: u64,
     rank: usize,
 ) -> Result<()> {
-    let drop_ahead = |ahead: &mut VecDeque<Sample>, drops: &mut u32| -> Result<()> {
+    let (drops, dropped) = drops;
+    let drop_ahead = |ahead: &mut VecDeque<Sample>, drops: &mut u32, dropped: &mut u64| -> Result<()> {
         *drops += 1;
+        *dropped += ahead.len() as u64;
         if *drops > 1 {
             return Err(Error::msg(format!(
                 "epoch {} of the shards has fewer usable samples for rank {rank} ({}) than its share of one \
@@ -373,7 +401,7 @@ fn fill_share(
         Ok(())
     };
     if ahead.front().is_some_and(|f| f.epoch < from_epoch) {
-        drop_ahead(ahead, drops)?;
+        drop_ahead(ahead, drops, dropped)?;
     }
     while ahead.len() < share {
         let sample = match stream.next() {
@@ -382,11 +410,12 @@ fn fill_share(
             None => return Err(Error::msg("the dataset ran out of samples")),
         };
         if sample.epoch < from_epoch {
+            *dropped += 1;
             sample.recycle();
             continue;
         }
         if ahead.front().is_some_and(|f| f.epoch != sample.epoch) {
-            drop_ahead(ahead, drops)?;
+            drop_ahead(ahead, drops, dropped)?;
         }
         ahead.push_back(sample);
     }

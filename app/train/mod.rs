@@ -714,13 +714,13 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
         _ => (0, None),
     };
     run.run_phase(TrainPhase::Control, start, limits, ck)?;
-    if let Some((used, bad, damaged)) = run.data.usage() {
+    if let Some(usage) = run.data.usage() {
         let who = if run.par.world_size > 1 {
             format!(" (rank {} of {})", run.par.rank, run.par.world_size)
         } else {
             String::new()
         };
-        eprintln!("data{who}: {used} samples used, {bad} bad samples and {damaged} damaged shards skipped");
+        eprintln!("data{who}: {usage}");
     }
     if !run.par.is_root() {
         // The other ranks write nothing; rank 0 exports and evaluates.

@@ -112,12 +112,13 @@ fn shard(dir: &Path, count: usize, bad: Option<usize>) -> (PathBuf, Vec<String>)
     (path, overrides)
 }
 
-/// The counts in the line `data<who>: N samples used, M bad samples and K damaged shards skipped`.
-fn data_usage(stderr: &str, who: &str) -> (u64, u64) {
+/// The counts in the line `data<who>: N samples used, D dropped at epoch ends, M bad samples and K damaged shards
+/// skipped`: (N, D, M).
+fn data_usage(stderr: &str, who: &str) -> (u64, u64, u64) {
     let prefix = format!("data{who}: ");
     let line = stderr.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_else(|| panic!("no {prefix}:\n{stderr}"));
     let numbers: Vec<u64> = line.split(' ').filter_map(|w| w.parse().ok()).collect();
-    (numbers[0], numbers[1])
+    (numbers[0], numbers[1], numbers[2])
 }
 
 #[test]
@@ -129,19 +130,20 @@ fn two_ranks_train_what_one_process_trains() {
     );
 }
 
-/// On shards, each rank decodes its half of one process's samples (items 0, 2, 4 and 1, 3, 5) and the run is
-/// still one process's.
+/// On shards, each rank decodes its half of one process's samples and the run is still one process's. An epoch
+/// of 5 samples holds two steps: one process drops item 4; rank 0 (items 0, 2, 4) could fill a third step from
+/// epoch 0, rank 1 (items 1, 3) cannot, so both start epoch 1 for step 3, as one process does.
 #[test]
 fn two_ranks_on_shards_train_what_one_process_trains_decoding_half_each() {
     let dir = tmp("dp-shards");
-    let (_, data) = shard(dir.path(), 8, None);
+    let (_, data) = shard(dir.path(), 5, None);
     let data: Vec<&str> = data.iter().map(String::as_str).collect();
     let single = [&["model.micro_batch_size=2"][..], &data].concat();
     let ranks = [&["model.micro_batch_size=1", "model.global_batch_size=2", "trainer.devices=2"][..], &data].concat();
     let (one, two) = compare("dp-shards-runs", &single, &ranks);
-    assert_eq!(data_usage(&one, ""), (6, 0), "{one}");
-    assert_eq!(data_usage(&two, " (rank 0 of 2)"), (3, 0), "{two}");
-    assert_eq!(data_usage(&two, " (rank 1 of 2)"), (3, 0), "{two}");
+    assert_eq!(data_usage(&one, ""), (6, 1, 0), "{one}");
+    assert_eq!(data_usage(&two, " (rank 0 of 2)"), (3, 1, 0), "{two}");
+    assert_eq!(data_usage(&two, " (rank 1 of 2)"), (3, 0, 0), "{two}");
 }
 
 /// A bad sample at position 1 is rank 1's: rank 1 alone decodes it, logs it once and takes its next sample
@@ -159,8 +161,8 @@ fn a_bad_sample_is_skipped_by_its_rank_and_a_resume_restores_every_ranks_positio
     let skipped: Vec<&str> = err.lines().filter(|l| l.contains("skipped") && l.contains("'s00001'")).collect();
     assert_eq!(skipped.len(), 1, "{err}");
     assert!(skipped[0].starts_with("warning (rank 1): skipped ") && skipped[0].contains("data-000000.tar"), "{err}");
-    assert_eq!(data_usage(&err, " (rank 0 of 2)"), (6, 0), "{err}");
-    assert_eq!(data_usage(&err, " (rank 1 of 2)"), (6, 1), "{err}");
+    assert_eq!(data_usage(&err, " (rank 0 of 2)"), (6, 0, 0), "{err}");
+    assert_eq!(data_usage(&err, " (rank 1 of 2)"), (6, 0, 1), "{err}");
     let full = losses(&whole);
     assert_eq!(full.len(), 6);
 
