@@ -5,13 +5,20 @@
 //! Epochs are NeMo's: one pass over the shards (or `synthetic_data_length` synthetic samples). An optimizer step
 //! never mixes two epochs: the samples an epoch has left that cannot fill a whole step are skipped, as NeMo's
 //! training DataLoader (`drop_last=True`) drops its last incomplete batch ([`DataSource::align_step`]).
+//!
+//! Data-parallel ranks: rank `r` of `W` reads and decodes only its stride of the stream one process reads, the
+//! samples at positions `i ≡ r (mod W)` of each epoch (io/data/stride.rs), so an optimizer step's samples over
+//! all ranks are one process's batch, each decoded once. A rank that meets a bad sample takes its next own
+//! sample instead, so the ranks' positions can drift apart; each rank's position goes into the checkpoint.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
 
+use super::parallel::Parallel;
 use crate::error::{Error, Result};
 use crate::io::config::{Config, Interpolation};
-use crate::io::data::loader::{Loader, LoaderConfig, LoaderState, Sample, SampleStream};
+use crate::io::data::loader::{Loader, LoaderConfig, LoaderState, Sample, SampleStream, SplitMode};
+use crate::io::data::stride::Stride;
 use crate::io::data::synthetic;
 use crate::io::data::transform::{Filter, Resize};
 
@@ -27,7 +34,10 @@ pub enum DataSource {
         seed: u64,
         size: usize,
         length: u64,
+        /// The first sample of the next optimizer step, over every rank (the same on every rank).
         next: u64,
+        /// This rank's stride of each step's samples.
+        stride: Stride,
     },
     Web {
         loader: Box<Loader>,
@@ -39,7 +49,29 @@ pub enum DataSource {
         ahead: VecDeque<Sample>,
         /// Epochs whose leftover was dropped since the last step (two in a row: an epoch smaller than a step).
         drops: u32,
+        /// Samples this process put into batches, and those it dropped at epoch ends.
+        used: u64,
+        dropped: u64,
     },
+}
+
+/// A process's samples: put into batches, dropped at epoch ends, and skipped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataUsage {
+    pub used: u64,
+    pub dropped: u64,
+    pub bad: u64,
+    pub damaged_shards: u64,
+}
+
+impl std::fmt::Display for DataUsage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} samples used, {} dropped at epoch ends, {} bad samples and {} damaged shards skipped",
+            self.used, self.dropped, self.bad, self.damaged_shards
+        )
+    }
 }
 
 /// Where the next optimizer step reads, from [`DataSource::align_step`].
@@ -91,7 +123,9 @@ fn filter(i: Interpolation) -> Filter {
 }
 
 impl DataSource {
-    pub fn from_config(cfg: &Config, strict: bool) -> Result<DataSource> {
+    /// The data of `cfg` for `rank` of `world_size` data-parallel ranks (0 of 1 alone).
+    pub fn from_config(cfg: &Config, strict: bool, rank: usize, world_size: usize) -> Result<DataSource> {
+        let stride = Stride { index: rank as u64, count: world_size.max(1) as u64 };
         let (height, width) = image_size(cfg);
         let d = &cfg.model.data;
         let seed = cfg.data_seed();
@@ -103,7 +137,8 @@ impl DataSource {
                      are square (crop to a square, or train on shards)"
                 )));
             }
-            return Ok(DataSource::Synthetic { seed, size: height, length: d.synthetic_data_length.max(1), next: 0 });
+            let length = d.synthetic_data_length.max(1);
+            return Ok(DataSource::Synthetic { seed, size: height, length, next: 0, stride });
         }
         if aug.center_crop_h_w.is_none() {
             return Err(Error::msg(
@@ -130,6 +165,9 @@ impl DataSource {
             shuffle_buffer: d.shuffle_buffer as usize,
             threads: d.num_workers as usize,
             strict,
+            rank,
+            world_size,
+            split: SplitMode::Samples,
             ..LoaderConfig::default()
         };
         let loader = Loader::open(&paths, lc)
@@ -142,6 +180,8 @@ impl DataSource {
             width,
             ahead: VecDeque::new(),
             drops: 0,
+            used: 0,
+            dropped: 0,
         })
     }
 
@@ -166,10 +206,12 @@ impl DataSource {
         }
     }
 
-    /// Makes the next `per_step` samples lie in one epoch: an epoch's leftover too small for a whole optimizer step
-    /// is skipped (NeMo's DataLoader drops its last incomplete batch). Returns where that step reads. Calling it
-    /// again before the step is drawn changes nothing.
-    pub fn align_step(&mut self, per_step: usize) -> Result<StepPosition> {
+    /// Makes the next optimizer step's `per_step` samples (over every rank) lie in one epoch: an epoch's leftover
+    /// too small for a whole step is skipped (NeMo's DataLoader drops its last incomplete batch). Returns where
+    /// that step reads. Calling it again before the step is drawn changes nothing. Every rank calls it together:
+    /// with shards, the ranks agree on the epoch through `par` (a rank's share of an epoch depends on the bad
+    /// samples it met, so one rank can run out of an epoch before the others).
+    pub fn align_step(&mut self, per_step: usize, par: &mut Parallel) -> Result<StepPosition> {
         let per = per_step.max(1) as u64;
         match self {
             DataSource::Synthetic { length, next, .. } => {
@@ -185,49 +227,40 @@ impl DataSource {
                 }
                 Ok(StepPosition { epoch: *next / *length, index: Some((*next % *length / per, *length / per)) })
             }
-            DataSource::Web { stream, ahead, drops, .. } => {
-                while ahead.len() < per_step.max(1) {
-                    let sample = match stream.next() {
-                        Some(Ok(s)) => s,
-                        Some(Err(e)) => return Err(e),
-                        None => return Err(Error::msg("the dataset ran out of samples")),
-                    };
-                    if ahead.front().is_some_and(|f| f.epoch != sample.epoch) {
-                        *drops += 1;
-                        if *drops > 1 {
-                            return Err(Error::msg(format!(
-                                "epoch {} of the shards has fewer usable samples ({}) than one optimizer step \
-                                 ({per_step}: micro_batch_size x accumulation)",
-                                ahead[0].epoch,
-                                ahead.len()
-                            )));
-                        }
-                        for s in ahead.drain(..) {
-                            s.recycle();
-                        }
+            DataSource::Web { stream, ahead, drops, dropped, .. } => {
+                let share = (per_step / par.world_size).max(1);
+                let mut from_epoch = 0;
+                loop {
+                    fill_share(stream, ahead, (drops, dropped), share, from_epoch, par.rank)?;
+                    let epochs = par.all_gather_u64(ahead[0].epoch)?;
+                    let latest = epochs.iter().copied().max().unwrap_or(0);
+                    if epochs.iter().all(|&e| e == latest) {
+                        return Ok(StepPosition { epoch: latest, index: None });
                     }
-                    ahead.push_back(sample);
+                    // Another rank ran out of the epoch: the step starts the next one on every rank.
+                    from_epoch = latest;
                 }
-                Ok(StepPosition { epoch: ahead[0].epoch, index: None })
             }
         }
     }
 
+    /// This rank's `n` samples of the next optimizer step (of `n` × world size over every rank): its stride of them.
     pub fn next_batch(&mut self, n: usize) -> Result<HostBatch> {
         match self {
-            DataSource::Synthetic { seed, size, length, next } => {
+            DataSource::Synthetic { seed, size, length, next, stride } => {
                 let mut b = HostBatch { images: Vec::new(), hints: Vec::new(), captions: Vec::new() };
-                for _ in 0..n {
-                    let s = synthetic::sample(*seed, *next % *length, *size);
-                    *next += 1;
+                for k in 0..n as u64 {
+                    let s = synthetic::sample(*seed, (*next + stride.global(k)) % *length, *size);
                     b.images.extend(s.image);
                     b.hints.extend(s.hint);
                     b.captions.push(s.caption);
                 }
+                *next += n as u64 * stride.count;
                 Ok(b)
             }
-            DataSource::Web { stream, ahead, drops, .. } => {
+            DataSource::Web { stream, ahead, drops, used, .. } => {
                 *drops = 0;
+                *used += n as u64;
                 let mut b = HostBatch { images: Vec::new(), hints: Vec::new(), captions: Vec::new() };
                 for _ in 0..n {
                     let sample = match ahead.pop_front() {
@@ -266,7 +299,9 @@ impl DataSource {
                 Ok((hints, caps))
             }
             DataSource::Web { loader, .. } => {
-                let mut fresh = loader.stream(&loader.initial_state())?;
+                // The first samples of the whole stream, whichever rank asks.
+                let whole = loader.whole()?;
+                let mut fresh = whole.stream(&whole.initial_state())?;
                 match fresh.next_batch(n) {
                     Some(Ok(b)) => Ok((b.controls, b.captions)),
                     Some(Err(e)) => Err(e),
@@ -276,7 +311,20 @@ impl DataSource {
         }
     }
 
-    /// The position, for checkpoints.
+    /// What this process did with its samples since it started (shards only).
+    pub fn usage(&self) -> Option<DataUsage> {
+        match self {
+            DataSource::Synthetic { .. } => None,
+            DataSource::Web { stream, used, dropped, .. } => Some(DataUsage {
+                used: *used,
+                dropped: *dropped,
+                bad: stream.stats().bad,
+                damaged_shards: stream.stats().shard_errors,
+            }),
+        }
+    }
+
+    /// This rank's position, for checkpoints.
     pub fn state_json(&self) -> String {
         match self {
             DataSource::Synthetic { next, .. } => format!("{{\"synthetic_next\":{next}}}"),
@@ -288,8 +336,12 @@ impl DataSource {
         }
     }
 
-    pub fn restore(&mut self, json: &str) -> Result<()> {
+    /// Continues from the positions a checkpoint saved, one per rank of the run that wrote it (see
+    /// [`Loader::resume_state`] for a run with another number of ranks).
+    pub fn restore(&mut self, saved: &[&str]) -> Result<()> {
+        let json = *saved.first().ok_or_else(|| Error::msg("the checkpoint holds no data position"))?;
         match self {
+            // The synthetic position is the step's first sample over every rank: the same on every rank.
             DataSource::Synthetic { next, .. } => {
                 let v: serde_json::Value =
                     serde_json::from_str(json).map_err(|e| Error::msg(format!("checkpoint data state: {e}")))?;
@@ -310,7 +362,9 @@ impl DataSource {
                          model.data.synthetic_data=True, or start a new run",
                     ));
                 }
-                let state = LoaderState::from_json(json)?;
+                let states = saved.iter().map(|j| LoaderState::from_json(j)).collect::<Result<Vec<_>>>()?;
+                let state =
+                    loader.resume_state(&states).map_err(|e| Error::msg(format!("checkpoint data state: {e}")))?;
                 ahead.clear();
                 *drops = 0;
                 **stream = loader.stream(&state)?;
@@ -318,4 +372,52 @@ impl DataSource {
             }
         }
     }
+}
+
+/// Reads this rank's `share` of a step into `ahead`, all from one epoch, from `from_epoch` on: samples of an earlier
+/// epoch, and an epoch's leftover that cannot fill the share, are dropped (`drops.0` counts the epochs whose end
+/// was dropped since the last step: a second one means an epoch smaller than a step; `drops.1` the samples).
+fn fill_share(
+    stream: &mut SampleStream,
+    ahead: &mut VecDeque<Sample>,
+    drops: (&mut u32, &mut u64),
+    share: usize,
+    from_epoch: u64,
+    rank: usize,
+) -> Result<()> {
+    let (drops, dropped) = drops;
+    let drop_ahead = |ahead: &mut VecDeque<Sample>, drops: &mut u32, dropped: &mut u64| -> Result<()> {
+        *drops += 1;
+        *dropped += ahead.len() as u64;
+        if *drops > 1 {
+            return Err(Error::msg(format!(
+                "epoch {} of the shards has fewer usable samples for rank {rank} ({}) than its share of one \
+                 optimizer step ({share}: micro_batch_size x accumulation)",
+                ahead[0].epoch,
+                ahead.len()
+            )));
+        }
+        ahead.drain(..).for_each(Sample::recycle);
+        Ok(())
+    };
+    if ahead.front().is_some_and(|f| f.epoch < from_epoch) {
+        drop_ahead(ahead, drops, dropped)?;
+    }
+    while ahead.len() < share {
+        let sample = match stream.next() {
+            Some(Ok(s)) => s,
+            Some(Err(e)) => return Err(e),
+            None => return Err(Error::msg("the dataset ran out of samples")),
+        };
+        if sample.epoch < from_epoch {
+            *dropped += 1;
+            sample.recycle();
+            continue;
+        }
+        if ahead.front().is_some_and(|f| f.epoch != sample.epoch) {
+            drop_ahead(ahead, drops, dropped)?;
+        }
+        ahead.push_back(sample);
+    }
+    Ok(())
 }

@@ -189,10 +189,11 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Feeds the micro-batch of `batch` (one optimizer step's samples, over all ranks) that starts at sample
-    /// `first`, with its random draws: each sample's timestep, noise and prompt dropout come from a generator of
-    /// its own, keyed by `step_key` and its index in the step, so a sample draws the same numbers whichever rank
-    /// and micro-batch it lands in (a data-parallel run trains on what one process would).
+    /// Feeds the micro-batch of `batch` (this rank's samples of one optimizer step) that starts at sample `first`,
+    /// with its random draws: each sample's timestep, noise and prompt dropout come from a generator of its own,
+    /// keyed by `step_key` and its index in the step over every rank (this rank's `j`-th sample is the step's
+    /// `j × world size + rank`-th, see [`DataSource::next_batch`]), so a sample draws the same numbers whichever
+    /// rank and micro-batch it lands in (a data-parallel run trains on what one process would).
     fn feed(&mut self, p: &mut StepProgram, batch: &HostBatch, first: usize, step_key: u64) -> Result<()> {
         let n = self.cfg.model.micro_batch_size as usize;
         let (h, w) = self.data.image_size();
@@ -229,7 +230,8 @@ impl Run<'_> {
         let drop = self.cfg.model.text_embedding_dropout_rate;
         let (mut ts, mut noise, mut posterior, mut keep) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for j in range {
-            let mut rng = Rng::new(crate::hash::fnv1a_extend(step_key, &(j as u64).to_le_bytes()));
+            let in_step = (j * self.par.world_size + self.par.rank) as u64;
+            let mut rng = Rng::new(crate::hash::fnv1a_extend(step_key, &in_step.to_le_bytes()));
             ts.push(rng.below(steps));
             noise.extend((0..lat).map(|_| rng.normal()));
             if inp.posterior_noise.is_some() {
@@ -255,7 +257,7 @@ impl Run<'_> {
     fn step(&mut self, p: &mut StepProgram, phase: &str, step: u64, hyper: &[f64; 3]) -> Result<f64> {
         let micro = self.cfg.model.micro_batch_size as usize;
         let per_rank = p.micro_batches * micro;
-        let batch = self.data.next_batch(per_rank * self.par.world_size)?;
+        let batch = self.data.next_batch(per_rank)?;
         let key = crate::hash::fnv1a64(format!("{}/{phase}/{step}", self.cfg.model.seed).as_bytes());
         let hyper = HostTensor::from_f64([3], DType::F32, hyper)?;
         let Some((keep, update)) = p.accumulate else {
@@ -266,7 +268,7 @@ impl Run<'_> {
         };
         let mut sum = 0.0;
         for k in 0..p.micro_batches {
-            self.feed(p, &batch, self.par.rank * per_rank + k * micro, key)?;
+            self.feed(p, &batch, k * micro, key)?;
             p.prog.upload(keep, &HostTensor::from_f64([1], DType::F32, &[if k == 0 { 0.0 } else { 1.0 }])?)?;
             p.prog.launch_nodes(0..update)?;
             // A NaN is summed like any loss, so every rank reaches the reduction and stops together.
@@ -286,8 +288,14 @@ impl Run<'_> {
         self.lr_schedule.at(step)
     }
 
-    fn checkpoint(&mut self, p: &mut StepProgram, phase: &str, step: u64) -> Result<PathBuf> {
-        let folder = self.folder.as_ref().ok_or_else(|| Error::msg("only rank 0 writes checkpoints"))?;
+    /// Writes a checkpoint (rank 0) with every rank's data position: every rank calls it together.
+    fn checkpoint(&mut self, p: &mut StepProgram, phase: &str, step: u64) -> Result<Option<PathBuf>> {
+        let positions = self.par.all_gather(self.data.state_json().as_bytes())?;
+        let Some(folder) = self.folder.as_ref() else { return Ok(None) };
+        let mut positions: Vec<String> =
+            positions.into_iter().map(|b| String::from_utf8_lossy(&b).into_owned()).collect();
+        // One process's checkpoints hold its position alone, as before data-parallel positions existed.
+        let data = positions.remove(0);
         let dir = self.opts.out_dir.join("checkpoints");
         std::fs::create_dir_all(&dir).map_err(|e| Error::file(&dir, e.to_string()))?;
         let values = state::checkpoint_values(&p.prog, &p.map, &p.specs);
@@ -295,14 +303,15 @@ impl Run<'_> {
             step,
             phase: phase.to_string(),
             rng: self.rng.state(),
-            data: self.data.state_json(),
+            data,
+            data_ranks: positions,
             run: Some(folder.run_id().to_string()),
         };
         let path = state::path_for(&dir, step_id(phase, step));
         state::save(&path, &mut p.prog, &values, &st, Some(folder.config()), self.opts.fail_checkpoint_after)?;
         // Keep this run's newest `save_top_k` (-1: all); other files are never touched.
         folder.prune(self.cfg.exp_manager.checkpoint_callback_params.save_top_k);
-        Ok(path)
+        Ok(Some(path))
     }
 
     fn log(&mut self, phase: &str, step: u64, loss: f64, lr: f64, sps: f64, planned: usize) -> Result<()> {
@@ -371,7 +380,7 @@ impl Run<'_> {
             if limits.steps.is_some_and(|t| s >= t) {
                 break;
             }
-            let pos = self.data.align_step(per_step)?;
+            let pos = self.data.align_step(per_step, &mut self.par)?;
             if limits.epochs.is_some_and(|e| pos.epoch >= e) {
                 break;
             }
@@ -389,7 +398,8 @@ impl Run<'_> {
             s = done;
             // The last step: max_steps reached, or the next step would start in epoch max_epochs.
             let steps_done = limits.steps.is_some_and(|t| done >= t);
-            let next = if look_ahead && !steps_done { Some(self.data.align_step(per_step)?) } else { None };
+            let next =
+                if look_ahead && !steps_done { Some(self.data.align_step(per_step, &mut self.par)?) } else { None };
             let last = steps_done || limits.epochs.is_some_and(|e| next.is_some_and(|n| n.epoch >= e));
             if done.is_multiple_of(log_every) || last || done == start + 1 {
                 let sps = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
@@ -411,10 +421,7 @@ impl Run<'_> {
                     eprintln!();
                 }
             }
-            if self.par.is_root()
-                && checkpoints
-                && (ckpt_every.is_some_and(|e| e > 0 && done.is_multiple_of(e)) || last)
-            {
+            if checkpoints && (ckpt_every.is_some_and(|e| e > 0 && done.is_multiple_of(e)) || last) {
                 self.checkpoint(&mut p, name, done)?;
             }
             let val_due = match val_every {
@@ -585,10 +592,11 @@ fn check_run(cfg: &Config, data: &DataSource, evaluate: bool) -> Result<()> {
 
 pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
     opts.device.check_available()?;
-    let mut data = DataSource::from_config(cfg, opts.strict)?;
-    check_run(cfg, &data, opts.evaluate)?;
     // trainer.devices × trainer.num_nodes processes, started by a launcher (refused without one).
     let mut par = Parallel::join(cfg, &crate::engine::dist::env::DistEnv::from_process_env()?, opts.device)?;
+    // This rank's share of the data (data.rs).
+    let mut data = DataSource::from_config(cfg, opts.strict, par.rank, par.world_size)?;
+    check_run(cfg, &data, opts.evaluate)?;
     let limits = Limits { steps: cfg.trainer.max_steps, epochs: cfg.trainer.max_epochs };
     // NeMo computes the schedule's max_steps from max_epochs when only that is set and the data's length is known.
     let per_step = u64::from(cfg.global_batch_size());
@@ -643,7 +651,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
     let mut rng = Rng::new(cfg.model.seed);
     if let Some((_, st)) = &latest {
         rng = Rng::from_state(st.rng);
-        data.restore(&st.data)?;
+        data.restore(&st.data_positions())?;
         if par.is_root() {
             eprintln!("resuming the {} phase after step {}", st.phase, st.step);
         }
@@ -706,6 +714,14 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport> {
         _ => (0, None),
     };
     run.run_phase(TrainPhase::Control, start, limits, ck)?;
+    if let Some(usage) = run.data.usage() {
+        let who = if run.par.world_size > 1 {
+            format!(" (rank {} of {})", run.par.rank, run.par.world_size)
+        } else {
+            String::new()
+        };
+        eprintln!("data{who}: {usage}");
+    }
     if !run.par.is_root() {
         // The other ranks write nothing; rank 0 exports and evaluates.
         run.report.rank = run.par.rank;

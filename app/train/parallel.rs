@@ -80,24 +80,39 @@ impl Parallel {
         }
     }
 
+    /// Every rank's `bytes`, in rank order, on every rank.
+    pub fn all_gather(&mut self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+        match self.comm.as_ref() {
+            Some(c) => c.store()?.all_gather_bytes(bytes),
+            None => Ok(vec![bytes.to_vec()]),
+        }
+    }
+
+    /// Every rank's `value`, in rank order, on every rank.
+    pub fn all_gather_u64(&mut self, value: u64) -> Result<Vec<u64>> {
+        let all = self.all_gather(&value.to_le_bytes())?;
+        all.iter()
+            .map(|b| {
+                let bytes: [u8; 8] = b[..].try_into().map_err(|_| Error::msg("a rank sent a malformed u64"))?;
+                Ok(u64::from_le_bytes(bytes))
+            })
+            .collect()
+    }
+
     /// Rank 0's `bytes` on every rank (the others' arguments are ignored).
     pub fn from_root(&mut self, bytes: &[u8]) -> Result<Vec<u8>> {
-        match self.comm.as_ref() {
-            Some(c) => {
-                let mut s = c.store()?;
-                let mine = if s.rank() == 0 { bytes } else { &[] };
-                let mut all = s.all_gather_bytes(mine)?;
-                Ok(std::mem::take(&mut all[0]))
-            }
-            None => Ok(bytes.to_vec()),
-        }
+        let mine = if self.is_root() { bytes } else { &[] };
+        let mut all = self.all_gather(mine)?;
+        Ok(std::mem::take(&mut all[0]))
     }
 
     /// Fails unless every rank gives the same `hash` of `what` (the compiled step), naming the first that differs.
     /// The hash is computed only when there are other ranks to compare with.
     pub fn check_same(&mut self, what: &str, hash: impl FnOnce() -> u64) -> Result<()> {
-        let Some(c) = self.comm.as_ref() else { return Ok(()) };
-        let all = c.store()?.all_gather_bytes(&hash().to_le_bytes())?;
+        if self.comm.is_none() {
+            return Ok(());
+        }
+        let all = self.all_gather(&hash().to_le_bytes())?;
         for (rank, h) in all.iter().enumerate() {
             if h[..] != all[0][..] {
                 return Err(Error::msg(format!(

@@ -22,10 +22,22 @@ pub struct TrainState {
     /// "base" or "control".
     pub phase: String,
     pub rng: [u64; 4],
+    /// The data position: rank 0's in a data-parallel run.
     pub data: String,
+    /// Every other rank's data position, in rank order after rank 0's (`data`); empty for one process. Each rank
+    /// reads its own stride of the data, so each has its own position (app/train/data.rs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_ranks: Vec<String>,
     /// The run that wrote the checkpoint (its `run.json` id); absent in checkpoints of older versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run: Option<String>,
+}
+
+impl TrainState {
+    /// The data position of every rank of the run that wrote it, in rank order.
+    pub fn data_positions(&self) -> Vec<&str> {
+        std::iter::once(self.data.as_str()).chain(self.data_ranks.iter().map(String::as_str)).collect()
+    }
 }
 
 /// Fails after `budget` bytes: simulates a crash midway through a checkpoint write (tests).

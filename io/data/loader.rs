@@ -27,6 +27,7 @@ use super::pool;
 use super::rng::{Fnv, SplitMix64};
 use super::shards::resolve_shards;
 use super::shuffle::ShuffleBuffer;
+use super::stride::{common_prefix, Stride};
 use super::transform::{resize_crop_as, Chw, Filter, Normalize, Resize};
 use crate::{Error, Result};
 
@@ -37,7 +38,16 @@ pub enum SplitMode {
     /// Each partition reads its own shards (shard i of the epoch's order goes to partition i mod n). Cheapest;
     /// needs at least as many shards as partitions.
     Shards,
-    /// Every partition reads every shard and keeps every n-th sample. Exact even with one shard, costs n× reading.
+    /// Every partition reads and shuffles the whole stream exactly as one process does, and decodes only its
+    /// stride of it ([`super::stride`]): item `i` of an epoch goes to rank `i mod world_size`, and among that rank's
+    /// workers to worker `(i / world_size) mod num_workers`. Exact even with one shard, and the partitions together
+    /// see one process's order and flips; costs n× reading (not decoding).
+    ///
+    /// A bad sample is skipped by the partition that meets it, which takes its next own item instead: its batches
+    /// stay full, and may then hold items one process would have put in its next batch. NeMo does the same per
+    /// rank: each rank reads its own shards and its WebDataset pipeline decodes with `warn_and_continue`, which
+    /// logs a failing sample and goes on with the rank's next one (nemo/collections/multimodal/data/common/
+    /// webdataset.py, `WebDatasetCommon`; the shard split in data_samplers.py, `WDSUrlsRandomSampler`).
     Samples,
 }
 
@@ -140,6 +150,27 @@ impl LoaderConfig {
     fn partition(&self) -> usize {
         self.rank * self.num_workers + self.worker
     }
+
+    /// The partition's stride of the whole stream when it strides ([`SplitMode::Samples`], or a single partition,
+    /// which is the whole stream either way); `None` when it reads shards of its own.
+    fn stride(&self) -> Option<Stride> {
+        let count = self.partitions() as u64;
+        match self.split {
+            SplitMode::Samples => Some(Stride { index: (self.worker * self.world_size + self.rank) as u64, count }),
+            SplitMode::Shards if count == 1 => Some(Stride::WHOLE),
+            SplitMode::Shards => None,
+        }
+    }
+
+    /// The partition that keys the random streams: a striding partition draws as one process does, so its items
+    /// get the same shuffle and flips whichever rank decodes them.
+    fn rng_partition(&self) -> u64 {
+        if self.stride().is_some() {
+            0
+        } else {
+            self.partition() as u64
+        }
+    }
 }
 
 /// Bumped whenever the sample order for a given seed changes (RNG derivation, shuffle or split rules), so a state
@@ -150,6 +181,7 @@ pub const STATE_VERSION: u32 = 1;
 ///
 /// There is no generator state to save: every random stream is derived from `seed`, the epoch, the partition and
 /// a sequence number, so (`epoch`, `consumed`) pins the shard order, the shuffle-buffer draws and the flips.
+/// A striding partition ([`SplitMode::Samples`]) counts its own items only; `part` of `parts` says whose they are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoaderState {
     /// [`STATE_VERSION`] of the code that saved it: the RNG derivation and item order it describes.
@@ -157,12 +189,34 @@ pub struct LoaderState {
     pub epoch: u64,
     /// Items of this epoch already handed out, bad samples and shard errors included.
     pub consumed: u64,
+    /// The stride that saved it ([`super::stride`]): 0 of 1 for one process (and absent from its JSON, which
+    /// older versions wrote).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub part: u64,
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub parts: u64,
     pub seed: u64,
     /// Hash of the shard list and the settings that decide the order; resuming with other ones is refused.
     pub fingerprint: u64,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+fn one() -> u64 {
+    1
+}
+
+fn is_one(n: &u64) -> bool {
+    *n == 1
+}
+
 impl LoaderState {
+    fn stride(&self) -> Stride {
+        Stride { index: self.part, count: self.parts }
+    }
+
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
     }
@@ -184,8 +238,10 @@ pub struct Sample {
     pub caption: String,
     pub flipped: bool,
     pub epoch: u64,
-    /// Position in the epoch's stream.
+    /// Position in this partition's stream of the epoch (what [`LoaderState::consumed`] counts).
     pub index: u64,
+    /// Position in the epoch's whole stream (as one process reads it) when the partition strides; else `index`.
+    pub global_index: u64,
 }
 
 impl Sample {
@@ -269,7 +325,13 @@ impl Loader {
         let names: Vec<Arc<str>> = shards.iter().map(|p| Arc::from(p.display().to_string())).collect();
         let mut hash = Fnv::default();
         hash.u64(config.seed).u64(config.shuffle_buffer as u64).u64(config.shuffle_shards as u64);
-        hash.u64(config.split as u64).u64(config.partitions() as u64).u64(config.partition() as u64);
+        // The stream's identity: a striding partition reads one process's stream (and says which stride it takes
+        // in its state), so it shares one process's fingerprint; a partition with shards of its own has its own.
+        let (split, partitions, partition) = match config.stride() {
+            Some(_) => (SplitMode::Shards, 1, 0),
+            None => (config.split, config.partitions(), config.partition()),
+        };
+        hash.u64(split as u64).u64(partitions as u64).u64(partition as u64);
         for list in [&config.fields.image, &config.fields.control, &config.fields.caption] {
             hash.u64(list.len() as u64);
             for ext in list {
@@ -294,12 +356,67 @@ impl Loader {
 
     /// The position before the first sample of epoch 0.
     pub fn initial_state(&self) -> LoaderState {
+        let stride = self.inner.config.stride().unwrap_or(Stride::WHOLE);
         LoaderState {
             version: STATE_VERSION,
             epoch: 0,
             consumed: 0,
+            part: stride.index,
+            parts: stride.count,
             seed: self.inner.config.seed,
             fingerprint: self.inner.fingerprint,
+        }
+    }
+
+    /// The same data read whole, as one process reads it (rank 0 of 1, one worker).
+    pub fn whole(&self) -> Result<Loader> {
+        let config = LoaderConfig { rank: 0, world_size: 1, worker: 0, num_workers: 1, ..self.inner.config.clone() };
+        Loader::new(self.inner.shards.clone(), config)
+    }
+
+    /// This partition's position, from the states every stride of a run saved (`saved[i]` by stride `i`): its
+    /// own when the run had as many strides; otherwise the point of the stream they mark together, when they
+    /// consumed exactly its first items (always for one process; for several, when none of them skipped ahead
+    /// past a bad sample: see [`super::stride::common_prefix`]). Anything else is refused, naming the positions.
+    pub fn resume_state(&self, saved: &[LoaderState]) -> Result<LoaderState> {
+        let here = self.initial_state();
+        let Some(first) = saved.first() else { return Err(Error::msg("no data position saved")) };
+        let count = saved.len() as u64;
+        for (i, s) in saved.iter().enumerate() {
+            if s.part != i as u64 || s.parts != count {
+                return Err(Error::msg(format!(
+                    "data position {i} of {count} was saved by stride {} of {} (a damaged or hand-edited checkpoint)",
+                    s.part, s.parts
+                )));
+            }
+        }
+        if count == here.parts {
+            return Ok(saved[here.part as usize]);
+        }
+        let Some(stride) = self.inner.config.stride() else {
+            return Err(Error::msg(format!(
+                "the data positions were saved by {count} partitions and this loader has {}, and it reads shards of \
+                 its own (split by shards): positions cannot be mapped",
+                here.parts
+            )));
+        };
+        let at: Vec<String> = saved.iter().map(|s| format!("item {} of epoch {}", s.consumed, s.epoch)).collect();
+        let consumed: Vec<u64> = saved.iter().map(|s| s.consumed).collect();
+        if saved.iter().any(|s| (s.version, s.seed, s.fingerprint) != (first.version, first.seed, first.fingerprint)) {
+            return Err(Error::msg("the saved data positions are of different data streams (seed, shards or order)"));
+        }
+        let same_epoch = saved.iter().all(|s| s.epoch == first.epoch);
+        match common_prefix(&consumed).filter(|_| same_epoch) {
+            // The stream's identity is the saved one: starting the stream checks it against this loader's.
+            Some(c) => Ok(LoaderState { consumed: stride.own_before(c), part: here.part, parts: here.parts, ..*first }),
+            None => Err(Error::msg(format!(
+                "the data positions were saved by {count} ranks and this run has {}: they are at {} (of their own \
+                 samples), which is not one point of the data stream (a rank skipped a bad sample and went on with its \
+                 next), so they cannot be mapped onto {} ranks exactly; resume with {count}",
+                here.parts,
+                at.join(", "),
+                here.parts
+            ))),
         }
     }
 
@@ -322,17 +439,17 @@ impl Loader {
         }
     }
 
-    /// The epoch's items in their final order, read and shuffled on the calling thread, nothing decoded.
-    pub fn epoch_items(&self, epoch: u64) -> impl Iterator<Item = Item> + Send + 'static {
+    /// This partition's items of the epoch in their final order, each with its position in the epoch's stream
+    /// (see [`Sample::global_index`]), read and shuffled on the calling thread, nothing decoded.
+    pub fn epoch_items(&self, epoch: u64) -> impl Iterator<Item = (u64, Item)> + Send + 'static {
         let cfg = &self.inner.config;
-        let reader = EpochReader {
-            inner: self.inner.clone(),
-            shards: self.epoch_shards(epoch).into_iter(),
-            current: None,
-            raw_index: 0,
-        };
-        let rng = SplitMix64::derive(cfg.seed, &[RNG_BUFFER, epoch, cfg.partition() as u64]);
-        ShuffleBuffer::new(reader, cfg.shuffle_buffer, rng, |item| matches!(item, Item::ShardError(_)))
+        let reader =
+            EpochReader { inner: self.inner.clone(), shards: self.epoch_shards(epoch).into_iter(), current: None };
+        let rng = SplitMix64::derive(cfg.seed, &[RNG_BUFFER, epoch, cfg.rng_partition()]);
+        let shuffled = ShuffleBuffer::new(reader, cfg.shuffle_buffer, rng, |item| matches!(item, Item::ShardError(_)));
+        // Striding after the shuffle: every stride shuffles the same whole stream and keeps its own positions.
+        let stride = cfg.stride().unwrap_or(Stride::WHOLE);
+        shuffled.enumerate().map(|(i, item)| (i as u64, item)).filter(move |(i, _)| stride.owns(*i))
     }
 
     /// Decodes and transforms one sample as the loader does (`flip` decided by the caller).
@@ -356,8 +473,6 @@ struct EpochReader {
     inner: Arc<Inner>,
     shards: std::vec::IntoIter<usize>,
     current: Option<SampleReader<BufReader<File>>>,
-    /// Samples seen so far in the epoch, before the sample split.
-    raw_index: u64,
 }
 
 impl Iterator for EpochReader {
@@ -368,16 +483,7 @@ impl Iterator for EpochReader {
         loop {
             if let Some(reader) = self.current.as_mut() {
                 match reader.next() {
-                    Some(ShardItem::Sample(raw)) => {
-                        let index = self.raw_index;
-                        self.raw_index += 1;
-                        let mine =
-                            cfg.split == SplitMode::Shards || index % cfg.partitions() as u64 == cfg.partition() as u64;
-                        if mine {
-                            return Some(Item::Sample(raw));
-                        }
-                        continue;
-                    }
+                    Some(ShardItem::Sample(raw)) => return Some(Item::Sample(raw)),
                     Some(ShardItem::Damaged(err)) => {
                         let name = reader.shard_name();
                         self.current = None;
@@ -413,9 +519,22 @@ fn prepare(cfg: &LoaderConfig, raw: &RawSample, flip: bool) -> std::result::Resu
 }
 
 enum Work {
-    Item { epoch: u64, seq: u64, item: Item },
-    EpochEnd { epoch: u64, seq: u64 },
-    Fatal { epoch: u64, seq: u64, msg: String },
+    /// `seq`: the item's position in this partition's stream; `global`: in the epoch's whole stream.
+    Item {
+        epoch: u64,
+        seq: u64,
+        global: u64,
+        item: Item,
+    },
+    EpochEnd {
+        epoch: u64,
+        seq: u64,
+    },
+    Fatal {
+        epoch: u64,
+        seq: u64,
+        msg: String,
+    },
 }
 
 enum Done {
@@ -473,6 +592,13 @@ impl SampleStream {
             ));
         }
         let cfg = &inner.config;
+        let stride = cfg.stride().unwrap_or(Stride::WHOLE);
+        if from.stride() != stride {
+            return Err(Error::msg(format!(
+                "loader state was saved by stride {} of {} of the data stream, this loader reads stride {} of {}",
+                from.part, from.parts, stride.index, stride.count
+            )));
+        }
         let threads =
             if cfg.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { cfg.threads };
         let window =
@@ -514,13 +640,7 @@ impl SampleStream {
 
     /// Where the next call to `next` continues from; save it to resume later.
     pub fn state(&self) -> LoaderState {
-        LoaderState {
-            version: STATE_VERSION,
-            epoch: self.epoch,
-            consumed: self.seq,
-            seed: self.inner.config.seed,
-            fingerprint: self.inner.fingerprint,
-        }
+        LoaderState { epoch: self.epoch, consumed: self.seq, ..Loader { inner: self.inner.clone() }.initial_state() }
     }
 
     pub fn stats(&self) -> &LoaderStats {
@@ -561,7 +681,10 @@ impl SampleStream {
         let shown = self.stats.bad + self.stats.shard_errors;
         let warn_first = self.inner.config.warn_first as u64;
         if !self.inner.config.strict && shown <= warn_first {
-            eprintln!("warning: skipped {msg}");
+            // Among data-parallel ranks, the one that met it says so (each skips only its own samples).
+            let cfg = &self.inner.config;
+            let who = if cfg.world_size > 1 { format!(" (rank {})", cfg.rank) } else { String::new() };
+            eprintln!("warning{who}: skipped {msg}");
             if shown == warn_first {
                 eprintln!("warning: further skipped samples are counted but not named");
             }
@@ -678,12 +801,12 @@ fn read_items(
     loop {
         let skip = if epoch == start.epoch { start.consumed } else { 0 };
         let mut seq = 0u64;
-        for item in loader.epoch_items(epoch) {
+        for (global, item) in loader.epoch_items(epoch) {
             if window.stop.load(Ordering::Acquire) {
                 return;
             }
             if seq >= skip {
-                if !window.wait_for_room(sent, limit) || work.send(Work::Item { epoch, seq, item }).is_err() {
+                if !window.wait_for_room(sent, limit) || work.send(Work::Item { epoch, seq, global, item }).is_err() {
                     return;
                 }
                 sent += 1;
@@ -721,10 +844,11 @@ fn decode_worker(inner: &Inner, work: &Mutex<mpsc::Receiver<Work>>, done: &mpsc:
         let (key, result) = match next {
             Work::EpochEnd { epoch, seq } => ((epoch, seq), Done::EpochEnd),
             Work::Fatal { epoch, seq, msg } => ((epoch, seq), Done::Fatal(msg)),
-            Work::Item { epoch, seq, item: Item::ShardError(msg) } => ((epoch, seq), Done::ShardError(msg)),
-            Work::Item { epoch, seq, item: Item::Sample(raw) } => {
+            Work::Item { epoch, seq, item: Item::ShardError(msg), .. } => ((epoch, seq), Done::ShardError(msg)),
+            Work::Item { epoch, seq, global, item: Item::Sample(raw) } => {
+                // Keyed by the position in the stream the partition's random draws follow (see `rng_partition`).
                 let flip = cfg.flip_prob > 0.0
-                    && SplitMix64::derive(cfg.seed, &[RNG_FLIP, epoch, cfg.partition() as u64, seq]).unit_f64()
+                    && SplitMix64::derive(cfg.seed, &[RNG_FLIP, epoch, cfg.rng_partition(), global]).unit_f64()
                         < cfg.flip_prob;
                 let outcome = catch_unwind(AssertUnwindSafe(|| prepare(cfg, &raw, flip)));
                 let result = match outcome {
@@ -737,6 +861,7 @@ fn decode_worker(inner: &Inner, work: &Mutex<mpsc::Receiver<Work>>, done: &mpsc:
                         flipped: flip,
                         epoch,
                         index: seq,
+                        global_index: global,
                     })),
                     Ok(Err(reason)) => Done::Bad(bad_message(&raw, &reason)),
                     Err(_) => Done::Bad(bad_message(&raw, "the decoder crashed on this sample")),

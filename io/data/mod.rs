@@ -8,7 +8,8 @@
 //! - [`group`]: members → samples.
 //! - [`decode`]: samples → RGB images and caption; [`transform`]: resize, crop, flip, CHW `f32`.
 //! - [`loader`]: the deterministic, resumable, multi-threaded loader, built on [`shuffle`] (the shuffle buffer),
-//!   [`rng`] (seed-derived random streams) and [`pool`] (recycled pixel buffers).
+//!   [`rng`] (seed-derived random streams), [`stride`] (data-parallel ranks' shares of one stream) and [`pool`]
+//!   (recycled pixel buffers).
 //! - [`check`] (scan shards), [`make`] (write shards from a folder), [`bench`](mod@bench) (the loader's
 //!   throughput): what the `zeroconv dataset ...` commands run (app/cli/dataset.rs).
 
@@ -23,6 +24,7 @@ pub mod pool;
 pub mod rng;
 pub mod shards;
 pub mod shuffle;
+pub mod stride;
 pub mod synthetic;
 pub mod tar;
 pub mod transform;

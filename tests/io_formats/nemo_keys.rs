@@ -371,7 +371,7 @@ fn first_sample_with(dir: &Path, resize: Option<u32>, crop: (u32, u32), override
     let mut cfg = on_shards(&[&shard.display().to_string()], overrides);
     cfg.model.data.train.augmentations.resize_smallest_side = resize;
     cfg.model.data.train.augmentations.center_crop_h_w = Some(CropSize { height: crop.0, width: crop.1 });
-    let mut data = DataSource::from_config(&cfg, true).unwrap();
+    let mut data = DataSource::from_config(&cfg, true, 0, 1).unwrap();
     data.next_batch(1).unwrap().images
 }
 

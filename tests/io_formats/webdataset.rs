@@ -326,6 +326,135 @@ fn ranks_and_workers_partition_the_samples_exactly() {
     assert!(err.contains("3 shards cannot be split among 8 partitions"), "{err}");
 }
 
+/// A dataset of 4 shards, 20 good samples and one whose image is not a JPEG (`s00007`, in the middle shard).
+fn dataset_with_a_bad_sample(dir: &Path) -> Vec<PathBuf> {
+    let mut shards = write_dataset(dir, 3, 6);
+    let path = dir.join("shard-000003.tar");
+    let mut w = TarWriter::new(std::fs::File::create(&path).unwrap());
+    for n in 18..20 {
+        for (ext, data) in members(n) {
+            w.append(&format!("s{n:05}.{ext}"), &data).unwrap();
+        }
+    }
+    for (ext, data) in members(7) {
+        let data = if ext == "jpg" { b"not a jpeg".to_vec() } else { data };
+        w.append(&format!("bad{:05}.{ext}", 7), &data).unwrap();
+    }
+    w.finish().unwrap();
+    shards.push(path);
+    shards
+}
+
+/// The epoch's samples and the loader's stats once the epoch is drained: every item a bounded stream decodes is
+/// handed out, so `samples + bad` is what the stream decoded.
+fn drain_epoch(loader: &Loader, epoch: u64) -> (Vec<zeroconv::io::data::Sample>, u64, u64) {
+    let state = LoaderState { epoch, consumed: 0, ..loader.initial_state() };
+    let mut stream = loader.stream_epoch(&state).unwrap();
+    let samples: Vec<_> = stream.by_ref().map(|s| s.unwrap()).collect();
+    (samples, stream.stats().samples, stream.stats().bad)
+}
+
+#[test]
+fn data_parallel_ranks_decode_only_their_stride_of_one_process_stream() {
+    let dir = scratch("stride");
+    let shards = dataset_with_a_bad_sample(&dir);
+    let one = LoaderConfig { seed: 5, flip_prob: 0.5, shuffle_buffer: 6, ..small_config() };
+    let strided = |rank, world_size, worker, num_workers| LoaderConfig {
+        rank,
+        world_size,
+        worker,
+        num_workers,
+        split: SplitMode::Samples,
+        ..one.clone()
+    };
+    for epoch in [0, 1] {
+        let (whole, good, bad) = drain_epoch(&Loader::new(shards.clone(), one.clone()).unwrap(), epoch);
+        assert_eq!((good, bad), (20, 1));
+        assert!(whole.iter().all(|s| s.global_index == s.index));
+        assert!(whole.iter().any(|s| s.flipped) && whole.iter().any(|s| !s.flipped));
+        // Where the bad sample sits in the whole stream: the good ones around it are numbered past it.
+        let positions: BTreeSet<u64> = whole.iter().map(|s| s.global_index).collect();
+        let bad_at = (0..21).find(|i| !positions.contains(i)).unwrap();
+        for world in [2u64, 3] {
+            let mut seen = 0;
+            for rank in 0..world {
+                let loader = Loader::new(shards.clone(), strided(rank as usize, world as usize, 0, 1)).unwrap();
+                let (mine, good, bad) = drain_epoch(&loader, epoch);
+                let want: Vec<_> = whole.iter().filter(|s| s.global_index % world == rank).collect();
+                // Its stride of one process's stream, in order, with the same pixels and flips ...
+                assert_eq!(mine.len(), want.len(), "epoch {epoch}, rank {rank} of {world}");
+                for (k, (a, b)) in mine.iter().zip(&want).enumerate() {
+                    assert_eq!((&a.key, a.global_index, a.flipped), (&b.key, b.global_index, b.flipped));
+                    assert_eq!(a.image.data, b.image.data);
+                    assert_eq!(a.control.data, b.control.data);
+                    assert_eq!(
+                        a.index,
+                        mine[..k].len() as u64 + u64::from(bad_at % world == rank && bad_at < a.global_index)
+                    );
+                }
+                // ... and nothing else decoded: its share of the 21 items, the bad one only by its owner.
+                let owned = (0..21).filter(|i| i % world == rank).count() as u64;
+                assert_eq!((good + bad, bad), (owned, u64::from(bad_at % world == rank)));
+                seen += good;
+            }
+            assert_eq!(seen, 20);
+        }
+        // Workers split their rank's stride among them: worker w of rank r takes its items i with (i / 2) % 2 == w.
+        for rank in 0..2u64 {
+            let mut keys = BTreeSet::new();
+            for worker in 0..2 {
+                let loader = Loader::new(shards.clone(), strided(rank as usize, 2, worker, 2)).unwrap();
+                let (mine, _, _) = drain_epoch(&loader, epoch);
+                assert!(mine.iter().all(|s| s.global_index % 2 == rank && (s.global_index / 2) % 2 == worker as u64));
+                keys.extend(mine.into_iter().map(|s| s.key));
+            }
+            let want: BTreeSet<String> =
+                whole.iter().filter(|s| s.global_index % 2 == rank).map(|s| s.key.clone()).collect();
+            assert_eq!(keys, want);
+        }
+    }
+}
+
+#[test]
+fn rank_positions_map_onto_another_rank_count_only_when_they_mark_one_point() {
+    let dir = scratch("stride-resume");
+    let shards = write_dataset(&dir, 2, 8);
+    let one = LoaderConfig { seed: 9, shuffle_buffer: 4, ..small_config() };
+    let rank = |r: usize, w: usize| {
+        Loader::new(shards.clone(), LoaderConfig { rank: r, world_size: w, split: SplitMode::Samples, ..one.clone() })
+            .unwrap()
+    };
+    let whole: Vec<String> = keys_of_epoch(&Loader::new(shards.clone(), one.clone()).unwrap(), 0);
+    // Two ranks that each consumed 3 of their own: together the first 6 items.
+    let saved: Vec<LoaderState> = (0..2).map(|r| LoaderState { consumed: 3, ..rank(r, 2).initial_state() }).collect();
+    assert!(saved.iter().all(|s| LoaderState::from_json(&s.to_json()).unwrap() == *s));
+    for world in [1usize, 2, 3] {
+        for r in 0..world {
+            let loader = rank(r, world);
+            let state = loader.resume_state(&saved).unwrap();
+            let rest: Vec<String> = loader.stream_epoch(&state).unwrap().map(|s| s.unwrap().key).collect();
+            let want: Vec<String> =
+                whole.iter().enumerate().filter(|(i, _)| *i >= 6 && i % world == r).map(|(_, k)| k.clone()).collect();
+            assert_eq!(rest, want, "rank {r} of {world} continues the stream at item 6");
+        }
+    }
+    // One process's position (as it saves it, without stride fields) maps onto two ranks.
+    let single = Loader::new(shards.clone(), one.clone()).unwrap();
+    let at5 = LoaderState { consumed: 5, ..single.initial_state() };
+    assert!(!at5.to_json().contains("part"), "{}", at5.to_json());
+    let state = rank(1, 2).resume_state(&[at5]).unwrap();
+    assert_eq!((state.part, state.parts, state.consumed), (1, 2, 2), "items 1 and 3 are consumed, 5 is next");
+    // Rank 1 skipped ahead (its 4th item is read while rank 0's 4th, item 6, is not): refused, naming both.
+    let apart = [LoaderState { consumed: 3, ..saved[0] }, LoaderState { consumed: 4, ..saved[1] }];
+    let err = single.resume_state(&apart).unwrap_err().to_string();
+    assert!(err.contains("2 ranks") && err.contains("item 3 of epoch 0, item 4 of epoch 0"), "{err}");
+    assert!(err.contains("resume with 2"), "{err}");
+    // Each rank's own position is taken as it is when the rank count is the same, and checked against the rank.
+    assert_eq!(rank(1, 2).resume_state(&apart).unwrap(), apart[1]);
+    let err = rank(0, 2).stream(&apart[1]).err().unwrap().to_string();
+    assert!(err.contains("stride 1 of 2") && err.contains("stride 0 of 2"), "{err}");
+}
+
 #[test]
 fn resuming_from_a_saved_state_continues_bit_exactly() {
     let dir = scratch("resume");
