@@ -244,12 +244,19 @@ fn direct_wins(shape: &Conv2dShape) -> bool {
     shape.stride == 1 && !shape.is_pointwise() && shape.out_w() >= 32 && shape.o >= 8 && shape.c <= 64
 }
 
+/// Scratch of a forward direct convolution `shape` (or a backward-input recast as one): the packed weight, then
+/// planes for every image running at once.
+fn direct_scratch_len(shape: &Conv2dShape, threads: ConvThreads) -> usize {
+    let plan = plan(shape, threads);
+    direct::packed_weight_len(shape) + plan.workers * direct::planes_scratch_len(shape, plan.gemm_threads)
+}
+
 /// Scratch elements `conv2d_forward` needs for this shape and threading.
 pub fn conv2d_forward_scratch_len(shape: &Conv2dShape, threads: ConvThreads) -> usize {
     let im2col = plan(shape, threads).workers * shape.cols_len();
     if runs_direct(shape, threads, Pass::Forward) {
         // f64 data takes im2col even here, so the scratch serves either.
-        im2col.max(direct::scratch_len(shape, threads.threads))
+        im2col.max(direct_scratch_len(shape, threads))
     } else {
         im2col
     }
@@ -260,7 +267,7 @@ pub fn conv2d_backward_input_scratch_len(shape: &Conv2dShape, threads: ConvThrea
     let im2col = plan(shape, threads).workers * shape.cols_len();
     match direct::backward_input_as_forward(shape) {
         Some(recast) if runs_direct(shape, threads, Pass::BackwardInput) => {
-            im2col.max(direct::scratch_len(&recast, threads.threads))
+            im2col.max(direct_scratch_len(&recast, threads))
         }
         _ => im2col,
     }
@@ -347,12 +354,8 @@ pub fn conv2d_forward_then<T: Float>(
         if let (Some(x), Some(w)) = (as_f32(x), as_f32(w)) {
             let bias = bias.map(|b| as_f32(b).ok_or_else(|| Error::msg("conv2d: bias of another type than x")));
             let bias = bias.transpose()?;
-            let scratch = f32_scratch(scratch)?;
-            direct::pack_weight(shape, |o, t| w[o * shape.patch_len() + t], scratch)?;
-            let images = (x, shape.c * shape.h * shape.w);
-            return direct_images(shape, images, y, threads, epilogue, |x_n, y_n| {
-                direct::forward_image(shape, x_n, bias, y_n, scratch, threads.threads)
-            });
+            let weight = |o: usize, t: usize| w[o * shape.patch_len() + t];
+            return direct_forward(shape, (x, weight, bias), y, scratch, threads, epilogue);
         }
     }
 
@@ -431,12 +434,8 @@ pub fn conv2d_backward_input_then<T: Float>(
         direct::backward_input_as_forward(shape).filter(|_| runs_direct(shape, threads, Pass::BackwardInput))
     {
         if let (Some(dy), Some(w)) = (as_f32(dy), as_f32(w)) {
-            let scratch = f32_scratch(scratch)?;
-            direct::pack_weight(&recast, direct::flipped_weight(shape, w), scratch)?;
-            let images = (dy, shape.o * shape.out_pixels());
-            return direct_images(&recast, images, dx, threads, epilogue, |dy_n, dx_n| {
-                direct::forward_image(&recast, dy_n, None, dx_n, scratch, threads.threads)
-            });
+            let weight = direct::flipped_weight(shape, w);
+            return direct_forward(&recast, (dy, weight, None), dx, scratch, threads, epilogue);
         }
     }
 
@@ -608,30 +607,40 @@ fn f32_scratch<T: Float>(scratch: &mut [T]) -> Result<&mut [f32]> {
     as_f32_mut(scratch).ok_or_else(|| Error::msg("conv2d: direct kernels on a scratch that is not f32"))
 }
 
-/// Runs `one_image(in_n, out_n)` of the direct convolution `shape` over every image of `input` (images of
-/// `in_img` elements) into `out`, each image with every thread, then the epilogue on it.
-fn direct_images<T: Float>(
+/// The direct forward convolution `shape` of `x` (with the weight `weight(o, tap)`, packed first) into `y`, images
+/// spread over threads as im2col's plan spreads them, then the epilogue on each image.
+fn direct_forward<T: Float>(
     shape: &Conv2dShape,
-    (input, in_img): (&[f32], usize),
-    out: &mut [T],
+    (x, weight, bias): (&[f32], impl Fn(usize, usize) -> f32, Option<&[f32]>),
+    y: &mut [T],
+    scratch: &mut [T],
     threads: ConvThreads,
     epilogue: Option<&dyn ConvEpilogue<T>>,
-    mut one_image: impl FnMut(&[f32], &mut [f32]) -> Result<()>,
 ) -> Result<()> {
-    let out_img = shape.o * shape.out_pixels();
-    if out_img == 0 {
-        return Ok(());
-    }
-    for (n, out_n) in out.chunks_exact_mut(out_img).enumerate() {
-        let out_f32 =
-            as_f32_mut(out_n).ok_or_else(|| Error::msg("conv2d: direct kernels on an output that is not f32"))?;
-        one_image(&input[n * in_img..(n + 1) * in_img], out_f32)?;
+    let plan = plan(shape, threads);
+    let packed_len = direct::packed_weight_len(shape);
+    check_scratch(scratch.len(), packed_len)?;
+    let (packed, planes) = scratch.split_at_mut(packed_len);
+    let packed = f32_scratch(packed)?;
+    direct::pack_weight(shape, weight, packed)?;
+    let packed = &*packed;
+    let planes_len = direct::planes_scratch_len(shape, plan.gemm_threads);
+    let x_img = shape.c * shape.h * shape.w;
+    let one_image = |n: usize, y_n: &mut [T], planes: &mut [T], threads: usize, slot: usize| -> Result<()> {
+        let y32 = as_f32_mut(y_n).ok_or_else(|| Error::msg("conv2d: direct kernels on an output that is not f32"))?;
+        direct::forward_image(
+            shape,
+            (&x[n * x_img..(n + 1) * x_img], packed, bias),
+            y32,
+            f32_scratch(planes)?,
+            threads,
+        )?;
         if let Some(e) = epilogue {
-            let threads = threads_or_one(threads.threads);
-            e.apply(EpilogueCall { image: n, rows: 0..shape.out_h(), out_n, slot: 0, threads });
+            e.apply(EpilogueCall { image: n, rows: 0..shape.out_h(), out_n: y_n, slot, threads });
         }
-    }
-    Ok(())
+        Ok(())
+    };
+    for_each_image(shape.n, plan, y, shape.o * shape.out_pixels(), planes, planes_len, one_image)
 }
 
 /// Runs `one_image(n, out_n, scratch_n, gemm_threads, worker)` for every image: one after another, or

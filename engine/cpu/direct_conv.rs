@@ -46,7 +46,7 @@ const DW_TAPS: usize = 4;
 const DW_GROUPS: usize = 4;
 /// About this many bytes of planes per band: the band's input stays in the thread's L2 cache between being
 /// copied and being read by every block of output channels.
-const BAND_BYTES: usize = 128 << 10;
+const BAND_BYTES: usize = 384 << 10;
 
 /// Whether this CPU runs the direct kernels (AVX-512 F), detected once.
 pub fn available() -> bool {
@@ -112,22 +112,23 @@ fn workers(s: &Conv2dShape, threads: usize) -> usize {
     threads.clamp(1, s.out_h().div_ceil(Planes::of(s).band_rows).max(1))
 }
 
-/// Scratch elements of [`forward_image`]: the packed weight, then one band of planes per thread.
-pub fn scratch_len(s: &Conv2dShape, threads: usize) -> usize {
-    packed_weight_len(s) + workers(s, threads) * Planes::of(s).len(s.c)
+/// Scratch elements of [`forward_image`] on `threads` threads: one band of planes per thread.
+pub fn planes_scratch_len(s: &Conv2dShape, threads: usize) -> usize {
+    workers(s, threads) * Planes::of(s).len(s.c)
 }
 
-fn packed_weight_len(s: &Conv2dShape) -> usize {
+/// Elements of the packed weight [`pack_weight`] writes and [`forward_image`] reads.
+pub fn packed_weight_len(s: &Conv2dShape) -> usize {
     s.o.div_ceil(FWD_CHANNELS) * FWD_CHANNELS * taps(s)
 }
 
-/// Packs the forward weight into the front of `scratch` by blocks of output channels:
+/// Packs the forward weight into `packed` (`packed_weight_len`) by blocks of output channels:
 /// `packed[(block·T + t)·8 + k] = weight(block·8 + k, t)`, zero past the last channel. `weight(o, t)` is tap `t`
 /// (`(c·kh + i)·kw + j`) of output channel `o`. Once per call, before the images.
-pub fn pack_weight(s: &Conv2dShape, weight: impl Fn(usize, usize) -> f32, scratch: &mut [f32]) -> Result<()> {
+pub fn pack_weight(s: &Conv2dShape, weight: impl Fn(usize, usize) -> f32, packed: &mut [f32]) -> Result<()> {
     let taps = taps(s);
-    check(s, "scratch", scratch.len().min(packed_weight_len(s)), packed_weight_len(s))?;
-    for (block, chunk) in scratch[..packed_weight_len(s)].chunks_exact_mut(taps * FWD_CHANNELS).enumerate() {
+    check(s, "packed weight", packed.len(), packed_weight_len(s))?;
+    for (block, chunk) in packed.chunks_exact_mut(taps * FWD_CHANNELS).enumerate() {
         for (t, lanes) in chunk.chunks_exact_mut(FWD_CHANNELS).enumerate() {
             for (k, slot) in lanes.iter_mut().enumerate() {
                 let o = block * FWD_CHANNELS + k;
@@ -219,23 +220,23 @@ impl SharedOut {
     }
 }
 
-/// One image of the forward convolution: `y_n` (`O × Ho × Wo`) = bias + conv(`x_n`, the weight `pack_weight`
-/// left at the front of `scratch`). Bands of output rows go to `threads` threads, each with its own planes.
+/// One image of the forward convolution: `y_n` (`O × Ho × Wo`) = bias + conv(`x_n`, the weight as
+/// `pack_weight` left it in `packed`). Bands of output rows go to `threads` threads, each with its own planes in
+/// `planes` (`planes_scratch_len`).
 pub fn forward_image(
     s: &Conv2dShape,
-    x_n: &[f32],
-    bias: Option<&[f32]>,
+    (x_n, packed, bias): (&[f32], &[f32], Option<&[f32]>),
     y_n: &mut [f32],
-    scratch: &mut [f32],
+    planes: &mut [f32],
     threads: usize,
 ) -> Result<()> {
     check(s, "input", x_n.len(), s.c * s.h * s.w)?;
     check(s, "output", y_n.len(), s.o * s.out_h() * s.out_w())?;
-    check(s, "scratch", scratch.len().min(scratch_len(s, threads)), scratch_len(s, threads))?;
+    check(s, "packed weight", packed.len(), packed_weight_len(s))?;
+    let need = planes_scratch_len(s, threads);
+    check(s, "planes", planes.len().min(need), need)?;
     check(s, "bias", bias.map_or(s.o, <[f32]>::len), s.o)?;
     let p = Planes::of(s);
-    let (packed, planes) = scratch.split_at_mut(packed_weight_len(s));
-    let packed = &*packed;
     let workers = workers(s, threads);
     let bands = s.out_h().div_ceil(p.band_rows);
     let per_worker = bands.div_ceil(workers);
@@ -442,25 +443,35 @@ mod avx512 {
         // Channels and taps past the end repeat the last one; their sums are computed and dropped.
         let o_of = |k: usize| (ob * DW_CHANNELS + k).min(s.o - 1);
         let t_of = |k: usize| (tb * DW_TAPS + k).min(taps - 1);
+        // Offsets of each channel's dy row and each tap's run at the band's first row; rows step by fixed amounts.
+        let dy_at: [usize; DW_CHANNELS] = std::array::from_fn(|k| o_of(k) * ho * wo);
+        let run_at: [usize; DW_TAPS] = std::array::from_fn(|k| p.tap(tap_index(s, t_of(k)), 0));
+        let run_step = p.phases * p.row_len;
+        let whole = wo / LANES * LANES;
         let mut acc = [[_mm512_setzero_ps(); DW_TAPS]; DW_CHANNELS];
         for oy in band.clone() {
-            // SAFETY (of the pointers and the masked loads below): rows of dy and of the band's planes; lanes at or
-            // past Wo are masked off, and a plane row holds Wo + (kw - 1) / stride elements past a tap's offset.
-            let dy_rows: [*const f32; DW_CHANNELS] =
-                std::array::from_fn(|k| unsafe { dy.as_ptr().add((o_of(k) * ho + oy) * wo) });
-            let runs: [*const f32; DW_TAPS] =
-                std::array::from_fn(|k| unsafe { planes.as_ptr().add(p.tap(tap_index(s, t_of(k)), oy - band.start)) });
-            for x0 in (0..wo).step_by(LANES) {
-                let mask = lane_mask(x0, wo);
-                let d: [__m512; DW_CHANNELS] =
-                    std::array::from_fn(|k| unsafe { _mm512_maskz_loadu_ps(mask, dy_rows[k].add(x0)) });
-                let x: [__m512; DW_TAPS] =
-                    std::array::from_fn(|k| unsafe { _mm512_maskz_loadu_ps(mask, runs[k].add(x0)) });
-                for (a, dv) in acc.iter_mut().zip(d) {
-                    for (slot, xv) in a.iter_mut().zip(x) {
-                        *slot = _mm512_fmadd_ps(dv, xv, *slot);
+            let r = oy - band.start;
+            // SAFETY (of the pointers and loads below): rows of dy and of the band's planes; whole vectors end at or
+            // before Wo, the tail's lanes at or past Wo are masked off, and a plane row holds Wo + (kw - 1) / stride
+            // elements past a tap's offset.
+            let d_row: [*const f32; DW_CHANNELS] =
+                std::array::from_fn(|k| unsafe { dy.as_ptr().add(dy_at[k] + oy * wo) });
+            let x_row: [*const f32; DW_TAPS] =
+                std::array::from_fn(|m| unsafe { planes.as_ptr().add(run_at[m] + r * run_step) });
+            let mut x0 = 0;
+            while x0 < wo {
+                let mask = if x0 < whole { !0 } else { lane_mask(x0, wo) };
+                let mut x = [_mm512_setzero_ps(); DW_TAPS];
+                for m in 0..DW_TAPS {
+                    x[m] = unsafe { _mm512_maskz_loadu_ps(mask, x_row[m].add(x0)) };
+                }
+                for k in 0..DW_CHANNELS {
+                    let d = unsafe { _mm512_maskz_loadu_ps(mask, d_row[k].add(x0)) };
+                    for m in 0..DW_TAPS {
+                        acc[k][m] = _mm512_fmadd_ps(d, x[m], acc[k][m]);
                     }
                 }
+                x0 += LANES;
             }
         }
         for (k, a) in acc.iter().enumerate() {
