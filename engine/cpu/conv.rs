@@ -219,10 +219,10 @@ fn runs_direct(shape: &Conv2dShape, threads: ConvThreads, pass: Pass) -> bool {
         ConvMethod::Auto => {
             serves
                 && match pass {
-                    Pass::Forward => direct_wins(shape),
-                    // Measured slower than im2col's products so far (BENCHMARKS.md): only when asked for.
-                    Pass::BackwardWeight => false,
-                    Pass::BackwardInput => direct::backward_input_as_forward(shape).is_some_and(|r| direct_wins(&r)),
+                    Pass::Forward | Pass::BackwardWeight => direct_wins(shape, pass),
+                    Pass::BackwardInput => {
+                        direct::backward_input_as_forward(shape).is_some_and(|r| direct_wins(&r, pass))
+                    }
                 }
         }
         ConvMethod::AcrossImages | ConvMethod::InsideGemm => false,
@@ -235,13 +235,20 @@ pub fn runs_direct_kernels(shape: &Conv2dShape, threads: ConvThreads) -> [bool; 
     [Pass::Forward, Pass::BackwardInput, Pass::BackwardWeight].map(|pass| runs_direct(shape, threads, pass))
 }
 
-/// Measured on Zen 5 (`zeroconv bench ops --convs 3x3`, BENCHMARKS.md): the direct kernels beat im2col where the
-/// products are thin (up to 64 input channels: a short reduction) over rows wide enough to fill the 32-pixel
-/// register blocks, and with at least the 8 output channels of a register block. Strided convolutions gain
-/// little (their input copy into stride phases costs about what the thin product loses), so they stay with
-/// im2col. `shape` is the convolution the kernel computes (for the backward-input, its recast as a forward).
-fn direct_wins(shape: &Conv2dShape) -> bool {
-    shape.stride == 1 && !shape.is_pointwise() && shape.out_w() >= 32 && shape.o >= 8 && shape.c <= 64
+/// Measured on Zen 5 (`zeroconv bench ops --convs hint --threads 1`, BENCHMARKS.md): the direct kernels beat
+/// im2col where its products are thin (few input channels: a short reduction) over rows wide enough to fill the
+/// 32-pixel register blocks, with at least the 8 output channels of a register block. A strided forward gains only
+/// up to 32 input channels (its input copy into stride phases costs more). The weight gradient gains only up to 16
+/// input channels: beyond, the `gemm` crate's cache blocking wins. `shape` is the convolution the kernel computes
+/// (for the backward-input, its recast as a forward).
+fn direct_wins(shape: &Conv2dShape, pass: Pass) -> bool {
+    let wide = !shape.is_pointwise() && shape.out_w() >= 32;
+    match pass {
+        Pass::Forward | Pass::BackwardInput => {
+            wide && shape.o >= 8 && shape.c <= if shape.stride == 1 { 64 } else { 32 }
+        }
+        Pass::BackwardWeight => wide && shape.c <= 16,
+    }
 }
 
 /// Scratch of a forward direct convolution `shape` (or a backward-input recast as one): the packed weight, then

@@ -16,8 +16,9 @@
 //! The backward-input of a stride-1 convolution is the forward convolution of `dy` with the flipped, transposed
 //! weight and padding `k - 1 - p` ([`backward_input_as_forward`]); strided backward-input stays with im2col.
 //!
-//! The weight gradient ([`backward_weight`]) reads the same planes: a 4-channel × 4-tap block of `dw` is 16
-//! vector partial sums over a band's pixels (eight loads per sixteen FMAs), folded into `dw` once per band.
+//! The weight gradient ([`backward_weight`]) reads the same planes: a block of `dw`, 3 output channels × the 9 taps
+//! of one input channel's 3×3 window, is 27 vector partial sums over a band's pixels (twelve loads per 27 FMAs, the
+//! nine tap loads from the same cache lines), folded into `dw` once per band.
 //! The output rows are split into a fixed number of groups by the shape alone, each summing into its own
 //! partial gradient, added in group order at the end, so the bits do not depend on the thread count.
 //!
@@ -38,15 +39,19 @@ const FWD_CHANNELS: usize = 8;
 const FWD_VECTORS: usize = 2;
 /// Forward: output pixels per register block.
 const STRIP: usize = FWD_VECTORS * LANES;
-/// Weight gradient: output channels and taps per register block.
-const DW_CHANNELS: usize = 4;
-const DW_TAPS: usize = 4;
+/// Weight gradient: output channels and taps per register block (27 accumulators). The taps of a block belong to
+/// one input channel (all nine of a 3×3 window), so their loads hit the same few cache lines of the planes.
+const DW_CHANNELS: usize = 3;
+const DW_TAPS: usize = 9;
 /// Weight gradient: groups of output rows with partial gradients of their own (fewer when there are fewer rows):
 /// the most threads the weight gradient uses.
 const DW_GROUPS: usize = 4;
 /// About this many bytes of planes per band: the band's input stays in the thread's L2 cache between being
 /// copied and being read by every block of output channels.
 const BAND_BYTES: usize = 384 << 10;
+/// The weight gradient's bands are larger: each band costs a horizontal sum per accumulator and block, so a group
+/// of rows is best one band (up to what still fits a 1 MiB L2 cache beside dy's rows).
+const DW_BAND_BYTES: usize = 768 << 10;
 
 /// Whether this CPU runs the direct kernels (AVX-512 F), detected once.
 pub fn available() -> bool {
@@ -77,12 +82,19 @@ struct Planes {
 }
 
 impl Planes {
+    /// The forward's bands (over all output rows).
     fn of(s: &Conv2dShape) -> Planes {
+        Planes::over(s, s.out_h(), BAND_BYTES)
+    }
+    /// Bands of about `budget` bytes over `rows` output rows, balanced (no runt band at the end).
+    fn over(s: &Conv2dShape, rows: usize, budget: usize) -> Planes {
         let stride = s.stride.max(1);
         let row_len = s.out_w().div_ceil(STRIP) * STRIP + (s.kw - 1) / stride;
         // Input rows per output row, over every channel and phase.
         let row_bytes = 4 * row_len * s.c.max(1) * stride * stride;
-        let band_rows = (BAND_BYTES / row_bytes).clamp(1, s.out_h().max(1));
+        let rows = rows.max(1);
+        let bands = rows.div_ceil((budget / row_bytes).clamp(1, rows));
+        let band_rows = rows.div_ceil(bands);
         Planes { band_rows, phases: stride, rows: (band_rows - 1) * stride + s.kh, row_len }
     }
     fn plane_len(&self) -> usize {
@@ -265,6 +277,16 @@ pub fn forward_image(
     Ok(())
 }
 
+/// Blocks of the weight gradient: groups of output channels × input channels × chunks of one channel's taps.
+fn dw_blocks(s: &Conv2dShape) -> usize {
+    s.o.div_ceil(DW_CHANNELS) * s.c * (s.kh * s.kw).div_ceil(DW_TAPS)
+}
+
+/// The weight gradient's bands, over one group's rows.
+fn dw_planes(s: &Conv2dShape) -> Planes {
+    Planes::over(s, s.out_h().div_ceil(dw_groups(s)), DW_BAND_BYTES)
+}
+
 /// The row groups of the weight gradient: a function of the shape only (see the module comment).
 fn dw_groups(s: &Conv2dShape) -> usize {
     DW_GROUPS.clamp(1, s.out_h().max(1))
@@ -272,7 +294,7 @@ fn dw_groups(s: &Conv2dShape) -> usize {
 
 /// Scratch elements of [`backward_weight`]: per group of rows, a partial gradient and one band of planes.
 pub fn backward_weight_scratch_len(s: &Conv2dShape) -> usize {
-    dw_groups(s) * (s.o * taps(s) + Planes::of(s).len(s.c))
+    dw_groups(s) * (s.o * taps(s) + dw_planes(s).len(s.c))
 }
 
 /// The weight gradient `dw` (`O × C·kh·kw`, overwritten) of the convolution `s` over the batch `x`, `dy`.
@@ -294,7 +316,7 @@ pub fn backward_weight(
     if w_len == 0 || y_img == 0 || s.n == 0 {
         return Ok(());
     }
-    let p = Planes::of(s);
+    let p = dw_planes(s);
     let groups = dw_groups(s);
     let rows_per_group = s.out_h().div_ceil(groups);
     let (partials, planes) = scratch[..need].split_at_mut(groups * w_len);
@@ -306,7 +328,7 @@ pub fn backward_weight(
             for first in rows.clone().step_by(p.band_rows) {
                 prepare_band(s, &p, x_n, first, planes);
                 let band = first..(first + p.band_rows).min(rows.end);
-                for block in 0..s.o.div_ceil(DW_CHANNELS) * taps(s).div_ceil(DW_TAPS) {
+                for block in 0..dw_blocks(s) {
                     // SAFETY: AVX-512 F is present (`check`); the lengths were checked above; the planes hold the
                     // band's rows; `partial` is this group's own.
                     #[cfg(target_arch = "x86_64")]
@@ -422,8 +444,8 @@ mod avx512 {
         }
     }
 
-    /// Adds block `block` of `dw` (4 output channels × 4 taps, numbered taps-fastest) over the band's output rows
-    /// `band` into `partial` (`O × T`).
+    /// Adds block `block` of `dw` (3 output channels × up to 9 taps of one input channel, numbered as `dw_blocks`
+    /// counts them, tap chunks fastest) over the band's output rows `band` into `partial` (`O × T`).
     ///
     /// # Safety
     /// AVX-512 F must be present; `planes` holds the band as `prepare_band` left it for `band.start`; `dy` is one
@@ -438,40 +460,49 @@ mod avx512 {
         block: usize,
         band: Range<usize>,
     ) {
-        let (ho, wo, taps) = (s.out_h(), s.out_w(), taps(s));
-        let (ob, tb) = (block / taps.div_ceil(DW_TAPS), block % taps.div_ceil(DW_TAPS));
+        let (ho, wo, taps, window) = (s.out_h(), s.out_w(), taps(s), s.kh * s.kw);
+        let chunks = window.div_ceil(DW_TAPS);
+        let (ob, c, chunk) = (block / (s.c * chunks), block / chunks % s.c, block % chunks);
+        // The block's taps: input channel c's window from tap chunk·9, at most to the window's end.
+        let first_tap = c * window + chunk * DW_TAPS;
+        let block_taps = (window - chunk * DW_TAPS).min(DW_TAPS);
         // Channels and taps past the end repeat the last one; their sums are computed and dropped.
         let o_of = |k: usize| (ob * DW_CHANNELS + k).min(s.o - 1);
-        let t_of = |k: usize| (tb * DW_TAPS + k).min(taps - 1);
-        // Offsets of each channel's dy row and each tap's run at the band's first row; rows step by fixed amounts.
-        let dy_at: [usize; DW_CHANNELS] = std::array::from_fn(|k| o_of(k) * ho * wo);
-        let run_at: [usize; DW_TAPS] = std::array::from_fn(|k| p.tap(tap_index(s, t_of(k)), 0));
+        let t_of = |m: usize| first_tap + m.min(block_taps - 1);
+        // Each channel's dy row and each tap's run at the band's first row, advanced by a fixed step per row (no
+        // index arithmetic in the row loop: rows of 64 pixels are only four vector steps long).
+        // SAFETY (of the pointers and loads below): rows of dy and of the band's planes, for the band's rows; whole
+        // vectors end at or before Wo, the tail's lanes at or past Wo are masked off, and a plane row holds
+        // Wo + (kw - 1) / stride elements past a tap's offset.
+        let mut d_row: [*const f32; DW_CHANNELS] =
+            std::array::from_fn(|k| unsafe { dy.as_ptr().add((o_of(k) * ho + band.start) * wo) });
+        let mut x_row: [*const f32; DW_TAPS] =
+            std::array::from_fn(|m| unsafe { planes.as_ptr().add(p.tap(tap_index(s, t_of(m)), 0)) });
         let run_step = p.phases * p.row_len;
         let whole = wo / LANES * LANES;
+        let tail = lane_mask(whole, wo);
         let mut acc = [[_mm512_setzero_ps(); DW_TAPS]; DW_CHANNELS];
-        for oy in band.clone() {
-            let r = oy - band.start;
-            // SAFETY (of the pointers and loads below): rows of dy and of the band's planes; whole vectors end at or
-            // before Wo, the tail's lanes at or past Wo are masked off, and a plane row holds Wo + (kw - 1) / stride
-            // elements past a tap's offset.
-            let d_row: [*const f32; DW_CHANNELS] =
-                std::array::from_fn(|k| unsafe { dy.as_ptr().add(dy_at[k] + oy * wo) });
-            let x_row: [*const f32; DW_TAPS] =
-                std::array::from_fn(|m| unsafe { planes.as_ptr().add(run_at[m] + r * run_step) });
+        for _ in band {
             let mut x0 = 0;
             while x0 < wo {
-                let mask = if x0 < whole { !0 } else { lane_mask(x0, wo) };
-                let mut x = [_mm512_setzero_ps(); DW_TAPS];
-                for m in 0..DW_TAPS {
-                    x[m] = unsafe { _mm512_maskz_loadu_ps(mask, x_row[m].add(x0)) };
-                }
+                let mask = if x0 < whole { !0 } else { tail };
+                let mut d = [_mm512_setzero_ps(); DW_CHANNELS];
                 for k in 0..DW_CHANNELS {
-                    let d = unsafe { _mm512_maskz_loadu_ps(mask, d_row[k].add(x0)) };
-                    for m in 0..DW_TAPS {
-                        acc[k][m] = _mm512_fmadd_ps(d, x[m], acc[k][m]);
+                    d[k] = unsafe { _mm512_maskz_loadu_ps(mask, d_row[k].add(x0)) };
+                }
+                for m in 0..DW_TAPS {
+                    let x = unsafe { _mm512_maskz_loadu_ps(mask, x_row[m].add(x0)) };
+                    for k in 0..DW_CHANNELS {
+                        acc[k][m] = _mm512_fmadd_ps(d[k], x, acc[k][m]);
                     }
                 }
                 x0 += LANES;
+            }
+            for row in d_row.iter_mut() {
+                *row = row.wrapping_add(wo);
+            }
+            for row in x_row.iter_mut() {
+                *row = row.wrapping_add(run_step);
             }
         }
         for (k, a) in acc.iter().enumerate() {
@@ -479,12 +510,8 @@ mod avx512 {
             if o >= s.o {
                 break;
             }
-            for (m, &value) in a.iter().enumerate() {
-                let t = tb * DW_TAPS + m;
-                if t >= taps {
-                    break;
-                }
-                partial[o * taps + t] += _mm512_reduce_add_ps(value);
+            for (m, &value) in a.iter().take(block_taps).enumerate() {
+                partial[o * taps + first_tap + m] += _mm512_reduce_add_ps(value);
             }
         }
     }
