@@ -144,8 +144,8 @@ pub enum ConvMethod {
     AcrossImages,
     /// im2col products; images one after another; each product (and im2col/col2im) uses every thread.
     InsideGemm,
-    /// The direct kernels (`direct_conv.rs`) for the passes and types they serve (f32 on AVX-512; every pass but
-    /// the backward-input of a strided convolution); im2col as `Auto` would run it for the others.
+    /// The direct kernels (`direct_conv.rs`) for the passes and types they serve (f32 on AVX-512; every pass, but
+    /// a strided backward-input only with "same" padding); im2col as `Auto` would run it for the others.
     Direct,
 }
 
@@ -211,7 +211,9 @@ fn runs_direct(shape: &Conv2dShape, threads: ConvThreads, pass: Pass) -> bool {
         && shape.n > 0
         && match pass {
             Pass::Forward => true,
-            Pass::BackwardInput => direct::backward_input_as_forward(shape).is_some(),
+            Pass::BackwardInput => {
+                direct::backward_input_as_forward(shape).is_some() || direct::strided_backward_input_supported(shape)
+            }
             Pass::BackwardWeight => true,
         };
     match threads.method {
@@ -220,9 +222,11 @@ fn runs_direct(shape: &Conv2dShape, threads: ConvThreads, pass: Pass) -> bool {
             serves
                 && match pass {
                     Pass::Forward | Pass::BackwardWeight => direct_wins(shape, pass),
-                    Pass::BackwardInput => {
-                        direct::backward_input_as_forward(shape).is_some_and(|r| direct_wins(&r, pass))
-                    }
+                    Pass::BackwardInput => match direct::backward_input_as_forward(shape) {
+                        Some(recast) => direct_wins(&recast, pass),
+                        // Its phases are stride-1 convolutions from O to C channels with a quarter of the taps.
+                        None => shape.out_w() >= 32 && shape.c >= 8 && shape.o <= 32,
+                    },
                 }
         }
         ConvMethod::AcrossImages | ConvMethod::InsideGemm => false,
@@ -239,8 +243,9 @@ pub fn runs_direct_kernels(shape: &Conv2dShape, threads: ConvThreads) -> [bool; 
 /// im2col where its products are thin (few input channels: a short reduction) over rows wide enough to fill the
 /// 32-pixel register blocks, with at least the 8 output channels of a register block. A strided forward gains only
 /// up to 32 input channels (its input copy into stride phases costs more). The weight gradient gains only up to 16
-/// input channels: beyond, the `gemm` crate's cache blocking wins. `shape` is the convolution the kernel computes
-/// (for the backward-input, its recast as a forward).
+/// input channels: beyond, the `gemm` crate's cache blocking wins; a strided backward-input (by output phases)
+/// only up to 32 channels of `dy`. `shape` is the convolution the kernel computes (for a stride-1 backward-input,
+/// its recast as a forward).
 fn direct_wins(shape: &Conv2dShape, pass: Pass) -> bool {
     let wide = !shape.is_pointwise() && shape.out_w() >= 32;
     match pass {
@@ -272,11 +277,16 @@ pub fn conv2d_forward_scratch_len(shape: &Conv2dShape, threads: ConvThreads) -> 
 /// Scratch elements `conv2d_backward_input` needs for this shape and threading.
 pub fn conv2d_backward_input_scratch_len(shape: &Conv2dShape, threads: ConvThreads) -> usize {
     let im2col = plan(shape, threads).workers * shape.cols_len();
+    if !runs_direct(shape, threads, Pass::BackwardInput) {
+        return im2col;
+    }
     match direct::backward_input_as_forward(shape) {
-        Some(recast) if runs_direct(shape, threads, Pass::BackwardInput) => {
-            im2col.max(direct_scratch_len(&recast, threads))
+        Some(recast) => im2col.max(direct_scratch_len(&recast, threads)),
+        None => {
+            let plan = plan(shape, threads);
+            let image = direct::strided_backward_input_scratch_len(shape, plan.gemm_threads);
+            im2col.max(direct::strided_backward_input_packed_len(shape) + plan.workers * image)
         }
-        _ => im2col,
     }
 }
 
@@ -437,12 +447,15 @@ pub fn conv2d_backward_input_then<T: Float>(
     check_len("dx", dx.len(), shape.x_len())?;
     let plan = plan(shape, threads);
     check_scratch(scratch.len(), conv2d_backward_input_scratch_len(shape, threads))?;
-    if let Some(recast) =
-        direct::backward_input_as_forward(shape).filter(|_| runs_direct(shape, threads, Pass::BackwardInput))
-    {
+    if runs_direct(shape, threads, Pass::BackwardInput) {
         if let (Some(dy), Some(w)) = (as_f32(dy), as_f32(w)) {
-            let weight = direct::flipped_weight(shape, w);
-            return direct_forward(&recast, (dy, weight, None), dx, scratch, threads, epilogue);
+            return match direct::backward_input_as_forward(shape) {
+                Some(recast) => {
+                    let weight = direct::flipped_weight(shape, w);
+                    direct_forward(&recast, (dy, weight, None), dx, scratch, threads, epilogue)
+                }
+                None => direct_strided_backward_input(shape, (dy, w), dx, scratch, threads, epilogue),
+            };
         }
     }
 
@@ -614,8 +627,52 @@ fn f32_scratch<T: Float>(scratch: &mut [T]) -> Result<&mut [f32]> {
     as_f32_mut(scratch).ok_or_else(|| Error::msg("conv2d: direct kernels on a scratch that is not f32"))
 }
 
-/// The direct forward convolution `shape` of `x` (with the weight `weight(o, tap)`, packed first) into `y`, images
-/// spread over threads as im2col's plan spreads them, then the epilogue on each image.
+/// How a direct pass runs: the packed weight's length and how to fill it, the scratch one image needs on a given
+/// number of threads, and how to compute one image (input image, packed weight, output image as f32, scratch,
+/// threads).
+struct DirectPass<P, S, I> {
+    packed_len: usize,
+    pack: P,
+    image_scratch: S,
+    image: I,
+}
+
+/// Runs a direct pass over every image of `out` (`channels × rows × width` each), images spread over threads as
+/// im2col's plan for `shape` spreads them, then the epilogue on each image.
+fn run_direct<T: Float, P, S, I>(
+    shape: &Conv2dShape,
+    pass: DirectPass<P, S, I>,
+    (out, out_rows, out_img): (&mut [T], usize, usize),
+    scratch: &mut [T],
+    threads: ConvThreads,
+    epilogue: Option<&dyn ConvEpilogue<T>>,
+) -> Result<()>
+where
+    P: FnOnce(&mut [f32]) -> Result<()>,
+    S: Fn(usize) -> usize,
+    I: Fn(usize, &[f32], &mut [f32], &mut [f32], usize) -> Result<()> + Sync,
+{
+    let plan = plan(shape, threads);
+    check_scratch(scratch.len(), pass.packed_len)?;
+    let (packed, rest) = scratch.split_at_mut(pass.packed_len);
+    let packed = f32_scratch(packed)?;
+    (pass.pack)(packed)?;
+    let packed = &*packed;
+    let image = &pass.image;
+    let one_image = |n: usize, out_n: &mut [T], scratch: &mut [T], threads: usize, slot: usize| -> Result<()> {
+        let out32 =
+            as_f32_mut(out_n).ok_or_else(|| Error::msg("conv2d: direct kernels on an output that is not f32"))?;
+        image(n, packed, out32, f32_scratch(scratch)?, threads)?;
+        if let Some(e) = epilogue {
+            e.apply(EpilogueCall { image: n, rows: 0..out_rows, out_n, slot, threads });
+        }
+        Ok(())
+    };
+    for_each_image(shape.n, plan, out, out_img, rest, (pass.image_scratch)(plan.gemm_threads), one_image)
+}
+
+/// The direct forward convolution `shape` of `x` (with the weight `weight(o, tap)`) into `y` (or a stride-1
+/// backward-input recast as one, see `direct_conv::backward_input_as_forward`).
 fn direct_forward<T: Float>(
     shape: &Conv2dShape,
     (x, weight, bias): (&[f32], impl Fn(usize, usize) -> f32, Option<&[f32]>),
@@ -624,30 +681,43 @@ fn direct_forward<T: Float>(
     threads: ConvThreads,
     epilogue: Option<&dyn ConvEpilogue<T>>,
 ) -> Result<()> {
-    let plan = plan(shape, threads);
-    let packed_len = direct::packed_weight_len(shape);
-    check_scratch(scratch.len(), packed_len)?;
-    let (packed, planes) = scratch.split_at_mut(packed_len);
-    let packed = f32_scratch(packed)?;
-    direct::pack_weight(shape, weight, packed)?;
-    let packed = &*packed;
-    let planes_len = direct::planes_scratch_len(shape, plan.gemm_threads);
     let x_img = shape.c * shape.h * shape.w;
-    let one_image = |n: usize, y_n: &mut [T], planes: &mut [T], threads: usize, slot: usize| -> Result<()> {
-        let y32 = as_f32_mut(y_n).ok_or_else(|| Error::msg("conv2d: direct kernels on an output that is not f32"))?;
-        direct::forward_image(
-            shape,
-            (&x[n * x_img..(n + 1) * x_img], packed, bias),
-            y32,
-            f32_scratch(planes)?,
-            threads,
-        )?;
-        if let Some(e) = epilogue {
-            e.apply(EpilogueCall { image: n, rows: 0..shape.out_h(), out_n: y_n, slot, threads });
-        }
-        Ok(())
+    let pass = DirectPass {
+        packed_len: direct::packed_weight_len(shape),
+        pack: |packed: &mut [f32]| direct::pack_weight(shape, weight, packed),
+        image_scratch: |threads| direct::planes_scratch_len(shape, threads),
+        image: |n: usize, packed: &[f32], y_n: &mut [f32], planes: &mut [f32], threads: usize| {
+            direct::forward_image(shape, (&x[n * x_img..(n + 1) * x_img], packed, bias), y_n, planes, threads)
+        },
     };
-    for_each_image(shape.n, plan, y, shape.o * shape.out_pixels(), planes, planes_len, one_image)
+    run_direct(shape, pass, (y, shape.out_h(), shape.o * shape.out_pixels()), scratch, threads, epilogue)
+}
+
+/// The direct backward-input of the strided convolution `shape` (see `direct_conv::strided_backward_input_image`).
+fn direct_strided_backward_input<T: Float>(
+    shape: &Conv2dShape,
+    (dy, w): (&[f32], &[f32]),
+    dx: &mut [T],
+    scratch: &mut [T],
+    threads: ConvThreads,
+    epilogue: Option<&dyn ConvEpilogue<T>>,
+) -> Result<()> {
+    let y_img = shape.o * shape.out_pixels();
+    let pass = DirectPass {
+        packed_len: direct::strided_backward_input_packed_len(shape),
+        pack: |packed: &mut [f32]| direct::pack_strided_backward_input(shape, w, packed),
+        image_scratch: |threads| direct::strided_backward_input_scratch_len(shape, threads),
+        image: |n: usize, packed: &[f32], dx_n: &mut [f32], scratch: &mut [f32], threads: usize| {
+            direct::strided_backward_input_image(
+                shape,
+                (&dy[n * y_img..(n + 1) * y_img], packed),
+                dx_n,
+                scratch,
+                threads,
+            )
+        },
+    };
+    run_direct(shape, pass, (dx, shape.h, shape.c * shape.h * shape.w), scratch, threads, epilogue)
 }
 
 /// Runs `one_image(n, out_n, scratch_n, gemm_threads, worker)` for every image: one after another, or

@@ -14,7 +14,9 @@
 //!    two vector loads and eight weight broadcasts per sixteen FMAs.
 //!
 //! The backward-input of a stride-1 convolution is the forward convolution of `dy` with the flipped, transposed
-//! weight and padding `k - 1 - p` ([`backward_input_as_forward`]); strided backward-input stays with im2col.
+//! weight and padding `k - 1 - p` ([`backward_input_as_forward`]). A strided one splits `dx` into its `s²` output
+//! phases (pixels `(s·a + py, s·b + px)`), each a stride-1 convolution of `dy` with the window's taps that land on
+//! it (for 3×3, stride 2: 1, 2, 2 and 4 taps), run by the same kernel ([`strided_backward_input_image`]).
 //!
 //! The weight gradient ([`backward_weight`]) reads the same planes: a block of `dw`, 3 output channels × the 9 taps
 //! of one input channel's 3×3 window, is 27 vector partial sums over a band's pixels (twelve loads per 27 FMAs, the
@@ -131,24 +133,36 @@ pub fn planes_scratch_len(s: &Conv2dShape, threads: usize) -> usize {
 
 /// Elements of the packed weight [`pack_weight`] writes and [`forward_image`] reads.
 pub fn packed_weight_len(s: &Conv2dShape) -> usize {
-    s.o.div_ceil(FWD_CHANNELS) * FWD_CHANNELS * taps(s)
+    packed_len(s.o, taps(s))
+}
+
+/// Elements of a weight of `taps` taps packed for `channels` output channels (whole register blocks).
+fn packed_len(channels: usize, taps: usize) -> usize {
+    channels.div_ceil(FWD_CHANNELS) * FWD_CHANNELS * taps
 }
 
 /// Packs the forward weight into `packed` (`packed_weight_len`) by blocks of output channels:
 /// `packed[(block·T + t)·8 + k] = weight(block·8 + k, t)`, zero past the last channel. `weight(o, t)` is tap `t`
 /// (`(c·kh + i)·kw + j`) of output channel `o`. Once per call, before the images.
 pub fn pack_weight(s: &Conv2dShape, weight: impl Fn(usize, usize) -> f32, packed: &mut [f32]) -> Result<()> {
-    let taps = taps(s);
     check(s, "packed weight", packed.len(), packed_weight_len(s))?;
+    pack(s.o, taps(s), weight, packed);
+    Ok(())
+}
+
+fn pack(channels: usize, taps: usize, weight: impl Fn(usize, usize) -> f32, packed: &mut [f32]) {
+    if taps == 0 {
+        // A phase no tap lands on (a 1×1 window of stride 2): nothing to pack, its pixels get zeros.
+        return;
+    }
     for (block, chunk) in packed.chunks_exact_mut(taps * FWD_CHANNELS).enumerate() {
         for (t, lanes) in chunk.chunks_exact_mut(FWD_CHANNELS).enumerate() {
             for (k, slot) in lanes.iter_mut().enumerate() {
                 let o = block * FWD_CHANNELS + k;
-                *slot = if o < s.o { weight(o, t) } else { 0.0 };
+                *slot = if o < channels { weight(o, t) } else { 0.0 };
             }
         }
     }
-    Ok(())
 }
 
 /// The forward convolution that computes the backward-input of the stride-1 convolution `s`: over `dy`
@@ -216,6 +230,144 @@ fn prepare_band(s: &Conv2dShape, p: &Planes, x_n: &[f32], first: usize, planes: 
     }
 }
 
+/// A strided backward-input the direct kernels compute: odd square windows with "same" padding (`(k - 1) / 2`, as
+/// every strided convolution of SD's U-Net and hint encoder has), so every output phase fits in `dy`'s planes.
+pub fn strided_backward_input_supported(s: &Conv2dShape) -> bool {
+    s.stride >= 2 && s.kh == s.kw && s.kh % 2 == 1 && s.padding == (s.kh - 1) / 2 && s.out_h() > 0 && s.out_w() > 0
+}
+
+/// One output phase of a strided backward-input: the pixels `dx[c][s·a + py][s·b + px]`, `rows × cols` of them,
+/// are a stride-1 convolution of `dy` with the window's taps `(i, j)` that land on them, tap `(o, i, j)` reading
+/// `dy[o][a + dr][b + dc]`.
+struct Phase {
+    py: usize,
+    px: usize,
+    rows: usize,
+    cols: usize,
+    /// `(o, i, j, dr, dc)`, output channels outermost.
+    taps: Vec<(usize, usize, usize, isize, isize)>,
+}
+
+/// The phases of the strided backward-input `s` (which `strided_backward_input_supported` accepts), and the
+/// padding of `dy`'s planes that covers every tap's offset.
+fn phases(s: &Conv2dShape) -> (Vec<Phase>, usize) {
+    let (st, pad) = (s.stride as isize, s.padding as isize);
+    // Taps of window index `i` that land on phase `q`: dx row s·a + q = s·oy + i - pad, i.e. oy = a + (q + pad - i) / s.
+    let offsets = |q: usize, k: usize| -> Vec<(usize, isize)> {
+        (0..k)
+            .filter(|&i| (q as isize + pad - i as isize).rem_euclid(st) == 0)
+            .map(|i| (i, (q as isize + pad - i as isize).div_euclid(st)))
+            .collect()
+    };
+    let mut out = Vec::new();
+    let mut reach = 0;
+    for py in 0..s.stride {
+        for px in 0..s.stride {
+            let (rows, cols) = (s.h.saturating_sub(py).div_ceil(s.stride), s.w.saturating_sub(px).div_ceil(s.stride));
+            let mut taps = Vec::new();
+            for o in 0..s.o {
+                for &(i, dr) in &offsets(py, s.kh) {
+                    for &(j, dc) in &offsets(px, s.kw) {
+                        reach = reach.max(dr.unsigned_abs()).max(dc.unsigned_abs());
+                        taps.push((o, i, j, dr, dc));
+                    }
+                }
+            }
+            out.push(Phase { py, px, rows, cols, taps });
+        }
+    }
+    (out, reach)
+}
+
+/// `dy`'s planes for the phases: a stride-1 "convolution" over `dy` (`O × Ho × Wo`) padded by `reach`.
+fn dy_shape(s: &Conv2dShape, reach: usize) -> Conv2dShape {
+    let k = 2 * reach + 1;
+    Conv2dShape { n: s.n, c: s.o, h: s.out_h(), w: s.out_w(), o: s.c, kh: k, kw: k, stride: 1, padding: reach }
+}
+
+/// Elements of all phases' packed weights.
+pub fn strided_backward_input_packed_len(s: &Conv2dShape) -> usize {
+    phases(s).0.iter().map(|ph| packed_len(s.c, ph.taps.len())).sum()
+}
+
+/// Scratch of [`strided_backward_input_image`] on `threads` threads: planes per thread, and one phase's output.
+pub fn strided_backward_input_scratch_len(s: &Conv2dShape, threads: usize) -> usize {
+    let (phases, reach) = phases(s);
+    let dys = dy_shape(s, reach);
+    let planes = phases.iter().map(|ph| Planes::over(&dys, ph.rows, BAND_BYTES).len(dys.c)).max().unwrap_or(0);
+    let out = phases.iter().map(|ph| s.c * ph.rows * ph.cols).max().unwrap_or(0);
+    threads.max(1) * planes + out
+}
+
+/// Packs every phase's weight (`w` is `O × C × k × k`), one after another, for [`strided_backward_input_image`].
+pub fn pack_strided_backward_input(s: &Conv2dShape, w: &[f32], packed: &mut [f32]) -> Result<()> {
+    check(s, "weight", w.len(), s.o * s.c * s.kh * s.kw)?;
+    check(s, "packed weight", packed.len(), strided_backward_input_packed_len(s))?;
+    let mut rest = packed;
+    for ph in phases(s).0 {
+        let (this, next) = rest.split_at_mut(packed_len(s.c, ph.taps.len()));
+        pack(
+            s.c,
+            ph.taps.len(),
+            |c, t| {
+                let (o, i, j, _, _) = ph.taps[t];
+                w[((o * s.c + c) * s.kh + i) * s.kw + j]
+            },
+            this,
+        );
+        rest = next;
+    }
+    Ok(())
+}
+
+/// One image of the strided backward-input: `dx_n` (`C × H × W`, overwritten) from `dy_n` (`O × Ho × Wo`) and the
+/// weight as [`pack_strided_backward_input`] packed it, phase by phase, each phase through the forward kernel into
+/// a buffer of its own and then into its pixels of `dx_n`.
+pub fn strided_backward_input_image(
+    s: &Conv2dShape,
+    (dy_n, packed): (&[f32], &[f32]),
+    dx_n: &mut [f32],
+    scratch: &mut [f32],
+    threads: usize,
+) -> Result<()> {
+    if !strided_backward_input_supported(s) {
+        return Err(Error::shape("conv2d", format!("direct convolution {s:?}: not a same-padded strided window")));
+    }
+    check(s, "dy", dy_n.len(), s.o * s.out_h() * s.out_w())?;
+    check(s, "dx", dx_n.len(), s.c * s.h * s.w)?;
+    check(s, "packed weight", packed.len(), strided_backward_input_packed_len(s))?;
+    let need = strided_backward_input_scratch_len(s, threads);
+    check(s, "scratch", scratch.len().min(need), need)?;
+    let (phases, reach) = phases(s);
+    let dys = dy_shape(s, reach);
+    let out_len = phases.iter().map(|ph| s.c * ph.rows * ph.cols).max().unwrap_or(0);
+    let (phase_out, planes) = scratch[..need].split_at_mut(out_len);
+    let mut packed = packed;
+    for ph in &phases {
+        let (this, rest) = packed.split_at(packed_len(s.c, ph.taps.len()));
+        packed = rest;
+        let p = Planes::over(&dys, ph.rows, BAND_BYTES);
+        let at = |d: isize| (reach as isize + d) as usize;
+        let offsets =
+            ph.taps.iter().map(|&(o, _, _, dr, dc)| o * p.plane_len() + at(dr) * p.row_len + at(dc)).collect();
+        let taps = Taps { offsets, row_step: p.row_len };
+        let out = &mut phase_out[..s.c * ph.rows * ph.cols];
+        let rows = OutRows { ptr: SharedOut(out.as_mut_ptr()), channels: s.c, rows: ph.rows, width: ph.cols };
+        // The phase's runs reach column cols - 1 + 2·reach + a strip: within the planes' rows, since cols ≤ Wo for
+        // same padding.
+        forward_bands((&dys, &p, dy_n), (&taps, this, None), &rows, planes, threads);
+        for (c, plane) in out.chunks_exact(ph.rows * ph.cols.max(1)).enumerate().filter(|_| ph.cols > 0) {
+            for (a, row) in plane.chunks_exact(ph.cols).enumerate() {
+                let dx_row = &mut dx_n[(c * s.h + s.stride * a + ph.py) * s.w..][..s.w];
+                for (v, d) in row.iter().zip(dx_row[ph.px..].iter_mut().step_by(s.stride)) {
+                    *d = *v;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A pointer that may cross to the worker threads: each task writes only its own disjoint part (see the use).
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);
@@ -249,22 +401,57 @@ pub fn forward_image(
     check(s, "planes", planes.len().min(need), need)?;
     check(s, "bias", bias.map_or(s.o, <[f32]>::len), s.o)?;
     let p = Planes::of(s);
-    let workers = workers(s, threads);
-    let bands = s.out_h().div_ceil(p.band_rows);
+    let taps =
+        Taps { offsets: (0..taps(s)).map(|t| p.tap(tap_index(s, t), 0)).collect(), row_step: p.phases * p.row_len };
+    let out = OutRows { ptr: SharedOut(y_n.as_mut_ptr()), channels: s.o, rows: s.out_h(), width: s.out_w() };
+    forward_bands((s, &p, x_n), (&taps, packed, bias), &out, planes, threads);
+    Ok(())
+}
+
+/// Where a forward kernel reads its taps: each tap's run at a band's first output row, as an offset into the
+/// band's planes, and the step from one output row to the next.
+struct Taps {
+    offsets: Vec<usize>,
+    row_step: usize,
+}
+
+/// Where a forward kernel writes: `channels` planes of `rows × width` floats at `ptr`.
+struct OutRows {
+    ptr: SharedOut,
+    channels: usize,
+    rows: usize,
+    width: usize,
+}
+
+/// Output rows `0..out.rows` of a forward kernel, in bands of `p.band_rows` spread over up to `threads` workers,
+/// each preparing its bands of `input` (laid out as `s` describes it) in its own planes.
+///
+/// The callers check what the kernel relies on: `input` holds `s`'s image, `planes` `threads` bands of planes, the
+/// taps' runs lie inside a band's planes for every row of the band, `packed` holds `taps` taps for `out.channels`
+/// channels, `out.ptr` is exclusively borrowed for `out.channels × out.rows × out.width` floats, and `out.width` is
+/// at most the planes' run length.
+fn forward_bands(
+    (s, p, input): (&Conv2dShape, &Planes, &[f32]),
+    (taps, packed, bias): (&Taps, &[f32], Option<&[f32]>),
+    out: &OutRows,
+    planes: &mut [f32],
+    threads: usize,
+) {
+    let bands = out.rows.div_ceil(p.band_rows);
+    let workers = threads.clamp(1, bands.max(1));
     let per_worker = bands.div_ceil(workers);
-    let out = SharedOut(y_n.as_mut_ptr());
     let worker = |(w, planes): (usize, &mut [f32])| {
         for band in (w * per_worker..((w + 1) * per_worker).min(bands)).map(|b| b * p.band_rows) {
-            prepare_band(s, &p, x_n, band, planes);
-            let rows = band..(band + p.band_rows).min(s.out_h());
-            // SAFETY: AVX-512 F is present (`check`); the lengths were checked above; bands are disjoint and each
-            // goes to one worker, so workers write disjoint rows of `y_n`, which this function borrows exclusively.
+            prepare_band(s, p, input, band, planes);
+            let rows = band..(band + p.band_rows).min(out.rows);
+            // SAFETY: AVX-512 F is present (the callers' `check`); the callers checked the lengths; bands are
+            // disjoint and each goes to one worker, so workers write disjoint rows of `out`.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                avx512::forward_rows(s, &p, planes, packed, bias, out.ptr(), rows)
+                avx512::forward_rows(planes, (taps, packed, bias), out, rows)
             }
             #[cfg(not(target_arch = "x86_64"))]
-            let _ = (rows, out, packed, bias);
+            let _ = (rows, taps, packed, bias, out);
         }
     };
     let planes = planes[..workers * p.len(s.c)].chunks_exact_mut(p.len(s.c)).enumerate();
@@ -274,7 +461,6 @@ pub fn forward_image(
     } else {
         planes.for_each(worker);
     }
-    Ok(())
 }
 
 /// Blocks of the weight gradient: groups of output channels × input channels × chunks of one channel's taps.
@@ -384,40 +570,41 @@ mod avx512 {
         ((1u32 << n) - 1) as __mmask16
     }
 
-    /// Output rows `rows` of one image, every channel, from the band's `planes` (prepared for `rows.start`).
+    /// Output rows `rows` of `out`, every channel, from the band's `planes` (prepared for `rows.start`).
     ///
     /// # Safety
-    /// AVX-512 F must be present; `planes` holds `p.len(C)` and `packed` `packed_weight_len(s)` elements; `y`
-    /// points to `O × Ho × Wo` writable floats of which no other thread touches rows `rows`.
+    /// AVX-512 F must be present, and what `forward_bands` lists its callers as checking must hold; no other
+    /// thread touches rows `rows` of `out`.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn forward_rows(
-        s: &Conv2dShape,
-        p: &Planes,
         planes: &[f32],
-        packed: &[f32],
-        bias: Option<&[f32]>,
-        y: *mut f32,
+        (taps, packed, bias): (&Taps, &[f32], Option<&[f32]>),
+        out: &OutRows,
         rows: Range<usize>,
     ) {
-        let (ho, wo, taps) = (s.out_h(), s.out_w(), taps(s));
-        let mut runs: Vec<*const f32> = Vec::with_capacity(taps);
+        let (width, count) = (out.width, taps.offsets.len());
+        let mut runs: Vec<*const f32> = Vec::with_capacity(count);
         for oy in rows.clone() {
             runs.clear();
-            // SAFETY (of the reads below): every tap offset plus a whole strip lies inside the planes: plane rows
-            // hold `row_len` ≥ round_up(Wo, STRIP) + (kw - 1) / stride elements, and band row
-            // (oy - first)·stride + i < rows.
-            runs.extend((0..taps).map(|t| unsafe { planes.as_ptr().add(p.tap(tap_index(s, t), oy - rows.start)) }));
-            for block in 0..s.o.div_ceil(FWD_CHANNELS) {
-                let weights = unsafe { packed.as_ptr().add(block * taps * FWD_CHANNELS) };
+            // SAFETY (of the reads below): the callers guarantee every tap's run, a whole strip past `width`
+            // included, lies inside the band's planes for each of its rows.
+            let row_at = (oy - rows.start) * taps.row_step;
+            // SAFETY: as above, each run starts inside the planes.
+            runs.extend(taps.offsets.iter().map(|&at| unsafe { planes.as_ptr().add(at + row_at) }));
+            for block in 0..out.channels.div_ceil(FWD_CHANNELS) {
+                // SAFETY: `packed` holds `count` taps × 8 channels for every block of output channels.
+                let weights = unsafe { packed.as_ptr().add(block * count * FWD_CHANNELS) };
                 let init: [f32; FWD_CHANNELS] =
                     std::array::from_fn(|k| bias.and_then(|b| b.get(block * FWD_CHANNELS + k)).copied().unwrap_or(0.0));
-                for x0 in (0..wo).step_by(STRIP) {
+                for x0 in (0..width).step_by(STRIP) {
                     let mut acc: [[__m512; FWD_VECTORS]; FWD_CHANNELS] =
                         std::array::from_fn(|k| [_mm512_set1_ps(init[k]); FWD_VECTORS]);
                     for (t, &run) in runs.iter().enumerate() {
+                        // SAFETY: the strip lies inside the run (see above).
                         let xv: [__m512; FWD_VECTORS] =
                             std::array::from_fn(|v| unsafe { _mm512_loadu_ps(run.add(x0 + v * LANES)) });
                         for (k, a) in acc.iter_mut().enumerate() {
+                            // SAFETY: tap t < count, channel k < 8 of this block.
                             let wv = _mm512_set1_ps(unsafe { *weights.add(t * FWD_CHANNELS + k) });
                             for v in 0..FWD_VECTORS {
                                 a[v] = _mm512_fmadd_ps(wv, xv[v], a[v]);
@@ -426,17 +613,18 @@ mod avx512 {
                     }
                     for (k, a) in acc.iter().enumerate() {
                         let o = block * FWD_CHANNELS + k;
-                        if o >= s.o {
+                        if o >= out.channels {
                             break;
                         }
-                        let row = unsafe { y.add((o * ho + oy) * wo) };
+                        // SAFETY: channel o < channels and row oy < rows of `out`.
+                        let row = unsafe { out.ptr.ptr().add((o * out.rows + oy) * width) };
                         for (v, &value) in a.iter().enumerate() {
                             let at = x0 + v * LANES;
-                            if at >= wo {
+                            if at >= width {
                                 break;
                             }
-                            // SAFETY: lanes at or past Wo are masked off; the row is one of this task's.
-                            unsafe { _mm512_mask_storeu_ps(row.add(at), lane_mask(at, wo), value) };
+                            // SAFETY: lanes at or past the width are masked off; the row is one of this task's.
+                            unsafe { _mm512_mask_storeu_ps(row.add(at), lane_mask(at, width), value) };
                         }
                     }
                 }
@@ -474,8 +662,10 @@ mod avx512 {
         // SAFETY (of the pointers and loads below): rows of dy and of the band's planes, for the band's rows; whole
         // vectors end at or before Wo, the tail's lanes at or past Wo are masked off, and a plane row holds
         // Wo + (kw - 1) / stride elements past a tap's offset.
+        // SAFETY: channel o_of(k) < O, row band.start < Ho: inside dy.
         let mut d_row: [*const f32; DW_CHANNELS] =
             std::array::from_fn(|k| unsafe { dy.as_ptr().add((o_of(k) * ho + band.start) * wo) });
+        // SAFETY: tap t_of(m) < T, band row 0: inside the planes.
         let mut x_row: [*const f32; DW_TAPS] =
             std::array::from_fn(|m| unsafe { planes.as_ptr().add(p.tap(tap_index(s, t_of(m)), 0)) });
         let run_step = p.phases * p.row_len;
@@ -488,9 +678,11 @@ mod avx512 {
                 let mask = if x0 < whole { !0 } else { tail };
                 let mut d = [_mm512_setzero_ps(); DW_CHANNELS];
                 for k in 0..DW_CHANNELS {
+                    // SAFETY: see above: unmasked lanes lie inside this dy row.
                     d[k] = unsafe { _mm512_maskz_loadu_ps(mask, d_row[k].add(x0)) };
                 }
                 for m in 0..DW_TAPS {
+                    // SAFETY: see above: unmasked lanes lie inside this plane row.
                     let x = unsafe { _mm512_maskz_loadu_ps(mask, x_row[m].add(x0)) };
                     for k in 0..DW_CHANNELS {
                         acc[k][m] = _mm512_fmadd_ps(d[k], x, acc[k][m]);

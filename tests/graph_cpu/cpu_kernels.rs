@@ -356,12 +356,15 @@ fn every_threading() -> Vec<ConvThreads> {
 
 /// Shapes for the direct kernels (`direct_conv.rs`): several 32-pixel strips with a ragged tail, output channels
 /// that are not a multiple of the 8-channel register block, bands of output rows (enough channels that a band
-/// holds a few rows), stride 2 with its phase planes, padding 0 (the backward-input recast pads by 2), a 5×5
-/// window and a non-square one.
+/// holds a few rows), stride 2 with its phase planes (and the backward-input's four output phases, also of an odd
+/// size and of stride 3 with a 5×5 window), padding 0 (the backward-input recast pads by 2), a 5×5 window and a
+/// non-square one.
 fn direct_conv_shapes() -> Vec<Conv2dShape> {
     vec![
         shape([2, 40, 50, 70], 11, (3, 3), 1, 1),
         shape([1, 9, 33, 67], 10, (3, 3), 2, 1),
+        shape([2, 12, 40, 70], 9, (3, 3), 2, 1),
+        shape([1, 5, 31, 36], 11, (5, 5), 3, 2),
         shape([2, 6, 21, 40], 17, (3, 3), 1, 0),
         shape([1, 4, 20, 37], 9, (5, 5), 1, 2),
         shape([1, 3, 12, 45], 8, (1, 3), 1, 1),
@@ -405,7 +408,9 @@ fn direct_convolution_matches_naive_and_gives_the_same_bits_on_any_thread_count(
         }
         if zeroconv::engine::cpu::direct_conv::available() {
             let recastable = s.stride == 1 && s.kh == s.kw;
-            assert_eq!(conv::runs_direct_kernels(s, direct(2)), [true, recastable, true], "{s:?}: which passes");
+            let phased = s.stride > 1 && s.kh == s.kw && s.kh % 2 == 1 && s.padding == s.kh / 2;
+            let backward_input = recastable || phased;
+            assert_eq!(conv::runs_direct_kernels(s, direct(2)), [true, backward_input, true], "{s:?}: which passes");
         }
     }
 }
