@@ -1147,7 +1147,10 @@ impl Device for CudaDevice {
         // by a wait on the other is how the other stream joins the capture (a fork), and a record on the other
         // stream waited for by the capturing one joins it back (CUDA Programming Guide, "Cross-stream Dependencies
         // and Events", docs.nvidia.com/cuda/cuda-c-programming-guide/#cross-stream-dependencies-and-events).
-        drv_check(unsafe { drv::cuEventRecord(ev, self.stream_of(stream)) }, &format!("cuEventRecord({})", stream.name()))
+        drv_check(
+            unsafe { drv::cuEventRecord(ev, self.stream_of(stream)) },
+            &format!("cuEventRecord({})", stream.name()),
+        )
     }
 
     fn wait(&mut self, stream: Stream, event: EventId) -> Result<()> {

@@ -312,7 +312,15 @@ impl<D: Device> GpuBackend<D> {
             }
         }
         let comm_staging = lower::comm_staging_bytes(graph);
-        Ok(DevicePlan { plan, source_offsets, source_bytes, const_offsets, const_total, library_workspace, comm_staging })
+        Ok(DevicePlan {
+            plan,
+            source_offsets,
+            source_bytes,
+            const_offsets,
+            const_total,
+            library_workspace,
+            comm_staging,
+        })
     }
 }
 

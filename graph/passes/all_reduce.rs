@@ -173,7 +173,10 @@ fn with_early_accumulation(g: &Graph, start: usize) -> Graph {
                 let out = node.outputs[0];
                 users[out] == 1
                     && !g.outputs.contains(&out)
-                    && g.nodes[i + 1..start].iter().enumerate().any(|(j, n)| moves[i + 1 + j] && n.inputs.contains(&out))
+                    && g.nodes[i + 1..start]
+                        .iter()
+                        .enumerate()
+                        .any(|(j, n)| moves[i + 1 + j] && n.inputs.contains(&out))
             }
             _ => false,
         };

@@ -77,7 +77,11 @@ fn check_reduced(what: &str, g: &Graph, world: usize, bucket_bytes: usize, place
     let bucket_of = |acc: ValueId| reduce.iter().position(|r| r.1.contains(&acc));
     match placed {
         Placed::UpdateStart => {
-            assert_eq!(indices, (start..start + reduce.len()).collect::<Vec<_>>(), "{what}: the update starts with the sums")
+            assert_eq!(
+                indices,
+                (start..start + reduce.len()).collect::<Vec<_>>(),
+                "{what}: the update starts with the sums"
+            )
         }
         Placed::AfterLastWrite => {
             assert!(indices.iter().all(|&i| i < start), "{what}: a sum in the update");
@@ -106,7 +110,7 @@ fn check_reduced(what: &str, g: &Graph, world: usize, bucket_bytes: usize, place
         assert!(bucket.len() == 1 || bytes <= bucket_bytes, "{what}: node {i} holds {bytes} bytes");
         assert!(bucket.iter().all(|&v| g.dtype(v) == g.dtype(bucket[0])), "{what}: node {i} mixes dtypes");
     }
-    let last_reduce = start + reduce.len() - 1;
+    let last_reduce = *indices.last().expect("a sum");
     let mut update_readers = 0;
     for (j, node) in g.nodes.iter().enumerate() {
         if !node.inputs.iter().any(|v| accumulators.contains(v)) {
@@ -167,7 +171,8 @@ fn small_buckets_sum_during_the_backward() {
     let backward = one_rank.nodes.iter().filter(|n| n.phase == zeroconv::graph::Phase::Backward).count();
     assert!(backward_after * 2 > backward, "only {backward_after} of {backward} backward nodes overlap the first sum");
     let names = |g: &Graph| {
-        let mut v: Vec<String> = g.nodes.iter().filter(|n| !matches!(n.op, Op::AllReduce { .. })).map(|n| n.op.name()).collect();
+        let mut v: Vec<String> =
+            g.nodes.iter().filter(|n| !matches!(n.op, Op::AllReduce { .. })).map(|n| n.op.name()).collect();
         v.sort();
         v
     };
@@ -258,7 +263,8 @@ fn the_planned_peak_rises_by_at_most_one_bucket() {
         let several = reduce_nodes(&g).iter().any(|(_, b)| b.len() > 1);
         assert_eq!(gpu.comm_staging > 0, several, "{what}: a staging buffer exactly when a bucket holds several");
         assert!(
-            gpu.plan.arena_bytes as u64 + gpu.comm_staging <= gpu_one.plan.arena_bytes as u64 + aligned(bucket, 256) as u64,
+            gpu.plan.arena_bytes as u64 + gpu.comm_staging
+                <= gpu_one.plan.arena_bytes as u64 + aligned(bucket, 256) as u64,
             "{what}: device arena {} + staging {} vs {} + a bucket of {bucket}",
             gpu.plan.arena_bytes,
             gpu.comm_staging,
@@ -699,7 +705,11 @@ fn two_emulated_ranks_train_what_one_process_trains() {
         let emu = ranks(l, emulated);
         assert_same_training(&format!("{what}: cpu ranks"), (&cpu.losses, &cpu.params[0]), (&one_losses, &one_params));
         let emu_vs = |other: &[f64], other_params: &[Vec<f64>], vs: &str| {
-            assert_same_training(&format!("{what}: emulated vs {vs}"), (&emu.losses, &emu.params[0]), (other, other_params))
+            assert_same_training(
+                &format!("{what}: emulated vs {vs}"),
+                (&emu.losses, &emu.params[0]),
+                (other, other_params),
+            )
         };
         emu_vs(&one_losses, &one_params, "one process");
         emu_vs(&cpu.losses, &cpu.params[0], "cpu ranks");
@@ -723,13 +733,21 @@ fn sums_in_the_backward_train_what_sums_at_the_update_train() {
             check_reduced(&what, p.graph(), RANKS, bucket_bytes, Placed::AfterLastWrite);
         }
         check_sums_ran(&what, &emu.programs);
-        assert_same_training(&format!("{what}: emulated ranks"), (&emu.losses, &emu.params[0]), (&one_losses, &one_params));
+        assert_same_training(
+            &format!("{what}: emulated ranks"),
+            (&emu.losses, &emu.params[0]),
+            (&one_losses, &one_params),
+        );
         let before = ranks(layout(Placed::UpdateStart), emulated);
         assert_eq!(emu.params, before.params, "{what}: emulated ranks, same bits as summing at the update");
         assert_eq!(emu.losses, before.losses, "{what}");
         let cpu = ranks(overlapped, |g| CpuBackend::new(1).compile(g).unwrap());
         let cpu_before = ranks(layout(Placed::UpdateStart), |g| CpuBackend::new(1).compile(g).unwrap());
         assert_eq!(cpu.params, cpu_before.params, "{what}: CPU ranks, same bits as summing at the update");
-        assert_same_training(&format!("{what}: emulated vs cpu ranks"), (&emu.losses, &emu.params[0]), (&cpu.losses, &cpu.params[0]));
+        assert_same_training(
+            &format!("{what}: emulated vs cpu ranks"),
+            (&emu.losses, &emu.params[0]),
+            (&cpu.losses, &cpu.params[0]),
+        );
     }
 }

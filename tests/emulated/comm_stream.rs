@@ -82,7 +82,8 @@ fn a_node_reading_a_gradient_under_an_unfinished_sum_is_named_with_it() {
     d.record(Stream::Compute, FORK).unwrap();
     d.wait(Stream::Comm, FORK).unwrap();
     d.copy2d(Stream::Comm, &copy(other, buf, 256)).unwrap();
-    let reader = NodeAccess { what: "node 6 (sum)", stream: Stream::Compute, reads: &[Span::new(buf, 256)], writes: &[] };
+    let reader =
+        NodeAccess { what: "node 6 (sum)", stream: Stream::Compute, reads: &[Span::new(buf, 256)], writes: &[] };
     d.before_command(Span::new(other, 0), &[], &reader).unwrap();
 }
 

@@ -12,8 +12,8 @@ use std::path::Path;
 use zeroconv::app::step;
 use zeroconv::engine::cuda::args::{self, DnnConv, LtLayout, LtMatmul};
 use zeroconv::engine::device::{
-    Conv, Copy2d, DevPtr, Device, DeviceInfo, EventId, Filter4, Gemm, GemmCompute, GraphId, Launch, Layout4,
-    MatrixRef, ModuleSource, Span, Stream, Tensor4, Transpose,
+    Conv, Copy2d, DevPtr, Device, DeviceInfo, EventId, Filter4, Gemm, GemmCompute, GraphId, Launch, Layout4, MatrixRef,
+    ModuleSource, Span, Stream, Tensor4, Transpose,
 };
 use zeroconv::engine::gpu::lower::Cmd;
 use zeroconv::engine::gpu::{GpuBackend, StepMode, LIBRARY_WORKSPACE};

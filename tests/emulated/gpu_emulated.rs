@@ -506,7 +506,9 @@ fn lockstep_with_the_cpu_names_no_divergent_node() {
 
 // ---- the emulated device's own checks ------------------------------------------------------------------------
 
-use zeroconv::engine::device::{Arg, DevPtr, Device, KernelRef, Launch, LaunchDims, ModuleSource, NodeAccess, Span, Stream};
+use zeroconv::engine::device::{
+    Arg, DevPtr, Device, KernelRef, Launch, LaunchDims, ModuleSource, NodeAccess, Span, Stream,
+};
 
 fn fill(ptr: DevPtr, n: u64, value: f32) -> Launch {
     Launch {

@@ -39,9 +39,9 @@ use crate::error::{Error, Result};
 use crate::graph::DType;
 use crate::kernels::emulate::{self, Dim3, EmuModule, KernelArgs, LaunchConfig, Schedule};
 use memory::Memory;
-use streams::{CaptureStreams, Streams};
 use std::collections::HashMap;
 use std::sync::Arc;
+use streams::{CaptureStreams, Streams};
 
 /// How the emulated device runs.
 #[derive(Clone, Copy, Debug)]
@@ -102,7 +102,9 @@ impl Recorded {
             Recorded::Copy2d(s, c) => {
                 Some((*s, format!("copy of {}x{} bytes {:#x} -> {:#x}", c.height, c.width, c.src.0, c.dst.0)))
             }
-            Recorded::Memset { dst, bytes, .. } => Some((Stream::Compute, format!("memset of {bytes} bytes at {:#x}", dst.0))),
+            Recorded::Memset { dst, bytes, .. } => {
+                Some((Stream::Compute, format!("memset of {bytes} bytes at {:#x}", dst.0)))
+            }
             Recorded::AllReduce { stream, buf, count, dtype, .. } => {
                 Some((*stream, format!("all-reduce of {count} {dtype} at {:#x}", buf.0)))
             }
@@ -486,7 +488,12 @@ impl Device for EmuDevice {
         self.not_capturing("a host-to-device copy")?;
         // Ordered on the compute stream, which the host then waits for (as the real device does).
         let span = Span::new(dst, src.len() as u64);
-        self.streams.access(Stream::Compute, &format!("upload of {} bytes at {:#x}", span.bytes, dst.0), &[], &[span])?;
+        self.streams.access(
+            Stream::Compute,
+            &format!("upload of {} bytes at {:#x}", span.bytes, dst.0),
+            &[],
+            &[span],
+        )?;
         self.streams.finished(Stream::Compute);
         self.memory.write_with(Span::new(dst, src.len() as u64), "upload", |b| b.copy_from_slice(src))
     }
@@ -494,7 +501,12 @@ impl Device for EmuDevice {
     fn download(&mut self, dst: &mut [u8], src: DevPtr) -> Result<()> {
         self.not_capturing("a device-to-host copy")?;
         let span = Span::new(src, dst.len() as u64);
-        self.streams.access(Stream::Compute, &format!("download of {} bytes at {:#x}", span.bytes, src.0), &[span], &[])?;
+        self.streams.access(
+            Stream::Compute,
+            &format!("download of {} bytes at {:#x}", span.bytes, src.0),
+            &[span],
+            &[],
+        )?;
         self.streams.finished(Stream::Compute);
         dst.copy_from_slice(self.memory.read(Span::new(src, dst.len() as u64), "download")?);
         Ok(())

@@ -101,7 +101,11 @@ impl Streams {
     /// let it pass at once, which always hides a bug in the caller).
     pub fn wait(&mut self, stream: Stream, event: EventId) -> Result<()> {
         let &(on, count) = self.events.get(&event.0).ok_or_else(|| {
-            Error::msg(format!("emulated device: the {} stream waits on event {} that was never recorded", stream.name(), event.0))
+            Error::msg(format!(
+                "emulated device: the {} stream waits on event {} that was never recorded",
+                stream.name(),
+                event.0
+            ))
         })?;
         if on != stream {
             let me = index(stream);
