@@ -88,16 +88,18 @@ pub fn insert_gradient_all_reduce(
     let accumulators = accumulators_in_backward_order(&out);
     let phase = if overlapped { Phase::Backward } else { Phase::Update };
     // (position in the node list the sum goes before, node), in bucket order.
-    let sums: Vec<(usize, Node)> = buckets(&out, &accumulators, bucket_bytes)
+    let mut sums: Vec<(usize, Node)> = buckets(&out, &accumulators, bucket_bytes)
         .into_iter()
         .map(|bucket| {
             let op = Op::AllReduce { tensors: bucket.len(), world_size };
             let ins: Vec<_> = bucket.iter().map(|&v| (&out.values[v].shape, out.values[v].dtype)).collect();
             op.infer(&ins)?;
-            let at = if overlapped { last_accumulation(&out, &bucket) + 1 } else { start };
+            let at = if overlapped { last_accumulation(&out, &bucket)? + 1 } else { start };
             Ok((at, Node { op, inputs: bucket, outputs: Vec::new(), phase, checkpoint: false }))
         })
         .collect::<Result<_>>()?;
+    // Buckets follow the first writes; a bucket whose last write comes after a later bucket's goes after it.
+    sums.sort_by_key(|s| s.0);
     let mut order: Vec<Slot> = Vec::with_capacity(out.nodes.len() + sums.len());
     let mut sums = sums.into_iter().peekable();
     for i in 0..=out.nodes.len() {
@@ -114,11 +116,11 @@ pub fn insert_gradient_all_reduce(
 }
 
 /// The index of the last node that accumulates into one of `bucket`'s accumulators.
-fn last_accumulation(g: &Graph, bucket: &[ValueId]) -> usize {
+fn last_accumulation(g: &Graph, bucket: &[ValueId]) -> Result<usize> {
     g.nodes
         .iter()
         .rposition(|n| matches!(n.op, Op::AccumulateGrad) && n.inputs.first().is_some_and(|a| bucket.contains(a)))
-        .expect("every accumulator of a bucket is accumulated into")
+        .ok_or_else(|| Error::msg(format!("all-reduce pass: nothing accumulates into {}", g.value(bucket[0]).name)))
 }
 
 /// One node of a rebuilt node list: a node of the old list, or a new one.
@@ -156,10 +158,13 @@ fn rebuilt(g: &Graph, order: Vec<Slot>) -> Graph {
 /// accumulator (an accumulator that anything else before the update touches stays where it is), so the values are
 /// the same.
 fn with_early_accumulation(g: &Graph, start: usize) -> Graph {
+    // How many nodes of the micro-batch part read each value, and the last that does.
     let mut users = vec![0usize; g.values.len()];
-    for node in &g.nodes[..start] {
+    let mut user = vec![0usize; g.values.len()];
+    for (j, node) in g.nodes[..start].iter().enumerate() {
         for &v in &node.inputs {
             users[v] += 1;
+            user[v] = j;
         }
     }
     // Which nodes move: accumulations whose accumulator nothing else reads before the update, and the casts whose
@@ -171,12 +176,7 @@ fn with_early_accumulation(g: &Graph, start: usize) -> Graph {
             Op::AccumulateGrad => users[node.inputs[0]] == 1,
             Op::Cast { .. } => {
                 let out = node.outputs[0];
-                users[out] == 1
-                    && !g.outputs.contains(&out)
-                    && g.nodes[i + 1..start]
-                        .iter()
-                        .enumerate()
-                        .any(|(j, n)| moves[i + 1 + j] && n.inputs.contains(&out))
+                users[out] == 1 && moves[user[out]] && !g.outputs.contains(&out)
             }
             _ => false,
         };
