@@ -78,8 +78,9 @@ pub fn train_step(cfg: &Config, models: &StepModels, phase: TrainPhase, hw: (usi
     b.g.outputs.push(out.loss);
     let (hyper, keep) = if micro_batches > 1 || world_size > 1 {
         let acc = append_accumulating_step(&mut b.g, out.loss, &update_rule(cfg), micro_batches * world_size)?;
-        // The ranks' gradients are summed at the start of the update (value ids unchanged).
-        b.g = insert_gradient_all_reduce(&b.g, world_size, BUCKET_BYTES)?;
+        // The ranks' gradients are summed in the backward, bucket by bucket, when each rank runs one micro-batch
+        // per update, else at the start of the update (value ids unchanged).
+        b.g = insert_gradient_all_reduce(&b.g, world_size, micro_batches, BUCKET_BYTES)?;
         (acc.hyper, Some(acc.keep))
     } else {
         (append_update(&mut b.g, out.loss, cfg)?, None)

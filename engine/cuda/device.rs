@@ -1,7 +1,9 @@
 //! The device seam on a real GPU: [`CudaDevice`] implements [`Device`] on the driver API, cuBLASLt (cuBLAS as the
 //! fallback) and cuDNN's legacy convolution API, through cudarc's `sys` level with raw device pointers.
 //!
-//! Everything is ordered on one stream of the device's primary context. Library parameters come from the pure
+//! Everything is ordered on one compute stream of the device's primary context, except the gradient all-reduce and
+//! its staging copies, which run on a communication stream ordered with it through events (`record`, `wait`), so
+//! NCCL overlaps the rest of the backward. NCCL uses no library workspace. Library parameters come from the pure
 //! builders in [`super::args`]; the algorithm of every GEMM and convolution is chosen once, at its first call (step
 //! 1 runs eagerly, so that is never during capture), and kept with its descriptors. Before any cudarc call,
 //! [`CudaDevice::open`] probes every library and symbol ([`super::libs`]), so a missing library is an error, never
@@ -21,7 +23,8 @@ use super::libs::{self, LibReport};
 use super::probe::{probe_device, DeviceInfo as ProbeInfo};
 use crate::engine::device::shared_memory::{OptIn, SharedOptIns};
 use crate::engine::device::{
-    Arg, Conv, ConvDirection, Copy2d, DevPtr, Device, DeviceInfo, Gemm, GraphId, Launch, Mark, ModuleSource,
+    Arg, Conv, ConvDirection, Copy2d, DevPtr, Device, DeviceInfo, EventId, Gemm, GraphId, Launch, Mark, ModuleSource,
+    Stream,
 };
 use crate::error::{Error, Result};
 use crate::graph::DType;
@@ -94,7 +97,7 @@ struct ConvPlan {
     args: DnnConv,
 }
 
-/// One GPU: its primary context, one stream, the library handles, the device memory and modules it owns, and the
+/// One GPU: its primary context, a compute stream and a communication stream, the library handles, the device memory and modules it owns, and the
 /// plans of every GEMM and convolution it has run.
 pub struct CudaDevice {
     // Field order is drop order: everything that belongs to the context goes before it.
@@ -104,6 +107,8 @@ pub struct CudaDevice {
     /// CUDA events for `mark`, created on first use and reused every step; `marks_used` of them hold marks.
     events: Vec<Owned<drv::CUevent>>,
     marks_used: usize,
+    /// The events that order the two streams (`record`, `wait`), by number, created on first use without timing.
+    sync_events: Vec<Option<Owned<drv::CUevent>>>,
     gemm_plans: HashMap<Vec<u64>, GemmPlan>,
     conv_plans: HashMap<Vec<u64>, ConvPlan>,
     lt: Owned<lt_sys::cublasLtHandle_t>,
@@ -112,6 +117,8 @@ pub struct CudaDevice {
     modules: HashMap<String, LoadedModule>,
     allocations: Vec<(Owned<drv::CUdeviceptr>, u64)>,
     stream: Owned<drv::CUstream>,
+    /// The communication stream: NCCL's all-reduce and its staging copies.
+    comm_stream: Owned<drv::CUstream>,
     context: PrimaryContext,
     device: drv::CUdevice,
     probe: ProbeInfo,
@@ -204,15 +211,9 @@ impl CudaDevice {
         // SAFETY: `ctx` is the live primary context of this device.
         drv_check(unsafe { drv::cuCtxSetCurrent(ctx) }, "cuCtxSetCurrent")?;
 
-        let mut s: drv::CUstream = std::ptr::null_mut();
-        drv_check(
-            // SAFETY: a context is current; `s` is a valid out-pointer. A non-blocking stream of its own: graph
-            // capture cannot use the legacy default stream.
-            unsafe { drv::cuStreamCreate(&mut s, drv::CUstream_flags::CU_STREAM_NON_BLOCKING as u32) },
-            "cuStreamCreate",
-        )?;
-        // SAFETY: created above, destroyed once on drop, before the context.
-        let stream = unsafe { Owned::new(s, "the CUDA stream", destroy::stream) };
+        let stream = create_stream("the compute stream")?;
+        let comm_stream = create_stream("the communication stream")?;
+        let s = stream.raw();
 
         let mut lt: lt_sys::cublasLtHandle_t = std::ptr::null_mut();
         // SAFETY: cuBLASLt was probed (library and symbols); `lt` is a valid out-pointer.
@@ -250,6 +251,7 @@ impl CudaDevice {
             modules: HashMap::new(),
             allocations: Vec::new(),
             stream,
+            comm_stream,
             context,
             device,
             probe,
@@ -259,6 +261,7 @@ impl CudaDevice {
             nccl: None,
             events: Vec::new(),
             marks_used: 0,
+            sync_events: Vec::new(),
             shared_opt_in_limit,
             shared_opt_ins: SharedOptIns::default(),
         })
@@ -292,6 +295,42 @@ impl CudaDevice {
 
     fn stream(&self) -> drv::CUstream {
         self.stream.raw()
+    }
+
+    fn stream_of(&self, s: Stream) -> drv::CUstream {
+        match s {
+            Stream::Compute => self.stream.raw(),
+            Stream::Comm => self.comm_stream.raw(),
+        }
+    }
+
+    /// Event `e` of `record`/`wait`, created (without timing, the cheapest kind) on first use.
+    fn sync_event(&mut self, e: EventId) -> Result<drv::CUevent> {
+        if self.sync_events.len() <= e.0 {
+            self.sync_events.resize_with(e.0 + 1, || None);
+        }
+        if let Some(ev) = &self.sync_events[e.0] {
+            return Ok(ev.raw());
+        }
+        let mut ev: drv::CUevent = std::ptr::null_mut();
+        let flags = drv::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32;
+        // SAFETY: the context is current (the caller bound it); `ev` is a valid out-pointer. Creating an event is
+        // not a stream operation, so it is legal while capturing.
+        drv_check(unsafe { drv::cuEventCreate(&mut ev, flags) }, "cuEventCreate(CU_EVENT_DISABLE_TIMING)")?;
+        // SAFETY: created above, destroyed once on drop, before the context (field order).
+        let owned = unsafe { Owned::new(ev, "a CUDA event", destroy::event) };
+        let raw = owned.raw();
+        self.sync_events[e.0] = Some(owned);
+        Ok(raw)
+    }
+
+    /// Waits for both streams.
+    fn synchronize_streams(&self) -> Result<()> {
+        for s in [self.stream(), self.comm_stream.raw()] {
+            // SAFETY: live streams of this context.
+            drv_check(unsafe { drv::cuStreamSynchronize(s) }, "cuStreamSynchronize")?;
+        }
+        Ok(())
     }
 
     fn not_capturing(&self, what: &str) -> Result<()> {
@@ -802,8 +841,8 @@ impl Drop for CudaDevice {
             eprintln!("warning: releasing the CUDA device: {e}");
         }
         if !self.capturing {
-            // SAFETY: the stream is alive; waiting lets queued work finish before its memory is freed.
-            if let Err(e) = drv_check(unsafe { drv::cuStreamSynchronize(self.stream()) }, "cuStreamSynchronize") {
+            // Waiting lets queued work finish before its memory is freed.
+            if let Err(e) = self.synchronize_streams() {
                 eprintln!("warning: releasing the CUDA device: {e}");
             }
         }
@@ -892,7 +931,7 @@ impl Device for CudaDevice {
         }
     }
 
-    fn copy2d(&mut self, c: &Copy2d) -> Result<()> {
+    fn copy2d(&mut self, stream: Stream, c: &Copy2d) -> Result<()> {
         self.bind()?;
         if c.width == 0 || c.height == 0 {
             return Ok(());
@@ -908,7 +947,7 @@ impl Device for CudaDevice {
         p.WidthInBytes = c.width as usize;
         p.Height = c.height as usize;
         // SAFETY: both regions are device memory of this context, sized by the lowering for these pitches.
-        drv_check(unsafe { drv::cuMemcpy2DAsync_v2(&p, self.stream()) }, "cuMemcpy2DAsync")
+        drv_check(unsafe { drv::cuMemcpy2DAsync_v2(&p, self.stream_of(stream)) }, "cuMemcpy2DAsync")
     }
 
     fn memset(&mut self, dst: DevPtr, byte: u8, bytes: u64) -> Result<()> {
@@ -1087,16 +1126,39 @@ impl Device for CudaDevice {
         dnn_check(status, &format!("cudnnConvolution{:?} (algorithm {})", c.direction, p.algo.algo))
     }
 
-    fn all_reduce(&mut self, buf: DevPtr, count: u64, dtype: DType, average: bool) -> Result<()> {
+    fn all_reduce(&mut self, stream: Stream, buf: DevPtr, count: u64, dtype: DType, average: bool) -> Result<()> {
         if !dtype.is_float() {
             return Err(Error::msg(format!("all-reduce of {dtype}")));
         }
         // One rank: the sum (and the average) of one contribution is that contribution.
         let Some(nccl) = &self.nccl else { return Ok(()) };
         self.bind()?;
+        let s = self.stream_of(stream);
         // SAFETY: the lowering passes a buffer of `count` elements of `dtype` in this device's memory; the stream is
-        // this context's, made current by `bind`. NCCL calls are legal while capturing (they become graph nodes).
-        unsafe { nccl.all_reduce(buf.0, count, dtype, average, self.stream() as *mut std::ffi::c_void) }
+        // this context's, made current by `bind`. NCCL calls are legal while capturing (they become graph nodes) on
+        // a stream that joined the capture.
+        unsafe { nccl.all_reduce(buf.0, count, dtype, average, s as *mut std::ffi::c_void) }
+    }
+
+    fn record(&mut self, stream: Stream, event: EventId) -> Result<()> {
+        self.bind()?;
+        let ev = self.sync_event(event)?;
+        // SAFETY: live event and stream of this context. While capturing, a record on the capturing stream followed
+        // by a wait on the other is how the other stream joins the capture (a fork), and a record on the other
+        // stream waited for by the capturing one joins it back (CUDA Programming Guide, "Cross-stream Dependencies
+        // and Events", docs.nvidia.com/cuda/cuda-c-programming-guide/#cross-stream-dependencies-and-events).
+        drv_check(
+            unsafe { drv::cuEventRecord(ev, self.stream_of(stream)) },
+            &format!("cuEventRecord({})", stream.name()),
+        )
+    }
+
+    fn wait(&mut self, stream: Stream, event: EventId) -> Result<()> {
+        self.bind()?;
+        let ev = self.sync_event(event)?;
+        // SAFETY: live event and stream of this context; flags 0 is the only value the driver defines.
+        let status = unsafe { drv::cuStreamWaitEvent(self.stream_of(stream), ev, 0) };
+        drv_check(status, &format!("cuStreamWaitEvent({})", stream.name()))
     }
 
     fn set_communicator(&mut self, comm: std::sync::Arc<dyn crate::engine::dist::Communicator>) -> Result<()> {
@@ -1140,7 +1202,9 @@ impl Device for CudaDevice {
         self.bind()?;
         self.capturing = false;
         let mut g: drv::CUgraph = std::ptr::null_mut();
-        // SAFETY: the stream is capturing (begun above); `g` is a valid out-pointer.
+        // SAFETY: the stream is capturing (begun above); `g` is a valid out-pointer. A communication stream that
+        // forked from the capture and was not joined back makes this fail with CUDA_ERROR_STREAM_CAPTURE_UNJOINED,
+        // an error status.
         drv_check(unsafe { drv::cuStreamEndCapture(self.stream(), &mut g) }, "cuStreamEndCapture")?;
         // SAFETY: `g` is the captured graph, owned here and destroyed once (instantiation copies it).
         let graph = unsafe { Owned::new(g, "a captured CUDA graph", destroy::graph) };
@@ -1167,8 +1231,7 @@ impl Device for CudaDevice {
     fn synchronize(&mut self) -> Result<()> {
         self.not_capturing("synchronize")?;
         self.bind()?;
-        // SAFETY: live stream.
-        drv_check(unsafe { drv::cuStreamSynchronize(self.stream()) }, "cuStreamSynchronize")
+        self.synchronize_streams()
     }
 
     fn mark(&mut self) -> Result<Mark> {
@@ -1225,6 +1288,18 @@ impl Device for CudaDevice {
         }
         Ok(())
     }
+}
+
+/// A non-blocking stream of its own on the current context: graph capture cannot use the legacy default stream.
+fn create_stream(what: &'static str) -> Result<Owned<drv::CUstream>> {
+    let mut s: drv::CUstream = std::ptr::null_mut();
+    drv_check(
+        // SAFETY: a context is current (the caller's); `s` is a valid out-pointer.
+        unsafe { drv::cuStreamCreate(&mut s, drv::CUstream_flags::CU_STREAM_NON_BLOCKING as u32) },
+        &format!("cuStreamCreate ({what})"),
+    )?;
+    // SAFETY: created above, destroyed once on drop, before the context.
+    Ok(unsafe { Owned::new(s, what, destroy::stream) })
 }
 
 fn nul_terminated(s: &str) -> Vec<u8> {

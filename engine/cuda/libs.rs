@@ -96,6 +96,7 @@ impl Lib {
                 "cuEventCreate",
                 "cuEventDestroy_v2",
                 "cuEventRecord",
+                "cuStreamWaitEvent",
                 "cuEventElapsedTime",
                 "cuStreamBeginCapture_v2",
                 "cuStreamEndCapture",

@@ -289,8 +289,48 @@ pub struct GraphId(pub usize);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Mark(pub usize);
 
-/// What the CUDA executor asks of a GPU. All work is ordered on one compute stream; `download` and `synchronize`
-/// wait for it. Allocation and module loading happen at compile time only, never while capturing.
+/// The device's two streams. Everything runs on the compute stream except the gradient all-reduce and its staging
+/// copies, which run on the communication stream so that they overlap the rest of the backward. The streams are
+/// ordered only through events ([`Device::record`], [`Device::wait`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Stream {
+    Compute,
+    Comm,
+}
+
+impl Stream {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stream::Compute => "compute",
+            Stream::Comm => "comm",
+        }
+    }
+}
+
+/// An event ordering the two streams (a CUDA event created with `CU_EVENT_DISABLE_TIMING` on a GPU). The caller
+/// names events by small numbers; the device creates one on first use and reuses it whenever the number comes
+/// again: a wait orders after the record of that event last issued before it (`cuStreamWaitEvent`'s semantics), so
+/// re-recording an event after a wait was issued is safe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EventId(pub usize);
+
+/// What a node reads and writes, declared by the executor before its commands (`Device::before_command`), on the
+/// stream it runs on: the emulated device checks it against the unfinished work of the other stream.
+#[derive(Clone, Copy, Debug)]
+pub struct NodeAccess<'a> {
+    /// The node, as errors name it (`node 12 (adamw)`).
+    pub what: &'a str,
+    pub stream: Stream,
+    pub reads: &'a [Span],
+    pub writes: &'a [Span],
+}
+
+/// What the CUDA executor asks of a GPU. Work is ordered on the compute stream, except what names the
+/// communication stream ([`Stream::Comm`]), which is ordered with it only through events; `download` waits for the
+/// compute stream, `synchronize` for both. Allocation and module loading happen at compile time only, never while
+/// capturing. A capture begins and ends on the compute stream; the communication stream joins it by waiting on an
+/// event the compute stream recorded inside the capture, and must be joined back (the compute stream waits on an
+/// event recorded after its last work) before the capture ends.
 pub trait Device {
     fn info(&self) -> DeviceInfo;
     /// Device memory for the program's lifetime (256-byte aligned). `what` names it in errors.
@@ -301,14 +341,19 @@ pub trait Device {
     fn upload(&mut self, dst: DevPtr, src: &[u8]) -> Result<()>;
     /// Device to host; waits for the stream first.
     fn download(&mut self, dst: &mut [u8], src: DevPtr) -> Result<()>;
-    fn copy2d(&mut self, c: &Copy2d) -> Result<()>;
+    /// A device-to-device copy on `stream`.
+    fn copy2d(&mut self, stream: Stream, c: &Copy2d) -> Result<()>;
     fn memset(&mut self, dst: DevPtr, byte: u8, bytes: u64) -> Result<()>;
     fn launch(&mut self, launch: &Launch) -> Result<()>;
     fn gemm(&mut self, g: &Gemm) -> Result<()>;
     fn conv(&mut self, c: &Conv) -> Result<()>;
-    /// Sum (then divide by the world size when `average`) across ranks, in place, stream-ordered (and captured like
-    /// any other command). A device given no communicator is a world of one: a no-op.
-    fn all_reduce(&mut self, buf: DevPtr, count: u64, dtype: DType, average: bool) -> Result<()>;
+    /// Sum (then divide by the world size when `average`) across ranks, in place, ordered on `stream` (and captured
+    /// like any other command). A device given no communicator is a world of one: a no-op.
+    fn all_reduce(&mut self, stream: Stream, buf: DevPtr, count: u64, dtype: DType, average: bool) -> Result<()>;
+    /// Records `event` on `stream` after the work issued there so far.
+    fn record(&mut self, stream: Stream, event: EventId) -> Result<()>;
+    /// Makes the work issued on `stream` from now on wait for the last record of `event` (on the other stream).
+    fn wait(&mut self, stream: Stream, event: EventId) -> Result<()>;
     /// Joins the device to the data-parallel ranks `comm` describes, before any capture; `all_reduce` then sums
     /// across them. A device that cannot refuses, saying why.
     fn set_communicator(&mut self, comm: std::sync::Arc<dyn crate::engine::dist::Communicator>) -> Result<()> {
@@ -343,9 +388,10 @@ pub trait Device {
 
     /// The checks only an emulated device can make, called by the executor around each command (no-ops on a GPU):
     /// `before_command` receives the memory that holds live data at this command (everything else in the arena is
-    /// dead and may be poisoned); `after_command` the spans the command was allowed to write (anything else that
+    /// dead and may be poisoned) and what the node reads and writes on which stream (checked against the other
+    /// stream's unfinished work); `after_command` the spans the command was allowed to write (anything else that
     /// changed is an error naming `what`).
-    fn before_command(&mut self, _arena: Span, _live: &[Span]) -> Result<()> {
+    fn before_command(&mut self, _arena: Span, _live: &[Span], _access: &NodeAccess) -> Result<()> {
         Ok(())
     }
     fn after_command(&mut self, _what: &str, _writes: &[Span]) -> Result<()> {

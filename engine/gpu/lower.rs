@@ -123,6 +123,23 @@ pub struct Ctx<'a> {
     /// The workspace every cuBLASLt and cuDNN call gets (the program's one library workspace; none in the
     /// placeholder pass).
     pub library_workspace: Span,
+    /// Where the all-reduce stages a bucket of several gradients ([`comm_staging_bytes`]; none in the placeholder
+    /// pass).
+    pub comm_staging: Span,
+}
+
+/// The bytes of the buffer every all-reduce of several gradients stages its bucket in: the largest such bucket.
+///
+/// Its own allocation, not arena scratch: the all-reduce runs on the communication stream while the compute stream
+/// goes on with the backward, so memory the planner frees after the node would be reused under it. One buffer
+/// serves every bucket because the communication stream runs the buckets' copies and sums one after another.
+pub fn comm_staging_bytes(g: &Graph) -> u64 {
+    g.nodes
+        .iter()
+        .filter(|n| matches!(n.op, Op::AllReduce { .. }) && n.inputs.len() > 1)
+        .map(|n| n.inputs.iter().map(|&v| g.value(v).bytes() as u64).sum())
+        .max()
+        .unwrap_or(0)
 }
 
 /// The module of each hand-written kernel family.
@@ -696,7 +713,8 @@ impl Emit<'_, '_> {
     }
 
     /// A bucket of gradient accumulators summed over the ranks: one accumulator in place; several copied one after
-    /// another into scratch (so the bucket is one transfer: one NCCL call), reduced there and copied back.
+    /// another into the staging buffer ([`comm_staging_bytes`]; so the bucket is one transfer: one NCCL call),
+    /// reduced there and copied back. The executor issues all of these on the communication stream.
     fn all_reduce(&mut self) -> Result<()> {
         let dtype = self.in_dtype(0);
         if dtype != DType::F32 {
@@ -714,7 +732,14 @@ impl Emit<'_, '_> {
         }
         let count: u64 = (0..n).map(|i| numel(self, i)).sum();
         let size = dtype.size() as u64;
-        let bucket = self.scratch(count * size);
+        let bucket = self.ctx.comm_staging;
+        if bucket.ptr != DevPtr::NULL && bucket.bytes < count * size {
+            return Err(Error::msg(format!(
+                "all-reduce of {} bytes: the staging buffer holds {} bytes",
+                count * size,
+                bucket.bytes
+            )));
+        }
         let mut at = 0;
         for i in 0..n {
             let bytes = numel(self, i) * size;

@@ -5,7 +5,8 @@
 //! intermediates and per-node scratch (partial sums, attention scores) in one 256-byte-aligned arena, parameters /
 //! optimizer state / inputs get fixed offsets in one source region, AdamW tables and error flags sit in a constant
 //! region uploaded once, and every cuBLASLt and cuDNN call shares one library workspace, an allocation of its own
-//! ([`LIBRARY_WORKSPACE`]). Nothing is allocated per step. Step 1 runs eagerly (it warms module
+//! ([`LIBRARY_WORKSPACE`]). Gradient all-reduce nodes run on the device's communication stream, ordered with the
+//! compute stream by events (`issue_node`), staging buckets in a buffer of their own. Nothing is allocated per step. Step 1 runs eagerly (it warms module
 //! loading and libraries), step 2 is captured into a CUDA graph and replayed, every later step is a replay.
 
 pub mod consts;
@@ -13,7 +14,7 @@ pub mod lower;
 
 use crate::engine::backend::{all_reduce_world, check_communicator, check_node_range, check_upload, Backend, Program};
 use crate::engine::device::emu::{EmuDevice, EmuOptions};
-use crate::engine::device::{DevPtr, Device, GraphId, ModuleSource, Span};
+use crate::engine::device::{DevPtr, Device, EventId, GraphId, ModuleSource, NodeAccess, Span, Stream};
 use crate::engine::dist::Communicator;
 use crate::engine::profile::Profile;
 use crate::engine::tensor::HostTensor;
@@ -32,9 +33,10 @@ pub const ATTENTION_BUDGET: u64 = 256 << 20;
 /// other architectures; the larger one serves both. With none, cuBLASLt has no split-K kernels and cuDNN none of
 /// its algorithms that need memory (most implicit-GEMM, Winograd and FFT ones).
 ///
-/// One workspace serves every call because every library call runs on the one compute stream, in order, so no two
-/// of them use it at once (PyTorch likewise keeps one cuBLAS workspace per stream). A second stream that runs
-/// library calls (overlapping the gradient all-reduce with backward GEMMs, say) would need a workspace of its own.
+/// One workspace serves every call because every library call runs on the compute stream, in order, so no two of
+/// them use it at once (PyTorch likewise keeps one cuBLAS workspace per stream). The communication stream runs only
+/// NCCL's all-reduce and its staging copies, which use no library workspace; a stream that ran library calls would
+/// need a workspace of its own.
 pub const LIBRARY_WORKSPACE: u64 = 32 << 20;
 
 /// How steps are executed.
@@ -109,9 +111,14 @@ impl GpuBackend<EmuDevice> {
     }
 }
 
-/// One node's lowered commands and what the liveness checks need.
+/// One node's lowered commands and what the liveness and stream checks need.
 struct NodeCmds {
     cmds: Vec<Cmd>,
+    /// The communication stream for an all-reduce node (the `k`-th of the graph: its commands and events), the
+    /// compute stream for every other node.
+    comm: Option<usize>,
+    /// Spans the node reads: its inputs.
+    reads: Vec<Span>,
     /// Spans the node may write: its outputs, its scratch, in-place targets and its constants.
     writes: Vec<Span>,
     /// Arena spans that hold live data when the node starts (everything else in the arena is dead).
@@ -123,6 +130,27 @@ fn uses_library_workspace(c: &Cmd) -> bool {
     matches!(c, Cmd::Gemm(_) | Cmd::Conv(_))
 }
 
+/// The event the compute stream records before each all-reduce node for the communication stream to wait on (one,
+/// re-recorded each time: a wait orders after the record last issued before it).
+const FORK_EVENT: EventId = EventId(0);
+
+/// The event the communication stream records after the `k`-th all-reduce node, which the compute stream waits on
+/// before its first command that touches the bucket.
+fn done_event(k: usize) -> EventId {
+    EventId(1 + k)
+}
+
+/// An all-reduce node issued on the communication stream that the compute stream has not waited for yet.
+struct PendingSum {
+    k: usize,
+    /// What it reads and writes: the bucket's accumulators and the staging buffer.
+    spans: Vec<Span>,
+}
+
+fn overlaps(a: &Span, b: &Span) -> bool {
+    a.bytes > 0 && b.bytes > 0 && a.ptr.0 < b.end() && b.ptr.0 < a.end()
+}
+
 pub struct GpuProgram<D: Device> {
     graph: Graph,
     plan: MemoryPlan,
@@ -131,6 +159,8 @@ pub struct GpuProgram<D: Device> {
     arena: Span,
     /// The one workspace of every cuBLASLt and cuDNN call (0 bytes when there is none).
     library_workspace: Span,
+    /// Where all-reduce nodes stage buckets of several gradients (0 bytes when none does).
+    comm_staging: Span,
     /// Device address of every value the program holds.
     addresses: Vec<Option<DevPtr>>,
     nodes: Vec<NodeCmds>,
@@ -193,6 +223,7 @@ fn lower_placeholders(
         attention_budget,
         flash_attention,
         library_workspace: Span::new(DevPtr::NULL, 0),
+        comm_staging: Span::new(DevPtr::NULL, 0),
     };
     (0..graph.nodes.len()).map(|i| lower_node(&ctx, i)).collect()
 }
@@ -232,12 +263,14 @@ pub struct DevicePlan {
     pub const_total: u64,
     /// The library workspace, its own allocation (0 when configured so, or when the graph makes no library call).
     pub library_workspace: u64,
+    /// The all-reduce's staging buffer, its own allocation ([`lower::comm_staging_bytes`]).
+    pub comm_staging: u64,
 }
 
 impl DevicePlan {
-    /// Device memory in all: arena, sources, constants and the library workspace.
+    /// Device memory in all: arena, sources, constants, the library workspace and the all-reduce's staging buffer.
     pub fn total_bytes(&self) -> u64 {
-        self.plan.arena_bytes as u64 + self.source_bytes + self.const_total + self.library_workspace
+        self.plan.arena_bytes as u64 + self.source_bytes + self.const_total + self.library_workspace + self.comm_staging
     }
 }
 
@@ -278,7 +311,16 @@ impl<D: Device> GpuBackend<D> {
                 source_bytes += align(val.bytes() as u64);
             }
         }
-        Ok(DevicePlan { plan, source_offsets, source_bytes, const_offsets, const_total, library_workspace })
+        let comm_staging = lower::comm_staging_bytes(graph);
+        Ok(DevicePlan {
+            plan,
+            source_offsets,
+            source_bytes,
+            const_offsets,
+            const_total,
+            library_workspace,
+            comm_staging,
+        })
     }
 }
 
@@ -298,8 +340,15 @@ impl<D: Device> Backend for GpuBackend<D> {
         let n = graph.nodes.len();
 
         // Pass 1, placeholder addresses: how much scratch and constant memory each node needs.
-        let DevicePlan { plan, source_offsets, source_bytes, const_offsets, mut const_total, library_workspace } =
-            self.plan_device(&graph, &fused_name)?;
+        let DevicePlan {
+            plan,
+            source_offsets,
+            source_bytes,
+            const_offsets,
+            mut const_total,
+            library_workspace,
+            comm_staging,
+        } = self.plan_device(&graph, &fused_name)?;
 
         // Allocate: the arena, one region for every source value, the constants.
         let mut device = (self.make_device)()?;
@@ -319,6 +368,10 @@ impl<D: Device> Backend for GpuBackend<D> {
             0 => Span::new(DevPtr::NULL, 0),
             bytes => Span::new(device.alloc(bytes, "library workspace (cuBLASLt, cuDNN)")?, bytes),
         };
+        let comm_staging = match comm_staging {
+            0 => Span::new(DevPtr::NULL, 0),
+            bytes => Span::new(device.alloc(bytes, "all-reduce staging buffer")?, bytes),
+        };
         let finite_flag = self.check_finite.then(|| consts_ptr.offset(flag_offset));
         let addresses: Vec<Option<DevPtr>> = (0..graph.values.len())
             .map(|v| match plan.locations[v] {
@@ -333,6 +386,7 @@ impl<D: Device> Backend for GpuBackend<D> {
         let mut consts = vec![0u8; const_total as usize];
         let mut nodes = Vec::with_capacity(n);
         let mut error_flags = Vec::new();
+        let mut comm_nodes = 0;
         for (i, &const_offset) in const_offsets.iter().enumerate() {
             let scratch_span = plan.scratch[i]
                 .map(|(off, bytes)| Span::new(arena_ptr.offset(off as u64), bytes as u64))
@@ -346,6 +400,7 @@ impl<D: Device> Backend for GpuBackend<D> {
                 attention_budget: self.attention_budget,
                 flash_attention: self.flash_attention,
                 library_workspace,
+                comm_staging,
             };
             let Lowered { mut cmds, consts: bytes, error_flags: flags, scratch_bytes, const_bytes } =
                 lower_node(&ctx, i)?;
@@ -367,12 +422,23 @@ impl<D: Device> Backend for GpuBackend<D> {
             consts[at..at + bytes.len()].copy_from_slice(&bytes);
             error_flags.extend(flags.into_iter().map(|f| (i, f)));
             let node = &graph.nodes[i];
+            let comm = matches!(node.op, crate::graph::Op::AllReduce { .. }).then_some(comm_nodes);
+            comm_nodes += usize::from(comm.is_some());
             let mut writes: Vec<Span> = node
                 .outputs
                 .iter()
                 .map(|&o| Span::new(addr(o), graph.value(o).bytes() as u64))
                 .chain([scratch_span, Span::new(consts_ptr.offset(const_offset), const_bytes)])
-                .chain(finite_flag.map(|f| Span::new(f, 4)))
+                // The finite check writes its flag after compute nodes only (an all-reduce has no outputs).
+                .chain(finite_flag.filter(|_| comm.is_none()).map(|f| Span::new(f, 4)))
+                .collect();
+            if comm.is_some() {
+                writes.push(comm_staging);
+            }
+            let reads = node
+                .inputs
+                .iter()
+                .filter_map(|&v| addresses[v].map(|p| Span::new(p, graph.value(v).bytes() as u64)))
                 .collect();
             if cmds.iter().any(uses_library_workspace) {
                 writes.push(library_workspace);
@@ -388,7 +454,7 @@ impl<D: Device> Backend for GpuBackend<D> {
                 .filter(|b| b.start < i && b.end >= i)
                 .map(|b| Span::new(arena_ptr.offset(b.offset as u64), b.bytes as u64))
                 .collect();
-            nodes.push(NodeCmds { cmds, writes, live });
+            nodes.push(NodeCmds { cmds, comm, reads, writes, live });
         }
 
         // Modules: every shipped one the commands name, and the fused module.
@@ -423,6 +489,7 @@ impl<D: Device> Backend for GpuBackend<D> {
             mode: self.mode,
             arena,
             library_workspace,
+            comm_staging,
             addresses,
             nodes,
             error_flags,
@@ -455,34 +522,83 @@ impl<D: Device> GpuProgram<D> {
         self.nodes.iter().enumerate().flat_map(|(i, n)| n.cmds.iter().map(move |c| (i, c)))
     }
 
-    /// Runs node `i` alone, eagerly (lockstep comparisons with another backend); `launch` runs a whole step.
-    pub fn launch_node(&mut self, i: usize) -> Result<()> {
-        self.issue_node(i)
+    /// The buffer all-reduce nodes stage buckets of several gradients in (0 bytes: none).
+    pub fn comm_staging(&self) -> Span {
+        self.comm_staging
     }
 
-    /// Issues node `i`'s commands, with the liveness hooks around them.
-    fn issue_node(&mut self, i: usize) -> Result<()> {
+    /// Runs node `i` alone, eagerly (lockstep comparisons with another backend); `launch` runs a whole step.
+    pub fn launch_node(&mut self, i: usize) -> Result<()> {
+        let mut pending = Vec::new();
+        self.issue_node(i, &mut pending)?;
+        self.join_comm(&mut pending)
+    }
+
+    /// Issues node `i`'s commands, with the liveness hooks around them. An all-reduce node runs on the
+    /// communication stream: after the compute stream's work so far (which includes the backward's last write into
+    /// its bucket), and it joins `pending`. A compute node first waits for every pending sum whose memory it
+    /// touches (clipping and AdamW reading the summed gradients, the next accumulation writing them).
+    fn issue_node(&mut self, i: usize, pending: &mut Vec<PendingSum>) -> Result<()> {
         let node = &self.nodes[i];
         let what = format!("node {i} ({})", self.graph.nodes[i].op.name());
-        self.device.before_command(self.arena, &node.live)?;
+        let stream = match node.comm {
+            Some(_) => {
+                self.device.record(Stream::Compute, FORK_EVENT)?;
+                self.device.wait(Stream::Comm, FORK_EVENT)?;
+                Stream::Comm
+            }
+            None => {
+                let touches = |p: &PendingSum| {
+                    p.spans.iter().any(|s| node.reads.iter().chain(&node.writes).any(|t| overlaps(s, t)))
+                };
+                for p in pending.iter().filter(|p| touches(p)) {
+                    self.device.wait(Stream::Compute, done_event(p.k))?;
+                }
+                pending.retain(|p| !touches(p));
+                Stream::Compute
+            }
+        };
+        let access = NodeAccess { what: &what, stream, reads: &node.reads, writes: &node.writes };
+        self.device.before_command(self.arena, &node.live, &access)?;
         for c in &node.cmds {
             let r = match c {
                 Cmd::Launch(l) => self.device.launch(l),
                 Cmd::Gemm(g) => self.device.gemm(g),
                 Cmd::Conv(cv) => self.device.conv(cv),
-                Cmd::Copy2d(cp) => self.device.copy2d(cp),
+                Cmd::Copy2d(cp) => self.device.copy2d(stream, cp),
                 Cmd::Memset { dst, byte, bytes } => self.device.memset(*dst, *byte, *bytes),
-                Cmd::AllReduce { buf, count, dtype } => self.device.all_reduce(*buf, *count, *dtype, false),
+                Cmd::AllReduce { buf, count, dtype } => self.device.all_reduce(stream, *buf, *count, *dtype, false),
             };
             r.map_err(|e| Error::msg(format!("{what}, {}: {e}", c.describe())))?;
+        }
+        if let Some(k) = node.comm {
+            self.device.record(Stream::Comm, done_event(k))?;
+            let spans = node.reads.iter().chain(&node.writes).copied().filter(|s| s.bytes > 0).collect();
+            pending.push(PendingSum { k, spans });
         }
         self.device.after_command(&what, &node.writes)
     }
 
+    /// The compute stream waits for every sum still pending: at the end of every node range, so a range leaves no
+    /// work behind on the communication stream (a captured range must join it back before the capture ends, and
+    /// the host's downloads wait for the compute stream only). The communication stream runs in order, so waiting
+    /// for the last sum waits for all.
+    fn join_comm(&mut self, pending: &mut Vec<PendingSum>) -> Result<()> {
+        if let Some(last) = pending.last() {
+            self.device.wait(Stream::Compute, done_event(last.k))?;
+        }
+        pending.clear();
+        Ok(())
+    }
+
     /// Runs (or, while capturing, records) the commands of the nodes in `nodes`.
     fn issue_nodes(&mut self, nodes: std::ops::Range<usize>) -> Result<()> {
+        let mut pending = Vec::new();
         if self.profile.is_none() {
-            return nodes.into_iter().try_for_each(|i| self.issue_node(i));
+            for i in nodes {
+                self.issue_node(i, &mut pending)?;
+            }
+            return self.join_comm(&mut pending);
         }
         // Profiling (never while capturing): kernels run asynchronously on a GPU, so a node's time is the span
         // between the stream marks (CUDA events) around its commands, read once the stream has finished them.
@@ -494,12 +610,13 @@ impl<D: Device> GpuProgram<D> {
             // A range named as the profile names the node, so Nsight Systems' timeline (NVTX on a GPU) shows it.
             let name = self.profile.as_ref().map(|p| p.kernels[i].name.clone()).unwrap_or_default();
             self.device.range_push(&name)?;
-            self.issue_node(i)?;
+            self.issue_node(i, &mut pending)?;
             self.device.range_pop()?;
             let after = self.device.mark()?;
             spans.push((i, before, after));
             before = after;
         }
+        self.join_comm(&mut pending)?;
         self.device.synchronize()?;
         let mut timed = Vec::with_capacity(spans.len());
         for (i, from, to) in spans {

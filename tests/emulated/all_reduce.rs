@@ -1,7 +1,9 @@
 //! The data-parallel gradient sum in the graph (issue 12): the pass that inserts all-reduce nodes over buckets of
-//! gradients at the start of the update, the op itself on the CPU backend and on the CUDA executor under emulation
-//! (eagerly and inside captured graphs), the communicators the backends call (the rendezvous' host store, ranks as
-//! threads: the emulated NCCL), and ranks as threads training what one process trains on all their samples.
+//! gradients (in the backward after each bucket's last write with one micro-batch per update, at the start of the
+//! update with several), the op itself on the CPU backend and on the CUDA executor under emulation (eagerly and
+//! inside captured graphs, on the communication stream), the communicators the backends call (the rendezvous' host
+//! store, ranks as threads: the emulated NCCL), and ranks as threads training what one process trains on all their
+//! samples.
 
 use crate::common;
 use common::nets::{self, NetSpec};
@@ -17,7 +19,7 @@ use zeroconv::engine::cpu::CpuBackend;
 use zeroconv::engine::device::emu::{EmuDevice, EmuOptions};
 use zeroconv::engine::dist::communicator::{Communicator, ReduceBuf, StoreCommunicator, ThreadGroup};
 use zeroconv::engine::dist::{Hello, Rendezvous, RendezvousListener, Timeouts, BLOB_LEN};
-use zeroconv::engine::gpu::GpuBackend;
+use zeroconv::engine::gpu::{GpuBackend, GpuProgram};
 use zeroconv::engine::{Backend, HostTensor, Program};
 use zeroconv::graph::optim::{
     adamw_hyper, append_accumulating_step, append_training_step_l2, update_start, AdamWConfig, UpdateRule, HYPER_INPUT,
@@ -54,16 +56,48 @@ fn reduce_nodes(g: &Graph) -> Vec<(usize, Vec<ValueId>)> {
         .collect()
 }
 
-/// Checks what the update relies on: the all-reduce nodes open the update, their buckets cover every accumulator once
-/// in the order the backward writes them, each bucket is one dtype within `bucket_bytes` (or a single tensor), every
-/// accumulation comes before them and everything else that reads an accumulator (clipping, AdamW) after them.
-/// Returns the buckets.
-fn check_reduced(what: &str, g: &Graph, world: usize, bucket_bytes: usize) -> Vec<Vec<ValueId>> {
+/// Where the sums of a step must be.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Placed {
+    /// In the backward, each right after the last accumulation into its bucket (one micro-batch per update).
+    AfterLastWrite,
+    /// Opening the update (several micro-batches per update).
+    UpdateStart,
+}
+
+/// Checks what the update relies on: the all-reduce nodes sit where `placed` says, their buckets cover every
+/// accumulator once in the order the backward writes them, each bucket is one dtype within `bucket_bytes` (or a
+/// single tensor), every accumulation into a bucket comes before its sum and everything else that reads an
+/// accumulator (clipping, AdamW) after every sum. Returns the buckets.
+fn check_reduced(what: &str, g: &Graph, world: usize, bucket_bytes: usize, placed: Placed) -> Vec<Vec<ValueId>> {
     let start = update_start(g).unwrap_or_else(|e| panic!("{what}: {e}"));
     let reduce = reduce_nodes(g);
     assert!(!reduce.is_empty(), "{what}: no all-reduce nodes");
     let indices: Vec<usize> = reduce.iter().map(|r| r.0).collect();
-    assert_eq!(indices, (start..start + reduce.len()).collect::<Vec<_>>(), "{what}: the update starts with the sums");
+    let bucket_of = |acc: ValueId| reduce.iter().position(|r| r.1.contains(&acc));
+    match placed {
+        Placed::UpdateStart => {
+            assert_eq!(
+                indices,
+                (start..start + reduce.len()).collect::<Vec<_>>(),
+                "{what}: the update starts with the sums"
+            )
+        }
+        Placed::AfterLastWrite => {
+            assert!(indices.iter().all(|&i| i < start), "{what}: a sum in the update");
+            for (k, (i, bucket)) in reduce.iter().enumerate() {
+                let last_write = (0..*i)
+                    .rev()
+                    .find(|&j| matches!(g.nodes[j].op, Op::AccumulateGrad) && bucket.contains(&g.nodes[j].inputs[0]))
+                    .unwrap_or_else(|| panic!("{what}: sum {k} before any write into its bucket"));
+                // Right after it: nothing but other sums in between.
+                assert!(
+                    (last_write + 1..*i).all(|j| matches!(g.nodes[j].op, Op::AllReduce { .. })),
+                    "{what}: sum {k} (node {i}) waits past its bucket's last write (node {last_write})"
+                );
+            }
+        }
+    }
     let accumulators = accumulators_in_backward_order(g);
     let covered: Vec<ValueId> = reduce.iter().flat_map(|r| r.1.clone()).collect();
     assert_eq!(covered, accumulators, "{what}: every accumulator once, in backward order");
@@ -76,14 +110,17 @@ fn check_reduced(what: &str, g: &Graph, world: usize, bucket_bytes: usize) -> Ve
         assert!(bucket.len() == 1 || bytes <= bucket_bytes, "{what}: node {i} holds {bytes} bytes");
         assert!(bucket.iter().all(|&v| g.dtype(v) == g.dtype(bucket[0])), "{what}: node {i} mixes dtypes");
     }
-    let last_reduce = start + reduce.len() - 1;
+    let last_reduce = *indices.last().expect("a sum");
     let mut update_readers = 0;
     for (j, node) in g.nodes.iter().enumerate() {
         if !node.inputs.iter().any(|v| accumulators.contains(v)) {
             continue;
         }
         match node.op {
-            Op::AccumulateGrad => assert!(j < start, "{what}: node {j} accumulates after the sum"),
+            Op::AccumulateGrad => {
+                let k = bucket_of(node.inputs[0]).expect("every accumulator is summed");
+                assert!(j < reduce[k].0, "{what}: node {j} accumulates after the sum of its bucket");
+            }
             Op::AllReduce { .. } => {}
             _ => {
                 assert!(j > last_reduce, "{what}: node {j} ({}) reads a gradient before the sum", node.op.name());
@@ -99,18 +136,50 @@ fn check_reduced(what: &str, g: &Graph, world: usize, bucket_bytes: usize) -> Ve
 }
 
 /// Two ranks: one bucket of 25 MiB holds the tiny model's gradients; before and after the passes (CSE, DCE,
-/// recomputation, fusion) the sums open the update and clipping and AdamW read only summed gradients.
+/// recomputation, fusion) the sum follows the last accumulation (one micro-batch per rank and update) or opens the
+/// update (two), and clipping and AdamW read only summed gradients.
 #[test]
 fn the_step_sums_every_gradient_once_before_clipping_and_adamw() {
-    let cfg = config(2, 2);
-    assert_eq!(cfg.trainer.gradient_clip_val, Some(1.0), "the tiny config clips, so clipping is checked");
-    let (built, optimised) = train_graphs(&cfg);
-    for (what, g) in [("built", &built), ("optimised", &optimised)] {
-        let buckets = check_reduced(what, g, 2, BUCKET_BYTES);
-        let bytes: usize = g.trainable_params().iter().map(|&p| g.value(p).bytes()).sum();
-        assert!(bytes < BUCKET_BYTES);
-        assert_eq!(buckets.len(), 1, "{what}: {bytes} bytes of gradients fit one bucket");
+    for (global, placed) in [(2, Placed::AfterLastWrite), (4, Placed::UpdateStart)] {
+        let cfg = config(2, global);
+        assert_eq!(cfg.trainer.gradient_clip_val, Some(1.0), "the tiny config clips, so clipping is checked");
+        let (built, optimised) = train_graphs(&cfg);
+        for (what, g) in [("built", &built), ("optimised", &optimised)] {
+            let what = format!("{what}, global batch {global}");
+            let buckets = check_reduced(&what, g, 2, BUCKET_BYTES, placed);
+            let bytes: usize = g.trainable_params().iter().map(|&p| g.value(p).bytes()).sum();
+            assert!(bytes < BUCKET_BYTES);
+            assert_eq!(buckets.len(), 1, "{what}: {bytes} bytes of gradients fit one bucket");
+        }
     }
+}
+
+/// With one micro-batch per update and small buckets, the accumulations move up into the backward and each bucket's
+/// sum follows its last one, so the sums overlap the rest of the backward: the first sum comes before most of the
+/// backward's other nodes, and the node list is otherwise the same nodes (the same multiset, every value kept).
+#[test]
+fn small_buckets_sum_during_the_backward() {
+    // One rank accumulating two micro-batches: the accumulating step, summed here as one micro-batch per update.
+    let (one_rank, _) = train_graphs(&config(1, 2));
+    let g = insert_gradient_all_reduce(&one_rank, 2, 1, 4 << 10).unwrap();
+    let buckets = check_reduced("4 KiB buckets", &g, 2, 4 << 10, Placed::AfterLastWrite);
+    assert!(buckets.len() > 3, "{} buckets", buckets.len());
+    let first_sum = reduce_nodes(&g)[0].0;
+    let backward_after = (first_sum..update_start(&g).unwrap())
+        .filter(|&j| !matches!(g.nodes[j].op, Op::AccumulateGrad | Op::AllReduce { .. }))
+        .count();
+    let backward = one_rank.nodes.iter().filter(|n| n.phase == zeroconv::graph::Phase::Backward).count();
+    assert!(backward_after * 2 > backward, "only {backward_after} of {backward} backward nodes overlap the first sum");
+    let names = |g: &Graph| {
+        let mut v: Vec<String> =
+            g.nodes.iter().filter(|n| !matches!(n.op, Op::AllReduce { .. })).map(|n| n.op.name()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&g), names(&one_rank));
+    assert_eq!(g.values.len(), one_rank.values.len());
+    let opt = step::run_passes(&g, &PassOptions { fusion: true, ..Default::default() }).unwrap().graph;
+    check_reduced("4 KiB buckets, fused", &opt, 2, 4 << 10, Placed::AfterLastWrite);
 }
 
 /// Small buckets: many of them, each within the size (a larger gradient alone), still covering every gradient once.
@@ -119,8 +188,8 @@ fn small_buckets_split_the_gradients_in_backward_order() {
     let (one_rank, _) = train_graphs(&config(1, 2));
     assert!(reduce_nodes(&one_rank).is_empty(), "one rank sums nothing");
     for bucket_bytes in [1usize, 4 << 10, 64 << 10] {
-        let g = insert_gradient_all_reduce(&one_rank, 3, bucket_bytes).unwrap();
-        let buckets = check_reduced(&format!("{bucket_bytes}-byte buckets"), &g, 3, bucket_bytes);
+        let g = insert_gradient_all_reduce(&one_rank, 3, 2, bucket_bytes).unwrap();
+        let buckets = check_reduced(&format!("{bucket_bytes}-byte buckets"), &g, 3, bucket_bytes, Placed::UpdateStart);
         assert!(buckets.len() > 3, "{bucket_bytes}: {} buckets", buckets.len());
         if bucket_bytes == 1 {
             assert_eq!(buckets.len(), g.trainable_params().len(), "a bucket per gradient");
@@ -133,7 +202,7 @@ fn small_buckets_split_the_gradients_in_backward_order() {
             g.nodes.iter().filter(|n| !matches!(n.op, Op::AllReduce { .. })).map(|n| n.op.name()).collect();
         assert_eq!(others, one_rank.nodes.iter().map(|n| n.op.name()).collect::<Vec<_>>());
         step::run_passes(&g, &PassOptions { fusion: true, ..Default::default() })
-            .map(|opt| check_reduced("small buckets, fused", &opt.graph, 3, bucket_bytes))
+            .map(|opt| check_reduced("small buckets, fused", &opt.graph, 3, bucket_bytes, Placed::UpdateStart))
             .unwrap();
     }
 }
@@ -141,21 +210,25 @@ fn small_buckets_split_the_gradients_in_backward_order() {
 #[test]
 fn one_rank_inserts_nothing_and_other_graphs_are_refused() {
     let (one_rank, _) = train_graphs(&config(1, 2));
-    assert_eq!(dump(&insert_gradient_all_reduce(&one_rank, 1, BUCKET_BYTES).unwrap()), dump(&one_rank));
-    let twice = insert_gradient_all_reduce(&one_rank, 2, BUCKET_BYTES).unwrap();
-    let e = insert_gradient_all_reduce(&twice, 2, BUCKET_BYTES).unwrap_err().to_string();
+    for micro_batches in [1, 2] {
+        let same = insert_gradient_all_reduce(&one_rank, 1, micro_batches, BUCKET_BYTES).unwrap();
+        assert_eq!(dump(&same), dump(&one_rank));
+    }
+    let twice = insert_gradient_all_reduce(&one_rank, 2, 1, BUCKET_BYTES).unwrap();
+    let e = insert_gradient_all_reduce(&twice, 2, 1, BUCKET_BYTES).unwrap_err().to_string();
     assert!(e.contains("already sums"), "{e}");
     // A step without an update part of its own (the one-graph step) has nowhere to put the sums.
     let mut net = nets::build(&spec(2));
     net.g.outputs.push(net.loss);
     append_training_step_l2(&mut net.g, net.loss, &AdamWConfig::default(), None, 0.0).unwrap();
-    let e = insert_gradient_all_reduce(&net.g, 2, BUCKET_BYTES).unwrap_err().to_string();
+    let e = insert_gradient_all_reduce(&net.g, 2, 1, BUCKET_BYTES).unwrap_err().to_string();
     assert!(e.contains("computed by the micro-batch part"), "{e}");
 }
 
-/// The sums stage a bucket of several gradients in the node's scratch, so the planned arena (CPU backend and CUDA
-/// executor) rises by at most one bucket over one process accumulating the same micro-batches, and the persistent
-/// memory not at all.
+/// The sums stage a bucket of several gradients in a buffer of a bucket (the node's scratch on the CPU backend, a
+/// staging buffer of its own on the CUDA executor, where the sum runs on another stream while the arena is reused),
+/// so the planned memory rises by at most one bucket over one process accumulating the same micro-batches, with the
+/// sums in the backward or opening the update, and the persistent memory not at all.
 #[test]
 fn the_planned_peak_rises_by_at_most_one_bucket() {
     let (_, one) = train_graphs(&config(1, 2));
@@ -168,9 +241,11 @@ fn the_planned_peak_rises_by_at_most_one_bucket() {
     let emulated = GpuBackend::<EmuDevice>::emulated(EmuOptions::default());
     let mut cases = vec![("25 MiB buckets".to_string(), two)];
     for bucket_bytes in [4 << 10, 64 << 10] {
-        let g = insert_gradient_all_reduce(&one_rank, 2, bucket_bytes).unwrap();
-        let opt = step::run_passes(&g, &step::pass_options(&config(2, 2), false)).unwrap().graph;
-        cases.push((format!("{bucket_bytes}-byte buckets"), opt));
+        for micro_batches in [1, 2] {
+            let g = insert_gradient_all_reduce(&one_rank, 2, micro_batches, bucket_bytes).unwrap();
+            let opt = step::run_passes(&g, &step::pass_options(&config(2, 2), false)).unwrap().graph;
+            cases.push((format!("{bucket_bytes}-byte buckets, {micro_batches} micro-batches"), opt));
+        }
     }
     let cpu_one = CpuBackend::new(1).plan(&one).unwrap();
     let gpu_one = emulated.plan(&one).unwrap();
@@ -185,10 +260,14 @@ fn the_planned_peak_rises_by_at_most_one_bucket() {
         );
         assert_eq!(cpu.source_bytes, cpu_one.source_bytes, "{what}");
         let gpu = emulated.plan(&g).unwrap();
+        let several = reduce_nodes(&g).iter().any(|(_, b)| b.len() > 1);
+        assert_eq!(gpu.comm_staging > 0, several, "{what}: a staging buffer exactly when a bucket holds several");
         assert!(
-            gpu.plan.arena_bytes <= gpu_one.plan.arena_bytes + aligned(bucket, 256),
-            "{what}: device arena {} vs {} + a bucket of {bucket}",
+            gpu.plan.arena_bytes as u64 + gpu.comm_staging
+                <= gpu_one.plan.arena_bytes as u64 + aligned(bucket, 256) as u64,
+            "{what}: device arena {} + staging {} vs {} + a bucket of {bucket}",
             gpu.plan.arena_bytes,
+            gpu.comm_staging,
             gpu_one.plan.arena_bytes
         );
         assert_eq!(gpu.source_bytes, gpu_one.source_bytes, "{what}");
@@ -422,12 +501,26 @@ fn the_thread_group_fails_naming_the_rank_instead_of_hanging() {
 
 // ---- ranks training together ----------------------------------------------------------------------------------------
 
-/// Samples per micro-batch, micro-batches per rank and optimizer step, ranks.
+/// Samples per micro-batch, ranks, optimizer steps, values per sample.
 const MICRO: usize = 2;
-const MICRO_BATCHES: usize = 2;
 const RANKS: usize = 2;
 const STEPS: u64 = 3;
 const SAMPLE: usize = 3 * 16;
+
+/// One rank's step: micro-batches per update, the bucket size, and where the sums go.
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    micro_batches: usize,
+    bucket_bytes: usize,
+    placed: Placed,
+}
+
+impl Layout {
+    /// Samples of every rank in one optimizer step.
+    fn samples(&self) -> usize {
+        MICRO * self.micro_batches * RANKS
+    }
+}
 
 fn spec(batch: usize) -> NetSpec {
     NetSpec { batch, in_ch: 3, ch: 8, hw: 4, blocks: 1, checkpoint: false, dtype: DType::F32 }
@@ -439,30 +532,37 @@ fn rule() -> UpdateRule {
     UpdateRule { adamw: AdamWConfig::default(), clip: Some(0.05), l2: 0.0 }
 }
 
-/// The test net (conv, GroupNorm, attention, residuals, MSE) at `batch` samples: with `ranks` = None one process's
-/// one-graph step over the whole batch; with Some((ranks, bucket_bytes)) one rank's accumulating step that sums over
-/// the ranks in buckets of `bucket_bytes`. Fused.
-fn built(batch: usize, ranks: Option<(usize, usize)>) -> nets::OptimizedNet {
+/// The test net (conv, GroupNorm, attention, residuals, MSE) at `batch` samples: with `rank` = None one process's
+/// one-graph step over the whole batch; with Some(layout) one rank's accumulating step that sums over the ranks as
+/// the layout says. Fused.
+fn built(batch: usize, rank: Option<Layout>) -> nets::OptimizedNet {
     let mut net = nets::build(&spec(batch));
     let init = nets::init_values(&net.g, &net.params, 5);
     net.g.outputs.push(net.loss);
     let r = rule();
-    match ranks {
+    match rank {
         None => {
             append_training_step_l2(&mut net.g, net.loss, &r.adamw, r.clip, r.l2).unwrap();
         }
-        Some((ranks, bucket_bytes)) => {
-            append_accumulating_step(&mut net.g, net.loss, &r, MICRO_BATCHES * ranks).unwrap();
-            net.g = insert_gradient_all_reduce(&net.g, ranks, bucket_bytes).unwrap();
+        Some(l) => {
+            append_accumulating_step(&mut net.g, net.loss, &r, l.micro_batches * RANKS).unwrap();
+            // The pass sums in the backward for one micro-batch per update and at the update start for several; a
+            // layout of one micro-batch may ask for the latter, the placement that preceded the overlap.
+            let placement = match l.placed {
+                Placed::AfterLastWrite => 1,
+                Placed::UpdateStart => 2,
+            };
+            assert!(l.micro_batches == 1 || l.placed == Placed::UpdateStart, "{l:?} is not a placement the pass makes");
+            net.g = insert_gradient_all_reduce(&net.g, RANKS, placement, l.bucket_bytes).unwrap();
         }
     }
     nets::optimize(net, init, true)
 }
 
-/// Step t's samples, all ranks': MICRO × MICRO_BATCHES × RANKS of x and of target.
-fn step_data(t: u64) -> (Vec<f64>, Vec<f64>) {
+/// Step t's samples, all ranks': `samples` of x and of target.
+fn step_data(t: u64, samples: usize) -> (Vec<f64>, Vec<f64>) {
     let mut rng = Rng::new(70 + t);
-    let n = MICRO * MICRO_BATCHES * RANKS * SAMPLE;
+    let n = samples * SAMPLE;
     (rng.vec(n), rng.vec(n))
 }
 
@@ -473,29 +573,29 @@ fn hyper(t: u64) -> HostTensor {
 /// Each step's losses (one per micro-batch of this rank, or one for the whole batch) and the final parameters.
 type Trained = (Vec<Vec<f64>>, Vec<Vec<f64>>);
 
-/// One process training the whole batch of every step in one graph.
-fn one_process() -> Trained {
-    let b = built(MICRO * MICRO_BATCHES * RANKS, None);
+/// One process training the whole batch of every step (`samples`) in one graph; returns the step losses.
+fn one_process(samples: usize) -> (Vec<f64>, Vec<Vec<f64>>) {
+    let b = built(samples, None);
     let mut p = CpuBackend::new(2).compile(b.graph.clone()).unwrap();
     for (v, t) in &b.init {
         p.upload(*v, t).unwrap();
     }
-    let shape = [MICRO * MICRO_BATCHES * RANKS, 3, 4, 4];
+    let shape = [samples, 3, 4, 4];
     let mut losses = Vec::new();
     for t in 1..=STEPS {
-        let (x, y) = step_data(t);
+        let (x, y) = step_data(t, samples);
         p.upload_named(HYPER_INPUT, &hyper(t)).unwrap();
         p.upload(b.x, &HostTensor::from_f64(shape, DType::F32, &x).unwrap()).unwrap();
         p.upload(b.target, &HostTensor::from_f64(shape, DType::F32, &y).unwrap()).unwrap();
         p.launch().unwrap();
-        losses.push(vec![p.download(b.loss).unwrap().to_f64()[0]]);
+        losses.push(p.download(b.loss).unwrap().to_f64()[0]);
     }
     (losses, b.params.iter().map(|&v| p.download(v).unwrap().to_f64()).collect())
 }
 
-/// Rank `comm.rank()` of `RANKS` training its share of every step (its micro-batches, accumulated), the update
-/// summing the ranks' gradients through `comm`.
-fn rank<P: Program>(p: &mut P, b: &nets::OptimizedNet, comm: Arc<dyn Communicator>) -> Trained {
+/// Rank `comm.rank()` of `RANKS` training its share of every step (its micro-batches, accumulated), summing the
+/// ranks' gradients through `comm`.
+fn rank<P: Program>(p: &mut P, b: &nets::OptimizedNet, comm: Arc<dyn Communicator>, l: Layout) -> Trained {
     let me = comm.rank();
     p.set_communicator(comm).unwrap();
     for (v, t) in &b.init {
@@ -506,16 +606,16 @@ fn rank<P: Program>(p: &mut P, b: &nets::OptimizedNet, comm: Arc<dyn Communicato
     let per_micro = MICRO * SAMPLE;
     let mut losses = Vec::new();
     for t in 1..=STEPS {
-        let (x, y) = step_data(t);
+        let (x, y) = step_data(t, l.samples());
         p.upload_named(HYPER_INPUT, &hyper(t)).unwrap();
         let mut mine = Vec::new();
-        for k in 0..MICRO_BATCHES {
-            let at = (me * MICRO_BATCHES + k) * per_micro;
+        for k in 0..l.micro_batches {
+            let at = (me * l.micro_batches + k) * per_micro;
             let part = |d: &[f64]| HostTensor::from_f64([MICRO, 3, 4, 4], DType::F32, &d[at..at + per_micro]).unwrap();
             p.upload(b.x, &part(&x)).unwrap();
             p.upload(b.target, &part(&y)).unwrap();
             p.upload_named(KEEP_INPUT, &HostTensor::from_f64([1], DType::F32, &[k.min(1) as f64]).unwrap()).unwrap();
-            p.launch_nodes(0..update).unwrap();
+            p.launch_nodes(0..update).unwrap_or_else(|e| panic!("rank {me} step {t} micro-batch {k}: {e}"));
             mine.push(p.download(b.loss).unwrap().to_f64()[0]);
         }
         p.launch_nodes(update..n).unwrap_or_else(|e| panic!("rank {me} step {t}: {e}"));
@@ -524,20 +624,27 @@ fn rank<P: Program>(p: &mut P, b: &nets::OptimizedNet, comm: Arc<dyn Communicato
     (losses, b.params.iter().map(|&v| p.download(v).unwrap().to_f64()).collect())
 }
 
+/// What `RANKS` ranks trained: the step losses averaged over every rank's micro-batches, each rank's final
+/// parameters, and each rank's program.
+struct RanksTrained<P> {
+    losses: Vec<f64>,
+    params: Vec<Vec<Vec<f64>>>,
+    programs: Vec<P>,
+}
+
 /// `RANKS` ranks as threads, each compiling its own program with `compile` and training through a thread group.
-/// Returns the step losses averaged over every rank's micro-batches, and each rank's final parameters.
 fn ranks<P: Program + Send + 'static>(
-    bucket_bytes: usize,
+    l: Layout,
     compile: impl Fn(Graph) -> P + Send + Sync + Clone + 'static,
-) -> (Vec<f64>, Vec<Vec<Vec<f64>>>, Vec<P>) {
+) -> RanksTrained<P> {
     let handles: Vec<_> = ThreadGroup::new(RANKS, Duration::from_secs(300))
         .into_iter()
         .map(|comm| {
             let compile = compile.clone();
             thread::spawn(move || {
-                let b = built(MICRO, Some((RANKS, bucket_bytes)));
+                let b = built(MICRO, Some(l));
                 let mut p = compile(b.graph.clone());
-                let trained = rank(&mut p, &b, Arc::new(comm));
+                let trained = rank(&mut p, &b, Arc::new(comm), l);
                 (trained, p)
             })
         })
@@ -549,13 +656,15 @@ fn ranks<P: Program + Send + 'static>(
             all.iter().sum::<f64>() / all.len() as f64
         })
         .collect();
-    let mut params = Vec::new();
-    let mut programs = Vec::new();
+    let mut out = RanksTrained { losses, params: Vec::new(), programs: Vec::new() };
     for ((_, p), prog) in results {
-        params.push(p);
-        programs.push(prog);
+        out.params.push(p);
+        out.programs.push(prog);
     }
-    (losses, params, programs)
+    for params in &out.params {
+        assert_eq!(params, &out.params[0], "{l:?}: every rank applies the same update");
+    }
+    out
 }
 
 fn assert_same_training(what: &str, (la, pa): (&[f64], &[Vec<f64>]), (lb, pb): (&[f64], &[Vec<f64>])) {
@@ -566,38 +675,79 @@ fn assert_same_training(what: &str, (la, pa): (&[f64], &[Vec<f64>]), (lb, pb): (
     }
 }
 
-/// Two ranks of the CUDA executor on emulated devices, summing through the emulated NCCL (inside the captured update
-/// graph from step 2 on), train what one process trains on both ranks' samples, and what two CPU ranks train; every
-/// rank ends with the same weights. Small buckets too, so buckets staged through scratch are exercised.
+fn emulated(g: Graph) -> GpuProgram<EmuDevice> {
+    GpuBackend::<EmuDevice>::emulated(EmuOptions::default()).compile(g).unwrap()
+}
+
+/// Every program ran each sum once per step (eagerly at step 1, replayed in its captured range after), the
+/// replays and the staging buffer as its buckets need.
+fn check_sums_ran(what: &str, programs: &[GpuProgram<EmuDevice>]) {
+    for p in programs {
+        let c = p.device().counts();
+        let buckets = reduce_nodes(p.graph());
+        assert_eq!(c.all_reduces, STEPS * buckets.len() as u64, "{what}");
+        assert!(c.replays >= 2, "{what}: {c:?}");
+        assert_eq!(p.comm_staging().bytes > 0, buckets.iter().any(|(_, b)| b.len() > 1), "{what}");
+    }
+}
+
+/// Two ranks of the CUDA executor on emulated devices, each accumulating two micro-batches and summing through the
+/// emulated NCCL at the start of the update (inside the captured update graph from step 2 on), train what one process
+/// trains on both ranks' samples, and what two CPU ranks train; every rank ends with the same weights. Small buckets
+/// too, so buckets staged through the staging buffer are exercised.
 #[test]
 fn two_emulated_ranks_train_what_one_process_trains() {
-    let (one_losses, one_params) = one_process();
-    let one_losses: Vec<f64> = one_losses.into_iter().map(|l| l[0]).collect();
+    let (one_losses, one_params) = one_process(MICRO * 2 * RANKS);
+    for bucket_bytes in [BUCKET_BYTES, 512] {
+        let l = Layout { micro_batches: 2, bucket_bytes, placed: Placed::UpdateStart };
+        let what = format!("{bucket_bytes}-byte buckets");
+        let cpu = ranks(l, |g| CpuBackend::new(1).compile(g).unwrap());
+        let emu = ranks(l, emulated);
+        assert_same_training(&format!("{what}: cpu ranks"), (&cpu.losses, &cpu.params[0]), (&one_losses, &one_params));
+        let emu_vs = |other: &[f64], other_params: &[Vec<f64>], vs: &str| {
+            assert_same_training(
+                &format!("{what}: emulated vs {vs}"),
+                (&emu.losses, &emu.params[0]),
+                (other, other_params),
+            )
+        };
+        emu_vs(&one_losses, &one_params, "one process");
+        emu_vs(&cpu.losses, &cpu.params[0], "cpu ranks");
+        check_sums_ran(&what, &emu.programs);
+    }
+}
+
+/// One micro-batch per rank and update: each bucket's sum runs in the backward right after its last gradient (on
+/// the emulated device's communication stream, overlapping the rest of the backward, with its race checks), eagerly
+/// at step 1 and in the captured micro-batch graph after. Two emulated ranks and two CPU ranks train what one process
+/// trains, and bit for bit what they train with the sums at the start of the update.
+#[test]
+fn sums_in_the_backward_train_what_sums_at_the_update_train() {
+    let (one_losses, one_params) = one_process(MICRO * RANKS);
     for bucket_bytes in [BUCKET_BYTES, 512] {
         let what = format!("{bucket_bytes}-byte buckets");
-        let (cpu_losses, cpu_params, _) = ranks(bucket_bytes, |g| CpuBackend::new(1).compile(g).unwrap());
-        let (emu_losses, emu_params, programs) =
-            ranks(bucket_bytes, |g| GpuBackend::<EmuDevice>::emulated(EmuOptions::default()).compile(g).unwrap());
-        for params in [&cpu_params, &emu_params] {
-            assert_eq!(params[0], params[1], "{what}: every rank applies the same update");
+        let layout = |placed| Layout { micro_batches: 1, bucket_bytes, placed };
+        let overlapped = layout(Placed::AfterLastWrite);
+        let emu = ranks(overlapped, emulated);
+        for p in &emu.programs {
+            check_reduced(&what, p.graph(), RANKS, bucket_bytes, Placed::AfterLastWrite);
         }
-        assert_same_training(&format!("{what}: cpu ranks"), (&cpu_losses, &cpu_params[0]), (&one_losses, &one_params));
+        check_sums_ran(&what, &emu.programs);
         assert_same_training(
             &format!("{what}: emulated ranks"),
-            (&emu_losses, &emu_params[0]),
+            (&emu.losses, &emu.params[0]),
             (&one_losses, &one_params),
         );
+        let before = ranks(layout(Placed::UpdateStart), emulated);
+        assert_eq!(emu.params, before.params, "{what}: emulated ranks, same bits as summing at the update");
+        assert_eq!(emu.losses, before.losses, "{what}");
+        let cpu = ranks(overlapped, |g| CpuBackend::new(1).compile(g).unwrap());
+        let cpu_before = ranks(layout(Placed::UpdateStart), |g| CpuBackend::new(1).compile(g).unwrap());
+        assert_eq!(cpu.params, cpu_before.params, "{what}: CPU ranks, same bits as summing at the update");
         assert_same_training(
             &format!("{what}: emulated vs cpu ranks"),
-            (&emu_losses, &emu_params[0]),
-            (&cpu_losses, &cpu_params[0]),
+            (&emu.losses, &emu.params[0]),
+            (&cpu.losses, &cpu.params[0]),
         );
-        for p in &programs {
-            let c = p.device().counts();
-            // The update range runs eagerly at step 1 and is replayed at steps 2 and 3, its sums with it.
-            let buckets = reduce_nodes(p.graph()).len() as u64;
-            assert_eq!(c.all_reduces, STEPS * buckets, "{what}");
-            assert!(c.replays >= 2, "{what}: {c:?}");
-        }
     }
 }

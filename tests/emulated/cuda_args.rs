@@ -12,8 +12,8 @@ use std::path::Path;
 use zeroconv::app::step;
 use zeroconv::engine::cuda::args::{self, DnnConv, LtLayout, LtMatmul};
 use zeroconv::engine::device::{
-    Conv, Copy2d, DevPtr, Device, DeviceInfo, Filter4, Gemm, GemmCompute, GraphId, Launch, Layout4, MatrixRef,
-    ModuleSource, Span, Tensor4, Transpose,
+    Conv, Copy2d, DevPtr, Device, DeviceInfo, EventId, Filter4, Gemm, GemmCompute, GraphId, Launch, Layout4, MatrixRef,
+    ModuleSource, Span, Stream, Tensor4, Transpose,
 };
 use zeroconv::engine::gpu::lower::Cmd;
 use zeroconv::engine::gpu::{GpuBackend, StepMode, LIBRARY_WORKSPACE};
@@ -46,7 +46,7 @@ impl Device for AddressOnly {
     fn download(&mut self, _dst: &mut [u8], _src: DevPtr) -> Result<()> {
         Ok(())
     }
-    fn copy2d(&mut self, _c: &Copy2d) -> Result<()> {
+    fn copy2d(&mut self, _s: Stream, _c: &Copy2d) -> Result<()> {
         Ok(())
     }
     fn memset(&mut self, _dst: DevPtr, _byte: u8, _bytes: u64) -> Result<()> {
@@ -61,7 +61,13 @@ impl Device for AddressOnly {
     fn conv(&mut self, _c: &Conv) -> Result<()> {
         Ok(())
     }
-    fn all_reduce(&mut self, _b: DevPtr, _n: u64, _d: DType, _avg: bool) -> Result<()> {
+    fn all_reduce(&mut self, _s: Stream, _b: DevPtr, _n: u64, _d: DType, _avg: bool) -> Result<()> {
+        Ok(())
+    }
+    fn record(&mut self, _s: Stream, _e: EventId) -> Result<()> {
+        Ok(())
+    }
+    fn wait(&mut self, _s: Stream, _e: EventId) -> Result<()> {
         Ok(())
     }
     fn begin_capture(&mut self) -> Result<()> {

@@ -506,7 +506,9 @@ fn lockstep_with_the_cpu_names_no_divergent_node() {
 
 // ---- the emulated device's own checks ------------------------------------------------------------------------
 
-use zeroconv::engine::device::{Arg, DevPtr, Device, KernelRef, Launch, LaunchDims, ModuleSource, Span};
+use zeroconv::engine::device::{
+    Arg, DevPtr, Device, KernelRef, Launch, LaunchDims, ModuleSource, NodeAccess, Span, Stream,
+};
 
 fn fill(ptr: DevPtr, n: u64, value: f32) -> Launch {
     Launch {
@@ -515,6 +517,11 @@ fn fill(ptr: DevPtr, n: u64, value: f32) -> Launch {
         args: vec![Arg::Ptr(ptr), Arg::u64(n), Arg::f32(value)],
         any_grid: true,
     }
+}
+
+/// A compute-stream node that declares no reads or writes (the liveness tests need none).
+fn node_access(what: &str) -> NodeAccess<'_> {
+    NodeAccess { what, stream: Stream::Compute, reads: &[], writes: &[] }
 }
 
 fn device_with_unary() -> EmuDevice {
@@ -528,12 +535,12 @@ fn a_write_outside_the_declared_outputs_is_caught_at_its_node() {
     let mut d = device_with_unary();
     let arena = d.alloc(1024, "arena").unwrap();
     let all = Span::new(arena, 1024);
-    d.before_command(all, &[]).unwrap();
+    d.before_command(all, &[], &node_access("node")).unwrap();
     d.launch(&fill(arena, 64, 1.0)).unwrap(); // writes 256 bytes
     let err = d.after_command("node 7 (fill)", &[Span::new(arena, 128)]).unwrap_err().to_string();
     assert!(err.contains("node 7 (fill)") && err.contains("byte 128") && err.contains("arena"), "{err}");
     // Declared in full, the same write passes.
-    d.before_command(all, &[]).unwrap();
+    d.before_command(all, &[], &node_access("node")).unwrap();
     d.launch(&fill(arena, 64, 1.0)).unwrap();
     d.after_command("node 8 (fill)", &[Span::new(arena, 256)]).unwrap();
 }
@@ -544,7 +551,7 @@ fn dead_memory_reads_as_nan_and_live_memory_is_kept() {
     let arena = d.alloc(512, "arena").unwrap();
     d.upload(arena, &[0u8; 512]).unwrap();
     // Bytes 0..256 live, 256..512 dead: the dead half is poisoned with 0xff before the node runs.
-    d.before_command(Span::new(arena, 512), &[Span::new(arena, 256)]).unwrap();
+    d.before_command(Span::new(arena, 512), &[Span::new(arena, 256)], &node_access("node 0")).unwrap();
     d.after_command("node 0", &[]).unwrap();
     let mut back = vec![0u8; 512];
     d.download(&mut back, arena).unwrap();

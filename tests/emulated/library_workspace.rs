@@ -14,7 +14,8 @@ use crate::common;
 use common::nets::{self, NetSpec, TrainingStep};
 use zeroconv::engine::device::emu::{EmuDevice, EmuOptions};
 use zeroconv::engine::device::{
-    blas, dnn, Conv, Copy2d, DevPtr, Device, DeviceInfo, Gemm, GraphId, Launch, Mark, ModuleSource, Span,
+    blas, dnn, Conv, Copy2d, DevPtr, Device, DeviceInfo, EventId, Gemm, GraphId, Launch, Mark, ModuleSource,
+    NodeAccess, Span, Stream,
 };
 use zeroconv::engine::gpu::lower::Cmd;
 use zeroconv::engine::gpu::{GpuBackend, StepMode};
@@ -104,8 +105,8 @@ impl Device for Watch {
     fn download(&mut self, dst: &mut [u8], src: DevPtr) -> Result<()> {
         self.inner.download(dst, src)
     }
-    fn copy2d(&mut self, c: &Copy2d) -> Result<()> {
-        self.inner.copy2d(c)
+    fn copy2d(&mut self, s: Stream, c: &Copy2d) -> Result<()> {
+        self.inner.copy2d(s, c)
     }
     fn memset(&mut self, dst: DevPtr, byte: u8, bytes: u64) -> Result<()> {
         self.inner.memset(dst, byte, bytes)
@@ -123,8 +124,14 @@ impl Device for Watch {
         self.check("conv", c.workspace, &[("x", f.x), ("w", f.w), ("y", f.y)])?;
         self.inner.conv(c)
     }
-    fn all_reduce(&mut self, buf: DevPtr, count: u64, dtype: DType, average: bool) -> Result<()> {
-        self.inner.all_reduce(buf, count, dtype, average)
+    fn all_reduce(&mut self, s: Stream, buf: DevPtr, count: u64, dtype: DType, average: bool) -> Result<()> {
+        self.inner.all_reduce(s, buf, count, dtype, average)
+    }
+    fn record(&mut self, s: Stream, e: EventId) -> Result<()> {
+        self.inner.record(s, e)
+    }
+    fn wait(&mut self, s: Stream, e: EventId) -> Result<()> {
+        self.inner.wait(s, e)
     }
     fn begin_capture(&mut self) -> Result<()> {
         self.inner.begin_capture()
@@ -147,9 +154,9 @@ impl Device for Watch {
     fn release_marks(&mut self) {
         self.inner.release_marks()
     }
-    fn before_command(&mut self, arena: Span, live: &[Span]) -> Result<()> {
+    fn before_command(&mut self, arena: Span, live: &[Span], access: &NodeAccess) -> Result<()> {
         (self.arena, self.live) = (arena, live.to_vec());
-        self.inner.before_command(arena, live)
+        self.inner.before_command(arena, live, access)
     }
     fn after_command(&mut self, what: &str, writes: &[Span]) -> Result<()> {
         self.inner.after_command(what, writes)

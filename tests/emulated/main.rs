@@ -7,6 +7,7 @@
 mod common;
 
 mod all_reduce;
+mod comm_stream;
 mod cuda_args;
 mod device_choice;
 mod device_libs;

@@ -17,15 +17,22 @@
 //! - Ranges (the seam's NVTX ranges): each `range_push` is recorded with the number of commands that ran while it
 //!   was the innermost open range ([`EmuDevice::ranges`]), and commands run outside every range are counted, so a
 //!   test can check that every command of a profiled step is inside the range of its node.
+//! - Two streams ([`streams`]): the compute stream and the communication stream the gradient all-reduce runs on,
+//!   ordered through events. Commands run at once, in issue order, but a command that touches memory the other
+//!   stream's unfinished work touches, with no event ordering the two, is an error naming both (a race on a GPU);
+//!   so is a capture that uses the communication stream without forking it from the compute stream, or ends with it
+//!   unjoined.
 //! - Liveness checks (when [`EmuOptions::check_liveness`]): before each node, every arena byte the memory plan says
 //!   is dead is filled with 0xff (NaN in every float type); after it, any changed byte outside the node's declared
 //!   outputs and scratch, or a changed guard band, is an error naming the node.
 
 mod memory;
+pub mod streams;
 
 use super::shared_memory::{self, OptIn, SharedOptIns};
 use super::{
-    blas, dnn, Arg, Conv, Copy2d, DevPtr, Device, DeviceInfo, Gemm, GraphId, Launch, Mark, ModuleSource, Span,
+    blas, dnn, Arg, Conv, Copy2d, DevPtr, Device, DeviceInfo, EventId, Gemm, GraphId, Launch, Mark, ModuleSource,
+    NodeAccess, Span, Stream,
 };
 use crate::engine::dist::{Communicator, ReduceBuf};
 use crate::error::{Error, Result};
@@ -34,6 +41,7 @@ use crate::kernels::emulate::{self, Dim3, EmuModule, KernelArgs, LaunchConfig, S
 use memory::Memory;
 use std::collections::HashMap;
 use std::sync::Arc;
+use streams::{CaptureStreams, Streams};
 
 /// How the emulated device runs.
 #[derive(Clone, Copy, Debug)]
@@ -66,11 +74,43 @@ enum Recorded {
     Launch(Launch),
     Gemm(Gemm),
     Conv(Conv),
-    Copy2d(Copy2d),
+    Copy2d(Stream, Copy2d),
     Memset { dst: DevPtr, byte: u8, bytes: u64 },
-    AllReduce { buf: DevPtr, count: u64, dtype: DType, average: bool },
-    Before { arena: Span, live: Vec<Span> },
+    AllReduce { stream: Stream, buf: DevPtr, count: u64, dtype: DType, average: bool },
+    Record(Stream, EventId),
+    Wait(Stream, EventId),
+    Before { arena: Span, live: Vec<Span>, access: OwnedAccess },
     After { what: String, writes: Vec<Span> },
+}
+
+/// A [`NodeAccess`] kept in a recording.
+#[derive(Clone, Debug)]
+struct OwnedAccess {
+    what: String,
+    stream: Stream,
+    reads: Vec<Span>,
+    writes: Vec<Span>,
+}
+
+impl Recorded {
+    /// The stream a device command runs on, and its description (none for the executor's notes and events).
+    fn command(&self) -> Option<(Stream, String)> {
+        match self {
+            Recorded::Launch(l) => Some((Stream::Compute, format!("launch of `{}`", l.kernel.name))),
+            Recorded::Gemm(_) => Some((Stream::Compute, "GEMM".into())),
+            Recorded::Conv(_) => Some((Stream::Compute, "convolution".into())),
+            Recorded::Copy2d(s, c) => {
+                Some((*s, format!("copy of {}x{} bytes {:#x} -> {:#x}", c.height, c.width, c.src.0, c.dst.0)))
+            }
+            Recorded::Memset { dst, bytes, .. } => {
+                Some((Stream::Compute, format!("memset of {bytes} bytes at {:#x}", dst.0)))
+            }
+            Recorded::AllReduce { stream, buf, count, dtype, .. } => {
+                Some((*stream, format!("all-reduce of {count} {dtype} at {:#x}", buf.0)))
+            }
+            Recorded::Record(..) | Recorded::Wait(..) | Recorded::Before { .. } | Recorded::After { .. } => None,
+        }
+    }
 }
 
 /// How many commands of each kind the device ran (replays count every command they run).
@@ -83,6 +123,9 @@ pub struct EmuCounts {
     pub memsets: u64,
     /// All-reduce calls run (with or without other ranks).
     pub all_reduces: u64,
+    /// Waits of the compute stream on an event of the communication stream (each one a point where the compute
+    /// stream may stall for the sums).
+    pub compute_waits: u64,
     pub replays: u64,
     /// Functions whose dynamic shared memory limit was raised above 48 KiB (what the real device does with
     /// `cuFuncSetAttribute`, once per function).
@@ -104,6 +147,12 @@ pub struct EmuDevice {
     memory: Memory,
     modules: HashMap<String, Arc<EmuModule>>,
     capture: Option<Vec<Recorded>>,
+    /// The cross-stream rules of the capture under way.
+    capture_streams: CaptureStreams,
+    /// What each stream has waited for of the other, and the work that may still race.
+    streams: Streams,
+    /// The node whose commands are running (between `before_command` and `after_command`), to name them in errors.
+    node: Option<String>,
     graphs: Vec<Vec<Recorded>>,
     counts: EmuCounts,
     opt_ins: SharedOptIns,
@@ -124,6 +173,9 @@ impl EmuDevice {
             memory: Memory::default(),
             modules: HashMap::new(),
             capture: None,
+            capture_streams: CaptureStreams::default(),
+            streams: Streams::default(),
+            node: None,
             graphs: Vec::new(),
             counts: EmuCounts::default(),
             opt_ins: SharedOptIns::default(),
@@ -169,39 +221,86 @@ impl EmuDevice {
         }
     }
 
-    /// Records `r` when capturing; otherwise returns it to be run now.
-    fn record(&mut self, r: Recorded) -> Option<Recorded> {
-        match &mut self.capture {
-            Some(list) => {
-                list.push(r);
-                None
+    /// Records `r` when capturing (checking the capture's cross-stream rules); otherwise returns it to be run now.
+    fn record(&mut self, r: Recorded) -> Result<Option<Recorded>> {
+        let Some(list) = &mut self.capture else { return Ok(Some(r)) };
+        match &r {
+            Recorded::Record(s, e) => self.capture_streams.record(*s, *e),
+            Recorded::Wait(s, e) => self.capture_streams.wait(*s, *e),
+            _ => {
+                if let Some((stream, what)) = r.command() {
+                    let what = match &self.node {
+                        Some(node) => format!("{node}: {what}"),
+                        None => what,
+                    };
+                    self.capture_streams.command(stream, &what)?;
+                }
             }
-            None => Some(r),
+        }
+        // The node being recorded, to name its commands in the checks above.
+        match &r {
+            Recorded::Before { access, .. } => self.node = Some(access.what.clone()),
+            Recorded::After { .. } => self.node = None,
+            _ => {}
+        }
+        list.push(r);
+        Ok(None)
+    }
+
+    /// `what` (a device command), named with the node it belongs to.
+    fn in_node(&self, what: String) -> String {
+        match &self.node {
+            Some(node) => format!("{node}: {what}"),
+            None => what,
         }
     }
 
     fn run(&mut self, r: &Recorded) -> Result<()> {
-        if !matches!(r, Recorded::Before { .. } | Recorded::After { .. }) {
+        if r.command().is_some() {
             self.count_in_range();
         }
         match r {
             Recorded::Launch(l) => self.run_launch(l),
             Recorded::Gemm(g) => self.run_gemm(g),
             Recorded::Conv(c) => self.run_conv(c),
-            Recorded::Copy2d(c) => self.run_copy2d(c),
+            Recorded::Copy2d(stream, c) => {
+                let what = self.in_node(r.command().map(|c| c.1).unwrap_or_default());
+                let (src, dst) = copy_spans(c);
+                self.streams.access(*stream, &what, &[src], &[dst])?;
+                self.run_copy2d(c)
+            }
             Recorded::Memset { dst, byte, bytes } => {
                 self.counts.memsets += 1;
-                self.memory.write_with(Span::new(*dst, *bytes), "memset", |b| b.fill(*byte))?;
+                let span = Span::new(*dst, *bytes);
+                let what = self.in_node(r.command().map(|c| c.1).unwrap_or_default());
+                self.streams.access(Stream::Compute, &what, &[], &[span])?;
+                self.memory.write_with(span, "memset", |b| b.fill(*byte))?;
                 Ok(())
             }
-            Recorded::AllReduce { buf, count, dtype, average } => self.run_all_reduce(*buf, *count, *dtype, *average),
-            Recorded::Before { arena, live } => {
+            Recorded::AllReduce { stream, buf, count, dtype, average } => {
+                let span = Span::new(*buf, count * dtype.size() as u64);
+                let what = self.in_node(r.command().map(|c| c.1).unwrap_or_default());
+                self.streams.access(*stream, &what, &[span], &[span])?;
+                self.run_all_reduce(*buf, *count, *dtype, *average)
+            }
+            Recorded::Record(stream, event) => {
+                self.streams.record(*stream, *event);
+                Ok(())
+            }
+            Recorded::Wait(stream, event) => {
+                self.counts.compute_waits += u64::from(*stream == Stream::Compute);
+                self.streams.wait(*stream, *event)
+            }
+            Recorded::Before { arena, live, access } => {
+                self.streams.access(access.stream, &access.what, &access.reads, &access.writes)?;
+                self.node = Some(access.what.clone());
                 if self.options.check_liveness {
                     self.memory.poison_dead(*arena, live)?;
                 }
                 Ok(())
             }
             Recorded::After { what, writes } => {
+                self.node = None;
                 if self.options.check_liveness {
                     self.memory.check_unchanged(what, writes)?;
                 }
@@ -296,8 +395,7 @@ impl EmuDevice {
         if c.height == 0 || c.width == 0 {
             return Ok(());
         }
-        let src_span = Span::new(c.src, (c.height - 1) * c.src_pitch + c.width);
-        let dst_span = Span::new(c.dst, (c.height - 1) * c.dst_pitch + c.width);
+        let (src_span, dst_span) = copy_spans(c);
         if src_span.ptr.0 < dst_span.end() && dst_span.ptr.0 < src_span.end() {
             return Err(Error::msg(format!("copy2d: source and destination overlap ({c:?})")));
         }
@@ -345,11 +443,18 @@ impl EmuDevice {
     }
 
     fn submit(&mut self, r: Recorded) -> Result<()> {
-        match self.record(r) {
+        match self.record(r)? {
             Some(r) => self.run(&r),
             None => Ok(()),
         }
     }
+}
+
+/// The bytes a 2-d copy reads and writes (from the first byte of the first row to the last byte of the last).
+fn copy_spans(c: &Copy2d) -> (Span, Span) {
+    let rows = c.height.saturating_sub(1);
+    let width = if c.height == 0 { 0 } else { c.width };
+    (Span::new(c.src, rows * c.src_pitch + width), Span::new(c.dst, rows * c.dst_pitch + width))
 }
 
 impl Device for EmuDevice {
@@ -381,17 +486,34 @@ impl Device for EmuDevice {
 
     fn upload(&mut self, dst: DevPtr, src: &[u8]) -> Result<()> {
         self.not_capturing("a host-to-device copy")?;
+        // Ordered on the compute stream, which the host then waits for (as the real device does).
+        let span = Span::new(dst, src.len() as u64);
+        self.streams.access(
+            Stream::Compute,
+            &format!("upload of {} bytes at {:#x}", span.bytes, dst.0),
+            &[],
+            &[span],
+        )?;
+        self.streams.finished(Stream::Compute);
         self.memory.write_with(Span::new(dst, src.len() as u64), "upload", |b| b.copy_from_slice(src))
     }
 
     fn download(&mut self, dst: &mut [u8], src: DevPtr) -> Result<()> {
         self.not_capturing("a device-to-host copy")?;
+        let span = Span::new(src, dst.len() as u64);
+        self.streams.access(
+            Stream::Compute,
+            &format!("download of {} bytes at {:#x}", span.bytes, src.0),
+            &[span],
+            &[],
+        )?;
+        self.streams.finished(Stream::Compute);
         dst.copy_from_slice(self.memory.read(Span::new(src, dst.len() as u64), "download")?);
         Ok(())
     }
 
-    fn copy2d(&mut self, c: &Copy2d) -> Result<()> {
-        self.submit(Recorded::Copy2d(*c))
+    fn copy2d(&mut self, stream: Stream, c: &Copy2d) -> Result<()> {
+        self.submit(Recorded::Copy2d(stream, *c))
     }
 
     fn memset(&mut self, dst: DevPtr, byte: u8, bytes: u64) -> Result<()> {
@@ -410,9 +532,17 @@ impl Device for EmuDevice {
         self.submit(Recorded::Conv(*c))
     }
 
-    fn all_reduce(&mut self, buf: DevPtr, count: u64, dtype: DType, average: bool) -> Result<()> {
+    fn all_reduce(&mut self, stream: Stream, buf: DevPtr, count: u64, dtype: DType, average: bool) -> Result<()> {
         self.memory.check(Span::new(buf, count * dtype.size() as u64), "all-reduce buffer")?;
-        self.submit(Recorded::AllReduce { buf, count, dtype, average })
+        self.submit(Recorded::AllReduce { stream, buf, count, dtype, average })
+    }
+
+    fn record(&mut self, stream: Stream, event: EventId) -> Result<()> {
+        self.submit(Recorded::Record(stream, event))
+    }
+
+    fn wait(&mut self, stream: Stream, event: EventId) -> Result<()> {
+        self.submit(Recorded::Wait(stream, event))
     }
 
     fn set_communicator(&mut self, comm: Arc<dyn Communicator>) -> Result<()> {
@@ -424,11 +554,14 @@ impl Device for EmuDevice {
     fn begin_capture(&mut self) -> Result<()> {
         self.not_capturing("begin_capture")?;
         self.capture = Some(Vec::new());
+        self.capture_streams = CaptureStreams::default();
         Ok(())
     }
 
     fn end_capture(&mut self) -> Result<GraphId> {
         let list = self.capture.take().ok_or_else(|| Error::msg("end_capture without begin_capture"))?;
+        self.node = None;
+        std::mem::take(&mut self.capture_streams).end()?;
         self.graphs.push(list);
         Ok(GraphId(self.graphs.len() - 1))
     }
@@ -446,7 +579,10 @@ impl Device for EmuDevice {
     }
 
     fn synchronize(&mut self) -> Result<()> {
-        self.not_capturing("synchronize")
+        self.not_capturing("synchronize")?;
+        self.streams.finished(Stream::Compute);
+        self.streams.finished(Stream::Comm);
+        Ok(())
     }
 
     fn mark(&mut self) -> Result<Mark> {
@@ -483,8 +619,14 @@ impl Device for EmuDevice {
         Ok(())
     }
 
-    fn before_command(&mut self, arena: Span, live: &[Span]) -> Result<()> {
-        self.submit(Recorded::Before { arena, live: live.to_vec() })
+    fn before_command(&mut self, arena: Span, live: &[Span], access: &NodeAccess) -> Result<()> {
+        let access = OwnedAccess {
+            what: access.what.to_string(),
+            stream: access.stream,
+            reads: access.reads.to_vec(),
+            writes: access.writes.to_vec(),
+        };
+        self.submit(Recorded::Before { arena, live: live.to_vec(), access })
     }
 
     fn after_command(&mut self, what: &str, writes: &[Span]) -> Result<()> {
