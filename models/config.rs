@@ -1,56 +1,82 @@
 //! Model hyper-parameters under the LDM/NeMo config key names. `Default` is Stable Diffusion 1.5.
+//!
+//! The U-Net's architecture keys are listed once, in `unet_architecture!`: that list defines [`UNetConfig`]'s
+//! fields and defaults here, and the same keys of the config sections `unet_config` and `control_stage_config`
+//! (in the types a config spells them in) with their defaults and their conversion to [`UNetConfig`].
 
 use crate::error::{Error, Result};
 use crate::graph::UnaryOp;
 
-#[derive(Clone, Debug, PartialEq)]
-pub struct UNetConfig {
-    pub image_size: usize,
-    pub in_channels: usize,
-    pub out_channels: usize,
-    pub model_channels: usize,
-    pub attention_resolutions: Vec<usize>,
-    /// Per level (a single number in a config applies to every level).
-    pub num_res_blocks: Vec<usize>,
-    pub channel_mult: Vec<usize>,
-    /// -1 when `num_head_channels` decides.
-    pub num_heads: i64,
-    /// -1 when `num_heads` decides.
-    pub num_head_channels: i64,
-    pub use_spatial_transformer: bool,
-    pub transformer_depth: usize,
-    pub context_dim: usize,
-    pub use_linear_in_transformer: bool,
-    pub legacy: bool,
-    /// Recompute each block's activations in the backward instead of keeping them.
-    pub use_checkpoint: bool,
-    /// Attention is one op in the graph either way; on the CUDA executor this selects the flash kernels for it
-    /// (bf16/f16, supported head dims), and the CPU backend ignores it.
-    pub use_flash_attention: bool,
+/// The U-Net architecture keys (LDM's `UNetModel` arguments), written once: each key's doc, its type in the model's
+/// hyper-parameters, `as` the type a config file spells it in (with that spelling's serde attributes), and its
+/// default (SD 1.5). Expands to `$callback! { $args architecture { keys } }`. The keys are shared by [`UNetConfig`]
+/// (here, through `unet_hyper_parameters!`) and by the config sections `unet_config` and `control_stage_config`
+/// (`io::config::schema`, whose `Default` and conversion to [`UNetConfig`] go through the same list). A macro rather
+/// than a struct both embed: serde's `flatten` cannot be combined with `deny_unknown_fields`. The config spellings'
+/// serde attributes are read only by the config sections, and their paths resolve there.
+macro_rules! unet_architecture {
+    ($callback:ident! { $($args:tt)* }) => {
+        $callback! {
+            $($args)*
+            architecture {
+                /// Latent size the model was built for (informational in LDM; the data decides the real size).
+                image_size: usize as u32 = 32,
+                in_channels: usize as u32 = 4,
+                model_channels: usize as u32 = 320,
+                /// Downsampling factors (1, 2, 4, ...) of the levels that have attention.
+                attention_resolutions: Vec<usize> as Vec<u32> = vec![4, 2, 1],
+                /// ResBlocks per level: one number in a config, for every level.
+                num_res_blocks: Vec<usize> as u32 = vec![2; 4],
+                channel_mult: Vec<usize> as Vec<u32> = vec![1, 2, 4, 4],
+                /// Attention heads; -1 when num_head_channels sets the head width instead.
+                num_heads: i64 as #[serde(with = "minus_one_is_none")] Option<u32> = 8,
+                /// Channels per attention head (SD 2 style); -1 to use num_heads.
+                num_head_channels: i64 as #[serde(with = "minus_one_is_none")] Option<u32> = -1,
+                use_spatial_transformer: bool as bool = true,
+                transformer_depth: usize as u32 = 1,
+                /// Width of the text embeddings that cross-attention reads.
+                context_dim: usize as u32 = 768,
+                /// Linear instead of 1×1-conv projections around the transformer blocks (SD 2).
+                use_linear_in_transformer: bool as bool = false,
+                /// LDM's legacy head-count rule (kept for checkpoint compatibility).
+                legacy: bool as bool = false,
+                /// Recompute each block's activations in the backward instead of keeping them (gradient
+                /// checkpointing).
+                use_checkpoint: bool as bool = false,
+                /// Attention is one op in the graph either way; on the CUDA executor this selects the flash kernels
+                /// for it (bf16/f16, supported head dims), and the CPU backend ignores it.
+                use_flash_attention: bool as bool = false,
+            }
+        }
+    };
+}
+pub(crate) use unet_architecture;
+
+/// [`UNetConfig`] from the architecture keys, in their model types, after `out_channels` (which the ControlNet's
+/// config section does not have).
+macro_rules! unet_hyper_parameters {
+    (
+        architecture {
+            $($(#[$doc:meta])* $key:ident: $model:ty as $(#[$spelling:meta])* $config:ty = $default:expr,)*
+        }
+    ) => {
+        /// A U-Net's hyper-parameters under the LDM/NeMo key names (`num_res_blocks` per level, -1 for an unset
+        /// head count). `Default` is Stable Diffusion 1.5.
+        #[derive(Clone, Debug, PartialEq)]
+        pub struct UNetConfig {
+            pub out_channels: usize,
+            $($(#[$doc])* pub $key: $model,)*
+        }
+
+        impl Default for UNetConfig {
+            fn default() -> Self {
+                UNetConfig { out_channels: 4, $($key: $default,)* }
+            }
+        }
+    };
 }
 
-impl Default for UNetConfig {
-    fn default() -> Self {
-        UNetConfig {
-            image_size: 32,
-            in_channels: 4,
-            out_channels: 4,
-            model_channels: 320,
-            attention_resolutions: vec![4, 2, 1],
-            num_res_blocks: vec![2; 4],
-            channel_mult: vec![1, 2, 4, 4],
-            num_heads: 8,
-            num_head_channels: -1,
-            use_spatial_transformer: true,
-            transformer_depth: 1,
-            context_dim: 768,
-            use_linear_in_transformer: false,
-            legacy: false,
-            use_checkpoint: false,
-            use_flash_attention: false,
-        }
-    }
-}
+unet_architecture! { unet_hyper_parameters! {} }
 
 /// GroupNorm's group count in the U-Net, the ControlNet and the VAE: every normalised width is a multiple of it.
 pub const GROUP_NORM_GROUPS: usize = 32;

@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use super::values::{
     minus_one_is_none, Accelerator, ClipLayer, CropSize, HiddenAct, Interpolation, OptimizerName, Precision,
-    SamplerName, SchedulerName, TextCleanup, ValCheckInterval,
+    SamplerName, SchedulerName, Spelling, TextCleanup, ValCheckInterval,
 };
+use crate::models::config::unet_architecture;
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -197,15 +198,17 @@ impl Default for ModelConfig {
     }
 }
 
-/// Defines a config section holding LDM's `UNetModel` architecture keys (one list; defaults from the model's) after the
-/// section's own keys, with `Default` and the conversion to the model's hyper-parameters. `unet_config` and
-/// `control_stage_config` spell the same architecture keys; serde's `flatten` cannot be combined with
-/// `deny_unknown_fields`, so the shared keys are spliced in here instead.
+/// Defines a config section holding the U-Net architecture keys after the section's own keys, with `Default` and
+/// the conversion to the model's hyper-parameters. The keys, their config types and their defaults are the one list
+/// in `models::config::unet_architecture!`, which the second arm asks to call the first with it: `unet_config` and
+/// `control_stage_config` spell the same keys, and serde's `flatten` cannot be combined with `deny_unknown_fields`.
+/// Each key converts through its [`Spelling`].
 macro_rules! unet_section {
     (
         $(#[$meta:meta])*
-        pub struct $name:ident {
-            $($(#[$fmeta:meta])* pub $field:ident: $ty:ty = $default:expr,)*
+        pub struct $name:ident { $($(#[$fmeta:meta])* pub $field:ident: $ty:ty = $default:expr,)* }
+        architecture {
+            $($(#[$kmeta:meta])* $key:ident: $model:ty as $(#[$spelling:meta])* $config:ty = $kdefault:expr,)*
         }
     ) => {
         $(#[$meta])*
@@ -213,60 +216,16 @@ macro_rules! unet_section {
         #[serde(default, deny_unknown_fields)]
         pub struct $name {
             $($(#[$fmeta])* pub $field: $ty,)*
-            /// Latent size the model was built for (informational in LDM; the data decides the real size).
-            pub image_size: u32,
-            pub in_channels: u32,
-            pub model_channels: u32,
-            /// Downsampling factors (1, 2, 4, ...) of the levels that have attention.
-            pub attention_resolutions: Vec<u32>,
-            pub num_res_blocks: u32,
-            pub channel_mult: Vec<u32>,
-            /// Attention heads; -1 when num_head_channels sets the head width instead.
-            #[serde(with = "minus_one_is_none")]
-            pub num_heads: Option<u32>,
-            /// Channels per attention head (SD 2 style); -1 to use num_heads.
-            #[serde(with = "minus_one_is_none")]
-            pub num_head_channels: Option<u32>,
-            pub use_spatial_transformer: bool,
-            pub transformer_depth: u32,
-            /// Width of the text embeddings that cross-attention reads.
-            pub context_dim: u32,
-            /// Linear instead of 1×1-conv projections around the transformer blocks (SD 2).
-            pub use_linear_in_transformer: bool,
-            /// LDM's legacy head-count rule (kept for checkpoint compatibility).
-            pub legacy: bool,
-            /// Recompute activations in backward to save memory (gradient checkpointing).
-            pub use_checkpoint: bool,
-            /// Fused attention kernels.
-            pub use_flash_attention: bool,
+            $($(#[$kmeta])* $(#[$spelling])* pub $key: $config,)*
         }
 
         impl Default for $name {
-            /// The section's own defaults, and the architecture of `models::UNetConfig::default()` (SD 1.5): the
-            /// architecture's defaults have one definition, the model's.
+            /// The section's own defaults, and the architecture of `models::UNetConfig::default()` (SD 1.5).
             fn default() -> Self {
-                let m = crate::models::UNetConfig::default();
-                let whole = |v: usize| u32::try_from(v).expect("SD 1.5's defaults fit in u32");
-                let heads = |v: i64| u32::try_from(v).ok();
-                let levels = m.num_res_blocks.first().copied().unwrap_or_default();
-                debug_assert!(m.num_res_blocks.iter().all(|&n| n == levels), "one ResBlock count per level");
+                let model = crate::models::UNetConfig::default();
                 $name {
                     $($field: $default,)*
-                    image_size: whole(m.image_size),
-                    in_channels: whole(m.in_channels),
-                    model_channels: whole(m.model_channels),
-                    attention_resolutions: m.attention_resolutions.iter().map(|&v| whole(v)).collect(),
-                    num_res_blocks: whole(levels),
-                    channel_mult: m.channel_mult.iter().map(|&v| whole(v)).collect(),
-                    num_heads: heads(m.num_heads),
-                    num_head_channels: heads(m.num_head_channels),
-                    use_spatial_transformer: m.use_spatial_transformer,
-                    transformer_depth: whole(m.transformer_depth),
-                    context_dim: whole(m.context_dim),
-                    use_linear_in_transformer: m.use_linear_in_transformer,
-                    legacy: m.legacy,
-                    use_checkpoint: m.use_checkpoint,
-                    use_flash_attention: m.use_flash_attention,
+                    $($key: <$config as Spelling<$model>>::from_model(&model.$key),)*
                 }
             }
         }
@@ -274,27 +233,16 @@ macro_rules! unet_section {
         impl $name {
             /// The model's U-Net hyper-parameters for this section's architecture keys, with `out_channels`.
             pub fn architecture(&self, out_channels: usize) -> crate::models::UNetConfig {
-                let heads = |v: Option<u32>| v.map_or(-1, i64::from);
+                let levels = self.channel_mult.len();
                 crate::models::UNetConfig {
-                    image_size: self.image_size as usize,
-                    in_channels: self.in_channels as usize,
                     out_channels,
-                    model_channels: self.model_channels as usize,
-                    attention_resolutions: self.attention_resolutions.iter().map(|&v| v as usize).collect(),
-                    num_res_blocks: vec![self.num_res_blocks as usize; self.channel_mult.len()],
-                    channel_mult: self.channel_mult.iter().map(|&v| v as usize).collect(),
-                    num_heads: heads(self.num_heads),
-                    num_head_channels: heads(self.num_head_channels),
-                    use_spatial_transformer: self.use_spatial_transformer,
-                    transformer_depth: self.transformer_depth as usize,
-                    context_dim: self.context_dim as usize,
-                    use_linear_in_transformer: self.use_linear_in_transformer,
-                    legacy: self.legacy,
-                    use_checkpoint: self.use_checkpoint,
-                    use_flash_attention: self.use_flash_attention,
+                    $($key: <$config as Spelling<$model>>::to_model(&self.$key, levels),)*
                 }
             }
         }
+    };
+    ($(#[$meta:meta])* pub struct $name:ident { $($fields:tt)* }) => {
+        unet_architecture! { unet_section! { $(#[$meta])* pub struct $name { $($fields)* } } }
     };
 }
 

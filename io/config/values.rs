@@ -327,3 +327,62 @@ pub mod minus_one_is_none {
         d.deserialize_any(V(PhantomData))
     }
 }
+
+/// How a config section spells one of the model's hyper-parameters of type `M` (the U-Net architecture keys of
+/// `models::config::unet_architecture!`): `u32` for a `usize`, `Option<u32>` (-1 for none) for LDM's `i64` that
+/// is -1 when unset, one number for a per-level list. Both ways, so that the sections' defaults are the model's.
+pub trait Spelling<M> {
+    /// The model's value; `levels` is the U-Net's level count, for a key a config gives once for every level.
+    fn to_model(&self, levels: usize) -> M;
+    /// The config's spelling of a model value: used for the defaults (SD 1.5), which fit every spelling.
+    fn from_model(model: &M) -> Self;
+}
+
+impl Spelling<bool> for bool {
+    fn to_model(&self, _levels: usize) -> bool {
+        *self
+    }
+    fn from_model(model: &bool) -> bool {
+        *model
+    }
+}
+
+impl Spelling<usize> for u32 {
+    fn to_model(&self, _levels: usize) -> usize {
+        *self as usize
+    }
+    fn from_model(model: &usize) -> u32 {
+        u32::try_from(*model).expect("the model's defaults fit in u32")
+    }
+}
+
+impl Spelling<Vec<usize>> for Vec<u32> {
+    fn to_model(&self, levels: usize) -> Vec<usize> {
+        self.iter().map(|v| Spelling::<usize>::to_model(v, levels)).collect()
+    }
+    fn from_model(model: &Vec<usize>) -> Vec<u32> {
+        model.iter().map(<u32 as Spelling<usize>>::from_model).collect()
+    }
+}
+
+/// With `minus_one_is_none`: none is the model's -1.
+impl Spelling<i64> for Option<u32> {
+    fn to_model(&self, _levels: usize) -> i64 {
+        self.map_or(-1, i64::from)
+    }
+    fn from_model(model: &i64) -> Option<u32> {
+        u32::try_from(*model).ok()
+    }
+}
+
+/// One number for every level.
+impl Spelling<Vec<usize>> for u32 {
+    fn to_model(&self, levels: usize) -> Vec<usize> {
+        vec![*self as usize; levels]
+    }
+    fn from_model(model: &Vec<usize>) -> u32 {
+        let first = model.first().copied().unwrap_or_default();
+        debug_assert!(model.iter().all(|&n| n == first), "one value for every level");
+        <u32 as Spelling<usize>>::from_model(&first)
+    }
+}

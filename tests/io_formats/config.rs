@@ -417,6 +417,38 @@ fn written_config_loads_back_the_same() {
     }
 }
 
+/// The config sections' U-Net architecture keys and the model's hyper-parameters come from one list: the sections'
+/// defaults are the model's (SD 1.5), and a section's keys reach the model as a config spells them (one ResBlock
+/// count for every level, -1 for an unset head count), the keys not written keeping the file's values.
+#[test]
+fn unet_sections_convert_to_the_model_hyper_parameters() {
+    use zeroconv::io::config::{model_config, ControlNetConfig, UNetConfig};
+    let sd = zeroconv::models::UNetConfig::default();
+    assert_eq!(model_config::unet(&UNetConfig::default()), sd);
+    assert_eq!(
+        model_config::controlnet(&ControlNetConfig::default(), 4),
+        zeroconv::models::ControlNetConfig::default()
+    );
+    let mut keys = Vec::new();
+    for section in ["unet_config", "control_stage_config"] {
+        for kv in ["num_res_blocks=1", "channel_mult=[1,2,2]", "num_heads=-1", "num_head_channels=64"] {
+            keys.push(format!("model.{section}.{kv}"));
+        }
+    }
+    let c = sd15(&keys.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+    let want = zeroconv::models::UNetConfig {
+        num_res_blocks: vec![1; 3],
+        channel_mult: vec![1, 2, 2],
+        num_heads: -1,
+        num_head_channels: 64,
+        use_flash_attention: true,
+        ..sd
+    };
+    assert_eq!(model_config::unet(&c.model.unet_config), want);
+    let control = model_config::controlnet(&c.model.control_stage_config, 4);
+    assert_eq!((control.unet, control.hint_channels), (want, 3));
+}
+
 #[test]
 fn readme_fragment_lists_every_key() {
     let readme = std::fs::read_to_string(repo("README-config.md")).expect("README-config.md");
