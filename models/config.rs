@@ -2,7 +2,8 @@
 //!
 //! The U-Net's architecture keys are listed once, in `unet_architecture!`: that list defines [`UNetConfig`]'s
 //! fields and defaults here, and the same keys of the config sections `unet_config` and `control_stage_config`
-//! (in the types a config spells them in) with their defaults and their conversion to [`UNetConfig`].
+//! (in the types a config spells them in) with their defaults and their conversion to [`UNetConfig`]. The VAE's
+//! `ddconfig` keys likewise, in `vae_architecture!` ([`VaeConfig`] and the `ddconfig` section).
 
 use crate::error::{Error, Result};
 use crate::graph::UnaryOp;
@@ -233,39 +234,55 @@ impl Default for ControlNetConfig {
     }
 }
 
-/// AutoencoderKL (`first_stage_config`), ddconfig keys.
-#[derive(Clone, Debug, PartialEq)]
-pub struct VaeConfig {
-    pub embed_dim: usize,
-    pub double_z: bool,
-    pub z_channels: usize,
-    pub resolution: usize,
-    pub in_channels: usize,
-    pub out_ch: usize,
-    pub ch: usize,
-    pub ch_mult: Vec<usize>,
-    pub num_res_blocks: usize,
-    pub attn_resolutions: Vec<usize>,
-    pub scale_factor: f64,
+/// The VAE's `ddconfig` keys (LDM's `Encoder`/`Decoder` arguments), written once as `unet_architecture!` writes the
+/// U-Net's: doc, model type, `as` the config's spelling, default (the SD VAE). Shared by [`VaeConfig`] (through
+/// `vae_hyper_parameters!`) and the config section `first_stage_config.params.ddconfig` (`io::config::schema`).
+macro_rules! vae_architecture {
+    ($callback:ident! { $($args:tt)* }) => {
+        $callback! {
+            $($args)*
+            architecture {
+                /// The encoder outputs mean and log-variance (2 × z_channels).
+                double_z: bool as bool = true,
+                z_channels: usize as u32 = 4,
+                /// Image size the model was built for (decides which levels get attention).
+                resolution: usize as u32 = 256,
+                in_channels: usize as u32 = 3,
+                out_ch: usize as u32 = 3,
+                ch: usize as u32 = 128,
+                ch_mult: Vec<usize> as Vec<u32> = vec![1, 2, 4, 4],
+                num_res_blocks: usize as u32 = 2,
+                attn_resolutions: Vec<usize> as Vec<u32> = Vec::new(),
+            }
+        }
+    };
+}
+pub(crate) use vae_architecture;
+
+/// [`VaeConfig`] from the `ddconfig` keys, between `embed_dim` and `scale_factor` (which the config keeps elsewhere).
+macro_rules! vae_hyper_parameters {
+    (
+        architecture {
+            $($(#[$doc:meta])* $key:ident: $model:ty as $(#[$spelling:meta])* $config:ty = $default:expr,)*
+        }
+    ) => {
+        /// AutoencoderKL (`first_stage_config`): the latent channels, the `ddconfig` keys and the latent scale.
+        #[derive(Clone, Debug, PartialEq)]
+        pub struct VaeConfig {
+            pub embed_dim: usize,
+            $($(#[$doc])* pub $key: $model,)*
+            pub scale_factor: f64,
+        }
+
+        impl Default for VaeConfig {
+            fn default() -> Self {
+                VaeConfig { embed_dim: 4, $($key: $default,)* scale_factor: 0.18215 }
+            }
+        }
+    };
 }
 
-impl Default for VaeConfig {
-    fn default() -> Self {
-        VaeConfig {
-            embed_dim: 4,
-            double_z: true,
-            z_channels: 4,
-            resolution: 256,
-            in_channels: 3,
-            out_ch: 3,
-            ch: 128,
-            ch_mult: vec![1, 2, 4, 4],
-            num_res_blocks: 2,
-            attn_resolutions: vec![],
-            scale_factor: 0.18215,
-        }
-    }
-}
+vae_architecture! { vae_hyper_parameters! {} }
 
 /// The CLIP text transformer (`cond_stage_config`). Default: ViT-L/14 as in SD 1.x.
 #[derive(Clone, Debug, PartialEq)]

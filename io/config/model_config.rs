@@ -14,20 +14,7 @@ pub fn controlnet(c: &schema::ControlNetConfig, out_channels: usize) -> ControlN
 }
 
 pub fn vae(c: &schema::AutoencoderConfig, scale_factor: f64) -> VaeConfig {
-    let d = &c.ddconfig;
-    VaeConfig {
-        embed_dim: c.embed_dim as usize,
-        double_z: d.double_z,
-        z_channels: d.z_channels as usize,
-        resolution: d.resolution as usize,
-        in_channels: d.in_channels as usize,
-        out_ch: d.out_ch as usize,
-        ch: d.ch as usize,
-        ch_mult: d.ch_mult.iter().map(|&v| v as usize).collect(),
-        num_res_blocks: d.num_res_blocks as usize,
-        attn_resolutions: d.attn_resolutions.iter().map(|&v| v as usize).collect(),
-        scale_factor,
-    }
+    c.ddconfig.architecture(c.embed_dim as usize, scale_factor)
 }
 
 pub fn clip(c: &schema::TextEncoderConfig) -> Result<ClipConfig> {

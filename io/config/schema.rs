@@ -12,7 +12,7 @@ use super::values::{
     minus_one_is_none, Accelerator, ClipLayer, CropSize, HiddenAct, Interpolation, OptimizerName, Precision,
     SamplerName, SchedulerName, Spelling, TextCleanup, ValCheckInterval,
 };
-use crate::models::config::unet_architecture;
+use crate::models::config::{unet_architecture, vae_architecture};
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -307,40 +307,45 @@ impl Default for AutoencoderConfig {
     }
 }
 
-/// The autoencoder's encoder/decoder shape.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DdConfig {
-    /// The encoder outputs mean and log-variance (2 × z_channels).
-    pub double_z: bool,
-    pub z_channels: u32,
-    /// Image size the model was built for (decides which levels get attention).
-    pub resolution: u32,
-    pub in_channels: u32,
-    pub out_ch: u32,
-    pub ch: u32,
-    pub ch_mult: Vec<u32>,
-    pub num_res_blocks: u32,
-    pub attn_resolutions: Vec<u32>,
-    pub dropout: f64,
+/// Defines the `ddconfig` section from the keys of `models::config::vae_architecture!` (one list, see
+/// `unet_section!`) and `dropout`, with `Default` (the model's) and the conversion to the model's VAE.
+macro_rules! dd_section {
+    (
+        architecture {
+            $($(#[$kmeta:meta])* $key:ident: $model:ty as $(#[$spelling:meta])* $config:ty = $kdefault:expr,)*
+        }
+    ) => {
+        /// The autoencoder's encoder/decoder shape.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct DdConfig {
+            $($(#[$kmeta])* $(#[$spelling])* pub $key: $config,)*
+            /// Unused by the frozen VAE (accepted because LDM's configs carry it).
+            pub dropout: f64,
+        }
+
+        impl Default for DdConfig {
+            /// The SD VAE: `models::VaeConfig::default()`.
+            fn default() -> Self {
+                let model = crate::models::VaeConfig::default();
+                DdConfig { $($key: <$config as Spelling<$model>>::from_model(&model.$key),)* dropout: 0.0 }
+            }
+        }
+
+        impl DdConfig {
+            /// The model's VAE hyper-parameters for these keys, with the latent channels and scale.
+            pub fn architecture(&self, embed_dim: usize, scale_factor: f64) -> crate::models::VaeConfig {
+                crate::models::VaeConfig {
+                    embed_dim,
+                    $($key: <$config as Spelling<$model>>::to_model(&self.$key, self.ch_mult.len()),)*
+                    scale_factor,
+                }
+            }
+        }
+    };
 }
 
-impl Default for DdConfig {
-    fn default() -> Self {
-        DdConfig {
-            double_z: true,
-            z_channels: 4,
-            resolution: 256,
-            in_channels: 3,
-            out_ch: 3,
-            ch: 128,
-            ch_mult: vec![1, 2, 4, 4],
-            num_res_blocks: 2,
-            attn_resolutions: Vec::new(),
-            dropout: 0.0,
-        }
-    }
-}
+vae_architecture! { dd_section! {} }
 
 /// The frozen CLIP text encoder and its tokenizer. Defaults: CLIP ViT-L/14 (SD 1.x). The section's `_target_` class
 /// selects the family (Hugging Face CLIP or OpenCLIP), which sets the defaults of the keys below (see

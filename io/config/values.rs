@@ -328,8 +328,8 @@ pub mod minus_one_is_none {
     }
 }
 
-/// How a config section spells one of the model's hyper-parameters of type `M` (the U-Net architecture keys of
-/// `models::config::unet_architecture!`): `u32` for a `usize`, `Option<u32>` (-1 for none) for LDM's `i64` that
+/// How a config section spells one of the model's hyper-parameters of type `M` (the U-Net and VAE architecture keys
+/// of `models::config::unet_architecture!` and `vae_architecture!`): `u32` for a `usize`, `Option<u32>` (-1 for none) for LDM's `i64` that
 /// is -1 when unset, one number for a per-level list. Both ways, so that the sections' defaults are the model's.
 pub trait Spelling<M> {
     /// The model's value; `levels` is the U-Net's level count, for a key a config gives once for every level.

@@ -449,6 +449,42 @@ fn unet_sections_convert_to_the_model_hyper_parameters() {
     assert_eq!((control.unet, control.hint_channels), (want, 3));
 }
 
+/// The `ddconfig` section's keys come from the same list as the model's VAE hyper-parameters
+/// (`models::config::vae_architecture!`): the defaults are the model's, and every key reaches the model.
+#[test]
+fn ddconfig_section_converts_to_the_model_vae() {
+    use zeroconv::io::config::{model_config, AutoencoderConfig};
+    let sd = zeroconv::models::VaeConfig::default();
+    assert_eq!(model_config::vae(&AutoencoderConfig::default(), sd.scale_factor), sd);
+    let keys = [
+        "model.first_stage_config.embed_dim=8",
+        "model.first_stage_config.ddconfig.double_z=False",
+        "model.first_stage_config.ddconfig.z_channels=8",
+        "model.first_stage_config.ddconfig.resolution=64",
+        "model.first_stage_config.ddconfig.in_channels=1",
+        "model.first_stage_config.ddconfig.out_ch=2",
+        "model.first_stage_config.ddconfig.ch=32",
+        "model.first_stage_config.ddconfig.ch_mult=[1,2]",
+        "model.first_stage_config.ddconfig.num_res_blocks=1",
+        "model.first_stage_config.ddconfig.attn_resolutions=[32]",
+    ];
+    let c = sd15(&keys).unwrap();
+    let want = zeroconv::models::VaeConfig {
+        embed_dim: 8,
+        double_z: false,
+        z_channels: 8,
+        resolution: 64,
+        in_channels: 1,
+        out_ch: 2,
+        ch: 32,
+        ch_mult: vec![1, 2],
+        num_res_blocks: 1,
+        attn_resolutions: vec![32],
+        scale_factor: 0.5,
+    };
+    assert_eq!(model_config::vae(&c.model.first_stage_config, 0.5), want);
+}
+
 #[test]
 fn readme_fragment_lists_every_key() {
     let readme = std::fs::read_to_string(repo("README-config.md")).expect("README-config.md");
