@@ -9,7 +9,9 @@
 //! - `b_kernels`, `c_gemms`, `d_convolutions`: one-node graphs through shipped kernels, cuBLASLt/cuBLAS and cuDNN
 //!   (f32 and bf16) against the CPU backend;
 //! - `e_training_step`: a conv + GroupNorm + attention + MSE + clip + AdamW step, 3 steps (eager, captured, replayed)
-//!   against the CPU, then replay equal to eager bit for bit.
+//!   against the CPU, then replay equal to eager bit for bit;
+//! - `g_nccl_one_rank`: NCCL on the communication stream (a one-rank communicator: one GPU cannot hold two NCCL
+//!   ranks), eager and inside a captured graph with its fork and join.
 
 mod common;
 
@@ -293,4 +295,71 @@ fn f_flash_attention_throughput() {
             3.5 * flops / both / 1e12
         );
     }
+}
+
+/// A world of one rank with a real NCCL id: what the rendezvous hands a GPU rank, without the rendezvous.
+struct OneRank([u8; zeroconv::engine::dist::rendezvous::BLOB_LEN]);
+
+impl zeroconv::engine::dist::communicator::Communicator for OneRank {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, _buf: zeroconv::engine::dist::communicator::ReduceBuf<'_>) -> zeroconv::Result<()> {
+        Ok(()) // the sum over one rank
+    }
+    fn nccl_unique_id(&self) -> Option<[u8; zeroconv::engine::dist::rendezvous::BLOB_LEN]> {
+        Some(self.0)
+    }
+}
+
+/// NCCL through `CudaDevice` on the communication stream, as the data-parallel step uses it: the library loads, a
+/// communicator initialises from an id made here, and an all-reduce (sum, then average) runs after a fork event and
+/// before a join, eagerly and captured into a graph that is then replayed; the buffer keeps its values (the sum and
+/// the mean over one rank), and the compute stream's download after the join sees them. Only on a GPU: the NCCL
+/// calls, the second stream and the capture's fork and join are checked on the CPU only by the emulated device.
+#[test]
+fn g_nccl_one_rank() {
+    use zeroconv::engine::device::{Device, EventId, Stream};
+    if !gpu_expected() {
+        return;
+    }
+    let nccl = zeroconv::engine::cuda::nccl::Nccl::load().unwrap_or_else(|e| panic!("NCCL: {e}"));
+    let id = nccl.unique_id().unwrap_or_else(|e| panic!("ncclGetUniqueId: {e}"));
+    let mut blob = [0u8; zeroconv::engine::dist::rendezvous::BLOB_LEN];
+    blob[..id.len()].copy_from_slice(&id);
+    let mut d = CudaDevice::open(0).unwrap_or_else(|e| panic!("GPU: {e}"));
+    d.set_communicator(std::sync::Arc::new(OneRank(blob))).unwrap_or_else(|e| panic!("ncclCommInitRank: {e}"));
+    let values: Vec<f32> = (0..1 << 20).map(|i| (i % 1000) as f32 * 0.25 - 100.0).collect();
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let buf = d.alloc(bytes.len() as u64, "nccl test buffer").expect("alloc");
+    let (fork, join) = (EventId(0), EventId(1));
+    let reduce = |d: &mut CudaDevice, average: bool| {
+        d.record(Stream::Compute, fork).expect("record fork");
+        d.wait(Stream::Comm, fork).expect("wait fork");
+        d.all_reduce(Stream::Comm, buf, values.len() as u64, DType::F32, average).unwrap_or_else(|e| panic!("{e}"));
+        d.record(Stream::Comm, join).expect("record join");
+        d.wait(Stream::Compute, join).expect("wait join");
+    };
+    let check = |d: &mut CudaDevice, what: &str| {
+        let mut back = vec![0u8; bytes.len()];
+        d.download(&mut back, buf).expect("download");
+        assert!(back == bytes, "{what}: the all-reduce over one rank changed the buffer");
+    };
+    d.upload(buf, &bytes).expect("upload");
+    reduce(&mut d, false);
+    check(&mut d, "eager sum");
+    reduce(&mut d, true);
+    check(&mut d, "eager average");
+    d.begin_capture().expect("begin_capture");
+    reduce(&mut d, false);
+    let graph = d.end_capture().unwrap_or_else(|e| panic!("a capture with NCCL on the comm stream: {e}"));
+    for _ in 0..3 {
+        d.replay(graph).expect("replay");
+    }
+    d.synchronize().expect("synchronize");
+    check(&mut d, "replayed sum");
+    println!("NCCL: one-rank all-reduce of {} floats on the comm stream, eager and captured: ok", values.len());
 }
