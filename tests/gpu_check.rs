@@ -223,17 +223,19 @@ fn e_training_step() {
 }
 
 /// SD 1.5's attention shapes at 512x512 (8 heads; self-attention at the 64x64, 32x32 and 16x16 levels with head dims
-/// 40, 80 and 160; cross-attention over 77 tokens), batch 8 and 32: (what, batch, heads, lq, lk, head dim).
-const SD15_ATTENTION: [(&str, usize, usize, usize, usize, usize); 8] = [
-    ("self 64x64, d 40", 8, 8, 4096, 4096, 40),
-    ("self 32x32, d 80", 8, 8, 1024, 1024, 80),
-    ("self 16x16, d 160", 8, 8, 256, 256, 160),
-    ("cross 64x64 x 77, d 40", 8, 8, 4096, 77, 40),
-    ("self 64x64, d 40", 32, 8, 4096, 4096, 40),
-    ("self 32x32, d 80", 32, 8, 1024, 1024, 80),
-    ("self 16x16, d 160", 32, 8, 256, 256, 160),
-    ("cross 64x64 x 77, d 40", 32, 8, 4096, 77, 40),
-];
+/// 40, 80 and 160; cross-attention over 77 tokens), batch 8 and 32: (what, batch, heads, lq, lk, head dim). The list
+/// is scripts/bench/sd15_attention_shapes.csv, which scripts/bench/torch_sdpa.py reads for PyTorch's rows.
+fn sd15_attention() -> Vec<(String, usize, usize, usize, usize, usize)> {
+    let csv = include_str!("../scripts/bench/sd15_attention_shapes.csv");
+    let rows = csv.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#'));
+    rows.map(|line| {
+        let fields: Vec<&str> = line.split(',').collect();
+        let n = |i: usize| fields[i].trim().parse::<usize>().unwrap_or_else(|e| panic!("{line}: field {i}: {e}"));
+        assert_eq!(fields.len(), 6, "sd15_attention_shapes.csv: {line}");
+        (fields[0].to_string(), n(1), n(2), n(3), n(4), n(5))
+    })
+    .collect()
+}
 
 /// Mean seconds of one launch of `g` on the GPU with flash attention, inputs random, after 3 untimed launches (the
 /// first eager, the second captured; the timed ones replay the CUDA graph).
@@ -268,7 +270,7 @@ fn f_flash_attention_throughput() {
         return;
     }
     let mut rng = Rng::new(18);
-    for (what, b, h, lq, lk, d) in SD15_ATTENTION {
+    for (what, b, h, lq, lk, d) in sd15_attention() {
         let scale = F64Bits::new(1.0 / (d as f64).sqrt());
         let build = |with_backward: bool| {
             let mut g = Graph::new();
@@ -362,4 +364,16 @@ fn g_nccl_one_rank() {
     d.synchronize().expect("synchronize");
     check(&mut d, "replayed sum");
     println!("NCCL: one-rank all-reduce of {} floats on the comm stream, eager and captured: ok", values.len());
+}
+
+/// The shape list the throughput rows read parses here too (the GPU test itself returns at once without a GPU):
+/// SD 1.5's four attention shapes at batch 8 and 32.
+#[test]
+fn attention_shape_list_parses() {
+    let shapes = sd15_attention();
+    assert_eq!(shapes.len(), 8, "{shapes:?}");
+    for batch in [8, 32] {
+        let dims: Vec<_> = shapes.iter().filter(|s| s.1 == batch).map(|s| (s.3, s.4, s.5)).collect();
+        assert_eq!(dims, [(4096, 4096, 40), (1024, 1024, 80), (256, 256, 160), (4096, 77, 40)], "batch {batch}");
+    }
 }

@@ -123,7 +123,12 @@ fn tap_index(s: &Conv2dShape, t: usize) -> (usize, usize, usize) {
 
 /// Threads a convolution of this shape runs on, given `threads` (at least 1, at most one per band).
 fn workers(s: &Conv2dShape, threads: usize) -> usize {
-    threads.clamp(1, s.out_h().div_ceil(Planes::of(s).band_rows).max(1))
+    band_workers(s.out_h(), Planes::of(s).band_rows, threads)
+}
+
+/// Threads `rows` output rows in bands of `band_rows` run on: at most one per band.
+fn band_workers(rows: usize, band_rows: usize, threads: usize) -> usize {
+    threads.clamp(1, rows.div_ceil(band_rows).max(1))
 }
 
 /// Scratch elements of [`forward_image`] on `threads` threads: one band of planes per thread.
@@ -438,7 +443,7 @@ fn forward_bands(
     threads: usize,
 ) {
     let bands = out.rows.div_ceil(p.band_rows);
-    let workers = threads.clamp(1, bands.max(1));
+    let workers = band_workers(out.rows, p.band_rows, threads);
     let per_worker = bands.div_ceil(workers);
     let worker = |(w, planes): (usize, &mut [f32])| {
         for band in (w * per_worker..((w + 1) * per_worker).min(bands)).map(|b| b * p.band_rows) {

@@ -4,22 +4,21 @@ attention shapes, bf16, batch 8 and 32, on the GPU; the lines have the form of t
 
 FLOPs by FlashAttention's convention: forward 4*B*H*Lq*Lk*D, backward 2.5 times that. 3 untimed runs, then the
 mean of 10, synchronised. Usage: python3 torch_sdpa.py"""
+import os
 import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-SHAPES = [  # (what, batch, heads, lq, lk, head dim): the same list as tests/gpu_check.rs
-    ("self 64x64, d 40", 8, 8, 4096, 4096, 40),
-    ("self 32x32, d 80", 8, 8, 1024, 1024, 80),
-    ("self 16x16, d 160", 8, 8, 256, 256, 160),
-    ("cross 64x64 x 77, d 40", 8, 8, 4096, 77, 40),
-    ("self 64x64, d 40", 32, 8, 4096, 4096, 40),
-    ("self 32x32, d 80", 32, 8, 1024, 1024, 80),
-    ("self 16x16, d 160", 32, 8, 256, 256, 160),
-    ("cross 64x64 x 77, d 40", 32, 8, 4096, 77, 40),
-]
+
+
+def shapes():
+    """(what, batch, heads, lq, lk, head dim) from sd15_attention_shapes.csv, the list tests/gpu_check.rs reads."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sd15_attention_shapes.csv")
+    with open(path) as f:
+        rows = [line.strip().split(",") for line in f if line.strip() and not line.startswith("#")]
+    return [(what, *map(int, numbers)) for what, *numbers in rows]
 
 
 def mean_seconds(fn, runs=10):
@@ -35,7 +34,7 @@ def mean_seconds(fn, runs=10):
 
 torch.manual_seed(18)
 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-    for what, b, h, lq, lk, d in SHAPES:
+    for what, b, h, lq, lk, d in shapes():
         q = torch.randn(b, h, lq, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         k = torch.randn(b, h, lk, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         v = torch.randn(b, h, lk, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
