@@ -5,10 +5,10 @@
 //! normalised values are produced. Groups anchored on a convolution or a matrix product run in
 //! `epilogue.rs`, on the same register program.
 
-use super::elementwise::{as_f32, as_f32_mut, silu_backward_f32, silu_f32, unary_derivative, unary_value};
+use super::elementwise::{unary_backward_f32_loop, unary_derivative, unary_f32_loop, unary_value};
 use super::float::Float;
+use super::norm::mean_rstd;
 use crate::graph::fusion::{Anchor, FusedKernel, Instr};
-use crate::graph::UnaryOp;
 use crate::graph::{BinaryOp, DType, Shape};
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -146,11 +146,31 @@ struct Norm<'a, T> {
 }
 
 impl<T: Float> Norm<'_, T> {
-    fn stats(&self, x: &[T]) -> (T, T) {
-        let n = T::from_f64(x.len() as f64);
-        let mean = x.iter().copied().sum::<T>() / n;
-        let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<T>() / n;
-        (mean, T::ONE / (var + T::from_f64(self.eps)).sqrt())
+    /// The normalised values of elements `e0..e0 + dst.len()` of `x` (one unit's `mean` and `rstd`), a run of
+    /// elements sharing one gamma/beta entry at a time (no division per element).
+    fn apply(&self, x: &[T], e0: usize, mean: T, rstd: T, dst: &mut [T]) {
+        let x = &x[e0..e0 + dst.len()];
+        let mut j = 0;
+        while j < dst.len() {
+            let e = e0 + j;
+            let c = (e / self.inner) % self.period;
+            if self.inner == 1 {
+                // One entry per element (LayerNorm): a run along gamma/beta.
+                let run = (self.period - c).min(dst.len() - j);
+                let (g, b) = (&self.gamma[c..c + run], &self.beta[c..c + run]);
+                for (k, (d, &v)) in dst[j..j + run].iter_mut().zip(&x[j..j + run]).enumerate() {
+                    *d = (v - mean) * rstd * g[k] + b[k];
+                }
+                j += run;
+            } else {
+                let run = (self.inner - e % self.inner).min(dst.len() - j);
+                let (g, b) = (self.gamma[c], self.beta[c]);
+                for (d, &v) in dst[j..j + run].iter_mut().zip(&x[j..j + run]) {
+                    *d = (v - mean) * rstd * g + b;
+                }
+                j += run;
+            }
+        }
     }
 }
 
@@ -198,7 +218,7 @@ pub fn run<T: Float>(k: &FusedKernel, ins: &[&[T]], outs: &mut [&mut [T]], scrat
                 Some(nm) => {
                     let mut u = start;
                     while u < end {
-                        let (mean, rstd) = nm.stats(&ins[0][u..u + nm.unit]);
+                        let (mean, rstd) = mean_rstd(&ins[0][u..u + nm.unit], nm.eps);
                         run_range(k, &loaders, ins, &mut mine, regs_buf, start, u, u + nm.unit, Some((nm, mean, rstd)));
                         u += nm.unit;
                     }
@@ -226,11 +246,7 @@ fn run_range<T: Float>(
         let len = BLOCK.min(to - e0);
         let mut normalised = |dst: &mut [T]| {
             let (nm, mean, rstd) = norm.expect("anchored group");
-            for (j, d) in dst.iter_mut().enumerate() {
-                let e = e0 + j;
-                let c = (e / nm.inner) % nm.period;
-                *d = (ins[0][e] - mean) * rstd * nm.gamma[c] + nm.beta[c];
-            }
+            nm.apply(ins[0], e0, mean, rstd, dst);
         };
         eval_block(k, loaders, ins, regs, e0, len, &mut normalised);
         for (o, &(r, _)) in outs.iter_mut().zip(&k.outputs) {
@@ -259,24 +275,20 @@ pub(super) fn eval_block<T: Float>(
             Instr::Load(i) => loaders[i].load(ins[i], e0, dst),
             Instr::Anchor => anchor(dst),
             Instr::Const(c) => dst.fill(T::from_f64(c.get())),
-            Instr::Unary(u, a) => match (u, as_f32(src(a)), as_f32_mut(dst)) {
-                (UnaryOp::Silu, Some(xf), Some(df)) => silu_f32(xf, df),
-                _ => {
-                    let dst = &mut after[..len];
+            Instr::Unary(u, a) => {
+                if !unary_f32_loop(u, src(a), dst) {
                     for (d, &x) in dst.iter_mut().zip(src(a)) {
                         *d = unary_value(u, x);
                     }
                 }
-            },
-            Instr::UnaryBackward(u, x, dy) => match (u, as_f32(src(x)), as_f32(src(dy)), as_f32_mut(dst)) {
-                (UnaryOp::Silu, Some(xf), Some(gf), Some(df)) => silu_backward_f32(xf, gf, df),
-                _ => {
-                    let dst = &mut after[..len];
+            }
+            Instr::UnaryBackward(u, x, dy) => {
+                if !unary_backward_f32_loop(u, src(x), src(dy), dst) {
                     for ((d, &xv), &g) in dst.iter_mut().zip(src(x)).zip(src(dy)) {
                         *d = g * unary_derivative(u, xv);
                     }
                 }
-            },
+            }
             Instr::Binary(b, a, c) => {
                 let (xa, xc) = (src(a), src(c));
                 match b {

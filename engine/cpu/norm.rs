@@ -1,13 +1,15 @@
 //! GroupNorm, LayerNorm and softmax, forward and backward. Statistics are computed in two passes
 //! (mean, then the variance of the centred values) for accuracy.
 
+use super::elementwise::{sum_lanes, sum_map, sum_slice, sum_zip};
 use super::float::Float;
 use rayon::prelude::*;
 
-fn mean_rstd<T: Float>(x: &[T], eps: f64) -> (T, T) {
+/// The mean and 1/sqrt(variance + eps) of one normalisation unit (two passes, lane sums).
+pub(super) fn mean_rstd<T: Float>(x: &[T], eps: f64) -> (T, T) {
     let n = T::from_f64(x.len() as f64);
-    let mean = x.iter().copied().sum::<T>() / n;
-    let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<T>() / n;
+    let mean = sum_slice(x) / n;
+    let var = sum_map(x, |v| (v - mean) * (v - mean)) / n;
     (mean, T::ONE / (var + T::from_f64(eps)).sqrt())
 }
 
@@ -66,12 +68,9 @@ pub fn group_norm_backward<T: Float>(g: &GroupNormGeom, x: &[T], gamma: &[T], dy
             // sum(dxhat) and sum(dxhat * xhat) over the group.
             let (mut s1, mut s2) = (T::ZERO, T::ZERO);
             for ch in 0..cg {
-                let (mut dg, mut dbt) = (T::ZERO, T::ZERO);
-                for (&xv, &d) in xb[ch * s..(ch + 1) * s].iter().zip(&db[ch * s..(ch + 1) * s]) {
-                    let xh = (xv - mean) * rstd;
-                    dg += d * xh;
-                    dbt += d;
-                }
+                let (xc, dc) = (&xb[ch * s..(ch + 1) * s], &db[ch * s..(ch + 1) * s]);
+                let dg = sum_zip(xc, dc, |xv, d| d * ((xv - mean) * rstd));
+                let dbt = sum_slice(dc);
                 pb[ch * 2] = dg;
                 pb[ch * 2 + 1] = dbt;
                 s1 += dbt * gamma[g0 + ch];
@@ -126,15 +125,14 @@ pub fn layer_norm_backward<T: Float>(x: &[T], gamma: &[T], dy: &[T], out: NormGr
             let xr = &x[r * d..(r + 1) * d];
             let dr = &dy[r * d..(r + 1) * d];
             let (mean, rstd) = mean_rstd(xr, eps);
-            let (mut s1, mut s2) = (T::ZERO, T::ZERO);
             for j in 0..d {
                 let xh = (xr[j] - mean) * rstd;
-                let dxh = dr[j] * gamma[j];
-                s1 += dxh;
-                s2 += dxh * xh;
                 pg[j] += dr[j] * xh;
                 pbt[j] += dr[j];
             }
+            let gm = &gamma[..d];
+            let s1 = sum_zip(dr, gm, |dv, g| dv * g);
+            let s2 = sum_lanes(d, |j| dr[j] * gm[j] * ((xr[j] - mean) * rstd));
             let (m1, m2) = (s1 / count, s2 / count);
             for j in 0..d {
                 let xh = (xr[j] - mean) * rstd;
