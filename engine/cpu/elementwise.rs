@@ -138,8 +138,16 @@ fn silu_backward_loop(x: &[f32], dy: &[f32], dx: &mut [f32]) {
 /// checked against f64 erf on a dense grid in the tests below.
 #[inline(always)]
 fn erf_poly(x: f32) -> f32 {
-    const P: [f32; 7] =
-        [1.128_379_2, 0.185_168_81, 0.054_274_545, 0.003_843_335, 3.779_282_9e-4, 4.640_214_7e-6, -1.296_591_4e-8];
+    // The fitted coefficients rounded to f32 (the first is 2/sqrt(pi), erf's slope at 0, to f32 precision).
+    const P: [f32; 7] = [
+        std::f32::consts::FRAC_2_SQRT_PI,
+        0.185_168_82,
+        0.054_274_544,
+        0.003_843_335,
+        3.779_282_9e-4,
+        4.640_214_7e-6,
+        -1.296_591_4e-8,
+    ];
     const Q: [f32; 6] = [1.0, 0.497_435, 0.113_910_73, 0.015_443_618, 0.001_304_043_7, 6.269_041e-5];
     let a = x.abs().min(3.95);
     let t = a * a;
