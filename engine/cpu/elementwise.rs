@@ -181,6 +181,16 @@ fn gelu_erf_backward_loop(x: &[f32], dy: &[f32], dx: &mut [f32]) {
     }
 }
 
+/// `y = e^(y - m)` in place with [`exp_poly`] (softmax's numerators, every `y - m` ≤ 0); below -87, where e^x is
+/// under 1.7e-38 (and for a -inf mask), 0, so masked scores stay exactly 0.
+#[inline(always)]
+fn exp_shifted_loop(y: &mut [f32], m: f32) {
+    for v in y.iter_mut() {
+        let d = *v - m;
+        *v = if d < -87.0 { 0.0 } else { exp_poly(d) };
+    }
+}
+
 /// The widest vector unit this CPU has, detected once: the loops above are compiled again for it (the crate's
 /// baseline is x86-64's SSE2, four lanes). The same operations in the same order, without FMA contraction (Rust
 /// never contracts), so every width gives the same bits: results do not depend on the machine.
@@ -244,6 +254,10 @@ dispatched!(
 dispatched!(
     /// SiLU's backward (`dx = dy · silu'(x)`), at the CPU's vector width.
     silu_backward_f32(x: &[f32], dy: &[f32], dx: &mut [f32]) => silu_backward_loop
+);
+dispatched!(
+    /// `y = e^(y - m)` in place, at the CPU's vector width.
+    exp_shifted_f32(y: &mut [f32], m: f32) => exp_shifted_loop
 );
 dispatched!(
     /// GELU (erf form) of `x` into `y`, at the CPU's vector width.
@@ -407,7 +421,7 @@ pub fn broadcast_to<T: Float>(x: &[T], xs: &Shape, out: &mut [T], os: &Shape) {
 
 /// Independent partial sums of the lane sums below: enough to fill the vector adders, a fixed number so the
 /// order of additions, and so the bits, do not depend on the machine or the thread count.
-const LANES: usize = 8;
+pub(super) const LANES: usize = 8;
 
 /// Σ f(i) for i in 0..n in `LANES` interleaved partial sums, so the loop vectorises (a serial sum waits on the
 /// adder's latency each element: GroupNorm's statistics ran 5-10x slower). The partial sums are added in order
@@ -630,6 +644,10 @@ mod tests {
         silu_backward_f32(&x, &dy, &mut fast);
         silu_backward_loop(&x, &dy, &mut base);
         assert!(fast.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()), "silu backward");
+        let (mut fast, mut base) = (x.clone(), x.clone());
+        exp_shifted_f32(&mut fast, 3.5);
+        exp_shifted_loop(&mut base, 3.5);
+        assert!(fast.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()), "exp shifted");
         gelu_erf_f32(&x, &mut fast);
         gelu_erf_loop(&x, &mut base);
         assert!(fast.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()), "gelu");

@@ -256,8 +256,18 @@ fn run_range<T: Float>(
     }
 }
 
+/// The input a register reads in place instead of holding a copy: a load of an input of the iteration space's
+/// own shape (its block is a plain slice of it) that is not an output (outputs are copied out of `regs`).
+fn read_in_place(k: &FusedKernel, loaders: &[Loader], r: usize) -> Option<usize> {
+    match k.body[r] {
+        Instr::Load(i) if matches!(loaders[i], Loader::Same) && !k.outputs.iter().any(|&(o, _)| o == r) => Some(i),
+        _ => None,
+    }
+}
+
 /// Evaluates the body for elements `e0..e0 + len` (at most `BLOCK`) of the iteration space into `regs` (`BLOCK`
 /// values per register, one register per instruction); `anchor` writes the anchor's values into its register.
+/// Registers that load an input of the iteration space's shape read it where it is (no copy).
 pub(super) fn eval_block<T: Float>(
     k: &FusedKernel,
     loaders: &[Loader],
@@ -270,9 +280,16 @@ pub(super) fn eval_block<T: Float>(
     for (r, ins_r) in k.body.iter().enumerate() {
         let (before, after) = regs.split_at_mut(r * BLOCK);
         let dst = &mut after[..len];
-        let src = |a: usize| &before[a * BLOCK..a * BLOCK + len];
+        let src = |a: usize| match read_in_place(k, loaders, a) {
+            Some(i) => &ins[i][e0..e0 + len],
+            None => &before[a * BLOCK..a * BLOCK + len],
+        };
         match *ins_r {
-            Instr::Load(i) => loaders[i].load(ins[i], e0, dst),
+            Instr::Load(i) => {
+                if read_in_place(k, loaders, r).is_none() {
+                    loaders[i].load(ins[i], e0, dst)
+                }
+            }
             Instr::Anchor => anchor(dst),
             Instr::Const(c) => dst.fill(T::from_f64(c.get())),
             Instr::Unary(u, a) => {
