@@ -241,14 +241,20 @@ pub fn runs_direct_kernels(shape: &Conv2dShape, threads: ConvThreads) -> [bool; 
 
 /// Measured on Zen 5 (`zeroconv bench ops --convs hint --threads 1`, BENCHMARKS.md): the direct kernels beat
 /// im2col where its products are thin (few input channels: a short reduction) over rows wide enough to fill the
-/// 32-pixel register blocks, with at least the 8 output channels of a register block. A strided forward gains only
-/// up to 32 input channels (its input copy into stride phases costs more). The weight gradient gains only up to 16
+/// 32-pixel register blocks, with at least the 8 output channels of a register block. A stride-1 forward wins at
+/// any channel count once each thread has its own image (in bench_small's step, `zeroconv profile`, its forward
+/// convolutions took 70 ms instead of 77-96: the hint encoder's 256->64 zero convolution 5.8-6.2 -> 3.6 ms, 96->96
+/// 9.3-11.3 -> 7.0-7.9 ms); a stride-1 backward-input (the same kernel on the recast shape) did not measurably gain
+/// beyond 64 channels of `dy`. A strided forward gains only up to 32 input channels (its input copy into stride
+/// phases costs more). The weight gradient gains only up to 16
 /// input channels: beyond, the `gemm` crate's cache blocking wins; a strided backward-input (by output phases)
 /// only up to 32 channels of `dy`. `shape` is the convolution the kernel computes (for a stride-1 backward-input,
 /// its recast as a forward).
 fn direct_wins(shape: &Conv2dShape, pass: Pass) -> bool {
     let wide = !shape.is_pointwise() && shape.out_w() >= 32;
     match pass {
+        Pass::Forward if shape.stride == 1 => wide && shape.o >= 8,
+        Pass::Forward if shape.stride == 1 => wide && shape.o >= 8,
         Pass::Forward | Pass::BackwardInput => {
             wide && shape.o >= 8 && shape.c <= if shape.stride == 1 { 64 } else { 32 }
         }
