@@ -57,8 +57,13 @@ pub fn permute<T: Float>(x: &[T], xs: &Shape, perm: &[usize], out: &mut [T], os:
             base += (rem % od[ax]) * st[ax];
             rem /= od[ax];
         }
-        for (j, o) in orow.iter_mut().enumerate() {
-            *o = x[base + j * ls];
+        if ls == 1 {
+            // The last axis stays last (attention's head split and merge): each output row is one copy.
+            orow.copy_from_slice(&x[base..base + last]);
+        } else {
+            for (j, o) in orow.iter_mut().enumerate() {
+                *o = x[base + j * ls];
+            }
         }
     });
 }
