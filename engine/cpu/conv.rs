@@ -262,11 +262,22 @@ fn direct_wins(shape: &Conv2dShape, pass: Pass) -> bool {
     }
 }
 
+/// Scratch of a direct pass over `shape` (as `run_direct` cuts it): the packed weight (`packed_len`), then each
+/// image running at once's own (`image_scratch(threads inside the image)`).
+fn direct_pass_scratch_len(
+    shape: &Conv2dShape,
+    threads: ConvThreads,
+    packed_len: usize,
+    image_scratch: impl Fn(usize) -> usize,
+) -> usize {
+    let plan = plan(shape, threads);
+    packed_len + plan.workers * image_scratch(plan.gemm_threads)
+}
+
 /// Scratch of a forward direct convolution `shape` (or a backward-input recast as one): the packed weight, then
 /// planes for every image running at once.
 fn direct_scratch_len(shape: &Conv2dShape, threads: ConvThreads) -> usize {
-    let plan = plan(shape, threads);
-    direct::packed_weight_len(shape) + plan.workers * direct::planes_scratch_len(shape, plan.gemm_threads)
+    direct_pass_scratch_len(shape, threads, direct::packed_weight_len(shape), |t| direct::planes_scratch_len(shape, t))
 }
 
 /// Scratch elements `conv2d_forward` needs for this shape and threading.
@@ -289,9 +300,9 @@ pub fn conv2d_backward_input_scratch_len(shape: &Conv2dShape, threads: ConvThrea
     match direct::backward_input_as_forward(shape) {
         Some(recast) => im2col.max(direct_scratch_len(&recast, threads)),
         None => {
-            let plan = plan(shape, threads);
-            let image = direct::strided_backward_input_scratch_len(shape, plan.gemm_threads);
-            im2col.max(direct::strided_backward_input_packed_len(shape) + plan.workers * image)
+            im2col.max(direct_pass_scratch_len(shape, threads, direct::strided_backward_input_packed_len(shape), |t| {
+                direct::strided_backward_input_scratch_len(shape, t)
+            }))
         }
     }
 }
