@@ -246,19 +246,18 @@ pub fn runs_direct_kernels(shape: &Conv2dShape, threads: ConvThreads) -> [bool; 
 /// convolutions took 70 ms instead of 77-96: the hint encoder's 256->64 zero convolution 5.8-6.2 -> 3.6 ms, 96->96
 /// 9.3-11.3 -> 7.0-7.9 ms); a stride-1 backward-input (the same kernel on the recast shape) did not measurably gain
 /// beyond 64 channels of `dy`. A strided forward gains only up to 32 input channels (its input copy into stride
-/// phases costs more). The weight gradient gains only up to 16
-/// input channels: beyond, the `gemm` crate's cache blocking wins; a strided backward-input (by output phases)
-/// only up to 32 channels of `dy`. `shape` is the convolution the kernel computes (for a stride-1 backward-input,
-/// its recast as a forward).
+/// phases costs more). The weight gradient wins up to 16 input channels, and up to 32 at stride 1 (in the step the
+/// hint encoder's 32->32 weight gradient took 4.1-4.9 ms instead of 5.7-7.2, three A/B profile pairs); beyond, the
+/// `gemm` crate's cache blocking wins. A strided backward-input (by output phases) gains only up to 32 channels of
+/// `dy`. `shape` is the convolution the kernel computes (for a stride-1 backward-input, its recast as a forward).
 fn direct_wins(shape: &Conv2dShape, pass: Pass) -> bool {
     let wide = !shape.is_pointwise() && shape.out_w() >= 32;
     match pass {
         Pass::Forward if shape.stride == 1 => wide && shape.o >= 8,
-        Pass::Forward if shape.stride == 1 => wide && shape.o >= 8,
         Pass::Forward | Pass::BackwardInput => {
             wide && shape.o >= 8 && shape.c <= if shape.stride == 1 { 64 } else { 32 }
         }
-        Pass::BackwardWeight => wide && shape.c <= 16,
+        Pass::BackwardWeight => wide && (shape.c <= 16 || (shape.c <= 32 && shape.stride == 1)),
     }
 }
 
