@@ -165,19 +165,16 @@ fn erf_poly(x: f32) -> f32 {
 /// GELU (the erf form) and its backward on f32 slices, as the SiLU loops.
 #[inline(always)]
 fn gelu_erf_loop(x: &[f32], y: &mut [f32]) {
-    const INV_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
     for (o, &v) in y.iter_mut().zip(x) {
-        *o = 0.5 * v * (1.0 + erf_poly(v * INV_SQRT_2));
+        *o = 0.5 * v * (1.0 + erf_poly(v * INV_SQRT_2 as f32));
     }
 }
 
 #[inline(always)]
 fn gelu_erf_backward_loop(x: &[f32], dy: &[f32], dx: &mut [f32]) {
-    const INV_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
-    const INV_SQRT_2PI: f32 = 0.398_942_3;
     for ((o, &v), &d) in dx.iter_mut().zip(x).zip(dy) {
-        let cdf = 0.5 * (1.0 + erf_poly(v * INV_SQRT_2));
-        *o = d * (cdf + v * INV_SQRT_2PI * exp_poly(-0.5 * v * v));
+        let cdf = 0.5 * (1.0 + erf_poly(v * INV_SQRT_2 as f32));
+        *o = d * (cdf + v * INV_SQRT_2PI as f32 * exp_poly(-0.5 * v * v));
     }
 }
 
@@ -421,25 +418,29 @@ pub fn broadcast_to<T: Float>(x: &[T], xs: &Shape, out: &mut [T], os: &Shape) {
 
 /// Independent partial sums of the lane sums below: enough to fill the vector adders, a fixed number so the
 /// order of additions, and so the bits, do not depend on the machine or the thread count.
-pub(super) const LANES: usize = 8;
+const LANES: usize = 8;
 
-/// Σ f(i) for i in 0..n in `LANES` interleaved partial sums, so the loop vectorises (a serial sum waits on the
-/// adder's latency each element: GroupNorm's statistics ran 5-10x slower). The partial sums are added in order
-/// after the tail's serial sum.
+/// `op` over f(i) for i in 0..n, starting from `init`, in `LANES` interleaved running values so the loop
+/// vectorises (a serial sum waits on the adder's latency each element: GroupNorm's statistics ran 5-10x slower).
+/// The tail is folded first, then the running values in order: a fixed order, so the same bits on any machine
+/// and thread count. `init` must be an identity of `op` (0 for +; any element for max).
 #[inline(always)]
-pub(super) fn sum_lanes<T: Float>(n: usize, f: impl Fn(usize) -> T) -> T {
-    let mut acc = [T::ZERO; LANES];
+pub(super) fn fold_lanes<T: Float>(n: usize, init: T, f: impl Fn(usize) -> T, op: impl Fn(T, T) -> T) -> T {
+    let mut acc = [init; LANES];
     let body = n - n % LANES;
     for i in (0..body).step_by(LANES) {
         for (k, a) in acc.iter_mut().enumerate() {
-            *a += f(i + k);
+            *a = op(*a, f(i + k));
         }
     }
-    let mut total = (body..n).map(&f).sum::<T>();
-    for v in acc {
-        total += v;
-    }
-    total
+    let total = (body..n).map(&f).fold(init, &op);
+    acc.into_iter().fold(total, op)
+}
+
+/// Σ f(i) for i in 0..n, in lanes ([`fold_lanes`]).
+#[inline(always)]
+pub(super) fn sum_lanes<T: Float>(n: usize, f: impl Fn(usize) -> T) -> T {
+    fold_lanes(n, T::ZERO, f, |a, b| a + b)
 }
 
 /// Σ f(a[i], b[i]) in lanes, as [`sum_lanes`].
@@ -633,27 +634,30 @@ mod tests {
     }
 
     #[test]
-    fn silu_gives_the_same_bits_at_every_vector_width() {
+    fn f32_loops_give_the_same_bits_at_every_vector_width() {
         let mut x: Vec<f32> = (0..4099).map(|i| (i as f32 - 2049.0) * 0.037).collect();
         x.extend([0.0, -0.0, 1e-30, -1e-30, 88.5, -88.5, 1e30, -1e30, f32::INFINITY, f32::NEG_INFINITY, f32::NAN]);
         let dy: Vec<f32> = x.iter().enumerate().map(|(i, _)| 1.0 - (i % 7) as f32 * 0.3).collect();
+        let same = |fast: &[f32], base: &[f32], what: &str| {
+            assert!(fast.iter().zip(base).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}");
+        };
         let (mut fast, mut base) = (vec![0f32; x.len()], vec![0f32; x.len()]);
         silu_f32(&x, &mut fast);
         silu_loop(&x, &mut base);
-        assert!(fast.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()), "silu");
+        same(&fast, &base, "silu");
         silu_backward_f32(&x, &dy, &mut fast);
         silu_backward_loop(&x, &dy, &mut base);
-        assert!(fast.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()), "silu backward");
+        same(&fast, &base, "silu backward");
+        gelu_erf_f32(&x, &mut fast);
+        gelu_erf_loop(&x, &mut base);
+        same(&fast, &base, "gelu");
+        gelu_erf_backward_f32(&x, &dy, &mut fast);
+        gelu_erf_backward_loop(&x, &dy, &mut base);
+        same(&fast, &base, "gelu backward");
         let (mut fast, mut base) = (x.clone(), x.clone());
         exp_shifted_f32(&mut fast, 3.5);
         exp_shifted_loop(&mut base, 3.5);
-        assert!(fast.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()), "exp shifted");
-        gelu_erf_f32(&x, &mut fast);
-        gelu_erf_loop(&x, &mut base);
-        assert!(fast.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()), "gelu");
-        gelu_erf_backward_f32(&x, &dy, &mut fast);
-        gelu_erf_backward_loop(&x, &dy, &mut base);
-        assert!(fast.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()), "gelu backward");
+        same(&fast, &base, "exp shifted");
     }
 
     /// The f32 erf is within 7 units in the last place of f64's erf everywhere (every f32 in [0, 4.5] with its

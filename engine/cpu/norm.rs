@@ -1,7 +1,7 @@
 //! GroupNorm, LayerNorm and softmax, forward and backward. Statistics are computed in two passes
 //! (mean, then the variance of the centred values) for accuracy.
 
-use super::elementwise::{as_f32_mut, exp_shifted_f32, sum_lanes, sum_map, sum_slice, sum_zip, LANES};
+use super::elementwise::{as_f32_mut, exp_shifted_f32, fold_lanes, sum_lanes, sum_map, sum_slice, sum_zip};
 use super::float::Float;
 use rayon::prelude::*;
 
@@ -198,20 +198,10 @@ fn softmax_in_place_stats<T: Float>(y: &mut [T]) -> (T, T) {
     (m, sum)
 }
 
-/// The largest element (NaNs ignored, as `f32::max` does), in `LANES` running maxima so the loop vectorises.
+/// The largest element (NaNs ignored, as `f32::max` does), in lanes ([`fold_lanes`]; max is exact, so the same
+/// value as a serial maximum).
 fn max_lanes<T: Float>(y: &[T]) -> T {
-    let mut acc = [y[0]; LANES];
-    let chunks = y.chunks_exact(LANES);
-    let mut m = chunks.remainder().iter().fold(y[0], |a, &v| a.max(v));
-    for c in chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a = a.max(v);
-        }
-    }
-    for a in acc {
-        m = m.max(a);
-    }
-    m
+    fold_lanes(y.len(), y[0], |i| y[i], |a, b| a.max(b))
 }
 
 pub fn softmax_backward<T: Float>(y: &[T], dy: &[T], dx: &mut [T], d: usize) {
