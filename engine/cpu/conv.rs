@@ -21,7 +21,7 @@
 //! a [`ConvEpilogue`] right after its product, the backward-input each image after its col2im.
 
 use super::direct_conv as direct;
-use super::elementwise::{as_f32, as_f32_mut};
+use super::elementwise::{as_f32, as_f32_mut, from_f32_mut};
 use super::float::Float;
 use super::gemm::{matmul, GemmDims, MatMut, MatRef};
 use crate::error::{Error, Result};
@@ -255,9 +255,9 @@ fn direct_wins(shape: &Conv2dShape, pass: Pass) -> bool {
     match pass {
         Pass::Forward if shape.stride == 1 => wide && shape.o >= 8,
         Pass::Forward | Pass::BackwardInput => {
-            wide && shape.o >= 8 && shape.c <= if shape.stride == 1 { 64 } else { 32 }
+            wide && shape.o >= 8 && shape.c <= if shape.stride == 1 { 128 } else { 32 }
         }
-        Pass::BackwardWeight => wide && (shape.c <= 16 || (shape.c <= 32 && shape.stride == 1)),
+        Pass::BackwardWeight => wide && shape.c <= 32,
     }
 }
 
@@ -645,7 +645,7 @@ fn f32_scratch<T: Float>(scratch: &mut [T]) -> Result<&mut [f32]> {
 
 /// How a direct pass runs: the packed weight's length and how to fill it, the scratch one image needs on a given
 /// number of threads, and how to compute one image (input image, packed weight, output image as f32, scratch,
-/// threads).
+/// threads, what to call as rows are final).
 struct DirectPass<P, S, I> {
     packed_len: usize,
     pack: P,
@@ -654,11 +654,11 @@ struct DirectPass<P, S, I> {
 }
 
 /// Runs a direct pass over every image of `out` (`channels × rows × width` each), images spread over threads as
-/// im2col's plan for `shape` spreads them, then the epilogue on each image.
+/// im2col's plan for `shape` spreads them, the epilogue on each band of rows as the pass finishes it.
 fn run_direct<T: Float, P, S, I>(
     shape: &Conv2dShape,
     pass: DirectPass<P, S, I>,
-    (out, out_rows, out_img): (&mut [T], usize, usize),
+    (out, out_img): (&mut [T], usize),
     scratch: &mut [T],
     threads: ConvThreads,
     epilogue: Option<&dyn ConvEpilogue<T>>,
@@ -666,7 +666,7 @@ fn run_direct<T: Float, P, S, I>(
 where
     P: FnOnce(&mut [f32]) -> Result<()>,
     S: Fn(usize) -> usize,
-    I: Fn(usize, &[f32], &mut [f32], &mut [f32], usize) -> Result<()> + Sync,
+    I: Fn(usize, &[f32], &mut [f32], &mut [f32], usize, direct::RowsDone<'_>) -> Result<()> + Sync,
 {
     let plan = plan(shape, threads);
     check_scratch(scratch.len(), pass.packed_len)?;
@@ -678,11 +678,15 @@ where
     let one_image = |n: usize, out_n: &mut [T], scratch: &mut [T], threads: usize, slot: usize| -> Result<()> {
         let out32 =
             as_f32_mut(out_n).ok_or_else(|| Error::msg("conv2d: direct kernels on an output that is not f32"))?;
-        image(n, packed, out32, f32_scratch(scratch)?, threads)?;
-        if let Some(e) = epilogue {
-            e.apply(EpilogueCall { image: n, rows: 0..out_rows, out_n, slot, threads });
-        }
-        Ok(())
+        let mut done = |out32: &mut [f32], rows: Range<usize>| {
+            if let Some(e) = epilogue {
+                // The output is f32 (it was f32 above), so it goes back to the epilogue's type unchanged.
+                if let Some(out_n) = from_f32_mut::<T>(out32) {
+                    e.apply(EpilogueCall { image: n, rows, out_n, slot, threads });
+                }
+            }
+        };
+        image(n, packed, out32, f32_scratch(scratch)?, threads, &mut done)
     };
     for_each_image(shape.n, plan, out, out_img, rest, (pass.image_scratch)(plan.gemm_threads), one_image)
 }
@@ -702,11 +706,11 @@ fn direct_forward<T: Float>(
         packed_len: direct::packed_weight_len(shape),
         pack: |packed: &mut [f32]| direct::pack_weight(shape, weight, packed),
         image_scratch: |threads| direct::planes_scratch_len(shape, threads),
-        image: |n: usize, packed: &[f32], y_n: &mut [f32], planes: &mut [f32], threads: usize| {
-            direct::forward_image(shape, (&x[n * x_img..(n + 1) * x_img], packed, bias), y_n, planes, threads)
+        image: |n: usize, packed: &[f32], y_n: &mut [f32], planes: &mut [f32], threads: usize, done: direct::RowsDone<'_>| {
+            direct::forward_image(shape, (&x[n * x_img..(n + 1) * x_img], packed, bias), y_n, planes, threads, done)
         },
     };
-    run_direct(shape, pass, (y, shape.out_h(), shape.o * shape.out_pixels()), scratch, threads, epilogue)
+    run_direct(shape, pass, (y, shape.o * shape.out_pixels()), scratch, threads, epilogue)
 }
 
 /// The direct backward-input of the strided convolution `shape` (see `direct_conv::strided_backward_input_image`).
@@ -723,17 +727,12 @@ fn direct_strided_backward_input<T: Float>(
         packed_len: direct::strided_backward_input_packed_len(shape),
         pack: |packed: &mut [f32]| direct::pack_strided_backward_input(shape, w, packed),
         image_scratch: |threads| direct::strided_backward_input_scratch_len(shape, threads),
-        image: |n: usize, packed: &[f32], dx_n: &mut [f32], scratch: &mut [f32], threads: usize| {
-            direct::strided_backward_input_image(
-                shape,
-                (&dy[n * y_img..(n + 1) * y_img], packed),
-                dx_n,
-                scratch,
-                threads,
-            )
+        image: |n: usize, packed: &[f32], dx_n: &mut [f32], scratch: &mut [f32], threads: usize, done: direct::RowsDone<'_>| {
+            let dy_n = &dy[n * y_img..(n + 1) * y_img];
+            direct::strided_backward_input_image(shape, (dy_n, packed), dx_n, scratch, threads, done)
         },
     };
-    run_direct(shape, pass, (dx, shape.h, shape.c * shape.h * shape.w), scratch, threads, epilogue)
+    run_direct(shape, pass, (dx, shape.c * shape.h * shape.w), scratch, threads, epilogue)
 }
 
 /// Runs `one_image(n, out_n, scratch_n, gemm_threads, worker)` for every image: one after another, or

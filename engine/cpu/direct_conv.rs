@@ -31,6 +31,7 @@
 
 use super::conv::Conv2dShape;
 use crate::error::{Error, Result};
+use smallvec::SmallVec;
 use std::ops::Range;
 
 /// f32 lanes per AVX-512 vector.
@@ -241,12 +242,10 @@ pub fn strided_backward_input_supported(s: &Conv2dShape) -> bool {
     s.stride >= 2 && s.kh == s.kw && s.kh % 2 == 1 && s.padding == (s.kh - 1) / 2 && s.out_h() > 0 && s.out_w() > 0
 }
 
-/// One output phase of a strided backward-input: the pixels `dx[c][s·a + py][s·b + px]`, `rows × cols` of them,
-/// are a stride-1 convolution of `dy` with the window's taps `(i, j)` that land on them, tap `(o, i, j)` reading
-/// `dy[o][a + dr][b + dc]`.
+/// One output phase `(py, px)` of a strided backward-input (`phases` lists them `py`-major): the pixels
+/// `dx[c][s·a + py][s·b + px]`, `rows × cols` of them, are a stride-1 convolution of `dy` with the window's taps
+/// `(i, j)` that land on them, tap `(o, i, j)` reading `dy[o][a + dr][b + dc]`.
 struct Phase {
-    py: usize,
-    px: usize,
     rows: usize,
     cols: usize,
     /// `(o, i, j, dr, dc)`, output channels outermost.
@@ -278,7 +277,7 @@ fn phases(s: &Conv2dShape) -> (Vec<Phase>, usize) {
                     }
                 }
             }
-            out.push(Phase { py, px, rows, cols, taps });
+            out.push(Phase { rows, cols, taps });
         }
     }
     (out, reach)
@@ -295,13 +294,34 @@ pub fn strided_backward_input_packed_len(s: &Conv2dShape) -> usize {
     phases(s).0.iter().map(|ph| packed_len(s.c, ph.taps.len())).sum()
 }
 
-/// Scratch of [`strided_backward_input_image`] on `threads` threads: planes per thread, and one phase's output.
+/// How [`strided_backward_input_image`] cuts `dx` into bands: `dy`'s planes for a band of phase rows `a` (each
+/// phase's rows `a`, i.e. `dx` rows `s·a + py`), read by every phase, and one phase row's outputs (`s` phases of
+/// `C × band_rows × ⌈W/s⌉`) before they are interleaved into `dx`.
+struct StridedBands {
+    planes: Planes,
+    /// Phase rows of the phases that have the most (`py = 0`).
+    rows: usize,
+    /// Elements of one phase's output buffer.
+    phase_len: usize,
+}
+
+impl StridedBands {
+    fn of(s: &Conv2dShape) -> StridedBands {
+        let (_, reach) = phases(s);
+        let rows = s.h.div_ceil(s.stride);
+        let planes = Planes::over(&dy_shape(s, reach), rows, BAND_BYTES);
+        StridedBands { rows, phase_len: s.c * planes.band_rows * s.w.div_ceil(s.stride), planes }
+    }
+    /// Scratch of one worker: its planes, then a phase row's outputs.
+    fn worker_len(&self, s: &Conv2dShape) -> usize {
+        self.planes.len(s.o) + s.stride * self.phase_len
+    }
+}
+
+/// Scratch of [`strided_backward_input_image`] on `threads` threads: each worker's planes and phase outputs.
 pub fn strided_backward_input_scratch_len(s: &Conv2dShape, threads: usize) -> usize {
-    let (phases, reach) = phases(s);
-    let dys = dy_shape(s, reach);
-    let planes = phases.iter().map(|ph| Planes::over(&dys, ph.rows, BAND_BYTES).len(dys.c)).max().unwrap_or(0);
-    let out = phases.iter().map(|ph| s.c * ph.rows * ph.cols).max().unwrap_or(0);
-    threads.max(1) * planes + out
+    let bands = StridedBands::of(s);
+    band_workers(bands.rows, bands.planes.band_rows, threads) * bands.worker_len(s)
 }
 
 /// Packs every phase's weight (`w` is `O × C × k × k`), one after another, for [`strided_backward_input_image`].
@@ -325,15 +345,21 @@ pub fn pack_strided_backward_input(s: &Conv2dShape, w: &[f32], packed: &mut [f32
     Ok(())
 }
 
+/// Called with the output image and a range of its rows, every channel, as soon as those rows are final: once per
+/// band when one thread computes the image (so the rows are still in its cache), once for all rows otherwise.
+pub type RowsDone<'a> = &'a mut dyn FnMut(&mut [f32], Range<usize>);
+
 /// One image of the strided backward-input: `dx_n` (`C × H × W`, overwritten) from `dy_n` (`O × Ho × Wo`) and the
-/// weight as [`pack_strided_backward_input`] packed it, phase by phase, each phase through the forward kernel into
-/// a buffer of its own and then into its pixels of `dx_n`.
+/// weight as [`pack_strided_backward_input`] packed it. Band by band of phase rows: `dy`'s rows for the band go
+/// into planes once, every phase runs the forward kernel on them into a buffer, and each row of phases
+/// `(py, 0..s)` is interleaved into `dx` row `s·a + py`; `done` then gets the band's `dx` rows.
 pub fn strided_backward_input_image(
     s: &Conv2dShape,
     (dy_n, packed): (&[f32], &[f32]),
     dx_n: &mut [f32],
     scratch: &mut [f32],
     threads: usize,
+    done: RowsDone<'_>,
 ) -> Result<()> {
     if !strided_backward_input_supported(s) {
         return Err(Error::shape("conv2d", format!("direct convolution {s:?}: not a same-padded strided window")));
@@ -345,39 +371,113 @@ pub fn strided_backward_input_image(
     check(s, "scratch", scratch.len().min(need), need)?;
     let (phases, reach) = phases(s);
     let dys = dy_shape(s, reach);
-    let out_len = phases.iter().map(|ph| s.c * ph.rows * ph.cols).max().unwrap_or(0);
-    let (phase_out, planes) = scratch[..need].split_at_mut(out_len);
-    let mut packed = packed;
+    let bands = StridedBands::of(s);
+    let p = &bands.planes;
+    let at = |d: isize| (reach as isize + d) as usize;
+    let mut weights = Vec::with_capacity(phases.len());
+    let mut rest = packed;
     for ph in &phases {
-        let (this, rest) = packed.split_at(packed_len(s.c, ph.taps.len()));
-        packed = rest;
-        let p = Planes::over(&dys, ph.rows, BAND_BYTES);
-        let at = |d: isize| (reach as isize + d) as usize;
+        let (this, next) = rest.split_at(packed_len(s.c, ph.taps.len()));
         let offsets =
             ph.taps.iter().map(|&(o, _, _, dr, dc)| o * p.plane_len() + at(dr) * p.row_len + at(dc)).collect();
-        let taps = Taps { offsets, row_step: p.row_len };
-        let out = &mut phase_out[..s.c * ph.rows * ph.cols];
-        let rows = OutRows { ptr: SharedOut(out.as_mut_ptr()), channels: s.c, rows: ph.rows, width: ph.cols };
-        // The phase's runs reach column cols - 1 + 2·reach + a strip: within the planes' rows, since cols ≤ Wo for
-        // same padding.
-        forward_bands((&dys, &p, dy_n), (&taps, this, None), &rows, planes, threads);
-        for (c, plane) in out.chunks_exact(ph.rows * ph.cols.max(1)).enumerate().filter(|_| ph.cols > 0) {
-            for (a, row) in plane.chunks_exact(ph.cols).enumerate() {
-                let dx_row = &mut dx_n[(c * s.h + s.stride * a + ph.py) * s.w..][..s.w];
-                for (v, d) in row.iter().zip(dx_row[ph.px..].iter_mut().step_by(s.stride)) {
-                    *d = *v;
+        weights.push((Taps { offsets, row_step: p.row_len }, this));
+        rest = next;
+    }
+    let band_count = bands.rows.div_ceil(p.band_rows);
+    let workers = band_workers(bands.rows, p.band_rows, threads);
+    // Band `b` of phase rows into `dx` (through `dx`, which no other worker writes in these rows).
+    let band = |b: usize, scratch: &mut [f32], dx: SharedOut| -> Range<usize> {
+        let (planes, outs) = scratch[..bands.worker_len(s)].split_at_mut(p.len(dys.c));
+        let first = b * p.band_rows;
+        prepare_band(&dys, p, dy_n, first, planes);
+        for py in 0..s.stride {
+            let row_phases = &phases[py * s.stride..(py + 1) * s.stride];
+            // The phases of one row have the same rows; the band's share of them.
+            let len = (first + p.band_rows).min(row_phases[0].rows).saturating_sub(first);
+            if len == 0 {
+                continue;
+            }
+            let mut buffers: SmallVec<[&[f32]; 4]> = SmallVec::new();
+            for (px, (ph, out)) in row_phases.iter().zip(outs.chunks_exact_mut(bands.phase_len)).enumerate() {
+                let (taps, weight) = &weights[py * s.stride + px];
+                let rows = OutRows { ptr: SharedOut(out.as_mut_ptr()), channels: s.c, rows: p.band_rows, width: ph.cols };
+                if ph.cols > 0 {
+                    // SAFETY: AVX-512 F is present (`check`); the phase's runs reach column cols - 1 + 2·reach + a
+                    // strip, within the planes' rows since cols ≤ Wo for same padding; `out` is this worker's own
+                    // buffer of C × band_rows × cols floats, and `weight` holds the phase's taps for C channels.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        avx512::forward_rows(planes, (taps, weight, None), &rows, 0..len)
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    let _ = (taps, weight, &rows);
+                }
+                buffers.push(&out[..s.c * p.band_rows * ph.cols]);
+            }
+            for c in 0..s.c {
+                for r in 0..len {
+                    let row = s.stride * (first + r) + py;
+                    // SAFETY: row < H (r < the phase's rows) and c < C, so the row lies inside dx; this band's rows
+                    // belong to this worker alone.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(dx.ptr().add((c * s.h + row) * s.w), s.w) };
+                    let src = |px: usize| {
+                        let cols = row_phases[px].cols;
+                        &buffers[px][(c * p.band_rows + r) * cols..][..cols]
+                    };
+                    interleave(dst, s.stride, src);
                 }
             }
         }
+        (s.stride * first).min(s.h)..(s.stride * (first + p.band_rows)).min(s.h)
+    };
+    let worker_len = bands.worker_len(s);
+    if workers == 1 {
+        let scratch = &mut scratch[..worker_len];
+        for b in 0..band_count {
+            let rows = band(b, scratch, SharedOut(dx_n.as_mut_ptr()));
+            done(dx_n, rows);
+        }
+        return Ok(());
     }
+    use rayon::prelude::*;
+    let per_worker = band_count.div_ceil(workers);
+    let dx = SharedOut(dx_n.as_mut_ptr());
+    scratch[..workers * worker_len].par_chunks_mut(worker_len).enumerate().for_each(|(w, scratch)| {
+        for b in w * per_worker..((w + 1) * per_worker).min(band_count) {
+            band(b, scratch, dx);
+        }
+    });
+    done(dx_n, 0..s.h);
     Ok(())
 }
 
-/// A pointer that may cross to the worker threads: each task writes only its own disjoint part (see the use).
+/// Writes one row of `dx` from its `stride` phases: `dst[stride·b + px] = src(px)[b]`.
+fn interleave<'a>(dst: &mut [f32], stride: usize, src: impl Fn(usize) -> &'a [f32]) {
+    if stride == 2 {
+        // The common case, as pairs so that it vectorises.
+        let (even, odd) = (src(0), src(1));
+        let pairs = dst.len() / 2;
+        for (pair, (&e, &o)) in dst.chunks_exact_mut(2).zip(even[..pairs].iter().zip(&odd[..pairs])) {
+            pair[0] = e;
+            pair[1] = o;
+        }
+        if dst.len() % 2 == 1 {
+            dst[dst.len() - 1] = even[pairs];
+        }
+        return;
+    }
+    for px in 0..stride.min(dst.len()) {
+        for (d, &v) in dst[px..].iter_mut().step_by(stride).zip(src(px)) {
+            *d = v;
+        }
+    }
+}
+
+/// A pointer that may cross to the worker threads: each task writes only its own disjoint part (see the uses).
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);
 // SAFETY: the pointer is only dereferenced by tasks that write disjoint elements of a slice the caller borrows
-// exclusively for the whole parallel section (see `forward_image`).
+// exclusively for the whole parallel section (see `forward_bands` and `strided_backward_input_image`).
 unsafe impl Send for SharedOut {}
 // SAFETY: as above.
 unsafe impl Sync for SharedOut {}
@@ -391,13 +491,14 @@ impl SharedOut {
 
 /// One image of the forward convolution: `y_n` (`O × Ho × Wo`) = bias + conv(`x_n`, the weight as
 /// `pack_weight` left it in `packed`). Bands of output rows go to `threads` threads, each with its own planes in
-/// `planes` (`planes_scratch_len`).
+/// `planes` (`planes_scratch_len`); `done` gets the rows as they are final.
 pub fn forward_image(
     s: &Conv2dShape,
     (x_n, packed, bias): (&[f32], &[f32], Option<&[f32]>),
     y_n: &mut [f32],
     planes: &mut [f32],
     threads: usize,
+    done: RowsDone<'_>,
 ) -> Result<()> {
     check(s, "input", x_n.len(), s.c * s.h * s.w)?;
     check(s, "output", y_n.len(), s.o * s.out_h() * s.out_w())?;
@@ -408,8 +509,7 @@ pub fn forward_image(
     let p = Planes::of(s);
     let taps =
         Taps { offsets: (0..taps(s)).map(|t| p.tap(tap_index(s, t), 0)).collect(), row_step: p.phases * p.row_len };
-    let out = OutRows { ptr: SharedOut(y_n.as_mut_ptr()), channels: s.o, rows: s.out_h(), width: s.out_w() };
-    forward_bands((s, &p, x_n), (&taps, packed, bias), &out, planes, threads);
+    forward_bands((s, &p, x_n), (&taps, packed, bias), y_n, planes, threads, done);
     Ok(())
 }
 
@@ -428,44 +528,58 @@ struct OutRows {
     width: usize,
 }
 
-/// Output rows `0..out.rows` of a forward kernel, in bands of `p.band_rows` spread over up to `threads` workers,
-/// each preparing its bands of `input` (laid out as `s` describes it) in its own planes.
+/// Output rows of a forward kernel into `out` (`O × Ho × Wo` of `s`), in bands of `p.band_rows` spread over up to
+/// `threads` workers, each preparing its bands of `input` in its own planes; `done` gets each band's rows when one
+/// worker runs them all, else every row at the end.
 ///
-/// The callers check what the kernel relies on: `input` holds `s`'s image, `planes` `threads` bands of planes, the
-/// taps' runs lie inside a band's planes for every row of the band, `packed` holds `taps` taps for `out.channels`
-/// channels, `out.ptr` is exclusively borrowed for `out.channels × out.rows × out.width` floats, and `out.width` is
-/// at most the planes' run length.
+/// The callers check what the kernel relies on: `input` holds `s`'s image, `out` its output, `planes` `threads`
+/// bands of planes, the taps' runs lie inside a band's planes for every row of the band, and `packed` holds `taps`
+/// taps for `O` channels.
 fn forward_bands(
     (s, p, input): (&Conv2dShape, &Planes, &[f32]),
     (taps, packed, bias): (&Taps, &[f32], Option<&[f32]>),
-    out: &OutRows,
+    out: &mut [f32],
     planes: &mut [f32],
     threads: usize,
+    done: RowsDone<'_>,
 ) {
-    let bands = out.rows.div_ceil(p.band_rows);
-    let workers = band_workers(out.rows, p.band_rows, threads);
-    let per_worker = bands.div_ceil(workers);
-    let worker = |(w, planes): (usize, &mut [f32])| {
-        for band in (w * per_worker..((w + 1) * per_worker).min(bands)).map(|b| b * p.band_rows) {
-            prepare_band(s, p, input, band, planes);
-            let rows = band..(band + p.band_rows).min(out.rows);
-            // SAFETY: AVX-512 F is present (the callers' `check`); the callers checked the lengths; bands are
-            // disjoint and each goes to one worker, so workers write disjoint rows of `out`.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                avx512::forward_rows(planes, (taps, packed, bias), out, rows)
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            let _ = (rows, taps, packed, bias, out);
+    let out_rows = s.out_h();
+    let bands = out_rows.div_ceil(p.band_rows);
+    let workers = band_workers(out_rows, p.band_rows, threads);
+    let band = |b: usize, planes: &mut [f32], out: SharedOut| -> Range<usize> {
+        let first = b * p.band_rows;
+        prepare_band(s, p, input, first, planes);
+        let rows = first..(first + p.band_rows).min(out_rows);
+        let out = OutRows { ptr: out, channels: s.o, rows: out_rows, width: s.out_w() };
+        // SAFETY: AVX-512 F is present (the callers' `check`); the callers checked the lengths; bands are
+        // disjoint and each goes to one worker, so workers write disjoint rows of `out`.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            avx512::forward_rows(planes, (taps, packed, bias), &out, rows.clone())
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (taps, packed, bias, &out);
+        rows
     };
-    let planes = planes[..workers * p.len(s.c)].chunks_exact_mut(p.len(s.c)).enumerate();
-    if workers > 1 {
-        use rayon::prelude::*;
-        planes.collect::<Vec<_>>().into_par_iter().for_each(worker);
-    } else {
-        planes.for_each(worker);
+    let planes_len = p.len(s.c);
+    if workers == 1 {
+        let planes = &mut planes[..planes_len];
+        for b in 0..bands {
+            // The pointer is taken afresh for every band: `done` borrows `out` in between.
+            let rows = band(b, planes, SharedOut(out.as_mut_ptr()));
+            done(out, rows);
+        }
+        return;
     }
+    use rayon::prelude::*;
+    let per_worker = bands.div_ceil(workers);
+    let shared = SharedOut(out.as_mut_ptr());
+    planes[..workers * planes_len].par_chunks_mut(planes_len).enumerate().for_each(|(w, planes)| {
+        for b in w * per_worker..((w + 1) * per_worker).min(bands) {
+            band(b, planes, shared);
+        }
+    });
+    done(out, 0..out_rows);
 }
 
 /// Blocks of the weight gradient: groups of output channels × input channels × chunks of one channel's taps.

@@ -93,6 +93,13 @@ pub(crate) fn as_f32_mut<T: Float>(x: &mut [T]) -> Option<&mut [f32]> {
         .then(|| unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut f32, x.len()) })
 }
 
+/// The inverse of `as_f32_mut`: f32 data as `T` when `T` is f32.
+pub(crate) fn from_f32_mut<T: Float>(x: &mut [f32]) -> Option<&mut [T]> {
+    // SAFETY: only when T is f32 (same type); the exclusive borrow moves into the returned slice.
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        .then(|| unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut T, x.len()) })
+}
+
 /// e^x for f32 without a libm call, so loops over slices vectorise: x = n·ln2 + r, |r| ≤ ln2/2,
 /// e^r by its degree-7 Taylor polynomial (relative error < 3e-7), 2^n through the exponent bits.
 /// Only for the sigmoid of SiLU, whose argument is clamped first (so no inf/NaN handling).

@@ -627,3 +627,67 @@ fn large_images_are_unrolled_in_row_blocks_not_whole() {
         assert!(scratch > 0 && scratch < whole_image, "{s:?}: scratch {scratch}, whole image {whole_image}");
     }
 }
+
+/// An epilogue that adds 1 to the rows it is handed and counts its calls: applied once to every row, and only to
+/// rows that are final, the result is the plain convolution's plus 1 exactly.
+struct AddOne {
+    calls: std::sync::atomic::AtomicUsize,
+    rows: usize,
+    width: usize,
+}
+
+impl zeroconv::engine::cpu::conv::ConvEpilogue<f32> for AddOne {
+    fn apply(&self, call: zeroconv::engine::cpu::conv::EpilogueCall<'_, f32>) {
+        assert!(call.rows.end <= self.rows && call.threads >= 1, "rows {:?} of {}", call.rows, self.rows);
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        for channel in call.out_n.chunks_exact_mut(self.rows * self.width) {
+            for v in &mut channel[call.rows.start * self.width..call.rows.end * self.width] {
+                *v += 1.0;
+            }
+        }
+    }
+}
+
+/// The fused epilogue's contract on every path (direct kernels band by band, im2col): each row of every image
+/// gets the epilogue once, after its last write. The direct kernels hand a single-threaded image over band by
+/// band (more than one call per image somewhere here), others whole.
+#[test]
+fn conv_epilogues_see_every_row_once_and_final() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use zeroconv::engine::cpu::conv::{conv2d_backward_input_then, conv2d_forward_then};
+    let mut banded = false;
+    let threadings = [ConvThreads { threads: 1, method: ConvMethod::Direct }, ConvThreads::auto(2), ConvThreads::single()];
+    for (case, s) in direct_conv_shapes().iter().enumerate() {
+        let mut rng = Rng::new(900 + case as u64);
+        let (x, w, bias, dy): (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) =
+            (rng.vec(s.x_len()), rng.vec(s.weight_len()), rng.vec(s.o), rng.vec(s.y_len()));
+        for threads in threadings {
+            let plain_y = forward(s, &x, &w, Some(&bias), threads);
+            let e = AddOne { calls: AtomicUsize::new(0), rows: s.out_h(), width: s.out_w() };
+            let mut y = vec![f32::NAN; s.y_len()];
+            let mut scratch = vec![f32::NAN; conv2d_forward_scratch_len(s, threads)];
+            conv2d_forward_then(s, (&x, &w, Some(&bias)), &mut y, &mut scratch, threads, Some(&e)).unwrap();
+            let expected: Vec<f32> = plain_y.iter().map(|v| v + 1.0).collect();
+            assert_same_bits(&y, &expected, &format!("forward {s:?} {threads:?}"));
+            banded |= threads.threads == 1 && e.calls.load(Ordering::Relaxed) > s.n;
+
+            let plain_dx = backward_input(s, &dy, &w, threads);
+            let e = AddOne { calls: AtomicUsize::new(0), rows: s.h, width: s.w };
+            let mut dx = vec![f32::NAN; s.x_len()];
+            let mut scratch = vec![f32::NAN; conv2d_backward_input_scratch_len(s, threads)];
+            conv2d_backward_input_then(s, (&dy, &w), &mut dx, &mut scratch, threads, Some(&e)).unwrap();
+            let expected: Vec<f32> = plain_dx.iter().map(|v| v + 1.0).collect();
+            assert_same_bits(&dx, &expected, &format!("backward-input {s:?} {threads:?}"));
+            banded |= threads.threads == 1 && e.calls.load(Ordering::Relaxed) > s.n;
+        }
+    }
+    assert!(banded || !zeroconv::engine::cpu::direct_conv::available(), "no direct pass ran band by band");
+}
+
+/// Asserts two f32 vectors have the same bits, naming the first element that differs (not printing them whole).
+fn assert_same_bits(got: &[f32], expected: &[f32], what: &str) {
+    assert_eq!(got.len(), expected.len(), "{what}: length");
+    if let Some(i) = got.iter().zip(expected).position(|(g, e)| g.to_bits() != e.to_bits()) {
+        panic!("{what}: element {i} is {}, expected {}", got[i], expected[i]);
+    }
+}
