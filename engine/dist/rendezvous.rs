@@ -604,6 +604,16 @@ fn is_timeout(e: &io::Error) -> bool {
     matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock)
 }
 
+/// Why rank 0 lost `m` (`when`: "before ..."): a peer that closed its connection (its process exited or crashed)
+/// is named as such, whether rank 0 was reading from it or writing to it when it noticed.
+fn lost_connection(m: &Member, when: &str, e: &io::Error) -> String {
+    if is_closed(e) {
+        format!("{m} closed its connection {when} (the process exited or crashed)")
+    } else {
+        format!("the connection to {m} failed {when}: {e}")
+    }
+}
+
 fn is_closed(e: &io::Error) -> bool {
     matches!(
         e.kind(),
@@ -966,12 +976,7 @@ fn root_collective(
                 missing -= 1;
             }
             Ok((rank, Err(e))) => {
-                let m = &members[rank];
-                return Err(if is_closed(&e) {
-                    format!("{m} closed its connection before {name} #{seq} completed (the process exited or crashed)")
-                } else {
-                    format!("the connection to {m} failed during {name} #{seq}: {e}")
-                });
+                return Err(lost_connection(&members[rank], &format!("before {name} #{seq} completed"), &e));
             }
             Err(RecvTimeoutError::Timeout) => {
                 let late: Vec<usize> = (1..world).filter(|&r| got[r].is_none()).collect();
@@ -994,7 +999,8 @@ fn root_collective(
     let until = after(timeout);
     for (i, s) in peers.iter_mut().enumerate() {
         if let Err(e) = write_by(s, &frame, until) {
-            return Err(format!("could not send the result of {name} #{seq} to {}: {e}", members[i + 1]));
+            // A rank that died after sending its part is found here, when its result cannot be delivered.
+            return Err(lost_connection(&members[i + 1], &format!("before it got the result of {name} #{seq}"), &e));
         }
     }
     Ok(out)
