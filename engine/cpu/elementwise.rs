@@ -1,7 +1,7 @@
 //! Pointwise kernels, broadcasting, reductions to a shape, the MSE loss and the AdamW update.
 
 use super::float::Float;
-use super::par::{par_chunks, par_rows};
+use super::par::{par_chunks, par_chunks_by_work, par_rows};
 use crate::graph::{BinaryOp, Shape, UnaryOp};
 
 const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
@@ -503,7 +503,9 @@ pub fn sum_to<T: Float>(x: &[T], xs: &Shape, out: &mut [T], os: &Shape) {
         });
         return;
     }
-    par_chunks(out, |start, o| {
+    // Each output reads `count · inner` inputs: a few outputs over large planes (a bias gradient [N, C, H, W] → [C])
+    // still spread over the threads.
+    par_chunks_by_work(out, count * inner, |start, o| {
         let mut idx = vec![0usize; reduced.len()];
         for (j, r) in o.iter_mut().enumerate() {
             let mut rem = start + j;

@@ -20,6 +20,20 @@ pub fn par_chunks<T: Send>(out: &mut [T], f: impl Fn(usize, &mut [T]) + Sync) {
     out.par_chunks_mut(c).enumerate().for_each(|(i, o)| f(i * c, o));
 }
 
+/// As [`par_chunks`], for outputs that each cost `work` elements of input (a reduction's output reads many): the
+/// chunks hold enough outputs to amortise a task, however few the outputs are.
+pub fn par_chunks_by_work<T: Send>(out: &mut [T], work: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    let threads = rayon::current_num_threads().max(1);
+    let total = out.len().saturating_mul(work.max(1));
+    let per_task = total.div_ceil(threads * 4).max(MIN_CHUNK);
+    let c = per_task.div_ceil(work.max(1)).max(1);
+    if out.len() <= c {
+        f(0, out);
+        return;
+    }
+    out.par_chunks_mut(c).enumerate().for_each(|(i, o)| f(i * c, o));
+}
+
 /// Calls `f(row, row_slice)` for each row of `row_len` elements, rows grouped into parallel tasks.
 pub fn par_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     let rows_per = (chunk_len(out.len()) / row_len.max(1)).max(1);
