@@ -706,7 +706,12 @@ fn direct_forward<T: Float>(
         packed_len: direct::packed_weight_len(shape),
         pack: |packed: &mut [f32]| direct::pack_weight(shape, weight, packed),
         image_scratch: |threads| direct::planes_scratch_len(shape, threads),
-        image: |n: usize, packed: &[f32], y_n: &mut [f32], planes: &mut [f32], threads: usize, done: direct::RowsDone<'_>| {
+        image: |n: usize,
+                packed: &[f32],
+                y_n: &mut [f32],
+                planes: &mut [f32],
+                threads: usize,
+                done: direct::RowsDone<'_>| {
             direct::forward_image(shape, (&x[n * x_img..(n + 1) * x_img], packed, bias), y_n, planes, threads, done)
         },
     };
@@ -727,7 +732,12 @@ fn direct_strided_backward_input<T: Float>(
         packed_len: direct::strided_backward_input_packed_len(shape),
         pack: |packed: &mut [f32]| direct::pack_strided_backward_input(shape, w, packed),
         image_scratch: |threads| direct::strided_backward_input_scratch_len(shape, threads),
-        image: |n: usize, packed: &[f32], dx_n: &mut [f32], scratch: &mut [f32], threads: usize, done: direct::RowsDone<'_>| {
+        image: |n: usize,
+                packed: &[f32],
+                dx_n: &mut [f32],
+                scratch: &mut [f32],
+                threads: usize,
+                done: direct::RowsDone<'_>| {
             let dy_n = &dy[n * y_img..(n + 1) * y_img];
             direct::strided_backward_input_image(shape, (dy_n, packed), dx_n, scratch, threads, done)
         },

@@ -400,7 +400,8 @@ pub fn strided_backward_input_image(
             let mut buffers: SmallVec<[&[f32]; 4]> = SmallVec::new();
             for (px, (ph, out)) in row_phases.iter().zip(outs.chunks_exact_mut(bands.phase_len)).enumerate() {
                 let (taps, weight) = &weights[py * s.stride + px];
-                let rows = OutRows { ptr: SharedOut(out.as_mut_ptr()), channels: s.c, rows: p.band_rows, width: ph.cols };
+                let rows =
+                    OutRows { ptr: SharedOut(out.as_mut_ptr()), channels: s.c, rows: p.band_rows, width: ph.cols };
                 if ph.cols > 0 {
                     // SAFETY: AVX-512 F is present (`check`); the phase's runs reach column cols - 1 + 2·reach + a
                     // strip, within the planes' rows since cols ≤ Wo for same padding; `out` is this worker's own

@@ -21,6 +21,7 @@ use crate::graph::fusion::{Anchor, FusedKernel};
 use crate::graph::Shape;
 use rayon::prelude::*;
 use smallvec::SmallVec;
+use std::ops::Range;
 use std::sync::{Mutex, MutexGuard};
 
 /// Elements per parallel task of a matrix product's epilogue.
@@ -106,9 +107,12 @@ pub fn run<T: Float>(
         Anchor::MatMul { trans_a, trans_b } => {
             let a = linalg::Operand { data: ins[0], shape: &k.input_shapes[0], trans: trans_a };
             let b = linalg::Operand { data: ins[1], shape: &k.input_shapes[1], trans: trans_b };
-            linalg::batched_matmul(a, b, y, &k.shape, threads);
-            let every = Pattern { period: MATMUL_TASK, skip: 0, len: MATMUL_TASK };
-            program.spread(0, &every, y, &mut others, 0, threads);
+            let n = k.shape.dims().last().copied().unwrap_or(1);
+            let rows = k.shape.numel() / n.max(1);
+            let blocks =
+                ProductBlocks::new(&program, &mut others, (rows, linalg::row_block(&a, &b, &k.shape)), n, threads);
+            let after = |i: usize, rows: Range<usize>, block: &mut [T]| blocks.apply(i, rows, block);
+            linalg::batched_matmul_then(a, b, y, &k.shape, threads, Some(&after));
             Ok(())
         }
         Anchor::None | Anchor::GroupNorm { .. } | Anchor::LayerNorm { .. } => {
@@ -201,6 +205,44 @@ impl<T: Float> Epilogue<'_, '_, T> {
             let mut regs = lock(&self.slots[first_slot + i]);
             self.chunk(base + i * per_task, pattern, yc, &mut oc, &mut regs);
         });
+    }
+}
+
+/// A matrix product's epilogue, run on each block of rows as the product hands it over (`linalg::row_block`),
+/// with the other outputs cut into the same blocks.
+struct ProductBlocks<'p, 'k, 's, 'o, T> {
+    program: &'p Epilogue<'k, 's, T>,
+    blocks: Vec<Mutex<Slices<'o, T>>>,
+    /// Elements per row of the output.
+    n: usize,
+    threads: usize,
+}
+
+impl<'p, 'k, 's, 'o, T: Float> ProductBlocks<'p, 'k, 's, 'o, T> {
+    fn new(
+        program: &'p Epilogue<'k, 's, T>,
+        others: &'o mut [&mut [T]],
+        rows: (usize, usize),
+        n: usize,
+        threads: usize,
+    ) -> Self {
+        let (total, per_block) = rows;
+        let count = total.div_ceil(per_block.max(1)).max(1);
+        let mut blocks: Vec<Slices<'o, T>> = (0..count).map(|_| Slices::new()).collect();
+        for o in others.iter_mut() {
+            for (slices, part) in blocks.iter_mut().zip(o.chunks_mut((per_block * n).max(1))) {
+                slices.push(part);
+            }
+        }
+        ProductBlocks { program, blocks: blocks.into_iter().map(Mutex::new).collect(), n, threads }
+    }
+
+    /// Block `i`, rows `rows`: `y` holds the product there. Blocks run one per thread when there are several.
+    fn apply(&self, i: usize, rows: Range<usize>, y: &mut [T]) {
+        let mut others = lock(&self.blocks[i]);
+        let (slot, threads) = if self.blocks.len() > 1 { (i % self.threads, 1) } else { (0, self.threads) };
+        let every = Pattern { period: MATMUL_TASK, skip: 0, len: MATMUL_TASK };
+        self.program.spread(rows.start * self.n, &every, y, &mut others, slot, threads);
     }
 }
 

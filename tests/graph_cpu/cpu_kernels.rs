@@ -656,7 +656,8 @@ fn conv_epilogues_see_every_row_once_and_final() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use zeroconv::engine::cpu::conv::{conv2d_backward_input_then, conv2d_forward_then};
     let mut banded = false;
-    let threadings = [ConvThreads { threads: 1, method: ConvMethod::Direct }, ConvThreads::auto(2), ConvThreads::single()];
+    let threadings =
+        [ConvThreads { threads: 1, method: ConvMethod::Direct }, ConvThreads::auto(2), ConvThreads::single()];
     for (case, s) in direct_conv_shapes().iter().enumerate() {
         let mut rng = Rng::new(900 + case as u64);
         let (x, w, bias, dy): (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) =
@@ -689,5 +690,59 @@ fn assert_same_bits(got: &[f32], expected: &[f32], what: &str) {
     assert_eq!(got.len(), expected.len(), "{what}: length");
     if let Some(i) = got.iter().zip(expected).position(|(g, e)| g.to_bits() != e.to_bits()) {
         panic!("{what}: element {i} is {}, expected {}", got[i], expected[i]);
+    }
+}
+
+/// Batched products whose batch folds into the rows of one product large enough to run as two blocks of rows
+/// (`linalg::row_block`): against f64, A entering transposed or not and B shared, with the same bits on 1, 2 and 3
+/// threads, and an epilogue hook that sees every row once, after its product.
+#[test]
+fn row_blocked_products_match_f64_and_give_the_same_bits_on_any_thread_count() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use zeroconv::engine::cpu::linalg::{batched_matmul, batched_matmul_then, row_block, Operand};
+    use zeroconv::graph::Shape;
+    // (A's shape, whether it enters transposed, B's shape, the output's shape)
+    type Case<'a> = (&'a [usize], bool, &'a [usize], &'a [usize]);
+    let cases: [Case<'_>; 3] = [
+        (&[2, 100, 96], false, &[96, 160], &[2, 100, 160]),
+        (&[96, 201], true, &[96, 130], &[201, 130]),
+        (&[301, 64], false, &[64, 129], &[301, 129]),
+    ];
+    for (case, &(sa, ta, sb, so)) in cases.iter().enumerate() {
+        let (sa, sb, so) = (Shape(sa.to_vec()), Shape(sb.to_vec()), Shape(so.to_vec()));
+        let mut rng = Rng::new(950 + case as u64);
+        let (a, b): (Vec<f32>, Vec<f32>) = (rng.vec(sa.numel()), rng.vec(sb.numel()));
+        let (a64, b64) = (to_f64(&a), to_f64(&b));
+        let operands =
+            |a, b| (Operand { data: a, shape: &sa, trans: ta }, Operand { data: b, shape: &sb, trans: false });
+        let rows = so.numel() / so.dims()[so.rank() - 1];
+        let (x, y) = operands(&a[..], &b[..]);
+        assert!(row_block(&x, &y, &so) < rows, "case {case}: runs as one block");
+        let mut expected = vec![0.0f64; so.numel()];
+        let (x64, y64) =
+            (Operand { data: &a64[..], shape: &sa, trans: ta }, Operand { data: &b64[..], shape: &sb, trans: false });
+        batched_matmul(x64, y64, &mut expected, &so, 1);
+        let k = if ta { sa.dims()[0] } else { sa.dims()[sa.rank() - 1] };
+        let mut first: Option<Vec<f32>> = None;
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let mut out = vec![f32::NAN; so.numel()];
+            let seen = AtomicUsize::new(0);
+            let n = so.dims()[so.rank() - 1];
+            let after = |_: usize, r: std::ops::Range<usize>, c: &mut [f32]| {
+                assert_eq!(c.len(), r.len() * n);
+                assert!(c.iter().all(|v| v.is_finite()), "rows {r:?} handed over before their product");
+                seen.fetch_add(r.len(), Ordering::Relaxed);
+            };
+            let (x, y) = operands(&a[..], &b[..]);
+            pool.install(|| batched_matmul_then(x, y, &mut out, &so, threads, Some(&after)));
+            assert_eq!(seen.load(Ordering::Relaxed), rows, "case {case}, {threads} threads: rows handed over");
+            // A dot product of length k in f32: within k·eps of the sum of |terms| (each |term| < 1).
+            assert_close(&format!("case {case}"), &to_f64(&out), &expected, k as f64 * 1.2e-7 * 4.0);
+            match &first {
+                None => first = Some(out),
+                Some(f) => assert_same_bits(&out, f, &format!("case {case}, {threads} threads")),
+            }
+        }
     }
 }
