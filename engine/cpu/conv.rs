@@ -239,21 +239,23 @@ pub fn runs_direct_kernels(shape: &Conv2dShape, threads: ConvThreads) -> [bool; 
     [Pass::Forward, Pass::BackwardInput, Pass::BackwardWeight].map(|pass| runs_direct(shape, threads, pass))
 }
 
-/// Measured on Zen 5 (`zeroconv bench ops --convs hint --threads 1`, BENCHMARKS.md): the direct kernels beat
-/// im2col where its products are thin (few input channels: a short reduction) over rows wide enough to fill the
-/// 32-pixel register blocks, with at least the 8 output channels of a register block. A stride-1 forward wins at
-/// any channel count once each thread has its own image (in bench_small's step, `zeroconv profile`, its forward
-/// convolutions took 70 ms instead of 77-96: the hint encoder's 256->64 zero convolution 5.8-6.2 -> 3.6 ms, 96->96
-/// 9.3-11.3 -> 7.0-7.9 ms); a stride-1 backward-input (the same kernel on the recast shape) did not measurably gain
-/// beyond 64 channels of `dy`. A strided forward gains only up to 32 input channels (its input copy into stride
-/// phases costs more). The weight gradient wins up to 16 input channels, and up to 32 at stride 1 (in the step the
-/// hint encoder's 32->32 weight gradient took 4.1-4.9 ms instead of 5.7-7.2, three A/B profile pairs); beyond, the
-/// `gemm` crate's cache blocking wins. A strided backward-input (by output phases) gains only up to 32 channels of
-/// `dy`. `shape` is the convolution the kernel computes (for a stride-1 backward-input, its recast as a forward).
+/// Measured on Zen 5 (`zeroconv bench ops --convs hint`, and A/B pairs of `zeroconv profile` on bench_small's step,
+/// minimum per kernel over 6 steps; BENCHMARKS.md): the direct kernels beat im2col where its products are thin (few
+/// input channels: a short reduction) over rows wide enough to fill the 32-pixel register blocks, with at least the
+/// 8 output channels of a register block.
+/// - Forward: at stride 1 at any channel count once each thread has its own image (the hint encoder's 256->64 zero
+///   convolution 5.8-6.2 -> 3.6 ms, 96->96 9.3-11.3 -> 7.0-7.9 ms), strided up to 128 input channels (96->256 s2
+///   6.4-7.0 -> 5.4-5.7 ms; the copy into stride phases is then paid back).
+/// - Backward-input at stride 1 (the forward kernel on the recast shape) up to 128 channels of `dy` (96->96:
+///   9.4 -> 8.3 ms, since each band's epilogue runs while it is in cache); strided (by output phases) up to 32.
+/// - Weight gradient up to 32 input channels at any stride (32->96 s2: 5.1 -> 4.0 ms); beyond, the `gemm` crate's
+///   cache blocking wins (64->64 at 32x32: 1.25 ms by im2col, 1.8 direct; 96->96 even).
+///
+/// `shape` is the convolution the kernel computes (for a stride-1 backward-input, its recast as a forward).
 fn direct_wins(shape: &Conv2dShape, pass: Pass) -> bool {
     let wide = !shape.is_pointwise() && shape.out_w() >= 32;
     match pass {
-        Pass::Forward if shape.stride == 1 => wide && shape.o >= 8,
+        Pass::Forward if shape.stride == 1 || shape.c <= 128 => wide && shape.o >= 8,
         Pass::Forward | Pass::BackwardInput => {
             wide && shape.o >= 8 && shape.c <= if shape.stride == 1 { 128 } else { 32 }
         }
