@@ -225,7 +225,7 @@ fn runs_direct(shape: &Conv2dShape, threads: ConvThreads, pass: Pass) -> bool {
                     Pass::BackwardInput => match direct::backward_input_as_forward(shape) {
                         Some(recast) => direct_wins(&recast, pass),
                         // Its phases are stride-1 convolutions from O to C channels with a quarter of the taps.
-                        None => shape.out_w() >= 32 && shape.c >= 8 && shape.o <= 32,
+                        None => shape.out_w() >= 32 && shape.c >= 8 && shape.o <= 128,
                     },
                 }
         }
@@ -247,7 +247,8 @@ pub fn runs_direct_kernels(shape: &Conv2dShape, threads: ConvThreads) -> [bool; 
 ///   convolution 5.8-6.2 -> 3.6 ms, 96->96 9.3-11.3 -> 7.0-7.9 ms), strided up to 128 input channels (96->256 s2
 ///   6.4-7.0 -> 5.4-5.7 ms; the copy into stride phases is then paid back).
 /// - Backward-input at stride 1 (the forward kernel on the recast shape) up to 128 channels of `dy` (96->96:
-///   9.4 -> 8.3 ms, since each band's epilogue runs while it is in cache); strided (by output phases) up to 32.
+///   9.4 -> 8.3 ms, since each band's epilogue runs while it is in cache); strided (by output phases) up to 128
+///   (32->96 s2: 5.4-5.6 -> 4.0-4.8 ms; 96->256 s2 lost, 6.8-7.2 -> 7.7-8.6).
 /// - Weight gradient up to 32 input channels at any stride (32->96 s2: 5.1 -> 4.0 ms); beyond, the `gemm` crate's
 ///   cache blocking wins (64->64 at 32x32: 1.25 ms by im2col, 1.8 direct; 96->96 even).
 ///

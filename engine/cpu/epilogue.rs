@@ -208,6 +208,20 @@ impl<T: Float> Epilogue<'_, '_, T> {
     }
 }
 
+/// The other outputs cut into `count` parts of `len` elements (images, blocks of rows), each behind its own lock, so
+/// that epilogue calls for different parts, running at the same time, each take their own.
+fn cut_outputs<'o, T>(others: &'o mut [&mut [T]], count: usize, len: usize) -> Vec<Mutex<Slices<'o, T>>> {
+    let mut parts: Vec<Slices<'o, T>> = (0..count).map(|_| Slices::new()).collect();
+    if len > 0 {
+        for o in others.iter_mut() {
+            for (slices, part) in parts.iter_mut().zip(o.chunks_mut(len)) {
+                slices.push(part);
+            }
+        }
+    }
+    parts.into_iter().map(Mutex::new).collect()
+}
+
 /// A matrix product's epilogue, run on each block of rows as the product hands it over (`linalg::row_block`),
 /// with the other outputs cut into the same blocks.
 struct ProductBlocks<'p, 'k, 's, 'o, T> {
@@ -228,13 +242,7 @@ impl<'p, 'k, 's, 'o, T: Float> ProductBlocks<'p, 'k, 's, 'o, T> {
     ) -> Self {
         let (total, per_block) = rows;
         let count = total.div_ceil(per_block.max(1)).max(1);
-        let mut blocks: Vec<Slices<'o, T>> = (0..count).map(|_| Slices::new()).collect();
-        for o in others.iter_mut() {
-            for (slices, part) in blocks.iter_mut().zip(o.chunks_mut((per_block * n).max(1))) {
-                slices.push(part);
-            }
-        }
-        ProductBlocks { program, blocks: blocks.into_iter().map(Mutex::new).collect(), n, threads }
+        ProductBlocks { program, blocks: cut_outputs(others, count, per_block * n), n, threads }
     }
 
     /// Block `i`, rows `rows`: `y` holds the product there. Blocks run one per thread when there are several.
@@ -262,15 +270,7 @@ impl<'p, 'k, 's, 'o, T: Float> ConvImages<'p, 'k, 's, 'o, T> {
         let d = out.dims();
         let (plane, width) = (d[2] * d[3], d[3]);
         let image = d[1] * plane;
-        let mut images: Vec<Slices<'o, T>> = (0..s.n).map(|_| Slices::new()).collect();
-        if image > 0 {
-            for o in others.iter_mut() {
-                for (slices, part) in images.iter_mut().zip(o.chunks_mut(image)) {
-                    slices.push(part);
-                }
-            }
-        }
-        ConvImages { program, images: images.into_iter().map(Mutex::new).collect(), plane, width }
+        ConvImages { program, images: cut_outputs(others, s.n, image), plane, width }
     }
 }
 
