@@ -24,6 +24,7 @@ use super::direct_conv as direct;
 use super::elementwise::{as_f32, as_f32_mut, from_f32_mut};
 use super::float::Float;
 use super::gemm::{matmul, GemmDims, MatMut, MatRef};
+use super::layout::{add_strided, copy_strided};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -827,13 +828,7 @@ fn im2col<T: Float>(shape: &Conv2dShape, x_n: &[T], first: usize, end: usize, co
                 out_row[ox_hi..].fill(T::ZERO);
                 // First input column read: ox_lo·s + j - p, which `valid_outputs` keeps ≥ 0.
                 let ix0 = ox_lo * shape.stride + j - shape.padding;
-                if shape.stride == 1 {
-                    out_row[ox_lo..ox_hi].copy_from_slice(&x_row[ix0..ix0 + (ox_hi - ox_lo)]);
-                } else {
-                    for (dst, src) in out_row[ox_lo..ox_hi].iter_mut().zip(x_row[ix0..].iter().step_by(shape.stride)) {
-                        *dst = *src;
-                    }
-                }
+                copy_strided(&mut out_row[ox_lo..ox_hi], &x_row[ix0..], shape.stride);
             }
         }
     };
@@ -867,15 +862,7 @@ fn col2im_add<T: Float>(shape: &Conv2dShape, dcols: &[T], first: usize, end: usi
                 let at = (oy - first) * wo;
                 let src = &row[at + ox_lo..at + ox_hi];
                 let dx_row = &mut dx_c[iy * shape.w..(iy + 1) * shape.w];
-                if shape.stride == 1 {
-                    for (d, &g) in dx_row[ix0..ix0 + src.len()].iter_mut().zip(src) {
-                        *d += g;
-                    }
-                } else {
-                    for (d, &g) in dx_row[ix0..].iter_mut().step_by(shape.stride).zip(src) {
-                        *d += g;
-                    }
-                }
+                add_strided(&mut dx_row[ix0..], src, shape.stride);
             }
         }
     };

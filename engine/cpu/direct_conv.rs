@@ -30,6 +30,7 @@
 //! through im2col, equal within rounding, not bit for bit.
 
 use super::conv::Conv2dShape;
+use super::layout::copy_strided;
 use crate::error::{Error, Result};
 use smallvec::SmallVec;
 use std::ops::Range;
@@ -225,23 +226,7 @@ fn prepare_band(s: &Conv2dShape, p: &Planes, x_n: &[f32], first: usize, planes: 
             row[..lo].fill(0.0);
             row[hi..].fill(0.0);
             let first_column = lo * stride + q - s.padding;
-            if stride == 1 {
-                row[lo..hi].copy_from_slice(&x_row[first_column..first_column + (hi - lo)]);
-            } else if stride == 2 {
-                // Every other column, as pairs so that it vectorises (a strided walk does not).
-                let (src, dst) = (&x_row[first_column..], &mut row[lo..hi]);
-                let pairs = dst.len().min(src.len() / 2);
-                for (slot, pair) in dst[..pairs].iter_mut().zip(src.chunks_exact(2)) {
-                    *slot = pair[0];
-                }
-                if pairs < dst.len() {
-                    dst[pairs] = src[2 * pairs];
-                }
-            } else {
-                for (slot, &v) in row[lo..hi].iter_mut().zip(x_row[first_column..].iter().step_by(stride)) {
-                    *slot = v;
-                }
-            }
+            copy_strided(&mut row[lo..hi], &x_row[first_column..], stride);
         }
     }
 }

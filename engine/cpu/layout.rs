@@ -5,6 +5,41 @@ use super::float::Float;
 use super::par::{par_chunks, par_rows};
 use crate::graph::Shape;
 
+/// `dst[k] = src[k·stride]` for every `k` of `dst` (a strided convolution's input columns). Stride 2 goes by pairs,
+/// which vectorises, where a strided walk copies an element at a time.
+pub fn copy_strided<T: Copy>(dst: &mut [T], src: &[T], stride: usize) {
+    match stride {
+        1 => dst.copy_from_slice(&src[..dst.len()]),
+        2 => {
+            let pairs = dst.len().min(src.len() / 2);
+            for (d, pair) in dst[..pairs].iter_mut().zip(src.chunks_exact(2)) {
+                *d = pair[0];
+            }
+            if pairs < dst.len() {
+                dst[pairs] = src[2 * pairs];
+            }
+        }
+        _ => dst.iter_mut().zip(src.iter().step_by(stride)).for_each(|(d, &v)| *d = v),
+    }
+}
+
+/// `dst[k·stride] += src[k]` for every `k` of `src` (the adjoint of [`copy_strided`]), by pairs at stride 2.
+pub fn add_strided<T: Float>(dst: &mut [T], src: &[T], stride: usize) {
+    match stride {
+        1 => dst[..src.len()].iter_mut().zip(src).for_each(|(d, &g)| *d += g),
+        2 => {
+            let pairs = src.len().min(dst.len() / 2);
+            for (pair, &g) in dst.chunks_exact_mut(2).zip(&src[..pairs]) {
+                pair[0] += g;
+            }
+            if pairs < src.len() {
+                dst[2 * pairs] += src[pairs];
+            }
+        }
+        _ => dst.iter_mut().step_by(stride).zip(src).for_each(|(d, &g)| *d += g),
+    }
+}
+
 /// (outer, size along axis, inner) for a contiguous shape split at `axis`.
 fn split(s: &Shape, axis: usize) -> (usize, usize, usize) {
     let d = s.dims();
