@@ -186,3 +186,34 @@ pub fn timestep_embedding(t: &[f64], dim: usize, max_period: f64, out: &mut [f32
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both helpers against the plain strided walk, for every stride 1-3 and every pairing of lengths that fits
+    /// (odd and even, the last element alone at stride 2).
+    #[test]
+    fn strided_copy_and_add_match_the_plain_walk() {
+        for stride in 1..=3 {
+            for src_len in 0..12usize {
+                let src: Vec<f32> = (0..src_len).map(|i| i as f32 + 0.5).collect();
+                // dst[k] = src[k·stride] needs (len - 1)·stride < src_len.
+                for len in (0..=src_len).filter(|&l| l == 0 || (l - 1) * stride < src_len) {
+                    let mut got = vec![f32::NAN; len];
+                    copy_strided(&mut got, &src, stride);
+                    let expected: Vec<f32> = (0..len).map(|k| src[k * stride]).collect();
+                    assert_eq!(got, expected, "copy: stride {stride}, {len} of {src_len}");
+                    // The adjoint: dst[k·stride] += got[k] over a destination of src_len elements.
+                    let mut dst: Vec<f32> = (0..src_len).map(|i| -(i as f32)).collect();
+                    let mut want = dst.clone();
+                    for (k, &g) in got.iter().enumerate() {
+                        want[k * stride] += g;
+                    }
+                    add_strided(&mut dst, &got, stride);
+                    assert_eq!(dst, want, "add: stride {stride}, {len} into {src_len}");
+                }
+            }
+        }
+    }
+}
