@@ -426,25 +426,38 @@ pub fn strided_backward_input_image(
         }
         (s.stride * first).min(s.h)..(s.stride * (first + p.band_rows)).min(s.h)
     };
-    let worker_len = bands.worker_len(s);
+    run_bands((dx_n, s.h), (band_count, workers), (scratch, bands.worker_len(s)), band, done);
+    Ok(())
+}
+
+/// Runs bands `0..bands` of an output image (`out`, `rows` rows per channel): `band(b, its worker's scratch, out)`
+/// computes band `b` and returns the rows it made final. One worker runs them in order and hands each band's rows to
+/// `done` at once; several split them and `done` gets every row at the end.
+fn run_bands(
+    (out, rows): (&mut [f32], usize),
+    (bands, workers): (usize, usize),
+    (scratch, worker_len): (&mut [f32], usize),
+    band: impl Fn(usize, &mut [f32], SharedOut) -> Range<usize> + Sync,
+    done: RowsDone<'_>,
+) {
     if workers == 1 {
         let scratch = &mut scratch[..worker_len];
-        for b in 0..band_count {
-            let rows = band(b, scratch, SharedOut(dx_n.as_mut_ptr()));
-            done(dx_n, rows);
+        for b in 0..bands {
+            // The pointer is taken afresh for every band: `done` borrows `out` in between.
+            let final_rows = band(b, scratch, SharedOut(out.as_mut_ptr()));
+            done(out, final_rows);
         }
-        return Ok(());
+        return;
     }
     use rayon::prelude::*;
-    let per_worker = band_count.div_ceil(workers);
-    let dx = SharedOut(dx_n.as_mut_ptr());
+    let per_worker = bands.div_ceil(workers);
+    let shared = SharedOut(out.as_mut_ptr());
     scratch[..workers * worker_len].par_chunks_mut(worker_len).enumerate().for_each(|(w, scratch)| {
-        for b in w * per_worker..((w + 1) * per_worker).min(band_count) {
-            band(b, scratch, dx);
+        for b in w * per_worker..((w + 1) * per_worker).min(bands) {
+            band(b, scratch, shared);
         }
     });
-    done(dx_n, 0..s.h);
-    Ok(())
+    done(out, 0..rows);
 }
 
 /// Writes one row of `dx` from its `stride` phases: `dst[stride·b + px] = src(px)[b]`.
@@ -557,25 +570,7 @@ fn forward_bands(
         let _ = (taps, packed, bias, &out);
         rows
     };
-    let planes_len = p.len(s.c);
-    if workers == 1 {
-        let planes = &mut planes[..planes_len];
-        for b in 0..bands {
-            // The pointer is taken afresh for every band: `done` borrows `out` in between.
-            let rows = band(b, planes, SharedOut(out.as_mut_ptr()));
-            done(out, rows);
-        }
-        return;
-    }
-    use rayon::prelude::*;
-    let per_worker = bands.div_ceil(workers);
-    let shared = SharedOut(out.as_mut_ptr());
-    planes[..workers * planes_len].par_chunks_mut(planes_len).enumerate().for_each(|(w, planes)| {
-        for b in w * per_worker..((w + 1) * per_worker).min(bands) {
-            band(b, planes, shared);
-        }
-    });
-    done(out, 0..out_rows);
+    run_bands((out, out_rows), (bands, workers), (planes, p.len(s.c)), band, done);
 }
 
 /// Blocks of the weight gradient: groups of output channels × input channels × chunks of one channel's taps.

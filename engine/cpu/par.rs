@@ -12,12 +12,7 @@ pub fn chunk_len(n: usize) -> usize {
 
 /// Calls `f(start, chunk)` on disjoint chunks of `out`, in parallel.
 pub fn par_chunks<T: Send>(out: &mut [T], f: impl Fn(usize, &mut [T]) + Sync) {
-    let c = chunk_len(out.len());
-    if out.len() <= c {
-        f(0, out);
-        return;
-    }
-    out.par_chunks_mut(c).enumerate().for_each(|(i, o)| f(i * c, o));
+    par_chunks_by_work(out, 1, f);
 }
 
 /// As [`par_chunks`], for outputs that each cost `work` elements of input (a reduction's output reads many): the
