@@ -121,13 +121,15 @@ pub fn latent_step(cfg: &Config, micro_batch: usize) -> Result<StepGraph> {
     Ok(StepGraph { graph: built.b.g, params: built.b.params, loss, hyper, batch })
 }
 
-/// The passes the config asks for: checkpointing when `use_checkpoint`, fusion when `inductor`.
+/// The passes the config asks for: checkpointing when `use_checkpoint`, fusion when `inductor`, the channels-last
+/// rewrite when `channels_last`.
 pub fn pass_options(cfg: &Config, dumps: bool) -> PassOptions {
     let m = &cfg.model;
     PassOptions {
         checkpointing: m.unet_config.use_checkpoint || m.control_stage_config.use_checkpoint,
         dumps,
         fusion: m.inductor,
+        channels_last: m.channels_last,
     }
 }
 

@@ -6,7 +6,7 @@
 //! and inputs get none.
 
 use super::ir::{Graph, NodeId, Phase, ValueId};
-use super::op::{BinaryOp, Op};
+use super::op::{BinaryOp, Layout, Op};
 use super::shape::Shape;
 use crate::error::{Error, Result};
 use std::collections::HashMap;
@@ -232,29 +232,36 @@ fn vjp(g: &mut Graph, n: NodeId, dys: &[Option<ValueId>], wanted: &[bool]) -> Re
             };
             Ok(vec![da, db])
         }
-        Op::Conv2d { stride, padding } => {
+        Op::Conv2d { stride, padding, layout } => {
             let d = dy.expect("conv has one output");
-            let (s, p) = (*stride, *padding);
-            let (xs, ws) = (x_shape(g, 0), x_shape(g, 1));
+            let (stride, padding, layout) = (*stride, *padding, *layout);
+            let [_, _, h, w] = layout.nchw_dims(&x_shape(g, 0).0);
+            let [_, _, kh, kw] = layout.nchw_dims(&x_shape(g, 1).0);
             let dx = if need(0) {
-                Some(g.op1(Op::Conv2dBackwardInput { stride: s, padding: p, h: xs.0[2], w: xs.0[3] }, &[d, ins[1]])?)
+                Some(g.op1(Op::Conv2dBackwardInput { stride, padding, h, w, layout }, &[d, ins[1]])?)
             } else {
                 None
             };
             let dw = if need(1) {
-                Some(g.op1(Op::Conv2dBackwardWeight { stride: s, padding: p, kh: ws.0[2], kw: ws.0[3] }, &[ins[0], d])?)
+                Some(g.op1(Op::Conv2dBackwardWeight { stride, padding, kh, kw, layout }, &[ins[0], d])?)
             } else {
                 None
             };
             let mut r = vec![dx, dw];
             if ins.len() == 3 {
-                r.push(if need(2) { Some(g.sum(d, &[0, 2, 3], false)?) } else { None });
+                // The bias gradient sums dy over every axis but the channels.
+                let spatial: &[usize] = match layout {
+                    Layout::Nchw => &[0, 2, 3],
+                    Layout::Nhwc => &[0, 1, 2],
+                };
+                r.push(if need(2) { Some(g.sum(d, spatial, false)?) } else { None });
             }
             Ok(r)
         }
-        Op::GroupNorm { groups, eps } => {
+        Op::GroupNorm { groups, eps, layout } => {
             let d = dy.expect("groupnorm has one output");
-            let outs = g.add_node(Op::GroupNormBackward { groups: *groups, eps: *eps }, &[ins[0], ins[1], d])?;
+            let back = Op::GroupNormBackward { groups: *groups, eps: *eps, layout: *layout };
+            let outs = g.add_node(back, &[ins[0], ins[1], d])?;
             Ok(outs.into_iter().map(Some).collect())
         }
         Op::LayerNorm { eps } => {

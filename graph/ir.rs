@@ -4,7 +4,7 @@
 //! Values are produced by exactly one node, except sources (inputs, parameters, optimizer state).
 
 use super::dtype::DType;
-use super::op::{BinaryOp, F64Bits, Op, UnaryOp};
+use super::op::{BinaryOp, F64Bits, Layout, Op, UnaryOp};
 use super::shape::Shape;
 use crate::error::{Error, Result};
 
@@ -234,7 +234,7 @@ impl Graph {
     ) -> Result<ValueId> {
         let mut ins = vec![x, w];
         ins.extend(b);
-        self.op1(Op::Conv2d { stride, padding }, &ins)
+        self.op1(Op::Conv2d { stride, padding, layout: Layout::Nchw }, &ins)
     }
     pub fn group_norm(
         &mut self,
@@ -244,7 +244,7 @@ impl Graph {
         groups: usize,
         eps: f64,
     ) -> Result<ValueId> {
-        self.op1(Op::GroupNorm { groups, eps: F64Bits::new(eps) }, &[x, gamma, beta])
+        self.op1(Op::GroupNorm { groups, eps: F64Bits::new(eps), layout: Layout::Nchw }, &[x, gamma, beta])
     }
     pub fn layer_norm(&mut self, x: ValueId, gamma: ValueId, beta: ValueId, eps: f64) -> Result<ValueId> {
         self.op1(Op::LayerNorm { eps: F64Bits::new(eps) }, &[x, gamma, beta])

@@ -9,7 +9,7 @@ pub mod shape;
 
 pub use dtype::DType;
 pub use ir::{Graph, Node, NodeId, Phase, Value, ValueId, ValueKind};
-pub use op::{BinaryOp, F64Bits, Op, UnaryOp};
+pub use op::{BinaryOp, F64Bits, Layout, Op, UnaryOp};
 pub use shape::Shape;
 pub mod autodiff;
 pub mod cost;

@@ -82,6 +82,56 @@ impl BinaryOp {
     }
 }
 
+/// Where a 4-d activation keeps its channels. `Nchw` is PyTorch's default (filters [O, C, kh, kw], cuDNN's KCRS);
+/// `Nhwc` is channels last (`model.channels_last`, made by `graph::passes::channels_last`): activations
+/// [N, H, W, C], filters [O, kh, kw, C] (KRSC), what cuDNN's tensor-core convolutions read without a transpose.
+/// For GroupNorm, `Nhwc` means the channel axis is the last one ([N, ..., C]) instead of axis 1.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Layout {
+    #[default]
+    Nchw,
+    Nhwc,
+}
+
+impl Layout {
+    /// The permutation that takes an NCHW tensor to NHWC (and an OIHW filter to OHWI): `permute(x, TO_NHWC)`.
+    pub const TO_NHWC: [usize; 4] = [0, 2, 3, 1];
+    /// Its inverse, NHWC back to NCHW.
+    pub const TO_NCHW: [usize; 4] = [0, 3, 1, 2];
+
+    /// The dims of a rank-4 tensor of this layout in NCHW order ([O, C, kh, kw] for a filter).
+    pub fn nchw_dims(self, d: &[usize]) -> [usize; 4] {
+        match self {
+            Layout::Nchw => [d[0], d[1], d[2], d[3]],
+            Layout::Nhwc => [d[0], d[3], d[1], d[2]],
+        }
+    }
+
+    /// The shape of this layout holding NCHW dims [n, c, h, w].
+    pub fn shape(self, [n, c, h, w]: [usize; 4]) -> Shape {
+        match self {
+            Layout::Nchw => Shape(vec![n, c, h, w]),
+            Layout::Nhwc => Shape(vec![n, h, w, c]),
+        }
+    }
+
+    /// The channel axis of a rank-`rank` tensor (GroupNorm: 1, or the last).
+    pub fn channel_axis(self, rank: usize) -> usize {
+        match self {
+            Layout::Nchw => 1,
+            Layout::Nhwc => rank.saturating_sub(1),
+        }
+    }
+
+    /// " nhwc" for dumps and op attributes; nothing for the default.
+    fn suffix(self) -> &'static str {
+        match self {
+            Layout::Nchw => "",
+            Layout::Nhwc => " nhwc",
+        }
+    }
+}
+
 /// Floats stored by their bits so ops can be hashed and compared (CSE needs both).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct F64Bits(pub u64);
@@ -121,34 +171,40 @@ pub enum Op {
         trans_a: bool,
         trans_b: bool,
     },
-    /// x [N, C, H, W], w [O, C, kh, kw], optional bias [O] -> [N, O, Ho, Wo].
+    /// x [N, C, H, W], w [O, C, kh, kw], optional bias [O] -> [N, O, Ho, Wo]; with `Layout::Nhwc`,
+    /// x [N, H, W, C], w [O, kh, kw, C] -> [N, Ho, Wo, O].
     Conv2d {
         stride: usize,
         padding: usize,
+        layout: Layout,
     },
-    /// (dy, w) -> dx, where x was [N, C, h, w].
+    /// (dy, w) -> dx, where x was h x w (dims in `layout`, as the forward's).
     Conv2dBackwardInput {
         stride: usize,
         padding: usize,
         h: usize,
         w: usize,
+        layout: Layout,
     },
-    /// (x, dy) -> dw, the kernel being kh x kw.
+    /// (x, dy) -> dw, the kernel being kh x kw (dims in `layout`, as the forward's).
     Conv2dBackwardWeight {
         stride: usize,
         padding: usize,
         kh: usize,
         kw: usize,
+        layout: Layout,
     },
-    /// x [N, C, ...], gamma [C], beta [C].
+    /// x [N, C, ...] (`Layout::Nhwc`: [N, ..., C]), gamma [C], beta [C].
     GroupNorm {
         groups: usize,
         eps: F64Bits,
+        layout: Layout,
     },
     /// (x, gamma, dy) -> (dx, dgamma, dbeta).
     GroupNormBackward {
         groups: usize,
         eps: F64Bits,
+        layout: Layout,
     },
     /// Over the last axis: x [..., D], gamma [D], beta [D].
     LayerNorm {
@@ -354,12 +410,13 @@ impl Op {
             Op::Affine { alpha, beta } => format!("alpha={} beta={}", alpha.get(), beta.get()),
             Op::Cast { to } => format!("to={to}"),
             Op::MatMul { trans_a, trans_b } => format!("trans_a={trans_a} trans_b={trans_b}"),
-            Op::Conv2d { stride, padding } => format!("stride={stride} padding={padding}"),
-            Op::Conv2dBackwardInput { stride, padding, .. } | Op::Conv2dBackwardWeight { stride, padding, .. } => {
-                format!("stride={stride} padding={padding}")
+            Op::Conv2d { stride, padding, layout }
+            | Op::Conv2dBackwardInput { stride, padding, layout, .. }
+            | Op::Conv2dBackwardWeight { stride, padding, layout, .. } => {
+                format!("stride={stride} padding={padding}{}", layout.suffix())
             }
-            Op::GroupNorm { groups, eps } | Op::GroupNormBackward { groups, eps } => {
-                format!("groups={groups} eps={}", eps.get())
+            Op::GroupNorm { groups, eps, layout } | Op::GroupNormBackward { groups, eps, layout } => {
+                format!("groups={groups} eps={}{}", eps.get(), layout.suffix())
             }
             Op::LayerNorm { eps } | Op::LayerNormBackward { eps } => format!("eps={}", eps.get()),
             Op::Attention { scale, causal, lse } | Op::AttentionBackward { scale, causal, lse } => {
@@ -483,42 +540,59 @@ impl Op {
                 out.extend([m, nn]);
                 Ok(vec![(Shape(out), ins[0].1)])
             }
-            Op::Conv2d { stride, padding } => {
+            Op::Conv2d { stride, padding, layout } => {
                 if ins.len() != 2 && ins.len() != 3 {
                     return Err(Error::shape(&n, "expects x, w and an optional bias"));
                 }
                 let (x, w) = (ins[0].0, ins[1].0);
-                if x.rank() != 4 || w.rank() != 4 || x.0[1] != w.0[1] {
-                    return Err(Error::shape(&n, format!("x {x} and w {w} do not fit (NCHW, OCkk)")));
+                let names = match layout {
+                    Layout::Nchw => "NCHW, OCkk",
+                    Layout::Nhwc => "NHWC, OkkC",
+                };
+                if x.rank() != 4 || w.rank() != 4 {
+                    return Err(Error::shape(&n, format!("x {x} and w {w} do not fit ({names})")));
                 }
-                if ins.len() == 3 && ins[2].0 .0 != vec![w.0[0]] {
-                    return Err(Error::shape(&n, format!("bias {} must be [{}]", ins[2].0, w.0[0])));
+                let ([xn, xc, xh, xw], [wo, wc, kh, kw]) = (layout.nchw_dims(&x.0), layout.nchw_dims(&w.0));
+                if xc != wc {
+                    return Err(Error::shape(&n, format!("x {x} and w {w} do not fit ({names})")));
                 }
-                let ho = conv_out(x.0[2], w.0[2], *stride, *padding);
-                let wo = conv_out(x.0[3], w.0[3], *stride, *padding);
-                match (ho, wo) {
-                    (Some(ho), Some(wo)) if *stride > 0 => Ok(vec![(Shape(vec![x.0[0], w.0[0], ho, wo]), ins[0].1)]),
+                if ins.len() == 3 && ins[2].0 .0 != vec![wo] {
+                    return Err(Error::shape(&n, format!("bias {} must be [{wo}]", ins[2].0)));
+                }
+                let ho = conv_out(xh, kh, *stride, *padding);
+                let wd = conv_out(xw, kw, *stride, *padding);
+                match (ho, wd) {
+                    (Some(ho), Some(wd)) if *stride > 0 => Ok(vec![(layout.shape([xn, wo, ho, wd]), ins[0].1)]),
                     _ => Err(Error::shape(&n, format!("kernel {w} larger than padded input {x}"))),
                 }
             }
-            Op::Conv2dBackwardInput { h, w, .. } => {
+            Op::Conv2dBackwardInput { h, w, layout, .. } => {
                 arity(2)?;
                 let (dy, wt) = (ins[0].0, ins[1].0);
-                Ok(vec![(Shape(vec![dy.0[0], wt.0[1], *h, *w]), ins[0].1)])
+                if dy.rank() != 4 || wt.rank() != 4 {
+                    return Err(Error::shape(&n, format!("dy {dy} and w {wt} must be 4-d")));
+                }
+                let (n_, c) = (layout.nchw_dims(&dy.0)[0], layout.nchw_dims(&wt.0)[1]);
+                Ok(vec![(layout.shape([n_, c, *h, *w]), ins[0].1)])
             }
-            Op::Conv2dBackwardWeight { kh, kw, .. } => {
+            Op::Conv2dBackwardWeight { kh, kw, layout, .. } => {
                 arity(2)?;
                 let (x, dy) = (ins[0].0, ins[1].0);
-                Ok(vec![(Shape(vec![dy.0[1], x.0[1], *kh, *kw]), ins[0].1)])
+                if x.rank() != 4 || dy.rank() != 4 {
+                    return Err(Error::shape(&n, format!("x {x} and dy {dy} must be 4-d")));
+                }
+                let (o, c) = (layout.nchw_dims(&dy.0)[1], layout.nchw_dims(&x.0)[1]);
+                Ok(vec![(layout.shape([o, c, *kh, *kw]), ins[0].1)])
             }
-            Op::GroupNorm { groups, .. } => {
+            Op::GroupNorm { groups, layout, .. } => {
                 arity(3)?;
                 let x = ins[0].0;
-                if x.rank() < 2 || !x.0[1].is_multiple_of(*groups) {
+                let c = if x.rank() < 2 { 0 } else { x.0[layout.channel_axis(x.rank())] };
+                if x.rank() < 2 || !c.is_multiple_of(*groups) {
                     return Err(Error::shape(&n, format!("{x}: channels must divide into {groups} groups")));
                 }
-                same(ins[1].0, &Shape(vec![x.0[1]]), "gamma must be [C]")?;
-                same(ins[2].0, &Shape(vec![x.0[1]]), "beta must be [C]")?;
+                same(ins[1].0, &Shape(vec![c]), "gamma must be [C]")?;
+                same(ins[2].0, &Shape(vec![c]), "beta must be [C]")?;
                 Ok(vec![(x.clone(), ins[0].1)])
             }
             Op::LayerNorm { .. } => {

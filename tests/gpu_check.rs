@@ -21,7 +21,7 @@ use zeroconv::engine::cpu::CpuBackend;
 use zeroconv::engine::cuda::CudaDevice;
 use zeroconv::engine::gpu::{GpuBackend, GpuProgram, StepMode};
 use zeroconv::engine::{Backend, HostTensor, Program};
-use zeroconv::graph::{DType, F64Bits, Graph, Op, Shape, UnaryOp, ValueId};
+use zeroconv::graph::{DType, F64Bits, Graph, Layout, Op, Shape, UnaryOp, ValueId};
 use zeroconv::Error;
 
 fn gpu_expected() -> bool {
@@ -133,8 +133,14 @@ fn b_kernels() {
         check(&format!("softmax {d}"), Op::Softmax, vec![(vec![37, 100], d)], &mut rng);
         check(
             &format!("groupnorm {d}"),
-            Op::GroupNorm { groups: 2, eps: F64Bits::new(1e-5) },
+            Op::GroupNorm { groups: 2, eps: F64Bits::new(1e-5), layout: Layout::Nchw },
             vec![(vec![2, 4, 5, 5], d), (vec![4], d), (vec![4], d)],
+            &mut rng,
+        );
+        check(
+            &format!("groupnorm channels last {d}"),
+            Op::GroupNorm { groups: 2, eps: F64Bits::new(1e-5), layout: Layout::Nhwc },
+            vec![(vec![2, 5, 5, 4], d), (vec![4], d), (vec![4], d)],
             &mut rng,
         );
     }
@@ -168,18 +174,21 @@ fn d_convolutions() {
     }
     let mut rng = Rng::new(3);
     for d in [DType::F32, DType::BF16] {
-        for (k, stride, pad, hw) in [(3, 1, 1, 16), (3, 2, 1, 16), (1, 1, 0, 9), (3, 1, 0, 12)] {
-            let (n, c, o) = (2, 8, 16);
-            let ho = (hw + 2 * pad - k) / stride + 1;
-            let what = format!("conv k{k} s{stride} p{pad} {hw}x{hw} {d}");
-            let x = (vec![n, c, hw, hw], d);
-            let w = (vec![o, c, k, k], d);
-            let dy = (vec![n, o, ho, ho], d);
-            check(&what, Op::Conv2d { stride, padding: pad }, vec![x.clone(), w.clone(), (vec![o], d)], &mut rng);
-            let bi = Op::Conv2dBackwardInput { stride, padding: pad, h: hw, w: hw };
-            check(&format!("{what} backward input"), bi, vec![dy.clone(), w.clone()], &mut rng);
-            let bw = Op::Conv2dBackwardWeight { stride, padding: pad, kh: k, kw: k };
-            check(&format!("{what} backward weight"), bw, vec![x, dy], &mut rng);
+        for layout in [Layout::Nchw, Layout::Nhwc] {
+            for (k, stride, pad, hw) in [(3, 1, 1, 16), (3, 2, 1, 16), (1, 1, 0, 9), (3, 1, 0, 12)] {
+                let (n, c, o) = (2, 8, 16);
+                let ho = (hw + 2 * pad - k) / stride + 1;
+                let what = format!("conv k{k} s{stride} p{pad} {hw}x{hw} {layout:?} {d}");
+                let x = (layout.shape([n, c, hw, hw]).0, d);
+                let w = (layout.shape([o, c, k, k]).0, d);
+                let dy = (layout.shape([n, o, ho, ho]).0, d);
+                let fwd = Op::Conv2d { stride, padding: pad, layout };
+                check(&what, fwd, vec![x.clone(), w.clone(), (vec![o], d)], &mut rng);
+                let bi = Op::Conv2dBackwardInput { stride, padding: pad, h: hw, w: hw, layout };
+                check(&format!("{what} backward input"), bi, vec![dy.clone(), w.clone()], &mut rng);
+                let bw = Op::Conv2dBackwardWeight { stride, padding: pad, kh: k, kw: k, layout };
+                check(&format!("{what} backward weight"), bw, vec![x, dy], &mut rng);
+            }
         }
     }
 }

@@ -3,6 +3,7 @@
 //! staged through f32 scratch that the memory planner reserves for the node.
 
 use super::conv::{self, Conv2dShape, ConvMethod, ConvThreads};
+use super::conv_nhwc;
 use super::elementwise as ew;
 use super::float::Float;
 use super::layout::{self, Ids};
@@ -12,6 +13,7 @@ use crate::engine::backend::{check_communicator, check_node_range, check_upload,
 use crate::engine::dist::{Communicator, ReduceBuf};
 use crate::engine::tensor::HostTensor;
 use crate::error::{Error, Result};
+use crate::graph::op::Layout;
 use crate::graph::passes::{plan_memory, Location, MemoryPlan};
 use crate::graph::{DType, Graph, Node, Op, Shape, ValueId};
 use half::{bf16, f16};
@@ -109,9 +111,17 @@ fn is_special(op: &Op) -> bool {
     )
 }
 
-fn conv_geom(x: &Shape, w: &Shape, stride: usize, padding: usize) -> Conv2dShape {
-    let (xd, wd) = (x.dims(), w.dims());
-    Conv2dShape { n: xd[0], c: xd[1], h: xd[2], w: xd[3], o: wd[0], kh: wd[2], kw: wd[3], stride, padding }
+/// The sizes of a convolution on x and w of `layout` (the same sizes whichever the layout).
+fn conv_geom(x: &Shape, w: &Shape, stride: usize, padding: usize, layout: Layout) -> Conv2dShape {
+    let ([n, c, h, wd], [o, _, kh, kw]) = (layout.nchw_dims(x.dims()), layout.nchw_dims(w.dims()));
+    Conv2dShape { n, c, h, w: wd, o, kh, kw, stride, padding }
+}
+
+/// GroupNorm's sizes for x of `layout`: [n, c, s] planar, [n, s, c] channels last.
+fn group_norm_geom(x: &Shape, groups: usize, eps: f64, layout: Layout) -> norm::GroupNormGeom {
+    let d = x.dims();
+    let (n, c) = (d[0], d[layout.channel_axis(d.len())]);
+    norm::GroupNormGeom { n, c, s: x.numel() / (n * c).max(1), groups, eps }
 }
 
 fn conv_threads(threads: usize) -> ConvThreads {
@@ -123,16 +133,31 @@ fn kernel_scratch_len(g: &Graph, node: &Node, threads: usize) -> usize {
     let s = |i: usize| g.shape(node.inputs[i]);
     let o = |i: usize| g.shape(node.outputs[i]);
     match &node.op {
-        Op::Conv2d { stride, padding } => {
-            conv::conv2d_forward_scratch_len(&conv_geom(s(0), s(1), *stride, *padding), conv_threads(threads))
+        Op::Conv2d { stride, padding, layout: Layout::Nchw } => {
+            let geom = conv_geom(s(0), s(1), *stride, *padding, Layout::Nchw);
+            conv::conv2d_forward_scratch_len(&geom, conv_threads(threads))
         }
-        Op::Conv2dBackwardInput { stride, padding, .. } => {
-            conv::conv2d_backward_input_scratch_len(&conv_geom(o(0), s(1), *stride, *padding), conv_threads(threads))
+        Op::Conv2dBackwardInput { stride, padding, layout: Layout::Nchw, .. } => {
+            let geom = conv_geom(o(0), s(1), *stride, *padding, Layout::Nchw);
+            conv::conv2d_backward_input_scratch_len(&geom, conv_threads(threads))
         }
-        Op::Conv2dBackwardWeight { stride, padding, .. } => {
-            conv::conv2d_backward_weight_scratch_len(&conv_geom(s(0), o(0), *stride, *padding), conv_threads(threads))
+        Op::Conv2dBackwardWeight { stride, padding, layout: Layout::Nchw, .. } => {
+            let geom = conv_geom(s(0), o(0), *stride, *padding, Layout::Nchw);
+            conv::conv2d_backward_weight_scratch_len(&geom, conv_threads(threads))
         }
-        Op::GroupNormBackward { .. } => s(0).dims()[0] * s(0).dims()[1] * 2,
+        Op::Conv2d { stride, padding, layout: Layout::Nhwc } => {
+            conv_nhwc::scratch_len(&conv_geom(s(0), s(1), *stride, *padding, Layout::Nhwc))
+        }
+        Op::Conv2dBackwardInput { stride, padding, layout: Layout::Nhwc, .. } => {
+            conv_nhwc::scratch_len(&conv_geom(o(0), s(1), *stride, *padding, Layout::Nhwc))
+        }
+        Op::Conv2dBackwardWeight { stride, padding, layout: Layout::Nhwc, .. } => {
+            conv_nhwc::scratch_len(&conv_geom(s(0), o(0), *stride, *padding, Layout::Nhwc))
+        }
+        Op::GroupNormBackward { groups, eps, layout } => {
+            let g = group_norm_geom(s(0), *groups, eps.get(), *layout);
+            g.n * g.c * 2
+        }
         Op::LayerNormBackward { .. } => {
             let d = *s(0).dims().last().unwrap_or(&1);
             norm::layer_norm_blocks(s(0).numel() / d.max(1)) * 2 * d
@@ -654,32 +679,59 @@ impl CpuProgram {
                 let b = linalg::Operand { data: ins[1], shape: s(1), trans: *trans_b };
                 linalg::batched_matmul(a, b, outs[0], os(0), self.threads)
             }
-            Op::Conv2d { stride, padding } => {
-                let geom = conv_geom(s(0), s(1), *stride, *padding);
-                let t = conv_threads(self.threads);
-                conv::conv2d_forward(&geom, ins[0], ins[1], ins.get(2).copied(), outs[0], scratch, t)?;
+            Op::Conv2d { stride, padding, layout } => {
+                let geom = conv_geom(s(0), s(1), *stride, *padding, *layout);
+                let (x, w, bias) = (ins[0], ins[1], ins.get(2).copied());
+                match layout {
+                    Layout::Nchw => {
+                        conv::conv2d_forward(&geom, x, w, bias, outs[0], scratch, conv_threads(self.threads))?
+                    }
+                    Layout::Nhwc => conv_nhwc::forward(&geom, (x, w, bias), outs[0], scratch, self.threads)?,
+                }
             }
-            Op::Conv2dBackwardInput { stride, padding, .. } => {
-                let geom = conv_geom(os(0), s(1), *stride, *padding);
-                conv::conv2d_backward_input(&geom, ins[0], ins[1], outs[0], scratch, conv_threads(self.threads))?;
+            Op::Conv2dBackwardInput { stride, padding, layout, .. } => {
+                let geom = conv_geom(os(0), s(1), *stride, *padding, *layout);
+                match layout {
+                    Layout::Nchw => conv::conv2d_backward_input(
+                        &geom,
+                        ins[0],
+                        ins[1],
+                        outs[0],
+                        scratch,
+                        conv_threads(self.threads),
+                    )?,
+                    Layout::Nhwc => conv_nhwc::backward_input(&geom, ins[0], ins[1], outs[0], scratch, self.threads)?,
+                }
             }
-            Op::Conv2dBackwardWeight { stride, padding, .. } => {
-                let geom = conv_geom(s(0), os(0), *stride, *padding);
-                conv::conv2d_backward_weight(&geom, ins[0], ins[1], outs[0], scratch, conv_threads(self.threads))?;
+            Op::Conv2dBackwardWeight { stride, padding, layout, .. } => {
+                let geom = conv_geom(s(0), os(0), *stride, *padding, *layout);
+                match layout {
+                    Layout::Nchw => conv::conv2d_backward_weight(
+                        &geom,
+                        ins[0],
+                        ins[1],
+                        outs[0],
+                        scratch,
+                        conv_threads(self.threads),
+                    )?,
+                    Layout::Nhwc => conv_nhwc::backward_weight(&geom, ins[0], ins[1], outs[0], scratch, self.threads)?,
+                }
             }
-            Op::GroupNorm { groups, eps } => {
-                let d = s(0).dims();
-                let sp = s(0).numel() / (d[0] * d[1]).max(1);
-                let g = norm::GroupNormGeom { n: d[0], c: d[1], s: sp, groups: *groups, eps: eps.get() };
-                norm::group_norm(&g, ins[0], ins[1], ins[2], outs[0]);
+            Op::GroupNorm { groups, eps, layout } => {
+                let g = group_norm_geom(s(0), *groups, eps.get(), *layout);
+                match layout {
+                    Layout::Nchw => norm::group_norm(&g, ins[0], ins[1], ins[2], outs[0]),
+                    Layout::Nhwc => norm::group_norm_channels_last(&g, ins[0], ins[1], ins[2], outs[0]),
+                }
             }
-            Op::GroupNormBackward { groups, eps } => {
-                let d = s(0).dims();
-                let sp = s(0).numel() / (d[0] * d[1]).max(1);
+            Op::GroupNormBackward { groups, eps, layout } => {
                 let [dx, dg, db] = outs else { unreachable!("three outputs by shape inference") };
-                let g = norm::GroupNormGeom { n: d[0], c: d[1], s: sp, groups: *groups, eps: eps.get() };
+                let g = group_norm_geom(s(0), *groups, eps.get(), *layout);
                 let grads = norm::NormGrads { dx, dgamma: dg, dbeta: db, partial: scratch };
-                norm::group_norm_backward(&g, ins[0], ins[1], ins[2], grads);
+                match layout {
+                    Layout::Nchw => norm::group_norm_backward(&g, ins[0], ins[1], ins[2], grads),
+                    Layout::Nhwc => norm::group_norm_channels_last_backward(&g, ins[0], ins[1], ins[2], grads),
+                }
             }
             Op::LayerNorm { eps } => {
                 let d = *s(0).dims().last().unwrap_or(&1);

@@ -2,6 +2,7 @@
 //! default that runs anywhere.
 
 pub mod conv;
+pub mod conv_nhwc;
 pub mod direct_conv;
 pub mod elementwise;
 pub mod epilogue;

@@ -33,6 +33,113 @@ pub struct NormGrads<'a, T> {
     pub partial: &'a mut [T],
 }
 
+/// Per-group (mean, rstd) of one channels-last image `xb` ([s, c]): per-channel sums in f64 over the pixels (the
+/// channels of a group are interleaved with the others', so there is no contiguous block to sum), then per group.
+fn channels_last_stats<T: Float>(g: &GroupNormGeom, xb: &[T]) -> Vec<(T, T)> {
+    let (c, cg) = (g.c, g.c / g.groups);
+    let count = (cg * g.s) as f64;
+    let mut sums = vec![0.0f64; c];
+    for px in xb.chunks_exact(c) {
+        for (a, &v) in sums.iter_mut().zip(px) {
+            *a += v.to_f64();
+        }
+    }
+    let means: Vec<f64> = sums.chunks_exact(cg).map(|ch| ch.iter().sum::<f64>() / count).collect();
+    let mut sq = vec![0.0f64; c];
+    for px in xb.chunks_exact(c) {
+        for (ch, (a, &v)) in sq.iter_mut().zip(px).enumerate() {
+            let d = v.to_f64() - means[ch / cg];
+            *a += d * d;
+        }
+    }
+    sq.chunks_exact(cg)
+        .zip(&means)
+        .map(|(ch, &m)| (T::from_f64(m), T::from_f64(1.0 / (ch.iter().sum::<f64>() / count + g.eps).sqrt())))
+        .collect()
+}
+
+/// GroupNorm over channels-last x ([n, s, c]): one image per task.
+pub fn group_norm_channels_last<T: Float>(g: &GroupNormGeom, x: &[T], gamma: &[T], beta: &[T], y: &mut [T]) {
+    let (c, cg, image) = (g.c, g.c / g.groups, g.s * g.c);
+    y.par_chunks_mut(image.max(1)).enumerate().take(g.n).for_each(|(i, yb)| {
+        let xb = &x[i * image..(i + 1) * image];
+        let stats = channels_last_stats(g, xb);
+        let (scale, shift): (Vec<T>, Vec<T>) = (0..c)
+            .map(|ch| {
+                let (mean, rstd) = stats[ch / cg];
+                let scale = rstd * gamma[ch];
+                (scale, beta[ch] - mean * scale)
+            })
+            .unzip();
+        for (yp, xp) in yb.chunks_exact_mut(c).zip(xb.chunks_exact(c)) {
+            for (((o, &v), &a), &b) in yp.iter_mut().zip(xp).zip(&scale).zip(&shift) {
+                *o = v * a + b;
+            }
+        }
+    });
+}
+
+/// The backward of [`group_norm_channels_last`]: dx, and per-(n, channel) partial dgamma/dbeta in `partial`
+/// ([N, C, 2]), reduced over N as the planar backward does.
+pub fn group_norm_channels_last_backward<T: Float>(
+    g: &GroupNormGeom,
+    x: &[T],
+    gamma: &[T],
+    dy: &[T],
+    out: NormGrads<'_, T>,
+) {
+    let (c, cg, image) = (g.c, g.c / g.groups, g.s * g.c);
+    let NormGrads { dx, dgamma, dbeta, partial } = out;
+    let count = T::from_f64((cg * g.s) as f64);
+    dx.par_chunks_mut(image.max(1)).zip(partial.par_chunks_mut(c * 2)).enumerate().take(g.n).for_each(
+        |(i, (dxb, pb))| {
+            let (xb, db) = (&x[i * image..(i + 1) * image], &dy[i * image..(i + 1) * image]);
+            let stats = channels_last_stats(g, xb);
+            let (mut dg, mut dbt) = (vec![0.0f64; c], vec![0.0f64; c]);
+            for (xp, dp) in xb.chunks_exact(c).zip(db.chunks_exact(c)) {
+                for ch in 0..c {
+                    let (mean, rstd) = stats[ch / cg];
+                    let d = dp[ch].to_f64();
+                    dg[ch] += d * ((xp[ch] - mean) * rstd).to_f64();
+                    dbt[ch] += d;
+                }
+            }
+            // Per group: the means of dxhat and dxhat * xhat.
+            let mut m = vec![(T::ZERO, T::ZERO); g.groups];
+            for ch in 0..c {
+                pb[ch * 2] = T::from_f64(dg[ch]);
+                pb[ch * 2 + 1] = T::from_f64(dbt[ch]);
+                let e = &mut m[ch / cg];
+                e.0 += pb[ch * 2 + 1] * gamma[ch];
+                e.1 += pb[ch * 2] * gamma[ch];
+            }
+            for (dxp, (xp, dp)) in dxb.chunks_exact_mut(c).zip(xb.chunks_exact(c).zip(db.chunks_exact(c))) {
+                for ch in 0..c {
+                    let (mean, rstd) = stats[ch / cg];
+                    let (m1, m2) = (m[ch / cg].0 / count, m[ch / cg].1 / count);
+                    let xh = (xp[ch] - mean) * rstd;
+                    dxp[ch] = rstd * (dp[ch] * gamma[ch] - m1 - xh * m2);
+                }
+            }
+        },
+    );
+    reduce_param_partials(g, partial, dgamma, dbeta);
+}
+
+/// dgamma and dbeta: the per-(n, channel) partial sums in `partial` ([N, C, 2]) summed over N, in order.
+fn reduce_param_partials<T: Float>(g: &GroupNormGeom, partial: &[T], dgamma: &mut [T], dbeta: &mut [T]) {
+    let c = g.c;
+    for ch in 0..c {
+        let (mut dg, mut dbt) = (T::ZERO, T::ZERO);
+        for b in 0..g.n {
+            dg += partial[(b * c + ch) * 2];
+            dbt += partial[(b * c + ch) * 2 + 1];
+        }
+        dgamma[ch] = dg;
+        dbeta[ch] = dbt;
+    }
+}
+
 /// Each (n, group) is a contiguous block of x.
 pub fn group_norm<T: Float>(g: &GroupNormGeom, x: &[T], gamma: &[T], beta: &[T], y: &mut [T]) {
     let GroupNormGeom { n, c, s, groups, eps } = *g;
@@ -88,15 +195,7 @@ pub fn group_norm_backward<T: Float>(g: &GroupNormGeom, x: &[T], gamma: &[T], dy
             }
         },
     );
-    for ch in 0..c {
-        let (mut dg, mut dbt) = (T::ZERO, T::ZERO);
-        for b in 0..n {
-            dg += partial[(b * c + ch) * 2];
-            dbt += partial[(b * c + ch) * 2 + 1];
-        }
-        dgamma[ch] = dg;
-        dbeta[ch] = dbt;
-    }
+    reduce_param_partials(g, partial, dgamma, dbeta);
 }
 
 pub fn layer_norm<T: Float>(x: &[T], gamma: &[T], beta: &[T], y: &mut [T], d: usize, eps: f64) {

@@ -15,7 +15,7 @@ use crate::engine::device::{
 };
 use crate::error::{Error, Result};
 use crate::graph::fusion::Anchor;
-use crate::graph::{DType, Graph, Node, Op, Shape, ValueId};
+use crate::graph::{DType, Graph, Layout, Node, Op, Shape, ValueId};
 use crate::kernels::codegen;
 
 mod epilogue;
@@ -207,6 +207,15 @@ struct Attn {
     backward: bool,
 }
 
+/// One convolution node's attributes: which pass, its stride and padding, and its memory format.
+#[derive(Clone, Copy)]
+pub(super) struct ConvOp {
+    pub direction: ConvDirection,
+    pub stride: usize,
+    pub padding: usize,
+    pub layout: Layout,
+}
+
 /// Emits commands for one node.
 struct Emit<'c, 'a> {
     ctx: &'c Ctx<'a>,
@@ -385,55 +394,88 @@ impl Emit<'_, '_> {
                 }
             }
             Op::MatMul { trans_a, trans_b } => self.matmul(*trans_a, *trans_b)?,
-            Op::Conv2d { stride, padding } => self.conv(ConvDirection::Forward, *stride, *padding)?,
-            Op::Conv2dBackwardInput { stride, padding, .. } => {
-                self.conv(ConvDirection::BackwardData, *stride, *padding)?
-            }
-            Op::Conv2dBackwardWeight { stride, padding, .. } => {
-                self.conv(ConvDirection::BackwardFilter, *stride, *padding)?
-            }
-            Op::GroupNorm { groups, eps } => {
+            Op::Conv2d { stride, padding, layout } => self.conv(ConvOp {
+                direction: ConvDirection::Forward,
+                stride: *stride,
+                padding: *padding,
+                layout: *layout,
+            })?,
+            Op::Conv2dBackwardInput { stride, padding, layout, .. } => self.conv(ConvOp {
+                direction: ConvDirection::BackwardData,
+                stride: *stride,
+                padding: *padding,
+                layout: *layout,
+            })?,
+            Op::Conv2dBackwardWeight { stride, padding, layout, .. } => self.conv(ConvOp {
+                direction: ConvDirection::BackwardFilter,
+                stride: *stride,
+                padding: *padding,
+                layout: *layout,
+            })?,
+            Op::GroupNorm { groups, eps, layout } => {
                 let d = self.one_float_dtype()?;
-                let (n, c, s) = self.ncs(0)?;
+                let (n, c, sp) = self.ncs_of(0, *layout)?;
                 let g = *groups as u64;
+                // The kernels walk planar [n, c, s] tensors: a channels-last node goes through planar scratch.
+                let (x, y) = match layout {
+                    Layout::Nchw => (self.in_ptr(0), self.out_ptr(0)),
+                    Layout::Nhwc => {
+                        let x = self.transpose_channels(d, self.in_ptr(0), None, (n, c, sp), true)?;
+                        (x, self.scratch(n * c * sp * d.size() as u64).ptr)
+                    }
+                };
                 let args = vec![
-                    Arg::Ptr(self.in_ptr(0)),
+                    Arg::Ptr(x),
                     Arg::Ptr(self.in_ptr(1)),
                     Arg::Ptr(self.in_ptr(2)),
-                    Arg::Ptr(self.out_ptr(0)),
+                    Arg::Ptr(y),
                     Arg::Ptr(DevPtr::NULL),
                     Arg::Ptr(DevPtr::NULL),
                     Arg::u64(n),
                     Arg::u64(c),
-                    Arg::u64(s),
+                    Arg::u64(sp),
                     Arg::u64(g),
                     Arg::f32(eps.get() as f32),
                 ];
                 let dims = LaunchDims::linear((n * g).clamp(1, MAX_GRID) as u32, BLOCK);
                 self.launch(module::NORM, format!("groupnorm_{}", suffix("groupnorm", d)?), dims, args, true);
+                if *layout == Layout::Nhwc {
+                    self.transpose_channels(d, y, Some(self.out_ptr(0)), (n, c, sp), false)?;
+                }
             }
-            Op::GroupNormBackward { groups, eps } => {
+            Op::GroupNormBackward { groups, eps, layout } => {
                 let d = self.one_float_dtype()?;
                 let sfx = suffix("groupnorm", d)?;
-                let (n, c, s) = self.ncs(0)?;
+                let (n, c, sp) = self.ncs_of(0, *layout)?;
                 let g = *groups as u64;
+                let (x, dy, dx) = match layout {
+                    Layout::Nchw => (self.in_ptr(0), self.in_ptr(2), self.out_ptr(0)),
+                    Layout::Nhwc => {
+                        let x = self.transpose_channels(d, self.in_ptr(0), None, (n, c, sp), true)?;
+                        let dy = self.transpose_channels(d, self.in_ptr(2), None, (n, c, sp), true)?;
+                        (x, dy, self.scratch(n * c * sp * d.size() as u64).ptr)
+                    }
+                };
                 let dg = self.scratch(n * c * 4);
                 let db = self.scratch(n * c * 4);
                 let args = vec![
-                    Arg::Ptr(self.in_ptr(0)),
+                    Arg::Ptr(x),
                     Arg::Ptr(self.in_ptr(1)),
-                    Arg::Ptr(self.in_ptr(2)),
-                    Arg::Ptr(self.out_ptr(0)),
+                    Arg::Ptr(dy),
+                    Arg::Ptr(dx),
                     Arg::Ptr(dg.ptr),
                     Arg::Ptr(db.ptr),
                     Arg::u64(n),
                     Arg::u64(c),
-                    Arg::u64(s),
+                    Arg::u64(sp),
                     Arg::u64(g),
                     Arg::f32(eps.get() as f32),
                 ];
                 let dims = LaunchDims::linear((n * g).clamp(1, MAX_GRID) as u32, BLOCK);
                 self.launch(module::NORM, format!("groupnorm_bwd_{sfx}"), dims, args, true);
+                if *layout == Layout::Nhwc {
+                    self.transpose_channels(d, dx, Some(self.out_ptr(0)), (n, c, sp), false)?;
+                }
                 self.params_finish(sfx, dg.ptr, db.ptr, n, c);
             }
             Op::LayerNorm { eps } => {
@@ -757,12 +799,13 @@ impl Emit<'_, '_> {
     }
 
     /// (N, C, S) of input i viewed as [N, C, spatial...].
-    fn ncs(&self, i: usize) -> Result<(u64, u64, u64)> {
+    /// (batch, channels, the rest) of input i, its channels where `layout` keeps them.
+    fn ncs_of(&self, i: usize, layout: Layout) -> Result<(u64, u64, u64)> {
         let x = self.in_shape(i);
         if x.rank() < 2 {
             return Err(Error::shape(self.name(), format!("{x} needs rank >= 2")));
         }
-        let (n, c) = (x.dims()[0] as u64, x.dims()[1] as u64);
+        let (n, c) = (x.dims()[0] as u64, x.dims()[layout.channel_axis(x.rank())] as u64);
         Ok((n, c, x.numel() as u64 / (n * c).max(1)))
     }
 
@@ -787,15 +830,45 @@ impl Emit<'_, '_> {
 
     fn copy_strided(&mut self, out: &Shape, in_strides: &[i64]) -> Result<()> {
         let d = self.one_float_dtype()?;
+        self.copy_strided_between(d, (self.in_ptr(0), in_strides), (self.out_ptr(0), out))
+    }
+
+    /// Writes `dst` (packed, shaped `out`) from `src` read with `in_strides` (one per axis of `out`), dtype `d`.
+    fn copy_strided_between(
+        &mut self,
+        d: DType,
+        (src, in_strides): (DevPtr, &[i64]),
+        (dst, out): (DevPtr, &Shape),
+    ) -> Result<()> {
         let n = out.numel() as u64;
-        let args = vec![
-            Arg::Ptr(self.in_ptr(0)),
-            Arg::Ptr(self.out_ptr(0)),
-            Arg::u64(n),
-            Arg::pod(&StridedDims::new(out, in_strides)?),
-        ];
+        let args = vec![Arg::Ptr(src), Arg::Ptr(dst), Arg::u64(n), Arg::pod(&StridedDims::new(out, in_strides)?)];
         self.launch(module::LAYOUT, format!("copy_strided_{}", suffix("copy", d)?), grid_stride(n), args, true);
         Ok(())
+    }
+
+    /// Copies channels-last `src` ([n, s, c]) into a planar scratch tensor ([n, c, s]), or with `to_planar` false,
+    /// planar `src` into channels-last `dst`: how the GroupNorm kernels (which walk planar tensors) serve
+    /// `Layout::Nhwc` nodes. Returns the destination.
+    fn transpose_channels(
+        &mut self,
+        d: DType,
+        src: DevPtr,
+        dst: Option<DevPtr>,
+        (n, c, s): (u64, u64, u64),
+        to_planar: bool,
+    ) -> Result<DevPtr> {
+        let dst = match dst {
+            Some(p) => p,
+            None => self.scratch(n * c * s * d.size() as u64).ptr,
+        };
+        let (n, c, s) = (n as usize, c as usize, s as usize);
+        let (out, strides) = if to_planar {
+            (Shape(vec![n, c, s]), [(s * c) as i64, 1, c as i64])
+        } else {
+            (Shape(vec![n, s, c]), [(c * s) as i64, 1, s as i64])
+        };
+        self.copy_strided_between(d, (src, &strides), (dst, &out))?;
+        Ok(dst)
     }
 
     /// The row-major matmul as one strided-batched column-major GEMM: C^T = op(B)^T op(A)^T.
@@ -848,35 +921,35 @@ impl Emit<'_, '_> {
         }));
     }
 
-    fn conv(&mut self, direction: ConvDirection, stride: usize, padding: usize) -> Result<()> {
+    fn conv(&mut self, conv: ConvOp) -> Result<()> {
         let d = self.one_float_dtype()?;
-        let bias = (direction == ConvDirection::Forward && self.node.inputs.len() == 3).then(|| self.in_ptr(2));
+        let bias = (conv.direction == ConvDirection::Forward && self.node.inputs.len() == 3).then(|| self.in_ptr(2));
         // (operand 0, w, result): (x, w, y) forward, (dy, w, dx) backward-data, (x, dy, dw) backward-filter.
         let (a, w, r) = (self.in_shape(0).clone(), self.in_shape(1).clone(), self.out_shape(0).clone());
         let operands = [(&a, self.in_ptr(0)), (&w, self.in_ptr(1)), (&r, self.out_ptr(0))];
-        self.conv_into(direction, stride, padding, d, operands, bias)
+        self.conv_into(conv, d, operands, bias)
     }
 
     /// A convolution of dtype `d` on (operand 0, operand 1, result) as [`Emit::conv`] reads them from the node, and
     /// for the forward with `bias`, the bias added in place.
     fn conv_into(
         &mut self,
-        direction: ConvDirection,
-        stride: usize,
-        padding: usize,
+        ConvOp { direction, stride, padding, layout }: ConvOp,
         d: DType,
         [(in0, in0_ptr), (in1, in1_ptr), (res, res_ptr)]: [(&Shape, DevPtr); 3],
         bias: Option<DevPtr>,
     ) -> Result<()> {
+        // cuDNN takes the dims in NCHW (KCRS) order and the memory format separately.
         let t4 = |s: &Shape, ptr: DevPtr| -> Result<Tensor4> {
-            let dims: [u64; 4] = s
-                .dims()
-                .iter()
-                .map(|&v| v as u64)
-                .collect::<Vec<_>>()
-                .try_into()
-                .map_err(|_| Error::shape("conv2d", format!("{s} is not 4-d")))?;
-            Ok(Tensor4 { dims, layout: Layout4::Nchw, dtype: d, ptr })
+            if s.rank() != 4 {
+                return Err(Error::shape("conv2d", format!("{s} is not 4-d")));
+            }
+            let dims = layout.nchw_dims(s.dims()).map(|v| v as u64);
+            let layout = match layout {
+                Layout::Nchw => Layout4::Nchw,
+                Layout::Nhwc => Layout4::Nhwc,
+            };
+            Ok(Tensor4 { dims, layout, dtype: d, ptr })
         };
         let (x, w, y) = match direction {
             ConvDirection::Forward => (t4(in0, in0_ptr)?, t4(in1, in1_ptr)?, t4(res, res_ptr)?),
@@ -902,10 +975,12 @@ impl Emit<'_, '_> {
             workspace: self.ctx.library_workspace,
         }));
         if let Some(bias) = bias {
-            // The bias, added in place: y[n, o, :] += bias[o].
-            let [n, o, h, wd] = y.dims;
-            let out = Shape(vec![n as usize, o as usize, (h * wd) as usize]);
-            let bias_shape = Shape(vec![o as usize, 1]);
+            // The bias, added in place: y[n, o, :] += bias[o] (y[n, :, o] channels last).
+            let [n, o, h, wd] = y.dims.map(|v| v as usize);
+            let (out, bias_shape) = match layout {
+                Layout::Nchw => (Shape(vec![n, o, h * wd]), Shape(vec![o, 1])),
+                Layout::Nhwc => (Shape(vec![n, h * wd, o]), Shape(vec![o])),
+            };
             let args = vec![
                 Arg::Ptr(y.ptr),
                 Arg::Ptr(bias),

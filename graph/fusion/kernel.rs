@@ -12,7 +12,7 @@
 //! ([`FusedKernel::split_epilogue`]).
 //! Multi-tensor AdamW groups update many parameters in one kernel.
 
-use crate::graph::op::{BinaryOp, F64Bits, Op, UnaryOp};
+use crate::graph::op::{BinaryOp, F64Bits, Layout, Op, UnaryOp};
 use crate::graph::{DType, Shape};
 
 pub type Reg = usize;
@@ -78,10 +78,13 @@ impl Anchor {
     /// The anchor of a group whose anchor node runs `op`; None for ops that cannot anchor.
     pub fn of(op: &Op, inputs: usize) -> Option<Anchor> {
         Some(match op {
-            Op::GroupNorm { groups, eps } => Anchor::GroupNorm { groups: *groups, eps: *eps },
+            // Channels-last convolutions and GroupNorms do not anchor yet: the backends' fused kernels walk NCHW.
+            Op::GroupNorm { groups, eps, layout: Layout::Nchw } => Anchor::GroupNorm { groups: *groups, eps: *eps },
             Op::LayerNorm { eps } => Anchor::LayerNorm { eps: *eps },
-            Op::Conv2d { stride, padding } => Anchor::Conv2d { stride: *stride, padding: *padding, bias: inputs == 3 },
-            Op::Conv2dBackwardInput { stride, padding, .. } => {
+            Op::Conv2d { stride, padding, layout: Layout::Nchw } => {
+                Anchor::Conv2d { stride: *stride, padding: *padding, bias: inputs == 3 }
+            }
+            Op::Conv2dBackwardInput { stride, padding, layout: Layout::Nchw, .. } => {
                 Anchor::Conv2dBackwardInput { stride: *stride, padding: *padding }
             }
             Op::MatMul { trans_a, trans_b } => Anchor::MatMul { trans_a: *trans_a, trans_b: *trans_b },
@@ -94,10 +97,10 @@ impl Anchor {
     pub fn op(&self, out: &Shape) -> Option<Op> {
         match *self {
             Anchor::None | Anchor::GroupNorm { .. } | Anchor::LayerNorm { .. } => None,
-            Anchor::Conv2d { stride, padding, .. } => Some(Op::Conv2d { stride, padding }),
+            Anchor::Conv2d { stride, padding, .. } => Some(Op::Conv2d { stride, padding, layout: Layout::Nchw }),
             Anchor::Conv2dBackwardInput { stride, padding } => {
                 let d = out.dims();
-                Some(Op::Conv2dBackwardInput { stride, padding, h: d[2], w: d[3] })
+                Some(Op::Conv2dBackwardInput { stride, padding, h: d[2], w: d[3], layout: Layout::Nchw })
             }
             Anchor::MatMul { trans_a, trans_b } => Some(Op::MatMul { trans_a, trans_b }),
         }

@@ -18,7 +18,7 @@
 use super::kernel::{Anchor, FusedKernel, Instr, MultiAdamW, Reg};
 use crate::error::Result;
 use crate::graph::ir::{Graph, NodeId, ValueId};
-use crate::graph::op::Op;
+use crate::graph::op::{Layout, Op};
 use crate::graph::passes::plan_memory;
 use crate::graph::passes::rewrite::{Rewriter, ValueMap};
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -59,6 +59,10 @@ fn kind(g: &Graph, n: NodeId) -> Kind {
         | Op::Affine { .. }
         | Op::Cast { .. }
         | Op::BroadcastTo { .. } => Kind::Pointwise,
+        // Channels-last convolutions and GroupNorms run alone for now (see `Anchor::of`).
+        Op::GroupNorm { layout: Layout::Nhwc, .. }
+        | Op::Conv2d { layout: Layout::Nhwc, .. }
+        | Op::Conv2dBackwardInput { layout: Layout::Nhwc, .. } => Kind::Other,
         Op::GroupNorm { .. } | Op::LayerNorm { .. } => Kind::Anchor,
         // A product with an empty operand (a sum over nothing) is written as zeros by the backends' empty-tensor
         // path, which knows the plain ops only.

@@ -3,6 +3,7 @@
 
 pub mod all_reduce;
 pub mod attention_lse;
+pub mod channels_last;
 pub mod cse;
 pub mod dce;
 pub mod dump;
@@ -25,6 +26,8 @@ pub struct PassOptions {
     pub dumps: bool,
     /// Fuse pointwise chains, normalisation epilogues and the AdamW updates (`model.inductor`).
     pub fusion: bool,
+    /// Run convolutions and GroupNorms on channels-last activations (`model.channels_last`).
+    pub channels_last: bool,
 }
 
 /// The result of running the pass pipeline.
@@ -38,9 +41,10 @@ pub struct Optimized {
     pub fusion: Option<crate::graph::fusion::FusionReport>,
 }
 
-/// Runs CSE, DCE, (optionally) checkpointing and (optionally) fusion, in that order: CSE must
-/// come before checkpointing, or it would merge recomputed activations back into the forward
-/// ones, and fusion comes last so it sees the recomputation too.
+/// Runs CSE, DCE, (optionally) the channels-last rewrite, (optionally) checkpointing and (optionally) fusion, in
+/// that order: CSE must come before checkpointing, or it would merge recomputed activations back into the forward
+/// ones; the layout is chosen before checkpointing so the recomputed nodes are the rewritten ones; and fusion comes
+/// last so it sees the recomputation too.
 pub fn optimize(g: &Graph, opts: &PassOptions) -> Result<Optimized> {
     let mut dumps = Vec::new();
     if opts.dumps {
@@ -50,6 +54,9 @@ pub fn optimize(g: &Graph, opts: &PassOptions) -> Result<Optimized> {
     let mut map = ValueMap::identity(g.values.len());
     type Pass = fn(&Graph) -> Result<(Graph, ValueMap)>;
     let mut passes: Vec<(&str, Pass)> = vec![("cse", cse::cse), ("dce", dce::dce)];
+    if opts.channels_last {
+        passes.push(("channels_last", channels_last::channels_last));
+    }
     if opts.checkpointing {
         passes.push(("recompute", recompute::recompute));
     }

@@ -112,11 +112,6 @@ pub const IGNORED_KEYS: &[IgnoredKey] = &[
     any("model.concat_mode", "only used with conditioning_key: concat"),
     only("model.cond_stage_forward", &["null"], "the text encoder's forward is fixed"),
     any("model.fused_opt", "the optimizer update is compiled into the step"),
-    any(
-        "model.channels_last",
-        "a memory-layout hint (NeMo: torch.channels_last); it does not change what is computed, and zeroconv chooses \
-         layouts when it compiles the step",
-    ),
     any("model.inductor_cudagraphs", COMPILED),
     any("model.capture_cudagraph_iters", COMPILED),
     any("model.nsys_profile", "profile with ZEROCONV_DEBUG / nsys around zeroconv instead"),

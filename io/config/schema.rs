@@ -141,6 +141,10 @@ pub struct ModelConfig {
     /// Fuse kernels when compiling the step (NeMo: torch.compile). zeroconv always compiles the step into one
     /// graph; False keeps one kernel per op, for debugging. Defaults to True, unlike NeMo.
     pub inductor: bool,
+    /// Run the convolutions and GroupNorms on channels-last (NHWC) activations (NeMo: torch.channels_last memory
+    /// format). The step computes the same function (up to the order of some sums); parameters, checkpoints and
+    /// exported weights keep their usual layout. Defaults to False.
+    pub channels_last: bool,
     /// Add the ControlNet's residuals to the U-Net's middle block only.
     pub only_mid_control: bool,
     /// Keep the U-Net frozen (train the ControlNet only); False also trains the U-Net's decoder half.
@@ -180,6 +184,7 @@ impl Default for ModelConfig {
             scale_factor: 0.18215,
             text_embedding_dropout_rate: 0.0,
             inductor: true,
+            channels_last: false,
             only_mid_control: false,
             sd_locked: true,
             seed: 1234,

@@ -212,7 +212,7 @@ pub fn training_step(spec: &NetSpec, fusion: bool) -> TrainingStep {
     let init = init_values(&net.g, &net.params, 11);
     net.g.outputs.push(net.loss);
     append_training_step_clipped(&mut net.g, net.loss, &AdamWConfig::default(), Some(1.0)).unwrap();
-    let opts = PassOptions { checkpointing: spec.checkpoint, fusion, dumps: false };
+    let opts = PassOptions { checkpointing: spec.checkpoint, fusion, dumps: false, channels_last: false };
     let opt = passes::optimize(&net.g, &opts).unwrap();
     let init = init.into_iter().map(|(v, t)| (opt.map.get(v).unwrap(), t)).collect();
     let params = passes::remap_all(&opt.map, &net.params).unwrap();

@@ -14,7 +14,7 @@ use zeroconv::engine::cpu::CpuBackend;
 use zeroconv::engine::device::emu::{EmuDevice, EmuOptions};
 use zeroconv::engine::gpu::{GpuBackend, GpuProgram, StepMode};
 use zeroconv::engine::{Backend, HostTensor, Program};
-use zeroconv::graph::{BinaryOp, DType, F64Bits, Graph, Op, Shape, UnaryOp, ValueId};
+use zeroconv::graph::{BinaryOp, DType, F64Bits, Graph, Layout, Op, Shape, UnaryOp, ValueId};
 
 const FLOATS: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
 
@@ -176,31 +176,26 @@ fn matrix_products_every_transpose_and_batch_layout() {
 fn convolutions_forward_and_backward() {
     let mut rng = Rng::new(3);
     for d in [DType::F32, DType::BF16] {
-        for (k, stride, pad, hw) in [(3, 1, 1, 7), (3, 2, 1, 8), (1, 1, 0, 5), (3, 1, 0, 6), (3, 2, 1, 7)] {
-            let (n, c, o) = (2, 3, 4);
-            let x = [n, c, hw, hw];
-            let w = [o, c, k, k];
-            let ho = (hw + 2 * pad - k) / stride + 1;
-            let what = format!("conv k{k} s{stride} p{pad} {hw}x{hw} {d}");
-            let op = Op::Conv2d { stride, padding: pad };
-            check(&what, op.clone(), vec![random(&x, d, &mut rng), random(&w, d, &mut rng)]);
-            check(
-                &format!("{what} bias"),
-                op,
-                vec![random(&x, d, &mut rng), random(&w, d, &mut rng), random(&[o], d, &mut rng)],
-            );
-            let bi = Op::Conv2dBackwardInput { stride, padding: pad, h: hw, w: hw };
-            check(
-                &format!("{what} backward input"),
-                bi,
-                vec![random(&[n, o, ho, ho], d, &mut rng), random(&w, d, &mut rng)],
-            );
-            let bw = Op::Conv2dBackwardWeight { stride, padding: pad, kh: k, kw: k };
-            check(
-                &format!("{what} backward weight"),
-                bw,
-                vec![random(&x, d, &mut rng), random(&[n, o, ho, ho], d, &mut rng)],
-            );
+        for layout in [Layout::Nchw, Layout::Nhwc] {
+            for (k, stride, pad, hw) in [(3, 1, 1, 7), (3, 2, 1, 8), (1, 1, 0, 5), (3, 1, 0, 6), (3, 2, 1, 7)] {
+                let (n, c, o) = (2, 3, 4);
+                let x = layout.shape([n, c, hw, hw]).0;
+                let w = layout.shape([o, c, k, k]).0;
+                let ho = (hw + 2 * pad - k) / stride + 1;
+                let dy = layout.shape([n, o, ho, ho]).0;
+                let what = format!("conv k{k} s{stride} p{pad} {hw}x{hw} {layout:?} {d}");
+                let op = Op::Conv2d { stride, padding: pad, layout };
+                check(&what, op.clone(), vec![random(&x, d, &mut rng), random(&w, d, &mut rng)]);
+                check(
+                    &format!("{what} bias"),
+                    op,
+                    vec![random(&x, d, &mut rng), random(&w, d, &mut rng), random(&[o], d, &mut rng)],
+                );
+                let bi = Op::Conv2dBackwardInput { stride, padding: pad, h: hw, w: hw, layout };
+                check(&format!("{what} backward input"), bi, vec![random(&dy, d, &mut rng), random(&w, d, &mut rng)]);
+                let bw = Op::Conv2dBackwardWeight { stride, padding: pad, kh: k, kw: k, layout };
+                check(&format!("{what} backward weight"), bw, vec![random(&x, d, &mut rng), random(&dy, d, &mut rng)]);
+            }
         }
     }
 }
@@ -209,18 +204,21 @@ fn convolutions_forward_and_backward() {
 fn normalisations_and_softmax() {
     let mut rng = Rng::new(4);
     for d in FLOATS {
-        let gn = Op::GroupNorm { groups: 2, eps: f(1e-5) };
-        check(
-            &format!("groupnorm {d}"),
-            gn,
-            vec![random(&[2, 4, 3, 5], d, &mut rng), random(&[4], d, &mut rng), random(&[4], d, &mut rng)],
-        );
-        let gnb = Op::GroupNormBackward { groups: 2, eps: f(1e-5) };
-        check(
-            &format!("groupnorm backward {d}"),
-            gnb,
-            vec![random(&[2, 4, 3, 5], d, &mut rng), random(&[4], d, &mut rng), random(&[2, 4, 3, 5], d, &mut rng)],
-        );
+        // Planar [2, 4, 3, 5] and channels last [2, 3, 5, 4]: the same sizes, the channels on axis 1 or last.
+        for (layout, x) in [(Layout::Nchw, [2, 4, 3, 5]), (Layout::Nhwc, [2, 3, 5, 4])] {
+            let gn = Op::GroupNorm { groups: 2, eps: f(1e-5), layout };
+            check(
+                &format!("groupnorm {layout:?} {d}"),
+                gn,
+                vec![random(&x, d, &mut rng), random(&[4], d, &mut rng), random(&[4], d, &mut rng)],
+            );
+            let gnb = Op::GroupNormBackward { groups: 2, eps: f(1e-5), layout };
+            check(
+                &format!("groupnorm backward {layout:?} {d}"),
+                gnb,
+                vec![random(&x, d, &mut rng), random(&[4], d, &mut rng), random(&x, d, &mut rng)],
+            );
+        }
         let ln = Op::LayerNorm { eps: f(1e-5) };
         check(
             &format!("layernorm {d}"),

@@ -23,7 +23,7 @@ use common::emulated::{Kernels, SCHEDULES};
 use common::Rng;
 use zeroconv::engine::cpu::CpuBackend;
 use zeroconv::engine::{Backend, HostTensor, Program};
-use zeroconv::graph::{BinaryOp, DType, F64Bits, Graph, Op, Shape, UnaryOp, ValueId};
+use zeroconv::graph::{BinaryOp, DType, F64Bits, Graph, Layout, Op, Shape, UnaryOp, ValueId};
 use zeroconv::kernels::emulate::{self, DeviceBuffer, EmuModule, KernelArgs, LaunchConfig, Schedule};
 use zeroconv::kernels::{self, Arch, MODULES};
 
@@ -1051,7 +1051,8 @@ fn groupnorm_cases(k: &Kernels) {
                 vec![dx.to_bytes(), dg.to_bytes(), db.to_bytes()]
             });
             let want = cpu(&[&x, &gamma, &dy], |g, a| {
-                g.add_node(Op::GroupNormBackward { groups, eps: F64Bits::new(eps) }, &[a[0], a[1], a[2]]).unwrap()
+                let op = Op::GroupNormBackward { groups, eps: F64Bits::new(eps), layout: Layout::Nchw };
+                g.add_node(op, &[a[0], a[1], a[2]]).unwrap()
             });
             let dx_scale = norm_grad_scale(&x, &dy, &gamma, c / groups * s, eps);
             check_scaled(&format!("{bwd} {what} dx"), dtype, &got[0], &want[0], dx_scale);

@@ -13,7 +13,7 @@ use zeroconv::engine::cpu::CpuBackend;
 use zeroconv::engine::{Backend, HostTensor, Program};
 use zeroconv::graph::fusion::Anchor;
 use zeroconv::graph::passes::{self, PassOptions};
-use zeroconv::graph::{DType, Graph, Op, UnaryOp, ValueId};
+use zeroconv::graph::{DType, Graph, Layout, Op, UnaryOp, ValueId};
 
 /// Runs `g` (fused or not) on `threads` threads with `feeds` (by value id of `g`), returns `outs`.
 fn run_graph(
@@ -160,7 +160,8 @@ fn backward_input_epilogues_give_the_unfused_bits() {
         };
         let dy = g.input("dy", d.clone(), DType::F32);
         let w = g.param("w", [case.o, case.c, case.k, case.k], DType::F32, false);
-        let op = Op::Conv2dBackwardInput { stride: case.stride, padding: case.padding, h: case.hw, w: case.hw };
+        let (stride, padding, hw) = (case.stride, case.padding, case.hw);
+        let op = Op::Conv2dBackwardInput { stride, padding, h: hw, w: hw, layout: Layout::Nchw };
         let dx = g.op1(op, &[dy, w]).unwrap();
         let pre = g.input("pre", [case.n, case.c, case.hw, case.hw], DType::F32);
         let other = g.input("other", [case.n, case.c, case.hw, case.hw], DType::F32);

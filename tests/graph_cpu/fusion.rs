@@ -20,7 +20,9 @@ fn train(fusion: bool, checkpoint: bool) -> (Vec<f64>, Vec<Vec<f64>>, usize, pas
     net.g.outputs.push(net.loss);
     let cfg = AdamWConfig::default();
     append_training_step(&mut net.g, net.loss, &cfg).unwrap();
-    let opt = passes::optimize(&net.g, &PassOptions { checkpointing: checkpoint, dumps: true, fusion }).unwrap();
+    let opt =
+        passes::optimize(&net.g, &PassOptions { checkpointing: checkpoint, dumps: true, fusion, channels_last: false })
+            .unwrap();
     let kernels = opt.graph.nodes.iter().filter(|n| !n.op.is_view()).count();
     let mut prog = CpuBackend::new(2).compile(opt.graph.clone()).unwrap();
     for (v, t) in &init {

@@ -98,7 +98,9 @@ fn cse_merges_duplicates_and_dce_removes_dead_nodes() {
     let c = g.add(a, b).unwrap();
     let _dead = g.unary(zeroconv::graph::UnaryOp::Exp, x).unwrap();
     g.outputs.push(c);
-    let opt = passes::optimize(&g, &PassOptions { checkpointing: false, dumps: true, fusion: false }).unwrap();
+    let opt =
+        passes::optimize(&g, &PassOptions { checkpointing: false, dumps: true, fusion: false, channels_last: false })
+            .unwrap();
     let names: Vec<String> = opt.graph.nodes.iter().map(|n| n.op.name()).collect();
     assert_eq!(names, vec!["silu", "add"], "one silu, one add, no exp");
     let add = &opt.graph.nodes[1];
@@ -174,7 +176,11 @@ fn memory_plan_never_overlaps_live_values_and_reuses_memory() {
     for (blocks, ckpt) in [(1, false), (3, false), (3, true)] {
         let s = spec(blocks, ckpt, DType::F32);
         let (g, _, _) = training_graph(&s);
-        let opt = passes::optimize(&g, &PassOptions { checkpointing: ckpt, dumps: false, fusion: false }).unwrap();
+        let opt = passes::optimize(
+            &g,
+            &PassOptions { checkpointing: ckpt, dumps: false, fusion: false, channels_last: false },
+        )
+        .unwrap();
         let prog = CpuBackend::new(2).compile(opt.graph).unwrap();
         let plan = prog.plan();
         assert_plan_sound(prog.graph(), plan);
@@ -195,7 +201,11 @@ fn checkpointing_lowers_the_peak_and_keeps_gradients() {
         let net = nets::build(&s);
         let init = nets::init_values(&net.g, &net.params, 9);
         let (g, gids, loss) = training_graph(&s);
-        let opt = passes::optimize(&g, &PassOptions { checkpointing: ckpt, dumps: false, fusion: false }).unwrap();
+        let opt = passes::optimize(
+            &g,
+            &PassOptions { checkpointing: ckpt, dumps: false, fusion: false, channels_last: false },
+        )
+        .unwrap();
         let recomputed = opt.graph.values.iter().filter(|v| v.name.ends_with(".recompute")).count();
         assert_eq!(recomputed > 0, ckpt, "recomputation appears exactly when checkpointing");
         let mut p = CpuBackend::new(2).compile(opt.graph.clone()).unwrap();

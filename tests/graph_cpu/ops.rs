@@ -4,7 +4,7 @@
 use crate::common;
 use common::reference as r;
 use common::*;
-use zeroconv::graph::{BinaryOp, DType, Graph, UnaryOp, ValueId};
+use zeroconv::graph::{BinaryOp, DType, F64Bits, Graph, Layout, Op, UnaryOp, ValueId};
 use zeroconv::Result;
 
 /// Forward in f64 and f32 against `reference`, then a gradient check of every `Arg::Float`.
@@ -154,6 +154,54 @@ fn conv2d_strides_padding_bias() {
             args,
             move |g, a| g.conv2d(a[0], a[1], a.get(2).copied(), stride, pad),
             move |a| r::conv2d(&a[0], &a[1], a.get(2), stride, pad),
+        );
+    }
+}
+
+/// The channels-last convolution (x [N, H, W, C], w [O, kh, kw, C]) against the planar reference on the permuted
+/// operands; its gradients (the channels-last backward-input, backward-weight and bias sum) by finite differences.
+/// The last case gathers more rows than one block holds (64 channels x 9 taps x 512 pixels), so the products and the
+/// weight gradient's sum run over several blocks.
+#[test]
+fn conv2d_channels_last() {
+    for (n, c, h, w, o, k, stride, pad, bias) in [
+        (2, 3, 7, 6, 4, 3, 1, 1, true),
+        (1, 2, 9, 7, 3, 3, 2, 1, true),
+        (2, 5, 5, 4, 3, 1, 1, 0, true),
+        (1, 3, 8, 9, 2, 3, 2, 0, false),
+        (1, 4, 6, 6, 3, 1, 2, 0, false),
+        (2, 64, 16, 16, 2, 3, 1, 1, false),
+    ] {
+        let mut args = vec![f(&[n, h, w, c]), f(&[o, k, k, c])];
+        if bias {
+            args.push(f(&[o]));
+        }
+        check(
+            &format!("conv2d channels last n{n} c{c} {h}x{w} o{o} k{k} s{stride} p{pad} bias={bias}"),
+            args,
+            move |g, a| g.op1(Op::Conv2d { stride, padding: pad, layout: Layout::Nhwc }, a),
+            move |a| {
+                let (x, wt) = (r::permute(&a[0], &Layout::TO_NCHW), r::permute(&a[1], &Layout::TO_NCHW));
+                r::permute(&r::conv2d(&x, &wt, a.get(2), stride, pad), &Layout::TO_NHWC)
+            },
+        );
+    }
+}
+
+/// GroupNorm over the last axis (channels last) against the planar reference on the permuted input.
+#[test]
+fn group_norm_channels_last() {
+    for (planar, groups) in [(vec![2, 6, 3, 5], 3), (vec![1, 4, 2, 2], 4), (vec![2, 8, 4, 4], 2)] {
+        let c = planar[1];
+        let x: Vec<usize> = Layout::TO_NHWC.iter().map(|&a| planar[a]).collect();
+        check(
+            &format!("groupnorm channels last {x:?} g{groups}"),
+            vec![f(&x), f(&[c]), f(&[c])],
+            move |g, a| g.op1(Op::GroupNorm { groups, eps: F64Bits::new(1e-5), layout: Layout::Nhwc }, a),
+            move |a| {
+                let y = r::group_norm(&r::permute(&a[0], &Layout::TO_NCHW), &a[1], &a[2], groups, 1e-5);
+                r::permute(&y, &Layout::TO_NHWC)
+            },
         );
     }
 }

@@ -7,7 +7,7 @@
 //! cuDNN's fused convolution + bias + activation and cuBLASLt's bias/GELU epilogues can take over the groups whose
 //! epilogue they express, one call instead of two commands.
 
-use super::{grid_stride, Emit};
+use super::{grid_stride, ConvOp, Emit};
 use crate::engine::device::{Arg, ConvDirection};
 use crate::engine::gpu::consts::ZcBcast;
 use crate::error::{Error, Result};
@@ -39,14 +39,16 @@ impl Emit<'_, '_> {
         let (a, b) = (self.in_shape(0).clone(), self.in_shape(1).clone());
         let (a_ptr, b_ptr) = (self.in_ptr(0), self.in_ptr(1));
         match k.anchor.op(&k.shape) {
-            Some(Op::Conv2d { stride, padding }) => {
+            Some(Op::Conv2d { stride, padding, layout }) => {
                 let bias = matches!(k.anchor, Anchor::Conv2d { bias: true, .. }).then(|| self.in_ptr(2));
                 let operands = [(&a, a_ptr), (&b, b_ptr), (&k.shape, y)];
-                self.conv_into(ConvDirection::Forward, stride, padding, d, operands, bias)?;
+                let conv = ConvOp { direction: ConvDirection::Forward, stride, padding, layout };
+                self.conv_into(conv, d, operands, bias)?;
             }
-            Some(Op::Conv2dBackwardInput { stride, padding, .. }) => {
+            Some(Op::Conv2dBackwardInput { stride, padding, layout, .. }) => {
                 let operands = [(&a, a_ptr), (&b, b_ptr), (&k.shape, y)];
-                self.conv_into(ConvDirection::BackwardData, stride, padding, d, operands, None)?;
+                let conv = ConvOp { direction: ConvDirection::BackwardData, stride, padding, layout };
+                self.conv_into(conv, d, operands, None)?;
             }
             Some(Op::MatMul { trans_a, trans_b }) => {
                 self.matmul_into(trans_a, trans_b, d, (&a, a_ptr), (&b, b_ptr), (&k.shape, y));
