@@ -1,15 +1,16 @@
 //! Channels last (`model.channels_last`): rewrites a step so that its convolutions and GroupNorms run on NHWC
 //! activations and OHWI (KRSC) filters, the layout cuDNN's tensor-core convolutions read without transposing.
 //!
-//! Each 4-d value of the old graph is held in the new one in one or both of two forms: planar (as it was, NCHW)
-//! and channels last (the planar tensor permuted by `Layout::TO_NHWC`). Convolutions (forward and both
-//! backwards) take and give channels last. Ops that do not care where the channels are run on whichever form
-//! their inputs have, channels last as soon as one 4-d input has that form: pointwise ops, GroupNorm and its
-//! backward, concatenations and slices (on the mapped axis), sums and broadcasts with mapped axes, the
-//! upsampling (as a reshape and a broadcast) and the loss. Every other op reads planar forms. A form is made by
-//! one permute the first time a reader needs it, and shared by all later readers. A permute the model does itself
-//! composes with the layout's: the spatial transformer's NCHW -> [N, H, W, C] -> [N, HW, C] becomes a plain
-//! reshape, and so does its way back.
+//! Each value of rank 3 or more ([N, C, spatial...]) of the old graph is held in the new one in one or both of two
+//! forms: planar (as it was) and channels last (axis 1 moved last: [N, spatial..., C]; for 4-d values the permute
+//! `Layout::TO_NHWC`). Convolutions (forward and both backwards) take and give channels last. Ops that do not care
+//! where the channels are run on whichever form their inputs have, channels last as soon as one input has that
+//! form: pointwise ops, GroupNorm and its backward, concatenations and slices (on the mapped axis), sums and
+//! broadcasts with mapped axes, reshapes that keep N and C and regroup the spatial axes, the upsampling (as a
+//! reshape and a broadcast) and the loss. Every other op reads planar forms. A form is made by one permute the
+//! first time a reader needs it, and shared by all later readers. A permute the model does itself composes with
+//! the layout's: the spatial transformer's [N, C, H, W] -> [N, C, HW] -> [N, HW, C] becomes a plain reshape of the
+//! channels-last activations, and so does its way back.
 //!
 //! Sources keep their layout, so checkpoints, exported weights and the optimizer state are the same with or
 //! without the pass: a filter is permuted to OHWI on its way into the convolutions, and its gradient back to
@@ -41,14 +42,24 @@ struct Pass<'a> {
     nhwc: Vec<Option<ValueId>>,
 }
 
-/// The NHWC position of NCHW axis `a`.
-fn nhwc_axis(a: usize) -> usize {
-    Layout::TO_NCHW[a]
+/// The permute that takes a planar rank-`r` value to channels last: axis 1 moved last (`Layout::TO_NHWC` at 4).
+fn to_last(r: usize) -> Vec<usize> {
+    std::iter::once(0).chain(2..r).chain(std::iter::once(1)).collect()
 }
 
-/// The channels-last shape of a 4-d planar shape.
-fn nhwc_shape(s: &Shape) -> Shape {
-    Shape(Layout::TO_NHWC.iter().map(|&a| s.0[a]).collect())
+/// Its inverse: channels last back to planar (`Layout::TO_NCHW` at 4).
+fn from_last(r: usize) -> Vec<usize> {
+    [0, r - 1].into_iter().chain(1..r - 1).collect()
+}
+
+/// The channels-last position of planar axis `a` of a rank-`r` value.
+fn last_axis(a: usize, r: usize) -> usize {
+    from_last(r)[a]
+}
+
+/// The channels-last shape of a planar shape (rank 3 or more).
+fn last_shape(s: &Shape) -> Shape {
+    Shape(to_last(s.rank()).iter().map(|&a| s.0[a]).collect())
 }
 
 impl Pass<'_> {
@@ -80,22 +91,35 @@ impl Pass<'_> {
             return Ok(p);
         }
         let c = self.nhwc[v].expect("pass bug: a value with neither form");
-        let p = self.add1(Op::Permute { perm: Layout::TO_NCHW.to_vec() }, &[c])?;
+        let op = self.relayout(v, from_last(self.rank(v)), self.old().shape(v).clone());
+        let p = self.add1(op, &[c])?;
         self.r.new.values[p].name = format!("{}.nchw", self.old().values[v].name);
         self.r.map[v] = Some(p);
         Ok(p)
     }
 
-    /// The channels-last form of 4-d old value `v`, made from its planar one if it has none yet.
+    /// The channels-last form of old value `v` (rank 3 or more), made from its planar one if it has none yet.
     fn channels_last(&mut self, v: ValueId) -> Result<ValueId> {
         if let Some(c) = self.nhwc[v] {
             return Ok(c);
         }
         let p = self.r.mapped(v);
-        let c = self.add1(Op::Permute { perm: Layout::TO_NHWC.to_vec() }, &[p])?;
+        let op = self.relayout(v, to_last(self.rank(v)), last_shape(self.old().shape(v)));
+        let c = self.add1(op, &[p])?;
         self.r.new.values[c].name = format!("{}.nhwc", self.old().values[v].name);
         self.nhwc[v] = Some(c);
         Ok(c)
+    }
+
+    /// The op that changes old value `v`'s layout by `perm`, giving `shape`: a permute, or a reshape (a view, no
+    /// copy) when every spatial axis has size 1 ([N, C, 1, 1], the time embedding): the two forms then have the same
+    /// memory order.
+    fn relayout(&self, v: ValueId, perm: Vec<usize>, shape: Shape) -> Op {
+        if self.old().shape(v).0[2..].iter().all(|&d| d == 1) {
+            Op::Reshape { shape }
+        } else {
+            Op::Permute { perm }
+        }
     }
 
     /// Records new value `new`, made for old value `v`, as its channels-last form (named after it, for dumps).
@@ -114,17 +138,17 @@ impl Pass<'_> {
         Ok(())
     }
 
-    /// Emits `op` on the channels-last forms of the 4-d inputs (and the planar forms of the others), and makes its
-    /// outputs the channels-last forms of old node `n`'s outputs.
-    fn nhwc_node(&mut self, n: NodeId, op: Op) -> Result<()> {
+    /// Emits `op` on the channels-last forms of the inputs of rank `rank` (and the planar forms of the others), and
+    /// makes its outputs of that rank the channels-last forms of old node `n`'s outputs.
+    fn nhwc_node(&mut self, n: NodeId, op: Op, rank: usize) -> Result<()> {
         let (ins, outs) = (self.old().nodes[n].inputs.clone(), self.old().nodes[n].outputs.clone());
         let mut args = Vec::with_capacity(ins.len());
         for &v in &ins {
-            args.push(if self.rank(v) == 4 { self.channels_last(v)? } else { self.planar(v)? });
+            args.push(if self.rank(v) == rank { self.channels_last(v)? } else { self.planar(v)? });
         }
         let news = self.add(op, &args)?;
         for (&o, &new) in outs.iter().zip(&news) {
-            if self.rank(o) == 4 {
+            if self.rank(o) == rank {
                 self.set_nhwc(o, new);
             } else {
                 self.r.new.values[new].name = self.old().values[o].name.clone();
@@ -134,11 +158,12 @@ impl Pass<'_> {
         Ok(())
     }
 
-    /// Whether a shape-agnostic op on `ins` can run channels last: every input is 4-d or a single value
-    /// (broadcasting the same way in either layout), and one 4-d input already has a channels-last form.
-    fn follows_channels_last(&self, ins: &[ValueId]) -> bool {
-        let fits = ins.iter().all(|&v| self.rank(v) == 4 || self.old().shape(v).numel() == 1);
-        fits && ins.iter().any(|&v| self.rank(v) == 4 && self.has_nhwc(v))
+    /// Whether a shape-agnostic op on `ins` can run channels last at rank `rank` (3 or more): every input has that
+    /// rank or is a single value (broadcasting the same way in either layout), and one input of that rank already
+    /// has a channels-last form.
+    fn follows_channels_last(&self, ins: &[ValueId], rank: usize) -> bool {
+        let fits = ins.iter().all(|&v| self.rank(v) == rank || self.old().shape(v).numel() == 1);
+        rank >= 3 && fits && ins.iter().any(|&v| self.rank(v) == rank && self.has_nhwc(v))
     }
 
     fn node(&mut self, n: NodeId) -> Result<()> {
@@ -147,67 +172,82 @@ impl Pass<'_> {
         let (op, ins, outs) = (node.op.clone(), node.inputs.clone(), node.outputs.clone());
         self.r.new.set_phase(node.phase);
         self.r.new.set_checkpointing(node.checkpoint);
-        let out_rank4 = outs.len() == 1 && self.rank(outs[0]) == 4;
-        let agnostic = out_rank4 && self.follows_channels_last(&ins);
+        // The rank of the single output, which a shape-agnostic op shares with its inputs.
+        let r = if outs.len() == 1 { self.rank(outs[0]) } else { 0 };
+        let agnostic = self.follows_channels_last(&ins, r);
+        let x_last = |p: &Self| !ins.is_empty() && p.rank(ins[0]) >= 3 && p.has_nhwc(ins[0]);
         match op {
             Op::Conv2d { stride, padding, layout: Layout::Nchw } => {
                 // The bias is 1-d and stays as it is.
-                self.nhwc_node(n, Op::Conv2d { stride, padding, layout: Layout::Nhwc })
+                self.nhwc_node(n, Op::Conv2d { stride, padding, layout: Layout::Nhwc }, 4)
             }
             Op::Conv2dBackwardInput { stride, padding, h, w, layout: Layout::Nchw } => {
-                self.nhwc_node(n, Op::Conv2dBackwardInput { stride, padding, h, w, layout: Layout::Nhwc })
+                self.nhwc_node(n, Op::Conv2dBackwardInput { stride, padding, h, w, layout: Layout::Nhwc }, 4)
             }
             Op::Conv2dBackwardWeight { stride, padding, kh, kw, layout: Layout::Nchw } => {
-                self.nhwc_node(n, Op::Conv2dBackwardWeight { stride, padding, kh, kw, layout: Layout::Nhwc })
+                self.nhwc_node(n, Op::Conv2dBackwardWeight { stride, padding, kh, kw, layout: Layout::Nhwc }, 4)
             }
-            Op::GroupNorm { groups, eps, layout: Layout::Nchw } if self.rank(ins[0]) == 4 && self.has_nhwc(ins[0]) => {
-                self.nhwc_node(n, Op::GroupNorm { groups, eps, layout: Layout::Nhwc })
+            Op::GroupNorm { groups, eps, layout: Layout::Nchw } if x_last(self) => {
+                self.nhwc_node(n, Op::GroupNorm { groups, eps, layout: Layout::Nhwc }, self.rank(ins[0]))
             }
             Op::GroupNormBackward { groups, eps, layout: Layout::Nchw }
-                if self.rank(ins[0]) == 4 && (self.has_nhwc(ins[0]) || self.has_nhwc(ins[2])) =>
+                if self.rank(ins[0]) >= 3 && (self.has_nhwc(ins[0]) || self.has_nhwc(ins[2])) =>
             {
-                self.nhwc_node(n, Op::GroupNormBackward { groups, eps, layout: Layout::Nhwc })
+                self.nhwc_node(n, Op::GroupNormBackward { groups, eps, layout: Layout::Nhwc }, self.rank(ins[0]))
             }
             Op::Unary(_) | Op::UnaryBackward(_) | Op::Binary(_) | Op::Affine { .. } | Op::Cast { .. } if agnostic => {
-                self.nhwc_node(n, op)
+                self.nhwc_node(n, op, r)
             }
-            Op::MseLossBackward if agnostic => self.nhwc_node(n, op),
-            Op::MseLoss if self.follows_channels_last(&ins) => self.nhwc_node(n, op),
-            Op::Concat { axis } if agnostic => self.nhwc_node(n, Op::Concat { axis: nhwc_axis(axis) }),
+            Op::MseLossBackward if agnostic => self.nhwc_node(n, op, r),
+            Op::MseLoss if x_last(self) && self.follows_channels_last(&ins, self.rank(ins[0])) => {
+                self.nhwc_node(n, op, self.rank(ins[0]))
+            }
+            Op::Concat { axis } if agnostic => self.nhwc_node(n, Op::Concat { axis: last_axis(axis, r) }, r),
             Op::Slice { axis, start, end } if agnostic => {
-                self.nhwc_node(n, Op::Slice { axis: nhwc_axis(axis), start, end })
+                self.nhwc_node(n, Op::Slice { axis: last_axis(axis, r), start, end }, r)
             }
             Op::SliceBackward { axis, start, full } if agnostic => {
-                self.nhwc_node(n, Op::SliceBackward { axis: nhwc_axis(axis), start, full })
+                self.nhwc_node(n, Op::SliceBackward { axis: last_axis(axis, r), start, full }, r)
             }
             Op::SumTo { ref shape } | Op::BroadcastTo { ref shape } if agnostic => {
-                let shape = nhwc_shape(shape);
+                let shape = last_shape(shape);
                 let op = if matches!(op, Op::SumTo { .. }) { Op::SumTo { shape } } else { Op::BroadcastTo { shape } };
-                self.nhwc_node(n, op)
+                self.nhwc_node(n, op, r)
             }
-            Op::ReduceSum { ref axes, keepdim } if self.rank(ins[0]) == 4 && self.has_nhwc(ins[0]) => {
-                self.reduce_sum(n, axes, keepdim)
+            Op::ReduceSum { ref axes, keepdim } if x_last(self) => self.reduce_sum(n, axes, keepdim),
+            Op::Reshape { ref shape } if x_last(self) && self.regroups_spatial(ins[0], shape) => {
+                let c = self.channels_last(ins[0])?;
+                let y = self.add1(Op::Reshape { shape: last_shape(shape) }, &[c])?;
+                self.set_nhwc(outs[0], y);
+                Ok(())
             }
-            Op::Permute { ref perm } if self.rank(ins[0]) == 4 => self.permute(n, perm),
-            Op::Upsample2x if agnostic => self.upsample(n, false),
-            Op::Upsample2xBackward if agnostic => self.upsample(n, true),
+            Op::Permute { ref perm } if self.rank(ins[0]) >= 3 => self.permute(n, perm),
+            Op::Upsample2x if agnostic && r == 4 => self.upsample(n, false),
+            Op::Upsample2xBackward if agnostic && r == 4 => self.upsample(n, true),
             _ => self.planar_node(n),
         }
     }
 
-    /// A sum over axes of a 4-d value with a channels-last form: the axes mapped. With `keepdim` the result is
+    /// Whether reshaping planar `x` to `shape` keeps the batch and channel axes and only regroups the spatial ones,
+    /// so that the same reshape of the spatial axes applies to the channels-last form.
+    fn regroups_spatial(&self, x: ValueId, shape: &Shape) -> bool {
+        let d = &self.old().shape(x).0;
+        shape.rank() >= 3 && shape.0[..2] == d[..2]
+    }
+
+    /// A sum over axes of a value with a channels-last form: the axes mapped. With `keepdim` the result is
     /// channels last; without, it is planar when the kept axes come out in the same order (the channel axis summed
     /// away, or kept with only the batch axis), else the sum reads the planar form.
     fn reduce_sum(&mut self, n: NodeId, axes: &[usize], keepdim: bool) -> Result<()> {
-        let mapped: Vec<usize> = axes.iter().map(|&a| nhwc_axis(a)).collect();
-        let mut sorted = mapped.clone();
-        sorted.sort_unstable();
-        let op = Op::ReduceSum { axes: sorted, keepdim };
+        let r = self.rank(self.old().nodes[n].inputs[0]);
+        let mut mapped: Vec<usize> = axes.iter().map(|&a| last_axis(a, r)).collect();
+        mapped.sort_unstable();
+        let op = Op::ReduceSum { axes: mapped, keepdim };
         if keepdim {
-            return self.nhwc_node(n, op);
+            return self.nhwc_node(n, op, r);
         }
-        let kept_planar: Vec<usize> = (0..4).filter(|a| !axes.contains(a)).collect();
-        let kept_nhwc: Vec<usize> = Layout::TO_NHWC.iter().copied().filter(|a| !axes.contains(a)).collect();
+        let kept_planar: Vec<usize> = (0..r).filter(|a| !axes.contains(a)).collect();
+        let kept_nhwc: Vec<usize> = to_last(r).into_iter().filter(|a| !axes.contains(a)).collect();
         if kept_planar != kept_nhwc {
             return self.planar_node(n);
         }
@@ -219,14 +259,15 @@ impl Pass<'_> {
         Ok(())
     }
 
-    /// A permute of a 4-d value. Of a channels-last form, it composes with the layout's permute, and vanishes when
-    /// the two cancel (the transformer's way in). Of a planar value by `TO_NCHW` (the transformer's way out), its
-    /// output's channels-last form is the input itself.
+    /// A permute of a value of rank 3 or more. Of a channels-last form, it composes with the layout's permute, and
+    /// vanishes when the two cancel (the transformer's way in). Of a planar value by the layout's inverse (the
+    /// transformer's way out), its output's channels-last form is the input itself.
     fn permute(&mut self, n: NodeId, perm: &[usize]) -> Result<()> {
         let (x, o) = (self.old().nodes[n].inputs[0], self.old().nodes[n].outputs[0]);
+        let r = self.rank(x);
         if self.has_nhwc(x) {
             let c = self.channels_last(x)?;
-            let composed: Vec<usize> = perm.iter().map(|&a| nhwc_axis(a)).collect();
+            let composed: Vec<usize> = perm.iter().map(|&a| last_axis(a, r)).collect();
             let y = if composed.iter().enumerate().all(|(i, &a)| i == a) {
                 c
             } else {
@@ -237,7 +278,7 @@ impl Pass<'_> {
             self.r.map[o] = Some(y);
             return Ok(());
         }
-        if perm == Layout::TO_NCHW {
+        if perm == from_last(r) {
             let p = self.planar(x)?;
             self.nhwc[o] = Some(p);
             return Ok(());

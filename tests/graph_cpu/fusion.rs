@@ -14,15 +14,19 @@ use zeroconv::graph::{DType, Graph, Op};
 
 /// Trains the small conv+attention net for 3 steps; returns (losses, final parameters, kernels).
 fn train(fusion: bool, checkpoint: bool) -> (Vec<f64>, Vec<Vec<f64>>, usize, passes::Optimized) {
+    train_with(&PassOptions { checkpointing: checkpoint, dumps: true, fusion, channels_last: false })
+}
+
+/// [`train`] with any passes (tests/graph_cpu/channels_last.rs runs it with the channels-last rewrite).
+pub fn train_with(opts: &PassOptions) -> (Vec<f64>, Vec<Vec<f64>>, usize, passes::Optimized) {
+    let checkpoint = opts.checkpointing;
     let s = NetSpec { batch: 2, in_ch: 3, ch: 8, hw: 6, blocks: 2, checkpoint, dtype: DType::F32 };
     let mut net = nets::build(&s);
     let init = nets::init_values(&net.g, &net.params, 1);
     net.g.outputs.push(net.loss);
     let cfg = AdamWConfig::default();
     append_training_step(&mut net.g, net.loss, &cfg).unwrap();
-    let opt =
-        passes::optimize(&net.g, &PassOptions { checkpointing: checkpoint, dumps: true, fusion, channels_last: false })
-            .unwrap();
+    let opt = passes::optimize(&net.g, opts).unwrap();
     let kernels = opt.graph.nodes.iter().filter(|n| !n.op.is_view()).count();
     let mut prog = CpuBackend::new(2).compile(opt.graph.clone()).unwrap();
     for (v, t) in &init {

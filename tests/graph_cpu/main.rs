@@ -8,6 +8,7 @@ mod common;
 
 mod accumulation;
 mod attention_lse;
+mod channels_last;
 mod codegen;
 mod conv_epilogue;
 mod cpu_kernels;

@@ -10,6 +10,7 @@ use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use zeroconv::app::train::data::DataSource;
 use zeroconv::app::train::{state, train, TrainOptions, TrainReport};
+use zeroconv::io::checkpoint::Checkpoint;
 use zeroconv::io::config::{load_config, load_config_with_report, Config, CropSize};
 use zeroconv::io::data::tar::TarWriter;
 
@@ -302,14 +303,42 @@ fn relative_dataset_paths_start_at_local_root_path() {
 
 // --- model.channels_last ---------------------------------------------------------------------------------------
 
+/// `model.channels_last=True` runs the step's convolutions and GroupNorms on NHWC activations (NeMo converts the
+/// model and its inputs to torch.channels_last): the same training up to the order of some sums, and the exported
+/// ControlNet has the same tensors, in their usual [O, C, kh, kw] layout.
 #[test]
-fn channels_last_is_a_layout_hint_that_changes_nothing() {
+fn channels_last_trains_the_same_model_in_nhwc() {
     let dir = tmp("channels-last");
-    let (_, report) = load_config_with_report(None, &["model.channels_last=True".to_string()]).unwrap();
-    assert!(report.ignored_keys.iter().any(|k| k == "model.channels_last"), "{:?}", report.ignored_keys);
-    let a = train(&small(&["trainer.max_steps=2", "model.channels_last=True"]), &opts(&dir.path().join("a"))).unwrap();
-    let b = train(&small(&["trainer.max_steps=2"]), &opts(&dir.path().join("b"))).unwrap();
-    assert_eq!(losses(&a), losses(&b));
+    let (cfg, report) = load_config_with_report(None, &["model.channels_last=True".to_string()]).unwrap();
+    assert!(cfg.model.channels_last);
+    assert!(!report.ignored_keys.iter().any(|k| k == "model.channels_last"), "{:?}", report.ignored_keys);
+    let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
+    let a = train(&small(&["trainer.max_steps=3", "model.channels_last=True"]), &opts(&a_dir)).unwrap();
+    let b = train(&small(&["trainer.max_steps=3"]), &opts(&b_dir)).unwrap();
+    let (la, lb) = (losses(&a), losses(&b));
+    assert_eq!(la.len(), 3);
+    for ((step_a, bits_a), (step_b, bits_b)) in la.iter().zip(&lb) {
+        let (x, y) = (f64::from_bits(*bits_a), f64::from_bits(*bits_b));
+        assert_eq!(step_a, step_b);
+        assert!((x - y).abs() <= 1e-5 * y.abs(), "step {step_a}: loss {x} channels last, {y} planar");
+    }
+    let (ca, cb) = (
+        Checkpoint::open(&a_dir.join("controlnet.safetensors")).unwrap(),
+        Checkpoint::open(&b_dir.join("controlnet.safetensors")).unwrap(),
+    );
+    let mut keys: Vec<&str> = cb.keys().collect();
+    keys.sort_unstable();
+    let mut keys_a: Vec<&str> = ca.keys().collect();
+    keys_a.sort_unstable();
+    assert_eq!(keys_a, keys);
+    assert!(keys.iter().any(|k| cb.shape(k).is_some_and(|s| s.len() == 4 && s[2] == 3)), "3x3 filters exported");
+    for k in keys {
+        assert_eq!(ca.shape(k), cb.shape(k), "{k}");
+        let (x, y) = (ca.to_f32(k).unwrap(), cb.to_f32(k).unwrap());
+        let scale = y.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
+        let worst = x.iter().zip(&y).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        assert!(worst <= 1e-4 * scale, "{k}: differs by {worst} (largest value {scale})");
+    }
 }
 
 // --- trainer.val_check_interval --------------------------------------------------------------------------------
