@@ -33,8 +33,8 @@ fn patch_len(s: &Conv2dShape) -> usize {
     s.kh * s.kw * s.c
 }
 
-/// Scratch elements any of the three passes needs: one block of gathered rows (none for a pointwise convolution).
-pub fn scratch_len(s: &Conv2dShape) -> usize {
+/// Scratch elements one block of gathered rows takes (none for a pointwise convolution).
+fn rows_len(s: &Conv2dShape) -> usize {
     if s.is_pointwise() {
         0
     } else {
@@ -42,15 +42,43 @@ pub fn scratch_len(s: &Conv2dShape) -> usize {
     }
 }
 
-fn check(s: &Conv2dShape, lens: [(&str, usize, usize); 3], scratch: usize) -> Result<()> {
+/// Scratch elements any of the three passes needs: a block of gathered rows, and for a backward-input that runs
+/// as a forward convolution of dy ([`as_forward_of_dy`]), its flipped filter and its own block of rows.
+pub fn scratch_len(s: &Conv2dShape) -> usize {
+    match as_forward_of_dy(s) {
+        Some(f) => rows_len(s).max(rows_len(&f) + s.weight_len()),
+        None => rows_len(s),
+    }
+}
+
+/// A stride-1 backward-input is the forward convolution of dy with the filter flipped in space and with its
+/// channel axes swapped (w'[c, r, t, o] = w[o, kh-1-r, kw-1-t, c]) and padding kh-1-p: one product per block and
+/// no scatter. The shape of that forward, where it applies (square kernels, padding below the kernel size).
+fn as_forward_of_dy(s: &Conv2dShape) -> Option<Conv2dShape> {
+    let fits = s.stride == 1 && s.kh == s.kw && s.padding < s.kh && !s.is_pointwise();
+    fits.then(|| Conv2dShape {
+        n: s.n,
+        c: s.o,
+        h: s.out_h(),
+        w: s.out_w(),
+        o: s.c,
+        kh: s.kh,
+        kw: s.kw,
+        stride: 1,
+        padding: s.kh - 1 - s.padding,
+    })
+}
+
+/// Checks the sizes, and that `scratch` holds the `needed` elements the pass uses.
+fn check(s: &Conv2dShape, lens: [(&str, usize, usize); 3], (scratch, needed): (usize, usize)) -> Result<()> {
     s.validate()?;
     for (name, got, want) in lens {
         if got != want {
             return Err(Error::shape("conv2d (NHWC)", format!("{name} has {got} elements, expected {want}")));
         }
     }
-    if scratch < scratch_len(s) {
-        return Err(Error::msg(format!("conv2d (NHWC): scratch of {scratch} elements, {} needed", scratch_len(s))));
+    if scratch < needed {
+        return Err(Error::msg(format!("conv2d (NHWC): scratch of {scratch} elements, {needed} needed")));
     }
     Ok(())
 }
@@ -130,7 +158,8 @@ pub fn forward<T: Float>(
     scratch: &mut [T],
     threads: usize,
 ) -> Result<()> {
-    check(s, [("x", x.len(), s.x_len()), ("w", w.len(), s.weight_len()), ("y", y.len(), s.y_len())], scratch.len())?;
+    let lens = [("x", x.len(), s.x_len()), ("w", w.len(), s.weight_len()), ("y", y.len(), s.y_len())];
+    check(s, lens, (scratch.len(), rows_len(s)))?;
     if let Some(b) = bias {
         if b.len() != s.o {
             return Err(Error::shape("conv2d (NHWC)", format!("bias has {} elements, expected {}", b.len(), s.o)));
@@ -166,12 +195,27 @@ pub fn backward_input<T: Float>(
     check(
         s,
         [("dy", dy.len(), s.y_len()), ("w", w.len(), s.weight_len()), ("dx", dx.len(), s.x_len())],
-        scratch.len(),
+        (scratch.len(), scratch_len(s)),
     )?;
     let patch = patch_len(s);
     if s.is_pointwise() {
         let dims = GemmDims::new(s.n * s.h * s.w, s.c, s.o);
         return matmul(dims, MatRef::new(dy, s.o), MatRef::new(w, patch), MatMut::new(dx, s.c), false, threads);
+    }
+    if let Some(f) = as_forward_of_dy(s) {
+        let (flipped, rest) = scratch.split_at_mut(s.weight_len());
+        for (o, wo) in w.chunks_exact(patch).enumerate() {
+            for r in 0..s.kh {
+                for t in 0..s.kw {
+                    let tap = &wo[(r * s.kw + t) * s.c..][..s.c];
+                    let at = ((s.kh - 1 - r) * s.kw + (s.kw - 1 - t)) * s.o + o;
+                    for (ch, &v) in tap.iter().enumerate() {
+                        flipped[ch * s.kh * s.kw * s.o + at] = v;
+                    }
+                }
+            }
+        }
+        return forward(&f, (dy, flipped, None), dx, rest, threads);
     }
     dx.fill(T::ZERO);
     for (first, count) in blocks(s) {
@@ -202,7 +246,7 @@ pub fn backward_weight<T: Float>(
     check(
         s,
         [("x", x.len(), s.x_len()), ("dy", dy.len(), s.y_len()), ("dw", dw.len(), s.weight_len())],
-        scratch.len(),
+        (scratch.len(), rows_len(s)),
     )?;
     let patch = patch_len(s);
     for (i, (first, count)) in blocks(s).enumerate() {

@@ -33,9 +33,10 @@ pub struct NormGrads<'a, T> {
     pub partial: &'a mut [T],
 }
 
-/// Per-group (mean, rstd) of one channels-last image `xb` ([s, c]): per-channel sums in f64 over the pixels (the
-/// channels of a group are interleaved with the others', so there is no contiguous block to sum), then per group.
-fn channels_last_stats<T: Float>(g: &GroupNormGeom, xb: &[T]) -> Vec<(T, T)> {
+/// Each channel's group (mean, rstd) of one channels-last image `xb` ([s, c]), repeated per channel so the loops over
+/// a pixel's channels need no division. Sums are per channel in f64 over the pixels (a group's channels are
+/// interleaved with the others', so there is no contiguous block to sum), then per group.
+fn channels_last_stats<T: Float>(g: &GroupNormGeom, xb: &[T]) -> (Vec<T>, Vec<T>) {
     let (c, cg) = (g.c, g.c / g.groups);
     let count = (cg * g.s) as f64;
     let mut sums = vec![0.0f64; c];
@@ -44,33 +45,29 @@ fn channels_last_stats<T: Float>(g: &GroupNormGeom, xb: &[T]) -> Vec<(T, T)> {
             *a += v.to_f64();
         }
     }
-    let means: Vec<f64> = sums.chunks_exact(cg).map(|ch| ch.iter().sum::<f64>() / count).collect();
+    let group_mean: Vec<f64> = sums.chunks_exact(cg).map(|ch| ch.iter().sum::<f64>() / count).collect();
+    let mean: Vec<f64> = (0..c).map(|ch| group_mean[ch / cg]).collect();
     let mut sq = vec![0.0f64; c];
     for px in xb.chunks_exact(c) {
-        for (ch, (a, &v)) in sq.iter_mut().zip(px).enumerate() {
-            let d = v.to_f64() - means[ch / cg];
+        for ((a, &v), &m) in sq.iter_mut().zip(px).zip(&mean) {
+            let d = v.to_f64() - m;
             *a += d * d;
         }
     }
-    sq.chunks_exact(cg)
-        .zip(&means)
-        .map(|(ch, &m)| (T::from_f64(m), T::from_f64(1.0 / (ch.iter().sum::<f64>() / count + g.eps).sqrt())))
-        .collect()
+    let group_rstd: Vec<f64> =
+        sq.chunks_exact(cg).map(|ch| 1.0 / (ch.iter().sum::<f64>() / count + g.eps).sqrt()).collect();
+    let rstd = (0..c).map(|ch| T::from_f64(group_rstd[ch / cg])).collect();
+    (mean.into_iter().map(T::from_f64).collect(), rstd)
 }
 
 /// GroupNorm over channels-last x ([n, s, c]): one image per task.
 pub fn group_norm_channels_last<T: Float>(g: &GroupNormGeom, x: &[T], gamma: &[T], beta: &[T], y: &mut [T]) {
-    let (c, cg, image) = (g.c, g.c / g.groups, g.s * g.c);
+    let (c, image) = (g.c, g.s * g.c);
     y.par_chunks_mut(image.max(1)).enumerate().take(g.n).for_each(|(i, yb)| {
         let xb = &x[i * image..(i + 1) * image];
-        let stats = channels_last_stats(g, xb);
-        let (scale, shift): (Vec<T>, Vec<T>) = (0..c)
-            .map(|ch| {
-                let (mean, rstd) = stats[ch / cg];
-                let scale = rstd * gamma[ch];
-                (scale, beta[ch] - mean * scale)
-            })
-            .unzip();
+        let (mean, rstd) = channels_last_stats(g, xb);
+        let scale: Vec<T> = rstd.iter().zip(gamma).map(|(&r, &ga)| r * ga).collect();
+        let shift: Vec<T> = (0..c).map(|ch| beta[ch] - mean[ch] * scale[ch]).collect();
         for (yp, xp) in yb.chunks_exact_mut(c).zip(xb.chunks_exact(c)) {
             for (((o, &v), &a), &b) in yp.iter_mut().zip(xp).zip(&scale).zip(&shift) {
                 *o = v * a + b;
@@ -90,35 +87,39 @@ pub fn group_norm_channels_last_backward<T: Float>(
 ) {
     let (c, cg, image) = (g.c, g.c / g.groups, g.s * g.c);
     let NormGrads { dx, dgamma, dbeta, partial } = out;
-    let count = T::from_f64((cg * g.s) as f64);
+    let count = (cg * g.s) as f64;
     dx.par_chunks_mut(image.max(1)).zip(partial.par_chunks_mut(c * 2)).enumerate().take(g.n).for_each(
         |(i, (dxb, pb))| {
             let (xb, db) = (&x[i * image..(i + 1) * image], &dy[i * image..(i + 1) * image]);
-            let stats = channels_last_stats(g, xb);
+            let (mean, rstd) = channels_last_stats(g, xb);
+            // Per channel: sum(dy * xhat) (dgamma's part) and sum(dy) (dbeta's).
             let (mut dg, mut dbt) = (vec![0.0f64; c], vec![0.0f64; c]);
             for (xp, dp) in xb.chunks_exact(c).zip(db.chunks_exact(c)) {
-                for ch in 0..c {
-                    let (mean, rstd) = stats[ch / cg];
-                    let d = dp[ch].to_f64();
-                    dg[ch] += d * ((xp[ch] - mean) * rstd).to_f64();
-                    dbt[ch] += d;
+                for ((((a, b), &xv), &d), (&m, &r)) in
+                    dg.iter_mut().zip(dbt.iter_mut()).zip(xp).zip(dp).zip(mean.iter().zip(&rstd))
+                {
+                    *a += (d * ((xv - m) * r)).to_f64();
+                    *b += d.to_f64();
                 }
             }
-            // Per group: the means of dxhat and dxhat * xhat.
-            let mut m = vec![(T::ZERO, T::ZERO); g.groups];
+            // Per group, the means of dxhat = dy * gamma and of dxhat * xhat; then dx = rstd * (dxhat - m1 - xhat *
+            // m2), written per channel as dy * a + (x - mean) * b + k (centred first, so nothing cancels).
+            let (mut m1, mut m2) = (vec![0.0f64; g.groups], vec![0.0f64; g.groups]);
             for ch in 0..c {
                 pb[ch * 2] = T::from_f64(dg[ch]);
                 pb[ch * 2 + 1] = T::from_f64(dbt[ch]);
-                let e = &mut m[ch / cg];
-                e.0 += pb[ch * 2 + 1] * gamma[ch];
-                e.1 += pb[ch * 2] * gamma[ch];
+                m1[ch / cg] += dbt[ch] * gamma[ch].to_f64() / count;
+                m2[ch / cg] += dg[ch] * gamma[ch].to_f64() / count;
+            }
+            let mut coef = vec![(T::ZERO, T::ZERO, T::ZERO); c];
+            for (ch, k) in coef.iter_mut().enumerate() {
+                let r = rstd[ch].to_f64();
+                let (g1, g2) = (m1[ch / cg], m2[ch / cg]);
+                *k = (T::from_f64(r * gamma[ch].to_f64()), T::from_f64(-r * r * g2), T::from_f64(-r * g1));
             }
             for (dxp, (xp, dp)) in dxb.chunks_exact_mut(c).zip(xb.chunks_exact(c).zip(db.chunks_exact(c))) {
-                for ch in 0..c {
-                    let (mean, rstd) = stats[ch / cg];
-                    let (m1, m2) = (m[ch / cg].0 / count, m[ch / cg].1 / count);
-                    let xh = (xp[ch] - mean) * rstd;
-                    dxp[ch] = rstd * (dp[ch] * gamma[ch] - m1 - xh * m2);
+                for ((((o, &xv), &d), &(a, b, k)), &m) in dxp.iter_mut().zip(xp).zip(dp).zip(&coef).zip(&mean) {
+                    *o = d * a + (xv - m) * b + k;
                 }
             }
         },

@@ -160,8 +160,9 @@ fn conv2d_strides_padding_bias() {
 
 /// The channels-last convolution (x [N, H, W, C], w [O, kh, kw, C]) against the planar reference on the permuted
 /// operands; its gradients (the channels-last backward-input, backward-weight and bias sum) by finite differences.
-/// The last case gathers more rows than one block holds (64 channels x 9 taps x 512 pixels), so the products and the
-/// weight gradient's sum run over several blocks.
+/// Stride-1 backward-inputs run as forward convolutions of dy with the flipped filter, strided ones as a product and
+/// a scatter-add. The last case gathers more rows than one block holds (64 channels x 9 taps x 512 pixels), so the
+/// products and the weight gradient's sum run over several blocks.
 #[test]
 fn conv2d_channels_last() {
     for (n, c, h, w, o, k, stride, pad, bias) in [
@@ -170,6 +171,7 @@ fn conv2d_channels_last() {
         (2, 5, 5, 4, 3, 1, 1, 0, true),
         (1, 3, 8, 9, 2, 3, 2, 0, false),
         (1, 4, 6, 6, 3, 1, 2, 0, false),
+        (1, 3, 6, 5, 2, 3, 1, 0, true),
         (2, 64, 16, 16, 2, 3, 1, 1, false),
     ] {
         let mut args = vec![f(&[n, h, w, c]), f(&[o, k, k, c])];
