@@ -42,61 +42,6 @@ extern "C" __global__ void fused_add_1b74255e(const float* __restrict__ in0, con
 }
 
 // Pointwise [add add add add add add add add add add add add add add add add add add add add add add add add]. Launch: any 1-D grid and block.
-extern "C" __global__ void fused_add_287b89ec(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float* __restrict__ in5, const float* __restrict__ in6, const float* __restrict__ in7, const float* __restrict__ in8, const float* __restrict__ in9, const float* __restrict__ in10, const float* __restrict__ in11, const float* __restrict__ in12, const float* __restrict__ in13, const float* __restrict__ in14, const float* __restrict__ in15, const float* __restrict__ in16, const float* __restrict__ in17, const float* __restrict__ in18, const float* __restrict__ in19, const float* __restrict__ in20, const float* __restrict__ in21, const float* __restrict__ in22, const float* __restrict__ in23, float* __restrict__ out0, u64 n) {
-    for (u64 i = grid_start(); i < n; i += grid_stride()) {
-        const float r0 = to_f32(in0[i]);
-        const float r1 = to_f32(in1[i]);
-        const float r2 = r0 + r1;
-        const float r3 = to_f32(in2[i]);
-        const float r4 = r2 + r3;
-        const float r5 = to_f32(in3[i]);
-        const float r6 = r4 + r5;
-        const float r7 = to_f32(in4[i]);
-        const float r8 = r6 + r7;
-        const float r9 = r8 + r5;
-        const float r10 = to_f32(in5[i]);
-        const float r11 = r9 + r10;
-        const float r12 = to_f32(in6[i]);
-        const float r13 = r11 + r12;
-        const float r14 = to_f32(in7[i]);
-        const float r15 = r13 + r14;
-        const float r16 = to_f32(in8[i]);
-        const float r17 = r15 + r16;
-        const float r18 = to_f32(in9[i]);
-        const float r19 = r17 + r18;
-        const float r20 = to_f32(in10[i]);
-        const float r21 = r19 + r20;
-        const float r22 = to_f32(in11[i]);
-        const float r23 = r21 + r22;
-        const float r24 = to_f32(in12[i]);
-        const float r25 = r23 + r24;
-        const float r26 = to_f32(in13[i]);
-        const float r27 = r25 + r26;
-        const float r28 = to_f32(in14[i]);
-        const float r29 = r27 + r28;
-        const float r30 = to_f32(in15[i]);
-        const float r31 = r29 + r30;
-        const float r32 = to_f32(in16[i]);
-        const float r33 = r31 + r32;
-        const float r34 = to_f32(in17[i]);
-        const float r35 = r33 + r34;
-        const float r36 = to_f32(in18[i]);
-        const float r37 = r35 + r36;
-        const float r38 = to_f32(in19[i]);
-        const float r39 = r37 + r38;
-        const float r40 = to_f32(in20[i]);
-        const float r41 = r39 + r40;
-        const float r42 = to_f32(in21[i]);
-        const float r43 = r41 + r42;
-        const float r44 = to_f32(in22[i]);
-        const float r45 = r43 + r44;
-        const float r46 = to_f32(in23[i]);
-        const float r47 = r45 + r46;
-        out0[i] = from_f32<float>(r47);
-    }
-}
-
-// Pointwise [add add add add add add add add add add add add add add add add add add add add add add add add]. Launch: any 1-D grid and block.
 extern "C" __global__ void fused_add_3638d097(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float* __restrict__ in5, const float* __restrict__ in6, const float* __restrict__ in7, const float* __restrict__ in8, const float* __restrict__ in9, const float* __restrict__ in10, const float* __restrict__ in11, const float* __restrict__ in12, const float* __restrict__ in13, const float* __restrict__ in14, const float* __restrict__ in15, const float* __restrict__ in16, const float* __restrict__ in17, const float* __restrict__ in18, const float* __restrict__ in19, const float* __restrict__ in20, const float* __restrict__ in21, const float* __restrict__ in22, const float* __restrict__ in23, float* __restrict__ out0, u64 n) {
     for (u64 i = grid_start(); i < n; i += grid_stride()) {
         const float r0 = to_f32(in0[i]);
@@ -372,61 +317,6 @@ extern "C" __global__ void fused_add_f3849572(const bf16* __restrict__ in0, cons
     }
 }
 
-// Pointwise [add add add add add add add add add add add add add add add add add add add add add add add add]. Launch: any 1-D grid and block.
-extern "C" __global__ void fused_add_fe247d43(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float* __restrict__ in5, const float* __restrict__ in6, const float* __restrict__ in7, const float* __restrict__ in8, const float* __restrict__ in9, const float* __restrict__ in10, const float* __restrict__ in11, const float* __restrict__ in12, const float* __restrict__ in13, const float* __restrict__ in14, const float* __restrict__ in15, const float* __restrict__ in16, const float* __restrict__ in17, const float* __restrict__ in18, const float* __restrict__ in19, const float* __restrict__ in20, const float* __restrict__ in21, const float* __restrict__ in22, const float* __restrict__ in23, float* __restrict__ out0, u64 n) {
-    for (u64 i = grid_start(); i < n; i += grid_stride()) {
-        const float r0 = to_f32(in0[i]);
-        const float r1 = to_f32(in1[i]);
-        const float r2 = r0 + r1;
-        const float r3 = to_f32(in2[i]);
-        const float r4 = r2 + r3;
-        const float r5 = to_f32(in3[i]);
-        const float r6 = r4 + r5;
-        const float r7 = to_f32(in4[i]);
-        const float r8 = r6 + r7;
-        const float r9 = to_f32(in5[i]);
-        const float r10 = r8 + r9;
-        const float r11 = to_f32(in6[i]);
-        const float r12 = r10 + r11;
-        const float r13 = to_f32(in7[i]);
-        const float r14 = r12 + r13;
-        const float r15 = to_f32(in8[i]);
-        const float r16 = r14 + r15;
-        const float r17 = to_f32(in9[i]);
-        const float r18 = r16 + r17;
-        const float r19 = to_f32(in10[i]);
-        const float r20 = r18 + r19;
-        const float r21 = to_f32(in11[i]);
-        const float r22 = r20 + r21;
-        const float r23 = to_f32(in12[i]);
-        const float r24 = r22 + r23;
-        const float r25 = to_f32(in13[i]);
-        const float r26 = r24 + r25;
-        const float r27 = to_f32(in14[i]);
-        const float r28 = r26 + r27;
-        const float r29 = to_f32(in15[i]);
-        const float r30 = r28 + r29;
-        const float r31 = to_f32(in16[i]);
-        const float r32 = r30 + r31;
-        const float r33 = to_f32(in17[i]);
-        const float r34 = r32 + r33;
-        const float r35 = to_f32(in18[i]);
-        const float r36 = r34 + r35;
-        const float r37 = r36 + r33;
-        const float r38 = to_f32(in19[i]);
-        const float r39 = r37 + r38;
-        const float r40 = to_f32(in20[i]);
-        const float r41 = r39 + r40;
-        const float r42 = to_f32(in21[i]);
-        const float r43 = r41 + r42;
-        const float r44 = to_f32(in22[i]);
-        const float r45 = r43 + r44;
-        const float r46 = to_f32(in23[i]);
-        const float r47 = r45 + r46;
-        out0[i] = from_f32<float>(r47);
-    }
-}
-
 // Pointwise [add silu]. Launch: any 1-D grid and block.
 extern "C" __global__ void fused_add_silu_693bb538(const bf16* __restrict__ in0, const bf16* __restrict__ in1, bf16* __restrict__ out0, bf16* __restrict__ out1, u64 n, ZcBcast b0) {
     for (u64 i = grid_start(); i < n; i += grid_stride()) {
@@ -470,27 +360,6 @@ extern "C" __global__ void fused_add_silu_b47387ac(const float* __restrict__ in0
         const float r3 = OpSilu::fwd(r2);
         out0[i] = from_f32<float>(r2);
         out1[i] = from_f32<float>(r3);
-    }
-}
-
-// Pointwise [add add add sqrt affine recip affine affine relu affine]. Launch: any 1-D grid and block.
-extern "C" __global__ void fused_add_sqrt_affine_recip_affine_etc_04da7cf8(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, float* __restrict__ out0, u64 n) {
-    for (u64 i = grid_start(); i < n; i += grid_stride()) {
-        const float r0 = to_f32(in0[i]);
-        const float r1 = to_f32(in1[i]);
-        const float r2 = r0 + r1;
-        const float r3 = to_f32(in2[i]);
-        const float r4 = r2 + r3;
-        const float r5 = to_f32(in3[i]);
-        const float r6 = r4 + r5;
-        const float r7 = OpSqrt::fwd(r6);
-        const float r8 = r7 * 1e0f + 1e-6f;
-        const float r9 = OpRecip::fwd(r8);
-        const float r10 = r9 * 1e0f + 0e0f;
-        const float r11 = r10 * -1e0f + 1e0f;
-        const float r12 = OpRelu::fwd(r11);
-        const float r13 = r12 * -1e0f + 1e0f;
-        out0[i] = from_f32<float>(r13);
     }
 }
 
@@ -727,34 +596,6 @@ extern "C" __global__ void fused_silu_backward_add_1ff7edbd(const float* __restr
     }
 }
 
-// Pointwise [silu_backward add add add add add add add add add]. Launch: any 1-D grid and block.
-extern "C" __global__ void fused_silu_backward_add_3a6bfdf0(const bf16* __restrict__ in0, const bf16* __restrict__ in1, const bf16* __restrict__ in2, const bf16* __restrict__ in3, const bf16* __restrict__ in4, const bf16* __restrict__ in5, const bf16* __restrict__ in6, const bf16* __restrict__ in7, const bf16* __restrict__ in8, const bf16* __restrict__ in9, const bf16* __restrict__ in10, bf16* __restrict__ out0, u64 n) {
-    for (u64 i = grid_start(); i < n; i += grid_stride()) {
-        const float r0 = to_f32(in10[i]);
-        const float r1 = to_f32(in0[i]);
-        const float r2 = OpSilu::bwd(r1, r0);
-        const float r3 = to_f32(in1[i]);
-        const float r4 = r2 + r3;
-        const float r5 = to_f32(in2[i]);
-        const float r6 = r4 + r5;
-        const float r7 = to_f32(in3[i]);
-        const float r8 = r6 + r7;
-        const float r9 = to_f32(in4[i]);
-        const float r10 = r8 + r9;
-        const float r11 = to_f32(in5[i]);
-        const float r12 = r10 + r11;
-        const float r13 = to_f32(in6[i]);
-        const float r14 = r12 + r13;
-        const float r15 = to_f32(in7[i]);
-        const float r16 = r14 + r15;
-        const float r17 = to_f32(in8[i]);
-        const float r18 = r16 + r17;
-        const float r19 = to_f32(in9[i]);
-        const float r20 = r18 + r19;
-        out0[i] = from_f32<bf16>(r20);
-    }
-}
-
 // Pointwise [silu_backward add add add]. Launch: any 1-D grid and block.
 extern "C" __global__ void fused_silu_backward_add_4d25c561(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, float* __restrict__ out0, u64 n) {
     for (u64 i = grid_start(); i < n; i += grid_stride()) {
@@ -786,34 +627,6 @@ extern "C" __global__ void fused_silu_backward_add_70e8619f(const bf16* __restri
         const float r9 = to_f32(in4[i]);
         const float r10 = r8 + r9;
         out0[i] = from_f32<bf16>(r10);
-    }
-}
-
-// Pointwise [silu_backward add add add add add add add add add]. Launch: any 1-D grid and block.
-extern "C" __global__ void fused_silu_backward_add_7f42fead(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float* __restrict__ in5, const float* __restrict__ in6, const float* __restrict__ in7, const float* __restrict__ in8, const float* __restrict__ in9, const float* __restrict__ in10, float* __restrict__ out0, u64 n) {
-    for (u64 i = grid_start(); i < n; i += grid_stride()) {
-        const float r0 = to_f32(in10[i]);
-        const float r1 = to_f32(in0[i]);
-        const float r2 = OpSilu::bwd(r1, r0);
-        const float r3 = to_f32(in1[i]);
-        const float r4 = r2 + r3;
-        const float r5 = to_f32(in2[i]);
-        const float r6 = r4 + r5;
-        const float r7 = to_f32(in3[i]);
-        const float r8 = r6 + r7;
-        const float r9 = to_f32(in4[i]);
-        const float r10 = r8 + r9;
-        const float r11 = to_f32(in5[i]);
-        const float r12 = r10 + r11;
-        const float r13 = to_f32(in6[i]);
-        const float r14 = r12 + r13;
-        const float r15 = to_f32(in7[i]);
-        const float r16 = r14 + r15;
-        const float r17 = to_f32(in8[i]);
-        const float r18 = r16 + r17;
-        const float r19 = to_f32(in9[i]);
-        const float r20 = r18 + r19;
-        out0[i] = from_f32<float>(r20);
     }
 }
 

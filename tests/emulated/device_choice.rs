@@ -47,10 +47,16 @@ fn text(o: &Output) -> (String, String) {
 
 /// `bench train` on `device`: the loss it prints after the timed steps.
 fn bench_loss(device: &str) -> f64 {
+    bench_loss_with(device, &[])
+}
+
+/// [`bench_loss`] with more overrides.
+fn bench_loss_with(device: &str, overrides: &[&str]) -> f64 {
     let dir = tmp(&format!("bench-{device}"));
     let cfg = config();
     let mut args = vec!["bench", "train", "--config", &cfg, "--steps", "3", "--warmup", "0", "--device", device];
     args.extend(SMALL);
+    args.extend(overrides);
     // Randomly initialised, the U-Net's output convolution is zero (as in LDM), so with the U-Net locked nothing
     // receives a gradient and the loss never moves. Unlocked, the output convolution trains from step 1 and the
     // loss printed after step 3 depends on the whole updated network (1.05285 -> 1.03282 on the CPU).
@@ -71,6 +77,15 @@ fn bench_train_on_cuda_emu_prints_the_cpu_loss() {
     assert!(cpu.is_finite() && cpu > 0.0, "{cpu}");
     // 1e-5 relative, plus the rounding of the five printed decimals.
     assert!((emu - cpu).abs() <= 1e-5 * cpu.abs() + 1e-5, "cpu loss {cpu}, cuda-emu loss {emu}");
+}
+
+/// The channels-last step through the CUDA path (cuDNN NHWC descriptors, GroupNorm through planar scratch, the
+/// upsampling as a broadcast) trains as the planar step does on the CPU.
+#[test]
+fn a_channels_last_step_on_cuda_emu_prints_the_planar_cpu_loss() {
+    let cpu = bench_loss("cpu");
+    let emu = bench_loss_with("cuda-emu", &["model.channels_last=True"]);
+    assert!((emu - cpu).abs() <= 1e-5 * cpu.abs() + 1e-5, "planar cpu loss {cpu}, channels-last cuda-emu loss {emu}");
 }
 
 /// Whether this machine has a GPU: ZEROCONV_EXPECT_GPU=1 or 0 when set, else the NVIDIA driver's control device.
