@@ -224,6 +224,15 @@ impl Pass<'_> {
             Op::Permute { ref perm } if self.rank(ins[0]) >= 3 => self.permute(n, perm),
             Op::Upsample2x if agnostic && r == 4 => self.upsample(n, false),
             Op::Upsample2xBackward if agnostic && r == 4 => self.upsample(n, true),
+            Op::AdamW { .. } | Op::MultiAdamW(_) | Op::AccumulateGrad | Op::AllReduce { .. } => {
+                // These write their planar inputs in place: a channels-last copy made before would be stale, so
+                // later readers make a new one from the written value.
+                self.planar_node(n)?;
+                for v in ins {
+                    self.nhwc[v] = None;
+                }
+                Ok(())
+            }
             _ => self.planar_node(n),
         }
     }
