@@ -10,6 +10,7 @@
 //! number of threads.
 
 use super::conv::Conv2dShape;
+use super::direct_conv::backward_input_as_forward;
 use super::float::Float;
 use super::gemm::{matmul, GemmDims, MatMut, MatRef};
 use crate::error::{Error, Result};
@@ -53,20 +54,13 @@ pub fn scratch_len(s: &Conv2dShape) -> usize {
 
 /// A stride-1 backward-input is the forward convolution of dy with the filter flipped in space and with its
 /// channel axes swapped (w'[c, r, t, o] = w[o, kh-1-r, kw-1-t, c]) and padding kh-1-p: one product per block and
-/// no scatter. The shape of that forward, where it applies (square kernels, padding below the kernel size).
+/// no scatter. The shape of that forward (the planar direct kernels' recast, [`backward_input_as_forward`]), where it
+/// applies; a pointwise convolution needs neither.
 fn as_forward_of_dy(s: &Conv2dShape) -> Option<Conv2dShape> {
-    let fits = s.stride == 1 && s.kh == s.kw && s.padding < s.kh && !s.is_pointwise();
-    fits.then(|| Conv2dShape {
-        n: s.n,
-        c: s.o,
-        h: s.out_h(),
-        w: s.out_w(),
-        o: s.c,
-        kh: s.kh,
-        kw: s.kw,
-        stride: 1,
-        padding: s.kh - 1 - s.padding,
-    })
+    if s.is_pointwise() {
+        return None;
+    }
+    backward_input_as_forward(s)
 }
 
 /// Checks the sizes, and that `scratch` holds the `needed` elements the pass uses.
