@@ -94,10 +94,16 @@ pub enum Layout {
 }
 
 impl Layout {
-    /// The permutation that takes an NCHW tensor to NHWC (and an OIHW filter to OHWI): `permute(x, TO_NHWC)`.
-    pub const TO_NHWC: [usize; 4] = [0, 2, 3, 1];
-    /// Its inverse, NHWC back to NCHW.
-    pub const TO_NCHW: [usize; 4] = [0, 3, 1, 2];
+    /// The permutation that takes a planar rank-`rank` tensor to channels last: axis 1 moved last. At rank 4 it
+    /// takes NCHW to NHWC (and an OIHW filter to OHWI), `[0, 2, 3, 1]`.
+    pub fn to_last(rank: usize) -> Vec<usize> {
+        std::iter::once(0).chain(2..rank).chain(std::iter::once(1)).collect()
+    }
+
+    /// Its inverse, channels last back to planar (`[0, 3, 1, 2]` at rank 4).
+    pub fn from_last(rank: usize) -> Vec<usize> {
+        [0, rank - 1].into_iter().chain(1..rank - 1).collect()
+    }
 
     /// The dims of a rank-4 tensor of this layout in NCHW order ([O, C, kh, kw] for a filter).
     pub fn nchw_dims(self, d: &[usize]) -> [usize; 4] {

@@ -138,6 +138,22 @@ fn scatter_add<T: Float>(s: &Conv2dShape, rows: &[T], first: usize, dx: &mut [T]
     });
 }
 
+/// The rows of one block of output pixels, as the products read them: the activations themselves for a pointwise
+/// convolution, else their receptive fields gathered into `scratch`.
+fn block_rows<'a, T: Float>(
+    s: &Conv2dShape,
+    x: &'a [T],
+    (first, count): (usize, usize),
+    scratch: &'a mut [T],
+) -> MatRef<'a, T> {
+    if s.is_pointwise() {
+        return MatRef::new(&x[first * s.c..(first + count) * s.c], s.c);
+    }
+    let patch = patch_len(s);
+    gather(s, x, first, &mut scratch[..count * patch]);
+    MatRef::new(&scratch[..count * patch], patch)
+}
+
 /// Output pixel blocks: (first pixel, pixel count).
 fn blocks(s: &Conv2dShape) -> impl Iterator<Item = (usize, usize)> {
     let (total, per) = (s.n * s.out_h() * s.out_w(), block_pixels(s));
@@ -165,12 +181,7 @@ pub fn forward<T: Float>(
     }
     let patch = patch_len(s);
     for (first, count) in blocks(s) {
-        let rows = if s.is_pointwise() {
-            MatRef::new(&x[first * s.c..(first + count) * s.c], s.c)
-        } else {
-            gather(s, x, first, &mut scratch[..count * patch]);
-            MatRef::new(&scratch[..count * patch], patch)
-        };
+        let rows = block_rows(s, x, (first, count), scratch);
         let out = MatMut::new(&mut y[first * s.o..(first + count) * s.o], s.o);
         matmul(GemmDims::new(count, s.o, patch), rows, MatRef::transposed(w, patch), out, bias.is_some(), threads)?;
     }
@@ -244,12 +255,7 @@ pub fn backward_weight<T: Float>(
     )?;
     let patch = patch_len(s);
     for (i, (first, count)) in blocks(s).enumerate() {
-        let rows = if s.is_pointwise() {
-            MatRef::new(&x[first * s.c..(first + count) * s.c], s.c)
-        } else {
-            gather(s, x, first, &mut scratch[..count * patch]);
-            MatRef::new(&scratch[..count * patch], patch)
-        };
+        let rows = block_rows(s, x, (first, count), scratch);
         let dy_block = MatRef::transposed(&dy[first * s.o..(first + count) * s.o], s.o);
         let dims = GemmDims::new(s.o, patch, count);
         matmul(dims, dy_block, rows, MatMut::new(dw, patch), i > 0, threads)?;

@@ -3,7 +3,7 @@
 //!
 //! Each value of rank 3 or more ([N, C, spatial...]) of the old graph is held in the new one in one or both of two
 //! forms: planar (as it was) and channels last (axis 1 moved last: [N, spatial..., C]; for 4-d values the permute
-//! `Layout::TO_NHWC`). Convolutions (forward and both backwards) take and give channels last. Ops that do not care
+//! `Layout::to_last`). Convolutions (forward and both backwards) take and give channels last. Ops that do not care
 //! where the channels are run on whichever form their inputs have, channels last as soon as one input has that
 //! form: pointwise ops, GroupNorm and its backward, concatenations and slices (on the mapped axis), sums and
 //! broadcasts with mapped axes, reshapes that keep N and C and regroup the spatial axes, the upsampling (as a
@@ -42,24 +42,14 @@ struct Pass<'a> {
     nhwc: Vec<Option<ValueId>>,
 }
 
-/// The permute that takes a planar rank-`r` value to channels last: axis 1 moved last (`Layout::TO_NHWC` at 4).
-fn to_last(r: usize) -> Vec<usize> {
-    std::iter::once(0).chain(2..r).chain(std::iter::once(1)).collect()
-}
-
-/// Its inverse: channels last back to planar (`Layout::TO_NCHW` at 4).
-fn from_last(r: usize) -> Vec<usize> {
-    [0, r - 1].into_iter().chain(1..r - 1).collect()
-}
-
 /// The channels-last position of planar axis `a` of a rank-`r` value.
 fn last_axis(a: usize, r: usize) -> usize {
-    from_last(r)[a]
+    Layout::from_last(r)[a]
 }
 
 /// The channels-last shape of a planar shape (rank 3 or more).
 fn last_shape(s: &Shape) -> Shape {
-    Shape(to_last(s.rank()).iter().map(|&a| s.0[a]).collect())
+    Shape(Layout::to_last(s.rank()).iter().map(|&a| s.0[a]).collect())
 }
 
 impl Pass<'_> {
@@ -91,7 +81,7 @@ impl Pass<'_> {
             return Ok(p);
         }
         let c = self.nhwc[v].expect("pass bug: a value with neither form");
-        let op = self.relayout(v, from_last(self.rank(v)), self.old().shape(v).clone());
+        let op = self.relayout(v, Layout::from_last(self.rank(v)), self.old().shape(v).clone());
         let p = self.add1(op, &[c])?;
         self.r.new.values[p].name = format!("{}.nchw", self.old().values[v].name);
         self.r.map[v] = Some(p);
@@ -104,7 +94,7 @@ impl Pass<'_> {
             return Ok(c);
         }
         let p = self.r.mapped(v);
-        let op = self.relayout(v, to_last(self.rank(v)), last_shape(self.old().shape(v)));
+        let op = self.relayout(v, Layout::to_last(self.rank(v)), last_shape(self.old().shape(v)));
         let c = self.add1(op, &[p])?;
         self.r.new.values[c].name = format!("{}.nhwc", self.old().values[v].name);
         self.nhwc[v] = Some(c);
@@ -256,7 +246,7 @@ impl Pass<'_> {
             return self.nhwc_node(n, op, r);
         }
         let kept_planar: Vec<usize> = (0..r).filter(|a| !axes.contains(a)).collect();
-        let kept_nhwc: Vec<usize> = to_last(r).into_iter().filter(|a| !axes.contains(a)).collect();
+        let kept_nhwc: Vec<usize> = Layout::to_last(r).into_iter().filter(|a| !axes.contains(a)).collect();
         if kept_planar != kept_nhwc {
             return self.planar_node(n);
         }
@@ -287,7 +277,7 @@ impl Pass<'_> {
             self.r.map[o] = Some(y);
             return Ok(());
         }
-        if perm == from_last(r) {
+        if perm == Layout::from_last(r) {
             let p = self.planar(x)?;
             self.nhwc[o] = Some(p);
             return Ok(());

@@ -183,8 +183,8 @@ fn conv2d_channels_last() {
             args,
             move |g, a| g.op1(Op::Conv2d { stride, padding: pad, layout: Layout::Nhwc }, a),
             move |a| {
-                let (x, wt) = (r::permute(&a[0], &Layout::TO_NCHW), r::permute(&a[1], &Layout::TO_NCHW));
-                r::permute(&r::conv2d(&x, &wt, a.get(2), stride, pad), &Layout::TO_NHWC)
+                let (x, wt) = (r::permute(&a[0], &Layout::from_last(4)), r::permute(&a[1], &Layout::from_last(4)));
+                r::permute(&r::conv2d(&x, &wt, a.get(2), stride, pad), &Layout::to_last(4))
             },
         );
     }
@@ -195,14 +195,14 @@ fn conv2d_channels_last() {
 fn group_norm_channels_last() {
     for (planar, groups) in [(vec![2, 6, 3, 5], 3), (vec![1, 4, 2, 2], 4), (vec![2, 8, 4, 4], 2)] {
         let c = planar[1];
-        let x: Vec<usize> = Layout::TO_NHWC.iter().map(|&a| planar[a]).collect();
+        let x: Vec<usize> = Layout::to_last(4).iter().map(|&a| planar[a]).collect();
         check(
             &format!("groupnorm channels last {x:?} g{groups}"),
             vec![f(&x), f(&[c]), f(&[c])],
             move |g, a| g.op1(Op::GroupNorm { groups, eps: F64Bits::new(1e-5), layout: Layout::Nhwc }, a),
             move |a| {
-                let y = r::group_norm(&r::permute(&a[0], &Layout::TO_NCHW), &a[1], &a[2], groups, 1e-5);
-                r::permute(&y, &Layout::TO_NHWC)
+                let y = r::group_norm(&r::permute(&a[0], &Layout::from_last(4)), &a[1], &a[2], groups, 1e-5);
+                r::permute(&y, &Layout::to_last(4))
             },
         );
     }
