@@ -10,8 +10,9 @@
 //!    keeping every `stride`-th column starting at `q`. A tap `(i, j)` of output row `oy` then reads a
 //!    contiguous run of plane `(c, j mod s)`, row `oy·s + i`, from column `j div s`: no gathers and no bounds
 //!    checks in the inner loop, for any stride and padding.
-//! 2. The kernel holds an 8-channel × 32-pixel block of outputs in 16 vector registers and runs over every tap:
-//!    two vector loads and eight weight broadcasts per sixteen FMAs.
+//! 2. The kernel holds a 6-channel × 64-pixel block of outputs in 24 vector registers (64 pixels of one row, or
+//!    two rows of 32, or four of 16, as wide as the output is) and runs over every tap: four vector loads and six
+//!    weight broadcasts per 24 FMAs.
 //!
 //! The backward-input of a stride-1 convolution is the forward convolution of `dy` with the flipped, transposed
 //! weight and padding `k - 1 - p` ([`backward_input_as_forward`]). A strided one splits `dx` into its `s²` output
@@ -38,11 +39,21 @@ use std::ops::Range;
 /// f32 lanes per AVX-512 vector.
 const LANES: usize = 16;
 /// Forward: output channels per register block.
-const FWD_CHANNELS: usize = 8;
-/// Forward: vectors per register block along the output row.
-const FWD_VECTORS: usize = 2;
-/// Forward: output pixels per register block.
-const STRIP: usize = FWD_VECTORS * LANES;
+const FWD_CHANNELS: usize = 6;
+/// Forward: output vectors per register block (24 accumulators): four vectors of one row where the output is wider
+/// than 32 pixels, else two rows of two vectors or four rows of one (see [`strip_vectors`]). Each tap then costs
+/// four vector loads and six weight broadcasts per 24 FMAs.
+const FWD_BLOCK_VECTORS: usize = 4;
+
+/// Forward: vectors per register block along an output row of `width` pixels: 4 (64 pixels) where the row is wider
+/// than 32, else as few as cover the row; the block takes `FWD_BLOCK_VECTORS / vectors` rows.
+fn strip_vectors(width: usize) -> usize {
+    match width.div_ceil(LANES) {
+        0 | 1 => 1,
+        2 => 2,
+        _ => FWD_BLOCK_VECTORS,
+    }
+}
 /// Weight gradient: output channels and taps per register block (27 accumulators). The taps of a block belong to
 /// one input channel (all nine of a 3×3 window), so their loads hit the same few cache lines of the planes.
 const DW_CHANNELS: usize = 3;
@@ -93,7 +104,8 @@ impl Planes {
     /// Bands of about `budget` bytes over `rows` output rows, balanced (no runt band at the end).
     fn over(s: &Conv2dShape, rows: usize, budget: usize) -> Planes {
         let stride = s.stride.max(1);
-        let row_len = s.out_w().div_ceil(STRIP) * STRIP + (s.kw - 1) / stride;
+        let strip = strip_vectors(s.out_w()) * LANES;
+        let row_len = s.out_w().div_ceil(strip) * strip + (s.kw - 1) / stride;
         // Input rows per output row, over every channel and phase.
         let row_bytes = 4 * row_len * s.c.max(1) * stride * stride;
         let rows = rows.max(1);
@@ -149,7 +161,7 @@ fn packed_len(channels: usize, taps: usize) -> usize {
 }
 
 /// Packs the forward weight into `packed` (`packed_weight_len`) by blocks of output channels:
-/// `packed[(block·T + t)·8 + k] = weight(block·8 + k, t)`, zero past the last channel. `weight(o, t)` is tap `t`
+/// `packed[(block·T + t)·6 + k] = weight(block·6 + k, t)`, zero past the last channel. `weight(o, t)` is tap `t`
 /// (`(c·kh + i)·kw + j`) of output channel `o`. Once per call, before the images.
 pub fn pack_weight(s: &Conv2dShape, weight: impl Fn(usize, usize) -> f32, packed: &mut [f32]) -> Result<()> {
     check(s, "packed weight", packed.len(), packed_weight_len(s))?;
@@ -197,10 +209,14 @@ pub fn backward_input_as_forward(s: &Conv2dShape) -> Option<Conv2dShape> {
 /// channel `c`.
 pub fn flipped_weight<'a>(s: &'a Conv2dShape, w: &'a [f32]) -> impl Fn(usize, usize) -> f32 + 'a {
     let window = s.kh * s.kw;
-    move |c, t| {
-        let (o, i, j) = (t / window, t / s.kw % s.kh, t % s.kw);
-        w[((o * s.c + c) * s.kh + (s.kh - 1 - i)) * s.kw + (s.kw - 1 - j)]
-    }
+    // Where recast tap t = (o, i, j) reads for input channel 0 (channel c adds c·window): computed once, so that
+    // packing does no divisions per element (three per element cost more than the packing itself, ~2 ms for
+    // 128 channels, as much as the convolution they feed at 16x16).
+    let from: Vec<usize> = (0..s.o)
+        .flat_map(|o| (0..s.kh).flat_map(move |i| (0..s.kw).map(move |j| (i, j)).map(move |(i, j)| (o, i, j))))
+        .map(|(o, i, j)| o * s.c * window + (s.kh - 1 - i) * s.kw + (s.kw - 1 - j))
+        .collect();
+    move |c, t| w[from[t] + c * window]
 }
 
 /// Fills `planes` with the input rows that output rows `first..first + band_rows` read, from one image `x_n`
@@ -692,32 +708,71 @@ mod avx512 {
         out: &OutRows,
         rows: Range<usize>,
     ) {
-        let (width, count) = (out.width, taps.offsets.len());
-        let mut runs: Vec<*const f32> = Vec::with_capacity(count);
-        for oy in rows.clone() {
+        let vectors = strip_vectors(out.width);
+        let row_block = FWD_BLOCK_VECTORS / vectors;
+        let mut runs: Vec<*const f32> = Vec::with_capacity(taps.offsets.len());
+        let mut oy = rows.start;
+        while oy < rows.end {
+            // Blocks of `row_block` rows while they fit in the band, then single rows.
+            let block_rows = if oy + row_block <= rows.end { row_block } else { 1 };
             runs.clear();
             // SAFETY (of the reads below): the callers guarantee every tap's run, a whole strip past `width`
             // included, lies inside the band's planes for each of its rows.
             let row_at = (oy - rows.start) * taps.row_step;
             // SAFETY: as above, each run starts inside the planes.
             runs.extend(taps.offsets.iter().map(|&at| unsafe { planes.as_ptr().add(at + row_at) }));
+            let block = Block { runs: &runs, row_step: taps.row_step, out, oy };
+            // SAFETY: as this function's; the block's rows lie inside `rows`.
+            unsafe {
+                match (block_rows, vectors) {
+                    (1, 1) => block.run::<1, 1>(packed, bias),
+                    (1, 2) => block.run::<1, 2>(packed, bias),
+                    (1, _) => block.run::<1, FWD_BLOCK_VECTORS>(packed, bias),
+                    (2, _) => block.run::<2, 2>(packed, bias),
+                    _ => block.run::<FWD_BLOCK_VECTORS, 1>(packed, bias),
+                }
+            }
+            oy += block_rows;
+        }
+    }
+
+    /// `R` output rows from `oy`, each in strips of `V` vectors, every output channel: the taps' runs at row `oy`
+    /// and the step to the next row.
+    struct Block<'a> {
+        runs: &'a [*const f32],
+        row_step: usize,
+        out: &'a OutRows,
+        oy: usize,
+    }
+
+    impl Block<'_> {
+        /// # Safety
+        /// As [`forward_rows`]'s, for rows `oy..oy + R`; `R·V` vectors fit the registers (at most 4).
+        #[target_feature(enable = "avx512f")]
+        unsafe fn run<const R: usize, const V: usize>(&self, packed: &[f32], bias: Option<&[f32]>) {
+            let (out, count, width) = (self.out, self.runs.len(), self.out.width);
             for block in 0..out.channels.div_ceil(FWD_CHANNELS) {
-                // SAFETY: `packed` holds `count` taps × 8 channels for every block of output channels.
+                // SAFETY: `packed` holds `count` taps × 6 channels for every block of output channels.
                 let weights = unsafe { packed.as_ptr().add(block * count * FWD_CHANNELS) };
                 let init: [f32; FWD_CHANNELS] =
                     std::array::from_fn(|k| bias.and_then(|b| b.get(block * FWD_CHANNELS + k)).copied().unwrap_or(0.0));
-                for x0 in (0..width).step_by(STRIP) {
-                    let mut acc: [[__m512; FWD_VECTORS]; FWD_CHANNELS] =
-                        std::array::from_fn(|k| [_mm512_set1_ps(init[k]); FWD_VECTORS]);
-                    for (t, &run) in runs.iter().enumerate() {
-                        // SAFETY: the strip lies inside the run (see above).
-                        let xv: [__m512; FWD_VECTORS] =
-                            std::array::from_fn(|v| unsafe { _mm512_loadu_ps(run.add(x0 + v * LANES)) });
+                for x0 in (0..width).step_by(V * LANES) {
+                    let mut acc: [[[__m512; V]; R]; FWD_CHANNELS] =
+                        std::array::from_fn(|k| [[_mm512_set1_ps(init[k]); V]; R]);
+                    for (t, &run) in self.runs.iter().enumerate() {
+                        // SAFETY: the strip lies inside the run, for each of the R rows (see `forward_rows`).
+                        let xv: [[__m512; V]; R] = std::array::from_fn(|r| {
+                            std::array::from_fn(|v| unsafe {
+                                _mm512_loadu_ps(run.add(r * self.row_step + x0 + v * LANES))
+                            })
+                        });
                         for (k, a) in acc.iter_mut().enumerate() {
-                            // SAFETY: tap t < count, channel k < 8 of this block.
+                            // SAFETY: tap t < count, channel k < 6 of this block.
                             let wv = _mm512_set1_ps(unsafe { *weights.add(t * FWD_CHANNELS + k) });
-                            for v in 0..FWD_VECTORS {
-                                a[v] = _mm512_fmadd_ps(wv, xv[v], a[v]);
+                            for r in 0..R {
+                                for v in 0..V {
+                                    a[r][v] = _mm512_fmadd_ps(wv, xv[r][v], a[r][v]);
+                                }
                             }
                         }
                     }
@@ -726,15 +781,17 @@ mod avx512 {
                         if o >= out.channels {
                             break;
                         }
-                        // SAFETY: channel o < channels and row oy < rows of `out`.
-                        let row = unsafe { out.ptr.ptr().add((o * out.rows + oy) * width) };
-                        for (v, &value) in a.iter().enumerate() {
-                            let at = x0 + v * LANES;
-                            if at >= width {
-                                break;
+                        for (r, a) in a.iter().enumerate() {
+                            // SAFETY: channel o < channels and row oy + r < rows of `out`.
+                            let row = unsafe { out.ptr.ptr().add((o * out.rows + self.oy + r) * width) };
+                            for (v, &value) in a.iter().enumerate() {
+                                let at = x0 + v * LANES;
+                                if at >= width {
+                                    break;
+                                }
+                                // SAFETY: lanes at or past the width are masked off; the row is one of this task's.
+                                unsafe { _mm512_mask_storeu_ps(row.add(at), lane_mask(at, width), value) };
                             }
-                            // SAFETY: lanes at or past the width are masked off; the row is one of this task's.
-                            unsafe { _mm512_mask_storeu_ps(row.add(at), lane_mask(at, width), value) };
                         }
                     }
                 }

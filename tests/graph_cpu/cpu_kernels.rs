@@ -354,11 +354,12 @@ fn every_threading() -> Vec<ConvThreads> {
     ]
 }
 
-/// Shapes for the direct kernels (`direct_conv.rs`): several 32-pixel strips with a ragged tail, output channels
-/// that are not a multiple of the 8-channel register block, bands of output rows (enough channels that a band
+/// Shapes for the direct kernels (`direct_conv.rs`): several 64-pixel strips with a ragged tail, output channels
+/// that are not a multiple of the 6-channel register block, bands of output rows (enough channels that a band
 /// holds a few rows), stride 2 with its phase planes (and the backward-input's four output phases, also of an odd
 /// size and of stride 3 with a 5×5 window), padding 0 (the backward-input recast pads by 2), a 5×5 window and a
-/// non-square one.
+/// non-square one; outputs 17-32 and up to 16 pixels wide, whose register blocks span two and four rows, with an
+/// odd number of rows left over (also after a stride of 2).
 fn direct_conv_shapes() -> Vec<Conv2dShape> {
     vec![
         shape([2, 40, 50, 70], 11, (3, 3), 1, 1),
@@ -369,6 +370,10 @@ fn direct_conv_shapes() -> Vec<Conv2dShape> {
         shape([1, 4, 20, 37], 9, (5, 5), 1, 2),
         shape([1, 3, 12, 45], 8, (1, 3), 1, 1),
         shape([3, 16, 34, 34], 16, (3, 3), 1, 1),
+        shape([2, 7, 19, 30], 13, (3, 3), 1, 1),
+        shape([1, 5, 23, 12], 7, (3, 3), 1, 1),
+        shape([2, 6, 29, 50], 9, (3, 3), 2, 1),
+        shape([1, 4, 14, 9], 6, (3, 3), 1, 1),
     ]
 }
 
