@@ -760,10 +760,10 @@ mod avx512 {
                     let mut acc: [[[__m512; V]; R]; FWD_CHANNELS] =
                         std::array::from_fn(|k| [[_mm512_set1_ps(init[k]); V]; R]);
                     for (t, &run) in self.runs.iter().enumerate() {
-                        // SAFETY: the strip lies inside the run, for each of the R rows (see `forward_rows`).
                         let xv: [[__m512; V]; R] = std::array::from_fn(|r| {
-                            std::array::from_fn(|v| unsafe {
-                                _mm512_loadu_ps(run.add(r * self.row_step + x0 + v * LANES))
+                            std::array::from_fn(|v| {
+                                // SAFETY: the strip lies inside the run, for each of the R rows (`forward_rows`).
+                                unsafe { _mm512_loadu_ps(run.add(r * self.row_step + x0 + v * LANES)) }
                             })
                         });
                         for (k, a) in acc.iter_mut().enumerate() {
