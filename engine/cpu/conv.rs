@@ -242,8 +242,9 @@ pub fn runs_direct_kernels(shape: &Conv2dShape, threads: ConvThreads) -> [bool; 
 
 /// Measured on Zen 5 (`zeroconv bench ops --convs hint`, and A/B pairs of `zeroconv profile` on bench_small's step,
 /// minimum per kernel over 6 steps; BENCHMARKS.md): the direct kernels beat im2col where its products are thin (few
-/// input channels: a short reduction) over rows wide enough to fill the 32-pixel register blocks, with at least the
-/// 8 output channels of a register block.
+/// input channels: a short reduction) over rows at least 32 pixels wide, with at least 8 output channels. (With the
+/// 6 × 64 register blocks of 2026-12-03, which stack rows for narrow outputs, 128->128 at 16x16 still measured level
+/// with im2col forward, 125-131 against 142-157 GFLOP/s, and slower backward-input, so the rules stayed.)
 /// - Forward: at stride 1 at any channel count once each thread has its own image (the hint encoder's 256->64 zero
 ///   convolution 5.8-6.2 -> 3.6 ms, 96->96 9.3-11.3 -> 7.0-7.9 ms), strided up to 128 input channels (96->256 s2
 ///   6.4-7.0 -> 5.4-5.7 ms; the copy into stride phases is then paid back).
