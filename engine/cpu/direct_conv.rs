@@ -212,9 +212,12 @@ pub fn flipped_weight<'a>(s: &'a Conv2dShape, w: &'a [f32]) -> impl Fn(usize, us
     // Where recast tap t = (o, i, j) reads for input channel 0 (channel c adds c·window): computed once, so that
     // packing does no divisions per element (three per element cost more than the packing itself, ~2 ms for
     // 128 channels, as much as the convolution they feed at 16x16).
-    let from: Vec<usize> = (0..s.o)
-        .flat_map(|o| (0..s.kh).flat_map(move |i| (0..s.kw).map(move |j| (i, j)).map(move |(i, j)| (o, i, j))))
-        .map(|(o, i, j)| o * s.c * window + (s.kh - 1 - i) * s.kw + (s.kw - 1 - j))
+    let from: Vec<usize> = (0..s.o * window)
+        .map(|t| {
+            // The recast has the same square window, so its tap numbering is `tap_index`'s, with `o` for `c`.
+            let (o, i, j) = tap_index(s, t);
+            o * s.c * window + (s.kh - 1 - i) * s.kw + (s.kw - 1 - j)
+        })
         .collect();
     move |c, t| w[from[t] + c * window]
 }
