@@ -100,6 +100,7 @@ fn method_name(method: ConvMethod) -> &'static str {
         ConvMethod::InsideGemm => "gemm",
         ConvMethod::Auto => "auto",
         ConvMethod::Direct => "direct",
+        ConvMethod::Winograd => "winograd",
     }
 }
 
@@ -142,9 +143,15 @@ fn cases(args: &BenchOpsOptions, threads: usize) -> Vec<Case> {
     }
     if !args.no_conv {
         let methods: &[ConvMethod] = if threads > 1 {
-            &[ConvMethod::AcrossImages, ConvMethod::InsideGemm, ConvMethod::Direct, ConvMethod::Auto]
+            &[
+                ConvMethod::AcrossImages,
+                ConvMethod::InsideGemm,
+                ConvMethod::Direct,
+                ConvMethod::Winograd,
+                ConvMethod::Auto,
+            ]
         } else {
-            &[ConvMethod::InsideGemm, ConvMethod::Direct, ConvMethod::Auto]
+            &[ConvMethod::InsideGemm, ConvMethod::Direct, ConvMethod::Winograd, ConvMethod::Auto]
         };
         let wanted = |name: &str| args.convs.as_deref().is_none_or(|part| name.contains(part));
         for (name, shape) in conv_cases().into_iter().filter(|(name, _)| wanted(name)) {

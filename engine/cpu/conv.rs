@@ -12,7 +12,9 @@
 //! unpadded convolution already has `x_n` in the `cols` layout and skips im2col.
 //!
 //! Where AVX-512 is present, convolutions with few channels over large maps run a direct kernel instead
-//! (`direct_conv.rs`; [`ConvMethod::Direct`], chosen per shape and pass by [`ConvMethod::Auto`]).
+//! (`direct_conv.rs`; [`ConvMethod::Direct`], chosen per shape and pass by [`ConvMethod::Auto`]), and the
+//! stride-1, same-padded 3×3 convolutions with enough channels run Winograd F(2×2, 3×3) (`winograd.rs`;
+//! [`ConvMethod::Winograd`]): their forward, and their backward-input recast as a forward.
 //!
 //! Callers pass the scratch (see the `*_scratch_len` functions); nothing here allocates.
 //!
@@ -25,6 +27,7 @@ use super::elementwise::{as_f32, as_f32_mut, from_f32_mut};
 use super::float::Float;
 use super::gemm::{matmul, GemmDims, MatMut, MatRef};
 use super::layout::{add_strided, copy_strided};
+use super::winograd;
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -148,6 +151,10 @@ pub enum ConvMethod {
     /// The direct kernels (`direct_conv.rs`) for the passes and types they serve (f32 on AVX-512; every pass, but
     /// a strided backward-input only with "same" padding); im2col as `Auto` would run it for the others.
     Direct,
+    /// Winograd F(2×2, 3×3) (`winograd.rs`) for the forward and backward-input of the shapes it serves (f32 on
+    /// AVX-512: 3×3, stride 1, padding 1, even-sized maps); the direct kernels (as [`ConvMethod::Direct`]) for the
+    /// rest, the weight gradient included.
+    Winograd,
 }
 
 /// Threads a convolution may use, and how it uses them.
@@ -180,7 +187,7 @@ fn plan(shape: &Conv2dShape, threads: ConvThreads) -> Plan {
     let across = match method {
         ConvMethod::AcrossImages => true,
         ConvMethod::InsideGemm => false,
-        ConvMethod::Auto | ConvMethod::Direct => prefer_across_images(shape, threads),
+        ConvMethod::Auto | ConvMethod::Direct | ConvMethod::Winograd => prefer_across_images(shape, threads),
     };
     let workers = if across { threads.min(shape.n).max(1) } else { 1 };
     Plan { workers, gemm_threads: if workers > 1 { 1 } else { threads } }
@@ -218,7 +225,7 @@ fn runs_direct(shape: &Conv2dShape, threads: ConvThreads, pass: Pass) -> bool {
             Pass::BackwardWeight => true,
         };
     match threads.method {
-        ConvMethod::Direct => serves,
+        ConvMethod::Direct | ConvMethod::Winograd => serves,
         ConvMethod::Auto => {
             serves
                 && match pass {
@@ -235,9 +242,49 @@ fn runs_direct(shape: &Conv2dShape, threads: ConvThreads, pass: Pass) -> bool {
 }
 
 /// Whether the forward, the backward-input and the weight gradient of `shape` run the direct kernels on f32 data
-/// with this threading: for tests and reports, which would otherwise not see which path ran.
+/// with this threading (where Winograd does not take the pass, see [`runs_winograd_kernels`]): for tests and
+/// reports, which would otherwise not see which path ran.
 pub fn runs_direct_kernels(shape: &Conv2dShape, threads: ConvThreads) -> [bool; 3] {
     [Pass::Forward, Pass::BackwardInput, Pass::BackwardWeight].map(|pass| runs_direct(shape, threads, pass))
+}
+
+/// The convolution a Winograd kernel computes for this pass of `shape`: the forward itself, or the backward-input
+/// recast as a forward; none for the weight gradient or a shape Winograd does not serve.
+fn winograd_computes(shape: &Conv2dShape, pass: Pass) -> Option<Conv2dShape> {
+    let computed = match pass {
+        Pass::Forward => Some(*shape),
+        Pass::BackwardInput => direct::backward_input_as_forward(shape),
+        Pass::BackwardWeight => None,
+    };
+    computed.filter(|s| shape.n > 0 && winograd::supported(s))
+}
+
+/// Whether Winograd runs this pass of `shape` (for f32 data; it takes precedence over the direct kernels).
+fn runs_winograd(shape: &Conv2dShape, threads: ConvThreads, pass: Pass) -> bool {
+    let Some(computed) = winograd_computes(shape, pass) else {
+        return false;
+    };
+    match threads.method {
+        ConvMethod::Winograd => true,
+        ConvMethod::Auto => winograd_wins(&computed),
+        ConvMethod::Direct | ConvMethod::AcrossImages | ConvMethod::InsideGemm => false,
+    }
+}
+
+/// Whether the forward and the backward-input of `shape` run Winograd on f32 data with this threading.
+pub fn runs_winograd_kernels(shape: &Conv2dShape, threads: ConvThreads) -> [bool; 2] {
+    [Pass::Forward, Pass::BackwardInput].map(|pass| runs_winograd(shape, threads, pass))
+}
+
+/// Where Winograd beats the direct kernels and im2col (`computed` is the convolution it would compute), measured on
+/// Zen 5 (`zeroconv bench ops`, BENCHMARKS.md, 2026-12-03), forward / backward-input GFLOP/s of the nominal FLOPs
+/// against the best other method: from 32 channels in and out over maps at least 16 wide (96->96 at 64x64 241 / 241
+/// against 158 / 156 direct, 64->64 at 32x32 208 / 204 against 169 / 172, 128->128 at 16x16 155 / 143 against
+/// 140 / 126 by im2col, which `Auto` ran there). Not below: 16->16 at 256x256 lost (100 against 132 direct: too few
+/// channels to pay for the transforms), and so did 128->128 at 8x8 (58 against 116 by im2col: four tiles a row
+/// leave three quarters of each transform's vector empty, and the filter transform is paid for 16 tiles an image).
+fn winograd_wins(computed: &Conv2dShape) -> bool {
+    computed.c >= 32 && computed.o >= 32 && computed.w >= 16
 }
 
 /// Measured on Zen 5 (`zeroconv bench ops --convs hint`, and A/B pairs of `zeroconv profile` on bench_small's step,
@@ -284,11 +331,19 @@ fn direct_scratch_len(shape: &Conv2dShape, threads: ConvThreads) -> usize {
     direct_pass_scratch_len(shape, threads, direct::packed_weight_len(shape), |t| direct::planes_scratch_len(shape, t))
 }
 
+/// Scratch of a Winograd convolution `shape` (or a backward-input recast as one): the transformed weight, then
+/// each image's bands.
+fn winograd_scratch_len(shape: &Conv2dShape, threads: ConvThreads) -> usize {
+    direct_pass_scratch_len(shape, threads, winograd::packed_weight_len(shape), |t| winograd::scratch_len(shape, t))
+}
+
 /// Scratch elements `conv2d_forward` needs for this shape and threading.
 pub fn conv2d_forward_scratch_len(shape: &Conv2dShape, threads: ConvThreads) -> usize {
+    // f64 data takes im2col even where a faster f32 kernel runs, so the scratch serves either.
     let im2col = plan(shape, threads).workers * shape.cols_len();
-    if runs_direct(shape, threads, Pass::Forward) {
-        // f64 data takes im2col even here, so the scratch serves either.
+    if runs_winograd(shape, threads, Pass::Forward) {
+        im2col.max(winograd_scratch_len(shape, threads))
+    } else if runs_direct(shape, threads, Pass::Forward) {
         im2col.max(direct_scratch_len(shape, threads))
     } else {
         im2col
@@ -298,6 +353,11 @@ pub fn conv2d_forward_scratch_len(shape: &Conv2dShape, threads: ConvThreads) -> 
 /// Scratch elements `conv2d_backward_input` needs for this shape and threading.
 pub fn conv2d_backward_input_scratch_len(shape: &Conv2dShape, threads: ConvThreads) -> usize {
     let im2col = plan(shape, threads).workers * shape.cols_len();
+    if let Some(recast) = winograd_computes(shape, Pass::BackwardInput) {
+        if runs_winograd(shape, threads, Pass::BackwardInput) {
+            return im2col.max(winograd_scratch_len(&recast, threads));
+        }
+    }
     if !runs_direct(shape, threads, Pass::BackwardInput) {
         return im2col;
     }
@@ -388,12 +448,17 @@ pub fn conv2d_forward_then<T: Float>(
     }
     let plan = plan(shape, threads);
     check_scratch(scratch.len(), conv2d_forward_scratch_len(shape, threads))?;
-    if runs_direct(shape, threads, Pass::Forward) {
+    let kernel = if runs_winograd(shape, threads, Pass::Forward) {
+        Some(ForwardKernel::Winograd)
+    } else {
+        runs_direct(shape, threads, Pass::Forward).then_some(ForwardKernel::Direct)
+    };
+    if let Some(kernel) = kernel {
         if let (Some(x), Some(w)) = (as_f32(x), as_f32(w)) {
             let bias = bias.map(|b| as_f32(b).ok_or_else(|| Error::msg("conv2d: bias of another type than x")));
             let bias = bias.transpose()?;
             let weight = |o: usize, t: usize| w[o * shape.patch_len() + t];
-            return direct_forward(shape, (x, weight, bias), y, scratch, threads, epilogue);
+            return direct_forward(kernel, shape, (x, weight, bias), y, scratch, threads, epilogue);
         }
     }
 
@@ -468,12 +533,14 @@ pub fn conv2d_backward_input_then<T: Float>(
     check_len("dx", dx.len(), shape.x_len())?;
     let plan = plan(shape, threads);
     check_scratch(scratch.len(), conv2d_backward_input_scratch_len(shape, threads))?;
-    if runs_direct(shape, threads, Pass::BackwardInput) {
+    let winograd = runs_winograd(shape, threads, Pass::BackwardInput);
+    if winograd || runs_direct(shape, threads, Pass::BackwardInput) {
         if let (Some(dy), Some(w)) = (as_f32(dy), as_f32(w)) {
             return match direct::backward_input_as_forward(shape) {
                 Some(recast) => {
                     let weight = direct::flipped_weight(shape, w);
-                    direct_forward(&recast, (dy, weight, None), dx, scratch, threads, epilogue)
+                    let kernel = if winograd { ForwardKernel::Winograd } else { ForwardKernel::Direct };
+                    direct_forward(kernel, &recast, (dy, weight, None), dx, scratch, threads, epilogue)
                 }
                 None => direct_strided_backward_input(shape, (dy, w), dx, scratch, threads, epilogue),
             };
@@ -696,28 +763,54 @@ where
     for_each_image(shape.n, plan, out, out_img, rest, (pass.image_scratch)(plan.gemm_threads), one_image)
 }
 
-/// The direct forward convolution `shape` of `x` (with the weight `weight(o, tap)`) into `y` (or a stride-1
+/// Which kernel computes a forward convolution (or a stride-1 backward-input recast as one) on f32 data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ForwardKernel {
+    Direct,
+    Winograd,
+}
+
+/// The forward convolution `shape` of `x` (with the weight `weight(o, tap)`) into `y` by `kernel` (or a stride-1
 /// backward-input recast as one, see `direct_conv::backward_input_as_forward`).
 fn direct_forward<T: Float>(
+    kernel: ForwardKernel,
     shape: &Conv2dShape,
-    (x, weight, bias): (&[f32], impl Fn(usize, usize) -> f32, Option<&[f32]>),
+    (x, weight, bias): (&[f32], impl Fn(usize, usize) -> f32 + Sync, Option<&[f32]>),
     y: &mut [T],
     scratch: &mut [T],
     threads: ConvThreads,
     epilogue: Option<&dyn ConvEpilogue<T>>,
 ) -> Result<()> {
     let x_img = shape.c * shape.h * shape.w;
+    let winograd = kernel == ForwardKernel::Winograd;
     let pass = DirectPass {
-        packed_len: direct::packed_weight_len(shape),
-        pack: |packed: &mut [f32]| direct::pack_weight(shape, weight, packed),
-        image_scratch: |threads| direct::planes_scratch_len(shape, threads),
+        packed_len: if winograd { winograd::packed_weight_len(shape) } else { direct::packed_weight_len(shape) },
+        pack: |packed: &mut [f32]| {
+            if winograd {
+                winograd::pack_weight(shape, weight, packed, threads.threads)
+            } else {
+                direct::pack_weight(shape, weight, packed)
+            }
+        },
+        image_scratch: |threads| {
+            if winograd {
+                winograd::scratch_len(shape, threads)
+            } else {
+                direct::planes_scratch_len(shape, threads)
+            }
+        },
         image: |n: usize,
                 packed: &[f32],
                 y_n: &mut [f32],
-                planes: &mut [f32],
+                scratch: &mut [f32],
                 threads: usize,
                 done: direct::RowsDone<'_>| {
-            direct::forward_image(shape, (&x[n * x_img..(n + 1) * x_img], packed, bias), y_n, planes, threads, done)
+            let inputs = (&x[n * x_img..(n + 1) * x_img], packed, bias);
+            if winograd {
+                winograd::forward_image(shape, inputs, y_n, scratch, threads, done)
+            } else {
+                direct::forward_image(shape, inputs, y_n, scratch, threads, done)
+            }
         },
     };
     run_direct(shape, pass, (y, shape.o * shape.out_pixels()), scratch, threads, epilogue)

@@ -37,7 +37,7 @@ use smallvec::SmallVec;
 use std::ops::Range;
 
 /// f32 lanes per AVX-512 vector.
-const LANES: usize = 16;
+pub(super) const LANES: usize = 16;
 /// Forward: output channels per register block.
 const FWD_CHANNELS: usize = 6;
 /// Forward: output vectors per register block (24 accumulators): four vectors of one row where the output is wider
@@ -85,9 +85,9 @@ pub fn available() -> bool {
 
 /// The layout of one band's planes (see the module comment).
 #[derive(Clone, Copy, Debug)]
-struct Planes {
+pub(super) struct Planes {
     /// Output rows per band (the last band may have fewer).
-    band_rows: usize,
+    pub(super) band_rows: usize,
     /// Stride phases per channel.
     phases: usize,
     /// Padded input rows per plane: those the band's output rows read.
@@ -102,7 +102,7 @@ impl Planes {
         Planes::over(s, s.out_h(), BAND_BYTES)
     }
     /// Bands of about `budget` bytes over `rows` output rows, balanced (no runt band at the end).
-    fn over(s: &Conv2dShape, rows: usize, budget: usize) -> Planes {
+    pub(super) fn over(s: &Conv2dShape, rows: usize, budget: usize) -> Planes {
         let stride = s.stride.max(1);
         let strip = strip_vectors(s.out_w()) * LANES;
         let row_len = s.out_w().div_ceil(strip) * strip + (s.kw - 1) / stride;
@@ -116,11 +116,11 @@ impl Planes {
     fn plane_len(&self) -> usize {
         self.rows * self.row_len
     }
-    fn len(&self, channels: usize) -> usize {
+    pub(super) fn len(&self, channels: usize) -> usize {
         channels * self.phases * self.plane_len()
     }
     /// Offset of the run tap `(c, i, j)` of the band's output row `r` reads.
-    fn tap(&self, (c, i, j): (usize, usize, usize), r: usize) -> usize {
+    pub(super) fn tap(&self, (c, i, j): (usize, usize, usize), r: usize) -> usize {
         let plane = c * self.phases + j % self.phases;
         plane * self.plane_len() + (r * self.phases + i) * self.row_len + j / self.phases
     }
@@ -141,7 +141,7 @@ fn workers(s: &Conv2dShape, threads: usize) -> usize {
 }
 
 /// Threads `rows` output rows in bands of `band_rows` run on: at most one per band.
-fn band_workers(rows: usize, band_rows: usize, threads: usize) -> usize {
+pub(super) fn band_workers(rows: usize, band_rows: usize, threads: usize) -> usize {
     threads.clamp(1, rows.div_ceil(band_rows).max(1))
 }
 
@@ -207,7 +207,7 @@ pub fn backward_input_as_forward(s: &Conv2dShape) -> Option<Conv2dShape> {
 
 /// The recast weight of [`backward_input_as_forward`], as `pack_weight` takes it: tap `(o, i, j)` of output
 /// channel `c`.
-pub fn flipped_weight<'a>(s: &'a Conv2dShape, w: &'a [f32]) -> impl Fn(usize, usize) -> f32 + 'a {
+pub fn flipped_weight<'a>(s: &'a Conv2dShape, w: &'a [f32]) -> impl Fn(usize, usize) -> f32 + Sync + 'a {
     let window = s.kh * s.kw;
     // Where recast tap t = (o, i, j) reads for input channel 0 (channel c adds c·window): computed once, so that
     // packing does no divisions per element (three per element cost more than the packing itself, ~2 ms for
@@ -224,7 +224,7 @@ pub fn flipped_weight<'a>(s: &'a Conv2dShape, w: &'a [f32]) -> impl Fn(usize, us
 
 /// Fills `planes` with the input rows that output rows `first..first + band_rows` read, from one image `x_n`
 /// (`C × H × W`).
-fn prepare_band(s: &Conv2dShape, p: &Planes, x_n: &[f32], first: usize, planes: &mut [f32]) {
+pub(super) fn prepare_band(s: &Conv2dShape, p: &Planes, x_n: &[f32], first: usize, planes: &mut [f32]) {
     let plane_size = s.h * s.w;
     for (index, plane) in planes[..p.len(s.c)].chunks_exact_mut(p.plane_len()).enumerate() {
         let (c, q) = (index / p.phases, index % p.phases);
@@ -452,7 +452,7 @@ pub fn strided_backward_input_image(
 /// Runs bands `0..bands` of an output image (`out`, `rows` rows per channel): `band(b, its worker's scratch, out)`
 /// computes band `b` and returns the rows it made final. One worker runs them in order and hands each band's rows to
 /// `done` at once; several split them and `done` gets every row at the end.
-fn run_bands(
+pub(super) fn run_bands(
     (out, rows): (&mut [f32], usize),
     (bands, workers): (usize, usize),
     (scratch, worker_len): (&mut [f32], usize),
@@ -503,7 +503,7 @@ fn interleave<'a>(dst: &mut [f32], stride: usize, src: impl Fn(usize) -> &'a [f3
 
 /// A pointer that may cross to the worker threads: each task writes only its own disjoint part (see the uses).
 #[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
+pub(super) struct SharedOut(*mut f32);
 // SAFETY: the pointer is only dereferenced by tasks that write disjoint elements of a slice the caller borrows
 // exclusively for the whole parallel section (see `forward_bands` and `strided_backward_input_image`).
 unsafe impl Send for SharedOut {}
@@ -512,7 +512,7 @@ unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
     /// The pointer (a method, so closures capture the whole `Send` wrapper rather than its raw field).
-    fn ptr(self) -> *mut f32 {
+    pub(super) fn ptr(self) -> *mut f32 {
         self.0
     }
 }
@@ -674,7 +674,7 @@ pub fn backward_weight(
 
 /// Checks one length the unsafe kernels rely on, and that this CPU has AVX-512 (callers choose this path only
 /// then; the check keeps a wrong call an error rather than an illegal instruction).
-fn check(s: &Conv2dShape, what: &str, got: usize, expected: usize) -> Result<()> {
+pub(super) fn check(s: &Conv2dShape, what: &str, got: usize, expected: usize) -> Result<()> {
     if !available() {
         return Err(Error::msg("direct convolution: this CPU has no AVX-512 (the im2col path serves it)"));
     }
@@ -688,13 +688,13 @@ fn check(s: &Conv2dShape, what: &str, got: usize, expected: usize) -> Result<()>
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(super) mod avx512 {
     use super::*;
     use std::arch::x86_64::*;
 
     /// Lanes of a vector at `x0` that lie before `end`.
     #[inline(always)]
-    fn lane_mask(x0: usize, end: usize) -> __mmask16 {
+    pub(in crate::engine::cpu) fn lane_mask(x0: usize, end: usize) -> __mmask16 {
         let n = end.saturating_sub(x0).min(LANES);
         ((1u32 << n) - 1) as __mmask16
     }

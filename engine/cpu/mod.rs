@@ -15,5 +15,6 @@ pub mod linalg;
 pub mod norm;
 pub mod par;
 pub mod peak;
+pub mod winograd;
 
 pub use exec::{CpuBackend, CpuProgram};

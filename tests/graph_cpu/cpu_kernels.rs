@@ -420,6 +420,66 @@ fn direct_convolution_matches_naive_and_gives_the_same_bits_on_any_thread_count(
     }
 }
 
+/// Winograd F(2×2, 3×3) shapes: even maps whose tile rows are 35, 20, 18, 8, 4 and 1 tiles wide (masked vectors,
+/// several tile rows per vector), several bands with a short last one (48 channels over 38 rows), output channels
+/// that leave a register block part-empty.
+fn winograd_conv_shapes() -> Vec<Conv2dShape> {
+    vec![
+        shape([2, 40, 50, 70], 11, (3, 3), 1, 1),
+        shape([1, 48, 38, 36], 20, (3, 3), 1, 1),
+        shape([3, 24, 12, 40], 30, (3, 3), 1, 1),
+        shape([2, 16, 16, 16], 13, (3, 3), 1, 1),
+        shape([1, 33, 8, 8], 7, (3, 3), 1, 1),
+        shape([1, 7, 2, 2], 5, (3, 3), 1, 1),
+    ]
+}
+
+/// The Winograd kernels (forward, and the backward-input recast as a forward) against the naive f64 convolution
+/// and the f64 im2col backward-input, in f32; the same bits on 1, 2 and 3 threads; and the path really runs
+/// wherever the CPU has AVX-512.
+#[test]
+fn winograd_convolution_matches_naive_and_gives_the_same_bits_on_any_thread_count() {
+    let winograd = |threads| ConvThreads { threads, method: ConvMethod::Winograd };
+    let available = zeroconv::engine::cpu::direct_conv::available();
+    if !available {
+        eprintln!("no AVX-512 on this CPU: ConvMethod::Winograd runs im2col here, which the other tests check");
+    }
+    for (case, s) in winograd_conv_shapes().iter().enumerate() {
+        let mut rng = Rng::new(900 + case as u64);
+        let (x, w, bias, dy): (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) =
+            (rng.vec(s.x_len()), rng.vec(s.weight_len()), rng.vec(s.o), rng.vec(s.y_len()));
+        let (x64, w64, b64, dy64) = (to_f64(&x), to_f64(&w), to_f64(&bias), to_f64(&dy));
+        let y1 = forward(s, &x, &w, Some(&bias), winograd(1));
+        assert_close(&format!("forward {s:?}"), &to_f64(&y1), &naive_conv(s, &x64, &w64, Some(&b64)), 1e-5);
+        let unbiased = forward(s, &x, &w, None, winograd(1));
+        assert_close(&format!("forward {s:?} no bias"), &to_f64(&unbiased), &naive_conv(s, &x64, &w64, None), 1e-5);
+        let dx1 = backward_input(s, &dy, &w, winograd(1));
+        let expected_dx = backward_input(s, &dy64, &w64, ConvThreads::single());
+        assert_close(&format!("backward-input {s:?}"), &to_f64(&dx1), &expected_dx, 1e-5);
+        for threads in [2, 3] {
+            let y = forward(s, &x, &w, Some(&bias), winograd(threads));
+            assert_eq!(bits(&y), bits(&y1), "forward {s:?} {threads}");
+            assert_eq!(bits(&backward_input(s, &dy, &w, winograd(threads))), bits(&dx1), "dx {s:?} {threads}");
+        }
+        assert_eq!(conv::runs_winograd_kernels(s, winograd(2)), [available; 2], "{s:?}: which passes");
+    }
+    // Shapes it does not serve (odd maps, stride 2, 5×5, padding 0) fall back to the direct kernels.
+    for s in [
+        shape([1, 8, 9, 10], 8, (3, 3), 1, 1),
+        shape([1, 8, 10, 10], 8, (3, 3), 2, 1),
+        shape([1, 8, 10, 10], 8, (5, 5), 1, 2),
+    ]
+    .iter()
+    .chain(&[shape([1, 8, 10, 10], 8, (3, 3), 1, 0)])
+    {
+        assert_eq!(conv::runs_winograd_kernels(s, winograd(2)), [false; 2], "{s:?}");
+        let mut rng = Rng::new(990);
+        let (x, w): (Vec<f32>, Vec<f32>) = (rng.vec(s.x_len()), rng.vec(s.weight_len()));
+        let expected = naive_conv(s, &to_f64(&x), &to_f64(&w), None);
+        assert_close(&format!("fallback {s:?}"), &to_f64(&forward(s, &x, &w, None, winograd(2))), &expected, 1e-5);
+    }
+}
+
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }

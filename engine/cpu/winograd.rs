@@ -1,0 +1,470 @@
+//! Winograd F(2×2, 3×3) convolution on f32 with AVX-512, for the stride-1, "same"-padded 3×3 convolutions that are
+//! most of a U-Net's and a hint encoder's arithmetic (and, recast as forward convolutions, their backward-inputs).
+//!
+//! Each 2×2 block of outputs (a *tile*) is computed from the 4×4 input patch under it (Lavin & Gray, 2015):
+//! `Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`. Over channels the elementwise product becomes 16 matrix products, one per
+//! point `ξ` of the 4×4 transform domain: `M_ξ (O × tiles) = U_ξ (O × C) · V_ξ (C × tiles)`. That is 16·O·C
+//! multiplications per tile of four outputs instead of 36·O·C: 2.25× fewer, paid for by the transforms of the input
+//! (per channel and tile) and of the output (per output channel and tile), which cost little once a convolution has
+//! a few dozen channels.
+//!
+//! One image at a time, in bands of tile rows, each band by one thread with its own scratch (it stays in that
+//! core's L2 cache from one step to the next):
+//! 1. The band's input rows go into zero-padded planes split by column parity (the direct kernels' planes for a
+//!    4×4 window at stride 2, [`direct::prepare_band`]): the column `2·tx + k` of 16 consecutive tiles is then one
+//!    contiguous vector load.
+//! 2. The input transform `Bᵀ d B` (additions only), 16 tiles per vector, into `V[ξ][c][tile]`; a band's tiles are
+//!    numbered row after row without gaps, so narrow maps (8 or 16 pixels: 4 or 8 tiles a row) still fill vectors.
+//! 3. For each block of 6 output channels: the 16 products into `M[ξ][6][tile]`, by the direct forward's register
+//!    block (6 channels × 4 vectors of tiles: four vector loads and six broadcasts per 24 FMAs), then the output
+//!    transform `Aᵀ M A` (additions only), plus the bias, written to the output rows.
+//!
+//! The filter transform `G g Gᵀ` (sums and halves) runs once per call, sixteen filters at a time, blocks of output
+//! channels spread over the threads.
+//!
+//! Every output element is computed by one thread in an order fixed by the shape alone, so the results have the same
+//! bits whatever the thread count. They differ from the direct and im2col paths' in rounding: the transforms add and
+//! subtract inputs before the products (F(2×2, 3×3)'s error stays within a few ulps of the sums' magnitude,
+//! `tests/graph_cpu/cpu_kernels.rs` checks 1e-5 against the f64 convolution).
+
+use super::conv::Conv2dShape;
+use super::direct_conv::{self as direct, Planes, RowsDone, SharedOut, LANES};
+use crate::error::{Error, Result};
+use std::ops::Range;
+
+/// Points of the transform domain: one per element of the 4×4 input patch.
+const POINTS: usize = 16;
+/// Output channels per register block of the products (6 × 4 vectors: 24 accumulators, as the direct forward).
+const CHANNELS: usize = 6;
+/// Vectors of tiles per register block.
+const BLOCK_VECTORS: usize = 4;
+/// About this many bytes of planes per band. A band's transformed input is four times its planes (16 points per
+/// 4 input pixels), so planes, transformed input and one block's products stay within a 1 MiB L2 cache.
+const PLANES_BYTES: usize = 96 << 10;
+/// Tiles a band has at least (where the image has them): one register block of the products.
+const MIN_BAND_TILES: usize = BLOCK_VECTORS * LANES;
+
+/// Whether this path computes the convolution `s`: a 3×3 window, stride 1, padding 1, on even-sized maps (the
+/// tiles cover the output exactly), on a CPU with AVX-512.
+pub fn supported(s: &Conv2dShape) -> bool {
+    direct::available()
+        && (s.kh, s.kw, s.stride, s.padding) == (3, 3, 1, 1)
+        && s.h >= 2
+        && s.w >= 2
+        && s.h.is_multiple_of(2)
+        && s.w.is_multiple_of(2)
+}
+
+/// The shape whose planes hold a band's input patches: 4×4 windows at stride 2, one per tile.
+fn patch_shape(s: &Conv2dShape) -> Conv2dShape {
+    Conv2dShape { kh: 4, kw: 4, stride: 2, ..*s }
+}
+
+/// How an image is cut into bands of tile rows, and one band's scratch.
+struct Bands {
+    planes: Planes,
+    /// Tiles per tile row, and tile rows.
+    tiles_w: usize,
+    tile_rows: usize,
+}
+
+impl Bands {
+    fn of(s: &Conv2dShape) -> Bands {
+        let patches = patch_shape(s);
+        let (tiles_w, tile_rows) = (s.w / 2, s.h / 2);
+        let mut planes = Planes::over(&patches, tile_rows, PLANES_BYTES);
+        // At least a whole register block of tiles per band where the image has them: fewer, and each product's
+        // loads are spread over fewer FMAs.
+        let tiles = planes.band_rows * tiles_w;
+        if tiles < MIN_BAND_TILES {
+            planes = Planes::over(&patches, tile_rows, PLANES_BYTES * MIN_BAND_TILES.div_ceil(tiles));
+        }
+        Bands { planes, tiles_w, tile_rows }
+    }
+    /// Tiles of a whole band, rounded up to whole vectors: the row length of `V` and `M`.
+    fn tiles(&self) -> usize {
+        (self.planes.band_rows * self.tiles_w).div_ceil(LANES) * LANES
+    }
+    fn transformed_len(&self, s: &Conv2dShape) -> usize {
+        POINTS * s.c * self.tiles()
+    }
+    fn products_len(&self) -> usize {
+        POINTS * CHANNELS * self.tiles()
+    }
+    /// One worker's scratch: its planes, the transformed input and one block's products.
+    fn worker_len(&self, s: &Conv2dShape) -> usize {
+        self.planes.len(s.c) + self.transformed_len(s) + self.products_len()
+    }
+}
+
+/// Scratch elements of [`forward_image`] on `threads` threads.
+pub fn scratch_len(s: &Conv2dShape, threads: usize) -> usize {
+    let bands = Bands::of(s);
+    direct::band_workers(bands.tile_rows, bands.planes.band_rows, threads) * bands.worker_len(s)
+}
+
+/// Elements of the transformed weight [`pack_weight`] writes.
+pub fn packed_weight_len(s: &Conv2dShape) -> usize {
+    POINTS * channel_blocks(s) * CHANNELS * s.c
+}
+
+fn channel_blocks(s: &Conv2dShape) -> usize {
+    s.o.div_ceil(CHANNELS)
+}
+
+/// Transforms the weight (`weight(o, t)` is tap `t = (c·3 + i)·3 + j` of output channel `o`) into `packed`:
+/// `packed[((block·16 + ξ)·6 + k)·C + c] = U_ξ(block·6 + k, c)`, zero past the last channel. Once per call, sixteen
+/// input channels at a time, blocks of output channels spread over `threads` threads (a scalar transform per
+/// filter on one thread cost as much as the products of a 16x16 map).
+pub fn pack_weight(
+    s: &Conv2dShape,
+    weight: impl Fn(usize, usize) -> f32 + Sync,
+    packed: &mut [f32],
+    threads: usize,
+) -> Result<()> {
+    direct::check(s, "packed weight", packed.len(), packed_weight_len(s))?;
+    let block_len = POINTS * CHANNELS * s.c;
+    if block_len == 0 {
+        return Ok(());
+    }
+    let pack_block = |(block, packed): (usize, &mut [f32])| {
+        packed.fill(0.0);
+        let mut taps = [[0.0; LANES]; 9];
+        for k in 0..CHANNELS.min(s.o - block * CHANNELS) {
+            let o = block * CHANNELS + k;
+            for first in (0..s.c).step_by(LANES) {
+                let lanes = (s.c - first).min(LANES);
+                for (t, tap) in taps.iter_mut().enumerate() {
+                    for (lane, value) in tap[..lanes].iter_mut().enumerate() {
+                        *value = weight(o, (first + lane) * 9 + t);
+                    }
+                }
+                for (point, values) in filter_transform(&taps).iter().enumerate() {
+                    let at = (point * CHANNELS + k) * s.c + first;
+                    packed[at..at + lanes].copy_from_slice(&values[..lanes]);
+                }
+            }
+        }
+    };
+    if threads > 1 {
+        use rayon::prelude::*;
+        packed.par_chunks_mut(block_len).enumerate().for_each(pack_block);
+    } else {
+        packed.chunks_mut(block_len).enumerate().for_each(pack_block);
+    }
+    Ok(())
+}
+
+/// `G g Gᵀ` of sixteen 3×3 filters side by side (`taps[i·3 + j][lane]`), point `ξ = row·4 + column` of each, with
+/// `G = [1 0 0; ½ ½ ½; ½ -½ ½; 0 0 1]`. Plain loops over the lanes, which the compiler vectorises.
+fn filter_transform(taps: &[[f32; LANES]; 9]) -> [[f32; LANES]; POINTS] {
+    // One 3-point column or row expanded to four: `[a, (a + b + c)/2, (a - b + c)/2, c]`.
+    fn expand(a: &[f32; LANES], b: &[f32; LANES], c: &[f32; LANES]) -> [[f32; LANES]; 4] {
+        let mut out = [[0.0; LANES]; 4];
+        for lane in 0..LANES {
+            let (a, b, c) = (a[lane], b[lane], c[lane]);
+            let sum = a + c;
+            out[0][lane] = a;
+            out[1][lane] = 0.5 * (sum + b);
+            out[2][lane] = 0.5 * (sum - b);
+            out[3][lane] = c;
+        }
+        out
+    }
+    // G g: each column j of the filters expanded to four rows.
+    let columns: [[[f32; LANES]; 4]; 3] = std::array::from_fn(|j| expand(&taps[j], &taps[3 + j], &taps[6 + j]));
+    let mut u = [[0.0; LANES]; POINTS];
+    for row in 0..4 {
+        let expanded = expand(&columns[0][row], &columns[1][row], &columns[2][row]);
+        u[row * 4..row * 4 + 4].copy_from_slice(&expanded);
+    }
+    u
+}
+
+/// One image of the forward convolution: `y_n` (`O × H × W`) = bias + conv(`x_n`, the weight as [`pack_weight`]
+/// transformed it). Bands of tile rows go to up to `threads` threads, each with its own part of `scratch`
+/// ([`scratch_len`]); `done` gets the output rows as they are final.
+pub fn forward_image(
+    s: &Conv2dShape,
+    (x_n, packed, bias): (&[f32], &[f32], Option<&[f32]>),
+    y_n: &mut [f32],
+    scratch: &mut [f32],
+    threads: usize,
+    done: RowsDone<'_>,
+) -> Result<()> {
+    if !supported(s) {
+        return Err(Error::shape(
+            "conv2d",
+            format!("Winograd convolution {s:?}: not a 3×3, stride-1, same-padded window over even-sized maps"),
+        ));
+    }
+    direct::check(s, "input", x_n.len(), s.c * s.h * s.w)?;
+    direct::check(s, "output", y_n.len(), s.o * s.h * s.w)?;
+    direct::check(s, "packed weight", packed.len(), packed_weight_len(s))?;
+    let need = scratch_len(s, threads);
+    direct::check(s, "scratch", scratch.len().min(need), need)?;
+    direct::check(s, "bias", bias.map_or(s.o, <[f32]>::len), s.o)?;
+    let bands = Bands::of(s);
+    let p = &bands.planes;
+    let patches = patch_shape(s);
+    let count = bands.tile_rows.div_ceil(p.band_rows);
+    let workers = direct::band_workers(bands.tile_rows, p.band_rows, threads);
+    let band = |b: usize, scratch: &mut [f32], y: SharedOut| -> Range<usize> {
+        let first = b * p.band_rows;
+        let tile_rows = first..(first + p.band_rows).min(bands.tile_rows);
+        let (planes, rest) = scratch[..bands.worker_len(s)].split_at_mut(p.len(s.c));
+        let (transformed, products) = rest.split_at_mut(bands.transformed_len(s));
+        direct::prepare_band(&patches, p, x_n, first, planes);
+        let work = Band { s, bands: &bands, tile_rows: tile_rows.clone() };
+        // SAFETY: AVX-512 F is present (`supported`); the lengths were checked above; the band's tile rows lie inside
+        // the image, and bands are disjoint, each run by one worker, so workers write disjoint rows of `y`.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            work.input_transform(planes, transformed);
+            for block in 0..channel_blocks(s) {
+                work.products(block, transformed, packed, products);
+                work.output_transform(block, products, bias, y);
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (work, planes, transformed, products, y);
+        2 * tile_rows.start..2 * tile_rows.end
+    };
+    direct::run_bands((y_n, s.h), (count, workers), (scratch, bands.worker_len(s)), band, done);
+    Ok(())
+}
+
+/// One band's work: the tile rows `tile_rows` of an image of `s`.
+struct Band<'a> {
+    s: &'a Conv2dShape,
+    bands: &'a Bands,
+    tile_rows: Range<usize>,
+}
+
+impl Band<'_> {
+    /// Tiles in this band (the last band may have fewer rows), and the vectors that hold them.
+    fn tiles(&self) -> usize {
+        self.tile_rows.len() * self.bands.tiles_w
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::*;
+    use crate::engine::cpu::direct_conv::avx512::lane_mask;
+    use std::arch::x86_64::*;
+
+    /// `Bᵀ d B`'s one-dimensional step `Bᵀ [d0 d1 d2 d3]` (down the columns, then along the rows).
+    ///
+    /// # Safety
+    /// AVX-512 F must be present. (A function with the feature, rather than a closure or an `inline(always)` helper:
+    /// those are not compiled with it, and every intrinsic became a call.)
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn input_step(d: [__m512; 4]) -> [__m512; 4] {
+        [_mm512_sub_ps(d[0], d[2]), _mm512_add_ps(d[1], d[2]), _mm512_sub_ps(d[2], d[1]), _mm512_sub_ps(d[1], d[3])]
+    }
+
+    /// `Aᵀ M A`'s one-dimensional step `Aᵀ [m0 m1 m2 m3]`, `Aᵀ = [1 1 1 0; 0 1 -1 -1]`.
+    ///
+    /// # Safety
+    /// AVX-512 F must be present.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn output_step(m: [__m512; 4]) -> [__m512; 2] {
+        [_mm512_add_ps(_mm512_add_ps(m[0], m[1]), m[2]), _mm512_sub_ps(_mm512_sub_ps(m[1], m[2]), m[3])]
+    }
+
+    impl Band<'_> {
+        /// `V[ξ][c][tile] = (Bᵀ d B)_ξ` for every channel and tile of the band, from its planes.
+        ///
+        /// # Safety
+        /// AVX-512 F must be present; `planes` holds the band as `prepare_band` left it; `transformed` has
+        /// `Bands::transformed_len` elements.
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn input_transform(&self, planes: &[f32], transformed: &mut [f32]) {
+            let (s, p, tiles_w, row_len) = (self.s, &self.bands.planes, self.bands.tiles_w, self.bands.tiles());
+            let out = transformed.as_mut_ptr();
+            for c in 0..s.c {
+                for r in 0..self.tile_rows.len() {
+                    for tx in (0..tiles_w).step_by(LANES) {
+                        // Column 2·tx + k of patch row a for 16 tiles: a run of the planes (a plane row holds a whole
+                        // strip of vectors past the last tile, plus the one column the window reaches beyond it).
+                        // Plain loops, no closures: see `input_step`.
+                        let mut d = [[_mm512_setzero_ps(); 4]; 4];
+                        for (a, row) in d.iter_mut().enumerate() {
+                            for (k, value) in row.iter_mut().enumerate() {
+                                // SAFETY: see above; row 2·r + a < 2·band_rows + 2, the planes' rows.
+                                *value = unsafe { _mm512_loadu_ps(planes.as_ptr().add(p.tap((c, a, k), r) + tx)) };
+                            }
+                        }
+                        // Bᵀ d down the columns, then (Bᵀ d) B along the rows.
+                        let mut columns = [[_mm512_setzero_ps(); 4]; 4];
+                        for k in 0..4 {
+                            // SAFETY: AVX-512 F is present (this function's contract).
+                            let column = unsafe { input_step([d[0][k], d[1][k], d[2][k], d[3][k]]) };
+                            for a in 0..4 {
+                                columns[a][k] = column[a];
+                            }
+                        }
+                        let mask = lane_mask(tx, tiles_w);
+                        for (a, row) in columns.iter().enumerate() {
+                            // SAFETY: as above.
+                            let transformed_row = unsafe { input_step(*row) };
+                            for (k, &value) in transformed_row.iter().enumerate() {
+                                let at = ((a * 4 + k) * s.c + c) * row_len + r * tiles_w + tx;
+                                // SAFETY: the unmasked lanes are tiles r·tiles_w + tx.. of this band, below its
+                                // tile count, within point (a, k)'s row of channel c.
+                                unsafe { _mm512_mask_storeu_ps(out.add(at), mask, value) };
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        /// The 16 products of output-channel block `block`: `M[ξ][k][tile] = Σ_c U_ξ(block·6 + k, c) · V[ξ][c][tile]`.
+        ///
+        /// # Safety
+        /// AVX-512 F must be present; `transformed` holds the band's `V`, `packed` the transformed weight, `products`
+        /// has `Bands::products_len` elements.
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn products(&self, block: usize, transformed: &[f32], packed: &[f32], products: &mut [f32]) {
+            let (s, row_len) = (self.s, self.bands.tiles());
+            let vectors = self.tiles().div_ceil(LANES);
+            for point in 0..POINTS {
+                let product = Product {
+                    // SAFETY: the packed weight holds 16 points × blocks × C × 6 floats.
+                    u: unsafe { packed.as_ptr().add((block * POINTS + point) * CHANNELS * s.c) },
+                    // SAFETY: V holds 16 points × C × row_len floats, M 16 points × 6 × row_len.
+                    v: unsafe { transformed.as_ptr().add(point * s.c * row_len) },
+                    // SAFETY: as above.
+                    m: unsafe { products.as_mut_ptr().add(point * CHANNELS * row_len) },
+                    channels: s.c,
+                    row_len,
+                };
+                let mut first = 0;
+                while first < vectors {
+                    let width = (vectors - first).min(BLOCK_VECTORS);
+                    // SAFETY: vectors first..first + width lie within row_len (whole vectors of the band's tiles).
+                    unsafe {
+                        match width {
+                            1 => product.run::<1>(first),
+                            2 => product.run::<2>(first),
+                            3 => product.run::<3>(first),
+                            _ => product.run::<BLOCK_VECTORS>(first),
+                        }
+                    }
+                    first += width;
+                }
+            }
+        }
+
+        /// `Y = Aᵀ M A` plus the bias for output-channel block `block`, into the band's output rows of `y`
+        /// (`O × H × W`).
+        ///
+        /// # Safety
+        /// AVX-512 F must be present; `products` holds the block's `M`; `y` points at the image's output, whose rows
+        /// of this band no other thread touches.
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn output_transform(
+            &self,
+            block: usize,
+            products: &[f32],
+            bias: Option<&[f32]>,
+            y: SharedOut,
+        ) {
+            let (s, tiles_w, row_len) = (self.s, self.bands.tiles_w, self.bands.tiles());
+            // Lanes 0-7 of the even and odd columns interleaved, then lanes 8-15.
+            let low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+            let high = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+            for k in 0..CHANNELS {
+                let o = block * CHANNELS + k;
+                if o >= s.o {
+                    break;
+                }
+                let bias = _mm512_set1_ps(bias.map_or(0.0, |b| b[o]));
+                for (r, tile_row) in self.tile_rows.clone().enumerate() {
+                    for tx in (0..tiles_w).step_by(LANES) {
+                        let mask = lane_mask(tx, tiles_w);
+                        // Aᵀ M down the columns: two rows of four (plain loops, see `input_step`).
+                        let mut columns = [[_mm512_setzero_ps(); 2]; 4];
+                        for (b, steps) in columns.iter_mut().enumerate() {
+                            let mut column = [_mm512_setzero_ps(); 4];
+                            for (a, value) in column.iter_mut().enumerate() {
+                                let at = ((a * 4 + b) * CHANNELS + k) * row_len + r * tiles_w + tx;
+                                // SAFETY: the unmasked lanes are this band's tiles, within M's row for (ξ, k).
+                                *value = unsafe { _mm512_maskz_loadu_ps(mask, products.as_ptr().add(at)) };
+                            }
+                            // SAFETY: AVX-512 F is present (this function's contract).
+                            *steps = unsafe { output_step(column) };
+                        }
+                        let pixels = 2 * (tiles_w - tx).min(LANES);
+                        let [c0, c1, c2, c3] = columns;
+                        let rows = [[c0[0], c1[0], c2[0], c3[0]], [c0[1], c1[1], c2[1], c3[1]]];
+                        for (i, row) in rows.into_iter().enumerate() {
+                            // SAFETY: as above.
+                            let [even, odd] = unsafe { output_step(row) };
+                            let (even, odd) = (_mm512_add_ps(even, bias), _mm512_add_ps(odd, bias));
+                            // SAFETY: channel o < O, row 2·tile_row + i < H (H is even): inside the image.
+                            let row = unsafe { y.ptr().add((o * s.h + 2 * tile_row + i) * s.w + 2 * tx) };
+                            // SAFETY: the unmasked lanes are the row's pixels 2·tx.. below W = 2·tiles_w.
+                            unsafe {
+                                _mm512_mask_storeu_ps(
+                                    row,
+                                    lane_mask(0, pixels),
+                                    _mm512_permutex2var_ps(even, low, odd),
+                                );
+                                _mm512_mask_storeu_ps(
+                                    row.add(LANES),
+                                    lane_mask(LANES, pixels),
+                                    _mm512_permutex2var_ps(even, high, odd),
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One point's product for one block of output channels: `m[k][t] = Σ_c u[k][c] · v[c][t]`, rows `row_len` long.
+    struct Product {
+        u: *const f32,
+        v: *const f32,
+        m: *mut f32,
+        channels: usize,
+        row_len: usize,
+    }
+
+    impl Product {
+        /// Vectors `first..first + V` of tiles, all 6 channels: `V` vector loads and 6 broadcasts per `6·V` FMAs.
+        ///
+        /// # Safety
+        /// AVX-512 F must be present; the pointers hold 6 rows of `channels` (`u`), `channels` rows of `row_len` (`v`) and
+        /// 6 rows of `row_len` (`m`) floats; the vectors lie within `row_len`.
+        #[target_feature(enable = "avx512f")]
+        unsafe fn run<const V: usize>(&self, first: usize) {
+            let mut acc = [[_mm512_setzero_ps(); V]; CHANNELS];
+            for c in 0..self.channels {
+                let x: [__m512; V] = std::array::from_fn(|i| {
+                    // SAFETY: row c of V, vector first + i < row_len / 16.
+                    unsafe { _mm512_loadu_ps(self.v.add(c * self.row_len + (first + i) * LANES)) }
+                });
+                for (k, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: channel k < 6 of U, input channel c < channels.
+                    let w = _mm512_set1_ps(unsafe { *self.u.add(k * self.channels + c) });
+                    for i in 0..V {
+                        a[i] = _mm512_fmadd_ps(w, x[i], a[i]);
+                    }
+                }
+            }
+            for (k, a) in acc.iter().enumerate() {
+                for (i, &value) in a.iter().enumerate() {
+                    // SAFETY: row k < 6 of M, vector first + i < row_len / 16.
+                    unsafe { _mm512_storeu_ps(self.m.add(k * self.row_len + (first + i) * LANES), value) };
+                }
+            }
+        }
+    }
+}
