@@ -14,7 +14,7 @@
 //! Where AVX-512 is present, convolutions with few channels over large maps run a direct kernel instead
 //! (`direct_conv.rs`; [`ConvMethod::Direct`], chosen per shape and pass by [`ConvMethod::Auto`]), and the
 //! stride-1, same-padded 3×3 convolutions with enough channels run Winograd F(2×2, 3×3) (`winograd.rs`;
-//! [`ConvMethod::Winograd`]): their forward, and their backward-input recast as a forward.
+//! [`ConvMethod::Winograd`]): their forward, their backward-input recast as a forward, and their weight gradient.
 //!
 //! Callers pass the scratch (see the `*_scratch_len` functions); nothing here allocates.
 //!
@@ -151,9 +151,8 @@ pub enum ConvMethod {
     /// The direct kernels (`direct_conv.rs`) for the passes and types they serve (f32 on AVX-512; every pass, but
     /// a strided backward-input only with "same" padding); im2col as `Auto` would run it for the others.
     Direct,
-    /// Winograd F(2×2, 3×3) (`winograd.rs`) for the forward and backward-input of the shapes it serves (f32 on
-    /// AVX-512: 3×3, stride 1, padding 1, even-sized maps); the direct kernels (as [`ConvMethod::Direct`]) for the
-    /// rest, the weight gradient included.
+    /// Winograd F(2×2, 3×3) (`winograd.rs`) for every pass of the shapes it serves (f32 on AVX-512: 3×3, stride 1,
+    /// padding 1, even-sized maps); the direct kernels (as [`ConvMethod::Direct`]) for the rest.
     Winograd,
 }
 
@@ -248,13 +247,12 @@ pub fn runs_direct_kernels(shape: &Conv2dShape, threads: ConvThreads) -> [bool; 
     [Pass::Forward, Pass::BackwardInput, Pass::BackwardWeight].map(|pass| runs_direct(shape, threads, pass))
 }
 
-/// The convolution a Winograd kernel computes for this pass of `shape`: the forward itself, or the backward-input
-/// recast as a forward; none for the weight gradient or a shape Winograd does not serve.
+/// The convolution a Winograd kernel computes for this pass of `shape`: the forward itself (also for the weight
+/// gradient), or the backward-input recast as a forward; none for a shape Winograd does not serve.
 fn winograd_computes(shape: &Conv2dShape, pass: Pass) -> Option<Conv2dShape> {
     let computed = match pass {
-        Pass::Forward => Some(*shape),
+        Pass::Forward | Pass::BackwardWeight => Some(*shape),
         Pass::BackwardInput => direct::backward_input_as_forward(shape),
-        Pass::BackwardWeight => None,
     };
     computed.filter(|s| shape.n > 0 && winograd::supported(s))
 }
@@ -266,14 +264,15 @@ fn runs_winograd(shape: &Conv2dShape, threads: ConvThreads, pass: Pass) -> bool 
     };
     match threads.method {
         ConvMethod::Winograd => true,
-        ConvMethod::Auto => winograd_wins(&computed),
+        ConvMethod::Auto => winograd_wins(&computed, pass),
         ConvMethod::Direct | ConvMethod::AcrossImages | ConvMethod::InsideGemm => false,
     }
 }
 
-/// Whether the forward and the backward-input of `shape` run Winograd on f32 data with this threading.
-pub fn runs_winograd_kernels(shape: &Conv2dShape, threads: ConvThreads) -> [bool; 2] {
-    [Pass::Forward, Pass::BackwardInput].map(|pass| runs_winograd(shape, threads, pass))
+/// Whether the forward, the backward-input and the weight gradient of `shape` run Winograd on f32 data with this
+/// threading.
+pub fn runs_winograd_kernels(shape: &Conv2dShape, threads: ConvThreads) -> [bool; 3] {
+    [Pass::Forward, Pass::BackwardInput, Pass::BackwardWeight].map(|pass| runs_winograd(shape, threads, pass))
 }
 
 /// Where Winograd beats the direct kernels and im2col (`computed` is the convolution it would compute), measured on
@@ -283,8 +282,14 @@ pub fn runs_winograd_kernels(shape: &Conv2dShape, threads: ConvThreads) -> [bool
 /// 140 / 126 by im2col, which `Auto` ran there). Not below: 16->16 at 256x256 lost (100 against 132 direct: too few
 /// channels to pay for the transforms), and so did 128->128 at 8x8 (58 against 116 by im2col: four tiles a row
 /// leave three quarters of each transform's vector empty, and the filter transform is paid for 16 tiles an image).
-fn winograd_wins(computed: &Conv2dShape) -> bool {
-    computed.c >= 32 && computed.o >= 32 && computed.w >= 16
+/// The weight gradient (16 products through the `gemm` crate over each band's tiles) wins by less, from 64 channels
+/// over maps at least 32 wide: 96->96 at 64x64 160 against 137 by im2col, 256->64 at 32x32 151 against 124, 64->64
+/// at 32x32 133 against 124; 32->32 at 128x128 lost (99 against 128 direct), 128->128 at 16x16 too (81 against 113).
+fn winograd_wins(computed: &Conv2dShape, pass: Pass) -> bool {
+    match pass {
+        Pass::Forward | Pass::BackwardInput => computed.c >= 32 && computed.o >= 32 && computed.w >= 16,
+        Pass::BackwardWeight => computed.c >= 64 && computed.o >= 64 && computed.w >= 32,
+    }
 }
 
 /// Measured on Zen 5 (`zeroconv bench ops --convs hint`, and A/B pairs of `zeroconv profile` on bench_small's step,
@@ -387,7 +392,9 @@ fn weight_grad_parallel(shape: &Conv2dShape, threads: ConvThreads) -> bool {
 pub fn conv2d_backward_weight_scratch_len(shape: &Conv2dShape, threads: ConvThreads) -> usize {
     let buffers = if weight_grad_parallel(shape, threads) { weight_grad_groups(shape) } else { 1 };
     let im2col = weight_grad_groups(shape) * shape.weight_len() + buffers * shape.cols_len();
-    if runs_direct(shape, threads, Pass::BackwardWeight) {
+    if runs_winograd(shape, threads, Pass::BackwardWeight) {
+        im2col.max(winograd::backward_weight_scratch_len(shape))
+    } else if runs_direct(shape, threads, Pass::BackwardWeight) {
         im2col.max(direct::backward_weight_scratch_len(shape))
     } else {
         im2col
@@ -596,9 +603,15 @@ pub fn conv2d_backward_weight<T: Float>(
         dw.fill(T::ZERO);
         return Ok(());
     }
-    if runs_direct(shape, threads, Pass::BackwardWeight) {
+    let winograd = runs_winograd(shape, threads, Pass::BackwardWeight);
+    if winograd || runs_direct(shape, threads, Pass::BackwardWeight) {
         if let (Some(x), Some(dy), Some(dw)) = (as_f32(x), as_f32(dy), as_f32_mut(dw)) {
-            return direct::backward_weight(shape, x, dy, dw, f32_scratch(scratch)?, threads.threads);
+            let scratch = f32_scratch(scratch)?;
+            return if winograd {
+                winograd::backward_weight(shape, x, dy, dw, scratch, threads.threads)
+            } else {
+                direct::backward_weight(shape, x, dy, dw, scratch, threads.threads)
+            };
         }
     }
 

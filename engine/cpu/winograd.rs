@@ -29,6 +29,7 @@
 
 use super::conv::Conv2dShape;
 use super::direct_conv::{self as direct, Planes, RowsDone, SharedOut, LANES};
+use super::gemm::{matmul_batched, Batch, GemmDims, MatMut, MatRef};
 use crate::error::{Error, Result};
 use std::ops::Range;
 
@@ -43,6 +44,9 @@ const BLOCK_VECTORS: usize = 4;
 const PLANES_BYTES: usize = 96 << 10;
 /// Tiles a band has at least (where the image has them): one register block of the products.
 const MIN_BAND_TILES: usize = BLOCK_VECTORS * LANES;
+/// The weight gradient's bands have more: each band's tiles are the reduction of 16 products through the `gemm`
+/// crate, which packs its operands per call and runs them at a fraction of its speed below a few hundred.
+const DW_MIN_BAND_TILES: usize = 256;
 
 /// Whether this path computes the convolution `s`: a 3×3 window, stride 1, padding 1, on even-sized maps (the
 /// tiles cover the output exactly), on a CPU with AVX-512.
@@ -70,14 +74,18 @@ struct Bands {
 
 impl Bands {
     fn of(s: &Conv2dShape) -> Bands {
+        Bands::with_tiles(s, MIN_BAND_TILES)
+    }
+    /// Bands of at least `min_tiles` tiles where the image has them.
+    fn with_tiles(s: &Conv2dShape, min_tiles: usize) -> Bands {
         let patches = patch_shape(s);
         let (tiles_w, tile_rows) = (s.w / 2, s.h / 2);
         let mut planes = Planes::over(&patches, tile_rows, PLANES_BYTES);
         // At least a whole register block of tiles per band where the image has them: fewer, and each product's
         // loads are spread over fewer FMAs.
         let tiles = planes.band_rows * tiles_w;
-        if tiles < MIN_BAND_TILES {
-            planes = Planes::over(&patches, tile_rows, PLANES_BYTES * MIN_BAND_TILES.div_ceil(tiles));
+        if tiles < min_tiles {
+            planes = Planes::over(&patches, tile_rows, PLANES_BYTES * min_tiles.div_ceil(tiles));
         }
         Bands { planes, tiles_w, tile_rows }
     }
@@ -234,6 +242,131 @@ pub fn forward_image(
     Ok(())
 }
 
+/// Groups of tile rows with partial weight gradients of their own (fewer when there are fewer tile rows): the most
+/// threads the weight gradient uses. A function of the shape only, so the bits do not depend on the thread count.
+const DW_GROUPS: usize = 4;
+
+fn dw_groups(s: &Conv2dShape) -> usize {
+    DW_GROUPS.clamp(1, (s.h / 2).max(1))
+}
+
+/// The weight gradient's bands: at least `DW_MIN_BAND_TILES` tiles, at most one group's tile rows.
+fn dw_bands(s: &Conv2dShape) -> Bands {
+    let mut bands = Bands::with_tiles(s, DW_MIN_BAND_TILES);
+    let group_rows = bands.tile_rows.div_ceil(dw_groups(s));
+    if bands.planes.band_rows > group_rows {
+        bands.planes = Planes::over(&patch_shape(s), group_rows, usize::MAX);
+    }
+    bands
+}
+
+/// One weight-gradient group's scratch: its partial `dUᵀ` (16 points × C × O), planes, the transformed input and the
+/// transformed output gradient of one band.
+fn dw_group_len(s: &Conv2dShape, bands: &Bands) -> usize {
+    POINTS * s.c * s.o + bands.worker_len(s) - bands.products_len() + POINTS * s.o * bands.tiles()
+}
+
+/// Scratch elements of [`backward_weight`].
+pub fn backward_weight_scratch_len(s: &Conv2dShape) -> usize {
+    dw_groups(s) * dw_group_len(s, &dw_bands(s))
+}
+
+/// The weight gradient `dw` (`O × C × 3 × 3`, overwritten) of the convolution `s` over the batch `x`, `dy`:
+/// `dU_ξ = Σ_tiles dM_ξ ⊙ V_ξ` with `V = Bᵀ d B` (the forward's input transform) and `dM = A dY Aᵀ` (each 2×2
+/// block of `dy` spread over the 4×4 points), then `dw = Gᵀ dU G`. Per band, the 16 sums over its tiles are one
+/// batch of products `dU_ξᵀ += V_ξ · dM_ξᵀ` (`C × O`, over the band's tiles). Tile rows are split into a fixed
+/// number of groups, each summing its bands of every image into a partial of its own, added in group order.
+pub fn backward_weight(
+    s: &Conv2dShape,
+    x: &[f32],
+    dy: &[f32],
+    dw: &mut [f32],
+    scratch: &mut [f32],
+    threads: usize,
+) -> Result<()> {
+    if !supported(s) {
+        return Err(Error::shape(
+            "conv2d",
+            format!("Winograd weight gradient {s:?}: not a 3×3, stride-1, same-padded window over even-sized maps"),
+        ));
+    }
+    let (image, points_len) = (s.c * s.h * s.w, POINTS * s.c * s.o);
+    direct::check(s, "x", x.len(), s.n * image)?;
+    direct::check(s, "dy", dy.len(), s.n * s.o * s.h * s.w)?;
+    direct::check(s, "dw", dw.len(), s.o * s.c * 9)?;
+    let need = backward_weight_scratch_len(s);
+    direct::check(s, "scratch", scratch.len().min(need), need)?;
+    let bands = dw_bands(s);
+    let (p, row_len) = (&bands.planes, bands.tiles());
+    let patches = patch_shape(s);
+    let groups = dw_groups(s);
+    let rows_per_group = bands.tile_rows.div_ceil(groups);
+    let group = |(g, scratch): (usize, &mut [f32])| -> Result<()> {
+        let (partial, rest) = scratch.split_at_mut(points_len);
+        let (planes, rest) = rest.split_at_mut(p.len(s.c));
+        let (transformed, gradients) = rest.split_at_mut(bands.transformed_len(s));
+        partial.fill(0.0);
+        let rows = (g * rows_per_group).min(bands.tile_rows)..((g + 1) * rows_per_group).min(bands.tile_rows);
+        for n in 0..s.n {
+            let (x_n, dy_n) = (&x[n * image..(n + 1) * image], &dy[n * s.o * s.h * s.w..(n + 1) * s.o * s.h * s.w]);
+            for first in rows.clone().step_by(p.band_rows) {
+                let work = Band { s, bands: &bands, tile_rows: first..(first + p.band_rows).min(rows.end) };
+                direct::prepare_band(&patches, p, x_n, first, planes);
+                // SAFETY: AVX-512 F is present (`supported`); the lengths were checked above and the scratch split
+                // by the sizes `dw_group_len` sums.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    work.input_transform(planes, transformed);
+                    work.gradient_transform(dy_n, gradients);
+                }
+                // dUᵀ_ξ (C × O) += V_ξ (C × tiles) · dM_ξᵀ (tiles × O), the 16 points as one batch.
+                let batch =
+                    Batch { count: POINTS, a_stride: s.c * row_len, b_stride: s.o * row_len, c_stride: s.c * s.o };
+                let dims = GemmDims::new(s.c, s.o, work.tiles());
+                let (v, dm) = (MatRef::new(&*transformed, row_len), MatRef::transposed(&*gradients, row_len));
+                matmul_batched(batch, dims, v, dm, MatMut::new(&mut *partial, s.o), true, 1)?;
+            }
+        }
+        Ok(())
+    };
+    let partials = &mut scratch[..need];
+    let work = partials.chunks_exact_mut(dw_group_len(s, &bands)).enumerate();
+    if threads > 1 && groups > 1 {
+        use rayon::prelude::*;
+        work.collect::<Vec<_>>().into_par_iter().try_for_each(group)?;
+    } else {
+        work.try_for_each(group)?;
+    }
+    // Group order, whatever ran in parallel; then dw = Gᵀ dU G per filter.
+    let (first_group, rest) = partials.split_at_mut(dw_group_len(s, &bands));
+    let sum = &mut first_group[..points_len];
+    for partial in rest.chunks_exact(dw_group_len(s, &bands)) {
+        for (d, &v) in sum.iter_mut().zip(&partial[..points_len]) {
+            *d += v;
+        }
+    }
+    for o in 0..s.o {
+        for c in 0..s.c {
+            let du: [f32; POINTS] = std::array::from_fn(|point| sum[(point * s.c + c) * s.o + o]);
+            dw[(o * s.c + c) * 9..][..9].copy_from_slice(&filter_gradient(&du));
+        }
+    }
+    Ok(())
+}
+
+/// `Gᵀ dU G` of one filter's 4×4 gradient `du` (row-major): the 3×3 gradient of its taps, with
+/// `Gᵀ = [1 ½ ½ 0; 0 ½ -½ 0; 0 ½ ½ 1]`.
+fn filter_gradient(du: &[f32; POINTS]) -> [f32; 9] {
+    let reduce = |[a, b, c, d]: [f32; 4]| [a + 0.5 * (b + c), 0.5 * (b - c), 0.5 * (b + c) + d];
+    // Gᵀ dU: each column of four reduced to three rows; then each row of four reduced to three.
+    let columns: [[f32; 3]; 4] = std::array::from_fn(|j| reduce([du[j], du[4 + j], du[8 + j], du[12 + j]]));
+    let mut g = [0.0; 9];
+    for i in 0..3 {
+        g[i * 3..i * 3 + 3].copy_from_slice(&reduce([columns[0][i], columns[1][i], columns[2][i], columns[3][i]]));
+    }
+    g
+}
+
 /// One band's work: the tile rows `tile_rows` of an image of `s`.
 struct Band<'a> {
     s: &'a Conv2dShape,
@@ -315,6 +448,58 @@ mod avx512 {
                                 let at = ((a * 4 + k) * s.c + c) * row_len + r * tiles_w + tx;
                                 // SAFETY: the unmasked lanes are tiles r·tiles_w + tx.. of this band, below its
                                 // tile count, within point (a, k)'s row of channel c.
+                                unsafe { _mm512_mask_storeu_ps(out.add(at), mask, value) };
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        /// `dM[ξ][o][tile] = (A dY Aᵀ)_ξ` for every output channel and tile of the band, from one image's `dy`
+        /// (`O × H × W`), `A = [1 0; 1 1; 1 -1; 0 -1]`.
+        ///
+        /// # Safety
+        /// AVX-512 F must be present; `dy` holds the image; `gradients` has 16 points × O × `Bands::tiles` elements.
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn gradient_transform(&self, dy: &[f32], gradients: &mut [f32]) {
+            let (s, tiles_w, row_len) = (self.s, self.bands.tiles_w, self.bands.tiles());
+            let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+            let out = gradients.as_mut_ptr();
+            for o in 0..s.o {
+                for (r, tile_row) in self.tile_rows.clone().enumerate() {
+                    for tx in (0..tiles_w).step_by(LANES) {
+                        let pixels = 2 * (tiles_w - tx).min(LANES);
+                        // The tiles' 2×2 blocks of dy: rows 2·tile_row and 2·tile_row + 1, even and odd columns.
+                        let mut block = [[_mm512_setzero_ps(); 2]; 2];
+                        for (i, halves) in block.iter_mut().enumerate() {
+                            // SAFETY: channel o < O, row 2·tile_row + i < H: a row of the image; the unmasked
+                            // lanes are its pixels 2·tx.. below W.
+                            let (low, high) = unsafe {
+                                let row = dy.as_ptr().add((o * s.h + 2 * tile_row + i) * s.w + 2 * tx);
+                                (
+                                    _mm512_maskz_loadu_ps(lane_mask(0, pixels), row),
+                                    _mm512_maskz_loadu_ps(lane_mask(LANES, pixels), row.add(LANES)),
+                                )
+                            };
+                            *halves = [_mm512_permutex2var_ps(low, even, high), _mm512_permutex2var_ps(low, odd, high)];
+                        }
+                        // A dY: four rows of two; then each row [u, v] to [u, u + v, u - v, -v].
+                        let [[p, q], [r0, r1]] = block;
+                        let zero = _mm512_setzero_ps();
+                        let rows = [
+                            [p, q],
+                            [_mm512_add_ps(p, r0), _mm512_add_ps(q, r1)],
+                            [_mm512_sub_ps(p, r0), _mm512_sub_ps(q, r1)],
+                            [_mm512_sub_ps(zero, r0), _mm512_sub_ps(zero, r1)],
+                        ];
+                        let mask = lane_mask(tx, tiles_w);
+                        for (a, [u, v]) in rows.into_iter().enumerate() {
+                            let points = [u, _mm512_add_ps(u, v), _mm512_sub_ps(u, v), _mm512_sub_ps(zero, v)];
+                            for (b, value) in points.into_iter().enumerate() {
+                                let at = ((a * 4 + b) * s.o + o) * row_len + r * tiles_w + tx;
+                                // SAFETY: the unmasked lanes are this band's tiles, within point (a, b)'s row of o.
                                 unsafe { _mm512_mask_storeu_ps(out.add(at), mask, value) };
                             }
                         }

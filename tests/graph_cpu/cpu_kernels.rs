@@ -434,8 +434,8 @@ fn winograd_conv_shapes() -> Vec<Conv2dShape> {
     ]
 }
 
-/// The Winograd kernels (forward, and the backward-input recast as a forward) against the naive f64 convolution
-/// and the f64 im2col backward-input, in f32; the same bits on 1, 2 and 3 threads; and the path really runs
+/// The Winograd kernels (forward, the backward-input recast as a forward, the weight gradient) against the naive
+/// f64 convolution and the f64 im2col backward passes, in f32; the same bits on 1, 2 and 3 threads; and the path really runs
 /// wherever the CPU has AVX-512.
 #[test]
 fn winograd_convolution_matches_naive_and_gives_the_same_bits_on_any_thread_count() {
@@ -456,12 +456,17 @@ fn winograd_convolution_matches_naive_and_gives_the_same_bits_on_any_thread_coun
         let dx1 = backward_input(s, &dy, &w, winograd(1));
         let expected_dx = backward_input(s, &dy64, &w64, ConvThreads::single());
         assert_close(&format!("backward-input {s:?}"), &to_f64(&dx1), &expected_dx, 1e-5);
+        // Weight gradients sum over the batch and every output pixel: up to a few thousand terms.
+        let dw1 = backward_weight(s, &x, &dy, winograd(1));
+        let expected_dw = backward_weight(s, &x64, &dy64, ConvThreads::single());
+        assert_close(&format!("weight gradient {s:?}"), &to_f64(&dw1), &expected_dw, 1e-4);
         for threads in [2, 3] {
             let y = forward(s, &x, &w, Some(&bias), winograd(threads));
             assert_eq!(bits(&y), bits(&y1), "forward {s:?} {threads}");
             assert_eq!(bits(&backward_input(s, &dy, &w, winograd(threads))), bits(&dx1), "dx {s:?} {threads}");
+            assert_eq!(bits(&backward_weight(s, &x, &dy, winograd(threads))), bits(&dw1), "dw {s:?} {threads}");
         }
-        assert_eq!(conv::runs_winograd_kernels(s, winograd(2)), [available; 2], "{s:?}: which passes");
+        assert_eq!(conv::runs_winograd_kernels(s, winograd(2)), [available; 3], "{s:?}: which passes");
     }
     // Shapes it does not serve (odd maps, stride 2, 5×5, padding 0) fall back to the direct kernels.
     for s in [
@@ -472,7 +477,7 @@ fn winograd_convolution_matches_naive_and_gives_the_same_bits_on_any_thread_coun
     .iter()
     .chain(&[shape([1, 8, 10, 10], 8, (3, 3), 1, 0)])
     {
-        assert_eq!(conv::runs_winograd_kernels(s, winograd(2)), [false; 2], "{s:?}");
+        assert_eq!(conv::runs_winograd_kernels(s, winograd(2)), [false; 3], "{s:?}");
         let mut rng = Rng::new(990);
         let (x, w): (Vec<f32>, Vec<f32>) = (rng.vec(s.x_len()), rng.vec(s.weight_len()));
         let expected = naive_conv(s, &to_f64(&x), &to_f64(&w), None);
