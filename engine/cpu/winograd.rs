@@ -330,7 +330,7 @@ pub fn backward_weight(
         Ok(())
     };
     let partials = &mut scratch[..need];
-    let work = partials.chunks_exact_mut(dw_group_len(s, &bands)).enumerate();
+    let mut work = partials.chunks_exact_mut(dw_group_len(s, &bands)).enumerate();
     if threads > 1 && groups > 1 {
         use rayon::prelude::*;
         work.collect::<Vec<_>>().into_par_iter().try_for_each(group)?;
