@@ -418,18 +418,33 @@ mod avx512 {
         pub(super) unsafe fn input_transform(&self, planes: &[f32], transformed: &mut [f32]) {
             let (s, p, tiles_w, row_len) = (self.s, &self.bands.planes, self.bands.tiles_w, self.bands.tiles());
             let out = transformed.as_mut_ptr();
+            // From one patch row to the next in a plane, and from one point's rows of V to the next. Pointers per
+            // channel and offsets per tile, rather than `Planes::tap` per load: the index arithmetic and its spills
+            // cost as much as the transform.
+            let plane_row = p.tap((0, 1, 0), 0) - p.tap((0, 0, 0), 0);
+            let point_step = s.c * row_len;
             for c in 0..s.c {
+                // SAFETY: the planes of channel c (even and odd padded columns) start inside the band's planes.
+                let (even, odd) =
+                    unsafe { (planes.as_ptr().add(p.tap((c, 0, 0), 0)), planes.as_ptr().add(p.tap((c, 0, 1), 0))) };
                 for r in 0..self.tile_rows.len() {
                     for tx in (0..tiles_w).step_by(LANES) {
-                        // Column 2·tx + k of patch row a for 16 tiles: a run of the planes (a plane row holds a whole
-                        // strip of vectors past the last tile, plus the one column the window reaches beyond it).
+                        // Columns 2·tx + k of patch row a for 16 tiles: runs of the planes (a plane row holds a whole
+                        // strip of vectors past the last tile, plus the one column the window reaches beyond it);
+                        // patch row a of tile row r is plane row 2·r + a < 2·band_rows + 2, the planes' rows.
                         // Plain loops, no closures: see `input_step`.
                         let mut d = [[_mm512_setzero_ps(); 4]; 4];
                         for (a, row) in d.iter_mut().enumerate() {
-                            for (k, value) in row.iter_mut().enumerate() {
-                                // SAFETY: see above; row 2·r + a < 2·band_rows + 2, the planes' rows.
-                                *value = unsafe { _mm512_loadu_ps(planes.as_ptr().add(p.tap((c, a, k), r) + tx)) };
-                            }
+                            let at = (2 * r + a) * plane_row + tx;
+                            // SAFETY: see above.
+                            *row = unsafe {
+                                [
+                                    _mm512_loadu_ps(even.add(at)),
+                                    _mm512_loadu_ps(odd.add(at)),
+                                    _mm512_loadu_ps(even.add(at + 1)),
+                                    _mm512_loadu_ps(odd.add(at + 1)),
+                                ]
+                            };
                         }
                         // Bᵀ d down the columns, then (Bᵀ d) B along the rows.
                         let mut columns = [[_mm512_setzero_ps(); 4]; 4];
@@ -441,14 +456,15 @@ mod avx512 {
                             }
                         }
                         let mask = lane_mask(tx, tiles_w);
+                        // SAFETY: tiles r·tiles_w + tx.. of channel c's row of point 0.
+                        let first = unsafe { out.add(c * row_len + r * tiles_w + tx) };
                         for (a, row) in columns.iter().enumerate() {
                             // SAFETY: as above.
                             let transformed_row = unsafe { input_step(*row) };
                             for (k, &value) in transformed_row.iter().enumerate() {
-                                let at = ((a * 4 + k) * s.c + c) * row_len + r * tiles_w + tx;
                                 // SAFETY: the unmasked lanes are tiles r·tiles_w + tx.. of this band, below its
                                 // tile count, within point (a, k)'s row of channel c.
-                                unsafe { _mm512_mask_storeu_ps(out.add(at), mask, value) };
+                                unsafe { _mm512_mask_storeu_ps(first.add((a * 4 + k) * point_step), mask, value) };
                             }
                         }
                     }
