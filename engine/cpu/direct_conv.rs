@@ -528,12 +528,8 @@ pub fn forward_image(
     threads: usize,
     done: RowsDone<'_>,
 ) -> Result<()> {
-    check(s, "input", x_n.len(), s.c * s.h * s.w)?;
-    check(s, "output", y_n.len(), s.o * s.out_h() * s.out_w())?;
-    check(s, "packed weight", packed.len(), packed_weight_len(s))?;
-    let need = planes_scratch_len(s, threads);
-    check(s, "planes", planes.len().min(need), need)?;
-    check(s, "bias", bias.map_or(s.o, <[f32]>::len), s.o)?;
+    let lengths = (packed_weight_len(s), planes_scratch_len(s, threads));
+    check_forward_image(s, (x_n, packed, bias), (y_n, planes), lengths)?;
     let p = Planes::of(s);
     let taps =
         Taps { offsets: (0..taps(s)).map(|t| p.tap(tap_index(s, t), 0)).collect(), row_step: p.phases * p.row_len };
@@ -670,6 +666,21 @@ pub fn backward_weight(
         }
     }
     Ok(())
+}
+
+/// Checks the lengths a forward kernel's image relies on: the input and output images, the packed weight
+/// (`packed_len`), at least `scratch_need` elements of scratch and the bias (and that this CPU has AVX-512).
+pub(super) fn check_forward_image(
+    s: &Conv2dShape,
+    (x_n, packed, bias): (&[f32], &[f32], Option<&[f32]>),
+    (y_n, scratch): (&[f32], &[f32]),
+    (packed_len, scratch_need): (usize, usize),
+) -> Result<()> {
+    check(s, "input", x_n.len(), s.c * s.h * s.w)?;
+    check(s, "output", y_n.len(), s.o * s.out_h() * s.out_w())?;
+    check(s, "packed weight", packed.len(), packed_len)?;
+    check(s, "scratch", scratch.len().min(scratch_need), scratch_need)?;
+    check(s, "bias", bias.map_or(s.o, <[f32]>::len), s.o)
 }
 
 /// Checks one length the unsafe kernels rely on, and that this CPU has AVX-512 (callers choose this path only

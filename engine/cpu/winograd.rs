@@ -59,6 +59,18 @@ pub fn supported(s: &Conv2dShape) -> bool {
         && s.w.is_multiple_of(2)
 }
 
+/// An error naming `s` unless this path computes it (the callers choose it only then; the check keeps a wrong call
+/// an error rather than out-of-bounds tiles or an illegal instruction).
+fn require_supported(s: &Conv2dShape, what: &str) -> Result<()> {
+    if supported(s) {
+        return Ok(());
+    }
+    Err(Error::shape(
+        "conv2d",
+        format!("Winograd {what} {s:?}: not a 3×3, stride-1, same-padded window over even-sized maps on AVX-512"),
+    ))
+}
+
 /// The shape whose planes hold a band's input patches: 4×4 windows at stride 2, one per tile.
 fn patch_shape(s: &Conv2dShape) -> Conv2dShape {
     Conv2dShape { kh: 4, kw: 4, stride: 2, ..*s }
@@ -200,18 +212,9 @@ pub fn forward_image(
     threads: usize,
     done: RowsDone<'_>,
 ) -> Result<()> {
-    if !supported(s) {
-        return Err(Error::shape(
-            "conv2d",
-            format!("Winograd convolution {s:?}: not a 3×3, stride-1, same-padded window over even-sized maps"),
-        ));
-    }
-    direct::check(s, "input", x_n.len(), s.c * s.h * s.w)?;
-    direct::check(s, "output", y_n.len(), s.o * s.h * s.w)?;
-    direct::check(s, "packed weight", packed.len(), packed_weight_len(s))?;
-    let need = scratch_len(s, threads);
-    direct::check(s, "scratch", scratch.len().min(need), need)?;
-    direct::check(s, "bias", bias.map_or(s.o, <[f32]>::len), s.o)?;
+    require_supported(s, "convolution")?;
+    let lengths = (packed_weight_len(s), scratch_len(s, threads));
+    direct::check_forward_image(s, (x_n, packed, bias), (y_n, scratch), lengths)?;
     let bands = Bands::of(s);
     let p = &bands.planes;
     let patches = patch_shape(s);
@@ -284,12 +287,7 @@ pub fn backward_weight(
     scratch: &mut [f32],
     threads: usize,
 ) -> Result<()> {
-    if !supported(s) {
-        return Err(Error::shape(
-            "conv2d",
-            format!("Winograd weight gradient {s:?}: not a 3×3, stride-1, same-padded window over even-sized maps"),
-        ));
-    }
+    require_supported(s, "weight gradient")?;
     let (image, points_len) = (s.c * s.h * s.w, POINTS * s.c * s.o);
     direct::check(s, "x", x.len(), s.n * image)?;
     direct::check(s, "dy", dy.len(), s.n * s.o * s.h * s.w)?;
