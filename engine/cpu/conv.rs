@@ -212,67 +212,82 @@ enum Pass {
     BackwardWeight,
 }
 
-/// Whether the direct kernels run this pass of `shape` (for f32 data; other types always take im2col).
-fn runs_direct(shape: &Conv2dShape, threads: ConvThreads, pass: Pass) -> bool {
-    let serves = direct::available()
-        && shape.n > 0
-        && match pass {
-            Pass::Forward => true,
-            Pass::BackwardInput => {
-                direct::backward_input_as_forward(shape).is_some() || direct::strided_backward_input_supported(shape)
-            }
-            Pass::BackwardWeight => true,
-        };
-    match threads.method {
-        ConvMethod::Direct | ConvMethod::Winograd => serves,
-        ConvMethod::Auto => {
-            serves
-                && match pass {
-                    Pass::Forward | Pass::BackwardWeight => direct_wins(shape, pass),
-                    Pass::BackwardInput => match direct::backward_input_as_forward(shape) {
-                        Some(recast) => direct_wins(&recast, pass),
-                        // Its phases are stride-1 convolutions from O to C channels with a quarter of the taps.
-                        None => shape.out_w() >= 32 && shape.c >= 8 && shape.o <= 128,
-                    },
-                }
+/// The kernel that runs a pass of a convolution on f32 data (other types always take im2col), as reported by
+/// [`conv_kernels`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvKernel {
+    /// im2col (or the input itself, for pointwise convolutions) and a matrix product.
+    Im2col,
+    /// The direct kernels (`direct_conv.rs`).
+    Direct,
+    /// Winograd F(2×2, 3×3) (`winograd.rs`).
+    Winograd,
+}
+
+/// The kernel chosen for a pass, with what it computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Choice {
+    Im2col,
+    /// The direct kernels; for the forward and backward-input, on `computed`: the shape itself, or a stride-1
+    /// backward-input recast as a forward (see `direct_conv::backward_input_as_forward`).
+    Direct {
+        computed: Conv2dShape,
+    },
+    /// The direct strided backward-input (by output phases).
+    DirectStrided,
+    /// Winograd, on `computed` as for [`Choice::Direct`].
+    Winograd {
+        computed: Conv2dShape,
+    },
+}
+
+impl Choice {
+    fn kernel(self) -> ConvKernel {
+        match self {
+            Choice::Im2col => ConvKernel::Im2col,
+            Choice::Direct { .. } | Choice::DirectStrided => ConvKernel::Direct,
+            Choice::Winograd { .. } => ConvKernel::Winograd,
         }
-        ConvMethod::AcrossImages | ConvMethod::InsideGemm => false,
     }
 }
 
-/// Whether the forward, the backward-input and the weight gradient of `shape` run the direct kernels on f32 data
-/// with this threading (where Winograd does not take the pass, see [`runs_winograd_kernels`]): for tests and
-/// reports, which would otherwise not see which path ran.
-pub fn runs_direct_kernels(shape: &Conv2dShape, threads: ConvThreads) -> [bool; 3] {
-    [Pass::Forward, Pass::BackwardInput, Pass::BackwardWeight].map(|pass| runs_direct(shape, threads, pass))
-}
-
-/// The convolution a Winograd kernel computes for this pass of `shape`: the forward itself (also for the weight
-/// gradient), or the backward-input recast as a forward; none for a shape Winograd does not serve.
-fn winograd_computes(shape: &Conv2dShape, pass: Pass) -> Option<Conv2dShape> {
+/// The one place that decides which kernel runs a pass of `shape` on f32 data with this threading: both the
+/// scratch sizing and the dispatch ask it, so they cannot disagree. Winograd takes precedence over the direct
+/// kernels, and both over im2col.
+fn choose(shape: &Conv2dShape, threads: ConvThreads, pass: Pass) -> Choice {
+    let method = threads.method;
+    if shape.n == 0 || !direct::available() || matches!(method, ConvMethod::AcrossImages | ConvMethod::InsideGemm) {
+        return Choice::Im2col;
+    }
+    // What the kernel computes: a stride-1 backward-input is the forward of its recast shape.
     let computed = match pass {
         Pass::Forward | Pass::BackwardWeight => Some(*shape),
         Pass::BackwardInput => direct::backward_input_as_forward(shape),
     };
-    computed.filter(|s| shape.n > 0 && winograd::supported(s))
-}
-
-/// Whether Winograd runs this pass of `shape` (for f32 data; it takes precedence over the direct kernels).
-fn runs_winograd(shape: &Conv2dShape, threads: ConvThreads, pass: Pass) -> bool {
-    let Some(computed) = winograd_computes(shape, pass) else {
-        return false;
-    };
-    match threads.method {
-        ConvMethod::Winograd => true,
-        ConvMethod::Auto => winograd_wins(&computed, pass),
-        ConvMethod::Direct | ConvMethod::AcrossImages | ConvMethod::InsideGemm => false,
+    // Forced methods take every shape their kernel serves; `Auto` only where the measurements say it wins.
+    let wins = |measured: bool| method != ConvMethod::Auto || measured;
+    if let Some(computed) = computed.filter(winograd::supported) {
+        if method != ConvMethod::Direct && wins(winograd_wins(&computed, pass)) {
+            return Choice::Winograd { computed };
+        }
+    }
+    match computed {
+        Some(computed) if wins(direct_wins(&computed, pass)) => Choice::Direct { computed },
+        Some(_) => Choice::Im2col,
+        // Its phases are stride-1 convolutions from O to C channels with a quarter of the taps.
+        None if direct::strided_backward_input_supported(shape)
+            && wins(shape.out_w() >= 32 && shape.c >= 8 && shape.o <= 128) =>
+        {
+            Choice::DirectStrided
+        }
+        None => Choice::Im2col,
     }
 }
 
-/// Whether the forward, the backward-input and the weight gradient of `shape` run Winograd on f32 data with this
-/// threading.
-pub fn runs_winograd_kernels(shape: &Conv2dShape, threads: ConvThreads) -> [bool; 3] {
-    [Pass::Forward, Pass::BackwardInput, Pass::BackwardWeight].map(|pass| runs_winograd(shape, threads, pass))
+/// The kernels that run the forward, the backward-input and the weight gradient of `shape` on f32 data with this
+/// threading: for tests and reports, which would otherwise not see which path ran.
+pub fn conv_kernels(shape: &Conv2dShape, threads: ConvThreads) -> [ConvKernel; 3] {
+    [Pass::Forward, Pass::BackwardInput, Pass::BackwardWeight].map(|pass| choose(shape, threads, pass).kernel())
 }
 
 /// Where Winograd beats the direct kernels and im2col (`computed` is the convolution it would compute), measured on
@@ -330,50 +345,38 @@ fn direct_pass_scratch_len(
     packed_len + plan.workers * image_scratch(plan.gemm_threads)
 }
 
-/// Scratch of a forward direct convolution `shape` (or a backward-input recast as one): the packed weight, then
-/// planes for every image running at once.
-fn direct_scratch_len(shape: &Conv2dShape, threads: ConvThreads) -> usize {
-    direct_pass_scratch_len(shape, threads, direct::packed_weight_len(shape), |t| direct::planes_scratch_len(shape, t))
+/// Scratch of the forward kernel `K` on `computed` (a forward, or a backward-input recast as one): the packed
+/// weight, then each image running at once's own.
+fn forward_kernel_scratch_len<K: ForwardKernel>(computed: &Conv2dShape, threads: ConvThreads) -> usize {
+    direct_pass_scratch_len(computed, threads, K::packed_len(computed), |t| K::image_scratch_len(computed, t))
 }
 
-/// Scratch of a Winograd convolution `shape` (or a backward-input recast as one): the transformed weight, then
-/// each image's bands.
-fn winograd_scratch_len(shape: &Conv2dShape, threads: ConvThreads) -> usize {
-    direct_pass_scratch_len(shape, threads, winograd::packed_weight_len(shape), |t| winograd::scratch_len(shape, t))
+/// Scratch the kernel chosen for this pass needs on f32 data (none for im2col, which the callers size).
+fn chosen_kernel_scratch_len(shape: &Conv2dShape, threads: ConvThreads, pass: Pass) -> usize {
+    match (choose(shape, threads, pass), pass) {
+        (Choice::Im2col, _) => 0,
+        (Choice::Direct { .. }, Pass::BackwardWeight) => direct::backward_weight_scratch_len(shape),
+        (Choice::Winograd { .. }, Pass::BackwardWeight) => winograd::backward_weight_scratch_len(shape),
+        (Choice::Direct { computed }, _) => forward_kernel_scratch_len::<DirectKernel>(&computed, threads),
+        (Choice::Winograd { computed }, _) => forward_kernel_scratch_len::<WinogradKernel>(&computed, threads),
+        (Choice::DirectStrided, _) => {
+            let packed = direct::strided_backward_input_packed_len(shape);
+            direct_pass_scratch_len(shape, threads, packed, |t| direct::strided_backward_input_scratch_len(shape, t))
+        }
+    }
 }
 
 /// Scratch elements `conv2d_forward` needs for this shape and threading.
 pub fn conv2d_forward_scratch_len(shape: &Conv2dShape, threads: ConvThreads) -> usize {
     // f64 data takes im2col even where a faster f32 kernel runs, so the scratch serves either.
     let im2col = plan(shape, threads).workers * shape.cols_len();
-    if runs_winograd(shape, threads, Pass::Forward) {
-        im2col.max(winograd_scratch_len(shape, threads))
-    } else if runs_direct(shape, threads, Pass::Forward) {
-        im2col.max(direct_scratch_len(shape, threads))
-    } else {
-        im2col
-    }
+    im2col.max(chosen_kernel_scratch_len(shape, threads, Pass::Forward))
 }
 
 /// Scratch elements `conv2d_backward_input` needs for this shape and threading.
 pub fn conv2d_backward_input_scratch_len(shape: &Conv2dShape, threads: ConvThreads) -> usize {
     let im2col = plan(shape, threads).workers * shape.cols_len();
-    if let Some(recast) = winograd_computes(shape, Pass::BackwardInput) {
-        if runs_winograd(shape, threads, Pass::BackwardInput) {
-            return im2col.max(winograd_scratch_len(&recast, threads));
-        }
-    }
-    if !runs_direct(shape, threads, Pass::BackwardInput) {
-        return im2col;
-    }
-    match direct::backward_input_as_forward(shape) {
-        Some(recast) => im2col.max(direct_scratch_len(&recast, threads)),
-        None => {
-            im2col.max(direct_pass_scratch_len(shape, threads, direct::strided_backward_input_packed_len(shape), |t| {
-                direct::strided_backward_input_scratch_len(shape, t)
-            }))
-        }
-    }
+    im2col.max(chosen_kernel_scratch_len(shape, threads, Pass::BackwardInput))
 }
 
 /// How many partial weight gradients `conv2d_backward_weight` sums: a function of the shape only, so the
@@ -392,13 +395,7 @@ fn weight_grad_parallel(shape: &Conv2dShape, threads: ConvThreads) -> bool {
 pub fn conv2d_backward_weight_scratch_len(shape: &Conv2dShape, threads: ConvThreads) -> usize {
     let buffers = if weight_grad_parallel(shape, threads) { weight_grad_groups(shape) } else { 1 };
     let im2col = weight_grad_groups(shape) * shape.weight_len() + buffers * shape.cols_len();
-    if runs_winograd(shape, threads, Pass::BackwardWeight) {
-        im2col.max(winograd::backward_weight_scratch_len(shape))
-    } else if runs_direct(shape, threads, Pass::BackwardWeight) {
-        im2col.max(direct::backward_weight_scratch_len(shape))
-    } else {
-        im2col
-    }
+    im2col.max(chosen_kernel_scratch_len(shape, threads, Pass::BackwardWeight))
 }
 
 /// Work on a convolution's output while it is in cache (a fused epilogue).
@@ -455,17 +452,13 @@ pub fn conv2d_forward_then<T: Float>(
     }
     let plan = plan(shape, threads);
     check_scratch(scratch.len(), conv2d_forward_scratch_len(shape, threads))?;
-    let kernel = if runs_winograd(shape, threads, Pass::Forward) {
-        Some(ForwardKernel::Winograd)
-    } else {
-        runs_direct(shape, threads, Pass::Forward).then_some(ForwardKernel::Direct)
-    };
-    if let Some(kernel) = kernel {
+    let choice = choose(shape, threads, Pass::Forward);
+    if choice != Choice::Im2col {
         if let (Some(x), Some(w)) = (as_f32(x), as_f32(w)) {
             let bias = bias.map(|b| as_f32(b).ok_or_else(|| Error::msg("conv2d: bias of another type than x")));
             let bias = bias.transpose()?;
             let weight = |o: usize, t: usize| w[o * shape.patch_len() + t];
-            return direct_forward(kernel, shape, (x, weight, bias), y, scratch, threads, epilogue);
+            return run_forward_kernel(choice, (x, weight, bias), y, scratch, threads, epilogue);
         }
     }
 
@@ -540,16 +533,16 @@ pub fn conv2d_backward_input_then<T: Float>(
     check_len("dx", dx.len(), shape.x_len())?;
     let plan = plan(shape, threads);
     check_scratch(scratch.len(), conv2d_backward_input_scratch_len(shape, threads))?;
-    let winograd = runs_winograd(shape, threads, Pass::BackwardInput);
-    if winograd || runs_direct(shape, threads, Pass::BackwardInput) {
+    let choice = choose(shape, threads, Pass::BackwardInput);
+    if choice != Choice::Im2col {
         if let (Some(dy), Some(w)) = (as_f32(dy), as_f32(w)) {
-            return match direct::backward_input_as_forward(shape) {
-                Some(recast) => {
+            return match choice {
+                Choice::DirectStrided => direct_strided_backward_input(shape, (dy, w), dx, scratch, threads, epilogue),
+                // The forward kernels compute the recast shape with the flipped weight.
+                _ => {
                     let weight = direct::flipped_weight(shape, w);
-                    let kernel = if winograd { ForwardKernel::Winograd } else { ForwardKernel::Direct };
-                    direct_forward(kernel, &recast, (dy, weight, None), dx, scratch, threads, epilogue)
+                    run_forward_kernel(choice, (dy, weight, None), dx, scratch, threads, epilogue)
                 }
-                None => direct_strided_backward_input(shape, (dy, w), dx, scratch, threads, epilogue),
             };
         }
     }
@@ -603,14 +596,13 @@ pub fn conv2d_backward_weight<T: Float>(
         dw.fill(T::ZERO);
         return Ok(());
     }
-    let winograd = runs_winograd(shape, threads, Pass::BackwardWeight);
-    if winograd || runs_direct(shape, threads, Pass::BackwardWeight) {
+    let choice = choose(shape, threads, Pass::BackwardWeight);
+    if choice != Choice::Im2col {
         if let (Some(x), Some(dy), Some(dw)) = (as_f32(x), as_f32(dy), as_f32_mut(dw)) {
             let scratch = f32_scratch(scratch)?;
-            return if winograd {
-                winograd::backward_weight(shape, x, dy, dw, scratch, threads.threads)
-            } else {
-                direct::backward_weight(shape, x, dy, dw, scratch, threads.threads)
+            return match choice.kernel() {
+                ConvKernel::Winograd => winograd::backward_weight(shape, x, dy, dw, scratch, threads.threads),
+                _ => direct::backward_weight(shape, x, dy, dw, scratch, threads.threads),
             };
         }
     }
@@ -776,17 +768,108 @@ where
     for_each_image(shape.n, plan, out, out_img, rest, (pass.image_scratch)(plan.gemm_threads), one_image)
 }
 
-/// Which kernel computes a forward convolution (or a stride-1 backward-input recast as one) on f32 data.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ForwardKernel {
-    Direct,
-    Winograd,
+/// A kernel that computes a forward convolution (or a stride-1 backward-input recast as one) on f32 data an image
+/// at a time from a packed weight: the direct kernels and Winograd present the same interface, so one
+/// [`DirectPass`] serves both.
+trait ForwardKernel {
+    fn packed_len(s: &Conv2dShape) -> usize;
+    fn pack(
+        s: &Conv2dShape,
+        weight: impl Fn(usize, usize) -> f32 + Sync,
+        packed: &mut [f32],
+        threads: usize,
+    ) -> Result<()>;
+    fn image_scratch_len(s: &Conv2dShape, threads: usize) -> usize;
+    fn image(
+        s: &Conv2dShape,
+        inputs: (&[f32], &[f32], Option<&[f32]>),
+        out_n: &mut [f32],
+        scratch: &mut [f32],
+        threads: usize,
+        done: direct::RowsDone<'_>,
+    ) -> Result<()>;
 }
 
-/// The forward convolution `shape` of `x` (with the weight `weight(o, tap)`) into `y` by `kernel` (or a stride-1
-/// backward-input recast as one, see `direct_conv::backward_input_as_forward`).
-fn direct_forward<T: Float>(
-    kernel: ForwardKernel,
+/// The direct forward kernel (`direct_conv.rs`).
+struct DirectKernel;
+
+impl ForwardKernel for DirectKernel {
+    fn packed_len(s: &Conv2dShape) -> usize {
+        direct::packed_weight_len(s)
+    }
+    fn pack(s: &Conv2dShape, weight: impl Fn(usize, usize) -> f32 + Sync, packed: &mut [f32], _: usize) -> Result<()> {
+        direct::pack_weight(s, weight, packed)
+    }
+    fn image_scratch_len(s: &Conv2dShape, threads: usize) -> usize {
+        direct::planes_scratch_len(s, threads)
+    }
+    fn image(
+        s: &Conv2dShape,
+        inputs: (&[f32], &[f32], Option<&[f32]>),
+        out_n: &mut [f32],
+        scratch: &mut [f32],
+        threads: usize,
+        done: direct::RowsDone<'_>,
+    ) -> Result<()> {
+        direct::forward_image(s, inputs, out_n, scratch, threads, done)
+    }
+}
+
+/// Winograd F(2×2, 3×3) (`winograd.rs`).
+struct WinogradKernel;
+
+impl ForwardKernel for WinogradKernel {
+    fn packed_len(s: &Conv2dShape) -> usize {
+        winograd::packed_weight_len(s)
+    }
+    fn pack(
+        s: &Conv2dShape,
+        weight: impl Fn(usize, usize) -> f32 + Sync,
+        packed: &mut [f32],
+        threads: usize,
+    ) -> Result<()> {
+        winograd::pack_weight(s, weight, packed, threads)
+    }
+    fn image_scratch_len(s: &Conv2dShape, threads: usize) -> usize {
+        winograd::scratch_len(s, threads)
+    }
+    fn image(
+        s: &Conv2dShape,
+        inputs: (&[f32], &[f32], Option<&[f32]>),
+        out_n: &mut [f32],
+        scratch: &mut [f32],
+        threads: usize,
+        done: direct::RowsDone<'_>,
+    ) -> Result<()> {
+        winograd::forward_image(s, inputs, out_n, scratch, threads, done)
+    }
+}
+
+/// Runs the forward kernel `choice` names on the convolution it computes, of `x` (with the weight
+/// `weight(o, tap)`) into `y`.
+fn run_forward_kernel<T: Float>(
+    choice: Choice,
+    inputs: (&[f32], impl Fn(usize, usize) -> f32 + Sync, Option<&[f32]>),
+    y: &mut [T],
+    scratch: &mut [T],
+    threads: ConvThreads,
+    epilogue: Option<&dyn ConvEpilogue<T>>,
+) -> Result<()> {
+    match choice {
+        Choice::Direct { computed } => {
+            forward_pass::<DirectKernel, T>(&computed, inputs, y, scratch, threads, epilogue)
+        }
+        Choice::Winograd { computed } => {
+            forward_pass::<WinogradKernel, T>(&computed, inputs, y, scratch, threads, epilogue)
+        }
+        Choice::Im2col | Choice::DirectStrided => {
+            Err(Error::msg(format!("conv2d: {choice:?} is not a forward kernel")))
+        }
+    }
+}
+
+/// The forward convolution `shape` of `x` (with the weight `weight(o, tap)`) into `y` by the kernel `K`.
+fn forward_pass<K: ForwardKernel, T: Float>(
     shape: &Conv2dShape,
     (x, weight, bias): (&[f32], impl Fn(usize, usize) -> f32 + Sync, Option<&[f32]>),
     y: &mut [T],
@@ -795,35 +878,17 @@ fn direct_forward<T: Float>(
     epilogue: Option<&dyn ConvEpilogue<T>>,
 ) -> Result<()> {
     let x_img = shape.c * shape.h * shape.w;
-    let winograd = kernel == ForwardKernel::Winograd;
     let pass = DirectPass {
-        packed_len: if winograd { winograd::packed_weight_len(shape) } else { direct::packed_weight_len(shape) },
-        pack: |packed: &mut [f32]| {
-            if winograd {
-                winograd::pack_weight(shape, weight, packed, threads.threads)
-            } else {
-                direct::pack_weight(shape, weight, packed)
-            }
-        },
-        image_scratch: |threads| {
-            if winograd {
-                winograd::scratch_len(shape, threads)
-            } else {
-                direct::planes_scratch_len(shape, threads)
-            }
-        },
+        packed_len: K::packed_len(shape),
+        pack: |packed: &mut [f32]| K::pack(shape, weight, packed, threads.threads),
+        image_scratch: |threads| K::image_scratch_len(shape, threads),
         image: |n: usize,
                 packed: &[f32],
                 y_n: &mut [f32],
                 scratch: &mut [f32],
                 threads: usize,
                 done: direct::RowsDone<'_>| {
-            let inputs = (&x[n * x_img..(n + 1) * x_img], packed, bias);
-            if winograd {
-                winograd::forward_image(shape, inputs, y_n, scratch, threads, done)
-            } else {
-                direct::forward_image(shape, inputs, y_n, scratch, threads, done)
-            }
+            K::image(shape, (&x[n * x_img..(n + 1) * x_img], packed, bias), y_n, scratch, threads, done)
         },
     };
     run_direct(shape, pass, (y, shape.o * shape.out_pixels()), scratch, threads, epilogue)

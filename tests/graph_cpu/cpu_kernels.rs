@@ -8,8 +8,8 @@
 
 use zeroconv::engine::cpu::conv::{
     self, conv2d_backward_bias, conv2d_backward_input, conv2d_backward_input_scratch_len, conv2d_backward_weight,
-    conv2d_backward_weight_scratch_len, conv2d_forward, conv2d_forward_scratch_len, Conv2dShape, ConvMethod,
-    ConvThreads,
+    conv2d_backward_weight_scratch_len, conv2d_forward, conv2d_forward_scratch_len, Conv2dShape, ConvKernel,
+    ConvMethod, ConvThreads,
 };
 use zeroconv::engine::cpu::float::Float;
 use zeroconv::engine::cpu::gemm::{matmul, matmul_batched, Batch, GemmDims, MatMut, MatRef};
@@ -415,7 +415,11 @@ fn direct_convolution_matches_naive_and_gives_the_same_bits_on_any_thread_count(
             let recastable = s.stride == 1 && s.kh == s.kw;
             let phased = s.stride > 1 && s.kh == s.kw && s.kh % 2 == 1 && s.padding == s.kh / 2;
             let backward_input = recastable || phased;
-            assert_eq!(conv::runs_direct_kernels(s, direct(2)), [true, backward_input, true], "{s:?}: which passes");
+            assert_eq!(
+                conv::conv_kernels(s, direct(2)).map(|k| k == ConvKernel::Direct),
+                [true, backward_input, true],
+                "{s:?}: which passes"
+            );
         }
     }
 }
@@ -466,7 +470,11 @@ fn winograd_convolution_matches_naive_and_gives_the_same_bits_on_any_thread_coun
             assert_eq!(bits(&backward_input(s, &dy, &w, winograd(threads))), bits(&dx1), "dx {s:?} {threads}");
             assert_eq!(bits(&backward_weight(s, &x, &dy, winograd(threads))), bits(&dw1), "dw {s:?} {threads}");
         }
-        assert_eq!(conv::runs_winograd_kernels(s, winograd(2)), [available; 3], "{s:?}: which passes");
+        assert_eq!(
+            conv::conv_kernels(s, winograd(2)).map(|k| k == ConvKernel::Winograd),
+            [available; 3],
+            "{s:?}: which passes"
+        );
     }
     // Shapes it does not serve (odd maps, stride 2, 5×5, padding 0) fall back to the direct kernels.
     for s in [
@@ -477,7 +485,7 @@ fn winograd_convolution_matches_naive_and_gives_the_same_bits_on_any_thread_coun
     .iter()
     .chain(&[shape([1, 8, 10, 10], 8, (3, 3), 1, 0)])
     {
-        assert_eq!(conv::runs_winograd_kernels(s, winograd(2)), [false; 3], "{s:?}");
+        assert_eq!(conv::conv_kernels(s, winograd(2)).map(|k| k == ConvKernel::Winograd), [false; 3], "{s:?}");
         let mut rng = Rng::new(990);
         let (x, w): (Vec<f32>, Vec<f32>) = (rng.vec(s.x_len()), rng.vec(s.weight_len()));
         let expected = naive_conv(s, &to_f64(&x), &to_f64(&w), None);
