@@ -5,6 +5,7 @@
 //! `repeats` timed runs; the table shows the best run (the least disturbed by other processes) and
 //! the median, and the percentage of peak uses the best, as the peak itself is a best-of figure.
 
+use crate::engine::cpu::aligned::AlignedVec;
 use crate::engine::cpu::conv::{
     conv2d_backward_input, conv2d_backward_input_scratch_len, conv2d_backward_weight,
     conv2d_backward_weight_scratch_len, conv2d_forward, conv2d_forward_scratch_len, Conv2dShape, ConvMethod,
@@ -324,7 +325,7 @@ fn cores(others: Option<f64>) -> String {
 fn time_gemm<T: Float>(size: usize, threads: usize, repeats: usize) -> Result<Timing> {
     let a = filled::<T>(size * size, 1);
     let b = filled::<T>(size * size, 2);
-    let mut c = vec![T::ZERO; size * size];
+    let mut c = AlignedVec::<T>::zeroed(size * size);
     let dims = GemmDims::new(size, size, size);
     time(dims.flops(), repeats, || {
         matmul(dims, MatRef::new(&a, size), MatRef::new(&b, size), MatMut::new(&mut c, size), false, threads)
@@ -360,13 +361,13 @@ fn time_conv(shape: &Conv2dShape, threads: ConvThreads, repeats: usize) -> Resul
     let w = filled::<f32>(shape.weight_len(), 4);
     let bias = filled::<f32>(shape.o, 5);
     let dy = filled::<f32>(shape.y_len(), 6);
-    let mut y = vec![0.0f32; shape.y_len()];
-    let mut dx = vec![0.0f32; shape.x_len()];
-    let mut dw = vec![0.0f32; shape.weight_len()];
+    let mut y = AlignedVec::<f32>::zeroed(shape.y_len());
+    let mut dx = AlignedVec::<f32>::zeroed(shape.x_len());
+    let mut dw = AlignedVec::<f32>::zeroed(shape.weight_len());
     let scratch_len = conv2d_forward_scratch_len(shape, threads)
         .max(conv2d_backward_input_scratch_len(shape, threads))
         .max(conv2d_backward_weight_scratch_len(shape, threads));
-    let mut scratch = vec![0.0f32; scratch_len];
+    let mut scratch = AlignedVec::<f32>::zeroed(scratch_len);
     let flops = shape.flops();
     let forward = time(flops, repeats, || conv2d_forward(shape, &x, &w, Some(&bias), &mut y, &mut scratch, threads))?;
     let backward_input =
@@ -414,10 +415,11 @@ fn time(flops: f64, repeats: usize, mut run: impl FnMut() -> Result<()>) -> Resu
     Ok(Timing { flops, best: runs[0], median: runs[runs.len() / 2] })
 }
 
-/// Deterministic values in [-1, 1): a product of them neither overflows nor goes denormal.
-fn filled<T: Float>(len: usize, seed: u64) -> Vec<T> {
+/// Deterministic values in [-1, 1): a product of them neither overflows nor goes denormal. Aligned, as the CPU
+/// program's tensors are, so a timing does not depend on where the allocator put the buffer.
+fn filled<T: Float>(len: usize, seed: u64) -> AlignedVec<T> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
+    let values: Vec<T> = (0..len)
         .map(|_| {
             // xorshift64: cheap, and good enough to avoid any structure a kernel could exploit.
             state ^= state << 13;
@@ -425,7 +427,8 @@ fn filled<T: Float>(len: usize, seed: u64) -> Vec<T> {
             state ^= state << 17;
             T::from_f64((state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0)
         })
-        .collect()
+        .collect();
+    AlignedVec::from_slice(&values)
 }
 
 fn line(out: &mut dyn Write, args: std::fmt::Arguments<'_>) -> Result<()> {
@@ -540,9 +543,9 @@ mod tests {
 
     #[test]
     fn filled_values_stay_in_range_and_differ_by_seed() {
-        let a: Vec<f32> = filled(1000, 1);
-        let b: Vec<f32> = filled(1000, 2);
+        let a = filled::<f32>(1000, 1);
+        let b = filled::<f32>(1000, 2);
         assert!(a.iter().all(|x| (-1.0..1.0).contains(x)));
-        assert_ne!(a, b);
+        assert_ne!(*a, *b);
     }
 }

@@ -2,6 +2,7 @@
 //! per step. Every node computes in f32 (f64 when the graph uses f64); half-precision values are
 //! staged through f32 scratch that the memory planner reserves for the node.
 
+use super::aligned::AlignedVec;
 use super::conv::{self, Conv2dShape, ConvMethod, ConvThreads};
 use super::conv_nhwc;
 use super::elementwise as ew;
@@ -69,9 +70,9 @@ pub struct CpuProgram {
     pool: rayon::ThreadPool,
     // The buffers are owned here and only ever accessed through the raw pointers below, which
     // were taken from `as_mut_ptr` once; nothing else borrows them.
-    _arena: Vec<u64>,
+    _arena: AlignedVec<u64>,
     arena_ptr: *mut u8,
-    _sources: Vec<Vec<u64>>,
+    _sources: Vec<AlignedVec<u64>>,
     source_ptr: Vec<*mut u8>,
     profile: Option<crate::engine::profile::Profile>,
     /// Check every kernel's outputs for NaN/Inf (ZEROCONV_CHECK_FINITE=1): the first kernel that
@@ -231,14 +232,15 @@ impl Backend for CpuBackend {
             "the compiled step (planned arena + parameters, inputs and optimizer state)",
             "lower the batch or image size, or turn on activation checkpointing",
         )?;
-        let mut arena = vec![0u64; plan.arena_bytes.div_ceil(8)];
-        let arena_ptr = arena.as_mut_ptr() as *mut u8;
+        // Aligned like the plan's offsets (`memplan::ALIGN`), so every tensor starts on a cache line.
+        let mut arena = AlignedVec::<u64>::zeroed(plan.arena_bytes.div_ceil(8));
+        let arena_ptr = arena.as_mut_ptr().cast::<u8>();
         let mut sources = Vec::new();
         let mut source_ptr = vec![std::ptr::null_mut(); graph.values.len()];
         for (v, val) in graph.values.iter().enumerate() {
             if val.kind.is_source() {
-                let mut buf = vec![0u64; val.bytes().div_ceil(8).max(1)];
-                source_ptr[v] = buf.as_mut_ptr() as *mut u8;
+                let mut buf = AlignedVec::<u64>::zeroed(val.bytes().div_ceil(8).max(1));
+                source_ptr[v] = buf.as_mut_ptr().cast::<u8>();
                 sources.push(buf);
             }
         }
@@ -968,5 +970,27 @@ impl Program for CpuProgram {
         check_communicator(&self.graph, comm.as_ref())?;
         self.communicator = Some(comm);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::passes::memplan::ALIGN;
+
+    #[test]
+    fn every_value_of_a_compiled_program_is_64_byte_aligned() {
+        let mut g = Graph::new();
+        let x = g.input("x", [3, 5], DType::F32);
+        let w = g.param("w", [3, 5], DType::F32, true);
+        let s = g.add(x, w).unwrap();
+        let t = g.add(s, x).unwrap();
+        let _ = g.add(t, w).unwrap();
+        let program = CpuBackend::new(1).compile(g).unwrap();
+        for v in 0..program.graph.values.len() {
+            if let Ok(ptr) = program.ptr(v) {
+                assert_eq!(ptr as usize % ALIGN, 0, "value {}", program.graph.values[v].name);
+            }
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! The CPU backend: the reference every other backend is checked against, and the embedded
 //! default that runs anywhere.
 
+pub mod aligned;
 pub mod conv;
 pub mod conv_nhwc;
 pub mod direct_conv;
