@@ -670,30 +670,45 @@ pub fn conv2d_backward_weight<T: Float>(
             run_group((g, partial), cols, plan.gemm_threads)?;
         }
     }
-    // Add the other groups' partials onto the first one's (contiguous, so it vectorises), then transpose that
-    // into dw.
-    let (total_t, rest) = partials.split_at_mut(w_len);
-    for chunk in rest.chunks_exact(w_len) {
-        for (t, &p) in total_t.iter_mut().zip(chunk) {
-            *t += p;
-        }
-    }
-    transpose(total_t, shape.patch_len(), shape.o, dw);
+    // The partials summed in group order and transposed into dw, in one pass over the threads.
+    sum_transposed(partials, shape.patch_len(), shape.o, dw, threads_or_one(threads.threads));
     Ok(())
 }
 
-/// `dst` (`cols × rows`) = `src` (`rows × cols`)ᵀ, both row-major, in square tiles so that both
-/// sides are read and written a few cache lines at a time rather than one element per line.
-fn transpose<T: Float>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
+/// `dst` (`cols × rows`) = `Σ_g src_g` transposed, where `partials` holds the `src_g` (`rows × cols` each, row-major)
+/// one after another: `dst[c][r] = ((src_0[r][c] + src_1[r][c]) + …)`, the additions of summing the partials one
+/// by one, so the same bits whatever the thread count. One pass instead of a sum and then a transpose on one thread
+/// (together 40% of a 128->128 8x8 weight gradient): each thread takes a block of `TILE` `dst` rows, sums each
+/// source row's `TILE` columns in a buffer (contiguous reads, which vectorise) and writes them down the block's
+/// rows. Measured alone on 1152 × 128 from two partials: 172 µs as sum-then-transpose, 161 µs on one thread, 135 µs
+/// on two.
+fn sum_transposed<T: Float>(partials: &[T], rows: usize, cols: usize, dst: &mut [T], threads: usize) {
     const TILE: usize = 32;
-    for r0 in (0..rows).step_by(TILE) {
-        for c0 in (0..cols).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(rows) {
-                for c in c0..(c0 + TILE).min(cols) {
-                    dst[c * rows + r] = src[r * cols + c];
+    let len = rows * cols;
+    if len == 0 {
+        return;
+    }
+    let groups = partials.len() / len;
+    let block = |(b, dst_rows): (usize, &mut [T])| {
+        let width = dst_rows.len() / rows;
+        for r in 0..rows {
+            let at = r * cols + b * TILE;
+            let mut sum = [T::ZERO; TILE];
+            sum[..width].copy_from_slice(&partials[at..at + width]);
+            for g in 1..groups {
+                for (s, &p) in sum.iter_mut().zip(&partials[g * len + at..][..width]) {
+                    *s += p;
                 }
             }
+            for (k, &s) in sum[..width].iter().enumerate() {
+                dst_rows[k * rows + r] = s;
+            }
         }
+    };
+    if threads > 1 {
+        dst[..len].par_chunks_mut(TILE * rows).enumerate().for_each(block);
+    } else {
+        dst[..len].chunks_mut(TILE * rows).enumerate().for_each(block);
     }
 }
 
