@@ -26,7 +26,7 @@ use super::direct_conv as direct;
 use super::elementwise::{as_f32, as_f32_mut, from_f32_mut};
 use super::float::Float;
 use super::gemm::{matmul, GemmDims, MatMut, MatRef};
-use super::layout::{add_strided, copy_strided};
+use super::layout::{add_strided, copy_short, copy_strided};
 use super::winograd;
 use crate::error::{Error, Result};
 use rayon::prelude::*;
@@ -997,9 +997,20 @@ fn im2col<T: Float>(shape: &Conv2dShape, x_n: &[T], first: usize, end: usize, co
     let taps = shape.kh * shape.kw;
     let plane = shape.h * shape.w;
     let cols = &mut cols[..shape.patch_len() * block];
+    let padded = SmallPadded::of(shape);
     // One channel's rows read only that channel's plane, so channels are independent work items.
     let channel = |(c, rows): (usize, &mut [T])| {
         let x_c = &x_n[c * plane..(c + 1) * plane];
+        if let Some(padded) = padded {
+            let p = padded.fill(shape, x_c);
+            for (tap, row) in rows.chunks_exact_mut(block).enumerate() {
+                let (i, j) = (tap / shape.kw, tap % shape.kw);
+                for (oy, out_row) in (first..end).zip(row.chunks_exact_mut(wo)) {
+                    copy_short(out_row, &p[padded.at(oy + i, j)..]);
+                }
+            }
+            return;
+        }
         for (tap, row) in rows.chunks_exact_mut(block).enumerate() {
             let (i, j) = (tap / shape.kw, tap % shape.kw);
             let (oy_lo, oy_hi) = valid_outputs(i, shape.padding, shape.stride, shape.h, shape.out_h());
@@ -1027,6 +1038,43 @@ fn im2col<T: Float>(shape: &Conv2dShape, x_n: &[T], first: usize, end: usize, co
     }
 }
 
+/// Elements of the largest zero-padded plane [`SmallPadded`] keeps on the stack (16 KiB of f32).
+const SMALL_PADDED_PLANE: usize = 4096;
+
+/// A stride-1 convolution over a narrow map (under 32 columns): im2col copies each channel into a zero-padded plane
+/// on the stack first, so that every row of every tap is one plain copy of `Wo` elements with no bounds to work out
+/// (the padding supplies the zeros), and col2im adds into one the same way. Rows of 8 to 16 floats left the
+/// per-row bounds, fills and `memmove` calls most of the work: measured alone, im2col of 128 channels at 8x8 took
+/// 73 µs by rows and 29 µs through the padded plane, at 16x16 140 against 82; at 32x32 the rows won (159 against 192).
+#[derive(Clone, Copy)]
+struct SmallPadded {
+    /// Row length of the padded plane.
+    width: usize,
+}
+
+impl SmallPadded {
+    fn of(s: &Conv2dShape) -> Option<SmallPadded> {
+        let (height, width) = (s.h + 2 * s.padding, s.w + 2 * s.padding);
+        let narrow = s.w > 0 && s.w < 32 && height * width <= SMALL_PADDED_PLANE;
+        (s.stride == 1 && narrow).then_some(SmallPadded { width })
+    }
+
+    /// Where padded row `y`, column `x` starts.
+    fn at(&self, y: usize, x: usize) -> usize {
+        y * self.width + x
+    }
+
+    /// The plane `x_c` (`H × W`) with its zero padding.
+    fn fill<T: Float>(&self, s: &Conv2dShape, x_c: &[T]) -> [T; SMALL_PADDED_PLANE] {
+        let mut p = [T::ZERO; SMALL_PADDED_PLANE];
+        for (y, x_row) in x_c.chunks_exact(s.w).enumerate() {
+            let at = self.at(y + s.padding, s.padding);
+            copy_short(&mut p[at..at + s.w], x_row);
+        }
+        p
+    }
+}
+
 /// The adjoint of `im2col` for output rows `first..end`: adds every entry of `dcols`
 /// (`C·kh·kw × pixels`) into `dx_n` (`C × H × W`) at the input pixel it was copied from.
 fn col2im_add<T: Float>(shape: &Conv2dShape, dcols: &[T], first: usize, end: usize, dx_n: &mut [T], threads: usize) {
@@ -1034,8 +1082,26 @@ fn col2im_add<T: Float>(shape: &Conv2dShape, dcols: &[T], first: usize, end: usi
     let block = (end - first) * wo;
     let taps = shape.kh * shape.kw;
     let plane = shape.h * shape.w;
+    let padded = SmallPadded::of(shape);
     // Each channel's plane receives only from that channel's rows, so channels run independently.
     let channel = |(dx_c, rows): (&mut [T], &[T])| {
+        if let Some(padded) = padded {
+            // Into a zeroed padded plane with no bounds to work out (the padding takes what falls outside), then
+            // its interior onto dx.
+            let mut p = [T::ZERO; SMALL_PADDED_PLANE];
+            for (tap, row) in rows.chunks_exact(block).enumerate() {
+                let (i, j) = (tap / shape.kw, tap % shape.kw);
+                for (oy, src) in (first..end).zip(row.chunks_exact(wo)) {
+                    let at = padded.at(oy + i, j);
+                    p[at..at + wo].iter_mut().zip(src).for_each(|(d, &g)| *d += g);
+                }
+            }
+            for (y, dx_row) in dx_c.chunks_exact_mut(shape.w).enumerate() {
+                let at = padded.at(y + shape.padding, shape.padding);
+                dx_row.iter_mut().zip(&p[at..at + shape.w]).for_each(|(d, &g)| *d += g);
+            }
+            return;
+        }
         for (tap, row) in rows.chunks_exact(block).enumerate() {
             let (i, j) = (tap / shape.kw, tap % shape.kw);
             let (oy_lo, oy_hi) = valid_outputs(i, shape.padding, shape.stride, shape.h, shape.out_h());

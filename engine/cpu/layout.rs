@@ -23,6 +23,22 @@ pub fn copy_strided<T: Copy>(dst: &mut [T], src: &[T], stride: usize) {
     }
 }
 
+/// `dst = src[..dst.len()]` for short rows (a small feature map's): eight elements at a time as fixed-size moves the
+/// compiler inlines, where `copy_from_slice` calls `memmove`, whose call costs more than moving eight floats.
+#[inline(always)]
+pub fn copy_short<T: Copy>(dst: &mut [T], src: &[T]) {
+    let src = &src[..dst.len()];
+    let mut dst8 = dst.chunks_exact_mut(8);
+    let mut src8 = src.chunks_exact(8);
+    for (d, s) in (&mut dst8).zip(&mut src8) {
+        let s: &[T; 8] = s.try_into().expect("chunks_exact(8) yields 8 elements");
+        d.copy_from_slice(s);
+    }
+    for (d, &s) in dst8.into_remainder().iter_mut().zip(src8.remainder()) {
+        *d = s;
+    }
+}
+
 /// `dst[k·stride] += src[k]` for every `k` of `src` (the adjoint of [`copy_strided`]), by pairs at stride 2.
 pub fn add_strided<T: Float>(dst: &mut [T], src: &[T], stride: usize) {
     match stride {

@@ -328,17 +328,21 @@ fn conv_shapes() -> Vec<Conv2dShape> {
     // A 1×1 stride-1 unpadded convolution (no im2col) with more channels, and a window filling the input.
     shapes.push(shape([2, 17, 5, 3], 11, (1, 1), 1, 0));
     shapes.push(shape([1, 2, 3, 3], 3, (3, 3), 1, 0));
+    // A 5×5 window with padding 2 on a narrow map (im2col through a zero-padded plane).
+    shapes.push(shape([2, 3, 9, 11], 2, (5, 5), 1, 2));
     shapes
 }
 
 /// Shapes with more than 1024 output pixels, which the kernels unroll in blocks of output rows
-/// rather than whole: blocks of 26 + 14 rows, 31 + 3 rows at stride 2, and one-row blocks of an
-/// output wider than a block.
+/// rather than whole: blocks of 26 + 14 rows, 31 + 3 rows at stride 2, one-row blocks of an
+/// output wider than a block, and 52 + 28 rows of a narrow map.
 fn blocked_conv_shapes() -> Vec<Conv2dShape> {
     vec![
         shape([2, 2, 40, 40], 3, (3, 3), 1, 1),
         shape([3, 3, 67, 67], 2, (3, 3), 2, 1),
         shape([2, 2, 3, 1100], 2, (1, 3), 1, 0),
+        // Narrow and tall: blocks of 52 + 28 rows, each through the zero-padded plane.
+        shape([2, 2, 80, 20], 3, (3, 3), 1, 1),
     ]
 }
 
