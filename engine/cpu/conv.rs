@@ -348,7 +348,7 @@ fn direct_pass_scratch_len(
 /// Scratch of the forward kernel `K` on `computed` (a forward, or a backward-input recast as one): the packed
 /// weight, then each image running at once's own.
 fn forward_kernel_scratch_len<K: ForwardKernel>(computed: &Conv2dShape, threads: ConvThreads) -> usize {
-    direct_pass_scratch_len(computed, threads, K::packed_len(computed), |t| K::image_scratch_len(computed, t))
+    direct_pass_scratch_len(computed, threads, (K::PACKED_LEN)(computed), |t| (K::IMAGE_SCRATCH_LEN)(computed, t))
 }
 
 /// Scratch the kernel chosen for this pass needs on f32 data (none for im2col, which the callers size).
@@ -787,46 +787,39 @@ where
 /// at a time from a packed weight: the direct kernels and Winograd present the same interface, so one
 /// [`DirectPass`] serves both.
 trait ForwardKernel {
-    fn packed_len(s: &Conv2dShape) -> usize;
+    /// Elements of the packed weight.
+    const PACKED_LEN: fn(&Conv2dShape) -> usize;
+    /// Scratch of one image on a number of threads.
+    const IMAGE_SCRATCH_LEN: fn(&Conv2dShape, usize) -> usize;
+    /// One image: (input, packed weight, bias), output, scratch, threads, what to call as rows are final.
+    const IMAGE: ForwardImage;
     fn pack(
         s: &Conv2dShape,
         weight: impl Fn(usize, usize) -> f32 + Sync,
         packed: &mut [f32],
         threads: usize,
     ) -> Result<()>;
-    fn image_scratch_len(s: &Conv2dShape, threads: usize) -> usize;
-    fn image(
-        s: &Conv2dShape,
-        inputs: (&[f32], &[f32], Option<&[f32]>),
-        out_n: &mut [f32],
-        scratch: &mut [f32],
-        threads: usize,
-        done: direct::RowsDone<'_>,
-    ) -> Result<()>;
 }
+
+/// The image function both forward kernels share the signature of (`direct_conv::forward_image`).
+type ForwardImage = fn(
+    &Conv2dShape,
+    (&[f32], &[f32], Option<&[f32]>),
+    &mut [f32],
+    &mut [f32],
+    usize,
+    direct::RowsDone<'_>,
+) -> Result<()>;
 
 /// The direct forward kernel (`direct_conv.rs`).
 struct DirectKernel;
 
 impl ForwardKernel for DirectKernel {
-    fn packed_len(s: &Conv2dShape) -> usize {
-        direct::packed_weight_len(s)
-    }
+    const PACKED_LEN: fn(&Conv2dShape) -> usize = direct::packed_weight_len;
+    const IMAGE_SCRATCH_LEN: fn(&Conv2dShape, usize) -> usize = direct::planes_scratch_len;
+    const IMAGE: ForwardImage = direct::forward_image;
     fn pack(s: &Conv2dShape, weight: impl Fn(usize, usize) -> f32 + Sync, packed: &mut [f32], _: usize) -> Result<()> {
         direct::pack_weight(s, weight, packed)
-    }
-    fn image_scratch_len(s: &Conv2dShape, threads: usize) -> usize {
-        direct::planes_scratch_len(s, threads)
-    }
-    fn image(
-        s: &Conv2dShape,
-        inputs: (&[f32], &[f32], Option<&[f32]>),
-        out_n: &mut [f32],
-        scratch: &mut [f32],
-        threads: usize,
-        done: direct::RowsDone<'_>,
-    ) -> Result<()> {
-        direct::forward_image(s, inputs, out_n, scratch, threads, done)
     }
 }
 
@@ -834,9 +827,9 @@ impl ForwardKernel for DirectKernel {
 struct WinogradKernel;
 
 impl ForwardKernel for WinogradKernel {
-    fn packed_len(s: &Conv2dShape) -> usize {
-        winograd::packed_weight_len(s)
-    }
+    const PACKED_LEN: fn(&Conv2dShape) -> usize = winograd::packed_weight_len;
+    const IMAGE_SCRATCH_LEN: fn(&Conv2dShape, usize) -> usize = winograd::scratch_len;
+    const IMAGE: ForwardImage = winograd::forward_image;
     fn pack(
         s: &Conv2dShape,
         weight: impl Fn(usize, usize) -> f32 + Sync,
@@ -844,19 +837,6 @@ impl ForwardKernel for WinogradKernel {
         threads: usize,
     ) -> Result<()> {
         winograd::pack_weight(s, weight, packed, threads)
-    }
-    fn image_scratch_len(s: &Conv2dShape, threads: usize) -> usize {
-        winograd::scratch_len(s, threads)
-    }
-    fn image(
-        s: &Conv2dShape,
-        inputs: (&[f32], &[f32], Option<&[f32]>),
-        out_n: &mut [f32],
-        scratch: &mut [f32],
-        threads: usize,
-        done: direct::RowsDone<'_>,
-    ) -> Result<()> {
-        winograd::forward_image(s, inputs, out_n, scratch, threads, done)
     }
 }
 
@@ -894,16 +874,16 @@ fn forward_pass<K: ForwardKernel, T: Float>(
 ) -> Result<()> {
     let x_img = shape.c * shape.h * shape.w;
     let pass = DirectPass {
-        packed_len: K::packed_len(shape),
+        packed_len: (K::PACKED_LEN)(shape),
         pack: |packed: &mut [f32]| K::pack(shape, weight, packed, threads.threads),
-        image_scratch: |threads| K::image_scratch_len(shape, threads),
+        image_scratch: |threads| (K::IMAGE_SCRATCH_LEN)(shape, threads),
         image: |n: usize,
                 packed: &[f32],
                 y_n: &mut [f32],
                 scratch: &mut [f32],
                 threads: usize,
                 done: direct::RowsDone<'_>| {
-            K::image(shape, (&x[n * x_img..(n + 1) * x_img], packed, bias), y_n, scratch, threads, done)
+            (K::IMAGE)(shape, (&x[n * x_img..(n + 1) * x_img], packed, bias), y_n, scratch, threads, done)
         },
     };
     run_direct(shape, pass, (y, shape.o * shape.out_pixels()), scratch, threads, epilogue)
