@@ -419,16 +419,15 @@ fn time(flops: f64, repeats: usize, mut run: impl FnMut() -> Result<()>) -> Resu
 /// program's tensors are, so a timing does not depend on where the allocator put the buffer.
 fn filled<T: Float>(len: usize, seed: u64) -> AlignedVec<T> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let values: Vec<T> = (0..len)
-        .map(|_| {
-            // xorshift64: cheap, and good enough to avoid any structure a kernel could exploit.
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            T::from_f64((state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0)
-        })
-        .collect();
-    AlignedVec::from_slice(&values)
+    let mut values = AlignedVec::zeroed(len);
+    for v in values.iter_mut() {
+        // xorshift64: cheap, and good enough to avoid any structure a kernel could exploit.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        *v = T::from_f64((state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0);
+    }
+    values
 }
 
 fn line(out: &mut dyn Write, args: std::fmt::Arguments<'_>) -> Result<()> {

@@ -10,10 +10,15 @@ use std::ops::{Deref, DerefMut};
 
 /// `len` zeroed elements starting on a [`ALIGN`]-byte boundary.
 pub struct AlignedVec<T> {
+    /// The elements and [`pad`] more, so that an aligned start always leaves room for all of them.
     buf: Vec<T>,
     /// The first element at an aligned address.
     start: usize,
-    len: usize,
+}
+
+/// Elements of `T` in [`ALIGN`] bytes: the most an aligned start can lie past the vector's own.
+fn pad<T>() -> usize {
+    ALIGN / std::mem::size_of::<T>().max(1)
 }
 
 impl<T: Copy + Default> AlignedVec<T> {
@@ -22,30 +27,31 @@ impl<T: Copy + Default> AlignedVec<T> {
     pub fn zeroed(len: usize) -> Self {
         let size = std::mem::size_of::<T>().max(1);
         assert!(ALIGN.is_multiple_of(size), "AlignedVec: {size}-byte elements do not divide {ALIGN}");
-        let buf = vec![T::default(); len + ALIGN / size];
+        let buf = vec![T::default(); len + pad::<T>()];
         // The vector's start is aligned to `T`, so whole elements reach the next boundary.
         let misalignment = buf.as_ptr() as usize % ALIGN;
-        AlignedVec { start: (ALIGN - misalignment) % ALIGN / size, buf, len }
+        AlignedVec { start: (ALIGN - misalignment) % ALIGN / size, buf }
     }
+}
 
-    /// The elements of `values`, copied to an aligned start.
-    pub fn from_slice(values: &[T]) -> Self {
-        let mut v = Self::zeroed(values.len());
-        v.copy_from_slice(values);
-        v
+impl<T> AlignedVec<T> {
+    /// Where the elements end in `buf`.
+    fn end(&self) -> usize {
+        self.start + self.buf.len() - pad::<T>()
     }
 }
 
 impl<T> Deref for AlignedVec<T> {
     type Target = [T];
     fn deref(&self) -> &[T] {
-        &self.buf[self.start..self.start + self.len]
+        &self.buf[self.start..self.end()]
     }
 }
 
 impl<T> DerefMut for AlignedVec<T> {
     fn deref_mut(&mut self) -> &mut [T] {
-        &mut self.buf[self.start..self.start + self.len]
+        let end = self.end();
+        &mut self.buf[self.start..end]
     }
 }
 
@@ -64,7 +70,5 @@ mod tests {
             let floats = AlignedVec::<f32>::zeroed(len);
             assert_eq!((floats.as_ptr() as usize % ALIGN, floats.len()), (0, len), "{len} f32");
         }
-        let copied = AlignedVec::from_slice(&[1.5f64, -2.0, 3.25]);
-        assert_eq!((&*copied, copied.as_ptr() as usize % ALIGN), (&[1.5, -2.0, 3.25][..], 0));
     }
 }

@@ -618,11 +618,8 @@ pub fn backward_weight(
     threads: usize,
 ) -> Result<()> {
     let (x_img, y_img, w_len) = (s.c * s.h * s.w, s.o * s.out_h() * s.out_w(), s.o * taps(s));
-    check(s, "x", x.len(), s.n * x_img)?;
-    check(s, "dy", dy.len(), s.n * y_img)?;
-    check(s, "dw", dw.len(), w_len)?;
     let need = backward_weight_scratch_len(s);
-    check(s, "scratch", scratch.len().min(need), need)?;
+    check_backward_weight(s, (x, dy, dw), scratch, need)?;
     dw.fill(0.0);
     if w_len == 0 || y_img == 0 || s.n == 0 {
         return Ok(());
@@ -681,6 +678,20 @@ pub(super) fn check_forward_image(
     check(s, "packed weight", packed.len(), packed_len)?;
     check(s, "scratch", scratch.len().min(scratch_need), scratch_need)?;
     check(s, "bias", bias.map_or(s.o, <[f32]>::len), s.o)
+}
+
+/// Checks the lengths a weight-gradient kernel relies on: the batch's input and output gradient, the weight
+/// gradient and at least `scratch_need` elements of scratch (and that this CPU has AVX-512).
+pub(super) fn check_backward_weight(
+    s: &Conv2dShape,
+    (x, dy, dw): (&[f32], &[f32], &[f32]),
+    scratch: &[f32],
+    scratch_need: usize,
+) -> Result<()> {
+    check(s, "x", x.len(), s.n * s.c * s.h * s.w)?;
+    check(s, "dy", dy.len(), s.n * s.o * s.out_h() * s.out_w())?;
+    check(s, "dw", dw.len(), s.o * taps(s))?;
+    check(s, "scratch", scratch.len().min(scratch_need), scratch_need)
 }
 
 /// Checks one length the unsafe kernels rely on, and that this CPU has AVX-512 (callers choose this path only

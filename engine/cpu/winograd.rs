@@ -289,12 +289,10 @@ pub fn backward_weight(
 ) -> Result<()> {
     require_supported(s, "weight gradient")?;
     let (image, points_len) = (s.c * s.h * s.w, POINTS * s.c * s.o);
-    direct::check(s, "x", x.len(), s.n * image)?;
-    direct::check(s, "dy", dy.len(), s.n * s.o * s.h * s.w)?;
-    direct::check(s, "dw", dw.len(), s.o * s.c * 9)?;
     let need = backward_weight_scratch_len(s);
-    direct::check(s, "scratch", scratch.len().min(need), need)?;
+    direct::check_backward_weight(s, (x, dy, dw), scratch, need)?;
     let bands = dw_bands(s);
+    let group_len = dw_group_len(s, &bands);
     let (p, row_len) = (&bands.planes, bands.tiles());
     let patches = patch_shape(s);
     let groups = dw_groups(s);
@@ -328,7 +326,7 @@ pub fn backward_weight(
         Ok(())
     };
     let partials = &mut scratch[..need];
-    let mut work = partials.chunks_exact_mut(dw_group_len(s, &bands)).enumerate();
+    let mut work = partials.chunks_exact_mut(group_len).enumerate();
     if threads > 1 && groups > 1 {
         use rayon::prelude::*;
         work.collect::<Vec<_>>().into_par_iter().try_for_each(group)?;
@@ -336,9 +334,9 @@ pub fn backward_weight(
         work.try_for_each(group)?;
     }
     // Group order, whatever ran in parallel; then dw = Gᵀ dU G per filter.
-    let (first_group, rest) = partials.split_at_mut(dw_group_len(s, &bands));
+    let (first_group, rest) = partials.split_at_mut(group_len);
     let sum = &mut first_group[..points_len];
-    for partial in rest.chunks_exact(dw_group_len(s, &bands)) {
+    for partial in rest.chunks_exact(group_len) {
         for (d, &v) in sum.iter_mut().zip(&partial[..points_len]) {
             *d += v;
         }
