@@ -199,7 +199,7 @@ fn exp_shifted_loop(y: &mut [f32], m: f32) {
 /// baseline is x86-64's SSE2, four lanes). The same operations in the same order, without FMA contraction (Rust
 /// never contracts), so every width gives the same bits: results do not depend on the machine.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Simd {
+pub(crate) enum Simd {
     Baseline,
     #[cfg(target_arch = "x86_64")]
     Avx2,
@@ -207,7 +207,7 @@ enum Simd {
     Avx512,
 }
 
-fn simd() -> Simd {
+pub(crate) fn simd() -> Simd {
     static WIDTH: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
     *WIDTH.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]

@@ -14,7 +14,7 @@
 
 use super::conv::{self, Conv2dShape, ConvEpilogue, ConvThreads, EpilogueCall};
 use super::float::Float;
-use super::fused::{eval_block, Loader, BLOCK};
+use super::fused::{eval_block, AnchorValues, Loader, BLOCK};
 use super::linalg;
 use crate::error::{Error, Result};
 use crate::graph::fusion::{Anchor, FusedKernel};
@@ -147,12 +147,22 @@ impl<T: Float> Epilogue<'_, '_, T> {
     /// Evaluates elements `base..base + y.len()` of the iteration space: `y` holds the product's values there and
     /// receives output `y_index`; `others` (the other outputs, in order) receive theirs at the same positions.
     fn segment(&self, base: usize, y: &mut [T], others: &mut [&mut [T]], regs: &mut [T]) {
+        let anchor_reg = self.k.anchor_register();
         let mut at = 0;
         while at < y.len() {
             let len = BLOCK.min(y.len() - at);
             let product = &y[at..at + len];
-            eval_block(self.k, &self.loaders, self.ins, regs, base + at, len, &mut |dst| dst.copy_from_slice(product));
+            eval_block(self.k, &self.loaders, self.ins, regs, base + at, len, AnchorValues::InPlace(product));
             for (j, &(r, _)) in self.k.outputs.iter().enumerate() {
+                if Some(r) == anchor_reg {
+                    // The product itself: already in `y` if this is its output (the group stores it unchanged),
+                    // else copied from there (its register was never written: `AnchorValues::InPlace`).
+                    if j != self.y_index {
+                        let (product, other) = (&y[at..at + len], if j < self.y_index { j } else { j - 1 });
+                        others[other][at..at + len].copy_from_slice(product);
+                    }
+                    continue;
+                }
                 let value = &regs[r * BLOCK..r * BLOCK + len];
                 let dst = match j.cmp(&self.y_index) {
                     std::cmp::Ordering::Equal => &mut y[at..at + len],

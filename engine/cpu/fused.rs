@@ -5,7 +5,7 @@
 //! normalised values are produced. Groups anchored on a convolution or a matrix product run in
 //! `epilogue.rs`, on the same register program.
 
-use super::elementwise::{unary_backward_f32_loop, unary_derivative, unary_f32_loop, unary_value};
+use super::elementwise::{simd, unary_backward_f32_loop, unary_derivative, unary_f32_loop, unary_value, Simd};
 use super::float::Float;
 use super::norm::mean_rstd;
 use crate::graph::fusion::{Anchor, FusedKernel, Instr};
@@ -248,7 +248,7 @@ fn run_range<T: Float>(
             let (nm, mean, rstd) = norm.expect("anchored group");
             nm.apply(ins[0], e0, mean, rstd, dst);
         };
-        eval_block(k, loaders, ins, regs, e0, len, &mut normalised);
+        eval_block(k, loaders, ins, regs, e0, len, AnchorValues::Computed(&mut normalised));
         for (o, &(r, _)) in outs.iter_mut().zip(&k.outputs) {
             o[e0 - base..e0 - base + len].copy_from_slice(&regs[r * BLOCK..r * BLOCK + len]);
         }
@@ -265,9 +265,20 @@ fn read_in_place(k: &FusedKernel, loaders: &[Loader], r: usize) -> Option<usize>
     }
 }
 
+/// Where a block's anchor values come from.
+pub(super) enum AnchorValues<'a, T> {
+    /// Written into the anchor's register by the closure (a normalisation computes them).
+    Computed(&'a mut dyn FnMut(&mut [T])),
+    /// Already in memory (a product's output block): instructions read them there, and the anchor's register is
+    /// left unwritten, so a caller storing the anchor register must take these values instead.
+    InPlace(&'a [T]),
+}
+
 /// Evaluates the body for elements `e0..e0 + len` (at most `BLOCK`) of the iteration space into `regs` (`BLOCK`
-/// values per register, one register per instruction); `anchor` writes the anchor's values into its register.
+/// values per register, one register per instruction); `anchor` gives the anchor's values.
 /// Registers that load an input of the iteration space's shape read it where it is (no copy).
+/// Compiled again for the widest vector unit this CPU has, as the elementwise loops are (the crate's baseline is
+/// SSE2's four lanes): the same operations in the same order, so the same bits at every width.
 pub(super) fn eval_block<T: Float>(
     k: &FusedKernel,
     loaders: &[Loader],
@@ -275,14 +286,51 @@ pub(super) fn eval_block<T: Float>(
     regs: &mut [T],
     e0: usize,
     len: usize,
-    anchor: &mut dyn FnMut(&mut [T]),
+    anchor: AnchorValues<'_, T>,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        fn avx512<T: Float>(
+            k: &FusedKernel,
+            loaders: &[Loader],
+            ins: &[&[T]],
+            regs: &mut [T],
+            (e0, len): (usize, usize),
+            anchor: AnchorValues<'_, T>,
+        ) {
+            eval_block_body(k, loaders, ins, regs, e0, len, anchor)
+        }
+        if simd() == Simd::Avx512 {
+            // SAFETY: `simd()` reports AVX-512 only after detecting it on this CPU.
+            return unsafe { avx512(k, loaders, ins, regs, (e0, len), anchor) };
+        }
+    }
+    eval_block_body(k, loaders, ins, regs, e0, len, anchor)
+}
+
+#[inline(always)]
+fn eval_block_body<T: Float>(
+    k: &FusedKernel,
+    loaders: &[Loader],
+    ins: &[&[T]],
+    regs: &mut [T],
+    e0: usize,
+    len: usize,
+    anchor: AnchorValues<'_, T>,
+) {
+    let mut anchor = anchor;
     for (r, ins_r) in k.body.iter().enumerate() {
         let (before, after) = regs.split_at_mut(r * BLOCK);
         let dst = &mut after[..len];
-        let src = |a: usize| match read_in_place(k, loaders, a) {
-            Some(i) => &ins[i][e0..e0 + len],
-            None => &before[a * BLOCK..a * BLOCK + len],
+        let in_place = match &anchor {
+            AnchorValues::InPlace(values) => Some(*values),
+            AnchorValues::Computed(_) => None,
+        };
+        let src = |a: usize| match (read_in_place(k, loaders, a), &k.body[a], in_place) {
+            (Some(i), _, _) => &ins[i][e0..e0 + len],
+            (None, Instr::Anchor, Some(values)) => &values[..len],
+            (None, _, _) => &before[a * BLOCK..a * BLOCK + len],
         };
         match *ins_r {
             Instr::Load(i) => {
@@ -290,7 +338,11 @@ pub(super) fn eval_block<T: Float>(
                     loaders[i].load(ins[i], e0, dst)
                 }
             }
-            Instr::Anchor => anchor(dst),
+            Instr::Anchor => {
+                if let AnchorValues::Computed(compute) = &mut anchor {
+                    compute(dst)
+                }
+            }
             Instr::Const(c) => dst.fill(T::from_f64(c.get())),
             Instr::Unary(u, a) => {
                 if !unary_f32_loop(u, src(a), dst) {
