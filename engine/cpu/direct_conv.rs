@@ -31,7 +31,7 @@
 //! through im2col, equal within rounding, not bit for bit.
 
 use super::conv::Conv2dShape;
-use super::layout::copy_strided;
+use super::layout::{copy_strided_f32, interleave2_f32};
 use crate::error::{Error, Result};
 use smallvec::SmallVec;
 use std::ops::Range;
@@ -245,7 +245,7 @@ pub(super) fn prepare_band(s: &Conv2dShape, p: &Planes, x_n: &[f32], first: usiz
             row[..lo].fill(0.0);
             row[hi..].fill(0.0);
             let first_column = lo * stride + q - s.padding;
-            copy_strided(&mut row[lo..hi], &x_row[first_column..], stride);
+            copy_strided_f32(&mut row[lo..hi], &x_row[first_column..], stride);
         }
     }
 }
@@ -482,17 +482,7 @@ pub(super) fn run_bands(
 /// Writes one row of `dx` from its `stride` phases: `dst[stride·b + px] = src(px)[b]`.
 fn interleave<'a>(dst: &mut [f32], stride: usize, src: impl Fn(usize) -> &'a [f32]) {
     if stride == 2 {
-        // The common case, as pairs so that it vectorises.
-        let (even, odd) = (src(0), src(1));
-        let pairs = dst.len() / 2;
-        for (pair, (&e, &o)) in dst.chunks_exact_mut(2).zip(even[..pairs].iter().zip(&odd[..pairs])) {
-            pair[0] = e;
-            pair[1] = o;
-        }
-        if dst.len() % 2 == 1 {
-            dst[dst.len() - 1] = even[pairs];
-        }
-        return;
+        return interleave2_f32(dst, src(0), src(1));
     }
     for px in 0..stride.min(dst.len()) {
         for (d, &v) in dst[px..].iter_mut().step_by(stride).zip(src(px)) {
