@@ -293,3 +293,54 @@ impl<T: Float> ConvEpilogue<T> for ConvImages<'_, '_, '_, '_, T> {
         self.program.spread(image * out_n.len(), &pattern, out_n, &mut others, slot, threads);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::fusion::Instr;
+    use crate::graph::op::UnaryOp;
+    use crate::graph::DType;
+
+    /// A convolution + SiLU group that stores both the product and the SiLU, in either order, and one that stores
+    /// only the SiLU: every output must hold the bits of the plain convolution and of SiLU applied to it, whichever
+    /// output the product is written into (the epilogue reads the product in place, `AnchorValues::InPlace`).
+    /// Two shapes: one im2col runs, one wide enough for the direct kernels where AVX-512 is present.
+    #[test]
+    fn a_product_stored_beside_its_epilogue_keeps_its_bits() {
+        let shapes = [
+            Conv2dShape { n: 2, c: 3, h: 9, w: 9, o: 4, kh: 3, kw: 3, stride: 1, padding: 1 },
+            Conv2dShape { n: 2, c: 4, h: 6, w: 40, o: 8, kh: 3, kw: 3, stride: 1, padding: 1 },
+        ];
+        for s in shapes {
+            let x: Vec<f32> = (0..s.x_len()).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
+            let w: Vec<f32> = (0..s.weight_len()).map(|i| ((i * 53) % 67) as f32 / 40.0 - 0.8).collect();
+            let threads = ConvThreads::auto(2);
+            let mut scratch = vec![0.0f32; conv::conv2d_forward_scratch_len(&s, threads)];
+            let mut product = vec![0.0f32; s.y_len()];
+            conv::conv2d_forward(&s, &x, &w, None, &mut product, &mut scratch, threads).expect("plain convolution");
+            let mut silu = vec![0.0f32; s.y_len()];
+            super::super::elementwise::silu_f32(&product, &mut silu);
+            let y_shape = Shape::new(&[s.n, s.o, s.out_h(), s.out_w()]);
+            for outputs in [vec![0, 1], vec![1, 0], vec![1]] {
+                let k = FusedKernel {
+                    name: "fused_conv2d_silu_test".into(),
+                    ops: vec!["conv2d".into(), "silu".into()],
+                    anchor: Anchor::Conv2d { stride: 1, padding: 1, bias: false },
+                    shape: y_shape.clone(),
+                    input_shapes: vec![Shape::new(&[s.n, s.c, s.h, s.w]), Shape::new(&[s.o, s.c, 3, 3])],
+                    body: vec![Instr::Anchor, Instr::Unary(UnaryOp::Silu, 0)],
+                    outputs: outputs.iter().map(|&r| (r, DType::F32)).collect(),
+                };
+                let mut outs: Vec<Vec<f32>> = outputs.iter().map(|_| vec![f32::NAN; s.y_len()]).collect();
+                let mut outs_mut: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+                let mut scratch = vec![0.0f32; scratch_len(&k, 2)];
+                run(&k, &[&x, &w], &mut outs_mut, &mut scratch, 2).expect("fused kernel");
+                for (out, &r) in outs.iter().zip(&outputs) {
+                    let want = if r == 0 { &product } else { &silu };
+                    let same = out.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{s:?}, outputs {outputs:?}: register {r} differs from the unfused value");
+                }
+            }
+        }
+    }
+}
