@@ -457,8 +457,7 @@ pub fn conv2d_forward_then<T: Float>(
         if let (Some(x), Some(w)) = (as_f32(x), as_f32(w)) {
             let bias = bias.map(|b| as_f32(b).ok_or_else(|| Error::msg("conv2d: bias of another type than x")));
             let bias = bias.transpose()?;
-            let weight = |o: usize, t: usize| w[o * shape.patch_len() + t];
-            return run_forward_kernel(choice, (x, weight, bias), y, scratch, threads, epilogue);
+            return run_forward_kernel(choice, (x, KernelWeight::Own(w), bias), y, scratch, threads, epilogue);
         }
     }
 
@@ -540,7 +539,7 @@ pub fn conv2d_backward_input_then<T: Float>(
                 Choice::DirectStrided => direct_strided_backward_input(shape, (dy, w), dx, scratch, threads, epilogue),
                 // The forward kernels compute the recast shape with the flipped weight.
                 _ => {
-                    let weight = direct::flipped_weight(shape, w);
+                    let weight = KernelWeight::Flipped { original: shape, w };
                     run_forward_kernel(choice, (dy, weight, None), dx, scratch, threads, epilogue)
                 }
             };
@@ -783,6 +782,15 @@ where
     for_each_image(shape.n, plan, out, out_img, rest, (pass.image_scratch)(plan.gemm_threads), one_image)
 }
 
+/// The weight a forward kernel computes with: the convolution's own (`O × C × kh × kw`), or, for a stride-1
+/// backward-input recast as a forward (`direct::backward_input_as_forward`), the weight of the `original`
+/// convolution, which the kernel reads flipped and transposed.
+#[derive(Clone, Copy)]
+enum KernelWeight<'a> {
+    Own(&'a [f32]),
+    Flipped { original: &'a Conv2dShape, w: &'a [f32] },
+}
+
 /// A kernel that computes a forward convolution (or a stride-1 backward-input recast as one) on f32 data an image
 /// at a time from a packed weight: the direct kernels and Winograd present the same interface, so one
 /// [`DirectPass`] serves both.
@@ -793,12 +801,7 @@ trait ForwardKernel {
     const IMAGE_SCRATCH_LEN: fn(&Conv2dShape, usize) -> usize;
     /// One image: (input, packed weight, bias), output, scratch, threads, what to call as rows are final.
     const IMAGE: ForwardImage;
-    fn pack(
-        s: &Conv2dShape,
-        weight: impl Fn(usize, usize) -> f32 + Sync,
-        packed: &mut [f32],
-        threads: usize,
-    ) -> Result<()>;
+    fn pack(s: &Conv2dShape, weight: KernelWeight<'_>, packed: &mut [f32], threads: usize) -> Result<()>;
 }
 
 /// The image function both forward kernels share the signature of (`direct_conv::forward_image`).
@@ -818,8 +821,13 @@ impl ForwardKernel for DirectKernel {
     const PACKED_LEN: fn(&Conv2dShape) -> usize = direct::packed_weight_len;
     const IMAGE_SCRATCH_LEN: fn(&Conv2dShape, usize) -> usize = direct::planes_scratch_len;
     const IMAGE: ForwardImage = direct::forward_image;
-    fn pack(s: &Conv2dShape, weight: impl Fn(usize, usize) -> f32 + Sync, packed: &mut [f32], _: usize) -> Result<()> {
-        direct::pack_weight(s, weight, packed)
+    fn pack(s: &Conv2dShape, weight: KernelWeight<'_>, packed: &mut [f32], _: usize) -> Result<()> {
+        match weight {
+            KernelWeight::Own(w) => direct::pack_weight(s, |o, t| w[o * s.patch_len() + t], packed),
+            KernelWeight::Flipped { original, w } => {
+                direct::pack_weight(s, direct::flipped_weight(original, w), packed)
+            }
+        }
     }
 }
 
@@ -830,21 +838,19 @@ impl ForwardKernel for WinogradKernel {
     const PACKED_LEN: fn(&Conv2dShape) -> usize = winograd::packed_weight_len;
     const IMAGE_SCRATCH_LEN: fn(&Conv2dShape, usize) -> usize = winograd::scratch_len;
     const IMAGE: ForwardImage = winograd::forward_image;
-    fn pack(
-        s: &Conv2dShape,
-        weight: impl Fn(usize, usize) -> f32 + Sync,
-        packed: &mut [f32],
-        threads: usize,
-    ) -> Result<()> {
-        winograd::pack_weight(s, weight, packed, threads)
+    fn pack(s: &Conv2dShape, weight: KernelWeight<'_>, packed: &mut [f32], threads: usize) -> Result<()> {
+        let filters = match weight {
+            KernelWeight::Own(w) => winograd::Filters::forward(s, w),
+            KernelWeight::Flipped { original, w } => winograd::Filters::backward_input(original, w),
+        };
+        winograd::pack_weight(s, filters, packed, threads)
     }
 }
 
-/// Runs the forward kernel `choice` names on the convolution it computes, of `x` (with the weight
-/// `weight(o, tap)`) into `y`.
+/// Runs the forward kernel `choice` names on the convolution it computes, of `x` with `weight`, into `y`.
 fn run_forward_kernel<T: Float>(
     choice: Choice,
-    inputs: (&[f32], impl Fn(usize, usize) -> f32 + Sync, Option<&[f32]>),
+    inputs: (&[f32], KernelWeight<'_>, Option<&[f32]>),
     y: &mut [T],
     scratch: &mut [T],
     threads: ConvThreads,
@@ -863,10 +869,10 @@ fn run_forward_kernel<T: Float>(
     }
 }
 
-/// The forward convolution `shape` of `x` (with the weight `weight(o, tap)`) into `y` by the kernel `K`.
+/// The forward convolution `shape` of `x` with `weight` into `y` by the kernel `K`.
 fn forward_pass<K: ForwardKernel, T: Float>(
     shape: &Conv2dShape,
-    (x, weight, bias): (&[f32], impl Fn(usize, usize) -> f32 + Sync, Option<&[f32]>),
+    (x, weight, bias): (&[f32], KernelWeight<'_>, Option<&[f32]>),
     y: &mut [T],
     scratch: &mut [T],
     threads: ConvThreads,
