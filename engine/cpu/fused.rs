@@ -288,35 +288,34 @@ pub(super) fn eval_block<T: Float>(
     len: usize,
     anchor: AnchorValues<'_, T>,
 ) {
+    let program = (k, loaders, ins);
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx512f")]
         fn avx512<T: Float>(
-            k: &FusedKernel,
-            loaders: &[Loader],
-            ins: &[&[T]],
+            program: Program<'_, T>,
             regs: &mut [T],
-            (e0, len): (usize, usize),
+            span: (usize, usize),
             anchor: AnchorValues<'_, T>,
         ) {
-            eval_block_body(k, loaders, ins, regs, e0, len, anchor)
+            eval_block_body(program, regs, span, anchor)
         }
         if simd() == Simd::Avx512 {
             // SAFETY: `simd()` reports AVX-512 only after detecting it on this CPU.
-            return unsafe { avx512(k, loaders, ins, regs, (e0, len), anchor) };
+            return unsafe { avx512(program, regs, (e0, len), anchor) };
         }
     }
-    eval_block_body(k, loaders, ins, regs, e0, len, anchor)
+    eval_block_body(program, regs, (e0, len), anchor)
 }
+
+/// A fused kernel's register program with its loaders and inputs.
+type Program<'a, T> = (&'a FusedKernel, &'a [Loader], &'a [&'a [T]]);
 
 #[inline(always)]
 fn eval_block_body<T: Float>(
-    k: &FusedKernel,
-    loaders: &[Loader],
-    ins: &[&[T]],
+    (k, loaders, ins): Program<'_, T>,
     regs: &mut [T],
-    e0: usize,
-    len: usize,
+    (e0, len): (usize, usize),
     anchor: AnchorValues<'_, T>,
 ) {
     let mut anchor = anchor;
