@@ -86,6 +86,11 @@ pub fn run<T: Float>(
     let slots: Vec<Mutex<&mut [T]>> =
         registers.chunks_exact_mut(registers_len(k)).take(threads).map(Mutex::new).collect();
     let anchor_reg = k.anchor_register();
+    // The product is written into one output and read there in place (`AnchorValues::InPlace`, its register is
+    // never filled); the fusion pass stores a register once, so a second output of the product has no producer.
+    if k.outputs.iter().filter(|&&(r, _)| Some(r) == anchor_reg).count() > 1 {
+        return Err(Error::msg(format!("{}: the product is stored in more than one output", k.name)));
+    }
     let y_index = k.outputs.iter().position(|&(r, _)| Some(r) == anchor_reg).unwrap_or(0);
     let (before, rest) = outs.split_at_mut(y_index);
     let (y, after) = rest.split_first_mut().expect("y_index < outs.len()");
@@ -155,12 +160,7 @@ impl<T: Float> Epilogue<'_, '_, T> {
             eval_block(self.k, &self.loaders, self.ins, regs, base + at, len, AnchorValues::InPlace(product));
             for (j, &(r, _)) in self.k.outputs.iter().enumerate() {
                 if Some(r) == anchor_reg {
-                    // The product itself: already in `y` if this is its output (the group stores it unchanged),
-                    // else copied from there (its register was never written: `AnchorValues::InPlace`).
-                    if j != self.y_index {
-                        let (product, other) = (&y[at..at + len], if j < self.y_index { j } else { j - 1 });
-                        others[other][at..at + len].copy_from_slice(product);
-                    }
+                    // The product itself, already in `y`: output `y_index` is its only output (`run` checks).
                     continue;
                 }
                 let value = &regs[r * BLOCK..r * BLOCK + len];
@@ -341,6 +341,20 @@ mod tests {
                     assert!(same, "{s:?}, outputs {outputs:?}: register {r} differs from the unfused value");
                 }
             }
+            // The product stored twice: refused, not half-written.
+            let k = FusedKernel {
+                name: "fused_conv2d_twice".into(),
+                ops: vec!["conv2d".into()],
+                anchor: Anchor::Conv2d { stride: 1, padding: 1, bias: false },
+                shape: y_shape.clone(),
+                input_shapes: vec![Shape::new(&[s.n, s.c, s.h, s.w]), Shape::new(&[s.o, s.c, 3, 3])],
+                body: vec![Instr::Anchor],
+                outputs: vec![(0, DType::F32), (0, DType::F32)],
+            };
+            let (mut a, mut b) = (vec![0.0f32; s.y_len()], vec![0.0f32; s.y_len()]);
+            let mut scratch = vec![0.0f32; scratch_len(&k, 2)];
+            let err = run(&k, &[&x, &w], &mut [&mut a, &mut b], &mut scratch, 2).expect_err("a twice-stored product");
+            assert!(err.to_string().contains("more than one output"), "{err}");
         }
     }
 }

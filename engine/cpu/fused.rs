@@ -319,13 +319,13 @@ fn eval_block_body<T: Float>(
     anchor: AnchorValues<'_, T>,
 ) {
     let mut anchor = anchor;
+    let in_place = match &anchor {
+        AnchorValues::InPlace(values) => Some(*values),
+        AnchorValues::Computed(_) => None,
+    };
     for (r, ins_r) in k.body.iter().enumerate() {
         let (before, after) = regs.split_at_mut(r * BLOCK);
         let dst = &mut after[..len];
-        let in_place = match &anchor {
-            AnchorValues::InPlace(values) => Some(*values),
-            AnchorValues::Computed(_) => None,
-        };
         let src = |a: usize| match (read_in_place(k, loaders, a), &k.body[a], in_place) {
             (Some(i), _, _) => &ins[i][e0..e0 + len],
             (None, Instr::Anchor, Some(values)) => &values[..len],

@@ -174,6 +174,7 @@ pub fn pack_weight(s: &Conv2dShape, filters: Filters<'_>, packed: &mut [f32], th
     if block_len == 0 {
         return Ok(());
     }
+    let reader = TapReader::new(filters.data, filters.c_stride);
     let pack_block = |(block, packed): (usize, &mut [f32])| {
         packed.fill(0.0);
         let mut taps = [[0.0; LANES]; 9];
@@ -183,7 +184,7 @@ pub fn pack_weight(s: &Conv2dShape, filters: Filters<'_>, packed: &mut [f32], th
                 let lanes = (s.c - first).min(LANES);
                 for (t, tap) in taps.iter_mut().enumerate() {
                     let at = filters.tap(o, t) + first * filters.c_stride;
-                    read_lanes(filters.data, at, filters.c_stride, lanes, tap);
+                    reader.read(at, lanes, tap);
                 }
                 for (point, values) in filter_transform(&taps).iter().enumerate() {
                     let at = (point * CHANNELS + k) * s.c + first;
@@ -201,19 +202,38 @@ pub fn pack_weight(s: &Conv2dShape, filters: Filters<'_>, packed: &mut [f32], th
     Ok(())
 }
 
-/// `lane[l] = data[at + l·stride]` for `l < lanes` (at most 16): one masked gather where AVX-512 is present.
-fn read_lanes(data: &[f32], at: usize, stride: usize, lanes: usize, lane: &mut [f32; LANES]) {
-    let last = at + lanes.saturating_sub(1) * stride;
-    assert!((1..=LANES).contains(&lanes) && last < data.len(), "filter taps past the weight");
-    #[cfg(target_arch = "x86_64")]
-    if direct::available() && stride * LANES <= i32::MAX as usize {
-        // SAFETY: AVX-512 F is present (`available`); the gather reads data[at + l·stride] for l < lanes only (the
-        // mask), all in bounds by the assertion, and the offsets fit an i32 (checked above).
-        unsafe { avx512::gather_lanes(data, at, stride, lanes, lane) };
-        return;
+/// Reads sixteen filters' tap at once: lane `l` at `data[at + l·stride]`. Whether to gather, and the gather's
+/// offsets, are settled once per weight.
+struct TapReader<'a> {
+    data: &'a [f32],
+    stride: usize,
+    /// `l·stride` for every lane, where AVX-512 is present and they fit an i32 (else the plain loop reads).
+    gather_offsets: Option<[i32; LANES]>,
+}
+
+impl<'a> TapReader<'a> {
+    fn new(data: &'a [f32], stride: usize) -> Self {
+        let fits = stride * LANES <= i32::MAX as usize;
+        let gather = cfg!(target_arch = "x86_64") && direct::available() && fits;
+        let gather_offsets = gather.then(|| std::array::from_fn(|l| (l * stride) as i32));
+        TapReader { data, stride, gather_offsets }
     }
-    for (l, value) in lane[..lanes].iter_mut().enumerate() {
-        *value = data[at + l * stride];
+
+    /// `lane[l] = data[at + l·stride]` for `l < lanes` (1 to 16): one masked gather where AVX-512 is present.
+    fn read(&self, at: usize, lanes: usize, lane: &mut [f32; LANES]) {
+        let last = at + lanes.saturating_sub(1) * self.stride;
+        assert!((1..=LANES).contains(&lanes) && last < self.data.len(), "filter taps past the weight");
+        #[cfg(target_arch = "x86_64")]
+        if let Some(offsets) = &self.gather_offsets {
+            // SAFETY: `gather_offsets` is set only where AVX-512 F is present (`direct::available`), and holds
+            // l·stride as i32 without overflow (checked in `new`); the gather reads data[at + l·stride] for
+            // l < lanes only (the mask), all in bounds by the assertion.
+            unsafe { avx512::gather_lanes(&self.data[at..], offsets, lanes, lane) };
+            return;
+        }
+        for (l, value) in lane[..lanes].iter_mut().enumerate() {
+            *value = self.data[at + l * self.stride];
+        }
     }
 }
 
@@ -425,23 +445,19 @@ mod avx512 {
     use crate::engine::cpu::direct_conv::avx512::lane_mask;
     use std::arch::x86_64::*;
 
-    /// `lane[l] = data[at + l·stride]` for `l < lanes`, by one masked gather.
+    /// `lane[l] = data[offsets[l]]` for `l < lanes`, by one masked gather.
     ///
     /// # Safety
-    /// AVX-512 F must be present; `lanes` must be 1 to 16, `at + l·stride` lie inside `data` for every `l < lanes`,
-    /// and `15·stride` fit an i32.
+    /// AVX-512 F must be present; `lanes` must be 1 to 16, and `offsets[l]` non-negative and inside `data` for
+    /// every `l < lanes`.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn gather_lanes(data: &[f32], at: usize, stride: usize, lanes: usize, lane: &mut [f32; LANES]) {
-        let step = stride as i32;
-        let offsets = _mm512_mullo_epi32(
-            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-            _mm512_set1_epi32(step),
-        );
+    pub(super) unsafe fn gather_lanes(data: &[f32], offsets: &[i32; LANES], lanes: usize, lane: &mut [f32; LANES]) {
         let mask = lane_mask(0, lanes);
-        // SAFETY: as this function's: the masked lanes read inside `data`, the others read nothing.
+        // SAFETY: as this function's: the masked lanes read inside `data`, the others read nothing; `offsets` and
+        // `lane` hold sixteen values each.
         unsafe {
-            let base = data.as_ptr().add(at);
-            let values = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, offsets, base);
+            let offsets = _mm512_loadu_si512(offsets.as_ptr().cast());
+            let values = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, offsets, data.as_ptr());
             _mm512_storeu_ps(lane.as_mut_ptr(), values);
         }
     }
