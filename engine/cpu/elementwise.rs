@@ -423,14 +423,17 @@ pub fn broadcast_to<T: Float>(x: &[T], xs: &Shape, out: &mut [T], os: &Shape) {
     });
 }
 
-/// Independent partial sums of the lane sums below: enough to fill the vector adders, a fixed number so the
-/// order of additions, and so the bits, do not depend on the machine or the thread count.
-const LANES: usize = 8;
+/// Independent running values of the lane folds below: a fixed number, so the order of the operations, and so
+/// the bits, do not depend on the machine or the thread count. 32, so that even at the crate's baseline (SSE2)
+/// eight vector adders' chains run side by side: with 8 the sums waited on the adder's latency (two chains of
+/// four), and `perf` showed GroupNorm's statistics and the bias gradients' plane sums as scalar `addss` loops.
+const LANES: usize = 32;
 
 /// `op` over f(i) for i in 0..n, starting from `init`, in `LANES` interleaved running values so the loop
 /// vectorises (a serial sum waits on the adder's latency each element: GroupNorm's statistics ran 5-10x slower).
-/// The tail is folded first, then the running values in order: a fixed order, so the same bits on any machine
-/// and thread count. `init` must be an identity of `op` (0 for +; any element for max).
+/// The tail is folded first, then the running values by halves (lane k with lane k + 16, ..., a fixed tree), then
+/// into the tail's value: a fixed order, so the same bits on any machine and thread count. `init` must be an
+/// identity of `op` (0 for +; any element for max).
 #[inline(always)]
 pub(super) fn fold_lanes<T: Float>(n: usize, init: T, f: impl Fn(usize) -> T, op: impl Fn(T, T) -> T) -> T {
     let mut acc = [init; LANES];
@@ -440,8 +443,21 @@ pub(super) fn fold_lanes<T: Float>(n: usize, init: T, f: impl Fn(usize) -> T, op
             *a = op(*a, f(i + k));
         }
     }
-    let total = (body..n).map(&f).fold(init, &op);
-    acc.into_iter().fold(total, op)
+    let tail = (body..n).map(&f).fold(init, &op);
+    op(tail, fold_tree(acc, &op))
+}
+
+/// The running values of a lane fold combined by halves: `LANES / 2` ops that vectorise, then a quarter, ...
+#[inline(always)]
+fn fold_tree<T: Float>(mut acc: [T; LANES], op: impl Fn(T, T) -> T) -> T {
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for k in 0..width {
+            acc[k] = op(acc[k], acc[k + width]);
+        }
+    }
+    acc[0]
 }
 
 /// Σ f(i) for i in 0..n, in lanes ([`fold_lanes`]).
@@ -450,11 +466,20 @@ pub(super) fn sum_lanes<T: Float>(n: usize, f: impl Fn(usize) -> T) -> T {
     fold_lanes(n, T::ZERO, f, |a, b| a + b)
 }
 
-/// Σ f(a[i], b[i]) in lanes, as [`sum_lanes`].
+/// Σ f(a[i], b[i]) in lanes: the additions of [`sum_lanes`] in the same order, read a chunk of `LANES` at a time so
+/// no element needs a bounds check and the loop vectorises.
 #[inline(always)]
 pub(super) fn sum_zip<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
     let b = &b[..a.len()];
-    sum_lanes(a.len(), |i| f(a[i], b[i]))
+    let (chunks_a, chunks_b) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail = chunks_a.remainder().iter().zip(chunks_b.remainder()).fold(T::ZERO, |s, (&x, &y)| s + f(x, y));
+    let mut acc = [T::ZERO; LANES];
+    for (xa, xb) in chunks_a.zip(chunks_b) {
+        for k in 0..LANES {
+            acc[k] += f(xa[k], xb[k]);
+        }
+    }
+    tail + fold_tree(acc, |x, y| x + y)
 }
 
 /// Σ f(s[i]) in lanes, as [`sum_zip`].
@@ -667,6 +692,30 @@ mod tests {
         exp_shifted_f32(&mut fast, 3.5);
         exp_shifted_loop(&mut base, 3.5);
         same(&fast, &base, "exp shifted");
+    }
+
+    /// The slice sums (`sum_zip`, `sum_map`, `sum_slice`) add in `sum_lanes`'s order, bit for bit, for lengths
+    /// around the lane count and its multiples; `max_lanes`-style folds keep the exact maximum; every sum is within
+    /// a few ulps of the f64 sum of the same values.
+    #[test]
+    fn slice_sums_add_in_the_lane_order_and_stay_near_the_f64_sum() {
+        for n in [0, 1, 7, LANES - 1, LANES, LANES + 1, 3 * LANES + 5, 1000, 6144] {
+            let a: Vec<f32> = (0..n).map(|i| ((i * 37) % 101) as f32 * 0.013 - 0.6).collect();
+            let b: Vec<f32> = (0..n).map(|i| ((i * 53) % 67) as f32 * 0.021 - 0.7).collect();
+            let by_index = sum_lanes(n, |i| a[i] * b[i] - 0.25);
+            let by_chunk = sum_zip(&a, &b, |x, y| x * y - 0.25);
+            assert_eq!(by_index.to_bits(), by_chunk.to_bits(), "n = {n}: sum_zip");
+            let squares = sum_map(&a, |x| x * x);
+            assert_eq!(squares.to_bits(), sum_lanes(n, |i| a[i] * a[i]).to_bits(), "n = {n}: sum_map");
+            let plain = sum_slice(&a);
+            let exact: f64 = a.iter().map(|&v| v as f64).sum();
+            let scale: f64 = a.iter().map(|&v| (v as f64).abs()).sum::<f64>().max(1e-30);
+            assert!(((plain as f64) - exact).abs() <= 1e-6 * scale, "n = {n}: {plain} against {exact}");
+            if n > 0 {
+                let max = fold_lanes(n, a[0], |i| a[i], |x, y| x.max(y));
+                assert_eq!(max, a.iter().copied().fold(f32::MIN, f32::max), "n = {n}: max");
+            }
+        }
     }
 
     /// The f32 erf is within 7 units in the last place of f64's erf everywhere (every f32 in [0, 4.5] with its
