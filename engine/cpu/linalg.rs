@@ -2,6 +2,7 @@
 
 use super::float::Float;
 use super::gemm::{self, GemmDims, MatMut, MatRef};
+use super::elementwise::sum_zip;
 use super::norm::{softmax_in_place, softmax_in_place_lse};
 use crate::graph::Shape;
 use rayon::prelude::*;
@@ -330,7 +331,7 @@ pub fn attention_backward<T: Float>(
                     );
                     // dS = P ∘ (dP − rowsum(dP ∘ P)) · scale
                     for (pr, dr) in p.chunks(g.lk).zip(dp.chunks_mut(g.lk)) {
-                        let dot: T = pr.iter().zip(dr.iter()).map(|(&a, &b)| a * b).sum();
+                        let dot: T = sum_zip(pr, dr, |a, b| a * b);
                         for (d, &pv) in dr.iter_mut().zip(pr) {
                             *d = pv * (*d - dot) * scale;
                         }
