@@ -43,7 +43,7 @@ pub fn backward(g: &mut Graph, loss: ValueId, wrt: &[ValueId]) -> Result<HashMap
             let (Some(dx), true) = (dx, wanted[i]) else { continue };
             let v = inputs[i];
             let total = match grads.get(&v) {
-                Some(&prev) => g.add(prev, dx)?,
+                Some(&prev) => accumulate(g, prev, dx)?,
                 None => dx,
             };
             grads.insert(v, total);
@@ -51,6 +51,46 @@ pub fn backward(g: &mut Graph, loss: ValueId, wrt: &[ValueId]) -> Result<HashMap
     }
     g.set_phase(Phase::Forward);
     Ok(wrt.iter().filter_map(|&w| grads.get(&w).map(|&d| (w, d))).collect())
+}
+
+/// The sum of two gradient contributions to one value. Where both are slices' backwards that sit side by side on
+/// one axis (GEGLU's two halves of one projection: each half's gradient padded with zeros to the whole, then
+/// added), the sum is their concatenation, padded once more only if the two still do not fill the axis: the same
+/// values (a zero added to a number is that number) without writing and reading the zeros and without the add.
+/// Three or more chunks merge pairwise as their contributions arrive.
+fn accumulate(g: &mut Graph, prev: ValueId, dx: ValueId) -> Result<ValueId> {
+    if let (Some(a), Some(b)) = (slice_backward_of(g, prev), slice_backward_of(g, dx)) {
+        let (first, second) = if a.start <= b.start { (a, b) } else { (b, a) };
+        let adjacent =
+            first.axis == second.axis && first.full == second.full && first.start + first.len == second.start;
+        if adjacent && g.dtype(first.dy) == g.dtype(second.dy) {
+            let joined = g.concat(&[first.dy, second.dy], first.axis)?;
+            if first.start == 0 && second.start + second.len == first.full {
+                return Ok(joined);
+            }
+            let (axis, start, full) = (first.axis, first.start, first.full);
+            return g.op1(Op::SliceBackward { axis, start, full }, &[joined]);
+        }
+    }
+    g.add(prev, dx)
+}
+
+/// A slice's backward: its gradient `dy` placed at `start..start + len` of `full` along `axis`.
+#[derive(Clone, Copy)]
+struct PlacedSlice {
+    axis: usize,
+    start: usize,
+    len: usize,
+    full: usize,
+    dy: ValueId,
+}
+
+/// `v` as a slice's backward, if a `SliceBackward` node produced it.
+fn slice_backward_of(g: &Graph, v: ValueId) -> Option<PlacedSlice> {
+    let (n, _) = g.values[v].producer?;
+    let Op::SliceBackward { axis, start, full } = g.nodes[n].op else { return None };
+    let dy = g.nodes[n].inputs[0];
+    Some(PlacedSlice { axis, start, len: g.shape(dy).0[axis], full, dy })
 }
 
 /// Which values depend on a `wrt` value through differentiable inputs.

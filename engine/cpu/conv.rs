@@ -723,7 +723,7 @@ pub fn conv2d_backward_bias<T: Float>(shape: &Conv2dShape, dy: &[T], db: &mut [T
     }
     for image in dy.chunks_exact(shape.o * pixels) {
         for (d, row) in db.iter_mut().zip(image.chunks_exact(pixels)) {
-            *d += row.iter().copied().sum::<T>();
+            *d += super::elementwise::sum_slice(row);
         }
     }
     Ok(())

@@ -1,8 +1,8 @@
 //! Batched matrix products and scaled-dot-product attention on top of the GEMM kernel.
 
+use super::elementwise::sum_zip;
 use super::float::Float;
 use super::gemm::{self, GemmDims, MatMut, MatRef};
-use super::elementwise::sum_zip;
 use super::norm::{softmax_in_place, softmax_in_place_lse};
 use crate::graph::Shape;
 use rayon::prelude::*;

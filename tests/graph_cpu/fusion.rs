@@ -172,11 +172,13 @@ fn bench_small_kernel_counts() {
     };
     let (fused, report) = count("True");
     let (unfused, _) = count("False");
-    assert_eq!(unfused, 1338, "unfused kernel count changed");
+    assert_eq!(unfused, 1324, "unfused kernel count changed");
     // 1064 before convolutions and matrix products anchored epilogues (issue 15): their residual and
     // time-embedding adds, linear biases and, in the backward, SiLU's backward and gradient sums joined them (a
-    // product that is also read elsewhere keeps no epilogue: see graph/fusion/pass.rs).
-    assert_eq!(fused, 907, "fused kernel count changed");
+    // product that is also read elsewhere keeps no epilogue: see graph/fusion/pass.rs). 907 before autodiff joined
+    // the gradients of GEGLU's two halves by one concatenation (two zero-padded slices' backwards and an add,
+    // seven times: 1338 unfused before).
+    assert_eq!(fused, 893, "fused kernel count changed");
     let r = report.unwrap();
     assert!(r.peak_after <= r.peak_before, "fusion raised bench_small's planned peak");
 }

@@ -278,3 +278,32 @@ fn the_finite_check_names_the_first_kernel_that_makes_a_nan() {
     let err = p.launch().unwrap_err().to_string();
     assert!(err.contains("(log)") && err.contains("element 2") && err.contains("NaN"), "{err}");
 }
+
+/// GEGLU's backward: the two halves' gradients of one projection become one concatenation, not two zero-padded
+/// slices' backwards and an add; halves that leave part of the axis untouched are padded once; slices that are
+/// not side by side are still added.
+#[test]
+fn gradients_of_adjacent_slices_are_concatenated() {
+    use zeroconv::graph::{Op, UnaryOp};
+    let backward_ops = |ranges: [(usize, usize); 2]| {
+        let mut g = Graph::new();
+        let w = g.param("w", [2, 8], DType::F32, true);
+        let a = g.slice(w, 1, ranges[0].0, ranges[0].1).unwrap();
+        let b = g.slice(w, 1, ranges[1].0, ranges[1].1).unwrap();
+        let act = g.unary(UnaryOp::GeluErf, b).unwrap();
+        let y = g.mul(a, act).unwrap();
+        let loss = g.mean_all(y).unwrap();
+        let grads = backward(&mut g, loss, &[w]).unwrap();
+        let dw = grads[&w];
+        let producer = g.values[dw].producer.expect("dw has a producer").0;
+        (g.nodes[producer].op.clone(), g.nodes[producer].inputs.clone(), g)
+    };
+    let (op, _, _) = backward_ops([(0, 4), (4, 8)]);
+    assert!(matches!(op, Op::Concat { axis: 1 }), "halves filling the axis: {op:?}");
+    let (op, inputs, g) = backward_ops([(1, 4), (4, 7)]);
+    assert!(matches!(op, Op::SliceBackward { axis: 1, start: 1, full: 8 }), "halves inside the axis: {op:?}");
+    let inner = g.values[inputs[0]].producer.expect("a concatenation").0;
+    assert!(matches!(g.nodes[inner].op, Op::Concat { axis: 1 }), "{:?}", g.nodes[inner].op);
+    let (op, _, _) = backward_ops([(0, 3), (5, 8)]);
+    assert!(matches!(op, Op::Binary(zeroconv::graph::BinaryOp::Add)), "a gap between the slices: {op:?}");
+}

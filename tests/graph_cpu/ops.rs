@@ -337,6 +337,40 @@ fn slice_and_chunk() {
     );
 }
 
+/// Slices whose gradients meet side by side: autodiff joins them by a concatenation (padded when they leave part
+/// of the axis untouched) instead of adding zero-padded copies; the gradients must not change.
+#[test]
+fn gradients_of_slices_side_by_side() {
+    check(
+        "geglu-like halves",
+        vec![f(&[2, 3, 8])],
+        |g, a| {
+            let (h, gate) = (g.slice(a[0], 2, 0, 4)?, g.slice(a[0], 2, 4, 8)?);
+            let act = g.unary(UnaryOp::GeluErf, gate)?;
+            g.mul(h, act)
+        },
+        |a| {
+            let (h, gate) = (r::slice(&a[0], 2, 0, 4), r::slice(&a[0], 2, 4, 8));
+            let act = r::map(&gate, |v| 0.5 * v * (1.0 + r::erf(v / 2f64.sqrt())));
+            r::broadcast(&h, &act, |x, y| x * y)
+        },
+    );
+    check(
+        "adjacent slices inside the axis",
+        vec![f(&[3, 9])],
+        |g, a| {
+            let (p, q) = (g.slice(a[0], 1, 1, 4)?, g.slice(a[0], 1, 4, 7)?);
+            let sq = g.mul(q, q)?;
+            g.mul(p, sq)
+        },
+        |a| {
+            let (p, q) = (r::slice(&a[0], 1, 1, 4), r::slice(&a[0], 1, 4, 7));
+            let sq = r::broadcast(&q, &q, |x, y| x * y);
+            r::broadcast(&p, &sq, |x, y| x * y)
+        },
+    );
+}
+
 #[test]
 fn reshape_and_permute() {
     check(
