@@ -266,22 +266,71 @@ fn choose(shape: &Conv2dShape, threads: ConvThreads, pass: Pass) -> Choice {
     };
     // Forced methods take every shape their kernel serves; `Auto` only where the measurements say it wins.
     let wins = |measured: bool| method != ConvMethod::Auto || measured;
+    let family = Family::of_this_machine();
     if let Some(computed) = computed.filter(winograd::supported) {
         if method != ConvMethod::Direct && wins(winograd_wins(&computed, pass)) {
             return Choice::Winograd { computed };
         }
     }
     match computed {
-        Some(computed) if wins(direct_wins(&computed, pass)) => Choice::Direct { computed },
+        Some(computed) if wins(direct_wins(&computed, pass, family)) => Choice::Direct { computed },
         Some(_) => Choice::Im2col,
-        // Its phases are stride-1 convolutions from O to C channels with a quarter of the taps.
-        None if direct::strided_backward_input_supported(shape)
-            && wins(shape.out_w() >= 32 && shape.c >= 8 && shape.o <= 128) =>
-        {
+        None if direct::strided_backward_input_supported(shape) && wins(direct_strided_wins(shape, family)) => {
             Choice::DirectStrided
         }
         None => Choice::Im2col,
     }
+}
+
+/// The processor families the kernel choices were measured on. They differ where the direct kernels read their
+/// planes with little reuse (the strided passes: each tap's run starts new cache lines), which Zen 5 serves from its
+/// caches faster than the Xeon (Sapphire Rapids class) the later measurements ran on. The family comes from the
+/// processor itself (CPUID), so a machine makes the same choices, and rounds the same way, on every run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    /// AMD Zen 5, and any processor not listed (the first measurements' machine).
+    Zen,
+    Intel,
+}
+
+impl Family {
+    fn of_this_machine() -> Family {
+        static FAMILY: std::sync::OnceLock<Family> = std::sync::OnceLock::new();
+        *FAMILY.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                let id = std::arch::x86_64::__cpuid(0);
+                let vendor: Vec<u8> = [id.ebx, id.edx, id.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
+                if vendor == b"GenuineIntel" {
+                    return Family::Intel;
+                }
+            }
+            Family::Zen
+        })
+    }
+
+    /// The most input channels (of the computed convolution) at which the direct kernels still beat im2col on a
+    /// strided convolution, in every pass.
+    ///
+    /// Measured with `zeroconv bench ops --no-gemm --convs hint` (best of 2-3 passes, 2 threads, GFLOP/s forward /
+    /// backward-input / weight gradient). On the Xeon, 32->96 s2 at 128x128: direct 122 / 90 / 89, im2col across
+    /// images 165 / 173 / 170; 96->256 s2 at 64x64 forward 129 against 154; 16->32 s2 at 256x256: direct 108 / 87 /
+    /// 90, im2col 94 / 76 / 76. On Zen 5 the direct kernels won up to 128 channels (forward and backward-input) and
+    /// 32 (weight gradient), see [`direct_wins`].
+    fn strided_direct_channels(self) -> Option<usize> {
+        match self {
+            Family::Zen => None,
+            Family::Intel => Some(16),
+        }
+    }
+}
+
+/// The strided backward-input by output phases (stride-1 convolutions from O to C channels with a quarter of the
+/// taps each), where it beats im2col: measured on Zen 5 from 8 channels of `dx` at least 32 wide, up to 128
+/// channels of `dy`; on the Xeon only up to 16 channels of `dx` (see [`Family::strided_direct_channels`]).
+fn direct_strided_wins(shape: &Conv2dShape, family: Family) -> bool {
+    let few = family.strided_direct_channels().is_none_or(|most| shape.c <= most);
+    shape.out_w() >= 32 && shape.c >= 8 && shape.o <= 128 && few
 }
 
 /// The kernels that run the forward, the backward-input and the weight gradient of `shape` on f32 data with this
@@ -300,6 +349,10 @@ pub fn conv_kernels(shape: &Conv2dShape, threads: ConvThreads) -> [ConvKernel; 3
 /// The weight gradient (16 products through the `gemm` crate over each band's tiles) wins by less, from 64 channels
 /// over maps at least 32 wide: 96->96 at 64x64 160 against 137 by im2col, 256->64 at 32x32 151 against 124, 64->64
 /// at 32x32 133 against 124; 32->32 at 128x128 lost (99 against 128 direct), 128->128 at 16x16 too (81 against 113).
+///
+/// On the Xeon, `zeroconv bench ops` had Winograd ahead from 16 channels too (16->16 at 256x256: 142 / 147 against
+/// 130 / 131 GFLOP/s direct), but inside bench_small's step the forward lost more (3.9 -> 4.3 ms, per-kernel minima
+/// of three interleaved `zeroconv profile` runs) than the backward-input gained (8.8 -> 8.5), so the rule stayed.
 fn winograd_wins(computed: &Conv2dShape, pass: Pass) -> bool {
     match pass {
         Pass::Forward | Pass::BackwardInput => computed.c >= 32 && computed.o >= 32 && computed.w >= 16,
@@ -322,8 +375,14 @@ fn winograd_wins(computed: &Conv2dShape, pass: Pass) -> bool {
 ///   cache blocking wins (64->64 at 32x32: 1.25 ms by im2col, 1.8 direct; 96->96 even).
 ///
 /// `shape` is the convolution the kernel computes (for a stride-1 backward-input, its recast as a forward).
-fn direct_wins(shape: &Conv2dShape, pass: Pass) -> bool {
+///
+/// On the Xeon the strided passes keep the direct kernels only up to [`Family::strided_direct_channels`].
+fn direct_wins(shape: &Conv2dShape, pass: Pass, family: Family) -> bool {
     let wide = !shape.is_pointwise() && shape.out_w() >= 32;
+    let strided_limit = family.strided_direct_channels().filter(|_| shape.stride > 1);
+    if strided_limit.is_some_and(|most| shape.c > most) {
+        return false;
+    }
     match pass {
         Pass::Forward if shape.stride == 1 || shape.c <= 128 => wide && shape.o >= 8,
         Pass::Forward | Pass::BackwardInput => {
