@@ -230,6 +230,10 @@ pub fn fuse(g: &Graph) -> Result<(Graph, ValueMap, FusionReport)> {
                 // The product is stored anyway: its epilogue would save one read, but hold the product and the
                 // epilogue's outputs together while the convolution's scratch (im2col) is live, which raised the
                 // tiny config's planned arena by 2%. (The memory guard below sees values, not backend scratch.)
+                // Nor is it faster: allowed, bench_small's hint-encoder convolutions with SiLU epilogues took
+                // 0.4-0.5 ms longer per pair than the convolution and the plain SiLU (per-kernel minima of three
+                // interleaved `zeroconv profile` runs, 2026-12-03): the product is written either way, and the
+                // epilogue's block-wise evaluation cost more than the one read it saved.
                 report.log.push(format!(
                     "refuse {} -> {}: the product is read elsewhere too, so it would be held with the epilogue's output",
                     label(g, p),
