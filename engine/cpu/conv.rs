@@ -1189,3 +1189,34 @@ fn check_scratch(got: usize, needed: usize) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conv3(c: usize, o: usize, hw: usize, stride: usize) -> Conv2dShape {
+        Conv2dShape { n: 2, c, h: hw, w: hw, o, kh: 3, kw: 3, stride, padding: 1 }
+    }
+
+    /// The measured rule of `Family::strided_direct_channels`: on the Xeon the strided passes keep the direct
+    /// kernels only up to 16 input channels; on Zen 5 (and stride 1 anywhere) the choices are the first
+    /// measurements'.
+    #[test]
+    fn strided_direct_kernels_stop_at_16_channels_on_intel_only() {
+        let wide = conv3(32, 96, 128, 2);
+        let narrow = conv3(16, 32, 256, 2);
+        for pass in [Pass::Forward, Pass::BackwardWeight] {
+            assert!(!direct_wins(&wide, pass, Family::Intel), "{pass:?}");
+            assert!(direct_wins(&wide, pass, Family::Zen), "{pass:?}");
+            assert!(direct_wins(&narrow, pass, Family::Intel), "{pass:?}");
+            assert!(direct_wins(&narrow, pass, Family::Zen), "{pass:?}");
+        }
+        assert!(!direct_strided_wins(&wide, Family::Intel));
+        assert!(direct_strided_wins(&wide, Family::Zen));
+        assert!(direct_strided_wins(&narrow, Family::Intel));
+        let unstrided = conv3(32, 32, 128, 1);
+        for pass in [Pass::Forward, Pass::BackwardInput, Pass::BackwardWeight] {
+            assert_eq!(direct_wins(&unstrided, pass, Family::Intel), direct_wins(&unstrided, pass, Family::Zen));
+        }
+    }
+}

@@ -207,7 +207,9 @@ pub fn pack_weight(s: &Conv2dShape, filters: Filters<'_>, packed: &mut [f32], th
 struct TapReader<'a> {
     data: &'a [f32],
     stride: usize,
-    /// `l·stride` for every lane, where AVX-512 is present and they fit an i32 (else the plain loop reads).
+    /// `l·stride` for every lane, where AVX-512 is present and they fit an i32 (else the plain loop reads). Only
+    /// x86-64 gathers; elsewhere it stays `None` and unread.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     gather_offsets: Option<[i32; LANES]>,
 }
 
