@@ -4,6 +4,7 @@ use super::elementwise::sum_zip;
 use super::float::Float;
 use super::gemm::{self, GemmDims, MatMut, MatRef};
 use super::norm::{softmax_in_place, softmax_in_place_lse};
+use super::par::SlotPool;
 use crate::graph::Shape;
 use rayon::prelude::*;
 use std::ops::Range;
@@ -210,11 +211,6 @@ fn probabilities<T: Float>(
     }
 }
 
-/// Splits the B·H problems into one contiguous group per slot.
-fn groups(bh: usize, slots: usize) -> usize {
-    bh.div_ceil(slots.max(1)).max(1)
-}
-
 /// What attention's forward writes: O [B·H, Lq, Dv], and with `lse` the row log-sum-exps [B·H, Lq].
 pub struct AttnOut<'a, T> {
     pub o: &'a mut [T],
@@ -230,40 +226,35 @@ pub fn attention<T: Float>(
     scratch: &mut [T],
     slots: usize,
 ) {
-    let per = groups(g.bh, slots);
     let blk = g.block();
     let AttnOut { o: out, lse } = out;
-    // One log-sum-exp chunk per group of problems, as O is split (or none for every group).
-    let lse_groups: Vec<Option<&mut [T]>> = match lse {
-        Some(l) => l.chunks_mut(per * g.lq).map(Some).collect(),
-        None => (0..g.bh.div_ceil(per)).map(|_| None).collect(),
+    // One task per problem of the B·H, each on whichever scratch slot is free (see `SlotPool`).
+    let pool = SlotPool::new(scratch, g.slot_len(), slots.max(1));
+    let lse_rows: Vec<Option<&mut [T]>> = match lse {
+        Some(l) => l.chunks_mut(g.lq.max(1)).map(Some).collect(),
+        None => (0..g.bh).map(|_| None).collect(),
     };
-    out.par_chunks_mut(per * g.lq * g.dv)
-        .zip(scratch.par_chunks_mut(g.slot_len()))
-        .zip(lse_groups)
-        .enumerate()
-        .for_each(|(gi, ((og, sc), mut lg))| {
-            for (j, o) in og.chunks_mut(g.lq * g.dv).enumerate() {
-                let i = gi * per + j;
-                let (qi, ki, vi) = (&q[i * g.lq * g.d..], &k[i * g.lk * g.d..], &v[i * g.lk * g.dv..]);
-                let mut r0 = 0;
-                while r0 < g.lq {
-                    let rows = blk.min(g.lq - r0);
-                    let p = &mut sc[..rows * g.lk];
-                    let lse = lg.as_deref_mut().map(|l| &mut l[j * g.lq + r0..j * g.lq + r0 + rows]);
-                    probabilities(g, qi, ki, r0, rows, p, lse);
-                    matmul(
-                        GemmDims::new(rows, g.dv, g.lk),
-                        op(p, g.lk, false),
-                        op(vi, g.dv, false),
-                        MatMut::new(&mut o[r0 * g.dv..], g.dv),
-                        false,
-                        1,
-                    );
-                    r0 += rows;
-                }
+    out.par_chunks_mut((g.lq * g.dv).max(1)).zip(lse_rows).with_max_len(1).enumerate().for_each(|(i, (o, mut lse))| {
+        pool.with(|sc| {
+            let (qi, ki, vi) = (&q[i * g.lq * g.d..], &k[i * g.lk * g.d..], &v[i * g.lk * g.dv..]);
+            let mut r0 = 0;
+            while r0 < g.lq {
+                let rows = blk.min(g.lq - r0);
+                let p = &mut sc[..rows * g.lk];
+                let lse = lse.as_deref_mut().map(|l| &mut l[r0..r0 + rows]);
+                probabilities(g, qi, ki, r0, rows, p, lse);
+                matmul(
+                    GemmDims::new(rows, g.dv, g.lk),
+                    op(p, g.lk, false),
+                    op(vi, g.dv, false),
+                    MatMut::new(&mut o[r0 * g.dv..], g.dv),
+                    false,
+                    1,
+                );
+                r0 += rows;
             }
-        });
+        })
+    });
 }
 
 /// What attention's backward writes: the gradients of q, k and v, and its per-thread scratch (probabilities and
@@ -285,23 +276,19 @@ pub fn attention_backward<T: Float>(
     slots: usize,
 ) {
     let AttnGrads { dq, dk, dv, scratch } = grads;
-    let per = groups(g.bh, slots);
     let blk = g.block();
     let scale = T::from_f64(g.scale);
-    dq.par_chunks_mut(per * g.lq * g.d)
-        .zip(dk.par_chunks_mut(per * g.lk * g.d))
-        .zip(dv.par_chunks_mut(per * g.lk * g.dv))
-        .zip(scratch.par_chunks_mut(g.slot_len()))
+    // One task per problem of the B·H, each on whichever scratch slot is free (see `SlotPool`).
+    let pool = SlotPool::new(scratch, g.slot_len(), slots.max(1));
+    dq.par_chunks_mut((g.lq * g.d).max(1))
+        .zip(dk.par_chunks_mut((g.lk * g.d).max(1)))
+        .zip(dv.par_chunks_mut((g.lk * g.dv).max(1)))
+        .with_max_len(1)
         .enumerate()
-        .for_each(|(gi, (((dqg, dkg), dvg), sc))| {
-            let n_here = dqg.len() / (g.lq * g.d);
-            for j in 0..n_here {
-                let i = gi * per + j;
+        .for_each(|(i, ((dqi, dki), dvi))| {
+            pool.with(|sc| {
                 let (qi, ki, vi) = (&q[i * g.lq * g.d..], &k[i * g.lk * g.d..], &v[i * g.lk * g.dv..]);
                 let doi = &dout[i * g.lq * g.dv..];
-                let dqi = &mut dqg[j * g.lq * g.d..(j + 1) * g.lq * g.d];
-                let dki = &mut dkg[j * g.lk * g.d..(j + 1) * g.lk * g.d];
-                let dvi = &mut dvg[j * g.lk * g.dv..(j + 1) * g.lk * g.dv];
                 dki.fill(T::ZERO);
                 dvi.fill(T::ZERO);
                 let mut r0 = 0;
@@ -355,6 +342,6 @@ pub fn attention_backward<T: Float>(
                     );
                     r0 += rows;
                 }
-            }
+            })
         });
 }
