@@ -256,7 +256,8 @@ impl Choice {
 /// kernels, and both over im2col.
 fn choose(shape: &Conv2dShape, threads: ConvThreads, pass: Pass) -> Choice {
     let method = threads.method;
-    if shape.n == 0 || !direct::available() || matches!(method, ConvMethod::AcrossImages | ConvMethod::InsideGemm) {
+    let vectors = direct::available() || winograd::isa().is_some();
+    if shape.n == 0 || !vectors || matches!(method, ConvMethod::AcrossImages | ConvMethod::InsideGemm) {
         return Choice::Im2col;
     }
     // What the kernel computes: a stride-1 backward-input is the forward of its recast shape.
@@ -271,6 +272,10 @@ fn choose(shape: &Conv2dShape, threads: ConvThreads, pass: Pass) -> Choice {
         if method != ConvMethod::Direct && wins(winograd_wins(&computed, pass)) {
             return Choice::Winograd { computed };
         }
+    }
+    // The direct kernels need AVX-512 (Winograd also runs on AVX2).
+    if !direct::available() {
+        return Choice::Im2col;
     }
     match computed {
         Some(computed) if wins(direct_wins(&computed, pass, family)) => Choice::Direct { computed },

@@ -378,6 +378,7 @@ pub fn strided_backward_input_image(
     if !strided_backward_input_supported(s) {
         return Err(Error::shape("conv2d", format!("direct convolution {s:?}: not a same-padded strided window")));
     }
+    require_available()?;
     check(s, "dy", dy_n.len(), s.o * s.out_h() * s.out_w())?;
     check(s, "dx", dx_n.len(), s.c * s.h * s.w)?;
     check(s, "packed weight", packed.len(), strided_backward_input_packed_len(s))?;
@@ -519,6 +520,7 @@ pub fn forward_image(
     done: RowsDone<'_>,
 ) -> Result<()> {
     let lengths = (packed_weight_len(s), planes_scratch_len(s, threads));
+    require_available()?;
     check_forward_image(s, (x_n, packed, bias), (y_n, planes), lengths)?;
     let p = Planes::of(s);
     let taps =
@@ -609,6 +611,7 @@ pub fn backward_weight(
 ) -> Result<()> {
     let (x_img, y_img, w_len) = (s.c * s.h * s.w, s.o * s.out_h() * s.out_w(), s.o * taps(s));
     let need = backward_weight_scratch_len(s);
+    require_available()?;
     check_backward_weight(s, (x, dy, dw), scratch, need)?;
     dw.fill(0.0);
     if w_len == 0 || y_img == 0 || s.n == 0 {
@@ -684,12 +687,17 @@ pub(super) fn check_backward_weight(
     check(s, "scratch", scratch.len().min(scratch_need), scratch_need)
 }
 
-/// Checks one length the unsafe kernels rely on, and that this CPU has AVX-512 (callers choose this path only
-/// then; the check keeps a wrong call an error rather than an illegal instruction).
-pub(super) fn check(s: &Conv2dShape, what: &str, got: usize, expected: usize) -> Result<()> {
-    if !available() {
-        return Err(Error::msg("direct convolution: this CPU has no AVX-512 (the im2col path serves it)"));
+/// That this CPU has AVX-512 (callers choose the direct kernels only then; the check keeps a wrong call an error
+/// rather than an illegal instruction).
+fn require_available() -> Result<()> {
+    if available() {
+        return Ok(());
     }
+    Err(Error::msg("direct convolution: this CPU has no AVX-512 (the im2col path serves it)"))
+}
+
+/// Checks one length the unsafe kernels (these and Winograd's) rely on.
+pub(super) fn check(s: &Conv2dShape, what: &str, got: usize, expected: usize) -> Result<()> {
     if got != expected {
         return Err(Error::shape(
             "conv2d",

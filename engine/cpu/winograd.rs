@@ -51,7 +51,7 @@ const DW_MIN_BAND_TILES: usize = 256;
 /// Whether this path computes the convolution `s`: a 3×3 window, stride 1, padding 1, on even-sized maps (the
 /// tiles cover the output exactly), on a CPU with AVX-512.
 pub fn supported(s: &Conv2dShape) -> bool {
-    direct::available()
+    isa().is_some()
         && (s.kh, s.kw, s.stride, s.padding) == (3, 3, 1, 1)
         && s.h >= 2
         && s.w >= 2
@@ -59,16 +59,23 @@ pub fn supported(s: &Conv2dShape) -> bool {
         && s.w.is_multiple_of(2)
 }
 
-/// An error naming `s` unless this path computes it (the callers choose it only then; the check keeps a wrong call
-/// an error rather than out-of-bounds tiles or an illegal instruction).
-fn require_supported(s: &Conv2dShape, what: &str) -> Result<()> {
-    if supported(s) {
+/// An error naming `s` unless this path computes it with the kernels of `isa` (the callers choose it only then; the
+/// check keeps a wrong call an error rather than out-of-bounds tiles or an illegal instruction).
+fn require_supported(isa: Isa, s: &Conv2dShape, what: &str) -> Result<()> {
+    if supported(s) && isa.present() {
         return Ok(());
     }
     Err(Error::shape(
         "conv2d",
-        format!("Winograd {what} {s:?}: not a 3×3, stride-1, same-padded window over even-sized maps on AVX-512"),
+        format!("Winograd {what} {s:?} with {isa:?}: not a 3×3, stride-1, same-padded window over even-sized maps on a CPU with those instructions"),
     ))
+}
+
+/// The kernels this CPU runs, or the error [`require_supported`] gives.
+fn detected(s: &Conv2dShape, what: &str) -> Result<Isa> {
+    isa().ok_or_else(|| {
+        Error::shape("conv2d", format!("Winograd {what} {s:?}: this CPU has neither AVX-512 F nor AVX2 with FMA"))
+    })
 }
 
 /// The shape whose planes hold a band's input patches: 4×4 windows at stride 2, one per tile.
@@ -270,13 +277,26 @@ fn filter_transform(taps: &[[f32; LANES]; 9]) -> [[f32; LANES]; POINTS] {
 /// ([`scratch_len`]); `done` gets the output rows as they are final.
 pub fn forward_image(
     s: &Conv2dShape,
+    inputs: (&[f32], &[f32], Option<&[f32]>),
+    y_n: &mut [f32],
+    scratch: &mut [f32],
+    threads: usize,
+    done: RowsDone<'_>,
+) -> Result<()> {
+    forward_image_on(detected(s, "convolution")?, s, inputs, y_n, scratch, threads, done)
+}
+
+/// [`forward_image`] with the kernels of `isa` (the tests run the AVX2 kernels where AVX-512 is present too).
+fn forward_image_on(
+    isa: Isa,
+    s: &Conv2dShape,
     (x_n, packed, bias): (&[f32], &[f32], Option<&[f32]>),
     y_n: &mut [f32],
     scratch: &mut [f32],
     threads: usize,
     done: RowsDone<'_>,
 ) -> Result<()> {
-    require_supported(s, "convolution")?;
+    require_supported(isa, s, "convolution")?;
     let lengths = (packed_weight_len(s), scratch_len(s, threads));
     direct::check_forward_image(s, (x_n, packed, bias), (y_n, scratch), lengths)?;
     let bands = Bands::of(s);
@@ -291,18 +311,30 @@ pub fn forward_image(
         let (transformed, products) = rest.split_at_mut(bands.transformed_len(s));
         direct::prepare_band(&patches, p, x_n, first, planes);
         let work = Band { s, bands: &bands, tile_rows: tile_rows.clone() };
-        // SAFETY: AVX-512 F is present (`supported`); the lengths were checked above; the band's tile rows lie inside
-        // the image, and bands are disjoint, each run by one worker, so workers write disjoint rows of `y`.
+        // SAFETY: the ISA's instructions are present (`supported`); the lengths were checked above; the band's tile
+        // rows lie inside the image, and bands are disjoint, each run by one worker, so workers write disjoint rows of
+        // `y`.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            work.input_transform(planes, transformed);
-            for block in 0..channel_blocks(s) {
-                work.products(block, transformed, packed, products);
-                work.output_transform(block, products, bias, y);
+            match isa {
+                Isa::Avx512 => {
+                    work.input_transform(planes, transformed);
+                    for block in 0..channel_blocks(s) {
+                        work.products(block, transformed, packed, products);
+                        work.output_transform(block, products, bias, y);
+                    }
+                }
+                Isa::Avx2 => {
+                    work.input_transform_avx2(planes, transformed);
+                    for block in 0..channel_blocks(s) {
+                        work.products_avx2(block, transformed, packed, products);
+                        work.output_transform_avx2(block, products, bias, y);
+                    }
+                }
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = (work, planes, transformed, products, y);
+        let _ = (isa, work, planes, transformed, products, y);
         2 * tile_rows.start..2 * tile_rows.end
     };
     direct::run_bands((y_n, s.h), (count, workers), (scratch, bands.worker_len(s)), band, done);
@@ -351,7 +383,20 @@ pub fn backward_weight(
     scratch: &mut [f32],
     threads: usize,
 ) -> Result<()> {
-    require_supported(s, "weight gradient")?;
+    backward_weight_on(detected(s, "weight gradient")?, s, x, dy, dw, scratch, threads)
+}
+
+/// [`backward_weight`] with the kernels of `isa`.
+fn backward_weight_on(
+    isa: Isa,
+    s: &Conv2dShape,
+    x: &[f32],
+    dy: &[f32],
+    dw: &mut [f32],
+    scratch: &mut [f32],
+    threads: usize,
+) -> Result<()> {
+    require_supported(isa, s, "weight gradient")?;
     let (image, points_len) = (s.c * s.h * s.w, POINTS * s.c * s.o);
     let need = backward_weight_scratch_len(s);
     direct::check_backward_weight(s, (x, dy, dw), scratch, need)?;
@@ -372,13 +417,23 @@ pub fn backward_weight(
             for first in rows.clone().step_by(p.band_rows) {
                 let work = Band { s, bands: &bands, tile_rows: first..(first + p.band_rows).min(rows.end) };
                 direct::prepare_band(&patches, p, x_n, first, planes);
-                // SAFETY: AVX-512 F is present (`supported`); the lengths were checked above and the scratch split
-                // by the sizes `dw_group_len` sums.
+                // SAFETY: the ISA's instructions are present (`supported`); the lengths were checked above and the
+                // scratch split by the sizes `dw_group_len` sums.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    work.input_transform(planes, transformed);
-                    work.gradient_transform(dy_n, gradients);
+                    match isa {
+                        Isa::Avx512 => {
+                            work.input_transform(planes, transformed);
+                            work.gradient_transform(dy_n, gradients);
+                        }
+                        Isa::Avx2 => {
+                            work.input_transform_avx2(planes, transformed);
+                            work.gradient_transform_avx2(dy_n, gradients);
+                        }
+                    }
                 }
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = (isa, &work);
                 // dUᵀ_ξ (C × O) += V_ξ (C × tiles) · dM_ξᵀ (tiles × O), the 16 points as one batch.
                 let batch =
                     Batch { count: POINTS, a_stride: s.c * row_len, b_stride: s.o * row_len, c_stride: s.c * s.o };
@@ -440,6 +495,71 @@ impl Band<'_> {
         self.tile_rows.len() * self.bands.tiles_w
     }
 }
+
+/// One point's product for one block of output channels: `m[k][t] = Σ_c u[k][c] · v[c][t]`, rows `row_len` long.
+struct Product {
+    u: *const f32,
+    v: *const f32,
+    m: *mut f32,
+    channels: usize,
+    row_len: usize,
+}
+
+impl Product {
+    /// Point `point` of block `block` of `band`: its rows of the transformed weight (`packed`), the band's transformed
+    /// input and the block's products.
+    fn of(
+        band: &Band<'_>,
+        block: usize,
+        point: usize,
+        (transformed, packed, products): (&[f32], &[f32], &mut [f32]),
+    ) -> Self {
+        let (c, row_len) = (band.s.c, band.bands.tiles());
+        let (u, v) = (&packed[(block * POINTS + point) * CHANNELS * c..], &transformed[point * c * row_len..]);
+        let m = &mut products[point * CHANNELS * row_len..];
+        // What the kernels read and write from these pointers: 6 rows of C in U, C rows of `row_len` in V, 6 rows of
+        // `row_len` in M.
+        assert!(u.len() >= CHANNELS * c && v.len() >= c * row_len && m.len() >= CHANNELS * row_len, "Winograd product");
+        Product { u: u.as_ptr(), v: v.as_ptr(), m: m.as_mut_ptr(), channels: c, row_len }
+    }
+}
+
+/// The vector instructions the Winograd kernels run with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Avx512,
+    Avx2,
+}
+
+impl Isa {
+    /// Whether this CPU has the instructions (detected once).
+    fn present(self) -> bool {
+        match self {
+            Isa::Avx512 => direct::available(),
+            Isa::Avx2 => {
+                static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+                *AVX2.get_or_init(|| {
+                    #[cfg(target_arch = "x86_64")]
+                    {
+                        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    {
+                        false
+                    }
+                })
+            }
+        }
+    }
+}
+
+/// The kernels this CPU runs: AVX-512 F where present, else AVX2 with FMA, else none.
+pub fn isa() -> Option<Isa> {
+    [Isa::Avx512, Isa::Avx2].into_iter().find(|isa| isa.present())
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
@@ -608,19 +728,9 @@ mod avx512 {
         /// has `Bands::products_len` elements.
         #[target_feature(enable = "avx512f")]
         pub(super) unsafe fn products(&self, block: usize, transformed: &[f32], packed: &[f32], products: &mut [f32]) {
-            let (s, row_len) = (self.s, self.bands.tiles());
             let vectors = self.tiles().div_ceil(LANES);
             for point in 0..POINTS {
-                let product = Product {
-                    // SAFETY: the packed weight holds 16 points × blocks × C × 6 floats.
-                    u: unsafe { packed.as_ptr().add((block * POINTS + point) * CHANNELS * s.c) },
-                    // SAFETY: V holds 16 points × C × row_len floats, M 16 points × 6 × row_len.
-                    v: unsafe { transformed.as_ptr().add(point * s.c * row_len) },
-                    // SAFETY: as above.
-                    m: unsafe { products.as_mut_ptr().add(point * CHANNELS * row_len) },
-                    channels: s.c,
-                    row_len,
-                };
+                let product = Product::of(self, block, point, (transformed, packed, products));
                 let mut first = 0;
                 while first < vectors {
                     let width = (vectors - first).min(BLOCK_VECTORS);
@@ -706,15 +816,6 @@ mod avx512 {
         }
     }
 
-    /// One point's product for one block of output channels: `m[k][t] = Σ_c u[k][c] · v[c][t]`, rows `row_len` long.
-    struct Product {
-        u: *const f32,
-        v: *const f32,
-        m: *mut f32,
-        channels: usize,
-        row_len: usize,
-    }
-
     impl Product {
         /// Vectors `first..first + V` of tiles, all 6 channels: `V` vector loads and 6 broadcasts per `6·V` FMAs.
         ///
@@ -742,6 +843,110 @@ mod avx512 {
                     // SAFETY: row k < 6 of M, vector first + i < row_len / 16.
                     unsafe { _mm512_storeu_ps(self.m.add(k * self.row_len + (first + i) * LANES), value) };
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn values(rng: &mut Rng, len: usize) -> Vec<f32> {
+        (0..len).map(|_| rng.uniform_symmetric() as f32).collect()
+    }
+
+    /// The f64 convolution of `s` (weight `O × C × 3 × 3`), seven plain loops.
+    fn naive(s: &Conv2dShape, x: &[f32], w: &[f32], bias: &[f32]) -> Vec<f64> {
+        let mut y = vec![0.0; s.o * s.h * s.w];
+        for o in 0..s.o {
+            for oy in 0..s.h {
+                for ox in 0..s.w {
+                    let mut sum = f64::from(bias[o]);
+                    for c in 0..s.c {
+                        for i in 0..3 {
+                            for j in 0..3 {
+                                let (iy, ix) = ((oy + i).wrapping_sub(1), (ox + j).wrapping_sub(1));
+                                if iy < s.h && ix < s.w {
+                                    sum += f64::from(x[(c * s.h + iy) * s.w + ix])
+                                        * f64::from(w[(o * s.c + c) * 9 + i * 3 + j]);
+                                }
+                            }
+                        }
+                    }
+                    y[(o * s.h + oy) * s.w + ox] = sum;
+                }
+            }
+        }
+        y
+    }
+
+    /// One image's forward with the kernels of `isa`, on `threads` threads.
+    fn forward(isa: Isa, s: &Conv2dShape, x: &[f32], w: &[f32], bias: &[f32], threads: usize) -> Vec<f32> {
+        let mut packed = vec![f32::NAN; packed_weight_len(s)];
+        pack_weight(s, Filters::forward(s, w), &mut packed, threads).unwrap();
+        let (mut y, mut scratch) = (vec![f32::NAN; s.o * s.h * s.w], vec![f32::NAN; scratch_len(s, threads)]);
+        forward_image_on(isa, s, (x, &packed, Some(bias)), &mut y, &mut scratch, threads, &mut |_, _| {}).unwrap();
+        y
+    }
+
+    fn weight_gradient(isa: Isa, s: &Conv2dShape, x: &[f32], dy: &[f32]) -> Vec<f32> {
+        let (mut dw, mut scratch) = (vec![f32::NAN; s.o * s.c * 9], vec![f32::NAN; backward_weight_scratch_len(s)]);
+        backward_weight_on(isa, s, x, dy, &mut dw, &mut scratch, 2).unwrap();
+        dw
+    }
+
+    /// The AVX2 kernels against the f64 convolution (forward; the weight gradient against the f64 sum over pixels),
+    /// and where AVX-512 is present too, against its kernels bit for bit: the same sums in the same order. Maps whose
+    /// tile rows are 1, 3, 8, 9 and 20 tiles wide (tails of 8-lane registers, several rows per vector, narrow rows).
+    #[test]
+    fn avx2_kernels_match_the_f64_convolution_and_the_avx512_kernels_bits() {
+        if !Isa::Avx2.present() {
+            eprintln!("no AVX2 with FMA on this CPU: the AVX2 Winograd kernels cannot run here");
+            assert!(isa().is_none() || isa() == Some(Isa::Avx512));
+            return;
+        }
+        let shapes = [(1, 7, 2, 2, 5), (1, 9, 6, 6, 13), (2, 16, 16, 16, 7), (1, 12, 18, 10, 6), (1, 20, 8, 40, 9)];
+        for (case, &(n, c, h, w, o)) in shapes.iter().enumerate() {
+            let s = Conv2dShape { n, c, h, w, o, kh: 3, kw: 3, stride: 1, padding: 1 };
+            let mut rng = Rng::new(40 + case as u64);
+            let (x, wt, bias) = (values(&mut rng, n * c * h * w), values(&mut rng, o * c * 9), values(&mut rng, o));
+            let image = c * h * w;
+            for (i, x_n) in x.chunks_exact(image).enumerate() {
+                let y = forward(Isa::Avx2, &s, x_n, &wt, &bias, 1);
+                for (at, (&got, want)) in y.iter().zip(naive(&s, x_n, &wt, &bias)).enumerate() {
+                    assert!(
+                        (f64::from(got) - want).abs() <= 1e-5 * want.abs().max(1.0),
+                        "{s:?} image {i} [{at}]: {got} vs {want}"
+                    );
+                }
+                assert_eq!(forward(Isa::Avx2, &s, x_n, &wt, &bias, 3), y, "{s:?}: 3 threads");
+                if Isa::Avx512.present() {
+                    let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&forward(Isa::Avx512, &s, x_n, &wt, &bias, 2)), bits(&y), "{s:?}: AVX-512");
+                }
+            }
+            let dy = values(&mut rng, n * o * h * w);
+            let dw = weight_gradient(Isa::Avx2, &s, &x, &dy);
+            for (at, &got) in dw.iter().enumerate() {
+                let (oc, cc, i, j) = (at / (c * 9), at / 9 % c, at % 9 / 3, at % 3);
+                let mut want = 0.0;
+                for b in 0..n {
+                    for oy in 0..h {
+                        for ox in 0..w {
+                            let (iy, ix) = ((oy + i).wrapping_sub(1), (ox + j).wrapping_sub(1));
+                            if iy < h && ix < w {
+                                want += f64::from(x[((b * c + cc) * h + iy) * w + ix])
+                                    * f64::from(dy[((b * o + oc) * h + oy) * w + ox]);
+                            }
+                        }
+                    }
+                }
+                assert!((f64::from(got) - want).abs() <= 1e-4 * want.abs().max(1.0), "{s:?} dw[{at}]: {got} vs {want}");
+            }
+            if Isa::Avx512.present() {
+                assert_eq!(weight_gradient(Isa::Avx512, &s, &x, &dy), dw, "{s:?}: AVX-512 weight gradient");
             }
         }
     }
