@@ -268,8 +268,8 @@ fn choose(shape: &Conv2dShape, threads: ConvThreads, pass: Pass) -> Choice {
     // Forced methods take every shape their kernel serves; `Auto` only where the measurements say it wins.
     let wins = |measured: bool| method != ConvMethod::Auto || measured;
     let family = Family::of_this_machine();
-    if let Some(computed) = computed.filter(winograd::supported) {
-        if method != ConvMethod::Direct && wins(winograd_wins(&computed, pass)) {
+    if let (Some(computed), Some(isa)) = (computed.filter(winograd::supported), winograd::isa()) {
+        if method != ConvMethod::Direct && wins(winograd_wins(&computed, pass, isa)) {
             return Choice::Winograd { computed };
         }
     }
@@ -358,10 +358,20 @@ pub fn conv_kernels(shape: &Conv2dShape, threads: ConvThreads) -> [ConvKernel; 3
 /// On the Xeon, `zeroconv bench ops` had Winograd ahead from 16 channels too (16->16 at 256x256: 142 / 147 against
 /// 130 / 131 GFLOP/s direct), but inside bench_small's step the forward lost more (3.9 -> 4.3 ms, per-kernel minima
 /// of three interleaved `zeroconv profile` runs) than the backward-input gained (8.8 -> 8.5), so the rule stayed.
-fn winograd_wins(computed: &Conv2dShape, pass: Pass) -> bool {
-    match pass {
-        Pass::Forward | Pass::BackwardInput => computed.c >= 32 && computed.o >= 32 && computed.w >= 16,
-        Pass::BackwardWeight => computed.c >= 64 && computed.o >= 64 && computed.w >= 32,
+///
+/// With AVX2 only (no direct kernels: Winograd against im2col), measured on a Zen 4 VM without AVX-512 (2026-12-04),
+/// the forward and backward-input win from 16 computed output channels whatever the input channels: 3->16 at 256x256
+/// forward 127 against 76 by im2col, 16->16 at 256x256 141 / 137 against 104 / 95, 96->96 at 64x64 285 / 284 against
+/// 141 / 150, 128->128 at 16x16 181 / 174 against 149 / 156; the backward-input of 3->16 (a forward to 3 channels) lost
+/// (43 against 83). The weight gradient keeps the rule above (16->16 at 256x256 lost, 93 against 109; 64->64 at 32x32
+/// won, 154 against 142; 128->128 at 16x16 lost, 79 against 143).
+fn winograd_wins(computed: &Conv2dShape, pass: Pass, isa: winograd::Isa) -> bool {
+    match (pass, isa) {
+        (Pass::Forward | Pass::BackwardInput, winograd::Isa::Avx2) => computed.o >= 16 && computed.w >= 16,
+        (Pass::Forward | Pass::BackwardInput, winograd::Isa::Avx512) => {
+            computed.c >= 32 && computed.o >= 32 && computed.w >= 16
+        }
+        (Pass::BackwardWeight, _) => computed.c >= 64 && computed.o >= 64 && computed.w >= 32,
     }
 }
 
