@@ -402,14 +402,28 @@ fn direct_convolution_matches_naive_and_gives_the_same_bits_on_any_thread_count(
             (rng.vec(s.x_len()), rng.vec(s.weight_len()), rng.vec(s.o), rng.vec(s.y_len()));
         let (x64, w64, b64, dy64) = (to_f64(&x), to_f64(&w), to_f64(&bias), to_f64(&dy));
         let y1 = forward(s, &x, &w, Some(&bias), direct(1));
-        assert_close(&format!("forward {s:?}"), &to_f64(&y1), &naive_conv(s, &x64, &w64, Some(&b64)), 1e-5);
+        let expected_y = naive_conv(s, &x64, &w64, Some(&b64));
         let dx1 = backward_input(s, &dy, &w, direct(1));
         let expected_dx = backward_input(s, &dy64, &w64, ConvThreads::single());
-        assert_close(&format!("backward-input {s:?}"), &to_f64(&dx1), &expected_dx, 1e-5);
-        // Weight gradients sum over the batch and every output pixel: up to a few thousand terms.
         let dw1 = backward_weight(s, &x, &dy, direct(1));
         let expected_dw = backward_weight(s, &x64, &dy64, ConvThreads::single());
-        assert_close(&format!("weight gradient {s:?}"), &to_f64(&dw1), &expected_dw, 1e-4);
+        if zeroconv::engine::cpu::direct_conv::available() {
+            assert_close(&format!("forward {s:?}"), &to_f64(&y1), &expected_y, 1e-5);
+            assert_close(&format!("backward-input {s:?}"), &to_f64(&dx1), &expected_dx, 1e-5);
+            // Weight gradients sum over the batch and every output pixel: up to a few thousand terms.
+            assert_close(&format!("weight gradient {s:?}"), &to_f64(&dw1), &expected_dw, 1e-4);
+        } else {
+            // im2col ran, its sums in the order of the `gemm` crate's micro-kernels for this CPU.
+            let (ax, aw, ab, ady) = (abs(&x64), abs(&w64), abs(&b64), abs(&dy64));
+            let taps = s.kh * s.kw;
+            let magnitudes = naive_conv(s, &ax, &aw, Some(&ab));
+            assert_within_sum_bound(&format!("forward {s:?}"), &to_f64(&y1), &expected_y, &magnitudes, s.c * taps + 1);
+            let magnitudes = backward_input(s, &ady, &aw, ConvThreads::single());
+            assert_within_sum_bound(&format!("dx {s:?}"), &to_f64(&dx1), &expected_dx, &magnitudes, s.o * taps);
+            let magnitudes = backward_weight(s, &ax, &ady, ConvThreads::single());
+            let pixels = s.n * s.out_h() * s.out_w();
+            assert_within_sum_bound(&format!("dw {s:?}"), &to_f64(&dw1), &expected_dw, &magnitudes, pixels);
+        }
         for threads in [2, 3] {
             assert_eq!(bits(&forward(s, &x, &w, Some(&bias), direct(threads))), bits(&y1), "forward {s:?} {threads}");
             assert_eq!(bits(&backward_input(s, &dy, &w, direct(threads))), bits(&dx1), "dx {s:?} {threads}");
@@ -444,13 +458,23 @@ fn winograd_conv_shapes() -> Vec<Conv2dShape> {
 
 /// The Winograd kernels (forward, the backward-input recast as a forward, the weight gradient) against the naive
 /// f64 convolution and the f64 im2col backward passes, in f32; the same bits on 1, 2 and 3 threads; and the path really runs
-/// wherever the CPU has AVX-512.
+/// wherever the CPU has AVX-512 or AVX2 with FMA (the AVX2 kernels also run where AVX-512 is present, in
+/// `winograd::tests`).
 #[test]
 fn winograd_convolution_matches_naive_and_gives_the_same_bits_on_any_thread_count() {
     let winograd = |threads| ConvThreads { threads, method: ConvMethod::Winograd };
-    let available = zeroconv::engine::cpu::direct_conv::available();
+    let available = zeroconv::engine::cpu::winograd::isa().is_some();
+    #[cfg(target_arch = "x86_64")]
+    assert_eq!(
+        available,
+        std::arch::is_x86_feature_detected!("avx512f")
+            || std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
+        "the Winograd kernels must run wherever AVX-512 or AVX2 with FMA is present"
+    );
     if !available {
-        eprintln!("no AVX-512 on this CPU: ConvMethod::Winograd runs im2col here, which the other tests check");
+        eprintln!(
+            "neither AVX-512 nor AVX2 on this CPU: ConvMethod::Winograd runs im2col here, which the other tests check"
+        );
     }
     for (case, s) in winograd_conv_shapes().iter().enumerate() {
         let mut rng = Rng::new(900 + case as u64);
@@ -520,6 +544,23 @@ fn backward_weight<T: Float>(s: &Conv2dShape, x: &[T], dy: &[T], threads: ConvTh
     let mut scratch = vec![T::from_f64(f64::NAN); conv2d_backward_weight_scratch_len(s, threads)];
     conv2d_backward_weight(s, x, dy, &mut dw, &mut scratch, threads).unwrap_or_else(|e| panic!("{s:?}: {e}"));
     dw
+}
+
+fn abs(v: &[f64]) -> Vec<f64> {
+    v.iter().map(|v| v.abs()).collect()
+}
+
+/// Asserts that an f32 result whose sums ran in an order we do not choose (a library's micro-kernels, which differ
+/// by instruction set) is within the bound on any f32 sum of `terms` products of the exact one:
+/// |got - expected| ≤ (terms + 1)·u·Σ|products| elementwise (u = 2⁻²⁴; `magnitudes` holds the sums of |products|).
+/// A wrong or missing product, of the size of the others, exceeds it.
+fn assert_within_sum_bound(what: &str, got: &[f64], expected: &[f64], magnitudes: &[f64], terms: usize) {
+    assert!(got.len() == expected.len() && got.len() == magnitudes.len(), "{what}: length");
+    let u = f64::from(f32::EPSILON) / 2.0;
+    for (i, ((g, e), m)) in got.iter().zip(expected).zip(magnitudes).enumerate() {
+        let bound = (terms as f64 + 1.0) * u * m;
+        assert!((g - e).abs() <= bound, "{what}[{i}]: got {g}, expected {e}, bound {bound:e}");
+    }
 }
 
 /// Asserts |got - expected| ≤ rel · max(1, |expected|) elementwise.

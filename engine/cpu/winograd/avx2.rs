@@ -91,8 +91,8 @@ impl Band<'_> {
                     // Bᵀ d down each column k of the 8 tiles' patches as it is loaded: columns 2·tx + k of patch rows
                     // 0-3 are runs of the planes (a plane row holds a whole 16-lane strip past the last tile, plus
                     // the column the window reaches beyond it).
-                    let mut columns = [[_mm256_setzero_ps(); 4]; 4];
-                    for k in 0..4 {
+                    let mut by_column = [[_mm256_setzero_ps(); 4]; 4];
+                    for (k, column) in by_column.iter_mut().enumerate() {
                         let (plane, shift) = if k % 2 == 0 { (even, k / 2) } else { (odd, k / 2) };
                         // No closures here: they are not compiled with this function's features, and every intrinsic
                         // in one became a call.
@@ -101,16 +101,15 @@ impl Band<'_> {
                             // SAFETY: see above: patch row a of tile row r is plane row 2·r + a, inside the band.
                             *value = unsafe { _mm256_loadu_ps(plane.add((2 * r + a) * plane_row + tx + shift)) };
                         }
-                        let column = input_step(d);
-                        for a in 0..4 {
-                            columns[a][k] = column[a];
-                        }
+                        *column = input_step(d);
                     }
                     let lanes = tiles_w - tx;
                     // SAFETY: tiles r·tiles_w + tx.. of channel c's row of point 0.
                     let first = unsafe { out.add(c * row_len + r * tiles_w + tx) };
-                    for (a, row) in columns.iter().enumerate() {
-                        for (k, &value) in input_step(*row).iter().enumerate() {
+                    for a in 0..4 {
+                        // (Bᵀ d) B along patch row a (a plain copy in the closure, no intrinsic).
+                        let row = by_column.map(|column| column[a]);
+                        for (k, &value) in input_step(row).iter().enumerate() {
                             // SAFETY: the stored lanes are tiles r·tiles_w + tx.. of this band, below its tile count,
                             // within point (a, k)'s row of channel c.
                             unsafe { store(first.add((a * 4 + k) * point_step), lanes, value) };
