@@ -285,7 +285,7 @@ fn print_gemm_table(rows: &[Row], peak_gflops: f64, out: &mut dyn Write) -> Resu
 
 fn print_conv_table(rows: &[Row], peak_gflops: f64, out: &mut dyn Write) -> Result<()> {
     line(out, format_args!("conv2d f32, NCHW, 3x3 pad 1 / 1x1 pad 0; GFLOP/s of the best run (% of peak)"))?;
-    line(out, format_args!("method: images = im2col, whole images per thread; gemm = im2col, threads inside each product; direct = direct kernels (AVX-512; strided backward-input by im2col)"))?;
+    line(out, format_args!("method: images = im2col, whole images per thread; gemm = im2col, threads inside each product; direct = direct kernels (AVX-512, else im2col; strided backward-input by im2col); winograd = F(2x2, 3x3) (AVX-512 or AVX2) where it applies, else as direct"))?;
     line(
         out,
         format_args!(

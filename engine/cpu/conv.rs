@@ -12,9 +12,10 @@
 //! unpadded convolution already has `x_n` in the `cols` layout and skips im2col.
 //!
 //! Where AVX-512 is present, convolutions with few channels over large maps run a direct kernel instead
-//! (`direct_conv.rs`; [`ConvMethod::Direct`], chosen per shape and pass by [`ConvMethod::Auto`]), and the
-//! stride-1, same-padded 3×3 convolutions with enough channels run Winograd F(2×2, 3×3) (`winograd.rs`;
-//! [`ConvMethod::Winograd`]): their forward, their backward-input recast as a forward, and their weight gradient.
+//! (`direct_conv.rs`; [`ConvMethod::Direct`], chosen per shape and pass by [`ConvMethod::Auto`]), and, there or
+//! with AVX2, the stride-1, same-padded 3×3 convolutions with enough channels run Winograd F(2×2, 3×3)
+//! (`winograd.rs`; [`ConvMethod::Winograd`]): their forward, their backward-input recast as a forward, and their
+//! weight gradient.
 //!
 //! Callers pass the scratch (see the `*_scratch_len` functions); nothing here allocates.
 //!
@@ -151,8 +152,8 @@ pub enum ConvMethod {
     /// The direct kernels (`direct_conv.rs`) for the passes and types they serve (f32 on AVX-512; every pass, but
     /// a strided backward-input only with "same" padding); im2col as `Auto` would run it for the others.
     Direct,
-    /// Winograd F(2×2, 3×3) (`winograd.rs`) for every pass of the shapes it serves (f32 on AVX-512: 3×3, stride 1,
-    /// padding 1, even-sized maps); the direct kernels (as [`ConvMethod::Direct`]) for the rest.
+    /// Winograd F(2×2, 3×3) (`winograd.rs`) for every pass of the shapes it serves (f32 on AVX-512 or AVX2: 3×3,
+    /// stride 1, padding 1, even-sized maps); the direct kernels (as [`ConvMethod::Direct`]) for the rest.
     Winograd,
 }
 

@@ -1,5 +1,6 @@
-//! Winograd F(2×2, 3×3) convolution on f32 with AVX-512, for the stride-1, "same"-padded 3×3 convolutions that are
-//! most of a U-Net's and a hint encoder's arithmetic (and, recast as forward convolutions, their backward-inputs).
+//! Winograd F(2×2, 3×3) convolution on f32 with AVX-512 (below) or AVX2 and FMA (`winograd/avx2.rs`, the same sums
+//! with 8-lane registers), for the stride-1, "same"-padded 3×3 convolutions that are most of a U-Net's and a hint
+//! encoder's arithmetic (and, recast as forward convolutions, their backward-inputs).
 //!
 //! Each 2×2 block of outputs (a *tile*) is computed from the 4×4 input patch under it (Lavin & Gray, 2015):
 //! `Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`. Over channels the elementwise product becomes 16 matrix products, one per
@@ -899,7 +900,7 @@ mod tests {
 
     /// The AVX2 kernels against the f64 convolution (forward; the weight gradient against the f64 sum over pixels),
     /// and where AVX-512 is present too, against its kernels bit for bit: the same sums in the same order. Maps whose
-    /// tile rows are 1, 3, 8, 9 and 20 tiles wide (tails of 8-lane registers, several rows per vector, narrow rows).
+    /// tile rows are 1, 3, 5, 8 and 20 tiles wide (tails of 8-lane registers, several rows per vector, narrow rows).
     #[test]
     fn avx2_kernels_match_the_f64_convolution_and_the_avx512_kernels_bits() {
         if !Isa::Avx2.present() {
