@@ -300,9 +300,16 @@ pub(super) fn eval_block<T: Float>(
         ) {
             eval_block_body(program, regs, span, anchor)
         }
-        if simd() == Simd::Avx512 {
+        #[target_feature(enable = "avx2")]
+        fn avx2<T: Float>(program: Program<'_, T>, regs: &mut [T], span: (usize, usize), anchor: AnchorValues<'_, T>) {
+            eval_block_body(program, regs, span, anchor)
+        }
+        match simd() {
             // SAFETY: `simd()` reports AVX-512 only after detecting it on this CPU.
-            return unsafe { avx512(program, regs, (e0, len), anchor) };
+            Simd::Avx512 => return unsafe { avx512(program, regs, (e0, len), anchor) },
+            // SAFETY: as above, for AVX2.
+            Simd::Avx2 => return unsafe { avx2(program, regs, (e0, len), anchor) },
+            Simd::Baseline => {}
         }
     }
     eval_block_body(program, regs, (e0, len), anchor)
