@@ -50,7 +50,7 @@ const MIN_BAND_TILES: usize = BLOCK_VECTORS * LANES;
 const DW_MIN_BAND_TILES: usize = 256;
 
 /// Whether this path computes the convolution `s`: a 3×3 window, stride 1, padding 1, on even-sized maps (the
-/// tiles cover the output exactly), on a CPU with AVX-512.
+/// tiles cover the output exactly), on a CPU with AVX-512 or AVX2 and FMA.
 pub fn supported(s: &Conv2dShape) -> bool {
     isa().is_some()
         && (s.kh, s.kw, s.stride, s.padding) == (3, 3, 1, 1)
