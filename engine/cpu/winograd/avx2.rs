@@ -1,6 +1,8 @@
 //! The Winograd kernels with AVX2 and FMA, for processors without AVX-512 (Zen 2-4 as most hypervisors expose them,
 //! Intel's client cores). The layout, the bands and the order of every sum are the AVX-512 kernels' (`super::avx512`),
-//! so both give the same bits; what differs is the register budget: 16 registers of 8 lanes instead of 32 of 16.
+//! so both should give the same bits (the tests ask for agreement within 1e-6 wherever both run: the comparison has
+//! not yet run on an AVX-512 machine); what differs is the register budget: 16 registers of 8 lanes instead of 32 of
+//! 16.
 //! - The transforms run 8 tiles at a time (one 4×4 patch of 8 tiles is 16 registers).
 //! - The products use a register block of 6 output channels × 16 tiles (12 accumulators, two loads and a broadcast
 //!   per 12 FMAs), the AVX2 kernels' usual shape, where the AVX-512 block holds 6 × 64.
