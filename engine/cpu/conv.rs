@@ -257,8 +257,9 @@ impl Choice {
 /// kernels, and both over im2col.
 fn choose(shape: &Conv2dShape, threads: ConvThreads, pass: Pass) -> Choice {
     let method = threads.method;
-    let vectors = direct::available() || winograd::isa().is_some();
-    if shape.n == 0 || !vectors || matches!(method, ConvMethod::AcrossImages | ConvMethod::InsideGemm) {
+    // No vector kernels at all (the direct kernels need AVX-512, which implies Winograd's).
+    if shape.n == 0 || winograd::isa().is_none() || matches!(method, ConvMethod::AcrossImages | ConvMethod::InsideGemm)
+    {
         return Choice::Im2col;
     }
     // What the kernel computes: a stride-1 backward-input is the forward of its recast shape.
@@ -368,10 +369,8 @@ pub fn conv_kernels(shape: &Conv2dShape, threads: ConvThreads) -> [ConvKernel; 3
 /// won, 154 against 142; 128->128 at 16x16 lost, 79 against 143).
 fn winograd_wins(computed: &Conv2dShape, pass: Pass, isa: winograd::Isa) -> bool {
     match (pass, isa) {
-        (Pass::Forward | Pass::BackwardInput, winograd::Isa::Avx2) => computed.o >= 16 && computed.w >= 16,
-        (Pass::Forward | Pass::BackwardInput, winograd::Isa::Avx512) => {
-            computed.c >= 32 && computed.o >= 32 && computed.w >= 16
-        }
+        (Pass::Forward | Pass::BackwardInput, winograd::Isa::Avx2Fma) => computed.o >= 16 && computed.w >= 16,
+        (Pass::Forward | Pass::BackwardInput, _) => computed.c >= 32 && computed.o >= 32 && computed.w >= 16,
         (Pass::BackwardWeight, _) => computed.c >= 64 && computed.o >= 64 && computed.w >= 32,
     }
 }

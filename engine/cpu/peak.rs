@@ -13,7 +13,8 @@ use std::hint::black_box;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-/// The instruction set the FMA loop ran with.
+/// The widest FMA instruction set of this CPU: the one the FMA loop ran with, and the one Winograd's kernels
+/// (`winograd.rs`) are built for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
     Avx512,
@@ -23,6 +24,19 @@ pub enum Isa {
 }
 
 impl Isa {
+    /// Whether this CPU runs it (the standard library caches what it detected).
+    pub fn present(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx512 | Isa::Avx2Fma => false,
+            Isa::Portable => true,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Isa::Avx512 => "AVX-512 FMA",
@@ -34,16 +48,7 @@ impl Isa {
 
 /// The widest FMA instruction set this CPU supports.
 pub fn detect_isa() -> Isa {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") {
-            return Isa::Avx512;
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return Isa::Avx2Fma;
-        }
-    }
-    Isa::Portable
+    [Isa::Avx512, Isa::Avx2Fma].into_iter().find(|isa| isa.present()).unwrap_or(Isa::Portable)
 }
 
 /// Measured peak f32 throughput.

@@ -31,6 +31,8 @@
 use super::conv::Conv2dShape;
 use super::direct_conv::{self as direct, Planes, RowsDone, SharedOut, LANES};
 use super::gemm::{matmul_batched, Batch, GemmDims, MatMut, MatRef};
+use super::peak::detect_isa;
+pub use super::peak::Isa;
 use crate::error::{Error, Result};
 use std::ops::Range;
 
@@ -63,7 +65,7 @@ pub fn supported(s: &Conv2dShape) -> bool {
 /// An error naming `s` unless this path computes it with the kernels of `isa` (the callers choose it only then; the
 /// check keeps a wrong call an error rather than out-of-bounds tiles or an illegal instruction).
 fn require_supported(isa: Isa, s: &Conv2dShape, what: &str) -> Result<()> {
-    if supported(s) && isa.present() {
+    if supported(s) && isa != Isa::Portable && isa.present() {
         return Ok(());
     }
     Err(Error::shape(
@@ -325,13 +327,14 @@ fn forward_image_on(
                         work.output_transform(block, products, bias, y);
                     }
                 }
-                Isa::Avx2 => {
+                Isa::Avx2Fma => {
                     work.input_transform_avx2(planes, transformed);
                     for block in 0..channel_blocks(s) {
                         work.products_avx2(block, transformed, packed, products);
                         work.output_transform_avx2(block, products, bias, y);
                     }
                 }
+                Isa::Portable => unreachable!("require_supported refuses it"),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -427,10 +430,11 @@ fn backward_weight_on(
                             work.input_transform(planes, transformed);
                             work.gradient_transform(dy_n, gradients);
                         }
-                        Isa::Avx2 => {
+                        Isa::Avx2Fma => {
                             work.input_transform_avx2(planes, transformed);
                             work.gradient_transform_avx2(dy_n, gradients);
                         }
+                        Isa::Portable => unreachable!("require_supported refuses it"),
                     }
                 }
                 #[cfg(not(target_arch = "x86_64"))]
@@ -525,38 +529,9 @@ impl Product {
     }
 }
 
-/// The vector instructions the Winograd kernels run with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Isa {
-    Avx512,
-    Avx2,
-}
-
-impl Isa {
-    /// Whether this CPU has the instructions (detected once).
-    fn present(self) -> bool {
-        match self {
-            Isa::Avx512 => direct::available(),
-            Isa::Avx2 => {
-                static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-                *AVX2.get_or_init(|| {
-                    #[cfg(target_arch = "x86_64")]
-                    {
-                        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-                    }
-                    #[cfg(not(target_arch = "x86_64"))]
-                    {
-                        false
-                    }
-                })
-            }
-        }
-    }
-}
-
 /// The kernels this CPU runs: AVX-512 F where present, else AVX2 with FMA, else none.
 pub fn isa() -> Option<Isa> {
-    [Isa::Avx512, Isa::Avx2].into_iter().find(|isa| isa.present())
+    Some(detect_isa()).filter(|&isa| isa != Isa::Portable)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -858,29 +833,19 @@ mod tests {
         (0..len).map(|_| rng.uniform_symmetric() as f32).collect()
     }
 
-    /// The f64 convolution of `s` (weight `O × C × 3 × 3`), seven plain loops.
-    fn naive(s: &Conv2dShape, x: &[f32], w: &[f32], bias: &[f32]) -> Vec<f64> {
-        let mut y = vec![0.0; s.o * s.h * s.w];
-        for o in 0..s.o {
-            for oy in 0..s.h {
-                for ox in 0..s.w {
-                    let mut sum = f64::from(bias[o]);
-                    for c in 0..s.c {
-                        for i in 0..3 {
-                            for j in 0..3 {
-                                let (iy, ix) = ((oy + i).wrapping_sub(1), (ox + j).wrapping_sub(1));
-                                if iy < s.h && ix < s.w {
-                                    sum += f64::from(x[(c * s.h + iy) * s.w + ix])
-                                        * f64::from(w[(o * s.c + c) * 9 + i * 3 + j]);
-                                }
-                            }
-                        }
-                    }
-                    y[(o * s.h + oy) * s.w + ox] = sum;
-                }
-            }
-        }
-        y
+    /// The f64 forward (whole batch) and weight gradient of `s` by the im2col path, single-threaded: the reference
+    /// `tests/graph_cpu/cpu_kernels.rs` checks against seven plain loops and against finite differences.
+    fn reference(s: &Conv2dShape, (x, w, bias): (&[f32], &[f32], &[f32]), dy: &[f32]) -> (Vec<f64>, Vec<f64>) {
+        use super::super::conv::{self, ConvThreads};
+        let wide = |v: &[f32]| v.iter().map(|&v| f64::from(v)).collect::<Vec<f64>>();
+        let (x, w, bias, dy, single) = (wide(x), wide(w), wide(bias), wide(dy), ConvThreads::single());
+        let mut y = vec![0.0; s.y_len()];
+        let mut scratch = vec![0.0; conv::conv2d_forward_scratch_len(s, single)];
+        conv::conv2d_forward(s, &x, &w, Some(&bias), &mut y, &mut scratch, single).unwrap();
+        let mut dw = vec![0.0; s.weight_len()];
+        let mut scratch = vec![0.0; conv::conv2d_backward_weight_scratch_len(s, single)];
+        conv::conv2d_backward_weight(s, &x, &dy, &mut dw, &mut scratch, single).unwrap();
+        (y, dw)
     }
 
     /// One image's forward with the kernels of `isa`, on `threads` threads.
@@ -908,12 +873,12 @@ mod tests {
         }
     }
 
-    /// The AVX2 kernels against the f64 convolution (forward; the weight gradient against the f64 sum over pixels),
-    /// and where AVX-512 is present too, against its kernels ([`assert_agree`]). Maps whose tile rows are 1, 3, 5, 8
+    /// The AVX2 kernels against the f64 convolution and weight gradient ([`reference`]), and where AVX-512 is present
+    /// too, against its kernels ([`assert_agree`]). Maps whose tile rows are 1, 3, 5, 8
     /// and 20 tiles wide (tails of 8-lane registers, several rows per vector, narrow rows).
     #[test]
     fn avx2_kernels_match_the_f64_convolution_and_the_avx512_kernels() {
-        if !Isa::Avx2.present() {
+        if !Isa::Avx2Fma.present() {
             eprintln!("no AVX2 with FMA on this CPU: the AVX2 Winograd kernels cannot run here");
             assert!(isa().is_none() || isa() == Some(Isa::Avx512));
             return;
@@ -923,36 +888,24 @@ mod tests {
             let s = Conv2dShape { n, c, h, w, o, kh: 3, kw: 3, stride: 1, padding: 1 };
             let mut rng = Rng::new(40 + case as u64);
             let (x, wt, bias) = (values(&mut rng, n * c * h * w), values(&mut rng, o * c * 9), values(&mut rng, o));
+            let dy = values(&mut rng, n * o * h * w);
+            let (expected_y, expected_dw) = reference(&s, (&x, &wt, &bias), &dy);
             let image = c * h * w;
-            for (i, x_n) in x.chunks_exact(image).enumerate() {
-                let y = forward(Isa::Avx2, &s, x_n, &wt, &bias, 1);
-                for (at, (&got, want)) in y.iter().zip(naive(&s, x_n, &wt, &bias)).enumerate() {
+            for (i, (x_n, expected)) in x.chunks_exact(image).zip(expected_y.chunks_exact(o * h * w)).enumerate() {
+                let y = forward(Isa::Avx2Fma, &s, x_n, &wt, &bias, 1);
+                for (at, (&got, &want)) in y.iter().zip(expected).enumerate() {
                     assert!(
                         (f64::from(got) - want).abs() <= 1e-5 * want.abs().max(1.0),
                         "{s:?} image {i} [{at}]: {got} vs {want}"
                     );
                 }
-                assert_eq!(forward(Isa::Avx2, &s, x_n, &wt, &bias, 3), y, "{s:?}: 3 threads");
+                assert_eq!(forward(Isa::Avx2Fma, &s, x_n, &wt, &bias, 3), y, "{s:?}: 3 threads");
                 if Isa::Avx512.present() {
                     assert_agree(&format!("{s:?}: AVX-512"), &forward(Isa::Avx512, &s, x_n, &wt, &bias, 2), &y);
                 }
             }
-            let dy = values(&mut rng, n * o * h * w);
-            let dw = weight_gradient(Isa::Avx2, &s, &x, &dy);
-            for (at, &got) in dw.iter().enumerate() {
-                let (oc, cc, i, j) = (at / (c * 9), at / 9 % c, at % 9 / 3, at % 3);
-                let mut want = 0.0;
-                for b in 0..n {
-                    for oy in 0..h {
-                        for ox in 0..w {
-                            let (iy, ix) = ((oy + i).wrapping_sub(1), (ox + j).wrapping_sub(1));
-                            if iy < h && ix < w {
-                                want += f64::from(x[((b * c + cc) * h + iy) * w + ix])
-                                    * f64::from(dy[((b * o + oc) * h + oy) * w + ox]);
-                            }
-                        }
-                    }
-                }
+            let dw = weight_gradient(Isa::Avx2Fma, &s, &x, &dy);
+            for (at, (&got, &want)) in dw.iter().zip(&expected_dw).enumerate() {
                 assert!((f64::from(got) - want).abs() <= 1e-4 * want.abs().max(1.0), "{s:?} dw[{at}]: {got} vs {want}");
             }
             if Isa::Avx512.present() {

@@ -95,13 +95,13 @@ impl Band<'_> {
                     // the column the window reaches beyond it).
                     let mut by_column = [[_mm256_setzero_ps(); 4]; 4];
                     for (k, column) in by_column.iter_mut().enumerate() {
-                        let (plane, shift) = if k % 2 == 0 { (even, k / 2) } else { (odd, k / 2) };
+                        let plane = if k % 2 == 0 { even } else { odd };
                         // No closures here: they are not compiled with this function's features, and every intrinsic
                         // in one became a call.
                         let mut d = [_mm256_setzero_ps(); 4];
                         for (a, value) in d.iter_mut().enumerate() {
                             // SAFETY: see above: patch row a of tile row r is plane row 2·r + a, inside the band.
-                            *value = unsafe { _mm256_loadu_ps(plane.add((2 * r + a) * plane_row + tx + shift)) };
+                            *value = unsafe { _mm256_loadu_ps(plane.add((2 * r + a) * plane_row + tx + k / 2)) };
                         }
                         *column = input_step(d);
                     }
